@@ -1,0 +1,359 @@
+//! The physical replication client: replication commands and the START_REPLICATION stream.
+//! The message flow follows walsender.c and receivelog.c.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::conn::{Connection, QueryResult};
+use crate::error::{Error, Result};
+use crate::lsn::{Lsn, PgTimestamp, SegmentSize, TimelineId};
+use crate::message::{frontend_msg, BackendMessage};
+use crate::params::ConnectParams;
+use crate::replmsg::{parse_walsender, StandbyStatus, WalSenderMessage};
+
+/// The answer to IDENTIFY_SYSTEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemIdentity {
+    pub system_id: u64,
+    /// The server's current timeline.
+    pub timeline: TimelineId,
+    /// The server's current WAL flush position (write position on a standby).
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// What READ_REPLICATION_SLOT (or pg_replication_slots) says of a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// `physical` or `logical`.
+    pub slot_type: String,
+    /// Oldest WAL the slot holds; `None` when no WAL is reserved.
+    pub restart_lsn: Option<Lsn>,
+    /// Timeline of `restart_lsn` (known on PostgreSQL 15+ only).
+    pub restart_tli: Option<TimelineId>,
+}
+
+/// Checks a slot name as `ReplicationSlotValidateName` does; names go into commands unquoted.
+pub fn validate_slot_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(Error::Config(format!(
+            "invalid replication slot name {name:?}: use 1-63 characters of a-z, 0-9 and _"
+        )));
+    }
+    Ok(())
+}
+
+/// A connection in physical replication mode.
+pub struct ReplicationClient {
+    conn: Connection,
+    params: ConnectParams,
+}
+
+impl ReplicationClient {
+    /// Opens a `replication=true` connection with `params`.
+    pub async fn connect(params: &ConnectParams) -> Result<Self> {
+        let params = params.for_replication();
+        let conn = Connection::connect(&params).await?;
+        Ok(ReplicationClient { conn, params })
+    }
+
+    pub fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub fn server_major(&self) -> Result<u32> {
+        self.conn.server_major()
+    }
+
+    async fn one_row(&mut self, command: &str) -> Result<QueryResult> {
+        let r = self.conn.query_one_result(command).await?;
+        if r.rows.len() != 1 {
+            return Err(Error::protocol(format!("{command} returned {} rows, expected 1", r.rows.len())));
+        }
+        Ok(r)
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity> {
+        let r = self.one_row("IDENTIFY_SYSTEM").await?;
+        let system_id = r.required(0, "systemid")?;
+        let tli = r.required(0, "timeline")?;
+        let xlogpos = r.required(0, "xlogpos")?;
+        Ok(SystemIdentity {
+            system_id: system_id.parse().map_err(|_| Error::protocol(format!("bad systemid {system_id:?}")))?,
+            timeline: tli
+                .parse()
+                .ok()
+                .and_then(|t| TimelineId::new(t).ok())
+                .ok_or_else(|| Error::protocol(format!("bad timeline {tli:?}")))?,
+            xlogpos: xlogpos.parse().map_err(|e| Error::protocol(format!("bad xlogpos: {e}")))?,
+            dbname: r.text(0, "dbname")?,
+        })
+    }
+
+    /// `SHOW name` over the replication connection.
+    pub async fn show(&mut self, name: &str) -> Result<String> {
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') {
+            return Err(Error::Config(format!("invalid setting name {name:?}")));
+        }
+        let r = self.one_row(&format!("SHOW {name}")).await?;
+        let col = r.columns.first().map(|c| c.name.clone()).unwrap_or_default();
+        r.required(0, &col)
+    }
+
+    /// The server's WAL segment size (`SHOW wal_segment_size`).
+    pub async fn wal_segment_size(&mut self) -> Result<SegmentSize> {
+        let v = self.show("wal_segment_size").await?;
+        SegmentSize::from_show(&v).map_err(|e| Error::protocol(e.to_string()))
+    }
+
+    /// TIMELINE_HISTORY: the history file's name and raw contents.
+    pub async fn timeline_history(&mut self, tli: TimelineId) -> Result<(String, Bytes)> {
+        let r = self.one_row(&format!("TIMELINE_HISTORY {}", tli.get())).await?;
+        let filename = r.required(0, "filename")?;
+        let content = r.rows[0]
+            .get(1)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| Error::protocol("TIMELINE_HISTORY returned no content"))?;
+        Ok((filename, content))
+    }
+
+    /// CREATE_REPLICATION_SLOT name PHYSICAL [RESERVE_WAL]. Returns the position WAL is
+    /// reserved from, when the server reports one.
+    pub async fn create_physical_slot(&mut self, name: &str, reserve_wal: bool) -> Result<Option<Lsn>> {
+        validate_slot_name(name)?;
+        let cmd = match (self.server_major()? >= 15, reserve_wal) {
+            (true, true) => format!("CREATE_REPLICATION_SLOT {name} PHYSICAL (RESERVE_WAL)"),
+            (false, true) => format!("CREATE_REPLICATION_SLOT {name} PHYSICAL RESERVE_WAL"),
+            (_, false) => format!("CREATE_REPLICATION_SLOT {name} PHYSICAL"),
+        };
+        let r = self.one_row(&cmd).await?;
+        match r.text(0, "consistent_point")? {
+            Some(p) => Ok(Some(p.parse().map_err(|e| Error::protocol(format!("bad consistent_point: {e}")))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The slot's state, `None` when it does not exist. Uses READ_REPLICATION_SLOT on
+    /// PostgreSQL 15+, and a query of pg_replication_slots over an ordinary connection (same
+    /// settings) before that, since replication connections cannot run SQL.
+    pub async fn read_replication_slot(&mut self, name: &str) -> Result<Option<SlotInfo>> {
+        validate_slot_name(name)?;
+        if self.server_major()? >= 15 {
+            let r = self.one_row(&format!("READ_REPLICATION_SLOT {name}")).await?;
+            let Some(slot_type) = r.text(0, "slot_type")? else { return Ok(None) };
+            let restart_lsn = r.text(0, "restart_lsn")?.map(|l| l.parse::<Lsn>()).transpose().map_err(|e| Error::protocol(e.to_string()))?;
+            let restart_tli = r
+                .text(0, "restart_tli")?
+                .map(|t| t.parse::<u32>().ok().and_then(|t| TimelineId::new(t).ok()))
+                .map(|t| t.ok_or_else(|| Error::protocol("bad restart_tli")))
+                .transpose()?;
+            return Ok(Some(SlotInfo { slot_type, restart_lsn, restart_tli }));
+        }
+        let mut sql = Connection::connect(&self.params.for_sql()).await?;
+        let r = sql
+            .query_one_result(&format!(
+                "SELECT slot_type, restart_lsn::text AS restart_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = '{name}'"
+            ))
+            .await;
+        let _ = sql.close().await;
+        let r = r?;
+        if r.rows.is_empty() {
+            return Ok(None);
+        }
+        let restart_lsn = r.text(0, "restart_lsn")?.map(|l| l.parse::<Lsn>()).transpose().map_err(|e| Error::protocol(e.to_string()))?;
+        Ok(Some(SlotInfo { slot_type: r.required(0, "slot_type")?, restart_lsn, restart_tli: None }))
+    }
+
+    /// DROP_REPLICATION_SLOT name [WAIT].
+    pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<()> {
+        validate_slot_name(name)?;
+        let cmd = if wait { format!("DROP_REPLICATION_SLOT {name} WAIT") } else { format!("DROP_REPLICATION_SLOT {name}") };
+        self.conn.simple_query(&cmd).await?;
+        Ok(())
+    }
+
+    /// START_REPLICATION [SLOT s] PHYSICAL lsn [TIMELINE t]. The returned stream borrows the
+    /// connection until the timeline ends or the stream is stopped.
+    pub async fn start_replication(
+        &mut self,
+        slot: Option<&str>,
+        start: Lsn,
+        timeline: Option<TimelineId>,
+    ) -> Result<ReplicationStream<'_>> {
+        let mut cmd = String::from("START_REPLICATION ");
+        if let Some(s) = slot {
+            validate_slot_name(s)?;
+            cmd.push_str(&format!("SLOT {s} "));
+        }
+        cmd.push_str(&format!("PHYSICAL {start}"));
+        if let Some(t) = timeline {
+            cmd.push_str(&format!(" TIMELINE {}", t.get()));
+        }
+        frontend_msg::query(&cmd, self.conn.write_buffer())?;
+        self.conn.flush().await?;
+        loop {
+            match self.conn.read_message().await? {
+                BackendMessage::CopyBothResponse => {
+                    return Ok(ReplicationStream { conn: &mut self.conn, state: StreamState::Streaming, end: None })
+                }
+                // Asked for the exact end of a historic timeline: no CopyBoth, only the
+                // next-timeline result set (see StartReplication in walsender.c).
+                BackendMessage::RowDescription(_) => {
+                    let end = read_end_of_copy(&mut self.conn, true).await?;
+                    return Ok(ReplicationStream { conn: &mut self.conn, state: StreamState::Ended, end: Some(end) });
+                }
+                BackendMessage::ErrorResponse(e) => {
+                    let _ = self.conn.drain_until_ready().await;
+                    return Err(Error::Server(e));
+                }
+                other => return Err(Error::protocol(format!("unexpected answer to START_REPLICATION: {other:?}"))),
+            }
+        }
+    }
+
+    /// Starts BASE_BACKUP; see [`crate::backup`].
+    pub async fn base_backup(&mut self, opts: &crate::backup::BaseBackupOptions) -> Result<crate::backup::BaseBackupStream<'_>> {
+        let major = self.server_major()?;
+        crate::backup::BaseBackupStream::start(&mut self.conn, major, opts).await
+    }
+
+    pub async fn close(self) -> Result<()> {
+        self.conn.close().await
+    }
+}
+
+/// Where the server continues after the streamed timeline ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndOfTimeline {
+    /// The next timeline, when the server reported one.
+    pub next_tli: Option<TimelineId>,
+    /// Where `next_tli` starts (the switchpoint).
+    pub next_tli_start: Option<Lsn>,
+}
+
+/// What the stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEvent {
+    XLogData { wal_start: Lsn, wal_end: Lsn, server_time: PgTimestamp, data: Bytes },
+    Keepalive { wal_end: Lsn, server_time: PgTimestamp, reply_requested: bool },
+    /// The server finished sending the requested timeline; the connection is idle again.
+    EndOfTimeline(EndOfTimeline),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum StreamState {
+    Streaming,
+    Ended,
+}
+
+/// An active START_REPLICATION.
+pub struct ReplicationStream<'a> {
+    conn: &'a mut Connection,
+    state: StreamState,
+    end: Option<EndOfTimeline>,
+}
+
+/// After CopyDone: the optional next-timeline result set, CommandComplete, ReadyForQuery.
+/// `in_result` is set when a RowDescription was already consumed.
+async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<EndOfTimeline> {
+    let mut end = EndOfTimeline { next_tli: None, next_tli_start: None };
+    loop {
+        match conn.read_message().await? {
+            BackendMessage::RowDescription(_) => in_result = true,
+            BackendMessage::DataRow(cols) if in_result => {
+                let text = |i: usize| -> Result<Option<String>> {
+                    cols.get(i)
+                        .cloned()
+                        .flatten()
+                        .map(|b| String::from_utf8(b.to_vec()).map_err(|_| Error::protocol("next timeline row is not UTF-8")))
+                        .transpose()
+                };
+                end.next_tli = text(0)?
+                    .map(|t| t.parse::<u32>().ok().and_then(|t| TimelineId::new(t).ok()).ok_or_else(|| Error::protocol(format!("bad next timeline {t:?}"))))
+                    .transpose()?;
+                end.next_tli_start = text(1)?.map(|l| l.parse::<Lsn>()).transpose().map_err(|e| Error::protocol(e.to_string()))?;
+            }
+            BackendMessage::CommandComplete { .. } | BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
+            BackendMessage::ReadyForQuery { .. } => return Ok(end),
+            BackendMessage::ErrorResponse(e) => {
+                let _ = conn.drain_until_ready().await;
+                return Err(Error::Server(e));
+            }
+            other => return Err(Error::protocol(format!("unexpected message at end of streaming: {other:?}"))),
+        }
+    }
+}
+
+impl ReplicationStream<'_> {
+    /// The next message from the server. Cancel-safe (for `select!` with a status timer).
+    pub async fn next(&mut self) -> Result<ReplicationEvent> {
+        if self.state == StreamState::Ended {
+            return match self.end.take() {
+                Some(end) => Ok(ReplicationEvent::EndOfTimeline(end)),
+                None => Err(Error::protocol("replication stream already ended")),
+            };
+        }
+        match self.conn.read_message().await? {
+            BackendMessage::CopyData(payload) => Ok(match parse_walsender(payload)? {
+                WalSenderMessage::XLogData { wal_start, wal_end, server_time, data } => {
+                    ReplicationEvent::XLogData { wal_start, wal_end, server_time, data }
+                }
+                WalSenderMessage::Keepalive { wal_end, server_time, reply_requested } => {
+                    ReplicationEvent::Keepalive { wal_end, server_time, reply_requested }
+                }
+            }),
+            BackendMessage::CopyDone => {
+                // End of timeline: answer with our CopyDone, then read where to continue.
+                frontend_msg::copy_done(self.conn.write_buffer());
+                self.conn.flush().await?;
+                self.state = StreamState::Ended;
+                let end = read_end_of_copy(self.conn, false).await?;
+                Ok(ReplicationEvent::EndOfTimeline(end))
+            }
+            BackendMessage::ErrorResponse(e) => Err(Error::Server(e)),
+            other => Err(Error::protocol(format!("unexpected message during streaming: {other:?}"))),
+        }
+    }
+
+    /// Sends a standby status update at once.
+    pub async fn send_status(&mut self, status: &StandbyStatus) -> Result<()> {
+        if self.state == StreamState::Ended {
+            return Err(Error::protocol("cannot send status: streaming has ended"));
+        }
+        let mut payload = BytesMut::with_capacity(34);
+        status.encode(&mut payload);
+        frontend_msg::copy_data(&payload, self.conn.write_buffer())?;
+        self.conn.flush().await
+    }
+
+    /// Ends streaming from our side (client CopyDone) and waits until the connection is idle.
+    /// WAL the server still sends meanwhile is discarded; the caller has not acknowledged it.
+    pub async fn stop(mut self) -> Result<EndOfTimeline> {
+        if self.state == StreamState::Ended {
+            return Ok(self.end.take().unwrap_or(EndOfTimeline { next_tli: None, next_tli_start: None }));
+        }
+        frontend_msg::copy_done(self.conn.write_buffer());
+        self.conn.flush().await?;
+        loop {
+            match self.conn.read_message().await? {
+                BackendMessage::CopyData(_) => {}
+                BackendMessage::CopyDone => return read_end_of_copy(self.conn, false).await,
+                BackendMessage::ErrorResponse(e) => return Err(Error::Server(e)),
+                other => return Err(Error::protocol(format!("unexpected message while stopping streaming: {other:?}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names() {
+        assert!(validate_slot_name("walhoard_site1").is_ok());
+        for bad in ["", "Upper", "a-b", "a b", "x;DROP", &"a".repeat(64)] {
+            assert!(validate_slot_name(bad).is_err(), "{bad}");
+        }
+    }
+}
