@@ -174,8 +174,8 @@ pub struct PageExpectation {
 }
 
 /// Validates every page header of `data`, which holds WAL starting at `start` (page aligned).
-/// A page whose bytes are all zero ends the check when `allow_zero_tail` is set: that is the
-/// unwritten tail of a partial segment.
+/// With `allow_zero_tail`, the data may end in all-zero pages: the unwritten tail of a partial
+/// segment, or what follows an XLOG_SWITCH record. Non-zero bytes after such a page are an error.
 pub fn validate_pages(
     data: &[u8],
     start: Lsn,
@@ -188,7 +188,14 @@ pub fn validate_pages(
     for (i, page) in data.chunks(XLOG_BLCKSZ).enumerate() {
         let addr = Lsn(start.0 + (i * XLOG_BLCKSZ) as u64);
         if allow_zero_tail && page.iter().all(|b| *b == 0) {
-            return Ok(());
+            let rest = &data[i * XLOG_BLCKSZ..];
+            return match rest.iter().position(|b| *b != 0) {
+                None => Ok(()),
+                Some(p) => Err(FormatError::new(format!(
+                    "WAL at {} follows an empty page at {addr}",
+                    Lsn(addr.0 + p as u64)
+                ))),
+            };
         }
         XLogPageHeader::parse(page)
             .map_err(|e| FormatError::new(format!("WAL page at {addr}: {e}")))?
@@ -273,6 +280,10 @@ mod tests {
         data.extend(vec![0u8; XLOG_BLCKSZ]);
         validate_pages(&data, Lsn(0x100_0000), &expect(), true).unwrap();
         assert!(validate_pages(&data, Lsn(0x100_0000), &expect(), false).is_err());
+        let mut hole = data.clone();
+        hole.extend(page(0xD110, 0, 1, 0x100_6000, None));
+        let err = validate_pages(&hole, Lsn(0x100_0000), &expect(), true).unwrap_err();
+        assert!(err.to_string().contains("follows an empty page"), "{err}");
         assert!(validate_pages(&data, Lsn(0x100_0001), &expect(), true).is_err());
     }
 

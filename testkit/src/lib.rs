@@ -1,1 +1,418 @@
+//! Throw-away real PostgreSQL clusters for integration tests.
+//!
+//! Each [`PgCluster`] lives in its own temp directory with its own port and socket directory,
+//! and is shut down and removed on drop. PostgreSQL refuses to run as root, so when the tests
+//! run as root the server runs as the `postgres` OS user (its files are owned by that user).
+//!
+//! Which PostgreSQL: `WALHOARD_PG_BIN` (a bin directory) if set, else `WALHOARD_PG_VERSION`
+//! (13..18) looked up in the cache that `tools/install-pg.sh` fills, else Debian's 15.
+//!
+//! ```no_run
+//! let pg = walhoard_testkit::PgCluster::builder().setting("wal_keep_size", "64MB").start().unwrap();
+//! let rows = pg.psql("select 1").unwrap();
+//! assert_eq!(rows.trim(), "1");
+//! ```
 
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Debian's PostgreSQL 15, the default server and the source of oracle tools.
+pub const DEBIAN_PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Where `tools/install-pg.sh` puts other majors: `$WALHOARD_CACHE/pg/<major>/bin`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("WALHOARD_CACHE") {
+        return PathBuf::from(d);
+    }
+    if is_root() {
+        PathBuf::from("/var/cache/walhoard")
+    } else {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+        home.join(".cache").join("walhoard")
+    }
+}
+
+/// The PostgreSQL bin directory the tests use.
+pub fn pg_bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("WALHOARD_PG_BIN") {
+        return Ok(PathBuf::from(d));
+    }
+    match std::env::var("WALHOARD_PG_VERSION").ok().filter(|v| !v.is_empty()) {
+        None => Ok(PathBuf::from(DEBIAN_PG15_BIN)),
+        Some(v) if v == "15" && Path::new(DEBIAN_PG15_BIN).join("postgres").exists() => Ok(PathBuf::from(DEBIAN_PG15_BIN)),
+        Some(v) => {
+            let d = cache_dir().join("pg").join(&v).join("bin");
+            if !d.join("postgres").exists() {
+                bail!("PostgreSQL {v} is not installed at {}; run tools/install-pg.sh {v}", d.display());
+            }
+            Ok(d)
+        }
+    }
+}
+
+/// An oracle tool (pg_waldump, pg_verifybackup...): from the server's bin directory when it
+/// has it, else Debian's 15.
+pub fn tool_path(name: &str) -> Result<PathBuf> {
+    let own = pg_bin_dir()?.join(name);
+    if own.exists() {
+        return Ok(own);
+    }
+    let deb = Path::new(DEBIAN_PG15_BIN).join(name);
+    if deb.exists() {
+        return Ok(deb);
+    }
+    bail!("{name} not found in {} nor {DEBIAN_PG15_BIN}", pg_bin_dir()?.display())
+}
+
+fn is_root() -> bool {
+    fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// uid and gid of the `postgres` OS user, when we are root and must drop to it.
+fn server_user() -> Result<Option<(u32, u32)>> {
+    if !is_root() {
+        return Ok(None);
+    }
+    let passwd = fs::read_to_string("/etc/passwd").context("read /etc/passwd")?;
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] == "postgres" {
+            return Ok(Some((f[2].parse()?, f[3].parse()?)));
+        }
+    }
+    bail!("running as root, but there is no 'postgres' OS user to run PostgreSQL as (apt-get install postgresql-15 creates it)")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Settings for a cluster to start.
+#[derive(Debug, Clone, Default)]
+pub struct PgBuilder {
+    settings: Vec<(String, String)>,
+    hba: Vec<String>,
+    initdb_args: Vec<String>,
+    files: Vec<(String, Vec<u8>, u32)>,
+}
+
+impl PgBuilder {
+    /// A postgresql.conf setting (value written verbatim, quote strings yourself).
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// A pg_hba.conf line placed before the default trust lines.
+    pub fn hba(mut self, line: &str) -> Self {
+        self.hba.push(line.into());
+        self
+    }
+
+    pub fn initdb_arg(mut self, arg: &str) -> Self {
+        self.initdb_args.push(arg.into());
+        self
+    }
+
+    /// A file placed in the data directory before start, owned by the server user.
+    pub fn data_file(mut self, name: &str, content: &[u8], mode: u32) -> Self {
+        self.files.push((name.into(), content.to_vec(), mode));
+        self
+    }
+
+    pub fn start(self) -> Result<PgCluster> {
+        PgCluster::init_and_start(self)
+    }
+}
+
+/// A running PostgreSQL cluster owned by a test.
+pub struct PgCluster {
+    root: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+    /// Major version of the server (from PG_VERSION).
+    pub major: u32,
+}
+
+impl PgCluster {
+    pub fn builder() -> PgBuilder {
+        PgBuilder::default()
+    }
+
+    /// A cluster with default test settings.
+    pub fn start() -> Result<PgCluster> {
+        PgBuilder::default().start()
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        command_as(program, self.owner)
+    }
+
+    fn init_and_start(b: PgBuilder) -> Result<PgCluster> {
+        let bin = pg_bin_dir()?;
+        let owner = server_user()?;
+        let root = tempfile::Builder::new().prefix("walhoard-pg-").tempdir()?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(root.path(), Some(uid), Some(gid))?;
+        }
+        let mut cluster = PgCluster { root, port: 0, bin, owner, child: None, major: 0 };
+        let data = cluster.data_dir();
+        let out = cluster
+            .command(&cluster.bin.join("initdb"))
+            .args(["-D".as_ref(), data.as_os_str()])
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args(&b.initdb_args)
+            .output()
+            .context("run initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        cluster.major = fs::read_to_string(data.join("PG_VERSION"))?.trim().parse()?;
+        fs::create_dir_all(cluster.socket_dir())?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(cluster.socket_dir(), Some(uid), Some(gid))?;
+        }
+        let mut conf = String::from(
+            "\n# walhoard test settings\nlisten_addresses = '127.0.0.1'\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
+             wal_level = replica\nfsync = off\nsynchronous_commit = on\nlogging_collector = off\nlog_min_messages = warning\n",
+        );
+        conf.push_str(&format!("unix_socket_directories = '{}'\n", cluster.socket_dir().display()));
+        for (k, v) in &b.settings {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(conf.as_bytes())?;
+        let mut hba = String::new();
+        for line in &b.hba {
+            hba.push_str(line);
+            hba.push('\n');
+        }
+        hba.push_str(
+            "local all all trust\nlocal replication all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
+        );
+        fs::write(data.join("pg_hba.conf"), hba)?;
+        for (name, content, mode) in &b.files {
+            cluster.write_owned(&data.join(name), content, *mode)?;
+        }
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// Writes a file owned by the server's OS user.
+    pub fn write_owned(&self, path: &Path, content: &[u8], mode: u32) -> Result<()> {
+        fs::write(path, content).with_context(|| format!("write {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<()> {
+        let mut last_err = anyhow!("not started");
+        for _attempt in 0..5 {
+            self.port = free_port()?;
+            self.spawn_server()?;
+            match self.wait_ready(Duration::from_secs(60)) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    last_err = e;
+                    self.kill();
+                    // Port taken by someone else between our probe and the bind: try another.
+                    if !self.log().contains("could not bind") && !self.log().contains("could not create") {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err.context(format!("postgres did not start; log:\n{}", self.log())))
+    }
+
+    /// Starts the postmaster on `self.port`, appending to the log.
+    fn spawn_server(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(self.log_path(), Some(uid), Some(gid))?;
+        }
+        let child = self
+            .command(&self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn postgres")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let pidfile = self.data_dir().join("postmaster.pid");
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("postgres exited with {status}");
+                }
+            }
+            // Line 8 of postmaster.pid is the postmaster's status (PM_STATUS_READY).
+            if let Ok(pid) = fs::read_to_string(&pidfile) {
+                if pid.lines().nth(7).map(str::trim) == Some("ready") {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("postgres not ready after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root.path().join("sock")
+    }
+
+    /// A scratch directory inside the cluster's temp dir, owned by the server user.
+    pub fn scratch_dir(&self, name: &str) -> Result<PathBuf> {
+        let d = self.root.path().join(name);
+        fs::create_dir_all(&d)?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&d, Some(uid), Some(gid))?;
+        }
+        Ok(d)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join("postgres.log")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// libpq conninfo over the unix socket.
+    pub fn socket_conninfo(&self, user: &str) -> String {
+        format!("host={} port={} user={user} dbname=postgres sslmode=disable", self.socket_dir().display(), self.port)
+    }
+
+    /// libpq conninfo over TCP on 127.0.0.1.
+    pub fn tcp_conninfo(&self, user: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port)
+    }
+
+    /// Runs SQL through psql over the socket as `postgres`; returns unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        let psql = tool_path("psql").or_else(|_| Ok::<_, anyhow::Error>(PathBuf::from("psql")))?;
+        let out = Command::new(psql)
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .output()
+            .context("run psql")?;
+        if !out.status.success() {
+            bail!("psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Runs a PostgreSQL tool (oracle) and returns its stdout; fails on non-zero exit.
+    pub fn run_tool(&self, name: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+        let out = Command::new(tool_path(name)?).args(args).output().with_context(|| format!("run {name}"))?;
+        if !out.status.success() {
+            bail!("{name} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Re-reads configuration files (pg_hba.conf, postgresql.conf) like `pg_ctl reload`.
+    pub fn reload(&self) -> Result<()> {
+        self.psql("select pg_reload_conf()").map(|_| ())
+    }
+
+    /// Appends a postgresql.conf line and restarts the server (same port).
+    pub fn restart_with(&mut self, setting: Option<(&str, &str)>) -> Result<()> {
+        if let Some((k, v)) = setting {
+            fs::OpenOptions::new()
+                .append(true)
+                .open(self.data_dir().join("postgresql.conf"))?
+                .write_all(format!("{k} = {v}\n").as_bytes())?;
+        }
+        self.stop()?;
+        self.spawn_server()?;
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Fast shutdown; waits for the postmaster to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SIGINT = fast shutdown.
+            unsafe_free_kill(child.id(), "INT");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGQUIT = immediate shutdown; children exit too.
+            unsafe_free_kill(child.id(), "QUIT");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The server's pg_wal directory.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data_dir().join("pg_wal")
+    }
+}
+
+/// Sends a signal by name with kill(1), keeping this crate free of `unsafe`.
+fn unsafe_free_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+/// A command that runs as `owner` when given (we are root), else as ourselves.
+pub fn command_as(program: &Path, owner: Option<(u32, u32)>) -> Command {
+    let mut c = Command::new(program);
+    if let Some((uid, gid)) = owner {
+        c.uid(uid).gid(gid);
+        // The server user cannot read root's home; keep tools from looking there.
+        c.env("HOME", "/tmp");
+    }
+    c
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

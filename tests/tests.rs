@@ -1,0 +1,8 @@
+//! Integration tests against real PostgreSQL servers started per test (see walhoard-testkit).
+//! Run the protocol ones against another major with `WALHOARD_PG_VERSION=13 cargo test --test tests protocol_`.
+
+mod common;
+mod protocol_auth;
+mod protocol_basebackup;
+mod protocol_replication;
+mod protocol_tls;
