@@ -24,7 +24,10 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Runs a shell command, panicking with its output on failure.
 pub fn sh(cmd: &str) -> String {
-    let out = std::process::Command::new("bash").args(["-c", cmd]).output().expect("run bash");
+    let out = std::process::Command::new("bash")
+        .args(["-c", cmd])
+        .output()
+        .expect("run bash");
     assert!(
         out.status.success(),
         "{cmd} failed: {}{}",

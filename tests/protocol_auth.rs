@@ -32,8 +32,13 @@ async fn protocol_md5_and_scram_logins() {
     let pg = auth_cluster();
     for (user, pw) in [("md5user", "'md5 pw'"), ("scramuser", "'scr:am\\\\pw'")] {
         let p = params(&pg, &format!("user={user} password={pw}"));
-        let mut sql = Connection::connect(&p).await.unwrap_or_else(|e| panic!("{user}: {e}"));
-        let r = sql.query_one_result("select current_user as u").await.unwrap();
+        let mut sql = Connection::connect(&p)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let r = sql
+            .query_one_result("select current_user as u")
+            .await
+            .unwrap();
         assert_eq!(r.required(0, "u").unwrap(), user);
         sql.close().await.unwrap();
         let mut repl = ReplicationClient::connect(&p).await.unwrap();
@@ -51,10 +56,15 @@ async fn protocol_md5_and_scram_logins() {
 async fn protocol_auth_failures_are_typed() {
     let pg = auth_cluster();
     for user in ["md5user", "scramuser"] {
-        let err = Connection::connect(&params(&pg, &format!("user={user} password=wrong"))).await.unwrap_err();
+        let err = Connection::connect(&params(&pg, &format!("user={user} password=wrong")))
+            .await
+            .unwrap_err();
         assert_eq!(err.sqlstate(), Some("28P01"), "{user}: {err}");
         assert!(err.is_auth_failure() && !err.is_retryable(), "{err}");
-        let err = ReplicationClient::connect(&params(&pg, &format!("user={user} password=wrong"))).await.err().unwrap();
+        let err = ReplicationClient::connect(&params(&pg, &format!("user={user} password=wrong")))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(err.sqlstate(), Some("28P01"), "{user}: {err}");
         // No password at all: a clear local error, not a server round trip failure.
         let mut p = params(&pg, &format!("user={user}"));
@@ -64,7 +74,10 @@ async fn protocol_auth_failures_are_typed() {
         assert!(matches!(err, Error::Auth(_)), "{err}");
         assert!(err.to_string().contains("password"), "{err}");
     }
-    let err = ReplicationClient::connect(&params(&pg, "user=nobody")).await.err().unwrap();
+    let err = ReplicationClient::connect(&params(&pg, "user=nobody"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.sqlstate(), Some("28000"), "{err}");
     assert!(err.to_string().contains("pg_hba.conf"), "{err}");
 }
@@ -74,11 +87,19 @@ async fn protocol_password_from_pgpass() {
     let pg = auth_cluster();
     let dir = tempfile::tempdir().unwrap();
     let pass = dir.path().join("pgpass");
-    std::fs::write(&pass, "127.0.0.1:*:replication:scramuser:scr\\:am\\\\pw\n127.0.0.1:*:postgres:md5user:md5 pw\n").unwrap();
+    std::fs::write(
+        &pass,
+        "127.0.0.1:*:replication:scramuser:scr\\:am\\\\pw\n127.0.0.1:*:postgres:md5user:md5 pw\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
     let passfile = format!("passfile={}", pass.display());
-    let mut repl = ReplicationClient::connect(&params(&pg, &format!("user=scramuser {passfile}"))).await.unwrap();
+    let mut repl = ReplicationClient::connect(&params(&pg, &format!("user=scramuser {passfile}")))
+        .await
+        .unwrap();
     repl.identify_system().await.unwrap();
-    let mut sql = Connection::connect(&params(&pg, &format!("user=md5user {passfile}"))).await.unwrap();
+    let mut sql = Connection::connect(&params(&pg, &format!("user=md5user {passfile}")))
+        .await
+        .unwrap();
     sql.simple_query("select 1").await.unwrap();
 }

@@ -14,15 +14,33 @@ use crate::common::{sh, socket_params};
 async fn protocol_base_backup_with_tablespace() {
     let pg = PgCluster::start().unwrap();
     let ts_dir = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!("create tablespace ts1 location '{}'", ts_dir.display())).unwrap();
-    pg.psql("create table in_ts tablespace ts1 as select g from generate_series(1, 10000) g").unwrap();
-    let ts_oid = pg.psql("select oid from pg_tablespace where spcname = 'ts1'").unwrap().trim().to_string();
+    pg.psql(&format!(
+        "create tablespace ts1 location '{}'",
+        ts_dir.display()
+    ))
+    .unwrap();
+    pg.psql("create table in_ts tablespace ts1 as select g from generate_series(1, 10000) g")
+        .unwrap();
+    let ts_oid = pg
+        .psql("select oid from pg_tablespace where spcname = 'ts1'")
+        .unwrap()
+        .trim()
+        .to_string();
 
-    let mut c = ReplicationClient::connect(&socket_params(&pg)).await.unwrap();
-    let opts = BaseBackupOptions { label: "walhoard test".into(), wal: true, ..Default::default() };
+    let mut c = ReplicationClient::connect(&socket_params(&pg))
+        .await
+        .unwrap();
+    let opts = BaseBackupOptions {
+        label: "walhoard test".into(),
+        wal: true,
+        ..Default::default()
+    };
     let mut bb = c.base_backup(&opts).await.unwrap();
     assert_eq!(bb.tablespaces.len(), 2, "{:?}", bb.tablespaces);
-    assert!(bb.tablespaces.iter().any(|t| t.location.as_deref() == Some(ts_dir.to_str().unwrap())));
+    assert!(bb
+        .tablespaces
+        .iter()
+        .any(|t| t.location.as_deref() == Some(ts_dir.to_str().unwrap())));
     let start_lsn = bb.start_lsn;
 
     let out = tempfile::tempdir().unwrap();
@@ -31,20 +49,42 @@ async fn protocol_base_backup_with_tablespace() {
     let mut progress = 0;
     let mut archives = Vec::new();
     let (end_lsn, _end_tli) = loop {
-        match bb.next().await.unwrap().expect("stream ended without Finished") {
-            BaseBackupEvent::Archive { name, tablespace_location } => {
+        match bb
+            .next()
+            .await
+            .unwrap()
+            .expect("stream ended without Finished")
+        {
+            BaseBackupEvent::Archive {
+                name,
+                tablespace_location,
+            } => {
                 archives.push((name.clone(), tablespace_location));
-                files.insert(name.clone(), std::fs::File::create(out.path().join(&name)).unwrap());
+                files.insert(
+                    name.clone(),
+                    std::fs::File::create(out.path().join(&name)).unwrap(),
+                );
                 current = Some(name);
             }
-            BaseBackupEvent::ArchiveData(d) => files.get_mut(current.as_ref().expect("data before archive")).unwrap().write_all(&d).unwrap(),
+            BaseBackupEvent::ArchiveData(d) => files
+                .get_mut(current.as_ref().expect("data before archive"))
+                .unwrap()
+                .write_all(&d)
+                .unwrap(),
             BaseBackupEvent::ManifestStart => {
-                files.insert("backup_manifest".into(), std::fs::File::create(out.path().join("backup_manifest")).unwrap());
+                files.insert(
+                    "backup_manifest".into(),
+                    std::fs::File::create(out.path().join("backup_manifest")).unwrap(),
+                );
                 current = Some("backup_manifest".into());
             }
             BaseBackupEvent::ManifestData(d) => {
                 assert_eq!(current.as_deref(), Some("backup_manifest"));
-                files.get_mut("backup_manifest").unwrap().write_all(&d).unwrap()
+                files
+                    .get_mut("backup_manifest")
+                    .unwrap()
+                    .write_all(&d)
+                    .unwrap()
             }
             BaseBackupEvent::Progress(p) => {
                 assert!(p >= progress);
@@ -66,32 +106,68 @@ async fn protocol_base_backup_with_tablespace() {
     // The connection is usable after the backup.
     c.identify_system().await.unwrap();
 
-    let listing = sh(&format!("tar -tf {}", out.path().join("base.tar").display()));
-    assert!(listing.lines().any(|l| l == "PG_VERSION"), "no PG_VERSION in base.tar");
+    let listing = sh(&format!(
+        "tar -tf {}",
+        out.path().join("base.tar").display()
+    ));
+    assert!(
+        listing.lines().any(|l| l == "PG_VERSION"),
+        "no PG_VERSION in base.tar"
+    );
     assert!(listing.lines().any(|l| l == "backup_label"));
-    assert!(listing.lines().any(|l| l.starts_with("pg_wal/0000000")), "WAL not included");
+    assert!(
+        listing.lines().any(|l| l.starts_with("pg_wal/0000000")),
+        "WAL not included"
+    );
 
     // Restore by plain extraction, tablespace remapped to a new directory.
     let restore = out.path().join("restore");
     let ts_restore = out.path().join("ts_restore");
     std::fs::create_dir_all(&restore).unwrap();
     std::fs::create_dir_all(&ts_restore).unwrap();
-    sh(&format!("tar -xf {} -C {}", out.path().join("base.tar").display(), restore.display()));
-    sh(&format!("tar -xf {} -C {}", out.path().join(&ts_tar).display(), ts_restore.display()));
+    sh(&format!(
+        "tar -xf {} -C {}",
+        out.path().join("base.tar").display(),
+        restore.display()
+    ));
+    sh(&format!(
+        "tar -xf {} -C {}",
+        out.path().join(&ts_tar).display(),
+        ts_restore.display()
+    ));
     let link = restore.join("pg_tblspc").join(&ts_oid);
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&ts_restore, &link).unwrap();
-    std::fs::copy(out.path().join("backup_manifest"), restore.join("backup_manifest")).unwrap();
+    std::fs::copy(
+        out.path().join("backup_manifest"),
+        restore.join("backup_manifest"),
+    )
+    .unwrap();
 
     let verify = tool_path("pg_verifybackup").unwrap();
     // Debian's pg_verifybackup 15 parses WAL of its own major only.
-    let wal_check = if verify.starts_with(walhoard_testkit::DEBIAN_PG15_BIN) && pg.major != 15 { "-n" } else { "" };
-    let ok = sh(&format!("{} {wal_check} {}", verify.display(), restore.display()));
+    let wal_check = if verify.starts_with(walhoard_testkit::DEBIAN_PG15_BIN) && pg.major != 15 {
+        "-n"
+    } else {
+        ""
+    };
+    let ok = sh(&format!(
+        "{} {wal_check} {}",
+        verify.display(),
+        restore.display()
+    ));
     assert!(ok.contains("successfully verified"), "{ok}");
     // The oracle is not vacuous: a changed file fails verification.
     corrupt(&restore.join("PG_VERSION"));
-    let status = std::process::Command::new(&verify).arg("-n").arg(&restore).output().unwrap();
-    assert!(!status.status.success(), "pg_verifybackup accepted a modified file");
+    let status = std::process::Command::new(&verify)
+        .arg("-n")
+        .arg(&restore)
+        .output()
+        .unwrap();
+    assert!(
+        !status.status.success(),
+        "pg_verifybackup accepted a modified file"
+    );
 }
 
 fn corrupt(path: &Path) {

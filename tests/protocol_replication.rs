@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
-    Lsn, PageExpectation, PgTimestamp, ReplicationClient, ReplicationEvent, SegmentId, SegmentSize, StandbyStatus,
-    TimelineHistory, TimelineId,
+    Lsn, PageExpectation, PgTimestamp, ReplicationClient, ReplicationEvent, SegmentId, SegmentSize,
+    StandbyStatus, TimelineHistory, TimelineId,
 };
 use walhoard_testkit::PgCluster;
 
@@ -19,11 +19,15 @@ fn psql_lsn(pg: &PgCluster, sql: &str) -> Lsn {
 #[tokio::test]
 async fn protocol_replication_commands() {
     let pg = PgCluster::start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg)).await.unwrap();
+    let mut c = ReplicationClient::connect(&socket_params(&pg))
+        .await
+        .unwrap();
     assert_eq!(c.server_major().unwrap(), pg.major);
 
     let id = c.identify_system().await.unwrap();
-    let sysid = pg.psql("select system_identifier from pg_control_system()").unwrap();
+    let sysid = pg
+        .psql("select system_identifier from pg_control_system()")
+        .unwrap();
     assert_eq!(id.system_id.to_string(), sysid.trim());
     assert_eq!(id.timeline, TimelineId(1));
     assert!(id.xlogpos <= psql_lsn(&pg, "select pg_current_wal_lsn()"));
@@ -32,10 +36,19 @@ async fn protocol_replication_commands() {
 
     assert_eq!(c.read_replication_slot("wh_slot").await.unwrap(), None);
     c.create_physical_slot("wh_slot", true).await.unwrap();
-    let info = c.read_replication_slot("wh_slot").await.unwrap().expect("slot exists");
+    let info = c
+        .read_replication_slot("wh_slot")
+        .await
+        .unwrap()
+        .expect("slot exists");
     assert_eq!(info.slot_type, "physical");
-    let sql_restart = pg.psql("select restart_lsn from pg_replication_slots where slot_name = 'wh_slot'").unwrap();
-    assert_eq!(info.restart_lsn.expect("RESERVE_WAL reserves").to_string(), sql_restart.trim());
+    let sql_restart = pg
+        .psql("select restart_lsn from pg_replication_slots where slot_name = 'wh_slot'")
+        .unwrap();
+    assert_eq!(
+        info.restart_lsn.expect("RESERVE_WAL reserves").to_string(),
+        sql_restart.trim()
+    );
     if pg.major >= 15 {
         assert_eq!(info.restart_tli, Some(TimelineId(1)));
     }
@@ -45,10 +58,22 @@ async fn protocol_replication_commands() {
     // The connection is usable after a server error.
     c.drop_slot("wh_slot", false).await.unwrap();
     assert_eq!(c.read_replication_slot("wh_slot").await.unwrap(), None);
-    assert_eq!(pg.psql("select count(*) from pg_replication_slots").unwrap().trim(), "0");
+    assert_eq!(
+        pg.psql("select count(*) from pg_replication_slots")
+            .unwrap()
+            .trim(),
+        "0"
+    );
     // A slot without reserved WAL.
     c.create_physical_slot("lazy", false).await.unwrap();
-    assert_eq!(c.read_replication_slot("lazy").await.unwrap().unwrap().restart_lsn, None);
+    assert_eq!(
+        c.read_replication_slot("lazy")
+            .await
+            .unwrap()
+            .unwrap()
+            .restart_lsn,
+        None
+    );
     // TIMELINE_HISTORY of timeline 1 does not exist.
     let err = c.timeline_history(TimelineId(1)).await.unwrap_err();
     assert!(err.sqlstate().is_some(), "{err}");
@@ -65,13 +90,22 @@ async fn receive_until(
 ) -> (BTreeMap<u64, Vec<u8>>, usize) {
     let mut segments: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let mut crossings = 0;
-    let mut stream = c.start_replication(Some(slot), start, Some(TimelineId(1))).await.unwrap();
+    let mut stream = c
+        .start_replication(Some(slot), start, Some(TimelineId(1)))
+        .await
+        .unwrap();
     let mut pos = start;
     let deadline = Instant::now() + Duration::from_secs(120);
     while pos < target {
         assert!(Instant::now() < deadline, "stuck at {pos}, want {target}");
-        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("no message in 30s").unwrap() {
-            ReplicationEvent::XLogData { wal_start, data, .. } => {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("no message in 30s")
+            .unwrap()
+        {
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
                 assert_eq!(wal_start, pos, "gap or overlap in the stream");
                 let mut at = wal_start;
                 let mut rest = &data[..];
@@ -81,14 +115,18 @@ async fn receive_until(
                 while !rest.is_empty() {
                     let off = at.segment_offset(seg) as usize;
                     let n = rest.len().min(seg.bytes() as usize - off);
-                    let buf = segments.entry(at.segment_number(seg)).or_insert_with(|| vec![0; seg.bytes() as usize]);
+                    let buf = segments
+                        .entry(at.segment_number(seg))
+                        .or_insert_with(|| vec![0; seg.bytes() as usize]);
                     buf[off..off + n].copy_from_slice(&rest[..n]);
                     rest = &rest[n..];
                     at = Lsn(at.0 + n as u64);
                 }
                 pos = at;
             }
-            ReplicationEvent::Keepalive { reply_requested, .. } => {
+            ReplicationEvent::Keepalive {
+                reply_requested, ..
+            } => {
                 if reply_requested {
                     let s = StandbyStatus {
                         write_lsn: pos,
@@ -104,7 +142,13 @@ async fn receive_until(
         }
     }
     // Acknowledge everything received, then stop from our side.
-    let s = StandbyStatus { write_lsn: pos, flush_lsn: pos, apply_lsn: pos, client_time: PgTimestamp::now(), reply_requested: true };
+    let s = StandbyStatus {
+        write_lsn: pos,
+        flush_lsn: pos,
+        apply_lsn: pos,
+        client_time: PgTimestamp::now(),
+        reply_requested: true,
+    };
     stream.send_status(&s).await.unwrap();
     stream.stop().await.unwrap();
     (segments, crossings)
@@ -113,19 +157,33 @@ async fn receive_until(
 #[tokio::test]
 async fn protocol_streamed_wal_matches_pg_wal() {
     let pg = PgCluster::start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg)).await.unwrap();
+    let mut c = ReplicationClient::connect(&socket_params(&pg))
+        .await
+        .unwrap();
     let id = c.identify_system().await.unwrap();
     let seg = c.wal_segment_size().await.unwrap();
     c.create_physical_slot("wh", true).await.unwrap();
-    let restart = c.read_replication_slot("wh").await.unwrap().unwrap().restart_lsn.unwrap();
+    let restart = c
+        .read_replication_slot("wh")
+        .await
+        .unwrap()
+        .unwrap()
+        .restart_lsn
+        .unwrap();
     let start = restart.segment_start(seg);
 
     // Several segments of real WAL: a bulk load and many small transactions.
     pg.psql("create table t as select g, repeat(md5(g::text), 16) as pad from generate_series(1, 60000) g").unwrap();
-    pg.psql("do $$ begin for i in 1..2000 loop insert into t values (i, 'x'); commit; end loop; end $$").unwrap();
+    pg.psql(
+        "do $$ begin for i in 1..2000 loop insert into t values (i, 'x'); commit; end loop; end $$",
+    )
+    .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
     let target = psql_lsn(&pg, "select pg_current_wal_lsn()");
-    assert!(target.segment_number(seg) >= start.segment_number(seg) + 3, "test wrote too little WAL");
+    assert!(
+        target.segment_number(seg) >= start.segment_number(seg) + 3,
+        "test wrote too little WAL"
+    );
 
     let (segments, crossings) = receive_until(&mut c, "wh", start, target, seg).await;
     let expect = PageExpectation {
@@ -134,41 +192,81 @@ async fn protocol_streamed_wal_matches_pg_wal() {
         system_id: Some(id.system_id),
         max_tli: Some(TimelineId(1)),
     };
-    let complete: Vec<u64> = segments.keys().copied().filter(|s| (s + 1) * seg.bytes() <= target.0).collect();
+    let complete: Vec<u64> = segments
+        .keys()
+        .copied()
+        .filter(|s| (s + 1) * seg.bytes() <= target.0)
+        .collect();
     assert!(complete.len() >= 3);
     for segno in &complete {
         let name = SegmentId::from_segno(TimelineId(1), *segno, seg).to_string();
         let on_disk = std::fs::read(pg.wal_dir().join(&name)).unwrap();
-        assert!(segments[segno] == on_disk, "segment {name} differs from pg_wal");
+        assert!(
+            segments[segno] == on_disk,
+            "segment {name} differs from pg_wal"
+        );
         // pg_switch_wal leaves zero pages after the XLOG_SWITCH record.
         validate_pages(&segments[segno], Lsn(segno * seg.bytes()), &expect, true).unwrap();
     }
-    eprintln!("{} segments compared, {crossings} messages crossed a segment boundary", complete.len());
+    eprintln!(
+        "{} segments compared, {crossings} messages crossed a segment boundary",
+        complete.len()
+    );
 
     // The final status update moved the slot: restart_lsn follows the reported flush position.
     assert!(wait_until(Duration::from_secs(10), || {
-        let r = psql_lsn(&pg, "select restart_lsn from pg_replication_slots where slot_name = 'wh'");
+        let r = psql_lsn(
+            &pg,
+            "select restart_lsn from pg_replication_slots where slot_name = 'wh'",
+        );
         r >= target.segment_start(seg)
     }));
 }
 
 #[tokio::test]
 async fn protocol_keepalive_reply_keeps_connection() {
-    let pg = PgCluster::builder().setting("wal_sender_timeout", "'2s'").start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg)).await.unwrap();
+    let pg = PgCluster::builder()
+        .setting("wal_sender_timeout", "'2s'")
+        .start()
+        .unwrap();
+    let mut c = ReplicationClient::connect(&socket_params(&pg))
+        .await
+        .unwrap();
     let seg = c.wal_segment_size().await.unwrap();
     c.create_physical_slot("ka", true).await.unwrap();
-    let start = c.read_replication_slot("ka").await.unwrap().unwrap().restart_lsn.unwrap().segment_start(seg);
+    let start = c
+        .read_replication_slot("ka")
+        .await
+        .unwrap()
+        .unwrap()
+        .restart_lsn
+        .unwrap()
+        .segment_start(seg);
     let mut stream = c.start_replication(Some("ka"), start, None).await.unwrap();
     let mut pos = start;
     let mut answered = 0;
     let began = Instant::now();
     // Stay connected for three times wal_sender_timeout, replying only when asked.
     while began.elapsed() < Duration::from_secs(6) {
-        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("walsender went silent").unwrap() {
-            ReplicationEvent::XLogData { wal_start, data, .. } => pos = Lsn(wal_start.0 + data.len() as u64),
-            ReplicationEvent::Keepalive { reply_requested: true, .. } => {
-                let s = StandbyStatus { write_lsn: pos, flush_lsn: start, apply_lsn: start, client_time: PgTimestamp::now(), reply_requested: false };
+        match tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("walsender went silent")
+            .unwrap()
+        {
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => pos = Lsn(wal_start.0 + data.len() as u64),
+            ReplicationEvent::Keepalive {
+                reply_requested: true,
+                ..
+            } => {
+                let s = StandbyStatus {
+                    write_lsn: pos,
+                    flush_lsn: start,
+                    apply_lsn: start,
+                    client_time: PgTimestamp::now(),
+                    reply_requested: false,
+                };
                 stream.send_status(&s).await.unwrap();
                 answered += 1;
             }
@@ -176,11 +274,15 @@ async fn protocol_keepalive_reply_keeps_connection() {
             ReplicationEvent::EndOfTimeline(e) => panic!("{e:?}"),
         }
     }
-    assert!(answered >= 2, "only {answered} reply requests in 6s with wal_sender_timeout=2s");
+    assert!(
+        answered >= 2,
+        "only {answered} reply requests in 6s with wal_sender_timeout=2s"
+    );
     // The server saw our reply: pg_stat_replication shows the positions we sent.
-    let seen = pg.psql("select write_lsn, flush_lsn from pg_stat_replication").unwrap();
+    let seen = pg
+        .psql("select write_lsn, flush_lsn from pg_stat_replication")
+        .unwrap();
     assert_eq!(seen.trim(), format!("{pos}|{start}"));
-    drop(stream);
 }
 
 #[tokio::test]
@@ -189,13 +291,20 @@ async fn protocol_end_of_timeline_after_promotion() {
     pg.psql("create table before_switch as select 1").unwrap();
     // Restart the same cluster as a standby and promote it: timeline 2 begins.
     pg.stop().unwrap();
-    pg.write_owned(&pg.data_dir().join("standby.signal"), b"", 0o600).unwrap();
+    pg.write_owned(&pg.data_dir().join("standby.signal"), b"", 0o600)
+        .unwrap();
     pg.restart_with(None).unwrap();
     pg.psql("select pg_promote(true, 60)").unwrap();
-    assert!(wait_until(Duration::from_secs(30), || pg.psql("select pg_is_in_recovery()").unwrap().trim() == "f"));
+    assert!(wait_until(Duration::from_secs(30), || pg
+        .psql("select pg_is_in_recovery()")
+        .unwrap()
+        .trim()
+        == "f"));
     pg.psql("create table after_switch as select 2").unwrap();
 
-    let mut c = ReplicationClient::connect(&socket_params(&pg)).await.unwrap();
+    let mut c = ReplicationClient::connect(&socket_params(&pg))
+        .await
+        .unwrap();
     let id = c.identify_system().await.unwrap();
     assert_eq!(id.timeline, TimelineId(2));
     let seg = c.wal_segment_size().await.unwrap();
@@ -207,11 +316,20 @@ async fn protocol_end_of_timeline_after_promotion() {
 
     // Streaming timeline 1 ends at the switchpoint and names timeline 2.
     let start = switchpoint.segment_start(seg);
-    let mut stream = c.start_replication(None, start, Some(TimelineId(1))).await.unwrap();
+    let mut stream = c
+        .start_replication(None, start, Some(TimelineId(1)))
+        .await
+        .unwrap();
     let mut pos = start;
     let end = loop {
-        match tokio::time::timeout(Duration::from_secs(30), stream.next()).await.unwrap().unwrap() {
-            ReplicationEvent::XLogData { wal_start, data, .. } => {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
                 assert_eq!(wal_start, pos);
                 pos = Lsn(wal_start.0 + data.len() as u64);
             }
@@ -219,21 +337,35 @@ async fn protocol_end_of_timeline_after_promotion() {
             ReplicationEvent::EndOfTimeline(end) => break end,
         }
     };
-    assert_eq!(pos, switchpoint, "timeline 1 data must stop exactly at the switchpoint");
+    assert_eq!(
+        pos, switchpoint,
+        "timeline 1 data must stop exactly at the switchpoint"
+    );
     assert_eq!(end.next_tli, Some(TimelineId(2)));
     assert_eq!(end.next_tli_start, Some(switchpoint));
-    drop(stream);
 
     // The connection is idle again: continue on timeline 2 from the switchpoint.
-    let mut stream = c.start_replication(None, switchpoint.segment_start(seg), Some(TimelineId(2))).await.unwrap();
-    match tokio::time::timeout(Duration::from_secs(30), stream.next()).await.unwrap().unwrap() {
-        ReplicationEvent::XLogData { wal_start, .. } => assert_eq!(wal_start, switchpoint.segment_start(seg)),
+    let mut stream = c
+        .start_replication(None, switchpoint.segment_start(seg), Some(TimelineId(2)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        ReplicationEvent::XLogData { wal_start, .. } => {
+            assert_eq!(wal_start, switchpoint.segment_start(seg))
+        }
         other => panic!("expected WAL on timeline 2, got {other:?}"),
     }
     stream.stop().await.unwrap();
 
     // Asking for exactly the end of timeline 1 yields the end at once, without CopyBoth.
-    let mut stream = c.start_replication(None, switchpoint, Some(TimelineId(1))).await.unwrap();
+    let mut stream = c
+        .start_replication(None, switchpoint, Some(TimelineId(1)))
+        .await
+        .unwrap();
     match stream.next().await.unwrap() {
         ReplicationEvent::EndOfTimeline(e) => assert_eq!(e.next_tli, Some(TimelineId(2))),
         other => panic!("expected end of timeline, got {other:?}"),

@@ -34,12 +34,16 @@ fn tls_cluster(certs: &Path) -> PgCluster {
         .hba("hostssl all tlsuser 127.0.0.1/32 scram-sha-256")
         .start()
         .unwrap();
-    pg.psql("create role tlsuser login replication password 'tlspw'").unwrap();
+    pg.psql("create role tlsuser login replication password 'tlspw'")
+        .unwrap();
     pg
 }
 
 fn params(pg: &PgCluster, host: &str, sslmode: &str, root: Option<&Path>) -> ConnectParams {
-    let mut s = format!("host={host} port={} user=tlsuser password=tlspw dbname=postgres sslmode={sslmode}", pg.port);
+    let mut s = format!(
+        "host={host} port={} user=tlsuser password=tlspw dbname=postgres sslmode={sslmode}",
+        pg.port
+    );
     if let Some(r) = root {
         s.push_str(&format!(" sslrootcert={}", r.display()));
     }
@@ -49,7 +53,10 @@ fn params(pg: &PgCluster, host: &str, sslmode: &str, root: Option<&Path>) -> Con
 async fn server_sees_ssl(p: &ConnectParams) -> bool {
     let mut c = Connection::connect(p).await.unwrap();
     assert!(c.is_tls());
-    let r = c.query_one_result("select ssl::text as ssl from pg_stat_ssl where pid = pg_backend_pid()").await.unwrap();
+    let r = c
+        .query_one_result("select ssl::text as ssl from pg_stat_ssl where pid = pg_backend_pid()")
+        .await
+        .unwrap();
     r.required(0, "ssl").unwrap() == "true"
 }
 
@@ -71,16 +78,22 @@ async fn protocol_tls_modes() {
     assert!(server_sees_ssl(&params(&pg, "127.0.0.1", "verify-ca", Some(&ca))).await);
 
     // Replication connections over TLS too.
-    let mut repl = ReplicationClient::connect(&params(&pg, "localhost", "verify-full", Some(&ca))).await.unwrap();
+    let mut repl = ReplicationClient::connect(&params(&pg, "localhost", "verify-full", Some(&ca)))
+        .await
+        .unwrap();
     assert!(repl.connection().is_tls());
     repl.identify_system().await.unwrap();
 
     // verify-full refuses a name the certificate does not cover.
-    let err = Connection::connect(&params(&pg, "127.0.0.1", "verify-full", Some(&ca))).await.unwrap_err();
+    let err = Connection::connect(&params(&pg, "127.0.0.1", "verify-full", Some(&ca)))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Tls(_)), "{err}");
     // verify-ca and verify-full refuse a certificate from another CA.
     for mode in ["verify-ca", "verify-full"] {
-        let err = Connection::connect(&params(&pg, "localhost", mode, Some(&other))).await.unwrap_err();
+        let err = Connection::connect(&params(&pg, "localhost", mode, Some(&other)))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Tls(_)), "{mode}: {err}");
         assert!(!err.is_retryable());
     }
@@ -90,18 +103,22 @@ async fn protocol_tls_modes() {
     let err = Connection::connect(&p).await.unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err}");
     // The server refuses plaintext for this user.
-    let err = Connection::connect(&params(&pg, "127.0.0.1", "disable", None)).await.unwrap_err();
+    let err = Connection::connect(&params(&pg, "127.0.0.1", "disable", None))
+        .await
+        .unwrap_err();
     assert_eq!(err.sqlstate(), Some("28000"), "{err}");
 }
 
 #[tokio::test]
 async fn protocol_tls_required_but_server_has_none() {
     let pg = PgCluster::start().unwrap();
-    let p = ConnectParams::parse(&format!("{} sslmode=require", pg.tcp_conninfo("postgres"))).unwrap();
+    let p =
+        ConnectParams::parse(&format!("{} sslmode=require", pg.tcp_conninfo("postgres"))).unwrap();
     let err = Connection::connect(&p).await.unwrap_err();
     assert!(matches!(err, Error::Tls(_)), "{err}");
     // prefer falls back to plaintext.
-    let p = ConnectParams::parse(&format!("{} sslmode=prefer", pg.tcp_conninfo("postgres"))).unwrap();
+    let p =
+        ConnectParams::parse(&format!("{} sslmode=prefer", pg.tcp_conninfo("postgres"))).unwrap();
     let c = Connection::connect(&p).await.unwrap();
     assert!(!c.is_tls());
 }

@@ -57,7 +57,9 @@ impl Default for BaseBackupOptions {
 
 fn quote(s: &str) -> Result<String> {
     if s.contains('\0') {
-        return Err(Error::Config("BASE_BACKUP option contains a NUL byte".into()));
+        return Err(Error::Config(
+            "BASE_BACKUP option contains a NUL byte".into(),
+        ));
     }
     Ok(format!("'{}'", s.replace('\'', "''")))
 }
@@ -70,12 +72,22 @@ impl BaseBackupOptions {
             if self.progress {
                 o.push("PROGRESS".into());
             }
-            o.push(format!("CHECKPOINT {}", if self.fast_checkpoint { "'fast'" } else { "'spread'" }));
+            o.push(format!(
+                "CHECKPOINT {}",
+                if self.fast_checkpoint {
+                    "'fast'"
+                } else {
+                    "'spread'"
+                }
+            ));
             o.push(format!("WAIT {}", self.wait_for_archive));
             if self.wal {
                 o.push("WAL".into());
             }
-            o.push(format!("MANIFEST {}", if self.manifest { "'yes'" } else { "'no'" }));
+            o.push(format!(
+                "MANIFEST {}",
+                if self.manifest { "'yes'" } else { "'no'" }
+            ));
             if let Some(c) = &self.manifest_checksums {
                 o.push(format!("MANIFEST_CHECKSUMS {}", quote(c)?));
             }
@@ -94,7 +106,9 @@ impl BaseBackupOptions {
             Ok(format!("BASE_BACKUP ({})", o.join(", ")))
         } else {
             if self.compression.is_some() {
-                return Err(Error::Config(format!("server-side compression needs PostgreSQL 15+, server is {major}")));
+                return Err(Error::Config(format!(
+                    "server-side compression needs PostgreSQL 15+, server is {major}"
+                )));
             }
             let mut c = format!("BASE_BACKUP LABEL {}", quote(&self.label)?);
             if self.progress {
@@ -115,7 +129,11 @@ impl BaseBackupOptions {
             if self.tablespace_map {
                 c.push_str(" TABLESPACE_MAP");
             }
-            c.push_str(if self.manifest { " MANIFEST 'yes'" } else { " MANIFEST 'no'" });
+            c.push_str(if self.manifest {
+                " MANIFEST 'yes'"
+            } else {
+                " MANIFEST 'no'"
+            });
             if let Some(m) = &self.manifest_checksums {
                 c.push_str(&format!(" MANIFEST_CHECKSUMS {}", quote(m)?));
             }
@@ -140,14 +158,20 @@ pub struct TablespaceInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BaseBackupEvent {
     /// A tar archive begins: `base.tar` for the data directory, `<oid>.tar` for a tablespace.
-    Archive { name: String, tablespace_location: Option<String> },
+    Archive {
+        name: String,
+        tablespace_location: Option<String>,
+    },
     ArchiveData(Bytes),
     ManifestStart,
     ManifestData(Bytes),
     /// Bytes sent so far (PostgreSQL 15+ with PROGRESS).
     Progress(u64),
     /// The backup is complete and the connection idle again.
-    Finished { end_lsn: Lsn, end_tli: TimelineId },
+    Finished {
+        end_lsn: Lsn,
+        end_tli: TimelineId,
+    },
 }
 
 /// A running BASE_BACKUP.
@@ -169,7 +193,10 @@ fn col_text(cols: &[Option<Bytes>], i: usize) -> Result<Option<String>> {
     cols.get(i)
         .cloned()
         .flatten()
-        .map(|b| String::from_utf8(b.to_vec()).map_err(|_| Error::protocol("BASE_BACKUP result is not UTF-8")))
+        .map(|b| {
+            String::from_utf8(b.to_vec())
+                .map_err(|_| Error::protocol("BASE_BACKUP result is not UTF-8"))
+        })
         .transpose()
 }
 
@@ -177,7 +204,8 @@ fn position_row(cols: &[Option<Bytes>]) -> Result<(Lsn, TimelineId)> {
     let lsn = col_text(cols, 0)?.ok_or_else(|| Error::protocol("BASE_BACKUP position is NULL"))?;
     let tli = col_text(cols, 1)?.ok_or_else(|| Error::protocol("BASE_BACKUP timeline is NULL"))?;
     Ok((
-        lsn.parse().map_err(|e| Error::protocol(format!("BASE_BACKUP position: {e}")))?,
+        lsn.parse()
+            .map_err(|e| Error::protocol(format!("BASE_BACKUP position: {e}")))?,
         tli.parse::<u32>()
             .ok()
             .and_then(|t| TimelineId::new(t).ok())
@@ -186,7 +214,11 @@ fn position_row(cols: &[Option<Bytes>]) -> Result<(Lsn, TimelineId)> {
 }
 
 impl<'a> BaseBackupStream<'a> {
-    pub(crate) async fn start(conn: &'a mut Connection, major: u32, opts: &BaseBackupOptions) -> Result<Self> {
+    pub(crate) async fn start(
+        conn: &'a mut Connection,
+        major: u32,
+        opts: &BaseBackupOptions,
+    ) -> Result<Self> {
         let cmd = opts.command(major)?;
         frontend_msg::query(&cmd, conn.write_buffer())?;
         conn.flush().await?;
@@ -196,21 +228,37 @@ impl<'a> BaseBackupStream<'a> {
         while results.len() < 2 {
             match conn.read_message().await? {
                 BackendMessage::RowDescription(_) => current = Some(Vec::new()),
-                BackendMessage::DataRow(r) => current.as_mut().ok_or_else(|| Error::protocol("DataRow before RowDescription"))?.push(r),
-                BackendMessage::CommandComplete { .. } => results.push(current.take().unwrap_or_default()),
+                BackendMessage::DataRow(r) => current
+                    .as_mut()
+                    .ok_or_else(|| Error::protocol("DataRow before RowDescription"))?
+                    .push(r),
+                BackendMessage::CommandComplete { .. } => {
+                    results.push(current.take().unwrap_or_default())
+                }
                 BackendMessage::ErrorResponse(e) => {
                     let _ = conn.drain_until_ready().await;
                     return Err(Error::Server(e));
                 }
-                other => return Err(Error::protocol(format!("unexpected message in BASE_BACKUP header: {other:?}"))),
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected message in BASE_BACKUP header: {other:?}"
+                    )))
+                }
             }
         }
-        let start = results[0].first().ok_or_else(|| Error::protocol("BASE_BACKUP sent no start position"))?;
+        let start = results[0]
+            .first()
+            .ok_or_else(|| Error::protocol("BASE_BACKUP sent no start position"))?;
         let (start_lsn, start_tli) = position_row(start)?;
         let mut tablespaces = Vec::new();
         for row in &results[1] {
             tablespaces.push(TablespaceInfo {
-                oid: col_text(row, 0)?.map(|o| o.parse().map_err(|_| Error::protocol(format!("bad tablespace oid {o:?}")))).transpose()?,
+                oid: col_text(row, 0)?
+                    .map(|o| {
+                        o.parse()
+                            .map_err(|_| Error::protocol(format!("bad tablespace oid {o:?}")))
+                    })
+                    .transpose()?,
                 location: col_text(row, 1)?,
                 size_kb: col_text(row, 2)?.and_then(|s| s.parse().ok()),
             });
@@ -248,13 +296,18 @@ impl<'a> BaseBackupStream<'a> {
                             Some(oid) if ts.location.is_some() => format!("{oid}.tar"),
                             _ => "base.tar".to_string(),
                         };
-                        return Ok(Some(BaseBackupEvent::Archive { name, tablespace_location: ts.location.clone() }));
+                        return Ok(Some(BaseBackupEvent::Archive {
+                            name,
+                            tablespace_location: ts.location.clone(),
+                        }));
                     }
                     if self.manifest_requested && !self.in_manifest {
                         self.in_manifest = true;
                         return Ok(Some(BaseBackupEvent::ManifestStart));
                     }
-                    return Err(Error::protocol("more COPY streams than tablespaces in BASE_BACKUP"));
+                    return Err(Error::protocol(
+                        "more COPY streams than tablespaces in BASE_BACKUP",
+                    ));
                 }
                 BackendMessage::CopyData(payload) => {
                     if self.legacy {
@@ -265,11 +318,17 @@ impl<'a> BaseBackupStream<'a> {
                         }));
                     }
                     return Ok(Some(match parse_backup_copy(payload)? {
-                        BackupCopyMessage::NewArchive { name, tablespace_location } => BaseBackupEvent::Archive {
+                        BackupCopyMessage::NewArchive {
                             name,
-                            tablespace_location: (!tablespace_location.is_empty()).then_some(tablespace_location),
+                            tablespace_location,
+                        } => BaseBackupEvent::Archive {
+                            name,
+                            tablespace_location: (!tablespace_location.is_empty())
+                                .then_some(tablespace_location),
                         },
-                        BackupCopyMessage::Data(d) if self.in_manifest => BaseBackupEvent::ManifestData(d),
+                        BackupCopyMessage::Data(d) if self.in_manifest => {
+                            BaseBackupEvent::ManifestData(d)
+                        }
                         BackupCopyMessage::Data(d) => BaseBackupEvent::ArchiveData(d),
                         BackupCopyMessage::Progress(p) => BaseBackupEvent::Progress(p),
                         BackupCopyMessage::ManifestStart => {
@@ -280,11 +339,15 @@ impl<'a> BaseBackupStream<'a> {
                 }
                 BackendMessage::CopyDone => {}
                 BackendMessage::RowDescription(_) => self.in_end_result = true,
-                BackendMessage::DataRow(cols) if self.in_end_result => self.end = Some(position_row(&cols)?),
+                BackendMessage::DataRow(cols) if self.in_end_result => {
+                    self.end = Some(position_row(&cols)?)
+                }
                 BackendMessage::CommandComplete { .. } => {}
                 BackendMessage::ReadyForQuery { .. } => {
                     self.finished = true;
-                    let (end_lsn, end_tli) = self.end.ok_or_else(|| Error::protocol("BASE_BACKUP ended without an end position"))?;
+                    let (end_lsn, end_tli) = self.end.ok_or_else(|| {
+                        Error::protocol("BASE_BACKUP ended without an end position")
+                    })?;
                     return Ok(Some(BaseBackupEvent::Finished { end_lsn, end_tli }));
                 }
                 BackendMessage::ErrorResponse(e) => {
@@ -292,7 +355,11 @@ impl<'a> BaseBackupStream<'a> {
                     let _ = self.conn.drain_until_ready().await;
                     return Err(Error::Server(e));
                 }
-                other => return Err(Error::protocol(format!("unexpected message during BASE_BACKUP: {other:?}"))),
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected message during BASE_BACKUP: {other:?}"
+                    )))
+                }
             }
         }
     }
@@ -304,12 +371,18 @@ mod tests {
 
     #[test]
     fn commands_per_version() {
-        let mut o = BaseBackupOptions { label: "it's".into(), ..Default::default() };
+        let mut o = BaseBackupOptions {
+            label: "it's".into(),
+            ..Default::default()
+        };
         assert_eq!(
             o.command(15).unwrap(),
             "BASE_BACKUP (LABEL 'it''s', PROGRESS, CHECKPOINT 'fast', WAIT false, MANIFEST 'yes', TABLESPACE_MAP)"
         );
-        assert_eq!(o.command(13).unwrap(), "BASE_BACKUP LABEL 'it''s' PROGRESS FAST NOWAIT TABLESPACE_MAP MANIFEST 'yes'");
+        assert_eq!(
+            o.command(13).unwrap(),
+            "BASE_BACKUP LABEL 'it''s' PROGRESS FAST NOWAIT TABLESPACE_MAP MANIFEST 'yes'"
+        );
         o.wal = true;
         o.compression = Some("zstd".into());
         o.compression_detail = Some("level=1".into());

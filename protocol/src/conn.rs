@@ -35,7 +35,10 @@ impl QueryResult {
             .iter()
             .position(|c| c.name == name)
             .ok_or_else(|| Error::protocol(format!("result has no column {name:?}")))?;
-        let r = self.rows.get(row).ok_or_else(|| Error::protocol(format!("result has no row {row}")))?;
+        let r = self
+            .rows
+            .get(row)
+            .ok_or_else(|| Error::protocol(format!("result has no row {row}")))?;
         match r.get(col) {
             Some(Some(b)) => String::from_utf8(b.to_vec())
                 .map(Some)
@@ -47,7 +50,8 @@ impl QueryResult {
 
     /// Like [`QueryResult::text`], but NULL is an error.
     pub fn required(&self, row: usize, name: &str) -> Result<String> {
-        self.text(row, name)?.ok_or_else(|| Error::protocol(format!("column {name:?} is NULL")))
+        self.text(row, name)?
+            .ok_or_else(|| Error::protocol(format!("column {name:?} is NULL")))
     }
 }
 
@@ -64,7 +68,10 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("server", &self.describe).field("pid", &self.backend_pid).finish()
+        f.debug_struct("Connection")
+            .field("server", &self.describe)
+            .field("pid", &self.backend_pid)
+            .finish()
     }
 }
 
@@ -78,7 +85,10 @@ impl Connection {
         let fut = Self::connect_inner(params);
         match params.connect_timeout {
             Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| {
-                Error::Io(io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {params} timed out")))
+                Error::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {params} timed out"),
+                ))
             })?,
             None => fut.await,
         }
@@ -106,8 +116,13 @@ impl Connection {
                     Some(config) => {
                         let mut req = BytesMut::new();
                         frontend_msg::ssl_request(&mut req);
-                        s.write_all(&req).await.map_err(|e| io_err("send SSLRequest to", &target, e))?;
-                        let answer = s.read_u8().await.map_err(|e| io_err("read SSL answer from", &target, e))?;
+                        s.write_all(&req)
+                            .await
+                            .map_err(|e| io_err("send SSLRequest to", &target, e))?;
+                        let answer = s
+                            .read_u8()
+                            .await
+                            .map_err(|e| io_err("read SSL answer from", &target, e))?;
                         match answer {
                             b'S' => {
                                 let connector = tokio_rustls::TlsConnector::from(config);
@@ -149,7 +164,10 @@ impl Connection {
     }
 
     async fn startup(&mut self, params: &ConnectParams) -> Result<()> {
-        let mut startup: Vec<(&str, &str)> = vec![("user", &params.user), ("application_name", &params.application_name)];
+        let mut startup: Vec<(&str, &str)> = vec![
+            ("user", &params.user),
+            ("application_name", &params.application_name),
+        ];
         match params.replication {
             ReplicationMode::Physical => startup.push(("replication", "true")),
             ReplicationMode::Off => startup.push(("database", params.database())),
@@ -215,7 +233,11 @@ impl Connection {
                 BackendMessage::ReadyForQuery { .. } => return Ok(()),
                 BackendMessage::ErrorResponse(e) => return Err(Error::Server(e)),
                 BackendMessage::NegotiateProtocolVersion { .. } => {}
-                other => return Err(Error::protocol(format!("unexpected message after authentication: {other:?}"))),
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected message after authentication: {other:?}"
+                    )))
+                }
             }
         }
     }
@@ -283,7 +305,12 @@ impl Connection {
         let mut error: Option<ServerError> = None;
         loop {
             match self.read_message().await? {
-                BackendMessage::RowDescription(columns) => current = Some(QueryResult { columns, ..Default::default() }),
+                BackendMessage::RowDescription(columns) => {
+                    current = Some(QueryResult {
+                        columns,
+                        ..Default::default()
+                    })
+                }
                 BackendMessage::DataRow(row) => current
                     .as_mut()
                     .ok_or_else(|| Error::protocol("DataRow without RowDescription"))?
@@ -297,10 +324,18 @@ impl Connection {
                 BackendMessage::EmptyQueryResponse => {}
                 BackendMessage::ErrorResponse(e) => error = Some(e),
                 BackendMessage::ReadyForQuery { .. } => break,
-                BackendMessage::CopyInResponse | BackendMessage::CopyOutResponse | BackendMessage::CopyBothResponse => {
-                    return Err(Error::protocol(format!("query {sql:?} started a COPY; use the streaming API")))
+                BackendMessage::CopyInResponse
+                | BackendMessage::CopyOutResponse
+                | BackendMessage::CopyBothResponse => {
+                    return Err(Error::protocol(format!(
+                        "query {sql:?} started a COPY; use the streaming API"
+                    )))
                 }
-                other => return Err(Error::protocol(format!("unexpected message in query result: {other:?}"))),
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected message in query result: {other:?}"
+                    )))
+                }
             }
         }
         match error {
@@ -313,7 +348,10 @@ impl Connection {
     pub async fn query_one_result(&mut self, sql: &str) -> Result<QueryResult> {
         let mut results = self.simple_query(sql).await?;
         if results.len() != 1 {
-            return Err(Error::protocol(format!("{sql:?} returned {} result sets, expected 1", results.len())));
+            return Err(Error::protocol(format!(
+                "{sql:?} returned {} result sets, expected 1",
+                results.len()
+            )));
         }
         Ok(results.remove(0))
     }
@@ -339,7 +377,9 @@ impl Connection {
 
     /// `server_version_num` derived from the reported `server_version` (e.g. 150018, 170010).
     pub fn server_version_num(&self) -> Result<u32> {
-        let v = self.server_param("server_version").ok_or_else(|| Error::protocol("server did not report server_version"))?;
+        let v = self
+            .server_param("server_version")
+            .ok_or_else(|| Error::protocol("server did not report server_version"))?;
         parse_server_version(v)
     }
 
@@ -369,12 +409,21 @@ impl Connection {
 /// "18beta1" → 150018, 170010, 180000.
 pub fn parse_server_version(v: &str) -> Result<u32> {
     let bad = || Error::protocol(format!("cannot parse server_version {v:?}"));
-    let digits_and_dots: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let digits_and_dots: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let mut parts = digits_and_dots.split('.').filter(|p| !p.is_empty());
     let major: u32 = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    let minor: u32 = parts.next().map(|m| m.parse().map_err(|_| bad())).transpose()?.unwrap_or(0);
+    let minor: u32 = parts
+        .next()
+        .map(|m| m.parse().map_err(|_| bad()))
+        .transpose()?
+        .unwrap_or(0);
     if major < 10 {
-        return Err(Error::protocol(format!("server_version {v:?} is older than walhoard supports")));
+        return Err(Error::protocol(format!(
+            "server_version {v:?} is older than walhoard supports"
+        )));
     }
     Ok(major * 10000 + minor)
 }
@@ -385,7 +434,10 @@ mod tests {
 
     #[test]
     fn server_versions() {
-        assert_eq!(parse_server_version("15.18 (Debian 15.18-0+deb12u1)").unwrap(), 150018);
+        assert_eq!(
+            parse_server_version("15.18 (Debian 15.18-0+deb12u1)").unwrap(),
+            150018
+        );
         assert_eq!(parse_server_version("17.10").unwrap(), 170010);
         assert_eq!(parse_server_version("18beta1").unwrap(), 180000);
         assert_eq!(parse_server_version("13.23").unwrap(), 130023);
@@ -396,7 +448,11 @@ mod tests {
     #[test]
     fn query_result_accessors() {
         let r = QueryResult {
-            columns: vec![FieldDescription { name: "a".into(), type_oid: 25, format: 0 }],
+            columns: vec![FieldDescription {
+                name: "a".into(),
+                type_oid: 25,
+                format: 0,
+            }],
             rows: vec![vec![Some(Bytes::from_static(b"x"))], vec![None]],
             tag: None,
         };

@@ -40,7 +40,9 @@ pub use conn::{Connection, QueryResult};
 pub use error::{Error, FormatError, Result, ServerError};
 pub use lsn::{Lsn, PgTimestamp, SegmentSize, TimelineId};
 pub use params::{ConnectParams, Host, ReplicationMode, SslMode};
-pub use replication::{EndOfTimeline, ReplicationClient, ReplicationEvent, ReplicationStream, SlotInfo, SystemIdentity};
+pub use replication::{
+    EndOfTimeline, ReplicationClient, ReplicationEvent, ReplicationStream, SlotInfo, SystemIdentity,
+};
 pub use replmsg::StandbyStatus;
 pub use timeline::TimelineHistory;
 pub use walname::{SegmentId, WalSegmentName};

@@ -187,7 +187,13 @@ mod tests {
 
     #[test]
     fn lsn_round_trip() {
-        for s in ["0/0", "0/16B3748", "1/0", "FFFFFFFF/FFFFFFFF", "16/B374D848"] {
+        for s in [
+            "0/0",
+            "0/16B3748",
+            "1/0",
+            "FFFFFFFF/FFFFFFFF",
+            "16/B374D848",
+        ] {
             assert_eq!(s.parse::<Lsn>().unwrap().to_string(), s);
         }
         assert_eq!("16/B374D848".parse::<Lsn>().unwrap(), Lsn(0x16_B374_D848));
@@ -234,7 +240,10 @@ mod tests {
         let later = PgTimestamp(1_234_567);
         assert_eq!(PgTimestamp::from_system_time(later.to_system_time()), later);
         let before = PgTimestamp(-5_000_000);
-        assert_eq!(PgTimestamp::from_system_time(before.to_system_time()), before);
+        assert_eq!(
+            PgTimestamp::from_system_time(before.to_system_time()),
+            before
+        );
     }
 
     #[test]

@@ -20,10 +20,18 @@ pub const MAX_MESSAGE_LEN: usize = 256 * 1024 * 1024;
 pub enum AuthRequest {
     Ok,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<String> },
-    SaslContinue { data: Bytes },
-    SaslFinal { data: Bytes },
+    Md5Password {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<String>,
+    },
+    SaslContinue {
+        data: Bytes,
+    },
+    SaslFinal {
+        data: Bytes,
+    },
     /// Kerberos, GSS, SSPI...: not supported, reported by code.
     Unsupported(u32),
 }
@@ -40,12 +48,22 @@ pub struct FieldDescription {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendMessage {
     Authentication(AuthRequest),
-    ParameterStatus { name: String, value: String },
-    BackendKeyData { pid: i32, secret: i32 },
-    ReadyForQuery { status: u8 },
+    ParameterStatus {
+        name: String,
+        value: String,
+    },
+    BackendKeyData {
+        pid: i32,
+        secret: i32,
+    },
+    ReadyForQuery {
+        status: u8,
+    },
     RowDescription(Vec<FieldDescription>),
     DataRow(Vec<Option<Bytes>>),
-    CommandComplete { tag: String },
+    CommandComplete {
+        tag: String,
+    },
     EmptyQueryResponse,
     ErrorResponse(ServerError),
     NoticeResponse(ServerError),
@@ -54,7 +72,10 @@ pub enum BackendMessage {
     CopyBothResponse,
     CopyData(Bytes),
     CopyDone,
-    NegotiateProtocolVersion { newest_minor: i32, unrecognized: Vec<String> },
+    NegotiateProtocolVersion {
+        newest_minor: i32,
+        unrecognized: Vec<String>,
+    },
     NotificationResponse,
     ParameterDescription,
     NoData,
@@ -67,7 +88,10 @@ struct Reader {
 
 impl Reader {
     fn short(&self, what: &str) -> Error {
-        Error::protocol(format!("message '{}' too short for {what}", self.tag as char))
+        Error::protocol(format!(
+            "message '{}' too short for {what}",
+            self.tag as char
+        ))
     }
     fn u8(&mut self, what: &str) -> Result<u8> {
         if self.body.remaining() < 1 {
@@ -94,11 +118,12 @@ impl Reader {
         Ok(self.body.split_to(n))
     }
     fn cstr(&mut self, what: &str) -> Result<String> {
-        let end = self
-            .body
-            .iter()
-            .position(|b| *b == 0)
-            .ok_or_else(|| Error::protocol(format!("unterminated string for {what} in '{}'", self.tag as char)))?;
+        let end = self.body.iter().position(|b| *b == 0).ok_or_else(|| {
+            Error::protocol(format!(
+                "unterminated string for {what} in '{}'",
+                self.tag as char
+            ))
+        })?;
         let s = self.body.split_to(end);
         self.body.advance(1);
         String::from_utf8(s.to_vec())
@@ -155,7 +180,9 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>> {
     let len = usize::try_from(len)
         .ok()
         .filter(|l| (4..=MAX_MESSAGE_LEN).contains(l))
-        .ok_or_else(|| Error::protocol(format!("invalid length {len} of message '{}'", tag as char)))?;
+        .ok_or_else(|| {
+            Error::protocol(format!("invalid length {len} of message '{}'", tag as char))
+        })?;
     if buf.len() < 1 + len {
         buf.reserve(1 + len - buf.len());
         return Ok(None);
@@ -171,7 +198,9 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>> {
                 3 => AuthRequest::CleartextPassword,
                 5 => {
                     let salt = r.bytes(4, "md5 salt")?;
-                    AuthRequest::Md5Password { salt: [salt[0], salt[1], salt[2], salt[3]] }
+                    AuthRequest::Md5Password {
+                        salt: [salt[0], salt[1], salt[2], salt[3]],
+                    }
                 }
                 10 => {
                     let mut mechanisms = Vec::new();
@@ -189,9 +218,17 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>> {
                 other => AuthRequest::Unsupported(other as u32),
             })
         }
-        b'S' => BackendMessage::ParameterStatus { name: r.cstr("parameter name")?, value: r.cstr("parameter value")? },
-        b'K' => BackendMessage::BackendKeyData { pid: r.i32("pid")?, secret: r.i32("secret key")? },
-        b'Z' => BackendMessage::ReadyForQuery { status: r.u8("transaction status")? },
+        b'S' => BackendMessage::ParameterStatus {
+            name: r.cstr("parameter name")?,
+            value: r.cstr("parameter value")?,
+        },
+        b'K' => BackendMessage::BackendKeyData {
+            pid: r.i32("pid")?,
+            secret: r.i32("secret key")?,
+        },
+        b'Z' => BackendMessage::ReadyForQuery {
+            status: r.u8("transaction status")?,
+        },
         b'T' => {
             let n = r.count("field count")?;
             let mut fields = Vec::with_capacity(n.min(1024));
@@ -203,7 +240,11 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>> {
                 r.i16("type size")?;
                 r.i32("type modifier")?;
                 let format = r.i16("format code")?;
-                fields.push(FieldDescription { name, type_oid, format });
+                fields.push(FieldDescription {
+                    name,
+                    type_oid,
+                    format,
+                });
             }
             BackendMessage::RowDescription(fields)
         }
@@ -215,13 +256,16 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>> {
                 if l == -1 {
                     cols.push(None);
                 } else {
-                    let l = usize::try_from(l).map_err(|_| Error::protocol(format!("invalid column length {l}")))?;
+                    let l = usize::try_from(l)
+                        .map_err(|_| Error::protocol(format!("invalid column length {l}")))?;
                     cols.push(Some(r.bytes(l, "column value")?));
                 }
             }
             BackendMessage::DataRow(cols)
         }
-        b'C' => BackendMessage::CommandComplete { tag: r.cstr("command tag")? },
+        b'C' => BackendMessage::CommandComplete {
+            tag: r.cstr("command tag")?,
+        },
         b'I' => BackendMessage::EmptyQueryResponse,
         b'E' => BackendMessage::ErrorResponse(parse_error_fields(&mut r)?),
         b'N' => BackendMessage::NoticeResponse(parse_error_fields(&mut r)?),
@@ -247,13 +291,19 @@ pub fn parse_backend(buf: &mut BytesMut) -> Result<Option<BackendMessage>> {
             for _ in 0..n {
                 unrecognized.push(r.cstr("option name")?);
             }
-            BackendMessage::NegotiateProtocolVersion { newest_minor, unrecognized }
+            BackendMessage::NegotiateProtocolVersion {
+                newest_minor,
+                unrecognized,
+            }
         }
         b'A' => BackendMessage::NotificationResponse,
         b't' => BackendMessage::ParameterDescription,
         b'n' => BackendMessage::NoData,
         other => {
-            return Err(Error::protocol(format!("unknown message type {:?} ({other:#04x})", other as char)))
+            return Err(Error::protocol(format!(
+                "unknown message type {:?} ({other:#04x})",
+                other as char
+            )))
         }
     };
     Ok(Some(msg))
@@ -267,7 +317,10 @@ pub mod frontend_msg {
         Error::protocol(format!("cannot encode message: {e}"))
     }
 
-    pub fn startup<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>, buf: &mut BytesMut) -> Result<()> {
+    pub fn startup<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+        buf: &mut BytesMut,
+    ) -> Result<()> {
         frontend::startup_message(params, buf).map_err(io)
     }
 
@@ -297,7 +350,8 @@ pub mod frontend_msg {
 
     /// CopyData wrapping `payload`.
     pub fn copy_data(payload: &[u8], buf: &mut BytesMut) -> Result<()> {
-        let len = i32::try_from(payload.len() + 4).map_err(|_| Error::protocol("CopyData too large"))?;
+        let len =
+            i32::try_from(payload.len() + 4).map_err(|_| Error::protocol("CopyData too large"))?;
         buf.put_u8(b'd');
         buf.put_i32(len);
         buf.put_slice(payload);
@@ -329,18 +383,27 @@ mod tests {
 
     #[test]
     fn golden_auth_messages() {
-        assert_eq!(parse_all(b"R\0\0\0\x08\0\0\0\0"), vec![BackendMessage::Authentication(AuthRequest::Ok)]);
+        assert_eq!(
+            parse_all(b"R\0\0\0\x08\0\0\0\0"),
+            vec![BackendMessage::Authentication(AuthRequest::Ok)]
+        );
         assert_eq!(
             parse_all(b"R\0\0\0\x0c\0\0\0\x05abcd"),
-            vec![BackendMessage::Authentication(AuthRequest::Md5Password { salt: *b"abcd" })]
+            vec![BackendMessage::Authentication(AuthRequest::Md5Password {
+                salt: *b"abcd"
+            })]
         );
         assert_eq!(
             parse_all(b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"),
-            vec![BackendMessage::Authentication(AuthRequest::Sasl { mechanisms: vec!["SCRAM-SHA-256".into()] })]
+            vec![BackendMessage::Authentication(AuthRequest::Sasl {
+                mechanisms: vec!["SCRAM-SHA-256".into()]
+            })]
         );
         assert_eq!(
             parse_all(b"R\0\0\0\x0b\0\0\0\x0br=x"),
-            vec![BackendMessage::Authentication(AuthRequest::SaslContinue { data: Bytes::from_static(b"r=x") })]
+            vec![BackendMessage::Authentication(AuthRequest::SaslContinue {
+                data: Bytes::from_static(b"r=x")
+            })]
         );
         assert_eq!(
             parse_all(b"R\0\0\0\x08\0\0\0\x07"),
@@ -352,7 +415,9 @@ mod tests {
     fn golden_query_result() {
         // RowDescription with one text column "systemid", one DataRow, CommandComplete, ReadyForQuery.
         let mut b = Vec::new();
-        b.extend_from_slice(b"T\0\0\0\x21\0\x01systemid\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0");
+        b.extend_from_slice(
+            b"T\0\0\0\x21\0\x01systemid\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0",
+        );
         b.extend_from_slice(b"D\0\0\0\x10\0\x02\0\0\0\x02ab\xff\xff\xff\xff");
         b.extend_from_slice(b"C\0\0\0\x0bSELECT\0");
         b.extend_from_slice(b"Z\0\0\0\x05I");
@@ -366,7 +431,9 @@ mod tests {
                     format: 0
                 }]),
                 BackendMessage::DataRow(vec![Some(Bytes::from_static(b"ab")), None]),
-                BackendMessage::CommandComplete { tag: "SELECT".into() },
+                BackendMessage::CommandComplete {
+                    tag: "SELECT".into()
+                },
                 BackendMessage::ReadyForQuery { status: b'I' },
             ]
         );
@@ -389,13 +456,25 @@ mod tests {
 
     #[test]
     fn golden_copy_messages() {
-        assert_eq!(parse_all(b"W\0\0\0\x07\0\0\0"), vec![BackendMessage::CopyBothResponse]);
-        assert_eq!(parse_all(b"H\0\0\0\x09\0\0\x01\0\0"), vec![BackendMessage::CopyOutResponse]);
-        assert_eq!(parse_all(b"d\0\0\0\x07abc"), vec![BackendMessage::CopyData(Bytes::from_static(b"abc"))]);
+        assert_eq!(
+            parse_all(b"W\0\0\0\x07\0\0\0"),
+            vec![BackendMessage::CopyBothResponse]
+        );
+        assert_eq!(
+            parse_all(b"H\0\0\0\x09\0\0\x01\0\0"),
+            vec![BackendMessage::CopyOutResponse]
+        );
+        assert_eq!(
+            parse_all(b"d\0\0\0\x07abc"),
+            vec![BackendMessage::CopyData(Bytes::from_static(b"abc"))]
+        );
         assert_eq!(parse_all(b"c\0\0\0\x04"), vec![BackendMessage::CopyDone]);
         assert_eq!(
             parse_all(b"v\0\0\0\x13\0\0\0\0\0\0\0\x01_pq_.x\0"),
-            vec![BackendMessage::NegotiateProtocolVersion { newest_minor: 0, unrecognized: vec!["_pq_.x".into()] }]
+            vec![BackendMessage::NegotiateProtocolVersion {
+                newest_minor: 0,
+                unrecognized: vec!["_pq_.x".into()]
+            }]
         );
     }
 
@@ -433,7 +512,10 @@ mod tests {
     fn golden_frontend_messages() {
         let mut b = BytesMut::new();
         frontend_msg::startup([("user", "u"), ("replication", "true")], &mut b).unwrap();
-        assert_eq!(&b[..], b"\0\0\0\x21\0\x03\0\0user\0u\0replication\0true\0\0");
+        assert_eq!(
+            &b[..],
+            b"\0\0\0\x21\0\x03\0\0user\0u\0replication\0true\0\0"
+        );
         b.clear();
         frontend_msg::ssl_request(&mut b);
         assert_eq!(&b[..], b"\0\0\0\x08\x04\xd2\x16\x2f");

@@ -103,7 +103,11 @@ impl fmt::Debug for ConnectParams {
 impl fmt::Display for ConnectParams {
     /// A loggable description: no password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "host={} port={} user={}", self.host, self.port, self.user)?;
+        write!(
+            f,
+            "host={} port={} user={}",
+            self.host, self.port, self.user
+        )?;
         if let Some(db) = &self.dbname {
             write!(f, " dbname={db}")?;
         }
@@ -154,7 +158,9 @@ impl Env for ProcessEnv {
 
 impl<const N: usize> Env for [(&str, &str); N] {
     fn var(&self, name: &str) -> Option<String> {
-        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
     }
 }
 
@@ -182,7 +188,13 @@ impl ConnectParams {
         K: Into<String>,
         V: Into<String>,
     {
-        Self::from_pairs_with_env(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), &ProcessEnv)
+        Self::from_pairs_with_env(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            &ProcessEnv,
+        )
     }
 
     pub fn from_pairs_with_env(pairs: Vec<(String, String)>, env: &dyn Env) -> Result<Self> {
@@ -197,14 +209,18 @@ impl ConnectParams {
 
         let host = match get("host", "PGHOST").or_else(|| map.get("hostaddr").cloned()) {
             Some(h) if h.contains(',') => {
-                return Err(Error::Config(format!("multiple hosts ({h}) are not supported; name one")))
+                return Err(Error::Config(format!(
+                    "multiple hosts ({h}) are not supported; name one"
+                )))
             }
             Some(h) if h.starts_with('/') => Host::Unix(PathBuf::from(h)),
             Some(h) if !h.is_empty() => Host::Tcp(h),
             _ => Host::Unix(PathBuf::from("/var/run/postgresql")),
         };
         let port = match get("port", "PGPORT") {
-            Some(p) => p.parse().map_err(|_| Error::Config(format!("invalid port {p:?}")))?,
+            Some(p) => p
+                .parse()
+                .map_err(|_| Error::Config(format!("invalid port {p:?}")))?,
             None => 5432,
         };
         let user = get("user", "PGUSER")
@@ -217,7 +233,9 @@ impl ConnectParams {
         };
         let connect_timeout = match get("connect_timeout", "PGCONNECT_TIMEOUT") {
             Some(t) => {
-                let secs: u64 = t.parse().map_err(|_| Error::Config(format!("invalid connect_timeout {t:?}")))?;
+                let secs: u64 = t
+                    .parse()
+                    .map_err(|_| Error::Config(format!("invalid connect_timeout {t:?}")))?;
                 (secs > 0).then(|| Duration::from_secs(secs.max(2)))
             }
             None => None,
@@ -227,8 +245,8 @@ impl ConnectParams {
             Some("true" | "on" | "yes" | "1") => ReplicationMode::Physical,
             Some(other) => {
                 return Err(Error::Config(format!(
-                    "replication={other:?} is not supported; walhoard uses physical replication (true)"
-                )))
+                "replication={other:?} is not supported; walhoard uses physical replication (true)"
+            )))
             }
         };
         let path = |key: &str, envvar: &str| get(key, envvar).map(PathBuf::from);
@@ -246,7 +264,8 @@ impl ConnectParams {
             sslkey: path("sslkey", "PGSSLKEY"),
             connect_timeout,
             options: get("options", "PGOPTIONS"),
-            passfile: path("passfile", "PGPASSFILE").or_else(|| env.var("HOME").map(|h| Path::new(&h).join(".pgpass"))),
+            passfile: path("passfile", "PGPASSFILE")
+                .or_else(|| env.var("HOME").map(|h| Path::new(&h).join(".pgpass"))),
             replication,
             user,
         })
@@ -254,12 +273,18 @@ impl ConnectParams {
 
     /// The same settings as a physical replication connection.
     pub fn for_replication(&self) -> Self {
-        ConnectParams { replication: ReplicationMode::Physical, ..self.clone() }
+        ConnectParams {
+            replication: ReplicationMode::Physical,
+            ..self.clone()
+        }
     }
 
     /// The same settings as an ordinary SQL connection.
     pub fn for_sql(&self) -> Self {
-        ConnectParams { replication: ReplicationMode::Off, ..self.clone() }
+        ConnectParams {
+            replication: ReplicationMode::Off,
+            ..self.clone()
+        }
     }
 
     /// The database to connect to: `dbname`, else the user name (libpq's rule).
@@ -278,14 +303,20 @@ impl ConnectParams {
             // libpq matches socket connections against "localhost".
             Host::Unix(_) => "localhost",
         };
-        let db = if self.replication == ReplicationMode::Physical { "replication" } else { self.database() };
+        let db = if self.replication == ReplicationMode::Physical {
+            "replication"
+        } else {
+            self.database()
+        };
         pgpass_lookup(file, host, self.port, db, &self.user)
     }
 }
 
 fn current_os_user() -> Option<String> {
     // SAFETY-free lookup: the effective uid's name from /etc/passwd.
-    let uid = std::fs::metadata("/proc/self").ok().map(|m| std::os::unix::fs::MetadataExt::uid(&m))?;
+    let uid = std::fs::metadata("/proc/self")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))?;
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
@@ -317,7 +348,11 @@ pub fn pgpass_lookup(file: &Path, host: &str, port: u16, db: &str, user: &str) -
             continue;
         }
         let ok = |pat: &str, v: &str| pat == "*" || pat == v;
-        if ok(&fields[0], host) && ok(&fields[1], &port) && ok(&fields[2], db) && ok(&fields[3], user) {
+        if ok(&fields[0], host)
+            && ok(&fields[1], &port)
+            && ok(&fields[2], db)
+            && ok(&fields[3], user)
+        {
             return Some(fields[4].clone());
         }
     }
@@ -325,22 +360,18 @@ pub fn pgpass_lookup(file: &Path, host: &str, port: u16, db: &str, user: &str) -
 }
 
 fn split_pgpass_line(line: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
+    let mut fields: Vec<String> = Vec::new();
+    let mut field = String::new();
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(n) = chars.next() {
-                    fields.last_mut().map(|f| f.push(n));
-                }
-            }
+            '\\' => field.extend(chars.next()),
             // The password is the rest of the line, colons and all, once four fields are read.
-            ':' if fields.len() < 5 => fields.push(String::new()),
-            c => {
-                fields.last_mut().map(|f| f.push(c));
-            }
+            ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
         }
     }
+    fields.push(field);
     fields
 }
 
@@ -367,7 +398,9 @@ pub fn parse_conninfo(s: &str) -> Result<Vec<(String, String)>> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(Error::Config(format!("missing \"=\" after {key:?} in connection info string")));
+            return Err(Error::Config(format!(
+                "missing \"=\" after {key:?} in connection info string"
+            )));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -378,7 +411,11 @@ pub fn parse_conninfo(s: &str) -> Result<Vec<(String, String)>> {
             let mut closed = false;
             while let Some(c) = chars.next() {
                 match c {
-                    '\\' => value.push(chars.next().ok_or_else(|| Error::Config("dangling backslash".into()))?),
+                    '\\' => value.push(
+                        chars
+                            .next()
+                            .ok_or_else(|| Error::Config("dangling backslash".into()))?,
+                    ),
                     '\'' => {
                         closed = true;
                         break;
@@ -387,7 +424,9 @@ pub fn parse_conninfo(s: &str) -> Result<Vec<(String, String)>> {
                 }
             }
             if !closed {
-                return Err(Error::Config(format!("unterminated quoted value for {key:?}")));
+                return Err(Error::Config(format!(
+                    "unterminated quoted value for {key:?}"
+                )));
             }
         } else {
             while let Some(&c) = chars.peek() {
@@ -396,7 +435,11 @@ pub fn parse_conninfo(s: &str) -> Result<Vec<(String, String)>> {
                 }
                 chars.next();
                 if c == '\\' {
-                    value.push(chars.next().ok_or_else(|| Error::Config("dangling backslash".into()))?);
+                    value.push(
+                        chars
+                            .next()
+                            .ok_or_else(|| Error::Config("dangling backslash".into()))?,
+                    );
                 } else {
                     value.push(c);
                 }
@@ -413,8 +456,13 @@ fn percent_decode(s: &str) -> Result<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| Error::Config(format!("bad percent-encoding in {s:?}")))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| Error::Config(format!("bad percent-encoding in {s:?}")))?);
+            let hex = s
+                .get(i + 1..i + 3)
+                .ok_or_else(|| Error::Config(format!("bad percent-encoding in {s:?}")))?;
+            out.push(
+                u8::from_str_radix(hex, 16)
+                    .map_err(|_| Error::Config(format!("bad percent-encoding in {s:?}")))?,
+            );
             i += 3;
         } else {
             out.push(b[i]);
@@ -435,7 +483,9 @@ pub fn parse_uri(s: &str) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let hostport = match authority.rsplit_once('@') {
         Some((userinfo, hp)) => {
-            let (user, pw) = userinfo.split_once(':').map_or((userinfo, None), |(u, p)| (u, Some(p)));
+            let (user, pw) = userinfo
+                .split_once(':')
+                .map_or((userinfo, None), |(u, p)| (u, Some(p)));
             if !user.is_empty() {
                 out.push(("user".to_string(), percent_decode(user)?));
             }
@@ -447,7 +497,9 @@ pub fn parse_uri(s: &str) -> Result<Vec<(String, String)>> {
         None => authority,
     };
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| Error::Config("unterminated [IPv6] host".into()))?;
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| Error::Config("unterminated [IPv6] host".into()))?;
         (h.to_string(), after.strip_prefix(':').map(str::to_string))
     } else {
         match hostport.rsplit_once(':') {
@@ -465,7 +517,9 @@ pub fn parse_uri(s: &str) -> Result<Vec<(String, String)>> {
         out.push(("dbname".to_string(), percent_decode(path)?));
     }
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| Error::Config(format!("URI parameter {kv:?} lacks '='")))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::Config(format!("URI parameter {kv:?} lacks '='")))?;
         out.push((percent_decode(k)?, percent_decode(v)?));
     }
     Ok(out)
@@ -491,13 +545,24 @@ mod tests {
         assert_eq!(p.dbname.as_deref(), Some("x"));
         assert_eq!(p.sslmode, SslMode::VerifyFull);
         assert_eq!(p.application_name, "wh");
-        assert!(!format!("{p:?}").contains("a b'c"), "password in Debug output");
-        assert!(!p.to_string().contains("a b'c"), "password in Display output");
+        assert!(
+            !format!("{p:?}").contains("a b'c"),
+            "password in Debug output"
+        );
+        assert!(
+            !p.to_string().contains("a b'c"),
+            "password in Display output"
+        );
     }
 
     #[test]
     fn defaults_from_env() {
-        let env = [("PGHOST", "/tmp/sock"), ("PGPORT", "5499"), ("PGUSER", "envuser"), ("HOME", "/home/x")];
+        let env = [
+            ("PGHOST", "/tmp/sock"),
+            ("PGPORT", "5499"),
+            ("PGUSER", "envuser"),
+            ("HOME", "/home/x"),
+        ];
         let p = ConnectParams::parse_with_env("", &env).unwrap();
         assert_eq!(p.host, Host::Unix("/tmp/sock".into()));
         assert_eq!(p.port, 5499);
@@ -540,7 +605,9 @@ mod tests {
             ("postgres://h:1/d?x", "lacks '='"),
             ("host=a,b", "multiple hosts"),
         ] {
-            let err = ConnectParams::parse_with_env(s, &NOENV).unwrap_err().to_string();
+            let err = ConnectParams::parse_with_env(s, &NOENV)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{s}: {err}");
         }
     }
@@ -548,7 +615,11 @@ mod tests {
     #[test]
     fn node_object_pairs() {
         let p = ConnectParams::from_pairs_with_env(
-            vec![("host".into(), "127.0.0.1".into()), ("port".into(), "5432".into()), ("user".into(), "r".into())],
+            vec![
+                ("host".into(), "127.0.0.1".into()),
+                ("port".into(), "5432".into()),
+                ("user".into(), "r".into()),
+            ],
             &NOENV,
         )
         .unwrap();
@@ -567,13 +638,27 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(pgpass_lookup(&f, "localhost", 5499, "replication", "rep").as_deref(), Some("s3cr:et:x"));
-        assert_eq!(pgpass_lookup(&f, "db", 1, "postgres", "rep").as_deref(), Some("fallback"));
+        assert_eq!(
+            pgpass_lookup(&f, "localhost", 5499, "replication", "rep").as_deref(),
+            Some("s3cr:et:x")
+        );
+        assert_eq!(
+            pgpass_lookup(&f, "db", 1, "postgres", "rep").as_deref(),
+            Some("fallback")
+        );
         assert_eq!(pgpass_lookup(&f, "db", 1, "postgres", "other"), None);
-        let mut p = ConnectParams::parse_with_env("host=/tmp/s port=5499 user=rep", &NOENV).unwrap();
+        let mut p =
+            ConnectParams::parse_with_env("host=/tmp/s port=5499 user=rep", &NOENV).unwrap();
         p.passfile = Some(f.clone());
-        assert_eq!(p.for_replication().resolve_password().as_deref(), Some("s3cr:et:x"));
+        assert_eq!(
+            p.for_replication().resolve_password().as_deref(),
+            Some("s3cr:et:x")
+        );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(pgpass_lookup(&f, "localhost", 5499, "replication", "rep"), None, "world-readable file used");
+        assert_eq!(
+            pgpass_lookup(&f, "localhost", 5499, "replication", "rep"),
+            None,
+            "world-readable file used"
+        );
     }
 }

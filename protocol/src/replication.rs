@@ -34,7 +34,12 @@ pub struct SlotInfo {
 
 /// Checks a slot name as `ReplicationSlotValidateName` does; names go into commands unquoted.
 pub fn validate_slot_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         return Err(Error::Config(format!(
             "invalid replication slot name {name:?}: use 1-63 characters of a-z, 0-9 and _"
         )));
@@ -67,7 +72,10 @@ impl ReplicationClient {
     async fn one_row(&mut self, command: &str) -> Result<QueryResult> {
         let r = self.conn.query_one_result(command).await?;
         if r.rows.len() != 1 {
-            return Err(Error::protocol(format!("{command} returned {} rows, expected 1", r.rows.len())));
+            return Err(Error::protocol(format!(
+                "{command} returned {} rows, expected 1",
+                r.rows.len()
+            )));
         }
         Ok(r)
     }
@@ -78,24 +86,35 @@ impl ReplicationClient {
         let tli = r.required(0, "timeline")?;
         let xlogpos = r.required(0, "xlogpos")?;
         Ok(SystemIdentity {
-            system_id: system_id.parse().map_err(|_| Error::protocol(format!("bad systemid {system_id:?}")))?,
+            system_id: system_id
+                .parse()
+                .map_err(|_| Error::protocol(format!("bad systemid {system_id:?}")))?,
             timeline: tli
                 .parse()
                 .ok()
                 .and_then(|t| TimelineId::new(t).ok())
                 .ok_or_else(|| Error::protocol(format!("bad timeline {tli:?}")))?,
-            xlogpos: xlogpos.parse().map_err(|e| Error::protocol(format!("bad xlogpos: {e}")))?,
+            xlogpos: xlogpos
+                .parse()
+                .map_err(|e| Error::protocol(format!("bad xlogpos: {e}")))?,
             dbname: r.text(0, "dbname")?,
         })
     }
 
     /// `SHOW name` over the replication connection.
     pub async fn show(&mut self, name: &str) -> Result<String> {
-        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') {
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
             return Err(Error::Config(format!("invalid setting name {name:?}")));
         }
         let r = self.one_row(&format!("SHOW {name}")).await?;
-        let col = r.columns.first().map(|c| c.name.clone()).unwrap_or_default();
+        let col = r
+            .columns
+            .first()
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
         r.required(0, &col)
     }
 
@@ -107,7 +126,9 @@ impl ReplicationClient {
 
     /// TIMELINE_HISTORY: the history file's name and raw contents.
     pub async fn timeline_history(&mut self, tli: TimelineId) -> Result<(String, Bytes)> {
-        let r = self.one_row(&format!("TIMELINE_HISTORY {}", tli.get())).await?;
+        let r = self
+            .one_row(&format!("TIMELINE_HISTORY {}", tli.get()))
+            .await?;
         let filename = r.required(0, "filename")?;
         let content = r.rows[0]
             .get(1)
@@ -119,7 +140,11 @@ impl ReplicationClient {
 
     /// CREATE_REPLICATION_SLOT name PHYSICAL [RESERVE_WAL]. Returns the position WAL is
     /// reserved from, when the server reports one.
-    pub async fn create_physical_slot(&mut self, name: &str, reserve_wal: bool) -> Result<Option<Lsn>> {
+    pub async fn create_physical_slot(
+        &mut self,
+        name: &str,
+        reserve_wal: bool,
+    ) -> Result<Option<Lsn>> {
         validate_slot_name(name)?;
         let cmd = match (self.server_major()? >= 15, reserve_wal) {
             (true, true) => format!("CREATE_REPLICATION_SLOT {name} PHYSICAL (RESERVE_WAL)"),
@@ -128,7 +153,11 @@ impl ReplicationClient {
         };
         let r = self.one_row(&cmd).await?;
         match r.text(0, "consistent_point")? {
-            Some(p) => Ok(Some(p.parse().map_err(|e| Error::protocol(format!("bad consistent_point: {e}")))?)),
+            Some(p) => {
+                Ok(Some(p.parse().map_err(|e| {
+                    Error::protocol(format!("bad consistent_point: {e}"))
+                })?))
+            }
             None => Ok(None),
         }
     }
@@ -139,15 +168,27 @@ impl ReplicationClient {
     pub async fn read_replication_slot(&mut self, name: &str) -> Result<Option<SlotInfo>> {
         validate_slot_name(name)?;
         if self.server_major()? >= 15 {
-            let r = self.one_row(&format!("READ_REPLICATION_SLOT {name}")).await?;
-            let Some(slot_type) = r.text(0, "slot_type")? else { return Ok(None) };
-            let restart_lsn = r.text(0, "restart_lsn")?.map(|l| l.parse::<Lsn>()).transpose().map_err(|e| Error::protocol(e.to_string()))?;
+            let r = self
+                .one_row(&format!("READ_REPLICATION_SLOT {name}"))
+                .await?;
+            let Some(slot_type) = r.text(0, "slot_type")? else {
+                return Ok(None);
+            };
+            let restart_lsn = r
+                .text(0, "restart_lsn")?
+                .map(|l| l.parse::<Lsn>())
+                .transpose()
+                .map_err(|e| Error::protocol(e.to_string()))?;
             let restart_tli = r
                 .text(0, "restart_tli")?
                 .map(|t| t.parse::<u32>().ok().and_then(|t| TimelineId::new(t).ok()))
                 .map(|t| t.ok_or_else(|| Error::protocol("bad restart_tli")))
                 .transpose()?;
-            return Ok(Some(SlotInfo { slot_type, restart_lsn, restart_tli }));
+            return Ok(Some(SlotInfo {
+                slot_type,
+                restart_lsn,
+                restart_tli,
+            }));
         }
         let mut sql = Connection::connect(&self.params.for_sql()).await?;
         let r = sql
@@ -160,14 +201,26 @@ impl ReplicationClient {
         if r.rows.is_empty() {
             return Ok(None);
         }
-        let restart_lsn = r.text(0, "restart_lsn")?.map(|l| l.parse::<Lsn>()).transpose().map_err(|e| Error::protocol(e.to_string()))?;
-        Ok(Some(SlotInfo { slot_type: r.required(0, "slot_type")?, restart_lsn, restart_tli: None }))
+        let restart_lsn = r
+            .text(0, "restart_lsn")?
+            .map(|l| l.parse::<Lsn>())
+            .transpose()
+            .map_err(|e| Error::protocol(e.to_string()))?;
+        Ok(Some(SlotInfo {
+            slot_type: r.required(0, "slot_type")?,
+            restart_lsn,
+            restart_tli: None,
+        }))
     }
 
     /// DROP_REPLICATION_SLOT name [WAIT].
     pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<()> {
         validate_slot_name(name)?;
-        let cmd = if wait { format!("DROP_REPLICATION_SLOT {name} WAIT") } else { format!("DROP_REPLICATION_SLOT {name}") };
+        let cmd = if wait {
+            format!("DROP_REPLICATION_SLOT {name} WAIT")
+        } else {
+            format!("DROP_REPLICATION_SLOT {name}")
+        };
         self.conn.simple_query(&cmd).await?;
         Ok(())
     }
@@ -191,28 +244,37 @@ impl ReplicationClient {
         }
         frontend_msg::query(&cmd, self.conn.write_buffer())?;
         self.conn.flush().await?;
-        loop {
-            match self.conn.read_message().await? {
-                BackendMessage::CopyBothResponse => {
-                    return Ok(ReplicationStream { conn: &mut self.conn, state: StreamState::Streaming, end: None })
-                }
-                // Asked for the exact end of a historic timeline: no CopyBoth, only the
-                // next-timeline result set (see StartReplication in walsender.c).
-                BackendMessage::RowDescription(_) => {
-                    let end = read_end_of_copy(&mut self.conn, true).await?;
-                    return Ok(ReplicationStream { conn: &mut self.conn, state: StreamState::Ended, end: Some(end) });
-                }
-                BackendMessage::ErrorResponse(e) => {
-                    let _ = self.conn.drain_until_ready().await;
-                    return Err(Error::Server(e));
-                }
-                other => return Err(Error::protocol(format!("unexpected answer to START_REPLICATION: {other:?}"))),
+        match self.conn.read_message().await? {
+            BackendMessage::CopyBothResponse => Ok(ReplicationStream {
+                conn: &mut self.conn,
+                state: StreamState::Streaming,
+                end: None,
+            }),
+            // Asked for the exact end of a historic timeline: no CopyBoth, only the
+            // next-timeline result set (see StartReplication in walsender.c).
+            BackendMessage::RowDescription(_) => {
+                let end = read_end_of_copy(&mut self.conn, true).await?;
+                Ok(ReplicationStream {
+                    conn: &mut self.conn,
+                    state: StreamState::Ended,
+                    end: Some(end),
+                })
             }
+            BackendMessage::ErrorResponse(e) => {
+                let _ = self.conn.drain_until_ready().await;
+                Err(Error::Server(e))
+            }
+            other => Err(Error::protocol(format!(
+                "unexpected answer to START_REPLICATION: {other:?}"
+            ))),
         }
     }
 
     /// Starts BASE_BACKUP; see [`crate::backup`].
-    pub async fn base_backup(&mut self, opts: &crate::backup::BaseBackupOptions) -> Result<crate::backup::BaseBackupStream<'_>> {
+    pub async fn base_backup(
+        &mut self,
+        opts: &crate::backup::BaseBackupOptions,
+    ) -> Result<crate::backup::BaseBackupStream<'_>> {
         let major = self.server_major()?;
         crate::backup::BaseBackupStream::start(&mut self.conn, major, opts).await
     }
@@ -234,8 +296,17 @@ pub struct EndOfTimeline {
 /// What the stream yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicationEvent {
-    XLogData { wal_start: Lsn, wal_end: Lsn, server_time: PgTimestamp, data: Bytes },
-    Keepalive { wal_end: Lsn, server_time: PgTimestamp, reply_requested: bool },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        server_time: PgTimestamp,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        server_time: PgTimestamp,
+        reply_requested: bool,
+    },
     /// The server finished sending the requested timeline; the connection is idle again.
     EndOfTimeline(EndOfTimeline),
 }
@@ -256,7 +327,10 @@ pub struct ReplicationStream<'a> {
 /// After CopyDone: the optional next-timeline result set, CommandComplete, ReadyForQuery.
 /// `in_result` is set when a RowDescription was already consumed.
 async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<EndOfTimeline> {
-    let mut end = EndOfTimeline { next_tli: None, next_tli_start: None };
+    let mut end = EndOfTimeline {
+        next_tli: None,
+        next_tli_start: None,
+    };
     loop {
         match conn.read_message().await? {
             BackendMessage::RowDescription(_) => in_result = true,
@@ -265,21 +339,38 @@ async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<
                     cols.get(i)
                         .cloned()
                         .flatten()
-                        .map(|b| String::from_utf8(b.to_vec()).map_err(|_| Error::protocol("next timeline row is not UTF-8")))
+                        .map(|b| {
+                            String::from_utf8(b.to_vec())
+                                .map_err(|_| Error::protocol("next timeline row is not UTF-8"))
+                        })
                         .transpose()
                 };
                 end.next_tli = text(0)?
-                    .map(|t| t.parse::<u32>().ok().and_then(|t| TimelineId::new(t).ok()).ok_or_else(|| Error::protocol(format!("bad next timeline {t:?}"))))
+                    .map(|t| {
+                        t.parse::<u32>()
+                            .ok()
+                            .and_then(|t| TimelineId::new(t).ok())
+                            .ok_or_else(|| Error::protocol(format!("bad next timeline {t:?}")))
+                    })
                     .transpose()?;
-                end.next_tli_start = text(1)?.map(|l| l.parse::<Lsn>()).transpose().map_err(|e| Error::protocol(e.to_string()))?;
+                end.next_tli_start = text(1)?
+                    .map(|l| l.parse::<Lsn>())
+                    .transpose()
+                    .map_err(|e| Error::protocol(e.to_string()))?;
             }
-            BackendMessage::CommandComplete { .. } | BackendMessage::CopyData(_) | BackendMessage::CopyDone => {}
+            BackendMessage::CommandComplete { .. }
+            | BackendMessage::CopyData(_)
+            | BackendMessage::CopyDone => {}
             BackendMessage::ReadyForQuery { .. } => return Ok(end),
             BackendMessage::ErrorResponse(e) => {
                 let _ = conn.drain_until_ready().await;
                 return Err(Error::Server(e));
             }
-            other => return Err(Error::protocol(format!("unexpected message at end of streaming: {other:?}"))),
+            other => {
+                return Err(Error::protocol(format!(
+                    "unexpected message at end of streaming: {other:?}"
+                )))
+            }
         }
     }
 }
@@ -295,12 +386,26 @@ impl ReplicationStream<'_> {
         }
         match self.conn.read_message().await? {
             BackendMessage::CopyData(payload) => Ok(match parse_walsender(payload)? {
-                WalSenderMessage::XLogData { wal_start, wal_end, server_time, data } => {
-                    ReplicationEvent::XLogData { wal_start, wal_end, server_time, data }
-                }
-                WalSenderMessage::Keepalive { wal_end, server_time, reply_requested } => {
-                    ReplicationEvent::Keepalive { wal_end, server_time, reply_requested }
-                }
+                WalSenderMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    server_time,
+                    data,
+                } => ReplicationEvent::XLogData {
+                    wal_start,
+                    wal_end,
+                    server_time,
+                    data,
+                },
+                WalSenderMessage::Keepalive {
+                    wal_end,
+                    server_time,
+                    reply_requested,
+                } => ReplicationEvent::Keepalive {
+                    wal_end,
+                    server_time,
+                    reply_requested,
+                },
             }),
             BackendMessage::CopyDone => {
                 // End of timeline: answer with our CopyDone, then read where to continue.
@@ -311,7 +416,9 @@ impl ReplicationStream<'_> {
                 Ok(ReplicationEvent::EndOfTimeline(end))
             }
             BackendMessage::ErrorResponse(e) => Err(Error::Server(e)),
-            other => Err(Error::protocol(format!("unexpected message during streaming: {other:?}"))),
+            other => Err(Error::protocol(format!(
+                "unexpected message during streaming: {other:?}"
+            ))),
         }
     }
 
@@ -330,7 +437,10 @@ impl ReplicationStream<'_> {
     /// WAL the server still sends meanwhile is discarded; the caller has not acknowledged it.
     pub async fn stop(mut self) -> Result<EndOfTimeline> {
         if self.state == StreamState::Ended {
-            return Ok(self.end.take().unwrap_or(EndOfTimeline { next_tli: None, next_tli_start: None }));
+            return Ok(self.end.take().unwrap_or(EndOfTimeline {
+                next_tli: None,
+                next_tli_start: None,
+            }));
         }
         frontend_msg::copy_done(self.conn.write_buffer());
         self.conn.flush().await?;
@@ -339,7 +449,11 @@ impl ReplicationStream<'_> {
                 BackendMessage::CopyData(_) => {}
                 BackendMessage::CopyDone => return read_end_of_copy(self.conn, false).await,
                 BackendMessage::ErrorResponse(e) => return Err(Error::Server(e)),
-                other => return Err(Error::protocol(format!("unexpected message while stopping streaming: {other:?}"))),
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected message while stopping streaming: {other:?}"
+                    )))
+                }
             }
         }
     }

@@ -35,7 +35,12 @@ pub enum WalSenderMessage {
 
 /// Parses a CopyData payload received during START_REPLICATION.
 pub fn parse_walsender(mut payload: Bytes) -> Result<WalSenderMessage> {
-    let short = |what: &str| Error::protocol(format!("{what} message too short ({} bytes)", payload.len()));
+    let short = |what: &str| {
+        Error::protocol(format!(
+            "{what} message too short ({} bytes)",
+            payload.len()
+        ))
+    };
     match payload.first() {
         Some(b'w') => {
             if payload.len() < 25 {
@@ -45,17 +50,29 @@ pub fn parse_walsender(mut payload: Bytes) -> Result<WalSenderMessage> {
             let wal_start = Lsn(payload.get_u64());
             let wal_end = Lsn(payload.get_u64());
             let server_time = PgTimestamp(payload.get_i64());
-            Ok(WalSenderMessage::XLogData { wal_start, wal_end, server_time, data: payload })
+            Ok(WalSenderMessage::XLogData {
+                wal_start,
+                wal_end,
+                server_time,
+                data: payload,
+            })
         }
         Some(b'k') => {
             if payload.len() != 18 {
-                return Err(Error::protocol(format!("keepalive message has {} bytes, not 18", payload.len())));
+                return Err(Error::protocol(format!(
+                    "keepalive message has {} bytes, not 18",
+                    payload.len()
+                )));
             }
             payload.advance(1);
             let wal_end = Lsn(payload.get_u64());
             let server_time = PgTimestamp(payload.get_i64());
             let reply_requested = payload.get_u8() != 0;
-            Ok(WalSenderMessage::Keepalive { wal_end, server_time, reply_requested })
+            Ok(WalSenderMessage::Keepalive {
+                wal_end,
+                server_time,
+                reply_requested,
+            })
         }
         Some(other) => Err(Error::protocol(format!(
             "unexpected streaming message type {:?} ({other:#04x})",
@@ -98,7 +115,10 @@ impl StandbyStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackupCopyMessage {
     /// A new archive begins (`base.tar`, `16385.tar`...); location is empty for the data dir.
-    NewArchive { name: String, tablespace_location: String },
+    NewArchive {
+        name: String,
+        tablespace_location: String,
+    },
     /// Archive or manifest bytes, depending on what came last.
     Data(Bytes),
     /// Bytes of the backup done so far, as estimated by the server.
@@ -127,7 +147,10 @@ pub fn parse_backup_copy(mut payload: Bytes) -> Result<BackupCopyMessage> {
         b'n' => {
             let name = take_cstr(&mut payload, "archive name")?;
             let tablespace_location = take_cstr(&mut payload, "tablespace location")?;
-            Ok(BackupCopyMessage::NewArchive { name, tablespace_location })
+            Ok(BackupCopyMessage::NewArchive {
+                name,
+                tablespace_location,
+            })
         }
         b'd' => Ok(BackupCopyMessage::Data(payload)),
         b'p' => {
@@ -171,7 +194,11 @@ mod tests {
         let p = b"k\0\0\0\x01\0\0\0\0\0\0\0\0\0\0\0\x07\x01";
         assert_eq!(
             parse_walsender(Bytes::from_static(p)).unwrap(),
-            WalSenderMessage::Keepalive { wal_end: Lsn(0x1_0000_0000), server_time: PgTimestamp(7), reply_requested: true }
+            WalSenderMessage::Keepalive {
+                wal_end: Lsn(0x1_0000_0000),
+                server_time: PgTimestamp(7),
+                reply_requested: true
+            }
         );
         assert!(parse_walsender(Bytes::from_static(&p[..17])).is_err());
     }
@@ -196,7 +223,10 @@ mod tests {
     #[test]
     fn malformed_stream_messages() {
         for bad in [&b""[..], b"w", b"wshort", b"h\0", b"k\0\0"] {
-            assert!(parse_walsender(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+            assert!(
+                parse_walsender(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
@@ -204,20 +234,35 @@ mod tests {
     fn golden_backup_messages() {
         assert_eq!(
             parse_backup_copy(Bytes::from_static(b"nbase.tar\0\0")).unwrap(),
-            BackupCopyMessage::NewArchive { name: "base.tar".into(), tablespace_location: String::new() }
+            BackupCopyMessage::NewArchive {
+                name: "base.tar".into(),
+                tablespace_location: String::new()
+            }
         );
         assert_eq!(
             parse_backup_copy(Bytes::from_static(b"n16385.tar\0/srv/ts\0")).unwrap(),
-            BackupCopyMessage::NewArchive { name: "16385.tar".into(), tablespace_location: "/srv/ts".into() }
+            BackupCopyMessage::NewArchive {
+                name: "16385.tar".into(),
+                tablespace_location: "/srv/ts".into()
+            }
         );
-        assert_eq!(parse_backup_copy(Bytes::from_static(b"dtar")).unwrap(), BackupCopyMessage::Data(Bytes::from_static(b"tar")));
+        assert_eq!(
+            parse_backup_copy(Bytes::from_static(b"dtar")).unwrap(),
+            BackupCopyMessage::Data(Bytes::from_static(b"tar"))
+        );
         assert_eq!(
             parse_backup_copy(Bytes::from_static(b"p\0\0\0\0\0\0\x01\0")).unwrap(),
             BackupCopyMessage::Progress(256)
         );
-        assert_eq!(parse_backup_copy(Bytes::from_static(b"m")).unwrap(), BackupCopyMessage::ManifestStart);
+        assert_eq!(
+            parse_backup_copy(Bytes::from_static(b"m")).unwrap(),
+            BackupCopyMessage::ManifestStart
+        );
         for bad in [&b""[..], b"nbase.tar", b"p\0", b"x"] {
-            assert!(parse_backup_copy(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+            assert!(
+                parse_backup_copy(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -22,8 +22,9 @@ pub struct TimelineHistory {
 impl TimelineHistory {
     /// Parses the contents of `<tli>.history`.
     pub fn parse(tli: TimelineId, content: &[u8]) -> Result<Self, FormatError> {
-        let text = std::str::from_utf8(content)
-            .map_err(|_| FormatError::new(format!("history file of timeline {tli} is not UTF-8")))?;
+        let text = std::str::from_utf8(content).map_err(|_| {
+            FormatError::new(format!("history file of timeline {tli} is not UTF-8"))
+        })?;
         let mut switches: Vec<TimelineSwitch> = Vec::new();
         for (lineno, line) in text.lines().enumerate() {
             let line = line.trim_start();
@@ -59,19 +60,29 @@ impl TimelineHistory {
                 return Err(bad("parent timeline is not older than the file's timeline"));
             }
             let reason = fields.next().unwrap_or("").trim().to_string();
-            switches.push(TimelineSwitch { tli: parent, switchpoint, reason });
+            switches.push(TimelineSwitch {
+                tli: parent,
+                switchpoint,
+                reason,
+            });
         }
         Ok(TimelineHistory { tli, switches })
     }
 
     /// The timeline that wrote `lsn` in this history (`tliOfPointInHistory`).
     pub fn timeline_of(&self, lsn: Lsn) -> TimelineId {
-        self.switches.iter().find(|s| lsn < s.switchpoint).map_or(self.tli, |s| s.tli)
+        self.switches
+            .iter()
+            .find(|s| lsn < s.switchpoint)
+            .map_or(self.tli, |s| s.tli)
     }
 
     /// Where timeline `tli` ended in this history (`tliSwitchPoint`); `None` for the newest.
     pub fn switchpoint_of(&self, tli: TimelineId) -> Option<Lsn> {
-        self.switches.iter().find(|s| s.tli == tli).map(|s| s.switchpoint)
+        self.switches
+            .iter()
+            .find(|s| s.tli == tli)
+            .map(|s| s.switchpoint)
     }
 }
 
@@ -96,7 +107,15 @@ mod tests {
 
     #[test]
     fn rejects_malformed_lines() {
-        for bad in ["x\t0/1\n", "1\tnope\n", "1\n", "2\t0/1\n1\t0/2\n", "3\t0/1\n", "0\t0/1\n", "1\t0/5\n2\t0/4\n"] {
+        for bad in [
+            "x\t0/1\n",
+            "1\tnope\n",
+            "1\n",
+            "2\t0/1\n1\t0/2\n",
+            "3\t0/1\n",
+            "0\t0/1\n",
+            "1\t0/5\n2\t0/4\n",
+        ] {
             let err = TimelineHistory::parse(TimelineId(3), bad.as_bytes());
             assert!(err.is_err(), "{bad:?} accepted");
         }

@@ -13,7 +13,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use crate::error::{Error, Result};
 use crate::params::{ConnectParams, SslMode};
@@ -35,13 +37,24 @@ fn load_roots(path: &Path) -> Result<RootCertStore> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| Error::Config(format!("cannot read sslrootcert {}: {e}", path.display())))?;
     for cert in certs {
-        let cert = cert.map_err(|e| Error::Config(format!("bad certificate in sslrootcert {}: {e}", path.display())))?;
-        roots
-            .add(cert)
-            .map_err(|e| Error::Config(format!("unusable root certificate in {}: {e}", path.display())))?;
+        let cert = cert.map_err(|e| {
+            Error::Config(format!(
+                "bad certificate in sslrootcert {}: {e}",
+                path.display()
+            ))
+        })?;
+        roots.add(cert).map_err(|e| {
+            Error::Config(format!(
+                "unusable root certificate in {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     if roots.is_empty() {
-        return Err(Error::Config(format!("sslrootcert {} holds no certificate", path.display())));
+        return Err(Error::Config(format!(
+            "sslrootcert {} holds no certificate",
+            path.display()
+        )));
     }
     Ok(roots)
 }
@@ -54,7 +67,10 @@ pub(crate) fn client_config(params: &ConnectParams) -> Result<Option<Arc<ClientC
     }
     let provider = provider();
     let explicit_root = params.sslrootcert.clone();
-    let root_path = explicit_root.clone().or_else(default_root_cert).filter(|p| p == Path::new("system") || p.exists());
+    let root_path = explicit_root
+        .clone()
+        .or_else(default_root_cert)
+        .filter(|p| p == Path::new("system") || p.exists());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?;
@@ -62,12 +78,13 @@ pub(crate) fn client_config(params: &ConnectParams) -> Result<Option<Arc<ClientC
         (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
             return Err(Error::Config(format!(
                 "sslmode {mode:?} needs a root certificate: set sslrootcert (no {} found)",
-                explicit_root.or_else(default_root_cert).map_or("~/.postgresql/root.crt".into(), |p| p.display().to_string())
+                explicit_root
+                    .or_else(default_root_cert)
+                    .map_or("~/.postgresql/root.crt".into(), |p| p.display().to_string())
             )))
         }
-        (SslMode::Prefer | SslMode::Require | SslMode::Disable | SslMode::Allow, None) | (SslMode::Prefer, _) => {
-            Arc::new(AcceptAnyCert(provider.clone()))
-        }
+        (SslMode::Prefer | SslMode::Require | SslMode::Disable | SslMode::Allow, None)
+        | (SslMode::Prefer, _) => Arc::new(AcceptAnyCert(provider.clone())),
         (_, Some(root)) => {
             let roots = Arc::new(load_roots(&root)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
@@ -80,25 +97,36 @@ pub(crate) fn client_config(params: &ConnectParams) -> Result<Option<Arc<ClientC
             }
         }
     };
-    let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
     let config = match (&params.sslcert, &params.sslkey) {
         (Some(cert), Some(key)) => {
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
                 .and_then(|it| it.collect())
-                .map_err(|e| Error::Config(format!("cannot read sslcert {}: {e}", cert.display())))?;
+                .map_err(|e| {
+                    Error::Config(format!("cannot read sslcert {}: {e}", cert.display()))
+                })?;
             let key = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| Error::Config(format!("cannot read sslkey {}: {e}", key.display())))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| Error::Tls(e.to_string()))?
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Tls(e.to_string()))?
         }
         (None, None) => builder.with_no_client_auth(),
-        _ => return Err(Error::Config("sslcert and sslkey must be given together".into())),
+        _ => {
+            return Err(Error::Config(
+                "sslcert and sslkey must be given together".into(),
+            ))
+        }
     };
     Ok(Some(Arc::new(config)))
 }
 
 /// The TLS server name for a host: an IP address or a DNS name.
 pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>> {
-    ServerName::try_from(host.to_string()).map_err(|e| Error::Config(format!("invalid TLS server name {host:?}: {e}")))
+    ServerName::try_from(host.to_string())
+        .map_err(|e| Error::Config(format!("invalid TLS server name {host:?}: {e}")))
 }
 
 /// `sslmode=require`/`prefer`: encryption without authenticating the server (libpq's
@@ -124,7 +152,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -133,7 +166,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -154,7 +192,10 @@ impl ServerCertVerifier for AnyHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -22,7 +22,11 @@ impl SegmentId {
     /// The segment holding segment number `segno` on timeline `tli`.
     pub fn from_segno(tli: TimelineId, segno: u64, size: SegmentSize) -> Self {
         let per = size.segments_per_xlogid();
-        SegmentId { tli, log: (segno / per) as u32, seg: (segno % per) as u32 }
+        SegmentId {
+            tli,
+            log: (segno / per) as u32,
+            seg: (segno % per) as u32,
+        }
     }
 
     /// The segment holding `lsn`.
@@ -76,9 +80,9 @@ pub enum WalSegmentName {
 impl WalSegmentName {
     pub fn timeline(&self) -> TimelineId {
         match self {
-            WalSegmentName::Segment(s) | WalSegmentName::Partial(s) | WalSegmentName::Backup(s, _) => {
-                s.tli
-            }
+            WalSegmentName::Segment(s)
+            | WalSegmentName::Partial(s)
+            | WalSegmentName::Backup(s, _) => s.tli,
             WalSegmentName::History(t) => *t,
         }
     }
@@ -86,9 +90,9 @@ impl WalSegmentName {
     /// The segment this name refers to, if it refers to one.
     pub fn segment(&self) -> Option<SegmentId> {
         match self {
-            WalSegmentName::Segment(s) | WalSegmentName::Partial(s) | WalSegmentName::Backup(s, _) => {
-                Some(*s)
-            }
+            WalSegmentName::Segment(s)
+            | WalSegmentName::Partial(s)
+            | WalSegmentName::Backup(s, _) => Some(*s),
             WalSegmentName::History(_) => None,
         }
     }
@@ -118,7 +122,11 @@ fn parse_segment_id(s: &str) -> Option<SegmentId> {
         return None;
     }
     let tli = TimelineId::new(hex8(&s[0..8])?).ok()?;
-    Some(SegmentId { tli, log: hex8(&s[8..16])?, seg: hex8(&s[16..24])? })
+    Some(SegmentId {
+        tli,
+        log: hex8(&s[8..16])?,
+        seg: hex8(&s[16..24])?,
+    })
 }
 
 impl FromStr for WalSegmentName {
@@ -126,7 +134,9 @@ impl FromStr for WalSegmentName {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parsed = if let Some(stem) = s.strip_suffix(".history") {
-            hex8(stem).and_then(|t| TimelineId::new(t).ok()).map(WalSegmentName::History)
+            hex8(stem)
+                .and_then(|t| TimelineId::new(t).ok())
+                .map(WalSegmentName::History)
         } else if let Some(stem) = s.strip_suffix(".partial") {
             parse_segment_id(stem).map(WalSegmentName::Partial)
         } else if let Some(stem) = s.strip_suffix(".backup") {
@@ -194,7 +204,10 @@ mod tests {
         assert_eq!(id.to_string(), "000000020000000100000001");
         assert_eq!(id.start_lsn(s1g).unwrap(), Lsn(5 << 30));
         let last = SegmentId::from_segno(tli(1), 0xFF, s16);
-        assert_eq!(last.next(s16).unwrap().to_string(), "000000010000000100000000");
+        assert_eq!(
+            last.next(s16).unwrap().to_string(),
+            "000000010000000100000000"
+        );
         let c = SegmentId::containing(tli(3), Lsn(0x2_0400_0001), s64);
         assert_eq!(c.to_string(), "000000030000000200000001");
     }

@@ -22,17 +22,29 @@ pub const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
 pub const XLP_ALL_FLAGS: u16 = 0x000F;
 
 /// `XLOG_PAGE_MAGIC` of each supported major version.
-pub const PAGE_MAGICS: &[(u32, u16)] =
-    &[(13, 0xD106), (14, 0xD10D), (15, 0xD110), (16, 0xD113), (17, 0xD116), (18, 0xD118)];
+pub const PAGE_MAGICS: &[(u32, u16)] = &[
+    (13, 0xD106),
+    (14, 0xD10D),
+    (15, 0xD110),
+    (16, 0xD113),
+    (17, 0xD116),
+    (18, 0xD118),
+];
 
 /// The page magic a server of `major` version writes, if walhoard supports that version.
 pub fn page_magic_for(major: u32) -> Option<u16> {
-    PAGE_MAGICS.iter().find(|(m, _)| *m == major).map(|(_, magic)| *magic)
+    PAGE_MAGICS
+        .iter()
+        .find(|(m, _)| *m == major)
+        .map(|(_, magic)| *magic)
 }
 
 /// The major version that writes `magic`.
 pub fn major_for_page_magic(magic: u16) -> Option<u32> {
-    PAGE_MAGICS.iter().find(|(_, m)| *m == magic).map(|(major, _)| *major)
+    PAGE_MAGICS
+        .iter()
+        .find(|(_, m)| *m == magic)
+        .map(|(major, _)| *major)
 }
 
 /// A parsed WAL page header; `long` is present on the first page of every segment.
@@ -111,7 +123,11 @@ impl XLogPageHeader {
 
     /// Checks this header against what the page at `expected_addr` must hold, as
     /// `XLogReaderValidatePageHeader` does.
-    pub fn validate(&self, expect: &PageExpectation, expected_addr: Lsn) -> Result<(), FormatError> {
+    pub fn validate(
+        &self,
+        expect: &PageExpectation,
+        expected_addr: Lsn,
+    ) -> Result<(), FormatError> {
         let at = |msg: String| FormatError::new(format!("WAL page at {expected_addr}: {msg}"));
         if self.magic != expect.magic {
             return Err(at(format!(
@@ -130,7 +146,11 @@ impl XLogPageHeader {
         let first_in_segment = expected_addr.segment_offset(expect.seg_size) == 0;
         match (&self.long, first_in_segment) {
             (None, true) => return Err(at("first page of a segment lacks the long header".into())),
-            (Some(_), false) => return Err(at("long header on a page that does not start a segment".into())),
+            (Some(_), false) => {
+                return Err(at(
+                    "long header on a page that does not start a segment".into()
+                ))
+            }
             (Some(long), true) => {
                 if let Some(sysid) = expect.system_id {
                     if long.system_id != sysid {
@@ -183,7 +203,9 @@ pub fn validate_pages(
     allow_zero_tail: bool,
 ) -> Result<(), FormatError> {
     if start.page_offset() != 0 {
-        return Err(FormatError::new(format!("WAL check must start on a page boundary, not {start}")));
+        return Err(FormatError::new(format!(
+            "WAL check must start on a page boundary, not {start}"
+        )));
     }
     for (i, page) in data.chunks(XLOG_BLCKSZ).enumerate() {
         let addr = Lsn(start.0 + (i * XLOG_BLCKSZ) as u64);
@@ -209,7 +231,13 @@ mod tests {
     use super::*;
 
     /// Builds a page header as PostgreSQL lays it out in memory (little-endian, MAXALIGNed).
-    pub(crate) fn page(magic: u16, info: u16, tli: u32, addr: u64, long: Option<(u64, u32)>) -> Vec<u8> {
+    pub(crate) fn page(
+        magic: u16,
+        info: u16,
+        tli: u32,
+        addr: u64,
+        long: Option<(u64, u32)>,
+    ) -> Vec<u8> {
         let mut p = vec![0u8; XLOG_BLCKSZ];
         p[0..2].copy_from_slice(&magic.to_le_bytes());
         p[2..4].copy_from_slice(&info.to_le_bytes());
@@ -241,7 +269,14 @@ mod tests {
         assert_eq!(h.tli, TimelineId(1));
         assert_eq!(h.pageaddr, Lsn(0x100_0000));
         assert_eq!(h.rem_len, 7);
-        assert_eq!(h.long, Some(XLogLongHeader { system_id: 42, seg_size: 16 << 20, xlog_blcksz: 8192 }));
+        assert_eq!(
+            h.long,
+            Some(XLogLongHeader {
+                system_id: 42,
+                seg_size: 16 << 20,
+                xlog_blcksz: 8192
+            })
+        );
         h.validate(&expect(), Lsn(0x100_0000)).unwrap();
     }
 
@@ -249,18 +284,56 @@ mod tests {
     fn validation_failures_name_the_problem() {
         let e = expect();
         let cases: Vec<(Vec<u8>, u64, &str)> = vec![
-            (page(0xD106, XLP_LONG_HEADER, 1, 0x100_0000, Some((42, 16 << 20))), 0x100_0000, "magic"),
-            (page(0xD110, XLP_LONG_HEADER, 1, 0x200_0000, Some((42, 16 << 20))), 0x100_0000, "page address"),
-            (page(0xD110, XLP_LONG_HEADER, 1, 0x100_0000, Some((43, 16 << 20))), 0x100_0000, "system identifier"),
-            (page(0xD110, XLP_LONG_HEADER, 1, 0x100_0000, Some((42, 64 << 20))), 0x100_0000, "segment size"),
-            (page(0xD110, 0, 1, 0x100_0000, None), 0x100_0000, "lacks the long header"),
-            (page(0xD110, XLP_LONG_HEADER, 1, 0x100_2000, Some((42, 16 << 20))), 0x100_2000, "does not start"),
-            (page(0xD110, 0, 3, 0x100_2000, None), 0x100_2000, "timeline 3"),
-            (page(0xD110, 0x10, 1, 0x100_2000, None), 0x100_2000, "info bits"),
+            (
+                page(0xD106, XLP_LONG_HEADER, 1, 0x100_0000, Some((42, 16 << 20))),
+                0x100_0000,
+                "magic",
+            ),
+            (
+                page(0xD110, XLP_LONG_HEADER, 1, 0x200_0000, Some((42, 16 << 20))),
+                0x100_0000,
+                "page address",
+            ),
+            (
+                page(0xD110, XLP_LONG_HEADER, 1, 0x100_0000, Some((43, 16 << 20))),
+                0x100_0000,
+                "system identifier",
+            ),
+            (
+                page(0xD110, XLP_LONG_HEADER, 1, 0x100_0000, Some((42, 64 << 20))),
+                0x100_0000,
+                "segment size",
+            ),
+            (
+                page(0xD110, 0, 1, 0x100_0000, None),
+                0x100_0000,
+                "lacks the long header",
+            ),
+            (
+                page(0xD110, XLP_LONG_HEADER, 1, 0x100_2000, Some((42, 16 << 20))),
+                0x100_2000,
+                "does not start",
+            ),
+            (
+                page(0xD110, 0, 3, 0x100_2000, None),
+                0x100_2000,
+                "timeline 3",
+            ),
+            (
+                page(0xD110, 0x10, 1, 0x100_2000, None),
+                0x100_2000,
+                "info bits",
+            ),
         ];
         for (p, addr, want) in cases {
-            let err = XLogPageHeader::parse(&p).unwrap().validate(&e, Lsn(addr)).unwrap_err();
-            assert!(err.to_string().contains(want), "{err} should mention {want}");
+            let err = XLogPageHeader::parse(&p)
+                .unwrap()
+                .validate(&e, Lsn(addr))
+                .unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{err} should mention {want}"
+            );
         }
     }
 

@@ -35,7 +35,9 @@ pub fn cache_dir() -> PathBuf {
     if is_root() {
         PathBuf::from("/var/cache/walhoard")
     } else {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
         home.join(".cache").join("walhoard")
     }
 }
@@ -45,13 +47,21 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("WALHOARD_PG_BIN") {
         return Ok(PathBuf::from(d));
     }
-    match std::env::var("WALHOARD_PG_VERSION").ok().filter(|v| !v.is_empty()) {
+    match std::env::var("WALHOARD_PG_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
         None => Ok(PathBuf::from(DEBIAN_PG15_BIN)),
-        Some(v) if v == "15" && Path::new(DEBIAN_PG15_BIN).join("postgres").exists() => Ok(PathBuf::from(DEBIAN_PG15_BIN)),
+        Some(v) if v == "15" && Path::new(DEBIAN_PG15_BIN).join("postgres").exists() => {
+            Ok(PathBuf::from(DEBIAN_PG15_BIN))
+        }
         Some(v) => {
             let d = cache_dir().join("pg").join(&v).join("bin");
             if !d.join("postgres").exists() {
-                bail!("PostgreSQL {v} is not installed at {}; run tools/install-pg.sh {v}", d.display());
+                bail!(
+                    "PostgreSQL {v} is not installed at {}; run tools/install-pg.sh {v}",
+                    d.display()
+                );
             }
             Ok(d)
         }
@@ -69,11 +79,16 @@ pub fn tool_path(name: &str) -> Result<PathBuf> {
     if deb.exists() {
         return Ok(deb);
     }
-    bail!("{name} not found in {} nor {DEBIAN_PG15_BIN}", pg_bin_dir()?.display())
+    bail!(
+        "{name} not found in {} nor {DEBIAN_PG15_BIN}",
+        pg_bin_dir()?.display()
+    )
 }
 
 fn is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 /// uid and gid of the `postgres` OS user, when we are root and must drop to it.
@@ -165,19 +180,41 @@ impl PgCluster {
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(root.path(), Some(uid), Some(gid))?;
         }
-        let mut cluster = PgCluster { root, port: 0, bin, owner, child: None, major: 0 };
+        let mut cluster = PgCluster {
+            root,
+            port: 0,
+            bin,
+            owner,
+            child: None,
+            major: 0,
+        };
         let data = cluster.data_dir();
         let out = cluster
             .command(&cluster.bin.join("initdb"))
             .args(["-D".as_ref(), data.as_os_str()])
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .args(&b.initdb_args)
             .output()
             .context("run initdb")?;
         if !out.status.success() {
-            bail!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        cluster.major = fs::read_to_string(data.join("PG_VERSION"))?.trim().parse()?;
+        cluster.major = fs::read_to_string(data.join("PG_VERSION"))?
+            .trim()
+            .parse()?;
         fs::create_dir_all(cluster.socket_dir())?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(cluster.socket_dir(), Some(uid), Some(gid))?;
@@ -186,11 +223,17 @@ impl PgCluster {
             "\n# walhoard test settings\nlisten_addresses = '127.0.0.1'\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
              wal_level = replica\nfsync = off\nsynchronous_commit = on\nlogging_collector = off\nlog_min_messages = warning\n",
         );
-        conf.push_str(&format!("unix_socket_directories = '{}'\n", cluster.socket_dir().display()));
+        conf.push_str(&format!(
+            "unix_socket_directories = '{}'\n",
+            cluster.socket_dir().display()
+        ));
         for (k, v) in &b.settings {
             conf.push_str(&format!("{k} = {v}\n"));
         }
-        fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(conf.as_bytes())?;
+        fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
         let mut hba = String::new();
         for line in &b.hba {
             hba.push_str(line);
@@ -228,7 +271,9 @@ impl PgCluster {
                     last_err = e;
                     self.kill();
                     // Port taken by someone else between our probe and the bind: try another.
-                    if !self.log().contains("could not bind") && !self.log().contains("could not create") {
+                    if !self.log().contains("could not bind")
+                        && !self.log().contains("could not create")
+                    {
                         break;
                     }
                 }
@@ -239,7 +284,10 @@ impl PgCluster {
 
     /// Starts the postmaster on `self.port`, appending to the log.
     fn spawn_server(&mut self) -> Result<()> {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         if let Some((uid, gid)) = self.owner {
             std::os::unix::fs::chown(self.log_path(), Some(uid), Some(gid))?;
         }
@@ -308,12 +356,19 @@ impl PgCluster {
 
     /// libpq conninfo over the unix socket.
     pub fn socket_conninfo(&self, user: &str) -> String {
-        format!("host={} port={} user={user} dbname=postgres sslmode=disable", self.socket_dir().display(), self.port)
+        format!(
+            "host={} port={} user={user} dbname=postgres sslmode=disable",
+            self.socket_dir().display(),
+            self.port
+        )
     }
 
     /// libpq conninfo over TCP on 127.0.0.1.
     pub fn tcp_conninfo(&self, user: &str) -> String {
-        format!("host=127.0.0.1 port={} user={user} dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            self.port
+        )
     }
 
     /// Runs SQL through psql over the socket as `postgres`; returns unaligned, tuples-only output.
@@ -322,20 +377,40 @@ impl PgCluster {
         let out = Command::new(psql)
             .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.socket_dir())
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
             .output()
             .context("run psql")?;
         if !out.status.success() {
-            bail!("psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "psql {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?)
     }
 
     /// Runs a PostgreSQL tool (oracle) and returns its stdout; fails on non-zero exit.
     pub fn run_tool(&self, name: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
-        let out = Command::new(tool_path(name)?).args(args).output().with_context(|| format!("run {name}"))?;
+        let out = Command::new(tool_path(name)?)
+            .args(args)
+            .output()
+            .with_context(|| format!("run {name}"))?;
         if !out.status.success() {
-            bail!("{name} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "{name} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -397,7 +472,10 @@ impl PgCluster {
 
 /// Sends a signal by name with kill(1), keeping this crate free of `unsafe`.
 fn unsafe_free_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// A command that runs as `owner` when given (we are root), else as ourselves.
