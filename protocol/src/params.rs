@@ -271,6 +271,25 @@ impl ConnectParams {
         })
     }
 
+    /// Reads a pghoard node object (`{"host": ..., "port": ..., "slot": ...}`) given as
+    /// key/value pairs: `slot` names the replication slot, every other key is a connection
+    /// parameter. Returns the settings and the slot name.
+    pub fn from_node_object(pairs: Vec<(String, String)>, env: &dyn Env) -> Result<(Self, Option<String>)> {
+        let mut slot = None;
+        let mut rest = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if k == "slot" {
+                slot = Some(v);
+            } else {
+                rest.push((k, v));
+            }
+        }
+        if let Some(s) = &slot {
+            crate::replication::validate_slot_name(s)?;
+        }
+        Ok((Self::from_pairs_with_env(rest, env)?, slot))
+    }
+
     /// The same settings as a physical replication connection.
     pub fn for_replication(&self) -> Self {
         ConnectParams {
@@ -625,6 +644,17 @@ mod tests {
         .unwrap();
         assert_eq!(p.host, Host::Tcp("127.0.0.1".into()));
         assert_eq!(p.for_replication().replication, ReplicationMode::Physical);
+        let node = vec![
+            ("host".to_string(), "db1".to_string()),
+            ("slot".to_string(), "walhoard_s1".to_string()),
+            ("sslmode".to_string(), "require".to_string()),
+        ];
+        let (p, slot) = ConnectParams::from_node_object(node, &NOENV).unwrap();
+        assert_eq!(slot.as_deref(), Some("walhoard_s1"));
+        assert_eq!(p.sslmode, SslMode::Require);
+        let bad = vec![("slot".to_string(), "Bad-Slot".to_string())];
+        let err = ConnectParams::from_node_object(bad, &NOENV).unwrap_err();
+        assert!(err.to_string().contains("Bad-Slot"), "{err}");
     }
 
     #[test]
