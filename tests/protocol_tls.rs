@@ -34,7 +34,8 @@ fn tls_cluster(certs: &Path) -> PgCluster {
         .hba("hostssl all tlsuser 127.0.0.1/32 scram-sha-256")
         .start()
         .unwrap();
-    pg.psql("create role tlsuser login replication password 'tlspw'")
+    // PostgreSQL 13 still defaults to md5 hashes.
+    pg.psql("set password_encryption = 'scram-sha-256'; create role tlsuser login replication password 'tlspw'")
         .unwrap();
     pg
 }
@@ -50,8 +51,10 @@ fn params(pg: &PgCluster, host: &str, sslmode: &str, root: Option<&Path>) -> Con
     ConnectParams::parse(&s).unwrap()
 }
 
-async fn server_sees_ssl(p: &ConnectParams) -> bool {
-    let mut c = Connection::connect(p).await.unwrap();
+async fn server_sees_ssl(pg: &PgCluster, p: &ConnectParams) -> bool {
+    let mut c = Connection::connect(p)
+        .await
+        .unwrap_or_else(|e| panic!("{e}; server log:\n{}", pg.log()));
     assert!(c.is_tls());
     let r = c
         .query_one_result("select ssl::text as ssl from pg_stat_ssl where pid = pg_backend_pid()")
@@ -69,13 +72,13 @@ async fn protocol_tls_modes() {
     let other = certs.path().join("other.crt");
 
     // require: encrypted, certificate not checked.
-    assert!(server_sees_ssl(&params(&pg, "127.0.0.1", "require", None)).await);
+    assert!(server_sees_ssl(&pg, &params(&pg, "127.0.0.1", "require", None)).await);
     // prefer: TLS is used when the server offers it.
-    assert!(server_sees_ssl(&params(&pg, "127.0.0.1", "prefer", None)).await);
+    assert!(server_sees_ssl(&pg, &params(&pg, "127.0.0.1", "prefer", None)).await);
     // verify-full with the right CA and name.
-    assert!(server_sees_ssl(&params(&pg, "localhost", "verify-full", Some(&ca))).await);
+    assert!(server_sees_ssl(&pg, &params(&pg, "localhost", "verify-full", Some(&ca))).await);
     // verify-ca ignores the name (the certificate does not cover 127.0.0.1).
-    assert!(server_sees_ssl(&params(&pg, "127.0.0.1", "verify-ca", Some(&ca))).await);
+    assert!(server_sees_ssl(&pg, &params(&pg, "127.0.0.1", "verify-ca", Some(&ca))).await);
 
     // Replication connections over TLS too.
     let mut repl = ReplicationClient::connect(&params(&pg, "localhost", "verify-full", Some(&ca)))

@@ -274,7 +274,10 @@ impl ConnectParams {
     /// Reads a pghoard node object (`{"host": ..., "port": ..., "slot": ...}`) given as
     /// key/value pairs: `slot` names the replication slot, every other key is a connection
     /// parameter. Returns the settings and the slot name.
-    pub fn from_node_object(pairs: Vec<(String, String)>, env: &dyn Env) -> Result<(Self, Option<String>)> {
+    pub fn from_node_object(
+        pairs: Vec<(String, String)>,
+        env: &dyn Env,
+    ) -> Result<(Self, Option<String>)> {
         let mut slot = None;
         let mut rest = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
