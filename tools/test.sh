@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-majors=${WALHOARD_TEST_MAJORS-13 17}
+majors=${WALHOARD_TEST_MAJORS-13 14 16 17 18}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 apt_updated=
