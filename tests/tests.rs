@@ -5,5 +5,6 @@ mod cli;
 mod common;
 mod protocol_auth;
 mod protocol_basebackup;
+mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
