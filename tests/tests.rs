@@ -8,3 +8,4 @@ mod protocol_basebackup;
 mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
+mod walreceiver;

@@ -311,9 +311,11 @@ pub enum ReplicationEvent {
     EndOfTimeline(EndOfTimeline),
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum StreamState {
     Streaming,
+    /// The server sent CopyDone; we answered and are reading where to continue.
+    Ending(EndReader),
     Ended,
 }
 
@@ -324,17 +326,21 @@ pub struct ReplicationStream<'a> {
     end: Option<EndOfTimeline>,
 }
 
-/// After CopyDone: the optional next-timeline result set, CommandComplete, ReadyForQuery.
-/// `in_result` is set when a RowDescription was already consumed.
-async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<EndOfTimeline> {
-    let mut end = EndOfTimeline {
-        next_tli: None,
-        next_tli_start: None,
-    };
-    loop {
-        match conn.read_message().await? {
-            BackendMessage::RowDescription(_) => in_result = true,
-            BackendMessage::DataRow(cols) if in_result => {
+/// Collects what follows CopyDone: the optional next-timeline result set, CommandComplete,
+/// ReadyForQuery. Fed one message at a time so that a stream stays cancel-safe.
+#[derive(Debug, Default)]
+struct EndReader {
+    in_result: bool,
+    next_tli: Option<TimelineId>,
+    next_tli_start: Option<Lsn>,
+}
+
+impl EndReader {
+    /// Returns the end once ReadyForQuery arrives.
+    fn on_message(&mut self, msg: BackendMessage) -> Result<Option<EndOfTimeline>> {
+        match msg {
+            BackendMessage::RowDescription(_) => self.in_result = true,
+            BackendMessage::DataRow(cols) if self.in_result => {
                 let text = |i: usize| -> Result<Option<String>> {
                     cols.get(i)
                         .cloned()
@@ -345,7 +351,7 @@ async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<
                         })
                         .transpose()
                 };
-                end.next_tli = text(0)?
+                self.next_tli = text(0)?
                     .map(|t| {
                         t.parse::<u32>()
                             .ok()
@@ -353,7 +359,7 @@ async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<
                             .ok_or_else(|| Error::protocol(format!("bad next timeline {t:?}")))
                     })
                     .transpose()?;
-                end.next_tli_start = text(1)?
+                self.next_tli_start = text(1)?
                     .map(|l| l.parse::<Lsn>())
                     .transpose()
                     .map_err(|e| Error::protocol(e.to_string()))?;
@@ -361,71 +367,114 @@ async fn read_end_of_copy(conn: &mut Connection, mut in_result: bool) -> Result<
             BackendMessage::CommandComplete { .. }
             | BackendMessage::CopyData(_)
             | BackendMessage::CopyDone => {}
-            BackendMessage::ReadyForQuery { .. } => return Ok(end),
-            BackendMessage::ErrorResponse(e) => {
-                let _ = conn.drain_until_ready().await;
-                return Err(Error::Server(e));
+            BackendMessage::ReadyForQuery { .. } => {
+                return Ok(Some(EndOfTimeline {
+                    next_tli: self.next_tli,
+                    next_tli_start: self.next_tli_start,
+                }))
             }
+            BackendMessage::ErrorResponse(e) => return Err(Error::Server(e)),
             other => {
                 return Err(Error::protocol(format!(
                     "unexpected message at end of streaming: {other:?}"
                 )))
             }
         }
+        Ok(None)
+    }
+}
+
+/// Reads the end of a COPY to completion. `in_result` is set when a RowDescription was
+/// already consumed.
+async fn read_end_of_copy(conn: &mut Connection, in_result: bool) -> Result<EndOfTimeline> {
+    let mut reader = EndReader {
+        in_result,
+        ..Default::default()
+    };
+    loop {
+        let msg = conn.read_message().await?;
+        let is_error = matches!(msg, BackendMessage::ErrorResponse(_));
+        match reader.on_message(msg) {
+            Ok(Some(end)) => return Ok(end),
+            Ok(None) => {}
+            Err(e) => {
+                if is_error {
+                    let _ = conn.drain_until_ready().await;
+                }
+                return Err(e);
+            }
+        }
     }
 }
 
 impl ReplicationStream<'_> {
-    /// The next message from the server. Cancel-safe (for `select!` with a status timer).
+    /// The next message from the server. Cancel-safe (for `select!` with a status timer): all
+    /// progress lives in `self` between awaits.
     pub async fn next(&mut self) -> Result<ReplicationEvent> {
-        if self.state == StreamState::Ended {
-            return match self.end.take() {
-                Some(end) => Ok(ReplicationEvent::EndOfTimeline(end)),
-                None => Err(Error::protocol("replication stream already ended")),
-            };
-        }
-        match self.conn.read_message().await? {
-            BackendMessage::CopyData(payload) => Ok(match parse_walsender(payload)? {
-                WalSenderMessage::XLogData {
-                    wal_start,
-                    wal_end,
-                    server_time,
-                    data,
-                } => ReplicationEvent::XLogData {
-                    wal_start,
-                    wal_end,
-                    server_time,
-                    data,
+        loop {
+            match &mut self.state {
+                StreamState::Ended => {
+                    return match self.end.take() {
+                        Some(end) => Ok(ReplicationEvent::EndOfTimeline(end)),
+                        None => Err(Error::protocol("replication stream already ended")),
+                    }
+                }
+                StreamState::Ending(reader) => {
+                    // Our CopyDone may still sit in the buffer if a flush was interrupted.
+                    self.conn.flush().await?;
+                    let msg = self.conn.read_message().await?;
+                    if let Some(end) = reader.on_message(msg)? {
+                        self.state = StreamState::Ended;
+                        return Ok(ReplicationEvent::EndOfTimeline(end));
+                    }
+                }
+                StreamState::Streaming => match self.conn.read_message().await? {
+                    BackendMessage::CopyData(payload) => {
+                        return Ok(match parse_walsender(payload)? {
+                            WalSenderMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                server_time,
+                                data,
+                            } => ReplicationEvent::XLogData {
+                                wal_start,
+                                wal_end,
+                                server_time,
+                                data,
+                            },
+                            WalSenderMessage::Keepalive {
+                                wal_end,
+                                server_time,
+                                reply_requested,
+                            } => ReplicationEvent::Keepalive {
+                                wal_end,
+                                server_time,
+                                reply_requested,
+                            },
+                        })
+                    }
+                    BackendMessage::CopyDone => {
+                        // End of timeline: answer with our CopyDone, then read where to continue.
+                        frontend_msg::copy_done(self.conn.write_buffer());
+                        self.state = StreamState::Ending(EndReader::default());
+                    }
+                    BackendMessage::ErrorResponse(e) => return Err(Error::Server(e)),
+                    other => {
+                        return Err(Error::protocol(format!(
+                            "unexpected message during streaming: {other:?}"
+                        )))
+                    }
                 },
-                WalSenderMessage::Keepalive {
-                    wal_end,
-                    server_time,
-                    reply_requested,
-                } => ReplicationEvent::Keepalive {
-                    wal_end,
-                    server_time,
-                    reply_requested,
-                },
-            }),
-            BackendMessage::CopyDone => {
-                // End of timeline: answer with our CopyDone, then read where to continue.
-                frontend_msg::copy_done(self.conn.write_buffer());
-                self.conn.flush().await?;
-                self.state = StreamState::Ended;
-                let end = read_end_of_copy(self.conn, false).await?;
-                Ok(ReplicationEvent::EndOfTimeline(end))
             }
-            BackendMessage::ErrorResponse(e) => Err(Error::Server(e)),
-            other => Err(Error::protocol(format!(
-                "unexpected message during streaming: {other:?}"
-            ))),
         }
     }
 
     /// Sends a standby status update at once.
     pub async fn send_status(&mut self, status: &StandbyStatus) -> Result<()> {
-        if self.state == StreamState::Ended {
-            return Err(Error::protocol("cannot send status: streaming has ended"));
+        if !matches!(self.state, StreamState::Streaming) {
+            // The server ended this timeline; nothing more is streamed on it, and CopyData
+            // after our CopyDone would be a protocol violation. The next stream reports.
+            return Ok(());
         }
         let mut payload = BytesMut::with_capacity(34);
         status.encode(&mut payload);
@@ -436,11 +485,11 @@ impl ReplicationStream<'_> {
     /// Ends streaming from our side (client CopyDone) and waits until the connection is idle.
     /// WAL the server still sends meanwhile is discarded; the caller has not acknowledged it.
     pub async fn stop(mut self) -> Result<EndOfTimeline> {
-        if self.state == StreamState::Ended {
-            return Ok(self.end.take().unwrap_or(EndOfTimeline {
-                next_tli: None,
-                next_tli_start: None,
-            }));
+        // The server may already have ended the stream: finish reading that end.
+        while !matches!(self.state, StreamState::Streaming) {
+            if let ReplicationEvent::EndOfTimeline(end) = self.next().await? {
+                return Ok(end);
+            }
         }
         frontend_msg::copy_done(self.conn.write_buffer());
         self.conn.flush().await?;

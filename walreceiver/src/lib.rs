@@ -1,1 +1,47 @@
-//! placeholder
+//! Slot-based WAL streaming into a durable, verified local spool.
+//!
+//! [`receiver::run`] attaches to a primary through a physical replication slot, writes WAL into
+//! pre-sized `<segment>.partial` files ([`spool`]), verifies every completed segment's page
+//! headers, renames it to its final name and reports it as a [`ReceiverEvent`]. It knows
+//! nothing of object storage: the archiver tells it, through a `watch` channel, up to where
+//! the archive holds WAL, and only that position is ever reported to the server as flushed,
+//! so the slot never releases WAL the archive does not hold.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use walhoard_protocol::{ConnectParams, Lsn};
+//! use walhoard_walreceiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions};
+//! let cfg = ReceiverConfig::new(ConnectParams::parse("host=/var/run/postgresql")?, "walhoard", "/var/spool/wh".into());
+//! let (events_tx, mut events) = tokio::sync::mpsc::channel(8);
+//! let (archived_tx, archived) = tokio::sync::watch::channel(Lsn::INVALID);
+//! let (positions, _) = tokio::sync::watch::channel(ReceiverPositions::default());
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! tokio::spawn(run(cfg, None, events_tx, archived, positions, cancel.clone()));
+//! while let Some(ReceiverEvent::Segment { path, start, .. }) = events.recv().await {
+//!     // ... upload `path`, then:
+//!     archived_tx.send_replace(Lsn(start.0 + 16 * 1024 * 1024));
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod receiver;
+pub mod spool;
+
+pub use receiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions, StartPosition};
+
+/// Why receiving stopped or a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error(transparent)]
+    Pg(#[from] walhoard_protocol::Error),
+    #[error("spool I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A received segment failed verification; it was not handed on.
+    #[error("received WAL failed verification: {0}")]
+    BadWal(String),
+    #[error("PostgreSQL {0} is not supported (13 to 18 are)")]
+    Unsupported(u32),
+    /// Whoever consumed the events went away.
+    #[error("event receiver closed")]
+    EventsClosed,
+}

@@ -1,0 +1,307 @@
+//! The WAL receiver against real servers: spool contents equal pg_wal, the slot never passes
+//! the archive's end, reconnects resume without gaps, timeline switches are followed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use walhoard_protocol::{Lsn, SegmentSize, WalSegmentName};
+use walhoard_testkit::PgCluster;
+use walhoard_walreceiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions};
+
+use crate::common::{socket_params, wait_until};
+
+struct Running {
+    events: mpsc::Receiver<ReceiverEvent>,
+    archived: watch::Sender<Lsn>,
+    positions: watch::Receiver<ReceiverPositions>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), walhoard_walreceiver::ReceiverError>>,
+    _spool: tempfile::TempDir,
+}
+
+fn start(pg: &PgCluster) -> Running {
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = ReceiverConfig::new(socket_params(pg), "walhoard", spool.path().to_path_buf());
+    cfg.status_interval = Duration::from_millis(500);
+    cfg.reconnect_min = Duration::from_millis(100);
+    cfg.reconnect_max = Duration::from_millis(500);
+    // A small queue: the test drains it; backpressure is part of what runs.
+    let (tx, events) = mpsc::channel(2);
+    let (archived, archived_rx) = watch::channel(Lsn::INVALID);
+    let (positions_tx, positions) = watch::channel(ReceiverPositions::default());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(run(
+        cfg,
+        None,
+        tx,
+        archived_rx,
+        positions_tx,
+        cancel.clone(),
+    ));
+    Running {
+        events,
+        archived,
+        positions,
+        cancel,
+        task,
+        _spool: spool,
+    }
+}
+
+async fn next_event(r: &mut Running) -> ReceiverEvent {
+    tokio::time::timeout(Duration::from_secs(60), r.events.recv())
+        .await
+        .expect("no receiver event in 60s")
+        .expect("receiver stopped")
+}
+
+fn slot_restart(pg: &PgCluster) -> Lsn {
+    pg.psql("select restart_lsn from pg_replication_slots where slot_name = 'walhoard'")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn current_lsn(pg: &PgCluster) -> Lsn {
+    pg.psql("select pg_current_wal_lsn()")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Segments the receiver completed, checked against pg_wal as they arrive.
+async fn collect_segments(
+    pg: &PgCluster,
+    r: &mut Running,
+    upto: Lsn,
+    seg: SegmentSize,
+    archive: bool,
+) -> BTreeMap<u64, PathBuf> {
+    let mut got = BTreeMap::new();
+    loop {
+        match next_event(r).await {
+            ReceiverEvent::Segment { name, path, start } => {
+                let ours = std::fs::read(&path).unwrap();
+                let theirs = std::fs::read(pg.wal_dir().join(name.to_string())).unwrap();
+                assert!(ours == theirs, "spool {name} differs from pg_wal");
+                let segno = start.segment_number(seg);
+                got.insert(segno, path);
+                if archive {
+                    r.archived.send_replace(Lsn(start.0 + seg.bytes()));
+                }
+                if Lsn(start.0 + seg.bytes()) >= upto.segment_start(seg) {
+                    return got;
+                }
+            }
+            ReceiverEvent::Connected { .. } | ReceiverEvent::Disconnected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn write_wal(pg: &PgCluster, rows: u32) -> Lsn {
+    pg.psql(&format!(
+        "create table if not exists t (g int, pad text); insert into t select g, repeat(md5(g::text), 16) from generate_series(1, {rows}) g"
+    ))
+    .unwrap();
+    pg.psql(
+        "do $$ begin for i in 1..500 loop insert into t values (i, 'x'); commit; end loop; end $$",
+    )
+    .unwrap();
+    pg.psql("select pg_switch_wal()").unwrap();
+    current_lsn(pg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_slot_waits_for_archive_and_resumes() {
+    let pg = PgCluster::start().unwrap();
+    let seg = SegmentSize::DEFAULT;
+    let mut r = start(&pg);
+    match next_event(&mut r).await {
+        ReceiverEvent::Connected { seg_size, .. } => assert_eq!(seg_size, seg),
+        other => panic!("{other:?}"),
+    }
+    let initial_restart = slot_restart(&pg);
+
+    // Nothing archived yet: several segments arrive, the slot does not move.
+    let target = write_wal(&pg, 40000);
+    let got = collect_segments(&pg, &mut r, target, seg, false).await;
+    assert!(got.len() >= 2, "{got:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // three status intervals
+    assert_eq!(
+        slot_restart(&pg),
+        initial_restart,
+        "slot advanced past an archive that holds nothing"
+    );
+    assert_eq!(r.positions.borrow().reported_flush_lsn, Lsn::INVALID);
+
+    // Archive up to the second segment only: the slot follows exactly there, no further.
+    let (&first, _) = got.iter().next().unwrap();
+    let archived_to = Lsn((first + 2) * seg.bytes());
+    r.archived.send_replace(archived_to);
+    assert!(
+        wait_until(Duration::from_secs(10), || slot_restart(&pg) == archived_to),
+        "slot at {}",
+        slot_restart(&pg)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(slot_restart(&pg), archived_to);
+
+    // Kill the walsender: the receiver reconnects and continues without a gap.
+    let last = *got.keys().last().unwrap();
+    pg.psql("select pg_terminate_backend(pid) from pg_stat_replication")
+        .unwrap();
+    let target = write_wal(&pg, 20000);
+    let mut seen_disconnect = false;
+    let mut next_segno = last + 1;
+    loop {
+        match next_event(&mut r).await {
+            ReceiverEvent::Disconnected { retryable, .. } => {
+                assert!(retryable);
+                seen_disconnect = true;
+            }
+            ReceiverEvent::Connected { start, .. } => assert!(
+                start.segment_number(seg) <= next_segno,
+                "resumed after a gap"
+            ),
+            ReceiverEvent::Segment { start, name, path } => {
+                let segno = start.segment_number(seg);
+                assert!(
+                    segno <= next_segno,
+                    "segment {name} skips ahead of {next_segno}"
+                );
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    std::fs::read(pg.wal_dir().join(name.to_string())).unwrap()
+                );
+                next_segno = next_segno.max(segno + 1);
+                r.archived.send_replace(Lsn((segno + 1) * seg.bytes()));
+                if Lsn((segno + 1) * seg.bytes()) >= target.segment_start(seg) {
+                    break;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        seen_disconnect,
+        "the walsender was terminated but no disconnect was reported"
+    );
+    let archived_end = *r.archived.borrow();
+    assert!(wait_until(Duration::from_secs(10), || slot_restart(&pg)
+        == archived_end));
+    assert!(r.positions.borrow().received_lsn >= archived_end);
+
+    r.cancel.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_follows_timeline_switch() {
+    let mut pg = PgCluster::start().unwrap();
+    let seg = SegmentSize::DEFAULT;
+    pg.psql("select pg_create_physical_replication_slot('walhoard', true)")
+        .unwrap();
+    write_wal(&pg, 5000);
+    pg.psql("create table before_switch as select 1").unwrap();
+    // Same cluster restarted as a standby and promoted: timeline 2; the slot persists.
+    pg.stop().unwrap();
+    pg.write_owned(&pg.data_dir().join("standby.signal"), b"", 0o600)
+        .unwrap();
+    pg.restart_with(None).unwrap();
+    pg.psql("select pg_promote(true, 60)").unwrap();
+    pg.psql("create table after_switch as select 2").unwrap();
+    let history = std::fs::read(pg.wal_dir().join("00000002.history")).unwrap();
+    let switchpoint =
+        walhoard_protocol::TimelineHistory::parse(walhoard_protocol::TimelineId(2), &history)
+            .unwrap()
+            .switchpoint_of(walhoard_protocol::TimelineId(1))
+            .unwrap();
+
+    let mut r = start(&pg);
+    let mut partial = None;
+    let mut hist = None;
+    let target = loop {
+        match next_event(&mut r).await {
+            ReceiverEvent::Segment { name, path, .. } => {
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    std::fs::read(pg.wal_dir().join(name.to_string())).unwrap()
+                );
+                if name.timeline().get() == 2 {
+                    break name;
+                }
+            }
+            ReceiverEvent::TimelinePartial { name, path, end } => {
+                assert_eq!(end, switchpoint);
+                partial = Some((name, path));
+                // Complete a segment on the new timeline.
+                pg.psql("select pg_switch_wal()").unwrap();
+            }
+            ReceiverEvent::History { name, path } => {
+                assert_eq!(
+                    name,
+                    WalSegmentName::History(walhoard_protocol::TimelineId(2))
+                );
+                assert_eq!(std::fs::read(path).unwrap(), history);
+                hist = Some(name);
+            }
+            ReceiverEvent::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let (pname, ppath) = partial.expect("no .partial for timeline 1");
+    assert!(hist.is_some(), "no history file");
+    assert_eq!(
+        pname.to_string(),
+        format!(
+            "{}.partial",
+            walhoard_protocol::SegmentId::containing(
+                walhoard_protocol::TimelineId(1),
+                switchpoint,
+                seg
+            )
+        )
+    );
+    // The partial segment holds timeline 1 exactly up to the switchpoint.
+    let ours = std::fs::read(&ppath).unwrap();
+    let old = pname.segment().unwrap();
+    let theirs = std::fs::read(pg.wal_dir().join(old.to_string())).unwrap();
+    let upto = switchpoint.segment_offset(seg) as usize;
+    assert!(
+        ours[..upto] == theirs[..upto],
+        "partial segment differs from timeline 1's"
+    );
+    assert_eq!(
+        target.segment().unwrap().tli,
+        walhoard_protocol::TimelineId(2)
+    );
+    r.cancel.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_64mb_segments() {
+    let pg = PgCluster::builder()
+        .initdb_arg("--wal-segsize=64")
+        .start()
+        .unwrap();
+    let seg = SegmentSize::new(64 << 20).unwrap();
+    let mut r = start(&pg);
+    match next_event(&mut r).await {
+        ReceiverEvent::Connected { seg_size, .. } => assert_eq!(seg_size, seg),
+        other => panic!("{other:?}"),
+    }
+    let target = write_wal(&pg, 10000);
+    let got = collect_segments(&pg, &mut r, target, seg, true).await;
+    for path in got.values() {
+        assert_eq!(std::fs::metadata(path).unwrap().len(), 64 << 20);
+    }
+    r.cancel.cancel();
+    r.task.await.unwrap().unwrap();
+}

@@ -1,0 +1,434 @@
+//! The receive loop: connect, pick the start position, stream into the spool, verify and hand
+//! on complete segments, follow timeline switches, report positions honestly, reconnect.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use walhoard_protocol::xlog::{page_magic_for, validate_pages};
+use walhoard_protocol::{
+    ConnectParams, Error as PgError, Lsn, PageExpectation, PgTimestamp, ReplicationClient,
+    ReplicationEvent, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
+};
+
+use crate::spool::{write_durable, SegmentFile};
+use crate::ReceiverError;
+
+/// What the receiver needs to know.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub conn: ConnectParams,
+    pub slot: String,
+    /// Create the slot (with RESERVE_WAL) when it does not exist.
+    pub create_slot: bool,
+    pub spool_dir: PathBuf,
+    /// How often a status update is sent unprompted; keep it below wal_sender_timeout.
+    pub status_interval: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl ReceiverConfig {
+    pub fn new(conn: ConnectParams, slot: &str, spool_dir: PathBuf) -> Self {
+        ReceiverConfig {
+            conn,
+            slot: slot.to_string(),
+            create_slot: true,
+            spool_dir,
+            status_interval: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where to resume: the first byte the archive does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartPosition {
+    pub lsn: Lsn,
+    /// The timeline `lsn` belongs to; the server's current one when unknown.
+    pub tli: Option<TimelineId>,
+}
+
+/// What the receiver reports to whoever archives its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// Streaming (re)started.
+    Connected {
+        system_id: u64,
+        seg_size: SegmentSize,
+        server_tli: TimelineId,
+        start: Lsn,
+        start_tli: TimelineId,
+    },
+    /// A complete segment, verified and durable in the spool under its final name.
+    Segment {
+        name: WalSegmentName,
+        path: PathBuf,
+        start: Lsn,
+    },
+    /// The last segment of a timeline that ended at `end`, durable under its `.partial` name.
+    TimelinePartial {
+        name: WalSegmentName,
+        path: PathBuf,
+        end: Lsn,
+    },
+    /// A timeline history file fetched from the server, durable in the spool.
+    History { name: WalSegmentName, path: PathBuf },
+    /// The connection was lost or could not be made; the receiver retries.
+    Disconnected {
+        error: String,
+        retryable: bool,
+        auth_failure: bool,
+    },
+}
+
+/// Positions the receiver has reached, for status reporting (state file, metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceiverPositions {
+    /// Every byte before this has been received and written to the spool.
+    pub received_lsn: Lsn,
+    /// The flush position last reported to the server: below both the spool's durable end and
+    /// the archive's end, so the slot never releases WAL the archive does not hold.
+    pub reported_flush_lsn: Lsn,
+    /// The timeline being received (0 before the first connection).
+    pub timeline: u32,
+}
+
+enum SessionEnd {
+    Cancelled,
+}
+
+/// Streams WAL until `cancel` fires. `archived` carries the archive's end: every byte before it
+/// is durable in the archive. Errors are reported as [`ReceiverEvent::Disconnected`] and retried
+/// with capped exponential backoff; only a closed event channel ends the loop with an error.
+pub async fn run(
+    cfg: ReceiverConfig,
+    start: Option<StartPosition>,
+    events: mpsc::Sender<ReceiverEvent>,
+    archived: watch::Receiver<Lsn>,
+    positions: watch::Sender<ReceiverPositions>,
+    cancel: CancellationToken,
+) -> Result<(), ReceiverError> {
+    let mut state = Session {
+        cfg,
+        next: start,
+        events,
+        archived,
+        positions,
+        cancel,
+        flush_floor: Lsn::INVALID,
+    };
+    let mut backoff = state.cfg.reconnect_min;
+    loop {
+        if state.cancel.is_cancelled() {
+            return Ok(());
+        }
+        let before = state.next;
+        match state.session().await {
+            Ok(SessionEnd::Cancelled) => return Ok(()),
+            Err(ReceiverError::Pg(e)) => {
+                if state.next != before {
+                    backoff = state.cfg.reconnect_min;
+                }
+                tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
+                let ev = ReceiverEvent::Disconnected {
+                    error: e.to_string(),
+                    retryable: e.is_retryable(),
+                    auth_failure: e.is_auth_failure(),
+                };
+                state
+                    .events
+                    .send(ev)
+                    .await
+                    .map_err(|_| ReceiverError::EventsClosed)?;
+            }
+            Err(
+                e @ (ReceiverError::Io(_)
+                | ReceiverError::BadWal(_)
+                | ReceiverError::Unsupported(_)),
+            ) => {
+                tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "WAL receiving failed");
+                let ev = ReceiverEvent::Disconnected {
+                    error: e.to_string(),
+                    retryable: true,
+                    auth_failure: false,
+                };
+                state
+                    .events
+                    .send(ev)
+                    .await
+                    .map_err(|_| ReceiverError::EventsClosed)?;
+            }
+            Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
+        }
+        tokio::select! {
+            _ = state.cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(state.cfg.reconnect_max);
+    }
+}
+
+struct Session {
+    cfg: ReceiverConfig,
+    /// Where the next connection starts; advanced as segments are completed.
+    next: Option<StartPosition>,
+    events: mpsc::Sender<ReceiverEvent>,
+    archived: watch::Receiver<Lsn>,
+    positions: watch::Sender<ReceiverPositions>,
+    cancel: CancellationToken,
+    /// The slot's restart_lsn when this session began.
+    flush_floor: Lsn,
+}
+
+/// How one START_REPLICATION ended.
+enum StreamEnd {
+    Cancelled,
+    /// The timeline ended; continue on `next_tli` at `next_start`.
+    Switch {
+        next_tli: TimelineId,
+        next_start: Lsn,
+    },
+}
+
+impl Session {
+    async fn send(&self, ev: ReceiverEvent) -> Result<(), ReceiverError> {
+        self.events
+            .send(ev)
+            .await
+            .map_err(|_| ReceiverError::EventsClosed)
+    }
+
+    async fn session(&mut self) -> Result<SessionEnd, ReceiverError> {
+        let mut client = ReplicationClient::connect(&self.cfg.conn).await?;
+        let id = client.identify_system().await?;
+        let seg = client.wal_segment_size().await?;
+        let major = client.server_major()?;
+        let magic = page_magic_for(major).ok_or(ReceiverError::Unsupported(major))?;
+        let slot = self.cfg.slot.clone();
+        let slot = slot.as_str();
+        let mut info = client.read_replication_slot(slot).await?;
+        if info.is_none() && self.cfg.create_slot {
+            client.create_physical_slot(slot, true).await?;
+            tracing::info!(%slot, "created physical replication slot");
+            info = client.read_replication_slot(slot).await?;
+        }
+        let info = info.ok_or_else(|| {
+            PgError::Config(format!(
+                "replication slot {slot:?} does not exist and create_slot is off"
+            ))
+        })?;
+        let restart = info.restart_lsn;
+        let (mut pos, known_tli) = match self.next {
+            Some(p) => (p.lsn, p.tli),
+            None => (restart.unwrap_or(id.xlogpos), info.restart_tli),
+        };
+        // Always stream whole segments: a segment in the archive is complete or absent.
+        pos = pos.segment_start(seg);
+        if let Some(r) = restart {
+            if pos < r.segment_start(seg) {
+                tracing::warn!(%slot, wanted = %pos, available = %r, "WAL before the slot's restart_lsn is gone; starting there");
+                pos = r.segment_start(seg);
+            }
+        }
+        let mut tli = match known_tli {
+            Some(t) => t,
+            // Which timeline wrote `pos`: the server's history says (tliOfPointInHistory).
+            None if id.timeline.get() > 1 => {
+                let (_, content) = client.timeline_history(id.timeline).await?;
+                walhoard_protocol::TimelineHistory::parse(id.timeline, &content)
+                    .map_err(|e| ReceiverError::BadWal(e.to_string()))?
+                    .timeline_of(pos)
+            }
+            None => id.timeline,
+        };
+        // Reporting a flush position below the slot's restart_lsn would move the slot back;
+        // until the archive passes it, report none (the server ignores an invalid flush).
+        self.flush_floor = restart.unwrap_or(Lsn::INVALID);
+        loop {
+            let expect = PageExpectation {
+                magic,
+                seg_size: seg,
+                system_id: Some(id.system_id),
+                max_tli: Some(tli),
+            };
+            self.send(ReceiverEvent::Connected {
+                system_id: id.system_id,
+                seg_size: seg,
+                server_tli: id.timeline,
+                start: pos,
+                start_tli: tli,
+            })
+            .await?;
+            tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");
+            match self.stream(&mut client, pos, tli, seg, &expect).await? {
+                StreamEnd::Cancelled => return Ok(SessionEnd::Cancelled),
+                StreamEnd::Switch {
+                    next_tli,
+                    next_start,
+                } => {
+                    let (name, content) = client.timeline_history(next_tli).await?;
+                    let parsed: WalSegmentName = name
+                        .parse()
+                        .map_err(|e| PgError::protocol(format!("history file name: {e}")))?;
+                    if parsed != WalSegmentName::History(next_tli) {
+                        return Err(PgError::protocol(format!(
+                            "TIMELINE_HISTORY {next_tli} returned {name}"
+                        ))
+                        .into());
+                    }
+                    walhoard_protocol::TimelineHistory::parse(next_tli, &content)
+                        .map_err(|e| ReceiverError::BadWal(e.to_string()))?;
+                    let path = write_durable(&self.cfg.spool_dir, &name, &content)?;
+                    self.send(ReceiverEvent::History { name: parsed, path })
+                        .await?;
+                    tracing::info!(%slot, from = %tli, to = %next_tli, at = %next_start, "timeline switch");
+                    // Continue from the start of the segment holding the switchpoint, as
+                    // pg_receivewal does: the new timeline's copy of that segment is complete.
+                    tli = next_tli;
+                    pos = next_start.segment_start(seg);
+                    self.next = Some(StartPosition {
+                        lsn: pos,
+                        tli: Some(tli),
+                    });
+                }
+            }
+        }
+    }
+
+    fn report(&self, received: Lsn, synced: Lsn, tli: TimelineId) -> StandbyStatus {
+        let archived = *self.archived.borrow();
+        let flush = archived.min(synced);
+        let flush = if flush < self.flush_floor {
+            Lsn::INVALID
+        } else {
+            flush
+        };
+        self.positions.send_replace(ReceiverPositions {
+            received_lsn: received,
+            reported_flush_lsn: flush,
+            timeline: tli.get(),
+        });
+        StandbyStatus {
+            write_lsn: received,
+            flush_lsn: flush,
+            apply_lsn: flush,
+            client_time: PgTimestamp::now(),
+            reply_requested: false,
+        }
+    }
+
+    async fn stream(
+        &mut self,
+        client: &mut ReplicationClient,
+        start: Lsn,
+        tli: TimelineId,
+        seg: SegmentSize,
+        expect: &PageExpectation,
+    ) -> Result<StreamEnd, ReceiverError> {
+        let mut stream = client
+            .start_replication(Some(&self.cfg.slot), start, Some(tli))
+            .await?;
+        let mut current: Option<SegmentFile> = None;
+        let mut received = start;
+        // Durable in the spool; everything before the current segment is.
+        let mut synced = start;
+        let mut ticker = tokio::time::interval(self.cfg.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut archived = self.archived.clone();
+        let mut archive_open = true;
+        loop {
+            // The spool writes below are synchronous: they go to the page cache, and the one
+            // fdatasync per status update is what bounds how stale the reported flush is.
+            tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    if let Some(cur) = current.as_mut() {
+                        cur.sync()?;
+                        synced = cur.synced_lsn();
+                    }
+                    let _ = stream.send_status(&self.report(received, synced, tli)).await;
+                    return Ok(StreamEnd::Cancelled);
+                }
+                _ = ticker.tick() => {
+                    if let Some(cur) = current.as_mut() {
+                        cur.sync()?;
+                        synced = cur.synced_lsn();
+                    }
+                    stream.send_status(&self.report(received, synced, tli)).await?;
+                }
+                changed = archived.changed(), if archive_open => {
+                    if changed.is_ok() {
+                        // Let the slot advance as soon as the archive does.
+                        stream.send_status(&self.report(received, synced, tli)).await?;
+                    } else {
+                        archive_open = false;
+                    }
+                }
+                ev = stream.next() => match ev? {
+                    ReplicationEvent::XLogData { wal_start, data, .. } => {
+                        if wal_start != received {
+                            return Err(PgError::protocol(format!("WAL at {wal_start} does not continue at {received}")).into());
+                        }
+                        let mut rest = &data[..];
+                        while !rest.is_empty() {
+                            let cur = match current.as_mut() {
+                                Some(c) => c,
+                                None => current.insert(SegmentFile::open(&self.cfg.spool_dir, tli, received, seg)?),
+                            };
+                            let n = cur.write(received, rest)?;
+                            rest = &rest[n..];
+                            received = Lsn(received.0 + n as u64);
+                            if cur.is_full() {
+                                let done = current.take().expect("current segment");
+                                let seg_start = done.start;
+                                verify(&done, expect, true)?;
+                                let id = done.id;
+                                let path = done.complete()?;
+                                synced = received;
+                                self.next = Some(StartPosition { lsn: received, tli: Some(tli) });
+                                // A bounded channel: a slow archive slows receiving, never drops WAL.
+                                self.send(ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start }).await?;
+                            }
+                        }
+                    }
+                    ReplicationEvent::Keepalive { reply_requested, .. } => {
+                        if reply_requested {
+                            if let Some(cur) = current.as_mut() {
+                                cur.sync()?;
+                                synced = cur.synced_lsn();
+                            }
+                            stream.send_status(&self.report(received, synced, tli)).await?;
+                        }
+                    }
+                    ReplicationEvent::EndOfTimeline(end) => {
+                        let next_tli = end.next_tli.ok_or_else(|| PgError::protocol("server ended the timeline without naming the next one"))?;
+                        let next_start = end.next_tli_start.unwrap_or(received);
+                        if next_start != received {
+                            return Err(PgError::protocol(format!("timeline {tli} ended at {received}, but timeline {next_tli} starts at {next_start}")).into());
+                        }
+                        if let Some(cur) = current.take() {
+                            verify(&cur, expect, true)?;
+                            let id = cur.id;
+                            let path = cur.finish_partial()?;
+                            self.send(ReceiverEvent::TimelinePartial { name: WalSegmentName::Partial(id), path, end: received }).await?;
+                        }
+                        return Ok(StreamEnd::Switch { next_tli, next_start });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Checks the page headers of a spool segment before it is handed on as good.
+fn verify(
+    file: &SegmentFile,
+    expect: &PageExpectation,
+    allow_zero_tail: bool,
+) -> Result<(), ReceiverError> {
+    let data = file.read_all()?;
+    validate_pages(&data, file.start, expect, allow_zero_tail)
+        .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", file.id)))
+}

@@ -1,0 +1,193 @@
+//! The local spool: one pre-sized `<segment>.partial` file per segment being received, written
+//! in place at the right offset, made durable with fdatasync, renamed to its final name when
+//! complete (followed by a directory fsync, so the rename itself survives a crash).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
+
+/// Syncs a directory so that renames and creations in it are durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A segment being received into the spool.
+#[derive(Debug)]
+pub struct SegmentFile {
+    file: File,
+    pub id: SegmentId,
+    /// First LSN of the segment.
+    pub start: Lsn,
+    seg_size: SegmentSize,
+    /// Bytes from the segment start that are written (not necessarily synced).
+    written: u64,
+    /// Bytes from the segment start that are durable on disk.
+    synced: u64,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl SegmentFile {
+    /// Opens (creating and pre-sizing) `<dir>/<segment>.partial` for the segment holding `at`.
+    /// Receiving starts at `at`, so what lies before it in an existing file is kept.
+    pub fn open(dir: &Path, tli: TimelineId, at: Lsn, seg_size: SegmentSize) -> io::Result<Self> {
+        let id = SegmentId::containing(tli, at, seg_size);
+        let start = at.segment_start(seg_size);
+        let path = dir.join(WalSegmentName::Partial(id).to_string());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        if file.metadata()?.len() != seg_size.bytes() {
+            // Pre-size so that later writes never extend the file (no metadata updates per
+            // fdatasync) and a crash leaves zeros, which verification treats as unwritten.
+            file.set_len(seg_size.bytes())?;
+            file.sync_all()?;
+            fsync_dir(dir)?;
+        }
+        let offset = at.segment_offset(seg_size);
+        Ok(SegmentFile {
+            file,
+            id,
+            start,
+            seg_size,
+            written: offset,
+            synced: offset,
+            path,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The LSN up to which data is written.
+    pub fn written_lsn(&self) -> Lsn {
+        Lsn(self.start.0 + self.written)
+    }
+
+    /// The LSN up to which data is durable.
+    pub fn synced_lsn(&self) -> Lsn {
+        Lsn(self.start.0 + self.synced)
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.written == self.seg_size.bytes()
+    }
+
+    /// Writes `data` that starts at `at` (which must be the current end). Returns how many bytes
+    /// fit in this segment; the caller continues with the rest in the next segment.
+    pub fn write(&mut self, at: Lsn, data: &[u8]) -> io::Result<usize> {
+        if at != self.written_lsn() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "WAL at {at} does not continue segment {} at {}",
+                    self.id,
+                    self.written_lsn()
+                ),
+            ));
+        }
+        let room = (self.seg_size.bytes() - self.written) as usize;
+        let n = room.min(data.len());
+        self.file.write_all_at(&data[..n], self.written)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    /// Makes everything written durable (fdatasync).
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.synced != self.written {
+            self.file.sync_data()?;
+            self.synced = self.written;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole file back (for verification before it is handed on).
+    pub fn read_all(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.seg_size.bytes() as usize];
+        self.file.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// Syncs, renames `<segment>.partial` to `<segment>` and syncs the directory.
+    pub fn complete(mut self) -> io::Result<PathBuf> {
+        self.sync()?;
+        let final_path = self.dir.join(WalSegmentName::Segment(self.id).to_string());
+        fs::rename(&self.path, &final_path)?;
+        fsync_dir(&self.dir)?;
+        Ok(final_path)
+    }
+
+    /// Syncs and leaves the file under its `.partial` name (end of a timeline).
+    pub fn finish_partial(mut self) -> io::Result<PathBuf> {
+        self.sync()?;
+        Ok(self.path)
+    }
+}
+
+/// Writes a small file atomically and durably: temp name, fsync, rename, directory fsync.
+pub fn write_durable(dir: &Path, name: &str, content: &[u8]) -> io::Result<PathBuf> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    {
+        let f = File::create(&tmp)?;
+        f.write_all_at(content, 0)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    fsync_dir(dir)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_split_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let tli = TimelineId(1);
+        let start = Lsn(3 << 20);
+        let mut f = SegmentFile::open(dir.path(), tli, start, seg).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("000000010000000000000003.partial"))
+                .unwrap()
+                .len(),
+            1 << 20
+        );
+        let data = vec![7u8; (1 << 20) + 100];
+        let n = f.write(start, &data).unwrap();
+        assert_eq!(n, 1 << 20, "only the segment's share is written");
+        assert!(f.is_full());
+        assert!(
+            f.write(Lsn(start.0 + 5), b"x").is_err(),
+            "non-contiguous write accepted"
+        );
+        let path = f.complete().unwrap();
+        assert_eq!(path, dir.path().join("000000010000000000000003"));
+        assert!(!dir.path().join("000000010000000000000003.partial").exists());
+        // Resuming in the middle keeps the earlier bytes.
+        let mid = Lsn((4 << 20) + 10);
+        let mut g = SegmentFile::open(dir.path(), tli, mid, seg).unwrap();
+        assert_eq!(g.written_lsn(), mid);
+        assert_eq!(g.write(mid, b"abc").unwrap(), 3);
+        g.sync().unwrap();
+        assert_eq!(g.synced_lsn(), Lsn(mid.0 + 3));
+        let p = g.finish_partial().unwrap();
+        let content = std::fs::read(p).unwrap();
+        assert_eq!(&content[10..13], b"abc");
+    }
+
+    #[test]
+    fn durable_small_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_durable(dir.path(), "00000002.history", b"1\t0/3000000\treason\n").unwrap();
+        assert_eq!(std::fs::read(p).unwrap(), b"1\t0/3000000\treason\n");
+        assert!(!dir.path().join(".00000002.history.tmp").exists());
+    }
+}
