@@ -115,7 +115,11 @@ impl CompressionConfig {
 
 impl Default for CompressionConfig {
     fn default() -> Self {
-        CompressionConfig { algorithm: Self::default_algorithm(), level: None, thread_count: None }
+        CompressionConfig {
+            algorithm: Self::default_algorithm(),
+            level: None,
+            thread_count: None,
+        }
     }
 }
 
@@ -136,7 +140,10 @@ impl TransferConfig {
 
 impl Default for TransferConfig {
     fn default() -> Self {
-        TransferConfig { thread_count: None, upload_retries_warning_limit: Self::default_warning_limit() }
+        TransferConfig {
+            thread_count: None,
+            upload_retries_warning_limit: Self::default_warning_limit(),
+        }
     }
 }
 
@@ -162,7 +169,11 @@ pub struct PushGatewayConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum BackupMode {
     /// The native receiver; `pg_receivexlog` is accepted as an alias (nothing is spawned).
-    #[serde(rename = "walreceiver", alias = "pg_receivexlog", alias = "pg_receivewal")]
+    #[serde(
+        rename = "walreceiver",
+        alias = "pg_receivexlog",
+        alias = "pg_receivewal"
+    )]
     Walreceiver,
     #[serde(rename = "archive_command")]
     ArchiveCommand,
@@ -332,7 +343,8 @@ impl NodeConfig {
                     walhoard_protocol::params::parse_conninfo(s)
                 }
                 .map_err(|e| e.to_string())?;
-                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv).map_err(|e| e.to_string())
+                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv)
+                    .map_err(|e| e.to_string())
             }
             NodeConfig::Object(map) => {
                 let mut pairs = Vec::with_capacity(map.len());
@@ -346,7 +358,8 @@ impl NodeConfig {
                     };
                     pairs.push((k.clone(), v));
                 }
-                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv).map_err(|e| e.to_string())
+                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv)
+                    .map_err(|e| e.to_string())
             }
         }
     }
@@ -357,7 +370,10 @@ impl NodeConfig {
 #[serde(tag = "storage_type", deny_unknown_fields)]
 pub enum ObjectStorageConfig {
     #[serde(rename = "local")]
-    Local { directory: PathBuf, prefix: Option<String> },
+    Local {
+        directory: PathBuf,
+        prefix: Option<String>,
+    },
     #[serde(rename = "s3")]
     S3 {
         region: Option<String>,
@@ -435,7 +451,11 @@ impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError { file: file.clone(), path: ".".into(), message: format!("cannot read: {e}") })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            path: ".".into(),
+            message: format!("cannot read: {e}"),
+        })?;
         Self::parse(&text, &file)
     }
 
@@ -444,20 +464,37 @@ impl Config {
         let de = &mut serde_json::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            ConfigError { file: file.to_string(), path, message: e.into_inner().to_string() }
+            ConfigError {
+                file: file.to_string(),
+                path,
+                message: e.into_inner().to_string(),
+            }
         })?;
-        config.validate().map_err(|(path, message)| ConfigError { file: file.to_string(), path, message })?;
+        config.validate().map_err(|(path, message)| ConfigError {
+            file: file.to_string(),
+            path,
+            message,
+        })?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         let hashes = ["sha1", "sha256", "sha512", "md5"];
         if !hashes.contains(&self.hash_algorithm.as_str()) {
-            return Err(("hash_algorithm".into(), format!("{:?} is not one of {hashes:?}", self.hash_algorithm)));
+            return Err((
+                "hash_algorithm".into(),
+                format!("{:?} is not one of {hashes:?}", self.hash_algorithm),
+            ));
         }
         let algorithms = ["snappy", "zstd", "lzma"];
         if !algorithms.contains(&self.compression.algorithm.as_str()) {
-            return Err(("compression.algorithm".into(), format!("{:?} is not one of {algorithms:?}", self.compression.algorithm)));
+            return Err((
+                "compression.algorithm".into(),
+                format!(
+                    "{:?} is not one of {algorithms:?}",
+                    self.compression.algorithm
+                ),
+            ));
         }
         if self.backup_sites.is_empty() {
             return Err(("backup_sites".into(), "no backup site is configured".into()));
@@ -465,22 +502,43 @@ impl Config {
         for (name, site) in &self.backup_sites {
             let at = |key: &str| format!("backup_sites.{name}.{key}");
             if name.is_empty() || name.contains('/') {
-                return Err((format!("backup_sites.{name}"), "a site name must be non-empty and contain no '/'".into()));
+                return Err((
+                    format!("backup_sites.{name}"),
+                    "a site name must be non-empty and contain no '/'".into(),
+                ));
             }
             if site.object_storage.is_none() {
-                return Err((at("object_storage"), "missing: where should the archive go?".into()));
+                return Err((
+                    at("object_storage"),
+                    "missing: where should the archive go?".into(),
+                ));
             }
-            if site.active_backup_mode == BackupMode::Walreceiver && site.active && site.nodes.is_empty() {
-                return Err((at("nodes"), "walreceiver mode needs at least one node to stream from".into()));
+            if site.active_backup_mode == BackupMode::Walreceiver
+                && site.active
+                && site.nodes.is_empty()
+            {
+                return Err((
+                    at("nodes"),
+                    "walreceiver mode needs at least one node to stream from".into(),
+                ));
             }
             for (i, node) in site.nodes.iter().enumerate() {
-                node.connect_params().map_err(|e| (at(&format!("nodes[{i}]")), e))?;
+                node.connect_params()
+                    .map_err(|e| (at(&format!("nodes[{i}]")), e))?;
             }
             if let Some(id) = &site.encryption_key_id {
                 match site.encryption_keys.get(id) {
-                    None => return Err((at("encryption_key_id"), format!("key {id:?} is not in encryption_keys"))),
+                    None => {
+                        return Err((
+                            at("encryption_key_id"),
+                            format!("key {id:?} is not in encryption_keys"),
+                        ))
+                    }
                     Some(k) if k.public.is_none() => {
-                        return Err((at(&format!("encryption_keys.{id}.public")), "the public key is needed to store backups".into()))
+                        return Err((
+                            at(&format!("encryption_keys.{id}.public")),
+                            "the public key is needed to store backups".into(),
+                        ))
                     }
                     Some(_) => {}
                 }
@@ -492,25 +550,44 @@ impl Config {
             }
             if let Some(m) = site.basebackup_minute {
                 if m > 59 {
-                    return Err((at("basebackup_minute"), format!("{m} is not a minute (0-59)")));
+                    return Err((
+                        at("basebackup_minute"),
+                        format!("{m} is not a minute (0-59)"),
+                    ));
                 }
             }
             if let Some(h) = site.basebackup_interval_hours {
                 if h.is_nan() || h <= 0.0 {
-                    return Err((at("basebackup_interval_hours"), format!("{h} must be positive or null")));
+                    return Err((
+                        at("basebackup_interval_hours"),
+                        format!("{h} must be positive or null"),
+                    ));
                 }
             }
             if site.basebackup_chunk_size < 1024 * 1024 {
                 return Err((at("basebackup_chunk_size"), "must be at least 1 MiB".into()));
             }
             if site.pg_receivexlog.resume_multiplier < 1.0 {
-                return Err((at("pg_receivexlog.resume_multiplier"), "must be at least 1".into()));
+                return Err((
+                    at("pg_receivexlog.resume_multiplier"),
+                    "must be at least 1".into(),
+                ));
             }
-            if matches!(site.basebackup_mode, BasebackupMode::Delta | BasebackupMode::LocalTarDeltaStats) {
-                return Err((at("basebackup_mode"), "delta modes are not supported yet; use basic, pipe or local-tar".into()));
+            if matches!(
+                site.basebackup_mode,
+                BasebackupMode::Delta | BasebackupMode::LocalTarDeltaStats
+            ) {
+                return Err((
+                    at("basebackup_mode"),
+                    "delta modes are not supported yet; use basic, pipe or local-tar".into(),
+                ));
             }
-            if site.basebackup_mode == BasebackupMode::LocalTar && site.pg_data_directory.is_none() {
-                return Err((at("pg_data_directory"), "local-tar basebackups read the data directory: set it".into()));
+            if site.basebackup_mode == BasebackupMode::LocalTar && site.pg_data_directory.is_none()
+            {
+                return Err((
+                    at("pg_data_directory"),
+                    "local-tar basebackups read the data directory: set it".into(),
+                ));
             }
         }
         Ok(())
@@ -518,7 +595,10 @@ impl Config {
 
     /// The object key prefix of a site: its `prefix`, else its name.
     pub fn site_prefix<'a>(&'a self, name: &'a str) -> &'a str {
-        self.backup_sites.get(name).and_then(|s| s.prefix.as_deref()).unwrap_or(name)
+        self.backup_sites
+            .get(name)
+            .and_then(|s| s.prefix.as_deref())
+            .unwrap_or(name)
     }
 
     /// Where alert files go.
@@ -547,7 +627,10 @@ mod tests {
     #[test]
     fn pghoard_defaults() {
         let c = Config::parse(MINIMAL, "t.json").unwrap();
-        assert_eq!(c.http_address, "127.0.0.1", "the HTTP API binds loopback by default");
+        assert_eq!(
+            c.http_address, "127.0.0.1",
+            "the HTTP API binds loopback by default"
+        );
         assert_eq!(c.http_port, 16000);
         assert_eq!(c.hash_algorithm, "sha1");
         assert_eq!(c.compression.algorithm, "snappy");
@@ -563,7 +646,10 @@ mod tests {
         let (p, slot) = s.nodes[0].connect_params().unwrap();
         assert_eq!(slot.as_deref(), Some("walhoard"));
         assert_eq!(p.port, 5432);
-        assert!(!format!("{c:?}").contains("secret"), "password in Debug output");
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "password in Debug output"
+        );
     }
 
     #[test]
@@ -576,7 +662,10 @@ mod tests {
         let s = &c.backup_sites["main"];
         assert_eq!(s.active_backup_mode, BackupMode::Walreceiver);
         assert_eq!(s.basebackup_interval_hours, None);
-        let text = MINIMAL.replace(r#"[{"host""#, r#"["host=/tmp port=5433 user=u slot=s1", {"host""#);
+        let text = MINIMAL.replace(
+            r#"[{"host""#,
+            r#"["host=/tmp port=5433 user=u slot=s1", {"host""#,
+        );
         let c = Config::parse(&text, "t.json").unwrap();
         let (p, slot) = c.backup_sites["main"].nodes[0].connect_params().unwrap();
         assert_eq!((p.port, slot.as_deref()), (5433, Some("s1")));
@@ -589,19 +678,64 @@ mod tests {
     #[test]
     fn errors_name_the_key_path() {
         let cases = [
-            (MINIMAL.replace(r#""backup_location""#, r#""backup_locaton""#), "unknown field `backup_locaton`"),
-            (MINIMAL.replace(r#""nodes""#, r#""basebackup_cnt": 3, "nodes""#), "backup_sites.main.basebackup_cnt: unknown field `basebackup_cnt`"),
-            (MINIMAL.replace(r#""port": 5432"#, r#""prot": 5432"#), "backup_sites.main.nodes[0]"),
-            (MINIMAL.replace(r#""directory""#, r#""dir""#), "backup_sites.main.object_storage"),
-            (MINIMAL.replace(r#""local""#, r#""ftp""#), "backup_sites.main.object_storage"),
-            (MINIMAL.replace(r#""nodes""#, r#""basebackup_count": "two", "nodes""#), "backup_sites.main.basebackup_count"),
-            (MINIMAL.replace(r#""nodes""#, r#""active_backup_mode": "rsync", "nodes""#), "backup_sites.main.active_backup_mode"),
-            (MINIMAL.replace(r#""nodes""#, r#""basebackup_hour": 24, "nodes""#), "backup_sites.main.basebackup_hour"),
-            (MINIMAL.replace(r#""nodes""#, r#""encryption_key_id": "k1", "nodes""#), "backup_sites.main.encryption_key_id"),
-            (MINIMAL.replace(r#""nodes""#, r#""basebackup_mode": "local-tar", "nodes""#), "backup_sites.main.pg_data_directory"),
-            (MINIMAL.replace(r#""slot": "walhoard""#, r#""slot": "Bad Slot""#), "backup_sites.main.nodes[0]"),
-            (MINIMAL.replace(r#""backup_location""#, r#""compression": {"algorithm": "gzip"}, "backup_location""#), "compression.algorithm"),
-            (MINIMAL.replace(r#""backup_location""#, r#""http_port": 99999, "backup_location""#), "http_port"),
+            (
+                MINIMAL.replace(r#""backup_location""#, r#""backup_locaton""#),
+                "unknown field `backup_locaton`",
+            ),
+            (
+                MINIMAL.replace(r#""nodes""#, r#""basebackup_cnt": 3, "nodes""#),
+                "backup_sites.main.basebackup_cnt: unknown field `basebackup_cnt`",
+            ),
+            (
+                MINIMAL.replace(r#""port": 5432"#, r#""prot": 5432"#),
+                "backup_sites.main.nodes[0]",
+            ),
+            (
+                MINIMAL.replace(r#""directory""#, r#""dir""#),
+                "backup_sites.main.object_storage",
+            ),
+            (
+                MINIMAL.replace(r#""local""#, r#""ftp""#),
+                "backup_sites.main.object_storage",
+            ),
+            (
+                MINIMAL.replace(r#""nodes""#, r#""basebackup_count": "two", "nodes""#),
+                "backup_sites.main.basebackup_count",
+            ),
+            (
+                MINIMAL.replace(r#""nodes""#, r#""active_backup_mode": "rsync", "nodes""#),
+                "backup_sites.main.active_backup_mode",
+            ),
+            (
+                MINIMAL.replace(r#""nodes""#, r#""basebackup_hour": 24, "nodes""#),
+                "backup_sites.main.basebackup_hour",
+            ),
+            (
+                MINIMAL.replace(r#""nodes""#, r#""encryption_key_id": "k1", "nodes""#),
+                "backup_sites.main.encryption_key_id",
+            ),
+            (
+                MINIMAL.replace(r#""nodes""#, r#""basebackup_mode": "local-tar", "nodes""#),
+                "backup_sites.main.pg_data_directory",
+            ),
+            (
+                MINIMAL.replace(r#""slot": "walhoard""#, r#""slot": "Bad Slot""#),
+                "backup_sites.main.nodes[0]",
+            ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""compression": {"algorithm": "gzip"}, "backup_location""#,
+                ),
+                "compression.algorithm",
+            ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""http_port": 99999, "backup_location""#,
+                ),
+                "http_port",
+            ),
             ("{".to_string(), "t.json"),
         ];
         for (text, want) in cases {

@@ -4,7 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use walhoard_protocol::xlog::{validate_pages, XLogPageHeader};
-use walhoard_protocol::{Lsn, PageExpectation, SegmentSize, TimelineHistory, TimelineId, WalSegmentName};
+use walhoard_protocol::{
+    Lsn, PageExpectation, SegmentSize, TimelineHistory, TimelineId, WalSegmentName,
+};
 
 fuzz_target!(|data: &[u8]| {
     let expect = PageExpectation {
