@@ -118,7 +118,9 @@ fn hex8(s: &str) -> Option<u32> {
 }
 
 fn parse_segment_id(s: &str) -> Option<SegmentId> {
-    if s.len() != 24 {
+    // ASCII first: slicing a 24-byte string with multi-byte characters would not fall on
+    // character boundaries.
+    if s.len() != 24 || !s.is_ascii() {
         return None;
     }
     let tli = TimelineId::new(hex8(&s[0..8])?).ok()?;
@@ -187,6 +189,16 @@ mod tests {
         ] {
             assert!(s.parse::<WalSegmentName>().is_err(), "{s} accepted");
         }
+    }
+
+    /// Found by the page_header fuzz target: eight U+FFFD characters are 24 bytes long.
+    #[test]
+    fn multibyte_name_of_24_bytes_is_rejected_not_a_panic() {
+        let s = String::from_utf8_lossy(&[0xff; 8]).into_owned();
+        assert_eq!(s.len(), 24);
+        assert!(s.parse::<WalSegmentName>().is_err());
+        assert!(format!("{s}.partial").parse::<WalSegmentName>().is_err());
+        assert!("\u{e9}\u{e9}\u{e9}\u{e9}.history".parse::<WalSegmentName>().is_err());
     }
 
     #[test]
