@@ -132,7 +132,10 @@ impl SegmentSize {
         let n: u64 = num.trim().parse().map_err(|_| {
             FormatError::new(format!("invalid wal_segment_size {value:?} from server"))
         })?;
-        Self::new(n * mult)
+        let bytes = n
+            .checked_mul(mult)
+            .ok_or_else(|| FormatError::new(format!("wal_segment_size {value:?} is out of range")))?;
+        Self::new(bytes)
     }
 
     pub fn bytes(self) -> u64 {
@@ -231,6 +234,13 @@ mod tests {
         assert_eq!(SegmentSize::from_show("1GB").unwrap().bytes(), 1 << 30);
         assert_eq!(SegmentSize::from_show("64MB").unwrap().bytes(), 64 << 20);
         assert!(SegmentSize::from_show("sixteen").is_err());
+    }
+
+    /// Found by the page_header fuzz target: the multiplication overflowed.
+    #[test]
+    fn huge_wal_segment_size_is_an_error_not_an_overflow() {
+        assert!(SegmentSize::from_show("55555550055555MB").is_err());
+        assert!(SegmentSize::from_show("18446744073709551615GB").is_err());
     }
 
     #[test]

@@ -54,7 +54,11 @@ impl SegmentId {
 
     /// The next segment on the same timeline.
     pub fn next(&self, size: SegmentSize) -> Result<Self, FormatError> {
-        Ok(Self::from_segno(self.tli, self.segno(size)? + 1, size))
+        let next = self.segno(size)? + 1;
+        if next / size.segments_per_xlogid() > u64::from(u32::MAX) {
+            return Err(FormatError::new(format!("WAL file {self} is the last possible segment")));
+        }
+        Ok(Self::from_segno(self.tli, next, size))
     }
 }
 
@@ -220,6 +224,8 @@ mod tests {
             last.next(s16).unwrap().to_string(),
             "000000010000000100000000"
         );
+        let end = SegmentId { tli: tli(1), log: u32::MAX, seg: 0xFF };
+        assert!(end.next(s16).is_err(), "the last segment has no successor");
         let c = SegmentId::containing(tli(3), Lsn(0x2_0400_0001), s64);
         assert_eq!(c.to_string(), "000000030000000200000001");
     }
