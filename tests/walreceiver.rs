@@ -104,6 +104,49 @@ async fn collect_segments(
     }
 }
 
+/// Follows the receiver until the archive reaches `target`'s segment, archiving each segment
+/// as it arrives and checking it against pg_wal and for gaps. Returns the disconnects seen.
+async fn follow_without_gaps(
+    pg: &PgCluster,
+    r: &mut Running,
+    mut next_segno: u64,
+    target: Lsn,
+    seg: SegmentSize,
+) -> usize {
+    let mut disconnects = 0;
+    loop {
+        match next_event(r).await {
+            ReceiverEvent::Disconnected { retryable, .. } => {
+                assert!(retryable);
+                disconnects += 1;
+            }
+            ReceiverEvent::Connected { start, .. } => {
+                assert!(
+                    start.segment_number(seg) <= next_segno,
+                    "resumed after a gap"
+                )
+            }
+            ReceiverEvent::Segment { start, name, path } => {
+                let segno = start.segment_number(seg);
+                assert!(
+                    segno <= next_segno,
+                    "segment {name} skips ahead of {next_segno}"
+                );
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    std::fs::read(pg.wal_dir().join(name.to_string())).unwrap()
+                );
+                next_segno = next_segno.max(segno + 1);
+                r.archived.send_replace(Lsn((segno + 1) * seg.bytes()));
+                if Lsn((segno + 1) * seg.bytes()) >= target.segment_start(seg) {
+                    return disconnects;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 fn write_wal(pg: &PgCluster, rows: u32) -> Lsn {
     pg.psql(&format!(
         "create table if not exists t (g int, pad text); insert into t select g, repeat(md5(g::text), 16) from generate_series(1, {rows}) g"
@@ -157,39 +200,9 @@ async fn walreceiver_slot_waits_for_archive_and_resumes() {
     pg.psql("select pg_terminate_backend(pid) from pg_stat_replication")
         .unwrap();
     let target = write_wal(&pg, 20000);
-    let mut seen_disconnect = false;
-    let mut next_segno = last + 1;
-    loop {
-        match next_event(&mut r).await {
-            ReceiverEvent::Disconnected { retryable, .. } => {
-                assert!(retryable);
-                seen_disconnect = true;
-            }
-            ReceiverEvent::Connected { start, .. } => assert!(
-                start.segment_number(seg) <= next_segno,
-                "resumed after a gap"
-            ),
-            ReceiverEvent::Segment { start, name, path } => {
-                let segno = start.segment_number(seg);
-                assert!(
-                    segno <= next_segno,
-                    "segment {name} skips ahead of {next_segno}"
-                );
-                assert_eq!(
-                    std::fs::read(&path).unwrap(),
-                    std::fs::read(pg.wal_dir().join(name.to_string())).unwrap()
-                );
-                next_segno = next_segno.max(segno + 1);
-                r.archived.send_replace(Lsn((segno + 1) * seg.bytes()));
-                if Lsn((segno + 1) * seg.bytes()) >= target.segment_start(seg) {
-                    break;
-                }
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let disconnects = follow_without_gaps(&pg, &mut r, last + 1, target, seg).await;
     assert!(
-        seen_disconnect,
+        disconnects >= 1,
         "the walsender was terminated but no disconnect was reported"
     );
     let archived_end = *r.archived.borrow();
@@ -302,6 +315,33 @@ async fn walreceiver_64mb_segments() {
     for path in got.values() {
         assert_eq!(std::fs::metadata(path).unwrap().len(), 64 << 20);
     }
+    r.cancel.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_survives_server_restart() {
+    let mut pg = PgCluster::start().unwrap();
+    let seg = SegmentSize::DEFAULT;
+    let mut r = start(&pg);
+    assert!(matches!(
+        next_event(&mut r).await,
+        ReceiverEvent::Connected { .. }
+    ));
+    let target = write_wal(&pg, 20000);
+    let got = collect_segments(&pg, &mut r, target, seg, true).await;
+    let next_segno = got.keys().last().unwrap() + 1;
+
+    // The server goes away for a few seconds (fast shutdown), then comes back on the same port.
+    pg.stop().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restart_with(None).unwrap();
+    let target = write_wal(&pg, 20000);
+    let disconnects = follow_without_gaps(&pg, &mut r, next_segno, target, seg).await;
+    assert!(
+        disconnects >= 1,
+        "the server restarted but no disconnect was reported"
+    );
     r.cancel.cancel();
     r.task.await.unwrap().unwrap();
 }

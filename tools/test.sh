@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (README: "Run the tests").
 # Installs what is missing (Debian PostgreSQL 15, openssl, Node.js for other PostgreSQL majors),
 # then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
-# protocol tests against each major in WALHOARD_TEST_MAJORS (default "13 17").
+# protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
+# target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,4 +49,17 @@ for v in $majors; do
   echo "== protocol tests against PostgreSQL $v"
   WALHOARD_PG_VERSION=$v cargo test --locked --test tests protocol_
 done
+fuzz_seconds=${WALHOARD_FUZZ_SECONDS:-20}
+if [ "$fuzz_seconds" != 0 ]; then
+  echo "== fuzz targets, ${fuzz_seconds}s each"
+  mkdir -p target
+  status=0
+  FUZZ_SECONDS=$fuzz_seconds tools/fuzz.sh > target/fuzz.log 2>&1 || status=$?
+  grep -E '^==|Done [0-9]+ runs' target/fuzz.log || true
+  if [ "$status" != 0 ]; then
+    tail -60 target/fuzz.log
+    echo "fuzzing failed (exit $status); full log in target/fuzz.log" >&2
+    exit 1
+  fi
+fi
 echo "== all test runs passed"
