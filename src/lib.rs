@@ -1,6 +1,8 @@
 //! walhoard as a library: the binary (`src/main.rs`) is a thin command line over this.
 //!
 //! - [`config`]: the pghoard.json-compatible configuration file.
+//! - [`storage`]: object storage over OpenDAL, with retries and alert files.
 //!   where pghoard has the format).
 
 pub mod config;
+pub mod storage;

@@ -8,4 +8,5 @@ mod protocol_basebackup;
 mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
+mod storage;
 mod walreceiver;

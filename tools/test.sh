@@ -39,6 +39,13 @@ for v in $majors; do
   tools/install-pg.sh "$v"
 done
 
+# S3 tests run against s3s-fs (SigV4 enforced), built once into the cache (about 2 minutes).
+if [ "$(id -u)" = 0 ]; then cache=${WALHOARD_CACHE:-/var/cache/walhoard}; else cache=${WALHOARD_CACHE:-$HOME/.cache/walhoard}; fi
+if [ ! -x "$cache/s3s-fs/bin/s3s-fs" ]; then
+  echo "== installing s3s-fs into $cache/s3s-fs"
+  cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -132,9 +132,9 @@ impl SegmentSize {
         let n: u64 = num.trim().parse().map_err(|_| {
             FormatError::new(format!("invalid wal_segment_size {value:?} from server"))
         })?;
-        let bytes = n
-            .checked_mul(mult)
-            .ok_or_else(|| FormatError::new(format!("wal_segment_size {value:?} is out of range")))?;
+        let bytes = n.checked_mul(mult).ok_or_else(|| {
+            FormatError::new(format!("wal_segment_size {value:?} is out of range"))
+        })?;
         Self::new(bytes)
     }
 

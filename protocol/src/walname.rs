@@ -56,7 +56,9 @@ impl SegmentId {
     pub fn next(&self, size: SegmentSize) -> Result<Self, FormatError> {
         let next = self.segno(size)? + 1;
         if next / size.segments_per_xlogid() > u64::from(u32::MAX) {
-            return Err(FormatError::new(format!("WAL file {self} is the last possible segment")));
+            return Err(FormatError::new(format!(
+                "WAL file {self} is the last possible segment"
+            )));
         }
         Ok(Self::from_segno(self.tli, next, size))
     }
@@ -202,7 +204,9 @@ mod tests {
         assert_eq!(s.len(), 24);
         assert!(s.parse::<WalSegmentName>().is_err());
         assert!(format!("{s}.partial").parse::<WalSegmentName>().is_err());
-        assert!("\u{e9}\u{e9}\u{e9}\u{e9}.history".parse::<WalSegmentName>().is_err());
+        assert!("\u{e9}\u{e9}\u{e9}\u{e9}.history"
+            .parse::<WalSegmentName>()
+            .is_err());
     }
 
     #[test]
@@ -224,7 +228,11 @@ mod tests {
             last.next(s16).unwrap().to_string(),
             "000000010000000100000000"
         );
-        let end = SegmentId { tli: tli(1), log: u32::MAX, seg: 0xFF };
+        let end = SegmentId {
+            tli: tli(1),
+            log: u32::MAX,
+            seg: 0xFF,
+        };
         assert!(end.next(s16).is_err(), "the last segment has no successor");
         let c = SegmentId::containing(tli(3), Lsn(0x2_0400_0001), s64);
         assert_eq!(c.to_string(), "000000030000000200000001");

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod s3;
+
 /// Debian's PostgreSQL 15, the default server and the source of oracle tools.
 pub const DEBIAN_PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
 

@@ -1,0 +1,549 @@
+//! Object storage behind one type, [`ObjectStore`], over Apache OpenDAL: local directories, S3
+//! and S3-compatibles, Google Cloud Storage, Azure Blob, Swift and SFTP.
+//!
+//! Contract:
+//! - keys are relative to the site's prefix (`xlog/000000010000000000000003`);
+//! - an object is never visible under its final key until complete: local writes go to a
+//!   temporary name and are renamed, S3/GCS/Azure commit multipart uploads at the end;
+//! - metadata (pghoard's names: `compression-algorithm`, `encryption-key-id`, ...) travels as
+//!   native user metadata, or as a `<key>.metadata` JSON sidecar on local and SFTP storage,
+//!   written *before* the object, so a visible object always has its metadata;
+//! - uploads and downloads stream in chunks; memory is bounded by the chunk size, not the
+//!   object size;
+//! - [`StorageError::is_transient`] tells a retry from a failure an operator must fix; see
+//!   [`retry`] for the retry loop and its `upload_retries_warning` alert file.
+
+pub mod retry;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use opendal::{ErrorKind, Operator};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::ObjectStorageConfig;
+
+/// Per-object metadata, pghoard's key names.
+pub type Metadata = BTreeMap<String, String>;
+
+/// Suffix of metadata sidecar objects on storages without user metadata.
+pub const SIDECAR_SUFFIX: &str = ".metadata";
+
+/// Size of the pieces uploads are written in (the multipart part size on S3-likes) and
+/// downloads are read in.
+pub const DEFAULT_CHUNK: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("{action} {key}: {source}")]
+    Backend {
+        action: &'static str,
+        key: String,
+        #[source]
+        source: Box<opendal::Error>,
+    },
+    #[error("{action} {key}: {source}")]
+    Io {
+        action: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid object storage configuration: {0}")]
+    Config(String),
+    #[error("metadata of {key}: {message}")]
+    BadMetadata { key: String, message: String },
+}
+
+impl StorageError {
+    /// Worth retrying: network trouble, throttling, server errors. Not: missing objects,
+    /// refused credentials, missing buckets, bad configuration, local I/O of the caller.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Backend { source, .. } => {
+                source.is_temporary() || source.kind() == ErrorKind::RateLimited
+            }
+            _ => false,
+        }
+    }
+}
+
+fn backend<'a>(
+    action: &'static str,
+    key: &'a str,
+) -> impl FnOnce(opendal::Error) -> StorageError + 'a {
+    move |source| {
+        if source.kind() == ErrorKind::NotFound {
+            StorageError::NotFound {
+                key: key.to_string(),
+            }
+        } else {
+            StorageError::Backend {
+                action,
+                key: key.to_string(),
+                source: Box::new(source),
+            }
+        }
+    }
+}
+
+/// An object in a listing or stat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the site prefix.
+    pub key: String,
+    pub size: u64,
+    /// Seconds since the Unix epoch, when the store reports it.
+    pub last_modified: Option<i64>,
+}
+
+/// A site's archive.
+#[derive(Clone)]
+pub struct ObjectStore {
+    op: Operator,
+    /// Metadata as `<key>.metadata` JSON objects (local, sftp).
+    sidecar: bool,
+    /// Site prefix, no leading or trailing slash.
+    prefix: String,
+    kind: &'static str,
+    chunk: usize,
+}
+
+impl fmt::Debug for ObjectStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectStore({} prefix={:?})", self.kind, self.prefix)
+    }
+}
+
+fn err_config(e: opendal::Error) -> StorageError {
+    StorageError::Config(e.to_string())
+}
+
+impl ObjectStore {
+    /// Opens the store described by a site's `object_storage`, under `site_prefix`.
+    pub fn open(cfg: &ObjectStorageConfig, site_prefix: &str) -> Result<Self, StorageError> {
+        // Registers the services and the HTTP transport (idempotent).
+        opendal::install_default();
+        let (op, sidecar, kind, storage_prefix) = match cfg {
+            ObjectStorageConfig::Local { directory, prefix } => {
+                std::fs::create_dir_all(directory).map_err(|e| {
+                    StorageError::Config(format!(
+                        "cannot create directory {}: {e}",
+                        directory.display()
+                    ))
+                })?;
+                let root = directory
+                    .to_str()
+                    .ok_or_else(|| StorageError::Config("directory is not UTF-8".into()))?;
+                // Writes land in a temp dir inside the store and are renamed into place.
+                let tmp = directory.join(".walhoard-tmp");
+                let b = opendal::services::Fs::default()
+                    .root(root)
+                    .atomic_write_dir(tmp.to_str().unwrap_or(".walhoard-tmp"));
+                (
+                    Operator::new(b).map_err(err_config)?,
+                    true,
+                    "local",
+                    prefix.clone(),
+                )
+            }
+            ObjectStorageConfig::S3 {
+                region,
+                bucket_name,
+                aws_access_key_id,
+                aws_secret_access_key,
+                aws_session_token,
+                host,
+                port,
+                is_secure,
+                prefix,
+                ..
+            } => {
+                let mut b = opendal::services::S3::default()
+                    .bucket(bucket_name)
+                    .region(region.as_deref().unwrap_or("us-east-1"))
+                    .disable_config_load()
+                    .disable_ec2_metadata();
+                if let Some(h) = host {
+                    let scheme = if is_secure.unwrap_or(true) {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    let endpoint = match port {
+                        Some(p) => format!("{scheme}://{h}:{p}"),
+                        None => format!("{scheme}://{h}"),
+                    };
+                    b = b.endpoint(&endpoint);
+                }
+                if let Some(k) = aws_access_key_id {
+                    b = b.access_key_id(k);
+                }
+                if let Some(s) = aws_secret_access_key {
+                    b = b.secret_access_key(s);
+                }
+                if let Some(t) = aws_session_token {
+                    b = b.session_token(t);
+                }
+                (
+                    Operator::new(b).map_err(err_config)?,
+                    false,
+                    "s3",
+                    prefix.clone(),
+                )
+            }
+            ObjectStorageConfig::Google {
+                bucket_name,
+                credential_file,
+                prefix,
+                ..
+            } => {
+                let mut b = opendal::services::Gcs::default().bucket(bucket_name);
+                if let Some(f) = credential_file {
+                    b = b.credential_path(f.to_str().ok_or_else(|| {
+                        StorageError::Config("credential_file is not UTF-8".into())
+                    })?);
+                }
+                (
+                    Operator::new(b).map_err(err_config)?,
+                    false,
+                    "google",
+                    prefix.clone(),
+                )
+            }
+            ObjectStorageConfig::Azure {
+                account_name,
+                account_key,
+                bucket_name,
+                host,
+                port,
+                is_secure,
+                prefix,
+                ..
+            } => {
+                let scheme = if is_secure.unwrap_or(true) {
+                    "https"
+                } else {
+                    "http"
+                };
+                let endpoint = match (host, port) {
+                    // Azurite-style endpoints carry the account in the path.
+                    (Some(h), Some(p)) => format!("{scheme}://{h}:{p}/{account_name}"),
+                    (Some(h), None) => format!("{scheme}://{h}/{account_name}"),
+                    _ => format!("https://{account_name}.blob.core.windows.net"),
+                };
+                let mut b = opendal::services::Azblob::default()
+                    .container(bucket_name)
+                    .account_name(account_name)
+                    .endpoint(&endpoint);
+                if let Some(k) = account_key {
+                    b = b.account_key(k);
+                }
+                (
+                    Operator::new(b).map_err(err_config)?,
+                    false,
+                    "azure",
+                    prefix.clone(),
+                )
+            }
+            ObjectStorageConfig::Swift {
+                auth_url,
+                container_name,
+                prefix,
+                ..
+            } => {
+                let b = opendal::services::Swift::default()
+                    .endpoint(auth_url)
+                    .container(container_name);
+                (
+                    Operator::new(b).map_err(err_config)?,
+                    false,
+                    "swift",
+                    prefix.clone(),
+                )
+            }
+            ObjectStorageConfig::Sftp {
+                server,
+                port,
+                username,
+                private_key,
+                prefix,
+                ..
+            } => {
+                let endpoint = format!("ssh://{username}@{server}:{}", port.unwrap_or(22));
+                let mut b = opendal::services::Sftp::default()
+                    .endpoint(&endpoint)
+                    .user(username);
+                if let Some(k) = private_key {
+                    b = b.key(k);
+                }
+                (
+                    Operator::new(b).map_err(err_config)?,
+                    true,
+                    "sftp",
+                    prefix.clone(),
+                )
+            }
+        };
+        let mut full = String::new();
+        for part in [storage_prefix.as_deref().unwrap_or(""), site_prefix] {
+            let part = part.trim_matches('/');
+            if !part.is_empty() {
+                if !full.is_empty() {
+                    full.push('/');
+                }
+                full.push_str(part);
+            }
+        }
+        Ok(ObjectStore {
+            op,
+            sidecar,
+            prefix: full,
+            kind,
+            chunk: DEFAULT_CHUNK,
+        })
+    }
+
+    /// Sets the upload part / download read size.
+    pub fn with_chunk_size(mut self, chunk: usize) -> Self {
+        self.chunk = chunk;
+        self
+    }
+
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn path(&self, key: &str) -> Result<String, StorageError> {
+        if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p == ".") {
+            return Err(StorageError::Config(format!("invalid object key {key:?}")));
+        }
+        Ok(if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
+    }
+
+    fn sidecar_key(key: &str) -> String {
+        format!("{key}{SIDECAR_SUFFIX}")
+    }
+
+    /// Streams `source` into `key`. The object appears only once complete; on any error the
+    /// partial upload is aborted. Returns the bytes stored.
+    pub async fn put(
+        &self,
+        key: &str,
+        mut source: impl AsyncRead + Unpin,
+        metadata: &Metadata,
+    ) -> Result<u64, StorageError> {
+        let path = self.path(key)?;
+        if self.sidecar {
+            let json = serde_json::to_vec(metadata).map_err(|e| StorageError::BadMetadata {
+                key: key.into(),
+                message: e.to_string(),
+            })?;
+            let side = self.path(&Self::sidecar_key(key))?;
+            self.op
+                .write(&side, json)
+                .await
+                .map_err(backend("write metadata of", key))?;
+        }
+        let mut w = self.op.writer_with(&path).chunk(self.chunk);
+        if !self.sidecar {
+            w = w.user_metadata(metadata.clone());
+        }
+        let mut writer = w.await.map_err(backend("start upload of", key))?;
+        let mut total = 0u64;
+        let result: Result<(), StorageError> = async {
+            loop {
+                let mut buf = vec![0u8; self.chunk.min(1024 * 1024)];
+                let n = source.read(&mut buf).await.map_err(|e| StorageError::Io {
+                    action: "read source of",
+                    key: key.into(),
+                    source: e,
+                })?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                total += n as u64;
+                writer
+                    .write(Bytes::from(buf))
+                    .await
+                    .map_err(backend("upload", key))?;
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        writer
+            .close()
+            .await
+            .map_err(backend("complete upload of", key))?;
+        Ok(total)
+    }
+
+    /// Stores a small object from memory.
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        data: &[u8],
+        metadata: &Metadata,
+    ) -> Result<u64, StorageError> {
+        self.put(key, data, metadata).await
+    }
+
+    /// The object's metadata.
+    pub async fn metadata(&self, key: &str) -> Result<Metadata, StorageError> {
+        if self.sidecar {
+            let side = self.path(&Self::sidecar_key(key))?;
+            let raw = self
+                .op
+                .read(&side)
+                .await
+                .map_err(backend("read metadata of", key))?
+                .to_vec();
+            return serde_json::from_slice(&raw).map_err(|e| StorageError::BadMetadata {
+                key: key.into(),
+                message: e.to_string(),
+            });
+        }
+        let meta = self
+            .op
+            .stat(&self.path(key)?)
+            .await
+            .map_err(backend("stat", key))?;
+        Ok(meta
+            .user_metadata()
+            .map(|m| {
+                m.into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Streams the object into `sink`; returns its metadata and size.
+    pub async fn get(
+        &self,
+        key: &str,
+        mut sink: impl AsyncWrite + Unpin,
+    ) -> Result<(Metadata, u64), StorageError> {
+        let path = self.path(key)?;
+        let size = self
+            .op
+            .stat(&path)
+            .await
+            .map_err(backend("stat", key))?
+            .content_length();
+        let metadata = self.metadata(key).await?;
+        let reader = self
+            .op
+            .reader(&path)
+            .await
+            .map_err(backend("download", key))?;
+        let mut off = 0u64;
+        while off < size {
+            let end = (off + self.chunk as u64).min(size);
+            let buf = reader
+                .read(off..end)
+                .await
+                .map_err(backend("download", key))?;
+            if buf.is_empty() {
+                return Err(StorageError::Io {
+                    action: "download",
+                    key: key.into(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("object ended at {off} of {size} bytes"),
+                    ),
+                });
+            }
+            off += buf.len() as u64;
+            for chunk in buf {
+                sink.write_all(&chunk).await.map_err(|e| StorageError::Io {
+                    action: "write download of",
+                    key: key.into(),
+                    source: e,
+                })?;
+            }
+        }
+        sink.flush().await.map_err(|e| StorageError::Io {
+            action: "write download of",
+            key: key.into(),
+            source: e,
+        })?;
+        Ok((metadata, size))
+    }
+
+    /// Reads a small object into memory.
+    pub async fn get_bytes(&self, key: &str) -> Result<(Vec<u8>, Metadata), StorageError> {
+        let mut out = Vec::new();
+        let (meta, _) = self.get(key, &mut out).await?;
+        Ok((out, meta))
+    }
+
+    /// Size and time of `key`, `None` when absent.
+    pub async fn stat(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        match self.op.stat(&self.path(key)?).await {
+            Ok(m) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: m.content_length(),
+                last_modified: m.last_modified().map(|t| t.into_inner().as_second()),
+            })),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(backend("stat", key)(e)),
+        }
+    }
+
+    /// Objects whose keys start with `dir/` (recursively), sidecars and temp files left out.
+    pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let base = format!("{}/", self.path(dir.trim_end_matches('/'))?);
+        let entries = match self.op.list_with(&base).recursive(true).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(backend("list", dir)(e)),
+        };
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let p = e.path();
+            if p.ends_with('/') || p.ends_with(SIDECAR_SUFFIX) || p.contains("/.walhoard-tmp/") {
+                continue;
+            }
+            let meta = e.metadata();
+            out.push(ObjectInfo {
+                key: p.get(strip..).unwrap_or(p).to_string(),
+                size: meta.content_length(),
+                last_modified: meta.last_modified().map(|t| t.into_inner().as_second()),
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Deletes the object (and its sidecar). Deleting a missing object is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.op
+            .delete(&self.path(key)?)
+            .await
+            .map_err(backend("delete", key))?;
+        if self.sidecar {
+            self.op
+                .delete(&self.path(&Self::sidecar_key(key))?)
+                .await
+                .map_err(backend("delete metadata of", key))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! Retrying transient storage failures with capped exponential backoff, and the
+//! `upload_retries_warning` alert file of pghoard: created in the alert directory after
+//! `upload_retries_warning_limit` failed attempts at one object, removed once it succeeds.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::StorageError;
+
+/// Name of the alert file (pghoard's).
+pub const UPLOAD_RETRIES_WARNING: &str = "upload_retries_warning";
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Failed attempts at one object before the alert file appears.
+    pub warning_limit: u32,
+    /// Where alert files go; none means no alert file.
+    pub alert_dir: Option<PathBuf>,
+    /// Give up after this many attempts; `None` retries transient errors forever.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            warning_limit: 3,
+            alert_dir: None,
+            max_attempts: None,
+        }
+    }
+}
+
+fn write_alert(dir: &Path, what: &str, failures: u32, err: &StorageError) {
+    let body =
+        serde_json::json!({ "object": what, "failures": failures, "error": err.to_string() });
+    let path = dir.join(UPLOAD_RETRIES_WARNING);
+    if let Err(e) = std::fs::write(&path, body.to_string()) {
+        tracing::error!(path = %path.display(), error = %e, "cannot write alert file");
+    }
+}
+
+/// Runs `op` until it succeeds, a permanent error occurs, or `max_attempts` is reached.
+/// `what` names the object in logs and the alert file.
+pub async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    what: &str,
+    mut op: F,
+) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StorageError>>,
+{
+    let mut failures = 0u32;
+    let mut alerted = false;
+    let mut backoff = policy.initial_backoff;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if alerted {
+                    if let Some(dir) = &policy.alert_dir {
+                        let _ = std::fs::remove_file(dir.join(UPLOAD_RETRIES_WARNING));
+                    }
+                    tracing::info!(object = what, failures, "transfer succeeded after retries");
+                }
+                return Ok(v);
+            }
+            Err(e) if e.is_transient() => {
+                failures += 1;
+                if policy.max_attempts.is_some_and(|m| failures >= m) {
+                    return Err(e);
+                }
+                tracing::warn!(object = what, failures, error = %e, retry_in = ?backoff, "transient storage error");
+                if failures >= policy.warning_limit && !alerted {
+                    if let Some(dir) = &policy.alert_dir {
+                        write_alert(dir, what, failures, &e);
+                        alerted = true;
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(policy.max_backoff);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

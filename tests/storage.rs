@@ -1,0 +1,288 @@
+//! Object storage against real backends: local directories and S3 through s3s-fs (SigV4).
+
+use std::time::Duration;
+
+use walhoard::config::ObjectStorageConfig;
+use walhoard::storage::retry::{with_retries, RetryPolicy, UPLOAD_RETRIES_WARNING};
+use walhoard::storage::{Metadata, ObjectStore, StorageError};
+use walhoard_testkit::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
+
+fn metadata() -> Metadata {
+    [
+        ("compression-algorithm", "zstd"),
+        ("original-file-size", "16777216"),
+        ("pg-version", "150018"),
+        ("hash-algorithm", "sha1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Deterministic, not very compressible bytes.
+fn payload(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
+    serde_json::from_value(serde_json::json!({
+        "storage_type": "s3",
+        "bucket_name": "archive",
+        "region": "us-east-1",
+        "aws_access_key_id": ACCESS_KEY,
+        "aws_secret_access_key": secret,
+        "host": server.endpoint_host(),
+        "port": server.port,
+        "is_secure": false,
+    }))
+    .unwrap()
+}
+
+/// Round trips, listing, metadata, deletion: the same contract on every backend.
+async fn exercise(store: &ObjectStore, big: usize) {
+    let small = b"history file contents\n".to_vec();
+    store
+        .put_bytes("timeline/00000002.history", &small, &metadata())
+        .await
+        .unwrap();
+    let data = payload(big);
+    let n = store
+        .put("xlog/000000010000000000000003", &data[..], &metadata())
+        .await
+        .unwrap();
+    assert_eq!(n, data.len() as u64);
+
+    let (got, meta) = store.get_bytes("timeline/00000002.history").await.unwrap();
+    assert_eq!(got, small);
+    assert_eq!(meta, metadata());
+    let mut out = Vec::new();
+    let (meta, size) = store
+        .get("xlog/000000010000000000000003", &mut out)
+        .await
+        .unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert!(out == data, "large object differs after the round trip");
+    assert_eq!(meta["original-file-size"], "16777216");
+
+    let info = store
+        .stat("xlog/000000010000000000000003")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(
+        store.stat("xlog/000000010000000000000004").await.unwrap(),
+        None
+    );
+    let keys: Vec<String> = store
+        .list("xlog")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, vec!["xlog/000000010000000000000003"]);
+    assert!(store.list("basebackup").await.unwrap().is_empty());
+
+    let err = store
+        .get_bytes("xlog/000000010000000000000009")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::NotFound { .. }), "{err}");
+    assert!(!err.is_transient());
+    assert!(store
+        .put_bytes("../escape", b"x", &Metadata::new())
+        .await
+        .is_err());
+
+    store.delete("xlog/000000010000000000000003").await.unwrap();
+    assert_eq!(
+        store.stat("xlog/000000010000000000000003").await.unwrap(),
+        None
+    );
+    assert!(store.list("xlog").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn storage_local_round_trip_with_sidecar_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: ObjectStorageConfig = serde_json::from_value(
+        serde_json::json!({"storage_type": "local", "directory": dir.path()}),
+    )
+    .unwrap();
+    let store = ObjectStore::open(&cfg, "site1")
+        .unwrap()
+        .with_chunk_size(1 << 20);
+    exercise(&store, 5 * (1 << 20) + 123).await;
+    // pghoard layout: <directory>/<site>/<key> with a JSON sidecar.
+    let side = dir.path().join("site1/timeline/00000002.history.metadata");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(side).unwrap()).unwrap();
+    assert_eq!(v["compression-algorithm"], "zstd");
+    assert!(dir.path().join("site1/timeline/00000002.history").exists());
+}
+
+/// A source that fails midway: nothing may appear under the key.
+struct FailingSource {
+    left: usize,
+}
+
+impl tokio::io::AsyncRead for FailingSource {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("source broke")));
+        }
+        let n = self.left.min(buf.remaining()).min(64 * 1024);
+        buf.put_slice(&vec![1u8; n]);
+        self.left -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn storage_failed_upload_leaves_nothing_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: ObjectStorageConfig = serde_json::from_value(
+        serde_json::json!({"storage_type": "local", "directory": dir.path()}),
+    )
+    .unwrap();
+    let store = ObjectStore::open(&cfg, "site1")
+        .unwrap()
+        .with_chunk_size(1 << 20);
+    let err = store
+        .put(
+            "xlog/000000010000000000000005",
+            FailingSource { left: 3 << 20 },
+            &metadata(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("source broke"), "{err}");
+    assert_eq!(
+        store.stat("xlog/000000010000000000000005").await.unwrap(),
+        None
+    );
+    assert!(store.list("xlog").await.unwrap().is_empty());
+
+    let server = S3Server::start("archive").unwrap();
+    let store = ObjectStore::open(&s3_config(&server, SECRET_KEY), "site1")
+        .unwrap()
+        .with_chunk_size(5 << 20);
+    let err = store
+        .put(
+            "xlog/000000010000000000000005",
+            FailingSource { left: 12 << 20 },
+            &metadata(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("source broke"), "{err}");
+    assert_eq!(
+        store.stat("xlog/000000010000000000000005").await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn storage_s3_round_trip_multipart() {
+    let server = S3Server::start("archive").unwrap();
+    // 5 MiB parts: a 12 MiB object is a three-part multipart upload.
+    let store = ObjectStore::open(&s3_config(&server, SECRET_KEY), "site1")
+        .unwrap()
+        .with_chunk_size(5 << 20);
+    exercise(&store, 12 * (1 << 20) + 7).await;
+    // pghoard layout inside the bucket.
+    assert!(server
+        .data_dir()
+        .join("archive/site1/timeline/00000002.history")
+        .exists());
+}
+
+#[tokio::test]
+async fn storage_s3_wrong_credentials_fail_fast() {
+    let server = S3Server::start("archive").unwrap();
+    let store = ObjectStore::open(&s3_config(&server, "not-the-secret"), "site1").unwrap();
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let meta = metadata();
+    let err = with_retries(&policy, "xlog/x", || {
+        store.put_bytes("xlog/x", b"data", &meta)
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        !err.is_transient(),
+        "refused credentials must not be retried: {err}"
+    );
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn storage_s3_outage_retries_and_alerts() {
+    let mut server = S3Server::start("archive").unwrap();
+    let store = ObjectStore::open(&s3_config(&server, SECRET_KEY), "site1").unwrap();
+    let alerts = tempfile::tempdir().unwrap();
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(400),
+        warning_limit: 3,
+        alert_dir: Some(alerts.path().to_path_buf()),
+        max_attempts: None,
+    };
+    server.stop();
+    let alert = alerts.path().join(UPLOAD_RETRIES_WARNING);
+    let data = payload(100_000);
+    let upload = {
+        let store = store.clone();
+        let data = data.clone();
+        let policy = policy.clone();
+        tokio::spawn(async move {
+            let meta = metadata();
+            with_retries(&policy, "xlog/000000010000000000000007", || {
+                store.put_bytes("xlog/000000010000000000000007", &data, &meta)
+            })
+            .await
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !alert.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no alert file during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(std::fs::read_to_string(&alert)
+        .unwrap()
+        .contains("000000010000000000000007"));
+    server.resume().unwrap();
+    upload.await.unwrap().unwrap();
+    assert!(
+        !alert.exists(),
+        "alert file not removed after the upload succeeded"
+    );
+    let (got, _) = store
+        .get_bytes("xlog/000000010000000000000007")
+        .await
+        .unwrap();
+    assert!(got == data);
+}
