@@ -2,7 +2,6 @@
 //!
 //! - [`config`]: the pghoard.json-compatible configuration file.
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
-//!   where pghoard has the format).
 
 pub mod config;
 pub mod storage;
