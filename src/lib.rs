@@ -1,7 +1,9 @@
 //! walhoard as a library: the binary (`src/main.rs`) is a thin command line over this.
 //!
 //! - [`config`]: the pghoard.json-compatible configuration file.
+//! - [`pipeline`]: compression of archive objects, byte-compatible with pghoard.
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
 
 pub mod config;
+pub mod pipeline;
 pub mod storage;

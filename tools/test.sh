@@ -27,6 +27,12 @@ need_pkg tar tar
 if [ -n "$majors" ]; then
   need_pkg npm npm
 fi
+need_pkg xz xz-utils
+# pghoard's snappy implementation, the oracle for our snappy streams.
+if ! python3 -c "import snappy" 2>/dev/null; then
+  echo "== installing python-snappy"
+  python3 -m pip install -q python-snappy
+fi
 if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
 if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
 

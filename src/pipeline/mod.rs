@@ -1,0 +1,3 @@
+//! The path every archived byte takes: compress, then encrypt, then store; and back.
+
+pub mod compression;
