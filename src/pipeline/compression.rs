@@ -97,7 +97,7 @@ impl CompressionSettings {
 
 /// A streaming compressor writing into `W`.
 pub enum Compressor<W: Write> {
-    Snappy(snap::write::FrameEncoder<W>),
+    Snappy(Box<snap::write::FrameEncoder<W>>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
     Lzma(liblzma::write::XzEncoder<W>),
 }
@@ -108,7 +108,9 @@ impl<W: Write> Compressor<W> {
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(match settings.algorithm {
-            Algorithm::Snappy => Compressor::Snappy(snap::write::FrameEncoder::new(inner)),
+            Algorithm::Snappy => {
+                Compressor::Snappy(Box::new(snap::write::FrameEncoder::new(inner)))
+            }
             Algorithm::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(inner, settings.level)?;
                 // A content checksum per frame (4 bytes) lets corruption of unencrypted
