@@ -28,6 +28,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate an RSA key pair and print it in configuration form, like pghoard_create_keys:
+    /// {"encryption_keys": {ID: {"public": PEM, "private": PEM}}}.
+    CreateKeys {
+        /// The key id to store under (also the site's encryption_key_id).
+        #[arg(long)]
+        key_id: String,
+        /// RSA modulus size: 2048, 3072, 4096 or 8192.
+        #[arg(long, default_value_t = 3072)]
+        bits: usize,
+    },
+}
+
+fn create_keys(key_id: &str, bits: usize) -> Result<()> {
+    if key_id.is_empty() || key_id.len() > 255 {
+        anyhow::bail!("--key-id must be 1 to 255 bytes");
+    }
+    let (public, private) = walhoard::pipeline::encryption::generate_key_pair(bits)?;
+    let v = serde_json::json!({ "encryption_keys": { key_id: { "public": public, "private": private } } });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
 }
 
 async fn identify(conninfo: &str, json: bool) -> Result<()> {
@@ -84,6 +104,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Identify { conninfo, json } => identify(&conninfo, json).await,
+            Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
         }
     });
     match result {

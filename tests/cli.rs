@@ -45,3 +45,48 @@ fn cli_bad_conninfo_names_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/.s.PGSQL.1"), "{err}");
 }
+
+#[test]
+fn cli_create_keys_prints_usable_config() {
+    let out = walhoard(&["create-keys", "--key-id", "site1-2026", "--bits", "2048"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let k = &v["encryption_keys"]["site1-2026"];
+    let public = k["public"].as_str().unwrap();
+    let private = k["private"].as_str().unwrap();
+    // The keys go straight into a site's configuration and work there.
+    let cfg = serde_json::json!({
+        "backup_sites": {"s": {
+            "nodes": ["host=/tmp"],
+            "object_storage": {"storage_type": "local", "directory": "/tmp/x"},
+            "encryption_key_id": "site1-2026",
+            "encryption_keys": v["encryption_keys"],
+        }}
+    });
+    walhoard::config::Config::parse(&cfg.to_string(), "generated").unwrap();
+    use std::io::{Read, Write};
+    use walhoard::pipeline::encryption::{Decryptor, Encryptor, KeyRing, PrivateKey, PublicKey};
+    let mut e = Encryptor::new(
+        Vec::new(),
+        &PublicKey::from_pem(public).unwrap(),
+        "site1-2026",
+        4096,
+    )
+    .unwrap();
+    e.write_all(b"secret WAL").unwrap();
+    let enc = e.finish().unwrap();
+    let mut ring = KeyRing::default();
+    ring.insert("site1-2026", PrivateKey::from_pem(private).unwrap());
+    let mut out = Vec::new();
+    Decryptor::new(&enc[..], &ring)
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap();
+    assert_eq!(out, b"secret WAL");
+    let bad = walhoard(&["create-keys", "--key-id", "x", "--bits", "1000"]);
+    assert!(!bad.status.success());
+}

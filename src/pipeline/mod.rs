@@ -1,3 +1,4 @@
 //! The path every archived byte takes: compress, then encrypt, then store; and back.
 
 pub mod compression;
+pub mod encryption;
