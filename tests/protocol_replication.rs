@@ -290,16 +290,7 @@ async fn protocol_end_of_timeline_after_promotion() {
     let mut pg = PgCluster::start().unwrap();
     pg.psql("create table before_switch as select 1").unwrap();
     // Restart the same cluster as a standby and promote it: timeline 2 begins.
-    pg.stop().unwrap();
-    pg.write_owned(&pg.data_dir().join("standby.signal"), b"", 0o600)
-        .unwrap();
-    pg.restart_with(None).unwrap();
-    pg.psql("select pg_promote(true, 60)").unwrap();
-    assert!(wait_until(Duration::from_secs(30), || pg
-        .psql("select pg_is_in_recovery()")
-        .unwrap()
-        .trim()
-        == "f"));
+    pg.promote_to_new_timeline().unwrap();
     pg.psql("create table after_switch as select 2").unwrap();
 
     let mut c = ReplicationClient::connect(&socket_params(&pg))

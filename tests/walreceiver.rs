@@ -223,11 +223,7 @@ async fn walreceiver_follows_timeline_switch() {
     write_wal(&pg, 5000);
     pg.psql("create table before_switch as select 1").unwrap();
     // Same cluster restarted as a standby and promoted: timeline 2; the slot persists.
-    pg.stop().unwrap();
-    pg.write_owned(&pg.data_dir().join("standby.signal"), b"", 0o600)
-        .unwrap();
-    pg.restart_with(None).unwrap();
-    pg.psql("select pg_promote(true, 60)").unwrap();
+    pg.promote_to_new_timeline().unwrap();
     pg.psql("create table after_switch as select 2").unwrap();
     let history = std::fs::read(pg.wal_dir().join("00000002.history")).unwrap();
     let switchpoint =

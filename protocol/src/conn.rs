@@ -48,6 +48,28 @@ impl QueryResult {
         }
     }
 
+    /// Column `name` of row `row` as an LSN (`X/X`); `Ok(None)` for NULL.
+    pub fn lsn(&self, row: usize, name: &str) -> Result<Option<crate::Lsn>> {
+        self.text(row, name)?
+            .map(|v| {
+                v.parse()
+                    .map_err(|e| Error::protocol(format!("column {name:?}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Column `name` of row `row` as a timeline id; `Ok(None)` for NULL.
+    pub fn timeline(&self, row: usize, name: &str) -> Result<Option<crate::TimelineId>> {
+        self.text(row, name)?
+            .map(|v| {
+                v.parse::<u32>()
+                    .ok()
+                    .and_then(|t| crate::TimelineId::new(t).ok())
+                    .ok_or_else(|| Error::protocol(format!("column {name:?}: bad timeline {v:?}")))
+            })
+            .transpose()
+    }
+
     /// Like [`QueryResult::text`], but NULL is an error.
     pub fn required(&self, row: usize, name: &str) -> Result<String> {
         self.text(row, name)?

@@ -5,10 +5,11 @@ use bytes::{Bytes, BytesMut};
 
 use crate::conn::{Connection, QueryResult};
 use crate::error::{Error, Result};
-use crate::lsn::{Lsn, PgTimestamp, SegmentSize, TimelineId};
+use crate::lsn::{Lsn, SegmentSize, TimelineId};
 use crate::message::{frontend_msg, BackendMessage};
 use crate::params::ConnectParams;
-use crate::replmsg::{parse_walsender, StandbyStatus, WalSenderMessage};
+use crate::replmsg::{parse_walsender, StandbyStatus};
+pub use crate::replmsg::{EndOfTimeline, ReplicationEvent};
 
 /// The answer to IDENTIFY_SYSTEM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,20 +84,15 @@ impl ReplicationClient {
     pub async fn identify_system(&mut self) -> Result<SystemIdentity> {
         let r = self.one_row("IDENTIFY_SYSTEM").await?;
         let system_id = r.required(0, "systemid")?;
-        let tli = r.required(0, "timeline")?;
-        let xlogpos = r.required(0, "xlogpos")?;
+        let missing = |c: &str| Error::protocol(format!("IDENTIFY_SYSTEM returned no {c}"));
         Ok(SystemIdentity {
             system_id: system_id
                 .parse()
                 .map_err(|_| Error::protocol(format!("bad systemid {system_id:?}")))?,
-            timeline: tli
-                .parse()
-                .ok()
-                .and_then(|t| TimelineId::new(t).ok())
-                .ok_or_else(|| Error::protocol(format!("bad timeline {tli:?}")))?,
-            xlogpos: xlogpos
-                .parse()
-                .map_err(|e| Error::protocol(format!("bad xlogpos: {e}")))?,
+            timeline: r
+                .timeline(0, "timeline")?
+                .ok_or_else(|| missing("timeline"))?,
+            xlogpos: r.lsn(0, "xlogpos")?.ok_or_else(|| missing("xlogpos"))?,
             dbname: r.text(0, "dbname")?,
         })
     }
@@ -174,20 +170,10 @@ impl ReplicationClient {
             let Some(slot_type) = r.text(0, "slot_type")? else {
                 return Ok(None);
             };
-            let restart_lsn = r
-                .text(0, "restart_lsn")?
-                .map(|l| l.parse::<Lsn>())
-                .transpose()
-                .map_err(|e| Error::protocol(e.to_string()))?;
-            let restart_tli = r
-                .text(0, "restart_tli")?
-                .map(|t| t.parse::<u32>().ok().and_then(|t| TimelineId::new(t).ok()))
-                .map(|t| t.ok_or_else(|| Error::protocol("bad restart_tli")))
-                .transpose()?;
             return Ok(Some(SlotInfo {
                 slot_type,
-                restart_lsn,
-                restart_tli,
+                restart_lsn: r.lsn(0, "restart_lsn")?,
+                restart_tli: r.timeline(0, "restart_tli")?,
             }));
         }
         let mut sql = Connection::connect(&self.params.for_sql()).await?;
@@ -201,14 +187,9 @@ impl ReplicationClient {
         if r.rows.is_empty() {
             return Ok(None);
         }
-        let restart_lsn = r
-            .text(0, "restart_lsn")?
-            .map(|l| l.parse::<Lsn>())
-            .transpose()
-            .map_err(|e| Error::protocol(e.to_string()))?;
         Ok(Some(SlotInfo {
+            restart_lsn: r.lsn(0, "restart_lsn")?,
             slot_type: r.required(0, "slot_type")?,
-            restart_lsn,
             restart_tli: None,
         }))
     }
@@ -282,33 +263,6 @@ impl ReplicationClient {
     pub async fn close(self) -> Result<()> {
         self.conn.close().await
     }
-}
-
-/// Where the server continues after the streamed timeline ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndOfTimeline {
-    /// The next timeline, when the server reported one.
-    pub next_tli: Option<TimelineId>,
-    /// Where `next_tli` starts (the switchpoint).
-    pub next_tli_start: Option<Lsn>,
-}
-
-/// What the stream yields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicationEvent {
-    XLogData {
-        wal_start: Lsn,
-        wal_end: Lsn,
-        server_time: PgTimestamp,
-        data: Bytes,
-    },
-    Keepalive {
-        wal_end: Lsn,
-        server_time: PgTimestamp,
-        reply_requested: bool,
-    },
-    /// The server finished sending the requested timeline; the connection is idle again.
-    EndOfTimeline(EndOfTimeline),
 }
 
 #[derive(Debug)]
@@ -430,28 +384,7 @@ impl ReplicationStream<'_> {
                 }
                 StreamState::Streaming => match self.conn.read_message().await? {
                     BackendMessage::CopyData(payload) => {
-                        return Ok(match parse_walsender(payload)? {
-                            WalSenderMessage::XLogData {
-                                wal_start,
-                                wal_end,
-                                server_time,
-                                data,
-                            } => ReplicationEvent::XLogData {
-                                wal_start,
-                                wal_end,
-                                server_time,
-                                data,
-                            },
-                            WalSenderMessage::Keepalive {
-                                wal_end,
-                                server_time,
-                                reply_requested,
-                            } => ReplicationEvent::Keepalive {
-                                wal_end,
-                                server_time,
-                                reply_requested,
-                            },
-                        })
+                        return parse_walsender(payload);
                     }
                     BackendMessage::CopyDone => {
                         // End of timeline: answer with our CopyDone, then read where to continue.

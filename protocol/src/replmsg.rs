@@ -9,11 +9,20 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::{Error, Result};
-use crate::lsn::{Lsn, PgTimestamp};
+use crate::lsn::{Lsn, PgTimestamp, TimelineId};
 
-/// A message from the walsender inside CopyBoth.
+/// Where the server continues after the streamed timeline ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WalSenderMessage {
+pub struct EndOfTimeline {
+    /// The next timeline, when the server reported one.
+    pub next_tli: Option<TimelineId>,
+    /// Where `next_tli` starts (the switchpoint).
+    pub next_tli_start: Option<Lsn>,
+}
+
+/// What a START_REPLICATION stream yields: the walsender's messages, and the end of the timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEvent {
     /// WAL bytes starting at `wal_start`.
     XLogData {
         /// LSN of the first byte of `data`.
@@ -31,10 +40,13 @@ pub enum WalSenderMessage {
         /// The server wants a status update now, or it will time us out.
         reply_requested: bool,
     },
+    /// The server finished sending the requested timeline; the connection is idle again.
+    /// (Never produced by [`parse_walsender`]: it follows CopyDone.)
+    EndOfTimeline(EndOfTimeline),
 }
 
 /// Parses a CopyData payload received during START_REPLICATION.
-pub fn parse_walsender(mut payload: Bytes) -> Result<WalSenderMessage> {
+pub fn parse_walsender(mut payload: Bytes) -> Result<ReplicationEvent> {
     let short = |what: &str| {
         Error::protocol(format!(
             "{what} message too short ({} bytes)",
@@ -50,7 +62,7 @@ pub fn parse_walsender(mut payload: Bytes) -> Result<WalSenderMessage> {
             let wal_start = Lsn(payload.get_u64());
             let wal_end = Lsn(payload.get_u64());
             let server_time = PgTimestamp(payload.get_i64());
-            Ok(WalSenderMessage::XLogData {
+            Ok(ReplicationEvent::XLogData {
                 wal_start,
                 wal_end,
                 server_time,
@@ -68,7 +80,7 @@ pub fn parse_walsender(mut payload: Bytes) -> Result<WalSenderMessage> {
             let wal_end = Lsn(payload.get_u64());
             let server_time = PgTimestamp(payload.get_i64());
             let reply_requested = payload.get_u8() != 0;
-            Ok(WalSenderMessage::Keepalive {
+            Ok(ReplicationEvent::Keepalive {
                 wal_end,
                 server_time,
                 reply_requested,
@@ -180,7 +192,7 @@ mod tests {
         p.extend_from_slice(b"WAL");
         assert_eq!(
             parse_walsender(Bytes::from(p)).unwrap(),
-            WalSenderMessage::XLogData {
+            ReplicationEvent::XLogData {
                 wal_start: Lsn(0x1_0200_0000),
                 wal_end: Lsn(0x1_0300_0000),
                 server_time: PgTimestamp(5),
@@ -194,7 +206,7 @@ mod tests {
         let p = b"k\0\0\0\x01\0\0\0\0\0\0\0\0\0\0\0\x07\x01";
         assert_eq!(
             parse_walsender(Bytes::from_static(p)).unwrap(),
-            WalSenderMessage::Keepalive {
+            ReplicationEvent::Keepalive {
                 wal_end: Lsn(0x1_0000_0000),
                 server_time: PgTimestamp(7),
                 reply_requested: true

@@ -435,6 +435,20 @@ impl PgCluster {
         self.wait_ready(Duration::from_secs(60))
     }
 
+    /// Starts a new timeline: restarts this cluster as a standby (standby.signal) and promotes
+    /// it, waiting until it accepts writes. Slots and data are kept.
+    pub fn promote_to_new_timeline(&mut self) -> Result<()> {
+        self.stop()?;
+        self.write_owned(&self.data_dir().join("standby.signal"), b"", 0o600)?;
+        self.restart_with(None)?;
+        // pg_promote(wait => true) returns once the promotion is complete.
+        let promoted = self.psql("select pg_promote(true, 60)")?;
+        if promoted.trim() != "t" || self.psql("select pg_is_in_recovery()")?.trim() != "f" {
+            bail!("promotion did not complete: {promoted}");
+        }
+        Ok(())
+    }
+
     /// Fast shutdown; waits for the postmaster to exit.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
