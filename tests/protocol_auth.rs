@@ -103,3 +103,22 @@ async fn protocol_password_from_pgpass() {
         .unwrap();
     sql.simple_query("select 1").await.unwrap();
 }
+
+#[tokio::test]
+async fn protocol_cleartext_password_login() {
+    let pg = PgCluster::builder()
+        .hba("host replication pwuser 127.0.0.1/32 password")
+        .hba("host all pwuser 127.0.0.1/32 password")
+        .start()
+        .unwrap();
+    pg.psql("create role pwuser login replication password 'plain pw'")
+        .unwrap();
+    let mut repl = ReplicationClient::connect(&params(&pg, "user=pwuser password='plain pw'"))
+        .await
+        .unwrap();
+    repl.identify_system().await.unwrap();
+    let err = Connection::connect(&params(&pg, "user=pwuser password=nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
+}

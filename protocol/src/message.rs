@@ -479,6 +479,48 @@ mod tests {
     }
 
     #[test]
+    fn golden_remaining_backend_messages() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"S\0\0\0\x18server_version\x0015.4\0");
+        b.extend_from_slice(b"K\0\0\0\x0c\0\0\x30\x39\x01\x02\x03\x04");
+        b.extend_from_slice(b"N\0\0\0\x18SNOTICE\0C00000\0Mhi\0\0");
+        b.extend_from_slice(b"G\0\0\0\x07\0\0\0");
+        b.extend_from_slice(b"I\0\0\0\x04");
+        b.extend_from_slice(b"R\0\0\0\x0b\0\0\0\x0cv=x");
+        b.extend_from_slice(b"R\0\0\0\x08\0\0\0\x03");
+        b.extend_from_slice(b"A\0\0\0\x0e\0\0\0\x01ch\0pl\0");
+        b.extend_from_slice(b"n\0\0\0\x04");
+        assert_eq!(
+            parse_all(&b),
+            vec![
+                BackendMessage::ParameterStatus {
+                    name: "server_version".into(),
+                    value: "15.4".into()
+                },
+                BackendMessage::BackendKeyData {
+                    pid: 12345,
+                    secret: 0x01020304
+                },
+                BackendMessage::NoticeResponse(ServerError {
+                    severity: "NOTICE".into(),
+                    code: "00000".into(),
+                    message: "hi".into(),
+                    detail: None,
+                    hint: None
+                }),
+                BackendMessage::CopyInResponse,
+                BackendMessage::EmptyQueryResponse,
+                BackendMessage::Authentication(AuthRequest::SaslFinal {
+                    data: Bytes::from_static(b"v=x")
+                }),
+                BackendMessage::Authentication(AuthRequest::CleartextPassword),
+                BackendMessage::NotificationResponse,
+                BackendMessage::NoData,
+            ]
+        );
+    }
+
+    #[test]
     fn incomplete_input_waits_and_consumes_nothing() {
         let full = b"d\0\0\0\x07abc";
         for cut in 0..full.len() {
@@ -534,6 +576,9 @@ mod tests {
         b.clear();
         frontend_msg::sasl_initial_response("SCRAM-SHA-256", b"n,,", &mut b).unwrap();
         assert_eq!(&b[..], b"p\0\0\0\x19SCRAM-SHA-256\0\0\0\0\x03n,,");
+        b.clear();
+        frontend_msg::sasl_response(b"c=biws,r=x", &mut b).unwrap();
+        assert_eq!(&b[..], b"p\0\0\0\x0ec=biws,r=x");
         b.clear();
         frontend_msg::terminate(&mut b);
         assert_eq!(&b[..], b"X\0\0\0\x04");
