@@ -32,6 +32,15 @@ fn payload(len: usize) -> Vec<u8> {
         .collect()
 }
 
+fn local_store(dir: &std::path::Path) -> ObjectStore {
+    let cfg: ObjectStorageConfig =
+        serde_json::from_value(serde_json::json!({"storage_type": "local", "directory": dir}))
+            .unwrap();
+    ObjectStore::open(&cfg, "site1")
+        .unwrap()
+        .with_chunk_size(1 << 20)
+}
+
 fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
     serde_json::from_value(serde_json::json!({
         "storage_type": "s3",
@@ -114,13 +123,7 @@ async fn exercise(store: &ObjectStore, big: usize) {
 #[tokio::test]
 async fn storage_local_round_trip_with_sidecar_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg: ObjectStorageConfig = serde_json::from_value(
-        serde_json::json!({"storage_type": "local", "directory": dir.path()}),
-    )
-    .unwrap();
-    let store = ObjectStore::open(&cfg, "site1")
-        .unwrap()
-        .with_chunk_size(1 << 20);
+    let store = local_store(dir.path());
     exercise(&store, 5 * (1 << 20) + 123).await;
     // pghoard layout: <directory>/<site>/<key> with a JSON sidecar.
     let side = dir.path().join("site1/timeline/00000002.history.metadata");
@@ -150,48 +153,29 @@ impl tokio::io::AsyncRead for FailingSource {
     }
 }
 
-#[tokio::test]
-async fn storage_failed_upload_leaves_nothing_visible() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg: ObjectStorageConfig = serde_json::from_value(
-        serde_json::json!({"storage_type": "local", "directory": dir.path()}),
-    )
-    .unwrap();
-    let store = ObjectStore::open(&cfg, "site1")
-        .unwrap()
-        .with_chunk_size(1 << 20);
+/// Uploads from a source that breaks after `good` bytes: nothing may be visible afterwards.
+async fn upload_breaks_midway(store: &ObjectStore, good: usize) {
+    let key = "xlog/000000010000000000000005";
     let err = store
-        .put(
-            "xlog/000000010000000000000005",
-            FailingSource { left: 3 << 20 },
-            &metadata(),
-        )
+        .put(key, FailingSource { left: good }, &metadata())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("source broke"), "{err}");
-    assert_eq!(
-        store.stat("xlog/000000010000000000000005").await.unwrap(),
-        None
-    );
+    assert_eq!(store.stat(key).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn storage_failed_upload_leaves_nothing_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local_store(dir.path());
+    upload_breaks_midway(&store, 3 << 20).await;
     assert!(store.list("xlog").await.unwrap().is_empty());
 
     let server = S3Server::start("archive").unwrap();
     let store = ObjectStore::open(&s3_config(&server, SECRET_KEY), "site1")
         .unwrap()
         .with_chunk_size(5 << 20);
-    let err = store
-        .put(
-            "xlog/000000010000000000000005",
-            FailingSource { left: 12 << 20 },
-            &metadata(),
-        )
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("source broke"), "{err}");
-    assert_eq!(
-        store.stat("xlog/000000010000000000000005").await.unwrap(),
-        None
-    );
+    upload_breaks_midway(&store, 12 << 20).await;
 }
 
 #[tokio::test]
