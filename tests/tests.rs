@@ -9,4 +9,5 @@ mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
 mod storage;
+mod transfer;
 mod walreceiver;

@@ -90,6 +90,47 @@ fn backend<'a>(
     }
 }
 
+/// An AsyncWrite that forwards every write to a channel as one chunk (back-pressure from the
+/// channel's bound).
+struct ChannelSink {
+    tx: tokio_util::sync::PollSender<std::io::Result<Bytes>>,
+}
+
+impl AsyncWrite for ChannelSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let closed =
+            || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "download reader stopped");
+        match self.tx.poll_reserve(cx) {
+            std::task::Poll::Ready(Ok(())) => {
+                self.tx
+                    .send_item(Ok(Bytes::copy_from_slice(buf)))
+                    .map_err(|_| closed())?;
+                std::task::Poll::Ready(Ok(buf.len()))
+            }
+            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(Err(closed())),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// An object in a listing or stat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -480,6 +521,27 @@ impl ObjectStore {
             source: e,
         })?;
         Ok((metadata, size))
+    }
+
+    /// Sends the object's bytes into `tx` chunk by chunk (bounded by the channel); a failure is
+    /// also sent, so the reading side stops with it.
+    pub async fn get_to_channel(
+        &self,
+        key: &str,
+        tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    ) -> Result<u64, StorageError> {
+        let result = self
+            .get(
+                key,
+                ChannelSink {
+                    tx: tokio_util::sync::PollSender::new(tx.clone()),
+                },
+            )
+            .await;
+        if let Err(e) = &result {
+            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        }
+        result.map(|(_, size)| size)
     }
 
     /// Reads a small object into memory.

@@ -1,0 +1,346 @@
+//! One file into the archive and back: compress → encrypt → store, and fetch → decrypt →
+//! decompress → verify. CPU work runs on a blocking thread, I/O on the async side; between
+//! them a bounded channel of chunks, so memory is `QUEUE_CHUNKS` × chunk size whatever the
+//! object size.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use aws_lc_rs::digest;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::mpsc;
+
+use super::compression::{Algorithm, CompressionSettings, Compressor, Decompressor};
+use super::encryption::{Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
+use crate::storage::{Metadata, ObjectStore};
+
+const QUEUE_CHUNKS: usize = 4;
+const PIPE_CHUNK: usize = 1024 * 1024;
+
+/// Encryption for uploads: the site's key id and public key.
+#[derive(Debug, Clone)]
+pub struct UploadEncryption {
+    pub key_id: String,
+    pub public: PublicKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("object {key}: {message}")]
+    Object { key: String, message: String },
+}
+
+/// Sync writer side of the pipe: chunks go to the async side.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = Bytes::from(std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(PIPE_CHUNK),
+            ));
+            self.tx
+                .blocking_send(Ok(chunk))
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(PIPE_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == PIPE_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Async reader side of the pipe.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl AsyncRead for ChannelReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.current.is_empty() {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.current = chunk,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = buf.remaining().min(self.current.len());
+        let chunk = self.current.split_to(n);
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Sync reader over chunks fetched by the async side.
+struct BlockingChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for BlockingChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> TransferError + 'a {
+    move |source| TransferError::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
+/// algorithm, encryption key id, original size, SHA-1 of the plaintext. Returns the metadata.
+pub async fn upload_file(
+    store: &ObjectStore,
+    key: &str,
+    path: &Path,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    mut metadata: Metadata,
+) -> Result<Metadata, TransferError> {
+    // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
+    // a first pass over the (local, usually cached) file computes them.
+    let p = path.to_path_buf();
+    let (expect_size, hash) = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+        let mut f = std::fs::File::open(&p)?;
+        let mut hash = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+        let mut buf = vec![0u8; PIPE_CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok((size, hex::encode(hash.finish())));
+            }
+            hash.update(&buf[..n]);
+            size += n as u64;
+        }
+    })
+    .await
+    .map_err(|e| TransferError::Object {
+        key: key.into(),
+        message: format!("hash thread failed: {e}"),
+    })?
+    .map_err(io_at("read", path))?;
+    let file = std::fs::File::open(path).map_err(io_at("open", path))?;
+    let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+    let enc = encryption.clone();
+    let src = path.to_path_buf();
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let err_tx = tx.clone();
+        let result = (|| {
+            let sink = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(PIPE_CHUNK),
+            };
+            let mut size = 0u64;
+            let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
+            let mut buf = vec![0u8; PIPE_CHUNK];
+            let mut pump = |out: &mut dyn Write, size: &mut u64| -> io::Result<()> {
+                loop {
+                    let n = input.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    *size += n as u64;
+                    out.write_all(&buf[..n])?;
+                }
+            };
+            let mut sink = match enc {
+                Some(e) => {
+                    let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
+                    let mut c = Compressor::new(encryptor, &compression)?;
+                    pump(&mut c, &mut size)?;
+                    c.finish()?.finish()?
+                }
+                None => {
+                    let mut c = Compressor::new(sink, &compression)?;
+                    pump(&mut c, &mut size)?;
+                    c.finish()?
+                }
+            };
+            if size != expect_size {
+                return Err(io::Error::other(format!(
+                    "file changed while being archived ({expect_size} then {size} bytes)"
+                )));
+            }
+            sink.flush()?;
+            Ok(size)
+        })();
+        if let Err(e) = &result {
+            // Fail the upload rather than let it complete with a short object.
+            let _ = err_tx.blocking_send(Err(io::Error::new(
+                e.kind(),
+                format!("{}: {e}", src.display()),
+            )));
+        }
+        result
+    });
+    let reader = ChannelReader {
+        rx,
+        current: Bytes::new(),
+    };
+    metadata.insert(
+        "compression-algorithm".into(),
+        compression.algorithm.name().into(),
+    );
+    if let Some(e) = &encryption {
+        metadata.insert("encryption-key-id".into(), e.key_id.clone());
+        metadata.insert("encryption-format".into(), "walhenc1".into());
+    }
+    metadata.insert("original-file-size".into(), expect_size.to_string());
+    metadata.insert("hash".into(), hash);
+    metadata.insert("hash-algorithm".into(), "sha1".into());
+    let stored = store.put(key, reader, &metadata).await;
+    cpu.await
+        .map_err(|e| TransferError::Object {
+            key: key.into(),
+            message: format!("pipeline thread failed: {e}"),
+        })?
+        .map_err(io_at("compress/encrypt", path))?;
+    stored?;
+    Ok(metadata)
+}
+
+/// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and
+/// renamed only after the size and hash in the metadata matched). Returns the metadata.
+pub async fn download_file(
+    store: &ObjectStore,
+    key: &str,
+    target: &Path,
+    keys: &KeyRing,
+) -> Result<Metadata, TransferError> {
+    let metadata = store.metadata(key).await?;
+    let bad = |m: String| TransferError::Object {
+        key: key.to_string(),
+        message: m,
+    };
+    let algorithm: Algorithm = metadata
+        .get("compression-algorithm")
+        .ok_or_else(|| bad("no compression-algorithm metadata".into()))?
+        .parse()
+        .map_err(bad)?;
+    let encrypted = metadata.contains_key("encryption-key-id");
+    let expect_size: Option<u64> = metadata
+        .get("original-file-size")
+        .and_then(|s| s.parse().ok());
+    let expect_hash = metadata.get("hash").cloned();
+    let tmp: PathBuf = target.with_file_name(format!(
+        ".{}.walhoard-tmp",
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("download")
+    ));
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE_CHUNKS);
+    let keys = keys.clone();
+    let tmp2 = tmp.clone();
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+        let input = BlockingChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
+        let plain: Box<dyn Read> = if encrypted {
+            Box::new(Decryptor::new(input, &keys)?)
+        } else {
+            Box::new(input)
+        };
+        let mut d = Decompressor::new(plain, algorithm)?;
+        let mut out = io::BufWriter::new(std::fs::File::create(&tmp2)?);
+        let mut hash = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+        let mut buf = vec![0u8; PIPE_CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = d.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            size += n as u64;
+            out.write_all(&buf[..n])?;
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok((size, hex::encode(hash.finish())))
+    });
+    let fetched = store.get_to_channel(key, tx).await;
+    let result = cpu
+        .await
+        .map_err(|e| bad(format!("pipeline thread failed: {e}")));
+    let checked = (|| {
+        let decoded = result?;
+        // When both sides failed, one caused the other: a decoder that gave up closes the
+        // channel (the fetch then fails with BrokenPipe); a failed fetch is forwarded to the
+        // decoder. Report the cause.
+        let reader_gone = |e: &crate::storage::StorageError| matches!(e, crate::storage::StorageError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe);
+        let (size, hash) = match (fetched, decoded) {
+            (Ok(_), Ok(v)) => v,
+            (Err(f), Err(d)) if reader_gone(&f) => return Err(bad(format!("cannot decode: {d}"))),
+            (Err(f), _) => return Err(f.into()),
+            (Ok(_), Err(d)) => return Err(bad(format!("cannot decode: {d}"))),
+        };
+        if expect_size.is_some_and(|s| s != size) {
+            return Err(bad(format!(
+                "decoded {size} bytes, metadata says {}",
+                expect_size.unwrap_or(0)
+            )));
+        }
+        if expect_hash.as_ref().is_some_and(|h| *h != hash) {
+            return Err(bad(format!(
+                "SHA-1 {hash} does not match the recorded hash"
+            )));
+        }
+        Ok(())
+    })();
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, target).map_err(io_at("rename into", target))?;
+    Ok(metadata)
+}
