@@ -160,3 +160,29 @@ async fn transfer_rejects_tampered_objects() {
         assert!(!out.exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_reports_the_store_failure_not_the_broken_pipe() {
+    let server = S3Server::start("archive").unwrap();
+    let cfg: ObjectStorageConfig = serde_json::from_value(serde_json::json!({
+        "storage_type": "s3", "bucket_name": "archive", "aws_access_key_id": ACCESS_KEY,
+        "aws_secret_access_key": "wrong", "host": "127.0.0.1", "port": server.port, "is_secure": false,
+    }))
+    .unwrap();
+    let store = ObjectStore::open(&cfg, "site")
+        .unwrap()
+        .with_chunk_size(5 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("segment");
+    std::fs::write(&src, wal_like(16 << 20)).unwrap();
+    let settings = CompressionSettings::new(Algorithm::Snappy);
+    let err = upload_file(&store, "xlog/x", &src, settings, None, Metadata::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("PermissionDenied"), "{err}");
+    let missing = dir.path().join("missing");
+    let err = upload_file(&store, "xlog/y", &missing, settings, None, Metadata::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}

@@ -238,13 +238,18 @@ pub async fn upload_file(
     metadata.insert("hash".into(), hash);
     metadata.insert("hash-algorithm".into(), "sha1".into());
     let stored = store.put(key, reader, &metadata).await;
-    cpu.await
-        .map_err(|e| TransferError::Object {
-            key: key.into(),
-            message: format!("pipeline thread failed: {e}"),
-        })?
-        .map_err(io_at("compress/encrypt", path))?;
-    stored?;
+    let encoded = cpu.await.map_err(|e| TransferError::Object {
+        key: key.into(),
+        message: format!("pipeline thread failed: {e}"),
+    })?;
+    // Report the cause: a store that failed makes the encoder's sends fail (BrokenPipe); an
+    // encoder that failed is forwarded into the upload.
+    match (stored, encoded) {
+        (Ok(_), Ok(_)) => {}
+        (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Err(s.into()),
+        (_, Err(e)) => return Err(io_at("compress/encrypt", path)(e)),
+        (Err(s), Ok(_)) => return Err(s.into()),
+    }
     Ok(metadata)
 }
 
