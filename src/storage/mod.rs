@@ -131,6 +131,17 @@ impl AsyncWrite for ChannelSink {
     }
 }
 
+/// The user metadata a store returned with a stat.
+fn user_metadata(meta: &opendal::Metadata) -> Metadata {
+    meta.user_metadata()
+        .map(|m| {
+            m.into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// An object in a listing or stat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -460,33 +471,40 @@ impl ObjectStore {
             .stat(&self.path(key)?)
             .await
             .map_err(backend("stat", key))?;
-        Ok(meta
-            .user_metadata()
-            .map(|m| {
-                m.into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(user_metadata(&meta))
     }
 
     /// Streams the object into `sink`; returns its metadata and size.
     pub async fn get(
         &self,
         key: &str,
-        mut sink: impl AsyncWrite + Unpin,
+        sink: impl AsyncWrite + Unpin,
     ) -> Result<(Metadata, u64), StorageError> {
         let path = self.path(key)?;
+        let stat = self.op.stat(&path).await.map_err(backend("stat", key))?;
+        // Native user metadata comes with the stat; only sidecars need a read of their own.
+        let metadata = if self.sidecar {
+            self.metadata(key).await?
+        } else {
+            user_metadata(&stat)
+        };
         let size = self
-            .op
-            .stat(&path)
-            .await
-            .map_err(backend("stat", key))?
-            .content_length();
-        let metadata = self.metadata(key).await?;
+            .copy_data(key, &path, stat.content_length(), sink)
+            .await?;
+        Ok((metadata, size))
+    }
+
+    /// Copies `size` bytes of the object at `path` into `sink`, a chunk at a time.
+    async fn copy_data(
+        &self,
+        key: &str,
+        path: &str,
+        size: u64,
+        mut sink: impl AsyncWrite + Unpin,
+    ) -> Result<u64, StorageError> {
         let reader = self
             .op
-            .reader(&path)
+            .reader(path)
             .await
             .map_err(backend("download", key))?;
         let mut off = 0u64;
@@ -520,7 +538,7 @@ impl ObjectStore {
             key: key.into(),
             source: e,
         })?;
-        Ok((metadata, size))
+        Ok(size)
     }
 
     /// Sends the object's bytes into `tx` chunk by chunk (bounded by the channel); a failure is
@@ -530,18 +548,25 @@ impl ObjectStore {
         key: &str,
         tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     ) -> Result<u64, StorageError> {
-        let result = self
-            .get(
-                key,
-                ChannelSink {
-                    tx: tokio_util::sync::PollSender::new(tx.clone()),
-                },
-            )
-            .await;
+        // The caller has the metadata already (it needs it to set up decoding): data only.
+        let sink = ChannelSink {
+            tx: tokio_util::sync::PollSender::new(tx.clone()),
+        };
+        let result = async {
+            let path = self.path(key)?;
+            let size = self
+                .op
+                .stat(&path)
+                .await
+                .map_err(backend("stat", key))?
+                .content_length();
+            self.copy_data(key, &path, size, sink).await
+        }
+        .await;
         if let Err(e) = &result {
             let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
-        result.map(|(_, size)| size)
+        result
     }
 
     /// Reads a small object into memory.
