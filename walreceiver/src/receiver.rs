@@ -126,43 +126,35 @@ pub async fn run(
             return Ok(());
         }
         let before = state.next;
-        match state.session().await {
+        let e = match state.session().await {
             Ok(SessionEnd::Cancelled) => return Ok(()),
-            Err(ReceiverError::Pg(e)) => {
+            Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
+            Err(e) => e,
+        };
+        let (retryable, auth_failure) = match &e {
+            ReceiverError::Pg(pg) => {
+                // A session that completed a segment made progress: retry quickly again.
                 if state.next != before {
                     backoff = state.cfg.reconnect_min;
                 }
                 tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
-                let ev = ReceiverEvent::Disconnected {
-                    error: e.to_string(),
-                    retryable: e.is_retryable(),
-                    auth_failure: e.is_auth_failure(),
-                };
-                state
-                    .events
-                    .send(ev)
-                    .await
-                    .map_err(|_| ReceiverError::EventsClosed)?;
+                (pg.is_retryable(), pg.is_auth_failure())
             }
-            Err(
-                e @ (ReceiverError::Io(_)
-                | ReceiverError::BadWal(_)
-                | ReceiverError::Unsupported(_)),
-            ) => {
+            _ => {
                 tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "WAL receiving failed");
-                let ev = ReceiverEvent::Disconnected {
-                    error: e.to_string(),
-                    retryable: true,
-                    auth_failure: false,
-                };
-                state
-                    .events
-                    .send(ev)
-                    .await
-                    .map_err(|_| ReceiverError::EventsClosed)?;
+                (true, false)
             }
-            Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
-        }
+        };
+        let ev = ReceiverEvent::Disconnected {
+            error: e.to_string(),
+            retryable,
+            auth_failure,
+        };
+        state
+            .events
+            .send(ev)
+            .await
+            .map_err(|_| ReceiverError::EventsClosed)?;
         tokio::select! {
             _ = state.cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(backoff) => {}
@@ -344,18 +336,12 @@ impl Session {
             // fdatasync per status update is what bounds how stale the reported flush is.
             tokio::select! {
                 _ = self.cancel.cancelled() => {
-                    if let Some(cur) = current.as_mut() {
-                        cur.sync()?;
-                        synced = cur.synced_lsn();
-                    }
+                    sync_spool(&mut current, &mut synced)?;
                     let _ = stream.send_status(&self.report(received, synced, tli)).await;
                     return Ok(StreamEnd::Cancelled);
                 }
                 _ = ticker.tick() => {
-                    if let Some(cur) = current.as_mut() {
-                        cur.sync()?;
-                        synced = cur.synced_lsn();
-                    }
+                    sync_spool(&mut current, &mut synced)?;
                     stream.send_status(&self.report(received, synced, tli)).await?;
                 }
                 changed = archived.changed(), if archive_open => {
@@ -395,10 +381,7 @@ impl Session {
                     }
                     ReplicationEvent::Keepalive { reply_requested, .. } => {
                         if reply_requested {
-                            if let Some(cur) = current.as_mut() {
-                                cur.sync()?;
-                                synced = cur.synced_lsn();
-                            }
+                            sync_spool(&mut current, &mut synced)?;
                             stream.send_status(&self.report(received, synced, tli)).await?;
                         }
                     }
@@ -420,6 +403,15 @@ impl Session {
             }
         }
     }
+}
+
+/// Makes the segment being received durable and advances `synced` to match.
+fn sync_spool(current: &mut Option<SegmentFile>, synced: &mut Lsn) -> std::io::Result<()> {
+    if let Some(cur) = current.as_mut() {
+        cur.sync()?;
+        *synced = cur.synced_lsn();
+    }
+    Ok(())
 }
 
 /// Checks the page headers of a spool segment before it is handed on as good.
