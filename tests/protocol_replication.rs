@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
-    Lsn, PageExpectation, PgTimestamp, ReplicationClient, ReplicationEvent, SegmentId, SegmentSize,
+    Lsn, PageExpectation, ReplicationClient, ReplicationEvent, SegmentId, SegmentSize,
     StandbyStatus, TimelineHistory, TimelineId,
 };
 use walhoard_testkit::PgCluster;
@@ -128,13 +128,7 @@ async fn receive_until(
                 reply_requested, ..
             } => {
                 if reply_requested {
-                    let s = StandbyStatus {
-                        write_lsn: pos,
-                        flush_lsn: start,
-                        apply_lsn: start,
-                        client_time: PgTimestamp::now(),
-                        reply_requested: false,
-                    };
+                    let s = StandbyStatus::now(pos, start);
                     stream.send_status(&s).await.unwrap();
                 }
             }
@@ -143,11 +137,8 @@ async fn receive_until(
     }
     // Acknowledge everything received, then stop from our side.
     let s = StandbyStatus {
-        write_lsn: pos,
-        flush_lsn: pos,
-        apply_lsn: pos,
-        client_time: PgTimestamp::now(),
         reply_requested: true,
+        ..StandbyStatus::now(pos, pos)
     };
     stream.send_status(&s).await.unwrap();
     stream.stop().await.unwrap();
@@ -262,13 +253,7 @@ async fn protocol_keepalive_reply_keeps_connection() {
                 reply_requested: true,
                 ..
             } => {
-                let s = StandbyStatus {
-                    write_lsn: pos,
-                    flush_lsn: start,
-                    apply_lsn: start,
-                    client_time: PgTimestamp::now(),
-                    reply_requested: false,
-                };
+                let s = StandbyStatus::now(pos, start);
                 stream.send_status(&s).await.unwrap();
                 answered += 1;
                 reported = pos;

@@ -112,6 +112,18 @@ pub struct StandbyStatus {
 }
 
 impl StandbyStatus {
+    /// A status stamped now, applying what is flushed (walhoard replays nothing), asking for
+    /// no reply.
+    pub fn now(write_lsn: Lsn, flush_lsn: Lsn) -> Self {
+        StandbyStatus {
+            write_lsn,
+            flush_lsn,
+            apply_lsn: flush_lsn,
+            client_time: PgTimestamp::now(),
+            reply_requested: false,
+        }
+    }
+
     /// Encodes the 'r' payload (to be wrapped in CopyData).
     pub fn encode(&self, buf: &mut BytesMut) {
         buf.put_u8(b'r');

@@ -8,8 +8,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
-    ConnectParams, Error as PgError, Lsn, PageExpectation, PgTimestamp, ReplicationClient,
-    ReplicationEvent, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
+    ConnectParams, Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent,
+    SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
 
 use crate::spool::{write_durable, SegmentFile};
@@ -303,13 +303,7 @@ impl Session {
             reported_flush_lsn: flush,
             timeline: tli.get(),
         });
-        StandbyStatus {
-            write_lsn: received,
-            flush_lsn: flush,
-            apply_lsn: flush,
-            client_time: PgTimestamp::now(),
-            reply_requested: false,
-        }
+        StandbyStatus::now(received, flush)
     }
 
     async fn stream(

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: "Run the tests").
+# Installs what is missing (Debian PostgreSQL 15, openssl, Node.js for other PostgreSQL majors),
+# then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
+# protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
+# target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+majors=${WALHOARD_TEST_MAJORS-13 14 16 17 18}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+apt_updated=
+need_pkg() { # need_pkg <command-or-path> <debian package>
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -e "$1" ]; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "missing $1: install Debian package $2 (needs root)" >&2; exit 1
+    fi
+    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+    echo "== installing $2"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+need_pkg /usr/lib/postgresql/15/bin/postgres postgresql-15
+need_pkg openssl openssl
+need_pkg tar tar
+if [ -n "$majors" ]; then
+  need_pkg npm npm
+fi
+need_pkg xz xz-utils
+# pghoard's snappy implementation, the oracle for our snappy streams.
+if ! python3 -c "import snappy" 2>/dev/null; then
+  echo "== installing python-snappy"
+  python3 -m pip install -q python-snappy
+fi
+if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
+if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
+
+# PostgreSQL 15 runs as the 'postgres' OS user when we are root (the package creates it).
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+for v in $majors; do
+  tools/install-pg.sh "$v"
+done
+
+# S3 tests run against s3s-fs (SigV4 enforced), built once into the cache (about 2 minutes).
+if [ "$(id -u)" = 0 ]; then cache=${WALHOARD_CACHE:-/var/cache/walhoard}; else cache=${WALHOARD_CACHE:-$HOME/.cache/walhoard}; fi
+if [ ! -x "$cache/s3s-fs/bin/s3s-fs" ]; then
+  echo "== installing s3s-fs into $cache/s3s-fs"
+  cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
+fi
+
