@@ -130,6 +130,8 @@ pub struct TransferConfig {
     pub thread_count: Option<u32>,
     #[serde(default = "TransferConfig::default_warning_limit")]
     pub upload_retries_warning_limit: u32,
+    /// walhoard: the longest wait between two attempts at a failing upload (default 60).
+    pub retry_max_backoff_seconds: Option<f64>,
 }
 
 impl TransferConfig {
@@ -143,6 +145,7 @@ impl Default for TransferConfig {
         TransferConfig {
             thread_count: None,
             upload_retries_warning_limit: Self::default_warning_limit(),
+            retry_max_backoff_seconds: None,
         }
     }
 }
@@ -495,6 +498,14 @@ impl Config {
                     self.compression.algorithm
                 ),
             ));
+        }
+        if let Some(b) = self.transfer.retry_max_backoff_seconds {
+            if !(0.1..=3600.0).contains(&b) {
+                return Err((
+                    "transfer.retry_max_backoff_seconds".into(),
+                    format!("{b} is not between 0.1 and 3600"),
+                ));
+            }
         }
         if self.backup_sites.is_empty() {
             return Err(("backup_sites".into(), "no backup site is configured".into()));

@@ -3,7 +3,13 @@
 //! - [`config`]: the pghoard.json-compatible configuration file.
 //! - [`pipeline`]: compression of archive objects, byte-compatible with pghoard.
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
+//! - [`daemon`]: `walhoard daemon`, streaming every site's WAL into its archive.
+//! - [`http`]: the daemon's HTTP API (status, archive_command).
 
+pub mod check;
 pub mod config;
+pub mod daemon;
+pub mod http;
 pub mod pipeline;
+pub mod postgres_command;
 pub mod storage;

@@ -1,5 +1,6 @@
 //! The `walhoard` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -18,6 +19,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// `postgres-command` is pghoard_postgres_command's name, which the variant spells out.
+#[allow(clippy::enum_variant_names)]
 enum Command {
     /// Connect over the replication protocol and print what the server reports about itself.
     Identify {
@@ -37,6 +40,43 @@ enum Command {
         /// RSA modulus size: 2048, 3072, 4096 or 8192.
         #[arg(long, default_value_t = 3072)]
         bits: usize,
+    },
+    /// Run the backup daemon: stream every active site's WAL into its archive.
+    Daemon {
+        /// pghoard.json-compatible configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check what the daemon needs, per site: replication connection, wal_level,
+    /// max_wal_senders, the slot, the object store, the encryption keys. Exit 1 on any failure.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
+    PostgresCommand {
+        /// `archive` (hand a WAL file to the daemon; exit 0 once it is in the archive).
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        site: String,
+        /// The WAL file name (%f).
+        #[arg(long)]
+        xlog: String,
+        /// Where the daemon's HTTP API listens (default: the configuration's, else 127.0.0.1).
+        #[arg(long)]
+        host: Option<String>,
+        /// (default: the configuration's http_port, else 16000).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Configuration file, for the daemon's address.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -85,6 +125,21 @@ async fn identify(conninfo: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Result<()> {
+    let cfg = walhoard::config::Config::load(config)?;
+    let results = walhoard::check::run(&cfg, site).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", walhoard::check::render(&results));
+    }
+    let failed = results.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -105,6 +160,19 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Identify { conninfo, json } => identify(&conninfo, json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
+            Command::Daemon { config } => walhoard::daemon::run(&config).await,
+            Command::Check { config, site, json } => check(&config, site.as_deref(), json).await,
+            Command::PostgresCommand {
+                mode,
+                site,
+                xlog,
+                host,
+                port,
+                config,
+            } => {
+                walhoard::postgres_command::run(&mode, &site, &xlog, host, port, config.as_deref())
+                    .await
+            }
         }
     });
     match result {

@@ -3,6 +3,8 @@
 
 mod cli;
 mod common;
+mod daemon;
+mod daemon_support;
 mod protocol_auth;
 mod protocol_basebackup;
 mod protocol_faults;

@@ -27,7 +27,9 @@
 pub mod receiver;
 pub mod spool;
 
-pub use receiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions, StartPosition};
+pub use receiver::{
+    run, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, StartPosition,
+};
 
 /// Why receiving stopped or a session failed.
 #[derive(Debug, thiserror::Error)]

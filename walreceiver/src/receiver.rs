@@ -1,7 +1,10 @@
 //! The receive loop: connect, pick the start position, stream into the spool, verify and hand
 //! on complete segments, follow timeline switches, report positions honestly, reconnect.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -15,8 +18,16 @@ use walhoard_protocol::{
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
 
+/// Called once, on the first connection, with the slot's position (its restart_lsn at a segment
+/// boundary, on the timeline that wrote it): returns where streaming should really start, after
+/// the segments the archive (or a local spool) already holds. It must not return a position
+/// past WAL that is not held somewhere: the receiver skips straight to it.
+pub type ResumeHook = Arc<
+    dyn Fn(StartPosition, SegmentSize) -> Pin<Box<dyn Future<Output = Lsn> + Send>> + Send + Sync,
+>;
+
 /// What the receiver needs to know.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReceiverConfig {
     pub conn: ConnectParams,
     pub slot: String,
@@ -27,6 +38,24 @@ pub struct ReceiverConfig {
     pub status_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Where to really start when no start position was given; see [`ResumeHook`].
+    pub resume: Option<ResumeHook>,
+    /// While this says true the receiver stays disconnected (the daemon's disk guard); the
+    /// slot keeps the WAL meanwhile.
+    pub pause: Option<watch::Receiver<bool>>,
+}
+
+impl std::fmt::Debug for ReceiverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("conn", &self.conn)
+            .field("slot", &self.slot)
+            .field("create_slot", &self.create_slot)
+            .field("spool_dir", &self.spool_dir)
+            .field("status_interval", &self.status_interval)
+            .field("resume", &self.resume.is_some())
+            .finish()
+    }
 }
 
 impl ReceiverConfig {
@@ -39,6 +68,8 @@ impl ReceiverConfig {
             status_interval: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
+            resume: None,
+            pause: None,
         }
     }
 }
@@ -81,6 +112,11 @@ pub enum ReceiverEvent {
         error: String,
         retryable: bool,
         auth_failure: bool,
+        /// The server's SQLSTATE when it refused us (28P01 wrong password, 28000 no pg_hba
+        /// entry, ...).
+        sqlstate: Option<String>,
+        /// The server's major version is not one walhoard reads.
+        unsupported_version: bool,
     },
 }
 
@@ -98,6 +134,7 @@ pub struct ReceiverPositions {
 
 enum SessionEnd {
     Cancelled,
+    Paused,
 }
 
 /// Streams WAL until `cancel` fires. `archived` carries the archive's end: every byte before it
@@ -126,11 +163,25 @@ pub async fn run(
             return Ok(());
         }
         let before = state.next;
+        if let Some(pause) = state.cfg.pause.clone() {
+            if !wait_unpaused(pause, &state.cancel, &state.cfg.slot).await {
+                return Ok(());
+            }
+        }
         let e = match state.session().await {
             Ok(SessionEnd::Cancelled) => return Ok(()),
+            Ok(SessionEnd::Paused) => {
+                backoff = state.cfg.reconnect_min;
+                continue;
+            }
             Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
             Err(e) => e,
         };
+        let sqlstate = match &e {
+            ReceiverError::Pg(PgError::Server(s)) => Some(s.code.clone()),
+            _ => None,
+        };
+        let unsupported_version = matches!(e, ReceiverError::Unsupported(_));
         let (retryable, auth_failure) = match &e {
             ReceiverError::Pg(pg) => {
                 // A session that completed a segment made progress: retry quickly again.
@@ -149,6 +200,8 @@ pub async fn run(
             error: e.to_string(),
             retryable,
             auth_failure,
+            sqlstate,
+            unsupported_version,
         };
         state
             .events
@@ -161,6 +214,23 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(state.cfg.reconnect_max);
     }
+}
+
+/// Waits while `pause` says true; false when cancelled first.
+async fn wait_unpaused(
+    mut pause: watch::Receiver<bool>,
+    cancel: &CancellationToken,
+    slot: &str,
+) -> bool {
+    if *pause.borrow() {
+        tracing::warn!(%slot, "receiving paused");
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            r = pause.wait_for(|p| !*p) => if r.is_err() { return true },
+        }
+        tracing::info!(%slot, "receiving resumed");
+    }
+    true
 }
 
 struct Session {
@@ -178,6 +248,7 @@ struct Session {
 /// How one START_REPLICATION ended.
 enum StreamEnd {
     Cancelled,
+    Paused,
     /// The timeline ended; continue on `next_tli` at `next_start`.
     Switch {
         next_tli: TimelineId,
@@ -221,10 +292,11 @@ impl Session {
         pos = pos.segment_start(seg);
         if let Some(r) = restart {
             if pos < r.segment_start(seg) {
-                tracing::warn!(%slot, wanted = %pos, available = %r, "WAL before the slot's restart_lsn is gone; starting there");
+                tracing::error!(%slot, wanted = %pos, available = %r, "WAL before the slot's restart_lsn is gone (the archive has a gap there); starting at the slot");
                 pos = r.segment_start(seg);
             }
         }
+        let first_session = self.next.is_none();
         let mut tli = match known_tli {
             Some(t) => t,
             // Which timeline wrote `pos`: the server's history says (tliOfPointInHistory).
@@ -236,6 +308,37 @@ impl Session {
             }
             None => id.timeline,
         };
+        if first_session {
+            if let Some(hook) = &self.cfg.resume {
+                let mut at = hook(
+                    StartPosition {
+                        lsn: pos,
+                        tli: Some(tli),
+                    },
+                    seg,
+                )
+                .await;
+                if tli != id.timeline {
+                    // Never skip past the end of an old timeline: the segment holding the
+                    // switchpoint must be streamed so that it ends in a `.partial`.
+                    let (_, content) = client.timeline_history(id.timeline).await?;
+                    let history = walhoard_protocol::TimelineHistory::parse(id.timeline, &content)
+                        .map_err(|e| ReceiverError::BadWal(e.to_string()))?;
+                    if let Some(end) = history.switchpoint_of(tli) {
+                        at = at.min(end.segment_start(seg));
+                    }
+                }
+                if at > pos {
+                    tracing::info!(%slot, slot_at = %pos, resume_at = %at, "segments from the slot's position on are already held; skipping them");
+                    pos = at.segment_start(seg);
+                }
+            }
+            // The hook ran (and may have queued work): later sessions continue from here.
+            self.next = Some(StartPosition {
+                lsn: pos,
+                tli: Some(tli),
+            });
+        }
         // Reporting a flush position below the slot's restart_lsn would move the slot back;
         // until the archive passes it, report none (the server ignores an invalid flush).
         self.flush_floor = restart.unwrap_or(Lsn::INVALID);
@@ -257,6 +360,10 @@ impl Session {
             tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");
             match self.stream(&mut client, pos, tli, seg, &expect).await? {
                 StreamEnd::Cancelled => return Ok(SessionEnd::Cancelled),
+                StreamEnd::Paused => {
+                    client.close().await.ok();
+                    return Ok(SessionEnd::Paused);
+                }
                 StreamEnd::Switch {
                     next_tli,
                     next_start,
@@ -325,6 +432,7 @@ impl Session {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut archived = self.archived.clone();
         let mut archive_open = true;
+        let mut pause = self.cfg.pause.clone();
         loop {
             // The spool writes below are synchronous: they go to the page cache, and the one
             // fdatasync per status update is what bounds how stale the reported flush is.
@@ -333,6 +441,11 @@ impl Session {
                     sync_spool(&mut current, &mut synced)?;
                     let _ = stream.send_status(&self.report(received, synced, tli)).await;
                     return Ok(StreamEnd::Cancelled);
+                }
+                Ok(_) = async { pause.as_mut().expect("guarded").wait_for(|p| *p).await.map(|_| ()) }, if pause.is_some() => {
+                    sync_spool(&mut current, &mut synced)?;
+                    let _ = stream.send_status(&self.report(received, synced, tli)).await;
+                    return Ok(StreamEnd::Paused);
                 }
                 _ = ticker.tick() => {
                     sync_spool(&mut current, &mut synced)?;

@@ -1,0 +1,288 @@
+//! `walhoard check`: what the daemon needs, tested the way the daemon would use it, per site:
+//! the replication connection (and its authentication), wal_level, max_wal_senders, the slot,
+//! the object store (a probe object written, read back and deleted) and the encryption keys.
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context, Result};
+use walhoard_protocol::{Connection, ReplicationClient};
+
+use crate::config::{BackupMode, Config, SiteConfig};
+use crate::pipeline::encryption::{Decryptor, Encryptor, KeyRing, PrivateKey, DEFAULT_CHUNK_SIZE};
+use crate::storage::{Metadata, ObjectStore};
+
+/// One check's outcome.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckResult {
+    pub site: String,
+    pub check: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
+    let mut push = |check: &str, r: Result<String>| {
+        out.push(CheckResult {
+            site: name.into(),
+            check: check.into(),
+            ok: r.is_ok(),
+            detail: match r {
+                Ok(d) => d,
+                Err(e) => format!("{e:#}"),
+            },
+        })
+    };
+    let Some(node) = site.nodes.first() else {
+        push(
+            "replication connection",
+            Err(anyhow::anyhow!("backup_sites.{name}.nodes is empty")),
+        );
+        return;
+    };
+    let (params, slot) = match node.connect_params() {
+        Ok(p) => p,
+        Err(e) => {
+            push(
+                "replication connection",
+                Err(anyhow::anyhow!("backup_sites.{name}.nodes[0]: {e}")),
+            );
+            return;
+        }
+    };
+    let mut client = match ReplicationClient::connect(&params).await {
+        Ok(c) => c,
+        Err(e) => {
+            let hint = if e.is_auth_failure() {
+                " (authentication: check the user, password and pg_hba.conf)"
+            } else {
+                ""
+            };
+            push(
+                "replication connection",
+                Err(anyhow::anyhow!("connect to {params}: {e}{hint}")),
+            );
+            return;
+        }
+    };
+    let version = client
+        .connection()
+        .server_param("server_version")
+        .unwrap_or("?")
+        .to_string();
+    let identity = client.identify_system().await;
+    push(
+        "replication connection",
+        identity
+            .map(|id| {
+                format!(
+                    "{params}: PostgreSQL {version}, system {}, timeline {}",
+                    id.system_id, id.timeline
+                )
+            })
+            .context("IDENTIFY_SYSTEM"),
+    );
+    let major = client.server_major();
+    push(
+        "server version",
+        match major {
+            Ok(m) if (13..=18).contains(&m) => Ok(format!("{m} is supported")),
+            Ok(m) => Err(anyhow::anyhow!(
+                "PostgreSQL {m} is not supported (13 to 18 are)"
+            )),
+            Err(e) => Err(e.into()),
+        },
+    );
+    let wal_level = client.show("wal_level").await;
+    push(
+        "wal_level",
+        match wal_level {
+            Ok(l) if l == "replica" || l == "logical" => Ok(l),
+            Ok(l) => Err(anyhow::anyhow!(
+                "wal_level is {l}; streaming needs replica or logical"
+            )),
+            Err(e) => Err(e.into()),
+        },
+    );
+    let senders = client.show("max_wal_senders").await;
+    push(
+        "max_wal_senders",
+        match senders.map(|s| s.parse::<u32>().unwrap_or(0)) {
+            Ok(0) => Err(anyhow::anyhow!(
+                "max_wal_senders is 0: no replication connection is possible"
+            )),
+            Ok(n) => Ok(n.to_string()),
+            Err(e) => Err(e.into()),
+        },
+    );
+    if site.active_backup_mode == BackupMode::Walreceiver {
+        let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
+        let info = client.read_replication_slot(&slot).await;
+        let active = slot_active(&params, &slot).await;
+        push(
+            "replication slot",
+            match info {
+                Ok(Some(i)) if i.slot_type != "physical" => Err(anyhow::anyhow!(
+                    "slot {slot} is a {} slot; walhoard needs a physical one",
+                    i.slot_type
+                )),
+                Ok(Some(i)) => Ok(format!(
+                    "{slot}: exists, restart_lsn {}{}",
+                    i.restart_lsn.map_or("none".to_string(), |l| l.to_string()),
+                    match active {
+                        Some(true) => ", active",
+                        Some(false) => ", not active",
+                        None => "",
+                    }
+                )),
+                Ok(None) => Ok(format!(
+                    "{slot}: does not exist yet; the daemon creates it (RESERVE_WAL) on start"
+                )),
+                Err(e) => Err(anyhow::anyhow!("slot {slot}: {e}")),
+            },
+        );
+    }
+    let _ = client.close().await;
+}
+
+/// Whether a walsender uses the slot, when an ordinary connection may ask.
+async fn slot_active(params: &walhoard_protocol::ConnectParams, slot: &str) -> Option<bool> {
+    let mut sql = Connection::connect(&params.for_sql()).await.ok()?;
+    let r = sql
+        .query_one_result(&format!(
+            "SELECT active::text AS active FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .await
+        .ok();
+    let _ = sql.close().await;
+    r?.text(0, "active").ok()?.map(|a| a == "true")
+}
+
+async fn check_storage(config: &Config, name: &str, out: &mut Vec<CheckResult>) {
+    let result: Result<String> = async {
+        let site = &config.backup_sites[name];
+        let storage = site
+            .object_storage
+            .as_ref()
+            .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
+        let store = ObjectStore::open(storage, config.site_prefix(name))
+            .with_context(|| format!("backup_sites.{name}.object_storage"))?;
+        let key = format!(
+            "walhoard_check/probe-{}-{}",
+            std::process::id(),
+            crate::daemon::status::now_secs() as u64
+        );
+        let body = b"walhoard check probe".to_vec();
+        let mut meta = Metadata::new();
+        meta.insert("walhoard-check".into(), "1".into());
+        store
+            .put_bytes(&key, &body, &meta)
+            .await
+            .context("write a probe object")?;
+        let read = store
+            .get_bytes(&key)
+            .await
+            .context("read the probe object back");
+        let deleted = store.delete(&key).await.context("delete the probe object");
+        let (data, _) = read?;
+        deleted?;
+        if data != body {
+            bail!("the probe object {key} came back different");
+        }
+        Ok(format!(
+            "{} store: wrote, read and deleted {key}",
+            store.kind()
+        ))
+    }
+    .await;
+    out.push(CheckResult {
+        site: name.into(),
+        check: "object storage".into(),
+        ok: result.is_ok(),
+        detail: result.unwrap_or_else(|e| format!("{e:#}")),
+    });
+}
+
+fn check_keys(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
+    let Some(id) = &site.encryption_key_id else {
+        out.push(CheckResult {
+            site: name.into(),
+            check: "encryption".into(),
+            ok: true,
+            detail: "no encryption_key_id: objects are stored unencrypted".into(),
+        });
+        return;
+    };
+    let result: Result<String> = (|| {
+        let enc = crate::daemon::upload_encryption(name, site)?
+            .context("encryption_key_id set but no key")?;
+        let Some(private) = site
+            .encryption_keys
+            .get(id)
+            .and_then(|k| k.private.as_deref())
+        else {
+            return Ok(format!(
+                "key {id}: public key usable; no private key here (restores need it)"
+            ));
+        };
+        let key = PrivateKey::from_pem(private)
+            .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.private"))?;
+        let mut ring = KeyRing::default();
+        ring.insert(id, key);
+        let mut sealed = Vec::new();
+        {
+            let mut e = Encryptor::new(&mut sealed, &enc.public, id, DEFAULT_CHUNK_SIZE)?;
+            std::io::Write::write_all(&mut e, b"walhoard check")?;
+            e.finish()?;
+        }
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut Decryptor::new(&sealed[..], &ring)?, &mut plain)?;
+        if plain != b"walhoard check" {
+            bail!("key {id}: the round trip gave different bytes");
+        }
+        Ok(format!("key {id}: encrypts, and its private key decrypts"))
+    })();
+    out.push(CheckResult {
+        site: name.into(),
+        check: "encryption".into(),
+        ok: result.is_ok(),
+        detail: result.unwrap_or_else(|e| format!("backup_sites.{name}.encryption_keys: {e:#}")),
+    });
+}
+
+/// Runs every check for `site` (or all sites); the results in order.
+pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>> {
+    let names: Vec<&String> = match site {
+        Some(s) => vec![config
+            .backup_sites
+            .keys()
+            .find(|k| k.as_str() == s)
+            .with_context(|| format!("no backup site {s:?} in the configuration"))?],
+        None => config.backup_sites.keys().collect(),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let s = &config.backup_sites[name];
+        if s.active_backup_mode == BackupMode::Walreceiver || !s.nodes.is_empty() {
+            check_replication(name, s, &mut out).await;
+        }
+        check_storage(config, name, &mut out).await;
+        check_keys(name, s, &mut out);
+    }
+    Ok(out)
+}
+
+/// The results as a table for a terminal.
+pub fn render(results: &[CheckResult]) -> String {
+    let mut s = String::new();
+    for r in results {
+        let _ = writeln!(
+            s,
+            "{:<4} {:<12} {:<24} {}",
+            if r.ok { "ok" } else { "FAIL" },
+            r.site,
+            r.check,
+            r.detail
+        );
+    }
+    s
+}

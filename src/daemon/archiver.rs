@@ -1,0 +1,280 @@
+//! From spool to archive: takes what the receiver hands on (segments, timeline `.partial`s,
+//! `.history` files), uploads each through compress → encrypt → store with up to
+//! `transfer.thread_count` uploads at once, deletes the spool file once it is stored, and
+//! publishes how far the archive is contiguous.
+//!
+//! Uploads finish in any order, but the position told to the receiver (and so to the server's
+//! slot) only moves over a prefix of jobs that are *all* stored: jobs are queued in the order
+//! the receiver produced them, and the archive's end is the largest end among the completed
+//! prefix. A segment uploaded ahead of a slower one below it does not move the slot.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use walhoard_protocol::{Lsn, WalSegmentName};
+
+use crate::pipeline::compression::CompressionSettings;
+use crate::pipeline::transfer::{upload_file, UploadEncryption};
+use crate::storage::retry::{with_retries, RetryPolicy};
+use crate::storage::{Metadata, ObjectStore, StorageError};
+
+use super::status::SiteStatus;
+
+/// Everything an upload needs, shared by a site's uploads.
+#[derive(Debug, Clone)]
+pub struct UploadContext {
+    pub site: String,
+    pub store: ObjectStore,
+    pub compression: CompressionSettings,
+    pub encryption: Option<UploadEncryption>,
+    pub retry: RetryPolicy,
+    /// Bounds concurrent uploads (transfer.thread_count), shared by all of a daemon's sites.
+    pub upload_slots: Arc<Semaphore>,
+    /// Metadata every WAL object carries (pg-version, host).
+    pub base_metadata: Metadata,
+}
+
+/// The object key a WAL file is archived under, as pghoard lays them out.
+pub fn wal_key(name: &WalSegmentName) -> String {
+    match name {
+        WalSegmentName::History(_) => format!("timeline/{name}"),
+        _ => format!("xlog/{name}"),
+    }
+}
+
+impl UploadContext {
+    /// Uploads `path` as `key` until it is stored or `cancel` fires. Transient storage errors
+    /// are retried by [`with_retries`] (with its alert file); anything else (refused
+    /// credentials, a missing bucket) is logged, recorded in the status and retried too, more
+    /// slowly: the WAL stays in the spool and in the slot until an operator fixes it.
+    /// Returns false when cancelled first.
+    pub async fn upload_until_stored(
+        &self,
+        key: &str,
+        path: &Path,
+        status: &SiteStatus,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut backoff = self.retry.initial_backoff;
+        loop {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return false,
+                r = self.upload(&self.retry, key, path) => r,
+            };
+            match result {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(site = %self.site, object = key, error = %e, retry_in = ?backoff, "cannot archive; the WAL stays in the spool and the slot");
+                    status.set_error(format!("archive {key}: {e}"));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Uploads `path` as `key`, retrying transient storage errors as `policy` says.
+    pub async fn upload(
+        &self,
+        policy: &RetryPolicy,
+        key: &str,
+        path: &Path,
+    ) -> Result<(), StorageError> {
+        with_retries(policy, key, || async {
+            upload_file(
+                &self.store,
+                key,
+                path,
+                self.compression,
+                self.encryption.clone(),
+                self.base_metadata.clone(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                crate::pipeline::transfer::TransferError::Storage(s) => s,
+                other => StorageError::Io {
+                    action: "archive",
+                    key: key.to_string(),
+                    source: std::io::Error::other(other.to_string()),
+                },
+            })
+        })
+        .await
+    }
+}
+
+#[derive(Debug)]
+struct Job {
+    /// What the archive holds up to once this job and all before it are done; `None` for
+    /// files that do not extend the WAL stream (history files, a timeline's `.partial`).
+    end: Option<Lsn>,
+    done: bool,
+}
+
+/// Jobs in the order the receiver produced them, and the archive's contiguous end.
+#[derive(Debug)]
+struct Queue {
+    archived: Lsn,
+    jobs: VecDeque<(u64, Job)>,
+    next_id: u64,
+}
+
+/// The ordered queue of a site's uploads. Cloning shares it.
+#[derive(Clone)]
+pub struct Archiver {
+    queue: Arc<Mutex<Queue>>,
+    archived_tx: Arc<watch::Sender<Lsn>>,
+    ctx: Arc<UploadContext>,
+    status: Arc<SiteStatus>,
+    spool_dir: PathBuf,
+}
+
+impl Archiver {
+    /// `archived` is the watch the receiver reads its flush position from.
+    pub fn new(
+        ctx: Arc<UploadContext>,
+        status: Arc<SiteStatus>,
+        spool_dir: PathBuf,
+        archived: watch::Sender<Lsn>,
+    ) -> Self {
+        Archiver {
+            queue: Arc::new(Mutex::new(Queue {
+                archived: Lsn::INVALID,
+                jobs: VecDeque::new(),
+                next_id: 0,
+            })),
+            archived_tx: Arc::new(archived),
+            ctx,
+            status,
+            spool_dir,
+        }
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool_dir
+    }
+
+    pub fn context(&self) -> &UploadContext {
+        &self.ctx
+    }
+
+    /// The archive holds everything before `at` (the resume point): start counting there.
+    pub fn start_at(&self, at: Lsn) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.jobs.is_empty() && at > q.archived {
+            q.archived = at;
+            drop(q);
+            self.publish(at);
+        }
+    }
+
+    fn publish(&self, archived: Lsn) {
+        self.archived_tx.send_replace(archived);
+        self.status.set_archived(archived);
+    }
+
+    /// Queues a job; returns its id.
+    fn push(&self, end: Option<Lsn>, done: bool) -> u64 {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let id = q.next_id;
+        q.next_id += 1;
+        q.jobs.push_back((id, Job { end, done }));
+        self.status.set_queue_len(q.jobs.len());
+        drop(q);
+        if done {
+            self.advance();
+        }
+        id
+    }
+
+    fn complete(&self, id: u64) {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, job)) = q.jobs.iter_mut().find(|(i, _)| *i == id) {
+                job.done = true;
+            }
+        }
+        self.advance();
+    }
+
+    fn advance(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let before = q.archived;
+        while q.jobs.front().is_some_and(|(_, j)| j.done) {
+            if let Some((_, job)) = q.jobs.pop_front() {
+                if let Some(end) = job.end {
+                    q.archived = q.archived.max(end);
+                }
+            }
+        }
+        let archived = q.archived;
+        self.status.set_queue_len(q.jobs.len());
+        drop(q);
+        if archived != before {
+            self.publish(archived);
+        }
+    }
+
+    /// A segment that is already in the archive (found while resuming): counts as done.
+    pub fn already_archived(&self, end: Lsn) {
+        self.push(Some(end), true);
+    }
+
+    /// Uploads the spool file `path` as `name`, deleting it once stored. Waits for an upload
+    /// slot first (the back-pressure that bounds the spool), then runs the upload on
+    /// `tracker`. `end` is what the archive holds up to once this and everything queued before
+    /// it is stored.
+    pub async fn archive(
+        &self,
+        name: WalSegmentName,
+        path: PathBuf,
+        end: Option<Lsn>,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return Err(Cancelled),
+            p = self.ctx.upload_slots.clone().acquire_owned() => p.map_err(|_| Cancelled)?,
+        };
+        let id = self.push(end, false);
+        let this = self.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let key = wal_key(&name);
+            let started = std::time::Instant::now();
+            if !this
+                .ctx
+                .upload_until_stored(&key, &path, &this.status, &cancel)
+                .await
+            {
+                return;
+            }
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            tracing::info!(site = %this.ctx.site, object = %key, bytes = size, elapsed = ?started.elapsed(), "archived");
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove archived spool file");
+            }
+            this.status.archived_file(&name);
+            this.complete(id);
+        });
+        Ok(())
+    }
+}
+
+/// The daemon is stopping.
+#[derive(Debug)]
+pub struct Cancelled;
+
+/// How long a stopping daemon lets running uploads finish before it leaves them to the next
+/// start (they stay in the spool; the slot holds their WAL).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,307 @@
+//! `walhoard daemon`: streams every active site's WAL into its archive, writes the state file,
+//! serves the HTTP API, drains and exits on SIGTERM/SIGINT and reloads its configuration on
+//! SIGHUP.
+//!
+//! Every long-lived task observes one cancellation token; on shutdown receiving stops first
+//! (the last status update tells the server what the archive holds), then running uploads get
+//! [`archiver::DRAIN_TIMEOUT`] to finish. Whatever is not archived by then stays in the spool
+//! and the slot, and the next start archives it first.
+
+pub mod archiver;
+pub mod site;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{BackupMode, Config, SiteConfig};
+use crate::pipeline::compression::{Algorithm, CompressionSettings};
+use crate::pipeline::encryption::PublicKey;
+use crate::pipeline::transfer::UploadEncryption;
+use crate::storage::retry::RetryPolicy;
+use crate::storage::{Metadata, ObjectStore};
+
+use archiver::UploadContext;
+use status::{now_secs, Alerts, DaemonState, SiteState, SiteStatus};
+
+/// The sites of a running daemon, as the HTTP API and the state file see them.
+#[derive(Clone, Default)]
+pub struct Sites {
+    pub by_name: BTreeMap<String, SiteHandle>,
+}
+
+/// What the rest of the daemon can reach of a site.
+#[derive(Clone)]
+pub struct SiteHandle {
+    pub config: SiteConfig,
+    pub upload: Arc<UploadContext>,
+    pub status: Arc<SiteStatus>,
+}
+
+/// The number of uploads running at once: `transfer.thread_count`, else pghoard's default
+/// min(CPU count + 3, 20).
+pub fn transfer_threads(config: &Config) -> usize {
+    config.transfer.thread_count.map_or_else(
+        || {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cpus + 3).min(20)
+        },
+        |n| n.max(1) as usize,
+    )
+}
+
+/// The compression new objects get, from the `compression` section.
+pub fn compression_settings(config: &Config) -> Result<CompressionSettings> {
+    let algorithm: Algorithm = config
+        .compression
+        .algorithm
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("compression.algorithm: {e}"))?;
+    let mut c = CompressionSettings::new(algorithm);
+    if let Some(level) = config.compression.level {
+        c.level = level;
+    }
+    c.validate()
+        .map_err(|e| anyhow::anyhow!("compression.level: {e}"))?;
+    Ok(c)
+}
+
+/// The site's upload encryption: its `encryption_key_id`'s public key, if it has one.
+pub fn upload_encryption(name: &str, site: &SiteConfig) -> Result<Option<UploadEncryption>> {
+    let Some(id) = &site.encryption_key_id else {
+        return Ok(None);
+    };
+    let pem = site
+        .encryption_keys
+        .get(id)
+        .and_then(|k| k.public.as_deref())
+        .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.public: missing"))?;
+    let public = PublicKey::from_pem(pem)
+        .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.public"))?;
+    Ok(Some(UploadEncryption {
+        key_id: id.clone(),
+        public,
+    }))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The retry policy of uploads: pghoard's warning limit, alert files in alert_file_dir.
+pub fn retry_policy(config: &Config) -> RetryPolicy {
+    RetryPolicy {
+        warning_limit: config
+            .upload_retries_warning_limit
+            .unwrap_or(config.transfer.upload_retries_warning_limit),
+        alert_dir: Some(config.alert_dir()),
+        max_backoff: config
+            .transfer
+            .retry_max_backoff_seconds
+            .map_or(RetryPolicy::default().max_backoff, Duration::from_secs_f64),
+        ..RetryPolicy::default()
+    }
+}
+
+/// Opens a site's store and gathers what its uploads need.
+pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Result<UploadContext> {
+    let site = config
+        .backup_sites
+        .get(name)
+        .with_context(|| format!("no backup site {name:?} in the configuration"))?;
+    let storage = site
+        .object_storage
+        .as_ref()
+        .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
+    let store = ObjectStore::open(storage, config.site_prefix(name))
+        .with_context(|| format!("backup_sites.{name}.object_storage"))?;
+    let mut base_metadata = Metadata::new();
+    base_metadata.insert("host".into(), hostname());
+    Ok(UploadContext {
+        site: name.to_string(),
+        store,
+        compression: compression_settings(config)?,
+        encryption: upload_encryption(name, site)?,
+        retry: retry_policy(config),
+        upload_slots: slots,
+        base_metadata,
+    })
+}
+
+/// The spool directory of a site: `<backup_location>/<site>/xlog_incoming`, as pghoard's.
+pub fn spool_dir(config: &Config, name: &str) -> Result<PathBuf> {
+    let base = config
+        .backup_location
+        .as_ref()
+        .context("backup_location: the daemon needs it for its spool; set it")?;
+    Ok(base.join(name).join("xlog_incoming"))
+}
+
+/// One configuration's worth of running sites.
+struct Generation {
+    stop: CancellationToken,
+    abort: CancellationToken,
+    tracker: TaskTracker,
+    sites: Sites,
+}
+
+impl Generation {
+    fn start(config: &Config) -> Result<Generation> {
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(transfer_threads(config)));
+        let alerts = Alerts {
+            dir: config.alert_dir(),
+        };
+        std::fs::create_dir_all(&alerts.dir)
+            .with_context(|| format!("alert_file_dir {}", alerts.dir.display()))?;
+        let mut sites = Sites::default();
+        let mut runs = Vec::new();
+        for (name, site) in &config.backup_sites {
+            if !site.active {
+                tracing::info!(site = %name, "site inactive; skipped");
+                continue;
+            }
+            let upload = Arc::new(upload_context(config, name, slots.clone())?);
+            let status = match site.active_backup_mode {
+                BackupMode::Walreceiver => {
+                    let wal = site::SiteWal::new(
+                        name,
+                        site,
+                        spool_dir(config, name)?,
+                        upload.clone(),
+                        alerts.clone(),
+                    )?;
+                    let status = wal.status.clone();
+                    runs.push(wal);
+                    status
+                }
+                // WAL arrives through archive_command (the HTTP API) or with the backups.
+                BackupMode::ArchiveCommand | BackupMode::StandaloneHotBackup => {
+                    Arc::new(SiteStatus::default())
+                }
+            };
+            sites.by_name.insert(
+                name.clone(),
+                SiteHandle {
+                    config: site.clone(),
+                    upload,
+                    status,
+                },
+            );
+        }
+        for wal in runs {
+            let name = wal.name.clone();
+            let (stop, abort, t) = (stop.clone(), abort.clone(), tracker.clone());
+            tracker.spawn(async move {
+                if let Err(e) = wal.run(stop, abort, t).await {
+                    tracing::error!(site = %name, error = format!("{e:#}"), "site stopped");
+                }
+            });
+        }
+        Ok(Generation {
+            stop,
+            abort,
+            tracker,
+            sites,
+        })
+    }
+
+    /// Stops receiving, lets uploads finish for up to the drain timeout, then aborts them.
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(archiver::DRAIN_TIMEOUT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("uploads still running after the drain timeout; they stay in the spool for the next start");
+            self.abort.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
+    let state = DaemonState {
+        startup_time,
+        pid: std::process::id(),
+        backup_sites: sites
+            .by_name
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.clone(),
+                    SiteState {
+                        walreceiver: s.status.snapshot(),
+                    },
+                )
+            })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&state).unwrap_or_default()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path) -> Result<()> {
+    let mut config = Config::load(config_path)?;
+    let startup_time = now_secs();
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    let mut generation = Generation::start(&config)?;
+    let http = crate::http::serve(&config, generation.sites.clone())
+        .await
+        .with_context(|| format!("HTTP API on {}:{}", config.http_address, config.http_port))?;
+    tracing::info!(sites = generation.sites.by_name.len(), http = %http.addr, "walhoard daemon started");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_state = Vec::new();
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                match Config::load(config_path) {
+                    Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
+                    Ok(new) => {
+                        tracing::info!("reloading configuration");
+                        generation.shutdown().await;
+                        config = new;
+                        generation = Generation::start(&config)?;
+                        http.set_sites(generation.sites.clone());
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let state = state_json(&generation.sites, startup_time);
+                if state != last_state {
+                    if let Err(e) = status::write_atomic(&config.json_state_file_path, &state) {
+                        tracing::warn!(path = %config.json_state_file_path.display(), error = %e, "cannot write the state file");
+                    }
+                    last_state = state;
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: draining uploads");
+    let sites = generation.sites.clone();
+    generation.shutdown().await;
+    let _ = status::write_atomic(
+        &config.json_state_file_path,
+        &state_json(&sites, startup_time),
+    );
+    http.stop().await;
+    tracing::info!("walhoard daemon stopped");
+    Ok(())
+}

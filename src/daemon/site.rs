@@ -1,0 +1,366 @@
+//! One backup site's WAL streaming: the receiver (slot → spool), the archiver (spool →
+//! archive), the resume point on start, the disk guard and the alert files.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize, WalSegmentName};
+use walhoard_walreceiver::{
+    ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, StartPosition,
+};
+
+use super::archiver::{wal_key, Archiver, UploadContext};
+use super::status::{
+    Alerts, SiteStatus, AUTHENTICATION_ERROR, CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
+};
+use crate::config::SiteConfig;
+
+/// How far past the slot's position the resume check looks for already-archived segments.
+const RESUME_SCAN_LIMIT: u64 = 100_000;
+
+/// A site ready to stream.
+pub struct SiteWal {
+    pub name: String,
+    pub receiver: ReceiverConfig,
+    pub archiver: Archiver,
+    pub status: Arc<SiteStatus>,
+    pub alerts: Alerts,
+    pub disk_guard: Option<DiskGuard>,
+    archived_rx: watch::Receiver<Lsn>,
+}
+
+/// Pause receiving below `min_free` bytes free in `dir`, resume at `resume_free`.
+#[derive(Debug, Clone)]
+pub struct DiskGuard {
+    pub dir: PathBuf,
+    pub min_free: u64,
+    pub resume_free: u64,
+    pub interval: Duration,
+}
+
+/// Free bytes for an unprivileged user in the file system holding `dir`, from df(1), which
+/// keeps this crate free of `unsafe`.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["-P", "-B1"])
+        .arg(dir)
+        .output()
+        .context("run df")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| {
+            format!(
+                "cannot read free space of {} from df: {text}",
+                dir.display()
+            )
+        })
+}
+
+impl SiteWal {
+    pub fn new(
+        name: &str,
+        site: &SiteConfig,
+        spool_dir: PathBuf,
+        ctx: Arc<UploadContext>,
+        alerts: Alerts,
+    ) -> Result<Self> {
+        let node = site
+            .nodes
+            .first()
+            .with_context(|| format!("backup_sites.{name}.nodes: no node to stream from"))?;
+        let (conn, slot) = node
+            .connect_params()
+            .map_err(|e| anyhow::anyhow!("backup_sites.{name}.nodes[0]: {e}"))?;
+        std::fs::create_dir_all(&spool_dir)
+            .with_context(|| format!("create spool directory {}", spool_dir.display()))?;
+        let status = Arc::new(SiteStatus::default());
+        let (archived_tx, archived_rx) = watch::channel(Lsn::INVALID);
+        let archiver = Archiver::new(ctx, status.clone(), spool_dir.clone(), archived_tx);
+        let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
+        let mut receiver = ReceiverConfig::new(conn, &slot, spool_dir);
+        receiver.status_interval = Duration::from_secs(5);
+        let disk_guard = site
+            .pg_receivexlog
+            .min_disk_free_bytes
+            .map(|min| DiskGuard {
+                dir: receiver.spool_dir.clone(),
+                min_free: min,
+                resume_free: (min as f64 * site.pg_receivexlog.resume_multiplier) as u64,
+                interval: Duration::from_secs_f64(
+                    site.pg_receivexlog.disk_space_check_interval.max(0.1),
+                ),
+            });
+        Ok(SiteWal {
+            name: name.to_string(),
+            receiver,
+            archiver,
+            status,
+            alerts,
+            disk_guard,
+            archived_rx,
+        })
+    }
+
+    /// Streams until `stop` fires; uploads run on `tracker` and stop when `abort` fires.
+    pub async fn run(
+        mut self,
+        stop: CancellationToken,
+        abort: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<()> {
+        let (events_tx, mut events) = mpsc::channel(1);
+        let (positions_tx, mut positions) = watch::channel(ReceiverPositions::default());
+        self.receiver.resume = Some(self.resume_hook(tracker.clone(), abort.clone()));
+        if let Some(guard) = self.disk_guard.clone() {
+            let (pause_tx, pause_rx) = watch::channel(false);
+            self.receiver.pause = Some(pause_rx);
+            let status = self.status.clone();
+            let stop = stop.clone();
+            let site = self.name.clone();
+            tokio::spawn(async move {
+                loop {
+                    match free_bytes(&guard.dir) {
+                        Ok(free) => {
+                            let paused = *pause_tx.borrow();
+                            if !paused && free < guard.min_free {
+                                tracing::warn!(%site, free, min = guard.min_free, "backup_location is short of space: pausing WAL receiving (the slot keeps the WAL)");
+                                pause_tx.send_replace(true);
+                                status.set_paused(true);
+                            } else if paused && free >= guard.resume_free {
+                                tracing::info!(%site, free, "enough space again: resuming WAL receiving");
+                                pause_tx.send_replace(false);
+                                status.set_paused(false);
+                            }
+                        }
+                        Err(e) => tracing::warn!(%site, error = %e, "disk space check failed"),
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(guard.interval) => {}
+                    }
+                }
+            });
+        }
+        let receiver = tokio::spawn(walhoard_walreceiver::run(
+            self.receiver.clone(),
+            None,
+            events_tx,
+            self.archived_rx.clone(),
+            positions_tx,
+            stop.clone(),
+        ));
+        let status = self.status.clone();
+        tokio::spawn(async move {
+            while positions.changed().await.is_ok() {
+                let p = *positions.borrow();
+                status.set_positions(p.received_lsn, p.reported_flush_lsn, p.timeline);
+            }
+        });
+        let mut seg_size: Option<SegmentSize> = None;
+        while let Some(ev) = events.recv().await {
+            match ev {
+                ReceiverEvent::Connected {
+                    seg_size: s,
+                    server_tli,
+                    start,
+                    start_tli,
+                    ..
+                } => {
+                    seg_size = Some(s);
+                    self.status.set_connected(true, Some(server_tli.get()));
+                    for a in [
+                        AUTHENTICATION_ERROR,
+                        CONFIGURATION_ERROR,
+                        VERSION_UNSUPPORTED_ERROR,
+                    ] {
+                        self.alerts.clear(a);
+                    }
+                    tracing::info!(site = %self.name, %start, timeline = %start_tli, "streaming WAL");
+                }
+                ReceiverEvent::Segment { name, path, start } => {
+                    let end = seg_size.map(|s| Lsn(start.0 + s.bytes()));
+                    if self
+                        .archiver
+                        .archive(name, path, end, &tracker, &abort)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                ReceiverEvent::TimelinePartial { name, path, .. }
+                | ReceiverEvent::History { name, path } => {
+                    if self
+                        .archiver
+                        .archive(name, path, None, &tracker, &abort)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                ReceiverEvent::Disconnected {
+                    error,
+                    auth_failure,
+                    sqlstate,
+                    unsupported_version,
+                    ..
+                } => {
+                    self.status.set_connected(false, None);
+                    self.status.set_error(error.clone());
+                    match sqlstate.as_deref() {
+                        // pghoard: a refused password is an authentication error, a server
+                        // that does not let us in at all (pg_hba.conf) a configuration error.
+                        Some("28000") => self.alerts.raise(CONFIGURATION_ERROR, &error),
+                        _ if auth_failure => self.alerts.raise(AUTHENTICATION_ERROR, &error),
+                        _ if unsupported_version => {
+                            self.alerts.raise(VERSION_UNSUPPORTED_ERROR, &error)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e).with_context(|| format!("site {}: WAL receiver", self.name)),
+            Err(e) => Err(anyhow::anyhow!(
+                "site {}: receiver task failed: {e}",
+                self.name
+            )),
+        }
+    }
+
+    /// On the first connection: hand the spool's complete files to the archiver, then skip
+    /// the segments from the slot's position on that the spool or the archive already holds.
+    fn resume_hook(&self, tracker: TaskTracker, abort: CancellationToken) -> ResumeHook {
+        let archiver = self.archiver.clone();
+        Arc::new(move |from: StartPosition, seg: SegmentSize| {
+            let archiver = archiver.clone();
+            let tracker = tracker.clone();
+            let abort = abort.clone();
+            Box::pin(async move {
+                match resume_point(&archiver, from, seg, &tracker, &abort).await {
+                    Ok(at) => at,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "resume scan failed; streaming from the slot's position");
+                        from.lsn
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// Complete WAL files (segments and history files) left in the spool by an earlier run.
+fn spool_files(dir: &Path) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("read spool {}", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if matches!(
+            name.parse::<WalSegmentName>(),
+            Ok(WalSegmentName::Segment(_) | WalSegmentName::History(_))
+        ) {
+            out.insert(name);
+        }
+    }
+    Ok(out)
+}
+
+async fn resume_point(
+    archiver: &Archiver,
+    from: StartPosition,
+    seg: SegmentSize,
+    tracker: &TaskTracker,
+    abort: &CancellationToken,
+) -> Result<Lsn> {
+    let dir = archiver.spool_dir().to_path_buf();
+    let mut spool = spool_files(&dir)?;
+    let tli = from
+        .tli
+        .context("the receiver gave no timeline for its start")?;
+    let mut lsn = from.lsn.segment_start(seg);
+    // Everything before the slot's position is as archived as it will ever be.
+    archiver.start_at(lsn);
+    // History files are small and order-free: archive any left behind.
+    let histories: Vec<String> = spool
+        .iter()
+        .filter(|n| n.ends_with(".history"))
+        .cloned()
+        .collect();
+    for h in histories {
+        spool.remove(&h);
+        let name: WalSegmentName = h.parse().map_err(|e| anyhow::anyhow!("{h}: {e}"))?;
+        if archiver
+            .archive(name, dir.join(&h), None, tracker, abort)
+            .await
+            .is_err()
+        {
+            return Ok(lsn);
+        }
+    }
+    // Segments below the slot's position are nowhere else any more (the slot was moved on
+    // by someone else): archive them rather than lose them.
+    let below: Vec<(String, WalSegmentName)> = spool
+        .iter()
+        .filter_map(|n| match n.parse::<WalSegmentName>() {
+            Ok(w @ WalSegmentName::Segment(id)) if id.start_lsn(seg).is_ok_and(|s| s < lsn) => {
+                Some((n.clone(), w))
+            }
+            _ => None,
+        })
+        .collect();
+    for (file, name) in below {
+        spool.remove(&file);
+        if archiver
+            .archive(name, dir.join(&file), None, tracker, abort)
+            .await
+            .is_err()
+        {
+            return Ok(lsn);
+        }
+    }
+    let mut id = SegmentId::containing(tli, lsn, seg);
+    for _ in 0..RESUME_SCAN_LIMIT {
+        let name = WalSegmentName::Segment(id);
+        let end = Lsn(lsn.0 + seg.bytes());
+        let file = name.to_string();
+        if spool.remove(&file) {
+            tracing::info!(segment = %file, "archiving a segment left in the spool");
+            if archiver
+                .archive(name, dir.join(&file), Some(end), tracker, abort)
+                .await
+                .is_err()
+            {
+                return Ok(lsn);
+            }
+        } else {
+            let key = wal_key(&name);
+            match archiver.context().store.stat(&key).await {
+                Ok(Some(_)) => archiver.already_archived(end),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(object = %key, error = %e, "cannot tell whether the archive holds this segment; streaming it again");
+                    break;
+                }
+            }
+        }
+        lsn = end;
+        id = id.next(seg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    // Spool segments past a gap will be received again (the slot still holds them).
+    for stale in spool {
+        tracing::warn!(segment = %stale, resume = %lsn, "spool segment beyond the resume point; it will be received again");
+        let _ = std::fs::remove_file(dir.join(&stale));
+    }
+    Ok(lsn)
+}

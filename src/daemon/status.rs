@@ -1,0 +1,191 @@
+//! What the daemon knows about each site, for the state file (`json_state_file_path`), the
+//! HTTP status endpoint and the alert files of pghoard's README.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use walhoard_protocol::{Lsn, WalSegmentName};
+
+/// pghoard's alert file names.
+pub const AUTHENTICATION_ERROR: &str = "authentication_error";
+pub const CONFIGURATION_ERROR: &str = "configuration_error";
+pub const VERSION_UNSUPPORTED_ERROR: &str = "version_unsupported_error";
+
+/// One site's WAL streaming, as shown in the state file.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WalState {
+    pub connected: bool,
+    pub server_timeline: Option<u32>,
+    /// Timeline being received.
+    pub timeline: Option<u32>,
+    /// Every byte before this was received and written to the spool.
+    pub received_lsn: Option<String>,
+    /// The flush position last reported to the server (the slot follows it).
+    pub reported_flush_lsn: Option<String>,
+    /// Every byte before this is durable in the archive.
+    pub archived_lsn: Option<String>,
+    /// received − archived, in bytes.
+    pub archive_lag_bytes: u64,
+    /// Uploads queued or running.
+    pub upload_queue: usize,
+    pub last_archived: Option<String>,
+    pub last_archived_time: Option<f64>,
+    pub last_activity_time: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_error_time: Option<f64>,
+    pub files_archived: u64,
+    /// Receiving is paused because backup_location is short of space.
+    pub paused_for_disk_space: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    wal: WalState,
+    received: Lsn,
+    archived: Lsn,
+}
+
+/// A site's live state, shared by its tasks.
+#[derive(Debug, Default)]
+pub struct SiteStatus {
+    inner: Mutex<Inner>,
+}
+
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl SiteStatus {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    fn lag(i: &mut Inner) {
+        i.wal.archive_lag_bytes = if i.archived.is_valid() {
+            i.received.bytes_since(i.archived)
+        } else {
+            0
+        };
+    }
+
+    pub fn snapshot(&self) -> WalState {
+        self.with(|i| i.wal.clone())
+    }
+
+    pub fn set_connected(&self, connected: bool, server_timeline: Option<u32>) {
+        self.with(|i| {
+            i.wal.connected = connected;
+            if server_timeline.is_some() {
+                i.wal.server_timeline = server_timeline;
+            }
+        });
+    }
+
+    pub fn set_positions(&self, received: Lsn, reported_flush: Lsn, timeline: u32) {
+        self.with(|i| {
+            if received != i.received {
+                i.wal.last_activity_time = Some(now_secs());
+            }
+            i.received = received;
+            i.wal.received_lsn = Some(received.to_string());
+            i.wal.reported_flush_lsn = Some(reported_flush.to_string());
+            if timeline != 0 {
+                i.wal.timeline = Some(timeline);
+            }
+            Self::lag(i);
+        });
+    }
+
+    pub fn set_archived(&self, archived: Lsn) {
+        self.with(|i| {
+            i.archived = archived;
+            i.wal.archived_lsn = Some(archived.to_string());
+            Self::lag(i);
+        });
+    }
+
+    pub fn archived_file(&self, name: &WalSegmentName) {
+        self.with(|i| {
+            i.wal.last_archived = Some(name.to_string());
+            i.wal.last_archived_time = Some(now_secs());
+            i.wal.files_archived += 1;
+        });
+    }
+
+    pub fn set_queue_len(&self, n: usize) {
+        self.with(|i| i.wal.upload_queue = n);
+    }
+
+    pub fn set_error(&self, e: String) {
+        self.with(|i| {
+            i.wal.last_error = Some(e);
+            i.wal.last_error_time = Some(now_secs());
+        });
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.with(|i| i.wal.paused_for_disk_space = paused);
+    }
+}
+
+/// The state file's content.
+#[derive(Debug, Serialize)]
+pub struct DaemonState {
+    pub startup_time: f64,
+    pub pid: u32,
+    pub backup_sites: BTreeMap<String, SiteState>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteState {
+    pub walreceiver: WalState,
+}
+
+/// Writes `content` to `path` atomically: a temp file in the same directory, then a rename,
+/// so a reader sees the old or the new file, never half of one.
+pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d)?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Creates or removes pghoard-style alert files.
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    pub dir: PathBuf,
+}
+
+impl Alerts {
+    pub fn raise(&self, name: &str, detail: &str) {
+        let path = self.dir.join(name);
+        if path.exists() {
+            return;
+        }
+        let body = serde_json::json!({ "time": now_secs(), "detail": detail });
+        match write_atomic(&path, body.to_string().as_bytes()) {
+            Ok(()) => tracing::warn!(alert = %path.display(), "alert file created"),
+            Err(e) => {
+                tracing::error!(alert = %path.display(), error = %e, "cannot write alert file")
+            }
+        }
+    }
+
+    pub fn clear(&self, name: &str) {
+        let path = self.dir.join(name);
+        if path.exists() && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(alert = %path.display(), "alert file removed: the condition is gone");
+        }
+    }
+}

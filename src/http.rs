@@ -1,0 +1,206 @@
+//! The daemon's HTTP API on `http_address:http_port` (127.0.0.1:16000 by default, as
+//! pghoard's), for the tools that run beside PostgreSQL:
+//!
+//! - `GET /status`: the state file's content, live.
+//! - `PUT /<site>/archive/<wal file>`: archive_command mode. The daemon reads the file from
+//!   the site's `pg_data_directory/pg_wal`, stores it and answers `201 Created` only once it is
+//!   durable in the archive; any failure is a 5xx (PostgreSQL then keeps the file and retries).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use walhoard_protocol::WalSegmentName;
+
+use crate::config::Config;
+use crate::daemon::archiver::wal_key;
+use crate::daemon::status::{now_secs, DaemonState, SiteState};
+use crate::daemon::Sites;
+use crate::storage::retry::RetryPolicy;
+
+/// The running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    sites: Arc<RwLock<Sites>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Points the API at a new set of sites (after a reload).
+    pub fn set_sites(&self, sites: Sites) {
+        *self.sites.write().unwrap_or_else(|p| p.into_inner()) = sites;
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Binds and starts serving.
+pub async fn serve(config: &Config, sites: Sites) -> Result<Server> {
+    let listener = TcpListener::bind((config.http_address.as_str(), config.http_port))
+        .await
+        .context("bind")?;
+    let addr = listener.local_addr()?;
+    let sites = Arc::new(RwLock::new(sites));
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let startup_time = now_secs();
+    {
+        let sites = sites.clone();
+        let cancel = cancel.clone();
+        let t = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "HTTP accept failed");
+                            continue;
+                        }
+                    },
+                };
+                let sites = sites.clone();
+                let cancel = cancel.clone();
+                t.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let sites = sites.read().unwrap_or_else(|p| p.into_inner()).clone();
+                        async move { Ok::<_, Infallible>(handle(req, sites, startup_time).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        r = conn => if let Err(e) = r { tracing::debug!(error = %e, "HTTP connection") },
+                    }
+                });
+            }
+        });
+    }
+    Ok(Server {
+        addr,
+        sites,
+        cancel,
+        tracker,
+    })
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = reply(status, v.to_string());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+async fn handle(req: Request<Incoming>, sites: Sites, startup_time: f64) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["status"]) => {
+            let state = DaemonState {
+                startup_time,
+                pid: std::process::id(),
+                backup_sites: sites
+                    .by_name
+                    .iter()
+                    .map(|(n, s)| {
+                        (
+                            n.clone(),
+                            SiteState {
+                                walreceiver: s.status.snapshot(),
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            json(
+                StatusCode::OK,
+                serde_json::to_value(&state).unwrap_or_default(),
+            )
+        }
+        (&Method::PUT, [site, "archive", file]) => archive(&sites, site, file).await,
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no such endpoint: {} {path}", req.method())}),
+        ),
+    }
+}
+
+/// archive_command: stores `<pg_data_directory>/pg_wal/<file>` and answers once it is durable.
+async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>> {
+    let err = |status, msg: String| json(status, serde_json::json!({ "error": msg }));
+    let Some(handle) = sites.by_name.get(site) else {
+        return err(StatusCode::NOT_FOUND, format!("no backup site {site:?}"));
+    };
+    let name: WalSegmentName = match file.parse() {
+        Ok(n) => n,
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("{file:?} is not a WAL file name: {e}"),
+            )
+        }
+    };
+    let Some(data_dir) = &handle.config.pg_data_directory else {
+        return err(
+            StatusCode::CONFLICT,
+            format!("backup_sites.{site}.pg_data_directory is not set; archive_command mode reads WAL from it"),
+        );
+    };
+    let path = data_dir.join("pg_wal").join(file);
+    if !path.is_file() {
+        return err(
+            StatusCode::NOT_FOUND,
+            format!("{} does not exist", path.display()),
+        );
+    }
+    let key = wal_key(&name);
+    // PostgreSQL retries a failed archive_command itself: give up after a few attempts
+    // rather than hold its archiver forever.
+    let policy = RetryPolicy {
+        max_attempts: Some(4),
+        ..handle.upload.retry.clone()
+    };
+    let started = std::time::Instant::now();
+    let permit = handle.upload.upload_slots.clone().acquire_owned().await;
+    let result = handle.upload.upload(&policy, &key, &path).await;
+    drop(permit);
+    match result {
+        Ok(()) => {
+            handle.status.archived_file(&name);
+            tracing::info!(%site, object = %key, elapsed = ?started.elapsed(), "archived (archive_command)");
+            json(StatusCode::CREATED, serde_json::json!({ "archived": key }))
+        }
+        Err(e) => {
+            tracing::error!(%site, object = %key, error = %e, "archive_command upload failed");
+            handle.status.set_error(format!("archive {key}: {e}"));
+            err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("archive {key}: {e}"),
+            )
+        }
+    }
+}

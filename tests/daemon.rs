@@ -1,0 +1,627 @@
+//! `walhoard daemon` end to end: the real binary streaming a real cluster's WAL through zstd +
+//! encryption into real storage, checked against the server's own pg_wal and pg_waldump.
+
+use std::time::Duration;
+
+use serde_json::json;
+use walhoard_protocol::{SegmentSize, WalSegmentName};
+use walhoard_testkit::PgCluster;
+
+use crate::common::wait_until;
+use crate::daemon_support::*;
+
+/// A cluster that keeps its WAL around (so the test can compare) and times out quiet
+/// walsenders quickly.
+fn cluster() -> PgCluster {
+    PgCluster::builder()
+        .setting("wal_keep_size", "'2GB'")
+        .setting("wal_sender_timeout", "'10s'")
+        .start()
+        .unwrap()
+}
+
+/// Every archived segment from `first` on is byte-identical to pg_wal's copy.
+async fn assert_archive_equals_pg_wal(
+    pg: &PgCluster,
+    d: &DaemonDir,
+    store: &walhoard::storage::ObjectStore,
+    names: &[String],
+) {
+    let out = tempfile::tempdir().unwrap();
+    for name in names {
+        let restored = restore(store, &d.ring(), &format!("xlog/{name}"), out.path()).await;
+        let ours = std::fs::read(&restored).unwrap();
+        let theirs = std::fs::read(pg.wal_dir().join(name)).unwrap();
+        assert!(ours == theirs, "archived {name} differs from pg_wal");
+        std::fs::remove_file(restored).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_archive_is_byte_identical_and_readable_by_pg_waldump() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    assert!(
+        wait_until(Duration::from_secs(30), || slot_restart(&pg).is_some()),
+        "slot not created; log:\n{}",
+        daemon.log_text()
+    );
+    let first = pg
+        .psql("select pg_walfile_name(restart_lsn) from pg_replication_slots where slot_name = 'walhoard'")
+        .unwrap()
+        .trim()
+        .to_string();
+    // Small transactions make XLogData messages end anywhere, including across segment
+    // boundaries; the bulk load fills several segments.
+    load(&pg, 150_000, 3000);
+    let last = switch_segment(&pg);
+    wait_archived(&store, &last, Duration::from_secs(120), &daemon).await;
+    let segs = archived_segments(&store).await;
+    let names: Vec<String> = segs
+        .keys()
+        .filter(|n| n.as_str() >= first.as_str() && n.as_str() <= last.as_str())
+        .cloned()
+        .collect();
+    assert!(names.len() >= 4, "only {names:?} archived");
+    let seg = SegmentSize::DEFAULT;
+    let end = contiguous_end(&store, &first, seg).await;
+    assert!(
+        end.segment_number(seg)
+            > last
+                .parse::<WalSegmentName>()
+                .unwrap()
+                .segment()
+                .unwrap()
+                .segno(seg)
+                .unwrap(),
+        "archive has a gap before {end}"
+    );
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+
+    // pg_waldump reads the archive's decompressed copies from first to last.
+    let dump_dir = pg.scratch_dir("waldump").unwrap();
+    for n in &names {
+        let p = restore(&store, &d.ring(), &format!("xlog/{n}"), &dump_dir).await;
+        pg.write_owned(&p, &std::fs::read(&p).unwrap(), 0o600)
+            .unwrap();
+    }
+    let out = pg
+        .run_tool(
+            "pg_waldump",
+            &[
+                "--stats".as_ref(),
+                "-p".as_ref(),
+                dump_dir.as_os_str(),
+                names[0].as_ref(),
+                names[names.len() - 1].as_ref(),
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("Total"), "pg_waldump: {out}");
+
+    // The slot followed the archive: never past it, and not stuck behind it.
+    let restart = slot_restart(&pg).unwrap();
+    let end = contiguous_end(&store, &first, seg).await;
+    assert!(
+        restart <= end,
+        "slot at {restart} is past the archive's end {end}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || slot_restart(&pg).unwrap()
+            >= last
+                .parse::<WalSegmentName>()
+                .unwrap()
+                .segment()
+                .unwrap()
+                .start_lsn(seg)
+                .unwrap()),
+        "slot stuck at {:?}",
+        slot_restart(&pg)
+    );
+
+    // Metadata and the state file tell what happened.
+    let meta = store.metadata(&format!("xlog/{last}")).await.unwrap();
+    assert_eq!(meta["compression-algorithm"], "zstd");
+    assert_eq!(meta["encryption-key-id"], "k1");
+    assert_eq!(meta["original-file-size"], (16u64 << 20).to_string());
+    // The state file is rewritten every second.
+    let want = names.len() as u64;
+    assert!(
+        wait_until(Duration::from_secs(10), || d.state().is_some_and(|s| {
+            let wal = &s["backup_sites"]["main"]["walreceiver"];
+            wal["connected"] == true && wal["files_archived"].as_u64().unwrap_or(0) >= want
+        })),
+        "state file: {:?}",
+        d.state()
+    );
+    let state = d.state().unwrap();
+    let wal = &state["backup_sites"]["main"]["walreceiver"];
+    let archived: walhoard_protocol::Lsn = wal["archived_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(
+        archived <= contiguous_end(&store, &first, seg).await,
+        "{state}"
+    );
+    assert_eq!(wal["timeline"], 1);
+}
+
+/// Segment names from `first` to `last` (inclusive) on `first`'s timeline.
+fn segment_range(first: &str, last: &str, seg: SegmentSize) -> Vec<String> {
+    let mut id = first.parse::<WalSegmentName>().unwrap().segment().unwrap();
+    let mut out = Vec::new();
+    loop {
+        let n = id.to_string();
+        let done = n == last;
+        out.push(n);
+        if done || out.len() > 10_000 {
+            return out;
+        }
+        id = id.next(seg).unwrap();
+    }
+}
+
+fn slot_segment(pg: &PgCluster) -> String {
+    pg.psql("select pg_walfile_name(restart_lsn) from pg_replication_slots where slot_name = 'walhoard'")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Waits until the daemon created its slot and returns the segment it starts in.
+fn wait_slot(pg: &PgCluster, daemon: &Daemon) -> String {
+    assert!(
+        wait_until(Duration::from_secs(30), || slot_restart(pg).is_some()),
+        "slot not created; log:\n{}",
+        daemon.log_text()
+    );
+    slot_segment(pg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_kill_9_twenty_times_leaves_no_gap() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    let first = wait_slot(&pg, &daemon);
+    let seg = SegmentSize::DEFAULT;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // A pseudo-random kill schedule, different on every run, printed for reproduction.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("kill schedule seed {seed}");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                load(&pg, 20_000, 200);
+                switch_segment(&pg);
+            }
+        });
+        for _ in 0..20 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let ms = 200 + (seed >> 33) % 2300;
+            std::thread::sleep(Duration::from_millis(ms));
+            daemon.kill9();
+            daemon = Daemon::start(&d);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let last = switch_segment(&pg);
+    wait_archived(&store, &last, Duration::from_secs(180), &daemon).await;
+    let names = segment_range(&first, &last, seg);
+    assert!(names.len() >= 10, "too little WAL for the test: {names:?}");
+    for n in &names {
+        assert!(has(&store, n).await, "gap in the archive at {n}");
+    }
+    // Each segment was stored once or again with the same bytes: every copy equals pg_wal.
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+    let end = contiguous_end(&store, &first, seg).await;
+    assert!(slot_restart(&pg).unwrap() <= end);
+    assert!(
+        daemon.log_text().matches("walhoard daemon started").count() >= 21,
+        "not every restart got going"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
+    let pg = cluster();
+    let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
+    let d = DaemonDir::new();
+    let storage = json!({
+        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
+        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
+        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+    });
+    d.write_config(&pg, storage.clone(), json!({}));
+    let daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    let first = wait_slot(&pg, &daemon);
+    let seg = SegmentSize::DEFAULT;
+    load(&pg, 30_000, 100);
+    let before = switch_segment(&pg);
+    wait_archived(&store, &before, Duration::from_secs(60), &daemon).await;
+    let archive_end = contiguous_end(&store, &first, seg).await;
+
+    // The store goes away for more than a minute while WAL keeps coming.
+    s3.stop();
+    let outage = std::time::Instant::now();
+    load(&pg, 100_000, 500);
+    let last = switch_segment(&pg);
+    let alert = d.alert_dir().join("upload_retries_warning");
+    let mut max_restart = slot_restart(&pg).unwrap();
+    while outage.elapsed() < Duration::from_secs(65) {
+        let r = slot_restart(&pg).unwrap();
+        assert!(
+            r <= archive_end,
+            "slot advanced to {r} past the archive's end {archive_end} during the outage"
+        );
+        max_restart = max_restart.max(r);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        alert.exists(),
+        "no upload_retries_warning alert during the outage"
+    );
+    let state = d.state().unwrap();
+    assert!(
+        state["backup_sites"]["main"]["walreceiver"]["archive_lag_bytes"]
+            .as_u64()
+            .unwrap()
+            > 16 << 20,
+        "{state}"
+    );
+
+    // The store returns: the backlog drains, nothing is missing, the alert goes away.
+    s3.resume().unwrap();
+    wait_archived(&store, &last, Duration::from_secs(120), &daemon).await;
+    let names = segment_range(&first, &last, seg);
+    for n in &names {
+        assert!(has(&store, n).await, "{n} lost in the outage");
+    }
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || !alert.exists()),
+        "alert file not removed after recovery"
+    );
+    assert!(max_restart <= archive_end);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_follows_promotion_to_new_timeline() {
+    let mut pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    load(&pg, 10_000, 50);
+    let s1 = switch_segment(&pg);
+    wait_archived(&store, &s1, Duration::from_secs(60), &daemon).await;
+    load(&pg, 5_000, 20);
+    pg.promote_to_new_timeline().unwrap();
+    load(&pg, 10_000, 50);
+    let s2 = switch_segment(&pg);
+    assert!(s2.starts_with("00000002"), "{s2}");
+    wait_archived(&store, &s2, Duration::from_secs(90), &daemon).await;
+    wait_archived(&store, "00000002.history", Duration::from_secs(10), &daemon).await;
+    let out = tempfile::tempdir().unwrap();
+    let history = restore(&store, &d.ring(), "timeline/00000002.history", out.path()).await;
+    assert_eq!(
+        std::fs::read(history).unwrap(),
+        std::fs::read(pg.wal_dir().join("00000002.history")).unwrap()
+    );
+    // Timeline 1's last segment is archived as .partial, equal to the server's copy up to
+    // the switchpoint.
+    let partials: Vec<String> = archived_segments(&store)
+        .await
+        .into_keys()
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert_eq!(partials.len(), 1, "{partials:?}");
+    assert!(partials[0].starts_with("00000001"), "{partials:?}");
+    let ours = std::fs::read(
+        restore(
+            &store,
+            &d.ring(),
+            &format!("xlog/{}", partials[0]),
+            out.path(),
+        )
+        .await,
+    )
+    .unwrap();
+    let server_copy = std::fs::read(pg.wal_dir().join(&partials[0]))
+        .or_else(|_| std::fs::read(pg.wal_dir().join(partials[0].trim_end_matches(".partial"))))
+        .unwrap();
+    let switch: walhoard_protocol::Lsn =
+        std::fs::read_to_string(pg.wal_dir().join("00000002.history"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .split('\t')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+    let upto = switch.segment_offset(SegmentSize::DEFAULT) as usize;
+    assert!(
+        ours[..upto] == server_copy[..upto],
+        "partial differs before the switchpoint {switch}"
+    );
+    let names = vec![s2.clone()];
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_alerts_on_auth_and_hba_errors_then_recovers() {
+    let pg = PgCluster::builder()
+        .hba("host replication walrep 127.0.0.1/32 scram-sha-256")
+        .hba("host replication norep 127.0.0.1/32 reject")
+        .start()
+        .unwrap();
+    pg.psql("set password_encryption = 'scram-sha-256'; create role walrep replication login password 'right-Pw-42'; create role norep replication login")
+        .unwrap();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    let node = |user: &str, pw: &str| json!({"nodes": [{"host": "127.0.0.1", "port": pg.port, "user": user, "password": pw, "slot": "walhoard"}]});
+    let secret = "Wr0ng-Secret-Pw-9";
+    d.write_config(&pg, storage.clone(), node("walrep", secret));
+    let daemon = Daemon::start(&d);
+    let auth = d.alert_dir().join("authentication_error");
+    let conf = d.alert_dir().join("configuration_error");
+    assert!(
+        wait_until(Duration::from_secs(20), || auth.exists()),
+        "no authentication_error alert; log:\n{}",
+        daemon.log_text()
+    );
+    assert!(daemon.log_text().contains("28P01"), "{}", daemon.log_text());
+
+    // A user pg_hba.conf rejects: a configuration error.
+    d.write_config(&pg, storage.clone(), node("norep", ""));
+    daemon.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(20), || conf.exists()),
+        "no configuration_error alert; log:\n{}",
+        daemon.log_text()
+    );
+
+    // Fixed: streaming starts, the alerts go away.
+    d.write_config(&pg, storage.clone(), node("walrep", "right-Pw-42"));
+    daemon.signal("HUP");
+    let store = d.store(&storage);
+    assert!(
+        wait_until(Duration::from_secs(30), || slot_restart(&pg).is_some()),
+        "{}",
+        daemon.log_text()
+    );
+    load(&pg, 10_000, 10);
+    let s = switch_segment(&pg);
+    wait_archived(&store, &s, Duration::from_secs(60), &daemon).await;
+    assert!(wait_until(Duration::from_secs(10), || !auth.exists() && !conf.exists()));
+    let log = daemon.log_text();
+    assert!(
+        !log.contains(secret) && !log.contains("right-Pw-42"),
+        "a password was logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_64mb_segments() {
+    let pg = PgCluster::builder()
+        .initdb_arg("--wal-segsize=64")
+        .setting("wal_keep_size", "'2GB'")
+        .start()
+        .unwrap();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    let first = wait_slot(&pg, &daemon);
+    load(&pg, 200_000, 500);
+    let last = switch_segment(&pg);
+    wait_archived(&store, &last, Duration::from_secs(120), &daemon).await;
+    let seg = SegmentSize::new(64 << 20).unwrap();
+    let names = segment_range(&first, &last, seg);
+    assert!(names.len() >= 2, "{names:?}");
+    for n in &names {
+        assert!(has(&store, n).await, "gap at {n}");
+    }
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+    let meta = store.metadata(&format!("xlog/{last}")).await.unwrap();
+    assert_eq!(meta["original-file-size"], (64u64 << 20).to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_archive_command_mode() {
+    let d = DaemonDir::new();
+    let command = format!(
+        "{} postgres-command --mode archive --site main --xlog %f --port {}",
+        env!("CARGO_BIN_EXE_walhoard"),
+        d.http_port
+    );
+    let pg = PgCluster::builder()
+        .setting("archive_mode", "on")
+        .setting("archive_command", &format!("'{command}'"))
+        .setting("wal_keep_size", "'1GB'")
+        .start()
+        .unwrap();
+    let storage = d.local_storage();
+    d.write_config(
+        &pg,
+        storage.clone(),
+        json!({"active_backup_mode": "archive_command", "pg_data_directory": pg.data_dir(), "nodes": []}),
+    );
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    load(&pg, 10_000, 10);
+    let s1 = switch_segment(&pg);
+    wait_archived(&store, &s1, Duration::from_secs(60), &daemon).await;
+    assert_archive_equals_pg_wal(&pg, &d, &store, std::slice::from_ref(&s1)).await;
+
+    // Daemon down: archive_command fails, PostgreSQL keeps the segment and retries.
+    daemon.kill9();
+    load(&pg, 1_000, 1);
+    let s2 = switch_segment(&pg);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            pg.psql("select failed_count from pg_stat_archiver")
+                .unwrap()
+                .trim()
+                != "0"
+        }),
+        "archive_command did not fail with the daemon down"
+    );
+    assert!(!has(&store, &s2).await);
+    let daemon = Daemon::start(&d);
+    wait_archived(&store, &s2, Duration::from_secs(90), &daemon).await;
+    assert_archive_equals_pg_wal(&pg, &d, &store, std::slice::from_ref(&s2)).await;
+    // A name that is not a WAL file is refused with a clear error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args([
+            "postgres-command",
+            "--mode",
+            "archive",
+            "--site",
+            "main",
+            "--xlog",
+            "postgresql.conf",
+            "--port",
+        ])
+        .arg(d.http_port.to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a WAL file name"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_disk_guard_pauses_reload_resumes_sigterm_drains() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    load(&pg, 10_000, 10);
+    let s0 = switch_segment(&pg);
+    wait_archived(&store, &s0, Duration::from_secs(60), &daemon).await;
+
+    // Less free space than required (an impossible amount): receiving pauses.
+    d.write_config(
+        &pg,
+        storage.clone(),
+        json!({"pg_receivexlog": {"min_disk_free_bytes": 1u64 << 62, "disk_space_check_interval": 0.2}}),
+    );
+    daemon.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(20), || d.state().is_some_and(|s| {
+            s["backup_sites"]["main"]["walreceiver"]["paused_for_disk_space"] == true
+        })),
+        "not paused; log:\n{}",
+        daemon.log_text()
+    );
+    let held = slot_restart(&pg).unwrap();
+    load(&pg, 30_000, 10);
+    let s1 = switch_segment(&pg);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!has(&store, &s1).await, "archived while paused");
+    assert_eq!(slot_restart(&pg).unwrap(), held, "slot moved while paused");
+    assert_eq!(
+        pg.psql("select count(*) from pg_stat_replication")
+            .unwrap()
+            .trim(),
+        "0",
+        "still streaming while paused"
+    );
+
+    // Space requirement lifted by a reload: receiving resumes and catches up.
+    d.write_config(&pg, storage.clone(), json!({}));
+    daemon.signal("HUP");
+    wait_archived(&store, &s1, Duration::from_secs(60), &daemon).await;
+
+    // SIGTERM: a clean, prompt exit that tells the server what the archive holds.
+    let status = daemon
+        .terminate(Duration::from_secs(40))
+        .expect("daemon did not stop");
+    assert!(status.success(), "exit {status:?}");
+    assert!(daemon.log_text().contains("walhoard daemon stopped"));
+    assert_eq!(
+        pg.psql("select active from pg_replication_slots where slot_name = 'walhoard'")
+            .unwrap()
+            .trim(),
+        "f"
+    );
+}
+
+#[test]
+fn daemon_check_reports_each_requirement() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    d.write_config(&pg, d.local_storage(), json!({}));
+    let run = |config: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+            .args(["check", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = run(&d.config_path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for check in [
+        "replication connection",
+        "wal_level",
+        "max_wal_senders",
+        "replication slot",
+        "object storage",
+        "encryption",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(check)),
+            "no ok line for {check}: {text}"
+        );
+    }
+    assert!(text.contains("does not exist yet"), "{text}");
+
+    // A closed port and an unusable storage directory: both named, exit non-zero.
+    let bad = d.path("bad.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.config_path()).unwrap()).unwrap();
+    cfg["backup_sites"]["main"]["nodes"][0]["port"] = json!(1);
+    cfg["backup_sites"]["main"]["object_storage"]["directory"] = json!("/dev/null/archive");
+    std::fs::write(&bad, cfg.to_string()).unwrap();
+    let out = run(&bad);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("replication connection")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("object storage")
+            && l.contains("/dev/null/archive")),
+        "{text}"
+    );
+}

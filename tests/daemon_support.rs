@@ -1,0 +1,269 @@
+//! Running `walhoard daemon` (the real binary) against a real cluster, and reading back what it
+//! archived.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use walhoard::config::ObjectStorageConfig;
+use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey};
+use walhoard::pipeline::transfer::download_file;
+use walhoard::storage::ObjectStore;
+use walhoard_protocol::{Lsn, SegmentSize, WalSegmentName};
+use walhoard_testkit::PgCluster;
+
+/// A daemon's files: configuration, spool, state, alerts, and (for local storage) the archive.
+pub struct DaemonDir {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    pub public: String,
+    pub private: String,
+}
+
+impl DaemonDir {
+    pub fn new() -> DaemonDir {
+        let (public, private) = generate_key_pair(2048).unwrap();
+        DaemonDir {
+            dir: tempfile::Builder::new()
+                .prefix("walhoard-daemon-")
+                .tempdir()
+                .unwrap(),
+            http_port: std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+            public,
+            private,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("walhoard.json")
+    }
+
+    pub fn alert_dir(&self) -> PathBuf {
+        self.path("alerts")
+    }
+
+    pub fn local_storage(&self) -> Value {
+        json!({"storage_type": "local", "directory": self.path("archive")})
+    }
+
+    /// A configuration with one site `main` streaming from `pg` over its socket (zstd level 1,
+    /// encrypted), `site` merged into the site object.
+    pub fn write_config(&self, pg: &PgCluster, storage: Value, site: Value) {
+        let mut s = json!({
+            "nodes": [{"host": pg.socket_dir(), "port": pg.port, "user": "postgres", "slot": "walhoard"}],
+            "object_storage": storage,
+            "encryption_key_id": "k1",
+            "encryption_keys": {"k1": {"public": self.public, "private": self.private}},
+        });
+        if let (Some(base), Some(extra)) = (s.as_object_mut(), site.as_object()) {
+            for (k, v) in extra {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        let config = json!({
+            "backup_location": self.path("spool"),
+            "json_state_file_path": self.path("state.json"),
+            "alert_file_dir": self.alert_dir(),
+            "http_port": self.http_port,
+            "compression": {"algorithm": "zstd", "level": 1},
+            "transfer": {"thread_count": 2, "retry_max_backoff_seconds": 1.0},
+            "backup_sites": {"main": s},
+        });
+        std::fs::write(
+            self.config_path(),
+            serde_json::to_vec_pretty(&config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    pub fn state(&self) -> Option<Value> {
+        let text = std::fs::read(self.path("state.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn ring(&self) -> KeyRing {
+        let mut ring = KeyRing::default();
+        ring.insert("k1", PrivateKey::from_pem(&self.private).unwrap());
+        ring
+    }
+
+    /// The store the site archives into.
+    pub fn store(&self, storage: &Value) -> ObjectStore {
+        let cfg: ObjectStorageConfig = serde_json::from_value(storage.clone()).unwrap();
+        ObjectStore::open(&cfg, "main").unwrap()
+    }
+}
+
+/// A running `walhoard daemon`; killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(d: &DaemonDir) -> Daemon {
+        let log = d.path("daemon.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_walhoard"))
+            .args(["daemon", "--config"])
+            .arg(d.config_path())
+            .env("WALHOARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn walhoard daemon");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; the exit status.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        let mut c = self.child.take()?;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Segment objects in the archive: name → size.
+pub async fn archived_segments(store: &ObjectStore) -> BTreeMap<String, u64> {
+    store
+        .list("xlog")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.key.trim_start_matches("xlog/").to_string(), o.size))
+        .collect()
+}
+
+/// Whether the archive holds `name` (a segment, `.partial` or history file).
+pub async fn has(store: &ObjectStore, name: &str) -> bool {
+    let key = match name.parse::<WalSegmentName>() {
+        Ok(n @ WalSegmentName::History(_)) => format!("timeline/{n}"),
+        _ => format!("xlog/{name}"),
+    };
+    store.stat(&key).await.unwrap().is_some()
+}
+
+/// Waits until the archive holds `name`.
+pub async fn wait_archived(store: &ObjectStore, name: &str, limit: Duration, daemon: &Daemon) {
+    let deadline = std::time::Instant::now() + limit;
+    while !has(store, name).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} not archived within {limit:?}; daemon log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Downloads (decrypts, decompresses, verifies) an archived WAL file into `dir`.
+pub async fn restore(store: &ObjectStore, ring: &KeyRing, key: &str, dir: &Path) -> PathBuf {
+    let name = key.rsplit('/').next().unwrap();
+    let out = dir.join(name);
+    download_file(store, key, &out, ring)
+        .await
+        .unwrap_or_else(|e| panic!("restore {key}: {e}"));
+    out
+}
+
+pub fn slot_restart(pg: &PgCluster) -> Option<Lsn> {
+    let v = pg
+        .psql("select restart_lsn from pg_replication_slots where slot_name = 'walhoard'")
+        .unwrap();
+    v.trim().parse().ok()
+}
+
+/// Switches to a new segment and returns the name of the one just finished.
+pub fn switch_segment(pg: &PgCluster) -> String {
+    pg.psql("select pg_walfile_name(pg_switch_wal())")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Generates WAL with small transactions (records that straddle page and segment edges)
+/// and a bulk insert.
+pub fn load(pg: &PgCluster, bulk_rows: u32, small_txns: u32) {
+    pg.psql(&format!(
+        "create table if not exists t (g int, pad text); insert into t select g, repeat(md5(g::text), 8) from generate_series(1, {bulk_rows}) g"
+    ))
+    .unwrap();
+    if small_txns > 0 {
+        pg.psql(&format!(
+            "do $$ begin for i in 1..{small_txns} loop insert into t values (i, repeat('y', (i * 37) % 3000)); commit; end loop; end $$"
+        ))
+        .unwrap();
+    }
+}
+
+/// The end of the contiguous run of archived segments on `tli` starting at `first`.
+pub async fn contiguous_end(store: &ObjectStore, first: &str, seg: SegmentSize) -> Lsn {
+    let mut id = match first.parse::<WalSegmentName>().unwrap() {
+        WalSegmentName::Segment(id) => id,
+        other => panic!("{other} is not a segment"),
+    };
+    loop {
+        if !has(store, &id.to_string()).await {
+            return id.start_lsn(seg).unwrap();
+        }
+        id = id.next(seg).unwrap();
+    }
+}
