@@ -278,3 +278,84 @@ pub struct Cancelled;
 /// How long a stopping daemon lets running uploads finish before it leaves them to the next
 /// start (they stay in the spool; the slot holds their WAL).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ObjectStorageConfig;
+    use crate::pipeline::compression::{Algorithm, CompressionSettings};
+
+    fn archiver(dir: &Path) -> (Archiver, watch::Receiver<Lsn>) {
+        let store = ObjectStore::open(
+            &ObjectStorageConfig::Local {
+                directory: dir.join("archive"),
+                prefix: None,
+            },
+            "site",
+        )
+        .unwrap();
+        let ctx = UploadContext {
+            site: "site".into(),
+            store,
+            compression: CompressionSettings::new(Algorithm::Zstd),
+            encryption: None,
+            retry: RetryPolicy::default(),
+            upload_slots: Arc::new(Semaphore::new(4)),
+            base_metadata: Metadata::new(),
+        };
+        let (tx, rx) = watch::channel(Lsn::INVALID);
+        let a = Archiver::new(
+            Arc::new(ctx),
+            Arc::new(SiteStatus::default()),
+            dir.to_path_buf(),
+            tx,
+        );
+        (a, rx)
+    }
+
+    #[test]
+    fn position_moves_only_over_a_completed_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, rx) = archiver(dir.path());
+        a.start_at(Lsn(0x1000000));
+        assert_eq!(*rx.borrow(), Lsn(0x1000000));
+        let s2 = a.push(Some(Lsn(0x2000000)), false);
+        let history = a.push(None, false);
+        let s3 = a.push(Some(Lsn(0x3000000)), false);
+        // The later segment and the history file finish first: nothing moves.
+        a.complete(s3);
+        a.complete(history);
+        assert_eq!(*rx.borrow(), Lsn(0x1000000), "moved past an unfinished upload");
+        // The slow one below finishes: everything up to the end of the prefix is held.
+        a.complete(s2);
+        assert_eq!(*rx.borrow(), Lsn(0x3000000));
+        // A segment found already archived counts at once when nothing is pending.
+        a.already_archived(Lsn(0x4000000));
+        assert_eq!(*rx.borrow(), Lsn(0x4000000));
+        // start_at never moves an archive that already has work queued.
+        let _pending = a.push(Some(Lsn(0x5000000)), false);
+        a.start_at(Lsn(0x9000000));
+        assert_eq!(*rx.borrow(), Lsn(0x4000000));
+    }
+
+    #[tokio::test]
+    async fn archive_uploads_then_deletes_the_spool_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, mut rx) = archiver(dir.path());
+        a.start_at(Lsn(0x1000000));
+        let name: WalSegmentName = "000000010000000000000001".parse().unwrap();
+        let path = dir.path().join(name.to_string());
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        a.archive(name.clone(), path.clone(), Some(Lsn(0x2000000)), &tracker, &cancel)
+            .await
+            .unwrap();
+        rx.wait_for(|l| *l == Lsn(0x2000000)).await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+        assert!(!path.exists(), "spool file kept after archiving");
+        let stored = a.context().store.stat("xlog/000000010000000000000001").await.unwrap();
+        assert!(stored.is_some());
+    }
+}
