@@ -82,26 +82,29 @@ async fn daemon_archive_is_byte_identical_and_readable_by_pg_waldump() {
     );
     assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
 
-    // pg_waldump reads the archive's decompressed copies from first to last.
-    let dump_dir = pg.scratch_dir("waldump").unwrap();
-    for n in &names {
-        let p = restore(&store, &d.ring(), &format!("xlog/{n}"), &dump_dir).await;
-        pg.write_owned(&p, &std::fs::read(&p).unwrap(), 0o600)
+    // pg_waldump reads the archive's decompressed copies from first to last (where a
+    // pg_waldump of the server's major is at hand: it reads only its own major's WAL).
+    if walhoard_testkit::tool_matches_major("pg_waldump", pg.major) {
+        let dump_dir = pg.scratch_dir("waldump").unwrap();
+        for n in &names {
+            restore(&store, &d.ring(), &format!("xlog/{n}"), &dump_dir).await;
+        }
+        let out = pg
+            .run_tool(
+                "pg_waldump",
+                &[
+                    "--stats".as_ref(),
+                    "-p".as_ref(),
+                    dump_dir.as_os_str(),
+                    names[0].as_ref(),
+                    names[names.len() - 1].as_ref(),
+                ],
+            )
             .unwrap();
+        assert!(out.contains("Total"), "pg_waldump: {out}");
+    } else {
+        println!("no pg_waldump for PostgreSQL {}: byte comparison only", pg.major);
     }
-    let out = pg
-        .run_tool(
-            "pg_waldump",
-            &[
-                "--stats".as_ref(),
-                "-p".as_ref(),
-                dump_dir.as_os_str(),
-                names[0].as_ref(),
-                names[names.len() - 1].as_ref(),
-            ],
-        )
-        .unwrap();
-    assert!(out.contains("Total"), "pg_waldump: {out}");
 
     // The slot followed the archive: never past it, and not stuck behind it.
     let restart = slot_restart(&pg).unwrap();

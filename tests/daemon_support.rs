@@ -231,8 +231,12 @@ pub fn slot_restart(pg: &PgCluster) -> Option<Lsn> {
     v.trim().parse().ok()
 }
 
-/// Switches to a new segment and returns the name of the one just finished.
+/// Switches to a new segment and returns the name of the one just finished. Writes first:
+/// with no WAL since the last switch, pg_switch_wal() does nothing and returns a position in
+/// the segment still being written.
 pub fn switch_segment(pg: &PgCluster) -> String {
+    pg.psql("create table if not exists switch_marker (at timestamptz); insert into switch_marker values (now())")
+        .unwrap();
     pg.psql("select pg_walfile_name(pg_switch_wal())")
         .unwrap()
         .trim()

@@ -58,9 +58,16 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests against PostgreSQL 15"
 cargo test --workspace --locked
+# The receiver and the daemon's core tests also run on the oldest and newest majors.
+stream_majors=${WALHOARD_STREAM_MAJORS-13 17}
 for v in $majors; do
   echo "== protocol tests against PostgreSQL $v"
   WALHOARD_PG_VERSION=$v cargo test --locked --test tests protocol_
+  case " $stream_majors " in *" $v "*)
+    echo "== receiver and daemon tests against PostgreSQL $v"
+    WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- walreceiver_ \
+      daemon_archive_is daemon_follows daemon_kill daemon_64mb ;;
+  esac
 done
 fuzz_seconds=${WALHOARD_FUZZ_SECONDS:-20}
 if [ "$fuzz_seconds" != 0 ]; then

@@ -87,6 +87,13 @@ pub fn tool_path(name: &str) -> Result<PathBuf> {
     )
 }
 
+/// Whether [`tool_path`] finds `name` built for `major` (the npm builds of other majors ship
+/// only the server; Debian's oracles are 15's, and pg_waldump reads only its own major's WAL).
+pub fn tool_matches_major(name: &str, major: u32) -> bool {
+    pg_bin_dir().is_ok_and(|d| d.join(name).exists())
+        || (major == 15 && Path::new(DEBIAN_PG15_BIN).join(name).exists())
+}
+
 fn is_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
