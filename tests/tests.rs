@@ -9,5 +9,6 @@ mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
 mod storage;
+mod storage_azure;
 mod transfer;
 mod walreceiver;

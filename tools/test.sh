@@ -51,6 +51,15 @@ if [ ! -x "$cache/s3s-fs/bin/s3s-fs" ]; then
   echo "== installing s3s-fs into $cache/s3s-fs"
   cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
 fi
+# Azure tests run against Azurite (npm), installed once into the cache.
+azurite_version=3.35.0
+if [ ! -x "$cache/azurite/node_modules/.bin/azurite-blob" ] ||
+   ! grep -q "\"version\": \"$azurite_version\"" "$cache/azurite/node_modules/azurite/package.json" 2>/dev/null; then
+  need_pkg npm npm
+  echo "== installing azurite@$azurite_version into $cache/azurite"
+  mkdir -p "$cache/azurite"
+  npm install --prefix "$cache/azurite" --no-audit --no-fund --loglevel=error "azurite@$azurite_version"
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -131,12 +131,19 @@ impl AsyncWrite for ChannelSink {
     }
 }
 
-/// The user metadata a store returned with a stat.
-fn user_metadata(meta: &opendal::Metadata) -> Metadata {
+/// The user metadata a store returned with a stat, in pghoard's names.
+fn user_metadata(meta: &opendal::Metadata, underscores: bool) -> Metadata {
     meta.user_metadata()
         .map(|m| {
             m.into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| {
+                    let k = if underscores {
+                        k.replace('_', "-")
+                    } else {
+                        k.to_string()
+                    };
+                    (k, v.to_string())
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -162,6 +169,11 @@ pub struct ObjectStore {
     prefix: String,
     kind: &'static str,
     chunk: usize,
+    /// Azure metadata names must be C# identifiers: `-` is stored as `_` (as pghoard does)
+    /// and turned back on read.
+    underscores: bool,
+    /// Writes go to a temporary name and are renamed (sftp, whose writes are in place).
+    rename_into_place: bool,
 }
 
 impl fmt::Debug for ObjectStore {
@@ -269,7 +281,9 @@ impl ObjectStore {
             ObjectStorageConfig::Azure {
                 account_name,
                 account_key,
+                sas_token,
                 bucket_name,
+                azure_cloud,
                 host,
                 port,
                 is_secure,
@@ -281,11 +295,25 @@ impl ObjectStore {
                 } else {
                     "http"
                 };
+                // As pghoard (rohmu) builds its connection string: a custom host means an
+                // Azurite-style endpoint that carries the account as the first path segment.
                 let endpoint = match (host, port) {
-                    // Azurite-style endpoints carry the account in the path.
                     (Some(h), Some(p)) => format!("{scheme}://{h}:{p}/{account_name}"),
                     (Some(h), None) => format!("{scheme}://{h}/{account_name}"),
-                    _ => format!("https://{account_name}.blob.core.windows.net"),
+                    (None, _) => {
+                        let suffix = match azure_cloud.as_deref() {
+                            None | Some("public") => "core.windows.net",
+                            Some("china") => "core.chinacloudapi.cn",
+                            Some("germany") => "core.cloudapi.de",
+                            Some("usgov") => "core.usgovcloudapi.net",
+                            Some(other) => {
+                                return Err(StorageError::Config(format!(
+                                    "object_storage.azure_cloud: {other:?} is not one of \"public\", \"china\", \"germany\", \"usgov\""
+                                )))
+                            }
+                        };
+                        format!("{scheme}://{account_name}.blob.{suffix}")
+                    }
                 };
                 let mut b = opendal::services::Azblob::default()
                     .container(bucket_name)
@@ -293,6 +321,9 @@ impl ObjectStore {
                     .endpoint(&endpoint);
                 if let Some(k) = account_key {
                     b = b.account_key(k);
+                }
+                if let Some(t) = sas_token {
+                    b = b.sas_token(t);
                 }
                 (
                     Operator::new(b).map_err(err_config)?,
@@ -356,6 +387,8 @@ impl ObjectStore {
             prefix: full,
             kind,
             chunk: DEFAULT_CHUNK,
+            underscores: kind == "azure",
+            rename_into_place: kind == "sftp",
         })
     }
 
@@ -399,14 +432,29 @@ impl ObjectStore {
                 message: e.to_string(),
             })?;
             let side = self.path(&Self::sidecar_key(key))?;
-            self.op
-                .write(&side, json)
+            let target = self.write_target(&side);
+            let written = self
+                .op
+                .write(&target, json)
                 .await
-                .map_err(backend("write metadata of", key))?;
+                .map_err(backend("write metadata of", key));
+            if let Err(e) = written {
+                self.discard(&target, &side).await;
+                return Err(e);
+            }
+            self.move_into_place(&target, &side, key).await?;
         }
-        let mut w = self.op.writer_with(&path).chunk(self.chunk);
+        let target = self.write_target(&path);
+        let mut w = self.op.writer_with(&target).chunk(self.chunk);
         if !self.sidecar {
-            w = w.user_metadata(metadata.clone());
+            w = w.user_metadata(metadata.iter().map(|(k, v)| {
+                let k = if self.underscores {
+                    k.replace('-', "_")
+                } else {
+                    k.clone()
+                };
+                (k, v.clone())
+            }));
         }
         let mut writer = w.await.map_err(backend("start upload of", key))?;
         let mut total = 0u64;
@@ -419,7 +467,7 @@ impl ObjectStore {
                     source: e,
                 })?;
                 if n == 0 {
-                    return Ok(());
+                    break;
                 }
                 buf.truncate(n);
                 total += n as u64;
@@ -428,17 +476,67 @@ impl ObjectStore {
                     .await
                     .map_err(backend("upload", key))?;
             }
+            writer
+                .close()
+                .await
+                .map_err(backend("complete upload of", key))?;
+            Ok(())
         }
         .await;
         if let Err(e) = result {
+            // sftp cannot abort: its partial file is the temporary one, removed below.
             let _ = writer.abort().await;
+            self.discard(&target, &path).await;
             return Err(e);
         }
-        writer
-            .close()
-            .await
-            .map_err(backend("complete upload of", key))?;
+        self.move_into_place(&target, &path, key).await?;
         Ok(total)
+    }
+
+    /// Where a write to `path` goes first: a temporary name on stores that write in place.
+    fn write_target(&self, path: &str) -> String {
+        if !self.rename_into_place {
+            return path.to_string();
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = format!(".walhoard-tmp/{}-{nanos}-{seq}", std::process::id());
+        if self.prefix.is_empty() {
+            tmp
+        } else {
+            format!("{}/{tmp}", self.prefix)
+        }
+    }
+
+    /// Renames a completed temporary write onto its final name (an atomic overwrite: OpenSSH
+    /// servers offer posix-rename, which OpenDAL's sftp client uses).
+    async fn move_into_place(
+        &self,
+        target: &str,
+        path: &str,
+        key: &str,
+    ) -> Result<(), StorageError> {
+        if target == path {
+            return Ok(());
+        }
+        if let Err(e) = self.op.rename(target, path).await {
+            self.discard(target, path).await;
+            return Err(backend("move into place", key)(e));
+        }
+        Ok(())
+    }
+
+    /// Removes what a failed write to a temporary name left.
+    async fn discard(&self, target: &str, path: &str) {
+        if target != path {
+            if let Err(e) = self.op.delete(target).await {
+                tracing::warn!(temp = target, error = %e, "cannot remove a failed upload's temporary file");
+            }
+        }
     }
 
     /// Stores a small object from memory.
@@ -471,7 +569,7 @@ impl ObjectStore {
             .stat(&self.path(key)?)
             .await
             .map_err(backend("stat", key))?;
-        Ok(user_metadata(&meta))
+        Ok(user_metadata(&meta, self.underscores))
     }
 
     /// Streams the object into `sink`; returns its metadata and size.
@@ -486,7 +584,7 @@ impl ObjectStore {
         let metadata = if self.sidecar {
             self.metadata(key).await?
         } else {
-            user_metadata(&stat)
+            user_metadata(&stat, self.underscores)
         };
         let size = self
             .copy_data(key, &path, stat.content_length(), sink)

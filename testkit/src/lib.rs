@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod azure;
 pub mod s3;
 
 /// Debian's PostgreSQL 15, the default server and the source of oracle tools.
