@@ -10,5 +10,6 @@ mod protocol_replication;
 mod protocol_tls;
 mod storage;
 mod storage_azure;
+mod storage_sftp;
 mod transfer;
 mod walreceiver;

@@ -28,6 +28,9 @@ if [ -n "$majors" ]; then
   need_pkg npm npm
 fi
 need_pkg xz xz-utils
+# SFTP tests run a private sshd (and OpenDAL drives the ssh client).
+need_pkg /usr/sbin/sshd openssh-server
+need_pkg ssh openssh-client
 # pghoard's snappy implementation, the oracle for our snappy streams.
 if ! python3 -c "import snappy" 2>/dev/null; then
   echo "== installing python-snappy"

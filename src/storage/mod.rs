@@ -38,7 +38,7 @@ pub const DEFAULT_CHUNK: usize = 8 * 1024 * 1024;
 pub enum StorageError {
     #[error("object {key} not found")]
     NotFound { key: String },
-    #[error("{action} {key}: {source}")]
+    #[error("{action} {key}: {source}{}", innermost_cause(source))]
     Backend {
         action: &'static str,
         key: String,
@@ -64,10 +64,47 @@ impl StorageError {
     pub fn is_transient(&self) -> bool {
         match self {
             StorageError::Backend { source, .. } => {
-                source.is_temporary() || source.kind() == ErrorKind::RateLimited
+                source.is_temporary()
+                    || source.kind() == ErrorKind::RateLimited
+                    || unreachable_server(source)
             }
             _ => false,
         }
+    }
+}
+
+/// The sources of `e`, outermost first.
+fn causes(e: &opendal::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(e), |c| c.source())
+}
+
+/// OpenDAL's sftp marks every ssh failure permanent, but a refused or timed-out connection
+/// (the server is down) is an outage like any other.
+fn unreachable_server(e: &opendal::Error) -> bool {
+    use std::io::ErrorKind as K;
+    causes(e).any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            // Not ConnectionAborted: the `openssh` crate's kind for any failure it does not
+            // recognise, host key and authentication refusals included.
+            matches!(
+                io.kind(),
+                K::ConnectionRefused | K::ConnectionReset | K::TimedOut
+            )
+        })
+    })
+}
+
+/// The innermost cause when OpenDAL's message does not include it: the `ssh` client's log,
+/// whose last line says what failed ("Host key verification failed.").
+fn innermost_cause(e: &opendal::Error) -> String {
+    match causes(e).last().map(|c| c.to_string()) {
+        Some(c) if !e.to_string().contains(&c) => {
+            match c.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+                Some(line) => format!(" ({line})"),
+                None => String::new(),
+            }
+        }
+        _ => String::new(),
     }
 }
 
@@ -352,23 +389,36 @@ impl ObjectStore {
                 server,
                 port,
                 username,
+                password,
                 private_key,
                 prefix,
-                ..
             } => {
+                // OpenDAL's sftp runs the system `ssh` client in batch mode: keys only.
+                if password.is_some() {
+                    return Err(StorageError::Config(
+                        "object_storage.password: sftp password authentication is not supported, use private_key".into(),
+                    ));
+                }
                 let endpoint = format!("ssh://{username}@{server}:{}", port.unwrap_or(22));
+                // The server's host key must be known (known_hosts or ssh_config): never accept
+                // an unknown key for the archive's server.
                 let mut b = opendal::services::Sftp::default()
                     .endpoint(&endpoint)
-                    .user(username);
+                    .user(username)
+                    .known_hosts_strategy("strict");
                 if let Some(k) = private_key {
                     b = b.key(k);
                 }
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    true,
-                    "sftp",
-                    prefix.clone(),
-                )
+                // As with pghoard, a relative prefix (or none) is under the login directory,
+                // where an SFTP session starts; an absolute one is the service's root.
+                let prefix = match prefix {
+                    Some(p) if p.starts_with('/') => {
+                        b = b.root(p);
+                        None
+                    }
+                    other => other.clone(),
+                };
+                (Operator::new(b).map_err(err_config)?, true, "sftp", prefix)
             }
         };
         let mut full = String::new();
