@@ -400,6 +400,11 @@ pub enum ObjectStorageConfig {
         credentials: Option<serde_json::Value>,
         prefix: Option<String>,
         proxy_info: Option<serde_json::Value>,
+        /// walhoard extension (not pghoard's): a GCS-compatible server such as an emulator,
+        /// like s3's `host`/`port`/`is_secure`. Without credentials its requests are unsigned.
+        host: Option<String>,
+        port: Option<u16>,
+        is_secure: Option<bool>,
     },
     #[serde(rename = "azure")]
     Azure {

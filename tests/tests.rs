@@ -10,6 +10,7 @@ mod protocol_replication;
 mod protocol_tls;
 mod storage;
 mod storage_azure;
+mod storage_gcs;
 mod storage_sftp;
 mod transfer;
 mod walreceiver;

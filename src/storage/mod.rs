@@ -299,14 +299,42 @@ impl ObjectStore {
             ObjectStorageConfig::Google {
                 bucket_name,
                 credential_file,
+                credentials,
                 prefix,
+                host,
+                port,
+                is_secure,
                 ..
             } => {
-                let mut b = opendal::services::Gcs::default().bucket(bucket_name);
+                let mut b = opendal::services::Gcs::default()
+                    .bucket(bucket_name)
+                    .disable_vm_metadata();
                 if let Some(f) = credential_file {
                     b = b.credential_path(f.to_str().ok_or_else(|| {
-                        StorageError::Config("credential_file is not UTF-8".into())
+                        StorageError::Config("object_storage.credential_file is not UTF-8".into())
                     })?);
+                }
+                if let Some(c) = credentials {
+                    // OpenDAL takes the service account JSON base64-encoded.
+                    b = b.credential(&base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        c.to_string(),
+                    ));
+                }
+                if let Some(h) = host {
+                    let scheme = if is_secure.unwrap_or(true) {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    let endpoint = match port {
+                        Some(p) => format!("{scheme}://{h}:{p}"),
+                        None => format!("{scheme}://{h}"),
+                    };
+                    b = b.endpoint(&endpoint);
+                    if credential_file.is_none() && credentials.is_none() {
+                        b = b.skip_signature().disable_config_load();
+                    }
                 }
                 (
                     Operator::new(b).map_err(err_config)?,

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod azure;
+pub mod gcs;
 pub mod s3;
 pub mod sftp;
 
