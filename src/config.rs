@@ -484,7 +484,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        let hashes = ["sha1", "sha256", "sha512", "md5"];
+        let hashes = crate::pipeline::hash::HashAlgorithm::ALL.map(|h| h.name());
         if !hashes.contains(&self.hash_algorithm.as_str()) {
             return Err((
                 "hash_algorithm".into(),

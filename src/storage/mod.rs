@@ -476,6 +476,11 @@ impl ObjectStore {
         self
     }
 
+    /// The upload part / download read size.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk
+    }
+
     pub fn kind(&self) -> &'static str {
         self.kind
     }
