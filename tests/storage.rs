@@ -42,7 +42,7 @@ fn local_store(dir: &std::path::Path) -> ObjectStore {
         .with_chunk_size(1 << 20)
 }
 
-fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
+pub(crate) fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
     serde_json::from_value(serde_json::json!({
         "storage_type": "s3",
         "bucket_name": "archive",

@@ -11,6 +11,7 @@ mod protocol_tls;
 mod storage;
 mod storage_azure;
 mod storage_gcs;
+mod storage_outage;
 mod storage_sftp;
 mod transfer;
 mod walreceiver;
