@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: "Run the tests").
-# Installs what is missing (Debian PostgreSQL 15, openssl, Node.js for other PostgreSQL majors),
+# Installs what is missing (Debian PostgreSQL 15, openssl, openssh-server, Node.js for other
+# PostgreSQL majors and Azurite, s3s-fs, fake-gcs-server for the storage tests),
 # then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
 # protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
 # target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips).
