@@ -568,7 +568,11 @@ impl ObjectStore {
         let mut out = Vec::new();
         for e in entries {
             let p = e.path();
-            if p.ends_with('/') || p.ends_with(SIDECAR_SUFFIX) || p.contains("/.walhoard-tmp/") {
+            if p.ends_with('/')
+                || p.ends_with(SIDECAR_SUFFIX)
+                || p.contains("/.walhoard-tmp/")
+                || p.starts_with(".walhoard-tmp/")
+            {
                 continue;
             }
             let meta = e.metadata();
