@@ -9,6 +9,7 @@
 use walhoard::config::ObjectStorageConfig;
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
 use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey, PublicKey};
+use walhoard::pipeline::hash::HashAlgorithm;
 use walhoard::pipeline::transfer::{download_file, upload_file, UploadEncryption};
 use walhoard::storage::{Metadata, ObjectStore};
 
@@ -65,6 +66,7 @@ fn main() {
             &src,
             settings,
             Some(enc),
+            HashAlgorithm::Sha1,
             Metadata::new(),
         )
         .await

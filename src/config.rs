@@ -403,6 +403,11 @@ pub enum ObjectStorageConfig {
         credentials: Option<serde_json::Value>,
         prefix: Option<String>,
         proxy_info: Option<serde_json::Value>,
+        /// walhoard extension (not pghoard's): a GCS-compatible server such as an emulator,
+        /// like s3's `host`/`port`/`is_secure`. Without credentials its requests are unsigned.
+        host: Option<String>,
+        port: Option<u16>,
+        is_secure: Option<bool>,
     },
     #[serde(rename = "azure")]
     Azure {
@@ -482,7 +487,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        let hashes = ["sha1", "sha256", "sha512", "md5"];
+        let hashes = crate::pipeline::hash::HashAlgorithm::ALL.map(|h| h.name());
         if !hashes.contains(&self.hash_algorithm.as_str()) {
             return Err((
                 "hash_algorithm".into(),

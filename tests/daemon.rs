@@ -103,7 +103,10 @@ async fn daemon_archive_is_byte_identical_and_readable_by_pg_waldump() {
             .unwrap();
         assert!(out.contains("Total"), "pg_waldump: {out}");
     } else {
-        println!("no pg_waldump for PostgreSQL {}: byte comparison only", pg.major);
+        println!(
+            "no pg_waldump for PostgreSQL {}: byte comparison only",
+            pg.major
+        );
     }
 
     // The slot followed the archive: never past it, and not stuck behind it.

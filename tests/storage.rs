@@ -1,4 +1,5 @@
-//! Object storage against real backends: local directories and S3 through s3s-fs (SigV4).
+//! Object storage against real backends: local directories and S3 through s3s-fs (SigV4); the
+//! shared contract ([`exercise`]) that the other backends' modules (`storage_azure`, ...) run too.
 
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use walhoard::storage::retry::{with_retries, RetryPolicy, UPLOAD_RETRIES_WARNING
 use walhoard::storage::{Metadata, ObjectStore, StorageError};
 use walhoard_testkit::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
 
-fn metadata() -> Metadata {
+pub(crate) fn metadata() -> Metadata {
     [
         ("compression-algorithm", "zstd"),
         ("original-file-size", "16777216"),
@@ -20,7 +21,7 @@ fn metadata() -> Metadata {
 }
 
 /// Deterministic, not very compressible bytes.
-fn payload(len: usize) -> Vec<u8> {
+pub(crate) fn payload(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..len)
         .map(|_| {
@@ -41,7 +42,7 @@ fn local_store(dir: &std::path::Path) -> ObjectStore {
         .with_chunk_size(1 << 20)
 }
 
-fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
+pub(crate) fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
     serde_json::from_value(serde_json::json!({
         "storage_type": "s3",
         "bucket_name": "archive",
@@ -56,7 +57,7 @@ fn s3_config(server: &S3Server, secret: &str) -> ObjectStorageConfig {
 }
 
 /// Round trips, listing, metadata, deletion: the same contract on every backend.
-async fn exercise(store: &ObjectStore, big: usize) {
+pub(crate) async fn exercise(store: &ObjectStore, big: usize) {
     let small = b"history file contents\n".to_vec();
     store
         .put_bytes("timeline/00000002.history", &small, &metadata())
@@ -133,8 +134,8 @@ async fn storage_local_round_trip_with_sidecar_metadata() {
 }
 
 /// A source that fails midway: nothing may appear under the key.
-struct FailingSource {
-    left: usize,
+pub(crate) struct FailingSource {
+    pub(crate) left: usize,
 }
 
 impl tokio::io::AsyncRead for FailingSource {
@@ -154,7 +155,7 @@ impl tokio::io::AsyncRead for FailingSource {
 }
 
 /// Uploads from a source that breaks after `good` bytes: nothing may be visible afterwards.
-async fn upload_breaks_midway(store: &ObjectStore, good: usize) {
+pub(crate) async fn upload_breaks_midway(store: &ObjectStore, good: usize) {
     let key = "xlog/000000010000000000000005";
     let err = store
         .put(key, FailingSource { left: good }, &metadata())

@@ -1,13 +1,17 @@
 //! A file through the whole path and back: compress → encrypt → store → fetch → decrypt →
-//! decompress → verify, on local storage and S3 (s3s-fs), every codec, with and without
-//! encryption; tampered objects are rejected and leave no file behind.
+//! decompress → verify, on local storage, S3 (s3s-fs), Azure (Azurite) and SFTP (sshd), every
+//! codec, with and without encryption, small and larger than the upload part size; every
+//! hash algorithm checked against coreutils; tampered objects are rejected and leave no file.
 
 use walhoard::config::ObjectStorageConfig;
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
 use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey, PublicKey};
+use walhoard::pipeline::hash::HashAlgorithm;
 use walhoard::pipeline::transfer::{download_file, upload_file, UploadEncryption};
 use walhoard::storage::{Metadata, ObjectStore};
+use walhoard_testkit::azure::AzuriteServer;
 use walhoard_testkit::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
+use walhoard_testkit::sftp::SftpServer;
 
 fn wal_like(len: usize) -> Vec<u8> {
     let mut x: u32 = 7;
@@ -23,6 +27,17 @@ fn wal_like(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Mostly incompressible bytes: compressed, still larger than `len` × 3/4.
+fn noisy(len: usize) -> Vec<u8> {
+    let mut out = crate::storage::payload(len);
+    for (i, b) in out.iter_mut().enumerate() {
+        if (i / 4096) % 8 == 0 {
+            *b = 0;
+        }
+    }
+    out
+}
+
 fn keys() -> (UploadEncryption, KeyRing) {
     let (public, private) = generate_key_pair(2048).unwrap();
     let mut ring = KeyRing::default();
@@ -36,75 +51,183 @@ fn keys() -> (UploadEncryption, KeyRing) {
     )
 }
 
-async fn round_trips(store: &ObjectStore) {
+/// Every codec × {plain, encrypted} × {small, `big`}: bytes, size and hash verified after the
+/// round trip; `big` must compress to more than the store's part size, so it is a multipart
+/// (multi-block, multi-write) upload. The hash algorithm rotates through all four.
+async fn round_trips(store: &ObjectStore, big: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("000000010000000000000003");
-    let data = wal_like(3 * 1024 * 1024 + 17);
-    std::fs::write(&src, &data).unwrap();
+    let small = dir.path().join("00000002.history");
+    std::fs::write(&small, wal_like(20_000)).unwrap();
+    let large = dir.path().join("000000010000000000000003");
+    std::fs::write(&large, noisy(big)).unwrap();
     let (enc, ring) = keys();
-    for algorithm in [Algorithm::Snappy, Algorithm::Zstd, Algorithm::Lzma] {
-        for encryption in [None, Some(enc.clone())] {
-            let key = format!("xlog/{}-{}", algorithm, encryption.is_some());
-            let meta = upload_file(
-                store,
-                &key,
-                &src,
-                CompressionSettings::new(algorithm),
-                encryption.clone(),
-                Metadata::new(),
-            )
-            .await
-            .unwrap();
-            assert_eq!(meta["original-file-size"], data.len().to_string());
-            assert_eq!(meta["hash-algorithm"], "sha1");
-            let stored = store.stat(&key).await.unwrap().unwrap().size;
-            assert!(
-                stored < data.len() as u64,
-                "{key}: {stored} bytes stored, not compressed"
-            );
-            let out = dir.path().join("restored");
-            let got = download_file(store, &key, &out, &ring).await.unwrap();
-            assert_eq!(got, meta);
-            assert!(
-                std::fs::read(&out).unwrap() == data,
-                "{key}: restored bytes differ"
-            );
-            if encryption.is_some() {
-                // Without the private key the object cannot be restored, and nothing is left.
-                let out2 = dir.path().join("nokey");
-                let err = download_file(store, &key, &out2, &KeyRing::default())
-                    .await
-                    .unwrap_err();
+    let mut hashes = HashAlgorithm::ALL.into_iter().cycle();
+    for (size, src) in [("small", &small), ("big", &large)] {
+        let data = std::fs::read(src).unwrap();
+        for algorithm in [Algorithm::Snappy, Algorithm::Zstd, Algorithm::Lzma] {
+            for encryption in [None, Some(enc.clone())] {
+                let key = format!("xlog/{size}-{algorithm}-{}", encryption.is_some());
+                let hash = hashes.next().unwrap();
+                let meta = upload_file(
+                    store,
+                    &key,
+                    src,
+                    CompressionSettings::new(algorithm),
+                    encryption.clone(),
+                    hash,
+                    Metadata::new(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{} {key}: {e}", store.kind()));
+                assert_eq!(meta["original-file-size"], data.len().to_string());
+                assert_eq!(meta["hash-algorithm"], hash.name());
+                let stored = store.stat(&key).await.unwrap().unwrap().size;
+                if size == "big" {
+                    assert!(
+                        stored > store.chunk_size() as u64,
+                        "{key}: {stored} bytes stored, not more than one part"
+                    );
+                }
+                let out = dir.path().join("restored");
+                let got = download_file(store, &key, &out, &ring).await.unwrap();
+                assert_eq!(got, meta, "{} {key}: metadata changed", store.kind());
                 assert!(
-                    err.to_string().contains("unknown encryption key id"),
-                    "{err}"
+                    std::fs::read(&out).unwrap() == data,
+                    "{} {key}: restored bytes differ",
+                    store.kind()
                 );
-                assert!(!out2.exists());
+                if encryption.is_some() && size == "small" {
+                    // Without the private key the object cannot be restored, and nothing is left.
+                    let out2 = dir.path().join("nokey");
+                    let err = download_file(store, &key, &out2, &KeyRing::default())
+                        .await
+                        .unwrap_err();
+                    assert!(
+                        err.to_string().contains("unknown encryption key id"),
+                        "{err}"
+                    );
+                    assert!(!out2.exists());
+                }
+                store.delete(&key).await.unwrap();
             }
         }
     }
 }
 
+/// 6.5 MiB of mostly incompressible bytes: more than one part at every store's part size.
+const BIG: usize = 13 << 19;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfer_round_trips_local_and_s3() {
+async fn transfer_round_trips_local() {
     let dir = tempfile::tempdir().unwrap();
     let cfg: ObjectStorageConfig = serde_json::from_value(
         serde_json::json!({"storage_type": "local", "directory": dir.path()}),
     )
     .unwrap();
-    round_trips(&ObjectStore::open(&cfg, "site").unwrap()).await;
+    let store = ObjectStore::open(&cfg, "site")
+        .unwrap()
+        .with_chunk_size(1 << 20);
+    round_trips(&store, BIG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_round_trips_s3() {
     let server = S3Server::start("archive").unwrap();
     let cfg: ObjectStorageConfig = serde_json::from_value(serde_json::json!({
         "storage_type": "s3", "bucket_name": "archive", "aws_access_key_id": ACCESS_KEY,
         "aws_secret_access_key": SECRET_KEY, "host": "127.0.0.1", "port": server.port, "is_secure": false,
     }))
     .unwrap();
-    round_trips(
-        &ObjectStore::open(&cfg, "site")
-            .unwrap()
-            .with_chunk_size(5 << 20),
+    // S3's smallest part is 5 MiB.
+    let store = ObjectStore::open(&cfg, "site")
+        .unwrap()
+        .with_chunk_size(5 << 20);
+    round_trips(&store, BIG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_round_trips_azure() {
+    let server = AzuriteServer::start("archive").unwrap();
+    round_trips(&crate::storage_azure::azure_store(&server), BIG).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_round_trips_sftp() {
+    let server = SftpServer::start().unwrap();
+    round_trips(&crate::storage_sftp::sftp_store(&server), BIG).await;
+}
+
+/// The configured algorithm's digest, as coreutils computes it, is what the upload records;
+/// the download verifies with the algorithm the metadata names and refuses a mismatch or an
+/// algorithm it does not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_hash_algorithm_recorded_and_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let cfg: ObjectStorageConfig = serde_json::from_value(
+        serde_json::json!({"storage_type": "local", "directory": store_dir}),
     )
-    .await;
+    .unwrap();
+    let store = ObjectStore::open(&cfg, "site").unwrap();
+    let src = dir.path().join("segment");
+    std::fs::write(&src, wal_like(1 << 20)).unwrap();
+    let settings = CompressionSettings::new(Algorithm::Snappy);
+    let mut sha1_meta = None;
+    for hash in HashAlgorithm::ALL {
+        let key = format!("xlog/{hash}");
+        let meta = upload_file(&store, &key, &src, settings, None, hash, Metadata::new())
+            .await
+            .unwrap();
+        let oracle = crate::common::sh(&format!("{hash}sum {}", src.display()));
+        assert_eq!(
+            meta["hash"],
+            oracle.split_whitespace().next().unwrap(),
+            "{hash}"
+        );
+        assert_eq!(meta["hash-algorithm"], hash.name());
+        if hash == HashAlgorithm::Sha1 {
+            sha1_meta = Some(meta.clone());
+        }
+        let out = dir.path().join(format!("restored-{hash}"));
+        download_file(&store, &key, &out, &KeyRing::default())
+            .await
+            .unwrap();
+
+        // Another file's digest in the sidecar: refused, naming the algorithm.
+        let side = store_dir.join("site").join(format!("{key}.metadata"));
+        let mut forged = meta.clone();
+        let mut other = hash.hasher();
+        other.update(b"another file");
+        forged.insert("hash".into(), other.finish_hex());
+        std::fs::write(&side, serde_json::to_vec(&forged).unwrap()).unwrap();
+        let out = dir.path().join(format!("forged-{hash}"));
+        let err = download_file(&store, &key, &out, &KeyRing::default())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("{hash} {} does not match", meta["hash"])),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+    // An algorithm walhoard does not know is refused before anything is written.
+    let side = store_dir.join("site/xlog/sha1.metadata");
+    let mut meta = sha1_meta.expect("sha1 was uploaded");
+    meta.insert("hash-algorithm".into(), "sha3-256".into());
+    std::fs::write(&side, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let out = dir.path().join("unknown");
+    let err = download_file(&store, "xlog/sha1", &out, &KeyRing::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("sha3-256"), "{err}");
+    assert!(!out.exists());
+    // Without `hash-algorithm` (older objects) the hash is SHA-1.
+    meta.remove("hash-algorithm");
+    std::fs::write(&side, serde_json::to_vec(&meta).unwrap()).unwrap();
+    download_file(&store, "xlog/sha1", &out, &KeyRing::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,6 +250,7 @@ async fn transfer_rejects_tampered_objects() {
             &src,
             CompressionSettings::new(Algorithm::Zstd),
             encryption,
+            HashAlgorithm::Sha1,
             Metadata::new(),
         )
         .await
@@ -176,13 +300,29 @@ async fn transfer_reports_the_store_failure_not_the_broken_pipe() {
     let src = dir.path().join("segment");
     std::fs::write(&src, wal_like(16 << 20)).unwrap();
     let settings = CompressionSettings::new(Algorithm::Snappy);
-    let err = upload_file(&store, "xlog/x", &src, settings, None, Metadata::new())
-        .await
-        .unwrap_err();
+    let err = upload_file(
+        &store,
+        "xlog/x",
+        &src,
+        settings,
+        None,
+        HashAlgorithm::Sha1,
+        Metadata::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
     let missing = dir.path().join("missing");
-    let err = upload_file(&store, "xlog/y", &missing, settings, None, Metadata::new())
-        .await
-        .unwrap_err();
+    let err = upload_file(
+        &store,
+        "xlog/y",
+        &missing,
+        settings,
+        None,
+        HashAlgorithm::Sha1,
+        Metadata::new(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }

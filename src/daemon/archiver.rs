@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, WalSegmentName};
 
 use crate::pipeline::compression::CompressionSettings;
+use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{upload_file, UploadEncryption};
 use crate::storage::retry::{with_retries, RetryPolicy};
 use crate::storage::{Metadata, ObjectStore, StorageError};
@@ -32,6 +33,8 @@ pub struct UploadContext {
     pub store: ObjectStore,
     pub compression: CompressionSettings,
     pub encryption: Option<UploadEncryption>,
+    /// The plaintext hash recorded in each object's metadata (`hash_algorithm`).
+    pub hash_algorithm: HashAlgorithm,
     pub retry: RetryPolicy,
     /// Bounds concurrent uploads (transfer.thread_count), shared by all of a daemon's sites.
     pub upload_slots: Arc<Semaphore>,
@@ -95,6 +98,7 @@ impl UploadContext {
                 path,
                 self.compression,
                 self.encryption.clone(),
+                self.hash_algorithm,
                 self.base_metadata.clone(),
             )
             .await
@@ -299,6 +303,7 @@ mod tests {
             store,
             compression: CompressionSettings::new(Algorithm::Zstd),
             encryption: None,
+            hash_algorithm: HashAlgorithm::Sha1,
             retry: RetryPolicy::default(),
             upload_slots: Arc::new(Semaphore::new(4)),
             base_metadata: Metadata::new(),
@@ -325,7 +330,11 @@ mod tests {
         // The later segment and the history file finish first: nothing moves.
         a.complete(s3);
         a.complete(history);
-        assert_eq!(*rx.borrow(), Lsn(0x1000000), "moved past an unfinished upload");
+        assert_eq!(
+            *rx.borrow(),
+            Lsn(0x1000000),
+            "moved past an unfinished upload"
+        );
         // The slow one below finishes: everything up to the end of the prefix is held.
         a.complete(s2);
         assert_eq!(*rx.borrow(), Lsn(0x3000000));
@@ -348,14 +357,25 @@ mod tests {
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        a.archive(name.clone(), path.clone(), Some(Lsn(0x2000000)), &tracker, &cancel)
-            .await
-            .unwrap();
+        a.archive(
+            name.clone(),
+            path.clone(),
+            Some(Lsn(0x2000000)),
+            &tracker,
+            &cancel,
+        )
+        .await
+        .unwrap();
         rx.wait_for(|l| *l == Lsn(0x2000000)).await.unwrap();
         tracker.close();
         tracker.wait().await;
         assert!(!path.exists(), "spool file kept after archiving");
-        let stored = a.context().store.stat("xlog/000000010000000000000001").await.unwrap();
+        let stored = a
+            .context()
+            .store
+            .stat("xlog/000000010000000000000001")
+            .await
+            .unwrap();
         assert!(stored.is_some());
     }
 }

@@ -2,4 +2,5 @@
 
 pub mod compression;
 pub mod encryption;
+pub mod hash;
 pub mod transfer;

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use aws_lc_rs::digest;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::compression::{Algorithm, CompressionSettings, Compressor, Decompressor};
 use super::encryption::{Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
+use super::hash::HashAlgorithm;
 use crate::storage::{Metadata, ObjectStore};
 
 const QUEUE_CHUNKS: usize = 4;
@@ -136,13 +136,15 @@ fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> 
 }
 
 /// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
-/// algorithm, encryption key id, original size, SHA-1 of the plaintext. Returns the metadata.
+/// algorithm, encryption key id, original size, `hash` of the plaintext with `hash-algorithm`.
+/// Returns the metadata.
 pub async fn upload_file(
     store: &ObjectStore,
     key: &str,
     path: &Path,
     compression: CompressionSettings,
     encryption: Option<UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
     mut metadata: Metadata,
 ) -> Result<Metadata, TransferError> {
     // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
@@ -150,13 +152,13 @@ pub async fn upload_file(
     let p = path.to_path_buf();
     let (expect_size, hash) = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
         let mut f = std::fs::File::open(&p)?;
-        let mut hash = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+        let mut hash = hash_algorithm.hasher();
         let mut buf = vec![0u8; PIPE_CHUNK];
         let mut size = 0u64;
         loop {
             let n = f.read(&mut buf)?;
             if n == 0 {
-                return Ok((size, hex::encode(hash.finish())));
+                return Ok((size, hash.finish_hex()));
             }
             hash.update(&buf[..n]);
             size += n as u64;
@@ -236,7 +238,7 @@ pub async fn upload_file(
     }
     metadata.insert("original-file-size".into(), expect_size.to_string());
     metadata.insert("hash".into(), hash);
-    metadata.insert("hash-algorithm".into(), "sha1".into());
+    metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
     let stored = store.put(key, reader, &metadata).await;
     let encoded = cpu.await.map_err(|e| TransferError::Object {
         key: key.into(),
@@ -276,6 +278,11 @@ pub async fn download_file(
         .get("original-file-size")
         .and_then(|s| s.parse().ok());
     let expect_hash = metadata.get("hash").cloned();
+    // Objects without `hash-algorithm` predate pghoard's setting: SHA-1.
+    let hash_algorithm: HashAlgorithm = match metadata.get("hash-algorithm") {
+        Some(name) => name.parse().map_err(bad)?,
+        None => HashAlgorithm::Sha1,
+    };
     let tmp: PathBuf = target.with_file_name(format!(
         ".{}.walhoard-tmp",
         target
@@ -298,7 +305,7 @@ pub async fn download_file(
         };
         let mut d = Decompressor::new(plain, algorithm)?;
         let mut out = io::BufWriter::new(std::fs::File::create(&tmp2)?);
-        let mut hash = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+        let mut hash = hash_algorithm.hasher();
         let mut buf = vec![0u8; PIPE_CHUNK];
         let mut size = 0u64;
         loop {
@@ -311,7 +318,7 @@ pub async fn download_file(
             out.write_all(&buf[..n])?;
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok((size, hex::encode(hash.finish())))
+        Ok((size, hash.finish_hex()))
     });
     let fetched = store.get_to_channel(key, tx).await;
     let result = cpu
@@ -337,7 +344,7 @@ pub async fn download_file(
         }
         if expect_hash.as_ref().is_some_and(|h| *h != hash) {
             return Err(bad(format!(
-                "SHA-1 {hash} does not match the recorded hash"
+                "{hash_algorithm} {hash} does not match the recorded hash"
             )));
         }
         Ok(())

@@ -3,16 +3,19 @@
 //!
 //! Contract:
 //! - keys are relative to the site's prefix (`xlog/000000010000000000000003`);
-//! - an object is never visible under its final key until complete: local writes go to a
-//!   temporary name and are renamed, S3/GCS/Azure commit multipart uploads at the end;
+//! - an object is never visible under its final key until complete: local and SFTP writes go
+//!   to a temporary name (`.walhoard-tmp/`) and are renamed, S3/GCS commit multipart uploads
+//!   and Azure its block list at the end;
 //! - metadata (pghoard's names: `compression-algorithm`, `encryption-key-id`, ...) travels as
-//!   native user metadata, or as a `<key>.metadata` JSON sidecar on local and SFTP storage,
-//!   written *before* the object, so a visible object always has its metadata;
+//!   native user metadata (on Azure with `_` for `-`, as pghoard stores it), or as a
+//!   `<key>.metadata` JSON sidecar on local and SFTP storage, written *before* the object, so a
+//!   visible object always has its metadata;
 //! - uploads and downloads stream in chunks; memory is bounded by the chunk size, not the
 //!   object size;
 //! - [`StorageError::is_transient`] tells a retry from a failure an operator must fix; see
 //!   [`retry`] for the retry loop and its `upload_retries_warning` alert file.
 
+mod backends;
 pub mod retry;
 
 use std::collections::BTreeMap;
@@ -38,7 +41,7 @@ pub const DEFAULT_CHUNK: usize = 8 * 1024 * 1024;
 pub enum StorageError {
     #[error("object {key} not found")]
     NotFound { key: String },
-    #[error("{action} {key}: {source}")]
+    #[error("{action} {key}: {source}{}", innermost_cause(source))]
     Backend {
         action: &'static str,
         key: String,
@@ -64,10 +67,47 @@ impl StorageError {
     pub fn is_transient(&self) -> bool {
         match self {
             StorageError::Backend { source, .. } => {
-                source.is_temporary() || source.kind() == ErrorKind::RateLimited
+                source.is_temporary()
+                    || source.kind() == ErrorKind::RateLimited
+                    || unreachable_server(source)
             }
             _ => false,
         }
+    }
+}
+
+/// The sources of `e`, outermost first.
+fn causes(e: &opendal::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(e), |c| c.source())
+}
+
+/// OpenDAL's sftp marks every ssh failure permanent, but a refused or timed-out connection
+/// (the server is down) is an outage like any other.
+fn unreachable_server(e: &opendal::Error) -> bool {
+    use std::io::ErrorKind as K;
+    causes(e).any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            // Not ConnectionAborted: the `openssh` crate's kind for any failure it does not
+            // recognise, host key and authentication refusals included.
+            matches!(
+                io.kind(),
+                K::ConnectionRefused | K::ConnectionReset | K::TimedOut
+            )
+        })
+    })
+}
+
+/// The innermost cause when OpenDAL's message does not include it: the `ssh` client's log,
+/// whose last line says what failed ("Host key verification failed.").
+fn innermost_cause(e: &opendal::Error) -> String {
+    match causes(e).last().map(|c| c.to_string()) {
+        Some(c) if !e.to_string().contains(&c) => {
+            match c.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+                Some(line) => format!(" ({line})"),
+                None => String::new(),
+            }
+        }
+        _ => String::new(),
     }
 }
 
@@ -131,12 +171,19 @@ impl AsyncWrite for ChannelSink {
     }
 }
 
-/// The user metadata a store returned with a stat.
-fn user_metadata(meta: &opendal::Metadata) -> Metadata {
+/// The user metadata a store returned with a stat, in pghoard's names.
+fn user_metadata(meta: &opendal::Metadata, underscores: bool) -> Metadata {
     meta.user_metadata()
         .map(|m| {
             m.into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| {
+                    let k = if underscores {
+                        k.replace('_', "-")
+                    } else {
+                        k.to_string()
+                    };
+                    (k, v.to_string())
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -162,6 +209,11 @@ pub struct ObjectStore {
     prefix: String,
     kind: &'static str,
     chunk: usize,
+    /// Azure metadata names must be C# identifiers: `-` is stored as `_` (as pghoard does)
+    /// and turned back on read.
+    underscores: bool,
+    /// Writes go to a temporary name and are renamed (sftp, whose writes are in place).
+    rename_into_place: bool,
 }
 
 impl fmt::Debug for ObjectStore {
@@ -170,176 +222,15 @@ impl fmt::Debug for ObjectStore {
     }
 }
 
-fn err_config(e: opendal::Error) -> StorageError {
-    StorageError::Config(e.to_string())
-}
-
 impl ObjectStore {
     /// Opens the store described by a site's `object_storage`, under `site_prefix`.
     pub fn open(cfg: &ObjectStorageConfig, site_prefix: &str) -> Result<Self, StorageError> {
-        // Registers the services and the HTTP transport (idempotent).
-        opendal::install_default();
-        let (op, sidecar, kind, storage_prefix) = match cfg {
-            ObjectStorageConfig::Local { directory, prefix } => {
-                std::fs::create_dir_all(directory).map_err(|e| {
-                    StorageError::Config(format!(
-                        "cannot create directory {}: {e}",
-                        directory.display()
-                    ))
-                })?;
-                let root = directory
-                    .to_str()
-                    .ok_or_else(|| StorageError::Config("directory is not UTF-8".into()))?;
-                // Writes land in a temp dir inside the store and are renamed into place.
-                let tmp = directory.join(".walhoard-tmp");
-                let b = opendal::services::Fs::default()
-                    .root(root)
-                    .atomic_write_dir(tmp.to_str().unwrap_or(".walhoard-tmp"));
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    true,
-                    "local",
-                    prefix.clone(),
-                )
-            }
-            ObjectStorageConfig::S3 {
-                region,
-                bucket_name,
-                aws_access_key_id,
-                aws_secret_access_key,
-                aws_session_token,
-                host,
-                port,
-                is_secure,
-                prefix,
-                ..
-            } => {
-                let mut b = opendal::services::S3::default()
-                    .bucket(bucket_name)
-                    .region(region.as_deref().unwrap_or("us-east-1"))
-                    .disable_config_load()
-                    .disable_ec2_metadata();
-                if let Some(h) = host {
-                    let scheme = if is_secure.unwrap_or(true) {
-                        "https"
-                    } else {
-                        "http"
-                    };
-                    let endpoint = match port {
-                        Some(p) => format!("{scheme}://{h}:{p}"),
-                        None => format!("{scheme}://{h}"),
-                    };
-                    b = b.endpoint(&endpoint);
-                }
-                if let Some(k) = aws_access_key_id {
-                    b = b.access_key_id(k);
-                }
-                if let Some(s) = aws_secret_access_key {
-                    b = b.secret_access_key(s);
-                }
-                if let Some(t) = aws_session_token {
-                    b = b.session_token(t);
-                }
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    false,
-                    "s3",
-                    prefix.clone(),
-                )
-            }
-            ObjectStorageConfig::Google {
-                bucket_name,
-                credential_file,
-                prefix,
-                ..
-            } => {
-                let mut b = opendal::services::Gcs::default().bucket(bucket_name);
-                if let Some(f) = credential_file {
-                    b = b.credential_path(f.to_str().ok_or_else(|| {
-                        StorageError::Config("credential_file is not UTF-8".into())
-                    })?);
-                }
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    false,
-                    "google",
-                    prefix.clone(),
-                )
-            }
-            ObjectStorageConfig::Azure {
-                account_name,
-                account_key,
-                bucket_name,
-                host,
-                port,
-                is_secure,
-                prefix,
-                ..
-            } => {
-                let scheme = if is_secure.unwrap_or(true) {
-                    "https"
-                } else {
-                    "http"
-                };
-                let endpoint = match (host, port) {
-                    // Azurite-style endpoints carry the account in the path.
-                    (Some(h), Some(p)) => format!("{scheme}://{h}:{p}/{account_name}"),
-                    (Some(h), None) => format!("{scheme}://{h}/{account_name}"),
-                    _ => format!("https://{account_name}.blob.core.windows.net"),
-                };
-                let mut b = opendal::services::Azblob::default()
-                    .container(bucket_name)
-                    .account_name(account_name)
-                    .endpoint(&endpoint);
-                if let Some(k) = account_key {
-                    b = b.account_key(k);
-                }
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    false,
-                    "azure",
-                    prefix.clone(),
-                )
-            }
-            ObjectStorageConfig::Swift {
-                auth_url,
-                container_name,
-                prefix,
-                ..
-            } => {
-                let b = opendal::services::Swift::default()
-                    .endpoint(auth_url)
-                    .container(container_name);
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    false,
-                    "swift",
-                    prefix.clone(),
-                )
-            }
-            ObjectStorageConfig::Sftp {
-                server,
-                port,
-                username,
-                private_key,
-                prefix,
-                ..
-            } => {
-                let endpoint = format!("ssh://{username}@{server}:{}", port.unwrap_or(22));
-                let mut b = opendal::services::Sftp::default()
-                    .endpoint(&endpoint)
-                    .user(username);
-                if let Some(k) = private_key {
-                    b = b.key(k);
-                }
-                (
-                    Operator::new(b).map_err(err_config)?,
-                    true,
-                    "sftp",
-                    prefix.clone(),
-                )
-            }
-        };
+        let backends::Backend {
+            op,
+            sidecar,
+            kind,
+            prefix: storage_prefix,
+        } = backends::operator(cfg)?;
         let mut full = String::new();
         for part in [storage_prefix.as_deref().unwrap_or(""), site_prefix] {
             let part = part.trim_matches('/');
@@ -356,6 +247,8 @@ impl ObjectStore {
             prefix: full,
             kind,
             chunk: DEFAULT_CHUNK,
+            underscores: kind == "azure",
+            rename_into_place: kind == "sftp",
         })
     }
 
@@ -363,6 +256,11 @@ impl ObjectStore {
     pub fn with_chunk_size(mut self, chunk: usize) -> Self {
         self.chunk = chunk;
         self
+    }
+
+    /// The upload part / download read size.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk
     }
 
     pub fn kind(&self) -> &'static str {
@@ -399,14 +297,29 @@ impl ObjectStore {
                 message: e.to_string(),
             })?;
             let side = self.path(&Self::sidecar_key(key))?;
-            self.op
-                .write(&side, json)
+            let target = self.write_target(&side);
+            let written = self
+                .op
+                .write(&target, json)
                 .await
-                .map_err(backend("write metadata of", key))?;
+                .map_err(backend("write metadata of", key));
+            if let Err(e) = written {
+                self.discard(&target, &side).await;
+                return Err(e);
+            }
+            self.move_into_place(&target, &side, key).await?;
         }
-        let mut w = self.op.writer_with(&path).chunk(self.chunk);
+        let target = self.write_target(&path);
+        let mut w = self.op.writer_with(&target).chunk(self.chunk);
         if !self.sidecar {
-            w = w.user_metadata(metadata.clone());
+            w = w.user_metadata(metadata.iter().map(|(k, v)| {
+                let k = if self.underscores {
+                    k.replace('-', "_")
+                } else {
+                    k.clone()
+                };
+                (k, v.clone())
+            }));
         }
         let mut writer = w.await.map_err(backend("start upload of", key))?;
         let mut total = 0u64;
@@ -419,7 +332,7 @@ impl ObjectStore {
                     source: e,
                 })?;
                 if n == 0 {
-                    return Ok(());
+                    break;
                 }
                 buf.truncate(n);
                 total += n as u64;
@@ -428,17 +341,67 @@ impl ObjectStore {
                     .await
                     .map_err(backend("upload", key))?;
             }
+            writer
+                .close()
+                .await
+                .map_err(backend("complete upload of", key))?;
+            Ok(())
         }
         .await;
         if let Err(e) = result {
+            // sftp cannot abort: its partial file is the temporary one, removed below.
             let _ = writer.abort().await;
+            self.discard(&target, &path).await;
             return Err(e);
         }
-        writer
-            .close()
-            .await
-            .map_err(backend("complete upload of", key))?;
+        self.move_into_place(&target, &path, key).await?;
         Ok(total)
+    }
+
+    /// Where a write to `path` goes first: a temporary name on stores that write in place.
+    fn write_target(&self, path: &str) -> String {
+        if !self.rename_into_place {
+            return path.to_string();
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = format!(".walhoard-tmp/{}-{nanos}-{seq}", std::process::id());
+        if self.prefix.is_empty() {
+            tmp
+        } else {
+            format!("{}/{tmp}", self.prefix)
+        }
+    }
+
+    /// Renames a completed temporary write onto its final name (an atomic overwrite: OpenSSH
+    /// servers offer posix-rename, which OpenDAL's sftp client uses).
+    async fn move_into_place(
+        &self,
+        target: &str,
+        path: &str,
+        key: &str,
+    ) -> Result<(), StorageError> {
+        if target == path {
+            return Ok(());
+        }
+        if let Err(e) = self.op.rename(target, path).await {
+            self.discard(target, path).await;
+            return Err(backend("move into place", key)(e));
+        }
+        Ok(())
+    }
+
+    /// Removes what a failed write to a temporary name left.
+    async fn discard(&self, target: &str, path: &str) {
+        if target != path {
+            if let Err(e) = self.op.delete(target).await {
+                tracing::warn!(temp = target, error = %e, "cannot remove a failed upload's temporary file");
+            }
+        }
     }
 
     /// Stores a small object from memory.
@@ -471,7 +434,7 @@ impl ObjectStore {
             .stat(&self.path(key)?)
             .await
             .map_err(backend("stat", key))?;
-        Ok(user_metadata(&meta))
+        Ok(user_metadata(&meta, self.underscores))
     }
 
     /// Streams the object into `sink`; returns its metadata and size.
@@ -486,7 +449,7 @@ impl ObjectStore {
         let metadata = if self.sidecar {
             self.metadata(key).await?
         } else {
-            user_metadata(&stat)
+            user_metadata(&stat, self.underscores)
         };
         let size = self
             .copy_data(key, &path, stat.content_length(), sink)
@@ -605,7 +568,11 @@ impl ObjectStore {
         let mut out = Vec::new();
         for e in entries {
             let p = e.path();
-            if p.ends_with('/') || p.ends_with(SIDECAR_SUFFIX) || p.contains("/.walhoard-tmp/") {
+            if p.ends_with('/')
+                || p.ends_with(SIDECAR_SUFFIX)
+                || p.contains("/.walhoard-tmp/")
+                || p.starts_with(".walhoard-tmp/")
+            {
                 continue;
             }
             let meta = e.metadata();

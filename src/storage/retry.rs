@@ -6,7 +6,9 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::StorageError;
+use tokio::io::AsyncRead;
+
+use super::{Metadata, ObjectStore, StorageError};
 
 /// Name of the alert file (pghoard's).
 pub const UPLOAD_RETRIES_WARNING: &str = "upload_retries_warning";
@@ -86,5 +88,38 @@ where
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+impl ObjectStore {
+    /// Stores `key` from a source that `open` opens anew for every attempt, retrying transient
+    /// failures under `policy` (alert file included). A lost connection in the middle of a
+    /// chunked upload (S3 multipart, Azure blocks, an sftp file) cannot be resumed: the failed
+    /// attempt is aborted where the store allows and the next one starts again from the first
+    /// byte, so the source must be re-readable (a file, not a stream). The object is visible
+    /// only once an attempt completed.
+    pub async fn put_retrying<R, F>(
+        &self,
+        policy: &RetryPolicy,
+        key: &str,
+        mut open: F,
+        metadata: &Metadata,
+    ) -> Result<u64, StorageError>
+    where
+        F: FnMut() -> std::io::Result<R>,
+        R: AsyncRead + Unpin,
+    {
+        with_retries(policy, key, || {
+            let source = open();
+            async move {
+                let source = source.map_err(|e| StorageError::Io {
+                    action: "open source of",
+                    key: key.into(),
+                    source: e,
+                })?;
+                self.put(key, source, metadata).await
+            }
+        })
+        .await
     }
 }

@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod azure;
+pub mod gcs;
 pub mod s3;
+pub mod sftp;
 
 /// Debian's PostgreSQL 15, the default server and the source of oracle tools.
 pub const DEBIAN_PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
