@@ -38,6 +38,16 @@ enum Command {
         #[arg(long, default_value_t = 3072)]
         bits: usize,
     },
+    /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
+    /// print its name once it is stored and listed.
+    Basebackup {
+        /// pghoard.json-compatible configuration file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The backup site (a key of backup_sites).
+        #[arg(long)]
+        site: String,
+    },
 }
 
 fn create_keys(key_id: &str, bits: usize) -> Result<()> {
@@ -47,6 +57,13 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
     let (public, private) = walhoard::pipeline::encryption::generate_key_pair(bits)?;
     let v = serde_json::json!({ "encryption_keys": { key_id: { "public": public, "private": private } } });
     println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
+    let config = walhoard::config::Config::load(config)?;
+    let info = walhoard::basebackup::take(&config, site).await?;
+    println!("{}", info.name);
     Ok(())
 }
 
@@ -105,6 +122,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Identify { conninfo, json } => identify(&conninfo, json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
+            Command::Basebackup { config, site } => basebackup(&config, &site).await,
         }
     });
     match result {

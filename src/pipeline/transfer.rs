@@ -253,6 +253,128 @@ pub async fn upload_file(
     Ok(metadata)
 }
 
+/// What [`upload_produced`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Plain bytes the producer wrote.
+    pub plain_size: u64,
+    /// Bytes stored (compressed, encrypted).
+    pub stored_size: u64,
+    /// SHA-1 of the plain bytes, hex.
+    pub sha1: String,
+}
+
+/// Counts and hashes the plain bytes on their way into the compressor.
+struct Hashing<'a> {
+    inner: &'a mut dyn Write,
+    hash: digest::Context,
+    size: u64,
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.hash.update(&data[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Stores into `key` whatever `produce` writes (on a blocking thread), compressed and
+/// encrypted on the way, without a temporary copy. The object appears only if `produce`
+/// returned `Ok`; an error, a panic or this future being dropped leaves nothing under `key`.
+/// The plain size and hash are known only at the end, so they are returned rather than stored
+/// as object metadata (the caller records them elsewhere).
+pub async fn upload_produced<F>(
+    store: &ObjectStore,
+    key: &str,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    mut metadata: Metadata,
+    produce: F,
+) -> Result<Uploaded, TransferError>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+    let enc = encryption.clone();
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+        let err_tx = tx.clone();
+        let result: io::Result<(u64, String)> = (|| {
+            let sink = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(PIPE_CHUNK),
+            };
+            let run = |c: &mut dyn Write| -> io::Result<(u64, String)> {
+                let mut h = Hashing {
+                    inner: c,
+                    hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+                    size: 0,
+                };
+                // A panic would close the channel like a clean end and complete a short
+                // object: turn it into an error that aborts the upload.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&mut h)))
+                    .map_err(|_| io::Error::other("the producer panicked"))??;
+                Ok((h.size, hex::encode(h.hash.finish())))
+            };
+            let (out, mut sink) = match enc {
+                Some(e) => {
+                    let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
+                    let mut c = Compressor::new(encryptor, &compression)?;
+                    let out = run(&mut c)?;
+                    (out, c.finish()?.finish()?)
+                }
+                None => {
+                    let mut c = Compressor::new(sink, &compression)?;
+                    let out = run(&mut c)?;
+                    (out, c.finish()?)
+                }
+            };
+            sink.flush()?;
+            Ok(out)
+        })();
+        if let Err(e) = &result {
+            // Fail the upload rather than let it complete with a short object.
+            let _ = err_tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
+        }
+        result
+    });
+    let reader = ChannelReader {
+        rx,
+        current: Bytes::new(),
+    };
+    metadata.insert(
+        "compression-algorithm".into(),
+        compression.algorithm.name().into(),
+    );
+    if let Some(e) = &encryption {
+        metadata.insert("encryption-key-id".into(), e.key_id.clone());
+        metadata.insert("encryption-format".into(), "walhenc1".into());
+    }
+    let stored = store.put(key, reader, &metadata).await;
+    let produced = cpu.await.map_err(|e| TransferError::Object {
+        key: key.into(),
+        message: format!("producer thread failed: {e}"),
+    })?;
+    match (stored, produced) {
+        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Uploaded {
+            plain_size,
+            stored_size,
+            sha1,
+        }),
+        (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
+        (_, Err(e)) => Err(TransferError::Object {
+            key: key.into(),
+            message: e.to_string(),
+        }),
+        (Err(s), Ok(_)) => Err(s.into()),
+    }
+}
+
 /// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and
 /// renamed only after the size and hash in the metadata matched). Returns the metadata.
 pub async fn download_file(
