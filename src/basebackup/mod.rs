@@ -54,6 +54,8 @@ pub struct BackupContext {
     pub host: String,
     /// `CHECKPOINT 'fast'` rather than a spread checkpoint.
     pub fast_checkpoint: bool,
+    /// BASE_BACKUP's MAX_RATE in kB/s (basic/pipe), to spare a busy primary.
+    pub max_rate_kbps: Option<u32>,
     /// Keys of chunks stored so far, deleted if the backup fails.
     stored: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -150,6 +152,7 @@ impl BackupContext {
             name,
             host: hostname(),
             fast_checkpoint: true,
+            max_rate_kbps: None,
             stored: Arc::default(),
         })
     }

@@ -110,7 +110,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         manifest: true,
         manifest_checksums: None,
         tablespace_map: true,
-        max_rate: None,
+        max_rate: ctx.max_rate_kbps,
         compression: None,
         compression_detail: None,
     };
