@@ -17,7 +17,6 @@ use walhoard_testkit::{give_to_server_user, tool_path, PgCluster};
 
 use crate::common::{sh, wait_until};
 
-
 /// A site archiving `pg` into a local directory, zstd-compressed and encrypted.
 struct Site {
     _dir: tempfile::TempDir,
@@ -97,9 +96,14 @@ fn sha1_of(path: &Path) -> String {
 async fn fetch(site: &Site, name: &str, work: &Path) -> (BackupMetadata, PathBuf, Vec<PathBuf>) {
     std::fs::create_dir_all(work).unwrap();
     let control = work.join("control.tar");
-    let objmeta = download_file(&site.store, &format!("basebackup/{name}"), &control, &site.ring)
-        .await
-        .unwrap();
+    let objmeta = download_file(
+        &site.store,
+        &format!("basebackup/{name}"),
+        &control,
+        &site.ring,
+    )
+    .await
+    .unwrap();
     let json = sh(&format!("tar -xOf {} {METADATA_MEMBER}", control.display()));
     let meta: BackupMetadata = serde_json::from_str(&json).unwrap();
     assert_eq!(objmeta["format"], meta.format);
@@ -117,7 +121,11 @@ async fn fetch(site: &Site, name: &str, work: &Path) -> (BackupMetadata, PathBuf
         download_file(&site.store, &key, &out, &site.ring)
             .await
             .unwrap();
-        assert_eq!(std::fs::metadata(&out).unwrap().len(), c.input_size, "{key}");
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().len(),
+            c.input_size,
+            "{key}"
+        );
         assert_eq!(sha1_of(&out), c.hash, "{key}");
         files.push(out);
     }
@@ -175,7 +183,10 @@ async fn basebackup_basic_standalone_with_tablespace_restores() {
         kinds,
         [ChunkKind::Tablespace, ChunkKind::Data, ChunkKind::Manifest]
     );
-    assert_eq!(meta.chunks[0].tablespace_oid.map(|o| o.to_string()), Some(ts_oid.clone()));
+    assert_eq!(
+        meta.chunks[0].tablespace_oid.map(|o| o.to_string()),
+        Some(ts_oid.clone())
+    );
     let (ts_chunk, base_chunk, manifest) = (&chunks[0], &chunks[1], &chunks[2]);
     assert!(meta.end_lsn != meta.start_lsn);
     assert!(meta.total_size_enc < meta.total_size_plain);
@@ -185,8 +196,16 @@ async fn basebackup_basic_standalone_with_tablespace_restores() {
     let ts_new = work.path().join("ts1");
     std::fs::create_dir_all(&data).unwrap();
     std::fs::create_dir_all(&ts_new).unwrap();
-    sh(&format!("tar -xf {} -C {}", base_chunk.display(), data.display()));
-    sh(&format!("tar -xf {} -C {}", ts_chunk.display(), ts_new.display()));
+    sh(&format!(
+        "tar -xf {} -C {}",
+        base_chunk.display(),
+        data.display()
+    ));
+    sh(&format!(
+        "tar -xf {} -C {}",
+        ts_chunk.display(),
+        ts_new.display()
+    ));
     std::fs::copy(manifest, data.join("backup_manifest")).unwrap();
     let link = data.join("pg_tblspc").join(&ts_oid);
     let _ = std::fs::remove_file(&link);
@@ -207,7 +226,13 @@ async fn basebackup_basic_standalone_with_tablespace_restores() {
         .unwrap();
     assert_eq!(loc.trim(), ts_new.display().to_string());
     // The unlogged table exists, empty (only its init fork was backed up).
-    assert_eq!(restored.psql("select count(*) from scratch").unwrap().trim(), "0");
+    assert_eq!(
+        restored
+            .psql("select count(*) from scratch")
+            .unwrap()
+            .trim(),
+        "0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -227,7 +252,15 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
             let _ = std::process::Command::new(tool_path("psql").unwrap())
                 .args(["-X", "-q", "-h"])
                 .arg(&writer_sock)
-                .args(["-p", &writer_port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+                .args([
+                    "-p",
+                    &writer_port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                ])
                 .arg(format!(
                     "insert into main_t select g, 'w{i}' from generate_series({}, {}) g",
                     200000 + i * 1000,
@@ -240,7 +273,10 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
     let info = take_with(ctx).await.unwrap();
     writer.join().unwrap();
     let want = pg.psql(CHECKSUM).unwrap();
-    assert_eq!(listed(&site.store).await, [format!("basebackup/{}", info.name)]);
+    assert_eq!(
+        listed(&site.store).await,
+        [format!("basebackup/{}", info.name)]
+    );
     let meta = &info.metadata;
     assert_eq!(meta.format, "pghoard-bb-v2");
     assert!(!meta.wal_included);
@@ -257,7 +293,11 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
         sh(&format!("tar -xf {} -C {}", c.display(), staging.display()));
     }
     let data = staging.join("pgdata");
-    for excluded in ["postmaster.pid", "postmaster.opts", "pg_wal/000000010000000000000001"] {
+    for excluded in [
+        "postmaster.pid",
+        "postmaster.opts",
+        "pg_wal/000000010000000000000001",
+    ] {
         assert!(!data.join(excluded).exists(), "{excluded} was backed up");
     }
     assert!(data.join("pg_wal/archive_status").is_dir());
@@ -283,7 +323,13 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
         restored.log()
     );
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
-    assert_eq!(restored.psql("select count(*) from scratch").unwrap().trim(), "0");
+    assert_eq!(
+        restored
+            .psql("select count(*) from scratch")
+            .unwrap()
+            .trim(),
+        "0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -310,18 +356,32 @@ async fn basebackup_dropped_connection_lists_nothing_and_next_succeeds() {
     }
     assert!(!pid.is_empty(), "the backup never got 2 MB into base.tar");
     // One chunk is being stored right now.
-    assert!(site.store.list("basebackup_chunk").await.unwrap().is_empty());
-    pg.psql(&format!("select pg_terminate_backend({pid})")).unwrap();
+    assert!(site
+        .store
+        .list("basebackup_chunk")
+        .await
+        .unwrap()
+        .is_empty());
+    pg.psql(&format!("select pg_terminate_backend({pid})"))
+        .unwrap();
     let err = task.await.unwrap().unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains(&name) && msg.contains("BASE_BACKUP"), "{msg}");
     assert!(listed(&site.store).await.is_empty());
-    assert!(site.store.list("basebackup_chunk").await.unwrap().is_empty());
+    assert!(site
+        .store
+        .list("basebackup_chunk")
+        .await
+        .unwrap()
+        .is_empty());
 
     let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
+    // The failed backup cleaned up after itself, so its name may be reused.
     let info = take_with(ctx).await.unwrap();
-    assert_ne!(info.name, name);
-    assert_eq!(listed(&site.store).await, [format!("basebackup/{}", info.name)]);
+    assert_eq!(
+        listed(&site.store).await,
+        [format!("basebackup/{}", info.name)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -347,10 +407,63 @@ async fn basebackup_cancelled_local_tar_lists_nothing_and_next_succeeds() {
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     assert!(listed(&site.store).await.is_empty());
-    assert_eq!(orphan_chunk_dirs(&site.store).await.unwrap(), [name.clone()]);
+    assert_eq!(
+        orphan_chunk_dirs(&site.store).await.unwrap(),
+        std::slice::from_ref(&name)
+    );
     // The server ended the aborted backup with its session: a new one starts at once.
     let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
     let info = take_with(ctx).await.unwrap();
     assert_ne!(info.name, name);
-    assert_eq!(listed(&site.store).await, [format!("basebackup/{}", info.name)]);
+    assert_eq!(
+        listed(&site.store).await,
+        [format!("basebackup/{}", info.name)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn basebackup_local_tar_standalone_carries_its_wal() {
+    let pg = PgCluster::start().unwrap();
+    load_data(&pg);
+    let want = pg.psql(CHECKSUM).unwrap();
+    let site = site(&pg, "local-tar", "standalone_hot_backup");
+    let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
+    let info = take_with(ctx).await.unwrap();
+    assert!(info.metadata.wal_included);
+    // Nothing of the backup's temporary slot is left on the server.
+    assert_eq!(
+        pg.psql("select count(*) from pg_replication_slots")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    // Writes after the backup are not in it: the restored cluster stops at the backup's end.
+    pg.psql("insert into main_t values (-1, 'after')").unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let (meta, control, chunks) = fetch(&site, &info.name, &work.path().join("dl")).await;
+    let wal_chunk = meta.chunks.last().unwrap();
+    assert!(
+        wal_chunk
+            .files
+            .contains(&format!("pgdata/pg_wal/{}", meta.backup_end_wal_segment)),
+        "{:?}",
+        wal_chunk.files
+    );
+    let staging = work.path().join("restore");
+    std::fs::create_dir_all(&staging).unwrap();
+    for c in chunks.iter().chain([&control]) {
+        sh(&format!("tar -xf {} -C {}", c.display(), staging.display()));
+    }
+    let data = staging.join("pgdata");
+    let oid = meta.tablespaces["ts1"].oid;
+    std::os::unix::fs::symlink(
+        staging.join("tablespaces/ts1"),
+        data.join("pg_tblspc").join(oid.to_string()),
+    )
+    .unwrap();
+    give_to_server_user(&staging).unwrap();
+    // No restore_command: only the WAL inside the backup.
+    let restored = PgCluster::builder().start_on(&data).unwrap();
+    assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
 }

@@ -37,7 +37,11 @@ pub fn parse_backup_label(text: &str) -> Result<BackupLabel, String> {
         } else if let Some(rest) = line.strip_prefix("CHECKPOINT LOCATION: ") {
             checkpoint = rest.parse().ok();
         } else if let Some(rest) = line.strip_prefix("START TIMELINE: ") {
-            timeline = rest.trim().parse::<u32>().ok().and_then(|t| TimelineId::new(t).ok());
+            timeline = rest
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .and_then(|t| TimelineId::new(t).ok());
         } else if let Some(rest) = line.strip_prefix("START TIME: ") {
             time = Some(rest.to_string());
         } else if let Some(rest) = line.strip_prefix("LABEL: ") {

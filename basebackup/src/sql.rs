@@ -36,7 +36,10 @@ pub async fn start_backup(
     fast_checkpoint: bool,
 ) -> Result<Lsn, walhoard_protocol::Error> {
     let sql = if conn.server_major()? >= 15 {
-        format!("SELECT pg_backup_start({}, {fast_checkpoint}) AS lsn", quote(label)?)
+        format!(
+            "SELECT pg_backup_start({}, {fast_checkpoint}) AS lsn",
+            quote(label)?
+        )
     } else {
         format!(
             "SELECT pg_start_backup({}, {fast_checkpoint}, false) AS lsn",
@@ -67,10 +70,7 @@ pub async fn stop_backup(conn: &mut Connection) -> Result<StoppedBackup, walhoar
 }
 
 /// User tablespaces, with their directories resolved through `pgdata/pg_tblspc/<oid>`.
-pub async fn tablespaces(
-    conn: &mut Connection,
-    pgdata: &Path,
-) -> Result<Vec<Tablespace>, String> {
+pub async fn tablespaces(conn: &mut Connection, pgdata: &Path) -> Result<Vec<Tablespace>, String> {
     let r = conn
         .query_one_result(
             "SELECT oid, spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid",

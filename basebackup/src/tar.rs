@@ -127,15 +127,7 @@ impl<W: Write> TarWriter<W> {
     /// A GNU `././@LongLink` member carrying a name (typeflag `L`) or link target (`K`).
     fn long_link(&mut self, flag: u8, value: &str) -> io::Result<()> {
         let data = [value.as_bytes(), b"\0"].concat();
-        let h = header(
-            "././@LongLink",
-            "",
-            flag,
-            data.len() as u64,
-            0o644,
-            0,
-            "",
-        )?;
+        let h = header("././@LongLink", "", flag, data.len() as u64, 0o644, 0, "")?;
         self.put(&h)?;
         self.put(&data)?;
         self.pad(data.len() as u64)
@@ -227,7 +219,13 @@ impl<W: Write> TarWriter<W> {
     }
 
     /// A file member from memory.
-    pub fn append_bytes(&mut self, path: &str, mode: u32, mtime: u64, data: &[u8]) -> io::Result<()> {
+    pub fn append_bytes(
+        &mut self,
+        path: &str,
+        mode: u32,
+        mtime: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
         let m = Member {
             path: path.into(),
             kind: MemberKind::File {
@@ -271,7 +269,11 @@ mod tests {
     #[test]
     fn gnu_tar_reads_long_names_and_exact_sizes() {
         let mut w = TarWriter::new(Vec::new());
-        let long = format!("tablespaces/{}/PG_15_202209061/5/{}", "t".repeat(63), "1".repeat(60));
+        let long = format!(
+            "tablespaces/{}/PG_15_202209061/5/{}",
+            "t".repeat(63),
+            "1".repeat(60)
+        );
         let longer = format!("pgdata/{}", "x/".repeat(140));
         w.append_entry(&Member {
             path: "pgdata".into(),

@@ -181,14 +181,25 @@ impl Walker {
         Ok(out)
     }
 
-    fn dir(&mut self, local: &Path, archive: &str, top: bool, out: &mut Vec<Entry>) -> io::Result<()> {
+    fn dir(
+        &mut self,
+        local: &Path,
+        archive: &str,
+        top: bool,
+        out: &mut Vec<Entry>,
+    ) -> io::Result<()> {
         let names = match sorted_names(local) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !top => {
                 self.vanished += 1;
                 return Ok(());
             }
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", local.display()))),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", local.display()),
+                ))
+            }
         };
         // Unlogged relations: only their init fork is backed up (basebackup.c sendDir).
         let unlogged: HashSet<String> = if is_database_dir(archive) {
@@ -281,7 +292,12 @@ impl Walker {
                 self.vanished += 1;
                 return Ok(());
             }
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", local.display()))),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", local.display()),
+                ))
+            }
         };
         let ft = meta.file_type();
         if ft.is_file() {
@@ -372,10 +388,24 @@ mod tests {
 
     #[test]
     fn temp_relations() {
-        for yes in ["t3_16384", "t3_16384.1", "t3_16384_fsm", "t12_5_vm.3", "t1_2_init"] {
+        for yes in [
+            "t3_16384",
+            "t3_16384.1",
+            "t3_16384_fsm",
+            "t12_5_vm.3",
+            "t1_2_init",
+        ] {
             assert!(looks_like_temp_rel(yes), "{yes}");
         }
-        for no in ["16384", "t3", "t_1", "t3_", "t3_1x", "tablespace_map", "t3_1_xyz"] {
+        for no in [
+            "16384",
+            "t3",
+            "t_1",
+            "t3_",
+            "t3_1x",
+            "tablespace_map",
+            "t3_1_xyz",
+        ] {
             assert!(!looks_like_temp_rel(no), "{no}");
         }
     }
@@ -407,12 +437,18 @@ mod tests {
         mk("pg_replslot/s/state", b"slot");
         mk("pg_stat_tmp/x", b"");
         mk("pg_tblspc/.keep", b"");
-        mk("ts/PG_15_202209061/5/16500", b"ts rel");
-        mk("ts/PG_16_202307071/5/16500", b"other major");
+        let ts_dir = d.path().join("ts");
+        for (p, data) in [
+            ("PG_15_202209061/5/16500", &b"ts rel"[..]),
+            ("PG_16_202307071/5/16500", b"other major"),
+        ] {
+            fs::create_dir_all(ts_dir.join(p).parent().unwrap()).unwrap();
+            fs::write(ts_dir.join(p), data).unwrap();
+        }
         let ts = Tablespace {
             oid: 16499,
             name: "ts1".into(),
-            path: pg.join("ts"),
+            path: ts_dir,
         };
         let mut w = Walker::new();
         let entries = w.walk(&pg, &[ts], 15).unwrap();
@@ -447,7 +483,12 @@ mod tests {
             "pgdata/pg_tblspc/.keep",
             "tablespaces/ts1/PG_16_202307071",
         ] {
-            assert!(!names.iter().any(|n| n.starts_with(not)), "{not} in {names:?}");
+            assert!(
+                !names
+                    .iter()
+                    .any(|n| *n == not || n.starts_with(&format!("{not}/"))),
+                "{not} in {names:?}"
+            );
         }
     }
 
@@ -478,7 +519,13 @@ mod tests {
         let second: Vec<&str> = chunks[1].iter().map(|e| e.member.path.as_str()).collect();
         assert_eq!(
             second,
-            ["pgdata", "pgdata/base", "pgdata/base/2", "pgdata/global", "pgdata/global/3"]
+            [
+                "pgdata",
+                "pgdata/base",
+                "pgdata/base/2",
+                "pgdata/global",
+                "pgdata/global/3"
+            ]
         );
     }
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::task::JoinSet;
-use walhoard_basebackup::control::{BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_LOCAL_TAR};
+use walhoard_basebackup::control::{
+    BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_LOCAL_TAR,
+};
 use walhoard_basebackup::label::parse_backup_label;
 use walhoard_basebackup::tar::{Member, MemberKind, TarWriter};
 use walhoard_basebackup::walk::{plan_chunks, Entry, Walker};
@@ -42,9 +44,9 @@ fn write_chunk(entries: &[Entry], out: &mut dyn io::Write, read: &AtomicU64) -> 
                         ))
                     }
                 };
-                let n = tar
-                    .append_file(&e.member, &mut f)
-                    .map_err(|err| io::Error::new(err.kind(), format!("read {}: {err}", e.local.display())))?;
+                let n = tar.append_file(&e.member, &mut f).map_err(|err| {
+                    io::Error::new(err.kind(), format!("read {}: {err}", e.local.display()))
+                })?;
                 read.fetch_add(n, Ordering::Relaxed);
             }
             _ => tar.append_entry(&e.member)?,
@@ -70,10 +72,19 @@ fn wal_entries(
     let mut s = first;
     loop {
         let local = pgdata.join("pg_wal").join(s.to_string());
-        let meta = std::fs::metadata(&local)
-            .with_context(|| format!("WAL segment {s} for the standalone backup: {}", local.display()))?;
+        let meta = std::fs::metadata(&local).with_context(|| {
+            format!(
+                "WAL segment {s} for the standalone backup: {}",
+                local.display()
+            )
+        })?;
         if meta.len() != seg.bytes() {
-            bail!("WAL segment {} is {} bytes, not {}", local.display(), meta.len(), seg.bytes());
+            bail!(
+                "WAL segment {} is {} bytes, not {}",
+                local.display(),
+                meta.len(),
+                seg.bytes()
+            );
         }
         out.push(Entry {
             member: Member {
@@ -91,8 +102,15 @@ fn wal_entries(
     }
 }
 
-fn check_wal(entries: &[Entry], seg: SegmentSize, major: u32, system_id: u64, tli: TimelineId) -> Result<()> {
-    let magic = page_magic_for(major).with_context(|| format!("no WAL page magic known for PostgreSQL {major}"))?;
+fn check_wal(
+    entries: &[Entry],
+    seg: SegmentSize,
+    major: u32,
+    system_id: u64,
+    tli: TimelineId,
+) -> Result<()> {
+    let magic = page_magic_for(major)
+        .with_context(|| format!("no WAL page magic known for PostgreSQL {major}"))?;
     let expect = PageExpectation {
         magic,
         seg_size: seg,
@@ -101,19 +119,26 @@ fn check_wal(entries: &[Entry], seg: SegmentSize, major: u32, system_id: u64, tl
     };
     for e in entries {
         let name = e.member.path.rsplit('/').next().unwrap_or_default();
-        let id: walhoard_protocol::WalSegmentName = name.parse().with_context(|| format!("WAL file name {name}"))?;
+        let id: walhoard_protocol::WalSegmentName = name
+            .parse()
+            .with_context(|| format!("WAL file name {name}"))?;
         let start = id
             .segment()
             .with_context(|| format!("{name} is not a segment"))?
             .start_lsn(seg)?;
-        let data = std::fs::read(&e.local).with_context(|| format!("read {}", e.local.display()))?;
-        validate_pages(&data, start, &expect, true).with_context(|| format!("WAL segment {name} in pg_wal"))?;
+        let data =
+            std::fs::read(&e.local).with_context(|| format!("read {}", e.local.display()))?;
+        validate_pages(&data, start, &expect, true)
+            .with_context(|| format!("WAL segment {name} in pg_wal"))?;
     }
     Ok(())
 }
 
 async fn query_text(conn: &mut Connection, sql: &str, col: &str) -> Result<String> {
-    let r = conn.query_one_result(sql).await.with_context(|| sql.to_string())?;
+    let r = conn
+        .query_one_result(sql)
+        .await
+        .with_context(|| sql.to_string())?;
     Ok(r.required(0, col)?)
 }
 
@@ -136,7 +161,9 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         .with_context(|| format!("connect to {params} for a local-tar backup"))?;
     let version = conn.server_version_num()?;
     let major = version / 10000;
-    let seg = SegmentSize::from_show(&query_text(&mut conn, "SHOW wal_segment_size", "wal_segment_size").await?)?;
+    let seg = SegmentSize::from_show(
+        &query_text(&mut conn, "SHOW wal_segment_size", "wal_segment_size").await?,
+    )?;
     let system_id: u64 = query_text(
         &mut conn,
         "SELECT system_identifier::text AS id FROM pg_control_system()",
@@ -156,9 +183,13 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         .context("create a temporary slot to keep the backup's WAL")?;
     }
     let start_time = now_rfc3339();
-    let start_lsn = sql::start_backup(&mut conn, &format!("walhoard {}", ctx.name), ctx.fast_checkpoint)
-        .await
-        .context("start the backup")?;
+    let start_lsn = sql::start_backup(
+        &mut conn,
+        &format!("walhoard {}", ctx.name),
+        ctx.fast_checkpoint,
+    )
+    .await
+    .context("start the backup")?;
     let tablespaces = sql::tablespaces(&mut conn, &pgdata)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -194,14 +225,18 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let mut pending = planned.into_iter().enumerate();
     loop {
         while tasks.len() < parallel {
-            let Some((i, entries)) = pending.next() else { break };
+            let Some((i, entries)) = pending.next() else {
+                break;
+            };
             let c = ctx.clone();
             let r = read.clone();
             tasks.spawn(async move {
                 let files = entries.iter().map(|e| e.member.path.clone()).collect();
                 let entries = Arc::new(entries);
                 let (rel, up) = c
-                    .upload_chunk(&chunk_file(&c.name, i + 1), move |w| write_chunk(&entries, w, &r))
+                    .upload_chunk(&chunk_file(&c.name, i + 1), move |w| {
+                        write_chunk(&entries, w, &r)
+                    })
                     .await?;
                 Ok((
                     i,
@@ -235,12 +270,17 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let pg_control = tokio::fs::read(pgdata.join("global/pg_control"))
         .await
         .with_context(|| format!("read {}/global/pg_control", pgdata.display()))?;
-    let stopped = sql::stop_backup(&mut conn).await.context("stop the backup")?;
+    let stopped = sql::stop_backup(&mut conn)
+        .await
+        .context("stop the backup")?;
     let end_time = now_rfc3339();
     let label = parse_backup_label(&stopped.backup_label).map_err(anyhow::Error::msg)?;
     let tli = label.start_timeline.unwrap_or(TimelineId(1));
     if label.start_lsn != start_lsn {
-        bail!("backup_label starts at {}, pg_backup_start returned {start_lsn}", label.start_lsn);
+        bail!(
+            "backup_label starts at {}, pg_backup_start returned {start_lsn}",
+            label.start_lsn
+        );
     }
     if ctx.standalone() {
         let first = SegmentId::containing(tli, start_lsn, seg);
@@ -301,7 +341,10 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         &meta,
         vec![
             ("pgdata/global/pg_control".into(), pg_control),
-            ("pgdata/backup_label".into(), stopped.backup_label.into_bytes()),
+            (
+                "pgdata/backup_label".into(),
+                stopped.backup_label.into_bytes(),
+            ),
         ],
     )
     .await?;

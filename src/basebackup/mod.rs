@@ -101,7 +101,9 @@ pub fn upload_encryption(site_name: &str, site: &SiteConfig) -> Result<Option<Up
         .encryption_keys
         .get(id)
         .and_then(|k| k.public.as_deref())
-        .with_context(|| format!("backup_sites.{site_name}.encryption_keys.{id}.public is missing"))?;
+        .with_context(|| {
+            format!("backup_sites.{site_name}.encryption_keys.{id}.public is missing")
+        })?;
     let public = PublicKey::from_pem(pem)
         .with_context(|| format!("backup_sites.{site_name}.encryption_keys.{id}.public"))?;
     Ok(Some(UploadEncryption {
@@ -113,7 +115,9 @@ pub fn upload_encryption(site_name: &str, site: &SiteConfig) -> Result<Option<Up
 /// A backup name not used by a listed backup nor by chunks of an interrupted one:
 /// pghoard's `YYYY-MM-DD_HH-MM_<n>`.
 pub async fn choose_name(store: &ObjectStore) -> Result<String> {
-    let stamp = jiff::Timestamp::now().strftime("%Y-%m-%d_%H-%M").to_string();
+    let stamp = jiff::Timestamp::now()
+        .strftime("%Y-%m-%d_%H-%M")
+        .to_string();
     for i in 0..10_000 {
         let name = format!("{stamp}_{i}");
         if store.stat(&format!("basebackup/{name}")).await?.is_none()
@@ -159,11 +163,12 @@ impl BackupContext {
 
     /// Connection settings of the site's first node.
     pub fn node_params(&self) -> Result<walhoard_protocol::ConnectParams> {
-        let node = self
-            .site_config
-            .nodes
-            .first()
-            .with_context(|| format!("backup_sites.{}.nodes is empty: nothing to back up", self.site))?;
+        let node = self.site_config.nodes.first().with_context(|| {
+            format!(
+                "backup_sites.{}.nodes is empty: nothing to back up",
+                self.site
+            )
+        })?;
         let (params, _slot) = node
             .connect_params()
             .map_err(|e| anyhow::anyhow!("backup_sites.{}.nodes[0]: {e}", self.site))?;

@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use walhoard_basebackup::control::{BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_STREAM};
+use walhoard_basebackup::control::{
+    BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_STREAM,
+};
 use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions, ReplicationClient};
 
 use super::{describe, now_rfc3339, BackupContext, Progress};
@@ -33,7 +35,12 @@ struct OpenChunk {
 }
 
 impl OpenChunk {
-    fn start(ctx: &BackupContext, file: String, kind: ChunkKind, tablespace_oid: Option<u32>) -> Self {
+    fn start(
+        ctx: &BackupContext,
+        file: String,
+        kind: ChunkKind,
+        tablespace_oid: Option<u32>,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Piece>(16);
         let what = file.clone();
         let c = ctx.clone();
@@ -115,7 +122,10 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         compression_detail: None,
     };
     let start_time = now_rfc3339();
-    let mut bb = client.base_backup(&opts).await.context("start BASE_BACKUP")?;
+    let mut bb = client
+        .base_backup(&opts)
+        .await
+        .context("start BASE_BACKUP")?;
     let (start_lsn, start_tli) = (bb.start_lsn, bb.start_tli);
     let estimate: u64 = bb.tablespaces.iter().filter_map(|t| t.size_kb).sum::<u64>() * 1024;
     let mut tablespaces = BTreeMap::new();
