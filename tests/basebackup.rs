@@ -211,7 +211,9 @@ async fn basebackup_basic_standalone_with_tablespace_restores() {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&ts_new, &link).unwrap();
     let verify = tool_path("pg_verifybackup").unwrap();
-    if pg.major == 15 {
+    // Debian's 15 tool reads only its own major's WAL and manifest version; other majors'
+    // packages bring their own.
+    if pg.major == 15 || !verify.starts_with(walhoard_testkit::DEBIAN_PG15_BIN) {
         // WAL included: pg_verifybackup also parses it from start to end.
         let ok = sh(&format!("{} {}", verify.display(), data.display()));
         assert!(ok.contains("successfully verified"), "{ok}");

@@ -59,8 +59,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests against PostgreSQL 15"
 cargo test --workspace --locked
 for v in $majors; do
-  echo "== protocol tests against PostgreSQL $v"
-  WALHOARD_PG_VERSION=$v cargo test --locked --test tests protocol_
+  echo "== protocol and basebackup tests against PostgreSQL $v"
+  WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- protocol_ basebackup_
 done
 fuzz_seconds=${WALHOARD_FUZZ_SECONDS:-20}
 if [ "$fuzz_seconds" != 0 ]; then
