@@ -132,6 +132,30 @@ async fn fetch(site: &Site, name: &str, work: &Path) -> (BackupMetadata, PathBuf
     (meta, control, files)
 }
 
+/// Extracts a local-tar backup (chunks, then the control tar) into `staging` and links the
+/// tablespaces from there; returns the data directory, handed to the server user.
+fn extract_local_tar(
+    meta: &BackupMetadata,
+    control: &Path,
+    chunks: &[PathBuf],
+    staging: &Path,
+) -> PathBuf {
+    std::fs::create_dir_all(staging).unwrap();
+    for c in chunks.iter().chain([&control.to_path_buf()]) {
+        sh(&format!("tar -xf {} -C {}", c.display(), staging.display()));
+    }
+    let data = staging.join("pgdata");
+    for (name, ts) in &meta.tablespaces {
+        std::os::unix::fs::symlink(
+            staging.join("tablespaces").join(name),
+            data.join("pg_tblspc").join(ts.oid.to_string()),
+        )
+        .unwrap();
+    }
+    give_to_server_user(staging).unwrap();
+    data
+}
+
 async fn listed(store: &ObjectStore) -> Vec<String> {
     store
         .list("basebackup")
@@ -289,12 +313,7 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
     let (got, control, chunks) = fetch(&site, &info.name, &work.path().join("dl")).await;
     assert_eq!(&got, meta);
     // pghoard's layout: pgdata/… and tablespaces/<name>/… in every chunk, control files last.
-    let staging = work.path().join("restore");
-    std::fs::create_dir_all(&staging).unwrap();
-    for c in chunks.iter().chain([&control]) {
-        sh(&format!("tar -xf {} -C {}", c.display(), staging.display()));
-    }
-    let data = staging.join("pgdata");
+    let data = extract_local_tar(meta, &control, &chunks, &work.path().join("restore"));
     for excluded in [
         "postmaster.pid",
         "postmaster.opts",
@@ -304,10 +323,6 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
     }
     assert!(data.join("pg_wal/archive_status").is_dir());
     assert!(data.join("backup_label").is_file() && data.join("global/pg_control").is_file());
-    let ts_new = staging.join("tablespaces/ts1");
-    let oid = meta.tablespaces["ts1"].oid;
-    std::os::unix::fs::symlink(&ts_new, data.join("pg_tblspc").join(oid.to_string())).unwrap();
-    give_to_server_user(&staging).unwrap();
     // The WAL comes from the primary's pg_wal, as from an archive.
     let restored = PgCluster::builder()
         .setting(
@@ -452,19 +467,7 @@ async fn basebackup_local_tar_standalone_carries_its_wal() {
         "{:?}",
         wal_chunk.files
     );
-    let staging = work.path().join("restore");
-    std::fs::create_dir_all(&staging).unwrap();
-    for c in chunks.iter().chain([&control]) {
-        sh(&format!("tar -xf {} -C {}", c.display(), staging.display()));
-    }
-    let data = staging.join("pgdata");
-    let oid = meta.tablespaces["ts1"].oid;
-    std::os::unix::fs::symlink(
-        staging.join("tablespaces/ts1"),
-        data.join("pg_tblspc").join(oid.to_string()),
-    )
-    .unwrap();
-    give_to_server_user(&staging).unwrap();
+    let data = extract_local_tar(&meta, &control, &chunks, &work.path().join("restore"));
     // No restore_command: only the WAL inside the backup.
     let restored = PgCluster::builder().start_on(&data).unwrap();
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);

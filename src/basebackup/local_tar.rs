@@ -56,6 +56,22 @@ fn write_chunk(entries: &[Entry], out: &mut dyn io::Write, read: &AtomicU64) -> 
     Ok(())
 }
 
+fn data_chunk(
+    rel: String,
+    up: crate::pipeline::transfer::Uploaded,
+    files: Vec<String>,
+) -> ChunkMeta {
+    ChunkMeta {
+        chunk_filename: rel,
+        input_size: up.plain_size,
+        result_size: up.stored_size,
+        files,
+        kind: ChunkKind::Data,
+        tablespace_oid: None,
+        hash: up.sha1,
+    }
+}
+
 fn chunk_file(name: &str, n: usize) -> String {
     format!("{name}.{n:08}.pghoard")
 }
@@ -238,18 +254,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
                         write_chunk(&entries, w, &r)
                     })
                     .await?;
-                Ok((
-                    i,
-                    ChunkMeta {
-                        chunk_filename: rel,
-                        input_size: up.plain_size,
-                        result_size: up.stored_size,
-                        files,
-                        kind: ChunkKind::Data,
-                        tablespace_oid: None,
-                        hash: up.sha1,
-                    },
-                ))
+                Ok((i, data_chunk(rel, up, files)))
             });
         }
         tokio::select! {
@@ -300,15 +305,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         let (rel, up) = ctx
             .upload_chunk(&chunk_file(&ctx.name, n), move |w| write_chunk(&wal, w, &r))
             .await?;
-        chunks.push(ChunkMeta {
-            chunk_filename: rel,
-            input_size: up.plain_size,
-            result_size: up.stored_size,
-            files,
-            kind: ChunkKind::Data,
-            tablespace_oid: None,
-            hash: up.sha1,
-        });
+        chunks.push(data_chunk(rel, up, files));
     }
     conn.close().await.ok();
 

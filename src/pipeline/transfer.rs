@@ -169,88 +169,23 @@ pub async fn upload_file(
     })?
     .map_err(io_at("read", path))?;
     let file = std::fs::File::open(path).map_err(io_at("open", path))?;
-    let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
-    let enc = encryption.clone();
-    let src = path.to_path_buf();
-    let cpu = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-        let err_tx = tx.clone();
-        let result = (|| {
-            let sink = ChannelWriter {
-                tx,
-                buf: Vec::with_capacity(PIPE_CHUNK),
-            };
-            let mut size = 0u64;
-            let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
-            let mut buf = vec![0u8; PIPE_CHUNK];
-            let mut pump = |out: &mut dyn Write, size: &mut u64| -> io::Result<()> {
-                loop {
-                    let n = input.read(&mut buf)?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    *size += n as u64;
-                    out.write_all(&buf[..n])?;
-                }
-            };
-            let mut sink = match enc {
-                Some(e) => {
-                    let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
-                    let mut c = Compressor::new(encryptor, &compression)?;
-                    pump(&mut c, &mut size)?;
-                    c.finish()?.finish()?
-                }
-                None => {
-                    let mut c = Compressor::new(sink, &compression)?;
-                    pump(&mut c, &mut size)?;
-                    c.finish()?
-                }
-            };
-            if size != expect_size {
-                return Err(io::Error::other(format!(
-                    "file changed while being archived ({expect_size} then {size} bytes)"
-                )));
-            }
-            sink.flush()?;
-            Ok(size)
-        })();
-        if let Err(e) = &result {
-            // Fail the upload rather than let it complete with a short object.
-            let _ = err_tx.blocking_send(Err(io::Error::new(
-                e.kind(),
-                format!("{}: {e}", src.display()),
-            )));
-        }
-        result
-    });
-    let reader = ChannelReader {
-        rx,
-        current: Bytes::new(),
-    };
-    metadata.insert(
-        "compression-algorithm".into(),
-        compression.algorithm.name().into(),
-    );
-    if let Some(e) = &encryption {
-        metadata.insert("encryption-key-id".into(), e.key_id.clone());
-        metadata.insert("encryption-format".into(), "walhenc1".into());
-    }
     metadata.insert("original-file-size".into(), expect_size.to_string());
     metadata.insert("hash".into(), hash);
     metadata.insert("hash-algorithm".into(), "sha1".into());
-    let stored = store.put(key, reader, &metadata).await;
-    let encoded = cpu.await.map_err(|e| TransferError::Object {
-        key: key.into(),
-        message: format!("pipeline thread failed: {e}"),
-    })?;
-    // Report the cause: a store that failed makes the encoder's sends fail (BrokenPipe); an
-    // encoder that failed is forwarded into the upload.
-    match (stored, encoded) {
-        (Ok(_), Ok(_)) => {}
-        (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Err(s.into()),
-        (_, Err(e)) => return Err(io_at("compress/encrypt", path)(e)),
-        (Err(s), Ok(_)) => return Err(s.into()),
-    }
-    Ok(metadata)
+    let src = path.to_path_buf();
+    let uploaded = upload_produced(store, key, compression, encryption, metadata, move |w| {
+        let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
+        let size = io::copy(&mut input, w)?;
+        if size != expect_size {
+            return Err(io::Error::other(format!(
+                "{}: file changed while being archived ({expect_size} then {size} bytes)",
+                src.display()
+            )));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(uploaded.metadata)
 }
 
 /// What [`upload_produced`] stored.
@@ -262,6 +197,8 @@ pub struct Uploaded {
     pub stored_size: u64,
     /// SHA-1 of the plain bytes, hex.
     pub sha1: String,
+    /// The object metadata stored with it.
+    pub metadata: Metadata,
 }
 
 /// Counts and hashes the plain bytes on their way into the compressor.
@@ -365,6 +302,7 @@ where
             plain_size,
             stored_size,
             sha1,
+            metadata,
         }),
         (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
         (_, Err(e)) => Err(TransferError::Object {
