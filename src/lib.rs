@@ -1,11 +1,13 @@
 //! walhoard as a library: the binary (`src/main.rs`) is a thin command line over this.
 //!
+//! - [`basebackup`]: taking a basebackup into a site's archive (basic/pipe and local-tar).
 //! - [`config`]: the pghoard.json-compatible configuration file.
 //! - [`pipeline`]: compression of archive objects, byte-compatible with pghoard.
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
 //! - [`daemon`]: `walhoard daemon`, streaming every site's WAL into its archive.
 //! - [`http`]: the daemon's HTTP API (status, archive_command).
 
+pub mod basebackup;
 pub mod check;
 pub mod config;
 pub mod daemon;

@@ -78,6 +78,16 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
+    /// print its name once it is stored and listed.
+    Basebackup {
+        /// pghoard.json-compatible configuration file.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The backup site (a key of backup_sites).
+        #[arg(long)]
+        site: String,
+    },
 }
 
 fn create_keys(key_id: &str, bits: usize) -> Result<()> {
@@ -87,6 +97,13 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
     let (public, private) = walhoard::pipeline::encryption::generate_key_pair(bits)?;
     let v = serde_json::json!({ "encryption_keys": { key_id: { "public": public, "private": private } } });
     println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
+    let config = walhoard::config::Config::load(config)?;
+    let info = walhoard::basebackup::take(&config, site).await?;
+    println!("{}", info.name);
     Ok(())
 }
 
@@ -173,6 +190,7 @@ fn main() -> ExitCode {
                 walhoard::postgres_command::run(&mode, &site, &xlog, host, port, config.as_deref())
                     .await
             }
+            Command::Basebackup { config, site } => basebackup(&config, &site).await,
         }
     });
     match result {

@@ -82,8 +82,8 @@ cargo test --workspace --locked
 # The receiver and the daemon's core tests also run on the oldest and newest majors.
 stream_majors=${WALHOARD_STREAM_MAJORS-13 17}
 for v in $majors; do
-  echo "== protocol tests against PostgreSQL $v"
-  WALHOARD_PG_VERSION=$v cargo test --locked --test tests protocol_
+  echo "== protocol and basebackup tests against PostgreSQL $v"
+  WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- protocol_ basebackup_
   case " $stream_majors " in *" $v "*)
     echo "== receiver and daemon tests against PostgreSQL $v"
     WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- walreceiver_ \

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use aws_lc_rs::digest;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
@@ -171,56 +172,114 @@ pub async fn upload_file(
     })?
     .map_err(io_at("read", path))?;
     let file = std::fs::File::open(path).map_err(io_at("open", path))?;
+    metadata.insert("original-file-size".into(), expect_size.to_string());
+    metadata.insert("hash".into(), hash);
+    metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
+    let src = path.to_path_buf();
+    let uploaded = upload_produced(store, key, compression, encryption, metadata, move |w| {
+        let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
+        let size = io::copy(&mut input, w)?;
+        if size != expect_size {
+            return Err(io::Error::other(format!(
+                "{}: file changed while being archived ({expect_size} then {size} bytes)",
+                src.display()
+            )));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(uploaded.metadata)
+}
+
+/// What [`upload_produced`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Plain bytes the producer wrote.
+    pub plain_size: u64,
+    /// Bytes stored (compressed, encrypted).
+    pub stored_size: u64,
+    /// SHA-1 of the plain bytes, hex.
+    pub sha1: String,
+    /// The object metadata stored with it.
+    pub metadata: Metadata,
+}
+
+/// Counts and hashes the plain bytes on their way into the compressor.
+struct Hashing<'a> {
+    inner: &'a mut dyn Write,
+    hash: digest::Context,
+    size: u64,
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.hash.update(&data[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Stores into `key` whatever `produce` writes (on a blocking thread), compressed and
+/// encrypted on the way, without a temporary copy. The object appears only if `produce`
+/// returned `Ok`; an error, a panic or this future being dropped leaves nothing under `key`.
+/// The plain size and hash are known only at the end, so they are returned rather than stored
+/// as object metadata (the caller records them elsewhere).
+pub async fn upload_produced<F>(
+    store: &ObjectStore,
+    key: &str,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    mut metadata: Metadata,
+    produce: F,
+) -> Result<Uploaded, TransferError>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
     let enc = encryption.clone();
-    let src = path.to_path_buf();
-    let cpu = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
         let err_tx = tx.clone();
-        let result = (|| {
+        let result: io::Result<(u64, String)> = (|| {
             let sink = ChannelWriter {
                 tx,
                 buf: Vec::with_capacity(PIPE_CHUNK),
             };
-            let mut size = 0u64;
-            let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
-            let mut buf = vec![0u8; PIPE_CHUNK];
-            let mut pump = |out: &mut dyn Write, size: &mut u64| -> io::Result<()> {
-                loop {
-                    let n = input.read(&mut buf)?;
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    *size += n as u64;
-                    out.write_all(&buf[..n])?;
-                }
+            let run = |c: &mut dyn Write| -> io::Result<(u64, String)> {
+                let mut h = Hashing {
+                    inner: c,
+                    hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+                    size: 0,
+                };
+                // A panic would close the channel like a clean end and complete a short
+                // object: turn it into an error that aborts the upload.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&mut h)))
+                    .map_err(|_| io::Error::other("the producer panicked"))??;
+                Ok((h.size, hex::encode(h.hash.finish())))
             };
-            let mut sink = match enc {
+            let (out, mut sink) = match enc {
                 Some(e) => {
                     let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
                     let mut c = Compressor::new(encryptor, &compression)?;
-                    pump(&mut c, &mut size)?;
-                    c.finish()?.finish()?
+                    let out = run(&mut c)?;
+                    (out, c.finish()?.finish()?)
                 }
                 None => {
                     let mut c = Compressor::new(sink, &compression)?;
-                    pump(&mut c, &mut size)?;
-                    c.finish()?
+                    let out = run(&mut c)?;
+                    (out, c.finish()?)
                 }
             };
-            if size != expect_size {
-                return Err(io::Error::other(format!(
-                    "file changed while being archived ({expect_size} then {size} bytes)"
-                )));
-            }
             sink.flush()?;
-            Ok(size)
+            Ok(out)
         })();
         if let Err(e) = &result {
             // Fail the upload rather than let it complete with a short object.
-            let _ = err_tx.blocking_send(Err(io::Error::new(
-                e.kind(),
-                format!("{}: {e}", src.display()),
-            )));
+            let _ = err_tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
         }
         result
     });
@@ -236,23 +295,25 @@ pub async fn upload_file(
         metadata.insert("encryption-key-id".into(), e.key_id.clone());
         metadata.insert("encryption-format".into(), "walhenc1".into());
     }
-    metadata.insert("original-file-size".into(), expect_size.to_string());
-    metadata.insert("hash".into(), hash);
-    metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
     let stored = store.put(key, reader, &metadata).await;
-    let encoded = cpu.await.map_err(|e| TransferError::Object {
+    let produced = cpu.await.map_err(|e| TransferError::Object {
         key: key.into(),
-        message: format!("pipeline thread failed: {e}"),
+        message: format!("producer thread failed: {e}"),
     })?;
-    // Report the cause: a store that failed makes the encoder's sends fail (BrokenPipe); an
-    // encoder that failed is forwarded into the upload.
-    match (stored, encoded) {
-        (Ok(_), Ok(_)) => {}
-        (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Err(s.into()),
-        (_, Err(e)) => return Err(io_at("compress/encrypt", path)(e)),
-        (Err(s), Ok(_)) => return Err(s.into()),
+    match (stored, produced) {
+        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Uploaded {
+            plain_size,
+            stored_size,
+            sha1,
+            metadata,
+        }),
+        (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
+        (_, Err(e)) => Err(TransferError::Object {
+            key: key.into(),
+            message: e.to_string(),
+        }),
+        (Err(s), Ok(_)) => Err(s.into()),
     }
-    Ok(metadata)
 }
 
 /// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and

@@ -158,6 +158,71 @@ impl PgBuilder {
     pub fn start(self) -> Result<PgCluster> {
         PgCluster::init_and_start(self)
     }
+
+    /// Starts a server on an existing data directory (a restored backup), moved into the new
+    /// cluster's temp dir and handed to the server user. The settings are appended to its
+    /// postgresql.conf after the test defaults (port, socket directory); `data_file`s are
+    /// written into it (`recovery.signal`...). Does not wait for recovery to finish beyond
+    /// the server accepting connections.
+    pub fn start_on(self, data: &Path) -> Result<PgCluster> {
+        let bin = pg_bin_dir()?;
+        let owner = server_user()?;
+        let root = tempfile::Builder::new().prefix("walhoard-pg-").tempdir()?;
+        let mut cluster = PgCluster {
+            root,
+            port: 0,
+            bin,
+            owner,
+            child: None,
+            major: 0,
+        };
+        let target = cluster.data_dir();
+        fs::rename(data, &target)
+            .with_context(|| format!("move {} to {}", data.display(), target.display()))?;
+        cluster.major = fs::read_to_string(target.join("PG_VERSION"))?
+            .trim()
+            .parse()?;
+        fs::create_dir_all(cluster.socket_dir())?;
+        let mut conf = format!(
+            "\n# walhoard restored-cluster settings\nunix_socket_directories = '{}'\n",
+            cluster.socket_dir().display()
+        );
+        for (k, v) in &self.settings {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(target.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
+        for (name, content, mode) in &self.files {
+            fs::write(target.join(name), content)?;
+            fs::set_permissions(target.join(name), fs::Permissions::from_mode(*mode))?;
+        }
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o700))?;
+        chown_tree(cluster.root.path(), owner)?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+}
+
+/// Hands `path` and everything under it (symlinks not followed) to `owner`.
+pub fn chown_tree(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .with_context(|| format!("chown {}", path.display()))?;
+    if fs::symlink_metadata(path)?.is_dir() {
+        for e in fs::read_dir(path)? {
+            chown_tree(&e?.path(), Some((uid, gid)))?;
+        }
+    }
+    Ok(())
+}
+
+/// [`chown_tree`] to the user the servers run as (when the tests run as root).
+pub fn give_to_server_user(path: &Path) -> Result<()> {
+    chown_tree(path, server_user()?)
 }
 
 /// A running PostgreSQL cluster owned by a test.

@@ -1,0 +1,446 @@
+//! Taking a basebackup into a site's archive.
+//!
+//! [`take`] connects to the site's first node and runs the configured `basebackup_mode`:
+//! - `basic` / `pipe` ([`stream`]): BASE_BACKUP over a replication connection; each
+//!   tablespace's tar and the backup_manifest stream straight through compress → encrypt →
+//!   store, one chunk object each.
+//! - `local-tar` ([`local_tar`]): `pg_backup_start` on an SQL session, the data directory read
+//!   here and tarred into chunks of about `basebackup_chunk_size`, uploaded in parallel.
+//!
+//! Chunks go to `basebackup_chunk/<name>/…`; the control object `basebackup/<name>` is
+//! written last, so a backup is listed only when every chunk is stored. A failed backup
+//! deletes the chunks it stored; one interrupted harder (process killed, future dropped) leaves
+//! unlisted chunks that [`orphan_chunk_dirs`] finds. Format: docs/formats.md.
+
+pub mod local_tar;
+pub mod stream;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use walhoard_basebackup::control::{BackupMetadata, METADATA_MEMBER};
+use walhoard_basebackup::tar::TarWriter;
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
+
+use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
+use crate::pipeline::compression::{Algorithm, CompressionSettings};
+use crate::pipeline::encryption::PublicKey;
+use crate::pipeline::transfer::{upload_produced, UploadEncryption, Uploaded};
+use crate::storage::{Metadata, ObjectStore};
+
+/// A backup that is stored and listed.
+#[derive(Debug, Clone)]
+pub struct BackupInfo {
+    /// `basebackup/<name>` is its control object.
+    pub name: String,
+    pub metadata: BackupMetadata,
+    /// Wall-clock duration of the backup.
+    pub elapsed: Duration,
+}
+
+/// Everything a backup run needs, resolved once from the configuration.
+#[derive(Clone)]
+pub struct BackupContext {
+    pub site: String,
+    pub store: ObjectStore,
+    pub site_config: SiteConfig,
+    pub compression: CompressionSettings,
+    pub encryption: Option<UploadEncryption>,
+    pub name: String,
+    pub host: String,
+    /// `CHECKPOINT 'fast'` rather than a spread checkpoint.
+    pub fast_checkpoint: bool,
+    /// BASE_BACKUP's MAX_RATE in kB/s (basic/pipe), to spare a busy primary.
+    pub max_rate_kbps: Option<u32>,
+    /// Keys of chunks stored so far, deleted if the backup fails.
+    stored: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// RFC 3339 UTC timestamp of now.
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// The site's compression settings for basebackups.
+pub fn compression_settings(config: &Config, site: &SiteConfig) -> Result<CompressionSettings> {
+    let algorithm: Algorithm = config
+        .compression
+        .algorithm
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("compression.algorithm: {e}"))?;
+    let settings = CompressionSettings {
+        algorithm,
+        level: config
+            .compression
+            .level
+            .unwrap_or_else(|| algorithm.default_level()),
+        threads: site.basebackup_compression_threads,
+    };
+    settings
+        .validate()
+        .map_err(|e| anyhow::anyhow!("compression.level: {e}"))?;
+    Ok(settings)
+}
+
+/// The site's upload encryption, when `encryption_key_id` is set.
+pub fn upload_encryption(site_name: &str, site: &SiteConfig) -> Result<Option<UploadEncryption>> {
+    let Some(id) = &site.encryption_key_id else {
+        return Ok(None);
+    };
+    let pem = site
+        .encryption_keys
+        .get(id)
+        .and_then(|k| k.public.as_deref())
+        .with_context(|| {
+            format!("backup_sites.{site_name}.encryption_keys.{id}.public is missing")
+        })?;
+    let public = PublicKey::from_pem(pem)
+        .with_context(|| format!("backup_sites.{site_name}.encryption_keys.{id}.public"))?;
+    Ok(Some(UploadEncryption {
+        key_id: id.clone(),
+        public,
+    }))
+}
+
+/// A backup name not used by a listed backup nor by chunks of an interrupted one:
+/// pghoard's `YYYY-MM-DD_HH-MM_<n>`.
+pub async fn choose_name(store: &ObjectStore) -> Result<String> {
+    let stamp = jiff::Timestamp::now()
+        .strftime("%Y-%m-%d_%H-%M")
+        .to_string();
+    for i in 0..10_000 {
+        let name = format!("{stamp}_{i}");
+        if store.stat(&format!("basebackup/{name}")).await?.is_none()
+            && store
+                .list(&format!("basebackup_chunk/{name}"))
+                .await?
+                .is_empty()
+        {
+            return Ok(name);
+        }
+    }
+    bail!("no free basebackup name for {stamp}")
+}
+
+impl BackupContext {
+    /// Resolves storage, compression and encryption for `site` and picks the backup's name.
+    pub async fn new(config: &Config, site: &str) -> Result<Self> {
+        let site_config = config
+            .backup_sites
+            .get(site)
+            .with_context(|| format!("backup_sites.{site}: no such site"))?
+            .clone();
+        let storage = site_config
+            .object_storage
+            .as_ref()
+            .with_context(|| format!("backup_sites.{site}.object_storage is missing"))?;
+        let store = ObjectStore::open(storage, config.site_prefix(site))
+            .with_context(|| format!("backup_sites.{site}.object_storage"))?;
+        let name = choose_name(&store).await?;
+        Ok(BackupContext {
+            site: site.to_string(),
+            compression: compression_settings(config, &site_config)?,
+            encryption: upload_encryption(site, &site_config)?,
+            store,
+            site_config,
+            name,
+            host: hostname(),
+            fast_checkpoint: true,
+            max_rate_kbps: None,
+            stored: Arc::default(),
+        })
+    }
+
+    /// Connection settings of the site's first node.
+    pub fn node_params(&self) -> Result<walhoard_protocol::ConnectParams> {
+        let node = self.site_config.nodes.first().with_context(|| {
+            format!(
+                "backup_sites.{}.nodes is empty: nothing to back up",
+                self.site
+            )
+        })?;
+        let (params, _slot) = node
+            .connect_params()
+            .map_err(|e| anyhow::anyhow!("backup_sites.{}.nodes[0]: {e}", self.site))?;
+        Ok(params)
+    }
+
+    pub fn standalone(&self) -> bool {
+        self.site_config.active_backup_mode == BackupMode::StandaloneHotBackup
+    }
+
+    /// Metadata every object of this backup carries.
+    fn base_metadata(&self) -> Metadata {
+        let mut m = Metadata::new();
+        m.insert("host".into(), self.host.clone());
+        m.insert("backup-name".into(), self.name.clone());
+        m
+    }
+
+    /// Stores a chunk produced by `produce` under `basebackup_chunk/<name>/<file>`.
+    pub async fn upload_chunk<F>(&self, file: &str, produce: F) -> Result<(String, Uploaded)>
+    where
+        F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
+    {
+        let rel = format!("{}/{file}", self.name);
+        let key = format!("basebackup_chunk/{rel}");
+        // Recorded before the upload: a failure may still have left parts behind.
+        if let Ok(mut s) = self.stored.lock() {
+            s.push(key.clone());
+        }
+        let uploaded = upload_produced(
+            &self.store,
+            &key,
+            self.compression,
+            self.encryption.clone(),
+            self.base_metadata(),
+            produce,
+        )
+        .await
+        .with_context(|| format!("store basebackup chunk {key}"))?;
+        Ok((rel, uploaded))
+    }
+
+    /// Writes the control object `basebackup/<name>`: a tar of the metadata JSON and `extra`
+    /// members (name, bytes). Its object metadata carries pghoard's basebackup keys.
+    pub async fn upload_control(
+        &self,
+        meta: &BackupMetadata,
+        extra: Vec<(String, Vec<u8>)>,
+    ) -> Result<Uploaded> {
+        let json = serde_json::to_vec_pretty(meta)?;
+        let mtime = jiff::Timestamp::now().as_second().max(0) as u64;
+        let mut tar = TarWriter::new(Vec::new());
+        tar.append_bytes(METADATA_MEMBER, 0o600, mtime, &json)?;
+        for (path, data) in &extra {
+            tar.append_bytes(path, 0o600, mtime, data)?;
+        }
+        let body = tar.finish()?;
+        let hash = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            &body,
+        ));
+        let mut m = self.base_metadata();
+        for (k, v) in [
+            ("format", meta.format.clone()),
+            ("start-wal-segment", meta.backup_start_wal_segment.clone()),
+            ("start-time", meta.backup_start_time.clone()),
+            ("end-wal-segment", meta.backup_end_wal_segment.clone()),
+            ("end-time", meta.backup_end_time.clone()),
+            ("start-lsn", meta.start_lsn.clone()),
+            ("end-lsn", meta.end_lsn.clone()),
+            ("start-timeline", meta.start_timeline.to_string()),
+            ("pg-version", meta.pg_version.to_string()),
+            ("original-file-size", body.len().to_string()),
+            ("hash", hash),
+            ("hash-algorithm", "sha1".into()),
+            ("total-size-plain", meta.total_size_plain.to_string()),
+            ("total-size-enc", meta.total_size_enc.to_string()),
+            ("basebackup-mode", meta.basebackup_mode.clone()),
+            ("active-backup-mode", meta.active_backup_mode.clone()),
+        ] {
+            m.insert(k.into(), v);
+        }
+        let key = format!("basebackup/{}", self.name);
+        upload_produced(
+            &self.store,
+            &key,
+            self.compression,
+            self.encryption.clone(),
+            m,
+            move |w| w.write_all(&body),
+        )
+        .await
+        .with_context(|| format!("store basebackup control object {key}"))
+    }
+
+    /// Deletes the chunks this backup stored (after a failure). Best effort: what remains is
+    /// unlisted and found by [`orphan_chunk_dirs`].
+    pub async fn delete_stored_chunks(&self) {
+        let keys = self.stored.lock().map(|s| s.clone()).unwrap_or_default();
+        for key in keys {
+            if let Err(e) = self.store.delete(&key).await {
+                tracing::warn!(site = %self.site, "cannot delete chunk {key} of a failed backup: {e}");
+            }
+        }
+    }
+}
+
+/// The segment holding the last byte before `end` (XLByteToPrevSeg): the last WAL file a
+/// backup ending at `end` needs.
+pub fn last_needed_segment(tli: TimelineId, end: Lsn, seg: SegmentSize) -> SegmentId {
+    SegmentId::containing(tli, Lsn(end.0.saturating_sub(1)), seg)
+}
+
+/// Fills the fields every mode records the same way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn describe(
+    ctx: &BackupContext,
+    format: &str,
+    pg_version: u32,
+    start: (Lsn, TimelineId, String),
+    end: (Lsn, TimelineId, String),
+    seg: SegmentSize,
+    chunks: Vec<walhoard_basebackup::control::ChunkMeta>,
+    tablespaces: BTreeMap<String, walhoard_basebackup::control::TablespaceMeta>,
+    wal_included: bool,
+) -> BackupMetadata {
+    let mode = match ctx.site_config.basebackup_mode {
+        BasebackupMode::Basic => "basic",
+        BasebackupMode::Pipe => "pipe",
+        BasebackupMode::LocalTar => "local-tar",
+        BasebackupMode::Delta => "delta",
+        BasebackupMode::LocalTarDeltaStats => "local-tar-delta-stats",
+    };
+    let active = match ctx.site_config.active_backup_mode {
+        BackupMode::Walreceiver => "walreceiver",
+        BackupMode::ArchiveCommand => "archive_command",
+        BackupMode::StandaloneHotBackup => "standalone_hot_backup",
+    };
+    BackupMetadata {
+        backup_start_time: start.2,
+        backup_start_wal_segment: SegmentId::containing(start.1, start.0, seg).to_string(),
+        backup_end_time: end.2,
+        backup_end_wal_segment: last_needed_segment(end.1, end.0, seg).to_string(),
+        pgdata: ctx
+            .site_config
+            .pg_data_directory
+            .as_ref()
+            .map(|p: &PathBuf| p.display().to_string()),
+        pghoard_object: "basebackup".into(),
+        pghoard_version: format!("walhoard {}", env!("CARGO_PKG_VERSION")),
+        tablespaces,
+        host: ctx.host.clone(),
+        total_size_plain: chunks.iter().map(|c| c.input_size).sum(),
+        total_size_enc: chunks.iter().map(|c| c.result_size).sum(),
+        chunks,
+        format: format.into(),
+        start_lsn: start.0.to_string(),
+        end_lsn: end.0.to_string(),
+        start_timeline: start.1.get(),
+        end_timeline: end.1.get(),
+        pg_version,
+        system_identifier: None,
+        basebackup_mode: mode.into(),
+        active_backup_mode: active.into(),
+        wal_included,
+        compression_algorithm: ctx.compression.algorithm.name().into(),
+        encryption_key_id: ctx.encryption.as_ref().map(|e| e.key_id.clone()),
+        tablespace_map: String::new(),
+    }
+}
+
+/// Logs progress at most every few seconds.
+pub(crate) struct Progress {
+    what: String,
+    total: Option<u64>,
+    last: Instant,
+    started: Instant,
+}
+
+impl Progress {
+    pub(crate) fn new(what: String, total: Option<u64>) -> Self {
+        Progress {
+            what,
+            total,
+            last: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn update(&mut self, done: u64) {
+        if self.last.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.last = Instant::now();
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        match self.total {
+            Some(t) if t > 0 => tracing::info!(
+                "{}: {:.1} of ~{:.1} MiB ({:.0}%), {:.0}s",
+                self.what,
+                mib(done),
+                mib(t),
+                100.0 * done as f64 / t as f64,
+                self.started.elapsed().as_secs_f64()
+            ),
+            _ => tracing::info!(
+                "{}: {:.1} MiB, {:.0}s",
+                self.what,
+                mib(done),
+                self.started.elapsed().as_secs_f64()
+            ),
+        }
+    }
+}
+
+/// Takes one basebackup of `site` now, as its configuration says; returns it once listed.
+pub async fn take(config: &Config, site: &str) -> Result<BackupInfo> {
+    let ctx = BackupContext::new(config, site).await?;
+    take_with(ctx).await
+}
+
+/// [`take`] with a prepared context (tests set the name or the checkpoint mode).
+pub async fn take_with(ctx: BackupContext) -> Result<BackupInfo> {
+    let started = Instant::now();
+    tracing::info!(site = %ctx.site, "starting basebackup {} ({:?})", ctx.name, ctx.site_config.basebackup_mode);
+    let result = match ctx.site_config.basebackup_mode {
+        BasebackupMode::Basic | BasebackupMode::Pipe => stream::run(&ctx).await,
+        BasebackupMode::LocalTar => local_tar::run(&ctx).await,
+        other => Err(anyhow::anyhow!(
+            "backup_sites.{}.basebackup_mode {other:?} is not supported",
+            ctx.site
+        )),
+    };
+    match result {
+        Ok(metadata) => {
+            let elapsed = started.elapsed();
+            tracing::info!(
+                site = %ctx.site,
+                "basebackup {} stored: {} chunks, {} bytes plain, {} stored, {:.1}s",
+                ctx.name,
+                metadata.chunks.len(),
+                metadata.total_size_plain,
+                metadata.total_size_enc,
+                elapsed.as_secs_f64()
+            );
+            Ok(BackupInfo {
+                name: ctx.name.clone(),
+                metadata,
+                elapsed,
+            })
+        }
+        Err(e) => {
+            ctx.delete_stored_chunks().await;
+            Err(e.context(format!("basebackup {} of site {}", ctx.name, ctx.site)))
+        }
+    }
+}
+
+/// Names of `basebackup_chunk/<name>` directories without a `basebackup/<name>`: chunks of
+/// backups that were interrupted (or are being taken right now).
+pub async fn orphan_chunk_dirs(store: &ObjectStore) -> Result<Vec<String>> {
+    let mut names: Vec<String> = store
+        .list("basebackup_chunk")
+        .await?
+        .into_iter()
+        .filter_map(|o| o.key.split('/').nth(1).map(str::to_string))
+        .collect();
+    names.dedup();
+    let mut out = Vec::new();
+    for n in names {
+        if store.stat(&format!("basebackup/{n}")).await?.is_none() {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
