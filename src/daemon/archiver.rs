@@ -357,15 +357,9 @@ mod tests {
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        a.archive(
-            name.clone(),
-            path.clone(),
-            Some(Lsn(0x2000000)),
-            &tracker,
-            &cancel,
-        )
-        .await
-        .unwrap();
+        a.archive(name, path.clone(), Some(Lsn(0x2000000)), &tracker, &cancel)
+            .await
+            .unwrap();
         rx.wait_for(|l| *l == Lsn(0x2000000)).await.unwrap();
         tracker.close();
         tracker.wait().await;
