@@ -2,6 +2,7 @@
 //! pghoard's), for the tools that run beside PostgreSQL:
 //!
 //! - `GET /status`: the state file's content, live.
+//! - `PUT /<site>/basebackup`: take a basebackup now; `201` with its name once it is listed.
 //! - `PUT /<site>/archive/<wal file>`: archive_command mode. The daemon reads the file from
 //!   the site's `pg_data_directory/pg_wal`, stores it and answers `201 Created` only once it is
 //!   durable in the archive; any failure is a 5xx (PostgreSQL then keeps the file and retries).
@@ -12,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -24,7 +25,7 @@ use walhoard_protocol::WalSegmentName;
 
 use crate::config::Config;
 use crate::daemon::archiver::wal_key;
-use crate::daemon::status::{now_secs, DaemonState, SiteState};
+use crate::daemon::status::now_secs;
 use crate::daemon::Sites;
 use crate::storage::retry::RetryPolicy;
 
@@ -119,32 +120,49 @@ async fn handle(req: Request<Incoming>, sites: Sites, startup_time: f64) -> Resp
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), parts.as_slice()) {
-        (&Method::GET, ["status"]) => {
-            let state = DaemonState {
-                startup_time,
-                pid: std::process::id(),
-                backup_sites: sites
-                    .by_name
-                    .iter()
-                    .map(|(n, s)| {
-                        (
-                            n.clone(),
-                            SiteState {
-                                walreceiver: s.status.snapshot(),
-                            },
-                        )
-                    })
-                    .collect(),
-            };
-            json(
-                StatusCode::OK,
-                serde_json::to_value(&state).unwrap_or_default(),
-            )
-        }
+        (&Method::GET, ["status"]) => json(
+            StatusCode::OK,
+            serde_json::to_value(crate::daemon::daemon_state(&sites, startup_time))
+                .unwrap_or_default(),
+        ),
+        (&Method::PUT, [site, "basebackup"]) => basebackup(&sites, site).await,
         (&Method::PUT, [site, "archive", file]) => archive(&sites, site, file).await,
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no such endpoint: {} {path}", req.method())}),
+        ),
+    }
+}
+
+/// Takes a basebackup now (through the site's backup task, so never two at once); answers
+/// `201` with its name once it is stored and listed.
+async fn basebackup(sites: &Sites, site: &str) -> Response<Full<Bytes>> {
+    let err = |status, msg: String| json(status, serde_json::json!({ "error": msg }));
+    let Some(handle) = sites.by_name.get(site) else {
+        return err(StatusCode::NOT_FOUND, format!("no backup site {site:?}"));
+    };
+    let Some(requests) = &handle.backup_requests else {
+        return err(
+            StatusCode::CONFLICT,
+            format!("backup_sites.{site}.nodes is empty: nothing to back up"),
+        );
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if requests.send(tx).await.is_err() {
+        return err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is stopping".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(name)) => json(
+            StatusCode::CREATED,
+            serde_json::json!({ "basebackup": name }),
+        ),
+        Ok(Err(e)) => err(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(_) => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon stopped the backup".into(),
         ),
     }
 }
@@ -203,4 +221,42 @@ async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>>
             )
         }
     }
+}
+
+/// Sends one request to the daemon; its status and body.
+pub async fn request(
+    host: &str,
+    port: u16,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, String)> {
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .with_context(|| {
+            format!("connect to the walhoard daemon at {host}:{port} (is it running?)")
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake with the daemon")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .body(Empty::<bytes::Bytes>::new())
+        .context("build request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("HTTP request to the daemon")?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("read the daemon's answer")?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -100,8 +100,33 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
     Ok(())
 }
 
+/// Asks the running daemon for a backup (so it is never taken twice at once), or takes it
+/// here when no daemon listens.
 async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
     let config = walhoard::config::Config::load(config)?;
+    if !config.backup_sites.contains_key(site) {
+        anyhow::bail!("no backup site {site:?} in the configuration");
+    }
+    let (host, port) = (config.http_address.as_str(), config.http_port);
+    if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+        let (status, body) = walhoard::http::request(
+            host,
+            port,
+            hyper::Method::PUT,
+            &format!("/{site}/basebackup"),
+        )
+        .await?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        match v["basebackup"].as_str() {
+            Some(name) if status == hyper::StatusCode::CREATED => println!("{name}"),
+            _ => anyhow::bail!(
+                "the daemon at {host}:{port} could not take the backup ({status}): {}",
+                v["error"].as_str().unwrap_or(&body)
+            ),
+        }
+        return Ok(());
+    }
+    eprintln!("walhoard: no daemon listens on {host}:{port}; taking the backup here");
     let info = walhoard::basebackup::take(&config, site).await?;
     println!("{}", info.name);
     Ok(())

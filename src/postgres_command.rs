@@ -4,50 +4,11 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use http_body_util::{BodyExt, Empty};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use anyhow::{bail, Result};
+use hyper::{Method, StatusCode};
 
 use crate::config::Config;
-
-/// Sends one request to the daemon; its status and body.
-async fn request(
-    host: &str,
-    port: u16,
-    method: Method,
-    path: &str,
-) -> Result<(StatusCode, String)> {
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .with_context(|| {
-            format!("connect to the walhoard daemon at {host}:{port} (is it running?)")
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake with the daemon")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, format!("{host}:{port}"))
-        .body(Empty::<bytes::Bytes>::new())
-        .context("build request")?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("HTTP request to the daemon")?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .context("read the daemon's answer")?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
+use crate::http::request;
 
 pub async fn run(
     mode: &str,

@@ -290,11 +290,8 @@ async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
 
     // The store returns: the backlog drains, nothing is missing, the alert goes away.
     s3.resume().unwrap();
-    wait_archived(&store, &last, Duration::from_secs(120), &daemon).await;
     let names = segment_range(&first, &last, seg);
-    for n in &names {
-        assert!(has(&store, n).await, "{n} lost in the outage");
-    }
+    wait_all_archived(&store, &names, Duration::from_secs(120), &daemon).await;
     assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
     assert!(
         wait_until(Duration::from_secs(20), || !alert.exists()),
@@ -630,4 +627,147 @@ fn daemon_check_reports_each_requirement() {
             && l.contains("/dev/null/archive")),
         "{text}"
     );
+}
+
+/// Names of the basebackups the daemon reported stored, in order.
+fn backups_taken(daemon: &Daemon) -> Vec<String> {
+    daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(" stored: ") && l.contains("basebackup "))
+        .filter_map(|l| {
+            l.split("basebackup ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_schedules_basebackups_and_applies_retention() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    // A backup every 7.2 s, two kept.
+    d.write_config(
+        &pg,
+        storage.clone(),
+        json!({"basebackup_interval_hours": 0.002, "basebackup_count": 2, "basebackup_mode": "basic"}),
+    );
+    let daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while backups_taken(&daemon).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than 3 scheduled backups; log:\n{}",
+            daemon.log_text()
+        );
+        load(&pg, 20_000, 10);
+        switch_segment(&pg);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Retention ran after the third: exactly the two newest are listed, the oldest's chunks
+    // are gone.
+    let taken = backups_taken(&daemon);
+    let listed = walhoard::daemon::basebackups::list_backups(&store)
+        .await
+        .unwrap();
+    let listed_names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
+    assert!(listed.len() <= 2, "{listed_names:?}");
+    assert!(
+        !listed_names.contains(&taken[0].as_str()),
+        "{listed_names:?} {taken:?}"
+    );
+    assert!(store
+        .list(&format!("basebackup_chunk/{}", taken[0]))
+        .await
+        .unwrap()
+        .is_empty());
+    // WAL before the oldest kept backup's start is deleted; from there on nothing is missing.
+    let oldest = &listed[0];
+    let start = oldest.start_wal_segment.clone().unwrap();
+    let segs = archived_segments(&store).await;
+    let first_kept = segs.keys().next().unwrap().clone();
+    assert!(
+        first_kept[8..] >= start[8..],
+        "WAL {first_kept} older than the oldest kept backup's start {start} survived"
+    );
+    let last = switch_segment(&pg);
+    wait_archived(&store, &last, Duration::from_secs(60), &daemon).await;
+    for n in segment_range(&start, &last, SegmentSize::DEFAULT) {
+        assert!(
+            has(&store, &n).await,
+            "WAL {n} that a kept backup needs is missing"
+        );
+    }
+    // The state file reports the backups.
+    let state = d.state().unwrap();
+    assert!(
+        state["backup_sites"]["main"]["basebackup"]["last_name"].is_string(),
+        "{state}"
+    );
+
+    // maintenance_mode_file: no new scheduled backups.
+    std::fs::write(d.path("maintenance_mode_file"), b"").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = backups_taken(&daemon).len();
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(
+        backups_taken(&daemon).len(),
+        before,
+        "backup taken in maintenance mode"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_basebackup_on_request_or_directly() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({"basebackup_mode": "basic"}));
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    let ask = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+            .args(["basebackup", "--site", "main", "--config"])
+            .arg(d.config_path())
+            .output()
+            .unwrap()
+    };
+    let out = ask();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        backups_taken(&daemon).contains(&name),
+        "the daemon did not take {name}"
+    );
+    assert!(store
+        .stat(&format!("basebackup/{name}"))
+        .await
+        .unwrap()
+        .is_some());
+    // No daemon: taken directly.
+    daemon.kill9();
+    let out = ask();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no daemon listens"));
+    let second = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_ne!(second, name);
+    assert!(store
+        .stat(&format!("basebackup/{second}"))
+        .await
+        .unwrap()
+        .is_some());
 }

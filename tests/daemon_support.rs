@@ -64,6 +64,8 @@ impl DaemonDir {
             "object_storage": storage,
             "encryption_key_id": "k1",
             "encryption_keys": {"k1": {"public": self.public, "private": self.private}},
+            // Basebackups only where a test asks for them.
+            "basebackup_interval_hours": null,
         });
         if let (Some(base), Some(extra)) = (s.as_object_mut(), site.as_object()) {
             for (k, v) in extra {
@@ -74,6 +76,7 @@ impl DaemonDir {
             "backup_location": self.path("spool"),
             "json_state_file_path": self.path("state.json"),
             "alert_file_dir": self.alert_dir(),
+            "maintenance_mode_file": self.path("maintenance_mode_file"),
             "http_port": self.http_port,
             "compression": {"algorithm": "zstd", "level": 1},
             "transfer": {"thread_count": 2, "retry_max_backoff_seconds": 1.0},
@@ -211,6 +214,18 @@ pub async fn wait_archived(store: &ObjectStore, name: &str, limit: Duration, dae
             daemon.log_text()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the archive holds every one of `names` (uploads finish in any order).
+pub async fn wait_all_archived(
+    store: &ObjectStore,
+    names: &[String],
+    limit: Duration,
+    daemon: &Daemon,
+) {
+    for n in names {
+        wait_archived(store, n, limit, daemon).await;
     }
 }
 

@@ -234,7 +234,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         .min(ctx.site_config.basebackup_chunks_in_progress)
         .max(1) as usize;
     let read = Arc::new(AtomicU64::new(0));
-    let mut progress = Progress::new(format!("basebackup {}", ctx.name), Some(total));
+    let mut progress = Progress::new(ctx, Some(total));
     let mut tasks: JoinSet<Result<(usize, ChunkMeta)>> = JoinSet::new();
     let mut chunks: Vec<Option<ChunkMeta>> = vec![None; planned.len()];
     let mut tick = tokio::time::interval(Duration::from_secs(5));

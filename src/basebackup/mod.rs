@@ -58,6 +58,16 @@ pub struct BackupContext {
     pub max_rate_kbps: Option<u32>,
     /// Keys of chunks stored so far, deleted if the backup fails.
     stored: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Bytes read so far and the estimated total, for the daemon's state file.
+    pub progress: Arc<BackupProgress>,
+}
+
+/// How far a running backup is, shared with whoever reports it.
+#[derive(Debug, Default)]
+pub struct BackupProgress {
+    pub done_bytes: std::sync::atomic::AtomicU64,
+    /// 0 while unknown.
+    pub total_bytes: std::sync::atomic::AtomicU64,
 }
 
 fn hostname() -> String {
@@ -158,6 +168,7 @@ impl BackupContext {
             fast_checkpoint: true,
             max_rate_kbps: None,
             stored: Arc::default(),
+            progress: Arc::default(),
         })
     }
 
@@ -346,19 +357,29 @@ pub(crate) struct Progress {
     total: Option<u64>,
     last: Instant,
     started: Instant,
+    shared: Arc<BackupProgress>,
 }
 
 impl Progress {
-    pub(crate) fn new(what: String, total: Option<u64>) -> Self {
+    pub(crate) fn new(ctx: &BackupContext, total: Option<u64>) -> Self {
+        use std::sync::atomic::Ordering;
+        ctx.progress
+            .total_bytes
+            .store(total.unwrap_or(0), Ordering::Relaxed);
+        ctx.progress.done_bytes.store(0, Ordering::Relaxed);
         Progress {
-            what,
+            what: format!("basebackup {}", ctx.name),
             total,
             last: Instant::now(),
             started: Instant::now(),
+            shared: ctx.progress.clone(),
         }
     }
 
     pub(crate) fn update(&mut self, done: u64) {
+        self.shared
+            .done_bytes
+            .store(done, std::sync::atomic::Ordering::Relaxed);
         if self.last.elapsed() < Duration::from_secs(5) {
             return;
         }

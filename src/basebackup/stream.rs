@@ -146,7 +146,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         bb.tablespaces.len(),
         estimate >> 20
     );
-    let mut progress = Progress::new(format!("basebackup {}", ctx.name), Some(estimate));
+    let mut progress = Progress::new(ctx, Some(estimate));
     let mut done_bytes = 0u64;
     let mut chunks = Vec::new();
     let mut current: Option<OpenChunk> = None;

@@ -8,6 +8,7 @@
 //! and the slot, and the next start archives it first.
 
 pub mod archiver;
+pub mod basebackups;
 pub mod site;
 pub mod status;
 
@@ -44,6 +45,10 @@ pub struct SiteHandle {
     pub config: SiteConfig,
     pub upload: Arc<UploadContext>,
     pub status: Arc<SiteStatus>,
+    pub basebackup: Arc<basebackups::BasebackupStatus>,
+    /// Asks the site's backup task for a backup now; `None` when the site cannot take any
+    /// (no node to connect to).
+    pub backup_requests: Option<tokio::sync::mpsc::Sender<basebackups::BackupRequest>>,
 }
 
 /// The number of uploads running at once: `transfer.thread_count`, else pghoard's default
@@ -172,6 +177,7 @@ impl Generation {
             .with_context(|| format!("alert_file_dir {}", alerts.dir.display()))?;
         let mut sites = Sites::default();
         let mut runs = Vec::new();
+        let shared_config = Arc::new(config.clone());
         for (name, site) in &config.backup_sites {
             if !site.active {
                 tracing::info!(site = %name, "site inactive; skipped");
@@ -196,12 +202,28 @@ impl Generation {
                     Arc::new(SiteStatus::default())
                 }
             };
+            let basebackup = Arc::new(basebackups::BasebackupStatus::default());
+            let backup_requests = if site.nodes.is_empty() {
+                None
+            } else {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tracker.spawn(basebackups::run(
+                    shared_config.clone(),
+                    name.clone(),
+                    basebackup.clone(),
+                    rx,
+                    stop.clone(),
+                ));
+                Some(tx)
+            };
             sites.by_name.insert(
                 name.clone(),
                 SiteHandle {
                     config: site.clone(),
                     upload,
                     status,
+                    basebackup,
+                    backup_requests,
                 },
             );
         }
@@ -237,8 +259,9 @@ impl Generation {
     }
 }
 
-fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
-    let state = DaemonState {
+/// The daemon's state, as the state file and `GET /status` show it.
+pub fn daemon_state(sites: &Sites, startup_time: f64) -> DaemonState {
+    DaemonState {
         startup_time,
         pid: std::process::id(),
         backup_sites: sites
@@ -249,12 +272,16 @@ fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
                     n.clone(),
                     SiteState {
                         walreceiver: s.status.snapshot(),
+                        basebackup: s.basebackup.snapshot(),
                     },
                 )
             })
             .collect(),
-    };
-    serde_json::to_vec_pretty(&state).unwrap_or_default()
+    }
+}
+
+fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
+    serde_json::to_vec_pretty(&daemon_state(sites, startup_time)).unwrap_or_default()
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

@@ -146,6 +146,7 @@ pub struct DaemonState {
 #[derive(Debug, Serialize)]
 pub struct SiteState {
     pub walreceiver: WalState,
+    pub basebackup: super::basebackups::BasebackupState,
 }
 
 /// Writes `content` to `path` atomically: a temp file in the same directory, then a rename,

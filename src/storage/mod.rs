@@ -37,6 +37,11 @@ pub const SIDECAR_SUFFIX: &str = ".metadata";
 /// downloads are read in.
 pub const DEFAULT_CHUNK: usize = 8 * 1024 * 1024;
 
+/// Longest time one storage request (stat, delete, a part upload...) may take.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Longest wait for the next bytes of a streaming read or write.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("object {key} not found")]
@@ -241,6 +246,13 @@ impl ObjectStore {
                 full.push_str(part);
             }
         }
+        // A store that stops answering (a network partition rather than a refused
+        // connection) must fail the request, so that it is retried, not hang an upload forever.
+        let op = op.layer(
+            opendal::layers::TimeoutLayer::new()
+                .with_timeout(REQUEST_TIMEOUT)
+                .with_io_timeout(IO_TIMEOUT),
+        );
         Ok(ObjectStore {
             op,
             sidecar,

@@ -1,0 +1,441 @@
+//! A site's basebackups inside the daemon: taken on schedule (`basebackup_interval_hours`,
+//! `basebackup_hour`, `basebackup_minute`; never while `maintenance_mode_file` exists) or on
+//! request (HTTP `PUT /<site>/basebackup`, which `walhoard basebackup` uses), one at a time,
+//! then retention.
+//!
+//! Retention (pghoard's rules, run after every successful backup, so a backup is only ever
+//! deleted once a newer one is complete): keep at most `basebackup_count`; then, when
+//! `basebackup_age_days_max` is set, delete those older than that while more than
+//! `basebackup_count_min` remain. WAL (every timeline) in segments before the oldest kept
+//! backup's start segment is deleted; history files are kept. Chunks of backups that never
+//! completed (an interrupted run) are deleted too.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use walhoard_protocol::WalSegmentName;
+
+use crate::basebackup::{BackupContext, BackupProgress};
+use crate::config::{Config, SiteConfig};
+use crate::storage::ObjectStore;
+
+use super::status::now_secs;
+
+/// A request for a backup now; answered with its name or the error.
+pub type BackupRequest = oneshot::Sender<Result<String, String>>;
+
+/// What the state file shows of a site's basebackups.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BasebackupState {
+    pub in_progress: Option<String>,
+    pub progress_bytes: u64,
+    /// BASE_BACKUP's estimate or the data directory's size; 0 when unknown.
+    pub progress_total_bytes: u64,
+    pub last_name: Option<String>,
+    pub last_end_time: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_error_time: Option<f64>,
+    pub backups_listed: usize,
+}
+
+/// Shared between the scheduler and the status readers.
+#[derive(Debug, Default)]
+pub struct BasebackupStatus {
+    state: Mutex<BasebackupState>,
+    progress: Mutex<Option<Arc<BackupProgress>>>,
+}
+
+impl BasebackupStatus {
+    pub fn snapshot(&self) -> BasebackupState {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(p) = &*self.progress.lock().unwrap_or_else(|p| p.into_inner()) {
+            s.progress_bytes = p.done_bytes.load(Ordering::Relaxed);
+            s.progress_total_bytes = p.total_bytes.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    fn with(&self, f: impl FnOnce(&mut BasebackupState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn set_progress(&self, p: Option<Arc<BackupProgress>>) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = p;
+    }
+}
+
+/// A listed backup, as retention and scheduling see it.
+#[derive(Debug, Clone)]
+pub struct ListedBackup {
+    pub name: String,
+    /// Seconds since the epoch.
+    pub start_time: f64,
+    pub start_wal_segment: Option<String>,
+}
+
+fn parse_time(s: &str) -> Option<f64> {
+    let ts: jiff::Timestamp = s.parse().ok()?;
+    Some(ts.as_millisecond() as f64 / 1000.0)
+}
+
+/// Listed backups, oldest first.
+pub async fn list_backups(store: &ObjectStore) -> Result<Vec<ListedBackup>> {
+    let mut out = Vec::new();
+    for o in store.list("basebackup").await.context("list basebackup/")? {
+        let name = o.key.trim_start_matches("basebackup/").to_string();
+        if name.is_empty() || name.contains('/') {
+            continue;
+        }
+        let meta = store
+            .metadata(&o.key)
+            .await
+            .with_context(|| format!("metadata of {}", o.key))?;
+        let start_time = meta
+            .get("start-time")
+            .and_then(|t| parse_time(t))
+            .or(o.last_modified.map(|t| t as f64))
+            .unwrap_or(0.0);
+        out.push(ListedBackup {
+            name,
+            start_time,
+            start_wal_segment: meta.get("start-wal-segment").cloned(),
+        });
+    }
+    out.sort_by(|a, b| {
+        a.start_time
+            .total_cmp(&b.start_time)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    Ok(out)
+}
+
+/// Which backups the rules delete (oldest first), pghoard's `determine_backups_to_delete`.
+pub fn backups_to_delete(
+    site: &SiteConfig,
+    backups: &[ListedBackup],
+    now: f64,
+) -> Vec<ListedBackup> {
+    let mut kept: Vec<ListedBackup> = backups.to_vec();
+    let mut delete = Vec::new();
+    let count = site.basebackup_count.max(1) as usize;
+    while kept.len() > count {
+        delete.push(kept.remove(0));
+    }
+    if let Some(days) = site.basebackup_age_days_max {
+        let min = site.basebackup_count_min.max(1) as usize;
+        while kept.len() > min && now - kept[0].start_time > days * 86400.0 {
+            delete.push(kept.remove(0));
+        }
+    }
+    delete
+}
+
+async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
+    // Unlist first: a half-deleted backup must not look restorable.
+    store.delete(&format!("basebackup/{name}")).await?;
+    delete_chunks(store, name).await
+}
+
+async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
+    for o in store.list(&format!("basebackup_chunk/{name}")).await? {
+        store.delete(&o.key).await?;
+    }
+    Ok(())
+}
+
+/// Applies retention; returns the names of the deleted backups and the number of WAL objects
+/// deleted.
+pub async fn apply_retention(
+    store: &ObjectStore,
+    site_name: &str,
+    site: &SiteConfig,
+) -> Result<(Vec<String>, usize)> {
+    let backups = list_backups(store).await?;
+    let doomed = backups_to_delete(site, &backups, now_secs());
+    for b in &doomed {
+        tracing::info!(site = %site_name, backup = %b.name, "deleting basebackup (retention)");
+        delete_backup(store, &b.name)
+            .await
+            .with_context(|| format!("delete basebackup {}", b.name))?;
+    }
+    // Chunks of backups that never completed. Only this task takes backups, and none runs now.
+    for orphan in crate::basebackup::orphan_chunk_dirs(store).await? {
+        tracing::info!(site = %site_name, backup = %orphan, "deleting chunks of an interrupted basebackup");
+        delete_chunks(store, &orphan).await?;
+    }
+    let kept: Vec<&ListedBackup> = backups
+        .iter()
+        .filter(|b| !doomed.iter().any(|d| d.name == b.name))
+        .collect();
+    // WAL older than the oldest kept backup's first segment is needed by no kept backup.
+    let Some(oldest) = kept.first() else {
+        return Ok((doomed.into_iter().map(|b| b.name).collect(), 0));
+    };
+    let Some(first) = oldest
+        .start_wal_segment
+        .as_deref()
+        .and_then(|s| s.parse::<WalSegmentName>().ok())
+        .and_then(|w| w.segment())
+    else {
+        tracing::warn!(site = %site_name, backup = %oldest.name, "oldest kept basebackup has no start-wal-segment; keeping all WAL");
+        return Ok((doomed.into_iter().map(|b| b.name).collect(), 0));
+    };
+    let mut wal_deleted = 0;
+    for o in store.list("xlog").await? {
+        let file = o.key.trim_start_matches("xlog/");
+        let Some(id) = file
+            .parse::<WalSegmentName>()
+            .ok()
+            .and_then(|w| w.segment())
+        else {
+            continue;
+        };
+        // Compare segment positions (log, seg), whatever the timeline.
+        if (id.log, id.seg) < (first.log, first.seg) {
+            store.delete(&o.key).await?;
+            wal_deleted += 1;
+        }
+    }
+    if wal_deleted > 0 {
+        tracing::info!(site = %site_name, before = %first, count = wal_deleted, "deleted WAL older than the oldest kept basebackup");
+    }
+    Ok((doomed.into_iter().map(|b| b.name).collect(), wal_deleted))
+}
+
+/// The latest scheduled time at or before `now` (seconds), or `None` when only requests
+/// take backups. With `basebackup_hour`/`basebackup_minute` the schedule is anchored at that
+/// time of day (UTC) and repeats every interval; without, a backup is due `interval` after
+/// the previous one started.
+pub fn due(site: &SiteConfig, newest_start: Option<f64>, now: f64) -> bool {
+    let Some(hours) = site.basebackup_interval_hours else {
+        return false;
+    };
+    let Some(newest) = newest_start else {
+        return true;
+    };
+    let interval = hours * 3600.0;
+    if site.basebackup_hour.is_none() && site.basebackup_minute.is_none() {
+        return now - newest >= interval;
+    }
+    let anchor_of_day = f64::from(site.basebackup_hour.unwrap_or(0)) * 3600.0
+        + f64::from(site.basebackup_minute.unwrap_or(0)) * 60.0;
+    let day_start = (now / 86400.0).floor() * 86400.0;
+    let mut slot = day_start + anchor_of_day;
+    if slot > now {
+        slot -= 86400.0;
+    }
+    // Later slots of the same anchor, every interval.
+    while slot + interval <= now {
+        slot += interval;
+    }
+    newest < slot
+}
+
+/// Runs a site's backups until `stop` fires.
+pub async fn run(
+    config: Arc<Config>,
+    site_name: String,
+    status: Arc<BasebackupStatus>,
+    mut requests: mpsc::Receiver<BackupRequest>,
+    stop: CancellationToken,
+) {
+    let Some(site) = config.backup_sites.get(&site_name).cloned() else {
+        return;
+    };
+    let store = match site
+        .object_storage
+        .as_ref()
+        .map(|s| ObjectStore::open(s, config.site_prefix(&site_name)))
+    {
+        Some(Ok(s)) => s,
+        _ => return,
+    };
+    // Often enough for short test intervals, rarely enough to cost nothing.
+    let check_every = site
+        .basebackup_interval_hours
+        .map_or(Duration::from_secs(10), |h| {
+            Duration::from_secs_f64((h * 3600.0 / 4.0).clamp(1.0, 10.0))
+        });
+    let mut newest: Option<f64> = None;
+    let mut listed = false;
+    loop {
+        if !listed {
+            match list_backups(&store).await {
+                Ok(b) => {
+                    newest = b.last().map(|b| b.start_time);
+                    status.with(|s| s.backups_listed = b.len());
+                    listed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(site = %site_name, error = format!("{e:#}"), "cannot list basebackups")
+                }
+            }
+        }
+        let maintenance = config.maintenance_mode_file.exists();
+        let scheduled = listed && !maintenance && due(&site, newest, now_secs());
+        let reply = if scheduled {
+            None
+        } else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = requests.recv() => match r {
+                    Some(r) => Some(r),
+                    None => return,
+                },
+                _ = tokio::time::sleep(check_every) => continue,
+            }
+        };
+        let result = tokio::select! {
+            _ = stop.cancelled() => {
+                // Dropping the backup future leaves its chunks unlisted; retention of the next
+                // run deletes them.
+                status.set_progress(None);
+                return;
+            }
+            r = take_one(&config, &site_name, &status) => r,
+        };
+        match &result {
+            Ok(name) => {
+                newest = Some(now_secs());
+                listed = false;
+                status.with(|s| {
+                    s.last_name = Some(name.clone());
+                    s.last_end_time = Some(now_secs());
+                });
+                match apply_retention(&store, &site_name, &site).await {
+                    Ok((deleted, wal)) if !deleted.is_empty() || wal > 0 => {
+                        tracing::info!(site = %site_name, backups = ?deleted, wal_objects = wal, "retention applied")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(site = %site_name, error = format!("{e:#}"), "retention failed")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(site = %site_name, error = %e, "basebackup failed");
+                status.with(|s| {
+                    s.last_error = Some(e.clone());
+                    s.last_error_time = Some(now_secs());
+                });
+                if reply.is_none() {
+                    // Do not retry a failing scheduled backup in a tight loop.
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    }
+                }
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+async fn take_one(
+    config: &Config,
+    site: &str,
+    status: &BasebackupStatus,
+) -> Result<String, String> {
+    let ctx = BackupContext::new(config, site)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    status.set_progress(Some(ctx.progress.clone()));
+    status.with(|s| s.in_progress = Some(ctx.name.clone()));
+    let result = crate::basebackup::take_with(ctx).await;
+    status.set_progress(None);
+    status.with(|s| s.in_progress = None);
+    result.map(|b| b.name).map_err(|e| format!("{e:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(extra: &str) -> SiteConfig {
+        let text = format!(
+            r#"{{"backup_location": "/tmp/x", "backup_sites": {{"s": {{{extra} "nodes": ["host=/tmp"], "object_storage": {{"storage_type": "local", "directory": "/tmp/y"}}}}}}}}"#
+        );
+        Config::parse(&text, "t.json").unwrap().backup_sites["s"].clone()
+    }
+
+    fn backups(starts: &[f64]) -> Vec<ListedBackup> {
+        starts
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| ListedBackup {
+                name: format!("b{i}"),
+                start_time: t,
+                start_wal_segment: None,
+            })
+            .collect()
+    }
+
+    fn names(v: Vec<ListedBackup>) -> Vec<String> {
+        v.into_iter().map(|b| b.name).collect()
+    }
+
+    #[test]
+    fn retention_rules_as_pghoard() {
+        let day = 86400.0;
+        let now = 100.0 * day;
+        let b = backups(&[
+            now - 10.0 * day,
+            now - 5.0 * day,
+            now - 2.0 * day,
+            now - day,
+        ]);
+        // basebackup_count 2 (default): the two oldest go.
+        assert_eq!(names(backups_to_delete(&site(""), &b, now)), ["b0", "b1"]);
+        // count 10 and a maximum age of 3 days: older ones go, but count_min (2) stay.
+        let s = site(r#""basebackup_count": 10, "basebackup_age_days_max": 3,"#);
+        assert_eq!(names(backups_to_delete(&s, &b, now)), ["b0", "b1"]);
+        let s = site(
+            r#""basebackup_count": 10, "basebackup_age_days_max": 0.5, "basebackup_count_min": 3,"#,
+        );
+        assert_eq!(names(backups_to_delete(&s, &b, now)), ["b0"]);
+        // Never delete the only backup.
+        let s = site(
+            r#""basebackup_count": 0, "basebackup_age_days_max": 0.1, "basebackup_count_min": 0,"#,
+        );
+        assert!(backups_to_delete(&s, &backups(&[now - 9.0 * day]), now).is_empty());
+    }
+
+    #[test]
+    fn schedule() {
+        let h = 3600.0;
+        let day = 24.0 * h;
+        let now = 1000.0 * day + 10.0 * h; // 10:00 UTC
+        let s = site("");
+        assert!(due(&s, None, now), "no backup yet");
+        assert!(!due(&s, Some(now - 23.0 * h), now));
+        assert!(due(&s, Some(now - 24.0 * h), now));
+        let s = site(r#""basebackup_interval_hours": null,"#);
+        assert!(!due(&s, None, now), "null interval: only on request");
+        // Anchored at 03:30 daily: the 03:30 slot passed today.
+        let s = site(r#""basebackup_hour": 3, "basebackup_minute": 30,"#);
+        assert!(
+            due(&s, Some(now - 7.0 * h), now),
+            "last one at 03:00, before today's 03:30"
+        );
+        assert!(
+            !due(&s, Some(now - 6.0 * h), now),
+            "last one at 04:00, after 03:30"
+        );
+        // Every 6 hours from 03:30: slots 03:30, 09:30, 15:30, 21:30.
+        let s = site(
+            r#""basebackup_hour": 3, "basebackup_minute": 30, "basebackup_interval_hours": 6,"#,
+        );
+        assert!(
+            due(&s, Some(now - 1.0 * h), now),
+            "09:00 is before the 09:30 slot"
+        );
+        assert!(!due(&s, Some(now - 0.25 * h), now), "09:45 is after it");
+    }
+}
