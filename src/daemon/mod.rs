@@ -170,6 +170,12 @@ impl Generation {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(transfer_threads(config)));
+        crate::pipeline::cpu::configure(
+            config
+                .compression
+                .thread_count
+                .map_or_else(crate::pipeline::cpu::default_threads, |n| n as usize),
+        );
         let alerts = Alerts {
             dir: config.alert_dir(),
         };

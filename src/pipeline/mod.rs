@@ -1,6 +1,7 @@
 //! The path every archived byte takes: compress, then encrypt, then store; and back.
 
 pub mod compression;
+pub mod cpu;
 pub mod encryption;
 pub mod hash;
 pub mod transfer;

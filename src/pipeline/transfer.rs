@@ -242,7 +242,9 @@ where
 {
     let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
     let enc = encryption.clone();
+    let worker = super::cpu::worker().await;
     let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+        let _worker = worker;
         let err_tx = tx.clone();
         let result: io::Result<(u64, String)> = (|| {
             let sink = ChannelWriter {
