@@ -213,7 +213,7 @@ fn check_keys(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
         return;
     };
     let result: Result<String> = (|| {
-        let enc = crate::daemon::upload_encryption(name, site)?
+        let enc = crate::settings::upload_encryption(name, site)?
             .context("encryption_key_id set but no key")?;
         let Some(private) = site
             .encryption_keys

@@ -14,4 +14,5 @@ pub mod daemon;
 pub mod http;
 pub mod pipeline;
 pub mod postgres_command;
+pub mod settings;
 pub mod storage;

@@ -27,8 +27,7 @@ use walhoard_basebackup::tar::TarWriter;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
-use crate::pipeline::compression::{Algorithm, CompressionSettings};
-use crate::pipeline::encryption::PublicKey;
+use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::transfer::{upload_produced, UploadEncryption, Uploaded};
 use crate::storage::{Metadata, ObjectStore};
 
@@ -70,56 +69,17 @@ pub struct BackupProgress {
     pub total_bytes: std::sync::atomic::AtomicU64,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// RFC 3339 UTC timestamp of now.
 pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// The site's compression settings for basebackups.
+/// The site's compression settings for basebackups: the `compression` section, with
+/// `basebackup_compression_threads` zstd threads per stream.
 pub fn compression_settings(config: &Config, site: &SiteConfig) -> Result<CompressionSettings> {
-    let algorithm: Algorithm = config
-        .compression
-        .algorithm
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("compression.algorithm: {e}"))?;
-    let settings = CompressionSettings {
-        algorithm,
-        level: config
-            .compression
-            .level
-            .unwrap_or_else(|| algorithm.default_level()),
-        threads: site.basebackup_compression_threads,
-    };
-    settings
-        .validate()
-        .map_err(|e| anyhow::anyhow!("compression.level: {e}"))?;
+    let mut settings = crate::settings::compression_settings(config)?;
+    settings.threads = site.basebackup_compression_threads;
     Ok(settings)
-}
-
-/// The site's upload encryption, when `encryption_key_id` is set.
-pub fn upload_encryption(site_name: &str, site: &SiteConfig) -> Result<Option<UploadEncryption>> {
-    let Some(id) = &site.encryption_key_id else {
-        return Ok(None);
-    };
-    let pem = site
-        .encryption_keys
-        .get(id)
-        .and_then(|k| k.public.as_deref())
-        .with_context(|| {
-            format!("backup_sites.{site_name}.encryption_keys.{id}.public is missing")
-        })?;
-    let public = PublicKey::from_pem(pem)
-        .with_context(|| format!("backup_sites.{site_name}.encryption_keys.{id}.public"))?;
-    Ok(Some(UploadEncryption {
-        key_id: id.clone(),
-        public,
-    }))
 }
 
 /// A backup name not used by a listed backup nor by chunks of an interrupted one:
@@ -160,11 +120,11 @@ impl BackupContext {
         Ok(BackupContext {
             site: site.to_string(),
             compression: compression_settings(config, &site_config)?,
-            encryption: upload_encryption(site, &site_config)?,
+            encryption: crate::settings::upload_encryption(site, &site_config)?,
             store,
             site_config,
             name,
-            host: hostname(),
+            host: crate::settings::hostname(),
             fast_checkpoint: true,
             max_rate_kbps: None,
             stored: Arc::default(),

@@ -24,10 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{BackupMode, Config, SiteConfig};
-use crate::pipeline::compression::{Algorithm, CompressionSettings};
-use crate::pipeline::encryption::PublicKey;
-use crate::pipeline::transfer::UploadEncryption;
-use crate::storage::retry::RetryPolicy;
+use crate::settings::{
+    compression_settings, hostname, retry_policy, transfer_threads, upload_encryption,
+};
 use crate::storage::{Metadata, ObjectStore};
 
 use archiver::UploadContext;
@@ -49,73 +48,6 @@ pub struct SiteHandle {
     /// Asks the site's backup task for a backup now; `None` when the site cannot take any
     /// (no node to connect to).
     pub backup_requests: Option<tokio::sync::mpsc::Sender<basebackups::BackupRequest>>,
-}
-
-/// The number of uploads running at once: `transfer.thread_count`, else pghoard's default
-/// min(CPU count + 3, 20).
-pub fn transfer_threads(config: &Config) -> usize {
-    config.transfer.thread_count.map_or_else(
-        || {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cpus + 3).min(20)
-        },
-        |n| n.max(1) as usize,
-    )
-}
-
-/// The compression new objects get, from the `compression` section.
-pub fn compression_settings(config: &Config) -> Result<CompressionSettings> {
-    let algorithm: Algorithm = config
-        .compression
-        .algorithm
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("compression.algorithm: {e}"))?;
-    let mut c = CompressionSettings::new(algorithm);
-    if let Some(level) = config.compression.level {
-        c.level = level;
-    }
-    c.validate()
-        .map_err(|e| anyhow::anyhow!("compression.level: {e}"))?;
-    Ok(c)
-}
-
-/// The site's upload encryption: its `encryption_key_id`'s public key, if it has one.
-pub fn upload_encryption(name: &str, site: &SiteConfig) -> Result<Option<UploadEncryption>> {
-    let Some(id) = &site.encryption_key_id else {
-        return Ok(None);
-    };
-    let pem = site
-        .encryption_keys
-        .get(id)
-        .and_then(|k| k.public.as_deref())
-        .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.public: missing"))?;
-    let public = PublicKey::from_pem(pem)
-        .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.public"))?;
-    Ok(Some(UploadEncryption {
-        key_id: id.clone(),
-        public,
-    }))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The retry policy of uploads: pghoard's warning limit, alert files in alert_file_dir.
-pub fn retry_policy(config: &Config) -> RetryPolicy {
-    RetryPolicy {
-        warning_limit: config
-            .upload_retries_warning_limit
-            .unwrap_or(config.transfer.upload_retries_warning_limit),
-        alert_dir: Some(config.alert_dir()),
-        max_backoff: config
-            .transfer
-            .retry_max_backoff_seconds
-            .map_or(RetryPolicy::default().max_backoff, Duration::from_secs_f64),
-        ..RetryPolicy::default()
-    }
 }
 
 /// Opens a site's store and gathers what its uploads need.
