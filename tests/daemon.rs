@@ -771,3 +771,96 @@ async fn daemon_basebackup_on_request_or_directly() {
         .unwrap()
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_basebackup_lists_nothing_and_next_succeeds() {
+    let pg = cluster();
+    // ~150 MB of table data, so the backup is still running when the daemon is killed.
+    pg.run_tool(
+        "pgbench",
+        &[
+            "-i".as_ref(),
+            "-s".as_ref(),
+            "10".as_ref(),
+            "-h".as_ref(),
+            pg.socket_dir().as_os_str(),
+            "-p".as_ref(),
+            pg.port.to_string().as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "postgres".as_ref(),
+        ],
+    )
+    .unwrap();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(
+        &pg,
+        storage.clone(),
+        json!({"basebackup_mode": "local-tar", "pg_data_directory": pg.data_dir(),
+               "basebackup_chunk_size": 1048576, "basebackup_threads": 1,
+               "basebackup_chunks_in_progress": 1}),
+    );
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    let ask = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+            .args(["basebackup", "--site", "main", "--config"])
+            .arg(d.config_path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let cli = ask();
+    // Killed once the first chunks are stored.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while store.list("basebackup_chunk").await.unwrap().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill9();
+    let out = cli.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the request survived the daemon");
+    assert!(
+        walhoard::daemon::basebackups::list_backups(&store)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a half backup is listed"
+    );
+    let orphans = walhoard::basebackup::orphan_chunk_dirs(&store)
+        .await
+        .unwrap();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+
+    // Restarted: the next backup succeeds and retention removes the interrupted one's chunks.
+    let daemon = Daemon::start(&d);
+    let out = ask().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let listed = walhoard::daemon::basebackups::list_backups(&store)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].name, name);
+    assert!(walhoard::basebackup::orphan_chunk_dirs(&store)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .list(&format!("basebackup_chunk/{}", orphans[0]))
+        .await
+        .unwrap()
+        .is_empty());
+}
