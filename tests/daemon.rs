@@ -288,6 +288,18 @@ async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
         "{state}"
     );
 
+    // SIGTERM while uploads cannot finish: the daemon still stops (after the drain timeout),
+    // leaving the backlog in the spool and the slot; a new daemon picks it up.
+    let mut daemon = daemon;
+    let stopped = std::time::Instant::now();
+    let status = daemon
+        .terminate(Duration::from_secs(60))
+        .expect("no exit on SIGTERM during the outage");
+    assert!(status.success(), "exit {status:?}: {}", daemon.log_text());
+    assert!(stopped.elapsed() < Duration::from_secs(45));
+    assert!(slot_restart(&pg).unwrap() <= archive_end);
+    let daemon = Daemon::start(&d);
+
     // The store returns: the backlog drains, nothing is missing, the alert goes away.
     s3.resume().unwrap();
     let names = segment_range(&first, &last, seg);

@@ -230,8 +230,14 @@ impl SiteWal {
                 }
             }
         }
+        // A receiver blocked handing on a segment (uploads stuck) sees the closed channel
+        // and stops; its segment stays in the spool for the next start.
+        drop(events);
         match receiver.await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(walhoard_walreceiver::ReceiverError::EventsClosed)) if stop.is_cancelled() => {
+                Ok(())
+            }
             Ok(Err(e)) => Err(e).with_context(|| format!("site {}: WAL receiver", self.name)),
             Err(e) => Err(anyhow::anyhow!(
                 "site {}: receiver task failed: {e}",

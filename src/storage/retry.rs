@@ -1,6 +1,7 @@
 //! Retrying transient storage failures with capped exponential backoff, and the
 //! `upload_retries_warning` alert file of pghoard: created in the alert directory after
-//! `upload_retries_warning_limit` failed attempts at one object, removed once it succeeds.
+//! `upload_retries_warning_limit` failed attempts at one object, removed by the next upload
+//! that succeeds.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -63,10 +64,18 @@ where
     loop {
         match op().await {
             Ok(v) => {
-                if alerted {
-                    if let Some(dir) = &policy.alert_dir {
-                        let _ = std::fs::remove_file(dir.join(UPLOAD_RETRIES_WARNING));
+                // Any success clears the alert, whoever raised it (another object, or an
+                // earlier run of the daemon): the store works again.
+                if let Some(path) = policy
+                    .alert_dir
+                    .as_ref()
+                    .map(|d| d.join(UPLOAD_RETRIES_WARNING))
+                {
+                    if (alerted || path.exists()) && std::fs::remove_file(&path).is_ok() {
+                        tracing::info!(alert = %path.display(), "upload_retries_warning removed: uploads succeed again");
                     }
+                }
+                if failures > 0 {
                     tracing::info!(object = what, failures, "transfer succeeded after retries");
                 }
                 return Ok(v);
