@@ -44,6 +44,8 @@ pub struct SiteHandle {
     pub config: SiteConfig,
     pub upload: Arc<UploadContext>,
     pub status: Arc<SiteStatus>,
+    /// Segments the restore_command API prefetches (`restore_prefetch`).
+    pub restore_prefetch: usize,
 }
 
 /// The number of uploads running at once: `transfer.thread_count`, else pghoard's default
@@ -202,6 +204,9 @@ impl Generation {
                     config: site.clone(),
                     upload,
                     status,
+                    restore_prefetch: config
+                        .restore_prefetch
+                        .map_or_else(|| transfer_threads(config), |n| n as usize),
                 },
             );
         }
