@@ -103,6 +103,8 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of the flags does not matter.
+#[allow(clippy::large_enum_variant)]
 enum RestoreCommand {
     /// List a site's basebackups (name, sizes, times, LSNs, compression, key id).
     ListBasebackups {
