@@ -6,6 +6,11 @@
 //! - `PUT /<site>/archive/<wal file>`: archive_command mode. The daemon reads the file from
 //!   the site's `pg_data_directory/pg_wal`, stores it and answers `201 Created` only once it is
 //!   durable in the archive; any failure is a 5xx (PostgreSQL then keeps the file and retries).
+//! - `GET /<site>/archive/<wal file>` with header `x-pghoard-target-path: <absolute path>`:
+//!   restore_command mode (as pghoard's). The daemon fetches the file (a segment, `.partial` or
+//!   `.history`), verifies it, writes it at the target path, prefetching the next
+//!   `restore_prefetch` segments next to it, and answers `201 Created`; `404` with
+//!   `"not_found": true` only when the archive has no such object; anything else is a 5xx.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +32,7 @@ use crate::config::Config;
 use crate::daemon::archiver::wal_key;
 use crate::daemon::status::now_secs;
 use crate::daemon::Sites;
+use crate::restore::wal::{restore_wal_file, WalFetchError};
 use crate::storage::retry::RetryPolicy;
 
 /// The running server.
@@ -127,6 +133,14 @@ async fn handle(req: Request<Incoming>, sites: Sites, startup_time: f64) -> Resp
         ),
         (&Method::PUT, [site, "basebackup"]) => basebackup(&sites, site).await,
         (&Method::PUT, [site, "archive", file]) => archive(&sites, site, file).await,
+        (&Method::GET, [site, "archive", file]) => {
+            let target = req
+                .headers()
+                .get(crate::postgres_command::TARGET_PATH_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(std::path::PathBuf::from);
+            restore(&sites, site, file, target).await
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no such endpoint: {} {path}", req.method())}),
@@ -223,12 +237,65 @@ async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>>
     }
 }
 
+/// restore_command: fetches `file` from the archive into `target` (absolute).
+async fn restore(
+    sites: &Sites,
+    site: &str,
+    file: &str,
+    target: Option<std::path::PathBuf>,
+) -> Response<Full<Bytes>> {
+    let err = |status, msg: String| json(status, serde_json::json!({ "error": msg }));
+    let Some(handle) = sites.by_name.get(site) else {
+        return err(StatusCode::NOT_FOUND, format!("no backup site {site:?}"));
+    };
+    let Some(target) = target.filter(|t| t.is_absolute()) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} must name an absolute target path",
+                crate::postgres_command::TARGET_PATH_HEADER
+            ),
+        );
+    };
+    let keys = match crate::restore::key_ring(site, &handle.config) {
+        Ok(k) => k,
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    };
+    let started = std::time::Instant::now();
+    match restore_wal_file(
+        &handle.upload.store,
+        &keys,
+        file,
+        &target,
+        handle.restore_prefetch,
+    )
+    .await
+    {
+        Ok(served) => {
+            tracing::info!(%site, %file, ?served, elapsed = ?started.elapsed(), "restored (restore_command)");
+            json(StatusCode::CREATED, serde_json::json!({ "restored": file }))
+        }
+        Err(WalFetchError::NotFound { key }) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": format!("{key} is not in the archive"), "not_found": true }),
+        ),
+        Err(e) => {
+            tracing::error!(%site, %file, error = %e, "restore_command fetch failed");
+            err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("restore {file}: {e}"),
+            )
+        }
+    }
+}
+
 /// Sends one request to the daemon; its status and body.
 pub async fn request(
     host: &str,
     port: u16,
     method: Method,
     path: &str,
+    headers: &[(&str, String)],
 ) -> Result<(StatusCode, String)> {
     let stream = tokio::net::TcpStream::connect((host, port))
         .await
@@ -241,10 +308,14 @@ pub async fn request(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .header(hyper::header::HOST, format!("{host}:{port}"));
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let req = req
         .body(Empty::<bytes::Bytes>::new())
         .context("build request")?;
     let resp = sender

@@ -5,7 +5,8 @@
 //! - [`pipeline`]: compression of archive objects, byte-compatible with pghoard.
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
 //! - [`daemon`]: `walhoard daemon`, streaming every site's WAL into its archive.
-//! - [`http`]: the daemon's HTTP API (status, archive_command).
+//! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command).
+//! - [`restore`]: listing and restoring basebackups, and the restore_command.
 
 pub mod basebackup;
 pub mod check;
@@ -14,5 +15,6 @@ pub mod daemon;
 pub mod http;
 pub mod pipeline;
 pub mod postgres_command;
+pub mod restore;
 pub mod settings;
 pub mod storage;

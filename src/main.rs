@@ -59,8 +59,11 @@ enum Command {
         json: bool,
     },
     /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
+    /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
+    /// (PostgreSQL: end of archive), 255 on any other failure (PostgreSQL stops recovery).
     PostgresCommand {
-        /// `archive` (hand a WAL file to the daemon; exit 0 once it is in the archive).
+        /// `archive` (hand a WAL file to the daemon; exit 0 once it is in the archive) or
+        /// `restore` (fetch a WAL file into --output).
         #[arg(long)]
         mode: String,
         #[arg(long)]
@@ -74,9 +77,18 @@ enum Command {
         /// (default: the configuration's http_port, else 16000).
         #[arg(long)]
         port: Option<u16>,
-        /// Configuration file, for the daemon's address.
+        /// Where to write the file (%p), restore mode.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Configuration file: restore mode reads the object store directly with it (no daemon
+        /// needed) unless --host/--port are given; archive mode takes the daemon's address.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Restore tooling: list basebackups, restore one into a data directory.
+    Restore {
+        #[command(subcommand)]
+        command: RestoreCommand,
     },
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
@@ -88,6 +100,132 @@ enum Command {
         #[arg(long)]
         site: String,
     },
+}
+
+#[derive(Subcommand)]
+// Parsed once per process: the size of the flags does not matter.
+#[allow(clippy::large_enum_variant)]
+enum RestoreCommand {
+    /// List a site's basebackups (name, sizes, times, LSNs, compression, key id).
+    ListBasebackups {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The backup site (optional when the configuration has one).
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download, decrypt, decompress and extract a basebackup into --target-dir and write the
+    /// recovery configuration (restore_command reading the archive directly).
+    GetBasebackup {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        site: Option<String>,
+        /// The data directory to create (absent or empty unless --overwrite).
+        #[arg(long)]
+        target_dir: PathBuf,
+        /// A backup name, or `latest` (default: the newest that ends before the target).
+        #[arg(long)]
+        basebackup: Option<String>,
+        #[arg(long, group = "target")]
+        recovery_target_time: Option<String>,
+        #[arg(long, group = "target")]
+        recovery_target_xid: Option<String>,
+        #[arg(long, group = "target")]
+        recovery_target_name: Option<String>,
+        #[arg(long, group = "target")]
+        recovery_target_lsn: Option<String>,
+        /// What PostgreSQL does at the target: pause (its default), promote or shutdown.
+        #[arg(long, value_parser = ["pause", "promote", "shutdown"])]
+        recovery_target_action: Option<String>,
+        /// Recover and become a primary (recovery.signal) instead of a standby (standby.signal).
+        #[arg(long)]
+        restore_to_primary: bool,
+        /// primary_conninfo of the standby (streaming once the archive is replayed).
+        #[arg(long)]
+        primary_conninfo: Option<String>,
+        /// Replace the contents of a non-empty target (and tablespace) directory.
+        #[arg(long)]
+        overwrite: bool,
+        /// NAME=DIR: restore tablespace NAME (name or oid as recorded) into DIR.
+        #[arg(long, value_parser = parse_tablespace_dir)]
+        tablespace_dir: Vec<(String, PathBuf)>,
+    },
+}
+
+fn parse_tablespace_dir(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), PathBuf::from(v))),
+        _ => Err(format!("{s:?}: expected NAME=DIR")),
+    }
+}
+
+async fn restore(command: RestoreCommand) -> Result<()> {
+    use walhoard::restore::{self as r, get, RestoreSite, Target};
+    match command {
+        RestoreCommand::ListBasebackups { config, site, json } => {
+            let site = RestoreSite::open(&config, site.as_deref())?;
+            let list = r::list_basebackups(&site.store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", r::render_listing(&list));
+            }
+            Ok(())
+        }
+        RestoreCommand::GetBasebackup {
+            config,
+            site,
+            target_dir,
+            basebackup,
+            recovery_target_time,
+            recovery_target_xid,
+            recovery_target_name,
+            recovery_target_lsn,
+            recovery_target_action,
+            restore_to_primary,
+            primary_conninfo,
+            overwrite,
+            tablespace_dir,
+        } => {
+            let target = if let Some(t) = recovery_target_time {
+                let ts = r::parse_target_time(&t)?;
+                Target::Time(t, ts)
+            } else if let Some(x) = recovery_target_xid {
+                Target::Xid(x)
+            } else if let Some(n) = recovery_target_name {
+                Target::Name(n)
+            } else if let Some(l) = recovery_target_lsn {
+                Target::Lsn(
+                    l.parse()
+                        .map_err(|e| anyhow::anyhow!("--recovery-target-lsn {l:?}: {e}"))?,
+                )
+            } else {
+                Target::Latest
+            };
+            let site = RestoreSite::open(&config, site.as_deref())?;
+            let opts = get::GetOptions {
+                target_dir,
+                basebackup,
+                target,
+                action: recovery_target_action,
+                restore_to_primary,
+                primary_conninfo,
+                overwrite,
+                tablespace_dirs: tablespace_dir,
+                restore_command: None,
+            };
+            let restored = get::get_basebackup(&site, &opts).await?;
+            eprintln!(
+                "restore: basebackup {} restored into {}",
+                restored.name,
+                opts.target_dir.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn create_keys(key_id: &str, bits: usize) -> Result<()> {
@@ -114,6 +252,7 @@ async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
             port,
             hyper::Method::PUT,
             &format!("/{site}/basebackup"),
+            &[],
         )
         .await?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -198,8 +337,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async {
-        match cli.command {
+    let result: Result<u8> = rt.block_on(async {
+        let r = match cli.command {
             Command::Identify { conninfo, json } => identify(&conninfo, json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
             Command::Daemon { config } => walhoard::daemon::run(&config).await,
@@ -210,16 +349,27 @@ fn main() -> ExitCode {
                 xlog,
                 host,
                 port,
+                output,
                 config,
             } => {
-                walhoard::postgres_command::run(&mode, &site, &xlog, host, port, config.as_deref())
-                    .await
+                let args = walhoard::postgres_command::CommandArgs {
+                    mode,
+                    site,
+                    xlog,
+                    output,
+                    host,
+                    port,
+                    config,
+                };
+                return Ok(walhoard::postgres_command::run(&args).await);
             }
+            Command::Restore { command } => restore(command).await,
             Command::Basebackup { config, site } => basebackup(&config, &site).await,
-        }
+        };
+        r.map(|()| 0)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("walhoard: {e:#}");
             ExitCode::FAILURE

@@ -1,42 +1,168 @@
-//! `walhoard postgres-command`: what PostgreSQL runs as archive_command, with
-//! pghoard_postgres_command's flags. `--mode archive` asks the daemon (HTTP API) to store
-//! `pg_wal/<xlog>` and exits 0 only when the daemon says it is durable in the archive.
+//! `walhoard postgres-command`: what PostgreSQL runs as archive_command and restore_command,
+//! with pghoard_postgres_command's flags.
+//!
+//! - `--mode archive` asks the daemon (HTTP API) to store `pg_wal/<xlog>` and exits 0 only
+//!   when the daemon says it is durable in the archive.
+//! - `--mode restore --output %p` serves a WAL file: with `--config` straight from the object
+//!   store (no daemon needed), else through the daemon's `GET /<site>/archive/<xlog>`.
+//!
+//! Exit codes of restore mode. PostgreSQL's documentation of restore_command ("Recovering
+//! Using a Continuous Archive Backup", and `RestoreArchivedFile()` in
+//! src/backend/access/transam/xlogarchive.c): a non-zero exit means "file not found" and ends
+//! archive recovery (or makes a standby switch to streaming), *except* that "if the command was
+//! terminated by a signal (other than SIGTERM ...) or an error by the shell (such as command
+//! not found), then recovery will abort and the server will not start up" — PostgreSQL treats
+//! an exit status above 125 as such a shell error (`wait_result_is_any_signal`). So:
+//! - [`EXIT_FOUND`] 0: the file is at %p;
+//! - [`EXIT_NOT_FOUND`] 1: the archive answered that the object does not exist;
+//! - [`EXIT_FAILED`] 255: anything else (daemon down, storage error, decryption failure, bad
+//!   page header). Recovery stops instead of ending early at a gap it took for the end.
 
-use std::path::Path;
-
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use hyper::{Method, StatusCode};
 
 use crate::config::Config;
 use crate::http::request;
+use crate::restore::wal::{restore_wal_file, WalFetchError};
+use crate::restore::RestoreSite;
 
-pub async fn run(
-    mode: &str,
-    site: &str,
-    xlog: &str,
-    host: Option<String>,
-    port: Option<u16>,
-    config: Option<&Path>,
-) -> Result<()> {
-    let cfg = config.map(Config::load).transpose()?;
-    let host = host
-        .or_else(|| cfg.as_ref().map(|c| c.http_address.clone()))
+pub const EXIT_FOUND: u8 = 0;
+pub const EXIT_NOT_FOUND: u8 = 1;
+pub const EXIT_FAILED: u8 = 255;
+
+/// Header of `GET /<site>/archive/<file>` naming where the daemon writes the file (pghoard's).
+pub const TARGET_PATH_HEADER: &str = "x-pghoard-target-path";
+
+/// The command line of `walhoard postgres-command`.
+#[derive(Debug, Clone)]
+pub struct CommandArgs {
+    pub mode: String,
+    pub site: String,
+    pub xlog: String,
+    /// %p (restore mode).
+    pub output: Option<std::path::PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// Runs the command; returns the process exit code (errors are printed here).
+pub async fn run(req: &CommandArgs) -> u8 {
+    match req.mode.as_str() {
+        "restore" => match restore(req).await {
+            Ok(()) => EXIT_FOUND,
+            Err(WalFetchError::NotFound { key }) => {
+                eprintln!("walhoard: {} not found in the archive ({key})", req.xlog);
+                EXIT_NOT_FOUND
+            }
+            Err(WalFetchError::Failed(e)) => {
+                eprintln!("walhoard: restore of {} failed: {e:#}", req.xlog);
+                EXIT_FAILED
+            }
+        },
+        _ => match archive(req).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("walhoard: {e:#}");
+                1
+            }
+        },
+    }
+}
+
+fn daemon_address(req: &CommandArgs, cfg: Option<&Config>) -> (String, u16) {
+    let host = req
+        .host
+        .clone()
+        .or_else(|| cfg.map(|c| c.http_address.clone()))
         .unwrap_or_else(|| "127.0.0.1".into());
-    let port = port
-        .or_else(|| cfg.as_ref().map(|c| c.http_port))
+    let port = req
+        .port
+        .or_else(|| cfg.map(|c| c.http_port))
         .unwrap_or(16000);
+    (host, port)
+}
+
+fn check_name(xlog: &str) -> Result<()> {
     if xlog.is_empty() || xlog.contains('/') {
         bail!("--xlog {xlog:?} is not a WAL file name");
     }
-    match mode {
-        "archive" => {
-            let (status, body) =
-                request(&host, port, Method::PUT, &format!("/{site}/archive/{xlog}")).await?;
-            if status != StatusCode::CREATED {
-                bail!("archiving {xlog} failed: the daemon answered {status}: {body}");
-            }
-            Ok(())
+    Ok(())
+}
+
+async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
+    let failed = WalFetchError::Failed;
+    check_name(&req.xlog).map_err(failed)?;
+    let output = req
+        .output
+        .as_ref()
+        .context("--output %p is required in restore mode")
+        .map_err(failed)?;
+    let output = std::path::absolute(output)
+        .with_context(|| format!("absolute path of {}", output.display()))
+        .map_err(failed)?;
+    match &req.config {
+        Some(config) if req.host.is_none() && req.port.is_none() => {
+            // Daemonless: read the object store directly.
+            let site = RestoreSite::open(config, Some(&req.site)).map_err(failed)?;
+            let prefetch = site.config.restore_prefetch.map_or_else(
+                || crate::settings::transfer_threads(&site.config),
+                |n| n as usize,
+            );
+            restore_wal_file(&site.store, &site.keys, &req.xlog, &output, prefetch)
+                .await
+                .map(|_| ())
         }
-        other => bail!("--mode {other:?} is not supported (archive)"),
+        _ => {
+            let cfg = req
+                .config
+                .as_deref()
+                .map(Config::load)
+                .transpose()
+                .map_err(|e| failed(e.into()))?;
+            let (host, port) = daemon_address(req, cfg.as_ref());
+            let (status, body) = request(
+                &host,
+                port,
+                Method::GET,
+                &format!("/{}/archive/{}", req.site, req.xlog),
+                &[(TARGET_PATH_HEADER, output.display().to_string())],
+            )
+            .await
+            .map_err(failed)?;
+            match status {
+                StatusCode::CREATED | StatusCode::OK => Ok(()),
+                StatusCode::NOT_FOUND if body.contains("\"not_found\"") => {
+                    Err(WalFetchError::NotFound {
+                        key: req.xlog.clone(),
+                    })
+                }
+                other => Err(failed(anyhow::anyhow!(
+                    "the daemon at {host}:{port} answered {other}: {body}"
+                ))),
+            }
+        }
     }
+}
+
+async fn archive(req: &CommandArgs) -> Result<()> {
+    if req.mode != "archive" {
+        bail!("--mode {:?} is not supported (archive, restore)", req.mode);
+    }
+    check_name(&req.xlog)?;
+    let cfg = req.config.as_deref().map(Config::load).transpose()?;
+    let (host, port) = daemon_address(req, cfg.as_ref());
+    let xlog = &req.xlog;
+    let (status, body) = request(
+        &host,
+        port,
+        Method::PUT,
+        &format!("/{}/archive/{xlog}", req.site),
+        &[],
+    )
+    .await?;
+    if status != StatusCode::CREATED {
+        bail!("archiving {xlog} failed: the daemon answered {status}: {body}");
+    }
+    Ok(())
 }

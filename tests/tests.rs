@@ -11,6 +11,7 @@ mod protocol_basebackup;
 mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
+mod restore;
 mod storage;
 mod storage_azure;
 mod storage_gcs;

@@ -79,15 +79,15 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== tests against PostgreSQL 15"
 cargo test --workspace --locked
-# The receiver and the daemon's core tests also run on the oldest and newest majors.
+# The receiver, the daemon and the restore core tests also run on the oldest and newest majors.
 stream_majors=${WALHOARD_STREAM_MAJORS-13 17}
 for v in $majors; do
   echo "== protocol and basebackup tests against PostgreSQL $v"
   WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- protocol_ basebackup_
   case " $stream_majors " in *" $v "*)
-    echo "== receiver and daemon tests against PostgreSQL $v"
+    echo "== receiver, daemon and restore tests against PostgreSQL $v"
     WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- walreceiver_ \
-      daemon_archive_is daemon_follows daemon_kill daemon_64mb ;;
+      daemon_archive_is daemon_follows daemon_kill daemon_64mb restore_pitr restore_command ;;
   esac
 done
 fuzz_seconds=${WALHOARD_FUZZ_SECONDS:-20}

@@ -1,6 +1,7 @@
 //! Basebackups as a stream of tar chunks plus a description, independent of storage.
 //!
 //! - [`tar`]: a streaming tar writer (ustar, GNU long names, exact file sizes).
+//! - [`untar`]: the matching streaming reader, for restore.
 //! - [`walk`]: what a local-tar backup reads from a data directory, with PostgreSQL's own
 //!   exclusion rules, and how it is split into chunks of about `basebackup_chunk_size`.
 //! - [`sql`]: non-exclusive `pg_backup_start` / `pg_backup_stop` and tablespace discovery.
@@ -22,4 +23,5 @@ pub mod control;
 pub mod label;
 pub mod sql;
 pub mod tar;
+pub mod untar;
 pub mod walk;

@@ -48,6 +48,8 @@ pub struct SiteHandle {
     /// Asks the site's backup task for a backup now; `None` when the site cannot take any
     /// (no node to connect to).
     pub backup_requests: Option<tokio::sync::mpsc::Sender<basebackups::BackupRequest>>,
+    /// Segments the restore_command API prefetches (`restore_prefetch`).
+    pub restore_prefetch: usize,
 }
 
 /// Opens a site's store and gathers what its uploads need.
@@ -162,6 +164,9 @@ impl Generation {
                     status,
                     basebackup,
                     backup_requests,
+                    restore_prefetch: config
+                        .restore_prefetch
+                        .map_or_else(|| transfer_threads(config), |n| n as usize),
                 },
             );
         }

@@ -318,14 +318,22 @@ where
     }
 }
 
-/// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and
-/// renamed only after the size and hash in the metadata matched). Returns the metadata.
-pub async fn download_file(
+/// Fetches `key` and hands its decrypted, decompressed bytes to `consume` (on a blocking
+/// thread) as they arrive, without a temporary copy: tar extraction reads chunks this way.
+/// `consume` gets the object's metadata first. What `consume` returns is returned once the
+/// fetch completed too; when both failed, the cause is reported (a failed fetch is forwarded to
+/// the reader, a reader that gave up makes the fetch fail with BrokenPipe). A missing object is
+/// `TransferError::Storage(StorageError::NotFound)`, before `consume` is called.
+pub async fn download_with<T, F>(
     store: &ObjectStore,
     key: &str,
-    target: &Path,
     keys: &KeyRing,
-) -> Result<Metadata, TransferError> {
+    consume: F,
+) -> Result<(Metadata, T), TransferError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Metadata, &mut dyn Read) -> io::Result<T> + Send + 'static,
+{
     let metadata = store.metadata(key).await?;
     let bad = |m: String| TransferError::Object {
         key: key.to_string(),
@@ -337,26 +345,10 @@ pub async fn download_file(
         .parse()
         .map_err(bad)?;
     let encrypted = metadata.contains_key("encryption-key-id");
-    let expect_size: Option<u64> = metadata
-        .get("original-file-size")
-        .and_then(|s| s.parse().ok());
-    let expect_hash = metadata.get("hash").cloned();
-    // Objects without `hash-algorithm` predate pghoard's setting: SHA-1.
-    let hash_algorithm: HashAlgorithm = match metadata.get("hash-algorithm") {
-        Some(name) => name.parse().map_err(bad)?,
-        None => HashAlgorithm::Sha1,
-    };
-    let tmp: PathBuf = target.with_file_name(format!(
-        ".{}.walhoard-tmp",
-        target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("download")
-    ));
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE_CHUNKS);
     let keys = keys.clone();
-    let tmp2 = tmp.clone();
-    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+    let meta2 = metadata.clone();
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<T> {
         let input = BlockingChannelReader {
             rx,
             current: Bytes::new(),
@@ -367,6 +359,45 @@ pub async fn download_file(
             Box::new(input)
         };
         let mut d = Decompressor::new(plain, algorithm)?;
+        consume(&meta2, &mut d)
+    });
+    let fetched = store.get_to_channel(key, tx).await;
+    let decoded = cpu
+        .await
+        .map_err(|e| bad(format!("pipeline thread failed: {e}")))?;
+    let reader_gone = |e: &crate::storage::StorageError| matches!(e, crate::storage::StorageError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe);
+    match (fetched, decoded) {
+        (Ok(_), Ok(v)) => Ok((metadata, v)),
+        (Err(f), Err(d)) if reader_gone(&f) => Err(bad(format!("cannot decode: {d}"))),
+        (Err(f), _) => Err(f.into()),
+        (Ok(_), Err(d)) => Err(bad(format!("cannot decode: {d}"))),
+    }
+}
+
+/// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and
+/// renamed only after the size and hash in the metadata matched). Returns the metadata.
+pub async fn download_file(
+    store: &ObjectStore,
+    key: &str,
+    target: &Path,
+    keys: &KeyRing,
+) -> Result<Metadata, TransferError> {
+    let tmp: PathBuf = target.with_file_name(format!(
+        ".{}.walhoard-tmp",
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("download")
+    ));
+    let tmp2 = tmp.clone();
+    let result = download_with(store, key, keys, move |metadata, d| {
+        // Objects without `hash-algorithm` predate pghoard's setting: SHA-1.
+        let hash_algorithm: HashAlgorithm = match metadata.get("hash-algorithm") {
+            Some(name) => name
+                .parse()
+                .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            None => HashAlgorithm::Sha1,
+        };
         let mut out = io::BufWriter::new(std::fs::File::create(&tmp2)?);
         let mut hash = hash_algorithm.hasher();
         let mut buf = vec![0u8; PIPE_CHUNK];
@@ -381,41 +412,33 @@ pub async fn download_file(
             out.write_all(&buf[..n])?;
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok((size, hash.finish_hex()))
-    });
-    let fetched = store.get_to_channel(key, tx).await;
-    let result = cpu
-        .await
-        .map_err(|e| bad(format!("pipeline thread failed: {e}")));
-    let checked = (|| {
-        let decoded = result?;
-        // When both sides failed, one caused the other: a decoder that gave up closes the
-        // channel (the fetch then fails with BrokenPipe); a failed fetch is forwarded to the
-        // decoder. Report the cause.
-        let reader_gone = |e: &crate::storage::StorageError| matches!(e, crate::storage::StorageError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe);
-        let (size, hash) = match (fetched, decoded) {
-            (Ok(_), Ok(v)) => v,
-            (Err(f), Err(d)) if reader_gone(&f) => return Err(bad(format!("cannot decode: {d}"))),
-            (Err(f), _) => return Err(f.into()),
-            (Ok(_), Err(d)) => return Err(bad(format!("cannot decode: {d}"))),
-        };
-        if expect_size.is_some_and(|s| s != size) {
-            return Err(bad(format!(
-                "decoded {size} bytes, metadata says {}",
-                expect_size.unwrap_or(0)
-            )));
+        let expect_size: Option<u64> = metadata
+            .get("original-file-size")
+            .and_then(|s| s.parse().ok());
+        if let Some(expect) = expect_size.filter(|s| *s != size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("decoded {size} bytes, metadata says {expect}"),
+            ));
         }
-        if expect_hash.as_ref().is_some_and(|h| *h != hash) {
-            return Err(bad(format!(
-                "{hash_algorithm} {hash} does not match the recorded hash"
-            )));
+        let hash = hash.finish_hex();
+        if metadata.get("hash").is_some_and(|h| *h != hash) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{hash_algorithm} {hash} does not match the recorded hash"),
+            ));
         }
         Ok(())
-    })();
-    if let Err(e) = checked {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    })
+    .await;
+    match result {
+        Ok((metadata, ())) => {
+            std::fs::rename(&tmp, target).map_err(io_at("rename into", target))?;
+            Ok(metadata)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    std::fs::rename(&tmp, target).map_err(io_at("rename into", target))?;
-    Ok(metadata)
 }

@@ -1,0 +1,333 @@
+//! Extracting tar members into a directory without ever writing outside it.
+//!
+//! A backup is data from elsewhere (a compromised primary, a tampered bucket with the key): a
+//! member may not name an absolute path or `..`, and no member is written through a symlink,
+//! whether the symlink came from an earlier member or was already there. Files are created
+//! with `O_NOFOLLOW` after removing whatever was in the way.
+//!
+//! Permissions follow PostgreSQL's rules (it refuses a data directory others can read): files
+//! get 0600 and directories 0700, plus the group bits only when the backup had them
+//! (`initdb --allow-group-access`).
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use walhoard_basebackup::untar::{Entry, EntryKind};
+
+/// Suffix of files held back until the restore completed (see [`Extractor::finish`]).
+pub const HELD_BACK_SUFFIX: &str = ".walhoard-partial";
+
+/// Files that make a directory look like a PostgreSQL data directory: written under a
+/// temporary name and renamed only once everything else is in place, so a failed or killed
+/// restore never leaves something `postgres -D` would try to start.
+pub const HELD_BACK: &[&str] = &["PG_VERSION", "global/pg_control"];
+
+/// Writes members under one root directory.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    root: PathBuf,
+    /// Hold back [`HELD_BACK`] (the data directory, not tablespaces).
+    hold_back: bool,
+}
+
+fn refuse(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// `path` as a relative path of normal components, or an error naming it.
+pub fn safe_relative(path: &str) -> io::Result<PathBuf> {
+    let p = Path::new(path);
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refuse(format!(
+                    "tar member {path:?} is an absolute path: refused"
+                )))
+            }
+            Component::ParentDir => {
+                return Err(refuse(format!(
+                    "tar member {path:?} contains '..': refused"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Extractor {
+    pub fn new(root: PathBuf, hold_back: bool) -> Self {
+        Extractor { root, hold_back }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the directories of `rel` below the root (not `rel` itself), refusing to pass
+    /// through anything that is not a real directory.
+    fn make_parents(&self, rel: &Path, mode: u32) -> io::Result<()> {
+        let mut at = self.root.clone();
+        let parents: Vec<_> = rel.components().collect();
+        for c in parents.iter().take(parents.len().saturating_sub(1)) {
+            at.push(c);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(refuse(format!(
+                        "{} is a symlink: refusing to extract {} through it",
+                        at.display(),
+                        rel.display()
+                    )))
+                }
+                Ok(_) => {
+                    return Err(refuse(format!(
+                        "{} is not a directory (extracting {})",
+                        at.display(),
+                        rel.display()
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&at)?;
+                    fs::set_permissions(&at, fs::Permissions::from_mode(mode))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a non-directory in the way of `path` (overwrite), never following it.
+    fn clear(path: &Path) -> io::Result<()> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => Err(refuse(format!(
+                "{} is a directory where the backup has a file",
+                path.display()
+            ))),
+            Ok(_) => fs::remove_file(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn dir_mode(mode: u32) -> u32 {
+        0o700 | (mode & 0o050)
+    }
+
+    fn file_mode(mode: u32) -> u32 {
+        0o600 | (mode & 0o040)
+    }
+
+    /// Writes one member, its body read from `body`. Returns the bytes written.
+    pub fn extract(&self, entry: &Entry, rel: &str, body: &mut dyn Read) -> io::Result<u64> {
+        let rel = safe_relative(rel)?;
+        let dir_mode = Self::dir_mode(0o750 & entry.mode);
+        if rel.as_os_str().is_empty() {
+            // The root itself ("./" or "pgdata/"): only its mode matters.
+            if entry.kind == EntryKind::Dir {
+                fs::set_permissions(&self.root, fs::Permissions::from_mode(dir_mode))?;
+            }
+            return Ok(0);
+        }
+        // Parents get the default mode; their own members (which come first in every tar we
+        // read) set theirs.
+        self.make_parents(&rel, 0o700)?;
+        let target = self.root.join(&rel);
+        match &entry.kind {
+            EntryKind::Dir => {
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        Self::clear(&target)?;
+                        fs::create_dir(&target)?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&target)?,
+                    Err(e) => return Err(e),
+                }
+                fs::set_permissions(&target, fs::Permissions::from_mode(dir_mode))?;
+                Ok(0)
+            }
+            EntryKind::Symlink { target: to } => {
+                Self::clear(&target)?;
+                std::os::unix::fs::symlink(to, &target)?;
+                Ok(0)
+            }
+            EntryKind::File => {
+                let held = self.hold_back && HELD_BACK.iter().any(|h| Path::new(h) == rel);
+                let path = if held {
+                    self.root
+                        .join(format!("{}{HELD_BACK_SUFFIX}", rel.display()))
+                } else {
+                    target
+                };
+                Self::clear(&path)?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(Self::file_mode(entry.mode))
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("create {}: {e}", path.display()))
+                    })?;
+                let n = io::copy(body, &mut f)?;
+                f.flush()?;
+                // create mode is filtered by the umask: set it exactly.
+                f.set_permissions(fs::Permissions::from_mode(Self::file_mode(entry.mode)))?;
+                Ok(n)
+            }
+            EntryKind::Other { typeflag } => Err(refuse(format!(
+                "tar member {} has type {:?}, which a backup never holds: refused",
+                rel.display(),
+                char::from(*typeflag)
+            ))),
+        }
+    }
+
+    /// Moves the held-back files to their names: the directory becomes a data directory.
+    pub fn finish(&self) -> io::Result<()> {
+        if !self.hold_back {
+            return Ok(());
+        }
+        for h in HELD_BACK {
+            let held = self.root.join(format!("{h}{HELD_BACK_SUFFIX}"));
+            if held.exists() {
+                fs::rename(&held, self.root.join(h))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes everything inside `dir` (not `dir` itself), never following symlinks.
+pub fn empty_dir(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if fs::symlink_metadata(&p)?.is_dir() {
+            fs::remove_dir_all(&p)?;
+        } else {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walhoard_basebackup::tar::{Member, MemberKind, TarWriter};
+    use walhoard_basebackup::untar::TarReader;
+
+    fn extract_all(bytes: &[u8], x: &Extractor) -> io::Result<()> {
+        let mut r = TarReader::new(bytes);
+        while let Some(e) = r.next_entry()? {
+            let p = e.path.clone();
+            x.extract(&e, &p, &mut r.body())?;
+        }
+        Ok(())
+    }
+
+    fn tar_with(build: impl FnOnce(&mut TarWriter<Vec<u8>>)) -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        build(&mut w);
+        w.finish().unwrap()
+    }
+
+    fn symlink(w: &mut TarWriter<Vec<u8>>, path: &str, target: &str) {
+        w.append_entry(&Member {
+            path: path.into(),
+            kind: MemberKind::Symlink {
+                target: target.into(),
+            },
+            mode: 0o777,
+            mtime: 0,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn members_escaping_the_target_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let x = Extractor::new(root.path().to_path_buf(), true);
+        let abs = format!("{}/evil", outside.path().display());
+        for (bytes, what) in [
+            (
+                tar_with(|w| w.append_bytes(&abs, 0o600, 0, b"x").unwrap()),
+                "absolute",
+            ),
+            (
+                tar_with(|w| w.append_bytes("a/../../evil", 0o600, 0, b"x").unwrap()),
+                "'..'",
+            ),
+            (
+                tar_with(|w| {
+                    symlink(w, "link", &outside.path().display().to_string());
+                    w.append_bytes("link/evil", 0o600, 0, b"x").unwrap();
+                }),
+                "symlink",
+            ),
+            (
+                tar_with(|w| {
+                    symlink(w, "dir", &outside.path().display().to_string());
+                    symlink(w, "dir/evil", "/etc/passwd");
+                }),
+                "symlink",
+            ),
+        ] {
+            let err = extract_all(&bytes, &x).unwrap_err();
+            assert!(err.to_string().contains(what), "{what}: {err}");
+            assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "{what}");
+        }
+        // A symlink member replaced by a file member: the file is written at the link's
+        // place, not through it.
+        let target = outside.path().join("victim");
+        fs::write(&target, b"keep").unwrap();
+        let bytes = tar_with(|w| {
+            symlink(w, "f", &target.display().to_string());
+            w.append_bytes("f", 0o600, 0, b"new").unwrap();
+        });
+        extract_all(&bytes, &x).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
+        assert_eq!(fs::read(root.path().join("f")).unwrap(), b"new");
+    }
+
+    #[test]
+    fn modes_and_held_back_files() {
+        let root = tempfile::tempdir().unwrap();
+        let x = Extractor::new(root.path().to_path_buf(), true);
+        let bytes = tar_with(|w| {
+            w.append_entry(&Member {
+                path: "global".into(),
+                kind: MemberKind::Dir,
+                mode: 0o777,
+                mtime: 0,
+            })
+            .unwrap();
+            w.append_bytes("PG_VERSION", 0o644, 0, b"15\n").unwrap();
+            w.append_bytes("global/pg_control", 0o640, 0, b"c").unwrap();
+            w.append_bytes("base/1/1259", 0o666, 0, b"d").unwrap();
+        });
+        extract_all(&bytes, &x).unwrap();
+        let mode = |p: &str| {
+            fs::metadata(root.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("global"), 0o750);
+        assert_eq!(mode("base/1"), 0o700);
+        assert_eq!(mode("base/1/1259"), 0o640);
+        assert!(!root.path().join("PG_VERSION").exists());
+        assert!(!root.path().join("global/pg_control").exists());
+        x.finish().unwrap();
+        assert_eq!(fs::read(root.path().join("PG_VERSION")).unwrap(), b"15\n");
+        assert_eq!(mode("PG_VERSION"), 0o640);
+        assert_eq!(mode("global/pg_control"), 0o640);
+    }
+}

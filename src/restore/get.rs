@@ -1,0 +1,563 @@
+//! `walhoard restore get-basebackup`: a stored basebackup into a data directory, ready to start.
+//!
+//! The control object is read first (the description: chunks, tablespaces, format). Then the
+//! chunks are fetched in parallel (`restore_process_count`), each decrypted, decompressed,
+//! hashed and extracted as its bytes arrive, with no copy on disk; each chunk's size and SHA-1
+//! must equal the control object's. Tablespaces go to their original directories or where
+//! `--tablespace-dir` says, linked from `pg_tblspc/<oid>`. The recovery settings come next, and
+//! the files that make the directory a data directory (`PG_VERSION`, `global/pg_control`) are
+//! renamed into place last. On any failure everything written is removed again.
+
+use std::collections::BTreeMap;
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use aws_lc_rs::digest;
+use walhoard_basebackup::control::{
+    BackupMetadata, ChunkKind, ChunkMeta, FORMAT_LOCAL_TAR, FORMAT_STREAM, METADATA_MEMBER,
+};
+use walhoard_basebackup::untar::{Entry, TarReader};
+
+use super::extract::{empty_dir, Extractor};
+use super::recovery::{self, RecoverySettings};
+use super::{choose, list_basebackups, RestoreSite, Target};
+use crate::pipeline::transfer::download_with;
+
+/// What to restore and how.
+#[derive(Debug, Clone)]
+pub struct GetOptions {
+    pub target_dir: PathBuf,
+    /// A backup name, or "latest"/None.
+    pub basebackup: Option<String>,
+    pub target: Target,
+    pub action: Option<String>,
+    pub restore_to_primary: bool,
+    pub primary_conninfo: Option<String>,
+    pub overwrite: bool,
+    /// `--tablespace-dir NAME=DIR`: key = tablespace name or oid.
+    pub tablespace_dirs: Vec<(String, PathBuf)>,
+    /// The restore_command written; default: this executable, daemonless.
+    pub restore_command: Option<String>,
+}
+
+/// What was restored.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub name: String,
+    pub metadata: BackupMetadata,
+    /// Tablespace oid → directory.
+    pub tablespaces: BTreeMap<u32, PathBuf>,
+}
+
+/// A directory restore writes into, and how to undo that.
+struct Dest {
+    path: PathBuf,
+    /// Made by us (removed on failure) rather than found empty (emptied on failure).
+    created: bool,
+}
+
+impl Dest {
+    fn prepare(path: &Path, overwrite: bool, what: &str) -> Result<Dest> {
+        match std::fs::read_dir(path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    if !overwrite {
+                        bail!(
+                            "{what} {} is not empty (use --overwrite to replace its contents)",
+                            path.display()
+                        );
+                    }
+                    empty_dir(path).with_context(|| format!("empty {}", path.display()))?;
+                }
+                set_mode(path, 0o700)?;
+                Ok(Dest {
+                    path: path.to_path_buf(),
+                    created: false,
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(path)
+                    .with_context(|| format!("create {what} {}", path.display()))?;
+                set_mode(path, 0o700)?;
+                Ok(Dest {
+                    path: path.to_path_buf(),
+                    created: true,
+                })
+            }
+            Err(e) => Err(e).with_context(|| format!("{what} {}", path.display())),
+        }
+    }
+
+    fn undo(&self) {
+        let r = if self.created {
+            std::fs::remove_dir_all(&self.path)
+        } else {
+            empty_dir(&self.path)
+        };
+        if let Err(e) = r {
+            tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove what a failed restore wrote");
+        }
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// Counts, hashes (SHA-1) and reports the plain bytes of a chunk as they are read.
+struct Verifying<'a> {
+    inner: &'a mut dyn Read,
+    hash: digest::Context,
+    size: u64,
+    progress: Arc<AtomicU64>,
+    /// Set when another chunk failed: stop at the next read.
+    stop: Arc<AtomicBool>,
+}
+
+impl Read for Verifying<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("stopped: another chunk failed"));
+        }
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        self.progress.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Where a chunk's members go.
+#[derive(Clone)]
+enum Route {
+    /// base.tar / a tablespace tar: every member below one extractor.
+    Into(Extractor),
+    /// local-tar: `pgdata/…` to the data directory, `tablespaces/<name>/…` to that tablespace.
+    LocalTar {
+        data: Extractor,
+        tablespaces: BTreeMap<String, Extractor>,
+    },
+    /// The backup_manifest: a plain file.
+    File(PathBuf),
+}
+
+impl Route {
+    /// The extractor and relative path of a member; `None` for members to skip.
+    fn place<'a>(&'a self, path: &'a str) -> io::Result<Option<(&'a Extractor, &'a str)>> {
+        match self {
+            Route::Into(x) => Ok(Some((x, path))),
+            Route::File(_) => Ok(None),
+            Route::LocalTar { data, tablespaces } => {
+                let p = path.trim_start_matches("./");
+                if p == METADATA_MEMBER {
+                    return Ok(None);
+                }
+                if p == "pgdata" || p == "pgdata/" {
+                    return Ok(Some((data, "")));
+                }
+                if let Some(rest) = p.strip_prefix("pgdata/") {
+                    return Ok(Some((data, rest)));
+                }
+                if p == "tablespaces" || p == "tablespaces/" {
+                    return Ok(None);
+                }
+                if let Some(rest) = p.strip_prefix("tablespaces/") {
+                    let (name, rel) = rest.split_once('/').unwrap_or((rest, ""));
+                    return match tablespaces.get(name) {
+                        Some(x) => Ok(Some((x, rel))),
+                        None => Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("tar member {path:?}: tablespace {name:?} is not in the backup's metadata"),
+                        )),
+                    };
+                }
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "tar member {path:?} is neither under pgdata/ nor tablespaces/: refused"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Reads a whole chunk (tar or file) from `r`.
+    fn consume(&self, r: &mut dyn Read) -> io::Result<()> {
+        if let Route::File(path) = self {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)?;
+            io::copy(r, &mut f)?;
+            return f.flush();
+        }
+        let mut tar = TarReader::new(&mut *r);
+        while let Some(entry) = tar.next_entry()? {
+            if let Some((x, rel)) = self.place(&entry.path)? {
+                x.extract(&entry, rel, &mut tar.body())?;
+            }
+        }
+        // Whatever follows the end-of-archive blocks is part of the chunk's hash.
+        io::copy(&mut tar.into_inner(), &mut io::sink())?;
+        Ok(())
+    }
+}
+
+/// Fetches one chunk and extracts it, checking size and SHA-1.
+async fn restore_chunk(
+    site: &RestoreSite,
+    chunk: &ChunkMeta,
+    route: Route,
+    progress: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let key = format!("basebackup_chunk/{}", chunk.chunk_filename);
+    let (_, (size, sha1)) = download_with(&site.store, &key, &site.keys, move |_, r| {
+        let mut v = Verifying {
+            inner: r,
+            hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+            size: 0,
+            progress,
+            stop,
+        };
+        route.consume(&mut v)?;
+        Ok((v.size, hex::encode(v.hash.finish())))
+    })
+    .await
+    .with_context(|| format!("restore chunk {key}"))?;
+    if size != chunk.input_size {
+        bail!(
+            "chunk {key}: {size} plain bytes, the control object says {}",
+            chunk.input_size
+        );
+    }
+    if sha1 != chunk.hash {
+        bail!(
+            "chunk {key}: SHA-1 {sha1} does not match the control object's {}",
+            chunk.hash
+        );
+    }
+    Ok(())
+}
+
+/// The control object: the metadata and (local-tar) the extra members.
+async fn read_control(
+    site: &RestoreSite,
+    name: &str,
+) -> Result<(BackupMetadata, Vec<(Entry, Vec<u8>)>)> {
+    let key = format!("basebackup/{name}");
+    let (_, members) = download_with(&site.store, &key, &site.keys, |_, r| {
+        // A few kB in practice; bounded so that a corrupt object cannot exhaust memory.
+        let mut limited = r.take(64 * 1024 * 1024);
+        let mut tar = TarReader::new(&mut limited);
+        let mut out = Vec::new();
+        while let Some(e) = tar.next_entry()? {
+            let mut data = Vec::new();
+            tar.body().read_to_end(&mut data)?;
+            out.push((e, data));
+        }
+        Ok(out)
+    })
+    .await
+    .with_context(|| format!("read control object {key}"))?;
+    let mut meta = None;
+    let mut extra = Vec::new();
+    for (e, data) in members {
+        if e.path == METADATA_MEMBER {
+            meta = Some(
+                serde_json::from_slice::<BackupMetadata>(&data)
+                    .with_context(|| format!("{key}: {METADATA_MEMBER}"))?,
+            );
+        } else {
+            extra.push((e, data));
+        }
+    }
+    let meta = meta.with_context(|| format!("{key} holds no {METADATA_MEMBER}"))?;
+    Ok((meta, extra))
+}
+
+/// Prints progress: a bar redrawn in place on a terminal, a line every few seconds otherwise.
+fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+    let tty = io::stderr().is_terminal();
+    tokio::spawn(async move {
+        let every = if tty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let d = done.load(Ordering::Relaxed);
+            let pct = if total == 0 {
+                100
+            } else {
+                d * 100 / total.max(1)
+            };
+            if tty {
+                let filled = (pct.min(100) / 5) as usize;
+                eprint!(
+                    "\r[{}{}] {pct:>3}% {} / {} MiB",
+                    "#".repeat(filled),
+                    " ".repeat(20 - filled),
+                    d >> 20,
+                    total >> 20
+                );
+            } else {
+                eprintln!("restore: {d} / {total} bytes ({pct}%)");
+            }
+        }
+    })
+}
+
+/// Restores a basebackup of `site` as `opts` say.
+pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Restored> {
+    let list = list_basebackups(&site.store).await?;
+    let chosen = choose(&list, opts.basebackup.as_deref(), &opts.target)?.clone();
+    eprintln!(
+        "restore: basebackup {} (ends {} at {}, {} bytes)",
+        chosen.name, chosen.end_time, chosen.end_lsn, chosen.size_plain
+    );
+    let (meta, extra) = read_control(site, &chosen.name).await?;
+    if meta.format != FORMAT_STREAM && meta.format != FORMAT_LOCAL_TAR {
+        bail!(
+            "basebackup/{}: unknown format {:?}",
+            chosen.name,
+            meta.format
+        );
+    }
+    // Tablespace directories: remapped or original; every --tablespace-dir must match one.
+    let mut ts_dirs: BTreeMap<String, (u32, PathBuf)> = BTreeMap::new();
+    for (key, ts) in &meta.tablespaces {
+        let mapped = opts
+            .tablespace_dirs
+            .iter()
+            .find(|(k, _)| k == key || *k == ts.oid.to_string())
+            .map(|(_, d)| d.clone());
+        ts_dirs.insert(
+            key.clone(),
+            (ts.oid, mapped.unwrap_or_else(|| PathBuf::from(&ts.path))),
+        );
+    }
+    for (k, _) in &opts.tablespace_dirs {
+        if !meta
+            .tablespaces
+            .iter()
+            .any(|(key, ts)| key == k || ts.oid.to_string() == *k)
+        {
+            bail!(
+                "--tablespace-dir {k}=…: the backup has no tablespace {k:?} (it has: {})",
+                meta.tablespaces
+                    .iter()
+                    .map(|(k, t)| format!("{k} (oid {})", t.oid))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let mut dests = vec![Dest::prepare(
+        &opts.target_dir,
+        opts.overwrite,
+        "target directory",
+    )?];
+    let result = async {
+        for (_, dir) in ts_dirs.values() {
+            dests.push(Dest::prepare(dir, opts.overwrite, "tablespace directory")?);
+        }
+        restore_into(site, opts, &chosen.name, &meta, extra, &ts_dirs).await
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(Restored {
+            name: chosen.name.clone(),
+            tablespaces: ts_dirs.values().cloned().collect(),
+            metadata: meta,
+        }),
+        Err(e) => {
+            for d in &dests {
+                d.undo();
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn restore_into(
+    site: &RestoreSite,
+    opts: &GetOptions,
+    name: &str,
+    meta: &BackupMetadata,
+    extra: Vec<(Entry, Vec<u8>)>,
+    ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
+) -> Result<()> {
+    let data = Extractor::new(opts.target_dir.clone(), true);
+    let local_tar = LocalTarRoutes {
+        data: data.clone(),
+        tablespaces: ts_dirs
+            .iter()
+            .map(|(k, (_, d))| (k.clone(), Extractor::new(d.clone(), false)))
+            .collect(),
+    };
+    let mut jobs = Vec::new();
+    for c in &meta.chunks {
+        let route = if meta.format == FORMAT_LOCAL_TAR {
+            local_tar.route()
+        } else {
+            match c.kind {
+                ChunkKind::Data => Route::Into(data.clone()),
+                ChunkKind::Manifest => Route::File(opts.target_dir.join("backup_manifest")),
+                ChunkKind::Tablespace => {
+                    let oid = c.tablespace_oid.with_context(|| {
+                        format!(
+                            "chunk {}: tablespace chunk without an oid",
+                            c.chunk_filename
+                        )
+                    })?;
+                    let dir = ts_dirs
+                        .values()
+                        .find(|(o, _)| *o == oid)
+                        .map(|(_, d)| d.clone())
+                        .with_context(|| {
+                            format!(
+                                "chunk {}: tablespace oid {oid} is not in the metadata",
+                                c.chunk_filename
+                            )
+                        })?;
+                    Route::Into(Extractor::new(dir, false))
+                }
+            }
+        };
+        jobs.push((c.clone(), route));
+    }
+    let parallel = site.config.restore_process_count.unwrap_or(4).max(1) as usize;
+    let done = Arc::new(AtomicU64::new(0));
+    let reporter = spawn_progress(done.clone(), meta.total_size_plain);
+    let started = std::time::Instant::now();
+    let fetched = fetch_all(site, jobs, parallel, done.clone()).await;
+    reporter.abort();
+    if io::stderr().is_terminal() {
+        eprintln!();
+    }
+    fetched?;
+    eprintln!(
+        "restore: {} chunks, {} bytes in {:.1}s",
+        meta.chunks.len(),
+        done.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    // local-tar: pg_control and backup_label live in the control object.
+    if meta.format == FORMAT_LOCAL_TAR {
+        let route = local_tar.route();
+        for (e, bytes) in &extra {
+            if let Some((x, rel)) = route.place(&e.path)? {
+                x.extract(e, rel, &mut &bytes[..])
+                    .with_context(|| format!("basebackup/{name}: member {}", e.path))?;
+            }
+        }
+    } else {
+        // BASE_BACKUP's tablespace_map names the original directories; the links below say
+        // where the tablespaces are now (docs/formats.md).
+        let map = opts.target_dir.join("tablespace_map");
+        if map.exists() {
+            std::fs::remove_file(&map).with_context(|| format!("remove {}", map.display()))?;
+        }
+    }
+    let tblspc = opts.target_dir.join("pg_tblspc");
+    if !ts_dirs.is_empty() {
+        std::fs::create_dir_all(&tblspc).with_context(|| format!("create {}", tblspc.display()))?;
+    }
+    for (oid, dir) in ts_dirs.values() {
+        let link = tblspc.join(oid.to_string());
+        if std::fs::symlink_metadata(&link).is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("remove {}", link.display()))?;
+        }
+        let abs = std::path::absolute(dir)?;
+        std::os::unix::fs::symlink(&abs, &link)
+            .with_context(|| format!("link {} to {}", link.display(), abs.display()))?;
+    }
+    let restore_command = match &opts.restore_command {
+        Some(c) => c.clone(),
+        None => {
+            let exe = std::env::current_exe().context("path of the walhoard executable")?;
+            recovery::restore_command(&exe, &site.config_path, &site.name)
+        }
+    };
+    recovery::write(
+        &opts.target_dir,
+        meta.pg_version,
+        &RecoverySettings {
+            restore_command,
+            target: opts.target.clone(),
+            action: opts.action.clone(),
+            to_primary: opts.restore_to_primary,
+            primary_conninfo: opts.primary_conninfo.clone(),
+        },
+    )?;
+    if !opts.target_dir.join("PG_VERSION.walhoard-partial").exists() {
+        bail!("basebackup/{name} holds no PG_VERSION: not a data directory backup");
+    }
+    data.finish()
+        .with_context(|| format!("finish {}", opts.target_dir.display()))?;
+    Ok(())
+}
+
+/// The local-tar routing, shared by every chunk.
+struct LocalTarRoutes {
+    data: Extractor,
+    tablespaces: BTreeMap<String, Extractor>,
+}
+
+impl LocalTarRoutes {
+    fn route(&self) -> Route {
+        Route::LocalTar {
+            data: self.data.clone(),
+            tablespaces: self.tablespaces.clone(),
+        }
+    }
+}
+
+/// Runs the chunk jobs, `parallel` at a time. The first failure stops the others at their next
+/// read; all are waited for, so nothing writes into the target after this returns.
+async fn fetch_all(
+    site: &RestoreSite,
+    jobs: Vec<(ChunkMeta, Route)>,
+    parallel: usize,
+    done: Arc<AtomicU64>,
+) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    let mut pending = jobs.into_iter();
+    let mut first_err: Option<anyhow::Error> = None;
+    loop {
+        while set.len() < parallel && first_err.is_none() {
+            let Some((chunk, route)) = pending.next() else {
+                break;
+            };
+            let site = site.clone();
+            let done = done.clone();
+            let stop = stop.clone();
+            set.spawn(async move { restore_chunk(&site, &chunk, route, done, stop).await });
+        }
+        let failed = match set.join_next().await {
+            None => break,
+            Some(Ok(Ok(()))) => None,
+            Some(Ok(Err(e))) => Some(e),
+            Some(Err(e)) => Some(anyhow::anyhow!("restore task failed: {e}")),
+        };
+        if let Some(e) = failed {
+            stop.store(true, Ordering::Relaxed);
+            // Later failures are mostly "stopped": the first is the cause.
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,359 @@
+//! Restore tooling: `walhoard restore list-basebackups`, `walhoard restore get-basebackup`
+//! and the restore_command (`walhoard postgres-command --mode restore`).
+//!
+//! - [`extract`]: tar members into a directory, never outside it.
+//! - [`get`]: a basebackup into a data directory (parallel streaming chunks, tablespaces,
+//!   recovery configuration).
+//! - [`recovery`]: the recovery settings and signal files PostgreSQL reads.
+//! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
+
+pub mod extract;
+pub mod get;
+pub mod recovery;
+pub mod wal;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use walhoard_protocol::Lsn;
+
+use crate::config::{Config, SiteConfig};
+use crate::pipeline::encryption::{KeyRing, PrivateKey};
+use crate::storage::ObjectStore;
+
+/// A site opened for reading: its store and private keys.
+#[derive(Debug, Clone)]
+pub struct RestoreSite {
+    pub name: String,
+    /// Absolute path of the configuration file (written into restore_command).
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub site: SiteConfig,
+    pub store: ObjectStore,
+    pub keys: KeyRing,
+}
+
+/// Every private key of a site, by key id: objects name the key they were written with, which
+/// need not be today's `encryption_key_id`.
+pub fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
+    let mut ring = KeyRing::default();
+    for (id, pair) in &site.encryption_keys {
+        if let Some(pem) = &pair.private {
+            let key = PrivateKey::from_pem(pem)
+                .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.private"))?;
+            ring.insert(id, key);
+        }
+    }
+    Ok(ring)
+}
+
+impl RestoreSite {
+    /// Loads `config_path` and opens `site` (optional when the configuration has one site).
+    pub fn open(config_path: &Path, site: Option<&str>) -> Result<Self> {
+        let config = Config::load(config_path)?;
+        let name = match site {
+            Some(s) => s.to_string(),
+            None => match config.backup_sites.keys().collect::<Vec<_>>().as_slice() {
+                [only] => (*only).clone(),
+                [] => bail!("{}: no backup_sites", config_path.display()),
+                many => bail!(
+                    "{} has several backup sites ({}): choose one with --site",
+                    config_path.display(),
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+        };
+        let site = config
+            .backup_sites
+            .get(&name)
+            .with_context(|| format!("no backup site {name:?} in {}", config_path.display()))?
+            .clone();
+        let storage = site
+            .object_storage
+            .as_ref()
+            .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
+        let store = ObjectStore::open(storage, config.site_prefix(&name))
+            .with_context(|| format!("backup_sites.{name}.object_storage"))?;
+        let keys = key_ring(&name, &site)?;
+        let config_path = std::path::absolute(config_path)
+            .with_context(|| format!("absolute path of {}", config_path.display()))?;
+        Ok(RestoreSite {
+            name,
+            config_path,
+            config,
+            site,
+            store,
+            keys,
+        })
+    }
+}
+
+/// A listed basebackup, from its control object's metadata (nothing downloaded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackupListing {
+    pub name: String,
+    pub format: String,
+    pub start_time: String,
+    pub end_time: String,
+    pub start_lsn: String,
+    pub end_lsn: String,
+    pub start_timeline: u32,
+    pub start_wal_segment: String,
+    pub end_wal_segment: String,
+    /// Plain bytes of the chunks.
+    pub size_plain: u64,
+    /// Stored (compressed, encrypted) bytes of the chunks.
+    pub size_stored: u64,
+    pub compression: String,
+    pub encryption_key_id: Option<String>,
+    /// `server_version_num` of the backed-up server.
+    pub pg_version: String,
+}
+
+impl BackupListing {
+    fn end_timestamp(&self) -> Result<jiff::Timestamp> {
+        self.end_time
+            .parse()
+            .with_context(|| format!("basebackup/{}: end-time {:?}", self.name, self.end_time))
+    }
+
+    fn end_lsn(&self) -> Result<Lsn> {
+        self.end_lsn.parse().map_err(|e| {
+            anyhow::anyhow!("basebackup/{}: end-lsn {:?}: {e}", self.name, self.end_lsn)
+        })
+    }
+}
+
+/// The site's basebackups, oldest first.
+pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>> {
+    let objects = store.list("basebackup").await.context("list basebackup/")?;
+    let mut out = Vec::new();
+    for o in objects {
+        let name = o.key.trim_start_matches("basebackup/").to_string();
+        if name.contains('/') {
+            continue;
+        }
+        let m = store
+            .metadata(&o.key)
+            .await
+            .with_context(|| format!("metadata of {}", o.key))?;
+        let get = |k: &str| m.get(k).cloned().unwrap_or_default();
+        let num = |k: &str| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        out.push(BackupListing {
+            format: get("format"),
+            start_time: get("start-time"),
+            end_time: get("end-time"),
+            start_lsn: get("start-lsn"),
+            end_lsn: get("end-lsn"),
+            start_timeline: num("start-timeline") as u32,
+            start_wal_segment: get("start-wal-segment"),
+            end_wal_segment: get("end-wal-segment"),
+            size_plain: num("total-size-plain"),
+            size_stored: num("total-size-enc"),
+            compression: get("compression-algorithm"),
+            encryption_key_id: m.get("encryption-key-id").cloned(),
+            pg_version: get("pg-version"),
+            name,
+        });
+    }
+    out.sort_by(|a, b| (&a.end_time, &a.name).cmp(&(&b.end_time, &b.name)));
+    Ok(out)
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The human table of `list-basebackups`.
+pub fn render_listing(list: &[BackupListing]) -> String {
+    let mut rows = vec![[
+        "name".to_string(),
+        "size (plain/stored)".into(),
+        "start time".into(),
+        "end time".into(),
+        "start lsn".into(),
+        "end lsn".into(),
+        "tli".into(),
+        "compression".into(),
+        "key id".into(),
+    ]];
+    for b in list {
+        rows.push([
+            b.name.clone(),
+            format!(
+                "{} / {}",
+                human_size(b.size_plain),
+                human_size(b.size_stored)
+            ),
+            b.start_time.clone(),
+            b.end_time.clone(),
+            b.start_lsn.clone(),
+            b.end_lsn.clone(),
+            b.start_timeline.to_string(),
+            b.compression.clone(),
+            b.encryption_key_id.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if list.is_empty() {
+        out.push_str("(no basebackups)\n");
+    }
+    out
+}
+
+/// A recovery target (at most one, as PostgreSQL allows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Replay all WAL there is.
+    Latest,
+    /// `recovery_target_time`: the text as given (PostgreSQL parses it) and its instant.
+    Time(String, jiff::Timestamp),
+    Xid(String),
+    Name(String),
+    Lsn(Lsn),
+}
+
+/// Parses a recovery_target_time as PostgreSQL writes timestamps (`2024-05-01 12:00:00.123+00`)
+/// or RFC 3339. An offset is required: PostgreSQL would read a bare time in its own TimeZone,
+/// which this tool cannot know when picking a backup.
+pub fn parse_target_time(text: &str) -> Result<jiff::Timestamp> {
+    let t = text.trim();
+    if let Ok(ts) = t.parse::<jiff::Timestamp>() {
+        return Ok(ts);
+    }
+    // PostgreSQL prints offsets as `+00` or `+05:30`; jiff wants `+00:00`.
+    let fixed = match t.rfind(['+', '-']) {
+        Some(i) if i > 10 && t[i + 1..].len() == 2 => format!("{t}:00"),
+        _ => t.to_string(),
+    };
+    fixed.parse::<jiff::Timestamp>().with_context(|| {
+        format!("--recovery-target-time {text:?}: not a timestamp with a UTC offset (e.g. '2024-05-01 12:00:00+00')")
+    })
+}
+
+/// The backup to restore: `name` if given ("latest" = the newest), else the newest that ends
+/// before the target (time and LSN targets), else the newest.
+pub fn choose<'a>(
+    list: &'a [BackupListing],
+    name: Option<&str>,
+    target: &Target,
+) -> Result<&'a BackupListing> {
+    if let Some(n) = name.filter(|n| *n != "latest") {
+        return list
+            .iter()
+            .find(|b| b.name == n)
+            .with_context(|| format!("no basebackup named {n:?} (object basebackup/{n} does not exist); `walhoard restore list-basebackups` lists them"));
+    }
+    let mut candidates = Vec::new();
+    for b in list {
+        let ok = match target {
+            Target::Time(_, t) => b.end_timestamp()? < *t,
+            Target::Lsn(l) => b.end_lsn()? <= *l,
+            _ => true,
+        };
+        if ok {
+            candidates.push(b);
+        }
+    }
+    match candidates.last() {
+        Some(b) => Ok(b),
+        None if list.is_empty() => bail!("the site has no basebackups (nothing under basebackup/)"),
+        None => bail!("no basebackup ends before the recovery target {target:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times() {
+        let a = parse_target_time("2026-11-24 16:30:00.123456+00").unwrap();
+        let b = parse_target_time("2026-11-24T16:30:00.123456Z").unwrap();
+        assert_eq!(a, b);
+        let c = parse_target_time("2026-11-24 18:30:00.123456+02").unwrap();
+        assert_eq!(a, c);
+        assert!(parse_target_time("2026-11-24 16:30:00").is_err());
+    }
+
+    fn listing(name: &str, end: &str, lsn: &str) -> BackupListing {
+        BackupListing {
+            name: name.into(),
+            format: String::new(),
+            start_time: end.into(),
+            end_time: end.into(),
+            start_lsn: lsn.into(),
+            end_lsn: lsn.into(),
+            start_timeline: 1,
+            start_wal_segment: String::new(),
+            end_wal_segment: String::new(),
+            size_plain: 0,
+            size_stored: 0,
+            compression: String::new(),
+            encryption_key_id: None,
+            pg_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn chooses_the_newest_before_the_target() {
+        let list = [
+            listing("a", "2026-01-01T00:00:00Z", "0/3000000"),
+            listing("b", "2026-01-02T00:00:00Z", "0/5000000"),
+        ];
+        let t = |s: &str| Target::Time(s.into(), parse_target_time(s).unwrap());
+        assert_eq!(
+            choose(&list, None, &t("2026-01-01 12:00:00+00"))
+                .unwrap()
+                .name,
+            "a"
+        );
+        assert_eq!(
+            choose(&list, None, &t("2026-01-03 12:00:00+00"))
+                .unwrap()
+                .name,
+            "b"
+        );
+        assert!(choose(&list, None, &t("2025-01-03 12:00:00+00")).is_err());
+        assert_eq!(
+            choose(&list, None, &Target::Lsn("0/4000000".parse().unwrap()))
+                .unwrap()
+                .name,
+            "a"
+        );
+        assert_eq!(
+            choose(&list, None, &Target::Name("x".into())).unwrap().name,
+            "b"
+        );
+        assert_eq!(choose(&list, Some("a"), &Target::Latest).unwrap().name, "a");
+        let e = choose(&list, Some("zz"), &Target::Latest).unwrap_err();
+        assert!(e.to_string().contains("basebackup/zz"), "{e}");
+    }
+}
