@@ -45,16 +45,7 @@ async fn daemon_archive_is_byte_identical_and_readable_by_pg_waldump() {
     d.write_config(&pg, storage.clone(), json!({}));
     let daemon = Daemon::start(&d);
     let store = d.store(&storage);
-    assert!(
-        wait_until(Duration::from_secs(30), || slot_restart(&pg).is_some()),
-        "slot not created; log:\n{}",
-        daemon.log_text()
-    );
-    let first = pg
-        .psql("select pg_walfile_name(restart_lsn) from pg_replication_slots where slot_name = 'walhoard'")
-        .unwrap()
-        .trim()
-        .to_string();
+    let first = wait_slot(&pg, &daemon);
     // Small transactions make XLogData messages end anywhere, including across segment
     // boundaries; the bulk load fills several segments.
     load(&pg, 150_000, 3000);
@@ -167,23 +158,6 @@ fn segment_range(first: &str, last: &str, seg: SegmentSize) -> Vec<String> {
         }
         id = id.next(seg).unwrap();
     }
-}
-
-fn slot_segment(pg: &PgCluster) -> String {
-    pg.psql("select pg_walfile_name(restart_lsn) from pg_replication_slots where slot_name = 'walhoard'")
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-/// Waits until the daemon created its slot and returns the segment it starts in.
-fn wait_slot(pg: &PgCluster, daemon: &Daemon) -> String {
-    assert!(
-        wait_until(Duration::from_secs(30), || slot_restart(pg).is_some()),
-        "slot not created; log:\n{}",
-        daemon.log_text()
-    );
-    slot_segment(pg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -743,13 +717,7 @@ async fn daemon_basebackup_on_request_or_directly() {
     let mut daemon = Daemon::start(&d);
     let store = d.store(&storage);
     wait_slot(&pg, &daemon);
-    let ask = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-            .args(["basebackup", "--site", "main", "--config"])
-            .arg(d.config_path())
-            .output()
-            .unwrap()
-    };
+    let ask = || basebackup_command(&d).output().unwrap();
     let out = ask();
     assert!(
         out.status.success(),
@@ -817,9 +785,7 @@ async fn daemon_killed_mid_basebackup_lists_nothing_and_next_succeeds() {
     let store = d.store(&storage);
     wait_slot(&pg, &daemon);
     let ask = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-            .args(["basebackup", "--site", "main", "--config"])
-            .arg(d.config_path())
+        basebackup_command(&d)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

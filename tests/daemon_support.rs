@@ -14,6 +14,8 @@ use walhoard::storage::ObjectStore;
 use walhoard_protocol::{Lsn, SegmentSize, WalSegmentName};
 use walhoard_testkit::PgCluster;
 
+use crate::common::wait_until;
+
 /// A daemon's files: configuration, spool, state, alerts, and (for local storage) the archive.
 pub struct DaemonDir {
     pub dir: tempfile::TempDir,
@@ -285,4 +287,29 @@ pub async fn contiguous_end(store: &ObjectStore, first: &str, seg: SegmentSize) 
         }
         id = id.next(seg).unwrap();
     }
+}
+
+pub fn slot_segment(pg: &PgCluster) -> String {
+    pg.psql("select pg_walfile_name(restart_lsn) from pg_replication_slots where slot_name = 'walhoard'")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Waits until the daemon created its slot and returns the segment it starts in.
+pub fn wait_slot(pg: &PgCluster, daemon: &Daemon) -> String {
+    assert!(
+        wait_until(Duration::from_secs(30), || slot_restart(pg).is_some()),
+        "slot not created; log:\n{}",
+        daemon.log_text()
+    );
+    slot_segment(pg)
+}
+
+/// `walhoard basebackup --site main --config <config>`.
+pub fn basebackup_command(d: &DaemonDir) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    c.args(["basebackup", "--site", "main", "--config"])
+        .arg(d.config_path());
+    c
 }

@@ -104,11 +104,7 @@ async fn primary(site: serde_json::Value) -> Primary {
     readable_by_server(&d);
     let daemon = Daemon::start(&d);
     let store = d.store(&storage);
-    assert!(
-        wait_until(Duration::from_secs(30), || slot_restart(&pg).is_some()),
-        "slot not created; log:\n{}",
-        daemon.log_text()
-    );
+    wait_slot(&pg, &daemon);
     pg.psql("create table r (id bigserial primary key, batch text, v text)")
         .unwrap();
     insert(&pg, "base", 20_000);
