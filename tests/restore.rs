@@ -15,8 +15,26 @@ use crate::common::wait_until;
 use crate::daemon_support::*;
 
 /// Rows of `r`, as one checksum.
-const CHECKSUM: &str =
-    "select count(*) || ':' || coalesce(md5(string_agg(id::text || batch || v, ',' order by id)), '') from r";
+/// Table `r`, and pgbench's accounts and history where the test ran pgbench.
+const CHECKSUM: &str = "select (select count(*) || ':' || coalesce(md5(string_agg(id::text || batch || v, ',' order by id)), '') from r) \
+     || case when to_regclass('pgbench_accounts') is null then '' else \
+     (select ' accounts:' || md5(string_agg(aid::text || ':' || abalance, ',' order by aid)) from pgbench_accounts) || \
+     (select ' history:' || count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) end";
+
+/// A pgbench run (TPC-B-like transactions) against `pg`, finished before it returns.
+fn pgbench(pg: &PgCluster, args: &[&str]) {
+    let mut all: Vec<std::ffi::OsString> = vec!["-h".into(), pg.socket_dir().into()];
+    all.extend([
+        "-p".into(),
+        pg.port.to_string().into(),
+        "-U".into(),
+        "postgres".into(),
+    ]);
+    all.extend(args.iter().map(std::ffi::OsString::from));
+    all.push("postgres".into());
+    let all: Vec<&std::ffi::OsStr> = all.iter().map(|a| a.as_os_str()).collect();
+    pg.run_tool("pgbench", &all).unwrap();
+}
 
 fn cluster() -> PgCluster {
     PgCluster::builder()
@@ -130,6 +148,9 @@ impl Primary {
 async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
     let mut p = primary(json!({})).await;
     let pg = &p.pg;
+    // pgbench's TPC-B-like load between the targets, as well as plain inserts.
+    pgbench(pg, &["-i", "-s", "2", "-q"]);
+    pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "a", 5_000);
     pg.psql("select pg_create_restore_point('rp1')").unwrap();
     let want_name = pg.psql(CHECKSUM).unwrap();
@@ -142,6 +163,7 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
         .trim()
         .to_string();
     let want_xid = pg.psql(CHECKSUM).unwrap();
+    pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "b2", 3_000);
     std::thread::sleep(Duration::from_millis(300));
     let time = pg
@@ -151,6 +173,7 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
         .to_string();
     let want_time = pg.psql(CHECKSUM).unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "c", 3_000);
     let lsn = pg
         .psql("select pg_current_wal_insert_lsn()")
