@@ -91,6 +91,17 @@ impl DaemonDir {
         .unwrap();
     }
 
+    /// Waits until a daemon answers on the HTTP port.
+    pub fn wait_http(&self) {
+        assert!(
+            crate::common::wait_until(Duration::from_secs(30), || {
+                std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok()
+            }),
+            "no daemon listens on port {}",
+            self.http_port
+        );
+    }
+
     pub fn state(&self) -> Option<Value> {
         let text = std::fs::read(self.path("state.json")).ok()?;
         serde_json::from_slice(&text).ok()

@@ -123,6 +123,7 @@ async fn primary(site: serde_json::Value) -> Primary {
     let daemon = Daemon::start(&d);
     let store = d.store(&storage);
     wait_slot(&pg, &daemon);
+    d.wait_http();
     pg.psql("create table r (id bigserial primary key, batch text, v text)")
         .unwrap();
     insert(&pg, "base", 20_000);
