@@ -249,6 +249,11 @@ pub struct SiteConfig {
     pub basebackup_mode: BasebackupMode,
     #[serde(default = "default_one")]
     pub basebackup_threads: u32,
+    /// walhoard: let PostgreSQL 15+ compress BASE_BACKUP archives (zstd) in basic/pipe mode.
+    /// Default (null): when the site compresses with zstd and the node is reached over TCP at
+    /// a non-loopback address, where it saves bytes on the wire; on the same host it would
+    /// only move the compression work onto the primary.
+    pub basebackup_server_compression: Option<bool>,
     pub encryption_key_id: Option<String>,
     #[serde(default)]
     pub encryption_keys: BTreeMap<String, KeyPairConfig>,

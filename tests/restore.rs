@@ -732,3 +732,54 @@ async fn restore_local_tar_with_remapped_tablespace() {
     );
     assert!(!work.path().join("x").exists());
 }
+
+/// basic mode with PostgreSQL compressing the archives (`basebackup_server_compression`):
+/// the control object says so, restore decompresses what the server compressed, and the
+/// restored cluster holds the primary's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_server_compressed_basebackup() {
+    let p =
+        primary(json!({"basebackup_mode": "basic", "basebackup_server_compression": true})).await;
+    // The control object is a tar holding the description.
+    let work = tempfile::tempdir().unwrap();
+    let control = restore(
+        &p.store,
+        &p.d.ring(),
+        &format!("basebackup/{}", p.backup),
+        work.path(),
+    )
+    .await;
+    let out = std::process::Command::new("tar")
+        .arg("-xOf")
+        .arg(&control)
+        .arg(walhoard_basebackup::control::METADATA_MEMBER)
+        .output()
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let chunks = meta["chunks"].as_array().unwrap();
+    let data: Vec<&serde_json::Value> = chunks.iter().filter(|c| c["kind"] != "manifest").collect();
+    assert!(!data.is_empty(), "{meta}");
+    for c in &data {
+        assert_eq!(c["server_compressed"], true, "{c}");
+        assert!(
+            c["input_size"].as_u64().unwrap() > c["result_size"].as_u64().unwrap(),
+            "{c}"
+        );
+    }
+    insert(&p.pg, "after", 1_000);
+    p.archive_all().await;
+    let want = p.pg.psql(CHECKSUM).unwrap();
+    let target = work.path().join("restored");
+    let out = get_basebackup(
+        &p.d,
+        &target,
+        &[
+            "--restore-to-primary",
+            "--recovery-target-action",
+            "promote",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let copy = start_promoted(&target);
+    assert_eq!(copy.psql(CHECKSUM).unwrap(), want);
+}

@@ -54,6 +54,10 @@ pub struct ChunkMeta {
     pub tablespace_oid: Option<u32>,
     /// SHA-1 of the plain bytes, hex.
     pub hash: String,
+    /// PostgreSQL compressed the archive (BASE_BACKUP `COMPRESSION`); the stored object is its
+    /// stream, encrypted, labelled with the same compression as the others.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_compressed: bool,
 }
 
 /// The whole description. Field names up to `host` are pghoard's; the rest are walhoard's.

@@ -69,6 +69,7 @@ fn data_chunk(
         kind: ChunkKind::Data,
         tablespace_oid: None,
         hash: up.sha1,
+        server_compressed: false,
     }
 }
 

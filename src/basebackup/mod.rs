@@ -28,7 +28,7 @@ use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
 use crate::pipeline::compression::CompressionSettings;
-use crate::pipeline::transfer::{upload_produced, UploadEncryption, Uploaded};
+use crate::pipeline::transfer::{upload_produced, upload_produced_as, UploadEncryption, Uploaded};
 use crate::storage::{Metadata, ObjectStore};
 
 /// A backup that is stored and listed.
@@ -163,16 +163,42 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
+        self.store_chunk(file, false, produce).await
+    }
+
+    /// [`BackupContext::upload_chunk`] for bytes that are a stream of the site's compression
+    /// already (server-side compressed): encrypted and stored as they are.
+    pub async fn upload_precompressed_chunk<F>(
+        &self,
+        file: &str,
+        produce: F,
+    ) -> Result<(String, Uploaded)>
+    where
+        F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
+    {
+        self.store_chunk(file, true, produce).await
+    }
+
+    async fn store_chunk<F>(
+        &self,
+        file: &str,
+        precompressed: bool,
+        produce: F,
+    ) -> Result<(String, Uploaded)>
+    where
+        F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
+    {
         let rel = format!("{}/{file}", self.name);
         let key = format!("basebackup_chunk/{rel}");
         // Recorded before the upload: a failure may still have left parts behind.
         if let Ok(mut s) = self.stored.lock() {
             s.push(key.clone());
         }
-        let uploaded = upload_produced(
+        let uploaded = upload_produced_as(
             &self.store,
             &key,
             self.compression,
+            precompressed,
             self.encryption.clone(),
             self.base_metadata(),
             produce,

@@ -4,7 +4,8 @@
 //! pipeline's queues.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use walhoard_basebackup::control::{
 use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions, ReplicationClient};
 
 use super::{describe, now_rfc3339, BackupContext, Progress};
+use crate::pipeline::compression::Algorithm;
 use crate::pipeline::transfer::Uploaded;
 
 /// Messages to a chunk's producer thread. The explicit end tells a complete archive from a
@@ -32,33 +34,87 @@ struct OpenChunk {
     tablespace_oid: Option<u32>,
     tx: mpsc::Sender<Piece>,
     task: JoinHandle<Result<(String, Uploaded)>>,
+    /// Set for a server-compressed archive: the plain size and SHA-1, from decoding the
+    /// server's stream on the way (the stored bytes are the compressed stream).
+    plain: Option<Arc<Mutex<Option<(u64, String)>>>>,
+}
+
+/// Counts and hashes what a decoder writes into it.
+struct PlainDigest {
+    size: u64,
+    hash: aws_lc_rs::digest::Context,
+}
+
+impl Write for PlainDigest {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.size += data.len() as u64;
+        self.hash.update(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl OpenChunk {
+    /// `server_compressed`: the archive arrives as a zstd stream from the server.
     fn start(
         ctx: &BackupContext,
         file: String,
         kind: ChunkKind,
         tablespace_oid: Option<u32>,
+        server_compressed: bool,
     ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Piece>(16);
         let what = file.clone();
         let c = ctx.clone();
         let f = file.clone();
+        let plain = server_compressed.then(|| Arc::new(Mutex::new(None)));
+        let plain_out = plain.clone();
         let task = tokio::spawn(async move {
-            c.upload_chunk(&f, move |w| {
+            let produce = move |w: &mut dyn Write| {
+                // Decoding as it goes both checks the server's stream and gives the plain
+                // size and hash that restore verifies.
+                let mut decoder = match &plain_out {
+                    Some(_) => Some(zstd::stream::write::Decoder::new(PlainDigest {
+                        size: 0,
+                        hash: aws_lc_rs::digest::Context::new(
+                            &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                        ),
+                    })?),
+                    None => None,
+                };
                 while let Some(piece) = rx.blocking_recv() {
                     match piece {
-                        Piece::Data(d) => w.write_all(&d)?,
-                        Piece::End => return Ok(()),
+                        Piece::Data(d) => {
+                            w.write_all(&d)?;
+                            if let Some(dec) = decoder.as_mut() {
+                                dec.write_all(&d)?;
+                            }
+                        }
+                        Piece::End => {
+                            if let (Some(mut dec), Some(cell)) = (decoder, &plain_out) {
+                                dec.flush()?;
+                                let digest = dec.into_inner();
+                                let hash = hex::encode(digest.hash.finish());
+                                *cell.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some((digest.size, hash));
+                            }
+                            return Ok(());
+                        }
                     }
                 }
                 Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("BASE_BACKUP stopped in the middle of {what}"),
                 ))
-            })
-            .await
+            };
+            if server_compressed {
+                c.upload_precompressed_chunk(&f, produce).await
+            } else {
+                c.upload_chunk(&f, produce).await
+            }
         });
         OpenChunk {
             file,
@@ -66,6 +122,7 @@ impl OpenChunk {
             tablespace_oid,
             tx,
             task,
+            plain,
         }
     }
 
@@ -81,20 +138,57 @@ impl OpenChunk {
             .task
             .await
             .with_context(|| format!("upload task of {}", self.file))??;
+        let (input_size, hash, server_compressed) = match &self.plain {
+            Some(cell) => {
+                let (size, hash) = cell
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .with_context(|| format!("{}: the server's stream did not end", self.file))?;
+                (size, hash, true)
+            }
+            None => (up.plain_size, up.sha1, false),
+        };
         Ok(ChunkMeta {
             chunk_filename: rel,
-            input_size: up.plain_size,
+            input_size,
             result_size: up.stored_size,
             files: Vec::new(),
             kind: self.kind,
             tablespace_oid: self.tablespace_oid,
-            hash: up.sha1,
+            hash,
+            server_compressed,
         })
     }
 
     fn abort(self) {
         self.task.abort();
     }
+}
+
+/// Whether PostgreSQL should compress the archives: the site's `basebackup_server_compression`
+/// when set; by default when the site compresses with zstd and the node is reached over TCP at
+/// a non-loopback address (fewer bytes on the wire; on the same machine it only moves the work
+/// onto the primary). Needs PostgreSQL 15 and zstd as the site's compression either way.
+fn server_compression(
+    ctx: &BackupContext,
+    params: &walhoard_protocol::ConnectParams,
+    version: u32,
+) -> bool {
+    if version < 150000 || ctx.compression.algorithm != Algorithm::Zstd {
+        return false;
+    }
+    ctx.site_config
+        .basebackup_server_compression
+        .unwrap_or_else(|| match &params.host {
+            walhoard_protocol::Host::Tcp(h) => {
+                let loopback = h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                !loopback
+            }
+            walhoard_protocol::Host::Unix(_) => false,
+        })
 }
 
 pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
@@ -108,6 +202,10 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         .await
         .context("SHOW wal_segment_size")?;
     let version = client.connection().server_version_num()?;
+    let server_zstd = server_compression(ctx, &params, version);
+    if server_zstd {
+        tracing::info!(site = %ctx.site, "PostgreSQL compresses the archives (zstd level {})", ctx.compression.level);
+    }
     let opts = BaseBackupOptions {
         label: format!("walhoard {}", ctx.name),
         progress: true,
@@ -118,8 +216,8 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         manifest_checksums: None,
         tablespace_map: true,
         max_rate: ctx.max_rate_kbps,
-        compression: None,
-        compression_detail: None,
+        compression: server_zstd.then(|| "zstd".to_string()),
+        compression_detail: server_zstd.then(|| format!("level={}", ctx.compression.level)),
     };
     let start_time = now_rfc3339();
     let mut bb = client
@@ -165,6 +263,13 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
                     if let Some(c) = current.take() {
                         chunks.push(c.finish().await?);
                     }
+                    // Compressed archives are named `<name>.tar.zst`; stored under the plain
+                    // name, as restore expects, labelled with the compression.
+                    let name = match (server_zstd, name.strip_suffix(".zst")) {
+                        (true, Some(n)) => n.to_string(),
+                        (true, None) => bail!("server-compressed archive {name:?} is not .zst"),
+                        (false, _) => name,
+                    };
                     if name.is_empty() || name.contains('/') || name == "backup_manifest" {
                         bail!("server sent an archive with an unusable name {name:?}");
                     }
@@ -176,7 +281,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
                     } else {
                         ChunkKind::Data
                     };
-                    current = Some(OpenChunk::start(ctx, name, kind, oid));
+                    current = Some(OpenChunk::start(ctx, name, kind, oid, server_zstd));
                 }
                 BaseBackupEvent::ManifestStart => {
                     if let Some(c) = current.take() {
@@ -187,6 +292,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
                         "backup_manifest".into(),
                         ChunkKind::Manifest,
                         None,
+                        false,
                     ));
                 }
                 BaseBackupEvent::ArchiveData(d) | BaseBackupEvent::ManifestData(d) => {

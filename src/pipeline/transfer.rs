@@ -234,6 +234,49 @@ pub async fn upload_produced<F>(
     key: &str,
     compression: CompressionSettings,
     encryption: Option<UploadEncryption>,
+    metadata: Metadata,
+    produce: F,
+) -> Result<Uploaded, TransferError>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+{
+    upload_produced_as(
+        store,
+        key,
+        compression,
+        false,
+        encryption,
+        metadata,
+        produce,
+    )
+    .await
+}
+
+/// [`upload_produced`] for bytes that are already a `compression.algorithm` stream (a
+/// server-compressed BASE_BACKUP archive): they are encrypted and stored as they are, and the
+/// object is labelled with the algorithm so that restore decompresses it. The returned
+/// `plain_size` and `sha1` are those of the bytes `produce` wrote (the compressed stream).
+pub async fn upload_precompressed<F>(
+    store: &ObjectStore,
+    key: &str,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    metadata: Metadata,
+    produce: F,
+) -> Result<Uploaded, TransferError>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+{
+    upload_produced_as(store, key, compression, true, encryption, metadata, produce).await
+}
+
+/// [`upload_produced`] (`precompressed` false) or [`upload_precompressed`] (true).
+pub async fn upload_produced_as<F>(
+    store: &ObjectStore,
+    key: &str,
+    compression: CompressionSettings,
+    precompressed: bool,
+    encryption: Option<UploadEncryption>,
     mut metadata: Metadata,
     produce: F,
 ) -> Result<Uploaded, TransferError>
@@ -263,18 +306,30 @@ where
                     .map_err(|_| io::Error::other("the producer panicked"))??;
                 Ok((h.size, hex::encode(h.hash.finish())))
             };
+            // Compresses what `run` writes into `w` (or passes it through when it is
+            // compressed already).
+            fn compressed<W: Write>(
+                w: W,
+                compression: &CompressionSettings,
+                precompressed: bool,
+                run: impl FnOnce(&mut dyn Write) -> io::Result<(u64, String)>,
+            ) -> io::Result<((u64, String), W)> {
+                if precompressed {
+                    let mut w = w;
+                    let out = run(&mut w)?;
+                    return Ok((out, w));
+                }
+                let mut c = Compressor::new(w, compression)?;
+                let out = run(&mut c)?;
+                Ok((out, c.finish()?))
+            }
             let (out, mut sink) = match enc {
                 Some(e) => {
                     let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
-                    let mut c = Compressor::new(encryptor, &compression)?;
-                    let out = run(&mut c)?;
-                    (out, c.finish()?.finish()?)
+                    let (out, encryptor) = compressed(encryptor, &compression, precompressed, run)?;
+                    (out, encryptor.finish()?)
                 }
-                None => {
-                    let mut c = Compressor::new(sink, &compression)?;
-                    let out = run(&mut c)?;
-                    (out, c.finish()?)
-                }
+                None => compressed(sink, &compression, precompressed, run)?,
             };
             sink.flush()?;
             Ok(out)
