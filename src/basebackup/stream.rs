@@ -36,8 +36,11 @@ struct OpenChunk {
     task: JoinHandle<Result<(String, Uploaded)>>,
     /// Set for a server-compressed archive: the plain size and SHA-1, from decoding the
     /// server's stream on the way (the stored bytes are the compressed stream).
-    plain: Option<Arc<Mutex<Option<(u64, String)>>>>,
+    plain: Option<PlainResult>,
 }
+
+/// Plain size and SHA-1 (hex) of a decoded server-compressed archive, once it ended.
+type PlainResult = Arc<Mutex<Option<(u64, String)>>>;
 
 /// Counts and hashes what a decoder writes into it.
 struct PlainDigest {
