@@ -92,13 +92,33 @@ impl Extractor {
                     )))
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&at)?;
-                    fs::set_permissions(&at, fs::Permissions::from_mode(mode))?;
+                    if Self::create_dir_shared(&at)? {
+                        fs::set_permissions(&at, fs::Permissions::from_mode(mode))?;
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    /// Creates a directory that a chunk extracting in parallel may create at the same moment
+    /// (local-tar chunks each begin with the directories they are inside of). Returns whether
+    /// this call created it. An existing directory is fine; anything else there is refused.
+    fn create_dir_shared(path: &Path) -> io::Result<bool> {
+        match fs::create_dir(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                match fs::symlink_metadata(path) {
+                    Ok(m) if m.is_dir() => Ok(false),
+                    _ => Err(refuse(format!(
+                        "{} appeared as something other than a directory",
+                        path.display()
+                    ))),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes a non-directory in the way of `path` (overwrite), never following it.
@@ -145,7 +165,9 @@ impl Extractor {
                         Self::clear(&target)?;
                         fs::create_dir(&target)?;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&target)?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        Self::create_dir_shared(&target)?;
+                    }
                     Err(e) => return Err(e),
                 }
                 fs::set_permissions(&target, fs::Permissions::from_mode(dir_mode))?;
@@ -294,6 +316,53 @@ mod tests {
         extract_all(&bytes, &x).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"keep");
         assert_eq!(fs::read(root.path().join("f")).unwrap(), b"new");
+    }
+
+    /// Regression: chunks extracting in parallel each create the directories they begin with;
+    /// the loser of that race saw EEXIST and failed the restore.
+    #[test]
+    fn parallel_chunks_share_their_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let x = std::sync::Arc::new(Extractor::new(root.path().to_path_buf(), false));
+        let dir = |p: &str| Entry {
+            path: p.into(),
+            kind: EntryKind::Dir,
+            mode: 0o700,
+            size: 0,
+        };
+        for round in 0..20 {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (x, barrier) = (x.clone(), barrier.clone());
+                    let base = format!("r{round}/base/1");
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        for d in [
+                            format!("r{round}/"),
+                            format!("r{round}/base/"),
+                            format!("{base}/"),
+                        ] {
+                            x.extract(&dir(&d), &d, &mut io::empty())?;
+                        }
+                        let f = Entry {
+                            path: format!("{base}/f{i}"),
+                            kind: EntryKind::File,
+                            mode: 0o600,
+                            size: 1,
+                        };
+                        x.extract(&f, &f.path.clone(), &mut &b"x"[..])
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap().unwrap();
+            }
+        }
+        assert_eq!(
+            fs::read_dir(root.path().join("r0/base/1")).unwrap().count(),
+            8
+        );
     }
 
     #[test]
