@@ -79,7 +79,7 @@ trap 'exit 130' INT TERM
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 printf 'scale\tphase\ttool\trep\tseconds\tbytes\tstored_bytes\tmax_rss_kib\tload_1_5_15\n' >"$OUT/results.tsv"
-printf 'scale\trep\tseconds\twal_bytes\tsamples\tarchived_p50\tarchived_p95\tarchived_max\treceived_p50\treceived_p95\treceived_max\tload_1_5_15\n' >"$OUT/lag.tsv"
+printf 'scale\trep\tseconds\twal_bytes\tsamples\tarchived_p50\tarchived_p95\tarchived_max\tsent_p50\tsent_p95\tsent_max\tload_1_5_15\n' >"$OUT/lag.tsv"
 
 KEYS=$("$WALHOARD" create-keys --key-id k1 --bits 3072)
 PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
@@ -335,12 +335,14 @@ phase_lag() {
     local bench=$!
     PIDS+=("$bench")
     : >"$d/samples"
+    # Archived: walhoard's archived_lsn (GET /status). Sent: the walsender's sent_lsn, what
+    # has left the server (walhoard's received_lsn is only refreshed at status updates).
     while kill -0 "$bench" 2>/dev/null; do
-      cur=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
-      local st
-      st=$(curl -sf --max-time 2 "http://127.0.0.1:$(jq -r .http_port "$cfg")/status" || true)
-      a=$(jq -r '.backup_sites.main.walreceiver.archived_lsn // empty' <<<"$st")
-      rc=$(jq -r '.backup_sites.main.walreceiver.received_lsn // empty' <<<"$st")
+      local pos
+      pos=$(psql_ "select pg_current_wal_lsn() || ' ' || coalesce((select sent_lsn from pg_stat_replication where application_name <> 'pg_basebackup' limit 1)::text, '')")
+      cur=$(lsn2n "${pos% *}")
+      rc=${pos#* }
+      a=$(wh_status_lsn "$cfg" archived_lsn)
       if [ -n "$a" ] && [ -n "$rc" ]; then
         echo "$(($(date +%s%N) / 1000000)) $((cur - $(lsn2n "$a"))) $((cur - $(lsn2n "$rc")))" >>"$d/samples"
       fi

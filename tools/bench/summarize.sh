@@ -58,9 +58,9 @@ for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
   fi
 done
 if [ "$(wc -l <"$out/lag.tsv")" -gt 1 ]; then
-  echo "### Live lag under pgbench (primary LSN − walhoard position, MiB, sampled every 0.5 s)"
+  echo "### Live lag under pgbench -c 4 -j 2 (MiB behind pg_current_wal_lsn(), sampled every 0.5 s)"
   echo
-  echo "| run | seconds | WAL MB/s | samples | archived p50 | p95 | max | received p50 | p95 | max | load 1/5/15 at end |"
+  echo "| run | seconds | WAL MB/s | samples | not yet archived: p50 | p95 | max | not yet sent: p50 | p95 | max | load 1/5/15 at end |"
   echo "|---|---|---|---|---|---|---|---|---|---|---|"
   awk -F'\t' 'NR > 1 { printf "| %s %s | %.0f | %.1f | %s | %s | %s | %s | %s | %s | %s | %s |\n",
     $1, $2, $3, $4 / $3 / 1e6, $5, $6, $7, $8, $9, $10, $11, $12 }' "$out/lag.tsv"
