@@ -212,7 +212,12 @@ drain_walhoard() { # drain_walhoard <rep> local|s3
   t1=$(now)
   rss=$(vmhwm "$WH_PID")
   stop_pid "$WH_PID"
-  if [ "$kind" = s3 ]; then stored=$(du -sb "$d/s3" | cut -f1); stop_pid "$S3_PID"; else stored=$(du -sb "$d/archive" | cut -f1); fi
+  local store=$d/archive
+  [ "$kind" = s3 ] && store=$d/s3
+  # The archive itself must hold the backlog's last segment, whatever the status said.
+  [ -n "$(find "$store" -name "$LAST_SEG" -print -quit)" ] || { log "walhoard: $LAST_SEG not in $store"; return 1; }
+  stored=$(du -sb "$store" | cut -f1)
+  if [ "$kind" = s3 ]; then stop_pid "$S3_PID"; fi
   result drain "walhoard-$kind" "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$stored" "$rss"
   rm -rf "$d"
   psql_ "select pg_drop_replication_slot('wh_${kind}_$r')" >/dev/null
@@ -268,10 +273,12 @@ bb_pg_basebackup() {
   result basebackup pg_basebackup "$r" "$(elapsed "$t0" "$t1")" "$DB_BYTES" "$(du -sb "$d" | cut -f1)" "$(time_rss "$d.time")"
 }
 
-bb_walhoard() { # bb_walhoard <rep> basic|local-tar
-  local r=$1 mode=$2 d=$ROOT/bb-walhoard-$2 t0 t1 extra
+bb_walhoard() { # bb_walhoard <rep> basic|local-tar [zstd threads]
+  local r=$1 mode=$2 threads=${3:-0} d=$ROOT/bb-walhoard-$2-${3:-0} t0 t1 extra name=walhoard-$2
+  [ "$threads" = 0 ] || name+="-zstd$threads"
   rm -rf "$d"
-  extra=$(jq -n --arg mode "$mode" --arg data "$PGDATA" '{basebackup_mode: $mode}
+  extra=$(jq -n --arg mode "$mode" --arg data "$PGDATA" --argjson threads "$threads" '{basebackup_mode: $mode,
+      basebackup_compression_threads: $threads}
     + (if $mode == "local-tar" then {pg_data_directory: $data, basebackup_threads: 2,
          basebackup_chunk_size: 67108864} else {} end)')
   wh_config "$d" "wh_bb" "$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')" "$extra"
@@ -279,7 +286,7 @@ bb_walhoard() { # bb_walhoard <rep> basic|local-tar
   /usr/bin/time -v -o "$d.time" "$WALHOARD" basebackup --config "$d/walhoard.json" --site main >"$d.out" 2>&1 ||
     { log "walhoard basebackup failed: $(tail -5 "$d.out")"; return 1; }
   t1=$(now)
-  result basebackup "walhoard-$mode" "$r" "$(elapsed "$t0" "$t1")" "$DB_BYTES" "$(du -sb "$d/archive" | cut -f1)" "$(time_rss "$d.time")"
+  result basebackup "$name" "$r" "$(elapsed "$t0" "$t1")" "$DB_BYTES" "$(du -sb "$d/archive" | cut -f1)" "$(time_rss "$d.time")"
 }
 
 bb_pgbackrest() {
@@ -303,6 +310,7 @@ phase_basebackup() {
       case $tool in
         pg_basebackup) bb_pg_basebackup "$r" ;;
         walhoard-basic) bb_walhoard "$r" basic ;;
+        walhoard-basic-zstd2) bb_walhoard "$r" basic 2 ;;
         walhoard-local-tar) bb_walhoard "$r" local-tar ;;
         pgbackrest) bb_pgbackrest "$r" ;;
       esac
@@ -335,6 +343,8 @@ phase_lag() {
     local bench=$!
     PIDS+=("$bench")
     : >"$d/samples"
+    local tick wait_ms
+    tick=$(($(date +%s%N) / 1000000))
     # Archived: walhoard's archived_lsn (GET /status). Sent: the walsender's sent_lsn, what
     # has left the server (walhoard's received_lsn is only refreshed at status updates).
     while kill -0 "$bench" 2>/dev/null; do
@@ -346,7 +356,10 @@ phase_lag() {
       if [ -n "$a" ] && [ -n "$rc" ]; then
         echo "$(($(date +%s%N) / 1000000)) $((cur - $(lsn2n "$a"))) $((cur - $(lsn2n "$rc")))" >>"$d/samples"
       fi
-      sleep 0.5
+      # Every 0.5 s, however long the sample took.
+      tick=$((tick + 500))
+      wait_ms=$((tick - $(date +%s%N) / 1000000))
+      if [ "$wait_ms" -gt 0 ]; then sleep "$(awk -v m="$wait_ms" 'BEGIN { print m / 1000 }')"; fi
     done
     wait "$bench" || { log "pgbench failed: $(tail -3 "$d/pgbench.log")"; return 1; }
     end_n=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
@@ -397,7 +410,7 @@ for p in $PHASES; do
 done
 if [ ${#main_phases[@]} -gt 0 ]; then
   DRAIN_TOOLS="pg_receivewal walhoard-local walhoard-s3 pgbackrest"
-  BB_TOOLS="pg_basebackup walhoard-basic walhoard-local-tar pgbackrest"
+  BB_TOOLS="pg_basebackup walhoard-basic walhoard-basic-zstd2 walhoard-local-tar pgbackrest"
   scenario "$SCALE" "$WAL_MIB" "${main_phases[@]}"
 fi
 if [[ " $PHASES " == *" memory "* ]]; then
