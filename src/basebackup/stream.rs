@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use walhoard_basebackup::control::{
@@ -27,11 +27,17 @@ enum Piece {
     End,
 }
 
+/// What the producer thread is handed at a time. CopyData messages are 8-64 kB; handing each
+/// over separately made scheduler work ~30 % of a `basic` backup's CPU (docs/benchmarks.md).
+const PIECE_SIZE: usize = 1024 * 1024;
+
 /// A chunk being stored while the stream goes on.
 struct OpenChunk {
     file: String,
     kind: ChunkKind,
     tablespace_oid: Option<u32>,
+    /// Data not yet handed over, less than [`PIECE_SIZE`].
+    pending: BytesMut,
     tx: mpsc::Sender<Piece>,
     task: JoinHandle<Result<(String, Uploaded)>>,
     /// Set for a server-compressed archive: the plain size and SHA-1, from decoding the
@@ -69,7 +75,7 @@ impl OpenChunk {
         tablespace_oid: Option<u32>,
         server_compressed: bool,
     ) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Piece>(16);
+        let (tx, mut rx) = mpsc::channel::<Piece>(4);
         let what = file.clone();
         let c = ctx.clone();
         let f = file.clone();
@@ -123,6 +129,7 @@ impl OpenChunk {
             file,
             kind,
             tablespace_oid,
+            pending: BytesMut::with_capacity(PIECE_SIZE),
             tx,
             task,
             plain,
@@ -131,10 +138,19 @@ impl OpenChunk {
 
     /// Feeds data; a failed upload is reported by [`OpenChunk::finish`].
     async fn send(&mut self, d: Bytes) -> bool {
-        self.tx.send(Piece::Data(d)).await.is_ok()
+        self.pending.extend_from_slice(&d);
+        if self.pending.len() < PIECE_SIZE {
+            return true;
+        }
+        let piece = std::mem::replace(&mut self.pending, BytesMut::with_capacity(PIECE_SIZE));
+        self.tx.send(Piece::Data(piece.freeze())).await.is_ok()
     }
 
-    async fn finish(self) -> Result<ChunkMeta> {
+    async fn finish(mut self) -> Result<ChunkMeta> {
+        if !self.pending.is_empty() {
+            let piece = self.pending.split().freeze();
+            let _ = self.tx.send(Piece::Data(piece)).await;
+        }
         let _ = self.tx.send(Piece::End).await;
         drop(self.tx);
         let (rel, up) = self

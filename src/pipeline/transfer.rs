@@ -176,19 +176,30 @@ pub async fn upload_file(
     metadata.insert("hash".into(), hash);
     metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
     let src = path.to_path_buf();
-    let uploaded = upload_produced(store, key, compression, encryption, metadata, move |w| {
-        let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
-        let size = io::copy(&mut input, w)?;
-        if size != expect_size {
-            return Err(io::Error::other(format!(
-                "{}: file changed while being archived ({expect_size} then {size} bytes)",
-                src.display()
-            )));
-        }
-        Ok(())
-    })
+    // The hash is already in the metadata: hashing the bytes again on their way into the
+    // compressor cost as much CPU as a fifth of the whole WAL drain (docs/benchmarks.md).
+    let uploaded = upload_stream(
+        store,
+        key,
+        compression,
+        false,
+        encryption,
+        metadata,
+        false,
+        move |w| {
+            let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
+            let size = io::copy(&mut input, w)?;
+            if size != expect_size {
+                return Err(io::Error::other(format!(
+                    "{}: file changed while being archived ({expect_size} then {size} bytes)",
+                    src.display()
+                )));
+            }
+            Ok(())
+        },
+    )
     .await?;
-    Ok(uploaded.metadata)
+    Ok(uploaded.3)
 }
 
 /// What [`upload_produced`] stored.
@@ -204,17 +215,19 @@ pub struct Uploaded {
     pub metadata: Metadata,
 }
 
-/// Counts and hashes the plain bytes on their way into the compressor.
+/// Counts (and, when asked, hashes) the plain bytes on their way into the compressor.
 struct Hashing<'a> {
     inner: &'a mut dyn Write,
-    hash: digest::Context,
+    hash: Option<digest::Context>,
     size: u64,
 }
 
 impl Write for Hashing<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(data)?;
-        self.hash.update(&data[..n]);
+        if let Some(h) = self.hash.as_mut() {
+            h.update(&data[..n]);
+        }
         self.size += n as u64;
         Ok(n)
     }
@@ -277,34 +290,71 @@ pub async fn upload_produced_as<F>(
     compression: CompressionSettings,
     precompressed: bool,
     encryption: Option<UploadEncryption>,
-    mut metadata: Metadata,
+    metadata: Metadata,
     produce: F,
 ) -> Result<Uploaded, TransferError>
+where
+    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
+{
+    let (plain_size, stored_size, sha1, metadata) = upload_stream(
+        store,
+        key,
+        compression,
+        precompressed,
+        encryption,
+        metadata,
+        true,
+        produce,
+    )
+    .await?;
+    Ok(Uploaded {
+        plain_size,
+        stored_size,
+        // Asked for above, so always there.
+        sha1: sha1.unwrap_or_default(),
+        metadata,
+    })
+}
+
+/// [`upload_produced`], hashing the plain bytes (SHA-1) only when `hash_plain`. Returns plain
+/// size, stored size, the hash and the metadata stored.
+#[allow(clippy::too_many_arguments)]
+async fn upload_stream<F>(
+    store: &ObjectStore,
+    key: &str,
+    compression: CompressionSettings,
+    precompressed: bool,
+    encryption: Option<UploadEncryption>,
+    mut metadata: Metadata,
+    hash_plain: bool,
+    produce: F,
+) -> Result<(u64, u64, Option<String>, Metadata), TransferError>
 where
     F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
     let enc = encryption.clone();
     let worker = super::cpu::worker().await;
-    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<String>)> {
         let _worker = worker;
         let err_tx = tx.clone();
-        let result: io::Result<(u64, String)> = (|| {
+        let result: io::Result<(u64, Option<String>)> = (|| {
             let sink = ChannelWriter {
                 tx,
                 buf: Vec::with_capacity(PIPE_CHUNK),
             };
-            let run = |c: &mut dyn Write| -> io::Result<(u64, String)> {
+            let run = |c: &mut dyn Write| -> io::Result<(u64, Option<String>)> {
                 let mut h = Hashing {
                     inner: c,
-                    hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+                    hash: hash_plain
+                        .then(|| digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY)),
                     size: 0,
                 };
                 // A panic would close the channel like a clean end and complete a short
                 // object: turn it into an error that aborts the upload.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&mut h)))
                     .map_err(|_| io::Error::other("the producer panicked"))??;
-                Ok((h.size, hex::encode(h.hash.finish())))
+                Ok((h.size, h.hash.map(|d| hex::encode(d.finish()))))
             };
             // Compresses what `run` writes into `w` (or passes it through when it is
             // compressed already).
@@ -312,8 +362,8 @@ where
                 w: W,
                 compression: &CompressionSettings,
                 precompressed: bool,
-                run: impl FnOnce(&mut dyn Write) -> io::Result<(u64, String)>,
-            ) -> io::Result<((u64, String), W)> {
+                run: impl FnOnce(&mut dyn Write) -> io::Result<(u64, Option<String>)>,
+            ) -> io::Result<((u64, Option<String>), W)> {
                 if precompressed {
                     let mut w = w;
                     let out = run(&mut w)?;
@@ -358,12 +408,7 @@ where
         message: format!("producer thread failed: {e}"),
     })?;
     match (stored, produced) {
-        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Uploaded {
-            plain_size,
-            stored_size,
-            sha1,
-            metadata,
-        }),
+        (Ok(stored_size), Ok((plain_size, sha1))) => Ok((plain_size, stored_size, sha1, metadata)),
         (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
         (_, Err(e)) => Err(TransferError::Object {
             key: key.into(),

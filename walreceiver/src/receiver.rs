@@ -433,6 +433,10 @@ impl Session {
         let mut archived = self.archived.clone();
         let mut archive_open = true;
         let mut pause = self.cfg.pause.clone();
+        // One segment-sized buffer for every read-back: a fresh 16 MiB allocation per segment
+        // let glibc raise its mmap threshold and keep freed buffers in per-thread arenas, so
+        // the daemon's RSS grew with the backlog (docs/benchmarks.md).
+        let mut verify_buf = Vec::new();
         loop {
             // The spool writes below are synchronous: they go to the page cache, and the one
             // fdatasync per status update is what bounds how stale the reported flush is.
@@ -476,7 +480,7 @@ impl Session {
                             if cur.is_full() {
                                 let done = current.take().expect("current segment");
                                 let seg_start = done.start;
-                                verify(&done, expect, true)?;
+                                verify(&done, expect, true, &mut verify_buf)?;
                                 let id = done.id;
                                 let path = done.complete()?;
                                 synced = received;
@@ -499,7 +503,7 @@ impl Session {
                             return Err(PgError::protocol(format!("timeline {tli} ended at {received}, but timeline {next_tli} starts at {next_start}")).into());
                         }
                         if let Some(cur) = current.take() {
-                            verify(&cur, expect, true)?;
+                            verify(&cur, expect, true, &mut verify_buf)?;
                             let id = cur.id;
                             let path = cur.finish_partial()?;
                             self.send(ReceiverEvent::TimelinePartial { name: WalSegmentName::Partial(id), path, end: received }).await?;
@@ -526,8 +530,9 @@ fn verify(
     file: &SegmentFile,
     expect: &PageExpectation,
     allow_zero_tail: bool,
+    buf: &mut Vec<u8>,
 ) -> Result<(), ReceiverError> {
-    let data = file.read_all()?;
-    validate_pages(&data, file.start, expect, allow_zero_tail)
+    file.read_all_into(buf)?;
+    validate_pages(buf, file.start, expect, allow_zero_tail)
         .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", file.id)))
 }

@@ -1,0 +1,123 @@
+# Helpers for tools/bench/run.sh: the throw-away primary, LSN arithmetic, timing, results.
+# Sourced, not run. Everything lives under $ROOT (a mktemp directory); every process started
+# here is recorded in $PIDS and stopped by cleanup.
+
+PGBIN=/usr/lib/postgresql/15/bin
+SEG=16777216
+PIDS=()
+
+log() { printf '%s [%s] %s\n' "$(date +%H:%M:%S)" "$(load1)" "$*" >&2; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+loads() { cut -d' ' -f1-3 /proc/loadavg; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# LSN "X/Y" <-> byte position.
+lsn2n() { local hi=${1%/*} lo=${1#*/}; echo $(((16#$hi << 32) + 16#$lo)); }
+n2lsn() { printf '%X/%X\n' $(($1 >> 32)) $(($1 & 0xffffffff)); }
+
+as_pg() { runuser -u postgres -- "$@"; }
+psql_() { "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PGPORT" -U postgres -d postgres -c "$1"; }
+
+# pg_up <scale> <wal MiB>: a fresh primary whose WAL since the slot position is >= <wal MiB>.
+# Sets PGDATA SOCK PGPORT START_N (first byte of the backlog, a segment start), TARGET_N (its
+# end, a segment boundary) and LAST_SEG (the last complete segment), and SLOTS_MADE.
+pg_up() {
+  local scale=$1 wal_mib=$2 slots=$3
+  PGDATA=$ROOT/pg/data SOCK=$ROOT/pg/sock PGPORT=$(free_port)
+  mkdir -p "$PGDATA" "$SOCK"
+  chown -R postgres: "$ROOT/pg"
+  chmod 700 "$PGDATA"
+  as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres -N >"$ROOT/pg/initdb.log"
+  cat >>"$PGDATA/postgresql.conf" <<EOF
+# tools/bench
+listen_addresses = ''
+unix_socket_directories = '$SOCK'
+port = $PGPORT
+wal_level = replica
+max_wal_senders = 20
+max_replication_slots = 40
+max_wal_size = 64GB
+checkpoint_timeout = 1h
+shared_buffers = 512MB
+archive_mode = on
+archive_command = ''
+log_min_messages = warning
+EOF
+  printf 'local all all trust\nlocal replication all trust\n' >"$PGDATA/pg_hba.conf"
+  as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$ROOT/pg/server.log" -w -s start
+  log "primary up: PostgreSQL $(psql_ 'show server_version'), socket $SOCK port $PGPORT"
+
+  # The slots are created back to back before the load, so they all hold the same backlog.
+  psql_ "select pg_switch_wal()" >/dev/null
+  local s
+  for s in $slots; do psql_ "select pg_create_physical_replication_slot('$s', true)" >/dev/null; done
+  local start
+  start=$(psql_ "select restart_lsn from pg_replication_slots where slot_name = '${slots%% *}'")
+  START_N=$(($(lsn2n "$start") / SEG * SEG))
+  # Segments before the backlog are not part of what pgBackRest is timed on.
+  local first_seg f
+  first_seg=$(psql_ "select pg_walfile_name('$(n2lsn $((START_N + 1)))')")
+  for f in "$PGDATA"/pg_wal/archive_status/*.ready; do
+    [ -e "$f" ] || continue
+    local b=${f##*/}; b=${b%.ready}
+    [[ "$b" < "$first_seg" ]] && mv "$f" "${f%.ready}.done"
+  done
+
+  log "load: pgbench -i -s $scale"
+  "$PGBIN/pgbench" -i -q -s "$scale" -h "$SOCK" -p "$PGPORT" -U postgres postgres 2>"$ROOT/pg/pgbench-init.log"
+  # Then a bulk load (md5 text compresses far less than pgbench's blank filler) until the
+  # backlog reaches the size asked for.
+  psql_ "create table bulk (id bigint, payload text)"
+  local n=0 cur
+  while :; do
+    cur=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
+    [ $((cur - START_N)) -ge $((wal_mib * 1048576)) ] && break
+    psql_ "insert into bulk select g, md5(g::text) || md5((g + 1)::text) from generate_series($n + 1, $n + 1000000) g"
+    n=$((n + 1000000))
+  done
+  psql_ "checkpoint" >/dev/null
+  local sw
+  sw=$(psql_ "select pg_switch_wal()")
+  TARGET_N=$((($(lsn2n "$sw") + SEG - 1) / SEG * SEG))
+  LAST_SEG=$(psql_ "select pg_walfile_name('$sw')")
+  # WAL past the boundary, so that pg_receivewal --endpos (which stops once it has received
+  # beyond endpos) sees some.
+  psql_ "checkpoint" >/dev/null
+  DB_BYTES=$(psql_ "select pg_database_size('postgres')")
+  BACKLOG=$((TARGET_N - START_N))
+  log "backlog $(n2lsn $START_N) .. $(n2lsn $TARGET_N) = $((BACKLOG / 1048576)) MiB (last segment $LAST_SEG); database $((DB_BYTES / 1048576)) MiB; bulk rows $n"
+}
+
+pg_down() {
+  [ -n "${PGDATA:-}" ] && [ -f "$PGDATA/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -s stop || true
+}
+
+# Kills a process we started, by its pid, and waits for it.
+stop_pid() {
+  local pid=$1 sig=${2:-TERM}
+  kill -"$sig" "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  pg_down
+  if [ -n "${ROOT:-}" ] && [ -z "${WALHOARD_BENCH_KEEP:-}" ]; then rm -rf "$ROOT"; fi
+}
+
+# result <phase> <tool> <rep> <seconds> <bytes processed> <stored bytes> <max RSS KiB>
+result() {
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$SCALE_LABEL" "$@" "$(loads | tr ' ' ,)" >>"$OUT/results.tsv"
+  log "result: $*"
+}
+
+# VmHWM (peak RSS) of a running process, in KiB.
+vmhwm() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+# "Maximum resident set size" from a /usr/bin/time -v output file, in KiB.
+time_rss() { awk -F': ' '/Maximum resident set size/ { print $2 }' "$1"; }

@@ -1,0 +1,423 @@
+#!/usr/bin/env bash
+# walhoard against the tools a user would otherwise pick, on the same data in the same run
+# (docs/benchmarks.md, "Against the peers"). Not part of tools/test.sh or CI.
+#
+#   tools/bench/run.sh                 # everything: drain, basebackup, lag, then memory at 1/4 size
+#   tools/bench/run.sh drain lag       # only these phases (drain basebackup lag memory)
+#   WALHOARD_BENCH_QUICK=1 tools/bench/run.sh   # a small scale, for trying the harness (~3 min)
+#
+# Environment: WALHOARD_BENCH_SCALE (pgbench scale, default 100), WALHOARD_BENCH_WAL_MIB (WAL
+# backlog held by the slots, default 2200), WALHOARD_BENCH_REPS (runs of each measurement,
+# default 3), WALHOARD_BENCH_LAG_SECONDS (pgbench duration per lag run, default 60),
+# WALHOARD_BENCH_OUT (results directory, default target/bench-results/<time>),
+# WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection.
+#
+# Needs root (PostgreSQL runs as the 'postgres' user, packages are installed with apt).
+# Everything is written under one mktemp directory; all traffic is on a unix socket or 127.0.0.1.
+#
+# Each phase is a function over the primary that pg_up leaves behind; a restore phase (walhoard
+# get-basebackup + recovery against pgbackrest restore) would take the backups the basebackup
+# phase leaves in $ROOT/bb-* (the last run of each tool is kept) and time restoring each.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+. "$here/lib.sh"
+
+if [ -n "${WALHOARD_BENCH_QUICK:-}" ]; then
+  : "${WALHOARD_BENCH_SCALE:=10}" "${WALHOARD_BENCH_WAL_MIB:=300}" "${WALHOARD_BENCH_LAG_SECONDS:=15}"
+fi
+SCALE=${WALHOARD_BENCH_SCALE:-100}
+WAL_MIB=${WALHOARD_BENCH_WAL_MIB:-2200}
+REPS=${WALHOARD_BENCH_REPS:-3}
+LAG_SECONDS=${WALHOARD_BENCH_LAG_SECONDS:-60}
+PHASES=${*:-drain basebackup lag memory}
+OUT=${WALHOARD_BENCH_OUT:-$repo/target/bench-results/$(date +%Y%m%d-%H%M%S)}
+
+[ "$(id -u)" = 0 ] || { echo "tools/bench/run.sh needs root (apt, and PostgreSQL runs as 'postgres')" >&2; exit 1; }
+
+# --- what the runs need -------------------------------------------------------------------
+apt_updated=
+need_pkg() { # need_pkg <command-or-path> <debian package>
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -e "$1" ]; then
+    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+    echo "== installing $2" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+need_pkg $PGBIN/pg_receivewal postgresql-15
+need_pkg pgbackrest pgbackrest
+need_pkg /usr/bin/time time
+need_pkg curl curl
+need_pkg jq jq
+need_pkg python3 python3
+id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+cache=${WALHOARD_CACHE:-/var/cache/walhoard}
+S3S_FS=${WALHOARD_S3S_FS:-$cache/s3s-fs/bin/s3s-fs}
+if [ ! -x "$S3S_FS" ]; then
+  echo "== installing s3s-fs into $cache/s3s-fs" >&2
+  cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
+fi
+(cd "$repo" && cargo build --release --locked --bin walhoard)
+WALHOARD=$repo/target/release/walhoard
+
+mkdir -p "$OUT"
+ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-bench.XXXXXX")
+chmod 755 "$ROOT"
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src protocol walreceiver basebackup || echo ' (modified)')"
+  echo "nproc: $(nproc)"
+  echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+  echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+  echo "os: $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
+  echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard)"
+  echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS phases='$PHASES'"
+  echo "load at start: $(loads)"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+printf 'scale\tphase\ttool\trep\tseconds\tbytes\tstored_bytes\tmax_rss_kib\tload_1_5_15\n' >"$OUT/results.tsv"
+printf 'scale\trep\tseconds\twal_bytes\tsamples\tarchived_p50\tarchived_p95\tarchived_max\tsent_p50\tsent_p95\tsent_max\tload_1_5_15\n' >"$OUT/lag.tsv"
+
+KEYS=$("$WALHOARD" create-keys --key-id k1 --bits 3072)
+PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
+
+# --- walhoard -----------------------------------------------------------------------------
+# wh_config <dir> <slot> <object_storage JSON> [site JSON merged in]: zstd level 1, encrypted
+# with a 3072-bit key, no scheduled basebackups, everything else at its default.
+wh_config() {
+  local d=$1 slot=$2 storage=$3 extra=${4:-'{}'}
+  mkdir -p "$d"
+  jq -n --arg d "$d" --arg sock "$SOCK" --argjson port "$PGPORT" --arg slot "$slot" \
+    --argjson storage "$storage" --argjson extra "$extra" --arg pub "$PUBLIC" \
+    --argjson http "$(free_port)" '{
+      backup_location: ($d + "/spool"),
+      json_state_file_path: ($d + "/state.json"),
+      alert_file_dir: $d,
+      maintenance_mode_file: ($d + "/maintenance_mode_file"),
+      http_port: $http,
+      compression: {algorithm: "zstd", level: 1},
+      backup_sites: {main: ({
+        nodes: [{host: $sock, port: $port, user: "postgres", slot: $slot}],
+        object_storage: $storage,
+        encryption_key_id: "k1",
+        encryption_keys: {k1: {public: $pub}},
+        basebackup_interval_hours: null
+      } + $extra)}
+    }' >"$d/walhoard.json"
+}
+
+wh_status_lsn() { # wh_status_lsn <config> <field>: from GET /status, empty until known
+  local port
+  port=$(jq -r .http_port "$1")
+  curl -sf --max-time 2 "http://127.0.0.1:$port/status" | jq -r ".backup_sites.main.walreceiver.$2 // empty" 2>/dev/null || true
+}
+
+# wh_wait_archived <config> <pid> <target byte position> <timeout s>
+wh_wait_archived() {
+  local cfg=$1 pid=$2 target=$3 deadline=$(($(date +%s) + $4)) a
+  while :; do
+    a=$(wh_status_lsn "$cfg" archived_lsn)
+    if [ -n "$a" ] && [ "$(lsn2n "$a")" -ge "$target" ]; then return 0; fi
+    kill -0 "$pid" 2>/dev/null || { log "walhoard daemon exited early; log: $(dirname "$cfg")/daemon.log"; return 1; }
+    [ "$(date +%s)" -lt "$deadline" ] || { log "walhoard did not archive up to $(n2lsn "$target") in time"; return 1; }
+    sleep 0.1
+  done
+}
+
+wh_start() { # wh_start <dir>: sets WH_PID
+  WALHOARD_LOG=info "$WALHOARD" daemon --config "$1/walhoard.json" >"$1/daemon.log" 2>&1 &
+  WH_PID=$!
+  PIDS+=("$WH_PID")
+}
+
+s3_start() { # s3_start <dir>: s3s-fs with bucket 'archive'; sets S3_PID S3_PORT
+  mkdir -p "$1/archive"
+  S3_PORT=$(free_port)
+  "$S3S_FS" --host 127.0.0.1 --port "$S3_PORT" --access-key bench-ak --secret-key bench-secret-key "$1" >/dev/null 2>&1 &
+  S3_PID=$!
+  PIDS+=("$S3_PID")
+  local i
+  for i in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null && return 0; sleep 0.1; done
+  log "s3s-fs did not listen"; return 1
+}
+
+# --- pgBackRest ---------------------------------------------------------------------------
+PGBR=
+pgbr() { as_pg pgbackrest --config="$PGBR/pgbackrest.conf" --stanza=bench "$@"; }
+pgbr_setup() { # a repository in $ROOT/pgbr, and the stanza (again, on an emptied repository)
+  PGBR=$ROOT/pgbr
+  rm -rf "$PGBR"
+  mkdir -p "$PGBR"/{repo,spool,lock,log}
+  cat >"$PGBR/pgbackrest.conf" <<EOF
+[global]
+repo1-path=$PGBR/repo
+repo1-retention-full=1
+spool-path=$PGBR/spool
+lock-path=$PGBR/lock
+log-path=$PGBR/log
+log-level-console=warn
+log-level-file=info
+archive-async=y
+process-max=2
+compress-type=zst
+compress-level=1
+start-fast=y
+
+[bench]
+pg1-path=$PGDATA
+pg1-socket-path=$SOCK
+pg1-port=$PGPORT
+pg1-user=postgres
+EOF
+  chown -R postgres: "$PGBR"
+  pgbr stanza-create >/dev/null
+}
+set_archive_command() {
+  psql_ "alter system set archive_command = '$1'" && psql_ "select pg_reload_conf()" >/dev/null
+}
+PGBR_ARCHIVE="pgbackrest --config=$ROOT/pgbr/pgbackrest.conf --stanza=bench archive-push %p"
+
+# --- phase: WAL drain ---------------------------------------------------------------------
+drain_receivewal() {
+  local r=$1 d=$ROOT/drain-rw-$r t0 t1
+  mkdir -p "$d/wal"
+  t0=$(now)
+  /usr/bin/time -v -o "$d/time" "$PGBIN/pg_receivewal" -h "$SOCK" -p "$PGPORT" -U postgres \
+    --slot "rw_$r" --no-sync --no-loop --endpos "$(n2lsn "$TARGET_N")" -D "$d/wal"
+  t1=$(now)
+  [ -f "$d/wal/$LAST_SEG" ] || { log "pg_receivewal stopped before $LAST_SEG"; return 1; }
+  result drain pg_receivewal "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$d/wal" | cut -f1)" "$(time_rss "$d/time")"
+  rm -rf "$d"
+  psql_ "select pg_drop_replication_slot('rw_$r')" >/dev/null
+}
+
+drain_walhoard() { # drain_walhoard <rep> local|s3
+  local r=$1 kind=$2 d=$ROOT/drain-wh-$2-$1 storage t0 t1 rss stored
+  mkdir -p "$d"
+  if [ "$kind" = s3 ]; then
+    s3_start "$d/s3"
+    storage=$(jq -n --argjson port "$S3_PORT" '{storage_type: "s3", bucket_name: "archive",
+      region: "us-east-1", aws_access_key_id: "bench-ak", aws_secret_access_key: "bench-secret-key",
+      host: "127.0.0.1", port: $port, is_secure: false}')
+  else
+    storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
+  fi
+  wh_config "$d" "wh_${kind}_$r" "$storage"
+  t0=$(now)
+  wh_start "$d"
+  wh_wait_archived "$d/walhoard.json" "$WH_PID" "$TARGET_N" 1800
+  t1=$(now)
+  rss=$(vmhwm "$WH_PID")
+  stop_pid "$WH_PID"
+  local store=$d/archive
+  [ "$kind" = s3 ] && store=$d/s3
+  # The archive itself must hold the backlog's last segment, whatever the status said.
+  [ -n "$(find "$store" -name "$LAST_SEG" -print -quit)" ] || { log "walhoard: $LAST_SEG not in $store"; return 1; }
+  stored=$(du -sb "$store" | cut -f1)
+  if [ "$kind" = s3 ]; then stop_pid "$S3_PID"; fi
+  result drain "walhoard-$kind" "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$stored" "$rss"
+  rm -rf "$d"
+  psql_ "select pg_drop_replication_slot('wh_${kind}_$r')" >/dev/null
+}
+
+drain_pgbackrest() {
+  local r=$1 t0 t1 last f b first_seg
+  # Every run the same backlog: an empty repository and spool, and the backlog's segments
+  # (archived by an earlier run) marked ready for the archiver once more.
+  pgbr_setup
+  first_seg=$(psql_ "select pg_walfile_name('$(n2lsn $((START_N + 1)))')")
+  for f in "$PGDATA"/pg_wal/archive_status/*.done; do
+    [ -e "$f" ] || continue
+    b=${f##*/}; b=${b%.done}
+    if [[ ! "$b" < "$first_seg" ]] && [[ ! "$b" > "$LAST_SEG" ]]; then mv "$f" "${f%.done}.ready"; fi
+  done
+  psql_ "select pg_stat_reset_shared('archiver')" >/dev/null
+  t0=$(now)
+  set_archive_command "$PGBR_ARCHIVE"
+  while :; do
+    last=$(psql_ "select coalesce(last_archived_wal, '') || ' ' || failed_count from pg_stat_archiver")
+    if [ -n "${last% *}" ] && [[ ! "${last% *}" < "$LAST_SEG" ]]; then break; fi
+    [ "${last#* }" = 0 ] || { log "pgbackrest archive-push failed; see $PGBR/log and $ROOT/pg/server.log"; return 1; }
+    sleep 0.2
+  done
+  t1=$(now)
+  set_archive_command ''
+  result drain pgbackrest-async "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$PGBR/repo/archive" | cut -f1)" 0
+}
+
+phase_drain() {
+  local r tool
+  for r in $(seq "$REPS"); do
+    for tool in $DRAIN_TOOLS; do
+      case $tool in
+        pg_receivewal) drain_receivewal "$r" ;;
+        walhoard-local) drain_walhoard "$r" local ;;
+        walhoard-s3) drain_walhoard "$r" s3 ;;
+        pgbackrest) drain_pgbackrest "$r" ;;
+      esac
+    done
+  done
+}
+
+# --- phase: basebackup --------------------------------------------------------------------
+bb_pg_basebackup() {
+  local r=$1 d=$ROOT/bb-pg_basebackup t0 t1
+  rm -rf "$d"; mkdir -p "$d"
+  t0=$(now)
+  /usr/bin/time -v -o "$d.time" "$PGBIN/pg_basebackup" -h "$SOCK" -p "$PGPORT" -U postgres \
+    -D "$d" -Ft -X none -c fast --compress=client-zstd:1
+  t1=$(now)
+  result basebackup pg_basebackup "$r" "$(elapsed "$t0" "$t1")" "$DB_BYTES" "$(du -sb "$d" | cut -f1)" "$(time_rss "$d.time")"
+}
+
+bb_walhoard() { # bb_walhoard <rep> basic|local-tar [zstd threads]
+  local r=$1 mode=$2 threads=${3:-0} d=$ROOT/bb-walhoard-$2-${3:-0} t0 t1 extra name=walhoard-$2
+  [ "$threads" = 0 ] || name+="-zstd$threads"
+  rm -rf "$d"
+  extra=$(jq -n --arg mode "$mode" --arg data "$PGDATA" --argjson threads "$threads" '{basebackup_mode: $mode,
+      basebackup_compression_threads: $threads}
+    + (if $mode == "local-tar" then {pg_data_directory: $data, basebackup_threads: 2,
+         basebackup_chunk_size: 67108864} else {} end)')
+  wh_config "$d" "wh_bb" "$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')" "$extra"
+  t0=$(now)
+  /usr/bin/time -v -o "$d.time" "$WALHOARD" basebackup --config "$d/walhoard.json" --site main >"$d.out" 2>&1 ||
+    { log "walhoard basebackup failed: $(tail -5 "$d.out")"; return 1; }
+  t1=$(now)
+  result basebackup "$name" "$r" "$(elapsed "$t0" "$t1")" "$DB_BYTES" "$(du -sb "$d/archive" | cut -f1)" "$(time_rss "$d.time")"
+}
+
+bb_pgbackrest() {
+  local r=$1 t0 t1 label
+  t0=$(now)
+  as_pg /usr/bin/time -v -o "$PGBR/backup.time" pgbackrest --config="$PGBR/pgbackrest.conf" --stanza=bench --type=full backup
+  t1=$(now)
+  label=$(ls -d "$PGBR"/repo/backup/bench/*F | sort | tail -1)
+  result basebackup pgbackrest-full "$r" "$(elapsed "$t0" "$t1")" "$DB_BYTES" "$(du -sb "$label" | cut -f1)" "$(time_rss "$PGBR/backup.time")"
+}
+
+phase_basebackup() {
+  local r tool
+  # pgBackRest's backup waits for its WAL to be archived, so archiving runs in this phase.
+  if [[ " $BB_TOOLS " == *" pgbackrest "* ]]; then
+    [ -n "$PGBR" ] || pgbr_setup
+    set_archive_command "$PGBR_ARCHIVE"
+  fi
+  for r in $(seq "$REPS"); do
+    for tool in $BB_TOOLS; do
+      case $tool in
+        pg_basebackup) bb_pg_basebackup "$r" ;;
+        walhoard-basic) bb_walhoard "$r" basic ;;
+        walhoard-basic-zstd2) bb_walhoard "$r" basic 2 ;;
+        walhoard-local-tar) bb_walhoard "$r" local-tar ;;
+        pgbackrest) bb_pgbackrest "$r" ;;
+      esac
+    done
+  done
+  set_archive_command ''
+}
+
+# --- phase: live lag ----------------------------------------------------------------------
+pct() { # pct <file> <column> <percentile>: nearest-rank percentile, in MiB
+  awk -v c="$2" '{ print $c }' "$1" | sort -n | awk -v p="$3" '{ v[NR] = $1 }
+    END { i = int((p / 100) * NR + 0.999999); if (i < 1) i = 1; if (i > NR) i = NR; printf "%.1f", v[i] / 1048576 }'
+}
+
+phase_lag() {
+  local r d cfg boundary t0 start_n end_n cur a rc samples
+  for r in $(seq "$REPS"); do
+    d=$ROOT/lag-$r
+    psql_ "select pg_create_physical_replication_slot('wh_lag_$r', true)" >/dev/null
+    wh_config "$d" "wh_lag_$r" "$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')"
+    cfg=$d/walhoard.json
+    wh_start "$d"
+    # Caught up before the load starts: the first segment is archived.
+    boundary=$(($(lsn2n "$(psql_ 'select pg_switch_wal()')") + SEG - 1))
+    psql_ "checkpoint" >/dev/null
+    wh_wait_archived "$cfg" "$WH_PID" $((boundary / SEG * SEG)) 120
+    start_n=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
+    t0=$(now)
+    "$PGBIN/pgbench" -n -c 4 -j 2 -T "$LAG_SECONDS" -h "$SOCK" -p "$PGPORT" -U postgres postgres >"$d/pgbench.log" 2>&1 &
+    local bench=$!
+    PIDS+=("$bench")
+    : >"$d/samples"
+    local tick wait_ms
+    tick=$(($(date +%s%N) / 1000000))
+    # Archived: walhoard's archived_lsn (GET /status). Sent: the walsender's sent_lsn, what
+    # has left the server (walhoard's received_lsn is only refreshed at status updates).
+    while kill -0 "$bench" 2>/dev/null; do
+      local pos
+      pos=$(psql_ "select pg_current_wal_lsn() || ' ' || coalesce((select sent_lsn from pg_stat_replication where application_name <> 'pg_basebackup' limit 1)::text, '')")
+      cur=$(lsn2n "${pos% *}")
+      rc=${pos#* }
+      a=$(wh_status_lsn "$cfg" archived_lsn)
+      if [ -n "$a" ] && [ -n "$rc" ]; then
+        echo "$(($(date +%s%N) / 1000000)) $((cur - $(lsn2n "$a"))) $((cur - $(lsn2n "$rc")))" >>"$d/samples"
+      fi
+      # Every 0.5 s, however long the sample took.
+      tick=$((tick + 500))
+      wait_ms=$((tick - $(date +%s%N) / 1000000))
+      if [ "$wait_ms" -gt 0 ]; then sleep "$(awk -v m="$wait_ms" 'BEGIN { print m / 1000 }')"; fi
+    done
+    wait "$bench" || { log "pgbench failed: $(tail -3 "$d/pgbench.log")"; return 1; }
+    end_n=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
+    samples=$(wc -l <"$d/samples")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$SCALE_LABEL" "$r" "$(elapsed "$t0" "$(now)")" $((end_n - start_n)) "$samples" \
+      "$(pct "$d/samples" 2 50)" "$(pct "$d/samples" 2 95)" "$(pct "$d/samples" 2 100)" \
+      "$(pct "$d/samples" 3 50)" "$(pct "$d/samples" 3 95)" "$(pct "$d/samples" 3 100)" "$(loads | tr ' ' ,)" >>"$OUT/lag.tsv"
+    log "lag run $r: $(tail -1 "$OUT/lag.tsv"); $(grep -E '^tps' "$d/pgbench.log" | head -1)"
+    cp "$d/samples" "$OUT/lag-samples-$SCALE_LABEL-$r.txt"
+    stop_pid "$WH_PID"
+    rm -rf "$d"
+    psql_ "select pg_drop_replication_slot('wh_lag_$r')" >/dev/null
+  done
+}
+
+# --- a scenario: one primary, the phases over it --------------------------------------------
+scenario() { # scenario <scale> <wal MiB> <phases...>
+  local scale=$1 wal=$2; shift 2
+  SCALE_LABEL="s$scale"
+  local slots="anchor" r t
+  for r in $(seq "$REPS"); do
+    for t in $DRAIN_TOOLS; do
+      case $t in
+        pg_receivewal) slots+=" rw_$r" ;;
+        walhoard-local) slots+=" wh_local_$r" ;;
+        walhoard-s3) slots+=" wh_s3_$r" ;;
+      esac
+    done
+  done
+  pg_up "$scale" "$wal" "$slots"
+  PGBR=
+  local p
+  for p in "$@"; do
+    log "== phase $p (scale $scale)"
+    "phase_$p"
+  done
+  pg_down
+  rm -rf "${ROOT:?}"/*
+}
+
+main_phases=()
+for p in $PHASES; do
+  case $p in
+    drain | basebackup | lag) main_phases+=("$p") ;;
+    memory) ;;
+    *) echo "unknown phase $p (drain basebackup lag memory)" >&2; exit 2 ;;
+  esac
+done
+if [ ${#main_phases[@]} -gt 0 ]; then
+  DRAIN_TOOLS="pg_receivewal walhoard-local walhoard-s3 pgbackrest"
+  BB_TOOLS="pg_basebackup walhoard-basic walhoard-basic-zstd2 walhoard-local-tar pgbackrest"
+  scenario "$SCALE" "$WAL_MIB" "${main_phases[@]}"
+fi
+if [[ " $PHASES " == *" memory "* ]]; then
+  # The same walhoard runs at a quarter of the size: peak RSS should not change.
+  DRAIN_TOOLS="walhoard-local"
+  BB_TOOLS="walhoard-basic walhoard-local-tar"
+  scenario $((SCALE / 4 > 0 ? SCALE / 4 : 1)) $((WAL_MIB / 4)) drain basebackup
+fi
+echo "load at end: $(loads)" >>"$OUT/machine.txt"
+"$here/summarize.sh" "$OUT" | tee "$OUT/summary.md"
