@@ -9,7 +9,7 @@ use walhoard_protocol::{Connection, ReplicationClient};
 
 use crate::config::{BackupMode, Config, SiteConfig};
 use crate::pipeline::encryption::{Decryptor, Encryptor, KeyRing, PrivateKey, DEFAULT_CHUNK_SIZE};
-use crate::storage::{Metadata, ObjectStore};
+use crate::storage::Metadata;
 
 /// One check's outcome.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -159,13 +159,7 @@ async fn slot_active(params: &walhoard_protocol::ConnectParams, slot: &str) -> O
 
 async fn check_storage(config: &Config, name: &str, out: &mut Vec<CheckResult>) {
     let result: Result<String> = async {
-        let site = &config.backup_sites[name];
-        let storage = site
-            .object_storage
-            .as_ref()
-            .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
-        let store = ObjectStore::open(storage, config.site_prefix(name))
-            .with_context(|| format!("backup_sites.{name}.object_storage"))?;
+        let store = crate::settings::open_store(config, name)?;
         let key = format!(
             "walhoard_check/probe-{}-{}",
             std::process::id(),

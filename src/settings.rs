@@ -10,6 +10,7 @@ use crate::pipeline::compression::{Algorithm, CompressionSettings};
 use crate::pipeline::encryption::PublicKey;
 use crate::pipeline::transfer::UploadEncryption;
 use crate::storage::retry::RetryPolicy;
+use crate::storage::ObjectStore;
 
 /// The number of uploads running at once: `transfer.thread_count`, else pghoard's default
 /// min(CPU count + 3, 20).
@@ -77,4 +78,17 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
             .map_or(RetryPolicy::default().max_backoff, Duration::from_secs_f64),
         ..RetryPolicy::default()
     }
+}
+
+/// Opens the object store of site `name` (its `object_storage`, under its prefix).
+pub fn open_store(config: &Config, name: &str) -> Result<ObjectStore> {
+    let storage = config
+        .backup_sites
+        .get(name)
+        .with_context(|| format!("no backup site {name:?} in the configuration"))?
+        .object_storage
+        .as_ref()
+        .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
+    ObjectStore::open(storage, config.site_prefix(name))
+        .with_context(|| format!("backup_sites.{name}.object_storage"))
 }

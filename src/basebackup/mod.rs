@@ -110,12 +110,7 @@ impl BackupContext {
             .get(site)
             .with_context(|| format!("backup_sites.{site}: no such site"))?
             .clone();
-        let storage = site_config
-            .object_storage
-            .as_ref()
-            .with_context(|| format!("backup_sites.{site}.object_storage is missing"))?;
-        let store = ObjectStore::open(storage, config.site_prefix(site))
-            .with_context(|| format!("backup_sites.{site}.object_storage"))?;
+        let store = crate::settings::open_store(config, site)?;
         let name = choose_name(&store).await?;
         Ok(BackupContext {
             site: site.to_string(),

@@ -247,13 +247,12 @@ pub async fn run(
     let Some(site) = config.backup_sites.get(&site_name).cloned() else {
         return;
     };
-    let store = match site
-        .object_storage
-        .as_ref()
-        .map(|s| ObjectStore::open(s, config.site_prefix(&site_name)))
-    {
-        Some(Ok(s)) => s,
-        _ => return,
+    let store = match crate::settings::open_store(&config, &site_name) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(site = %site_name, error = format!("{e:#}"), "basebackups disabled");
+            return;
+        }
     };
     // Often enough for short test intervals, rarely enough to cost nothing.
     let check_every = site

@@ -27,7 +27,7 @@ use crate::config::{BackupMode, Config, SiteConfig};
 use crate::settings::{
     compression_settings, hostname, retry_policy, transfer_threads, upload_encryption,
 };
-use crate::storage::{Metadata, ObjectStore};
+use crate::storage::Metadata;
 
 use archiver::UploadContext;
 use status::{now_secs, Alerts, DaemonState, SiteState, SiteStatus};
@@ -58,12 +58,7 @@ pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Res
         .backup_sites
         .get(name)
         .with_context(|| format!("no backup site {name:?} in the configuration"))?;
-    let storage = site
-        .object_storage
-        .as_ref()
-        .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
-    let store = ObjectStore::open(storage, config.site_prefix(name))
-        .with_context(|| format!("backup_sites.{name}.object_storage"))?;
+    let store = crate::settings::open_store(config, name)?;
     let mut base_metadata = Metadata::new();
     base_metadata.insert("host".into(), hostname());
     Ok(UploadContext {

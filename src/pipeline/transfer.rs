@@ -265,25 +265,11 @@ where
     .await
 }
 
-/// [`upload_produced`] for bytes that are already a `compression.algorithm` stream (a
-/// server-compressed BASE_BACKUP archive): they are encrypted and stored as they are, and the
-/// object is labelled with the algorithm so that restore decompresses it. The returned
-/// `plain_size` and `sha1` are those of the bytes `produce` wrote (the compressed stream).
-pub async fn upload_precompressed<F>(
-    store: &ObjectStore,
-    key: &str,
-    compression: CompressionSettings,
-    encryption: Option<UploadEncryption>,
-    metadata: Metadata,
-    produce: F,
-) -> Result<Uploaded, TransferError>
-where
-    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
-{
-    upload_produced_as(store, key, compression, true, encryption, metadata, produce).await
-}
-
-/// [`upload_produced`] (`precompressed` false) or [`upload_precompressed`] (true).
+/// [`upload_produced`], or with `precompressed` for bytes that are already a
+/// `compression.algorithm` stream (a server-compressed BASE_BACKUP archive): those are
+/// encrypted and stored as they are, and the object is labelled with the algorithm so that
+/// restore decompresses it; the returned `plain_size` and `sha1` are then those of the bytes
+/// `produce` wrote (the compressed stream).
 pub async fn upload_produced_as<F>(
     store: &ObjectStore,
     key: &str,

@@ -72,12 +72,7 @@ impl RestoreSite {
             .get(&name)
             .with_context(|| format!("no backup site {name:?} in {}", config_path.display()))?
             .clone();
-        let storage = site
-            .object_storage
-            .as_ref()
-            .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
-        let store = ObjectStore::open(storage, config.site_prefix(&name))
-            .with_context(|| format!("backup_sites.{name}.object_storage"))?;
+        let store = crate::settings::open_store(&config, &name)?;
         let keys = key_ring(&name, &site)?;
         let config_path = std::path::absolute(config_path)
             .with_context(|| format!("absolute path of {}", config_path.display()))?;
