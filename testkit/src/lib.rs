@@ -183,17 +183,11 @@ impl PgBuilder {
             .trim()
             .parse()?;
         fs::create_dir_all(cluster.socket_dir())?;
-        let mut conf = format!(
+        let header = format!(
             "\n# walhoard restored-cluster settings\nunix_socket_directories = '{}'\n",
             cluster.socket_dir().display()
         );
-        for (k, v) in &self.settings {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
-        fs::OpenOptions::new()
-            .append(true)
-            .open(target.join("postgresql.conf"))?
-            .write_all(conf.as_bytes())?;
+        append_conf(&target, header, &self.settings)?;
         for (name, content, mode) in &self.files {
             fs::write(target.join(name), content)?;
             fs::set_permissions(target.join(name), fs::Permissions::from_mode(*mode))?;
@@ -203,6 +197,19 @@ impl PgBuilder {
         cluster.start_server()?;
         Ok(cluster)
     }
+}
+
+/// Appends `header` and then `settings` as `name = value` lines to the data directory's
+/// postgresql.conf.
+fn append_conf(data: &Path, mut header: String, settings: &[(String, String)]) -> Result<()> {
+    for (k, v) in settings {
+        header.push_str(&format!("{k} = {v}\n"));
+    }
+    fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))?
+        .write_all(header.as_bytes())?;
+    Ok(())
 }
 
 /// Hands `path` and everything under it (symlinks not followed) to `owner`.
@@ -304,13 +311,7 @@ impl PgCluster {
             "unix_socket_directories = '{}'\n",
             cluster.socket_dir().display()
         ));
-        for (k, v) in &b.settings {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
-        fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))?
-            .write_all(conf.as_bytes())?;
+        append_conf(&data, conf, &b.settings)?;
         let mut hba = String::new();
         for line in &b.hba {
             hba.push_str(line);
