@@ -284,6 +284,20 @@ pub struct ReceiveXlogConfig {
     pub min_disk_free_bytes: Option<u64>,
     #[serde(default = "ReceiveXlogConfig::default_multiplier")]
     pub resume_multiplier: f64,
+    /// walhoard: when the spool is fdatasync'd (`auto` or `always`; README, "Spool durability").
+    #[serde(default)]
+    pub spool_fsync: SpoolFsync,
+}
+
+/// `pg_receivexlog.spool_fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolFsync {
+    /// Only when the server may drop WAL the slot holds (`max_slot_wal_keep_size` set).
+    #[default]
+    Auto,
+    /// Always: every status update and every complete segment.
+    Always,
 }
 
 impl ReceiveXlogConfig {
@@ -301,6 +315,7 @@ impl Default for ReceiveXlogConfig {
             disk_space_check_interval: Self::default_interval(),
             min_disk_free_bytes: None,
             resume_multiplier: Self::default_multiplier(),
+            spool_fsync: SpoolFsync::default(),
         }
     }
 }
@@ -646,6 +661,29 @@ mod tests {
     }"#;
 
     #[test]
+    fn spool_fsync_values() {
+        let with = |v: &str| {
+            Config::parse(
+                &MINIMAL.replace(
+                    r#""nodes":"#,
+                    &format!(r#""pg_receivexlog": {{"spool_fsync": {v}}}, "nodes":"#),
+                ),
+                "t.json",
+            )
+        };
+        let c = with(r#""always""#).unwrap();
+        assert_eq!(
+            c.backup_sites["main"].pg_receivexlog.spool_fsync,
+            SpoolFsync::Always
+        );
+        let e = with(r#""sometimes""#).unwrap_err().to_string();
+        assert!(
+            e.contains("backup_sites.main.pg_receivexlog.spool_fsync"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn pghoard_defaults() {
         let c = Config::parse(MINIMAL, "t.json").unwrap();
         assert_eq!(
@@ -663,6 +701,7 @@ mod tests {
         assert_eq!(s.basebackup_interval_hours, Some(24.0));
         assert_eq!(s.basebackup_chunk_size, 2 << 30);
         assert_eq!(s.pg_receivexlog.resume_multiplier, 1.5);
+        assert_eq!(s.pg_receivexlog.spool_fsync, SpoolFsync::Auto);
         assert_eq!(c.site_prefix("main"), "main");
         let (p, slot) = s.nodes[0].connect_params().unwrap();
         assert_eq!(slot.as_deref(), Some("walhoard"));

@@ -218,7 +218,7 @@ async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>>
     };
     let started = std::time::Instant::now();
     let permit = handle.upload.upload_slots.clone().acquire_owned().await;
-    let result = handle.upload.upload(&policy, &key, &path).await;
+    let result = handle.upload.upload(&policy, &key, &path, None).await;
     drop(permit);
     match result {
         Ok(()) => {

@@ -215,6 +215,63 @@ async fn daemon_kill_9_twenty_times_leaves_no_gap() {
     );
 }
 
+/// With `spool_fsync: auto` (the default) spool segments are not fdatasync'd: a spool left by
+/// an earlier boot of the machine may have lost writes, so it must not be archived from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_distrusts_spool_written_before_a_reboot() {
+    let pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    let first = wait_slot(&pg, &daemon);
+    let seg = SegmentSize::DEFAULT;
+    load(&pg, 5_000, 10);
+    let before = switch_segment(&pg);
+    wait_archived(&store, &before, Duration::from_secs(60), &daemon).await;
+    let spool = d.path("spool").join("main").join("xlog_incoming");
+    let boot_file = spool.join("walhoard-boot-id");
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&boot_file).unwrap().trim(),
+        this_boot.trim()
+    );
+    let status = daemon.terminate(Duration::from_secs(60)).unwrap();
+    assert!(status.success());
+
+    // WAL the slot holds while no daemon runs, and a spool that claims to hold it, written
+    // "before a reboot": segments whose writes were lost (stale bytes where WAL should be).
+    let from = pg
+        .psql("select pg_walfile_name(restart_lsn + 1) from pg_replication_slots where slot_name = 'walhoard'")
+        .unwrap()
+        .trim()
+        .to_string();
+    load(&pg, 60_000, 50);
+    let last = switch_segment(&pg);
+    let names = segment_range(&from, &last, seg);
+    assert!(names.len() >= 2, "{names:?}");
+    for n in &names {
+        std::fs::write(spool.join(n), vec![0x55u8; seg.bytes() as usize]).unwrap();
+    }
+    std::fs::write(&boot_file, "00000000-0000-0000-0000-000000000000\n").unwrap();
+
+    let daemon = Daemon::start(&d);
+    let all = segment_range(&first, &last, seg);
+    wait_all_archived(&store, &all, Duration::from_secs(120), &daemon).await;
+    // Received again from the slot, not taken from the stale files.
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+    assert!(
+        daemon.log_text().contains("the machine restarted"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&boot_file).unwrap().trim(),
+        this_boot.trim()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
     let pg = cluster();

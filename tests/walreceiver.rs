@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::{Lsn, SegmentSize, WalSegmentName};
 use walhoard_testkit::PgCluster;
-use walhoard_walreceiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions};
+use walhoard_walreceiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions, SegmentBuffers};
 
 use crate::common::{socket_params, wait_until};
 
@@ -19,12 +19,20 @@ struct Running {
     positions: watch::Receiver<ReceiverPositions>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), walhoard_walreceiver::ReceiverError>>,
+    /// Segment buffers the receiver was given: 0 makes every segment go through the
+    /// read-back of its spool file, otherwise some are handed on in memory.
+    buffers: usize,
     _spool: tempfile::TempDir,
 }
 
 fn start(pg: &PgCluster) -> Running {
+    start_with(pg, 2)
+}
+
+fn start_with(pg: &PgCluster, buffers: usize) -> Running {
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = ReceiverConfig::new(socket_params(pg), "walhoard", spool.path().to_path_buf());
+    cfg.buffers = SegmentBuffers::new(buffers);
     cfg.status_interval = Duration::from_millis(500);
     cfg.reconnect_min = Duration::from_millis(100);
     cfg.reconnect_max = Duration::from_millis(500);
@@ -47,8 +55,21 @@ fn start(pg: &PgCluster) -> Running {
         positions,
         cancel,
         task,
+        buffers,
         _spool: spool,
     }
+}
+
+/// A segment's bytes as handed on, if in memory, must be the spool file's. Returns whether
+/// they were in memory.
+fn check_in_memory(r: &Running, name: &WalSegmentName, file: &[u8], data: Option<&[u8]>) -> bool {
+    let Some(d) = data else { return false };
+    assert!(r.buffers > 0, "{name} in memory without buffers");
+    assert!(
+        d == file,
+        "{name}: bytes handed on differ from the spool file"
+    );
+    true
 }
 
 async fn next_event(r: &mut Running) -> ReceiverEvent {
@@ -83,18 +104,34 @@ async fn collect_segments(
     archive: bool,
 ) -> BTreeMap<u64, PathBuf> {
     let mut got = BTreeMap::new();
+    let mut in_memory = 0;
     loop {
         match next_event(r).await {
-            ReceiverEvent::Segment { name, path, start } => {
+            ReceiverEvent::Segment {
+                name,
+                path,
+                start,
+                data,
+            } => {
                 let ours = std::fs::read(&path).unwrap();
                 let theirs = std::fs::read(pg.wal_dir().join(name.to_string())).unwrap();
                 assert!(ours == theirs, "spool {name} differs from pg_wal");
+                if check_in_memory(r, &name, &ours, data.as_deref().map(|b| &b[..])) {
+                    in_memory += 1;
+                }
                 let segno = start.segment_number(seg);
                 got.insert(segno, path);
                 if archive {
                     r.archived.send_replace(Lsn(start.0 + seg.bytes()));
                 }
                 if Lsn(start.0 + seg.bytes()) >= upto.segment_start(seg) {
+                    // The first segment always finds a free buffer.
+                    assert_eq!(
+                        in_memory > 0,
+                        r.buffers > 0,
+                        "{in_memory} segments in memory with {} buffers",
+                        r.buffers
+                    );
                     return got;
                 }
             }
@@ -126,16 +163,20 @@ async fn follow_without_gaps(
                     "resumed after a gap"
                 )
             }
-            ReceiverEvent::Segment { start, name, path } => {
+            ReceiverEvent::Segment {
+                start,
+                name,
+                path,
+                data,
+            } => {
                 let segno = start.segment_number(seg);
                 assert!(
                     segno <= next_segno,
                     "segment {name} skips ahead of {next_segno}"
                 );
-                assert_eq!(
-                    std::fs::read(&path).unwrap(),
-                    std::fs::read(pg.wal_dir().join(name.to_string())).unwrap()
-                );
+                let ours = std::fs::read(&path).unwrap();
+                assert!(ours == std::fs::read(pg.wal_dir().join(name.to_string())).unwrap());
+                check_in_memory(r, &name, &ours, data.as_deref().map(|b| &b[..]));
                 next_segno = next_segno.max(segno + 1);
                 r.archived.send_replace(Lsn((segno + 1) * seg.bytes()));
                 if Lsn((segno + 1) * seg.bytes()) >= target.segment_start(seg) {
@@ -319,7 +360,8 @@ async fn walreceiver_64mb_segments() {
 async fn walreceiver_survives_server_restart() {
     let mut pg = PgCluster::start().unwrap();
     let seg = SegmentSize::DEFAULT;
-    let mut r = start(&pg);
+    // No buffers: every segment is verified by reading its spool file back.
+    let mut r = start_with(&pg, 0);
     assert!(matches!(
         next_event(&mut r).await,
         ReceiverEvent::Connected { .. }

@@ -17,10 +17,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, WalSegmentName};
+use walhoard_walreceiver::SegmentBuffer;
 
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::{upload_file, UploadEncryption};
+use crate::pipeline::transfer::{upload_bytes, upload_file, UploadEncryption};
 use crate::storage::retry::{with_retries, RetryPolicy};
 use crate::storage::{Metadata, ObjectStore, StorageError};
 
@@ -51,7 +52,8 @@ pub fn wal_key(name: &WalSegmentName) -> String {
 }
 
 impl UploadContext {
-    /// Uploads `path` as `key` until it is stored or `cancel` fires. Transient storage errors
+    /// Uploads `path` (whose bytes `data` holds, when the receiver handed them on) as `key`
+    /// until it is stored or `cancel` fires. Transient storage errors
     /// are retried by [`with_retries`] (with its alert file); anything else (refused
     /// credentials, a missing bucket) is logged, recorded in the status and retried too, more
     /// slowly: the WAL stays in the spool and in the slot until an operator fixes it.
@@ -60,6 +62,7 @@ impl UploadContext {
         &self,
         key: &str,
         path: &Path,
+        data: Option<&Arc<SegmentBuffer>>,
         status: &SiteStatus,
         cancel: &CancellationToken,
     ) -> bool {
@@ -67,7 +70,7 @@ impl UploadContext {
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return false,
-                r = self.upload(&self.retry, key, path) => r,
+                r = self.upload(&self.retry, key, path, data) => r,
             };
             match result {
                 Ok(()) => return true,
@@ -84,24 +87,42 @@ impl UploadContext {
         }
     }
 
-    /// Uploads `path` as `key`, retrying transient storage errors as `policy` says.
+    /// Uploads `path` as `key` (from `data`, its bytes in memory, when given), retrying
+    /// transient storage errors as `policy` says.
     pub async fn upload(
         &self,
         policy: &RetryPolicy,
         key: &str,
         path: &Path,
+        data: Option<&Arc<SegmentBuffer>>,
     ) -> Result<(), StorageError> {
         with_retries(policy, key, || async {
-            upload_file(
-                &self.store,
-                key,
-                path,
-                self.compression,
-                self.encryption.clone(),
-                self.hash_algorithm,
-                self.base_metadata.clone(),
-            )
-            .await
+            match data {
+                Some(d) => {
+                    upload_bytes(
+                        &self.store,
+                        key,
+                        InMemory(d.clone()),
+                        self.compression,
+                        self.encryption.clone(),
+                        self.hash_algorithm,
+                        self.base_metadata.clone(),
+                    )
+                    .await
+                }
+                None => {
+                    upload_file(
+                        &self.store,
+                        key,
+                        path,
+                        self.compression,
+                        self.encryption.clone(),
+                        self.hash_algorithm,
+                        self.base_metadata.clone(),
+                    )
+                    .await
+                }
+            }
             .map(|_| ())
             .map_err(|e| match e {
                 crate::pipeline::transfer::TransferError::Storage(s) => s,
@@ -113,6 +134,15 @@ impl UploadContext {
             })
         })
         .await
+    }
+}
+
+/// A receiver's segment buffer as upload input.
+struct InMemory(Arc<SegmentBuffer>);
+
+impl AsRef<[u8]> for InMemory {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -233,14 +263,15 @@ impl Archiver {
         self.push(Some(end), true);
     }
 
-    /// Uploads the spool file `path` as `name`, deleting it once stored. Waits for an upload
-    /// slot first (the back-pressure that bounds the spool), then runs the upload on
-    /// `tracker`. `end` is what the archive holds up to once this and everything queued before
-    /// it is stored.
+    /// Uploads the spool file `path` as `name` (from `data`, the same bytes in memory, when
+    /// the receiver handed them on), deleting it once stored. Waits for an upload slot first
+    /// (the back-pressure that bounds the spool), then runs the upload on `tracker`. `end` is
+    /// what the archive holds up to once this and everything queued before it is stored.
     pub async fn archive(
         &self,
         name: WalSegmentName,
         path: PathBuf,
+        data: Option<Arc<SegmentBuffer>>,
         end: Option<Lsn>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
@@ -258,15 +289,21 @@ impl Archiver {
             let started = std::time::Instant::now();
             if !this
                 .ctx
-                .upload_until_stored(&key, &path, &this.status, &cancel)
+                .upload_until_stored(&key, &path, data.as_ref(), &this.status, &cancel)
                 .await
             {
                 return;
             }
-            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            tracing::info!(site = %this.ctx.site, object = %key, bytes = size, elapsed = ?started.elapsed(), "archived");
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove archived spool file");
+            // The buffer goes back to the receiver now, before the file system work below.
+            let in_memory = data.is_some();
+            drop(data);
+            tracing::info!(site = %this.ctx.site, object = %key, in_memory, elapsed = ?started.elapsed(), "archived");
+            match std::fs::remove_file(&path) {
+                // A segment received into memory alone never had a spool file.
+                Err(e) if !(in_memory && e.kind() == std::io::ErrorKind::NotFound) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove archived spool file");
+                }
+                _ => {}
             }
             this.status.archived_file(&name);
             this.complete(id);
@@ -357,9 +394,16 @@ mod tests {
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        a.archive(name, path.clone(), Some(Lsn(0x2000000)), &tracker, &cancel)
-            .await
-            .unwrap();
+        a.archive(
+            name,
+            path.clone(),
+            None,
+            Some(Lsn(0x2000000)),
+            &tracker,
+            &cancel,
+        )
+        .await
+        .unwrap();
         rx.wait_for(|l| *l == Lsn(0x2000000)).await.unwrap();
         tracker.close();
         tracker.wait().await;

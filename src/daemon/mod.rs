@@ -30,6 +30,11 @@ use crate::settings::{
 use crate::storage::Metadata;
 
 use archiver::UploadContext;
+use walhoard_walreceiver::SegmentBuffers;
+
+/// The most memory a site's receiver holds complete segments in while they are uploaded
+/// (`walreceiver::buffers`): 7 × 16 MiB with the default 5 uploads, none for 1 GiB segments.
+pub const SEGMENT_BUFFER_BYTES: usize = 256 << 20;
 use status::{now_secs, Alerts, DaemonState, SiteState, SiteStatus};
 
 /// The sites of a running daemon, as the HTTP API and the state file see them.
@@ -127,6 +132,13 @@ impl Generation {
                         spool_dir(config, name)?,
                         upload.clone(),
                         alerts.clone(),
+                        SegmentBuffers::with_limit(
+                            // Every running upload, the one waiting for a slot and the one
+                            // being received: segments past that wait in the spool, not in
+                            // memory, and so do segments past 256 MiB of buffers.
+                            transfer_threads(config) + 2,
+                            SEGMENT_BUFFER_BYTES,
+                        ),
                     )?;
                     let status = wal.status.clone();
                     runs.push(wal);

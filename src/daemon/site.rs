@@ -12,14 +12,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, WalSegmentName};
 use walhoard_walreceiver::{
-    ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, StartPosition,
+    ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers, SpoolSync,
+    StartPosition,
 };
 
 use super::archiver::{wal_key, Archiver, UploadContext};
 use super::status::{
     Alerts, SiteStatus, AUTHENTICATION_ERROR, CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
 };
-use crate::config::SiteConfig;
+use crate::config::{SiteConfig, SpoolFsync};
 
 /// How far past the slot's position the resume check looks for already-archived segments.
 const RESUME_SCAN_LIMIT: u64 = 100_000;
@@ -72,6 +73,7 @@ impl SiteWal {
         spool_dir: PathBuf,
         ctx: Arc<UploadContext>,
         alerts: Alerts,
+        segment_buffers: SegmentBuffers,
     ) -> Result<Self> {
         let node = site
             .nodes
@@ -88,6 +90,11 @@ impl SiteWal {
         let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
         let mut receiver = ReceiverConfig::new(conn, &slot, spool_dir);
         receiver.status_interval = Duration::from_secs(5);
+        receiver.spool_sync = match site.pg_receivexlog.spool_fsync {
+            SpoolFsync::Auto => SpoolSync::Auto,
+            SpoolFsync::Always => SpoolSync::Always,
+        };
+        receiver.buffers = segment_buffers;
         let disk_guard = site
             .pg_receivexlog
             .min_disk_free_bytes
@@ -186,11 +193,16 @@ impl SiteWal {
                     }
                     tracing::info!(site = %self.name, %start, timeline = %start_tli, "streaming WAL");
                 }
-                ReceiverEvent::Segment { name, path, start } => {
+                ReceiverEvent::Segment {
+                    name,
+                    path,
+                    start,
+                    data,
+                } => {
                     let end = seg_size.map(|s| Lsn(start.0 + s.bytes()));
                     if self
                         .archiver
-                        .archive(name, path, end, &tracker, &abort)
+                        .archive(name, path, data, end, &tracker, &abort)
                         .await
                         .is_err()
                     {
@@ -201,7 +213,7 @@ impl SiteWal {
                 | ReceiverEvent::History { name, path } => {
                     if self
                         .archiver
-                        .archive(name, path, None, &tracker, &abort)
+                        .archive(name, path, None, None, &tracker, &abort)
                         .await
                         .is_err()
                     {
@@ -267,6 +279,42 @@ impl SiteWal {
     }
 }
 
+/// The machine restarted since the spool's segments were written: drop those that are held
+/// elsewhere, so that none is archived from a file that may have lost writes. From the slot's
+/// position on the slot holds them (the flush position reported never passes the archive) and
+/// they are received again; below it, those the archive holds are dropped. What is left (below
+/// the slot and not archived: someone else moved the slot) is the only copy and is archived.
+async fn distrust_spool(
+    archiver: &Archiver,
+    spool: &mut BTreeSet<String>,
+    slot_at: Lsn,
+    seg: SegmentSize,
+) {
+    let dir = archiver.spool_dir();
+    let segments: Vec<(String, SegmentId)> = spool
+        .iter()
+        .filter_map(|n| match n.parse::<WalSegmentName>() {
+            Ok(WalSegmentName::Segment(id)) => Some((n.clone(), id)),
+            _ => None,
+        })
+        .collect();
+    for (file, id) in segments {
+        let held = if id.start_lsn(seg).is_ok_and(|s| s >= slot_at) {
+            true
+        } else {
+            let key = wal_key(&WalSegmentName::Segment(id));
+            matches!(archiver.context().store.stat(&key).await, Ok(Some(_)))
+        };
+        if held {
+            tracing::warn!(segment = %file, "the machine restarted since this spool segment was written: receiving it again instead of trusting the file");
+            spool.remove(&file);
+            let _ = std::fs::remove_file(dir.join(&file));
+        } else {
+            tracing::warn!(segment = %file, "the machine restarted since this spool segment was written, and it is held nowhere else: archiving it as it is");
+        }
+    }
+}
+
 /// Complete WAL files (segments and history files) left in the spool by an earlier run.
 fn spool_files(dir: &Path) -> Result<BTreeSet<String>> {
     let mut out = BTreeSet::new();
@@ -282,6 +330,38 @@ fn spool_files(dir: &Path) -> Result<BTreeSet<String>> {
     Ok(out)
 }
 
+/// The spool file naming the boot (`/proc/sys/kernel/random/boot_id`) its files were written in.
+pub const SPOOL_BOOT_FILE: &str = "walhoard-boot-id";
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Whether the spool's files were written in this boot of the machine, and records this boot
+/// for the next start. Segments are not fdatasync'd when the spool is only a cache in front of
+/// the slot (`spool_fsync: auto`): a killed daemon's files are intact in the page cache, but
+/// after a crash of the machine they may hold zeros or stale blocks where writes were lost.
+/// A spool without the file (new, or written by a version that always synced) is trusted.
+fn spool_from_this_boot(dir: &Path) -> Result<bool> {
+    let now = boot_id();
+    let before = match std::fs::read_to_string(dir.join(SPOOL_BOOT_FILE)) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context(format!("read {}", dir.join(SPOOL_BOOT_FILE).display())),
+    };
+    if let Some(id) = &now {
+        walhoard_walreceiver::spool::write_durable(dir, SPOOL_BOOT_FILE, id.as_bytes())
+            .with_context(|| format!("write {}", dir.join(SPOOL_BOOT_FILE).display()))?;
+    }
+    Ok(match (before, now) {
+        (None, _) => true,
+        (Some(b), Some(n)) => b == n,
+        (Some(_), None) => false,
+    })
+}
+
 async fn resume_point(
     archiver: &Archiver,
     from: StartPosition,
@@ -295,6 +375,9 @@ async fn resume_point(
         .tli
         .context("the receiver gave no timeline for its start")?;
     let mut lsn = from.lsn.segment_start(seg);
+    if !spool_from_this_boot(&dir)? {
+        distrust_spool(archiver, &mut spool, lsn, seg).await;
+    }
     // Everything before the slot's position is as archived as it will ever be.
     archiver.start_at(lsn);
     // History files are small and order-free: archive any left behind.
@@ -307,7 +390,7 @@ async fn resume_point(
         spool.remove(&h);
         let name: WalSegmentName = h.parse().map_err(|e| anyhow::anyhow!("{h}: {e}"))?;
         if archiver
-            .archive(name, dir.join(&h), None, tracker, abort)
+            .archive(name, dir.join(&h), None, None, tracker, abort)
             .await
             .is_err()
         {
@@ -328,7 +411,7 @@ async fn resume_point(
     for (file, name) in below {
         spool.remove(&file);
         if archiver
-            .archive(name, dir.join(&file), None, tracker, abort)
+            .archive(name, dir.join(&file), None, None, tracker, abort)
             .await
             .is_err()
         {
@@ -343,7 +426,7 @@ async fn resume_point(
         if spool.remove(&file) {
             tracing::info!(segment = %file, "archiving a segment left in the spool");
             if archiver
-                .archive(name, dir.join(&file), Some(end), tracker, abort)
+                .archive(name, dir.join(&file), None, Some(end), tracker, abort)
                 .await
                 .is_err()
             {

@@ -19,6 +19,50 @@ use super::hash::HashAlgorithm;
 use crate::storage::{Metadata, ObjectStore};
 
 const QUEUE_CHUNKS: usize = 4;
+
+/// Output buffers of one-shot zstd compression ([`upload_bytes`]), reused: compression runs
+/// under a `pipeline::cpu` worker, so there are never more of them than workers. A fresh
+/// `compress_bound`-sized allocation per segment made glibc keep freed 16 MiB blocks, each
+/// touched in other places, and the daemon's RSS grew (docs/benchmarks.md).
+static ONE_SHOT_OUTPUT: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
+
+struct OutputPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl OutputPool {
+    fn take(&'static self, capacity: usize) -> PooledOutput {
+        let mut v = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        v.clear();
+        v.reserve(capacity);
+        PooledOutput(v, self)
+    }
+}
+
+struct PooledOutput(Vec<u8>, &'static OutputPool);
+
+impl std::ops::Deref for PooledOutput {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PooledOutput {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for PooledOutput {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        self.1 .0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+    }
+}
 const PIPE_CHUNK: usize = 1024 * 1024;
 
 /// Encryption for uploads: the site's key id and public key.
@@ -196,6 +240,68 @@ pub async fn upload_file(
                 )));
             }
             Ok(())
+        },
+    )
+    .await?;
+    Ok(uploaded.3)
+}
+
+/// Compresses (and encrypts) `data`, a whole file already in memory (a WAL segment the
+/// receiver handed on in its buffer), into `key`, with the same metadata as [`upload_file`]:
+/// no read of the spool file at all. zstd compresses the buffer in one call, which is faster
+/// than the streaming encoder (it works on one contiguous input instead of copying it into a
+/// window: docs/benchmarks.md); the frame is an ordinary zstd frame with a checksum.
+pub async fn upload_bytes<D>(
+    store: &ObjectStore,
+    key: &str,
+    data: D,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+    mut metadata: Metadata,
+) -> Result<Metadata, TransferError>
+where
+    D: AsRef<[u8]> + Send + Sync + 'static,
+{
+    let data = std::sync::Arc::new(data);
+    let input = data.clone();
+    let worker = super::cpu::worker().await;
+    let hash = tokio::task::spawn_blocking(move || {
+        let _worker = worker;
+        let mut hash = hash_algorithm.hasher();
+        hash.update((*input).as_ref());
+        hash.finish_hex()
+    })
+    .await
+    .map_err(|e| TransferError::Object {
+        key: key.into(),
+        message: format!("hash thread failed: {e}"),
+    })?;
+    metadata.insert(
+        "original-file-size".into(),
+        (*data).as_ref().len().to_string(),
+    );
+    metadata.insert("hash".into(), hash);
+    metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
+    let one_shot = compression.algorithm == Algorithm::Zstd && compression.threads == 0;
+    let uploaded = upload_stream(
+        store,
+        key,
+        compression,
+        one_shot,
+        encryption,
+        metadata,
+        false,
+        move |w| {
+            let plain = (*data).as_ref();
+            if !one_shot {
+                return w.write_all(plain);
+            }
+            let mut out = ONE_SHOT_OUTPUT.take(zstd::zstd_safe::compress_bound(plain.len()));
+            let mut c = zstd::bulk::Compressor::new(compression.level)?;
+            c.include_checksum(true)?;
+            c.compress_to_buffer(plain, &mut *out)?;
+            w.write_all(&out)
         },
     )
     .await?;

@@ -1,8 +1,9 @@
-//! Slot-based WAL streaming into a durable, verified local spool.
+//! Slot-based WAL streaming into verified segment buffers and a local spool.
 //!
-//! [`receiver::run`] attaches to a primary through a physical replication slot, writes WAL into
-//! pre-sized `<segment>.partial` files ([`spool`]), verifies every completed segment's page
-//! headers, renames it to its final name and reports it as a [`ReceiverEvent`]. It knows
+//! [`receiver::run`] attaches to a primary through a physical replication slot, receives each
+//! segment into a segment buffer ([`buffers`]) or a pre-sized `<segment>.partial` file
+//! ([`spool`]) or both ([`SpoolSync`] says when the spool must be durable), verifies every
+//! completed segment's page headers and reports it as a [`ReceiverEvent`]. It knows
 //! nothing of object storage: the archiver tells it, through a `watch` channel, up to where
 //! the archive holds WAL, and only that position is ever reported to the server as flushed,
 //! so the slot never releases WAL the archive does not hold.
@@ -24,11 +25,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod buffers;
 pub mod receiver;
 pub mod spool;
 
+pub use buffers::{SegmentBuffer, SegmentBuffers};
 pub use receiver::{
-    run, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, StartPosition,
+    run, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SpoolSync, StartPosition,
 };
 
 /// Why receiving stopped or a session failed.

@@ -2,7 +2,7 @@
 //! on complete segments, follow timeline switches, report positions honestly, reconnect.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
     ConnectParams, Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent,
-    SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
+    SegmentId, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
 
+use crate::buffers::{SegmentBuffer, SegmentBuffers};
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
 
@@ -43,6 +44,24 @@ pub struct ReceiverConfig {
     /// While this says true the receiver stays disconnected (the daemon's disk guard); the
     /// slot keeps the WAL meanwhile.
     pub pause: Option<watch::Receiver<bool>>,
+    /// Whether spool files are fdatasync'd; see [`SpoolSync`].
+    pub spool_sync: SpoolSync,
+    /// Buffers complete segments are handed on in (see [`crate::buffers`]).
+    pub buffers: SegmentBuffers,
+}
+
+/// When the spool is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolSync {
+    /// Every status update fdatasyncs the segment being received; complete segments and the
+    /// renames are durable before they are handed on.
+    Always,
+    /// Only when the server may drop WAL the slot holds (`max_slot_wal_keep_size` is set): the
+    /// flush position reported is the archive's, so the slot keeps every byte the archive does
+    /// not hold yet, and the spool is then only a cache in front of it. A crash of the process
+    /// keeps its files (the page cache survives); after a crash of the machine the daemon
+    /// trusts no spool file of the earlier boot.
+    Auto,
 }
 
 impl std::fmt::Debug for ReceiverConfig {
@@ -70,6 +89,8 @@ impl ReceiverConfig {
             reconnect_max: Duration::from_secs(30),
             resume: None,
             pause: None,
+            spool_sync: SpoolSync::Always,
+            buffers: SegmentBuffers::new(2),
         }
     }
 }
@@ -93,11 +114,15 @@ pub enum ReceiverEvent {
         start: Lsn,
         start_tli: TimelineId,
     },
-    /// A complete segment, verified and durable in the spool under its final name.
+    /// A complete segment, verified. `data` holds its bytes when a segment buffer was free;
+    /// `path` is its spool file (durable unless the spool is only a cache,
+    /// [`SpoolSync::Auto`]), which does not exist when the spool is not durable and the
+    /// segment was received into its buffer alone.
     Segment {
         name: WalSegmentName,
         path: PathBuf,
         start: Lsn,
+        data: Option<Arc<SegmentBuffer>>,
     },
     /// The last segment of a timeline that ended at `end`, durable under its `.partial` name.
     TimelinePartial {
@@ -156,6 +181,7 @@ pub async fn run(
         positions,
         cancel,
         flush_floor: Lsn::INVALID,
+        durable: true,
     };
     let mut backoff = state.cfg.reconnect_min;
     loop {
@@ -243,6 +269,8 @@ struct Session {
     cancel: CancellationToken,
     /// The slot's restart_lsn when this session began.
     flush_floor: Lsn,
+    /// The spool is fdatasync'd in this session ([`SpoolSync`]).
+    durable: bool,
 }
 
 /// How one START_REPLICATION ended.
@@ -270,6 +298,21 @@ impl Session {
         let seg = client.wal_segment_size().await?;
         let major = client.server_major()?;
         let magic = page_magic_for(major).ok_or(ReceiverError::Unsupported(major))?;
+        let durable = match self.cfg.spool_sync {
+            SpoolSync::Always => true,
+            SpoolSync::Auto => match client.show("max_slot_wal_keep_size").await {
+                // -1: the slot keeps WAL for as long as it is not confirmed.
+                Ok(v) => v.trim() != "-1",
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read max_slot_wal_keep_size; keeping the spool durable");
+                    true
+                }
+            },
+        };
+        if durable != self.durable {
+            tracing::info!(slot = %self.cfg.slot, durable, "spool durability");
+            self.durable = durable;
+        }
         let slot = self.cfg.slot.clone();
         let slot = slot.as_str();
         let mut info = client.read_replication_slot(slot).await?;
@@ -424,7 +467,7 @@ impl Session {
         let mut stream = client
             .start_replication(Some(&self.cfg.slot), start, Some(tli))
             .await?;
-        let mut current: Option<SegmentFile> = None;
+        let mut current: Option<Incoming> = None;
         let mut received = start;
         // Durable in the spool; everything before the current segment is.
         let mut synced = start;
@@ -433,10 +476,13 @@ impl Session {
         let mut archived = self.archived.clone();
         let mut archive_open = true;
         let mut pause = self.cfg.pause.clone();
-        // One segment-sized buffer for every read-back: a fresh 16 MiB allocation per segment
-        // let glibc raise its mmap threshold and keep freed buffers in per-thread arenas, so
-        // the daemon's RSS grew with the backlog (docs/benchmarks.md).
+        // For segments received without a buffer (none free, or started mid-segment), one
+        // buffer for every read-back: a fresh 16 MiB allocation per segment let glibc raise
+        // its mmap threshold and keep freed buffers in per-thread arenas, so the daemon's RSS
+        // grew with the backlog (docs/benchmarks.md).
         let mut verify_buf = Vec::new();
+        let durable = self.durable;
+        let dir = self.cfg.spool_dir.clone();
         loop {
             // The spool writes below are synchronous: they go to the page cache, and the one
             // fdatasync per status update is what bounds how stale the reported flush is.
@@ -472,21 +518,20 @@ impl Session {
                         while !rest.is_empty() {
                             let cur = match current.as_mut() {
                                 Some(c) => c,
-                                None => current.insert(SegmentFile::open(&self.cfg.spool_dir, tli, received, seg)?),
+                                None => current.insert(Incoming::open(&dir, tli, received, seg, durable, &self.cfg.buffers)?),
                             };
                             let n = cur.write(received, rest)?;
                             rest = &rest[n..];
                             received = Lsn(received.0 + n as u64);
                             if cur.is_full() {
                                 let done = current.take().expect("current segment");
-                                let seg_start = done.start;
-                                verify(&done, expect, true, &mut verify_buf)?;
-                                let id = done.id;
-                                let path = done.complete()?;
+                                done.verify(expect, &mut verify_buf)?;
+                                let (id, seg_start) = (done.id, done.start);
+                                let (path, data) = done.complete(&dir)?;
                                 synced = received;
                                 self.next = Some(StartPosition { lsn: received, tli: Some(tli) });
                                 // A bounded channel: a slow archive slows receiving, never drops WAL.
-                                self.send(ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start }).await?;
+                                self.send(ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start, data: data.map(Arc::new) }).await?;
                             }
                         }
                     }
@@ -503,9 +548,8 @@ impl Session {
                             return Err(PgError::protocol(format!("timeline {tli} ended at {received}, but timeline {next_tli} starts at {next_start}")).into());
                         }
                         if let Some(cur) = current.take() {
-                            verify(&cur, expect, true, &mut verify_buf)?;
                             let id = cur.id;
-                            let path = cur.finish_partial()?;
+                            let path = cur.finish_partial(&dir, expect, &mut verify_buf)?;
                             self.send(ReceiverEvent::TimelinePartial { name: WalSegmentName::Partial(id), path, end: received }).await?;
                         }
                         return Ok(StreamEnd::Switch { next_tli, next_start });
@@ -517,22 +561,151 @@ impl Session {
 }
 
 /// Makes the segment being received durable and advances `synced` to match.
-fn sync_spool(current: &mut Option<SegmentFile>, synced: &mut Lsn) -> std::io::Result<()> {
+fn sync_spool(current: &mut Option<Incoming>, synced: &mut Lsn) -> std::io::Result<()> {
     if let Some(cur) = current.as_mut() {
-        cur.sync()?;
-        *synced = cur.synced_lsn();
+        *synced = cur.sync()?;
     }
     Ok(())
 }
 
-/// Checks the page headers of a spool segment before it is handed on as good.
-fn verify(
-    file: &SegmentFile,
-    expect: &PageExpectation,
-    allow_zero_tail: bool,
-    buf: &mut Vec<u8>,
-) -> Result<(), ReceiverError> {
-    file.read_all_into(buf)?;
-    validate_pages(buf, file.start, expect, allow_zero_tail)
-        .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", file.id)))
+/// The segment being received: into a segment buffer, into its spool file, or both.
+///
+/// A buffer alone when the spool is not durable ([`SpoolSync::Auto`] on a server whose slots
+/// keep all WAL) and a buffer was free at the segment's first byte: such a file would only
+/// ever be read by a daemon restarted in the same boot, which the slot serves as well, and
+/// writing it took a fifth of the daemon's CPU in the WAL drain (docs/benchmarks.md). The
+/// spool file alone when no buffer was free (the archive is behind: the spool absorbs the
+/// backlog, memory stays at `buffers × segment size`). Both when the spool is durable.
+struct Incoming {
+    id: SegmentId,
+    start: Lsn,
+    seg_bytes: u64,
+    /// Bytes from the segment start that are received.
+    written: u64,
+    file: Option<SegmentFile>,
+    buf: Option<SegmentBuffer>,
+}
+
+impl Incoming {
+    fn open(
+        dir: &Path,
+        tli: TimelineId,
+        at: Lsn,
+        seg: SegmentSize,
+        durable: bool,
+        buffers: &SegmentBuffers,
+    ) -> std::io::Result<Self> {
+        let start = at.segment_start(seg);
+        // Only a segment received from its first byte is whole in memory.
+        let buf = if at == start {
+            buffers.try_take(seg.bytes() as usize)
+        } else {
+            None
+        };
+        let file = if durable || buf.is_none() {
+            Some(SegmentFile::open(dir, tli, at, seg, durable)?)
+        } else {
+            None
+        };
+        Ok(Incoming {
+            id: SegmentId::containing(tli, at, seg),
+            start,
+            seg_bytes: seg.bytes(),
+            written: at.segment_offset(seg),
+            file,
+            buf,
+        })
+    }
+
+    fn written_lsn(&self) -> Lsn {
+        Lsn(self.start.0 + self.written)
+    }
+
+    fn is_full(&self) -> bool {
+        self.written == self.seg_bytes
+    }
+
+    /// Takes `data`, which starts at `at` (the current end); returns how many bytes fit in
+    /// this segment.
+    fn write(&mut self, at: Lsn, data: &[u8]) -> std::io::Result<usize> {
+        if at != self.written_lsn() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "WAL at {at} does not continue segment {} at {}",
+                    self.id,
+                    self.written_lsn()
+                ),
+            ));
+        }
+        let n = ((self.seg_bytes - self.written) as usize).min(data.len());
+        if let Some(f) = self.file.as_mut() {
+            f.write(at, &data[..n])?;
+        }
+        if let Some(b) = self.buf.as_mut() {
+            b.extend(&data[..n]);
+        }
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    /// Syncs the spool file (when durable) and returns the position held: synced, or simply
+    /// received when the spool is not durable.
+    fn sync(&mut self) -> std::io::Result<Lsn> {
+        match self.file.as_mut() {
+            Some(f) => {
+                f.sync()?;
+                Ok(f.synced_lsn())
+            }
+            None => Ok(self.written_lsn()),
+        }
+    }
+
+    /// Checks the page headers of the whole segment before it is handed on as good: in its
+    /// buffer, or read back from the spool file into `scratch`.
+    fn verify(&self, expect: &PageExpectation, scratch: &mut Vec<u8>) -> Result<(), ReceiverError> {
+        let data: &[u8] = match (&self.buf, &self.file) {
+            (Some(b), _) => b,
+            (None, Some(f)) => {
+                f.read_all_into(scratch)?;
+                scratch
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        };
+        // Zero pages may end a segment (after an XLOG_SWITCH record).
+        validate_pages(data, self.start, expect, true)
+            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))
+    }
+
+    /// Renames the spool file to the segment's name; returns that path (which does not exist
+    /// when the segment was received into its buffer alone) and the buffer.
+    fn complete(self, dir: &Path) -> std::io::Result<(PathBuf, Option<SegmentBuffer>)> {
+        let path = match self.file {
+            Some(f) => f.complete()?,
+            None => dir.join(WalSegmentName::Segment(self.id).to_string()),
+        };
+        Ok((path, self.buf))
+    }
+
+    /// The last segment of a timeline: verified and left durable under its `.partial` name
+    /// (after a switch the server may no longer serve it), zeros after the end as PostgreSQL
+    /// leaves it.
+    fn finish_partial(
+        mut self,
+        dir: &Path,
+        expect: &PageExpectation,
+        scratch: &mut Vec<u8>,
+    ) -> Result<PathBuf, ReceiverError> {
+        if let Some(b) = self.buf.as_mut() {
+            b.zero_fill(self.seg_bytes as usize);
+        }
+        self.verify(expect, scratch)?;
+        Ok(match (self.file, self.buf) {
+            (Some(f), _) => f.finish_partial()?,
+            (None, Some(b)) => {
+                write_durable(dir, &WalSegmentName::Partial(self.id).to_string(), &b)?
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        })
+    }
 }

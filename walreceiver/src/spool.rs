@@ -1,6 +1,8 @@
 //! The local spool: one pre-sized `<segment>.partial` file per segment being received, written
-//! in place at the right offset, made durable with fdatasync, renamed to its final name when
-//! complete (followed by a directory fsync, so the rename itself survives a crash).
+//! in place at the right offset, renamed to its final name when complete. A durable spool is
+//! made so with fdatasync and a directory fsync after the rename; a spool that is only a cache
+//! in front of the slot (the slot holds the same WAL until the archive does) skips both, and
+//! its files are only trusted by the boot that wrote them (see the daemon's resume).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -24,16 +26,26 @@ pub struct SegmentFile {
     seg_size: SegmentSize,
     /// Bytes from the segment start that are written (not necessarily synced).
     written: u64,
-    /// Bytes from the segment start that are durable on disk.
+    /// Bytes from the segment start that are durable on disk (or, when the spool is not made
+    /// durable, simply written).
     synced: u64,
+    /// fdatasync and directory fsyncs are done.
+    durable: bool,
     path: PathBuf,
     dir: PathBuf,
 }
 
 impl SegmentFile {
     /// Opens (creating and pre-sizing) `<dir>/<segment>.partial` for the segment holding `at`.
-    /// Receiving starts at `at`, so what lies before it in an existing file is kept.
-    pub fn open(dir: &Path, tli: TimelineId, at: Lsn, seg_size: SegmentSize) -> io::Result<Self> {
+    /// Receiving starts at `at`, so what lies before it in an existing file is kept. With
+    /// `durable` false nothing is ever synced (see the module comment).
+    pub fn open(
+        dir: &Path,
+        tli: TimelineId,
+        at: Lsn,
+        seg_size: SegmentSize,
+        durable: bool,
+    ) -> io::Result<Self> {
         let id = SegmentId::containing(tli, at, seg_size);
         let start = at.segment_start(seg_size);
         let path = dir.join(WalSegmentName::Partial(id).to_string());
@@ -47,8 +59,10 @@ impl SegmentFile {
             // Pre-size so that later writes never extend the file (no metadata updates per
             // fdatasync) and a crash leaves zeros, which verification treats as unwritten.
             file.set_len(seg_size.bytes())?;
-            file.sync_all()?;
-            fsync_dir(dir)?;
+            if durable {
+                file.sync_all()?;
+                fsync_dir(dir)?;
+            }
         }
         let offset = at.segment_offset(seg_size);
         Ok(SegmentFile {
@@ -58,6 +72,7 @@ impl SegmentFile {
             seg_size,
             written: offset,
             synced: offset,
+            durable,
             path,
             dir: dir.to_path_buf(),
         })
@@ -97,10 +112,12 @@ impl SegmentFile {
         Ok(n)
     }
 
-    /// Makes everything written durable (fdatasync).
+    /// Makes everything written durable (fdatasync), when the spool is durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.synced != self.written {
-            self.file.sync_data()?;
+            if self.durable {
+                self.file.sync_data()?;
+            }
             self.synced = self.written;
         }
         Ok(())
@@ -131,13 +148,18 @@ impl SegmentFile {
         self.sync()?;
         let final_path = self.dir.join(WalSegmentName::Segment(self.id).to_string());
         fs::rename(&self.path, &final_path)?;
-        fsync_dir(&self.dir)?;
+        if self.durable {
+            fsync_dir(&self.dir)?;
+        }
         Ok(final_path)
     }
 
-    /// Syncs and leaves the file under its `.partial` name (end of a timeline).
+    /// Syncs and leaves the file under its `.partial` name (end of a timeline). Always made
+    /// durable: after a switch the server may no longer serve the old timeline's last segment.
     pub fn finish_partial(mut self) -> io::Result<PathBuf> {
-        self.sync()?;
+        self.durable = true;
+        self.file.sync_data()?;
+        self.synced = self.written;
         Ok(self.path)
     }
 }
@@ -166,7 +188,7 @@ mod tests {
         let seg = SegmentSize::new(1 << 20).unwrap();
         let tli = TimelineId(1);
         let start = Lsn(3 << 20);
-        let mut f = SegmentFile::open(dir.path(), tli, start, seg).unwrap();
+        let mut f = SegmentFile::open(dir.path(), tli, start, seg, true).unwrap();
         assert_eq!(
             std::fs::metadata(dir.path().join("000000010000000000000003.partial"))
                 .unwrap()
@@ -189,7 +211,7 @@ mod tests {
         assert!(!dir.path().join("000000010000000000000003.partial").exists());
         // Resuming in the middle keeps the earlier bytes.
         let mid = Lsn((4 << 20) + 10);
-        let mut g = SegmentFile::open(dir.path(), tli, mid, seg).unwrap();
+        let mut g = SegmentFile::open(dir.path(), tli, mid, seg, false).unwrap();
         assert_eq!(g.written_lsn(), mid);
         assert_eq!(g.write(mid, b"abc").unwrap(), 3);
         g.sync().unwrap();
