@@ -9,7 +9,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::{Lsn, SegmentSize, WalSegmentName};
 use walhoard_testkit::PgCluster;
-use walhoard_walreceiver::{run, ReceiverConfig, ReceiverEvent, ReceiverPositions, SegmentBuffers};
+use walhoard_walreceiver::{
+    run, ReceiverConfig, ReceiverEvent, ReceiverPositions, SegmentBuffers, SpoolSync,
+};
 
 use crate::common::{socket_params, wait_until};
 
@@ -30,9 +32,14 @@ fn start(pg: &PgCluster) -> Running {
 }
 
 fn start_with(pg: &PgCluster, buffers: usize) -> Running {
+    start_sync(pg, buffers, SpoolSync::Always)
+}
+
+fn start_sync(pg: &PgCluster, buffers: usize, sync: SpoolSync) -> Running {
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = ReceiverConfig::new(socket_params(pg), "walhoard", spool.path().to_path_buf());
     cfg.buffers = SegmentBuffers::new(buffers);
+    cfg.spool_sync = sync;
     cfg.status_interval = Duration::from_millis(500);
     cfg.reconnect_min = Duration::from_millis(100);
     cfg.reconnect_max = Duration::from_millis(500);
@@ -382,4 +389,54 @@ async fn walreceiver_survives_server_restart() {
     );
     r.cancel.cancel();
     r.task.await.unwrap().unwrap();
+}
+
+/// `SpoolSync::Auto`: a server whose slots keep all WAL (`max_slot_wal_keep_size = -1`, the
+/// default) gets segments handed on from memory with no spool file written; one that may drop
+/// WAL a slot holds gets every segment in a spool file as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_spool_written_only_when_the_slot_may_lose_wal() {
+    for keep in ["-1", "'4GB'"] {
+        let pg = PgCluster::builder()
+            .setting("max_slot_wal_keep_size", keep)
+            .start()
+            .unwrap();
+        let seg = SegmentSize::DEFAULT;
+        // More buffers than the segments in flight: every segment finds one.
+        let mut r = start_sync(&pg, 8, SpoolSync::Auto);
+        let target = write_wal(&pg, 20000);
+        let mut seen = 0;
+        loop {
+            match next_event(&mut r).await {
+                ReceiverEvent::Segment {
+                    name,
+                    path,
+                    start,
+                    data,
+                } => {
+                    let theirs = std::fs::read(pg.wal_dir().join(name.to_string())).unwrap();
+                    let data = data.unwrap_or_else(|| panic!("{name} not in memory"));
+                    assert!(data[..] == theirs[..], "{name} differs from pg_wal");
+                    if keep == "-1" {
+                        assert!(!path.exists(), "{name} written to the spool: {path:?}");
+                    } else {
+                        assert!(
+                            std::fs::read(&path).unwrap() == theirs,
+                            "{name}: spool file differs"
+                        );
+                    }
+                    seen += 1;
+                    r.archived.send_replace(Lsn(start.0 + seg.bytes()));
+                    if Lsn(start.0 + seg.bytes()) >= target.segment_start(seg) {
+                        break;
+                    }
+                }
+                ReceiverEvent::Connected { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(seen >= 2, "{seen} segments");
+        r.cancel.cancel();
+        r.task.await.unwrap().unwrap();
+    }
 }
