@@ -10,6 +10,8 @@
 # backlog held by the slots, default 2200), WALHOARD_BENCH_REPS (runs of each measurement,
 # default 3), WALHOARD_BENCH_LAG_SECONDS (pgbench duration per lag run, default 60),
 # WALHOARD_BENCH_OUT (results directory, default target/bench-results/<time>),
+# WALHOARD_BENCH_BIN (a walhoard binary to use instead of building one; else
+# `cargo build --release` into $CARGO_TARGET_DIR, default target/),
 # WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection.
 #
 # Needs root (PostgreSQL runs as the 'postgres' user, packages are installed with apt).
@@ -57,8 +59,17 @@ if [ ! -x "$S3S_FS" ]; then
   echo "== installing s3s-fs into $cache/s3s-fs" >&2
   cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
 fi
-(cd "$repo" && cargo build --release --locked --bin walhoard)
-WALHOARD=$repo/target/release/walhoard
+# The binary: WALHOARD_BENCH_BIN as is, else a release build in CARGO_TARGET_DIR (default
+# target/), so that a separate target directory avoids waiting on another build's lock.
+if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
+  WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
+else
+  (cd "$repo" && cargo build --release --locked --bin walhoard)
+  target_dir=${CARGO_TARGET_DIR:-target}
+  case $target_dir in /*) ;; *) target_dir=$repo/$target_dir ;; esac
+  WALHOARD=$target_dir/release/walhoard
+fi
+[ -x "$WALHOARD" ] || { echo "no walhoard binary at $WALHOARD" >&2; exit 1; }
 
 mkdir -p "$OUT"
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-bench.XXXXXX")
@@ -73,7 +84,7 @@ trap 'exit 130' INT TERM
   echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
   echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
   echo "os: $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
-  echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard)"
+  echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard) ($WALHOARD)"
   echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS phases='$PHASES'"
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
@@ -139,8 +150,7 @@ s3_start() { # s3_start <dir>: s3s-fs with bucket 'archive'; sets S3_PID S3_PORT
   "$S3S_FS" --host 127.0.0.1 --port "$S3_PORT" --access-key bench-ak --secret-key bench-secret-key "$1" >/dev/null 2>&1 &
   S3_PID=$!
   PIDS+=("$S3_PID")
-  local i
-  for i in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$S3_PORT") 2>/dev/null && return 0; sleep 0.1; done
   log "s3s-fs did not listen"; return 1
 }
 
@@ -182,7 +192,8 @@ PGBR_ARCHIVE="pgbackrest --config=$ROOT/pgbr/pgbackrest.conf --stanza=bench arch
 
 # --- phase: WAL drain ---------------------------------------------------------------------
 drain_receivewal() {
-  local r=$1 d=$ROOT/drain-rw-$r t0 t1
+  local r=$1 d t0 t1
+  d=$ROOT/drain-rw-$r
   mkdir -p "$d/wal"
   t0=$(now)
   /usr/bin/time -v -o "$d/time" "$PGBIN/pg_receivewal" -h "$SOCK" -p "$PGPORT" -U postgres \
