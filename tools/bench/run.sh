@@ -10,11 +10,12 @@
 # Environment: WALHOARD_BENCH_SCALE (pgbench scale, default 100), WALHOARD_BENCH_WAL_MIB (WAL
 # backlog held by the slots, default 2200), WALHOARD_BENCH_REPS (runs of each measurement,
 # default 3), WALHOARD_BENCH_LAG_SECONDS (pgbench duration per lag run, default 60),
-# WALHOARD_BENCH_RESTORE_SECONDS (pgbench duration writing the WAL the restores replay,
-# default 30), WALHOARD_BENCH_OUT (results directory, default target/bench-results/<time>),
+# WALHOARD_BENCH_RESTORE_TX (pgbench transactions, in 4 clients, writing the WAL the restores
+# replay; default 60000), WALHOARD_BENCH_OUT (results directory, default target/bench-results/<time>),
 # WALHOARD_BENCH_BIN (a walhoard binary to use instead of building one; else
 # `cargo build --release` into $CARGO_TARGET_DIR, default target/),
-# WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection.
+# WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection,
+# WALHOARD_BENCH_PERF=1 profiles each `walhoard restore get-basebackup` with `perf record -g`.
 #
 # Needs root (PostgreSQL runs as the 'postgres' user, packages are installed with apt).
 # Everything is written under one mktemp directory; all traffic is on a unix socket or 127.0.0.1.
@@ -30,13 +31,13 @@ repo=$(cd "$here/../.." && pwd)
 
 if [ -n "${WALHOARD_BENCH_QUICK:-}" ]; then
   : "${WALHOARD_BENCH_SCALE:=10}" "${WALHOARD_BENCH_WAL_MIB:=300}" "${WALHOARD_BENCH_LAG_SECONDS:=15}"
-  : "${WALHOARD_BENCH_RESTORE_SECONDS:=10}"
+  : "${WALHOARD_BENCH_RESTORE_TX:=10000}"
 fi
 SCALE=${WALHOARD_BENCH_SCALE:-100}
 WAL_MIB=${WALHOARD_BENCH_WAL_MIB:-2200}
 REPS=${WALHOARD_BENCH_REPS:-3}
 LAG_SECONDS=${WALHOARD_BENCH_LAG_SECONDS:-60}
-RESTORE_PGBENCH_SECONDS=${WALHOARD_BENCH_RESTORE_SECONDS:-30}
+RESTORE_TX=${WALHOARD_BENCH_RESTORE_TX:-60000}
 PHASES=${*:-drain basebackup lag restore memory}
 OUT=${WALHOARD_BENCH_OUT:-$repo/target/bench-results/$(date +%Y%m%d-%H%M%S)}
 
@@ -90,7 +91,7 @@ trap 'exit 130' INT TERM
   echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
   echo "os: $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
   echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard) ($WALHOARD)"
-  echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS restore_seconds=$RESTORE_PGBENCH_SECONDS phases='$PHASES'"
+  echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS restore_tx=$RESTORE_TX phases='$PHASES'"
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
@@ -428,8 +429,9 @@ restore_setup() {
   pgbr --type=full backup
   local wal0 sw end_n last_seg
   wal0=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
-  log "restore: pgbench -n -c 4 -j 2 -T $RESTORE_PGBENCH_SECONDS for the WAL to replay"
-  "$PGBIN/pgbench" -n -c 4 -j 2 -T "$RESTORE_PGBENCH_SECONDS" -h "$SOCK" -p "$PGPORT" -U postgres postgres >"$RS/pgbench.log" 2>&1 ||
+  # A fixed number of transactions, not a duration: the same WAL whatever the load.
+  log "restore: pgbench -n -c 4 -j 2 -t $((RESTORE_TX / 4)) for the WAL to replay"
+  "$PGBIN/pgbench" -n -c 4 -j 2 -t "$((RESTORE_TX / 4))" -h "$SOCK" -p "$PGPORT" -U postgres postgres >"$RS/pgbench.log" 2>&1 ||
     { log "pgbench failed: $(tail -3 "$RS/pgbench.log")"; return 1; }
   sw=$(psql_ "select pg_switch_wal()")
   end_n=$((($(lsn2n "$sw") + SEG - 1) / SEG * SEG))
@@ -508,8 +510,11 @@ restore_dir() { # an empty data directory, as PostgreSQL wants it
 restore_walhoard() {
   local r=$1 d=$RS/runs/walhoard t0 t1
   restore_dir "$d"
+  # WALHOARD_BENCH_PERF=1: under `perf record -g` (which slows it), into $OUT/perf-restore-*.data.
+  local perf=()
+  [ -z "${WALHOARD_BENCH_PERF:-}" ] || perf=(perf record -g -q -o "$OUT/perf-restore-$SCALE_LABEL-$r.data" --)
   t0=$(now)
-  as_pg /usr/bin/time -v -o "$d.time" "$RS/walhoard" restore get-basebackup --config "$RS_CFG" --site main \
+  "${perf[@]}" runuser -u postgres -- /usr/bin/time -v -o "$d.time" "$RS/walhoard" restore get-basebackup --config "$RS_CFG" --site main \
     --target-dir "$d" --restore-to-primary >"$d.out" 2>&1 ||
     { log "walhoard restore get-basebackup failed: $(tail -5 "$d.out")"; return 1; }
   t1=$(now)
