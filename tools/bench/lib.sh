@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers for tools/bench/run.sh: the throw-away primary, LSN arithmetic, timing, results.
 # Sourced, not run. Everything lives under $ROOT (a mktemp directory); every process started
 # here is recorded in $PIDS and stopped by cleanup.

@@ -2,22 +2,28 @@
 # walhoard against the tools a user would otherwise pick, on the same data in the same run
 # (docs/benchmarks.md, "Against the peers"). Not part of tools/test.sh or CI.
 #
-#   tools/bench/run.sh                 # everything: drain, basebackup, lag, then memory at 1/4 size
-#   tools/bench/run.sh drain lag       # only these phases (drain basebackup lag memory)
+#   tools/bench/run.sh                 # everything: drain, basebackup, lag, restore, then memory at 1/4 size
+#   tools/bench/run.sh drain lag       # only these phases (drain basebackup lag restore memory)
+#   tools/bench/run.sh restore         # restore alone (takes its own backups)
 #   WALHOARD_BENCH_QUICK=1 tools/bench/run.sh   # a small scale, for trying the harness (~3 min)
 #
 # Environment: WALHOARD_BENCH_SCALE (pgbench scale, default 100), WALHOARD_BENCH_WAL_MIB (WAL
 # backlog held by the slots, default 2200), WALHOARD_BENCH_REPS (runs of each measurement,
 # default 3), WALHOARD_BENCH_LAG_SECONDS (pgbench duration per lag run, default 60),
-# WALHOARD_BENCH_OUT (results directory, default target/bench-results/<time>),
-# WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection.
+# WALHOARD_BENCH_RESTORE_TX (pgbench transactions, in 4 clients, writing the WAL the restores
+# replay; default 60000), WALHOARD_BENCH_OUT (results directory, default target/bench-results/<time>),
+# WALHOARD_BENCH_BIN (a walhoard binary to use instead of building one; else
+# `cargo build --release` into $CARGO_TARGET_DIR, default target/),
+# WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection,
+# WALHOARD_BENCH_PERF=1 profiles each `walhoard restore get-basebackup` with `perf record -g`.
 #
 # Needs root (PostgreSQL runs as the 'postgres' user, packages are installed with apt).
 # Everything is written under one mktemp directory; all traffic is on a unix socket or 127.0.0.1.
 #
-# Each phase is a function over the primary that pg_up leaves behind; a restore phase (walhoard
-# get-basebackup + recovery against pgbackrest restore) would take the backups the basebackup
-# phase leaves in $ROOT/bb-* (the last run of each tool is kept) and time restoring each.
+# Each phase is a function over the primary that pg_up leaves behind. The restore phase takes
+# its own backups (a walhoard local-tar basebackup and a pgBackRest full backup, back to back),
+# lets pgbench write WAL into both archives, then times `walhoard restore get-basebackup` +
+# recovery to the end of the archive against `pgbackrest restore --process-max=2` + recovery.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -25,12 +31,14 @@ repo=$(cd "$here/../.." && pwd)
 
 if [ -n "${WALHOARD_BENCH_QUICK:-}" ]; then
   : "${WALHOARD_BENCH_SCALE:=10}" "${WALHOARD_BENCH_WAL_MIB:=300}" "${WALHOARD_BENCH_LAG_SECONDS:=15}"
+  : "${WALHOARD_BENCH_RESTORE_TX:=10000}"
 fi
 SCALE=${WALHOARD_BENCH_SCALE:-100}
 WAL_MIB=${WALHOARD_BENCH_WAL_MIB:-2200}
 REPS=${WALHOARD_BENCH_REPS:-3}
 LAG_SECONDS=${WALHOARD_BENCH_LAG_SECONDS:-60}
-PHASES=${*:-drain basebackup lag memory}
+RESTORE_TX=${WALHOARD_BENCH_RESTORE_TX:-60000}
+PHASES=${*:-drain basebackup lag restore memory}
 OUT=${WALHOARD_BENCH_OUT:-$repo/target/bench-results/$(date +%Y%m%d-%H%M%S)}
 
 [ "$(id -u)" = 0 ] || { echo "tools/bench/run.sh needs root (apt, and PostgreSQL runs as 'postgres')" >&2; exit 1; }
@@ -57,8 +65,17 @@ if [ ! -x "$S3S_FS" ]; then
   echo "== installing s3s-fs into $cache/s3s-fs" >&2
   cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
 fi
-(cd "$repo" && cargo build --release --locked --bin walhoard)
-WALHOARD=$repo/target/release/walhoard
+# The binary: WALHOARD_BENCH_BIN as is, else a release build in CARGO_TARGET_DIR (default
+# target/), so that a separate target directory avoids waiting on another build's lock.
+if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
+  WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
+else
+  (cd "$repo" && cargo build --release --locked --bin walhoard)
+  target_dir=${CARGO_TARGET_DIR:-target}
+  case $target_dir in /*) ;; *) target_dir=$repo/$target_dir ;; esac
+  WALHOARD=$target_dir/release/walhoard
+fi
+[ -x "$WALHOARD" ] || { echo "no walhoard binary at $WALHOARD" >&2; exit 1; }
 
 mkdir -p "$OUT"
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-bench.XXXXXX")
@@ -73,8 +90,8 @@ trap 'exit 130' INT TERM
   echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
   echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
   echo "os: $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
-  echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard)"
-  echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS phases='$PHASES'"
+  echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard) ($WALHOARD)"
+  echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS restore_tx=$RESTORE_TX phases='$PHASES'"
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
@@ -139,8 +156,7 @@ s3_start() { # s3_start <dir>: s3s-fs with bucket 'archive'; sets S3_PID S3_PORT
   "$S3S_FS" --host 127.0.0.1 --port "$S3_PORT" --access-key bench-ak --secret-key bench-secret-key "$1" >/dev/null 2>&1 &
   S3_PID=$!
   PIDS+=("$S3_PID")
-  local i
-  for i in $(seq 100); do (echo >/dev/tcp/127.0.0.1/$S3_PORT) 2>/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$S3_PORT") 2>/dev/null && return 0; sleep 0.1; done
   log "s3s-fs did not listen"; return 1
 }
 
@@ -182,7 +198,8 @@ PGBR_ARCHIVE="pgbackrest --config=$ROOT/pgbr/pgbackrest.conf --stanza=bench arch
 
 # --- phase: WAL drain ---------------------------------------------------------------------
 drain_receivewal() {
-  local r=$1 d=$ROOT/drain-rw-$r t0 t1
+  local r=$1 d t0 t1
+  d=$ROOT/drain-rw-$r
   mkdir -p "$d/wal"
   t0=$(now)
   /usr/bin/time -v -o "$d/time" "$PGBIN/pg_receivewal" -h "$SOCK" -p "$PGPORT" -U postgres \
@@ -375,6 +392,155 @@ phase_lag() {
   done
 }
 
+# --- phase: restore -----------------------------------------------------------------------
+# One walhoard basebackup (local-tar, the mode the basebackup phase shows ahead) and one
+# pgBackRest full backup of the same database, taken back to back; then pgbench writes WAL that
+# both archives receive (walhoard: a daemon on its own slot; pgBackRest: archive_command), so
+# recovery to the end of the archive replays the same WAL for both. Each run restores into an
+# empty directory and starts PostgreSQL on it until it has left recovery.
+RS=
+rs_check() { # rs_check <socket dir> <port>: what both restored servers must return
+  "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$1" -p "$2" -U postgres -d postgres -c \
+    "select (select sum(abalance) || ',' || count(*) from pgbench_accounts) || ',' ||
+            (select sum(tbalance) from pgbench_tellers) || ',' || (select count(*) from pgbench_history)"
+}
+
+restore_setup() {
+  RS=$ROOT/restore
+  rm -rf "$RS"
+  mkdir -p "$RS/runs"
+  chown postgres: "$RS/runs"
+  # PostgreSQL runs the restore_command as 'postgres': the binary must be where it can run it.
+  install -m 755 "$WALHOARD" "$RS/walhoard"
+  psql_ "select pg_create_physical_replication_slot('wh_restore', true)" >/dev/null
+  local extra
+  extra=$(jq -n --arg data "$PGDATA" --argjson keys "$KEYS" '{basebackup_mode: "local-tar",
+    pg_data_directory: $data, basebackup_threads: 2, basebackup_chunk_size: 67108864} + $keys')
+  wh_config "$RS/wh" wh_restore "$(jq -n --arg dir "$RS/wh/archive" '{storage_type: "local", directory: $dir}')" "$extra"
+  RS_CFG=$RS/wh/walhoard.json
+  # The daemon runs from before the backup to the end of the WAL: it archives both.
+  wh_start "$RS/wh"
+  local daemon=$WH_PID
+  [ -n "$PGBR" ] || pgbr_setup
+  set_archive_command "$PGBR_ARCHIVE"
+  log "restore: walhoard basebackup (local-tar, 2 threads) and pgbackrest full backup"
+  "$RS/walhoard" basebackup --config "$RS_CFG" --site main >"$RS/wh-backup.out" 2>&1 ||
+    { log "walhoard basebackup failed: $(tail -5 "$RS/wh-backup.out")"; return 1; }
+  pgbr --type=full backup
+  local wal0 sw end_n last_seg
+  wal0=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
+  # A fixed number of transactions, not a duration: the same WAL whatever the load.
+  log "restore: pgbench -n -c 4 -j 2 -t $((RESTORE_TX / 4)) for the WAL to replay"
+  "$PGBIN/pgbench" -n -c 4 -j 2 -t "$((RESTORE_TX / 4))" -h "$SOCK" -p "$PGPORT" -U postgres postgres >"$RS/pgbench.log" 2>&1 ||
+    { log "pgbench failed: $(tail -3 "$RS/pgbench.log")"; return 1; }
+  sw=$(psql_ "select pg_switch_wal()")
+  end_n=$((($(lsn2n "$sw") + SEG - 1) / SEG * SEG))
+  last_seg=$(psql_ "select pg_walfile_name('$sw')")
+  RS_WAL=$((end_n - wal0))
+  log "restore: $((RS_WAL / 1048576)) MiB of WAL after the backups ($(grep -E '^tps' "$RS/pgbench.log" | head -1)); last segment $last_seg"
+  wh_wait_archived "$RS_CFG" "$daemon" "$end_n" 600
+  local deadline=$(($(date +%s) + 600)) last
+  while :; do
+    last=$(psql_ "select coalesce(last_archived_wal, '') from pg_stat_archiver")
+    if [ -n "$last" ] && [[ ! "$last" < "$last_seg" ]]; then break; fi
+    [ "$(date +%s)" -lt "$deadline" ] || { log "pgbackrest did not archive $last_seg in time"; return 1; }
+    sleep 0.2
+  done
+  [ -n "$(find "$RS/wh/archive" -name "$last_seg" -print -quit)" ] || { log "walhoard: $last_seg not in its archive"; return 1; }
+  stop_pid "$daemon"
+  set_archive_command ''
+  psql_ "select pg_drop_replication_slot('wh_restore')" >/dev/null
+  RS_EXPECT=$(rs_check "$SOCK" "$PGPORT")
+  RS_WH_STORED=$(du -sb "$RS/wh/archive/main/basebackup_chunk" | cut -f1)
+  RS_PGBR_STORED=$(du -sb "$(ls -d "$PGBR"/repo/backup/bench/*F | sort | tail -1)" | cut -f1)
+  log "restore: primary at the end of the WAL: $RS_EXPECT"
+}
+
+# restored_up <tool> <rep> <data dir> <restore start> <restore end> <stored bytes>: starts
+# PostgreSQL on the restored directory, times recovery until it accepts read-write work, checks
+# the data and writes the rows.
+restored_up() {
+  local tool=$1 r=$2 d=$3 t0=$4 t1=$5 stored=$6 bytes port sock t2 state got deadline pid
+  bytes=$(du -sb "$d" | cut -f1)
+  port=$(free_port)
+  sock=$d.sock
+  mkdir -p "$sock"
+  chown postgres: "$sock"
+  # Its own port and socket, and no archiving (it would push a new timeline into the archive).
+  as_pg "$PGBIN/pg_ctl" -D "$d" -l "$d.log" -W -s \
+    -o "-c port=$port -c unix_socket_directories=$sock -c archive_mode=off" start
+  deadline=$(($(date +%s) + 1800))
+  while :; do
+    [ -n "${pid:-}" ] || { pid=$(head -1 "$d/postmaster.pid" 2>/dev/null || true); [ -z "$pid" ] || PIDS+=("$pid"); }
+    state=$("$PGBIN/psql" -X -At -h "$sock" -p "$port" -U postgres -d postgres -c "select pg_is_in_recovery()" 2>/dev/null || true)
+    [ "$state" = f ] && break
+    if [ -n "${pid:-}" ] && ! kill -0 "$pid" 2>/dev/null; then log "$tool: restored server exited: $(tail -5 "$d.log")"; return 1; fi
+    [ "$(date +%s)" -lt "$deadline" ] || { log "$tool: still in recovery after 30 min"; return 1; }
+    sleep 0.1
+  done
+  t2=$(now)
+  got=$(rs_check "$sock" "$port")
+  as_pg "$PGBIN/pg_ctl" -D "$d" -m fast -w -s stop
+  cp "$d.log" "$OUT/restore-$SCALE_LABEL-$tool-$r.log"
+  cp "$d.out" "$OUT/restore-$SCALE_LABEL-$tool-$r.out"
+  if [ "$got" != "$RS_EXPECT" ]; then
+    log "$tool: restored data differs from the primary's: $got, expected $RS_EXPECT (log: $d.log)"
+    return 1
+  fi
+  local rss sync
+  rss=$(time_rss "$d.time")
+  # PostgreSQL fsyncs the whole data directory before recovery starts (the backup's pg_control
+  # says it was not shut down): from "was interrupted" to "starting archive recovery".
+  sync=$(awk '/database system was interrupted/ && !a { split($2, t, ":"); a = t[1] * 3600 + t[2] * 60 + t[3] }
+    /starting archive recovery/ && a { split($2, t, ":"); printf "%.2f", t[1] * 3600 + t[2] * 60 + t[3] - a; exit }' "$d.log")
+  result restore-get "$tool" "$r" "$(elapsed "$t0" "$t1")" "$bytes" "$stored" "$rss"
+  result restore-recovery "$tool" "$r" "$(elapsed "$t1" "$t2")" "$RS_WAL" 0 0
+  result restore-startup-sync "$tool" "$r" "${sync:-0}" "$bytes" 0 0
+  result restore "$tool" "$r" "$(elapsed "$t0" "$t2")" "$bytes" "$stored" "$rss"
+  grep -hE 'redo done|archive recovery complete|selected new timeline' "$d.log" | sed "s/^/  $tool: /" >&2 || true
+  rm -rf "$d" "$sock"
+}
+
+restore_dir() { # an empty data directory, as PostgreSQL wants it
+  rm -rf "$1" "$1.sock" "$1.log" "$1.out" "$1.time"
+  mkdir -m 700 "$1"
+  chown postgres: "$1"
+}
+
+restore_walhoard() {
+  local r=$1 d=$RS/runs/walhoard t0 t1
+  restore_dir "$d"
+  # WALHOARD_BENCH_PERF=1: under `perf record -g` (which slows it), into $OUT/perf-restore-*.data.
+  local perf=()
+  [ -z "${WALHOARD_BENCH_PERF:-}" ] || perf=(perf record -g -q -o "$OUT/perf-restore-$SCALE_LABEL-$r.data" --)
+  t0=$(now)
+  "${perf[@]}" runuser -u postgres -- /usr/bin/time -v -o "$d.time" "$RS/walhoard" restore get-basebackup --config "$RS_CFG" --site main \
+    --target-dir "$d" --restore-to-primary >"$d.out" 2>&1 ||
+    { log "walhoard restore get-basebackup failed: $(tail -5 "$d.out")"; return 1; }
+  t1=$(now)
+  restored_up walhoard "$r" "$d" "$t0" "$t1" "$RS_WH_STORED"
+}
+
+restore_pgbackrest() {
+  local r=$1 d=$RS/runs/pgbackrest t0 t1
+  restore_dir "$d"
+  t0=$(now)
+  as_pg /usr/bin/time -v -o "$d.time" pgbackrest --config="$PGBR/pgbackrest.conf" --stanza=bench \
+    --pg1-path="$d" --process-max=2 --type=default restore >"$d.out" 2>&1 ||
+    { log "pgbackrest restore failed: $(tail -5 "$d.out")"; return 1; }
+  t1=$(now)
+  restored_up pgbackrest "$r" "$d" "$t0" "$t1" "$RS_PGBR_STORED"
+}
+
+phase_restore() {
+  restore_setup
+  local r
+  for r in $(seq "$REPS"); do
+    restore_walhoard "$r"
+    restore_pgbackrest "$r"
+  done
+}
+
 # --- a scenario: one primary, the phases over it --------------------------------------------
 scenario() { # scenario <scale> <wal MiB> <phases...>
   local scale=$1 wal=$2; shift 2
@@ -403,9 +569,9 @@ scenario() { # scenario <scale> <wal MiB> <phases...>
 main_phases=()
 for p in $PHASES; do
   case $p in
-    drain | basebackup | lag) main_phases+=("$p") ;;
+    drain | basebackup | lag | restore) main_phases+=("$p") ;;
     memory) ;;
-    *) echo "unknown phase $p (drain basebackup lag memory)" >&2; exit 2 ;;
+    *) echo "unknown phase $p (drain basebackup lag restore memory)" >&2; exit 2 ;;
   esac
 done
 if [ ${#main_phases[@]} -gt 0 ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Markdown tables from a tools/bench/run.sh results directory: per tool the median over the
 # runs and the range, rates and ratios against the baseline (pg_receivewal for the drain,
-# pg_basebackup for basebackups; ratio > 1 = faster than the baseline).
+# pg_basebackup for basebackups, pgBackRest for restores; ratio > 1 = faster than the baseline).
 #   tools/bench/summarize.sh target/bench-results/<time>
 set -euo pipefail
 out=${1:?results directory}
@@ -41,6 +41,36 @@ table() { # table <scale> <phase> <baseline tool>
   echo
 }
 
+# restore_table <scale>: rows of phases restore (total), restore-get (the restore command),
+# restore-recovery (PostgreSQL start until pg_is_in_recovery() is false) and restore-startup-sync
+# (the part of recovery PostgreSQL spends fsyncing the data directory); baseline pgbackrest.
+restore_table() {
+  local scale=$1 base_med tool
+  base_med=$(col "$scale" restore pgbackrest 5 | stats | cut -d' ' -f1)
+  echo "| tool | total vs pgbackrest | total seconds: median (min–max) | restore command, s | recovery, s | of which PostgreSQL's startup fsync, s | runs | data directory MB | stored MB | peak RSS MiB (restore command) | load (1 min) during runs |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  for tool in $(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s && $2 == "restore" { print $3 }' "$res" | awk '!seen[$0]++'); do
+    local total get rec sync bytes stored rss n loads
+    total=$(col "$scale" restore "$tool" 5 | stats)
+    get=$(col "$scale" restore-get "$tool" 5 | stats)
+    rec=$(col "$scale" restore-recovery "$tool" 5 | stats)
+    sync=$(col "$scale" restore-startup-sync "$tool" 5 | stats)
+    bytes=$(col "$scale" restore "$tool" 6 | stats | cut -d' ' -f1)
+    stored=$(col "$scale" restore "$tool" 7 | head -1)
+    rss=$(col "$scale" restore "$tool" 8 | stats | cut -d' ' -f3)
+    n=$(col "$scale" restore "$tool" 5 | wc -l)
+    loads=$(col "$scale" restore "$tool" 9 | cut -d, -f1 | stats | awk '{ print $2 "–" $3 }')
+    awk -v t="$tool" -v total="$total" -v get="$get" -v rec="$rec" -v sync="$sync" -v base="$base_med" -v b="$bytes" \
+      -v st="$stored" -v rss="$rss" -v n="$n" -v l="$loads" 'BEGIN {
+        split(total, T, " "); split(get, G, " "); split(rec, R, " "); split(sync, S, " ")
+        ratio = (base == "-" || T[1] == 0) ? "-" : sprintf("%.2f×", base / T[1])
+        printf "| %s | %s | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %d | %.0f | %.0f | %s | %s |\n",
+          t, ratio, T[1], T[2], T[3], G[1], G[2], G[3], R[1], R[2], R[3], S[1], S[2], S[3], n, b / 1e6, st / 1e6,
+          (rss > 0 ? sprintf("%.0f", rss / 1024) : "n/a"), l }'
+  done
+  echo
+}
+
 cat "$out/machine.txt" | sed 's/^/    /'
 echo
 for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
@@ -55,6 +85,12 @@ for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
     echo "### Basebackup, pgbench scale ${scale#s}: database $(awk -v b="$bytes" 'BEGIN { printf "%.0f MB", b / 1e6 }')"
     echo
     table "$scale" basebackup pg_basebackup
+  fi
+  wal=$(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s && $2 == "restore-recovery" { print $6; exit }' "$res")
+  if [ -n "$wal" ]; then
+    echo "### Restore + recovery to the end of the archive, pgbench scale ${scale#s}: $(awk -v b="$wal" 'BEGIN { printf "%.0f MB (%.0f MiB)", b / 1e6, b / 1048576 }') of WAL written after the backups"
+    echo
+    restore_table "$scale"
   fi
 done
 if [ "$(wc -l <"$out/lag.tsv")" -gt 1 ]; then
