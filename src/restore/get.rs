@@ -9,7 +9,7 @@
 //! renamed into place last. On any failure everything written is removed again.
 
 use std::collections::BTreeMap;
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use walhoard_basebackup::control::{
 };
 use walhoard_basebackup::untar::{Entry, TarReader};
 
-use super::extract::{empty_dir, Extractor};
+use super::extract::{empty_dir, sync_dirs, Extractor};
 use super::recovery::{self, RecoverySettings};
 use super::{choose, list_basebackups, RestoreSite, Target};
 use crate::pipeline::transfer::download_with;
@@ -196,7 +196,7 @@ impl Route {
                 .truncate(true)
                 .open(path)?;
             io::copy(r, &mut f)?;
-            return f.flush();
+            return f.sync_all();
         }
         let mut tar = TarReader::new(&mut *r);
         while let Some(entry) = tar.next_entry()? {
@@ -501,6 +501,9 @@ async fn restore_into(
     )?;
     if !opts.target_dir.join("PG_VERSION.walhoard-partial").exists() {
         bail!("basebackup/{name} holds no PG_VERSION: not a data directory backup");
+    }
+    for (_, dir) in ts_dirs.values() {
+        sync_dirs(dir).with_context(|| format!("sync {}", dir.display()))?;
     }
     data.finish()
         .with_context(|| format!("finish {}", opts.target_dir.display()))?;

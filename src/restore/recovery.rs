@@ -92,21 +92,25 @@ pub fn write(data: &Path, server_version_num: u32, s: &RecoverySettings) -> Resu
             .with_context(|| format!("open {}", data.join(name).display()))
     };
     if server_version_num >= 120000 || server_version_num == 0 {
-        open("postgresql.auto.conf")?
-            .write_all(text.as_bytes())
+        let mut f = open("postgresql.auto.conf")?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
             .context("write postgresql.auto.conf")?;
         let signal = if s.to_primary {
             "recovery.signal"
         } else {
             "standby.signal"
         };
-        open(signal)?;
+        open(signal)?
+            .sync_all()
+            .with_context(|| format!("sync {signal}"))?;
     } else {
         if !s.to_primary {
             text.push_str("standby_mode = 'on'\n");
         }
-        open("recovery.conf")?
-            .write_all(text.as_bytes())
+        let mut f = open("recovery.conf")?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
             .context("write recovery.conf")?;
     }
     Ok(())
