@@ -40,11 +40,9 @@ async fn assert_archive_equals_pg_wal(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_archive_is_byte_identical_and_readable_by_pg_waldump() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({}));
-    let daemon = Daemon::start(&d);
-    let store = d.store(&storage);
+    let LocalDaemon {
+        d, daemon, store, ..
+    } = LocalDaemon::start(&pg);
     let first = wait_slot(&pg, &daemon);
     // Small transactions make XLogData messages end anywhere, including across segment
     // boundaries; the bulk load fills several segments.
@@ -163,11 +161,12 @@ fn segment_range(first: &str, last: &str, seg: SegmentSize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_kill_9_twenty_times_leaves_no_gap() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({}));
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
+    let LocalDaemon {
+        d,
+        mut daemon,
+        store,
+        ..
+    } = LocalDaemon::start(&pg);
     let first = wait_slot(&pg, &daemon);
     let seg = SegmentSize::DEFAULT;
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -220,11 +219,12 @@ async fn daemon_kill_9_twenty_times_leaves_no_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_distrusts_spool_written_before_a_reboot() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({}));
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
+    let LocalDaemon {
+        d,
+        mut daemon,
+        store,
+        ..
+    } = LocalDaemon::start(&pg);
     let first = wait_slot(&pg, &daemon);
     let seg = SegmentSize::DEFAULT;
     load(&pg, 5_000, 10);
@@ -349,11 +349,9 @@ async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_follows_promotion_to_new_timeline() {
     let mut pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({}));
-    let daemon = Daemon::start(&d);
-    let store = d.store(&storage);
+    let LocalDaemon {
+        d, daemon, store, ..
+    } = LocalDaemon::start(&pg);
     wait_slot(&pg, &daemon);
     load(&pg, 10_000, 50);
     let s1 = switch_segment(&pg);
@@ -473,11 +471,9 @@ async fn daemon_64mb_segments() {
         .setting("wal_keep_size", "'2GB'")
         .start()
         .unwrap();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({}));
-    let daemon = Daemon::start(&d);
-    let store = d.store(&storage);
+    let LocalDaemon {
+        d, daemon, store, ..
+    } = LocalDaemon::start(&pg);
     let first = wait_slot(&pg, &daemon);
     load(&pg, 200_000, 500);
     let last = switch_segment(&pg);
@@ -560,11 +556,12 @@ async fn daemon_archive_command_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_disk_guard_pauses_reload_resumes_sigterm_drains() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({}));
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
+    let LocalDaemon {
+        d,
+        storage,
+        mut daemon,
+        store,
+    } = LocalDaemon::start(&pg);
     wait_slot(&pg, &daemon);
     load(&pg, 10_000, 10);
     let s0 = switch_segment(&pg);

@@ -121,6 +121,32 @@ impl DaemonDir {
 }
 
 /// A running `walhoard daemon`; killed on drop.
+/// A daemon streaming a cluster's WAL into local storage with the default site settings
+/// (`DaemonDir::write_config` with nothing added), started.
+pub struct LocalDaemon {
+    pub d: DaemonDir,
+    /// The `object_storage` object of the configuration.
+    pub storage: Value,
+    pub daemon: Daemon,
+    pub store: ObjectStore,
+}
+
+impl LocalDaemon {
+    pub fn start(pg: &PgCluster) -> LocalDaemon {
+        let d = DaemonDir::new();
+        let storage = d.local_storage();
+        d.write_config(pg, storage.clone(), json!({}));
+        let daemon = Daemon::start(&d);
+        let store = d.store(&storage);
+        LocalDaemon {
+            d,
+            storage,
+            daemon,
+            store,
+        }
+    }
+}
+
 pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
