@@ -165,17 +165,8 @@ impl PgBuilder {
     /// written into it (`recovery.signal`...). Does not wait for recovery to finish beyond
     /// the server accepting connections.
     pub fn start_on(self, data: &Path) -> Result<PgCluster> {
-        let bin = pg_bin_dir()?;
-        let owner = server_user()?;
-        let root = tempfile::Builder::new().prefix("walhoard-pg-").tempdir()?;
-        let mut cluster = PgCluster {
-            root,
-            port: 0,
-            bin,
-            owner,
-            child: None,
-            major: 0,
-        };
+        let mut cluster = PgCluster::unstarted()?;
+        let owner = cluster.owner;
         let target = cluster.data_dir();
         fs::rename(data, &target)
             .with_context(|| format!("move {} to {}", data.display(), target.display()))?;
@@ -257,21 +248,24 @@ impl PgCluster {
         command_as(program, self.owner)
     }
 
-    fn init_and_start(b: PgBuilder) -> Result<PgCluster> {
-        let bin = pg_bin_dir()?;
-        let owner = server_user()?;
-        let root = tempfile::Builder::new().prefix("walhoard-pg-").tempdir()?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(root.path(), Some(uid), Some(gid))?;
-        }
-        let mut cluster = PgCluster {
-            root,
+    /// A cluster with its temporary root and no data directory yet, not running.
+    fn unstarted() -> Result<PgCluster> {
+        Ok(PgCluster {
+            root: tempfile::Builder::new().prefix("walhoard-pg-").tempdir()?,
             port: 0,
-            bin,
-            owner,
+            bin: pg_bin_dir()?,
+            owner: server_user()?,
             child: None,
             major: 0,
-        };
+        })
+    }
+
+    fn init_and_start(b: PgBuilder) -> Result<PgCluster> {
+        let mut cluster = PgCluster::unstarted()?;
+        let owner = cluster.owner;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(cluster.root.path(), Some(uid), Some(gid))?;
+        }
         let data = cluster.data_dir();
         let out = cluster
             .command(&cluster.bin.join("initdb"))
