@@ -181,6 +181,19 @@ impl Walker {
         Ok(out)
     }
 
+    /// An error reading `local`: a file that vanished while walking (when it `may_vanish`) is
+    /// counted and skipped; anything else is returned, naming the path.
+    fn vanished_or(&mut self, e: io::Error, local: &Path, may_vanish: bool) -> io::Result<()> {
+        if may_vanish && e.kind() == io::ErrorKind::NotFound {
+            self.vanished += 1;
+            return Ok(());
+        }
+        Err(io::Error::new(
+            e.kind(),
+            format!("{}: {e}", local.display()),
+        ))
+    }
+
     fn dir(
         &mut self,
         local: &Path,
@@ -190,16 +203,7 @@ impl Walker {
     ) -> io::Result<()> {
         let names = match sorted_names(local) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !top => {
-                self.vanished += 1;
-                return Ok(());
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", local.display()),
-                ))
-            }
+            Err(e) => return self.vanished_or(e, local, !top),
         };
         // Unlogged relations: only their init fork is backed up (basebackup.c sendDir).
         let unlogged: HashSet<String> = if is_database_dir(archive) {
@@ -288,16 +292,7 @@ impl Walker {
     fn entry(&mut self, local: &Path, archive: &str, out: &mut Vec<Entry>) -> io::Result<()> {
         let meta = match fs::symlink_metadata(local) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.vanished += 1;
-                return Ok(());
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", local.display()),
-                ))
-            }
+            Err(e) => return self.vanished_or(e, local, true),
         };
         let ft = meta.file_type();
         if ft.is_file() {
