@@ -180,6 +180,13 @@ fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> 
     }
 }
 
+/// pghoard's metadata of the plaintext: `original-file-size`, `hash`, `hash-algorithm`.
+fn record_plain(metadata: &mut Metadata, size: u64, hash: String, algorithm: HashAlgorithm) {
+    metadata.insert("original-file-size".into(), size.to_string());
+    metadata.insert("hash".into(), hash);
+    metadata.insert("hash-algorithm".into(), algorithm.name().into());
+}
+
 /// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
 /// algorithm, encryption key id, original size, `hash` of the plaintext with `hash-algorithm`.
 /// Returns the metadata.
@@ -216,9 +223,7 @@ pub async fn upload_file(
     })?
     .map_err(io_at("read", path))?;
     let file = std::fs::File::open(path).map_err(io_at("open", path))?;
-    metadata.insert("original-file-size".into(), expect_size.to_string());
-    metadata.insert("hash".into(), hash);
-    metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
+    record_plain(&mut metadata, expect_size, hash, hash_algorithm);
     let src = path.to_path_buf();
     // The hash is already in the metadata: hashing the bytes again on their way into the
     // compressor cost as much CPU as a fifth of the whole WAL drain (docs/benchmarks.md).
@@ -277,12 +282,12 @@ where
         key: key.into(),
         message: format!("hash thread failed: {e}"),
     })?;
-    metadata.insert(
-        "original-file-size".into(),
-        (*data).as_ref().len().to_string(),
+    record_plain(
+        &mut metadata,
+        (*data).as_ref().len() as u64,
+        hash,
+        hash_algorithm,
     );
-    metadata.insert("hash".into(), hash);
-    metadata.insert("hash-algorithm".into(), hash_algorithm.name().into());
     let one_shot = compression.algorithm == Algorithm::Zstd && compression.threads == 0;
     let uploaded = upload_stream(
         store,
