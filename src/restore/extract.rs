@@ -15,6 +15,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use walhoard_basebackup::untar::{Entry, EntryKind};
+use walhoard_walreceiver::spool::fsync_dir;
 
 /// Suffix of files held back until the restore completed (see [`Extractor::finish`]).
 pub const HELD_BACK_SUFFIX: &str = ".walhoard-partial";
@@ -233,7 +234,7 @@ impl Extractor {
                 let to = self.root.join(h);
                 fs::rename(&held, &to)?;
                 if let Some(parent) = to.parent() {
-                    fs::File::open(parent)?.sync_all()?;
+                    fsync_dir(parent)?;
                 }
             }
         }
@@ -253,7 +254,7 @@ pub fn sync_dirs(dir: &Path) -> io::Result<()> {
             sync_dirs(&e.path())?;
         }
     }
-    fs::File::open(dir)?.sync_all()
+    fsync_dir(dir)
 }
 
 /// Removes everything inside `dir` (not `dir` itself), never following symlinks.
