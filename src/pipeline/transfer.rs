@@ -5,12 +5,9 @@
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use aws_lc_rs::digest;
 use bytes::Bytes;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::compression::{Algorithm, CompressionSettings, Compressor, Decompressor};
@@ -20,8 +17,10 @@ use crate::storage::{Metadata, ObjectStore};
 
 const QUEUE_CHUNKS: usize = 4;
 
-/// Output buffers of one-shot zstd compression ([`upload_bytes`]), reused: compression runs
-/// under a `pipeline::cpu` worker, so there are never more of them than workers. A fresh
+/// Output buffers of one-shot zstd compression and encryption ([`upload_bytes`]), reused. A
+/// compression worker holds one or two (compressed, then sealed; the compressed one is back
+/// once sealed), and an upload holds its object's until the store has it, so there are never
+/// more than workers + uploads in flight. A fresh
 /// `compress_bound`-sized allocation per segment made glibc keep freed 16 MiB blocks, each
 /// touched in other places, and the daemon's RSS grew (docs/benchmarks.md).
 static ONE_SHOT_OUTPUT: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
@@ -43,6 +42,12 @@ impl OutputPool {
 }
 
 struct PooledOutput(Vec<u8>, &'static OutputPool);
+
+impl AsRef<[u8]> for PooledOutput {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl std::ops::Deref for PooledOutput {
     type Target = Vec<u8>;
@@ -123,33 +128,6 @@ impl Write for ChannelWriter {
     }
 }
 
-/// Async reader side of the pipe.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl AsyncRead for ChannelReader {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        while self.current.is_empty() {
-            match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(chunk))) => self.current = chunk,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        let n = buf.remaining().min(self.current.len());
-        let chunk = self.current.split_to(n);
-        buf.put_slice(&chunk);
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// Sync reader over chunks fetched by the async side.
 struct BlockingChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
@@ -177,6 +155,22 @@ fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> 
         action,
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// How the stored bytes were made: `compression-algorithm`, and the encryption key and format.
+fn record_codec(
+    metadata: &mut Metadata,
+    compression: CompressionSettings,
+    encryption: Option<&UploadEncryption>,
+) {
+    metadata.insert(
+        "compression-algorithm".into(),
+        compression.algorithm.name().into(),
+    );
+    if let Some(e) = encryption {
+        metadata.insert("encryption-key-id".into(), e.key_id.clone());
+        metadata.insert("encryption-format".into(), "walhenc1".into());
     }
 }
 
@@ -268,6 +262,19 @@ pub async fn upload_bytes<D>(
 where
     D: AsRef<[u8]> + Send + Sync + 'static,
 {
+    let one_shot = compression.algorithm == Algorithm::Zstd && compression.threads == 0;
+    if one_shot {
+        return upload_one_shot(
+            store,
+            key,
+            data,
+            compression,
+            encryption,
+            hash_algorithm,
+            metadata,
+        )
+        .await;
+    }
     let data = std::sync::Arc::new(data);
     let input = data.clone();
     let worker = super::cpu::worker().await;
@@ -288,29 +295,94 @@ where
         hash,
         hash_algorithm,
     );
-    let one_shot = compression.algorithm == Algorithm::Zstd && compression.threads == 0;
     let uploaded = upload_stream(
         store,
         key,
         compression,
-        one_shot,
+        false,
         encryption,
         metadata,
         false,
-        move |w| {
-            let plain = (*data).as_ref();
-            if !one_shot {
-                return w.write_all(plain);
-            }
-            let mut out = ONE_SHOT_OUTPUT.take(zstd::zstd_safe::compress_bound(plain.len()));
-            let mut c = zstd::bulk::Compressor::new(compression.level)?;
-            c.include_checksum(true)?;
-            c.compress_to_buffer(plain, &mut *out)?;
-            w.write_all(&out)
-        },
+        move |w| w.write_all((*data).as_ref()),
     )
     .await?;
     Ok(uploaded.3)
+}
+
+/// [`upload_bytes`] with single-threaded zstd: one worker hashes, compresses and encrypts the
+/// whole file into pooled buffers, and the store gets the finished object in one piece. No
+/// channel, no chunk allocations, one hand-off to a blocking thread instead of three: on a
+/// saturated two-core machine those hand-offs and the page faults of fresh chunk buffers cost
+/// a tenth of the WAL drain's CPU (docs/benchmarks.md).
+async fn upload_one_shot<D>(
+    store: &ObjectStore,
+    key: &str,
+    data: D,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+    mut metadata: Metadata,
+) -> Result<Metadata, TransferError>
+where
+    D: AsRef<[u8]> + Send + Sync + 'static,
+{
+    let size = data.as_ref().len() as u64;
+    let worker = super::cpu::worker().await;
+    let enc = encryption.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        let _worker = worker;
+        one_shot_object(data.as_ref(), compression, enc.as_ref(), hash_algorithm)
+    })
+    .await
+    .map_err(|e| TransferError::Object {
+        key: key.into(),
+        message: format!("compression thread failed: {e}"),
+    })?
+    .map_err(|e| TransferError::Object {
+        key: key.into(),
+        message: e.to_string(),
+    })?;
+    let (hash, object) = made;
+    record_plain(&mut metadata, size, hash, hash_algorithm);
+    record_codec(&mut metadata, compression, encryption.as_ref());
+    store
+        .put_chunks(key, Some(Bytes::from_owner(object)), &metadata)
+        .await?;
+    Ok(metadata)
+}
+
+/// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
+/// zstd): the plaintext hash (hex), and the stored object, compressed in one zstd call (level
+/// `compression.level`, with a checksum) and sealed when `encryption` is given. Public so that
+/// `benches/drain_floor.rs` measures exactly what the daemon does.
+pub fn one_shot_object(
+    plain: &[u8],
+    compression: CompressionSettings,
+    encryption: Option<&UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+) -> io::Result<(String, impl AsRef<[u8]> + Send + Sync + 'static)> {
+    let mut hash = hash_algorithm.hasher();
+    hash.update(plain);
+    // Both buffers of one capacity, so that a pooled one never needs to grow (a realloc of a
+    // buffer this size is a fresh mapping, page faults and all). The sealed object is the
+    // compressed one, a header (a wrapped key) and a tag per chunk longer.
+    let capacity =
+        zstd::zstd_safe::compress_bound(plain.len()) + plain.len() / DEFAULT_CHUNK_SIZE * 16 + 8192;
+    let mut compressed = ONE_SHOT_OUTPUT.take(capacity);
+    let mut c = zstd::bulk::Compressor::new(compression.level)?;
+    c.include_checksum(true)?;
+    c.compress_to_buffer(plain, &mut *compressed)?;
+    let object = match encryption {
+        None => compressed,
+        Some(e) => {
+            let mut sealed = ONE_SHOT_OUTPUT.take(capacity);
+            let mut w = Encryptor::new(&mut *sealed, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
+            w.write_all(&compressed)?;
+            w.finish()?;
+            sealed
+        }
+    };
+    Ok((hash.finish_hex(), object))
 }
 
 /// What [`upload_produced`] stored.
@@ -487,19 +559,8 @@ where
         }
         result
     });
-    let reader = ChannelReader {
-        rx,
-        current: Bytes::new(),
-    };
-    metadata.insert(
-        "compression-algorithm".into(),
-        compression.algorithm.name().into(),
-    );
-    if let Some(e) = &encryption {
-        metadata.insert("encryption-key-id".into(), e.key_id.clone());
-        metadata.insert("encryption-format".into(), "walhenc1".into());
-    }
-    let stored = store.put(key, reader, &metadata).await;
+    record_codec(&mut metadata, compression, encryption.as_ref());
+    let stored = store.put_chunks(key, rx, &metadata).await;
     let produced = cpu.await.map_err(|e| TransferError::Object {
         key: key.into(),
         message: format!("producer thread failed: {e}"),

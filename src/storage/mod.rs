@@ -204,6 +204,47 @@ pub struct ObjectInfo {
     pub last_modified: Option<i64>,
 }
 
+/// Where [`ObjectStore::put_chunks`] takes an object's bytes from, a chunk at a time; `None`
+/// ends the object, an error aborts it.
+pub trait ChunkSource: Send {
+    fn next_chunk(
+        &mut self,
+    ) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>> + Send;
+}
+
+/// One object already in memory.
+impl ChunkSource for Option<Bytes> {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        Ok(self.take())
+    }
+}
+
+/// Chunks sent by a producer (a compression thread); a sent error aborts the object.
+impl ChunkSource for tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        self.recv().await.transpose()
+    }
+}
+
+/// An [`AsyncRead`] read in chunks of up to `chunk` bytes, into fresh uninitialised buffers
+/// (the backend may keep a chunk after `write` returns).
+struct ReadChunks<R> {
+    source: R,
+    chunk: usize,
+}
+
+impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        let mut buf = bytes::BytesMut::with_capacity(self.chunk);
+        while buf.len() < self.chunk {
+            if self.source.read_buf(&mut buf).await? == 0 {
+                break;
+            }
+        }
+        Ok((!buf.is_empty()).then(|| buf.freeze()))
+    }
+}
+
 /// A site's archive.
 #[derive(Clone)]
 pub struct ObjectStore {
@@ -299,7 +340,20 @@ impl ObjectStore {
     pub async fn put(
         &self,
         key: &str,
-        mut source: impl AsyncRead + Unpin,
+        source: impl AsyncRead + Unpin + Send,
+        metadata: &Metadata,
+    ) -> Result<u64, StorageError> {
+        let chunk = self.chunk.min(1024 * 1024);
+        self.put_chunks(key, ReadChunks { source, chunk }, metadata)
+            .await
+    }
+
+    /// [`ObjectStore::put`] from chunks that are already in memory: each is handed to the
+    /// backend as it is, without a copy.
+    pub async fn put_chunks(
+        &self,
+        key: &str,
+        mut source: impl ChunkSource,
         metadata: &Metadata,
     ) -> Result<u64, StorageError> {
         let path = self.path(key)?;
@@ -336,22 +390,13 @@ impl ObjectStore {
         let mut writer = w.await.map_err(backend("start upload of", key))?;
         let mut total = 0u64;
         let result: Result<(), StorageError> = async {
-            loop {
-                let mut buf = vec![0u8; self.chunk.min(1024 * 1024)];
-                let n = source.read(&mut buf).await.map_err(|e| StorageError::Io {
-                    action: "read source of",
-                    key: key.into(),
-                    source: e,
-                })?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                total += n as u64;
-                writer
-                    .write(Bytes::from(buf))
-                    .await
-                    .map_err(backend("upload", key))?;
+            while let Some(chunk) = source.next_chunk().await.map_err(|e| StorageError::Io {
+                action: "read source of",
+                key: key.into(),
+                source: e,
+            })? {
+                total += chunk.len() as u64;
+                writer.write(chunk).await.map_err(backend("upload", key))?;
             }
             writer
                 .close()

@@ -117,7 +117,7 @@ impl ObjectStore {
     ) -> Result<u64, StorageError>
     where
         F: FnMut() -> std::io::Result<R>,
-        R: AsyncRead + Unpin,
+        R: AsyncRead + Unpin + Send,
     {
         with_retries(policy, key, || {
             let source = open();
