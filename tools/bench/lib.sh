@@ -10,7 +10,22 @@ PIDS=()
 log() { printf '%s [%s] %s\n' "$(date +%H:%M:%S)" "$(load1)" "$*" >&2; }
 load1() { cut -d' ' -f1 /proc/loadavg; }
 loads() { cut -d' ' -f1-3 /proc/loadavg; }
-now() { date +%s.%N; }
+now() { echo "$EPOCHREALTIME"; }
+
+# Waiting loops in timed phases fork nothing: a curl | jq poll costs ~25 ms of CPU, and ten
+# a second took half a second of wall time from a 4 s drain on two cores (docs/benchmarks.md).
+# nap <seconds>: sleep without a process (a read that times out on a FIFO nobody writes).
+NAP_FD=
+nap() {
+  if [ -z "$NAP_FD" ]; then
+    local f
+    f=$(mktemp -u "${TMPDIR:-/tmp}/walhoard-nap.XXXXXX")
+    mkfifo "$f"
+    exec {NAP_FD}<>"$f"
+    rm -f "$f"
+  fi
+  read -r -t "$1" -u "$NAP_FD" _ || true
+}
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 free_port() {
@@ -26,7 +41,7 @@ psql_() { "$PGBIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$SOCK" -p "$PGPORT" -U 
 
 # pg_up <scale> <wal MiB>: a fresh primary whose WAL since the slot position is >= <wal MiB>.
 # Sets PGDATA SOCK PGPORT START_N (first byte of the backlog, a segment start), TARGET_N (its
-# end, a segment boundary) and LAST_SEG (the last complete segment), and SLOTS_MADE.
+# end, a segment boundary), FIRST_SEG and LAST_SEG (its first and last segments), and SLOTS_MADE.
 pg_up() {
   local scale=$1 wal_mib=$2 slots=$3
   PGDATA=$ROOT/pg/data SOCK=$ROOT/pg/sock PGPORT=$(free_port)
@@ -61,12 +76,12 @@ EOF
   start=$(psql_ "select restart_lsn from pg_replication_slots where slot_name = '${slots%% *}'")
   START_N=$(($(lsn2n "$start") / SEG * SEG))
   # Segments before the backlog are not part of what pgBackRest is timed on.
-  local first_seg f
-  first_seg=$(psql_ "select pg_walfile_name('$(n2lsn $((START_N + 1)))')")
+  local f
+  FIRST_SEG=$(psql_ "select pg_walfile_name('$(n2lsn $((START_N + 1)))')")
   for f in "$PGDATA"/pg_wal/archive_status/*.ready; do
     [ -e "$f" ] || continue
     local b=${f##*/}; b=${b%.ready}
-    [[ "$b" < "$first_seg" ]] && mv "$f" "${f%.ready}.done"
+    [[ "$b" < "$FIRST_SEG" ]] && mv "$f" "${f%.ready}.done"
   done
 
   log "load: pgbench -i -s $scale"
@@ -94,6 +109,32 @@ EOF
   log "backlog $(n2lsn $START_N) .. $(n2lsn $TARGET_N) = $((BACKLOG / 1048576)) MiB (last segment $LAST_SEG); database $((DB_BYTES / 1048576)) MiB; bulk rows $n"
 }
 
+# warm_backlog: reads the backlog's segments from pg_wal, so that every drain run starts with
+# them in the page cache. This VM runs DAMON page-out (kdamond: regions with at most one access
+# per 5 s for 60 s are reclaimed), and WAL read once per round of runs looks cold to it: without
+# this, whichever tool ran first in a round read part of the backlog from disk, which made
+# pg_receivewal 2-3x slower (docs/benchmarks.md).
+warm_backlog() {
+  local f b
+  for f in "$PGDATA"/pg_wal/*; do
+    b=${f##*/}
+    [ ${#b} = 24 ] || continue
+    if [[ ! "$b" < "$FIRST_SEG" ]] && [[ ! "$b" > "$LAST_SEG" ]]; then cat "$f"; fi
+  done >/dev/null
+}
+
+# prefault_memory <bytes>: writes and deletes a file of that size, then syncs, so that a timed
+# run starts with no dirty pages and with that much free memory the VM already has backing
+# for. This VM reports freed memory to its host (virtio-balloon free page reporting), which
+# makes the first touch of a reported page expensive: pg_receivewal, which writes the whole
+# backlog into the page cache, took 3.4-4.6 s of system time on such memory instead of 1.9 s,
+# and 2-3x as long (docs/benchmarks.md). Every drain run gets the same.
+prefault_memory() {
+  head -c "$1" /dev/zero >"$ROOT/prefault"
+  rm -f "$ROOT/prefault"
+  sync
+}
+
 pg_down() {
   [ -n "${PGDATA:-}" ] && [ -f "$PGDATA/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -s stop || true
 }
@@ -116,6 +157,16 @@ cleanup() {
 result() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$SCALE_LABEL" "$@" "$(loads | tr ' ' ,)" >>"$OUT/results.tsv"
   log "result: $*"
+}
+
+# CPU seconds (user + system) a running process has used, from /proc/<pid>/stat.
+proc_cpu() { awk '{ c = $0; sub(/^.*\) /, "", c); split(c, f, " "); printf "%.2f", (f[12] + f[13]) / 100 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# CPU seconds of the postmaster's exited children (walsenders once they are gone).
+reaped_cpu() { awk '{ c = $0; sub(/^.*\) /, "", c); split(c, f, " "); printf "%.2f", (f[14] + f[15]) / 100 }' "/proc/$(head -1 "$PGDATA/postmaster.pid")/stat"; }
+# cpu_result <tool> <rep> <the tool's CPU s> <walsender CPU s> <other helper's CPU s, or ->
+cpu_result() {
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$SCALE_LABEL" "$@" >>"$OUT/cpu.tsv"
+  log "cpu: $*"
 }
 
 # VmHWM (peak RSS) of a running process, in KiB.

@@ -96,6 +96,7 @@ trap 'exit 130' INT TERM
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 printf 'scale\tphase\ttool\trep\tseconds\tbytes\tstored_bytes\tmax_rss_kib\tload_1_5_15\n' >"$OUT/results.tsv"
+printf 'scale\ttool\trep\ttool_cpu_s\twalsender_cpu_s\thelper_cpu_s\n' >"$OUT/cpu.tsv"
 printf 'scale\trep\tseconds\twal_bytes\tsamples\tarchived_p50\tarchived_p95\tarchived_max\tsent_p50\tsent_p95\tsent_max\tload_1_5_15\n' >"$OUT/lag.tsv"
 
 KEYS=$("$WALHOARD" create-keys --key-id k1 --bits 3072)
@@ -126,21 +127,30 @@ wh_config() {
     }' >"$d/walhoard.json"
 }
 
-wh_status_lsn() { # wh_status_lsn <config> <field>: from GET /status, empty until known
-  local port
-  port=$(jq -r .http_port "$1")
-  curl -sf --max-time 2 "http://127.0.0.1:$port/status" | jq -r ".backup_sites.main.walreceiver.$2 // empty" 2>/dev/null || true
+# wh_archived_n <http port>: sets WH_ARCHIVED_N to the archived byte position from GET
+# /status (0 until known), over bash's /dev/tcp and a regex: no process is forked.
+wh_archived_n() {
+  local body='' fd
+  WH_ARCHIVED_N=0
+  { exec {fd}<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 0
+  printf 'GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&"$fd"
+  IFS= read -r -d '' -t 5 body <&"$fd" || true
+  exec {fd}>&-
+  if [[ $body =~ \"archived_lsn\":\"([0-9A-Fa-f]+)/([0-9A-Fa-f]+)\" ]]; then
+    WH_ARCHIVED_N=$(((16#${BASH_REMATCH[1]} << 32) + 16#${BASH_REMATCH[2]}))
+  fi
 }
 
 # wh_wait_archived <config> <pid> <target byte position> <timeout s>
 wh_wait_archived() {
-  local cfg=$1 pid=$2 target=$3 deadline=$(($(date +%s) + $4)) a
+  local cfg=$1 pid=$2 target=$3 deadline=$((EPOCHSECONDS + $4)) port
+  port=$(jq -r .http_port "$cfg")
   while :; do
-    a=$(wh_status_lsn "$cfg" archived_lsn)
-    if [ -n "$a" ] && [ "$(lsn2n "$a")" -ge "$target" ]; then return 0; fi
+    wh_archived_n "$port"
+    [ "$WH_ARCHIVED_N" -ge "$target" ] && return 0
     kill -0 "$pid" 2>/dev/null || { log "walhoard daemon exited early; log: $(dirname "$cfg")/daemon.log"; return 1; }
-    [ "$(date +%s)" -lt "$deadline" ] || { log "walhoard did not archive up to $(n2lsn "$target") in time"; return 1; }
-    sleep 0.1
+    [ "$EPOCHSECONDS" -lt "$deadline" ] || { log "walhoard did not archive up to $(n2lsn "$target") in time"; return 1; }
+    nap 0.05
   done
 }
 
@@ -198,15 +208,19 @@ PGBR_ARCHIVE="pgbackrest --config=$ROOT/pgbr/pgbackrest.conf --stanza=bench arch
 
 # --- phase: WAL drain ---------------------------------------------------------------------
 drain_receivewal() {
-  local r=$1 d t0 t1
+  local r=$1 d t0 t1 ws0
   d=$ROOT/drain-rw-$r
   mkdir -p "$d/wal"
+  ws0=$(reaped_cpu)
   t0=$(now)
   /usr/bin/time -v -o "$d/time" "$PGBIN/pg_receivewal" -h "$SOCK" -p "$PGPORT" -U postgres \
     --slot "rw_$r" --no-sync --no-loop --endpos "$(n2lsn "$TARGET_N")" -D "$d/wal"
   t1=$(now)
   [ -f "$d/wal/$LAST_SEG" ] || { log "pg_receivewal stopped before $LAST_SEG"; return 1; }
   result drain pg_receivewal "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$d/wal" | cut -f1)" "$(time_rss "$d/time")"
+  wait_walsenders_gone
+  cpu_result pg_receivewal "$r" "$(awk -F': ' '/User time|System time/ { c += $2 } END { printf "%.2f", c }' "$d/time")" \
+    "$(awk -v a="$ws0" -v b="$(reaped_cpu)" 'BEGIN { printf "%.2f", b - a }')" -
   rm -rf "$d"
   psql_ "select pg_drop_replication_slot('rw_$r')" >/dev/null
 }
@@ -223,12 +237,18 @@ drain_walhoard() { # drain_walhoard <rep> local|s3
     storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
   fi
   wh_config "$d" "wh_${kind}_$r" "$storage"
+  local ws0 cpu helper=-
+  ws0=$(reaped_cpu)
   t0=$(now)
   wh_start "$d"
   wh_wait_archived "$d/walhoard.json" "$WH_PID" "$TARGET_N" 1800
   t1=$(now)
   rss=$(vmhwm "$WH_PID")
+  cpu=$(proc_cpu "$WH_PID")
+  [ "$kind" = s3 ] && helper=$(proc_cpu "$S3_PID")
   stop_pid "$WH_PID"
+  wait_walsenders_gone
+  cpu_result "walhoard-$kind" "$r" "$cpu" "$(awk -v a="$ws0" -v b="$(reaped_cpu)" 'BEGIN { printf "%.2f", b - a }')" "$helper"
   local store=$d/archive
   [ "$kind" = s3 ] && store=$d/s3
   # The archive itself must hold the backlog's last segment, whatever the status said.
@@ -241,34 +261,63 @@ drain_walhoard() { # drain_walhoard <rep> local|s3
 }
 
 drain_pgbackrest() {
-  local r=$1 t0 t1 last f b first_seg
+  local r=$1 t0 t1 last f b
   # Every run the same backlog: an empty repository and spool, and the backlog's segments
   # (archived by an earlier run) marked ready for the archiver once more.
   pgbr_setup
-  first_seg=$(psql_ "select pg_walfile_name('$(n2lsn $((START_N + 1)))')")
   for f in "$PGDATA"/pg_wal/archive_status/*.done; do
     [ -e "$f" ] || continue
     b=${f##*/}; b=${b%.done}
-    if [[ ! "$b" < "$first_seg" ]] && [[ ! "$b" > "$LAST_SEG" ]]; then mv "$f" "${f%.done}.ready"; fi
+    if [[ ! "$b" < "$FIRST_SEG" ]] && [[ ! "$b" > "$LAST_SEG" ]]; then mv "$f" "${f%.done}.ready"; fi
   done
   psql_ "select pg_stat_reset_shared('archiver')" >/dev/null
   t0=$(now)
   set_archive_command "$PGBR_ARCHIVE"
-  while :; do
-    last=$(psql_ "select coalesce(last_archived_wal, '') || ' ' || failed_count from pg_stat_archiver")
-    if [ -n "${last% *}" ] && [[ ! "${last% *}" < "$LAST_SEG" ]]; then break; fi
-    [ "${last#* }" = 0 ] || { log "pgbackrest archive-push failed; see $PGBR/log and $ROOT/pg/server.log"; return 1; }
-    sleep 0.2
+  # The archiver goes in order and renames a segment's .ready to .done once archive_command
+  # succeeded, so the last segment's .done ends the run; looking for it forks nothing. A
+  # failure is looked for (with psql) only every 5 s.
+  local deadline=$((EPOCHSECONDS + 1800)) checked=$EPOCHSECONDS
+  while [ ! -e "$PGDATA/pg_wal/archive_status/$LAST_SEG.done" ]; do
+    if [ $((EPOCHSECONDS - checked)) -ge 5 ]; then
+      checked=$EPOCHSECONDS
+      [ "$(psql_ "select failed_count from pg_stat_archiver")" = 0 ] || { log "pgbackrest archive-push failed; see $PGBR/log and $ROOT/pg/server.log"; return 1; }
+    fi
+    [ "$EPOCHSECONDS" -lt "$deadline" ] || { log "pgbackrest did not archive $LAST_SEG in time"; return 1; }
+    nap 0.05
   done
   t1=$(now)
+  last=$(psql_ "select coalesce(last_archived_wal, '') || ' ' || failed_count from pg_stat_archiver")
+  if [[ "${last% *}" < "$LAST_SEG" ]] || [ "${last#* }" != 0 ]; then
+    log "pgbackrest: archiver reports '$last' after $LAST_SEG.done"; return 1
+  fi
   set_archive_command ''
   result drain pgbackrest-async "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$PGBR/repo/archive" | cut -f1)" 0
+}
+
+# Waits (up to 5 s) until no walsender is left, so that its CPU is in reaped_cpu.
+wait_walsenders_gone() {
+  local i
+  for i in $(seq 50); do
+    [ "$(psql_ "select count(*) from pg_stat_replication")" = 0 ] && return 0
+    nap 0.1
+  done
+}
+
+# drain_floor: the CPU the daemon's per-segment work (SHA-1, zstd 1, encryption) needs for
+# this backlog on one core, whatever else it does (benches/drain_floor.rs); into floor.txt.
+drain_floor() {
+  if ! command -v cargo >/dev/null 2>&1; then log "no cargo: drain floor not measured"; return 0; fi
+  (cd "$repo" && WALHOARD_BENCH_WAL_DIR=$PGDATA/pg_wal WALHOARD_BENCH_WAL_FIRST=$FIRST_SEG \
+    WALHOARD_BENCH_WAL_LAST=$LAST_SEG cargo bench --locked --bench drain_floor 2>"$OUT/floor-build.log") |
+    grep '^drain floor' | tee -a "$OUT/floor.txt" >&2 || log "drain floor failed: see $OUT/floor-build.log"
 }
 
 phase_drain() {
   local r tool
   for r in $(seq "$REPS"); do
     for tool in $DRAIN_TOOLS; do
+      warm_backlog
+      prefault_memory $((BACKLOG + 268435456))
       case $tool in
         pg_receivewal) drain_receivewal "$r" ;;
         walhoard-local) drain_walhoard "$r" local ;;
@@ -277,6 +326,7 @@ phase_drain() {
       esac
     done
   done
+  drain_floor
 }
 
 # --- phase: basebackup --------------------------------------------------------------------
@@ -360,7 +410,8 @@ phase_lag() {
     local bench=$!
     PIDS+=("$bench")
     : >"$d/samples"
-    local tick wait_ms
+    local tick wait_ms port
+    port=$(jq -r .http_port "$cfg")
     tick=$(($(date +%s%N) / 1000000))
     # Archived: walhoard's archived_lsn (GET /status). Sent: the walsender's sent_lsn, what
     # has left the server (walhoard's received_lsn is only refreshed at status updates).
@@ -369,9 +420,9 @@ phase_lag() {
       pos=$(psql_ "select pg_current_wal_lsn() || ' ' || coalesce((select sent_lsn from pg_stat_replication where application_name <> 'pg_basebackup' limit 1)::text, '')")
       cur=$(lsn2n "${pos% *}")
       rc=${pos#* }
-      a=$(wh_status_lsn "$cfg" archived_lsn)
-      if [ -n "$a" ] && [ -n "$rc" ]; then
-        echo "$(($(date +%s%N) / 1000000)) $((cur - $(lsn2n "$a"))) $((cur - $(lsn2n "$rc")))" >>"$d/samples"
+      wh_archived_n "$port"
+      if [ "$WH_ARCHIVED_N" -gt 0 ] && [ -n "$rc" ]; then
+        echo "$(($(date +%s%N) / 1000000)) $((cur - WH_ARCHIVED_N)) $((cur - $(lsn2n "$rc")))" >>"$d/samples"
       fi
       # Every 0.5 s, however long the sample took.
       tick=$((tick + 500))
@@ -575,7 +626,7 @@ for p in $PHASES; do
   esac
 done
 if [ ${#main_phases[@]} -gt 0 ]; then
-  DRAIN_TOOLS="pg_receivewal walhoard-local walhoard-s3 pgbackrest"
+  DRAIN_TOOLS=${WALHOARD_BENCH_DRAIN_TOOLS:-"pg_receivewal walhoard-local walhoard-s3 pgbackrest"}
   BB_TOOLS="pg_basebackup walhoard-basic walhoard-basic-zstd2 walhoard-local-tar pgbackrest"
   scenario "$SCALE" "$WAL_MIB" "${main_phases[@]}"
 fi

@@ -79,6 +79,25 @@ for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
     echo "### WAL drain, pgbench scale ${scale#s}: $(awk -v b="$bytes" 'BEGIN { printf "%.0f MB (%.0f MiB)", b / 1e6, b / 1048576 }') of WAL held by the slots"
     echo
     table "$scale" drain pg_receivewal
+    if [ -f "$out/cpu.tsv" ] && [ "$(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s' "$out/cpu.tsv" | wc -l)" -gt 0 ]; then
+      echo "CPU seconds, median (min–max): the tool's process, the walsender serving it, s3s-fs"
+      echo
+      echo "| tool | tool CPU s | walsender CPU s | s3s-fs CPU s | total CPU s |"
+      echo "|---|---|---|---|---|"
+      for tool in $(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s { print $2 }' "$out/cpu.tsv" | awk '!seen[$0]++'); do
+        ccol() { awk -F'\t' -v s="$scale" -v t="$tool" -v c="$1" 'NR > 1 && $1 == s && $2 == t && $c != "-" { print $c }' "$out/cpu.tsv"; }
+        tot=$(awk -F'\t' -v s="$scale" -v t="$tool" 'NR > 1 && $1 == s && $2 == t { print $4 + $5 + ($6 == "-" ? 0 : $6) }' "$out/cpu.tsv" | stats)
+        printf '| %s | %s | %s | %s | %s |\n' "$tool" "$(ccol 4 | stats | awk '{ print $1 " (" $2 "–" $3 ")" }')" \
+          "$(ccol 5 | stats | awk '{ print $1 " (" $2 "–" $3 ")" }')" \
+          "$(ccol 6 | stats | awk '$1 == "-" { print "–"; next } { print $1 " (" $2 "–" $3 ")" }')" \
+          "$(awk '{ print $1 " (" $2 "–" $3 ")" }' <<<"$tot")"
+      done
+      echo
+    fi
+    if [ -f "$out/floor.txt" ]; then
+      echo "Per-segment work alone, one core (\`benches/drain_floor.rs\` on the same backlog): $(tail -1 "$out/floor.txt")"
+      echo
+    fi
   fi
   bytes=$(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s && $2 == "basebackup" { print $6; exit }' "$res")
   if [ -n "$bytes" ]; then
