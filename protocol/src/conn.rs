@@ -289,17 +289,66 @@ impl Connection {
                 }
                 continue;
             }
-            let n = self.io.read_buf(&mut self.rbuf).await?;
-            if n == 0 {
-                return Err(if self.rbuf.is_empty() {
-                    Error::Closed
-                } else {
-                    Error::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("server closed the connection in the middle of a message ({} bytes buffered)", self.rbuf.len()),
-                    ))
-                });
+            self.fill(None).await?;
+        }
+    }
+
+    /// The received bytes not yet parsed (the replication stream peeks at message headers).
+    pub(crate) fn read_buffer(&mut self) -> &mut BytesMut {
+        &mut self.rbuf
+    }
+
+    /// Reads from the server into the read buffer: at most `limit` bytes when given, else as
+    /// much as the buffer takes. Cancel-safe (one read). End of stream is an error naming how
+    /// much of a message was buffered.
+    pub(crate) async fn fill(&mut self, limit: Option<usize>) -> Result<()> {
+        let n = match limit {
+            Some(limit) => {
+                let mut tmp = [0u8; 64];
+                let want = limit.clamp(1, tmp.len());
+                let n = self.io.read(&mut tmp[..want]).await?;
+                self.rbuf.extend_from_slice(&tmp[..n]);
+                n
             }
+            None => self.io.read_buf(&mut self.rbuf).await?,
+        };
+        if n == 0 {
+            return Err(self.closed());
+        }
+        Ok(())
+    }
+
+    /// Reads the next bytes of a message body straight into `dest`, at most `limit` (the read
+    /// buffer must not hold any of them). Cancel-safe (one read); returns how many bytes, never
+    /// 0. `dest` is filled in its spare capacity, uninitialised memory included.
+    pub(crate) async fn read_into<B: bytes::BufMut + Send>(
+        &mut self,
+        dest: &mut B,
+        limit: usize,
+    ) -> Result<usize> {
+        debug_assert!(self.rbuf.is_empty());
+        let mut dest = bytes::BufMut::limit(dest, limit);
+        let n = self.io.read_buf(&mut dest).await?;
+        if n == 0 {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection in the middle of a message",
+            )));
+        }
+        Ok(n)
+    }
+
+    fn closed(&self) -> Error {
+        if self.rbuf.is_empty() {
+            Error::Closed
+        } else {
+            Error::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "server closed the connection in the middle of a message ({} bytes buffered)",
+                    self.rbuf.len()
+                ),
+            ))
         }
     }
 

@@ -230,6 +230,9 @@ impl ReplicationClient {
                 conn: &mut self.conn,
                 state: StreamState::Streaming,
                 end: None,
+                direct_min: None,
+                pending: 0,
+                expect_large: false,
             }),
             // Asked for the exact end of a historic timeline: no CopyBoth, only the
             // next-timeline result set (see StartReplication in walsender.c).
@@ -239,6 +242,9 @@ impl ReplicationClient {
                     conn: &mut self.conn,
                     state: StreamState::Ended,
                     end: Some(end),
+                    direct_min: None,
+                    pending: 0,
+                    expect_large: false,
                 })
             }
             BackendMessage::ErrorResponse(e) => {
@@ -278,6 +284,14 @@ pub struct ReplicationStream<'a> {
     conn: &'a mut Connection,
     state: StreamState,
     end: Option<EndOfTimeline>,
+    /// XLogData payloads of at least this many bytes are handed over before they are read
+    /// ([`ReplicationStream::receive_payloads_directly`]).
+    direct_min: Option<usize>,
+    /// Bytes of the current XLogData payload still on the socket.
+    pending: usize,
+    /// The last XLogData was received directly: read the next message header alone, so that
+    /// its payload is not read into the buffer with it.
+    expect_large: bool,
 }
 
 /// Collects what follows CopyDone: the optional next-timeline result set, CommandComplete,
@@ -361,10 +375,94 @@ async fn read_end_of_copy(conn: &mut Connection, in_result: bool) -> Result<EndO
     }
 }
 
+/// CopyData ('d', length) and XLogData ('w', start, end, time) headers before a payload.
+const XLOG_HEADER: usize = 5 + 1 + 8 + 8 + 8;
+
 impl ReplicationStream<'_> {
+    /// From now on, an XLogData payload of at least `min_len` bytes is not read into the
+    /// connection's buffer: [`ReplicationStream::next`] returns it as soon as its header is
+    /// in, with the bytes that came along as `data` and the count still on the socket as
+    /// `rest`, which the caller reads straight into its own memory with
+    /// [`ReplicationStream::read_payload`] before it asks for the next message. A receiver
+    /// that keeps WAL in segment buffers saves a copy of every byte (docs/benchmarks.md).
+    pub fn receive_payloads_directly(&mut self, min_len: usize) {
+        self.direct_min = Some(min_len.max(1));
+    }
+
+    /// Bytes of the current XLogData payload still to be read with
+    /// [`ReplicationStream::read_payload`].
+    pub fn payload_pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Reads the next bytes of the current XLogData payload into `dest`'s spare room (at most
+    /// `limit` and the bytes pending; a `Vec` must have the capacity reserved, or it reads in
+    /// small pieces); returns how many, never 0. Cancel-safe: a cancelled call read nothing.
+    pub async fn read_payload<B: bytes::BufMut + Send>(
+        &mut self,
+        dest: &mut B,
+        limit: usize,
+    ) -> Result<usize> {
+        if self.pending == 0 {
+            return Err(Error::protocol("no XLogData payload is pending"));
+        }
+        let want = limit.min(self.pending).min(dest.remaining_mut());
+        if want == 0 {
+            return Err(Error::protocol(
+                "read_payload needs room for at least one byte",
+            ));
+        }
+        let n = self.conn.read_into(dest, want).await?;
+        self.pending -= n;
+        if self.pending == 0 {
+            self.expect_large = true;
+        }
+        Ok(n)
+    }
+
+    /// With direct payloads on: the header of a large XLogData whose payload is not all
+    /// buffered, taken off the buffer with the payload bytes that are; `Ok(None)` when the
+    /// buffer holds something else (a whole message, or not a whole header yet).
+    fn take_direct_header(&mut self, min: usize) -> Result<Option<ReplicationEvent>> {
+        let buf = self.conn.read_buffer();
+        if buf.len() < 5 || buf[0] != b'd' {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        // Not XLogData-sized, or already whole: the ordinary path parses (and checks) it.
+        if !(XLOG_HEADER - 1..=crate::message::MAX_MESSAGE_LEN).contains(&len)
+            || buf.len() > len
+            || buf.len() < XLOG_HEADER
+            || buf[5] != b'w'
+        {
+            return Ok(None);
+        }
+        let payload = 1 + len - XLOG_HEADER;
+        if payload < min {
+            return Ok(None);
+        }
+        let header = buf.split_to(XLOG_HEADER).freeze();
+        let data = buf.split().freeze();
+        self.pending = payload - data.len();
+        let at = |i: usize| u64::from_be_bytes(header[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Some(ReplicationEvent::XLogData {
+            wal_start: Lsn(at(6)),
+            wal_end: Lsn(at(14)),
+            server_time: crate::lsn::PgTimestamp(at(22) as i64),
+            data,
+            rest: self.pending,
+        }))
+    }
+
     /// The next message from the server. Cancel-safe (for `select!` with a status timer): all
     /// progress lives in `self` between awaits.
     pub async fn next(&mut self) -> Result<ReplicationEvent> {
+        if self.pending > 0 {
+            return Err(Error::protocol(format!(
+                "{} bytes of an XLogData payload are still to be read with read_payload",
+                self.pending
+            )));
+        }
         loop {
             match &mut self.state {
                 StreamState::Ended => {
@@ -382,23 +480,54 @@ impl ReplicationStream<'_> {
                         return Ok(ReplicationEvent::EndOfTimeline(end));
                     }
                 }
-                StreamState::Streaming => match self.conn.read_message().await? {
-                    BackendMessage::CopyData(payload) => {
-                        return parse_walsender(payload);
+                StreamState::Streaming if self.direct_min.is_some() => {
+                    let min = self.direct_min.expect("guarded");
+                    if let Some(ev) = self.take_direct_header(min)? {
+                        return Ok(ev);
                     }
-                    BackendMessage::CopyDone => {
-                        // End of timeline: answer with our CopyDone, then read where to continue.
-                        frontend_msg::copy_done(self.conn.write_buffer());
-                        self.state = StreamState::Ending(EndReader::default());
+                    let buffered = self.conn.read_buffer().len();
+                    // A whole message, or a length the ordinary parser rejects: parse now.
+                    let parse_now = buffered >= 5 && {
+                        let b = &self.conn.read_buffer()[..5];
+                        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+                        buffered > len || !(4..=crate::message::MAX_MESSAGE_LEN).contains(&len)
+                    };
+                    if parse_now {
+                        self.expect_large = false;
+                        if let Some(ev) = self.on_streaming_message().await? {
+                            return Ok(ev);
+                        }
+                    } else if self.expect_large && buffered < XLOG_HEADER {
+                        // Only the header: the payload after it is read directly.
+                        self.conn.fill(Some(XLOG_HEADER - buffered)).await?;
+                    } else {
+                        self.conn.fill(None).await?;
                     }
-                    BackendMessage::ErrorResponse(e) => return Err(Error::Server(e)),
-                    other => {
-                        return Err(Error::protocol(format!(
-                            "unexpected message during streaming: {other:?}"
-                        )))
+                }
+                StreamState::Streaming => {
+                    if let Some(ev) = self.on_streaming_message().await? {
+                        return Ok(ev);
                     }
-                },
+                }
             }
+        }
+    }
+
+    /// Reads (or parses the buffered) next message while streaming: an event to return, or
+    /// `None` after the server's CopyDone (the stream is then ending).
+    async fn on_streaming_message(&mut self) -> Result<Option<ReplicationEvent>> {
+        match self.conn.read_message().await? {
+            BackendMessage::CopyData(payload) => parse_walsender(payload).map(Some),
+            BackendMessage::CopyDone => {
+                // End of timeline: answer with our CopyDone, then read where to continue.
+                frontend_msg::copy_done(self.conn.write_buffer());
+                self.state = StreamState::Ending(EndReader::default());
+                Ok(None)
+            }
+            BackendMessage::ErrorResponse(e) => Err(Error::Server(e)),
+            other => Err(Error::protocol(format!(
+                "unexpected message during streaming: {other:?}"
+            ))),
         }
     }
 

@@ -30,7 +30,12 @@ pub enum ReplicationEvent {
         /// The server's current end of WAL (its flush position) when it sent this.
         wal_end: Lsn,
         server_time: PgTimestamp,
+        /// The payload, or (with [`crate::ReplicationStream::receive_payloads_directly`]) the
+        /// part of it that was already buffered.
         data: Bytes,
+        /// Payload bytes after `data` still to be read with
+        /// [`crate::ReplicationStream::read_payload`]; 0 unless payloads are received directly.
+        rest: usize,
     },
     /// Primary keepalive.
     Keepalive {
@@ -67,6 +72,7 @@ pub fn parse_walsender(mut payload: Bytes) -> Result<ReplicationEvent> {
                 wal_end,
                 server_time,
                 data: payload,
+                rest: 0,
             })
         }
         Some(b'k') => {
@@ -208,7 +214,8 @@ mod tests {
                 wal_start: Lsn(0x1_0200_0000),
                 wal_end: Lsn(0x1_0300_0000),
                 server_time: PgTimestamp(5),
-                data: Bytes::from_static(b"WAL")
+                data: Bytes::from_static(b"WAL"),
+                rest: 0,
             }
         );
     }

@@ -94,6 +94,12 @@ impl SegmentBuffer {
         self.buf.extend_from_slice(data);
     }
 
+    /// The bytes and the room after them, for reading received WAL straight in: the
+    /// receiver never grows it past the segment (its capacity).
+    pub(crate) fn vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
     /// Zeros up to `len` bytes (the unwritten rest of a timeline's last segment).
     pub fn zero_fill(&mut self, len: usize) {
         self.buf.resize(len.max(self.buf.len()), 0);

@@ -12,8 +12,12 @@ use tokio_util::sync::CancellationToken;
 use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
     ConnectParams, Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent,
-    SegmentId, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
+    ReplicationStream, SegmentId, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
+
+/// XLogData payloads at least this long are read straight into the segment (the walsender
+/// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
+const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
 
 use crate::buffers::{SegmentBuffer, SegmentBuffers};
 use crate::spool::{write_durable, SegmentFile};
@@ -481,6 +485,11 @@ impl Session {
         // its mmap threshold and keep freed buffers in per-thread arenas, so the daemon's RSS
         // grew with the backlog (docs/benchmarks.md).
         let mut verify_buf = Vec::new();
+        // XLogData payloads are read from the socket straight into the segment buffer (into
+        // this, then the spool file, for a segment without one): no copy out of the
+        // connection's buffer (docs/benchmarks.md).
+        stream.receive_payloads_directly(DIRECT_PAYLOAD_MIN);
+        let mut scratch = Vec::new();
         let durable = self.durable;
         let dir = self.cfg.spool_dir.clone();
         loop {
@@ -510,20 +519,35 @@ impl Session {
                     }
                 }
                 ev = stream.next() => match ev? {
-                    ReplicationEvent::XLogData { wal_start, data, .. } => {
+                    ReplicationEvent::XLogData { wal_start, data, rest: mut direct, .. } => {
                         if wal_start != received {
                             return Err(PgError::protocol(format!("WAL at {wal_start} does not continue at {received}")).into());
                         }
                         let mut rest = &data[..];
-                        while !rest.is_empty() {
+                        while !rest.is_empty() || direct > 0 {
                             let cur = match current.as_mut() {
                                 Some(c) => c,
                                 None => current.insert(Incoming::open(&dir, tli, received, seg, durable, &self.cfg.buffers)?),
                             };
-                            let n = cur.write(received, rest)?;
-                            rest = &rest[n..];
+                            let n = if !rest.is_empty() {
+                                let n = cur.write(received, rest)?;
+                                rest = &rest[n..];
+                                n
+                            } else {
+                                // The payload's remainder, from the socket into the segment.
+                                let n = tokio::select! {
+                                    _ = self.cancel.cancelled() => {
+                                        sync_spool(&mut current, &mut synced)?;
+                                        let _ = stream.send_status(&self.report(received, synced, tli)).await;
+                                        return Ok(StreamEnd::Cancelled);
+                                    }
+                                    n = cur.read_direct(&mut stream, direct, &mut scratch) => n?,
+                                };
+                                direct -= n;
+                                n
+                            };
                             received = Lsn(received.0 + n as u64);
-                            if cur.is_full() {
+                            if current.as_ref().is_some_and(Incoming::is_full) {
                                 let done = current.take().expect("current segment");
                                 done.verify(expect, &mut verify_buf)?;
                                 let (id, seg_start) = (done.id, done.start);
@@ -645,6 +669,42 @@ impl Incoming {
         if let Some(b) = self.buf.as_mut() {
             b.extend(&data[..n]);
         }
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    /// Reads up to `want` bytes of the stream's pending XLogData payload (which continues this
+    /// segment at its end) straight into the segment buffer, or through `scratch` into the
+    /// spool file when the segment has no buffer; the spool file, when there is one, gets the
+    /// same bytes. Returns how many. Cancel-safe: a cancelled read took nothing.
+    async fn read_direct(
+        &mut self,
+        stream: &mut ReplicationStream<'_>,
+        want: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<usize, ReceiverError> {
+        let at = self.written_lsn();
+        let want = want.min((self.seg_bytes - self.written) as usize);
+        let n = match self.buf.as_mut() {
+            Some(b) => {
+                let from = b.len();
+                let n = stream.read_payload(b.vec_mut(), want).await?;
+                if let Some(f) = self.file.as_mut() {
+                    f.write(at, &b[from..from + n])?;
+                }
+                n
+            }
+            None => {
+                scratch.clear();
+                scratch.reserve(want);
+                let n = stream.read_payload(scratch, want).await?;
+                self.file
+                    .as_mut()
+                    .expect("a segment without a buffer is received into a file")
+                    .write(at, &scratch[..n])?;
+                n
+            }
+        };
         self.written += n as u64;
         Ok(n)
     }
