@@ -304,12 +304,12 @@ wait_walsenders_gone() {
 }
 
 # drain_floor: the CPU the daemon's per-segment work (SHA-1, zstd 1, encryption) needs for
-# this backlog on one core, whatever else it does (benches/drain_floor.rs); into floor.txt.
+# this backlog on one core, whatever else it does (benches/drain_floor.rs); into floor-<scale>.txt.
 drain_floor() {
   if ! command -v cargo >/dev/null 2>&1; then log "no cargo: drain floor not measured"; return 0; fi
   (cd "$repo" && WALHOARD_BENCH_WAL_DIR=$PGDATA/pg_wal WALHOARD_BENCH_WAL_FIRST=$FIRST_SEG \
     WALHOARD_BENCH_WAL_LAST=$LAST_SEG cargo bench --locked --bench drain_floor 2>"$OUT/floor-build.log") |
-    grep '^drain floor' | tee -a "$OUT/floor.txt" >&2 || log "drain floor failed: see $OUT/floor-build.log"
+    grep '^drain floor' | tee -a "$OUT/floor-$SCALE_LABEL.txt" >&2 || log "drain floor failed: see $OUT/floor-build.log"
 }
 
 phase_drain() {

@@ -94,8 +94,8 @@ for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
       done
       echo
     fi
-    if [ -f "$out/floor.txt" ]; then
-      echo "Per-segment work alone, one core (\`benches/drain_floor.rs\` on the same backlog): $(tail -1 "$out/floor.txt")"
+    if [ -f "$out/floor-$scale.txt" ]; then
+      echo "Per-segment work alone, one core (\`benches/drain_floor.rs\` on the same backlog): $(tail -1 "$out/floor-$scale.txt")"
       echo
     fi
   fi
