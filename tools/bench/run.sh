@@ -15,7 +15,9 @@
 # WALHOARD_BENCH_BIN (a walhoard binary to use instead of building one; else
 # `cargo build --release` into $CARGO_TARGET_DIR, default target/),
 # WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection,
-# WALHOARD_BENCH_PERF=1 profiles each `walhoard restore get-basebackup` with `perf record -g`.
+# WALHOARD_BENCH_PERF=1 profiles each `walhoard restore get-basebackup` with `perf record -g`,
+# WALHOARD_BENCH_DRAIN_TOOLS picks the drain's tools (default: all four). The drain phase ends
+# with `cargo bench --bench drain_floor` over its backlog (floor-<scale>.txt).
 #
 # Needs root (PostgreSQL runs as the 'postgres' user, packages are installed with apt).
 # Everything is written under one mktemp directory; all traffic is on a unix socket or 127.0.0.1.
