@@ -8,15 +8,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use walhoard_protocol::{ConnectParams, Connection, Error};
 
-/// Accepts one connection, reads the startup packet, sends `reply` and closes.
-async fn fake_primary(reply: &'static [u8]) -> u16 {
+/// A loopback listener and its port.
+async fn listen() -> (TcpListener, u16) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    (listener, port)
+}
+
+/// Accepts one connection and reads its startup packet.
+async fn accept_startup(listener: TcpListener) -> tokio::net::TcpStream {
+    let (mut sock, _) = listener.accept().await.unwrap();
+    let len = sock.read_i32().await.unwrap();
+    let mut startup = vec![0u8; len as usize - 4];
+    sock.read_exact(&mut startup).await.unwrap();
+    sock
+}
+
+/// Accepts one connection, reads the startup packet, sends `reply` and closes.
+async fn fake_primary(reply: &'static [u8]) -> u16 {
+    let (listener, port) = listen().await;
     tokio::spawn(async move {
-        let (mut sock, _) = listener.accept().await.unwrap();
-        let len = sock.read_i32().await.unwrap();
-        let mut startup = vec![0u8; len as usize - 4];
-        sock.read_exact(&mut startup).await.unwrap();
+        let mut sock = accept_startup(listener).await;
         sock.write_all(reply).await.unwrap();
         sock.shutdown().await.unwrap();
     });
@@ -73,13 +85,9 @@ enum Step {
 /// A fake walsender: answers the startup with AuthenticationOk and ReadyForQuery, reads one
 /// query (START_REPLICATION), answers CopyBothResponse, then plays `steps` and closes.
 async fn fake_walsender(steps: Vec<Step>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let (listener, port) = listen().await;
     tokio::spawn(async move {
-        let (mut sock, _) = listener.accept().await.unwrap();
-        let len = sock.read_i32().await.unwrap();
-        let mut startup = vec![0u8; len as usize - 4];
-        sock.read_exact(&mut startup).await.unwrap();
+        let mut sock = accept_startup(listener).await;
         sock.write_all(b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05I")
             .await
             .unwrap();
@@ -129,6 +137,18 @@ async fn direct_stream_client(port: u16) -> walhoard_protocol::ReplicationClient
         .unwrap()
 }
 
+/// START_REPLICATION at 0/1000000, payloads of 16 kB or more received directly.
+async fn start_direct(
+    client: &mut walhoard_protocol::ReplicationClient,
+) -> walhoard_protocol::ReplicationStream<'_> {
+    let mut stream = client
+        .start_replication(None, walhoard_protocol::Lsn(0x1000000), None)
+        .await
+        .unwrap();
+    stream.receive_payloads_directly(16 * 1024);
+    stream
+}
+
 /// Payloads received directly arrive whole and in order however the server's writes split
 /// them (the header alone, a header with part of the payload, payloads cut anywhere), with
 /// small messages between them parsed as usual.
@@ -157,11 +177,7 @@ async fn protocol_direct_payloads_arrive_whole_however_split() {
     steps.push(Step::Send(keepalive(0x1000000 + 141_000)));
     let port = fake_walsender(steps).await;
     let mut client = direct_stream_client(port).await;
-    let mut stream = client
-        .start_replication(None, Lsn(0x1000000), None)
-        .await
-        .unwrap();
-    stream.receive_payloads_directly(16 * 1024);
+    let mut stream = start_direct(&mut client).await;
     let mut got = Vec::new();
     let (mut keepalives, mut direct_messages) = (0, 0);
     while keepalives < 2 {
@@ -204,16 +220,12 @@ async fn protocol_direct_payloads_arrive_whole_however_split() {
 /// waits for 4 GB.
 #[tokio::test]
 async fn protocol_direct_payload_cut_or_malformed() {
-    use walhoard_protocol::{Lsn, ReplicationEvent};
+    use walhoard_protocol::ReplicationEvent;
     let payload = vec![7u8; 100_000];
     let m = xlogdata(0x1000000, &payload);
     let port = fake_walsender(vec![Step::Send(m[..50_000].to_vec())]).await;
     let mut client = direct_stream_client(port).await;
-    let mut stream = client
-        .start_replication(None, Lsn(0x1000000), None)
-        .await
-        .unwrap();
-    stream.receive_payloads_directly(16 * 1024);
+    let mut stream = start_direct(&mut client).await;
     let ReplicationEvent::XLogData { data, rest, .. } = stream.next().await.unwrap() else {
         panic!("expected XLogData");
     };
@@ -236,11 +248,7 @@ async fn protocol_direct_payload_cut_or_malformed() {
     bad.extend_from_slice(&[0u8; 100]);
     let port = fake_walsender(vec![Step::Send(bad)]).await;
     let mut client = direct_stream_client(port).await;
-    let mut stream = client
-        .start_replication(None, Lsn(0x1000000), None)
-        .await
-        .unwrap();
-    stream.receive_payloads_directly(16 * 1024);
+    let mut stream = start_direct(&mut client).await;
     let err = stream.next().await.unwrap_err();
     assert!(matches!(err, Error::Protocol(_)), "{err}");
 }

@@ -262,18 +262,34 @@ pub async fn upload_bytes<D>(
 where
     D: AsRef<[u8]> + Send + Sync + 'static,
 {
-    let one_shot = compression.algorithm == Algorithm::Zstd && compression.threads == 0;
-    if one_shot {
-        return upload_one_shot(
-            store,
-            key,
-            data,
-            compression,
-            encryption,
-            hash_algorithm,
-            metadata,
-        )
-        .await;
+    if compression.algorithm == Algorithm::Zstd && compression.threads == 0 {
+        // One worker hashes, compresses and encrypts the whole file into pooled buffers, and
+        // the store gets the finished object in one piece: no channel, no chunk allocations,
+        // one hand-off to a blocking thread instead of three. Those hand-offs and the page
+        // faults of fresh chunk buffers cost a tenth of the WAL drain's CPU on a saturated
+        // two-core machine (docs/benchmarks.md).
+        let size = data.as_ref().len() as u64;
+        let worker = super::cpu::worker().await;
+        let enc = encryption.clone();
+        let (hash, object) = tokio::task::spawn_blocking(move || {
+            let _worker = worker;
+            one_shot_object(data.as_ref(), compression, enc.as_ref(), hash_algorithm)
+        })
+        .await
+        .map_err(|e| TransferError::Object {
+            key: key.into(),
+            message: format!("compression thread failed: {e}"),
+        })?
+        .map_err(|e| TransferError::Object {
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        record_plain(&mut metadata, size, hash, hash_algorithm);
+        record_codec(&mut metadata, compression, encryption.as_ref());
+        store
+            .put_chunks(key, Some(Bytes::from_owner(object)), &metadata)
+            .await?;
+        return Ok(metadata);
     }
     let data = std::sync::Arc::new(data);
     let input = data.clone();
@@ -307,48 +323,6 @@ where
     )
     .await?;
     Ok(uploaded.3)
-}
-
-/// [`upload_bytes`] with single-threaded zstd: one worker hashes, compresses and encrypts the
-/// whole file into pooled buffers, and the store gets the finished object in one piece. No
-/// channel, no chunk allocations, one hand-off to a blocking thread instead of three: on a
-/// saturated two-core machine those hand-offs and the page faults of fresh chunk buffers cost
-/// a tenth of the WAL drain's CPU (docs/benchmarks.md).
-async fn upload_one_shot<D>(
-    store: &ObjectStore,
-    key: &str,
-    data: D,
-    compression: CompressionSettings,
-    encryption: Option<UploadEncryption>,
-    hash_algorithm: HashAlgorithm,
-    mut metadata: Metadata,
-) -> Result<Metadata, TransferError>
-where
-    D: AsRef<[u8]> + Send + Sync + 'static,
-{
-    let size = data.as_ref().len() as u64;
-    let worker = super::cpu::worker().await;
-    let enc = encryption.clone();
-    let made = tokio::task::spawn_blocking(move || {
-        let _worker = worker;
-        one_shot_object(data.as_ref(), compression, enc.as_ref(), hash_algorithm)
-    })
-    .await
-    .map_err(|e| TransferError::Object {
-        key: key.into(),
-        message: format!("compression thread failed: {e}"),
-    })?
-    .map_err(|e| TransferError::Object {
-        key: key.into(),
-        message: e.to_string(),
-    })?;
-    let (hash, object) = made;
-    record_plain(&mut metadata, size, hash, hash_algorithm);
-    record_codec(&mut metadata, compression, encryption.as_ref());
-    store
-        .put_chunks(key, Some(Bytes::from_owner(object)), &metadata)
-        .await?;
-    Ok(metadata)
 }
 
 /// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
