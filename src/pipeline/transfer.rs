@@ -566,7 +566,7 @@ where
     T: Send + 'static,
     F: FnOnce(&Metadata, &mut dyn Read) -> io::Result<T> + Send + 'static,
 {
-    let metadata = store.metadata(key).await?;
+    let (metadata, size) = store.metadata_and_size(key).await?;
     let bad = |m: String| TransferError::Object {
         key: key.to_string(),
         message: m,
@@ -593,7 +593,7 @@ where
         let mut d = Decompressor::new(plain, algorithm)?;
         consume(&meta2, &mut d)
     });
-    let fetched = store.get_to_channel(key, tx).await;
+    let fetched = store.get_to_channel(key, size, tx).await;
     let decoded = cpu
         .await
         .map_err(|e| bad(format!("pipeline thread failed: {e}")))?;

@@ -494,6 +494,26 @@ impl ObjectStore {
         Ok(user_metadata(&meta, self.underscores))
     }
 
+    /// The object's metadata, and its size when that came with it (stores with native
+    /// metadata answer both in one request; sidecar stores read the sidecar only).
+    pub async fn metadata_and_size(
+        &self,
+        key: &str,
+    ) -> Result<(Metadata, Option<u64>), StorageError> {
+        if self.sidecar {
+            return Ok((self.metadata(key).await?, None));
+        }
+        let meta = self
+            .op
+            .stat(&self.path(key)?)
+            .await
+            .map_err(backend("stat", key))?;
+        Ok((
+            user_metadata(&meta, self.underscores),
+            Some(meta.content_length()),
+        ))
+    }
+
     /// Streams the object into `sink`; returns its metadata and size.
     pub async fn get(
         &self,
@@ -566,20 +586,25 @@ impl ObjectStore {
     pub async fn get_to_channel(
         &self,
         key: &str,
+        size: Option<u64>,
         tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     ) -> Result<u64, StorageError> {
-        // The caller has the metadata already (it needs it to set up decoding): data only.
+        // The caller has the metadata already (it needs it to set up decoding), and the size
+        // when it came with it ([`ObjectStore::metadata_and_size`]): data only.
         let sink = ChannelSink {
             tx: tokio_util::sync::PollSender::new(tx.clone()),
         };
         let result = async {
             let path = self.path(key)?;
-            let size = self
-                .op
-                .stat(&path)
-                .await
-                .map_err(backend("stat", key))?
-                .content_length();
+            let size = match size {
+                Some(size) => size,
+                None => self
+                    .op
+                    .stat(&path)
+                    .await
+                    .map_err(backend("stat", key))?
+                    .content_length(),
+            };
             self.copy_data(key, &path, size, sink).await
         }
         .await;
