@@ -12,7 +12,7 @@ use walhoard_testkit::PgCluster;
 
 use crate::common::{socket_params, wait_until};
 
-fn psql_lsn(pg: &PgCluster, sql: &str) -> Lsn {
+pub(crate) fn psql_lsn(pg: &PgCluster, sql: &str) -> Lsn {
     pg.psql(sql).unwrap().trim().parse().unwrap()
 }
 
@@ -80,20 +80,26 @@ async fn protocol_replication_commands() {
 }
 
 /// Receives WAL from `start` until `target`, storing it per segment (split at segment
-/// boundaries, as a message may cross one), answering every reply request.
-async fn receive_until(
+/// boundaries, as a message may cross one), answering every reply request. With `direct`,
+/// payloads of at least that many bytes are read straight off the socket
+/// ([`ReplicationStream::receive_payloads_directly`]); returns how many were.
+pub(crate) async fn receive_until(
     c: &mut ReplicationClient,
     slot: &str,
     start: Lsn,
     target: Lsn,
     seg: SegmentSize,
-) -> (BTreeMap<u64, Vec<u8>>, usize) {
+    direct: Option<usize>,
+) -> (BTreeMap<u64, Vec<u8>>, usize, usize) {
     let mut segments: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let mut crossings = 0;
+    let (mut crossings, mut direct_reads) = (0, 0);
     let mut stream = c
         .start_replication(Some(slot), start, Some(TimelineId(1)))
         .await
         .unwrap();
+    if let Some(min) = direct {
+        stream.receive_payloads_directly(min);
+    }
     let mut pos = start;
     let deadline = Instant::now() + Duration::from_secs(120);
     while pos < target {
@@ -104,9 +110,21 @@ async fn receive_until(
             .unwrap()
         {
             ReplicationEvent::XLogData {
-                wal_start, data, ..
+                wal_start,
+                data,
+                rest,
+                ..
             } => {
                 assert_eq!(wal_start, pos, "gap or overlap in the stream");
+                let mut data = data.to_vec();
+                if rest > 0 {
+                    direct_reads += 1;
+                    data.reserve(rest);
+                    let mut left = rest;
+                    while left > 0 {
+                        left -= stream.read_payload(&mut data, left).await.unwrap();
+                    }
+                }
                 let mut at = wal_start;
                 let mut rest = &data[..];
                 if at.segment_number(seg) != Lsn(at.0 + data.len() as u64 - 1).segment_number(seg) {
@@ -142,7 +160,40 @@ async fn receive_until(
     };
     stream.send_status(&s).await.unwrap();
     stream.stop().await.unwrap();
-    (segments, crossings)
+    (segments, crossings, direct_reads)
+}
+
+/// Checks every complete segment received (below `target`) against pg_wal and its page
+/// headers; returns how many were compared.
+pub(crate) fn assert_matches_pg_wal(
+    pg: &PgCluster,
+    segments: &BTreeMap<u64, Vec<u8>>,
+    target: Lsn,
+    seg: SegmentSize,
+    system_id: u64,
+) -> usize {
+    let expect = PageExpectation {
+        magic: page_magic_for(pg.major).expect("supported major"),
+        seg_size: seg,
+        system_id: Some(system_id),
+        max_tli: Some(TimelineId(1)),
+    };
+    let complete: Vec<u64> = segments
+        .keys()
+        .copied()
+        .filter(|s| (s + 1) * seg.bytes() <= target.0)
+        .collect();
+    for segno in &complete {
+        let name = SegmentId::from_segno(TimelineId(1), *segno, seg).to_string();
+        let on_disk = std::fs::read(pg.wal_dir().join(&name)).unwrap();
+        assert!(
+            segments[segno] == on_disk,
+            "segment {name} differs from pg_wal"
+        );
+        // pg_switch_wal leaves zero pages after the XLOG_SWITCH record.
+        validate_pages(&segments[segno], Lsn(segno * seg.bytes()), &expect, true).unwrap();
+    }
+    complete.len()
 }
 
 #[tokio::test]
@@ -154,6 +205,7 @@ async fn protocol_streamed_wal_matches_pg_wal() {
     let id = c.identify_system().await.unwrap();
     let seg = c.wal_segment_size().await.unwrap();
     c.create_physical_slot("wh", true).await.unwrap();
+    c.create_physical_slot("wh_direct", true).await.unwrap();
     let restart = c
         .read_replication_slot("wh")
         .await
@@ -176,32 +228,17 @@ async fn protocol_streamed_wal_matches_pg_wal() {
         "test wrote too little WAL"
     );
 
-    let (segments, crossings) = receive_until(&mut c, "wh", start, target, seg).await;
-    let expect = PageExpectation {
-        magic: page_magic_for(pg.major).expect("supported major"),
-        seg_size: seg,
-        system_id: Some(id.system_id),
-        max_tli: Some(TimelineId(1)),
-    };
-    let complete: Vec<u64> = segments
-        .keys()
-        .copied()
-        .filter(|s| (s + 1) * seg.bytes() <= target.0)
-        .collect();
-    assert!(complete.len() >= 3);
-    for segno in &complete {
-        let name = SegmentId::from_segno(TimelineId(1), *segno, seg).to_string();
-        let on_disk = std::fs::read(pg.wal_dir().join(&name)).unwrap();
-        assert!(
-            segments[segno] == on_disk,
-            "segment {name} differs from pg_wal"
-        );
-        // pg_switch_wal leaves zero pages after the XLOG_SWITCH record.
-        validate_pages(&segments[segno], Lsn(segno * seg.bytes()), &expect, true).unwrap();
-    }
-    eprintln!(
-        "{} segments compared, {crossings} messages crossed a segment boundary",
-        complete.len()
+    let (segments, crossings, _) = receive_until(&mut c, "wh", start, target, seg, None).await;
+    let compared = assert_matches_pg_wal(&pg, &segments, target, seg, id.system_id);
+    assert!(compared >= 3);
+    eprintln!("{compared} segments compared, {crossings} messages crossed a segment boundary");
+    // Again on a second slot, with every payload not yet whole read straight off the socket.
+    let (direct, _, direct_reads) =
+        receive_until(&mut c, "wh_direct", start, target, seg, Some(1)).await;
+    assert!(direct_reads > 0, "no payload was read directly");
+    assert_eq!(
+        assert_matches_pg_wal(&pg, &direct, target, seg, id.system_id),
+        compared
     );
 
     // The final status update moved the slot: restart_lsn follows the reported flush position.

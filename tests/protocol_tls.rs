@@ -85,7 +85,41 @@ async fn protocol_tls_modes() {
         .await
         .unwrap();
     assert!(repl.connection().is_tls());
-    repl.identify_system().await.unwrap();
+    let id = repl.identify_system().await.unwrap();
+    // Streaming over TLS, large payloads read straight off the TLS stream: the WAL equals
+    // pg_wal's.
+    let seg = repl.wal_segment_size().await.unwrap();
+    repl.create_physical_slot("tls", true).await.unwrap();
+    let start = repl
+        .read_replication_slot("tls")
+        .await
+        .unwrap()
+        .unwrap()
+        .restart_lsn
+        .unwrap()
+        .segment_start(seg);
+    pg.psql("create table t as select g, repeat(md5(g::text), 16) as pad from generate_series(1, 30000) g")
+        .unwrap();
+    pg.psql("select pg_switch_wal()").unwrap();
+    let target = crate::protocol_replication::psql_lsn(&pg, "select pg_current_wal_lsn()");
+    let (segments, _, direct) = crate::protocol_replication::receive_until(
+        &mut repl,
+        "tls",
+        start,
+        target,
+        seg,
+        Some(16 * 1024),
+    )
+    .await;
+    assert!(direct > 0, "no payload was read directly");
+    let compared = crate::protocol_replication::assert_matches_pg_wal(
+        &pg,
+        &segments,
+        target,
+        seg,
+        id.system_id,
+    );
+    assert!(compared >= 1, "no complete segment streamed over TLS");
 
     // verify-full refuses a name the certificate does not cover.
     let err = Connection::connect(&params(&pg, "127.0.0.1", "verify-full", Some(&ca)))
