@@ -79,6 +79,18 @@ async fn protocol_replication_commands() {
     assert!(err.sqlstate().is_some(), "{err}");
 }
 
+/// Creates physical slot `name` with reserved WAL; returns the start of its first segment.
+pub(crate) async fn new_slot_start(c: &mut ReplicationClient, name: &str, seg: SegmentSize) -> Lsn {
+    c.create_physical_slot(name, true).await.unwrap();
+    c.read_replication_slot(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .restart_lsn
+        .unwrap()
+        .segment_start(seg)
+}
+
 /// Receives WAL from `start` until `target`, storing it per segment (split at segment
 /// boundaries, as a message may cross one), answering every reply request. With `direct`,
 /// payloads of at least that many bytes are read straight off the socket
@@ -261,15 +273,7 @@ async fn protocol_keepalive_reply_keeps_connection() {
         .await
         .unwrap();
     let seg = c.wal_segment_size().await.unwrap();
-    c.create_physical_slot("ka", true).await.unwrap();
-    let start = c
-        .read_replication_slot("ka")
-        .await
-        .unwrap()
-        .unwrap()
-        .restart_lsn
-        .unwrap()
-        .segment_start(seg);
+    let start = new_slot_start(&mut c, "ka", seg).await;
     let mut stream = c.start_replication(Some("ka"), start, None).await.unwrap();
     let mut pos = start;
     let mut answered = 0;

@@ -89,15 +89,7 @@ async fn protocol_tls_modes() {
     // Streaming over TLS, large payloads read straight off the TLS stream: the WAL equals
     // pg_wal's.
     let seg = repl.wal_segment_size().await.unwrap();
-    repl.create_physical_slot("tls", true).await.unwrap();
-    let start = repl
-        .read_replication_slot("tls")
-        .await
-        .unwrap()
-        .unwrap()
-        .restart_lsn
-        .unwrap()
-        .segment_start(seg);
+    let start = crate::protocol_replication::new_slot_start(&mut repl, "tls", seg).await;
     pg.psql("create table t as select g, repeat(md5(g::text), 16) as pad from generate_series(1, 30000) g")
         .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
