@@ -378,6 +378,17 @@ async fn read_end_of_copy(conn: &mut Connection, in_result: bool) -> Result<EndO
 /// CopyData ('d', length) and XLogData ('w', start, end, time) headers before a payload.
 const XLOG_HEADER: usize = 5 + 1 + 8 + 8 + 8;
 
+/// The tag and length of the message the buffer starts with, once its 5-byte header is in and
+/// the length is one the parser accepts (`None` otherwise: too short, or a length that
+/// [`crate::message::parse_backend`] rejects when asked to parse it).
+fn frame_header(buf: &[u8]) -> Option<(u8, usize)> {
+    let b = buf.get(..5)?;
+    let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+    (4..=crate::message::MAX_MESSAGE_LEN)
+        .contains(&len)
+        .then_some((b[0], len))
+}
+
 impl ReplicationStream<'_> {
     /// From now on, an XLogData payload of at least `min_len` bytes is not read into the
     /// connection's buffer: [`ReplicationStream::next`] returns it as soon as its header is
@@ -425,33 +436,28 @@ impl ReplicationStream<'_> {
     /// buffer holds something else (a whole message, or not a whole header yet).
     fn take_direct_header(&mut self, min: usize) -> Result<Option<ReplicationEvent>> {
         let buf = self.conn.read_buffer();
-        if buf.len() < 5 || buf[0] != b'd' {
-            return Ok(None);
-        }
-        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
         // Not XLogData-sized, or already whole: the ordinary path parses (and checks) it.
-        if !(XLOG_HEADER - 1..=crate::message::MAX_MESSAGE_LEN).contains(&len)
-            || buf.len() > len
-            || buf.len() < XLOG_HEADER
-            || buf[5] != b'w'
-        {
+        let Some((b'd', len)) = frame_header(buf) else {
+            return Ok(None);
+        };
+        if len < XLOG_HEADER - 1 || buf.len() > len || buf.len() < XLOG_HEADER || buf[5] != b'w' {
             return Ok(None);
         }
         let payload = 1 + len - XLOG_HEADER;
         if payload < min {
             return Ok(None);
         }
-        let header = buf.split_to(XLOG_HEADER).freeze();
-        let data = buf.split().freeze();
-        self.pending = payload - data.len();
-        let at = |i: usize| u64::from_be_bytes(header[i..i + 8].try_into().expect("8 bytes"));
-        Ok(Some(ReplicationEvent::XLogData {
-            wal_start: Lsn(at(6)),
-            wal_end: Lsn(at(14)),
-            server_time: crate::lsn::PgTimestamp(at(22) as i64),
-            data,
-            rest: self.pending,
-        }))
+        // The XLogData header ('w', start, end, time) is parsed as any other; its payload is
+        // what the buffer holds, the rest follows on the socket.
+        let header = buf.split_to(XLOG_HEADER).freeze().slice(5..);
+        let buffered = buf.split().freeze();
+        self.pending = payload - buffered.len();
+        let mut ev = parse_walsender(header)?;
+        if let ReplicationEvent::XLogData { data, rest, .. } = &mut ev {
+            *data = buffered;
+            *rest = self.pending;
+        }
+        Ok(Some(ev))
     }
 
     /// The next message from the server. Cancel-safe (for `select!` with a status timer): all
@@ -487,10 +493,9 @@ impl ReplicationStream<'_> {
                     }
                     let buffered = self.conn.read_buffer().len();
                     // A whole message, or a length the ordinary parser rejects: parse now.
-                    let parse_now = buffered >= 5 && {
-                        let b = &self.conn.read_buffer()[..5];
-                        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-                        buffered > len || !(4..=crate::message::MAX_MESSAGE_LEN).contains(&len)
+                    let parse_now = match frame_header(self.conn.read_buffer()) {
+                        Some((_, len)) => buffered > len,
+                        None => buffered >= 5,
                     };
                     if parse_now {
                         self.expect_large = false;
