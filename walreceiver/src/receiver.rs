@@ -15,13 +15,13 @@ use walhoard_protocol::{
     ReplicationStream, SegmentId, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
 
-/// XLogData payloads at least this long are read straight into the segment (the walsender
-/// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
-const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
-
 use crate::buffers::{SegmentBuffer, SegmentBuffers};
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
+
+/// XLogData payloads at least this long are read straight into the segment (the walsender
+/// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
+const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
 
 /// Called once, on the first connection, with the slot's position (its restart_lsn at a segment
 /// boundary, on the timeline that wrote it): returns where streaming should really start, after
@@ -444,6 +444,24 @@ impl Session {
         }
     }
 
+    /// Leaves the stream with `end`: the segment being received made durable, and the
+    /// server told where we are (a failed report is ignored: the next session reports).
+    async fn leave(
+        &self,
+        stream: &mut ReplicationStream<'_>,
+        current: &mut Option<Incoming>,
+        synced: &mut Lsn,
+        received: Lsn,
+        tli: TimelineId,
+        end: StreamEnd,
+    ) -> Result<StreamEnd, ReceiverError> {
+        sync_spool(current, synced)?;
+        let _ = stream
+            .send_status(&self.report(received, *synced, tli))
+            .await;
+        Ok(end)
+    }
+
     fn report(&self, received: Lsn, synced: Lsn, tli: TimelineId) -> StandbyStatus {
         let archived = *self.archived.borrow();
         let flush = archived.min(synced);
@@ -497,14 +515,10 @@ impl Session {
             // fdatasync per status update is what bounds how stale the reported flush is.
             tokio::select! {
                 _ = self.cancel.cancelled() => {
-                    sync_spool(&mut current, &mut synced)?;
-                    let _ = stream.send_status(&self.report(received, synced, tli)).await;
-                    return Ok(StreamEnd::Cancelled);
+                    return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Cancelled).await;
                 }
                 Ok(_) = async { pause.as_mut().expect("guarded").wait_for(|p| *p).await.map(|_| ()) }, if pause.is_some() => {
-                    sync_spool(&mut current, &mut synced)?;
-                    let _ = stream.send_status(&self.report(received, synced, tli)).await;
-                    return Ok(StreamEnd::Paused);
+                    return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Paused).await;
                 }
                 _ = ticker.tick() => {
                     sync_spool(&mut current, &mut synced)?;
@@ -537,9 +551,7 @@ impl Session {
                                 // The payload's remainder, from the socket into the segment.
                                 let n = tokio::select! {
                                     _ = self.cancel.cancelled() => {
-                                        sync_spool(&mut current, &mut synced)?;
-                                        let _ = stream.send_status(&self.report(received, synced, tli)).await;
-                                        return Ok(StreamEnd::Cancelled);
+                                        return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Cancelled).await;
                                     }
                                     n = cur.read_direct(&mut stream, direct, &mut scratch) => n?,
                                 };
