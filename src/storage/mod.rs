@@ -473,25 +473,7 @@ impl ObjectStore {
 
     /// The object's metadata.
     pub async fn metadata(&self, key: &str) -> Result<Metadata, StorageError> {
-        if self.sidecar {
-            let side = self.path(&Self::sidecar_key(key))?;
-            let raw = self
-                .op
-                .read(&side)
-                .await
-                .map_err(backend("read metadata of", key))?
-                .to_vec();
-            return serde_json::from_slice(&raw).map_err(|e| StorageError::BadMetadata {
-                key: key.into(),
-                message: e.to_string(),
-            });
-        }
-        let meta = self
-            .op
-            .stat(&self.path(key)?)
-            .await
-            .map_err(backend("stat", key))?;
-        Ok(user_metadata(&meta, self.underscores))
+        Ok(self.metadata_and_size(key).await?.0)
     }
 
     /// The object's metadata, and its size when that came with it (stores with native
@@ -501,7 +483,18 @@ impl ObjectStore {
         key: &str,
     ) -> Result<(Metadata, Option<u64>), StorageError> {
         if self.sidecar {
-            return Ok((self.metadata(key).await?, None));
+            let side = self.path(&Self::sidecar_key(key))?;
+            let raw = self
+                .op
+                .read(&side)
+                .await
+                .map_err(backend("read metadata of", key))?
+                .to_vec();
+            let metadata = serde_json::from_slice(&raw).map_err(|e| StorageError::BadMetadata {
+                key: key.into(),
+                message: e.to_string(),
+            })?;
+            return Ok((metadata, None));
         }
         let meta = self
             .op
@@ -514,6 +507,24 @@ impl ObjectStore {
         ))
     }
 
+    /// `size` when known, else the object's length from a stat.
+    async fn size_or_stat(
+        &self,
+        key: &str,
+        path: &str,
+        size: Option<u64>,
+    ) -> Result<u64, StorageError> {
+        match size {
+            Some(size) => Ok(size),
+            None => Ok(self
+                .op
+                .stat(path)
+                .await
+                .map_err(backend("stat", key))?
+                .content_length()),
+        }
+    }
+
     /// Streams the object into `sink`; returns its metadata and size.
     pub async fn get(
         &self,
@@ -521,16 +532,11 @@ impl ObjectStore {
         sink: impl AsyncWrite + Unpin,
     ) -> Result<(Metadata, u64), StorageError> {
         let path = self.path(key)?;
-        let stat = self.op.stat(&path).await.map_err(backend("stat", key))?;
-        // Native user metadata comes with the stat; only sidecars need a read of their own.
-        let metadata = if self.sidecar {
-            self.metadata(key).await?
-        } else {
-            user_metadata(&stat, self.underscores)
-        };
-        let size = self
-            .copy_data(key, &path, stat.content_length(), sink)
-            .await?;
+        // Native user metadata comes with the size in one stat; sidecars are read, then the
+        // object stat'ed for its size.
+        let (metadata, size) = self.metadata_and_size(key).await?;
+        let size = self.size_or_stat(key, &path, size).await?;
+        let size = self.copy_data(key, &path, size, sink).await?;
         Ok((metadata, size))
     }
 
@@ -596,15 +602,7 @@ impl ObjectStore {
         };
         let result = async {
             let path = self.path(key)?;
-            let size = match size {
-                Some(size) => size,
-                None => self
-                    .op
-                    .stat(&path)
-                    .await
-                    .map_err(backend("stat", key))?
-                    .content_length(),
-            };
+            let size = self.size_or_stat(key, &path, size).await?;
             self.copy_data(key, &path, size, sink).await
         }
         .await;
