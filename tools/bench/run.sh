@@ -220,9 +220,8 @@ drain_receivewal() {
   t1=$(now)
   [ -f "$d/wal/$LAST_SEG" ] || { log "pg_receivewal stopped before $LAST_SEG"; return 1; }
   result drain pg_receivewal "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$d/wal" | cut -f1)" "$(time_rss "$d/time")"
-  wait_walsenders_gone
   cpu_result pg_receivewal "$r" "$(awk -F': ' '/User time|System time/ { c += $2 } END { printf "%.2f", c }' "$d/time")" \
-    "$(awk -v a="$ws0" -v b="$(reaped_cpu)" 'BEGIN { printf "%.2f", b - a }')" -
+    "$(walsender_cpu_since "$ws0")" -
   rm -rf "$d"
   psql_ "select pg_drop_replication_slot('rw_$r')" >/dev/null
 }
@@ -249,8 +248,7 @@ drain_walhoard() { # drain_walhoard <rep> local|s3
   cpu=$(proc_cpu "$WH_PID")
   [ "$kind" = s3 ] && helper=$(proc_cpu "$S3_PID")
   stop_pid "$WH_PID"
-  wait_walsenders_gone
-  cpu_result "walhoard-$kind" "$r" "$cpu" "$(awk -v a="$ws0" -v b="$(reaped_cpu)" 'BEGIN { printf "%.2f", b - a }')" "$helper"
+  cpu_result "walhoard-$kind" "$r" "$cpu" "$(walsender_cpu_since "$ws0")" "$helper"
   local store=$d/archive
   [ "$kind" = s3 ] && store=$d/s3
   # The archive itself must hold the backlog's last segment, whatever the status said.
@@ -296,13 +294,15 @@ drain_pgbackrest() {
   result drain pgbackrest-async "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$PGBR/repo/archive" | cut -f1)" 0
 }
 
-# Waits (up to 5 s) until no walsender is left, so that its CPU is in reaped_cpu.
-wait_walsenders_gone() {
+# walsender_cpu_since <reaped_cpu before the run>: waits (up to 5 s) until no walsender is
+# left, so that its CPU is in reaped_cpu, and prints the CPU seconds the run's walsender used.
+walsender_cpu_since() {
   local i
   for i in $(seq 50); do
-    [ "$(psql_ "select count(*) from pg_stat_replication")" = 0 ] && return 0
+    [ "$(psql_ "select count(*) from pg_stat_replication")" = 0 ] && break
     nap 0.1
   done
+  awk -v a="$1" -v b="$(reaped_cpu)" 'BEGIN { printf "%.2f", b - a }'
 }
 
 # drain_floor: the CPU the daemon's per-segment work (SHA-1, zstd 1, encryption) needs for
