@@ -16,7 +16,10 @@
 # `cargo build --release` into $CARGO_TARGET_DIR, default target/),
 # WALHOARD_BENCH_KEEP=1 keeps the scratch directory (in $TMPDIR) for inspection,
 # WALHOARD_BENCH_PERF=1 profiles each `walhoard restore get-basebackup` with `perf record -g`,
-# WALHOARD_BENCH_DRAIN_TOOLS picks the drain's tools (default: all four). The drain phase ends
+# WALHOARD_BENCH_DRAIN_TOOLS picks the drain's tools (default: all six: pg_receivewal,
+# walhoard-local, walhoard-s3, pgbackrest, walhoard-s3-tls, pgbackrest-s3; the last two put
+# both tools' archives into s3s-fs behind one stunnel TLS proxy, since pgBackRest's S3 client
+# speaks only HTTPS). The drain phase ends
 # with `cargo bench --bench drain_floor` over its backlog (floor-<scale>.txt).
 #
 # Needs root (PostgreSQL runs as the 'postgres' user, packages are installed with apt).
@@ -58,6 +61,8 @@ need_pkg $PGBIN/pg_receivewal postgresql-15
 need_pkg pgbackrest pgbackrest
 need_pkg /usr/bin/time time
 need_pkg curl curl
+need_pkg stunnel4 stunnel4
+need_pkg openssl openssl
 need_pkg jq jq
 need_pkg python3 python3
 id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
@@ -162,26 +167,84 @@ wh_start() { # wh_start <dir>: sets WH_PID
   PIDS+=("$WH_PID")
 }
 
-s3_start() { # s3_start <dir>: s3s-fs with bucket 'archive'; sets S3_PID S3_PORT
+wait_listen() { # wait_listen <port> <what>
+  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done
+  log "$2 did not listen on port $1"; return 1
+}
+
+# s3_start <dir> [tls]: s3s-fs with bucket 'archive'; sets S3_PID S3_PORT. With tls, also a
+# stunnel in front of it (pgBackRest speaks S3 only over HTTPS) with a certificate of the
+# run's own CA ($ROOT/tls/ca.pem); sets TLS_PID TLS_PORT.
+S3_PID= TLS_PID=
+s3_start() {
   mkdir -p "$1/archive"
   S3_PORT=$(free_port)
   "$S3S_FS" --host 127.0.0.1 --port "$S3_PORT" --access-key bench-ak --secret-key bench-secret-key "$1" >/dev/null 2>&1 &
   S3_PID=$!
   PIDS+=("$S3_PID")
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$S3_PORT") 2>/dev/null && return 0; sleep 0.1; done
-  log "s3s-fs did not listen"; return 1
+  wait_listen "$S3_PORT" s3s-fs || return 1
+  TLS_PID=
+  [ "${2:-}" = tls ] || return 0
+  tls_ca
+  TLS_PORT=$(free_port)
+  printf 'foreground = yes\npid =\n[s3]\naccept = 127.0.0.1:%s\nconnect = 127.0.0.1:%s\ncert = %s\nkey = %s\n' \
+    "$TLS_PORT" "$S3_PORT" "$ROOT/tls/cert.pem" "$ROOT/tls/key.pem" >"$1/stunnel.conf"
+  stunnel4 "$1/stunnel.conf" >"$1/stunnel.log" 2>&1 &
+  TLS_PID=$!
+  PIDS+=("$TLS_PID")
+  wait_listen "$TLS_PORT" stunnel
+}
+s3_stop() {
+  if [ -n "$TLS_PID" ]; then stop_pid "$TLS_PID"; fi
+  stop_pid "$S3_PID"
+  S3_PID= TLS_PID=
+}
+# CPU seconds of the S3 server side: s3s-fs, and stunnel when there is one.
+s3_cpu() {
+  local tls=0
+  if [ -n "$TLS_PID" ]; then tls=$(proc_cpu "$TLS_PID"); fi
+  awk -v a="$(proc_cpu "$S3_PID")" -v b="$tls" 'BEGIN { printf "%.2f", a + b }'
+}
+
+# tls_ca: once per run, a CA and a certificate for localhost and 127.0.0.1 signed by it, in
+# $ROOT/tls (pgBackRest matches only a host name against it, so it connects to localhost).
+tls_ca() {
+  [ -f "$ROOT/tls/cert.pem" ] && return 0
+  mkdir -p "$ROOT/tls"
+  (
+    cd "$ROOT/tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=walhoard-bench-ca
+    openssl req -newkey rsa:2048 -nodes -keyout key.pem -out leaf.csr -subj /CN=localhost
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >leaf.ext
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 -extfile leaf.ext
+  ) >/dev/null 2>&1
 }
 
 # --- pgBackRest ---------------------------------------------------------------------------
 PGBR=
 pgbr() { as_pg pgbackrest --config="$PGBR/pgbackrest.conf" --stanza=bench "$@"; }
-pgbr_setup() { # a repository in $ROOT/pgbr, and the stanza (again, on an emptied repository)
+# pgbr_setup [s3]: a repository in $ROOT/pgbr (or, with s3, in s3s-fs behind the TLS proxy,
+# which must be running: s3_start <dir> tls), and the stanza (again, on an emptied repository)
+pgbr_setup() {
   PGBR=$ROOT/pgbr
   rm -rf "$PGBR"
   mkdir -p "$PGBR"/{repo,spool,lock,log}
+  local repo="repo1-path=$PGBR/repo"
+  if [ "${1:-}" = s3 ]; then
+    repo="repo1-type=s3
+repo1-path=/pgbr
+repo1-s3-bucket=archive
+repo1-s3-endpoint=localhost
+repo1-storage-port=$TLS_PORT
+repo1-s3-region=us-east-1
+repo1-s3-key=bench-ak
+repo1-s3-key-secret=bench-secret-key
+repo1-s3-uri-style=path
+repo1-storage-ca-file=$ROOT/tls/ca.pem"
+  fi
   cat >"$PGBR/pgbackrest.conf" <<EOF
 [global]
-repo1-path=$PGBR/repo
+$repo
 repo1-retention-full=1
 spool-path=$PGBR/spool
 lock-path=$PGBR/lock
@@ -226,7 +289,7 @@ drain_receivewal() {
   psql_ "select pg_drop_replication_slot('rw_$r')" >/dev/null
 }
 
-drain_walhoard() { # drain_walhoard <rep> local|s3
+drain_walhoard() { # drain_walhoard <rep> local|s3|s3-tls
   local r=$1 kind=$2 d=$ROOT/drain-wh-$2-$1 storage t0 t1 rss stored
   mkdir -p "$d"
   if [ "$kind" = s3 ]; then
@@ -234,37 +297,50 @@ drain_walhoard() { # drain_walhoard <rep> local|s3
     storage=$(jq -n --argjson port "$S3_PORT" '{storage_type: "s3", bucket_name: "archive",
       region: "us-east-1", aws_access_key_id: "bench-ak", aws_secret_access_key: "bench-secret-key",
       host: "127.0.0.1", port: $port, is_secure: false}')
+  elif [ "$kind" = s3-tls ]; then
+    # The same server behind the same TLS proxy as pgbackrest-s3: HTTPS, the run's CA trusted.
+    s3_start "$d/s3" tls
+    storage=$(jq -n --argjson port "$TLS_PORT" '{storage_type: "s3", bucket_name: "archive",
+      region: "us-east-1", aws_access_key_id: "bench-ak", aws_secret_access_key: "bench-secret-key",
+      host: "127.0.0.1", port: $port, is_secure: true}')
   else
     storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
   fi
-  wh_config "$d" "wh_${kind}_$r" "$storage"
+  wh_config "$d" "wh_${kind//-/_}_$r" "$storage"
   local ws0 cpu helper=-
   ws0=$(reaped_cpu)
   t0=$(now)
-  wh_start "$d"
+  if [ "$kind" = s3-tls ]; then SSL_CERT_FILE=$ROOT/tls/ca.pem wh_start "$d"; else wh_start "$d"; fi
   wh_wait_archived "$d/walhoard.json" "$WH_PID" "$TARGET_N" 1800
   t1=$(now)
   rss=$(vmhwm "$WH_PID")
   cpu=$(proc_cpu "$WH_PID")
-  [ "$kind" = s3 ] && helper=$(proc_cpu "$S3_PID")
+  [ "$kind" != local ] && helper=$(s3_cpu)
   stop_pid "$WH_PID"
   cpu_result "walhoard-$kind" "$r" "$cpu" "$(walsender_cpu_since "$ws0")" "$helper"
   local store=$d/archive
-  [ "$kind" = s3 ] && store=$d/s3
+  [ "$kind" != local ] && store=$d/s3
   # The archive itself must hold the backlog's last segment, whatever the status said.
   [ -n "$(find "$store" -name "$LAST_SEG" -print -quit)" ] || { log "walhoard: $LAST_SEG not in $store"; return 1; }
   stored=$(du -sb "$store" | cut -f1)
-  if [ "$kind" = s3 ]; then stop_pid "$S3_PID"; fi
+  if [ "$kind" != local ]; then s3_stop; fi
   result drain "walhoard-$kind" "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$stored" "$rss"
   rm -rf "$d"
-  psql_ "select pg_drop_replication_slot('wh_${kind}_$r')" >/dev/null
+  psql_ "select pg_drop_replication_slot('wh_${kind//-/_}_$r')" >/dev/null
 }
 
-drain_pgbackrest() {
-  local r=$1 t0 t1 last f b
+drain_pgbackrest() { # drain_pgbackrest <rep> [s3]
+  local r=$1 kind=${2:-posix} t0 t1 last f b tool=pgbackrest-async helper=- store
   # Every run the same backlog: an empty repository and spool, and the backlog's segments
   # (archived by an earlier run) marked ready for the archiver once more.
-  pgbr_setup
+  if [ "$kind" = s3 ]; then
+    tool=pgbackrest-async-s3
+    chmod 755 "$ROOT"
+    s3_start "$ROOT/drain-pgbr-s3" tls
+    pgbr_setup s3
+  else
+    pgbr_setup
+  fi
   for f in "$PGDATA"/pg_wal/archive_status/*.done; do
     [ -e "$f" ] || continue
     b=${f##*/}; b=${b%.done}
@@ -291,7 +367,18 @@ drain_pgbackrest() {
     log "pgbackrest: archiver reports '$last' after $LAST_SEG.done"; return 1
   fi
   set_archive_command ''
-  result drain pgbackrest-async "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$PGBR/repo/archive" | cut -f1)" 0
+  store=$PGBR/repo/archive
+  if [ "$kind" = s3 ]; then
+    helper=$(s3_cpu)
+    s3_stop
+    store=$ROOT/drain-pgbr-s3
+    # Later phases set up their own (local) repository.
+    PGBR=
+  fi
+  # pgBackRest's CPU is not measured: its async process leaves the archiver's process tree.
+  cpu_result "$tool" "$r" - - "$helper"
+  result drain "$tool" "$r" "$(elapsed "$t0" "$t1")" "$BACKLOG" "$(du -sb "$store" | cut -f1)" 0
+  if [ "$kind" = s3 ]; then rm -rf "$store"; fi
 }
 
 # walsender_cpu_since <reaped_cpu before the run>: waits (up to 5 s) until no walsender is
@@ -324,7 +411,9 @@ phase_drain() {
         pg_receivewal) drain_receivewal "$r" ;;
         walhoard-local) drain_walhoard "$r" local ;;
         walhoard-s3) drain_walhoard "$r" s3 ;;
+        walhoard-s3-tls) drain_walhoard "$r" s3-tls ;;
         pgbackrest) drain_pgbackrest "$r" ;;
+        pgbackrest-s3) drain_pgbackrest "$r" s3 ;;
       esac
     done
   done
@@ -605,6 +694,7 @@ scenario() { # scenario <scale> <wal MiB> <phases...>
         pg_receivewal) slots+=" rw_$r" ;;
         walhoard-local) slots+=" wh_local_$r" ;;
         walhoard-s3) slots+=" wh_s3_$r" ;;
+        walhoard-s3-tls) slots+=" wh_s3_tls_$r" ;;
       esac
     done
   done
@@ -628,7 +718,7 @@ for p in $PHASES; do
   esac
 done
 if [ ${#main_phases[@]} -gt 0 ]; then
-  DRAIN_TOOLS=${WALHOARD_BENCH_DRAIN_TOOLS:-"pg_receivewal walhoard-local walhoard-s3 pgbackrest"}
+  DRAIN_TOOLS=${WALHOARD_BENCH_DRAIN_TOOLS:-"pg_receivewal walhoard-local walhoard-s3 pgbackrest walhoard-s3-tls pgbackrest-s3"}
   BB_TOOLS="pg_basebackup walhoard-basic walhoard-basic-zstd2 walhoard-local-tar pgbackrest"
   scenario "$SCALE" "$WAL_MIB" "${main_phases[@]}"
 fi

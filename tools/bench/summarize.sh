@@ -80,17 +80,17 @@ for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
     echo
     table "$scale" drain pg_receivewal
     if [ -f "$out/cpu.tsv" ] && [ "$(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s' "$out/cpu.tsv" | wc -l)" -gt 0 ]; then
-      echo "CPU seconds, median (min–max): the tool's process, the walsender serving it, s3s-fs"
+      echo "CPU seconds, median (min–max): the tool's process, the walsender serving it, the S3 server (s3s-fs, and stunnel for the -s3-tls and -s3 runs); n/a: not measured (pgBackRest's async process leaves the archiver's process tree)"
       echo
-      echo "| tool | tool CPU s | walsender CPU s | s3s-fs CPU s | total CPU s |"
+      echo "| tool | tool CPU s | walsender CPU s | S3 server CPU s | total CPU s |"
       echo "|---|---|---|---|---|"
       for tool in $(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s { print $2 }' "$out/cpu.tsv" | awk '!seen[$0]++'); do
         ccol() { awk -F'\t' -v s="$scale" -v t="$tool" -v c="$1" 'NR > 1 && $1 == s && $2 == t && $c != "-" { print $c }' "$out/cpu.tsv"; }
         tot=$(awk -F'\t' -v s="$scale" -v t="$tool" 'NR > 1 && $1 == s && $2 == t { print $4 + $5 + ($6 == "-" ? 0 : $6) }' "$out/cpu.tsv" | stats)
-        printf '| %s | %s | %s | %s | %s |\n' "$tool" "$(ccol 4 | stats | awk '{ print $1 " (" $2 "–" $3 ")" }')" \
-          "$(ccol 5 | stats | awk '{ print $1 " (" $2 "–" $3 ")" }')" \
-          "$(ccol 6 | stats | awk '$1 == "-" { print "–"; next } { print $1 " (" $2 "–" $3 ")" }')" \
-          "$(awk '{ print $1 " (" $2 "–" $3 ")" }' <<<"$tot")"
+        range() { awk -v none="$1" '$1 == "-" { print none; next } { print $1 " (" $2 "–" $3 ")" }'; }
+        if [ -z "$(ccol 4)" ]; then tot="- - -"; fi
+        printf '| %s | %s | %s | %s | %s |\n' "$tool" "$(ccol 4 | stats | range n/a)" "$(ccol 5 | stats | range n/a)" \
+          "$(ccol 6 | stats | range –)" "$(range n/a <<<"$tot")"
       done
       echo
     fi
