@@ -6,7 +6,9 @@
 
 use walhoard::config::ObjectStorageConfig;
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
-use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey, PublicKey};
+use walhoard::pipeline::encryption::{
+    generate_key_pair, Decryptor, KeyRing, PrivateKey, PublicKey,
+};
 use walhoard::pipeline::hash::HashAlgorithm;
 use walhoard::pipeline::transfer::{download_file, upload_bytes, upload_file, UploadEncryption};
 use walhoard::storage::{Metadata, ObjectStore};
@@ -309,6 +311,84 @@ async fn transfer_rejects_tampered_objects() {
             "{name}: truncated object restored"
         );
         assert!(!out.exists());
+    }
+}
+
+/// Whether the zstd frame at the start of `frame` declares a content checksum
+/// (Frame_Header_Descriptor bit 2, RFC 8878 3.1.1.1.1).
+fn zstd_frame_has_checksum(frame: &[u8]) -> bool {
+    assert_eq!(frame[..4], [0x28, 0xb5, 0x2f, 0xfd], "not a zstd frame");
+    frame[4] & 0x04 != 0
+}
+
+/// An unencrypted zstd object carries a frame checksum (its only integrity check before the
+/// hash); an encrypted one does not (AES-GCM authenticates every chunk), from a file and from
+/// memory alike, and both restore to the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_zstd_checksum_only_on_unencrypted_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let cfg: ObjectStorageConfig = serde_json::from_value(
+        serde_json::json!({"storage_type": "local", "directory": store_dir}),
+    )
+    .unwrap();
+    let store = ObjectStore::open(&cfg, "site").unwrap();
+    let data = wal_like(3 * 1024 * 1024);
+    let src = dir.path().join("segment");
+    std::fs::write(&src, &data).unwrap();
+    let (enc, ring) = keys();
+    for (name, encryption) in [("plain", None), ("encrypted", Some(enc))] {
+        for from in ["file", "memory"] {
+            let key = format!("xlog/{name}-{from}");
+            let zstd = CompressionSettings::new(Algorithm::Zstd);
+            if from == "file" {
+                upload_file(
+                    &store,
+                    &key,
+                    &src,
+                    zstd,
+                    encryption.clone(),
+                    HashAlgorithm::Sha1,
+                    Metadata::new(),
+                )
+                .await
+            } else {
+                upload_bytes(
+                    &store,
+                    &key,
+                    data.clone(),
+                    zstd,
+                    encryption.clone(),
+                    HashAlgorithm::Sha1,
+                    Metadata::new(),
+                )
+                .await
+            }
+            .unwrap();
+            let stored = std::fs::read(store_dir.join("site").join(&key)).unwrap();
+            let frame = if encryption.is_some() {
+                let mut plain = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut Decryptor::new(&stored[..], &ring).unwrap(),
+                    &mut plain,
+                )
+                .unwrap();
+                plain
+            } else {
+                stored
+            };
+            assert_eq!(
+                zstd_frame_has_checksum(&frame),
+                encryption.is_none(),
+                "{key}: frame checksum flag"
+            );
+            let out = dir.path().join(format!("restored-{name}-{from}"));
+            download_file(&store, &key, &out, &ring).await.unwrap();
+            assert!(
+                std::fs::read(&out).unwrap() == data,
+                "{key}: restored bytes differ"
+            );
+        }
     }
 }
 

@@ -95,6 +95,15 @@ impl CompressionSettings {
     }
 }
 
+/// Whether a zstd frame carries a content checksum (XXH64 of the plain bytes, 4 bytes at the
+/// end, which every zstd decoder checks, pghoard's included): on unencrypted objects, so that
+/// their corruption is caught. An encrypted object's AES-GCM tags authenticate every chunk
+/// before it is decompressed, so the checksum would only cost CPU (~0.15 s per 2.35 GB of
+/// WAL: docs/benchmarks.md).
+pub fn zstd_checksum(encrypted: bool) -> bool {
+    !encrypted
+}
+
 /// A streaming compressor writing into `W`.
 pub enum Compressor<W: Write> {
     Snappy(Box<snap::write::FrameEncoder<W>>),
@@ -103,7 +112,8 @@ pub enum Compressor<W: Write> {
 }
 
 impl<W: Write> Compressor<W> {
-    pub fn new(inner: W, settings: &CompressionSettings) -> io::Result<Self> {
+    /// `checksum`: whether zstd frames carry a content checksum (see [`zstd_checksum`]).
+    pub fn new(inner: W, settings: &CompressionSettings, checksum: bool) -> io::Result<Self> {
         settings
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -113,9 +123,7 @@ impl<W: Write> Compressor<W> {
             }
             Algorithm::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(inner, settings.level)?;
-                // A content checksum per frame (4 bytes) lets corruption of unencrypted
-                // objects be detected; every zstd decoder, pghoard's included, checks it.
-                e.include_checksum(true)?;
+                e.include_checksum(checksum)?;
                 if settings.threads > 0 {
                     e.multithread(settings.threads)?;
                 }
@@ -236,7 +244,7 @@ mod tests {
     }
 
     fn compress(data: &[u8], s: &CompressionSettings) -> Vec<u8> {
-        let mut c = Compressor::new(Vec::new(), s).unwrap();
+        let mut c = Compressor::new(Vec::new(), s, true).unwrap();
         // Odd-sized writes.
         for chunk in data.chunks(7919) {
             c.write_all(chunk).unwrap();

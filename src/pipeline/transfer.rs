@@ -10,7 +10,7 @@ use aws_lc_rs::digest;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::compression::{Algorithm, CompressionSettings, Compressor, Decompressor};
+use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor, Decompressor};
 use super::encryption::{Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
 use super::hash::HashAlgorithm;
 use crate::storage::{Metadata, ObjectStore};
@@ -249,7 +249,8 @@ pub async fn upload_file(
 /// receiver handed on in its buffer), into `key`, with the same metadata as [`upload_file`]:
 /// no read of the spool file at all. zstd compresses the buffer in one call, which is faster
 /// than the streaming encoder (it works on one contiguous input instead of copying it into a
-/// window: docs/benchmarks.md); the frame is an ordinary zstd frame with a checksum.
+/// window: docs/benchmarks.md); the frame is an ordinary zstd frame, with a checksum when the
+/// object is not encrypted ([`zstd_checksum`]).
 pub async fn upload_bytes<D>(
     store: &ObjectStore,
     key: &str,
@@ -327,7 +328,7 @@ where
 
 /// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
 /// zstd): the plaintext hash (hex), and the stored object, compressed in one zstd call (level
-/// `compression.level`, with a checksum) and sealed when `encryption` is given. Public so that
+/// `compression.level`; a checksum unless encrypted) and sealed when `encryption` is given. Public so that
 /// `benches/drain_floor.rs` measures exactly what the daemon does.
 pub fn one_shot_object(
     plain: &[u8],
@@ -344,7 +345,7 @@ pub fn one_shot_object(
         zstd::zstd_safe::compress_bound(plain.len()) + plain.len() / DEFAULT_CHUNK_SIZE * 16 + 8192;
     let mut compressed = ONE_SHOT_OUTPUT.take(capacity);
     let mut c = zstd::bulk::Compressor::new(compression.level)?;
-    c.include_checksum(true)?;
+    c.include_checksum(zstd_checksum(encryption.is_some()))?;
     c.compress_to_buffer(plain, &mut *compressed)?;
     let object = match encryption {
         None => compressed,
@@ -505,6 +506,7 @@ where
                 w: W,
                 compression: &CompressionSettings,
                 precompressed: bool,
+                encrypted: bool,
                 run: impl FnOnce(&mut dyn Write) -> io::Result<(u64, Option<String>)>,
             ) -> io::Result<((u64, Option<String>), W)> {
                 if precompressed {
@@ -512,17 +514,18 @@ where
                     let out = run(&mut w)?;
                     return Ok((out, w));
                 }
-                let mut c = Compressor::new(w, compression)?;
+                let mut c = Compressor::new(w, compression, zstd_checksum(encrypted))?;
                 let out = run(&mut c)?;
                 Ok((out, c.finish()?))
             }
             let (out, mut sink) = match enc {
                 Some(e) => {
                     let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
-                    let (out, encryptor) = compressed(encryptor, &compression, precompressed, run)?;
+                    let (out, encryptor) =
+                        compressed(encryptor, &compression, precompressed, true, run)?;
                     (out, encryptor.finish()?)
                 }
-                None => compressed(sink, &compression, precompressed, run)?,
+                None => compressed(sink, &compression, precompressed, false, run)?,
             };
             sink.flush()?;
             Ok(out)
