@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use walhoard::pipeline::compression::{Algorithm, CompressionSettings, Compressor};
+use walhoard::pipeline::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor};
 use walhoard::pipeline::encryption::{generate_key_pair, Encryptor, PublicKey, DEFAULT_CHUNK_SIZE};
 use walhoard_testkit::{tool_path, PgCluster};
 
@@ -104,11 +104,11 @@ fn main() {
                 let sink = CountingSink(0);
                 let n = if encrypted {
                     let enc = Encryptor::new(sink, &public, "bench", DEFAULT_CHUNK_SIZE).unwrap();
-                    let mut c = Compressor::new(enc, &settings).unwrap();
+                    let mut c = Compressor::new(enc, &settings, zstd_checksum(true)).unwrap();
                     c.write_all(seg).unwrap();
                     c.finish().unwrap().finish().unwrap().0
                 } else {
-                    let mut c = Compressor::new(sink, &settings).unwrap();
+                    let mut c = Compressor::new(sink, &settings, zstd_checksum(false)).unwrap();
                     c.write_all(seg).unwrap();
                     c.finish().unwrap().0
                 };
