@@ -82,6 +82,27 @@ pub(crate) async fn exercise(store: &ObjectStore, big: usize) {
     assert!(out == data, "large object differs after the round trip");
     assert_eq!(meta["original-file-size"], "16777216");
 
+    // A whole object from memory (a sealed WAL segment; on local storage written directly,
+    // not through OpenDAL), then gone again.
+    let whole = payload(big / 2 + 7);
+    let n = store
+        .put_whole(
+            "xlog/000000010000000000000004",
+            bytes::Bytes::from(whole.clone()),
+            &metadata(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, whole.len() as u64);
+    let mut out = Vec::new();
+    let (meta, size) = store
+        .get("xlog/000000010000000000000004", &mut out)
+        .await
+        .unwrap();
+    assert_eq!((size, meta), (whole.len() as u64, metadata()));
+    assert!(out == whole, "whole object differs after the round trip");
+    store.delete("xlog/000000010000000000000004").await.unwrap();
+
     let info = store
         .stat("xlog/000000010000000000000003")
         .await
@@ -163,6 +184,38 @@ pub(crate) async fn upload_breaks_midway(store: &ObjectStore, good: usize) {
         .unwrap_err();
     assert!(err.to_string().contains("source broke"), "{err}");
     assert_eq!(store.stat(key).await.unwrap(), None);
+}
+
+/// A whole object written directly to local storage replaces the old one in one step, and a
+/// write that fails leaves the old object (or none) and no temporary file.
+#[tokio::test]
+async fn storage_local_whole_object_replaced_or_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local_store(dir.path());
+    let key = "xlog/000000010000000000000005";
+    for content in [&b"first"[..], &b"second, longer"[..]] {
+        store
+            .put_whole(key, bytes::Bytes::copy_from_slice(content), &metadata())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_bytes(key).await.unwrap(),
+            (content.to_vec(), metadata())
+        );
+    }
+    // A directory where the object would go: the rename fails.
+    let blocked = "xlog/000000010000000000000006";
+    std::fs::create_dir_all(dir.path().join("site1").join(blocked).join("x")).unwrap();
+    let err = store
+        .put_whole(blocked, bytes::Bytes::from_static(b"data"), &metadata())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(blocked), "{err}");
+    assert!(dir.path().join("site1").join(blocked).join("x").is_dir());
+    let tmp = dir.path().join(".walhoard-tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert_eq!(store.get_bytes(key).await.unwrap().0, b"second, longer");
 }
 
 #[tokio::test]

@@ -288,7 +288,7 @@ where
         record_plain(&mut metadata, size, hash, hash_algorithm);
         record_codec(&mut metadata, compression, encryption.as_ref());
         store
-            .put_chunks(key, Some(Bytes::from_owner(object)), &metadata)
+            .put_whole(key, Bytes::from_owner(object), &metadata)
             .await?;
         return Ok(metadata);
     }

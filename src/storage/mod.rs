@@ -16,6 +16,7 @@
 //!   [`retry`] for the retry loop and its `upload_retries_warning` alert file.
 
 mod backends;
+mod local;
 pub mod retry;
 
 use std::collections::BTreeMap;
@@ -260,6 +261,8 @@ pub struct ObjectStore {
     underscores: bool,
     /// Writes go to a temporary name and are renamed (sftp, whose writes are in place).
     rename_into_place: bool,
+    /// The directory of local storage, which [`ObjectStore::put_whole`] writes to directly.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for ObjectStore {
@@ -277,6 +280,10 @@ impl ObjectStore {
             kind,
             prefix: storage_prefix,
         } = backends::operator(cfg)?;
+        let local_root = match cfg {
+            ObjectStorageConfig::Local { directory, .. } => Some(directory.clone()),
+            _ => None,
+        };
         let mut full = String::new();
         for part in [storage_prefix.as_deref().unwrap_or(""), site_prefix] {
             let part = part.trim_matches('/');
@@ -302,6 +309,7 @@ impl ObjectStore {
             chunk: DEFAULT_CHUNK,
             underscores: kind == "azure",
             rename_into_place: kind == "sftp",
+            local_root,
         })
     }
 
@@ -459,6 +467,45 @@ impl ObjectStore {
                 tracing::warn!(temp = target, error = %e, "cannot remove a failed upload's temporary file");
             }
         }
+    }
+
+    /// Stores an object that is whole in memory (a sealed WAL segment). On local storage one
+    /// blocking thread writes the sidecar and the object, each to a temporary file that is
+    /// synced and renamed into place, as [`ObjectStore::put_chunks`] does through OpenDAL
+    /// (which takes a dozen hand-offs to blocking threads for it); and the object's pages are
+    /// dropped from the page cache once they are on disk, so that the next object's writes
+    /// reuse memory the kernel just freed instead of taking fresh pages (docs/benchmarks.md).
+    /// Other stores get it as one chunk.
+    pub async fn put_whole(
+        &self,
+        key: &str,
+        data: Bytes,
+        metadata: &Metadata,
+    ) -> Result<u64, StorageError> {
+        let Some(root) = &self.local_root else {
+            return self.put_chunks(key, Some(data), metadata).await;
+        };
+        let path = self.path(key)?;
+        let side = self.path(&Self::sidecar_key(key))?;
+        let json = serde_json::to_vec(metadata).map_err(|e| StorageError::BadMetadata {
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        let (root, len) = (root.clone(), data.len() as u64);
+        let written = tokio::task::spawn_blocking(move || {
+            let tmp_dir = root.join(".walhoard-tmp");
+            local::write_synced(&tmp_dir, &root.join(side), &json, false)?;
+            local::write_synced(&tmp_dir, &root.join(path), &data, true)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        written.map_err(|source| StorageError::Io {
+            action: "write",
+            key: key.into(),
+            source,
+        })?;
+        Ok(len)
     }
 
     /// Stores a small object from memory.
