@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor, Decompressor};
 use super::encryption::{Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
 use super::hash::HashAlgorithm;
-use crate::storage::{Metadata, ObjectStore};
+use crate::storage::{Metadata, ObjectStore, DIRECT_ALIGN};
 
 const QUEUE_CHUNKS: usize = 4;
 
@@ -22,12 +22,16 @@ const QUEUE_CHUNKS: usize = 4;
 /// once sealed), and an upload holds its object's until the store has it, so there are never
 /// more than workers + uploads in flight. A fresh
 /// `compress_bound`-sized allocation per segment made glibc keep freed 16 MiB blocks, each
-/// touched in other places, and the daemon's RSS grew (docs/benchmarks.md).
+/// touched in other places, and the daemon's RSS grew (docs/benchmarks.md). A buffer taken
+/// with [`OutputPool::take_aligned`] starts its content at a [`DIRECT_ALIGN`] boundary, so
+/// that local storage can write it with `O_DIRECT` ([`ObjectStore::put_whole`]).
 static ONE_SHOT_OUTPUT: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
 
 struct OutputPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl OutputPool {
+    /// An empty buffer with room for `capacity` bytes, aligned or not (every buffer gets the
+    /// same capacity, room for the alignment included, so that none ever grows).
     fn take(&'static self, capacity: usize) -> PooledOutput {
         let mut v = self
             .0
@@ -36,16 +40,27 @@ impl OutputPool {
             .pop()
             .unwrap_or_default();
         v.clear();
-        v.reserve(capacity);
-        PooledOutput(v, self)
+        v.reserve(capacity + DIRECT_ALIGN);
+        PooledOutput(v, 0, self)
+    }
+
+    /// A buffer whose content (what is written into it from now on) starts at an address
+    /// that is a multiple of [`DIRECT_ALIGN`].
+    fn take_aligned(&'static self, capacity: usize) -> PooledOutput {
+        let mut out = self.take(capacity);
+        let pad = out.0.as_ptr().align_offset(DIRECT_ALIGN);
+        out.0.resize(pad, 0);
+        out.1 = pad;
+        out
     }
 }
 
-struct PooledOutput(Vec<u8>, &'static OutputPool);
+/// A pooled buffer; its content starts at `.1`.
+struct PooledOutput(Vec<u8>, usize, &'static OutputPool);
 
 impl AsRef<[u8]> for PooledOutput {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.0[self.1..]
     }
 }
 
@@ -65,7 +80,7 @@ impl std::ops::DerefMut for PooledOutput {
 impl Drop for PooledOutput {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
-        self.1 .0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+        self.2 .0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
     }
 }
 const PIPE_CHUNK: usize = 1024 * 1024;
@@ -350,7 +365,7 @@ pub fn one_shot_object(
     let object = match encryption {
         None => compressed,
         Some(e) => {
-            let mut sealed = ONE_SHOT_OUTPUT.take(capacity);
+            let mut sealed = ONE_SHOT_OUTPUT.take_aligned(capacity);
             let mut w = Encryptor::new(&mut *sealed, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
             w.write_all(&compressed)?;
             w.finish()?;

@@ -1,18 +1,27 @@
 //! Direct writes to local storage, for [`super::ObjectStore::put_whole`].
 
+use std::fs::OpenOptions;
 use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// What `O_DIRECT` asks of a buffer's address, a write's length and its file offset: a page,
+/// which covers every logical block size up to 4 KiB. A buffer aligned to it (the one-shot
+/// upload's sealed objects are) is written to local storage without the page cache.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// Writes `data` to a new file in `tmp_dir`, syncs it and renames it onto `target` (creating
 /// `target`'s directory): `target` is the old object or the whole new one, never part of it.
-/// With `drop_cached`, the file's pages leave the page cache once they are on disk: an
-/// archive object is read again only by a restore.
+/// With `archive`, `data` is an archive object, read again only by a restore: it does not go
+/// through the page cache when it can be written with `O_DIRECT` (its address is aligned and
+/// the file system takes it; the last partial page is written through the cache), and what
+/// did go through the cache is dropped from it once it is on disk.
 pub(super) fn write_synced(
     tmp_dir: &Path,
     target: &Path,
     data: &[u8],
-    drop_cached: bool,
+    archive: bool,
 ) -> io::Result<()> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     if let Some(dir) = target.parent() {
@@ -25,10 +34,21 @@ pub(super) fn write_synced(
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let result = (|| {
-        let mut f = std::fs::File::create_new(&tmp)?;
+        let direct = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if archive && direct > 0 && data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+            match write_direct(&tmp, data, direct) {
+                Ok(()) => return std::fs::rename(&tmp, target),
+                // Not every file system takes O_DIRECT (EINVAL); the cache always works.
+                Err(e) => {
+                    tracing::debug!(file = %tmp.display(), error = %e, "O_DIRECT write failed; writing through the page cache");
+                    std::fs::remove_file(&tmp)?;
+                }
+            }
+        }
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        if drop_cached {
+        if archive {
             // Advice only: a failure changes nothing that was written.
             let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
         }
@@ -38,4 +58,20 @@ pub(super) fn write_synced(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `data[..direct]` with `O_DIRECT`, the rest (less than a page) through the page cache, then
+/// one `fsync` for both.
+fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(tmp)?;
+    f.write_all(&data[..direct])?;
+    let f = OpenOptions::new().write(true).open(tmp)?;
+    f.write_all_at(&data[direct..], direct as u64)?;
+    f.sync_all()?;
+    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+    Ok(())
 }

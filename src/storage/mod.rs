@@ -17,6 +17,7 @@
 
 mod backends;
 mod local;
+pub use local::DIRECT_ALIGN;
 pub mod retry;
 
 use std::collections::BTreeMap;
@@ -472,10 +473,12 @@ impl ObjectStore {
     /// Stores an object that is whole in memory (a sealed WAL segment). On local storage one
     /// blocking thread writes the sidecar and the object, each to a temporary file that is
     /// synced and renamed into place, as [`ObjectStore::put_chunks`] does through OpenDAL
-    /// (which takes a dozen hand-offs to blocking threads for it); and the object's pages are
-    /// dropped from the page cache once they are on disk, so that the next object's writes
-    /// reuse memory the kernel just freed instead of taking fresh pages (docs/benchmarks.md).
-    /// Other stores get it as one chunk.
+    /// (which takes a dozen hand-offs to blocking threads for it); the object bypasses the
+    /// page cache (`O_DIRECT`) when `data` starts at a [`DIRECT_ALIGN`] boundary, and what
+    /// did go through the cache is dropped from it once on disk: copying an archive into
+    /// fresh page-cache memory cost the drain up to a fifth of its system time, and the
+    /// archive is read again only by a restore (docs/benchmarks.md). Other stores get it as
+    /// one chunk.
     pub async fn put_whole(
         &self,
         key: &str,
