@@ -41,6 +41,16 @@ fn noisy(len: usize) -> Vec<u8> {
     out
 }
 
+/// Local storage in `<dir>/store` for site `site`; objects are at `<store>/site/<key>`.
+fn local_store(dir: &std::path::Path) -> (ObjectStore, std::path::PathBuf) {
+    let store_dir = dir.join("store");
+    let cfg: ObjectStorageConfig = serde_json::from_value(
+        serde_json::json!({"storage_type": "local", "directory": store_dir}),
+    )
+    .unwrap();
+    (ObjectStore::open(&cfg, "site").unwrap(), store_dir)
+}
+
 fn keys() -> (UploadEncryption, KeyRing) {
     let (public, private) = generate_key_pair(2048).unwrap();
     let mut ring = KeyRing::default();
@@ -192,12 +202,7 @@ async fn transfer_round_trips_sftp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_hash_algorithm_recorded_and_verified() {
     let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("store");
-    let cfg: ObjectStorageConfig = serde_json::from_value(
-        serde_json::json!({"storage_type": "local", "directory": store_dir}),
-    )
-    .unwrap();
-    let store = ObjectStore::open(&cfg, "site").unwrap();
+    let (store, store_dir) = local_store(dir.path());
     let src = dir.path().join("segment");
     std::fs::write(&src, wal_like(1 << 20)).unwrap();
     let settings = CompressionSettings::new(Algorithm::Snappy);
@@ -262,12 +267,7 @@ async fn transfer_hash_algorithm_recorded_and_verified() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_rejects_tampered_objects() {
     let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("store");
-    let cfg: ObjectStorageConfig = serde_json::from_value(
-        serde_json::json!({"storage_type": "local", "directory": store_dir}),
-    )
-    .unwrap();
-    let store = ObjectStore::open(&cfg, "site").unwrap();
+    let (store, store_dir) = local_store(dir.path());
     let src = dir.path().join("segment");
     std::fs::write(&src, wal_like(2 * 1024 * 1024)).unwrap();
     let (enc, ring) = keys();
@@ -327,12 +327,7 @@ fn zstd_frame_has_checksum(frame: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_zstd_checksum_only_on_unencrypted_objects() {
     let dir = tempfile::tempdir().unwrap();
-    let store_dir = dir.path().join("store");
-    let cfg: ObjectStorageConfig = serde_json::from_value(
-        serde_json::json!({"storage_type": "local", "directory": store_dir}),
-    )
-    .unwrap();
-    let store = ObjectStore::open(&cfg, "site").unwrap();
+    let (store, store_dir) = local_store(dir.path());
     let data = wal_like(3 * 1024 * 1024);
     let src = dir.path().join("segment");
     std::fs::write(&src, &data).unwrap();
