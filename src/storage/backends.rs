@@ -34,7 +34,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
                 .to_str()
                 .ok_or_else(|| StorageError::Config("directory is not UTF-8".into()))?;
             // Writes land in a temp dir inside the store and are renamed into place.
-            let tmp = directory.join(".walhoard-tmp");
+            let tmp = directory.join(super::TEMP_DIR);
             let b = opendal::services::Fs::default()
                 .root(root)
                 .atomic_write_dir(tmp.to_str().unwrap_or(".walhoard-tmp"));

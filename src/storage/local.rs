@@ -1,10 +1,9 @@
 //! Direct writes to local storage, for [`super::ObjectStore::put_whole`].
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What `O_DIRECT` asks of a buffer's address, a write's length and its file offset: a page,
 /// which covers every logical block size up to 4 KiB. A buffer aligned to it (the one-shot
@@ -23,30 +22,13 @@ pub(super) fn write_synced(
     data: &[u8],
     archive: bool,
 ) -> io::Result<()> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
     if let Some(dir) = target.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::create_dir_all(tmp_dir)?;
-    let tmp = tmp_dir.join(format!(
-        "{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = tmp_dir.join(super::temp_name());
     let result = (|| {
-        let direct = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-        if archive && direct > 0 && data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
-            match write_direct(&tmp, data, direct) {
-                Ok(()) => return std::fs::rename(&tmp, target),
-                // Not every file system takes O_DIRECT (EINVAL); the cache always works.
-                Err(e) => {
-                    tracing::debug!(file = %tmp.display(), error = %e, "O_DIRECT write failed; writing through the page cache");
-                    std::fs::remove_file(&tmp)?;
-                }
-            }
-        }
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(data)?;
+        let f = write_file(&tmp, data, archive)?;
         f.sync_all()?;
         if archive {
             // Advice only: a failure changes nothing that was written.
@@ -60,9 +42,33 @@ pub(super) fn write_synced(
     result
 }
 
-/// `data[..direct]` with `O_DIRECT`, the rest (less than a page) through the page cache, then
-/// one `fsync` for both.
-fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<()> {
+/// Creates `tmp` holding `data`, not yet synced: an archive object in an aligned buffer with
+/// `O_DIRECT` (all but its last partial page), anything else, or anything the direct write
+/// failed on, through the page cache.
+fn write_file(tmp: &Path, data: &[u8], archive: bool) -> io::Result<File> {
+    let direct = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    if archive && direct > 0 && data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+        match write_direct(tmp, data, direct) {
+            Ok(f) => return Ok(f),
+            // Not every file system takes O_DIRECT (EINVAL, possibly after creating the
+            // file); the cache always works.
+            Err(e) => {
+                tracing::debug!(file = %tmp.display(), error = %e, "O_DIRECT write failed; writing through the page cache");
+                match std::fs::remove_file(tmp) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut f = OpenOptions::new().write(true).create_new(true).open(tmp)?;
+    f.write_all(data)?;
+    Ok(f)
+}
+
+/// `data[..direct]` with `O_DIRECT`, the rest (less than a page) through the page cache;
+/// returns the cached handle, whose `fsync` covers both.
+fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<File> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -71,7 +77,5 @@ fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<()> {
     f.write_all(&data[..direct])?;
     let f = OpenOptions::new().write(true).open(tmp)?;
     f.write_all_at(&data[direct..], direct as u64)?;
-    f.sync_all()?;
-    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-    Ok(())
+    Ok(f)
 }

@@ -247,6 +247,23 @@ impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
     }
 }
 
+/// Where writes that are renamed into place start: a directory of the store's root (local
+/// storage: OpenDAL's `atomic_write_dir` and [`ObjectStore::put_whole`]) or of the site's
+/// prefix (sftp).
+const TEMP_DIR: &str = ".walhoard-tmp";
+
+/// A temporary file name no other write uses: process id, time and a counter, so that a file
+/// left by a crashed process whose id is reused does not collide.
+fn temp_name() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}-{seq}", std::process::id())
+}
+
 /// A site's archive.
 #[derive(Clone)]
 pub struct ObjectStore {
@@ -429,13 +446,7 @@ impl ObjectStore {
         if !self.rename_into_place {
             return path.to_string();
         }
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let tmp = format!(".walhoard-tmp/{}-{nanos}-{seq}", std::process::id());
+        let tmp = format!("{TEMP_DIR}/{}", temp_name());
         if self.prefix.is_empty() {
             tmp
         } else {
@@ -496,7 +507,7 @@ impl ObjectStore {
         })?;
         let (root, len) = (root.clone(), data.len() as u64);
         let written = tokio::task::spawn_blocking(move || {
-            let tmp_dir = root.join(".walhoard-tmp");
+            let tmp_dir = root.join(TEMP_DIR);
             local::write_synced(&tmp_dir, &root.join(side), &json, false)?;
             local::write_synced(&tmp_dir, &root.join(path), &data, true)
         })
