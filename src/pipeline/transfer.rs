@@ -41,46 +41,59 @@ impl OutputPool {
             .unwrap_or_default();
         v.clear();
         v.reserve(capacity + DIRECT_ALIGN);
-        PooledOutput(v, 0, self)
+        PooledOutput {
+            buf: v,
+            start: 0,
+            pool: self,
+        }
     }
 
     /// A buffer whose content (what is written into it from now on) starts at an address
     /// that is a multiple of [`DIRECT_ALIGN`].
     fn take_aligned(&'static self, capacity: usize) -> PooledOutput {
         let mut out = self.take(capacity);
-        let pad = out.0.as_ptr().align_offset(DIRECT_ALIGN);
-        out.0.resize(pad, 0);
-        out.1 = pad;
+        let pad = out.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        out.buf.resize(pad, 0);
+        out.start = pad;
         out
     }
 }
 
-/// A pooled buffer; its content starts at `.1`.
-struct PooledOutput(Vec<u8>, usize, &'static OutputPool);
+/// A pooled buffer. Writers append to `buf` (through `DerefMut`); the content is
+/// `buf[start..]`.
+struct PooledOutput {
+    buf: Vec<u8>,
+    start: usize,
+    pool: &'static OutputPool,
+}
 
 impl AsRef<[u8]> for PooledOutput {
     fn as_ref(&self) -> &[u8] {
-        &self.0[self.1..]
+        &self.buf[self.start..]
     }
 }
 
 impl std::ops::Deref for PooledOutput {
     type Target = Vec<u8>;
     fn deref(&self) -> &Vec<u8> {
-        &self.0
+        &self.buf
     }
 }
 
 impl std::ops::DerefMut for PooledOutput {
     fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+        &mut self.buf
     }
 }
 
 impl Drop for PooledOutput {
     fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        self.2 .0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+        let v = std::mem::take(&mut self.buf);
+        self.pool
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(v);
     }
 }
 const PIPE_CHUNK: usize = 1024 * 1024;
@@ -343,8 +356,8 @@ where
 
 /// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
 /// zstd): the plaintext hash (hex), and the stored object, compressed in one zstd call (level
-/// `compression.level`; a checksum unless encrypted) and sealed when `encryption` is given. Public so that
-/// `benches/drain_floor.rs` measures exactly what the daemon does.
+/// `compression.level`; a checksum unless encrypted) and sealed when `encryption` is given.
+/// Public so that `benches/drain_floor.rs` measures exactly what the daemon does.
 pub fn one_shot_object(
     plain: &[u8],
     compression: CompressionSettings,
@@ -367,7 +380,7 @@ pub fn one_shot_object(
         Some(e) => {
             let mut sealed = ONE_SHOT_OUTPUT.take_aligned(capacity);
             let mut w = Encryptor::new(&mut *sealed, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
-            w.write_all(&compressed)?;
+            w.write_all(compressed.as_ref())?;
             w.finish()?;
             sealed
         }
