@@ -292,17 +292,20 @@ drain_receivewal() {
 drain_walhoard() { # drain_walhoard <rep> local|s3|s3-tls
   local r=$1 kind=$2 d=$ROOT/drain-wh-$2-$1 storage t0 t1 rss stored
   mkdir -p "$d"
-  if [ "$kind" = s3 ]; then
-    s3_start "$d/s3"
-    storage=$(jq -n --argjson port "$S3_PORT" '{storage_type: "s3", bucket_name: "archive",
-      region: "us-east-1", aws_access_key_id: "bench-ak", aws_secret_access_key: "bench-secret-key",
-      host: "127.0.0.1", port: $port, is_secure: false}')
-  elif [ "$kind" = s3-tls ]; then
-    # The same server behind the same TLS proxy as pgbackrest-s3: HTTPS, the run's CA trusted.
-    s3_start "$d/s3" tls
-    storage=$(jq -n --argjson port "$TLS_PORT" '{storage_type: "s3", bucket_name: "archive",
-      region: "us-east-1", aws_access_key_id: "bench-ak", aws_secret_access_key: "bench-secret-key",
-      host: "127.0.0.1", port: $port, is_secure: true}')
+  if [ "$kind" != local ]; then
+    # s3-tls: the same server behind the same TLS proxy as pgbackrest-s3 (HTTPS, the run's CA
+    # trusted through SSL_CERT_FILE below).
+    local port secure=false
+    if [ "$kind" = s3-tls ]; then
+      s3_start "$d/s3" tls
+      port=$TLS_PORT secure=true
+    else
+      s3_start "$d/s3"
+      port=$S3_PORT
+    fi
+    storage=$(jq -n --argjson port "$port" --argjson secure "$secure" '{storage_type: "s3",
+      bucket_name: "archive", region: "us-east-1", aws_access_key_id: "bench-ak",
+      aws_secret_access_key: "bench-secret-key", host: "127.0.0.1", port: $port, is_secure: $secure}')
   else
     storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
   fi

@@ -80,7 +80,7 @@ for scale in $(awk -F'\t' 'NR > 1 { print $1 }' "$res" | awk '!seen[$0]++'); do
     echo
     table "$scale" drain pg_receivewal
     if [ -f "$out/cpu.tsv" ] && [ "$(awk -F'\t' -v s="$scale" 'NR > 1 && $1 == s' "$out/cpu.tsv" | wc -l)" -gt 0 ]; then
-      echo "CPU seconds, median (min–max): the tool's process, the walsender serving it, the S3 server (s3s-fs, and stunnel for the -s3-tls and -s3 runs); n/a: not measured (pgBackRest's async process leaves the archiver's process tree)"
+      echo "CPU seconds, median (min–max): the tool's process, the walsender serving it, the S3 server (s3s-fs, and stunnel for walhoard-s3-tls and pgbackrest-async-s3); n/a: not measured (pgBackRest's async process leaves the archiver's process tree)"
       echo
       echo "| tool | tool CPU s | walsender CPU s | S3 server CPU s | total CPU s |"
       echo "|---|---|---|---|---|"
