@@ -6,6 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::FormatError;
 
+/// WAL page size (`XLOG_BLCKSZ`); every supported server uses the default.
+pub const XLOG_BLCKSZ: usize = 8192;
+
 /// A position in the write-ahead log (`XLogRecPtr`), printed as PostgreSQL does: `X/X` in hex.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
@@ -35,7 +38,7 @@ impl Lsn {
 
     /// Offset of this position inside its WAL page.
     pub fn page_offset(self) -> u64 {
-        self.0 % crate::xlog::XLOG_BLCKSZ as u64
+        self.0 % XLOG_BLCKSZ as u64
     }
 
     pub fn checked_add(self, n: u64) -> Option<Lsn> {

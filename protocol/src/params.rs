@@ -288,7 +288,7 @@ impl ConnectParams {
             }
         }
         if let Some(s) = &slot {
-            crate::replication::validate_slot_name(s)?;
+            validate_slot_name(s)?;
         }
         Ok((Self::from_pairs_with_env(rest, env)?, slot))
     }
@@ -547,11 +547,34 @@ pub fn parse_uri(s: &str) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// Checks a slot name as `ReplicationSlotValidateName` does; names go into commands unquoted.
+pub fn validate_slot_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(Error::Config(format!(
+            "invalid replication slot name {name:?}: use 1-63 characters of a-z, 0-9 and _"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const NOENV: [(&str, &str); 1] = [("USER", "osuser")];
+
+    #[test]
+    fn slot_names() {
+        assert!(validate_slot_name("walhoard_site1").is_ok());
+        for bad in ["", "Upper", "a-b", "a b", "x;DROP", &"a".repeat(64)] {
+            assert!(validate_slot_name(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn conninfo_strings() {

@@ -7,7 +7,7 @@ use crate::conn::{Connection, QueryResult};
 use crate::error::{Error, Result};
 use crate::lsn::{Lsn, SegmentSize, TimelineId};
 use crate::message::{frontend_msg, BackendMessage};
-use crate::params::ConnectParams;
+use crate::params::{validate_slot_name, ConnectParams};
 use crate::replmsg::{parse_walsender, StandbyStatus};
 pub use crate::replmsg::{EndOfTimeline, ReplicationEvent};
 
@@ -31,21 +31,6 @@ pub struct SlotInfo {
     pub restart_lsn: Option<Lsn>,
     /// Timeline of `restart_lsn` (known on PostgreSQL 15+ only).
     pub restart_tli: Option<TimelineId>,
-}
-
-/// Checks a slot name as `ReplicationSlotValidateName` does; names go into commands unquoted.
-pub fn validate_slot_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 63
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(Error::Config(format!(
-            "invalid replication slot name {name:?}: use 1-63 characters of a-z, 0-9 and _"
-        )));
-    }
-    Ok(())
 }
 
 /// A connection in physical replication mode.
@@ -571,19 +556,6 @@ impl ReplicationStream<'_> {
                     )))
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slot_names() {
-        assert!(validate_slot_name("walhoard_site1").is_ok());
-        for bad in ["", "Upper", "a-b", "a b", "x;DROP", &"a".repeat(64)] {
-            assert!(validate_slot_name(bad).is_err(), "{bad}");
         }
     }
 }

@@ -5,10 +5,9 @@
 //! only handles little-endian servers.
 
 use crate::error::FormatError;
+pub use crate::lsn::XLOG_BLCKSZ;
 use crate::lsn::{Lsn, SegmentSize, TimelineId};
 
-/// WAL page size (`XLOG_BLCKSZ`); every supported server uses the default.
-pub const XLOG_BLCKSZ: usize = 8192;
 /// `SizeOfXLogShortPHD`: MAXALIGN(sizeof(XLogPageHeaderData)).
 pub const SHORT_HEADER_LEN: usize = 24;
 /// `SizeOfXLogLongPHD`: MAXALIGN(sizeof(XLogLongPageHeaderData)).
