@@ -15,13 +15,17 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::json;
 use walhoard::config::ObjectStorageConfig;
-use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey};
+use walhoard::pipeline::encryption::{generate_key_pair, Decryptor, KeyRing, PrivateKey};
 use walhoard::pipeline::pghoa1::{self, Pghoa1Decryptor};
 use walhoard::pipeline::transfer::{download_file, download_with};
 use walhoard::storage::ObjectStore;
 use walhoard_testkit::PgCluster;
 
 use crate::daemon_support::{switch_segment, DaemonDir};
+use crate::restore::{
+    assert_not_a_data_dir, get_basebackup, insert, primary, start_promoted, stderr, Primary,
+    CHECKSUM,
+};
 
 /// The venv's python with rohmu; tools/install-rohmu.sh makes it when missing (once per test
 /// process) and a failure there fails the test.
@@ -42,14 +46,15 @@ fn rohmu_python() -> &'static Path {
     })
 }
 
-/// rohmu as pghoard uses it. `raw`: rohmu's `EncryptorFile` alone, fed in 64 KiB + 1 pieces;
+/// rohmu as pghoard uses it. `raw PUBLIC SRC DST [SRC DST]...`: rohmu's `EncryptorFile` alone,
+/// fed in 64 KiB + 1 pieces;
 /// `raw-nonce`: the same with the CTR counter block rohmu draws (its second `os.urandom`) set
 /// so that the counter carries out of its low 64 bits after two blocks. Otherwise the mode is
 /// a compression algorithm: `rohmufile.write_file` (pghoard's compressor's call, hashing the
 /// input as it does), then rohmu's local storage stores the object with pghoard's WAL metadata.
 const ROHMU: &str = r#"
 import hashlib, json, os, sys
-mode, public, src, dst = sys.argv[1:5]
+mode, public, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
 pub = open(public, "rb").read()
 if mode.startswith("raw"):
     from rohmu import encryptor
@@ -59,16 +64,17 @@ if mode.startswith("raw"):
             calls.append(n)
             return bytes.fromhex("0123456789abcdeffffffffffffffffe") if len(calls) == 2 else real(n)
         encryptor.os.urandom = urandom
-    with open(src, "rb") as i, open(dst, "wb") as o:
-        f = encryptor.EncryptorFile(o, pub)
-        data = i.read()
-        for at in range(0, len(data), 65537):
-            f.write(data[at:at + 65537])
-        f.close()
+    for src, dst in zip(rest[0::2], rest[1::2]):
+        with open(src, "rb") as i, open(dst, "wb") as o:
+            f = encryptor.EncryptorFile(o, pub)
+            data = i.read()
+            for at in range(0, len(data), 65537):
+                f.write(data[at:at + 65537])
+            f.close()
 else:
     import rohmu
     from rohmu import rohmufile
-    store_dir, prefix, key = sys.argv[5:8]
+    src, dst, store_dir, prefix, key = rest
     h = hashlib.sha1()
     with open(src, "rb") as i, open(dst, "wb") as o:
         size, _ = rohmufile.write_file(input_obj=i, output_obj=o, data_callback=h.update,
@@ -95,23 +101,27 @@ fn rohmu(args: &[&std::ffi::OsStr]) {
     );
 }
 
+/// A key pair, and a scratch directory holding the public half for rohmu.
 struct Keys {
     dir: tempfile::TempDir,
     public_pem: PathBuf,
-    public: String,
     private: String,
 }
 
 impl Keys {
     fn new() -> Keys {
         let (public, private) = generate_key_pair(2048).unwrap();
+        Keys::of(public, private)
+    }
+
+    fn of(public: String, private: String) -> Keys {
+        // `public` goes to rohmu as a file; walhoard reads with `private`.
         let dir = tempfile::tempdir().unwrap();
         let public_pem = dir.path().join("public.pem");
         std::fs::write(&public_pem, &public).unwrap();
         Keys {
             dir,
             public_pem,
-            public,
             private,
         }
     }
@@ -362,13 +372,7 @@ async fn pghoa1_wal_restore_command_serves_pghoard_segment() {
     // pghoard's configuration shape: encryption_keys.k1.{public,private}; the segment as
     // pghoard archived it: zstd, then pghoa1, with pghoard's sidecar metadata.
     d.write_config(&pg, d.local_storage(), json!({}));
-    let k = Keys {
-        public_pem: d.path("public.pem"),
-        public: d.public.clone(),
-        private: d.private.clone(),
-        dir: tempfile::tempdir().unwrap(),
-    };
-    std::fs::write(&k.public_pem, &k.public).unwrap();
+    let k = Keys::of(d.public.clone(), d.private.clone());
     let key = format!("xlog/{name}");
     k.rohmu_store("zstd", &segment, &d.path("archive"), "main", &key);
     let stored = d.path("archive").join("main").join(&key);
@@ -430,4 +434,120 @@ async fn pghoa1_wal_restore_command_serves_pghoard_segment() {
             .collect();
         assert!(left.is_empty(), "{what}: left behind {left:?}");
     }
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Every object walhoard encrypted under `site_dir` (its sidecar says `encryption-format:
+/// walhenc1`) written again as pghoard would have: the same compressed bytes encrypted by
+/// rohmu's `EncryptorFile`, the sidecar without walhoard's `encryption-format`. Returns the
+/// paths converted.
+fn as_pghoard_wrote_it(site_dir: &Path, ring: &KeyRing, k: &Keys) -> Vec<PathBuf> {
+    let scratch = k.dir.path().join("compressed");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["raw".into(), k.public_pem.clone().into()];
+    let mut converted = Vec::new();
+    for path in files(site_dir) {
+        let sidecar = PathBuf::from(format!("{}.metadata", path.display()));
+        let Ok(raw) = std::fs::read(&sidecar) else {
+            continue;
+        };
+        let mut metadata: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&raw).unwrap();
+        if metadata.remove("encryption-format") != Some(json!("walhenc1")) {
+            continue;
+        }
+        let stored = std::fs::read(&path).unwrap();
+        let mut compressed = Vec::new();
+        Decryptor::new(&stored[..], ring)
+            .unwrap()
+            .read_to_end(&mut compressed)
+            .unwrap();
+        let src = scratch.join(converted.len().to_string());
+        std::fs::write(&src, &compressed).unwrap();
+        args.push(src.into());
+        args.push(path.clone().into());
+        std::fs::write(&sidecar, serde_json::to_vec(&metadata).unwrap()).unwrap();
+        converted.push(path);
+    }
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    rohmu(&args);
+    converted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pghoa1_archive_restores_basebackup_and_replays_wal() {
+    // A real archive (daemon-streamed WAL and a basebackup), then every encrypted object in it
+    // turned into what pghoard writes: get-basebackup restores the pghoa1 chunks and control
+    // object, and PostgreSQL replays the pghoa1 WAL through walhoard's restore_command.
+    let p = primary(json!({})).await;
+    insert(&p.pg, "after", 5_000);
+    let want = p.pg.psql(CHECKSUM).unwrap();
+    p.archive_all().await;
+    let Primary {
+        pg: _primary,
+        d,
+        mut daemon,
+        ..
+    } = p;
+    daemon.kill9();
+    let k = Keys::of(d.public.clone(), d.private.clone());
+    let converted = as_pghoard_wrote_it(&d.path("archive").join("main"), &d.ring(), &k);
+    let named = |part: &str| {
+        converted
+            .iter()
+            .filter(|p| p.to_string_lossy().contains(part))
+            .count()
+    };
+    assert!(
+        named("/basebackup_chunk/") >= 1 && named("/basebackup/") == 1 && named("/xlog/") >= 2,
+        "{converted:?}"
+    );
+    let first = converted
+        .iter()
+        .find(|p| p.to_string_lossy().contains("/xlog/"))
+        .unwrap();
+    assert_eq!(&std::fs::read(first).unwrap()[..6], b"pghoa1");
+
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("restored");
+    let out = get_basebackup(&d, &target, &["--restore-to-primary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored = start_promoted(&target);
+    assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
+    drop(restored);
+
+    // One flipped byte in a chunk: refused naming the chunk and pghoard's format, nothing left
+    // that looks like a data directory.
+    let chunk = converted
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/basebackup_chunk/"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(chunk).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 4;
+    std::fs::write(chunk, &bytes).unwrap();
+    let target = work.path().join("tampered");
+    let out = get_basebackup(&d, &target, &["--restore-to-primary"]);
+    let err = stderr(&out);
+    let chunk_name = chunk.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&chunk_name) && err.contains("pghoard pghoa1 object: HMAC-SHA256 mismatch"),
+        "{err}"
+    );
+    assert_not_a_data_dir(&target);
 }
