@@ -178,6 +178,34 @@ fn decrypt(obj: &[u8], private: &PrivateKey) -> std::io::Result<Vec<u8>> {
     Ok(plain)
 }
 
+/// A reader that hands out 1 to 37 bytes at a time, so that the footer and the header arrive
+/// split across reads at every offset.
+struct Trickle<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step % 37 + 1;
+        let n = self.step.min(buf.len()).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// [`decrypt`] with both reads trickling.
+fn decrypt_trickled(obj: &[u8], private: &PrivateKey) -> std::io::Result<Vec<u8>> {
+    let trickle = || Trickle { data: obj, step: 0 };
+    let Some(verified) = pghoa1::verify(&[], trickle(), private, "k1")? else {
+        return Ok(Vec::new());
+    };
+    let mut plain = Vec::new();
+    Pghoa1Decryptor::new(verified, trickle())?.read_to_end(&mut plain)?;
+    Ok(plain)
+}
+
 fn data(len: usize) -> Vec<u8> {
     let mut x: u32 = 99;
     (0..len)
@@ -204,6 +232,10 @@ fn pghoa1_rohmu_encryptor_output_decrypts() {
             assert_eq!(obj.len(), 8 + 256 + len + 32, "len {len}");
         }
         assert!(decrypt(&obj, &private).unwrap() == plain, "len {len}");
+        assert!(
+            decrypt_trickled(&obj, &private).unwrap() == plain,
+            "len {len}, read in small pieces"
+        );
     }
     // The CTR counter carries across its low 64 bits, as OpenSSL's does (a 64- or 32-bit
     // counter would decrypt everything after the second block wrongly).
