@@ -14,7 +14,7 @@ use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compress
 use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
 use super::hash::HashAlgorithm;
 use super::pghoa1;
-use crate::storage::{Metadata, ObjectStore, DIRECT_ALIGN};
+use crate::storage::{Metadata, ObjectStore, StorageError, DIRECT_ALIGN};
 
 const QUEUE_CHUNKS: usize = 4;
 
@@ -643,7 +643,23 @@ where
     });
     let fetched = store.get_to_channel(key, size, tx).await;
     let fetched = match again_rx.await {
-        Ok(tx) if fetched.is_ok() => store.get_to_channel(key, size, tx).await,
+        // The object was there for the first read: gone now is a failure, not "not found"
+        // (which restore_command answers as the end of the archive).
+        Ok(tx) if fetched.is_ok() => {
+            store
+                .get_to_channel(key, size, tx)
+                .await
+                .map_err(|e| match e {
+                    StorageError::NotFound { key } => StorageError::Io {
+                        action: "read again",
+                        key,
+                        source: io::Error::other(
+                            "the object disappeared after its MAC was checked",
+                        ),
+                    },
+                    other => other,
+                })
+        }
         _ => fetched,
     };
     let decoded = cpu
