@@ -17,7 +17,7 @@ use crate::daemon_support::*;
 /// Rows of `r`, as one checksum.
 /// Table `r`, and pgbench's accounts and history where the test ran pgbench (queried through
 /// query_to_xml, so a cluster without those tables does not fail to parse the query).
-const CHECKSUM: &str = "select (select count(*) || ':' || coalesce(md5(string_agg(id::text || batch || v, ',' order by id)), '') from r) \
+pub(crate) const CHECKSUM: &str = "select (select count(*) || ':' || coalesce(md5(string_agg(id::text || batch || v, ',' order by id)), '') from r) \
      || case when to_regclass('pgbench_accounts') is null then '' else ' pgbench:' || coalesce(\
      (xpath('/row/c/text()', query_to_xml('select (select md5(string_agg(aid::text || '':'' || abalance, '','' order by aid)) from pgbench_accounts) \
      || '':'' || (select count(*) || '':'' || coalesce(sum(delta), 0) from pgbench_history) as c', false, true, '')))[1]::text, 'MISSING') end";
@@ -59,7 +59,7 @@ fn walhoard(args: &[&str], extra: &[&Path]) -> Output {
         .expect("run walhoard")
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -73,7 +73,7 @@ fn take_basebackup(d: &DaemonDir) -> String {
 }
 
 /// `restore get-basebackup` into `target` with `args`.
-fn get_basebackup(d: &DaemonDir, target: &Path, args: &[&str]) -> Output {
+pub(crate) fn get_basebackup(d: &DaemonDir, target: &Path, args: &[&str]) -> Output {
     let mut all = vec!["restore", "get-basebackup", "--site", "main"];
     all.extend_from_slice(args);
     std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
@@ -87,7 +87,7 @@ fn get_basebackup(d: &DaemonDir, target: &Path, args: &[&str]) -> Output {
 }
 
 /// Starts PostgreSQL on a restored directory and waits until recovery ended (promoted).
-fn start_promoted(data: &Path) -> PgCluster {
+pub(crate) fn start_promoted(data: &Path) -> PgCluster {
     let pg = PgCluster::builder().start_on(data).unwrap();
     assert!(
         wait_until(Duration::from_secs(60), || pg
@@ -99,7 +99,7 @@ fn start_promoted(data: &Path) -> PgCluster {
     pg
 }
 
-fn insert(pg: &PgCluster, batch: &str, rows: u32) {
+pub(crate) fn insert(pg: &PgCluster, batch: &str, rows: u32) {
     pg.psql(&format!(
         "insert into r (batch, v) select '{batch}', md5(g::text) from generate_series(1, {rows}) g"
     ))
@@ -107,15 +107,15 @@ fn insert(pg: &PgCluster, batch: &str, rows: u32) {
 }
 
 /// A primary streamed by the daemon, with one basebackup taken after the first rows.
-struct Primary {
-    pg: PgCluster,
-    d: DaemonDir,
-    daemon: Daemon,
-    store: walhoard::storage::ObjectStore,
-    backup: String,
+pub(crate) struct Primary {
+    pub(crate) pg: PgCluster,
+    pub(crate) d: DaemonDir,
+    pub(crate) daemon: Daemon,
+    pub(crate) store: walhoard::storage::ObjectStore,
+    pub(crate) backup: String,
 }
 
-async fn primary(site: serde_json::Value) -> Primary {
+pub(crate) async fn primary(site: serde_json::Value) -> Primary {
     let pg = cluster();
     let d = DaemonDir::new();
     let storage = d.local_storage();
@@ -140,7 +140,7 @@ async fn primary(site: serde_json::Value) -> Primary {
 
 impl Primary {
     /// Switches segments and waits until everything written so far is archived.
-    async fn archive_all(&self) {
+    pub(crate) async fn archive_all(&self) {
         let name = switch_segment(&self.pg);
         wait_archived(&self.store, &name, Duration::from_secs(60), &self.daemon).await;
     }
@@ -373,7 +373,7 @@ async fn restore_command_exit_codes_prefetch_and_daemon_api() {
 }
 
 /// A restore that failed leaves nothing that looks like a data directory.
-fn assert_not_a_data_dir(target: &Path) {
+pub(crate) fn assert_not_a_data_dir(target: &Path) {
     for f in [
         "PG_VERSION",
         "global/pg_control",

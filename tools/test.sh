@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: "Run the tests").
 # Installs what is missing (Debian PostgreSQL 15, openssl, openssh-server, Node.js for other
-# PostgreSQL majors and Azurite, s3s-fs, fake-gcs-server for the storage tests),
+# PostgreSQL majors and Azurite, s3s-fs, fake-gcs-server for the storage tests, rohmu for the
+# pghoa1 tests),
 # then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
 # protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
 # target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips).
@@ -37,6 +38,8 @@ if ! python3 -c "import snappy" 2>/dev/null; then
   echo "== installing python-snappy"
   python3 -m pip install -q python-snappy
 fi
+# rohmu (pghoard's storage library) in a venv: the pghoa1 tests encrypt with it.
+tools/install-rohmu.sh >/dev/null
 if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
 if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
 

@@ -103,6 +103,11 @@ impl PrivateKey {
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.0.public_key())
     }
+
+    /// The RSA key, for pghoard's `pghoa1` objects ([`super::pghoa1`]).
+    pub(crate) fn rsa(&self) -> &PrivateDecryptingKey {
+        &self.0
+    }
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
@@ -151,6 +156,11 @@ pub struct KeyRing(HashMap<String, PrivateKey>);
 impl KeyRing {
     pub fn insert(&mut self, id: &str, key: PrivateKey) {
         self.0.insert(id.to_string(), key);
+    }
+
+    /// The private key of key id `id`.
+    pub fn get(&self, id: &str) -> Option<&PrivateKey> {
+        self.0.get(id)
     }
 }
 
@@ -286,7 +296,7 @@ pub struct Decryptor<R: Read> {
     done: bool,
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

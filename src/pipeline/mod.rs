@@ -4,4 +4,5 @@ pub mod compression;
 pub mod cpu;
 pub mod encryption;
 pub mod hash;
+pub mod pghoa1;
 pub mod transfer;

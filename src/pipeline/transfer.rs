@@ -11,9 +11,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor, Decompressor};
-use super::encryption::{Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
+use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
 use super::hash::HashAlgorithm;
-use crate::storage::{Metadata, ObjectStore, DIRECT_ALIGN};
+use super::pghoa1;
+use crate::storage::{Metadata, ObjectStore, StorageError, DIRECT_ALIGN};
 
 const QUEUE_CHUNKS: usize = 4;
 
@@ -586,7 +587,9 @@ where
 /// `consume` gets the object's metadata first. What `consume` returns is returned once the
 /// fetch completed too; when both failed, the cause is reported (a failed fetch is forwarded to
 /// the reader, a reader that gave up makes the fetch fail with BrokenPipe). A missing object is
-/// `TransferError::Storage(StorageError::NotFound)`, before `consume` is called.
+/// `TransferError::Storage(StorageError::NotFound)`, before `consume` is called. A pghoard
+/// `pghoa1` object is fetched twice: the first read checks its MAC, and `consume` gets the
+/// plaintext of the second ([`super::pghoa1`]).
 pub async fn download_with<T, F>(
     store: &ObjectStore,
     key: &str,
@@ -609,6 +612,9 @@ where
         .map_err(bad)?;
     let encrypted = metadata.contains_key("encryption-key-id");
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE_CHUNKS);
+    // A pghoard `pghoa1` object is read twice (its MAC is checked before it is decrypted):
+    // the reading side asks for the second read by sending a new channel.
+    let (again_tx, again_rx) = tokio::sync::oneshot::channel::<mpsc::Sender<io::Result<Bytes>>>();
     let keys = keys.clone();
     let meta2 = metadata.clone();
     let cpu = tokio::task::spawn_blocking(move || -> io::Result<T> {
@@ -616,15 +622,46 @@ where
             rx,
             current: Bytes::new(),
         };
+        let reread = move || {
+            let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+            again_tx
+                .send(tx)
+                .map_err(|_| io::Error::other("the second read was not started"))?;
+            Ok(BlockingChannelReader {
+                rx,
+                current: Bytes::new(),
+            })
+        };
         let plain: Box<dyn Read> = if encrypted {
-            Box::new(Decryptor::new(input, &keys)?)
+            decrypting(input, &meta2, &keys, reread)?
         } else {
+            drop(reread);
             Box::new(input)
         };
         let mut d = Decompressor::new(plain, algorithm)?;
         consume(&meta2, &mut d)
     });
     let fetched = store.get_to_channel(key, size, tx).await;
+    let fetched = match again_rx.await {
+        // The object was there for the first read: gone now is a failure, not "not found"
+        // (which restore_command answers as the end of the archive).
+        Ok(tx) if fetched.is_ok() => {
+            store
+                .get_to_channel(key, size, tx)
+                .await
+                .map_err(|e| match e {
+                    StorageError::NotFound { key } => StorageError::Io {
+                        action: "read again",
+                        key,
+                        source: io::Error::other(
+                            "the object disappeared after its MAC was checked",
+                        ),
+                    },
+                    other => other,
+                })
+        }
+        _ => fetched,
+    };
     let decoded = cpu
         .await
         .map_err(|e| bad(format!("pipeline thread failed: {e}")))?;
@@ -634,6 +671,43 @@ where
         (Err(f), Err(d)) if reader_gone(&f) => Err(bad(format!("cannot decode: {d}"))),
         (Err(f), _) => Err(f.into()),
         (Ok(_), Err(d)) => Err(bad(format!("cannot decode: {d}"))),
+    }
+}
+
+/// The plaintext of an encrypted object: walhoard's `walhenc1` ([`Decryptor`]) or pghoard's
+/// `pghoa1` ([`super::pghoa1`]), told apart by their magic. A `pghoa1` object is read to its
+/// end and its MAC checked first; `reread` then gives a second read of it to decrypt. An
+/// empty object is pghoard's encryption of an empty file (walhoard's objects never are).
+fn decrypting<R: Read + 'static>(
+    mut input: BlockingChannelReader,
+    metadata: &Metadata,
+    keys: &KeyRing,
+    reread: impl FnOnce() -> io::Result<R>,
+) -> io::Result<Box<dyn Read>> {
+    let mut head = [0u8; 8];
+    let n = read_full(&mut input, &mut head)?;
+    let head = &head[..n];
+    let m = n.min(pghoa1::MAGIC.len());
+    let labelled_walhenc1 =
+        metadata.get("encryption-format").map(String::as_str) == Some("walhenc1");
+    let is_pghoa1 = head[..m] == pghoa1::MAGIC[..m] && !(n == 0 && labelled_walhenc1);
+    if !is_pghoa1 {
+        return Ok(Box::new(Decryptor::new(
+            io::Cursor::new(head.to_vec()).chain(input),
+            keys,
+        )?));
+    }
+    if labelled_walhenc1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "labelled encryption-format walhenc1 but holds a pghoard pghoa1 object",
+        ));
+    }
+    let key_id = metadata.get("encryption-key-id").map(String::as_str);
+    let private = pghoa1::key_for(keys, key_id)?;
+    match pghoa1::verify(head, input, private, key_id.unwrap_or_default())? {
+        None => Ok(Box::new(io::empty())),
+        Some(verified) => Ok(Box::new(pghoa1::Pghoa1Decryptor::new(verified, reread()?)?)),
     }
 }
 
