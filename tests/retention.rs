@@ -245,3 +245,82 @@ async fn retention_keeps_every_object_pghoard_wrote() {
         "{text}"
     );
 }
+
+/// A forged archive in local storage (no server needed: retention reads only the store):
+/// walhoard's backups B1 (start segment 3) and B2 (start 5), WAL segments 1-6, and an object
+/// under `basebackup/` that neither walhoard nor pghoard wrote and whose start is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
+            "basebackup_count": 2, "basebackup_count_min": 2,
+            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
+        dir.path().display()
+    );
+    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
+    let site = config.backup_sites["s"].clone();
+    let store = walhoard::settings::open_store(&config, "s").unwrap();
+    let put = |key: String, pairs: Vec<(&'static str, String)>| {
+        let store = store.clone();
+        async move {
+            let meta: walhoard::storage::Metadata =
+                pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            store.put_bytes(&key, b"x", &meta).await.unwrap();
+        }
+    };
+    for (name, seg, time) in [
+        ("b1", "000000010000000000000003", "2026-01-01T00:00:00Z"),
+        ("b2", "000000010000000000000005", "2026-01-02T00:00:00Z"),
+    ] {
+        put(
+            format!("basebackup/{name}"),
+            vec![
+                ("backup-name", name.into()),
+                ("format", "walhoard-bb-stream-v1".into()),
+                ("start-wal-segment", seg.into()),
+                ("start-time", time.into()),
+            ],
+        )
+        .await;
+    }
+    // Not written by walhoard nor pghoard: it may be a backup of a kind this version does not
+    // know, needing WAL from anywhere.
+    put(
+        "basebackup/unknown".into(),
+        vec![("format", "other-tool-v9".into())],
+    )
+    .await;
+    for seg in 1..=6 {
+        put(format!("xlog/00000001000000000000000{seg}"), vec![]).await;
+    }
+    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
+        .await
+        .unwrap();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert_eq!(
+        wal, 0,
+        "WAL deleted although a kept backup's start is unknown"
+    );
+    assert_eq!(store.list("xlog").await.unwrap().len(), 6);
+    assert!(store.stat("basebackup/unknown").await.unwrap().is_some());
+
+    // Once it is gone, WAL before b1's start goes (b1 and b2 are both kept at count 2).
+    store.delete("basebackup/unknown").await.unwrap();
+    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
+        .await
+        .unwrap();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert_eq!(wal, 2);
+    let left: Vec<String> = store
+        .list("xlog")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(
+        left.first().map(String::as_str),
+        Some("xlog/000000010000000000000003")
+    );
+}
