@@ -247,8 +247,9 @@ async fn retention_keeps_every_object_pghoard_wrote() {
 }
 
 /// A forged archive in local storage (no server needed: retention reads only the store):
-/// walhoard's backups B1 (start segment 3) and B2 (start 5), WAL segments 1-6, and an object
-/// under `basebackup/` that neither walhoard nor pghoard wrote and whose start is unknown.
+/// walhoard's backups B1 (start segment 3) and B2 (start 5), WAL segments 1-6, an object
+/// under `basebackup/` that neither walhoard nor pghoard wrote and whose start is unknown, and
+/// a walhoard control object whose start does not parse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     let dir = tempfile::tempdir().unwrap();
@@ -291,6 +292,17 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
         vec![("format", "other-tool-v9".into())],
     )
     .await;
+    // walhoard's, but with a start that does not parse: neither counted nor deleted (it
+    // would be the newest by modification time, pushing b1 out at count 2).
+    put(
+        "basebackup/b0".into(),
+        vec![
+            ("backup-name", "b0".into()),
+            ("format", "walhoard-bb-stream-v1".into()),
+            ("start-wal-segment", "garbage".into()),
+        ],
+    )
+    .await;
     for seg in 1..=6 {
         put(format!("xlog/00000001000000000000000{seg}"), vec![]).await;
     }
@@ -304,9 +316,11 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     );
     assert_eq!(store.list("xlog").await.unwrap().len(), 6);
     assert!(store.stat("basebackup/unknown").await.unwrap().is_some());
+    assert!(store.stat("basebackup/b0").await.unwrap().is_some());
 
-    // Once it is gone, WAL before b1's start goes (b1 and b2 are both kept at count 2).
+    // Once both are gone, WAL before b1's start goes (b1 and b2 are both kept at count 2).
     store.delete("basebackup/unknown").await.unwrap();
+    store.delete("basebackup/b0").await.unwrap();
     let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
         .await
         .unwrap();

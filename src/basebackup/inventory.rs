@@ -61,8 +61,10 @@ pub struct Control {
     /// The backup's name: the key's file name, pghoard's local-tar suffix removed.
     pub name: String,
     pub writer: Writer,
-    /// Seconds since the epoch: `start-time`, else the object's modification time.
+    /// Seconds since the epoch, from `start-time` (`None`: missing or not a time).
     pub start_time: Option<f64>,
+    /// The object's modification time (seconds since the epoch), when the store tells.
+    pub modified: Option<i64>,
     /// `start-wal-segment`, when present and a segment name.
     pub start_segment: Option<SegmentId>,
     /// `start-wal-segment` as stored (for messages).
@@ -177,6 +179,7 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
                 name: file.to_string(),
                 writer: Writer::Unrecognised("not a backup's control object (nested key)".into()),
                 start_time: None,
+                modified: o.last_modified,
                 start_segment: None,
                 start_wal_segment: None,
             });
@@ -190,10 +193,8 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
             key: o.key.clone(),
             name,
             writer,
-            start_time: m
-                .get("start-time")
-                .and_then(|t| parse_time(t))
-                .or(o.last_modified.map(|t| t as f64)),
+            start_time: m.get("start-time").and_then(|t| parse_time(t)),
+            modified: o.last_modified,
             start_segment: start_wal_segment
                 .as_deref()
                 .and_then(|s| s.parse::<WalSegmentName>().ok())

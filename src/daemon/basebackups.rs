@@ -80,7 +80,8 @@ pub struct ListedBackup {
     /// Seconds since the epoch.
     pub start_time: f64,
     pub start_wal_segment: Option<String>,
-    /// Written by walhoard (the only backups retention deletes); else pghoard's.
+    /// Written by walhoard, with a start time and start segment its metadata gives: the only
+    /// backups retention counts and deletes. Else pghoard's, or walhoard's but not parsable.
     pub own: bool,
 }
 
@@ -92,9 +93,12 @@ fn listed(inv: &Inventory) -> Vec<ListedBackup> {
         .filter(|c| matches!(c.writer, Writer::Walhoard | Writer::Pghoard))
         .map(|c| ListedBackup {
             name: c.name.clone(),
-            start_time: c.start_time.unwrap_or(0.0),
+            start_time: c.start_time.or(c.modified.map(|t| t as f64)).unwrap_or(0.0),
             start_wal_segment: c.start_wal_segment.clone(),
-            own: c.writer == Writer::Walhoard,
+            // A backup walhoard cannot place in time or in the WAL is never deleted.
+            own: c.writer == Writer::Walhoard
+                && c.start_time.is_some()
+                && c.start_segment.is_some(),
         })
         .collect();
     out.sort_by(|a, b| {
