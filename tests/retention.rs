@@ -52,19 +52,22 @@ pub fn backdate_tree(root: &Path, age: Duration) {
     }
 }
 
-/// Unpacks the pghoard fixture into `dir` (`dir/pgsite/...`).
+/// Unpacks the pghoard fixture into `dir` (`dir/pgsite/...`): zstd decoded here (no `zstd`
+/// program needed), the tar by `tar`.
 fn unpack_pghoard_archive(dir: &Path) {
+    use std::io::Write;
     std::fs::create_dir_all(dir).unwrap();
-    let out = std::process::Command::new("tar")
-        .args(["--zstd", "-xf", PGHOARD_ARCHIVE, "-C"])
+    let packed = std::fs::read(PGHOARD_ARCHIVE).unwrap();
+    let tar = zstd::stream::decode_all(&packed[..]).unwrap();
+    let mut child = std::process::Command::new("tar")
+        .args(["-xf", "-", "-C"])
         .arg(dir)
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "unpack {PGHOARD_ARCHIVE}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child.stdin.take().unwrap().write_all(&tar).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "unpack {PGHOARD_ARCHIVE}: {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
