@@ -341,3 +341,61 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
         Some("xlog/000000010000000000000003")
     );
 }
+
+/// Issue 14 item 11 in the daemon: a `basebackup/` entry whose sidecar is not JSON made
+/// `list_backups` fail, so the scheduler never listed (and never took a scheduled backup) and
+/// retention failed every time. Now it is left alone, reported, and keeps all WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_scheduling_survive_a_damaged_basebackup_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
+            "basebackup_count": 1,
+            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
+        dir.path().display()
+    );
+    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
+    let site = config.backup_sites["s"].clone();
+    let store = walhoard::settings::open_store(&config, "s").unwrap();
+    let mut meta = walhoard::storage::Metadata::new();
+    meta.insert("backup-name".into(), "b1".into());
+    meta.insert(
+        "start-wal-segment".into(),
+        "000000010000000000000003".into(),
+    );
+    meta.insert("start-time".into(), "2026-01-01T00:00:00Z".into());
+    store.put_bytes("basebackup/b1", b"x", &meta).await.unwrap();
+    store
+        .put_bytes("xlog/000000010000000000000001", b"x", &Default::default())
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("archive/s/basebackup/damaged"), b"x").unwrap();
+    std::fs::write(
+        dir.path().join("archive/s/basebackup/damaged.metadata"),
+        b"{not json",
+    )
+    .unwrap();
+
+    let listed = walhoard::daemon::basebackups::list_backups(&store)
+        .await
+        .unwrap();
+    let names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["b1"]);
+    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
+        .await
+        .unwrap();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert_eq!(
+        wal, 0,
+        "WAL deleted although a damaged entry's start is unknown"
+    );
+    assert!(store.stat("basebackup/damaged").await.unwrap().is_some());
+    let inv = walhoard::basebackup::inventory::scan(&store, 0.0)
+        .await
+        .unwrap();
+    let unrecognised = inv.unrecognised();
+    assert!(
+        unrecognised.len() == 1 && unrecognised[0].starts_with("basebackup/damaged: metadata"),
+        "{unrecognised:?}"
+    );
+}
