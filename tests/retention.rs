@@ -399,3 +399,63 @@ async fn retention_and_scheduling_survive_a_damaged_basebackup_entry() {
         "{unrecognised:?}"
     );
 }
+
+/// Deleting one of walhoard's backups deletes only the objects walhoard wrote for it: an
+/// object another tool put into its chunk directory stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_only_the_chunks_walhoard_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
+            "basebackup_count": 1,
+            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
+        dir.path().display()
+    );
+    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
+    let site = config.backup_sites["s"].clone();
+    let store = walhoard::settings::open_store(&config, "s").unwrap();
+    for (name, seg, time) in [
+        ("b1", "000000010000000000000003", "2026-01-01T00:00:00Z"),
+        ("b2", "000000010000000000000005", "2026-01-02T00:00:00Z"),
+    ] {
+        let mut meta = walhoard::storage::Metadata::new();
+        meta.insert("backup-name".into(), name.into());
+        meta.insert("start-wal-segment".into(), seg.into());
+        meta.insert("start-time".into(), time.into());
+        store
+            .put_bytes(&format!("basebackup/{name}"), b"x", &meta)
+            .await
+            .unwrap();
+        store
+            .put_bytes(&format!("basebackup_chunk/{name}/base.tar"), b"x", &meta)
+            .await
+            .unwrap();
+    }
+    store
+        .put_bytes(
+            "basebackup_chunk/b1/someone-elses",
+            b"x",
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+    let (deleted, _) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
+        .await
+        .unwrap();
+    assert_eq!(deleted, ["b1"]);
+    let left: Vec<String> = store
+        .list("basebackup_chunk")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(
+        left,
+        [
+            "basebackup_chunk/b1/someone-elses",
+            "basebackup_chunk/b2/base.tar"
+        ]
+    );
+    assert!(store.stat("basebackup/b1").await.unwrap().is_none());
+}

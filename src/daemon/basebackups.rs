@@ -142,9 +142,22 @@ async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
     delete_chunks(store, name).await
 }
 
+/// Deletes the chunks of walhoard's backup `name`: the objects under its directory that carry
+/// `backup-name: <name>`. Anything else there (another tool's, or a chunk whose metadata cannot
+/// be read) is left alone with a warning.
 async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
     for o in store.list(&format!("basebackup_chunk/{name}")).await? {
-        store.delete(&o.key).await?;
+        match store.metadata(&o.key).await {
+            Ok(m) if m.get("backup-name").map(String::as_str) == Some(name) => {
+                store.delete(&o.key).await?;
+            }
+            Ok(_) => {
+                tracing::warn!(object = %o.key, "left alone: in the directory of a deleted basebackup but not written by walhoard for it (no backup-name: {name})");
+            }
+            Err(e) => {
+                tracing::warn!(object = %o.key, error = %e, "left alone: in the directory of a deleted basebackup, metadata unreadable");
+            }
+        }
     }
     Ok(())
 }
