@@ -32,7 +32,7 @@ cleanup() {
   if [ "$rc" != 0 ] && [ -f "$work/pghoard.log" ]; then
     echo "failed; pghoard's log ends:" >&2; tail -40 "$work/pghoard.log" >&2
   fi
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill -9 -- "-$p" 2>/dev/null || true; done
   runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -96,7 +96,8 @@ EOF
 }
 
 start_pghoard() {
-  runuser -u postgres -- env PATH="$work/venv/bin:$PATH" "$work/venv/bin/pghoard" \
+  # Its own process group: pghoard's multiprocessing helpers outlive it otherwise.
+  setsid runuser -u postgres -- env PATH="$work/venv/bin:$PATH" "$work/venv/bin/pghoard" \
     "$work/pghoard.json" >>"$work/pghoard.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 120); do
@@ -107,7 +108,8 @@ start_pghoard() {
 }
 
 stop_pghoard() {
-  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  kill -- "-${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  sleep 1; kill -9 -- "-${pids[-1]}" 2>/dev/null || true
   unset 'pids[-1]'
 }
 
