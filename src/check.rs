@@ -1,6 +1,7 @@
 //! `walhoard check`: what the daemon needs, tested the way the daemon would use it, per site:
 //! the replication connection (and its authentication), wal_level, max_wal_senders, the slot,
-//! the object store (a probe object written, read back and deleted) and the encryption keys.
+//! the object store (a probe object written, read back and deleted), what the archive holds
+//! (objects retention does not recognise fail the check) and the encryption keys.
 
 use std::fmt::Write as _;
 
@@ -196,6 +197,41 @@ async fn check_storage(config: &Config, name: &str, out: &mut Vec<CheckResult>) 
     });
 }
 
+/// What is under `basebackup/` and `basebackup_chunk/`: anything retention does not recognise
+/// as walhoard's or pghoard's is left alone by it, and reported here so someone looks.
+async fn check_archive(config: &Config, name: &str, out: &mut Vec<CheckResult>) {
+    use crate::basebackup::inventory::{self, ChunkDirState, Writer};
+    let result: Result<String> = async {
+        let store = crate::settings::open_store(config, name)?;
+        let inv = inventory::scan(&store, crate::daemon::status::now_secs()).await?;
+        let unrecognised = inv.unrecognised();
+        if !unrecognised.is_empty() {
+            bail!(
+                "left alone by retention, not recognised as walhoard's or pghoard's: {}",
+                unrecognised.join("; ")
+            );
+        }
+        let count = |w: &Writer| inv.controls.iter().filter(|c| c.writer == *w).count();
+        let orphans = inv
+            .chunk_dirs
+            .iter()
+            .filter(|d| matches!(d.state, ChunkDirState::Orphan | ChunkDirState::Recent))
+            .count();
+        Ok(format!(
+            "{} walhoard and {} pghoard basebackups; {orphans} unlisted walhoard chunk directories",
+            count(&Writer::Walhoard),
+            count(&Writer::Pghoard)
+        ))
+    }
+    .await;
+    out.push(CheckResult {
+        site: name.into(),
+        check: "archive contents".into(),
+        ok: result.is_ok(),
+        detail: result.unwrap_or_else(|e| format!("{e:#}")),
+    });
+}
+
 fn check_keys(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
     let Some(id) = &site.encryption_key_id else {
         out.push(CheckResult {
@@ -260,6 +296,7 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
             check_replication(name, s, &mut out).await;
         }
         check_storage(config, name, &mut out).await;
+        check_archive(config, name, &mut out).await;
         check_keys(name, s, &mut out);
     }
     Ok(out)

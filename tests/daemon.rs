@@ -874,6 +874,14 @@ async fn daemon_killed_mid_basebackup_lists_nothing_and_next_succeeds() {
         .await
         .unwrap();
     assert_eq!(orphans.len(), 1, "{orphans:?}");
+    // Retention deletes unlisted chunks only once nothing could still be writing them
+    // (ORPHAN_MIN_AGE): these were left two days ago.
+    crate::retention::backdate_tree(
+        &d.path("archive")
+            .join("main/basebackup_chunk")
+            .join(&orphans[0]),
+        Duration::from_secs(2 * 86400),
+    );
 
     // Restarted: the next backup succeeds and retention removes the interrupted one's chunks.
     let daemon = Daemon::start(&d);

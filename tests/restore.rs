@@ -783,3 +783,97 @@ async fn restore_server_compressed_basebackup() {
     let copy = start_promoted(&target);
     assert_eq!(copy.psql(CHECKSUM).unwrap(), want);
 }
+
+/// Issue 14 item 11: damaged entries in `basebackup/` beside a healthy backup (forged here, as
+/// a bit rot, a half-finished copy or another tool could leave them) no longer fail every
+/// restore: the listing skips or lists them with a warning, the healthy backup restores when
+/// named, and `latest` falls back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_skips_a_damaged_basebackup_entry() {
+    let p = primary(json!({})).await;
+    p.archive_all().await;
+    let want = p.pg.psql(CHECKSUM).unwrap();
+    let dir = p.d.path("archive").join("main/basebackup");
+    let sidecar = |name: &str| dir.join(format!("{name}.metadata"));
+    // Newer than the healthy backup in every respect its listing can show.
+    let no_sidecar = "2999-01-01_00-00_0";
+    std::fs::write(dir.join(no_sidecar), b"control").unwrap();
+    let garbage_sidecar = "2999-01-01_00-00_1";
+    std::fs::write(dir.join(garbage_sidecar), b"control").unwrap();
+    std::fs::write(sidecar(garbage_sidecar), b"{not json").unwrap();
+    // A sidecar that claims the newest backup, over a control object that is not one.
+    let bad_control = "2999-01-01_00-00_2";
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sidecar(&p.backup)).unwrap()).unwrap();
+    meta["end-time"] = json!("2999-01-01T00:00:00Z");
+    meta["backup-name"] = json!(bad_control);
+    std::fs::write(dir.join(bad_control), b"not a tar, not encrypted").unwrap();
+    std::fs::write(sidecar(bad_control), meta.to_string()).unwrap();
+    // An end time that cannot be placed against any target.
+    let bad_time = "2999-01-01_00-00_3";
+    meta["end-time"] = json!("yesterday");
+    meta["backup-name"] = json!(bad_time);
+    std::fs::write(dir.join(bad_time), b"x").unwrap();
+    std::fs::write(sidecar(bad_time), meta.to_string()).unwrap();
+
+    let out = walhoard(
+        &["restore", "list-basebackups", "--json", "--config"],
+        &[&p.d.config_path()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert!(names.contains(&p.backup.as_str()), "{names:?}");
+    assert!(
+        !names.contains(&no_sidecar) && !names.contains(&garbage_sidecar),
+        "{names:?}"
+    );
+    for damaged in [no_sidecar, garbage_sidecar] {
+        assert!(
+            stderr(&out).contains(&format!("basebackup/{damaged}")),
+            "no warning for {damaged}: {}",
+            stderr(&out)
+        );
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    // Named explicitly: that backup, whatever else is there.
+    let target = work.path().join("named");
+    let out = get_basebackup(&p.d, &target, &["--basebackup", &p.backup]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(target.join("PG_VERSION").exists());
+    // latest: the damaged newer ones are skipped with a warning naming them, the healthy one
+    // restored, and PostgreSQL recovers from it to the archive's end.
+    let target = work.path().join("latest");
+    let out = get_basebackup(&p.d, &target, &["--restore-to-primary"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("restore: basebackup {} ", p.backup)),
+        "{}",
+        stderr(&out)
+    );
+    for damaged in [bad_control, bad_time] {
+        assert!(
+            stderr(&out).contains(damaged),
+            "no warning for {damaged}: {}",
+            stderr(&out)
+        );
+    }
+    let copy = start_promoted(&target);
+    assert_eq!(copy.psql(CHECKSUM).unwrap(), want);
+    // A damaged backup named explicitly fails, naming its object; nothing is left behind.
+    let target = work.path().join("damaged");
+    let out = get_basebackup(&p.d, &target, &["--basebackup", bad_control]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("basebackup/{bad_control}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!target.exists());
+}

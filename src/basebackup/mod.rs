@@ -10,8 +10,10 @@
 //! Chunks go to `basebackup_chunk/<name>/…`; the control object `basebackup/<name>` is
 //! written last, so a backup is listed only when every chunk is stored. A failed backup
 //! deletes the chunks it stored; one interrupted harder (process killed, future dropped) leaves
-//! unlisted chunks that [`orphan_chunk_dirs`] finds. Format: docs/formats.md.
+//! unlisted chunks that [`orphan_chunk_dirs`] finds ([`inventory`] says which objects walhoard
+//! may delete). Format: docs/formats.md.
 
+pub mod inventory;
 pub mod local_tar;
 pub mod stream;
 
@@ -428,21 +430,22 @@ pub async fn take_with(ctx: BackupContext) -> Result<BackupInfo> {
     }
 }
 
-/// Names of `basebackup_chunk/<name>` directories without a `basebackup/<name>`: chunks of
-/// backups that were interrupted (or are being taken right now).
+/// Names of `basebackup_chunk/<name>` directories that walhoard wrote and no control object
+/// names: chunks of backups that were interrupted (or are being taken right now). Retention
+/// deletes only those older than [`inventory::ORPHAN_MIN_AGE`]; directories walhoard did not
+/// write are never among them ([`inventory`]).
 pub async fn orphan_chunk_dirs(store: &ObjectStore) -> Result<Vec<String>> {
-    let mut names: Vec<String> = store
-        .list("basebackup_chunk")
+    let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
+    Ok(inventory::scan(store, now)
         .await?
+        .chunk_dirs
         .into_iter()
-        .filter_map(|o| o.key.split('/').nth(1).map(str::to_string))
-        .collect();
-    names.dedup();
-    let mut out = Vec::new();
-    for n in names {
-        if store.stat(&format!("basebackup/{n}")).await?.is_none() {
-            out.push(n);
-        }
-    }
-    Ok(out)
+        .filter(|d| {
+            matches!(
+                d.state,
+                inventory::ChunkDirState::Orphan | inventory::ChunkDirState::Recent
+            )
+        })
+        .map(|d| d.name)
+        .collect())
 }

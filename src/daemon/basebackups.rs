@@ -6,9 +6,12 @@
 //! Retention (pghoard's rules, run after every successful backup, so a backup is only ever
 //! deleted once a newer one is complete): keep at most `basebackup_count`; then, when
 //! `basebackup_age_days_max` is set, delete those older than that while more than
-//! `basebackup_count_min` remain. WAL (every timeline) in segments before the oldest kept
-//! backup's start segment is deleted; history files are kept. Chunks of backups that never
-//! completed (an interrupted run) are deleted too.
+//! `basebackup_count_min` remain. Only walhoard's own backups are counted and deleted:
+//! pghoard's and unrecognised ones are kept (and keep their WAL). WAL (every timeline) in
+//! segments before the start segment of every kept backup is deleted; history files are kept;
+//! a kept backup whose start segment is unknown keeps all WAL. Chunks of walhoard's backups
+//! that never completed (an interrupted run) are deleted once `ORPHAN_MIN_AGE` old; see
+//! [`crate::basebackup::inventory`].
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::WalSegmentName;
 
+use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::{Config, SiteConfig};
 use crate::storage::ObjectStore;
@@ -76,42 +80,39 @@ pub struct ListedBackup {
     /// Seconds since the epoch.
     pub start_time: f64,
     pub start_wal_segment: Option<String>,
+    /// Written by walhoard, with a start time and start segment its metadata gives: the only
+    /// backups retention counts and deletes. Else pghoard's, or walhoard's but not parsable.
+    pub own: bool,
 }
 
-fn parse_time(s: &str) -> Option<f64> {
-    let ts: jiff::Timestamp = s.parse().ok()?;
-    Some(ts.as_millisecond() as f64 / 1000.0)
-}
-
-/// Listed backups, oldest first.
-pub async fn list_backups(store: &ObjectStore) -> Result<Vec<ListedBackup>> {
-    let mut out = Vec::new();
-    for o in store.list("basebackup").await.context("list basebackup/")? {
-        let name = o.key.trim_start_matches("basebackup/").to_string();
-        if name.is_empty() || name.contains('/') {
-            continue;
-        }
-        let meta = store
-            .metadata(&o.key)
-            .await
-            .with_context(|| format!("metadata of {}", o.key))?;
-        let start_time = meta
-            .get("start-time")
-            .and_then(|t| parse_time(t))
-            .or(o.last_modified.map(|t| t as f64))
-            .unwrap_or(0.0);
-        out.push(ListedBackup {
-            name,
-            start_time,
-            start_wal_segment: meta.get("start-wal-segment").cloned(),
-        });
-    }
+/// The backups of an inventory walhoard or pghoard wrote, oldest first.
+fn listed(inv: &Inventory) -> Vec<ListedBackup> {
+    let mut out: Vec<ListedBackup> = inv
+        .controls
+        .iter()
+        .filter(|c| matches!(c.writer, Writer::Walhoard | Writer::Pghoard))
+        .map(|c| ListedBackup {
+            name: c.name.clone(),
+            start_time: c.start_time.or(c.modified.map(|t| t as f64)).unwrap_or(0.0),
+            start_wal_segment: c.start_wal_segment.clone(),
+            // A backup walhoard cannot place in time or in the WAL is never deleted.
+            own: c.writer == Writer::Walhoard
+                && c.start_time.is_some()
+                && c.start_segment.is_some(),
+        })
+        .collect();
     out.sort_by(|a, b| {
         a.start_time
             .total_cmp(&b.start_time)
             .then_with(|| a.name.cmp(&b.name))
     });
-    Ok(out)
+    out
+}
+
+/// Listed backups (walhoard's and pghoard's), oldest first. Objects under `basebackup/` that
+/// are neither are not listed (see [`Inventory::unrecognised`]).
+pub async fn list_backups(store: &ObjectStore) -> Result<Vec<ListedBackup>> {
+    Ok(listed(&inventory::scan(store, now_secs()).await?))
 }
 
 /// Which backups the rules delete (oldest first), pghoard's `determine_backups_to_delete`.
@@ -141,49 +142,77 @@ async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
     delete_chunks(store, name).await
 }
 
+/// Deletes the chunks of walhoard's backup `name`: the objects under its directory that carry
+/// `backup-name: <name>`. Anything else there (another tool's, or a chunk whose metadata cannot
+/// be read) is left alone with a warning.
 async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
     for o in store.list(&format!("basebackup_chunk/{name}")).await? {
-        store.delete(&o.key).await?;
+        match store.metadata(&o.key).await {
+            Ok(m) if m.get("backup-name").map(String::as_str) == Some(name) => {
+                store.delete(&o.key).await?;
+            }
+            Ok(_) => {
+                tracing::warn!(object = %o.key, "left alone: in the directory of a deleted basebackup but not written by walhoard for it (no backup-name: {name})");
+            }
+            Err(e) => {
+                tracing::warn!(object = %o.key, error = %e, "left alone: in the directory of a deleted basebackup, metadata unreadable");
+            }
+        }
     }
     Ok(())
 }
 
 /// Applies retention; returns the names of the deleted backups and the number of WAL objects
-/// deleted.
+/// deleted. Acts only on what it positively identifies ([`crate::basebackup::inventory`]):
+/// only walhoard's own backups are counted and deleted, only walhoard's unlisted chunk
+/// directories older than `ORPHAN_MIN_AGE` are deleted, and WAL is deleted only before the
+/// start segment of every backup that stays, of any kind; anything else is logged and kept.
 pub async fn apply_retention(
     store: &ObjectStore,
     site_name: &str,
     site: &SiteConfig,
 ) -> Result<(Vec<String>, usize)> {
-    let backups = list_backups(store).await?;
-    let doomed = backups_to_delete(site, &backups, now_secs());
+    let now = now_secs();
+    let inv = inventory::scan(store, now).await?;
+    for what in inv.unrecognised() {
+        tracing::warn!(site = %site_name, "left alone, not recognised as walhoard's or pghoard's: {what}");
+    }
+    let backups = listed(&inv);
+    let own: Vec<ListedBackup> = backups.iter().filter(|b| b.own).cloned().collect();
+    let doomed = backups_to_delete(site, &own, now);
     for b in &doomed {
         tracing::info!(site = %site_name, backup = %b.name, "deleting basebackup (retention)");
         delete_backup(store, &b.name)
             .await
             .with_context(|| format!("delete basebackup {}", b.name))?;
     }
-    // Chunks of backups that never completed. Only this task takes backups, and none runs now.
-    for orphan in crate::basebackup::orphan_chunk_dirs(store).await? {
-        tracing::info!(site = %site_name, backup = %orphan, "deleting chunks of an interrupted basebackup");
-        delete_chunks(store, &orphan).await?;
+    // Chunks of walhoard's backups that never completed and are not being written.
+    for d in &inv.chunk_dirs {
+        if d.state == ChunkDirState::Orphan {
+            tracing::info!(site = %site_name, backup = %d.name, "deleting chunks of an interrupted basebackup");
+            delete_chunks(store, &d.name).await?;
+        }
     }
-    let kept: Vec<&ListedBackup> = backups
-        .iter()
-        .filter(|b| !doomed.iter().any(|d| d.name == b.name))
-        .collect();
-    // WAL older than the oldest kept backup's first segment is needed by no kept backup.
-    let Some(oldest) = kept.first() else {
-        return Ok((doomed.into_iter().map(|b| b.name).collect(), 0));
-    };
-    let Some(first) = oldest
-        .start_wal_segment
-        .as_deref()
-        .and_then(|s| s.parse::<WalSegmentName>().ok())
-        .and_then(|w| w.segment())
-    else {
-        tracing::warn!(site = %site_name, backup = %oldest.name, "oldest kept basebackup has no start-wal-segment; keeping all WAL");
-        return Ok((doomed.into_iter().map(|b| b.name).collect(), 0));
+    let deleted: Vec<String> = doomed.iter().map(|b| b.name.clone()).collect();
+    // Every control object that stays (walhoard's, pghoard's or unrecognised) keeps the WAL
+    // from its start segment on; one whose start is unknown keeps all of it.
+    let mut first: Option<walhoard_protocol::SegmentId> = None;
+    let mut any_kept = false;
+    for c in &inv.controls {
+        if c.writer == Writer::Walhoard && deleted.contains(&c.name) {
+            continue;
+        }
+        any_kept = true;
+        let Some(seg) = c.start_segment else {
+            tracing::warn!(site = %site_name, object = %c.key, start_wal_segment = ?c.start_wal_segment, "basebackup's start segment unknown; keeping all WAL");
+            return Ok((deleted, 0));
+        };
+        if first.is_none_or(|f| (seg.log, seg.seg) < (f.log, f.seg)) {
+            first = Some(seg);
+        }
+    }
+    let Some(first) = first.filter(|_| any_kept) else {
+        return Ok((deleted, 0));
     };
     let mut wal_deleted = 0;
     for o in store.list("xlog").await? {
@@ -204,7 +233,7 @@ pub async fn apply_retention(
     if wal_deleted > 0 {
         tracing::info!(site = %site_name, before = %first, count = wal_deleted, "deleted WAL older than the oldest kept basebackup");
     }
-    Ok((doomed.into_iter().map(|b| b.name).collect(), wal_deleted))
+    Ok((deleted, wal_deleted))
 }
 
 /// The latest scheduled time at or before `now` (seconds), or `None` when only requests
@@ -372,6 +401,7 @@ mod tests {
                 name: format!("b{i}"),
                 start_time: t,
                 start_wal_segment: None,
+                own: true,
             })
             .collect()
     }

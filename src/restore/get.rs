@@ -24,7 +24,7 @@ use walhoard_basebackup::untar::{Entry, TarReader};
 
 use super::extract::{empty_dir, sync_dirs, Extractor};
 use super::recovery::{self, RecoverySettings};
-use super::{choose, list_basebackups, RestoreSite, Target};
+use super::{candidates, choose, list_basebackups, RestoreSite, Target};
 use crate::pipeline::transfer::download_with;
 
 /// What to restore and how.
@@ -319,19 +319,47 @@ fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<(
 /// Restores a basebackup of `site` as `opts` say.
 pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Restored> {
     let list = list_basebackups(&site.store).await?;
-    let chosen = choose(&list, opts.basebackup.as_deref(), &opts.target)?.clone();
+    let named = opts.basebackup.as_deref().filter(|n| *n != "latest");
+    let choices = match named {
+        Some(_) => vec![choose(&list, named, &opts.target)?],
+        None => candidates(&list, &opts.target)?,
+    };
+    // A backup named explicitly must be that one; otherwise a damaged control object (not
+    // readable, not walhoard's format) falls back to the next older backup that suits the
+    // target, with a warning, instead of failing the restore.
+    let mut picked = None;
+    for (i, chosen) in choices.iter().enumerate() {
+        let control = read_control(site, &chosen.name)
+            .await
+            .and_then(|(meta, extra)| {
+                if meta.format != FORMAT_STREAM && meta.format != FORMAT_LOCAL_TAR {
+                    bail!(
+                        "basebackup/{}: unknown format {:?}",
+                        chosen.name,
+                        meta.format
+                    );
+                }
+                Ok((meta, extra))
+            });
+        match control {
+            Ok(c) => {
+                picked = Some(((*chosen).clone(), c));
+                break;
+            }
+            Err(e) if named.is_none() && i + 1 < choices.len() => {
+                tracing::warn!(
+                    "skipping basebackup {}: {e:#}; trying an older one",
+                    chosen.name
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let (chosen, (meta, extra)) = picked.context("no basebackup candidates")?;
     eprintln!(
         "restore: basebackup {} (ends {} at {}, {} bytes)",
         chosen.name, chosen.end_time, chosen.end_lsn, chosen.size_plain
     );
-    let (meta, extra) = read_control(site, &chosen.name).await?;
-    if meta.format != FORMAT_STREAM && meta.format != FORMAT_LOCAL_TAR {
-        bail!(
-            "basebackup/{}: unknown format {:?}",
-            chosen.name,
-            meta.format
-        );
-    }
     // Tablespace directories: remapped or original; every --tablespace-dir must match one.
     let mut ts_dirs: BTreeMap<String, (u32, PathBuf)> = BTreeMap::new();
     for (key, ts) in &meta.tablespaces {

@@ -132,10 +132,19 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
         if name.contains('/') {
             continue;
         }
-        let m = store
-            .metadata(&o.key)
-            .await
-            .with_context(|| format!("metadata of {}", o.key))?;
+        // One damaged entry (sidecar missing or not JSON) must not hide every healthy backup:
+        // skipped with a warning. A store that cannot answer now fails the listing instead, so
+        // that an outage never silently picks an older backup.
+        let m = match store.metadata(&o.key).await {
+            Ok(m) => m,
+            Err(e) if e.is_transient() => {
+                return Err(anyhow::Error::new(e).context(format!("metadata of {}", o.key)))
+            }
+            Err(e) => {
+                tracing::warn!(object = %o.key, error = %e, "skipping a damaged basebackup entry: its metadata cannot be read");
+                continue;
+            }
+        };
         let get = |k: &str| m.get(k).cloned().unwrap_or_default();
         let num = |k: &str| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
         out.push(BackupListing {
@@ -266,22 +275,39 @@ pub fn choose<'a>(
             .find(|b| b.name == n)
             .with_context(|| format!("no basebackup named {n:?} (object basebackup/{n} does not exist); `walhoard restore list-basebackups` lists them"));
     }
-    let mut candidates = Vec::new();
-    for b in list {
+    candidates(list, target)?
+        .first()
+        .copied()
+        .context("no basebackup candidates")
+}
+
+/// The backups that suit `target`, newest first (never empty). A backup whose end time or
+/// LSN does not parse cannot be placed against a target: it is skipped with a warning rather
+/// than failing the choice of every other backup.
+pub fn candidates<'a>(
+    list: &'a [BackupListing],
+    target: &Target,
+) -> Result<Vec<&'a BackupListing>> {
+    let mut out = Vec::new();
+    for b in list.iter().rev() {
         let ok = match target {
-            Target::Time(_, t) => b.end_timestamp()? < *t,
-            Target::Lsn(l) => b.end_lsn()? <= *l,
-            _ => true,
+            Target::Time(_, t) => b.end_timestamp().map(|e| e < *t),
+            Target::Lsn(l) => b.end_lsn().map(|e| e <= *l),
+            _ => b.end_timestamp().map(|_| true),
         };
-        if ok {
-            candidates.push(b);
+        match ok {
+            Ok(true) => out.push(b),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("skipping basebackup {}: {e:#}", b.name),
         }
     }
-    match candidates.last() {
-        Some(b) => Ok(b),
-        None if list.is_empty() => bail!("the site has no basebackups (nothing under basebackup/)"),
-        None => bail!("no basebackup ends before the recovery target {target:?}"),
+    if out.is_empty() {
+        if list.is_empty() {
+            bail!("the site has no basebackups (nothing under basebackup/)");
+        }
+        bail!("no basebackup ends before the recovery target {target:?}");
     }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -350,5 +376,36 @@ mod tests {
         assert_eq!(choose(&list, Some("a"), &Target::Latest).unwrap().name, "a");
         let e = choose(&list, Some("zz"), &Target::Latest).unwrap_err();
         assert!(e.to_string().contains("basebackup/zz"), "{e}");
+    }
+
+    #[test]
+    fn damaged_basebackup_entry_is_skipped_by_latest_and_targets() {
+        // "zz" has an end time that does not parse (it sorts last, as the newest would).
+        let list = [
+            listing("a", "2026-01-01T00:00:00Z", "0/3000000"),
+            listing("b", "2026-01-02T00:00:00Z", "0/5000000"),
+            listing("zz", "garbage", "not an lsn"),
+        ];
+        assert_eq!(choose(&list, None, &Target::Latest).unwrap().name, "b");
+        assert_eq!(
+            choose(&list, Some("latest"), &Target::Latest).unwrap().name,
+            "b"
+        );
+        let t = "2026-01-01 12:00:00+00";
+        let time = Target::Time(t.into(), parse_target_time(t).unwrap());
+        assert_eq!(choose(&list, None, &time).unwrap().name, "a");
+        let lsn = Target::Lsn("0/6000000".parse().unwrap());
+        assert_eq!(choose(&list, None, &lsn).unwrap().name, "b");
+        let names: Vec<&str> = candidates(&list, &Target::Latest)
+            .unwrap()
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        assert_eq!(names, ["b", "a"]);
+        // Named explicitly, it is still that one (and fails later, naming it).
+        assert_eq!(
+            choose(&list, Some("zz"), &Target::Latest).unwrap().name,
+            "zz"
+        );
     }
 }

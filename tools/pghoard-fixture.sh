@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Writes a small archive with the real pghoard, for tests that must see pghoard's own objects
+# (tests/data/pghoard-pg15/README.md says how the committed one was made).
+#
+#   tools/pghoard-fixture.sh <pghoard checkout> [output dir, default tests/data/pghoard-pg15]
+#
+# <pghoard checkout> is a git checkout of pghoard (Aiven-Open/pghoard; the committed archive
+# used tag 2.7.0). Nothing of it is copied into this repository: the script installs it into a
+# throwaway venv built on Debian's python3 with its PyPI dependencies, runs it against a
+# throwaway PostgreSQL 15 cluster (as the `postgres` user, local storage, zstd, unencrypted)
+# and packs what it stored:
+#   - one local-tar basebackup (control object basebackup/<name>.00000000.pghoard, chunks
+#     under basebackup_chunk/<name>/),
+#   - one basic basebackup (basebackup/<name>, one compressed tar),
+#   - the WAL segments pghoard archived between and after them (xlog/),
+# every object with its `.metadata` sidecar, as `archive.tar.zst` holding `<site>/...` for
+# site `pgsite`. Needs root (to run things as `postgres`), postgresql-15, python3-venv, zstd.
+set -euo pipefail
+
+checkout=$(realpath "${1:?usage: $0 <pghoard checkout> [output dir]}")
+out=$(realpath -m "${2:-$(dirname "$0")/../tests/data/pghoard-pg15}")
+bin=${PG_BIN:-/usr/lib/postgresql/15/bin}
+site=pgsite
+[ -f "$checkout/pghoard/pghoard.py" ] || { echo "$checkout is not a pghoard checkout" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "run as root (pghoard and PostgreSQL run as postgres)" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/pghoard-fixture.XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ] && [ -f "$work/pghoard.log" ]; then
+    echo "failed; pghoard's log ends:" >&2; tail -40 "$work/pghoard.log" >&2
+  fi
+  for p in "${pids[@]}"; do kill -9 -- "-$p" 2>/dev/null || true; done
+  runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== venv for pghoard ($(git -C "$checkout" describe --tags --always 2>/dev/null || echo unknown))"
+/usr/bin/python3 -m venv "$work/venv"
+# pydantic 2 makes every pghoard upload fail; python-systemd is optional and not on PyPI wheels.
+"$work/venv/bin/pip" install -q rohmu zstandard python-snappy cryptography psycopg2-binary \
+  python-dateutil requests packaging "pydantic<2"
+"$work/venv/bin/pip" install -q --no-deps "$checkout"
+chmod -R a+rX "$work/venv"
+
+port=$((20000 + RANDOM % 10000))
+http_port=$((port + 1))
+echo "== PostgreSQL 15 on port $port"
+mkdir -p "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
+chown postgres: "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
+runuser -u postgres -- "$bin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
+cat >>"$work/pg/postgresql.conf" <<EOF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$work/sock'
+wal_level = replica
+max_wal_senders = 4
+max_replication_slots = 4
+EOF
+runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -l "$work/log/pg.log" -w start >/dev/null
+psql() { runuser -u postgres -- "$bin/psql" -X -q -h "$work/sock" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+psql -c "create table fixture as select g, md5(g::text) from generate_series(1, 1000) g"
+# Past initdb's segment (1 MB of zstd): pghoard's streaming and its first backup then start in
+# the same segment, so every archived segment is one a kept backup needs.
+psql -c "select pg_switch_wal()" >/dev/null
+
+write_config() { # write_config <basebackup_mode>
+  cat >"$work/pghoard.json" <<EOF
+{
+  "backup_location": "$work/backup",
+  "json_state_file_path": "$work/backup/state.json",
+  "maintenance_mode_file": "$work/backup/maintenance",
+  "alert_file_dir": "$work/backup",
+  "http_address": "127.0.0.1",
+  "http_port": $http_port,
+  "log_level": "INFO",
+  "compression": {"algorithm": "zstd", "level": 19},
+  "backup_sites": {
+    "$site": {
+      "nodes": [{"host": "$work/sock", "port": $port, "user": "postgres"}],
+      "pg_bin_directory": "$bin",
+      "pg_data_directory": "$work/pg",
+      "active_backup_mode": "pg_receivexlog",
+      "basebackup_mode": "$1",
+      "basebackup_interval_hours": null,
+      "basebackup_chunk_size": 1048576,
+      "object_storage": {"storage_type": "local", "directory": "$work/storage"}
+    }
+  }
+}
+EOF
+  chown postgres: "$work/pghoard.json"
+}
+
+start_pghoard() {
+  # Its own process group: pghoard's multiprocessing helpers outlive it otherwise.
+  setsid runuser -u postgres -- env PATH="$work/venv/bin:$PATH" "$work/venv/bin/pghoard" \
+    "$work/pghoard.json" >>"$work/pghoard.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$http_port/status" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  echo "pghoard did not start:" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
+}
+
+stop_pghoard() {
+  kill -- "-${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+  sleep 1; kill -9 -- "-${pids[-1]}" 2>/dev/null || true
+  unset 'pids[-1]'
+}
+
+count() { # count <dir>: objects (not sidecars) stored under <dir>
+  [ -d "$1" ] || { echo 0; return; }
+  find "$1" -type f ! -name '*.metadata' | wc -l
+}
+controls() { count "$work/storage/$site/basebackup"; }
+segments() { count "$work/storage/$site/xlog"; }
+
+backup_now() { # backup_now <mode>: asks the running pghoard for a backup, waits until stored
+  local before
+  before=$(controls)
+  curl -sS -f -X PUT "http://127.0.0.1:$http_port/$site/basebackup" >/dev/null
+  for _ in $(seq 1 240); do
+    [ "$(controls)" -gt "$before" ] && return 0
+    sleep 0.5
+  done
+  echo "pghoard stored no $1 basebackup:" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
+}
+
+switch_wal() { # switch_wal <n>: n more full segments for pg_receivewal to hand over
+  for _ in $(seq 1 "$1"); do
+    psql -c "insert into fixture select g, md5(g::text) from generate_series(1, 100) g" \
+      -c "select pg_switch_wal()" >/dev/null
+  done
+}
+
+wait_segments() { # wait_segments <n>
+  for _ in $(seq 1 240); do
+    [ "$(segments)" -ge "$1" ] && return 0
+    sleep 0.5
+  done
+  echo "pghoard archived $(segments) of $1 segments:" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
+}
+
+echo "== pghoard: local-tar basebackup"
+write_config local-tar
+start_pghoard
+backup_now local-tar
+switch_wal 2
+stop_pghoard
+
+echo "== pghoard: basic basebackup"
+write_config basic
+start_pghoard
+backup_now basic
+switch_wal 2
+# The segment the second backup ended in and the ones after it.
+wait_segments 4
+stop_pghoard
+
+runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -m fast stop >/dev/null
+mkdir -p "$out"
+tar -C "$work/storage" --sort=name --owner=0 --group=0 --numeric-owner -cf - "$site" \
+  | zstd -q -19 -o "$out/archive.tar.zst" -f
+echo "== $(du -h "$out/archive.tar.zst" | cut -f1) in $out/archive.tar.zst:"
+tar -C "$work/storage" -tvf <(tar -C "$work/storage" -cf - "$site") | awk '{print $3, $6}'
