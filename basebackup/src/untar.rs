@@ -352,7 +352,7 @@ mod tests {
         assert!(io::copy(&mut r.body(), &mut io::sink()).is_err());
     }
 
-    /// Found by reasoning over the `untar` fuzz target: a member declaring u64::MAX bytes
+    /// Found while writing the `untar` fuzz target: a member declaring u64::MAX bytes
     /// (GNU base-256 size) overflowed `remaining + padding` when it was skipped (a panic in
     /// debug builds, a wrapped skip of 0 bytes in release). It is an error naming the member.
     #[test]
