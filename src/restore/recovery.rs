@@ -138,7 +138,7 @@ fn without_recovery_settings(text: &str) -> (String, Vec<String>) {
 /// its `standby.signal`, and its primary_conninfo/restore_command in postgresql.auto.conf;
 /// left there, standby.signal wins over the recovery.signal written here and the server
 /// waits for the old primary forever). Every file is opened below `data` without following a
-/// symlink ([`Beneath`]). Returns what was removed, as log lines.
+/// symlink ([`Beneath`]). Returns what was removed, for the caller to report.
 pub fn write(data: &Path, server_version_num: u32, s: &RecoverySettings) -> Result<Vec<String>> {
     let dir = Beneath::open(data).with_context(|| format!("open {}", data.display()))?;
     let mut removed = Vec::new();
@@ -160,9 +160,6 @@ pub fn write(data: &Path, server_version_num: u32, s: &RecoverySettings) -> Resu
     let (mut kept, dropped) = without_recovery_settings(&existing);
     for line in dropped {
         removed.push(format!("postgresql.auto.conf: {line}"));
-    }
-    for r in &removed {
-        tracing::info!(dir = %data.display(), removed = %r, "recovery configuration of the backup removed");
     }
     let mut text = format!("{HEADER}\n");
     for (k, v) in s.lines() {
