@@ -270,6 +270,27 @@ async fn restore_forged_symlink_members_write_nothing_outside() {
             );
         }
     }
+    // pg_tblspc/<oid> may be a link, but only for a tablespace the metadata lists (restore
+    // relinks those): PostgreSQL would write through any other.
+    let name = "2026-01-01_00-00_99";
+    let tar = base_tar(|w| symlink_member(w, "pg_tblspc/16999", outside.path()));
+    f.backup(
+        name,
+        vec![Chunk::new("base.tar", ChunkKind::Data, tar)],
+        BTreeMap::new(),
+    )
+    .await;
+    let target = work.path().join(name);
+    let out = f.restore(name, &target, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("member pg_tblspc/16999 links to")
+            && stderr(&out).contains("no tablespace with oid 16999"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(contents(outside.path()), before);
+    assert!(!target.exists());
 }
 
 /// A backup with a tablespace `ts1` (oid 16400) whose directory the metadata gives as `path`.
