@@ -540,8 +540,14 @@ async fn restore_standby_catches_up_from_archive_then_streams() {
 /// A local-tar backup read from a streaming standby's data directory (pg_backup_start and
 /// pg_backup_stop run on the standby), stored beside the primary's WAL, restores to the
 /// primary's data.
+///
+/// Regression (issue 14, item 18): that backup carries the standby's `standby.signal` and its
+/// primary_conninfo in postgresql.auto.conf. Restored with `--restore-to-primary`, the
+/// backup's standby.signal won over walhoard's recovery.signal and the copy stayed a standby
+/// of the old primary for ever. The restore must remove both (and say so), and the copy must
+/// finish recovery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_local_tar_backup_taken_from_a_standby() {
+async fn restore_to_primary_of_a_standby_backup_ends_recovery() {
     let p = primary(json!({})).await;
     p.archive_all().await;
     let work = tempfile::tempdir().unwrap();
@@ -608,15 +614,39 @@ async fn restore_local_tar_backup_taken_from_a_standby() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let copy = PgCluster::builder().start_on(&restored).unwrap();
-    let want_latest = p.pg.psql(CHECKSUM).unwrap();
+    // What the backup carried (the standby's own files), and what the restore left of it.
+    assert!(standby.data_dir().join("standby.signal").exists());
+    let standby_conf =
+        std::fs::read_to_string(standby.data_dir().join("postgresql.auto.conf")).unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || copy
-            .psql(CHECKSUM)
-            .is_ok_and(|c| c == want_latest)),
-        "restored copy of the standby's backup differs: {:?} vs {want_latest}; log:\n{}",
-        copy.psql(CHECKSUM),
+        standby_conf.contains("application_name=bb_standby"),
+        "{standby_conf}"
+    );
+    assert!(
+        stderr(&out).contains("removed the backup's recovery configuration: standby.signal"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!restored.join("standby.signal").exists());
+    assert!(restored.join("recovery.signal").exists());
+    let conf = std::fs::read_to_string(restored.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !conf.contains("primary_conninfo") && !conf.contains("bb_standby"),
+        "{conf}"
+    );
+    assert_eq!(conf.matches("restore_command").count(), 1, "{conf}");
+    let copy = start_promoted(&restored);
+    let want_latest = p.pg.psql(CHECKSUM).unwrap();
+    assert_eq!(
+        copy.psql(CHECKSUM).unwrap(),
+        want_latest,
+        "restored copy of the standby's backup differs; log:\n{}",
         copy.log()
+    );
+    assert!(
+        copy.psql("select count(*) from pg_stat_wal_receiver")
+            .is_ok_and(|r| r.trim() == "0"),
+        "the copy streams from the old primary"
     );
 }
 

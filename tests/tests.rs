@@ -13,6 +13,7 @@ mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
 mod restore;
+mod restore_forged;
 mod retention;
 mod storage;
 mod storage_azure;

@@ -209,6 +209,13 @@ impl<R: Read> TarReader<R> {
             };
             // Only regular files have a body to read; others' sizes are ignored, as tar does.
             let body = if kind == EntryKind::File { size } else { 0 };
+            // A base-256 or pax size can be anything up to u64::MAX: body and padding must
+            // still add up, or skipping the member overflows.
+            if body.checked_add(padding_of(body)).is_none() {
+                return Err(invalid(format!(
+                    "tar member {path:?} declares {body} bytes: more than any archive holds"
+                )));
+            }
             self.remaining = body;
             self.padding = padding_of(body);
             return Ok(Some(Entry {
@@ -343,5 +350,25 @@ mod tests {
         let mut r = TarReader::new(&bytes[..1000]);
         r.next_entry().unwrap().unwrap();
         assert!(io::copy(&mut r.body(), &mut io::sink()).is_err());
+    }
+
+    /// Found while writing the `untar` fuzz target: a member declaring u64::MAX bytes
+    /// (GNU base-256 size) overflowed `remaining + padding` when it was skipped (a panic in
+    /// debug builds, a wrapped skip of 0 bytes in release). It is an error naming the member.
+    #[test]
+    fn huge_member_size_is_an_error_not_an_overflow() {
+        let mut w = TarWriter::new(Vec::new());
+        w.append_bytes("big", 0o600, 0, b"").unwrap();
+        let mut bytes = w.finish().unwrap();
+        // Size field: base-256 marker, then u64::MAX big-endian in the last 8 bytes.
+        bytes[124] = 0x80;
+        bytes[125..128].fill(0);
+        bytes[128..136].fill(0xff);
+        bytes[148..156].fill(b' ');
+        let sum: u64 = bytes[..512].iter().map(|&b| u64::from(b)).sum();
+        bytes[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut r = TarReader::new(&bytes[..]);
+        let err = r.next_entry().unwrap_err();
+        assert!(err.to_string().contains("\"big\" declares"), "{err}");
     }
 }

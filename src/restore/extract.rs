@@ -3,7 +3,8 @@
 //! A backup is data from elsewhere (a compromised primary, a tampered bucket with the key): a
 //! member may not name an absolute path or `..`, and no member is written through a symlink,
 //! whether the symlink came from an earlier member or was already there. Files are created
-//! with `O_NOFOLLOW` after removing whatever was in the way.
+//! with `O_NOFOLLOW` after removing whatever was in the way. The only symlink members accepted
+//! are `pg_tblspc/<oid>` in the data directory; any other is refused, naming the member.
 //!
 //! Permissions follow PostgreSQL's rules (it refuses a data directory others can read): files
 //! get 0600 and directories 0700, plus the group bits only when the backup had them
@@ -16,6 +17,8 @@ use std::path::{Component, Path, PathBuf};
 
 use walhoard_basebackup::untar::{Entry, EntryKind};
 use walhoard_walreceiver::spool::fsync_dir;
+
+use super::beneath::Beneath;
 
 /// Suffix of files held back until the restore completed (see [`Extractor::finish`]).
 pub const HELD_BACK_SUFFIX: &str = ".walhoard-partial";
@@ -175,6 +178,17 @@ impl Extractor {
                 Ok(0)
             }
             EntryKind::Symlink { target: to } => {
+                // The only links a data directory needs are pg_tblspc/<oid> (BASE_BACKUP's
+                // base.tar has one per tablespace, as sendDir writes them); restore replaces
+                // those with links to where it put each tablespace. Any other link is a way
+                // for a forged backup to make walhoard's own writes (backup_manifest,
+                // postgresql.auto.conf, the signal files) or PostgreSQL's land outside.
+                if !(self.hold_back && is_tablespace_link(&rel)) {
+                    return Err(refuse(format!(
+                        "tar member {:?} is a symlink (to {to:?}): only pg_tblspc/<oid> may be one in a backup; refused",
+                        entry.path
+                    )));
+                }
                 Self::clear(&target)?;
                 std::os::unix::fs::symlink(to, &target)?;
                 Ok(0)
@@ -228,18 +242,26 @@ impl Extractor {
         if !self.hold_back {
             return Ok(());
         }
+        let root = Beneath::open(&self.root)?;
         for h in HELD_BACK {
-            let held = self.root.join(format!("{h}{HELD_BACK_SUFFIX}"));
-            if held.exists() {
-                let to = self.root.join(h);
-                fs::rename(&held, &to)?;
-                if let Some(parent) = to.parent() {
-                    fsync_dir(parent)?;
-                }
+            let held = PathBuf::from(format!("{h}{HELD_BACK_SUFFIX}"));
+            if root.exists(&held)? {
+                root.rename(&held, Path::new(h))?;
             }
         }
         Ok(())
     }
+}
+
+/// `pg_tblspc/<oid>`: where a data directory links a tablespace.
+pub fn is_tablespace_link(rel: &Path) -> bool {
+    let mut c = rel.components();
+    matches!(
+        (c.next(), c.next(), c.next()),
+        (Some(Component::Normal(d)), Some(Component::Normal(oid)), None)
+            if d == "pg_tblspc"
+                && oid.to_str().is_some_and(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()))
+    )
 }
 
 /// Largest write of a restored file (and its buffer).
@@ -337,17 +359,66 @@ mod tests {
             assert!(err.to_string().contains(what), "{what}: {err}");
             assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "{what}");
         }
-        // A symlink member replaced by a file member: the file is written at the link's
-        // place, not through it.
+        // A (tablespace) symlink member replaced by a file member: the file is written at the
+        // link's place, not through it.
         let target = outside.path().join("victim");
         fs::write(&target, b"keep").unwrap();
         let bytes = tar_with(|w| {
-            symlink(w, "f", &target.display().to_string());
-            w.append_bytes("f", 0o600, 0, b"new").unwrap();
+            symlink(w, "pg_tblspc/16400", &target.display().to_string());
+            w.append_bytes("pg_tblspc/16400", 0o600, 0, b"new").unwrap();
         });
         extract_all(&bytes, &x).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"keep");
-        assert_eq!(fs::read(root.path().join("f")).unwrap(), b"new");
+        assert_eq!(
+            fs::read(root.path().join("pg_tblspc/16400")).unwrap(),
+            b"new"
+        );
+    }
+
+    /// Regression (issue 14, item 3): a symlink member named like a file walhoard writes
+    /// itself (backup_manifest, postgresql.auto.conf, the signal files) made those writes land
+    /// outside the target. Only `pg_tblspc/<oid>` in the data directory may be a symlink.
+    #[test]
+    fn symlink_members_other_than_tablespace_links_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        let to = outside.path().join("victim").display().to_string();
+        let root = tempfile::tempdir().unwrap();
+        let data = Extractor::new(root.path().to_path_buf(), true);
+        for name in [
+            "backup_manifest",
+            "postgresql.auto.conf",
+            "standby.signal",
+            "recovery.signal",
+            "pg_wal",
+            "pg_tblspc/x1",
+            "pg_tblspc/1/2",
+            "base/pg_tblspc/1",
+        ] {
+            let bytes = tar_with(|w| symlink(w, name, &to));
+            let err = extract_all(&bytes, &data).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("tar member {name:?} is a symlink")),
+                "{name}: {err}"
+            );
+            assert!(
+                fs::symlink_metadata(root.path().join(name)).is_err(),
+                "{name}"
+            );
+        }
+        // In a tablespace directory not even pg_tblspc/<oid> is one.
+        let ts = tempfile::tempdir().unwrap();
+        let tablespace = Extractor::new(ts.path().to_path_buf(), false);
+        let bytes = tar_with(|w| symlink(w, "pg_tblspc/16400", &to));
+        assert!(extract_all(&bytes, &tablespace).is_err());
+        // The one that is allowed.
+        let bytes = tar_with(|w| symlink(w, "pg_tblspc/16400", &to));
+        extract_all(&bytes, &data).unwrap();
+        assert_eq!(
+            fs::read_link(root.path().join("pg_tblspc/16400")).unwrap(),
+            Path::new(&to)
+        );
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
     /// Regression: chunks extracting in parallel each create the directories they begin with;

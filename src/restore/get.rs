@@ -4,9 +4,13 @@
 //! chunks are fetched in parallel (`restore_process_count`), each decrypted, decompressed,
 //! hashed and extracted as its bytes arrive, with no copy on disk; each chunk's size and SHA-1
 //! must equal the control object's. Tablespaces go to their original directories or where
-//! `--tablespace-dir` says, linked from `pg_tblspc/<oid>`. The recovery settings come next, and
-//! the files that make the directory a data directory (`PG_VERSION`, `global/pg_control`) are
-//! renamed into place last. On any failure everything written is removed again.
+//! `--tablespace-dir` says, linked from `pg_tblspc/<oid>`; `--overwrite` empties only
+//! directories named on the command line, never one the backup's metadata names. Once all of
+//! that succeeded, the backup's own signal files and recovery settings are replaced by the
+//! restore's, and the files that make the directory a data directory (`PG_VERSION`,
+//! `global/pg_control`) are renamed into place last. Every file walhoard writes there itself
+//! is opened without following symlinks (`beneath`). On any failure everything written is
+//! removed again.
 
 use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Read};
@@ -22,7 +26,9 @@ use walhoard_basebackup::control::{
 };
 use walhoard_basebackup::untar::{Entry, TarReader};
 
-use super::extract::{empty_dir, sync_dirs, Extractor};
+use super::beneath::Beneath;
+use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
+use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
 use super::recovery::{self, RecoverySettings};
 use super::{candidates, choose, list_basebackups, RestoreSite, Target};
 use crate::pipeline::transfer::download_with;
@@ -53,68 +59,18 @@ pub struct Restored {
     pub tablespaces: BTreeMap<u32, PathBuf>,
 }
 
-/// A directory restore writes into, and how to undo that.
-struct Dest {
-    path: PathBuf,
-    /// Made by us (removed on failure) rather than found empty (emptied on failure).
-    created: bool,
-}
-
-impl Dest {
-    fn prepare(path: &Path, overwrite: bool, what: &str) -> Result<Dest> {
-        match std::fs::read_dir(path) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    if !overwrite {
-                        bail!(
-                            "{what} {} is not empty (use --overwrite to replace its contents)",
-                            path.display()
-                        );
-                    }
-                    empty_dir(path).with_context(|| format!("empty {}", path.display()))?;
-                }
-                set_mode(path, 0o700)?;
-                Ok(Dest {
-                    path: path.to_path_buf(),
-                    created: false,
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(path)
-                    .with_context(|| format!("create {what} {}", path.display()))?;
-                set_mode(path, 0o700)?;
-                Ok(Dest {
-                    path: path.to_path_buf(),
-                    created: true,
-                })
-            }
-            Err(e) => Err(e).with_context(|| format!("{what} {}", path.display())),
-        }
-    }
-
-    fn undo(&self) {
-        let r = if self.created {
-            std::fs::remove_dir_all(&self.path)
-        } else {
-            empty_dir(&self.path)
-        };
-        if let Err(e) = r {
-            tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove what a failed restore wrote");
-        }
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {}", path.display()))
-}
-
-/// Counts, hashes (SHA-1) and reports the plain bytes of a chunk as they are read.
+/// Counts, hashes (SHA-1) and reports the plain bytes of a chunk as they are read, and passes
+/// on no more than the size the control object declares.
 struct Verifying<'a> {
     inner: &'a mut dyn Read,
     hash: digest::Context,
     size: u64,
+    /// The chunk's declared plain size (`input_size`): a chunk that decompresses to more is
+    /// refused at this size, before anything beyond it reaches the extractor (a tiny object
+    /// can decompress to gigabytes).
+    limit: u64,
+    /// The chunk's object key, for the error.
+    key: String,
     progress: Arc<AtomicU64>,
     /// Set when another chunk failed: stop at the next read.
     stop: Arc<AtomicBool>,
@@ -125,7 +81,32 @@ impl Read for Verifying<'_> {
         if self.stop.load(Ordering::Relaxed) {
             return Err(io::Error::other("stopped: another chunk failed"));
         }
-        let n = self.inner.read(buf)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.size >= self.limit {
+            // At the declared size: the stream must end here. One byte more is refused.
+            let mut probe = [0u8; 1];
+            let more = loop {
+                match self.inner.read(&mut probe) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r?,
+                }
+            };
+            if more == 0 {
+                return Ok(0);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} decompresses to more than the {} bytes the control object declares: refused at that size",
+                    self.key, self.limit
+                ),
+            ));
+        }
+        let room = usize::try_from(self.limit - self.size).unwrap_or(usize::MAX);
+        let want = buf.len().min(room);
+        let n = self.inner.read(&mut buf[..want])?;
         self.hash.update(&buf[..n]);
         self.size += n as u64;
         self.progress.fetch_add(n as u64, Ordering::Relaxed);
@@ -143,8 +124,8 @@ enum Route {
         data: Extractor,
         tablespaces: BTreeMap<String, Extractor>,
     },
-    /// The backup_manifest: a plain file.
-    File(PathBuf),
+    /// The backup_manifest: a plain file `name` in the directory `dir`.
+    File { dir: PathBuf, name: &'static str },
 }
 
 impl Route {
@@ -152,7 +133,7 @@ impl Route {
     fn place<'a>(&'a self, path: &'a str) -> io::Result<Option<(&'a Extractor, &'a str)>> {
         match self {
             Route::Into(x) => Ok(Some((x, path))),
-            Route::File(_) => Ok(None),
+            Route::File { .. } => Ok(None),
             Route::LocalTar { data, tablespaces } => {
                 let p = path.trim_start_matches("./");
                 if p == METADATA_MEMBER {
@@ -189,12 +170,9 @@ impl Route {
 
     /// Reads a whole chunk (tar or file) from `r`.
     fn consume(&self, r: &mut dyn Read) -> io::Result<()> {
-        if let Route::File(path) = self {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)?;
+        if let Route::File { dir, name } = self {
+            // Never through a symlink the backup placed at that name (Beneath).
+            let mut f = Beneath::open(dir)?.create(Path::new(name), 0o600)?;
             io::copy(r, &mut f)?;
             return f.sync_all();
         }
@@ -219,11 +197,15 @@ async fn restore_chunk(
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let key = format!("basebackup_chunk/{}", chunk.chunk_filename);
+    let limit = chunk.input_size;
+    let key2 = key.clone();
     let (_, (size, sha1)) = download_with(&site.store, &key, &site.keys, move |_, r| {
         let mut v = Verifying {
             inner: r,
             hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
             size: 0,
+            limit,
+            key: key2,
             progress,
             stop,
         };
@@ -362,16 +344,22 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     );
     // Tablespace directories: remapped or original; every --tablespace-dir must match one.
     let mut ts_dirs: BTreeMap<String, (u32, PathBuf)> = BTreeMap::new();
+    let mut named_by: BTreeMap<String, NamedBy> = BTreeMap::new();
     for (key, ts) in &meta.tablespaces {
         let mapped = opts
             .tablespace_dirs
             .iter()
             .find(|(k, _)| k == key || *k == ts.oid.to_string())
             .map(|(_, d)| d.clone());
-        ts_dirs.insert(
-            key.clone(),
-            (ts.oid, mapped.unwrap_or_else(|| PathBuf::from(&ts.path))),
-        );
+        let (dir, by) = match mapped {
+            Some(d) => (d, NamedBy::Operator),
+            None => (
+                backup_named_dir(&chosen.name, key, &ts.path)?,
+                NamedBy::Backup,
+            ),
+        };
+        ts_dirs.insert(key.clone(), (ts.oid, dir));
+        named_by.insert(key.clone(), by);
     }
     for (k, _) in &opts.tablespace_dirs {
         if !meta
@@ -389,14 +377,25 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
             );
         }
     }
+    check_disjoint(&opts.target_dir, &ts_dirs)?;
+    // A directory only the backup names must be empty (or absent) before anything is touched,
+    // the target directory included.
+    for (key, (_, dir)) in &ts_dirs {
+        if named_by.get(key) == Some(&NamedBy::Backup) {
+            Dest::check_empty(dir, &format!("tablespace {key:?} directory"))?;
+        }
+    }
     let mut dests = vec![Dest::prepare(
         &opts.target_dir,
         opts.overwrite,
+        NamedBy::Operator,
         "target directory",
     )?];
     let result = async {
-        for (_, dir) in ts_dirs.values() {
-            dests.push(Dest::prepare(dir, opts.overwrite, "tablespace directory")?);
+        for (key, (_, dir)) in &ts_dirs {
+            let by = named_by.get(key).copied().unwrap_or(NamedBy::Backup);
+            let what = format!("tablespace {key:?} directory");
+            dests.push(Dest::prepare(dir, opts.overwrite, by, &what)?);
         }
         restore_into(site, opts, &chosen.name, &meta, extra, &ts_dirs).await
     }
@@ -439,7 +438,10 @@ async fn restore_into(
         } else {
             match c.kind {
                 ChunkKind::Data => Route::Into(data.clone()),
-                ChunkKind::Manifest => Route::File(opts.target_dir.join("backup_manifest")),
+                ChunkKind::Manifest => Route::File {
+                    dir: opts.target_dir.clone(),
+                    name: "backup_manifest",
+                },
                 ChunkKind::Tablespace => {
                     let oid = c.tablespace_oid.with_context(|| {
                         format!(
@@ -488,27 +490,29 @@ async fn restore_into(
                     .with_context(|| format!("basebackup/{name}: member {}", e.path))?;
             }
         }
-    } else {
+    }
+    let root = Beneath::open(&opts.target_dir)
+        .with_context(|| format!("open {}", opts.target_dir.display()))?;
+    if meta.format != FORMAT_LOCAL_TAR {
         // BASE_BACKUP's tablespace_map names the original directories; the links below say
         // where the tablespaces are now (docs/formats.md).
-        let map = opts.target_dir.join("tablespace_map");
-        if map.exists() {
-            std::fs::remove_file(&map).with_context(|| format!("remove {}", map.display()))?;
-        }
+        root.remove_file(Path::new("tablespace_map"))
+            .with_context(|| {
+                format!(
+                    "remove {}",
+                    opts.target_dir.join("tablespace_map").display()
+                )
+            })?;
     }
-    let tblspc = opts.target_dir.join("pg_tblspc");
-    if !ts_dirs.is_empty() {
-        std::fs::create_dir_all(&tblspc).with_context(|| format!("create {}", tblspc.display()))?;
+    link_tablespaces(&root, name, ts_dirs)?;
+    if !root.exists(Path::new(&format!("PG_VERSION{HELD_BACK_SUFFIX}")))? {
+        bail!("basebackup/{name} holds no PG_VERSION: not a data directory backup");
     }
-    for (oid, dir) in ts_dirs.values() {
-        let link = tblspc.join(oid.to_string());
-        if std::fs::symlink_metadata(&link).is_ok() {
-            std::fs::remove_file(&link).with_context(|| format!("remove {}", link.display()))?;
-        }
-        let abs = std::path::absolute(dir)?;
-        std::os::unix::fs::symlink(&abs, &link)
-            .with_context(|| format!("link {} to {}", link.display(), abs.display()))?;
+    for (_, dir) in ts_dirs.values() {
+        sync_dirs(dir).with_context(|| format!("sync {}", dir.display()))?;
     }
+    // The recovery settings last, once everything else is in place: a restore that failed
+    // never got this far, and its target is removed or emptied again.
     let restore_command = match &opts.restore_command {
         Some(c) => c.clone(),
         None => {
@@ -516,7 +520,7 @@ async fn restore_into(
             recovery::restore_command(&exe, &site.config_path, &site.name)
         }
     };
-    recovery::write(
+    let removed = recovery::write(
         &opts.target_dir,
         meta.pg_version,
         &RecoverySettings {
@@ -527,14 +531,39 @@ async fn restore_into(
             primary_conninfo: opts.primary_conninfo.clone(),
         },
     )?;
-    if !opts.target_dir.join("PG_VERSION.walhoard-partial").exists() {
-        bail!("basebackup/{name} holds no PG_VERSION: not a data directory backup");
-    }
-    for (_, dir) in ts_dirs.values() {
-        sync_dirs(dir).with_context(|| format!("sync {}", dir.display()))?;
+    for r in removed {
+        eprintln!("restore: removed the backup's recovery configuration: {r}");
     }
     data.finish()
         .with_context(|| format!("finish {}", opts.target_dir.display()))?;
+    Ok(())
+}
+
+/// Links `pg_tblspc/<oid>` to where each tablespace was restored. A link the backup itself
+/// brought (base.tar has one per tablespace) is replaced; one for a tablespace the metadata
+/// does not list is refused, since PostgreSQL would write wherever it points.
+fn link_tablespaces(
+    root: &Beneath,
+    name: &str,
+    ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
+) -> Result<()> {
+    let tblspc = Path::new("pg_tblspc");
+    for (link, to) in root.symlinks_in(tblspc)? {
+        if !ts_dirs.values().any(|(oid, _)| oid.to_string() == link) {
+            bail!(
+                "basebackup/{name}: member pg_tblspc/{link} links to {}, but the backup's metadata has no tablespace with oid {link}: refused",
+                to.display()
+            );
+        }
+    }
+    if !ts_dirs.is_empty() {
+        root.create_dir(tblspc)?;
+    }
+    for (oid, dir) in ts_dirs.values() {
+        let abs = std::path::absolute(dir)?;
+        root.symlink(&tblspc.join(oid.to_string()), &abs)
+            .with_context(|| format!("link pg_tblspc/{oid} to {}", abs.display()))?;
+    }
     Ok(())
 }
 
@@ -590,5 +619,57 @@ async fn fetch_all(
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walhoard_basebackup::tar::TarWriter;
+
+    fn verifying<'a>(r: &'a mut dyn Read, limit: u64) -> Verifying<'a> {
+        Verifying {
+            inner: r,
+            hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+            size: 0,
+            limit,
+            key: "basebackup_chunk/b/base.tar".into(),
+            progress: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Regression (issue 14, item 15): a chunk that decompressed far beyond its declared size
+    /// was written in full and refused only afterwards. Now nothing past the declared size
+    /// reaches the extractor.
+    #[test]
+    fn a_chunk_larger_than_declared_is_cut_at_the_declared_size() {
+        let mut w = TarWriter::new(Vec::new());
+        w.append_bytes("big", 0o600, 0, &vec![7u8; 4 << 20])
+            .unwrap();
+        let tar = w.finish().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let route = Route::Into(Extractor::new(root.path().to_path_buf(), false));
+        let declared = 64 * 1024;
+        let mut src = &tar[..];
+        let mut v = verifying(&mut src, declared);
+        let err = route.consume(&mut v).unwrap_err();
+        assert!(
+            err.to_string().contains("basebackup_chunk/b/base.tar")
+                && err.to_string().contains("more than the 65536 bytes"),
+            "{err}"
+        );
+        assert_eq!(v.size, declared);
+        let written = std::fs::metadata(root.path().join("big")).unwrap().len();
+        assert!(written <= declared, "{written} bytes written");
+
+        // Exactly the declared size passes, trailing zero blocks and all.
+        let mut src = &tar[..];
+        let mut v = verifying(&mut src, tar.len() as u64);
+        let root = tempfile::tempdir().unwrap();
+        Route::Into(Extractor::new(root.path().to_path_buf(), false))
+            .consume(&mut v)
+            .unwrap();
+        assert_eq!(v.size, tar.len() as u64);
     }
 }

@@ -1,12 +1,16 @@
 //! Restore tooling: `walhoard restore list-basebackups`, `walhoard restore get-basebackup`
 //! and the restore_command (`walhoard postgres-command --mode restore`).
 //!
+//! - [`beneath`]: walhoard's own files in a restore target, never through a symlink.
+//! - `dest`: which directories a restore may create, empty and undo.
 //! - [`extract`]: tar members into a directory, never outside it.
 //! - [`get`]: a basebackup into a data directory (parallel streaming chunks, tablespaces,
 //!   recovery configuration).
 //! - [`recovery`]: the recovery settings and signal files PostgreSQL reads.
 //! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
 
+pub mod beneath;
+mod dest;
 pub mod extract;
 pub mod get;
 pub mod recovery;
