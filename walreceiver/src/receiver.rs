@@ -154,8 +154,9 @@ pub enum ReceiverEvent {
 pub struct ReceiverPositions {
     /// Every byte before this has been received and written to the spool.
     pub received_lsn: Lsn,
-    /// The flush position last reported to the server: below both the spool's durable end and
-    /// the archive's end, so the slot never releases WAL the archive does not hold.
+    /// The flush position last reported to the server ([`flush_position`]): the archive's end,
+    /// or past it by what the spool holds durably of the first segment the archive lacks, never
+    /// beyond that segment's last byte; so the slot never releases WAL the archive does not hold.
     pub reported_flush_lsn: Lsn,
     /// The timeline being received (0 before the first connection).
     pub timeline: u32,
@@ -186,6 +187,7 @@ pub async fn run(
         cancel,
         flush_floor: Lsn::INVALID,
         durable: true,
+        seg: SegmentSize::DEFAULT,
     };
     let mut backoff = state.cfg.reconnect_min;
     loop {
@@ -275,6 +277,8 @@ struct Session {
     flush_floor: Lsn,
     /// The spool is fdatasync'd in this session ([`SpoolSync`]).
     durable: bool,
+    /// The server's WAL segment size (known once connected).
+    seg: SegmentSize,
 }
 
 /// How one START_REPLICATION ended.
@@ -300,6 +304,7 @@ impl Session {
         let mut client = ReplicationClient::connect(&self.cfg.conn).await?;
         let id = client.identify_system().await?;
         let seg = client.wal_segment_size().await?;
+        self.seg = seg;
         let major = client.server_major()?;
         let magic = page_magic_for(major).ok_or(ReceiverError::Unsupported(major))?;
         let durable = match self.cfg.spool_sync {
@@ -450,26 +455,19 @@ impl Session {
         &self,
         stream: &mut ReplicationStream<'_>,
         current: &mut Option<Incoming>,
-        synced: &mut Lsn,
+        spool: &mut SpoolDurable,
         received: Lsn,
         tli: TimelineId,
         end: StreamEnd,
     ) -> Result<StreamEnd, ReceiverError> {
-        sync_spool(current, synced)?;
-        let _ = stream
-            .send_status(&self.report(received, *synced, tli))
-            .await;
+        sync_spool(current, spool)?;
+        let _ = stream.send_status(&self.report(received, spool, tli)).await;
         Ok(end)
     }
 
-    fn report(&self, received: Lsn, synced: Lsn, tli: TimelineId) -> StandbyStatus {
+    fn report(&self, received: Lsn, spool: &SpoolDurable, tli: TimelineId) -> StandbyStatus {
         let archived = *self.archived.borrow();
-        let flush = archived.min(synced);
-        let flush = if flush < self.flush_floor {
-            Lsn::INVALID
-        } else {
-            flush
-        };
+        let flush = flush_position(archived, spool, self.flush_floor, self.seg);
         self.positions.send_replace(ReceiverPositions {
             received_lsn: received,
             reported_flush_lsn: flush,
@@ -491,8 +489,13 @@ impl Session {
             .await?;
         let mut current: Option<Incoming> = None;
         let mut received = start;
-        // Durable in the spool; everything before the current segment is.
-        let mut synced = start;
+        // What the spool holds durably: from the start in a durable spool; in a spool that is
+        // only a cache, nothing until a reply-requested keepalive makes the segment being
+        // received durable.
+        let mut spool = SpoolDurable::default();
+        if self.durable {
+            spool.extend(start, start);
+        }
         let mut ticker = tokio::time::interval(self.cfg.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut archived = self.archived.clone();
@@ -515,19 +518,19 @@ impl Session {
             // fdatasync per status update is what bounds how stale the reported flush is.
             tokio::select! {
                 _ = self.cancel.cancelled() => {
-                    return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Cancelled).await;
+                    return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Cancelled).await;
                 }
                 Ok(_) = async { pause.as_mut().expect("guarded").wait_for(|p| *p).await.map(|_| ()) }, if pause.is_some() => {
-                    return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Paused).await;
+                    return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Paused).await;
                 }
                 _ = ticker.tick() => {
-                    sync_spool(&mut current, &mut synced)?;
-                    stream.send_status(&self.report(received, synced, tli)).await?;
+                    sync_spool(&mut current, &mut spool)?;
+                    stream.send_status(&self.report(received, &spool, tli)).await?;
                 }
                 changed = archived.changed(), if archive_open => {
                     if changed.is_ok() {
                         // Let the slot advance as soon as the archive does.
-                        stream.send_status(&self.report(received, synced, tli)).await?;
+                        stream.send_status(&self.report(received, &spool, tli)).await?;
                     } else {
                         archive_open = false;
                     }
@@ -551,7 +554,7 @@ impl Session {
                                 // The payload's remainder, from the socket into the segment.
                                 let n = tokio::select! {
                                     _ = self.cancel.cancelled() => {
-                                        return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Cancelled).await;
+                                        return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Cancelled).await;
                                     }
                                     n = cur.read_direct(&mut stream, direct, &mut scratch) => n?,
                                 };
@@ -559,12 +562,20 @@ impl Session {
                                 n
                             };
                             received = Lsn(received.0 + n as u64);
+                            if let Some(cur) = current.as_mut() {
+                                // A segment that does not begin with a valid long page header
+                                // is refused at once, before any of it counts as held.
+                                cur.check_first_page(expect, &mut verify_buf)?;
+                            }
                             if current.as_ref().is_some_and(Incoming::is_full) {
                                 let done = current.take().expect("current segment");
                                 done.verify(expect, &mut verify_buf)?;
                                 let (id, seg_start) = (done.id, done.start);
+                                let was_durable = done.is_durable();
                                 let (path, data) = done.complete(&dir)?;
-                                synced = received;
+                                if was_durable {
+                                    spool.extend(seg_start, received);
+                                }
                                 self.next = Some(StartPosition { lsn: received, tli: Some(tli) });
                                 // A bounded channel: a slow archive slows receiving, never drops WAL.
                                 self.send(ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start, data: data.map(Arc::new) }).await?;
@@ -573,13 +584,27 @@ impl Session {
                     }
                     ReplicationEvent::Keepalive { reply_requested, .. } => {
                         if reply_requested {
-                            sync_spool(&mut current, &mut synced)?;
-                            stream.send_status(&self.report(received, synced, tli)).await?;
+                            // The walsender asks when it waits for us, above all at shutdown
+                            // (WalSndDone exits once the reported flush reaches what it sent):
+                            // make the segment being received durable even in a spool that is
+                            // only a cache, as pg_receivewal's ProcessKeepaliveMsg syncs its
+                            // file, so the flush can reach it when the archive holds the rest.
+                            if let Some(cur) = current.as_mut() {
+                                let to = cur.make_durable(&dir, seg)?;
+                                spool.extend(cur.start, to);
+                            }
+                            stream.send_status(&self.report(received, &spool, tli)).await?;
                         }
                     }
                     ReplicationEvent::EndOfTimeline(end) => {
                         let next_tli = end.next_tli.ok_or_else(|| PgError::protocol("server ended the timeline without naming the next one"))?;
                         let next_start = end.next_tli_start.unwrap_or(received);
+                        // Timelines only ever go up (a promotion picks a new, higher one:
+                        // findNewestTimeLine + 1); a server announcing the same or an earlier
+                        // one is broken or not the server we streamed from.
+                        if next_tli <= tli {
+                            return Err(PgError::protocol(format!("timeline {tli} ended at {received} announcing timeline {next_tli} as the next one, which is not later than {tli}")).into());
+                        }
                         if next_start != received {
                             return Err(PgError::protocol(format!("timeline {tli} ended at {received}, but timeline {next_tli} starts at {next_start}")).into());
                         }
@@ -596,12 +621,63 @@ impl Session {
     }
 }
 
-/// Makes the segment being received durable and advances `synced` to match.
-fn sync_spool(current: &mut Option<Incoming>, synced: &mut Lsn) -> std::io::Result<()> {
+/// Makes the segment being received durable (when the spool is) and records it in `spool`.
+fn sync_spool(current: &mut Option<Incoming>, spool: &mut SpoolDurable) -> std::io::Result<()> {
     if let Some(cur) = current.as_mut() {
-        *synced = cur.sync()?;
+        if let Some(to) = cur.sync()? {
+            spool.extend(cur.start, to);
+        }
     }
     Ok(())
+}
+
+/// The contiguous range of WAL the spool holds durably (fdatasync'd, renames fsync'd).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SpoolDurable {
+    range: Option<(Lsn, Lsn)>,
+}
+
+impl SpoolDurable {
+    /// `from..to` is durable now: it extends the range when it continues it, else replaces it
+    /// (what lay between was never made durable).
+    pub(crate) fn extend(&mut self, from: Lsn, to: Lsn) {
+        self.range = match self.range {
+            Some((f, t)) if from <= t => Some((f, t.max(to))),
+            _ => Some((from, to)),
+        };
+    }
+}
+
+/// The flush position to report to the server, given the archive's end `archived`, what the
+/// spool holds durably and the slot's restart_lsn when the session began (`floor`).
+///
+/// The slot's restart_lsn follows the flush position we report (ProcessStandbyReplyMessage →
+/// PhysicalConfirmReceivedLocation), and the server keeps the whole segment holding the
+/// restart_lsn (KeepLogSeg works in segments, XLByteToSeg). So a flush position inside the first
+/// segment the archive does not hold releases nothing the archive lacks, and it lets the
+/// walsender finish at shutdown: WalSndDone waits until the flush reported equals what it sent,
+/// which at a segment boundary would wait for a segment that is not finished. Hence: the
+/// archive's end, raised to what the spool holds durably in continuation of it, but never past
+/// the last byte of that first unarchived segment. Below `floor` nothing is reported (an
+/// invalid flush the server ignores): reporting less would move the slot back.
+pub(crate) fn flush_position(
+    archived: Lsn,
+    spool: &SpoolDurable,
+    floor: Lsn,
+    seg: SegmentSize,
+) -> Lsn {
+    let mut flush = archived;
+    if let Some((from, to)) = spool.range {
+        if archived.is_valid() && from <= archived && to > archived {
+            let last_byte = Lsn(archived.segment_start(seg).0 + seg.bytes() - 1);
+            flush = to.min(last_byte);
+        }
+    }
+    if flush < floor {
+        Lsn::INVALID
+    } else {
+        flush
+    }
 }
 
 /// The segment being received: into a segment buffer, into its spool file, or both.
@@ -620,6 +696,8 @@ struct Incoming {
     written: u64,
     file: Option<SegmentFile>,
     buf: Option<SegmentBuffer>,
+    /// The first page's header was checked ([`Incoming::check_first_page`]).
+    first_page_checked: bool,
 }
 
 impl Incoming {
@@ -650,7 +728,56 @@ impl Incoming {
             written: at.segment_offset(seg),
             file,
             buf,
+            // Received from the middle: the first page came in an earlier session and is
+            // checked with the whole segment.
+            first_page_checked: at != start,
         })
+    }
+
+    /// Checks the segment's first page as soon as it is all received, so that a segment that
+    /// is no WAL (zeros, another cluster's) fails at once, before any of it is reported held.
+    fn check_first_page(
+        &mut self,
+        expect: &PageExpectation,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ReceiverError> {
+        let page = walhoard_protocol::xlog::XLOG_BLCKSZ;
+        if self.first_page_checked || (self.written as usize) < page {
+            return Ok(());
+        }
+        let data: &[u8] = match (&self.buf, &self.file) {
+            (Some(b), _) => &b[..page],
+            (None, Some(f)) => {
+                f.read_first_page_into(scratch, page)?;
+                scratch
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        };
+        validate_pages(data, self.start, expect, true)
+            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))?;
+        self.first_page_checked = true;
+        Ok(())
+    }
+
+    /// Whether the segment is being written to a durable spool file.
+    fn is_durable(&self) -> bool {
+        self.file.as_ref().is_some_and(SegmentFile::is_durable)
+    }
+
+    /// Makes what is received of this segment durable in the spool even when the spool is
+    /// only a cache (writing the buffer out to a file first if the segment has none); the
+    /// segment stays durable from then on. Returns the durable end.
+    fn make_durable(&mut self, dir: &Path, seg: SegmentSize) -> std::io::Result<Lsn> {
+        if self.file.is_none() {
+            let mut f = SegmentFile::open(dir, self.id.tli, self.start, seg, true)?;
+            if let Some(b) = &self.buf {
+                f.write(self.start, b)?;
+            }
+            self.file = Some(f);
+        }
+        let f = self.file.as_mut().expect("just opened");
+        f.make_durable()?;
+        Ok(f.synced_lsn())
     }
 
     fn written_lsn(&self) -> Lsn {
@@ -721,15 +848,15 @@ impl Incoming {
         Ok(n)
     }
 
-    /// Syncs the spool file (when durable) and returns the position held: synced, or simply
-    /// received when the spool is not durable.
-    fn sync(&mut self) -> std::io::Result<Lsn> {
+    /// Syncs the spool file when it is durable and returns its durable end; `None` when the
+    /// segment is not durable (only a cache in front of the slot).
+    fn sync(&mut self) -> std::io::Result<Option<Lsn>> {
         match self.file.as_mut() {
-            Some(f) => {
+            Some(f) if f.is_durable() => {
                 f.sync()?;
-                Ok(f.synced_lsn())
+                Ok(Some(f.synced_lsn()))
             }
-            None => Ok(self.written_lsn()),
+            _ => Ok(None),
         }
     }
 
@@ -779,5 +906,79 @@ impl Incoming {
             }
             (None, None) => unreachable!("a segment is received into a buffer or a file"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEG: u64 = 16 << 20;
+
+    fn spool(from: u64, to: u64) -> SpoolDurable {
+        let mut s = SpoolDurable::default();
+        s.extend(Lsn(from), Lsn(to));
+        s
+    }
+
+    /// Issue 14 item 1: the flush reported stayed at the archive's segment boundary while the
+    /// last segment was unfinished, so the walsender (WalSndDone) never saw its WAL flushed
+    /// and `pg_ctl stop -m fast` hung. It may now enter the first unarchived segment, as far
+    /// as the spool holds it durably, and never leave it.
+    #[test]
+    fn flush_position_primary_can_shut_down_while_attached() {
+        let seg = SegmentSize::DEFAULT;
+        let floor = Lsn(3 * SEG);
+        // Written inside the first unarchived segment, durable in the spool: all of it.
+        let s = spool(3 * SEG, 3 * SEG + 0x1234);
+        assert_eq!(
+            flush_position(Lsn(3 * SEG), &s, floor, seg),
+            Lsn(3 * SEG + 0x1234)
+        );
+        // Several segments behind: at most the last byte of the first unarchived segment,
+        // so the server keeps that whole segment (KeepLogSeg).
+        let s = spool(3 * SEG, 6 * SEG + 10);
+        let f = flush_position(Lsn(3 * SEG), &s, floor, seg);
+        assert_eq!(f, Lsn(4 * SEG - 1));
+        assert_eq!(f.segment_start(seg), Lsn(3 * SEG));
+        // Nothing archived yet (the archive's end unknown): nothing past it is reported.
+        assert_eq!(
+            flush_position(Lsn::INVALID, &s, Lsn::INVALID, seg),
+            Lsn::INVALID
+        );
+        // Nothing durable in the spool (a cache only): the archive's end.
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), &SpoolDurable::default(), floor, seg),
+            Lsn(4 * SEG)
+        );
+        // Durable spool bytes that do not continue the archive do not count.
+        let s = spool(5 * SEG, 5 * SEG + 100);
+        assert_eq!(flush_position(Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        // The archive ahead of the spool: the archive's end.
+        let s = spool(3 * SEG, 3 * SEG + 100);
+        assert_eq!(flush_position(Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        // Below the slot's restart_lsn: none, which would move the slot back.
+        let s = spool(3 * SEG, 3 * SEG + 100);
+        assert_eq!(
+            flush_position(Lsn(3 * SEG), &s, Lsn(3 * SEG + 200), seg),
+            Lsn::INVALID
+        );
+        // Exactly at a segment's end: the archive must hold that segment first.
+        let s = spool(3 * SEG, 4 * SEG);
+        assert_eq!(
+            flush_position(Lsn(3 * SEG), &s, floor, seg),
+            Lsn(4 * SEG - 1)
+        );
+        assert_eq!(flush_position(Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+    }
+
+    #[test]
+    fn spool_durable_range_is_contiguous() {
+        let mut s = spool(0x100, 0x200);
+        s.extend(Lsn(0x200), Lsn(0x300));
+        assert_eq!(s.range, Some((Lsn(0x100), Lsn(0x300))));
+        // A gap: what lay between was never durable, the range starts again.
+        s.extend(Lsn(0x400), Lsn(0x500));
+        assert_eq!(s.range, Some((Lsn(0x400), Lsn(0x500))));
     }
 }
