@@ -83,3 +83,202 @@ async fn daemon_primary_can_shut_down_while_attached() {
         "slot at {restart} released WAL the archive (up to {end}) lacks"
     );
 }
+
+/// Stops the daemon (SIGTERM) and checks it exited cleanly.
+fn stop_daemon(daemon: &mut Daemon) {
+    let status = daemon
+        .terminate(Duration::from_secs(60))
+        .expect("no exit on SIGTERM");
+    assert!(status.success(), "exit {status:?}: {}", daemon.log_text());
+}
+
+/// Finishes `n` segments (with some WAL in each) and returns the last one's name.
+fn write_segments(pg: &PgCluster, n: usize) -> String {
+    let mut last = String::new();
+    for _ in 0..n {
+        load(pg, 2_000, 0);
+        last = switch_segment(pg);
+    }
+    last
+}
+
+fn drop_slot(pg: &PgCluster) {
+    pg.psql("select pg_drop_replication_slot('walhoard')")
+        .unwrap();
+}
+
+/// Issue 14 item 2 (a): the slot was dropped while the daemon was stopped and WAL was written;
+/// the daemon created a new slot at the current position and streamed from there, leaving the
+/// segments in between unarchived although the primary still had them, without a word. It
+/// must start from the archive's end: every segment is archived, equal to pg_wal's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_recreated_slot_streams_from_the_archive_end() {
+    let pg = keeping_cluster();
+    let LocalDaemon {
+        d,
+        mut daemon,
+        store,
+        ..
+    } = LocalDaemon::start(&pg);
+    let first = wait_slot(&pg, &daemon);
+    let seg = SegmentSize::DEFAULT;
+    let before = write_segments(&pg, 1);
+    wait_archived(&store, &before, Duration::from_secs(60), &daemon).await;
+    stop_daemon(&mut daemon);
+
+    let last = write_segments(&pg, 3);
+    pg.psql("checkpoint").unwrap();
+    drop_slot(&pg);
+    let daemon = Daemon::start(&d);
+    wait_archived(&store, &last, Duration::from_secs(120), &daemon).await;
+    let names = segment_range(&first, &last, seg);
+    assert!(names.len() >= 4, "{names:?}");
+    for n in &names {
+        assert!(
+            has(&store, n).await,
+            "gap in the archive at {n}; log:\n{}",
+            daemon.log_text()
+        );
+    }
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+    assert!(
+        !daemon.log_text().contains("WAL gap"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(d.state().unwrap()["backup_sites"]["main"]["walreceiver"]["wal_gap"].is_null());
+}
+
+/// A cluster that removes WAL as soon as no slot holds it.
+fn forgetting_cluster() -> PgCluster {
+    PgCluster::builder()
+        .setting("wal_keep_size", "0")
+        .setting("min_wal_size", "'32MB'")
+        .setting("max_wal_size", "'32MB'")
+        .start()
+        .unwrap()
+}
+
+/// Stops the daemon, drops its slot and writes WAL until the primary has removed the first
+/// segment the archive lacks. Returns that segment's name.
+async fn lose_wal(
+    pg: &PgCluster,
+    store: &walhoard::storage::ObjectStore,
+    daemon: &mut Daemon,
+) -> String {
+    let done = write_segments(pg, 1);
+    wait_archived(store, &done, Duration::from_secs(60), daemon).await;
+    stop_daemon(daemon);
+    drop_slot(pg);
+    let seg = SegmentSize::DEFAULT;
+    let missing = done
+        .parse::<walhoard_protocol::WalSegmentName>()
+        .unwrap()
+        .segment()
+        .unwrap()
+        .next(seg)
+        .unwrap()
+        .to_string();
+    assert!(!has(store, &missing).await);
+    for _ in 0..8 {
+        write_segments(pg, 1);
+        pg.psql("checkpoint").unwrap();
+        if !pg.wal_dir().join(&missing).exists() {
+            return missing;
+        }
+    }
+    panic!("the primary kept {missing}");
+}
+
+/// Issue 14 item 2 (b): when the WAL the archive lacks is gone from the primary too, the gap
+/// is said loudly (ERROR log naming the segments, an alert file, `wal_gap` in the state file)
+/// and a basebackup is taken at once, which resolves it; streaming continues at the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_recreated_slot_reports_a_gap_and_takes_a_basebackup() {
+    let pg = forgetting_cluster();
+    let LocalDaemon {
+        d,
+        mut daemon,
+        store,
+        ..
+    } = LocalDaemon::start(&pg);
+    wait_slot(&pg, &daemon);
+    let missing = lose_wal(&pg, &store, &mut daemon).await;
+
+    let daemon = Daemon::start(&d);
+    let gap = || {
+        d.state()
+            .map(|s| s["backup_sites"]["main"]["walreceiver"]["wal_gap"].clone())
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || gap()
+            .is_some_and(|g| !g["resolved_by_basebackup"].is_null())),
+        "no resolved gap in the state: {:?}; log:\n{}",
+        gap(),
+        daemon.log_text()
+    );
+    let g = gap().unwrap();
+    assert_eq!(g["first_missing_segment"], missing.as_str(), "{g}");
+    let log = daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("WAL gap") && l.contains(&missing)),
+        "{log}"
+    );
+    assert!(log.contains("wal_gap_main"), "no alert file written: {log}");
+    assert!(
+        !d.alert_dir().join("wal_gap_main").exists(),
+        "alert kept after the basebackup"
+    );
+    let backup = g["resolved_by_basebackup"].as_str().unwrap();
+    assert!(store
+        .stat(&format!("basebackup/{backup}"))
+        .await
+        .unwrap()
+        .is_some());
+    // Streaming went on from the slot's position.
+    let next = switch_segment(&pg);
+    wait_archived(&store, &next, Duration::from_secs(60), &daemon).await;
+    assert!(!has(&store, &missing).await);
+}
+
+/// Issue 14 item 2 (c): with `basebackup_on_wal_gap` off, the gap stays unresolved: the alert
+/// file stays and `walhoard check` fails, naming the missing segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_wal_gap_fails_check_until_resolved() {
+    let pg = forgetting_cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(
+        &pg,
+        storage.clone(),
+        serde_json::json!({"basebackup_on_wal_gap": false}),
+    );
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    let missing = lose_wal(&pg, &store, &mut daemon).await;
+
+    let daemon = Daemon::start(&d);
+    let alert = d.alert_dir().join("wal_gap_main");
+    assert!(
+        wait_until(Duration::from_secs(60), || alert.exists()),
+        "no alert file; log:\n{}",
+        daemon.log_text()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args(["check", "--config"])
+        .arg(d.config_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("WAL gap") && l.contains(&missing)),
+        "{text}"
+    );
+    let g = &d.state().unwrap()["backup_sites"]["main"]["walreceiver"]["wal_gap"];
+    assert!(g["resolved_by_basebackup"].is_null(), "{g}");
+    assert!(store.list("basebackup").await.unwrap().is_empty());
+}

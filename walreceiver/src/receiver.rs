@@ -19,6 +19,10 @@ use crate::buffers::{SegmentBuffer, SegmentBuffers};
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
 
+/// SQLSTATE of "requested WAL segment ... has already been removed" (errcode_for_file_access
+/// on ENOENT: ERRCODE_UNDEFINED_FILE).
+const WAL_REMOVED: &str = "58P01";
+
 /// XLogData payloads at least this long are read straight into the segment (the walsender
 /// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
 const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
@@ -26,7 +30,10 @@ const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
 /// Called once, on the first connection, with the slot's position (its restart_lsn at a segment
 /// boundary, on the timeline that wrote it): returns where streaming should really start, after
 /// the segments the archive (or a local spool) already holds. It must not return a position
-/// past WAL that is not held somewhere: the receiver skips straight to it.
+/// past WAL that is not held somewhere: the receiver skips straight to it. It may return a
+/// position *before* the slot's (the archive ends there: the slot was dropped and created
+/// again): the receiver then streams from there while the primary still has that WAL, and
+/// reports a [`ReceiverEvent::WalGap`] when it does not.
 pub type ResumeHook = Arc<
     dyn Fn(StartPosition, SegmentSize) -> Pin<Box<dyn Future<Output = Lsn> + Send>> + Send + Sync,
 >;
@@ -136,6 +143,17 @@ pub enum ReceiverEvent {
     },
     /// A timeline history file fetched from the server, durable in the spool.
     History { name: WalSegmentName, path: PathBuf },
+    /// WAL from `from` up to `to` (segment boundaries, timeline `tli`) is lost: it was to be
+    /// streamed because the archive does not hold it, but the primary has removed it
+    /// (SQLSTATE 58P01, "requested WAL segment ... has already been removed") and the slot
+    /// starts only at `to`. Streaming continues at `to`.
+    WalGap {
+        from: Lsn,
+        to: Lsn,
+        tli: TimelineId,
+        /// The server's error.
+        error: String,
+    },
     /// The connection was lost or could not be made; the receiver retries.
     Disconnected {
         error: String,
@@ -344,8 +362,10 @@ impl Session {
         pos = pos.segment_start(seg);
         if let Some(r) = restart {
             if pos < r.segment_start(seg) {
-                tracing::error!(%slot, wanted = %pos, available = %r, "WAL before the slot's restart_lsn is gone (the archive has a gap there); starting at the slot");
-                pos = r.segment_start(seg);
+                // START_REPLICATION on a physical slot does not check the slot's restart_lsn
+                // (StartReplication in walsender.c): the server streams what it still has and
+                // fails with 58P01 where it has not (handled below).
+                tracing::warn!(%slot, wanted = %pos, slot_at = %r, "the slot starts after the archive's end (was it dropped and created again?): streaming from the archive's end while the primary still has that WAL");
             }
         }
         let first_session = self.next.is_none();
@@ -383,6 +403,9 @@ impl Session {
                 if at > pos {
                     tracing::info!(%slot, slot_at = %pos, resume_at = %at, "segments from the slot's position on are already held; skipping them");
                     pos = at.segment_start(seg);
+                } else if at.is_valid() && at < pos {
+                    tracing::warn!(%slot, slot_at = %pos, resume_at = %at, "the archive ends before the slot's position: streaming from the archive's end while the primary still has that WAL");
+                    pos = at.segment_start(seg);
                 }
             }
             // The hook ran (and may have queued work): later sessions continue from here.
@@ -410,7 +433,35 @@ impl Session {
             })
             .await?;
             tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");
-            match self.stream(&mut client, pos, tli, seg, &expect).await? {
+            let streamed = self.stream(&mut client, pos, tli, seg, &expect).await;
+            let streamed = match streamed {
+                Err(ReceiverError::Pg(PgError::Server(e))) if e.code == WAL_REMOVED => {
+                    // Where streaming would resume: what the primary no longer has.
+                    let from = self.next.map_or(pos, |p| p.lsn).segment_start(seg);
+                    let to = restart.map(|r| r.segment_start(seg));
+                    match to {
+                        Some(to) if from < to => {
+                            let error = format!("{}: {}", e.code, e.message);
+                            tracing::error!(%slot, from = %from, to = %to, timeline = %tli, %error, "WAL the archive lacks is gone from the primary: continuing at the slot's position");
+                            self.send(ReceiverEvent::WalGap {
+                                from,
+                                to,
+                                tli,
+                                error,
+                            })
+                            .await?;
+                            self.next = Some(StartPosition {
+                                lsn: to,
+                                tli: Some(tli),
+                            });
+                        }
+                        _ => {}
+                    }
+                    return Err(PgError::Server(e).into());
+                }
+                other => other?,
+            };
+            match streamed {
                 StreamEnd::Cancelled => return Ok(SessionEnd::Cancelled),
                 StreamEnd::Paused => {
                     client.close().await.ok();
