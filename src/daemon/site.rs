@@ -350,7 +350,8 @@ impl SiteWal {
     }
 
     /// On the first connection: hand the spool's complete files to the archiver, then skip
-    /// the segments from the slot's position on that the spool or the archive already holds.
+    /// the segments from the slot's position on that the spool or the archive already holds;
+    /// or, when the archive ends before the slot's position, start at the archive's end.
     fn resume_hook(&self, tracker: TaskTracker, abort: CancellationToken) -> ResumeHook {
         let archiver = self.archiver.clone();
         Arc::new(move |from: StartPosition, seg: SegmentSize| {
