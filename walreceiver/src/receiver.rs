@@ -238,7 +238,13 @@ pub async fn run(
                 if state.next != before {
                     backoff = state.cfg.reconnect_min;
                 }
-                tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
+                if matches!(pg, PgError::Protocol(_)) {
+                    // The server broke the protocol (or is not what it claims): worth more
+                    // than a warning, although a reconnect may find it sane again.
+                    tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "protocol violation by the server");
+                } else {
+                    tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
+                }
                 (pg.is_retryable(), pg.is_auth_failure())
             }
             _ => {
