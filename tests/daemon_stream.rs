@@ -282,3 +282,65 @@ async fn daemon_wal_gap_fails_check_until_resolved() {
     assert!(g["resolved_by_basebackup"].is_null(), "{g}");
     assert!(store.list("basebackup").await.unwrap().is_empty());
 }
+
+/// Issue 14 item 2, the other way the sweep found it: the daemon SIGKILLed with a backlog (the
+/// store down, segments in the spool and in memory only), the slot dropped, more WAL written,
+/// the store back, the daemon started: every segment is archived, equal to pg_wal's, the
+/// backlog included (from the spool, or streamed again from the archive's end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_recreated_slot_after_kill_9_with_backlog_leaves_no_gap() {
+    let pg = keeping_cluster();
+    let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
+    let d = DaemonDir::new();
+    let storage = serde_json::json!({
+        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
+        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
+        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+    });
+    d.write_config(&pg, storage.clone(), serde_json::json!({}));
+    let mut daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    let first = wait_slot(&pg, &daemon);
+    let seg = SegmentSize::DEFAULT;
+    let before = write_segments(&pg, 1);
+    wait_archived(&store, &before, Duration::from_secs(60), &daemon).await;
+
+    // A backlog: the store is down while the daemon receives several segments (as many as
+    // its uploads, buffers and queue take: then receiving waits, the slot keeps the rest).
+    s3.stop();
+    write_segments(&pg, 12);
+    let spool = d.path("spool").join("main").join("xlog_incoming");
+    let spooled = || {
+        std::fs::read_dir(&spool).map_or(0, |entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+                .count()
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || spooled() >= 1),
+        "no backlog in the spool; log:\n{}",
+        daemon.log_text()
+    );
+    daemon.kill9();
+    drop_slot(&pg);
+    write_segments(&pg, 2);
+    pg.psql("checkpoint").unwrap();
+    s3.resume().unwrap();
+
+    let daemon = Daemon::start(&d);
+    let last = switch_segment(&pg);
+    let names = segment_range(&first, &last, seg);
+    wait_all_archived(&store, &names, Duration::from_secs(180), &daemon).await;
+    assert_archive_equals_pg_wal(&pg, &d, &store, &names).await;
+    assert!(
+        !daemon.log_text().contains("WAL gap"),
+        "{}",
+        daemon.log_text()
+    );
+}
