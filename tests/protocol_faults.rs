@@ -262,7 +262,7 @@ mod fake_receiver_primary {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     use tokio::sync::{mpsc, watch};
     use tokio_util::sync::CancellationToken;
@@ -276,6 +276,8 @@ mod fake_receiver_primary {
     pub enum Act {
         /// XLogData at the given LSN.
         Wal(u64, Vec<u8>),
+        /// A pause (ms), long enough for the receiver's status updates.
+        Pause(u64),
         /// The server ends the timeline (CopyDone) and, after the client's CopyDone, names
         /// the next timeline and where it starts.
         EndTimeline(u32, u64),
@@ -325,12 +327,65 @@ mod fake_receiver_primary {
     }
 
     /// Reads one frontend message: its tag and body; `None` at end of stream.
-    async fn read_msg(sock: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    async fn read_msg<R: AsyncRead + Unpin>(sock: &mut R) -> Option<(u8, Vec<u8>)> {
         let tag = sock.read_u8().await.ok()?;
         let len = sock.read_i32().await.ok()?;
         let mut body = vec![0u8; (len as usize).checked_sub(4)?];
         sock.read_exact(&mut body).await.ok()?;
         Some((tag, body))
+    }
+
+    /// Plays `script` after CopyBothResponse while another task reads what the receiver
+    /// sends (its status updates are recorded even while the script writes), then waits for
+    /// the receiver to hang up. This fake ends with the stream.
+    async fn stream(sock: TcpStream, script: Vec<Act>, flushes: Arc<Mutex<Vec<Lsn>>>) {
+        let (mut rd, mut wr) = sock.into_split();
+        let (copy_done_tx, mut copy_done) = mpsc::channel::<()>(1);
+        let reader = tokio::spawn(async move {
+            while let Some((tag, body)) = read_msg(&mut rd).await {
+                match tag {
+                    b'd' => note_status(&body, &flushes),
+                    b'c' => {
+                        let _ = copy_done_tx.send(()).await;
+                    }
+                    _ => return,
+                }
+            }
+        });
+        for act in script {
+            match act {
+                Act::Wal(at, data) => {
+                    for (i, chunk) in data.chunks(128 * 1024).enumerate() {
+                        let start = at + (i * 128 * 1024) as u64;
+                        if wr.write_all(&super::xlogdata(start, chunk)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Act::Pause(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Act::EndTimeline(next, next_start) => {
+                    if wr.write_all(&msg(b'c', &[])).await.is_err() {
+                        break;
+                    }
+                    // The client's CopyDone, then where the next timeline starts.
+                    if copy_done.recv().await.is_none() {
+                        break;
+                    }
+                    let start = format!("{:X}/{:X}", next_start >> 32, next_start & 0xffff_ffff);
+                    let mut end = result_set(
+                        &["next_tli", "next_tli_startpos"],
+                        &[Some(&next.to_string()), Some(&start)],
+                    );
+                    // START_REPLICATION's own CommandComplete, as StartReplication sends it.
+                    end.extend(msg(b'C', b"START_STREAMING\0"));
+                    end.extend(msg(b'Z', b"I"));
+                    if wr.write_all(&end).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
     }
 
     /// Records the flush position of a standby status update ('r').
@@ -380,55 +435,8 @@ mod fake_receiver_primary {
                 if sock.write_all(&msg(b'W', &[0, 0, 0])).await.is_err() {
                     return;
                 }
-                for act in script.clone() {
-                    match act {
-                        Act::Wal(at, data) => {
-                            for (i, chunk) in data.chunks(128 * 1024).enumerate() {
-                                let start = at + (i * 128 * 1024) as u64;
-                                if sock
-                                    .write_all(&super::xlogdata(start, chunk))
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                        }
-                        Act::EndTimeline(next, next_start) => {
-                            if sock.write_all(&msg(b'c', &[])).await.is_err() {
-                                return;
-                            }
-                            // The client's status updates, then its CopyDone.
-                            loop {
-                                match read_msg(&mut sock).await {
-                                    Some((b'c', _)) => break,
-                                    Some((b'd', body)) => note_status(&body, &flushes),
-                                    _ => return,
-                                }
-                            }
-                            let start =
-                                format!("{:X}/{:X}", next_start >> 32, next_start & 0xffff_ffff);
-                            let mut end = result_set(
-                                &["next_tli", "next_tli_startpos"],
-                                &[Some(&next.to_string()), Some(&start)],
-                            );
-                            // START_REPLICATION's own CommandComplete, as StartReplication sends it.
-                            end.extend(msg(b'C', b"START_STREAMING\0"));
-                            end.extend(msg(b'Z', b"I"));
-                            if sock.write_all(&end).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                // Keep the stream open and record what the receiver reports.
-                loop {
-                    match tokio::time::timeout(Duration::from_secs(30), read_msg(&mut sock)).await {
-                        Ok(Some((b'd', body))) => note_status(&body, &flushes),
-                        Ok(Some((b'Q', _))) => return,
-                        _ => return,
-                    }
-                }
+                stream(sock, script, flushes).await;
+                return;
             } else {
                 // Anything else (TIMELINE_HISTORY) is beyond this fake: hang up.
                 return;
@@ -523,8 +531,15 @@ mod fake_receiver_primary {
 async fn protocol_fault_zero_segment_is_not_archived() {
     use fake_receiver_primary::*;
     use walhoard_walreceiver::ReceiverEvent;
+    // The first 100 bytes alone, then a pause (several status intervals), then the rest: a
+    // first page still incomplete must not count as held either.
     let zeros = vec![0u8; 16 << 20];
-    let (events, flushes) = receive(1, vec![Act::Wal(START, zeros)], |evs| {
+    let script = vec![
+        Act::Wal(START, zeros[..100].to_vec()),
+        Act::Pause(300),
+        Act::Wal(START + 100, zeros[100..].to_vec()),
+    ];
+    let (events, flushes) = receive(1, script, |evs| {
         !disconnect_errors(evs).is_empty()
             || evs
                 .iter()

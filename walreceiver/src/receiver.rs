@@ -648,7 +648,9 @@ impl Session {
                             // file, so the flush can reach it when the archive holds the rest.
                             if let Some(cur) = current.as_mut() {
                                 let to = cur.make_durable(&dir, seg)?;
-                                spool.extend(cur.start, to);
+                                if cur.first_page_checked {
+                                    spool.extend(cur.start, to);
+                                }
                             }
                             stream.send_status(&self.report(received, &spool, tli)).await?;
                         }
@@ -906,10 +908,11 @@ impl Incoming {
     }
 
     /// Syncs the spool file when it is durable and returns its durable end; `None` when the
-    /// segment is not durable (only a cache in front of the slot).
+    /// segment is not durable (only a cache in front of the slot) or its first page is not
+    /// checked yet (nothing of a segment that may be no WAL at all counts as held).
     fn sync(&mut self) -> std::io::Result<Option<Lsn>> {
         match self.file.as_mut() {
-            Some(f) if f.is_durable() => {
+            Some(f) if f.is_durable() && self.first_page_checked => {
                 f.sync()?;
                 Ok(Some(f.synced_lsn()))
             }
