@@ -298,8 +298,32 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
         check_storage(config, name, &mut out).await;
         check_archive(config, name, &mut out).await;
         check_keys(name, s, &mut out);
+        check_wal_gap(config, name, &mut out);
     }
     Ok(out)
+}
+
+/// Fails while the daemon's alert file says the site's archive has an unresolved WAL gap
+/// (WAL the primary removed before it was archived; resolved by a basebackup taken after it).
+fn check_wal_gap(config: &Config, name: &str, out: &mut Vec<CheckResult>) {
+    let path = config
+        .alert_dir()
+        .join(crate::daemon::status::wal_gap_alert(name));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let detail = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        out.push(CheckResult {
+            site: name.into(),
+            check: "WAL gap".into(),
+            ok: false,
+            detail: format!(
+                "{detail} (alert file {}; a basebackup taken after the gap resolves it)",
+                path.display()
+            ),
+        });
+    }
 }
 
 /// The results as a table for a terminal.

@@ -273,6 +273,11 @@ pub struct SiteConfig {
     pub pg_receivexlog: ReceiveXlogConfig,
     #[serde(default)]
     pub stream_compression: bool,
+    /// walhoard: when WAL the archive lacks turns out to be gone from the primary (a gap),
+    /// take a new basebackup at once, so that point-in-time recovery is possible again from
+    /// there. Default true.
+    #[serde(default = "default_true")]
+    pub basebackup_on_wal_gap: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -194,7 +194,10 @@ pub struct PageExpectation {
 
 /// Validates every page header of `data`, which holds WAL starting at `start` (page aligned).
 /// With `allow_zero_tail`, the data may end in all-zero pages: the unwritten tail of a partial
-/// segment, or what follows an XLOG_SWITCH record. Non-zero bytes after such a page are an error.
+/// segment, or what follows an XLOG_SWITCH record. Non-zero bytes after such a page are an error,
+/// and so is an all-zero first page of a segment: PostgreSQL begins every segment with a long
+/// page header (`XLP_LONG_HEADER`, system identifier, segment size, block size; see
+/// `XLogReaderValidatePageHeader`), so a segment of zeros is no WAL at all, never a short one.
 pub fn validate_pages(
     data: &[u8],
     start: Lsn,
@@ -209,6 +212,11 @@ pub fn validate_pages(
     for (i, page) in data.chunks(XLOG_BLCKSZ).enumerate() {
         let addr = Lsn(start.0 + (i * XLOG_BLCKSZ) as u64);
         if allow_zero_tail && page.iter().all(|b| *b == 0) {
+            if addr.segment_offset(expect.seg_size) == 0 {
+                return Err(FormatError::new(format!(
+                    "WAL page at {addr} is empty (all zeros), but the first page of a segment must carry a long page header"
+                )));
+            }
             let rest = &data[i * XLOG_BLCKSZ..];
             return match rest.iter().position(|b| *b != 0) {
                 None => Ok(()),
@@ -357,6 +365,18 @@ mod tests {
         let err = validate_pages(&hole, Lsn(0x100_0000), &expect(), true).unwrap_err();
         assert!(err.to_string().contains("follows an empty page"), "{err}");
         assert!(validate_pages(&data, Lsn(0x100_0001), &expect(), true).is_err());
+    }
+
+    /// Issue 14 item 7: a segment of zeros passed as "a segment with a zero tail" and was
+    /// archived; the first page of a segment must hold a long header.
+    #[test]
+    fn zero_first_page_of_a_segment_is_refused() {
+        let zeros = vec![0u8; 4 * XLOG_BLCKSZ];
+        let err = validate_pages(&zeros, Lsn(0x100_0000), &expect(), true).unwrap_err();
+        assert!(err.to_string().contains("first page of a segment"), "{err}");
+        assert!(err.to_string().contains("0/1000000"), "{err}");
+        // A zero page later in a segment is still a valid (unwritten) tail.
+        validate_pages(&zeros, Lsn(0x100_2000), &expect(), true).unwrap();
     }
 
     #[test]

@@ -124,9 +124,15 @@ impl Generation {
                 continue;
             }
             let upload = Arc::new(upload_context(config, name, slots.clone())?);
+            let (backup_tx, backup_rx) = if site.nodes.is_empty() {
+                (None, None)
+            } else {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                (Some(tx), Some(rx))
+            };
             let status = match site.active_backup_mode {
                 BackupMode::Walreceiver => {
-                    let wal = site::SiteWal::new(
+                    let mut wal = site::SiteWal::new(
                         name,
                         site,
                         spool_dir(config, name)?,
@@ -140,6 +146,9 @@ impl Generation {
                             SEGMENT_BUFFER_BYTES,
                         ),
                     )?;
+                    if site.basebackup_on_wal_gap {
+                        wal.gap_backups = backup_tx.clone();
+                    }
                     let status = wal.status.clone();
                     runs.push(wal);
                     status
@@ -150,10 +159,7 @@ impl Generation {
                 }
             };
             let basebackup = Arc::new(basebackups::BasebackupStatus::default());
-            let backup_requests = if site.nodes.is_empty() {
-                None
-            } else {
-                let (tx, rx) = tokio::sync::mpsc::channel(4);
+            if let Some(rx) = backup_rx {
                 tracker.spawn(basebackups::run(
                     shared_config.clone(),
                     name.clone(),
@@ -161,8 +167,8 @@ impl Generation {
                     rx,
                     stop.clone(),
                 ));
-                Some(tx)
-            };
+            }
+            let backup_requests = backup_tx;
             sites.by_name.insert(
                 name.clone(),
                 SiteHandle {

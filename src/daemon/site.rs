@@ -10,15 +10,17 @@ use anyhow::{Context, Result};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use walhoard_protocol::{Lsn, SegmentId, SegmentSize, WalSegmentName};
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
 use walhoard_walreceiver::{
     ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers, SpoolSync,
     StartPosition,
 };
 
 use super::archiver::{wal_key, Archiver, UploadContext};
+use super::basebackups::BackupRequest;
 use super::status::{
-    Alerts, SiteStatus, AUTHENTICATION_ERROR, CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
+    now_secs, wal_gap_alert, Alerts, SiteStatus, WalGapState, AUTHENTICATION_ERROR,
+    CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
 };
 use crate::config::{SiteConfig, SpoolFsync};
 
@@ -34,7 +36,12 @@ pub struct SiteWal {
     pub alerts: Alerts,
     pub disk_guard: Option<DiskGuard>,
     archived_rx: watch::Receiver<Lsn>,
+    /// Where to ask for a basebackup when a WAL gap is found (`basebackup_on_wal_gap`).
+    pub gap_backups: Option<mpsc::Sender<BackupRequest>>,
 }
+
+/// How long to wait before asking again for the basebackup a WAL gap needs, after one failed.
+const GAP_BACKUP_RETRY: Duration = Duration::from_secs(60);
 
 /// Pause receiving below `min_free` bytes free in `dir`, resume at `resume_free`.
 #[derive(Debug, Clone)]
@@ -101,6 +108,7 @@ impl SiteWal {
             alerts,
             disk_guard,
             archived_rx,
+            gap_backups: None,
         })
     }
 
@@ -207,6 +215,15 @@ impl SiteWal {
                         break;
                     }
                 }
+                ReceiverEvent::WalGap {
+                    from,
+                    to,
+                    tli,
+                    error,
+                } => {
+                    let seg = seg_size.unwrap_or(SegmentSize::DEFAULT);
+                    self.wal_gap(from, to, tli, seg, &error, &stop);
+                }
                 ReceiverEvent::Disconnected {
                     error,
                     auth_failure,
@@ -245,8 +262,83 @@ impl SiteWal {
         }
     }
 
+    /// WAL from `from` to `to` is lost (the archive never got it, the primary removed it):
+    /// said loudly (ERROR log, alert file, state file and `/status`, `walhoard check`), and a
+    /// basebackup is requested at once when the site allows it, so that point-in-time
+    /// recovery is possible again from there; it resolves the gap once stored.
+    fn wal_gap(
+        &self,
+        from: Lsn,
+        to: Lsn,
+        tli: TimelineId,
+        seg: SegmentSize,
+        error: &str,
+        stop: &CancellationToken,
+    ) {
+        let first = SegmentId::containing(tli, from, seg).to_string();
+        let last = SegmentId::containing(tli, Lsn(to.0.saturating_sub(1)), seg).to_string();
+        tracing::error!(site = %self.name, from = %from, to = %to, first_missing_segment = %first, last_missing_segment = %last, %error,
+            "WAL gap: these segments are neither in the archive nor on the primary any more; no restore can cross them (point-in-time recovery before {to} needs a basebackup taken after it)");
+        self.status.set_wal_gap(WalGapState {
+            from_lsn: from.to_string(),
+            to_lsn: to.to_string(),
+            timeline: tli.get(),
+            first_missing_segment: first.clone(),
+            last_missing_segment: last.clone(),
+            detected_time: now_secs(),
+            error: error.to_string(),
+            resolved_by_basebackup: None,
+        });
+        let alert = wal_gap_alert(&self.name);
+        let detail = format!(
+            "site {}: WAL from {from} to {to} (segments {first} to {last}) is neither archived nor on the primary: {error}",
+            self.name
+        );
+        // A new gap replaces an older one's alert.
+        self.alerts.clear(&alert);
+        self.alerts.raise(&alert, &detail);
+        let Some(requests) = self.gap_backups.clone() else {
+            tracing::warn!(site = %self.name, "basebackup_on_wal_gap is off: take a basebackup to make point-in-time recovery possible again");
+            return;
+        };
+        let (site, status, alerts, stop) = (
+            self.name.clone(),
+            self.status.clone(),
+            self.alerts.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let answer = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    sent = requests.send(tx) => match sent {
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err("the backup task stopped".into())),
+                        Err(_) => return,
+                    },
+                };
+                match answer {
+                    Ok(name) => {
+                        tracing::info!(%site, backup = %name, "basebackup after the WAL gap stored: point-in-time recovery is possible again from its start");
+                        status.resolve_wal_gap(&name);
+                        alerts.clear(&alert);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(%site, error = %e, retry_in = ?GAP_BACKUP_RETRY, "the basebackup a WAL gap needs failed");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(GAP_BACKUP_RETRY) => {}
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// On the first connection: hand the spool's complete files to the archiver, then skip
-    /// the segments from the slot's position on that the spool or the archive already holds.
+    /// the segments from the slot's position on that the spool or the archive already holds;
+    /// or, when the archive ends before the slot's position, start at the archive's end.
     fn resume_hook(&self, tracker: TaskTracker, abort: CancellationToken) -> ResumeHook {
         let archiver = self.archiver.clone();
         Arc::new(move |from: StartPosition, seg: SegmentSize| {
@@ -349,6 +441,49 @@ fn spool_from_this_boot(dir: &Path) -> Result<bool> {
     })
 }
 
+/// The end of the archive's newest segment on `tli`, when that is before `slot_at`: the WAL in
+/// between was never archived (the slot was dropped and created again at a later position, or
+/// moved by someone else), and streaming must start there for as long as the primary has it.
+/// `None` when the segment before `slot_at` is archived (the usual case, one stat) or the
+/// archive holds no segment of `tli` (a new site).
+async fn archive_end_below(
+    archiver: &Archiver,
+    tli: TimelineId,
+    slot_at: Lsn,
+    seg: SegmentSize,
+) -> Option<Lsn> {
+    let store = &archiver.context().store;
+    let slot_segno = slot_at.segment_number(seg);
+    if slot_segno == 0 {
+        return None;
+    }
+    let before = WalSegmentName::Segment(SegmentId::from_segno(tli, slot_segno - 1, seg));
+    match store.stat(&wal_key(&before)).await {
+        Ok(Some(_)) => return None,
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell where the archive ends; streaming from the slot's position");
+            return None;
+        }
+    }
+    let listed = match store.list("xlog").await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the archive's WAL; streaming from the slot's position");
+            return None;
+        }
+    };
+    let newest = listed
+        .iter()
+        .filter_map(|o| match o.key.trim_start_matches("xlog/").parse() {
+            Ok(WalSegmentName::Segment(id)) if id.tli == tli => id.segno(seg).ok(),
+            _ => None,
+        })
+        .filter(|n| *n < slot_segno)
+        .max()?;
+    Some(Lsn((newest + 1) * seg.bytes()))
+}
+
 async fn resume_point(
     archiver: &Archiver,
     from: StartPosition,
@@ -365,7 +500,12 @@ async fn resume_point(
     if !spool_from_this_boot(&dir)? {
         distrust_spool(archiver, &mut spool, lsn, seg).await;
     }
-    // Everything before the slot's position is as archived as it will ever be.
+    if let Some(end) = archive_end_below(archiver, tli, lsn, seg).await {
+        tracing::warn!(slot_at = %lsn, archive_end = %end, "the archive ends before the slot's position (the slot was dropped and created again, or moved): streaming from the archive's end");
+        lsn = end;
+    }
+    // Everything before the start is as archived as it will ever be (or lost, which the
+    // receiver finds out and reports).
     archiver.start_at(lsn);
     // History files are small and order-free: archive any left behind.
     let histories: Vec<String> = spool

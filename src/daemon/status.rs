@@ -39,6 +39,32 @@ pub struct WalState {
     pub files_archived: u64,
     /// Receiving is paused because backup_location is short of space.
     pub paused_for_disk_space: bool,
+    /// The last gap found in the archive's WAL (WAL the primary removed before it was
+    /// archived); `null` when none was found since the daemon started.
+    pub wal_gap: Option<WalGapState>,
+}
+
+/// A range of WAL that is neither in the archive nor on the primary any more.
+#[derive(Debug, Clone, Serialize)]
+pub struct WalGapState {
+    /// The first missing byte (a segment boundary).
+    pub from_lsn: String,
+    /// Streaming continued here (the slot's position).
+    pub to_lsn: String,
+    pub timeline: u32,
+    pub first_missing_segment: String,
+    pub last_missing_segment: String,
+    pub detected_time: f64,
+    /// The primary's error.
+    pub error: String,
+    /// The basebackup taken after the gap, once it is stored: point-in-time recovery is
+    /// possible again from its start. `null` while the gap is unresolved.
+    pub resolved_by_basebackup: Option<String>,
+}
+
+/// The alert file of a site's unresolved WAL gap (`walhoard check` fails while it exists).
+pub fn wal_gap_alert(site: &str) -> String {
+    format!("wal_gap_{site}")
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +153,19 @@ impl SiteStatus {
         self.with(|i| {
             i.wal.last_error = Some(e);
             i.wal.last_error_time = Some(now_secs());
+        });
+    }
+
+    pub fn set_wal_gap(&self, gap: WalGapState) {
+        self.with(|i| i.wal.wal_gap = Some(gap));
+    }
+
+    /// The gap recorded is resolved by `backup`.
+    pub fn resolve_wal_gap(&self, backup: &str) {
+        self.with(|i| {
+            if let Some(g) = i.wal.wal_gap.as_mut() {
+                g.resolved_by_basebackup = Some(backup.to_string());
+            }
         });
     }
 

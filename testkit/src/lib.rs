@@ -519,6 +519,38 @@ impl PgCluster {
         Ok(())
     }
 
+    /// `pg_ctl stop -m fast -t <limit>` as the server's user, the way an operator stops it;
+    /// fails when the server is not down within `limit`. Returns how long it took.
+    pub fn pg_ctl_stop_fast(&mut self, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let out = self
+            .command(&tool_path("pg_ctl")?)
+            .args([
+                "stop",
+                "-m",
+                "fast",
+                "-t",
+                &limit.as_secs().to_string(),
+                "-D",
+            ])
+            .arg(self.data_dir())
+            .output()
+            .context("run pg_ctl stop")?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!(
+                "pg_ctl stop -m fast failed after {took:?} ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            child.wait()?;
+        }
+        Ok(took)
+    }
+
     /// Fast shutdown; waits for the postmaster to exit.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod buffers;
+mod position;
 pub mod receiver;
 pub mod spool;
 

@@ -16,8 +16,13 @@ use walhoard_protocol::{
 };
 
 use crate::buffers::{SegmentBuffer, SegmentBuffers};
+use crate::position::{flush_position, SpoolDurable};
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
+
+/// SQLSTATE of "requested WAL segment ... has already been removed" (errcode_for_file_access
+/// on ENOENT: ERRCODE_UNDEFINED_FILE).
+const WAL_REMOVED: &str = "58P01";
 
 /// XLogData payloads at least this long are read straight into the segment (the walsender
 /// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
@@ -26,7 +31,10 @@ const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
 /// Called once, on the first connection, with the slot's position (its restart_lsn at a segment
 /// boundary, on the timeline that wrote it): returns where streaming should really start, after
 /// the segments the archive (or a local spool) already holds. It must not return a position
-/// past WAL that is not held somewhere: the receiver skips straight to it.
+/// past WAL that is not held somewhere: the receiver skips straight to it. It may return a
+/// position *before* the slot's (the archive ends there: the slot was dropped and created
+/// again): the receiver then streams from there while the primary still has that WAL, and
+/// reports a [`ReceiverEvent::WalGap`] when it does not.
 pub type ResumeHook = Arc<
     dyn Fn(StartPosition, SegmentSize) -> Pin<Box<dyn Future<Output = Lsn> + Send>> + Send + Sync,
 >;
@@ -136,6 +144,17 @@ pub enum ReceiverEvent {
     },
     /// A timeline history file fetched from the server, durable in the spool.
     History { name: WalSegmentName, path: PathBuf },
+    /// WAL from `from` up to `to` (segment boundaries, timeline `tli`) is lost: it was to be
+    /// streamed because the archive does not hold it, but the primary has removed it
+    /// (SQLSTATE 58P01, "requested WAL segment ... has already been removed") and the slot
+    /// starts only at `to`. Streaming continues at `to`.
+    WalGap {
+        from: Lsn,
+        to: Lsn,
+        tli: TimelineId,
+        /// The server's error.
+        error: String,
+    },
     /// The connection was lost or could not be made; the receiver retries.
     Disconnected {
         error: String,
@@ -154,8 +173,10 @@ pub enum ReceiverEvent {
 pub struct ReceiverPositions {
     /// Every byte before this has been received and written to the spool.
     pub received_lsn: Lsn,
-    /// The flush position last reported to the server: below both the spool's durable end and
-    /// the archive's end, so the slot never releases WAL the archive does not hold.
+    /// The flush position last reported to the server (`position::flush_position`): the
+    /// archive's end, or past it by what the spool holds durably of the first segment the
+    /// archive lacks, never beyond that segment's last byte; so the slot never releases WAL
+    /// the archive does not hold.
     pub reported_flush_lsn: Lsn,
     /// The timeline being received (0 before the first connection).
     pub timeline: u32,
@@ -186,6 +207,7 @@ pub async fn run(
         cancel,
         flush_floor: Lsn::INVALID,
         durable: true,
+        seg: SegmentSize::DEFAULT,
     };
     let mut backoff = state.cfg.reconnect_min;
     loop {
@@ -218,7 +240,13 @@ pub async fn run(
                 if state.next != before {
                     backoff = state.cfg.reconnect_min;
                 }
-                tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
+                if matches!(pg, PgError::Protocol(_)) {
+                    // The server broke the protocol (or is not what it claims): worth more
+                    // than a warning, although a reconnect may find it sane again.
+                    tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "protocol violation by the server");
+                } else {
+                    tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
+                }
                 (pg.is_retryable(), pg.is_auth_failure())
             }
             _ => {
@@ -275,6 +303,8 @@ struct Session {
     flush_floor: Lsn,
     /// The spool is fdatasync'd in this session ([`SpoolSync`]).
     durable: bool,
+    /// The server's WAL segment size (known once connected).
+    seg: SegmentSize,
 }
 
 /// How one START_REPLICATION ended.
@@ -300,6 +330,7 @@ impl Session {
         let mut client = ReplicationClient::connect(&self.cfg.conn).await?;
         let id = client.identify_system().await?;
         let seg = client.wal_segment_size().await?;
+        self.seg = seg;
         let major = client.server_major()?;
         let magic = page_magic_for(major).ok_or(ReceiverError::Unsupported(major))?;
         let durable = match self.cfg.spool_sync {
@@ -339,8 +370,10 @@ impl Session {
         pos = pos.segment_start(seg);
         if let Some(r) = restart {
             if pos < r.segment_start(seg) {
-                tracing::error!(%slot, wanted = %pos, available = %r, "WAL before the slot's restart_lsn is gone (the archive has a gap there); starting at the slot");
-                pos = r.segment_start(seg);
+                // START_REPLICATION on a physical slot does not check the slot's restart_lsn
+                // (StartReplication in walsender.c): the server streams what it still has and
+                // fails with 58P01 where it has not (handled below).
+                tracing::warn!(%slot, wanted = %pos, slot_at = %r, "the slot starts after the archive's end (was it dropped and created again?): streaming from the archive's end while the primary still has that WAL");
             }
         }
         let first_session = self.next.is_none();
@@ -378,6 +411,9 @@ impl Session {
                 if at > pos {
                     tracing::info!(%slot, slot_at = %pos, resume_at = %at, "segments from the slot's position on are already held; skipping them");
                     pos = at.segment_start(seg);
+                } else if at.is_valid() && at < pos {
+                    tracing::warn!(%slot, slot_at = %pos, resume_at = %at, "the archive ends before the slot's position: streaming from the archive's end while the primary still has that WAL");
+                    pos = at.segment_start(seg);
                 }
             }
             // The hook ran (and may have queued work): later sessions continue from here.
@@ -405,7 +441,35 @@ impl Session {
             })
             .await?;
             tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");
-            match self.stream(&mut client, pos, tli, seg, &expect).await? {
+            let streamed = self.stream(&mut client, pos, tli, seg, &expect).await;
+            let streamed = match streamed {
+                Err(ReceiverError::Pg(PgError::Server(e))) if e.code == WAL_REMOVED => {
+                    // Where streaming would resume: what the primary no longer has.
+                    let from = self.next.map_or(pos, |p| p.lsn).segment_start(seg);
+                    let to = restart.map(|r| r.segment_start(seg));
+                    match to {
+                        Some(to) if from < to => {
+                            let error = format!("{}: {}", e.code, e.message);
+                            tracing::error!(%slot, from = %from, to = %to, timeline = %tli, %error, "WAL the archive lacks is gone from the primary: continuing at the slot's position");
+                            self.send(ReceiverEvent::WalGap {
+                                from,
+                                to,
+                                tli,
+                                error,
+                            })
+                            .await?;
+                            self.next = Some(StartPosition {
+                                lsn: to,
+                                tli: Some(tli),
+                            });
+                        }
+                        _ => {}
+                    }
+                    return Err(PgError::Server(e).into());
+                }
+                other => other?,
+            };
+            match streamed {
                 StreamEnd::Cancelled => return Ok(SessionEnd::Cancelled),
                 StreamEnd::Paused => {
                     client.close().await.ok();
@@ -450,26 +514,19 @@ impl Session {
         &self,
         stream: &mut ReplicationStream<'_>,
         current: &mut Option<Incoming>,
-        synced: &mut Lsn,
+        spool: &mut SpoolDurable,
         received: Lsn,
         tli: TimelineId,
         end: StreamEnd,
     ) -> Result<StreamEnd, ReceiverError> {
-        sync_spool(current, synced)?;
-        let _ = stream
-            .send_status(&self.report(received, *synced, tli))
-            .await;
+        sync_spool(current, spool)?;
+        let _ = stream.send_status(&self.report(received, spool, tli)).await;
         Ok(end)
     }
 
-    fn report(&self, received: Lsn, synced: Lsn, tli: TimelineId) -> StandbyStatus {
+    fn report(&self, received: Lsn, spool: &SpoolDurable, tli: TimelineId) -> StandbyStatus {
         let archived = *self.archived.borrow();
-        let flush = archived.min(synced);
-        let flush = if flush < self.flush_floor {
-            Lsn::INVALID
-        } else {
-            flush
-        };
+        let flush = flush_position(archived, spool, self.flush_floor, self.seg);
         self.positions.send_replace(ReceiverPositions {
             received_lsn: received,
             reported_flush_lsn: flush,
@@ -491,8 +548,13 @@ impl Session {
             .await?;
         let mut current: Option<Incoming> = None;
         let mut received = start;
-        // Durable in the spool; everything before the current segment is.
-        let mut synced = start;
+        // What the spool holds durably: from the start in a durable spool; in a spool that is
+        // only a cache, nothing until a reply-requested keepalive makes the segment being
+        // received durable.
+        let mut spool = SpoolDurable::default();
+        if self.durable {
+            spool.extend(start, start);
+        }
         let mut ticker = tokio::time::interval(self.cfg.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut archived = self.archived.clone();
@@ -515,19 +577,19 @@ impl Session {
             // fdatasync per status update is what bounds how stale the reported flush is.
             tokio::select! {
                 _ = self.cancel.cancelled() => {
-                    return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Cancelled).await;
+                    return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Cancelled).await;
                 }
                 Ok(_) = async { pause.as_mut().expect("guarded").wait_for(|p| *p).await.map(|_| ()) }, if pause.is_some() => {
-                    return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Paused).await;
+                    return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Paused).await;
                 }
                 _ = ticker.tick() => {
-                    sync_spool(&mut current, &mut synced)?;
-                    stream.send_status(&self.report(received, synced, tli)).await?;
+                    sync_spool(&mut current, &mut spool)?;
+                    stream.send_status(&self.report(received, &spool, tli)).await?;
                 }
                 changed = archived.changed(), if archive_open => {
                     if changed.is_ok() {
                         // Let the slot advance as soon as the archive does.
-                        stream.send_status(&self.report(received, synced, tli)).await?;
+                        stream.send_status(&self.report(received, &spool, tli)).await?;
                     } else {
                         archive_open = false;
                     }
@@ -551,7 +613,7 @@ impl Session {
                                 // The payload's remainder, from the socket into the segment.
                                 let n = tokio::select! {
                                     _ = self.cancel.cancelled() => {
-                                        return self.leave(&mut stream, &mut current, &mut synced, received, tli, StreamEnd::Cancelled).await;
+                                        return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Cancelled).await;
                                     }
                                     n = cur.read_direct(&mut stream, direct, &mut scratch) => n?,
                                 };
@@ -559,12 +621,20 @@ impl Session {
                                 n
                             };
                             received = Lsn(received.0 + n as u64);
+                            if let Some(cur) = current.as_mut() {
+                                // A segment that does not begin with a valid long page header
+                                // is refused at once, before any of it counts as held.
+                                cur.check_first_page(expect, &mut verify_buf)?;
+                            }
                             if current.as_ref().is_some_and(Incoming::is_full) {
                                 let done = current.take().expect("current segment");
                                 done.verify(expect, &mut verify_buf)?;
                                 let (id, seg_start) = (done.id, done.start);
+                                let was_durable = done.is_durable();
                                 let (path, data) = done.complete(&dir)?;
-                                synced = received;
+                                if was_durable {
+                                    spool.extend(seg_start, received);
+                                }
                                 self.next = Some(StartPosition { lsn: received, tli: Some(tli) });
                                 // A bounded channel: a slow archive slows receiving, never drops WAL.
                                 self.send(ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start, data: data.map(Arc::new) }).await?;
@@ -573,13 +643,29 @@ impl Session {
                     }
                     ReplicationEvent::Keepalive { reply_requested, .. } => {
                         if reply_requested {
-                            sync_spool(&mut current, &mut synced)?;
-                            stream.send_status(&self.report(received, synced, tli)).await?;
+                            // The walsender asks when it waits for us, above all at shutdown
+                            // (WalSndDone exits once the reported flush reaches what it sent):
+                            // make the segment being received durable even in a spool that is
+                            // only a cache, as pg_receivewal's ProcessKeepaliveMsg syncs its
+                            // file, so the flush can reach it when the archive holds the rest.
+                            if let Some(cur) = current.as_mut() {
+                                let to = cur.make_durable(&dir, seg)?;
+                                if cur.first_page_checked {
+                                    spool.extend(cur.start, to);
+                                }
+                            }
+                            stream.send_status(&self.report(received, &spool, tli)).await?;
                         }
                     }
                     ReplicationEvent::EndOfTimeline(end) => {
                         let next_tli = end.next_tli.ok_or_else(|| PgError::protocol("server ended the timeline without naming the next one"))?;
                         let next_start = end.next_tli_start.unwrap_or(received);
+                        // Timelines only ever go up (a promotion picks a new, higher one:
+                        // findNewestTimeLine + 1); a server announcing the same or an earlier
+                        // one is broken or not the server we streamed from.
+                        if next_tli <= tli {
+                            return Err(PgError::protocol(format!("timeline {tli} ended at {received} announcing timeline {next_tli} as the next one, which is not later than {tli}")).into());
+                        }
                         if next_start != received {
                             return Err(PgError::protocol(format!("timeline {tli} ended at {received}, but timeline {next_tli} starts at {next_start}")).into());
                         }
@@ -596,10 +682,12 @@ impl Session {
     }
 }
 
-/// Makes the segment being received durable and advances `synced` to match.
-fn sync_spool(current: &mut Option<Incoming>, synced: &mut Lsn) -> std::io::Result<()> {
+/// Makes the segment being received durable (when the spool is) and records it in `spool`.
+fn sync_spool(current: &mut Option<Incoming>, spool: &mut SpoolDurable) -> std::io::Result<()> {
     if let Some(cur) = current.as_mut() {
-        *synced = cur.sync()?;
+        if let Some(to) = cur.sync()? {
+            spool.extend(cur.start, to);
+        }
     }
     Ok(())
 }
@@ -620,6 +708,8 @@ struct Incoming {
     written: u64,
     file: Option<SegmentFile>,
     buf: Option<SegmentBuffer>,
+    /// The first page's header was checked ([`Incoming::check_first_page`]).
+    first_page_checked: bool,
 }
 
 impl Incoming {
@@ -650,7 +740,56 @@ impl Incoming {
             written: at.segment_offset(seg),
             file,
             buf,
+            // Received from the middle: the first page came in an earlier session and is
+            // checked with the whole segment.
+            first_page_checked: at != start,
         })
+    }
+
+    /// Checks the segment's first page as soon as it is all received, so that a segment that
+    /// is no WAL (zeros, another cluster's) fails at once, before any of it is reported held.
+    fn check_first_page(
+        &mut self,
+        expect: &PageExpectation,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ReceiverError> {
+        let page = walhoard_protocol::xlog::XLOG_BLCKSZ;
+        if self.first_page_checked || (self.written as usize) < page {
+            return Ok(());
+        }
+        let data: &[u8] = match (&self.buf, &self.file) {
+            (Some(b), _) => &b[..page],
+            (None, Some(f)) => {
+                f.read_first_page_into(scratch, page)?;
+                scratch
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        };
+        validate_pages(data, self.start, expect, true)
+            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))?;
+        self.first_page_checked = true;
+        Ok(())
+    }
+
+    /// Whether the segment is being written to a durable spool file.
+    fn is_durable(&self) -> bool {
+        self.file.as_ref().is_some_and(SegmentFile::is_durable)
+    }
+
+    /// Makes what is received of this segment durable in the spool even when the spool is
+    /// only a cache (writing the buffer out to a file first if the segment has none); the
+    /// segment stays durable from then on. Returns the durable end.
+    fn make_durable(&mut self, dir: &Path, seg: SegmentSize) -> std::io::Result<Lsn> {
+        if self.file.is_none() {
+            let mut f = SegmentFile::open(dir, self.id.tli, self.start, seg, true)?;
+            if let Some(b) = &self.buf {
+                f.write(self.start, b)?;
+            }
+            self.file = Some(f);
+        }
+        let f = self.file.as_mut().expect("just opened");
+        f.make_durable()?;
+        Ok(f.synced_lsn())
     }
 
     fn written_lsn(&self) -> Lsn {
@@ -721,15 +860,16 @@ impl Incoming {
         Ok(n)
     }
 
-    /// Syncs the spool file (when durable) and returns the position held: synced, or simply
-    /// received when the spool is not durable.
-    fn sync(&mut self) -> std::io::Result<Lsn> {
+    /// Syncs the spool file when it is durable and returns its durable end; `None` when the
+    /// segment is not durable (only a cache in front of the slot) or its first page is not
+    /// checked yet (nothing of a segment that may be no WAL at all counts as held).
+    fn sync(&mut self) -> std::io::Result<Option<Lsn>> {
         match self.file.as_mut() {
-            Some(f) => {
+            Some(f) if f.is_durable() && self.first_page_checked => {
                 f.sync()?;
-                Ok(f.synced_lsn())
+                Ok(Some(f.synced_lsn()))
             }
-            None => Ok(self.written_lsn()),
+            _ => Ok(None),
         }
     }
 

@@ -108,6 +108,25 @@ impl SegmentFile {
         Ok(n)
     }
 
+    /// Whether this file is made durable (fdatasync, directory fsyncs).
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Makes the file durable from now on, whatever it was opened as: its size and what is
+    /// written so far are synced, and its directory entry, then every later sync and the
+    /// rename are durable too.
+    pub fn make_durable(&mut self) -> io::Result<()> {
+        if !self.durable {
+            self.file.sync_all()?;
+            fsync_dir(&self.dir)?;
+            self.durable = true;
+            self.synced = self.written;
+            return Ok(());
+        }
+        self.sync()
+    }
+
     /// Makes everything written durable (fdatasync), when the spool is durable.
     pub fn sync(&mut self) -> io::Result<()> {
         if self.synced != self.written {
@@ -122,9 +141,17 @@ impl SegmentFile {
     /// Reads the whole file back into `buf`, replacing its content (for verification before
     /// it is handed on; the receiver reuses one buffer for every segment).
     pub fn read_all_into(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.read_prefix_into(buf, self.seg_size.bytes())
+    }
+
+    /// Reads the segment's first `len` bytes into `buf` (replacing its content).
+    pub fn read_first_page_into(&self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+        self.read_prefix_into(buf, len as u64)
+    }
+
+    fn read_prefix_into(&self, buf: &mut Vec<u8>, len: u64) -> io::Result<()> {
         // read_to_end fills spare capacity without zeroing it first: zeroing 16 MiB per
         // segment was a few per cent of the receiver's CPU (docs/benchmarks.md).
-        let len = self.seg_size.bytes();
         buf.clear();
         buf.reserve(len as usize);
         let mut f = &self.file;
