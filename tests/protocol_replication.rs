@@ -139,7 +139,7 @@ pub(crate) async fn receive_until(
                 }
                 let mut at = wal_start;
                 let mut rest = &data[..];
-                if at.segment_number(seg) != Lsn(at.0 + data.len() as u64 - 1).segment_number(seg) {
+                if at.segment_number(seg) != (at + (data.len() as u64 - 1)).segment_number(seg) {
                     crossings += 1;
                 }
                 while !rest.is_empty() {
@@ -150,7 +150,7 @@ pub(crate) async fn receive_until(
                         .or_insert_with(|| vec![0; seg.bytes() as usize]);
                     buf[off..off + n].copy_from_slice(&rest[..n]);
                     rest = &rest[n..];
-                    at = Lsn(at.0 + n as u64);
+                    at += n as u64;
                 }
                 pos = at;
             }
@@ -289,7 +289,7 @@ async fn protocol_keepalive_reply_keeps_connection() {
         {
             ReplicationEvent::XLogData {
                 wal_start, data, ..
-            } => pos = Lsn(wal_start.0 + data.len() as u64),
+            } => pos = wal_start + data.len() as u64,
             ReplicationEvent::Keepalive {
                 reply_requested: true,
                 ..
@@ -351,7 +351,7 @@ async fn protocol_end_of_timeline_after_promotion() {
                 wal_start, data, ..
             } => {
                 assert_eq!(wal_start, pos);
-                pos = Lsn(wal_start.0 + data.len() as u64);
+                pos = wal_start + data.len() as u64;
             }
             ReplicationEvent::Keepalive { .. } => {}
             ReplicationEvent::EndOfTimeline(end) => break end,

@@ -129,9 +129,9 @@ async fn collect_segments(
                 let segno = start.segment_number(seg);
                 got.insert(segno, path);
                 if archive {
-                    r.archived.send_replace(Lsn(start.0 + seg.bytes()));
+                    r.archived.send_replace(start + seg.bytes());
                 }
-                if Lsn(start.0 + seg.bytes()) >= upto.segment_start(seg) {
+                if start + seg.bytes() >= upto.segment_start(seg) {
                     // The first segment always finds a free buffer.
                     assert_eq!(
                         in_memory > 0,
@@ -431,8 +431,8 @@ async fn walreceiver_spool_written_only_when_the_slot_may_lose_wal() {
                         );
                     }
                     seen += 1;
-                    r.archived.send_replace(Lsn(start.0 + seg.bytes()));
-                    if Lsn(start.0 + seg.bytes()) >= target.segment_start(seg) {
+                    r.archived.send_replace(start + seg.bytes());
+                    if start + seg.bytes() >= target.segment_start(seg) {
                         break;
                     }
                 }

@@ -33,7 +33,7 @@ impl Lsn {
 
     /// Start of the segment containing this position.
     pub fn segment_start(self, seg: SegmentSize) -> Lsn {
-        Lsn(self.0 - self.segment_offset(seg))
+        self - self.segment_offset(seg)
     }
 
     /// Offset of this position inside its WAL page.
@@ -48,6 +48,36 @@ impl Lsn {
     /// Number of bytes from `earlier` to `self`, zero when `earlier` is later.
     pub fn bytes_since(self, earlier: Lsn) -> u64 {
         self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// `lsn + bytes`: the position that many bytes further on.
+impl std::ops::Add<u64> for Lsn {
+    type Output = Lsn;
+    fn add(self, bytes: u64) -> Lsn {
+        Lsn(self.0 + bytes)
+    }
+}
+
+impl std::ops::AddAssign<u64> for Lsn {
+    fn add_assign(&mut self, bytes: u64) {
+        self.0 += bytes;
+    }
+}
+
+/// `lsn - bytes`: the position that many bytes before.
+impl std::ops::Sub<u64> for Lsn {
+    type Output = Lsn;
+    fn sub(self, bytes: u64) -> Lsn {
+        Lsn(self.0 - bytes)
+    }
+}
+
+/// `end - start`: the number of bytes between two positions (`end` must not be before `start`).
+impl std::ops::Sub<Lsn> for Lsn {
+    type Output = u64;
+    fn sub(self, start: Lsn) -> u64 {
+        self.0 - start.0
     }
 }
 
@@ -190,6 +220,18 @@ impl PgTimestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lsn_arithmetic() {
+        let a: Lsn = "0/1000000".parse().unwrap();
+        assert_eq!(a + 0x10, Lsn(0x1000010));
+        assert_eq!(a - 0x10, Lsn(0xFFFFF0));
+        assert_eq!((a + 0x10) - a, 0x10);
+        let mut b = a;
+        b += 7;
+        assert_eq!(b, Lsn(0x1000007));
+        assert_eq!((a + 0x1234).segment_start(SegmentSize::DEFAULT), a);
+    }
 
     #[test]
     fn lsn_round_trip() {

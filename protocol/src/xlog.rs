@@ -210,7 +210,7 @@ pub fn validate_pages(
         )));
     }
     for (i, page) in data.chunks(XLOG_BLCKSZ).enumerate() {
-        let addr = Lsn(start.0 + (i * XLOG_BLCKSZ) as u64);
+        let addr = start + (i * XLOG_BLCKSZ) as u64;
         if allow_zero_tail && page.iter().all(|b| *b == 0) {
             if addr.segment_offset(expect.seg_size) == 0 {
                 return Err(FormatError::new(format!(
@@ -222,7 +222,7 @@ pub fn validate_pages(
                 None => Ok(()),
                 Some(p) => Err(FormatError::new(format!(
                     "WAL at {} follows an empty page at {addr}",
-                    Lsn(addr.0 + p as u64)
+                    addr + p as u64
                 ))),
             };
         }

@@ -20,7 +20,7 @@
 //! tokio::spawn(run(cfg, None, events_tx, archived, positions, cancel.clone()));
 //! while let Some(ReceiverEvent::Segment { path, start, .. }) = events.recv().await {
 //!     // ... upload `path`, then:
-//!     archived_tx.send_replace(Lsn(start.0 + 16 * 1024 * 1024));
+//!     archived_tx.send_replace(start + 16 * 1024 * 1024);
 //! }
 //! # Ok(()) }
 //! ```

@@ -41,7 +41,7 @@ pub(crate) fn flush_position(
     let mut flush = archived;
     if let Some((from, to)) = spool.range {
         if archived.is_valid() && from <= archived && to > archived {
-            let last_byte = Lsn(archived.segment_start(seg).0 + seg.bytes() - 1);
+            let last_byte = archived.segment_start(seg) + (seg.bytes() - 1);
             flush = to.min(last_byte);
         }
     }

@@ -620,7 +620,7 @@ impl Session {
                                 direct -= n;
                                 n
                             };
-                            received = Lsn(received.0 + n as u64);
+                            received += n as u64;
                             if let Some(cur) = current.as_mut() {
                                 // A segment that does not begin with a valid long page header
                                 // is refused at once, before any of it counts as held.
@@ -793,7 +793,7 @@ impl Incoming {
     }
 
     fn written_lsn(&self) -> Lsn {
-        Lsn(self.start.0 + self.written)
+        self.start + self.written
     }
 
     fn is_full(&self) -> bool {

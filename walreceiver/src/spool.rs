@@ -80,12 +80,12 @@ impl SegmentFile {
 
     /// The LSN up to which data is written.
     pub fn written_lsn(&self) -> Lsn {
-        Lsn(self.start.0 + self.written)
+        self.start + self.written
     }
 
     /// The LSN up to which data is durable.
     pub fn synced_lsn(&self) -> Lsn {
-        Lsn(self.start.0 + self.synced)
+        self.start + self.synced
     }
 
     /// Writes `data` that starts at `at` (which must be the current end). Returns how many bytes
@@ -221,16 +221,12 @@ mod tests {
         let data = vec![7u8; (1 << 20) + 100];
         let n = f.write(start, &data).unwrap();
         assert_eq!(n, 1 << 20, "only the segment's share is written");
-        assert_eq!(
-            f.written_lsn(),
-            Lsn(start.0 + (1 << 20)),
-            "segment not full"
-        );
+        assert_eq!(f.written_lsn(), start + (1 << 20), "segment not full");
         let mut back = b"stale".to_vec();
         f.read_all_into(&mut back).unwrap();
         assert_eq!(back, &data[..1 << 20], "read back differs");
         assert!(
-            f.write(Lsn(start.0 + 5), b"x").is_err(),
+            f.write(start + 5, b"x").is_err(),
             "non-contiguous write accepted"
         );
         let path = f.complete().unwrap();
@@ -242,7 +238,7 @@ mod tests {
         assert_eq!(g.written_lsn(), mid);
         assert_eq!(g.write(mid, b"abc").unwrap(), 3);
         g.sync().unwrap();
-        assert_eq!(g.synced_lsn(), Lsn(mid.0 + 3));
+        assert_eq!(g.synced_lsn(), mid + 3);
         let p = g.finish_partial().unwrap();
         let content = std::fs::read(p).unwrap();
         assert_eq!(&content[10..13], b"abc");
