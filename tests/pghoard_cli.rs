@@ -286,3 +286,36 @@ fn pghoard_create_keys_prints_and_saves_pghoards_form() {
     assert!(stderr(&out).contains("already defined"), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(&config).unwrap(), saved);
 }
+
+/// pghoard's systemd unit (`Type=notify`, `ExecStart=/usr/bin/pghoard <config>`) started
+/// walhoard as `pghoard <config>`: it must run the daemon and send `READY=1` to
+/// `$NOTIFY_SOCKET`, or systemd kills it after TimeoutStartSec and restarts it forever.
+#[test]
+fn pghoard_daemon_under_pghoards_notify_unit_reports_ready() {
+    let pg = walhoard_testkit::PgCluster::start().unwrap();
+    let d = DaemonDir::new();
+    d.write_config(&pg, d.local_storage(), json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let bin = pghoard_bin(&["pghoard"]);
+    let mut child = Command::new(bin.path().join("pghoard"))
+        .arg(d.config_path())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let got = socket.recv(&mut buf);
+    // The daemon, not a one-shot command: its HTTP API answers.
+    d.wait_http();
+    let _ = child.kill();
+    let _ = child.wait();
+    let n = got.expect("no READY=1 from the daemon within 60 s");
+    assert_eq!(&buf[..n], b"READY=1");
+}
