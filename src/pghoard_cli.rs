@@ -33,6 +33,9 @@ pub const NAMES: [&str; 6] = [
     "pghoard_archive_cleanup",
 ];
 
+/// `--version` under pghoard's names: walhoard's version, saying whose it is.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (walhoard)");
+
 /// What `main` does with an invocation.
 #[derive(Debug, PartialEq)]
 pub enum Dispatch {
@@ -49,7 +52,7 @@ pub enum Dispatch {
 #[derive(Parser, Debug)]
 #[command(
     name = "pghoard",
-    version,
+    version = VERSION,
     about = "walhoard daemon, with pghoard's flags"
 )]
 struct DaemonFlags {
@@ -69,7 +72,7 @@ struct DaemonFlags {
 #[derive(Parser, Debug)]
 #[command(
     name = "pghoard_restore",
-    version,
+    version = VERSION,
     about = "walhoard restore, with pghoard's flags"
 )]
 struct RestoreFlags {
@@ -161,7 +164,7 @@ enum RestoreSub {
 #[derive(Parser, Debug)]
 #[command(
     name = "pghoard_postgres_command",
-    version,
+    version = VERSION,
     about = "walhoard postgres-command, with pghoard's flags"
 )]
 struct PostgresCommandFlags {
@@ -191,7 +194,7 @@ struct PostgresCommandFlags {
 #[derive(Parser, Debug)]
 #[command(
     name = "pghoard_create_keys",
-    version,
+    version = VERSION,
     about = "walhoard create-keys, with pghoard's flags and output"
 )]
 struct CreateKeysFlags {
