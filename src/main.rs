@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use walhoard_protocol::{ConnectParams, ReplicationClient};
 
+mod pghoard_cli;
+
 #[derive(Parser)]
 #[command(
     name = "walhoard",
@@ -322,14 +324,20 @@ async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Resu
 }
 
 fn main() -> ExitCode {
+    // pghoard's command names (argv[0] or the first argument) become walhoard commands here.
+    let (argv, debug) = match pghoard_cli::dispatch(std::env::args_os().collect()) {
+        pghoard_cli::Dispatch::Walhoard(argv) => (argv, false),
+        pghoard_cli::Dispatch::Translated { argv, debug } => (argv, debug),
+        pghoard_cli::Dispatch::Exit(code) => return ExitCode::from(code),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALHOARD_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| if debug { "debug" } else { "info" }.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(argv);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

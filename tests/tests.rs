@@ -8,6 +8,8 @@ mod daemon;
 mod daemon_stream;
 mod daemon_support;
 mod pghoa1;
+mod pghoard_cli;
+mod pghoard_rollback;
 mod protocol_auth;
 mod protocol_basebackup;
 mod protocol_faults;

@@ -251,9 +251,11 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
                 let files = entries.iter().map(|e| e.member.path.clone()).collect();
                 let entries = Arc::new(entries);
                 let (rel, up) = c
-                    .upload_chunk(&chunk_file(&c.name, i + 1), move |w| {
-                        write_chunk(&entries, w, &r)
-                    })
+                    .upload_chunk_with_format(
+                        &chunk_file(&c.name, i + 1),
+                        FORMAT_LOCAL_TAR,
+                        move |w| write_chunk(&entries, w, &r),
+                    )
                     .await?;
                 Ok((i, data_chunk(rel, up, files)))
             });
@@ -304,7 +306,9 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         let n = chunks.len() + 1;
         let r = read.clone();
         let (rel, up) = ctx
-            .upload_chunk(&chunk_file(&ctx.name, n), move |w| write_chunk(&wal, w, &r))
+            .upload_chunk_with_format(&chunk_file(&ctx.name, n), FORMAT_LOCAL_TAR, move |w| {
+                write_chunk(&wal, w, &r)
+            })
             .await?;
         chunks.push(data_chunk(rel, up, files));
     }

@@ -160,7 +160,23 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, false, produce).await
+        self.store_chunk(file, false, None, produce).await
+    }
+
+    /// [`BackupContext::upload_chunk`] with `format` in the chunk's own object metadata.
+    /// pghoard's restore picks each chunk's tar path transform by it (`_build_tar_args` in
+    /// pghoard/restore.py strips `pgdata/` only for a `pghoard-bb-*` chunk), so local-tar
+    /// chunks must say `pghoard-bb-v2` for pghoard to restore them.
+    pub async fn upload_chunk_with_format<F>(
+        &self,
+        file: &str,
+        format: &str,
+        produce: F,
+    ) -> Result<(String, Uploaded)>
+    where
+        F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
+    {
+        self.store_chunk(file, false, Some(format), produce).await
     }
 
     /// [`BackupContext::upload_chunk`] for bytes that are a stream of the site's compression
@@ -173,13 +189,14 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, true, produce).await
+        self.store_chunk(file, true, None, produce).await
     }
 
     async fn store_chunk<F>(
         &self,
         file: &str,
         precompressed: bool,
+        format: Option<&str>,
         produce: F,
     ) -> Result<(String, Uploaded)>
     where
@@ -191,13 +208,17 @@ impl BackupContext {
         if let Ok(mut s) = self.stored.lock() {
             s.push(key.clone());
         }
+        let mut metadata = self.base_metadata();
+        if let Some(format) = format {
+            metadata.insert("format".into(), format.into());
+        }
         let uploaded = upload_produced_as(
             &self.store,
             &key,
             self.compression,
             precompressed,
             self.encryption.clone(),
-            self.base_metadata(),
+            metadata,
             produce,
         )
         .await

@@ -11,6 +11,7 @@ pub mod archiver;
 pub mod basebackups;
 pub mod site;
 pub mod status;
+pub mod systemd;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -252,6 +253,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .await
         .with_context(|| format!("HTTP API on {}:{}", config.http_address, config.http_port))?;
     tracing::info!(sites = generation.sites.by_name.len(), http = %http.addr, "walhoard daemon started");
+    systemd::notify("READY=1");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_state = Vec::new();
     loop {
@@ -282,6 +284,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     tracing::info!("stopping: draining uploads");
+    systemd::notify("STOPPING=1");
     let sites = generation.sites.clone();
     generation.shutdown().await;
     let _ = status::write_atomic(
