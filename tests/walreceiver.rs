@@ -160,8 +160,8 @@ async fn follow_without_gaps(
     let mut disconnects = 0;
     loop {
         match next_event(r).await {
-            ReceiverEvent::Disconnected { retryable, .. } => {
-                assert!(retryable);
+            ReceiverEvent::Disconnected { reason, .. } => {
+                assert!(reason.is_retryable(), "{reason:?}");
                 disconnects += 1;
             }
             ReceiverEvent::Connected { start, .. } => {

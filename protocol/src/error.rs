@@ -46,6 +46,19 @@ impl ServerError {
     pub fn is_auth_failure(&self) -> bool {
         self.code.starts_with("28")
     }
+
+    /// `ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION` (28000): the server lets this user not in
+    /// at all (no pg_hba.conf entry, or a role that may not log in), as opposed to a failed
+    /// password (28P01).
+    pub fn is_not_permitted(&self) -> bool {
+        self.code == "28000"
+    }
+
+    /// The walsender's "requested WAL segment ... has already been removed": SQLSTATE 58P01
+    /// (`errcode_for_file_access` on ENOENT, ERRCODE_UNDEFINED_FILE, in WalSndSegmentOpen).
+    pub fn is_wal_removed(&self) -> bool {
+        self.code == "58P01"
+    }
 }
 
 /// Everything that can go wrong talking to a server.
@@ -114,6 +127,11 @@ impl Error {
             Error::Server(e) => e.is_auth_failure(),
             _ => false,
         }
+    }
+
+    /// The server refused this user outright ([`ServerError::is_not_permitted`]).
+    pub fn is_not_permitted(&self) -> bool {
+        matches!(self, Error::Server(e) if e.is_not_permitted())
     }
 }
 

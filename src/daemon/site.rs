@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
 use walhoard_walreceiver::{
-    ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers, SpoolSync,
-    StartPosition,
+    DisconnectReason, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers,
+    SpoolSync, StartPosition,
 };
 
 use super::archiver::{wal_key, Archiver, UploadContext};
@@ -224,24 +224,19 @@ impl SiteWal {
                     let seg = seg_size.unwrap_or(SegmentSize::DEFAULT);
                     self.wal_gap(from, to, tli, seg, &error, &stop);
                 }
-                ReceiverEvent::Disconnected {
-                    error,
-                    auth_failure,
-                    sqlstate,
-                    unsupported_version,
-                    ..
-                } => {
+                ReceiverEvent::Disconnected { error, reason } => {
                     self.status.set_connected(false, None);
                     self.status.set_error(error.clone());
-                    match sqlstate.as_deref() {
-                        // pghoard: a refused password is an authentication error, a server
-                        // that does not let us in at all (pg_hba.conf) a configuration error.
-                        Some("28000") => self.alerts.raise(CONFIGURATION_ERROR, &error),
-                        _ if auth_failure => self.alerts.raise(AUTHENTICATION_ERROR, &error),
-                        _ if unsupported_version => {
-                            self.alerts.raise(VERSION_UNSUPPORTED_ERROR, &error)
-                        }
-                        _ => {}
+                    // pghoard: a refused password is an authentication error, a server that
+                    // does not let us in at all (pg_hba.conf) a configuration error.
+                    let alert = match reason {
+                        DisconnectReason::NotPermitted => Some(CONFIGURATION_ERROR),
+                        DisconnectReason::AuthenticationFailed => Some(AUTHENTICATION_ERROR),
+                        DisconnectReason::UnsupportedVersion => Some(VERSION_UNSUPPORTED_ERROR),
+                        DisconnectReason::Failed { .. } => None,
+                    };
+                    if let Some(alert) = alert {
+                        self.alerts.raise(alert, &error);
                     }
                 }
             }

@@ -32,7 +32,8 @@ pub mod spool;
 
 pub use buffers::{SegmentBuffer, SegmentBuffers};
 pub use receiver::{
-    run, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SpoolSync, StartPosition,
+    run, DisconnectReason, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SpoolSync,
+    StartPosition,
 };
 
 /// Why receiving stopped or a session failed.

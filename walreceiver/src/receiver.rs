@@ -20,10 +20,6 @@ use crate::position::{flush_position, SpoolDurable};
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
 
-/// SQLSTATE of "requested WAL segment ... has already been removed" (errcode_for_file_access
-/// on ENOENT: ERRCODE_UNDEFINED_FILE).
-const WAL_REMOVED: &str = "58P01";
-
 /// XLogData payloads at least this long are read straight into the segment (the walsender
 /// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
 const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
@@ -158,14 +154,46 @@ pub enum ReceiverEvent {
     /// The connection was lost or could not be made; the receiver retries.
     Disconnected {
         error: String,
-        retryable: bool,
-        auth_failure: bool,
-        /// The server's SQLSTATE when it refused us (28P01 wrong password, 28000 no pg_hba
-        /// entry, ...).
-        sqlstate: Option<String>,
-        /// The server's major version is not one walhoard reads.
-        unsupported_version: bool,
+        reason: DisconnectReason,
     },
+}
+
+/// Why a session ended, as far as the operator must tell the cases apart (pghoard raises a
+/// different alert file for each of the first three). The receiver retries every one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The server lets us not in at all: no pg_hba.conf entry matches (SQLSTATE 28000).
+    NotPermitted,
+    /// Authentication failed: a wrong password, an unsupported method, a failed SCRAM exchange.
+    AuthenticationFailed,
+    /// The server's major version is not one walhoard reads.
+    UnsupportedVersion,
+    /// Anything else: the connection broke, the server refused a command or broke the
+    /// protocol, the spool failed. `retryable` is false when only a change of configuration
+    /// or on the server can help (a missing database, a refused command).
+    Failed { retryable: bool },
+}
+
+impl DisconnectReason {
+    fn of(e: &ReceiverError) -> Self {
+        match e {
+            ReceiverError::Unsupported(_) => DisconnectReason::UnsupportedVersion,
+            ReceiverError::Pg(pg) if pg.is_not_permitted() => DisconnectReason::NotPermitted,
+            ReceiverError::Pg(pg) if pg.is_auth_failure() => DisconnectReason::AuthenticationFailed,
+            ReceiverError::Pg(pg) => DisconnectReason::Failed {
+                retryable: pg.is_retryable(),
+            },
+            _ => DisconnectReason::Failed { retryable: true },
+        }
+    }
+
+    /// Whether a retry can succeed without a change of configuration or on the server.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            DisconnectReason::UnsupportedVersion | DisconnectReason::Failed { retryable: true }
+        )
+    }
 }
 
 /// Positions the receiver has reached, for status reporting (state file, metrics).
@@ -229,12 +257,7 @@ pub async fn run(
             Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
             Err(e) => e,
         };
-        let sqlstate = match &e {
-            ReceiverError::Pg(PgError::Server(s)) => Some(s.code.clone()),
-            _ => None,
-        };
-        let unsupported_version = matches!(e, ReceiverError::Unsupported(_));
-        let (retryable, auth_failure) = match &e {
+        match &e {
             ReceiverError::Pg(pg) => {
                 // A session that completed a segment made progress: retry quickly again.
                 if state.next != before {
@@ -247,19 +270,14 @@ pub async fn run(
                 } else {
                     tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
                 }
-                (pg.is_retryable(), pg.is_auth_failure())
             }
             _ => {
                 tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "WAL receiving failed");
-                (true, false)
             }
-        };
+        }
         let ev = ReceiverEvent::Disconnected {
             error: e.to_string(),
-            retryable,
-            auth_failure,
-            sqlstate,
-            unsupported_version,
+            reason: DisconnectReason::of(&e),
         };
         state
             .events
@@ -443,7 +461,7 @@ impl Session {
             tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");
             let streamed = self.stream(&mut client, pos, tli, seg, &expect).await;
             let streamed = match streamed {
-                Err(ReceiverError::Pg(PgError::Server(e))) if e.code == WAL_REMOVED => {
+                Err(ReceiverError::Pg(PgError::Server(e))) if e.is_wal_removed() => {
                     // Where streaming would resume: what the primary no longer has.
                     let from = self.next.map_or(pos, |p| p.lsn).segment_start(seg);
                     let to = restart.map(|r| r.segment_start(seg));
@@ -919,5 +937,42 @@ impl Incoming {
             }
             (None, None) => unreachable!("a segment is received into a buffer or a file"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walhoard_protocol::ServerError;
+
+    fn server(code: &str) -> ReceiverError {
+        ReceiverError::Pg(PgError::Server(ServerError {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: "m".into(),
+            detail: None,
+            hint: None,
+        }))
+    }
+
+    /// The daemon raises pghoard's alert files from these: a refused pg_hba entry is a
+    /// configuration error, a refused password an authentication error.
+    #[test]
+    fn disconnect_reasons_tell_the_alerts_apart() {
+        use DisconnectReason::*;
+        assert_eq!(DisconnectReason::of(&server("28000")), NotPermitted);
+        assert_eq!(DisconnectReason::of(&server("28P01")), AuthenticationFailed);
+        assert_eq!(
+            DisconnectReason::of(&ReceiverError::Unsupported(12)),
+            UnsupportedVersion
+        );
+        assert_eq!(
+            DisconnectReason::of(&server("3D000")),
+            Failed { retryable: false }
+        );
+        let io = ReceiverError::Pg(PgError::Io(std::io::Error::other("reset")));
+        assert_eq!(DisconnectReason::of(&io), Failed { retryable: true });
+        assert!(!NotPermitted.is_retryable() && !AuthenticationFailed.is_retryable());
+        assert!(UnsupportedVersion.is_retryable());
     }
 }
