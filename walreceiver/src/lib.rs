@@ -26,15 +26,18 @@
 //! ```
 
 pub mod buffers;
+mod config;
+mod events;
+mod incoming;
 mod position;
 pub mod receiver;
+mod session;
 pub mod spool;
 
 pub use buffers::{SegmentBuffer, SegmentBuffers};
-pub use receiver::{
-    run, DisconnectReason, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SpoolSync,
-    StartPosition,
-};
+pub use config::{ReceiverConfig, ResumeHook, SpoolSync, StartPosition};
+pub use events::{DisconnectReason, ReceiverEvent, ReceiverPositions};
+pub use receiver::run;
 
 /// Why receiving stopped or a session failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,216 +1,27 @@
 //! The receive loop: connect, pick the start position, stream into the spool, verify and hand
 //! on complete segments, follow timeline switches, report positions honestly, reconnect.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
-    ConnectParams, Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent,
-    ReplicationStream, SegmentId, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
+    Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent, ReplicationStream,
+    SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
 
-use crate::buffers::{SegmentBuffer, SegmentBuffers};
+use crate::incoming::{sync_spool, Incoming};
 use crate::position::{flush_position, SpoolDurable};
-use crate::spool::{write_durable, SegmentFile};
-use crate::ReceiverError;
+use crate::{
+    DisconnectReason, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverPositions,
+    StartPosition,
+};
 
 /// XLogData payloads at least this long are read straight into the segment (the walsender
 /// sends up to 128 kB at a time while catching up; small ones are not worth a second read).
 const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
 
-/// Called once, on the first connection, with the slot's position (its restart_lsn at a segment
-/// boundary, on the timeline that wrote it): returns where streaming should really start, after
-/// the segments the archive (or a local spool) already holds. It must not return a position
-/// past WAL that is not held somewhere: the receiver skips straight to it. It may return a
-/// position *before* the slot's (the archive ends there: the slot was dropped and created
-/// again): the receiver then streams from there while the primary still has that WAL, and
-/// reports a [`ReceiverEvent::WalGap`] when it does not.
-pub type ResumeHook = Arc<
-    dyn Fn(StartPosition, SegmentSize) -> Pin<Box<dyn Future<Output = Lsn> + Send>> + Send + Sync,
->;
-
-/// What the receiver needs to know.
-#[derive(Clone)]
-pub struct ReceiverConfig {
-    pub conn: ConnectParams,
-    pub slot: String,
-    /// Create the slot (with RESERVE_WAL) when it does not exist.
-    pub create_slot: bool,
-    pub spool_dir: PathBuf,
-    /// How often a status update is sent unprompted; keep it below wal_sender_timeout.
-    pub status_interval: Duration,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    /// Where to really start when no start position was given; see [`ResumeHook`].
-    pub resume: Option<ResumeHook>,
-    /// While this says true the receiver stays disconnected (the daemon's disk guard); the
-    /// slot keeps the WAL meanwhile.
-    pub pause: Option<watch::Receiver<bool>>,
-    /// Whether spool files are fdatasync'd; see [`SpoolSync`].
-    pub spool_sync: SpoolSync,
-    /// Buffers complete segments are handed on in (see [`crate::buffers`]).
-    pub buffers: SegmentBuffers,
-}
-
-/// When the spool is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpoolSync {
-    /// Every status update fdatasyncs the segment being received; complete segments and the
-    /// renames are durable before they are handed on.
-    Always,
-    /// Only when the server may drop WAL the slot holds (`max_slot_wal_keep_size` is set): the
-    /// flush position reported is the archive's, so the slot keeps every byte the archive does
-    /// not hold yet, and the spool is then only a cache in front of it. A crash of the process
-    /// keeps its files (the page cache survives); after a crash of the machine the daemon
-    /// trusts no spool file of the earlier boot.
-    Auto,
-}
-
-impl std::fmt::Debug for ReceiverConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReceiverConfig")
-            .field("conn", &self.conn)
-            .field("slot", &self.slot)
-            .field("create_slot", &self.create_slot)
-            .field("spool_dir", &self.spool_dir)
-            .field("status_interval", &self.status_interval)
-            .field("resume", &self.resume.is_some())
-            .finish()
-    }
-}
-
-impl ReceiverConfig {
-    pub fn new(conn: ConnectParams, slot: &str, spool_dir: PathBuf) -> Self {
-        ReceiverConfig {
-            conn,
-            slot: slot.to_string(),
-            create_slot: true,
-            spool_dir,
-            status_interval: Duration::from_secs(10),
-            reconnect_min: Duration::from_millis(200),
-            reconnect_max: Duration::from_secs(30),
-            resume: None,
-            pause: None,
-            spool_sync: SpoolSync::Always,
-            buffers: SegmentBuffers::new(2),
-        }
-    }
-}
-
-/// Where to resume: the first byte the archive does not hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StartPosition {
-    pub lsn: Lsn,
-    /// The timeline `lsn` belongs to; the server's current one when unknown.
-    pub tli: Option<TimelineId>,
-}
-
-/// What the receiver reports to whoever archives its output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReceiverEvent {
-    /// Streaming (re)started.
-    Connected {
-        system_id: u64,
-        seg_size: SegmentSize,
-        server_tli: TimelineId,
-        start: Lsn,
-        start_tli: TimelineId,
-    },
-    /// A complete segment, verified. `data` holds its bytes when a segment buffer was free;
-    /// `path` is its spool file (durable unless the spool is only a cache,
-    /// [`SpoolSync::Auto`]), which does not exist when the spool is not durable and the
-    /// segment was received into its buffer alone.
-    Segment {
-        name: WalSegmentName,
-        path: PathBuf,
-        start: Lsn,
-        data: Option<Arc<SegmentBuffer>>,
-    },
-    /// The last segment of a timeline that ended at `end`, durable under its `.partial` name.
-    TimelinePartial {
-        name: WalSegmentName,
-        path: PathBuf,
-        end: Lsn,
-    },
-    /// A timeline history file fetched from the server, durable in the spool.
-    History { name: WalSegmentName, path: PathBuf },
-    /// WAL from `from` up to `to` (segment boundaries, timeline `tli`) is lost: it was to be
-    /// streamed because the archive does not hold it, but the primary has removed it
-    /// (SQLSTATE 58P01, "requested WAL segment ... has already been removed") and the slot
-    /// starts only at `to`. Streaming continues at `to`.
-    WalGap {
-        from: Lsn,
-        to: Lsn,
-        tli: TimelineId,
-        /// The server's error.
-        error: String,
-    },
-    /// The connection was lost or could not be made; the receiver retries.
-    Disconnected {
-        error: String,
-        reason: DisconnectReason,
-    },
-}
-
-/// Why a session ended, as far as the operator must tell the cases apart (pghoard raises a
-/// different alert file for each of the first three). The receiver retries every one of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DisconnectReason {
-    /// The server lets us not in at all: no pg_hba.conf entry matches (SQLSTATE 28000).
-    NotPermitted,
-    /// Authentication failed: a wrong password, an unsupported method, a failed SCRAM exchange.
-    AuthenticationFailed,
-    /// The server's major version is not one walhoard reads.
-    UnsupportedVersion,
-    /// Anything else: the connection broke, the server refused a command or broke the
-    /// protocol, the spool failed. `retryable` is false when only a change of configuration
-    /// or on the server can help (a missing database, a refused command).
-    Failed { retryable: bool },
-}
-
-impl DisconnectReason {
-    fn of(e: &ReceiverError) -> Self {
-        match e {
-            ReceiverError::Unsupported(_) => DisconnectReason::UnsupportedVersion,
-            ReceiverError::Pg(pg) if pg.is_not_permitted() => DisconnectReason::NotPermitted,
-            ReceiverError::Pg(pg) if pg.is_auth_failure() => DisconnectReason::AuthenticationFailed,
-            ReceiverError::Pg(pg) => DisconnectReason::Failed {
-                retryable: pg.is_retryable(),
-            },
-            _ => DisconnectReason::Failed { retryable: true },
-        }
-    }
-
-    /// Whether a retry can succeed without a change of configuration or on the server.
-    pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            DisconnectReason::UnsupportedVersion | DisconnectReason::Failed { retryable: true }
-        )
-    }
-}
-
-/// Positions the receiver has reached, for status reporting (state file, metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ReceiverPositions {
-    /// Every byte before this has been received and written to the spool.
-    pub received_lsn: Lsn,
-    /// The flush position last reported to the server (`position::flush_position`): the
-    /// archive's end, or past it by what the spool holds durably of the first segment the
-    /// archive lacks, never beyond that segment's last byte; so the slot never releases WAL
-    /// the archive does not hold.
-    pub reported_flush_lsn: Lsn,
-    /// The timeline being received (0 before the first connection).
-    pub timeline: u32,
-}
-
-enum SessionEnd {
+pub(crate) enum SessionEnd {
     Cancelled,
     Paused,
 }
@@ -309,24 +120,24 @@ async fn wait_unpaused(
     true
 }
 
-struct Session {
-    cfg: ReceiverConfig,
+pub(crate) struct Session {
+    pub(crate) cfg: ReceiverConfig,
     /// Where the next connection starts; advanced as segments are completed.
-    next: Option<StartPosition>,
-    events: mpsc::Sender<ReceiverEvent>,
-    archived: watch::Receiver<Lsn>,
-    positions: watch::Sender<ReceiverPositions>,
-    cancel: CancellationToken,
+    pub(crate) next: Option<StartPosition>,
+    pub(crate) events: mpsc::Sender<ReceiverEvent>,
+    pub(crate) archived: watch::Receiver<Lsn>,
+    pub(crate) positions: watch::Sender<ReceiverPositions>,
+    pub(crate) cancel: CancellationToken,
     /// The slot's restart_lsn when this session began.
-    flush_floor: Lsn,
+    pub(crate) flush_floor: Lsn,
     /// The spool is fdatasync'd in this session ([`SpoolSync`]).
-    durable: bool,
+    pub(crate) durable: bool,
     /// The server's WAL segment size (known once connected).
-    seg: SegmentSize,
+    pub(crate) seg: SegmentSize,
 }
 
 /// How one START_REPLICATION ended.
-enum StreamEnd {
+pub(crate) enum StreamEnd {
     Cancelled,
     Paused,
     /// The timeline ended; continue on `next_tli` at `next_start`.
@@ -337,195 +148,12 @@ enum StreamEnd {
 }
 
 impl Session {
-    async fn send(&self, ev: ReceiverEvent) -> Result<(), ReceiverError> {
+    pub(crate) async fn send(&self, ev: ReceiverEvent) -> Result<(), ReceiverError> {
         self.events
             .send(ev)
             .await
             .map_err(|_| ReceiverError::EventsClosed)
     }
-
-    async fn session(&mut self) -> Result<SessionEnd, ReceiverError> {
-        let mut client = ReplicationClient::connect(&self.cfg.conn).await?;
-        let id = client.identify_system().await?;
-        let seg = client.wal_segment_size().await?;
-        self.seg = seg;
-        let major = client.server_major()?;
-        let magic = page_magic_for(major).ok_or(ReceiverError::Unsupported(major))?;
-        let durable = match self.cfg.spool_sync {
-            SpoolSync::Always => true,
-            SpoolSync::Auto => match client.show("max_slot_wal_keep_size").await {
-                // -1: the slot keeps WAL for as long as it is not confirmed.
-                Ok(v) => v.trim() != "-1",
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read max_slot_wal_keep_size; keeping the spool durable");
-                    true
-                }
-            },
-        };
-        if durable != self.durable {
-            tracing::info!(slot = %self.cfg.slot, durable, "spool durability");
-            self.durable = durable;
-        }
-        let slot = self.cfg.slot.clone();
-        let slot = slot.as_str();
-        let mut info = client.read_replication_slot(slot).await?;
-        if info.is_none() && self.cfg.create_slot {
-            client.create_physical_slot(slot, true).await?;
-            tracing::info!(%slot, "created physical replication slot");
-            info = client.read_replication_slot(slot).await?;
-        }
-        let info = info.ok_or_else(|| {
-            PgError::Config(format!(
-                "replication slot {slot:?} does not exist and create_slot is off"
-            ))
-        })?;
-        let restart = info.restart_lsn;
-        let (mut pos, known_tli) = match self.next {
-            Some(p) => (p.lsn, p.tli),
-            None => (restart.unwrap_or(id.xlogpos), info.restart_tli),
-        };
-        // Always stream whole segments: a segment in the archive is complete or absent.
-        pos = pos.segment_start(seg);
-        if let Some(r) = restart {
-            if pos < r.segment_start(seg) {
-                // START_REPLICATION on a physical slot does not check the slot's restart_lsn
-                // (StartReplication in walsender.c): the server streams what it still has and
-                // fails with 58P01 where it has not (handled below).
-                tracing::warn!(%slot, wanted = %pos, slot_at = %r, "the slot starts after the archive's end (was it dropped and created again?): streaming from the archive's end while the primary still has that WAL");
-            }
-        }
-        let first_session = self.next.is_none();
-        let mut tli = match known_tli {
-            Some(t) => t,
-            // Which timeline wrote `pos`: the server's history says (tliOfPointInHistory).
-            None if id.timeline.get() > 1 => {
-                let (_, content) = client.timeline_history(id.timeline).await?;
-                walhoard_protocol::TimelineHistory::parse(id.timeline, &content)
-                    .map_err(|e| ReceiverError::BadWal(e.to_string()))?
-                    .timeline_of(pos)
-            }
-            None => id.timeline,
-        };
-        if first_session {
-            if let Some(hook) = &self.cfg.resume {
-                let mut at = hook(
-                    StartPosition {
-                        lsn: pos,
-                        tli: Some(tli),
-                    },
-                    seg,
-                )
-                .await;
-                if tli != id.timeline {
-                    // Never skip past the end of an old timeline: the segment holding the
-                    // switchpoint must be streamed so that it ends in a `.partial`.
-                    let (_, content) = client.timeline_history(id.timeline).await?;
-                    let history = walhoard_protocol::TimelineHistory::parse(id.timeline, &content)
-                        .map_err(|e| ReceiverError::BadWal(e.to_string()))?;
-                    if let Some(end) = history.switchpoint_of(tli) {
-                        at = at.min(end.segment_start(seg));
-                    }
-                }
-                if at > pos {
-                    tracing::info!(%slot, slot_at = %pos, resume_at = %at, "segments from the slot's position on are already held; skipping them");
-                    pos = at.segment_start(seg);
-                } else if at.is_valid() && at < pos {
-                    tracing::warn!(%slot, slot_at = %pos, resume_at = %at, "the archive ends before the slot's position: streaming from the archive's end while the primary still has that WAL");
-                    pos = at.segment_start(seg);
-                }
-            }
-            // The hook ran (and may have queued work): later sessions continue from here.
-            self.next = Some(StartPosition {
-                lsn: pos,
-                tli: Some(tli),
-            });
-        }
-        // Reporting a flush position below the slot's restart_lsn would move the slot back;
-        // until the archive passes it, report none (the server ignores an invalid flush).
-        self.flush_floor = restart.unwrap_or(Lsn::INVALID);
-        loop {
-            let expect = PageExpectation {
-                magic,
-                seg_size: seg,
-                system_id: Some(id.system_id),
-                max_tli: Some(tli),
-            };
-            self.send(ReceiverEvent::Connected {
-                system_id: id.system_id,
-                seg_size: seg,
-                server_tli: id.timeline,
-                start: pos,
-                start_tli: tli,
-            })
-            .await?;
-            tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");
-            let streamed = self.stream(&mut client, pos, tli, seg, &expect).await;
-            let streamed = match streamed {
-                Err(ReceiverError::Pg(PgError::Server(e))) if e.is_wal_removed() => {
-                    // Where streaming would resume: what the primary no longer has.
-                    let from = self.next.map_or(pos, |p| p.lsn).segment_start(seg);
-                    let to = restart.map(|r| r.segment_start(seg));
-                    match to {
-                        Some(to) if from < to => {
-                            let error = format!("{}: {}", e.code, e.message);
-                            tracing::error!(%slot, from = %from, to = %to, timeline = %tli, %error, "WAL the archive lacks is gone from the primary: continuing at the slot's position");
-                            self.send(ReceiverEvent::WalGap {
-                                from,
-                                to,
-                                tli,
-                                error,
-                            })
-                            .await?;
-                            self.next = Some(StartPosition {
-                                lsn: to,
-                                tli: Some(tli),
-                            });
-                        }
-                        _ => {}
-                    }
-                    return Err(PgError::Server(e).into());
-                }
-                other => other?,
-            };
-            match streamed {
-                StreamEnd::Cancelled => return Ok(SessionEnd::Cancelled),
-                StreamEnd::Paused => {
-                    client.close().await.ok();
-                    return Ok(SessionEnd::Paused);
-                }
-                StreamEnd::Switch {
-                    next_tli,
-                    next_start,
-                } => {
-                    let (name, content) = client.timeline_history(next_tli).await?;
-                    let parsed: WalSegmentName = name
-                        .parse()
-                        .map_err(|e| PgError::protocol(format!("history file name: {e}")))?;
-                    if parsed != WalSegmentName::History(next_tli) {
-                        return Err(PgError::protocol(format!(
-                            "TIMELINE_HISTORY {next_tli} returned {name}"
-                        ))
-                        .into());
-                    }
-                    walhoard_protocol::TimelineHistory::parse(next_tli, &content)
-                        .map_err(|e| ReceiverError::BadWal(e.to_string()))?;
-                    let path = write_durable(&self.cfg.spool_dir, &name, &content)?;
-                    self.send(ReceiverEvent::History { name: parsed, path })
-                        .await?;
-                    tracing::info!(%slot, from = %tli, to = %next_tli, at = %next_start, "timeline switch");
-                    // Continue from the start of the segment holding the switchpoint, as
-                    // pg_receivewal does: the new timeline's copy of that segment is complete.
-                    tli = next_tli;
-                    pos = next_start.segment_start(seg);
-                    self.next = Some(StartPosition {
-                        lsn: pos,
-                        tli: Some(tli),
-                    });
-                }
-            }
-        }
-    }
-
     /// Leaves the stream with `end`: the segment being received made durable, and the
     /// server told where we are (a failed report is ignored: the next session reports).
     async fn leave(
@@ -553,7 +181,7 @@ impl Session {
         StandbyStatus::now(received, flush)
     }
 
-    async fn stream(
+    pub(crate) async fn stream(
         &mut self,
         client: &mut ReplicationClient,
         start: Lsn,
@@ -697,282 +325,5 @@ impl Session {
                 }
             }
         }
-    }
-}
-
-/// Makes the segment being received durable (when the spool is) and records it in `spool`.
-fn sync_spool(current: &mut Option<Incoming>, spool: &mut SpoolDurable) -> std::io::Result<()> {
-    if let Some(cur) = current.as_mut() {
-        if let Some(to) = cur.sync()? {
-            spool.extend(cur.start, to);
-        }
-    }
-    Ok(())
-}
-
-/// The segment being received: into a segment buffer, into its spool file, or both.
-///
-/// A buffer alone when the spool is not durable ([`SpoolSync::Auto`] on a server whose slots
-/// keep all WAL) and a buffer was free at the segment's first byte: such a file would only
-/// ever be read by a daemon restarted in the same boot, which the slot serves as well, and
-/// writing it took a fifth of the daemon's CPU in the WAL drain (docs/benchmarks.md). The
-/// spool file alone when no buffer was free (the archive is behind: the spool absorbs the
-/// backlog, memory stays at `buffers × segment size`). Both when the spool is durable.
-struct Incoming {
-    id: SegmentId,
-    start: Lsn,
-    seg_bytes: u64,
-    /// Bytes from the segment start that are received.
-    written: u64,
-    file: Option<SegmentFile>,
-    buf: Option<SegmentBuffer>,
-    /// The first page's header was checked ([`Incoming::check_first_page`]).
-    first_page_checked: bool,
-}
-
-impl Incoming {
-    fn open(
-        dir: &Path,
-        tli: TimelineId,
-        at: Lsn,
-        seg: SegmentSize,
-        durable: bool,
-        buffers: &SegmentBuffers,
-    ) -> std::io::Result<Self> {
-        let start = at.segment_start(seg);
-        // Only a segment received from its first byte is whole in memory.
-        let buf = if at == start {
-            buffers.try_take(seg.bytes() as usize)
-        } else {
-            None
-        };
-        let file = if durable || buf.is_none() {
-            Some(SegmentFile::open(dir, tli, at, seg, durable)?)
-        } else {
-            None
-        };
-        Ok(Incoming {
-            id: SegmentId::containing(tli, at, seg),
-            start,
-            seg_bytes: seg.bytes(),
-            written: at.segment_offset(seg),
-            file,
-            buf,
-            // Received from the middle: the first page came in an earlier session and is
-            // checked with the whole segment.
-            first_page_checked: at != start,
-        })
-    }
-
-    /// Checks the segment's first page as soon as it is all received, so that a segment that
-    /// is no WAL (zeros, another cluster's) fails at once, before any of it is reported held.
-    fn check_first_page(
-        &mut self,
-        expect: &PageExpectation,
-        scratch: &mut Vec<u8>,
-    ) -> Result<(), ReceiverError> {
-        let page = walhoard_protocol::xlog::XLOG_BLCKSZ;
-        if self.first_page_checked || (self.written as usize) < page {
-            return Ok(());
-        }
-        let data: &[u8] = match (&self.buf, &self.file) {
-            (Some(b), _) => &b[..page],
-            (None, Some(f)) => {
-                f.read_first_page_into(scratch, page)?;
-                scratch
-            }
-            (None, None) => unreachable!("a segment is received into a buffer or a file"),
-        };
-        validate_pages(data, self.start, expect, true)
-            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))?;
-        self.first_page_checked = true;
-        Ok(())
-    }
-
-    /// Whether the segment is being written to a durable spool file.
-    fn is_durable(&self) -> bool {
-        self.file.as_ref().is_some_and(SegmentFile::is_durable)
-    }
-
-    /// Makes what is received of this segment durable in the spool even when the spool is
-    /// only a cache (writing the buffer out to a file first if the segment has none); the
-    /// segment stays durable from then on. Returns the durable end.
-    fn make_durable(&mut self, dir: &Path, seg: SegmentSize) -> std::io::Result<Lsn> {
-        if self.file.is_none() {
-            let mut f = SegmentFile::open(dir, self.id.tli, self.start, seg, true)?;
-            if let Some(b) = &self.buf {
-                f.write(self.start, b)?;
-            }
-            self.file = Some(f);
-        }
-        let f = self.file.as_mut().expect("just opened");
-        f.make_durable()?;
-        Ok(f.synced_lsn())
-    }
-
-    fn written_lsn(&self) -> Lsn {
-        self.start + self.written
-    }
-
-    fn is_full(&self) -> bool {
-        self.written == self.seg_bytes
-    }
-
-    /// Takes `data`, which starts at `at` (the current end); returns how many bytes fit in
-    /// this segment.
-    fn write(&mut self, at: Lsn, data: &[u8]) -> std::io::Result<usize> {
-        if at != self.written_lsn() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "WAL at {at} does not continue segment {} at {}",
-                    self.id,
-                    self.written_lsn()
-                ),
-            ));
-        }
-        let n = ((self.seg_bytes - self.written) as usize).min(data.len());
-        if let Some(f) = self.file.as_mut() {
-            f.write(at, &data[..n])?;
-        }
-        if let Some(b) = self.buf.as_mut() {
-            b.extend(&data[..n]);
-        }
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    /// Reads up to `want` bytes of the stream's pending XLogData payload (which continues this
-    /// segment at its end) straight into the segment buffer, or through `scratch` into the
-    /// spool file when the segment has no buffer; the spool file, when there is one, gets the
-    /// same bytes. Returns how many. Cancel-safe: a cancelled read took nothing.
-    async fn read_direct(
-        &mut self,
-        stream: &mut ReplicationStream<'_>,
-        want: usize,
-        scratch: &mut Vec<u8>,
-    ) -> Result<usize, ReceiverError> {
-        let at = self.written_lsn();
-        let want = want.min((self.seg_bytes - self.written) as usize);
-        let n = match self.buf.as_mut() {
-            Some(b) => {
-                let from = b.len();
-                let n = stream.read_payload(b.vec_mut(), want).await?;
-                if let Some(f) = self.file.as_mut() {
-                    f.write(at, &b[from..from + n])?;
-                }
-                n
-            }
-            None => {
-                scratch.clear();
-                scratch.reserve(want);
-                let n = stream.read_payload(scratch, want).await?;
-                self.file
-                    .as_mut()
-                    .expect("a segment without a buffer is received into a file")
-                    .write(at, &scratch[..n])?;
-                n
-            }
-        };
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    /// Syncs the spool file when it is durable and returns its durable end; `None` when the
-    /// segment is not durable (only a cache in front of the slot) or its first page is not
-    /// checked yet (nothing of a segment that may be no WAL at all counts as held).
-    fn sync(&mut self) -> std::io::Result<Option<Lsn>> {
-        match self.file.as_mut() {
-            Some(f) if f.is_durable() && self.first_page_checked => {
-                f.sync()?;
-                Ok(Some(f.synced_lsn()))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Checks the page headers of the whole segment before it is handed on as good: in its
-    /// buffer, or read back from the spool file into `scratch`.
-    fn verify(&self, expect: &PageExpectation, scratch: &mut Vec<u8>) -> Result<(), ReceiverError> {
-        let data: &[u8] = match (&self.buf, &self.file) {
-            (Some(b), _) => b,
-            (None, Some(f)) => {
-                f.read_all_into(scratch)?;
-                scratch
-            }
-            (None, None) => unreachable!("a segment is received into a buffer or a file"),
-        };
-        // Zero pages may end a segment (after an XLOG_SWITCH record).
-        validate_pages(data, self.start, expect, true)
-            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))
-    }
-
-    /// Renames the spool file to the segment's name; returns that path (which does not exist
-    /// when the segment was received into its buffer alone) and the buffer.
-    fn complete(self, dir: &Path) -> std::io::Result<(PathBuf, Option<SegmentBuffer>)> {
-        let path = match self.file {
-            Some(f) => f.complete()?,
-            None => dir.join(WalSegmentName::Segment(self.id).to_string()),
-        };
-        Ok((path, self.buf))
-    }
-
-    /// The last segment of a timeline: verified and left durable under its `.partial` name
-    /// (after a switch the server may no longer serve it), zeros after the end as PostgreSQL
-    /// leaves it.
-    fn finish_partial(
-        mut self,
-        dir: &Path,
-        expect: &PageExpectation,
-        scratch: &mut Vec<u8>,
-    ) -> Result<PathBuf, ReceiverError> {
-        if let Some(b) = self.buf.as_mut() {
-            b.zero_fill(self.seg_bytes as usize);
-        }
-        self.verify(expect, scratch)?;
-        Ok(match (self.file, self.buf) {
-            (Some(f), _) => f.finish_partial()?,
-            (None, Some(b)) => {
-                write_durable(dir, &WalSegmentName::Partial(self.id).to_string(), &b)?
-            }
-            (None, None) => unreachable!("a segment is received into a buffer or a file"),
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use walhoard_protocol::ServerError;
-
-    fn server(code: &str) -> ReceiverError {
-        ReceiverError::Pg(PgError::Server(ServerError {
-            severity: "FATAL".into(),
-            code: code.into(),
-            message: "m".into(),
-            detail: None,
-            hint: None,
-        }))
-    }
-
-    /// The daemon raises pghoard's alert files from these: a refused pg_hba entry is a
-    /// configuration error, a refused password an authentication error.
-    #[test]
-    fn disconnect_reasons_tell_the_alerts_apart() {
-        use DisconnectReason::*;
-        assert_eq!(DisconnectReason::of(&server("28000")), NotPermitted);
-        assert_eq!(DisconnectReason::of(&server("28P01")), AuthenticationFailed);
-        assert_eq!(
-            DisconnectReason::of(&ReceiverError::Unsupported(12)),
-            UnsupportedVersion
-        );
-        assert_eq!(
-            DisconnectReason::of(&server("3D000")),
-            Failed { retryable: false }
-        );
-        let io = ReceiverError::Pg(PgError::Io(std::io::Error::other("reset")));
-        assert_eq!(DisconnectReason::of(&io), Failed { retryable: true });
-        assert!(!NotPermitted.is_retryable() && !AuthenticationFailed.is_retryable());
-        assert!(UnsupportedVersion.is_retryable());
     }
 }

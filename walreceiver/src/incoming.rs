@@ -1,0 +1,418 @@
+//! The segment being received: its bytes land in a segment buffer, a spool file or both; it
+//! is checked, made durable and handed on complete (or as a `.partial` at a timeline's end).
+
+use std::path::{Path, PathBuf};
+
+use walhoard_protocol::xlog::validate_pages;
+use walhoard_protocol::{
+    Lsn, PageExpectation, ReplicationStream, SegmentId, SegmentSize, TimelineId, WalSegmentName,
+};
+
+use crate::buffers::{SegmentBuffer, SegmentBuffers};
+use crate::position::SpoolDurable;
+use crate::spool::{write_durable, SegmentFile};
+use crate::ReceiverError;
+#[cfg(doc)]
+use crate::SpoolSync;
+
+/// Makes the segment being received durable (when the spool is) and records it in `spool`.
+pub(crate) fn sync_spool(
+    current: &mut Option<Incoming>,
+    spool: &mut SpoolDurable,
+) -> std::io::Result<()> {
+    if let Some(cur) = current.as_mut() {
+        if let Some(to) = cur.sync()? {
+            spool.extend(cur.start, to);
+        }
+    }
+    Ok(())
+}
+
+/// The segment being received: into a segment buffer, into its spool file, or both.
+///
+/// A buffer alone when the spool is not durable ([`SpoolSync::Auto`] on a server whose slots
+/// keep all WAL) and a buffer was free at the segment's first byte: such a file would only
+/// ever be read by a daemon restarted in the same boot, which the slot serves as well, and
+/// writing it took a fifth of the daemon's CPU in the WAL drain (docs/benchmarks.md). The
+/// spool file alone when no buffer was free (the archive is behind: the spool absorbs the
+/// backlog, memory stays at `buffers × segment size`). Both when the spool is durable.
+pub(crate) struct Incoming {
+    pub(crate) id: SegmentId,
+    pub(crate) start: Lsn,
+    pub(crate) seg_bytes: u64,
+    /// Bytes from the segment start that are received.
+    pub(crate) written: u64,
+    pub(crate) file: Option<SegmentFile>,
+    pub(crate) buf: Option<SegmentBuffer>,
+    /// The first page's header was checked ([`Incoming::check_first_page`]).
+    pub(crate) first_page_checked: bool,
+}
+
+impl Incoming {
+    pub(crate) fn open(
+        dir: &Path,
+        tli: TimelineId,
+        at: Lsn,
+        seg: SegmentSize,
+        durable: bool,
+        buffers: &SegmentBuffers,
+    ) -> std::io::Result<Self> {
+        let start = at.segment_start(seg);
+        // Only a segment received from its first byte is whole in memory.
+        let buf = if at == start {
+            buffers.try_take(seg.bytes() as usize)
+        } else {
+            None
+        };
+        let file = if durable || buf.is_none() {
+            Some(SegmentFile::open(dir, tli, at, seg, durable)?)
+        } else {
+            None
+        };
+        Ok(Incoming {
+            id: SegmentId::containing(tli, at, seg),
+            start,
+            seg_bytes: seg.bytes(),
+            written: at.segment_offset(seg),
+            file,
+            buf,
+            // Received from the middle: the first page came in an earlier session and is
+            // checked with the whole segment.
+            first_page_checked: at != start,
+        })
+    }
+
+    /// Checks the segment's first page as soon as it is all received, so that a segment that
+    /// is no WAL (zeros, another cluster's) fails at once, before any of it is reported held.
+    pub(crate) fn check_first_page(
+        &mut self,
+        expect: &PageExpectation,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ReceiverError> {
+        let page = walhoard_protocol::xlog::XLOG_BLCKSZ;
+        if self.first_page_checked || (self.written as usize) < page {
+            return Ok(());
+        }
+        let data: &[u8] = match (&self.buf, &self.file) {
+            (Some(b), _) => &b[..page],
+            (None, Some(f)) => {
+                f.read_first_page_into(scratch, page)?;
+                scratch
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        };
+        validate_pages(data, self.start, expect, true)
+            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))?;
+        self.first_page_checked = true;
+        Ok(())
+    }
+
+    /// Whether the segment is being written to a durable spool file.
+    pub(crate) fn is_durable(&self) -> bool {
+        self.file.as_ref().is_some_and(SegmentFile::is_durable)
+    }
+
+    /// Makes what is received of this segment durable in the spool even when the spool is
+    /// only a cache (writing the buffer out to a file first if the segment has none); the
+    /// segment stays durable from then on. Returns the durable end.
+    pub(crate) fn make_durable(&mut self, dir: &Path, seg: SegmentSize) -> std::io::Result<Lsn> {
+        if self.file.is_none() {
+            let mut f = SegmentFile::open(dir, self.id.tli, self.start, seg, true)?;
+            if let Some(b) = &self.buf {
+                f.write(self.start, b)?;
+            }
+            self.file = Some(f);
+        }
+        let f = self.file.as_mut().expect("just opened");
+        f.make_durable()?;
+        Ok(f.synced_lsn())
+    }
+
+    pub(crate) fn written_lsn(&self) -> Lsn {
+        self.start + self.written
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.written == self.seg_bytes
+    }
+
+    /// Takes `data`, which starts at `at` (the current end); returns how many bytes fit in
+    /// this segment.
+    pub(crate) fn write(&mut self, at: Lsn, data: &[u8]) -> std::io::Result<usize> {
+        if at != self.written_lsn() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "WAL at {at} does not continue segment {} at {}",
+                    self.id,
+                    self.written_lsn()
+                ),
+            ));
+        }
+        let n = ((self.seg_bytes - self.written) as usize).min(data.len());
+        if let Some(f) = self.file.as_mut() {
+            f.write(at, &data[..n])?;
+        }
+        if let Some(b) = self.buf.as_mut() {
+            b.extend(&data[..n]);
+        }
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    /// Reads up to `want` bytes of the stream's pending XLogData payload (which continues this
+    /// segment at its end) straight into the segment buffer, or through `scratch` into the
+    /// spool file when the segment has no buffer; the spool file, when there is one, gets the
+    /// same bytes. Returns how many. Cancel-safe: a cancelled read took nothing.
+    pub(crate) async fn read_direct(
+        &mut self,
+        stream: &mut ReplicationStream<'_>,
+        want: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<usize, ReceiverError> {
+        let at = self.written_lsn();
+        let want = want.min((self.seg_bytes - self.written) as usize);
+        let n = match self.buf.as_mut() {
+            Some(b) => {
+                let from = b.len();
+                let n = stream.read_payload(b.vec_mut(), want).await?;
+                if let Some(f) = self.file.as_mut() {
+                    f.write(at, &b[from..from + n])?;
+                }
+                n
+            }
+            None => {
+                scratch.clear();
+                scratch.reserve(want);
+                let n = stream.read_payload(scratch, want).await?;
+                self.file
+                    .as_mut()
+                    .expect("a segment without a buffer is received into a file")
+                    .write(at, &scratch[..n])?;
+                n
+            }
+        };
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    /// Syncs the spool file when it is durable and returns its durable end; `None` when the
+    /// segment is not durable (only a cache in front of the slot) or its first page is not
+    /// checked yet (nothing of a segment that may be no WAL at all counts as held).
+    pub(crate) fn sync(&mut self) -> std::io::Result<Option<Lsn>> {
+        match self.file.as_mut() {
+            Some(f) if f.is_durable() && self.first_page_checked => {
+                f.sync()?;
+                Ok(Some(f.synced_lsn()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Checks the page headers of the whole segment before it is handed on as good: in its
+    /// buffer, or read back from the spool file into `scratch`.
+    pub(crate) fn verify(
+        &self,
+        expect: &PageExpectation,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), ReceiverError> {
+        let data: &[u8] = match (&self.buf, &self.file) {
+            (Some(b), _) => b,
+            (None, Some(f)) => {
+                f.read_all_into(scratch)?;
+                scratch
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        };
+        // Zero pages may end a segment (after an XLOG_SWITCH record).
+        validate_pages(data, self.start, expect, true)
+            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))
+    }
+
+    /// Renames the spool file to the segment's name; returns that path (which does not exist
+    /// when the segment was received into its buffer alone) and the buffer.
+    pub(crate) fn complete(self, dir: &Path) -> std::io::Result<(PathBuf, Option<SegmentBuffer>)> {
+        let path = match self.file {
+            Some(f) => f.complete()?,
+            None => dir.join(WalSegmentName::Segment(self.id).to_string()),
+        };
+        Ok((path, self.buf))
+    }
+
+    /// The last segment of a timeline: verified and left durable under its `.partial` name
+    /// (after a switch the server may no longer serve it), zeros after the end as PostgreSQL
+    /// leaves it.
+    pub(crate) fn finish_partial(
+        mut self,
+        dir: &Path,
+        expect: &PageExpectation,
+        scratch: &mut Vec<u8>,
+    ) -> Result<PathBuf, ReceiverError> {
+        if let Some(b) = self.buf.as_mut() {
+            b.zero_fill(self.seg_bytes as usize);
+        }
+        self.verify(expect, scratch)?;
+        Ok(match (self.file, self.buf) {
+            (Some(f), _) => f.finish_partial()?,
+            (None, Some(b)) => {
+                write_durable(dir, &WalSegmentName::Partial(self.id).to_string(), &b)?
+            }
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walhoard_protocol::xlog::{XLOG_BLCKSZ, XLP_LONG_HEADER};
+
+    const SYSID: u64 = 7_000_000_000_000_000_042;
+    const MAGIC: u16 = 0xD110;
+
+    fn seg() -> SegmentSize {
+        SegmentSize::new(1 << 20).unwrap()
+    }
+
+    fn expect() -> PageExpectation {
+        PageExpectation {
+            magic: MAGIC,
+            seg_size: seg(),
+            system_id: Some(SYSID),
+            max_tli: Some(TimelineId(1)),
+        }
+    }
+
+    /// WAL pages as PostgreSQL lays them out from `start` (XLogPageHeaderData; a long header
+    /// with the system identifier on a segment's first page), `pages` of them.
+    fn wal(start: Lsn, pages: usize) -> Vec<u8> {
+        let mut out = vec![0u8; pages * XLOG_BLCKSZ];
+        for (i, p) in out.chunks_mut(XLOG_BLCKSZ).enumerate() {
+            let addr = start + (i * XLOG_BLCKSZ) as u64;
+            let long = addr.segment_offset(seg()) == 0;
+            let info = if long { XLP_LONG_HEADER } else { 0 };
+            p[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+            p[2..4].copy_from_slice(&info.to_le_bytes());
+            p[4..8].copy_from_slice(&1u32.to_le_bytes());
+            p[8..16].copy_from_slice(&addr.0.to_le_bytes());
+            if long {
+                p[24..32].copy_from_slice(&SYSID.to_le_bytes());
+                p[32..36].copy_from_slice(&(seg().bytes() as u32).to_le_bytes());
+                p[36..40].copy_from_slice(&(XLOG_BLCKSZ as u32).to_le_bytes());
+            }
+            p[100] = i as u8; // some record bytes
+        }
+        out
+    }
+
+    fn seg_start(n: u64) -> Lsn {
+        Lsn(n * seg().bytes())
+    }
+
+    /// One XLogData message may run past the segment's end (it often does while the server
+    /// streams live WAL): the segment takes exactly what belongs to it and the rest is left
+    /// for the next one.
+    #[test]
+    fn incoming_message_crossing_a_segment_takes_only_what_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffers = SegmentBuffers::new(2);
+        let start = seg_start(3);
+        let bytes = wal(start, 130); // 128 pages in this segment, 2 in the next
+        let mut cur =
+            Incoming::open(dir.path(), TimelineId(1), start, seg(), true, &buffers).unwrap();
+        assert!(cur.buf.is_some() && cur.file.is_some());
+        let n = cur.write(start, &bytes).unwrap();
+        assert_eq!(n as u64, seg().bytes());
+        assert!(cur.is_full());
+        let mut scratch = Vec::new();
+        cur.check_first_page(&expect(), &mut scratch).unwrap();
+        cur.verify(&expect(), &mut scratch).unwrap();
+        let (path, buf) = cur.complete(dir.path()).unwrap();
+        assert_eq!(
+            path.file_name().unwrap().to_str().unwrap(),
+            "000000010000000000000003"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes[..n]);
+        assert_eq!(&buf.unwrap()[..], &bytes[..n]);
+
+        // The rest opens the next segment and continues exactly there.
+        let mut next = Incoming::open(
+            dir.path(),
+            TimelineId(1),
+            seg_start(4),
+            seg(),
+            true,
+            &buffers,
+        )
+        .unwrap();
+        assert_eq!(
+            next.write(seg_start(4), &bytes[n..]).unwrap(),
+            2 * XLOG_BLCKSZ
+        );
+        // Bytes that do not continue the segment are refused, naming where it stands.
+        let err = next.write(seg_start(4) + 1, b"x").unwrap_err().to_string();
+        assert!(err.contains("does not continue"), "{err}");
+    }
+
+    /// With no buffer free (the archive is behind) a segment goes to its spool file alone and
+    /// is verified by reading the file back; with a buffer free and a spool that is only a
+    /// cache, it lives in the buffer alone until something asks for it to be durable.
+    #[test]
+    fn incoming_spool_fallback_and_buffer_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = seg_start(5);
+        let bytes = wal(start, 128);
+        let mut scratch = Vec::new();
+
+        let none = SegmentBuffers::new(0);
+        let mut cur =
+            Incoming::open(dir.path(), TimelineId(1), start, seg(), false, &none).unwrap();
+        assert!(cur.buf.is_none() && cur.file.is_some());
+        cur.write(start, &bytes).unwrap();
+        cur.verify(&expect(), &mut scratch).unwrap();
+        let (path, buf) = cur.complete(dir.path()).unwrap();
+        assert!(buf.is_none());
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        std::fs::remove_file(&path).unwrap();
+
+        let one = SegmentBuffers::new(1);
+        let mut cur = Incoming::open(dir.path(), TimelineId(1), start, seg(), false, &one).unwrap();
+        assert!(cur.buf.is_some() && cur.file.is_none());
+        cur.write(start, &bytes[..3 * XLOG_BLCKSZ]).unwrap();
+        // Not durable: nothing of it counts as held in the spool.
+        assert_eq!(cur.sync().unwrap(), None);
+        // A reply-requested keepalive (shutdown) makes it durable: written out, synced.
+        let to = cur.make_durable(dir.path(), seg()).unwrap();
+        assert_eq!(to, start + 3 * XLOG_BLCKSZ as u64);
+        cur.check_first_page(&expect(), &mut scratch).unwrap();
+        assert_eq!(cur.sync().unwrap(), Some(to));
+        let partial = dir.path().join("000000010000000000000005.partial");
+        assert_eq!(
+            std::fs::read(&partial).unwrap()[..3 * XLOG_BLCKSZ],
+            bytes[..3 * XLOG_BLCKSZ]
+        );
+    }
+
+    /// A segment whose first page is no WAL (zeros) fails as soon as that page is in, and
+    /// until its first page is checked nothing of it counts as durable.
+    #[test]
+    fn incoming_zero_first_page_fails_before_anything_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = seg_start(6);
+        let buffers = SegmentBuffers::new(1);
+        let mut cur =
+            Incoming::open(dir.path(), TimelineId(1), start, seg(), true, &buffers).unwrap();
+        let mut scratch = Vec::new();
+        cur.write(start, &[0u8; 100]).unwrap();
+        // Less than a page: not checkable yet, and not counted.
+        cur.check_first_page(&expect(), &mut scratch).unwrap();
+        assert_eq!(cur.sync().unwrap(), None);
+        cur.write(start + 100, &vec![0u8; XLOG_BLCKSZ]).unwrap();
+        let err = cur
+            .check_first_page(&expect(), &mut scratch)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("000000010000000000000006"), "{err}");
+        assert_eq!(cur.sync().unwrap(), None);
+    }
+}
