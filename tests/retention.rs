@@ -18,7 +18,7 @@ const PGHOARD_ARCHIVE: &str = concat!(
     "/tests/data/pghoard-pg15/archive.tar.zst"
 );
 /// The site (and key prefix) pghoard wrote the fixture for.
-const PGHOARD_SITE: &str = "pgsite";
+pub(crate) const PGHOARD_SITE: &str = "pgsite";
 
 /// Every file under `root` (objects and their `.metadata` sidecars), by relative path.
 pub fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -54,7 +54,7 @@ pub fn backdate_tree(root: &Path, age: Duration) {
 
 /// Unpacks the pghoard fixture into `dir` (`dir/pgsite/...`): zstd decoded here (no `zstd`
 /// program needed), the tar by `tar`.
-fn unpack_pghoard_archive(dir: &Path) {
+pub(crate) fn unpack_pghoard_archive(dir: &Path) {
     use std::io::Write;
     std::fs::create_dir_all(dir).unwrap();
     let packed = std::fs::read(PGHOARD_ARCHIVE).unwrap();

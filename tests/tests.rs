@@ -7,6 +7,7 @@ mod common;
 mod daemon;
 mod daemon_support;
 mod pghoa1;
+mod pghoard_restore;
 mod protocol_auth;
 mod protocol_basebackup;
 mod protocol_faults;
