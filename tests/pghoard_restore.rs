@@ -167,3 +167,76 @@ async fn restore_refuses_a_tampered_pghoard_chunk_and_leaves_nothing() {
         target.display()
     );
 }
+
+const ENC_TS_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/pghoard-pg15-enc-ts"
+);
+
+/// pghoard's `pghoa1`-encrypted archive with a tablespace (tests/data/pghoard-pg15-enc-ts),
+/// configured with the test key pair pghoard wrote it with.
+fn pghoard_encrypted_archive() -> DaemonDir {
+    let d = DaemonDir::new();
+    crate::retention::unpack_fixture(&format!("{ENC_TS_DIR}/archive.tar.zst"), &d.path("archive"));
+    let keys: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{ENC_TS_DIR}/key.json")).unwrap()).unwrap();
+    let config = json!({
+        "backup_location": d.path("spool"),
+        "json_state_file_path": d.path("state.json"),
+        "alert_file_dir": d.alert_dir(),
+        "http_port": d.http_port,
+        "backup_sites": {"main": {
+            "prefix": PGHOARD_SITE,
+            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+            "object_storage": d.local_storage(),
+            "encryption_key_id": "k1",
+            "encryption_keys": keys,
+        }},
+    });
+    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    readable_by_server(&d);
+    walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_pghoard_encrypted_local_tar_backup_with_a_tablespace() {
+    let d = pghoard_encrypted_archive();
+    let list = list(&d);
+    let backups = list.as_array().unwrap();
+    assert_eq!(backups.len(), 1, "{list:#}");
+    assert_eq!(backups[0]["encryption_key_id"], "k1", "{list:#}");
+    assert_eq!(backups[0]["start_timeline"], 1, "{list:#}");
+    let target = d.path("restored");
+    let ts = d.path("ts");
+    let ts_arg = format!("fixture_ts={}", ts.display());
+    let out = get_basebackup(
+        &d,
+        &target,
+        &["--restore-to-primary", "--tablespace-dir", &ts_arg],
+    );
+    assert!(out.status.success(), "get-basebackup: {}", stderr(&out));
+    // pghoard's `tablespaces/fixture_ts/…` members are in the tablespace directory, linked
+    // from pg_tblspc/<oid>.
+    let links: Vec<_> = std::fs::read_dir(target.join("pg_tblspc"))
+        .unwrap()
+        .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(links, [ts.clone()]);
+    assert!(
+        std::fs::read_dir(&ts).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("PG_15_")),
+        "no PG_15_* in the tablespace directory"
+    );
+    walhoard_testkit::give_to_server_user(&ts).unwrap();
+    let pg = start_promoted(&target);
+    let rows = pg
+        .psql("select count(*) || ' ' || (select spcname from pg_tablespace t join pg_class c on c.reltablespace = t.oid where c.relname = 'fixture') from fixture")
+        .unwrap();
+    // 1000 rows, and the first 100-row batch after the backup: pghoard was stopped before it
+    // handed over the segment of the second batch (the archive ends at segment 4).
+    assert_eq!(rows.trim(), "1100 fixture_ts", "{}", pg.log());
+}
