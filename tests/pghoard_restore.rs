@@ -222,7 +222,7 @@ async fn restore_pghoard_encrypted_local_tar_backup_with_a_tablespace() {
         .unwrap()
         .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
         .collect();
-    assert_eq!(links, [ts.clone()]);
+    assert_eq!(links, std::slice::from_ref(&ts));
     assert!(
         std::fs::read_dir(&ts).unwrap().any(|e| e
             .unwrap()
