@@ -45,7 +45,7 @@ fn cluster() -> PgCluster {
 }
 
 /// The daemon's files readable by the server's OS user, who runs restore_command.
-fn readable_by_server(d: &DaemonDir) {
+pub(crate) fn readable_by_server(d: &DaemonDir) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(d.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();

@@ -18,7 +18,7 @@ const PGHOARD_ARCHIVE: &str = concat!(
     "/tests/data/pghoard-pg15/archive.tar.zst"
 );
 /// The site (and key prefix) pghoard wrote the fixture for.
-const PGHOARD_SITE: &str = "pgsite";
+pub(crate) const PGHOARD_SITE: &str = "pgsite";
 
 /// Every file under `root` (objects and their `.metadata` sidecars), by relative path.
 pub fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -54,10 +54,15 @@ pub fn backdate_tree(root: &Path, age: Duration) {
 
 /// Unpacks the pghoard fixture into `dir` (`dir/pgsite/...`): zstd decoded here (no `zstd`
 /// program needed), the tar by `tar`.
-fn unpack_pghoard_archive(dir: &Path) {
+pub(crate) fn unpack_pghoard_archive(dir: &Path) {
+    unpack_fixture(PGHOARD_ARCHIVE, dir)
+}
+
+/// Unpacks a fixture `archive.tar.zst` into `dir`.
+pub(crate) fn unpack_fixture(archive: &str, dir: &Path) {
     use std::io::Write;
     std::fs::create_dir_all(dir).unwrap();
-    let packed = std::fs::read(PGHOARD_ARCHIVE).unwrap();
+    let packed = std::fs::read(archive).unwrap();
     let tar = zstd::stream::decode_all(&packed[..]).unwrap();
     let mut child = std::process::Command::new("tar")
         .args(["-xf", "-", "-C"])
@@ -67,7 +72,7 @@ fn unpack_pghoard_archive(dir: &Path) {
         .unwrap();
     child.stdin.take().unwrap().write_all(&tar).unwrap();
     let status = child.wait().unwrap();
-    assert!(status.success(), "unpack {PGHOARD_ARCHIVE}: {status}");
+    assert!(status.success(), "unpack {archive}: {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ mod daemon_stream;
 mod daemon_support;
 mod pghoa1;
 mod pghoard_cli;
+mod pghoard_restore;
 mod pghoard_rollback;
 mod protocol_auth;
 mod protocol_basebackup;

@@ -15,7 +15,15 @@
 #   - the WAL segments pghoard archived between and after them (xlog/),
 # every object with its `.metadata` sidecar, as `archive.tar.zst` holding `<site>/...` for
 # site `pgsite`. Needs root (to run things as `postgres`), postgresql-15, python3-venv, zstd.
+#
+# Options (environment):
+#   FIXTURE_MODES="local-tar basic"  the basebackups to take, in order (each then 2 segments);
+#   FIXTURE_ENCRYPT=1                pghoard's own encryption (`pghoa1`) with a fresh RSA key
+#                                    pair, written as key.json (encryption_keys.k1) beside
+#                                    the archive: a test key, for the tests only;
+#   FIXTURE_TABLESPACE=1             the fixture table in a user tablespace `fixture_ts`.
 set -euo pipefail
+modes=${FIXTURE_MODES:-local-tar basic}
 
 checkout=$(realpath "${1:?usage: $0 <pghoard checkout> [output dir]}")
 out=$(realpath -m "${2:-$(dirname "$0")/../tests/data/pghoard-pg15}")
@@ -62,10 +70,26 @@ max_replication_slots = 4
 EOF
 runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -l "$work/log/pg.log" -w start >/dev/null
 psql() { runuser -u postgres -- "$bin/psql" -X -q -h "$work/sock" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
-psql -c "create table fixture as select g, md5(g::text) from generate_series(1, 1000) g"
+ts_clause=
+if [ "${FIXTURE_TABLESPACE:-}" = 1 ]; then
+  mkdir -p "$work/ts" && chown postgres: "$work/ts"
+  psql -c "create tablespace fixture_ts location '$work/ts'"
+  ts_clause="tablespace fixture_ts"
+fi
+psql -c "create table fixture $ts_clause as select g, md5(g::text) from generate_series(1, 1000) g"
 # Past initdb's segment (1 MB of zstd): pghoard's streaming and its first backup then start in
 # the same segment, so every archived segment is one a kept backup needs.
 psql -c "select pg_switch_wal()" >/dev/null
+
+encryption='"encryption_key_id": null,'
+if [ "${FIXTURE_ENCRYPT:-}" = 1 ]; then
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:3072 -out "$work/private.pem" 2>/dev/null
+  openssl pkey -in "$work/private.pem" -pubout -out "$work/public.pem"
+  keys=$(/usr/bin/python3 -c 'import json, sys
+print(json.dumps({"k1": {"public": open(sys.argv[1]).read(), "private": open(sys.argv[2]).read()}}))' \
+    "$work/public.pem" "$work/private.pem")
+  encryption="\"encryption_key_id\": \"k1\", \"encryption_keys\": $keys,"
+fi
 
 write_config() { # write_config <basebackup_mode>
   cat >"$work/pghoard.json" <<EOF
@@ -87,6 +111,7 @@ write_config() { # write_config <basebackup_mode>
       "basebackup_mode": "$1",
       "basebackup_interval_hours": null,
       "basebackup_chunk_size": 1048576,
+      $encryption
       "object_storage": {"storage_type": "local", "directory": "$work/storage"}
     }
   }
@@ -146,24 +171,25 @@ wait_segments() { # wait_segments <n>
   echo "pghoard archived $(segments) of $1 segments:" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
 }
 
-echo "== pghoard: local-tar basebackup"
-write_config local-tar
-start_pghoard
-backup_now local-tar
-switch_wal 2
-stop_pghoard
-
-echo "== pghoard: basic basebackup"
-write_config basic
-start_pghoard
-backup_now basic
-switch_wal 2
-# The segment the second backup ended in and the ones after it.
-wait_segments 4
-stop_pghoard
+taken=0
+for mode in $modes; do
+  echo "== pghoard: $mode basebackup"
+  write_config "$mode"
+  start_pghoard
+  backup_now "$mode"
+  switch_wal 2
+  taken=$((taken + 1))
+  # The segment the last backup ended in and the ones after it.
+  [ "$taken" = "$(wc -w <<<"$modes")" ] && wait_segments $((2 * taken))
+  stop_pghoard
+done
 
 runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -m fast stop >/dev/null
 mkdir -p "$out"
+if [ "${FIXTURE_ENCRYPT:-}" = 1 ]; then
+  /usr/bin/python3 -c 'import json, sys; print(json.dumps({"k1": json.loads(sys.argv[1])["k1"]}, indent=1))' \
+    "$keys" >"$out/key.json"
+fi
 tar -C "$work/storage" --sort=name --owner=0 --group=0 --numeric-owner -cf - "$site" \
   | zstd -q -19 -o "$out/archive.tar.zst" -f
 echo "== $(du -h "$out/archive.tar.zst" | cut -f1) in $out/archive.tar.zst:"

@@ -203,16 +203,16 @@ impl<R: Read> Read for Decompressor<R> {
         // Name the codec in errors: "corrupt input" alone does not say which object format.
         // Errors of the layer below (decryption, I/O) pass through as they are.
         r.map_err(|e| {
-            let from_below = e
-                .get_ref()
-                .is_some_and(|inner| inner.is::<super::encryption::EncryptionError>())
-                || !matches!(
-                    e.kind(),
-                    io::ErrorKind::InvalidData
-                        | io::ErrorKind::InvalidInput
-                        | io::ErrorKind::Other
-                        | io::ErrorKind::UnexpectedEof
-                );
+            let from_below = e.get_ref().is_some_and(|inner| {
+                inner.is::<super::encryption::EncryptionError>()
+                    || inner.is::<super::transfer::StoredHashMismatch>()
+            }) || !matches!(
+                e.kind(),
+                io::ErrorKind::InvalidData
+                    | io::ErrorKind::InvalidInput
+                    | io::ErrorKind::Other
+                    | io::ErrorKind::UnexpectedEof
+            );
             if from_below {
                 e
             } else {

@@ -29,8 +29,10 @@ use walhoard_basebackup::untar::{Entry, TarReader};
 use super::beneath::Beneath;
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
+use super::pghoard::{self, FORMAT_PGHOARD_BASIC};
 use super::recovery::{self, RecoverySettings};
 use super::{candidates, choose, list_basebackups, RestoreSite, Target};
+use crate::basebackup::inventory::{self, Writer};
 use crate::pipeline::transfer::download_with;
 
 /// What to restore and how.
@@ -191,15 +193,15 @@ impl Route {
 /// Fetches one chunk and extracts it, checking size and SHA-1.
 async fn restore_chunk(
     site: &RestoreSite,
-    chunk: &ChunkMeta,
-    route: Route,
+    job: &Job,
     progress: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    let key = format!("basebackup_chunk/{}", chunk.chunk_filename);
+    let (chunk, key) = (&job.chunk, &job.key);
+    let route = job.route.clone();
     let limit = chunk.input_size;
     let key2 = key.clone();
-    let (_, (size, sha1)) = download_with(&site.store, &key, &site.keys, move |_, r| {
+    let (_, (size, sha1)) = download_with(&site.store, key, &site.keys, move |_, r| {
         let mut v = Verifying {
             inner: r,
             hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
@@ -220,7 +222,9 @@ async fn restore_chunk(
             chunk.input_size
         );
     }
-    if sha1 != chunk.hash {
+    // pghoard records no hash of a chunk's plain bytes (see super::pghoard for what is
+    // checked instead).
+    if job.check_sha1 && sha1 != chunk.hash {
         bail!(
             "chunk {key}: SHA-1 {sha1} does not match the control object's {}",
             chunk.hash
@@ -229,12 +233,43 @@ async fn restore_chunk(
     Ok(())
 }
 
-/// The control object: the metadata and (local-tar) the extra members.
+/// The control object: the metadata and (local-tar) the extra members. pghoard's backups are
+/// described from its own layouts ([`super::pghoard`]); its formats walhoard cannot restore
+/// are refused by name.
 async fn read_control(
     site: &RestoreSite,
     name: &str,
-) -> Result<(BackupMetadata, Vec<(Entry, Vec<u8>)>)> {
+) -> Result<(BackupMetadata, Vec<(Entry, Vec<u8>)>, bool)> {
     let key = format!("basebackup/{name}");
+    let (object_meta, size) = site
+        .store
+        .metadata_and_size(&key)
+        .await
+        .with_context(|| format!("metadata of control object {key}"))?;
+    let (_, writer) = inventory::classify(name, &Ok(object_meta.clone()));
+    let pghoard = writer == Writer::Pghoard;
+    if pghoard {
+        pghoard::check_supported(&key, &object_meta)?;
+        if !object_meta.contains_key("format") {
+            // basic/pipe: the object is the backup's one tar.
+            let size = match size {
+                Some(s) => s,
+                None => {
+                    site.store
+                        .stat(&key)
+                        .await
+                        .with_context(|| format!("stat {key}"))?
+                        .with_context(|| format!("{key} disappeared"))?
+                        .size
+                }
+            };
+            return Ok((
+                pghoard::basic_metadata(name, &object_meta, size)?,
+                Vec::new(),
+                true,
+            ));
+        }
+    }
     let (_, members) = download_with(&site.store, &key, &site.keys, |_, r| {
         // A few kB in practice; bounded so that a corrupt object cannot exhaust memory.
         let mut limited = r.take(64 * 1024 * 1024);
@@ -253,16 +288,18 @@ async fn read_control(
     let mut extra = Vec::new();
     for (e, data) in members {
         if e.path == METADATA_MEMBER {
-            meta = Some(
+            meta = Some(if pghoard {
+                pghoard::bb_v2_metadata(&key, &data, &object_meta)?
+            } else {
                 serde_json::from_slice::<BackupMetadata>(&data)
-                    .with_context(|| format!("{key}: {METADATA_MEMBER}"))?,
-            );
+                    .with_context(|| format!("{key}: {METADATA_MEMBER}"))?
+            });
         } else {
             extra.push((e, data));
         }
     }
     let meta = meta.with_context(|| format!("{key} holds no {METADATA_MEMBER}"))?;
-    Ok((meta, extra))
+    Ok((meta, extra, pghoard))
 }
 
 /// Prints progress: a bar redrawn in place on a terminal, a line every few seconds otherwise.
@@ -311,18 +348,22 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     // target, with a warning, instead of failing the restore.
     let mut picked = None;
     for (i, chosen) in choices.iter().enumerate() {
-        let control = read_control(site, &chosen.name)
-            .await
-            .and_then(|(meta, extra)| {
-                if meta.format != FORMAT_STREAM && meta.format != FORMAT_LOCAL_TAR {
-                    bail!(
-                        "basebackup/{}: unknown format {:?}",
-                        chosen.name,
-                        meta.format
-                    );
-                }
-                Ok((meta, extra))
-            });
+        let control =
+            read_control(site, &chosen.name)
+                .await
+                .and_then(|(meta, extra, pghoard_written)| {
+                    if meta.format != FORMAT_STREAM
+                        && meta.format != FORMAT_LOCAL_TAR
+                        && meta.format != FORMAT_PGHOARD_BASIC
+                    {
+                        bail!(
+                            "basebackup/{}: unknown format {:?}",
+                            chosen.name,
+                            meta.format
+                        );
+                    }
+                    Ok((meta, extra, pghoard_written))
+                });
         match control {
             Ok(c) => {
                 picked = Some(((*chosen).clone(), c));
@@ -337,7 +378,7 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
             Err(e) => return Err(e),
         }
     }
-    let (chosen, (meta, extra)) = picked.context("no basebackup candidates")?;
+    let (chosen, (meta, extra, pghoard_written)) = picked.context("no basebackup candidates")?;
     eprintln!(
         "restore: basebackup {} (ends {} at {}, {} bytes)",
         chosen.name, chosen.end_time, chosen.end_lsn, chosen.size_plain
@@ -397,7 +438,16 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
             let what = format!("tablespace {key:?} directory");
             dests.push(Dest::prepare(dir, opts.overwrite, by, &what)?);
         }
-        restore_into(site, opts, &chosen.name, &meta, extra, &ts_dirs).await
+        restore_into(
+            site,
+            opts,
+            &chosen.name,
+            &meta,
+            extra,
+            &ts_dirs,
+            pghoard_written,
+        )
+        .await
     }
     .await;
     match result {
@@ -422,6 +472,7 @@ async fn restore_into(
     meta: &BackupMetadata,
     extra: Vec<(Entry, Vec<u8>)>,
     ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
+    pghoard_written: bool,
 ) -> Result<()> {
     let data = Extractor::new(opts.target_dir.clone(), true);
     let local_tar = LocalTarRoutes {
@@ -463,7 +514,18 @@ async fn restore_into(
                 }
             }
         };
-        jobs.push((c.clone(), route));
+        let pghoard_basic = meta.format == FORMAT_PGHOARD_BASIC;
+        jobs.push(Job {
+            chunk: c.clone(),
+            route,
+            // pghoard's basic backup is its control object.
+            key: if pghoard_basic {
+                format!("basebackup/{}", c.chunk_filename)
+            } else {
+                format!("basebackup_chunk/{}", c.chunk_filename)
+            },
+            check_sha1: !pghoard_written,
+        });
     }
     let parallel = site.config.restore_process_count.unwrap_or(4).max(1) as usize;
     let done = Arc::new(AtomicU64::new(0));
@@ -567,6 +629,15 @@ fn link_tablespaces(
     Ok(())
 }
 
+/// One chunk to fetch: its description, where its members go, its object key.
+struct Job {
+    chunk: ChunkMeta,
+    route: Route,
+    key: String,
+    /// walhoard's chunks carry the SHA-1 of their plain bytes; pghoard's do not.
+    check_sha1: bool,
+}
+
 /// The local-tar routing, shared by every chunk.
 struct LocalTarRoutes {
     data: Extractor,
@@ -586,7 +657,7 @@ impl LocalTarRoutes {
 /// read; all are waited for, so nothing writes into the target after this returns.
 async fn fetch_all(
     site: &RestoreSite,
-    jobs: Vec<(ChunkMeta, Route)>,
+    jobs: Vec<Job>,
     parallel: usize,
     done: Arc<AtomicU64>,
 ) -> Result<()> {
@@ -596,13 +667,13 @@ async fn fetch_all(
     let mut first_err: Option<anyhow::Error> = None;
     loop {
         while set.len() < parallel && first_err.is_none() {
-            let Some((chunk, route)) = pending.next() else {
+            let Some(job) = pending.next() else {
                 break;
             };
             let site = site.clone();
             let done = done.clone();
             let stop = stop.clone();
-            set.spawn(async move { restore_chunk(&site, &chunk, route, done, stop).await });
+            set.spawn(async move { restore_chunk(&site, &job, done, stop).await });
         }
         let failed = match set.join_next().await {
             None => break,

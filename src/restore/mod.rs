@@ -13,6 +13,7 @@ pub mod beneath;
 mod dest;
 pub mod extract;
 pub mod get;
+pub mod pghoard;
 pub mod recovery;
 pub mod wal;
 
@@ -114,10 +115,16 @@ pub struct BackupListing {
 }
 
 impl BackupListing {
+    /// When the backup ended; for pghoard's basic backups, which record no end, when it
+    /// started (as pghoard's own restore picks backups by `start-time`).
     fn end_timestamp(&self) -> Result<jiff::Timestamp> {
-        self.end_time
-            .parse()
-            .with_context(|| format!("basebackup/{}: end-time {:?}", self.name, self.end_time))
+        let (what, t) = if self.end_time.is_empty() && self.format.is_empty() {
+            ("start-time", &self.start_time)
+        } else {
+            ("end-time", &self.end_time)
+        };
+        t.parse()
+            .with_context(|| format!("basebackup/{}: {what} {t:?}", self.name))
     }
 
     fn end_lsn(&self) -> Result<Lsn> {
@@ -150,26 +157,60 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
             }
         };
         let get = |k: &str| m.get(k).cloned().unwrap_or_default();
-        let num = |k: &str| m.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let num = |k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok());
+        // pghoard's basic backups record neither sizes nor LSNs nor a timeline: the object's
+        // own size, `original-file-size` and `start-wal-segment` say them (super::pghoard).
+        let start_wal_segment = get("start-wal-segment");
+        let start_lsn = match m.get("start-lsn") {
+            Some(l) => l.clone(),
+            None => pghoard::segment_start_lsn(&start_wal_segment),
+        };
+        let start_timeline = match num("start-timeline") {
+            Some(t) => t as u32,
+            None => pghoard::segment_timeline(&start_wal_segment),
+        };
         out.push(BackupListing {
             format: get("format"),
-            start_time: get("start-time"),
-            end_time: get("end-time"),
-            start_lsn: get("start-lsn"),
+            start_time: normalise_time(&get("start-time")),
+            end_time: normalise_time(&get("end-time")),
+            start_lsn,
             end_lsn: get("end-lsn"),
-            start_timeline: num("start-timeline") as u32,
-            start_wal_segment: get("start-wal-segment"),
+            start_timeline,
+            start_wal_segment,
             end_wal_segment: get("end-wal-segment"),
-            size_plain: num("total-size-plain"),
-            size_stored: num("total-size-enc"),
+            size_plain: num("total-size-plain")
+                .or_else(|| num("original-file-size"))
+                .unwrap_or(0),
+            size_stored: num("total-size-enc").unwrap_or(o.size),
             compression: get("compression-algorithm"),
             encryption_key_id: m.get("encryption-key-id").cloned(),
             pg_version: get("pg-version"),
             name,
         });
     }
-    out.sort_by(|a, b| (&a.end_time, &a.name).cmp(&(&b.end_time, &b.name)));
+    // By end, or start where no end is recorded (pghoard's basic backups).
+    let when = |b: &BackupListing| {
+        if b.end_time.is_empty() {
+            b.start_time.clone()
+        } else {
+            b.end_time.clone()
+        }
+    };
+    out.sort_by(|a, b| (when(a), &a.name).cmp(&(when(b), &b.name)));
     Ok(out)
+}
+
+/// Times as walhoard writes them (RFC 3339 in UTC), so that listings sort and compare alike:
+/// pghoard writes `2026-12-04 20:39:07.582849+00:00` (a space) or `…T20:39:18+00:00`. Kept
+/// as stored when it does not parse (the entry is then skipped for targets, with a warning).
+fn normalise_time(t: &str) -> String {
+    match t
+        .parse::<jiff::Timestamp>()
+        .or_else(|_| t.replacen(' ', "T", 1).parse())
+    {
+        Ok(ts) => ts.to_string(),
+        Err(_) => t.to_string(),
+    }
 }
 
 fn human_size(n: u64) -> String {
@@ -274,9 +315,17 @@ pub fn choose<'a>(
     target: &Target,
 ) -> Result<&'a BackupListing> {
     if let Some(n) = name.filter(|n| *n != "latest") {
+        // pghoard lists its backups by key (`<site>/basebackup/<file>`) and names local-tar
+        // ones `<name>.00000000.pghoard`: each of those forms finds the backup.
+        let file = n.rsplit_once("basebackup/").map_or(n, |(_, f)| f);
+        let pghoard_local_tar = format!(
+            "{file}{}",
+            crate::basebackup::inventory::PGHOARD_CONTROL_SUFFIX
+        );
         return list
             .iter()
-            .find(|b| b.name == n)
+            .find(|b| b.name == file)
+            .or_else(|| list.iter().find(|b| b.name == pghoard_local_tar))
             .with_context(|| format!("no basebackup named {n:?} (object basebackup/{n} does not exist); `walhoard restore list-basebackups` lists them"));
     }
     candidates(list, target)?
