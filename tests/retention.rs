@@ -18,7 +18,7 @@ const PGHOARD_ARCHIVE: &str = concat!(
     "/tests/data/pghoard-pg15/archive.tar.zst"
 );
 /// The site (and key prefix) pghoard wrote the fixture for.
-const PGHOARD_SITE: &str = "pgsite";
+pub const PGHOARD_SITE: &str = "pgsite";
 
 /// Every file under `root` (objects and their `.metadata` sidecars), by relative path.
 pub fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -54,7 +54,7 @@ pub fn backdate_tree(root: &Path, age: Duration) {
 
 /// Unpacks the pghoard fixture into `dir` (`dir/pgsite/...`): zstd decoded here (no `zstd`
 /// program needed), the tar by `tar`.
-fn unpack_pghoard_archive(dir: &Path) {
+pub fn unpack_pghoard_archive(dir: &Path) {
     use std::io::Write;
     std::fs::create_dir_all(dir).unwrap();
     let packed = std::fs::read(PGHOARD_ARCHIVE).unwrap();
@@ -141,7 +141,16 @@ async fn retention_keeps_every_object_pghoard_wrote() {
                "basebackup_count": 1, "basebackup_count_min": 1}),
     );
     let daemon = Daemon::start(&d);
-    wait_slot(&pg, &daemon);
+    // The archive's WAL is another cluster's: the site streams nothing (it drops the slot it
+    // created and raises this alert), while basebackups and retention still run.
+    assert!(
+        crate::common::wait_until(Duration::from_secs(30), || d
+            .alert_dir()
+            .join("foreign_archive_main")
+            .exists()),
+        "the site did not refuse pghoard's archive; log:\n{}",
+        daemon.log_text()
+    );
     d.wait_http();
     let mut taken = Vec::new();
     for _ in 0..2 {

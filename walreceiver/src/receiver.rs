@@ -35,8 +35,18 @@ const DIRECT_PAYLOAD_MIN: usize = 16 * 1024;
 /// position *before* the slot's (the archive ends there: the slot was dropped and created
 /// again): the receiver then streams from there while the primary still has that WAL, and
 /// reports a [`ReceiverEvent::WalGap`] when it does not.
+///
+/// It also gets the primary's system identifier (IDENTIFY_SYSTEM) and may refuse to stream
+/// at all (`Err`: the archive belongs to another cluster): the receiver then drops the slot
+/// if this session created it and stops with [`crate::ReceiverError::Refused`], never retrying.
 pub type ResumeHook = Arc<
-    dyn Fn(StartPosition, SegmentSize) -> Pin<Box<dyn Future<Output = Lsn> + Send>> + Send + Sync,
+    dyn Fn(
+            StartPosition,
+            SegmentSize,
+            u64,
+        ) -> Pin<Box<dyn Future<Output = Result<Lsn, String>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// What the receiver needs to know.
@@ -227,6 +237,8 @@ pub async fn run(
                 continue;
             }
             Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
+            // Retrying cannot help: whoever archives the output said no.
+            Err(ReceiverError::Refused(why)) => return Err(ReceiverError::Refused(why)),
             Err(e) => e,
         };
         let sqlstate = match &e {
@@ -351,7 +363,8 @@ impl Session {
         let slot = self.cfg.slot.clone();
         let slot = slot.as_str();
         let mut info = client.read_replication_slot(slot).await?;
-        if info.is_none() && self.cfg.create_slot {
+        let created_slot = info.is_none() && self.cfg.create_slot;
+        if created_slot {
             client.create_physical_slot(slot, true).await?;
             tracing::info!(%slot, "created physical replication slot");
             info = client.read_replication_slot(slot).await?;
@@ -390,14 +403,30 @@ impl Session {
         };
         if first_session {
             if let Some(hook) = &self.cfg.resume {
-                let mut at = hook(
+                let verdict = hook(
                     StartPosition {
                         lsn: pos,
                         tli: Some(tli),
                     },
                     seg,
+                    id.system_id,
                 )
                 .await;
+                let mut at = match verdict {
+                    Ok(at) => at,
+                    Err(why) => {
+                        // A slot nobody will ever read would hold the primary's WAL forever.
+                        if created_slot {
+                            if let Err(e) = client.drop_slot(slot, false).await {
+                                tracing::warn!(%slot, error = %e, "cannot drop the slot this session created");
+                            } else {
+                                tracing::info!(%slot, "dropped the slot this session created: nothing will stream");
+                            }
+                        }
+                        client.close().await.ok();
+                        return Err(ReceiverError::Refused(why));
+                    }
+                };
                 if tli != id.timeline {
                     // Never skip past the end of an old timeline: the segment holding the
                     // switchpoint must be streamed so that it ends in a `.partial`.
