@@ -89,7 +89,8 @@ impl SiteWal {
         });
         let guard = ArchiveGuard::new(name, keys, status.clone(), alerts.clone());
         let (archived_tx, archived_rx) = watch::channel(Lsn::INVALID);
-        let archiver = Archiver::new(ctx, status.clone(), spool_dir.clone(), archived_tx);
+        let mut archiver = Archiver::new(ctx, status.clone(), spool_dir.clone(), archived_tx);
+        archiver.set_alerts(alerts.clone());
         let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
         let mut receiver = ReceiverConfig::new(conn, &slot, spool_dir);
         receiver.status_interval = Duration::from_secs(5);
@@ -223,7 +224,7 @@ impl SiteWal {
                 | ReceiverEvent::History { name, path } => {
                     if self
                         .archiver
-                        .archive(name, path, None, None, &tracker, &abort)
+                        .archive_checked(name, path, None, None, &tracker, &abort)
                         .await
                         .is_err()
                     {
@@ -542,7 +543,7 @@ async fn resume_point(
         spool.remove(&h);
         let name: WalSegmentName = h.parse().map_err(|e| anyhow::anyhow!("{h}: {e}"))?;
         if archiver
-            .archive(name, dir.join(&h), None, None, tracker, abort)
+            .archive_checked(name, dir.join(&h), None, None, tracker, abort)
             .await
             .is_err()
         {
@@ -563,7 +564,7 @@ async fn resume_point(
     for (file, name) in below {
         spool.remove(&file);
         if archiver
-            .archive(name, dir.join(&file), None, None, tracker, abort)
+            .archive_checked(name, dir.join(&file), None, None, tracker, abort)
             .await
             .is_err()
         {
@@ -578,7 +579,7 @@ async fn resume_point(
         if spool.remove(&file) {
             tracing::info!(segment = %file, "archiving a segment left in the spool");
             if archiver
-                .archive(name, dir.join(&file), None, Some(end), tracker, abort)
+                .archive_checked(name, dir.join(&file), None, Some(end), tracker, abort)
                 .await
                 .is_err()
             {
