@@ -1,7 +1,8 @@
 //! `walhoard check`: what the daemon needs, tested the way the daemon would use it, per site:
 //! the replication connection (and its authentication), wal_level, max_wal_senders, the slot,
 //! the object store (a probe object written, read back and deleted), what the archive holds
-//! (objects retention does not recognise fail the check) and the encryption keys.
+//! (objects retention does not recognise fail the check), whose WAL the archive holds (another
+//! cluster's fails the check) and the encryption keys.
 
 use std::fmt::Write as _;
 
@@ -21,7 +22,12 @@ pub struct CheckResult {
     pub detail: String,
 }
 
-async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
+/// The primary's system identifier, when IDENTIFY_SYSTEM answered.
+async fn check_replication(
+    name: &str,
+    site: &SiteConfig,
+    out: &mut Vec<CheckResult>,
+) -> Option<u64> {
     let mut push = |check: &str, r: Result<String>| {
         out.push(CheckResult {
             site: name.into(),
@@ -38,7 +44,7 @@ async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckRes
             "replication connection",
             Err(anyhow::anyhow!("backup_sites.{name}.nodes is empty")),
         );
-        return;
+        return None;
     };
     let (params, slot) = match node.connect_params() {
         Ok(p) => p,
@@ -47,7 +53,7 @@ async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckRes
                 "replication connection",
                 Err(anyhow::anyhow!("backup_sites.{name}.nodes[0]: {e}")),
             );
-            return;
+            return None;
         }
     };
     let mut client = match ReplicationClient::connect(&params).await {
@@ -62,7 +68,7 @@ async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckRes
                 "replication connection",
                 Err(anyhow::anyhow!("connect to {params}: {e}{hint}")),
             );
-            return;
+            return None;
         }
     };
     let version = client
@@ -71,6 +77,7 @@ async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckRes
         .unwrap_or("?")
         .to_string();
     let identity = client.identify_system().await;
+    let system_id = identity.as_ref().ok().map(|id| id.system_id);
     push(
         "replication connection",
         identity
@@ -143,6 +150,40 @@ async fn check_replication(name: &str, site: &SiteConfig, out: &mut Vec<CheckRes
         );
     }
     let _ = client.close().await;
+    system_id
+}
+
+/// The archive's newest WAL object must carry the primary's system identifier: the daemon
+/// refuses to archive into another cluster's archive, with the same message.
+async fn check_archive_owner(
+    config: &Config,
+    name: &str,
+    site: &SiteConfig,
+    primary: u64,
+    out: &mut Vec<CheckResult>,
+) {
+    use crate::daemon::identity;
+    let result: Result<String> = async {
+        let store = crate::settings::open_store(config, name)?;
+        let keys = crate::restore::key_ring(name, site)?;
+        match identity::archive_identity(&store, &keys).await? {
+            None => Ok(format!(
+                "the archive holds no WAL yet; it becomes system {primary}'s"
+            )),
+            Some(a) if a.system_id == primary => Ok(format!(
+                "{} has system identifier {primary}, the primary's",
+                a.key
+            )),
+            Some(a) => bail!("{}", identity::mismatch_message(name, &a, primary)),
+        }
+    }
+    .await;
+    out.push(CheckResult {
+        site: name.into(),
+        check: "archive owner".into(),
+        ok: result.is_ok(),
+        detail: result.unwrap_or_else(|e| format!("{e:#}")),
+    });
 }
 
 /// Whether a walsender uses the slot, when an ordinary connection may ask.
@@ -293,7 +334,9 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
     for name in names {
         let s = &config.backup_sites[name];
         if s.active_backup_mode == BackupMode::Walreceiver || !s.nodes.is_empty() {
-            check_replication(name, s, &mut out).await;
+            if let Some(primary) = check_replication(name, s, &mut out).await {
+                check_archive_owner(config, name, s, primary, &mut out).await;
+            }
         }
         check_storage(config, name, &mut out).await;
         check_archive(config, name, &mut out).await;

@@ -583,3 +583,44 @@ async fn pghoa1_archive_restores_basebackup_and_replays_wal() {
     );
     assert_not_a_data_dir(&target);
 }
+
+/// Whose archive (the daemon's check before it streams, `walhoard check`'s `archive owner`):
+/// the system identifier is read from the first page of pghoard's newest `pghoa1` segment
+/// through the normal download path (its MAC checked first); a tampered one gives an error,
+/// never an identifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pghoa1_archive_identity_reads_pghoard_encrypted_segment() {
+    use walhoard::daemon::identity::archive_identity;
+    let pg = PgCluster::start().unwrap();
+    let sysid: u64 = pg
+        .psql("select system_identifier from pg_control_system()")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let seg = switch_segment(&pg);
+    let plain = std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
+    let k = Keys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let store = local_store(&store_dir);
+    // An older segment too: the newest is the one read.
+    k.rohmu_store(
+        "zstd",
+        &plain,
+        &store_dir,
+        "site",
+        "xlog/000000010000000000000000",
+    );
+    let key = format!("xlog/{seg}");
+    k.rohmu_store("zstd", &plain, &store_dir, "site", &key);
+    let found = archive_identity(&store, &k.ring()).await.unwrap().unwrap();
+    assert_eq!((found.key.as_str(), found.system_id), (key.as_str(), sysid));
+    let path = store_dir.join("site").join(&key);
+    let mut obj = std::fs::read(&path).unwrap();
+    let at = obj.len() / 2;
+    obj[at] ^= 1;
+    std::fs::write(&path, &obj).unwrap();
+    let err = archive_identity(&store, &k.ring()).await.unwrap_err();
+    assert!(format!("{err:#}").contains(&key), "{err:#}");
+}

@@ -146,7 +146,16 @@ async fn retention_keeps_every_object_pghoard_wrote() {
                "basebackup_count": 1, "basebackup_count_min": 1}),
     );
     let daemon = Daemon::start(&d);
-    wait_slot(&pg, &daemon);
+    // The archive's WAL is another cluster's: the site streams nothing (it drops the slot it
+    // created and raises this alert), while basebackups and retention still run.
+    assert!(
+        crate::common::wait_until(Duration::from_secs(30), || d
+            .alert_dir()
+            .join("foreign_archive_main")
+            .exists()),
+        "the site did not refuse pghoard's archive; log:\n{}",
+        daemon.log_text()
+    );
     d.wait_http();
     let mut taken = Vec::new();
     for _ in 0..2 {

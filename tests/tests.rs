@@ -7,6 +7,7 @@ mod common;
 mod daemon;
 mod daemon_stream;
 mod daemon_support;
+mod foreign_archive;
 mod pghoa1;
 mod pghoard_cli;
 mod pghoard_restore;

@@ -25,7 +25,7 @@ use crate::pipeline::transfer::{upload_bytes, upload_file, UploadEncryption};
 use crate::storage::retry::{with_retries, RetryPolicy};
 use crate::storage::{Metadata, ObjectStore, StorageError};
 
-use super::status::SiteStatus;
+use super::status::{Alerts, SiteStatus};
 
 /// Everything an upload needs, shared by a site's uploads.
 #[derive(Debug, Clone)]
@@ -170,6 +170,48 @@ pub struct Archiver {
     ctx: Arc<UploadContext>,
     status: Arc<SiteStatus>,
     spool_dir: PathBuf,
+    /// Where a refused overwrite is reported (`wal_overwrite_<site>`).
+    alerts: Option<Alerts>,
+}
+
+/// The alert file of a site that refused to replace an archived WAL object with other bytes.
+pub fn wal_overwrite_alert(site: &str) -> String {
+    format!("wal_overwrite_{site}")
+}
+
+/// What the archive holds under a key the archiver is about to write.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    Absent,
+    /// The same bytes (the recorded hash matches): nothing to upload.
+    Same,
+    /// Other bytes, or none recorded to compare with: never overwritten.
+    Different(String),
+}
+
+/// The plaintext hash of what is about to be archived, in the algorithm `stored` was hashed with.
+fn local_hash(
+    algorithm: HashAlgorithm,
+    path: &Path,
+    data: Option<&Arc<SegmentBuffer>>,
+) -> std::io::Result<String> {
+    let mut h = algorithm.hasher();
+    match data {
+        Some(d) => h.update(d),
+        None => {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+    }
+    Ok(h.finish_hex())
 }
 
 impl Archiver {
@@ -190,7 +232,48 @@ impl Archiver {
             ctx,
             status,
             spool_dir,
+            alerts: None,
         }
+    }
+
+    /// Report refused overwrites in alert files too.
+    pub fn set_alerts(&mut self, alerts: Alerts) {
+        self.alerts = Some(alerts);
+    }
+
+    /// Whether `key` already holds an object, and whether it is the one at `path`: one
+    /// metadata read (HEAD, or the sidecar) and a hash of the local file.
+    async fn existing(
+        &self,
+        key: &str,
+        path: &Path,
+        data: Option<&Arc<SegmentBuffer>>,
+    ) -> Result<Existing, String> {
+        let stored = match self.ctx.store.metadata(key).await {
+            Ok(m) => m,
+            Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
+            Err(e) => return Err(e.to_string()),
+        };
+        let (Some(hash), Some(algorithm)) = (stored.get("hash"), stored.get("hash-algorithm"))
+        else {
+            return Ok(Existing::Different(
+                "it records no hash to compare with".into(),
+            ));
+        };
+        let algorithm: HashAlgorithm = match algorithm.parse() {
+            Ok(a) => a,
+            Err(e) => return Ok(Existing::Different(format!("its hash-algorithm: {e}"))),
+        };
+        let (path, data) = (path.to_path_buf(), data.cloned());
+        let ours = tokio::task::spawn_blocking(move || local_hash(algorithm, &path, data.as_ref()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(if ours.eq_ignore_ascii_case(hash) {
+            Existing::Same
+        } else {
+            Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
+        })
     }
 
     pub fn spool_dir(&self) -> &Path {
@@ -276,6 +359,41 @@ impl Archiver {
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<(), Cancelled> {
+        self.archive_inner(name, path, data, end, tracker, cancel, false)
+            .await
+    }
+
+    /// [`Archiver::archive`] for a file whose key may already exist: a spool file left by an
+    /// earlier run (uploaded then, maybe, but not yet deleted), a `.history` or a timeline's
+    /// `.partial`. The key is looked up first (one metadata read): the same bytes count as
+    /// archived; other bytes are never overwritten (ERROR, `wal_overwrite_<site>` alert, the
+    /// file stays in the spool and the archive's position stops below it, so the slot keeps
+    /// the WAL). Segments streamed past the resume point skip this: the resume scan found the
+    /// archive ends there, so a lookup per segment would only slow the hot path.
+    pub async fn archive_checked(
+        &self,
+        name: WalSegmentName,
+        path: PathBuf,
+        data: Option<Arc<SegmentBuffer>>,
+        end: Option<Lsn>,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Result<(), Cancelled> {
+        self.archive_inner(name, path, data, end, tracker, cancel, true)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn archive_inner(
+        &self,
+        name: WalSegmentName,
+        path: PathBuf,
+        data: Option<Arc<SegmentBuffer>>,
+        end: Option<Lsn>,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        check_existing: bool,
+    ) -> Result<(), Cancelled> {
         let permit = tokio::select! {
             _ = cancel.cancelled() => return Err(Cancelled),
             p = self.ctx.upload_slots.clone().acquire_owned() => p.map_err(|_| Cancelled)?,
@@ -287,12 +405,51 @@ impl Archiver {
             let _permit = permit;
             let key = wal_key(&name);
             let started = std::time::Instant::now();
-            if !this
-                .ctx
-                .upload_until_stored(&key, &path, data.as_ref(), &this.status, &cancel)
-                .await
-            {
-                return;
+            let mut existing = Existing::Absent;
+            let mut backoff = this.ctx.retry.initial_backoff;
+            if check_existing {
+                loop {
+                    match this.existing(&key, &path, data.as_ref()).await {
+                        Ok(e) => {
+                            existing = e;
+                            break;
+                        }
+                        Err(e) => {
+                            // Unknown is not absent: uploading now could overwrite.
+                            tracing::warn!(site = %this.ctx.site, object = %key, error = %e, retry_in = ?backoff, "cannot tell whether this is already archived; asking again before uploading");
+                            this.status.set_error(format!("look up {key}: {e}"));
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(this.ctx.retry.max_backoff);
+                        }
+                    }
+                }
+            }
+            match existing {
+                Existing::Absent => {
+                    if !this
+                        .ctx
+                        .upload_until_stored(&key, &path, data.as_ref(), &this.status, &cancel)
+                        .await
+                    {
+                        return;
+                    }
+                }
+                Existing::Same => {
+                    tracing::info!(site = %this.ctx.site, object = %key, "already archived with the same content; not uploaded again");
+                }
+                Existing::Different(why) => {
+                    let detail = format!("site {}: {key} is already archived with other content ({why}); refusing to replace it: {} stays in the spool and the slot keeps its WAL", this.ctx.site, path.display());
+                    tracing::error!(site = %this.ctx.site, object = %key, "{detail}");
+                    this.status.set_error(detail.clone());
+                    if let Some(a) = &this.alerts {
+                        a.raise(&wal_overwrite_alert(&this.ctx.site), &detail);
+                    }
+                    // The job never completes: the archive's position stays below it.
+                    return;
+                }
             }
             // The buffer goes back to the receiver now, before the file system work below.
             let in_memory = data.is_some();
@@ -382,6 +539,91 @@ mod tests {
         let _pending = a.push(Some(Lsn(0x5000000)), false);
         a.start_at(Lsn(0x9000000));
         assert_eq!(*rx.borrow(), Lsn(0x4000000));
+    }
+
+    /// Regression (a daemon on another cluster's archive replaced its `xlog/` objects): a
+    /// spool file whose key already holds other bytes is never uploaded over them; the file
+    /// stays, the archive's position stays below it, an alert file says why. The same bytes
+    /// count as archived without an upload.
+    #[tokio::test]
+    async fn archive_never_replaces_a_wal_object_with_other_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, rx) = archiver(dir.path());
+        let alerts = Alerts {
+            dir: dir.path().join("alerts"),
+        };
+        a.set_alerts(alerts.clone());
+        a.start_at(Lsn(0x1000000));
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let store = &a.context().store;
+        // Another writer's segment 1, recorded with the hash of its bytes (as pghoard does).
+        let theirs = vec![1u8; 1 << 20];
+        let mut h = HashAlgorithm::Sha1.hasher();
+        h.update(&theirs);
+        let mut meta = Metadata::new();
+        meta.insert("hash".into(), h.finish_hex());
+        meta.insert("hash-algorithm".into(), "sha1".into());
+        meta.insert("compression-algorithm".into(), "none".into());
+        let key1 = "xlog/000000010000000000000001";
+        store.put_bytes(key1, b"their object", &meta).await.unwrap();
+        let ours: WalSegmentName = "000000010000000000000001".parse().unwrap();
+        let path = dir.path().join(ours.to_string());
+        std::fs::write(&path, vec![2u8; 1 << 20]).unwrap();
+        a.archive_checked(
+            ours,
+            path.clone(),
+            None,
+            Some(Lsn(0x2000000)),
+            &tracker,
+            &cancel,
+        )
+        .await
+        .unwrap();
+        let alert = dir.path().join("alerts").join(wal_overwrite_alert("site"));
+        for _ in 0..200 {
+            if alert.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let detail = std::fs::read_to_string(&alert).unwrap_or_default();
+        assert!(detail.contains(key1), "alert: {detail:?}");
+        assert_eq!(store.get_bytes(key1).await.unwrap().0, b"their object");
+        assert!(path.exists(), "the refused WAL left the spool");
+        assert_eq!(*rx.borrow(), Lsn(0x1000000), "moved past refused WAL");
+
+        // The same bytes under segment 2's key: archived without uploading them again.
+        let (b, mut rx2) = archiver(&dir.path().join("second"));
+        std::fs::create_dir_all(dir.path().join("second")).unwrap();
+        b.start_at(Lsn(0x2000000));
+        let key2 = "xlog/000000010000000000000002";
+        b.context()
+            .store
+            .put_bytes(key2, b"kept as is", &meta)
+            .await
+            .unwrap();
+        let same: WalSegmentName = "000000010000000000000002".parse().unwrap();
+        let path2 = dir.path().join("second").join(same.to_string());
+        std::fs::write(&path2, &theirs).unwrap();
+        b.archive_checked(
+            same,
+            path2.clone(),
+            None,
+            Some(Lsn(0x3000000)),
+            &tracker,
+            &cancel,
+        )
+        .await
+        .unwrap();
+        rx2.wait_for(|l| *l == Lsn(0x3000000)).await.unwrap();
+        assert_eq!(
+            b.context().store.get_bytes(key2).await.unwrap().0,
+            b"kept as is"
+        );
+        assert!(!path2.exists());
+        tracker.close();
+        tracker.wait().await;
     }
 
     #[tokio::test]

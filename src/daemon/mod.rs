@@ -9,6 +9,7 @@
 
 pub mod archiver;
 pub mod basebackups;
+pub mod identity;
 pub mod site;
 pub mod status;
 pub mod systemd;

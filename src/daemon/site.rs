@@ -18,11 +18,13 @@ use walhoard_walreceiver::{
 
 use super::archiver::{wal_key, Archiver, UploadContext};
 use super::basebackups::BackupRequest;
+use super::identity::ArchiveGuard;
 use super::status::{
     now_secs, wal_gap_alert, Alerts, SiteStatus, WalGapState, AUTHENTICATION_ERROR,
     CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
 };
 use crate::config::{SiteConfig, SpoolFsync};
+use crate::pipeline::encryption::KeyRing;
 
 /// How far past the slot's position the resume check looks for already-archived segments.
 const RESUME_SCAN_LIMIT: u64 = 100_000;
@@ -38,6 +40,8 @@ pub struct SiteWal {
     archived_rx: watch::Receiver<Lsn>,
     /// Where to ask for a basebackup when a WAL gap is found (`basebackup_on_wal_gap`).
     pub gap_backups: Option<mpsc::Sender<BackupRequest>>,
+    /// Whose archive this is; see [`ArchiveGuard`].
+    guard: ArchiveGuard,
 }
 
 /// How long to wait before asking again for the basebackup a WAL gap needs, after one failed.
@@ -79,8 +83,14 @@ impl SiteWal {
         std::fs::create_dir_all(&spool_dir)
             .with_context(|| format!("create spool directory {}", spool_dir.display()))?;
         let status = Arc::new(SiteStatus::default());
+        let keys = crate::restore::key_ring(name, site).unwrap_or_else(|e| {
+            tracing::warn!(site = %name, error = format!("{e:#}"), "private keys unusable: the archive's encrypted WAL cannot be read to tell whose it is");
+            KeyRing::default()
+        });
+        let guard = ArchiveGuard::new(name, keys, status.clone(), alerts.clone());
         let (archived_tx, archived_rx) = watch::channel(Lsn::INVALID);
-        let archiver = Archiver::new(ctx, status.clone(), spool_dir.clone(), archived_tx);
+        let mut archiver = Archiver::new(ctx, status.clone(), spool_dir.clone(), archived_tx);
+        archiver.set_alerts(alerts.clone());
         let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
         let mut receiver = ReceiverConfig::new(conn, &slot, spool_dir);
         receiver.status_interval = Duration::from_secs(5);
@@ -109,6 +119,7 @@ impl SiteWal {
             disk_guard,
             archived_rx,
             gap_backups: None,
+            guard,
         })
     }
 
@@ -171,12 +182,17 @@ impl SiteWal {
         while let Some(ev) = events.recv().await {
             match ev {
                 ReceiverEvent::Connected {
+                    system_id,
                     seg_size: s,
                     server_tli,
                     start,
                     start_tli,
-                    ..
                 } => {
+                    // A reconnect may reach another cluster (a node replaced behind the same
+                    // address): nothing it sends is archived. Segments come after this event.
+                    if self.guard.check(&self.archiver, system_id).await.is_err() {
+                        break;
+                    }
                     seg_size = Some(s);
                     self.status.set_connected(true, Some(server_tli.get()));
                     for a in [
@@ -208,7 +224,7 @@ impl SiteWal {
                 | ReceiverEvent::History { name, path } => {
                     if self
                         .archiver
-                        .archive(name, path, None, None, &tracker, &abort)
+                        .archive_checked(name, path, None, None, &tracker, &abort)
                         .await
                         .is_err()
                     {
@@ -334,22 +350,32 @@ impl SiteWal {
     /// On the first connection: hand the spool's complete files to the archiver, then skip
     /// the segments from the slot's position on that the spool or the archive already holds;
     /// or, when the archive ends before the slot's position, start at the archive's end.
+    ///
+    /// Before any of that, the archive must be the primary's cluster's ([`ArchiveGuard`]):
+    /// otherwise nothing is archived, skipped or streamed.
     fn resume_hook(&self, tracker: TaskTracker, abort: CancellationToken) -> ResumeHook {
         let archiver = self.archiver.clone();
-        Arc::new(move |from: StartPosition, seg: SegmentSize| {
-            let archiver = archiver.clone();
-            let tracker = tracker.clone();
-            let abort = abort.clone();
-            Box::pin(async move {
-                match resume_point(&archiver, from, seg, &tracker, &abort).await {
-                    Ok(at) => at,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "resume scan failed; streaming from the slot's position");
-                        from.lsn
-                    }
-                }
-            })
-        })
+        let guard = self.guard.clone();
+        Arc::new(
+            move |from: StartPosition, seg: SegmentSize, system_id: u64| {
+                let archiver = archiver.clone();
+                let tracker = tracker.clone();
+                let abort = abort.clone();
+                let guard = guard.clone();
+                Box::pin(async move {
+                    guard.check(&archiver, system_id).await?;
+                    Ok(
+                        match resume_point(&archiver, from, seg, &tracker, &abort).await {
+                            Ok(at) => at,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "resume scan failed; streaming from the slot's position");
+                                from.lsn
+                            }
+                        },
+                    )
+                })
+            },
+        )
     }
 }
 
@@ -512,7 +538,7 @@ async fn resume_point(
         spool.remove(&h);
         let name: WalSegmentName = h.parse().map_err(|e| anyhow::anyhow!("{h}: {e}"))?;
         if archiver
-            .archive(name, dir.join(&h), None, None, tracker, abort)
+            .archive_checked(name, dir.join(&h), None, None, tracker, abort)
             .await
             .is_err()
         {
@@ -533,7 +559,7 @@ async fn resume_point(
     for (file, name) in below {
         spool.remove(&file);
         if archiver
-            .archive(name, dir.join(&file), None, None, tracker, abort)
+            .archive_checked(name, dir.join(&file), None, None, tracker, abort)
             .await
             .is_err()
         {
@@ -548,7 +574,7 @@ async fn resume_point(
         if spool.remove(&file) {
             tracing::info!(segment = %file, "archiving a segment left in the spool");
             if archiver
-                .archive(name, dir.join(&file), None, Some(end), tracker, abort)
+                .archive_checked(name, dir.join(&file), None, Some(end), tracker, abort)
                 .await
                 .is_err()
             {

@@ -42,6 +42,9 @@ pub struct WalState {
     /// The last gap found in the archive's WAL (WAL the primary removed before it was
     /// archived); `null` when none was found since the daemon started.
     pub wal_gap: Option<WalGapState>,
+    /// Set when the site's archive holds WAL of another cluster (another system identifier):
+    /// nothing is archived while it is set. Names both identifiers and the object.
+    pub foreign_archive: Option<String>,
 }
 
 /// A range of WAL that is neither in the archive nor on the primary any more.
@@ -167,6 +170,10 @@ impl SiteStatus {
                 g.resolved_by_basebackup = Some(backup.to_string());
             }
         });
+    }
+
+    pub fn set_foreign_archive(&self, detail: String) {
+        self.with(|i| i.wal.foreign_archive = Some(detail));
     }
 
     pub fn set_paused(&self, paused: bool) {

@@ -21,8 +21,18 @@ use crate::ReceiverEvent;
 /// position *before* the slot's (the archive ends there: the slot was dropped and created
 /// again): the receiver then streams from there while the primary still has that WAL, and
 /// reports a [`ReceiverEvent::WalGap`] when it does not.
+///
+/// It also gets the primary's system identifier (IDENTIFY_SYSTEM) and may refuse to stream
+/// at all (`Err`: the archive belongs to another cluster): the receiver then drops the slot
+/// if this session created it and stops with [`crate::ReceiverError::Refused`], never retrying.
 pub type ResumeHook = Arc<
-    dyn Fn(StartPosition, SegmentSize) -> Pin<Box<dyn Future<Output = Lsn> + Send>> + Send + Sync,
+    dyn Fn(
+            StartPosition,
+            SegmentSize,
+            u64,
+        ) -> Pin<Box<dyn Future<Output = Result<Lsn, String>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// What the receiver needs to know.

@@ -54,4 +54,7 @@ pub enum ReceiverError {
     /// Whoever consumed the events went away.
     #[error("event receiver closed")]
     EventsClosed,
+    /// The resume hook refused streaming (the archive belongs to another cluster); final.
+    #[error("streaming refused: {0}")]
+    Refused(String),
 }

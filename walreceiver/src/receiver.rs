@@ -66,6 +66,8 @@ pub async fn run(
                 continue;
             }
             Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
+            // Retrying cannot help: whoever archives the output said no.
+            Err(ReceiverError::Refused(why)) => return Err(ReceiverError::Refused(why)),
             Err(e) => e,
         };
         match &e {

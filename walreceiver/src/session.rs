@@ -36,7 +36,8 @@ impl Session {
         let slot = self.cfg.slot.clone();
         let slot = slot.as_str();
         let mut info = client.read_replication_slot(slot).await?;
-        if info.is_none() && self.cfg.create_slot {
+        let created_slot = info.is_none() && self.cfg.create_slot;
+        if created_slot {
             client.create_physical_slot(slot, true).await?;
             tracing::info!(%slot, "created physical replication slot");
             info = client.read_replication_slot(slot).await?;
@@ -75,14 +76,30 @@ impl Session {
         };
         if first_session {
             if let Some(hook) = &self.cfg.resume {
-                let mut at = hook(
+                let verdict = hook(
                     StartPosition {
                         lsn: pos,
                         tli: Some(tli),
                     },
                     seg,
+                    id.system_id,
                 )
                 .await;
+                let mut at = match verdict {
+                    Ok(at) => at,
+                    Err(why) => {
+                        // A slot nobody will ever read would hold the primary's WAL forever.
+                        if created_slot {
+                            if let Err(e) = client.drop_slot(slot, false).await {
+                                tracing::warn!(%slot, error = %e, "cannot drop the slot this session created");
+                            } else {
+                                tracing::info!(%slot, "dropped the slot this session created: nothing will stream");
+                            }
+                        }
+                        client.close().await.ok();
+                        return Err(ReceiverError::Refused(why));
+                    }
+                };
                 if tli != id.timeline {
                     // Never skip past the end of an old timeline: the segment holding the
                     // switchpoint must be streamed so that it ends in a `.partial`.
