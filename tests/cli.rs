@@ -91,6 +91,9 @@ fn cli_create_keys_prints_usable_config() {
     assert!(!bad.status.success());
 }
 
+/// A change to a configuration's JSON, giving the file's text.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value) -> String>;
+
 /// `walhoard check --config <file>` on a configuration with one archive_command site (no
 /// server needed) writing to local storage under `dir`, `edit` applied to the JSON first.
 fn check_with(
@@ -154,7 +157,7 @@ fn cli_check_refuses_what_the_daemon_refuses() {
         text(&out)
     );
 
-    let refused: [(&str, Box<dyn FnOnce(&mut serde_json::Value) -> String>); 4] = [
+    let refused: [(&str, Edit); 4] = [
         (
             "compression.level: compression level 1000 is out of range for zstd",
             Box::new(|c| {
