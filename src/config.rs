@@ -92,6 +92,9 @@ pub struct Config {
     pub http_address: String,
     #[serde(default = "default_http_port")]
     pub http_port: u16,
+    /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
+    /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
+    pub http_restore_concurrency: Option<u32>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
 }
@@ -567,6 +570,12 @@ impl Config {
                     format!("{b} is not between 0.1 and 3600"),
                 ));
             }
+        }
+        if self.http_restore_concurrency == Some(0) {
+            return Err((
+                "http_restore_concurrency".into(),
+                "must be at least 1 (restore requests would wait forever)".into(),
+            ));
         }
         if self.backup_sites.is_empty() {
             return Err(("backup_sites".into(), "no backup site is configured".into()));

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod daemon;
 mod daemon_support;
+mod http_api;
 mod protocol_auth;
 mod protocol_basebackup;
 mod protocol_faults;

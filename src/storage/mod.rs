@@ -254,7 +254,7 @@ const TEMP_DIR: &str = ".walhoard-tmp";
 
 /// A temporary file name no other write uses: process id, time and a counter, so that a file
 /// left by a crashed process whose id is reused does not collide.
-fn temp_name() -> String {
+pub(crate) fn temp_name() -> String {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
