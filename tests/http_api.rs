@@ -114,7 +114,8 @@ fn tree(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
 
 /// Issue 14 item 8: `x-pghoard-target-path` was written wherever it pointed (with ~96 MB of
 /// prefetch beside it): any local process could make the daemon overwrite any file it can
-/// write. Outside pg_data_directory, through `..`, or through a symlink: 400, nothing written.
+/// write. Anywhere but a file directly in `<pg_data_directory>/pg_wal` (where PostgreSQL's %p
+/// points), through `..`, or through a symlink: 400, nothing written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_restore_target_outside_pg_data_directory_is_refused() {
     let a = api(json!({ "restore_prefetch": 2 })).await;
@@ -125,6 +126,8 @@ async fn http_restore_target_outside_pg_data_directory_is_refused() {
     std::os::unix::fs::symlink(&outside, pg_wal.join("dir-link")).unwrap();
     std::os::unix::fs::symlink(outside.join("victim"), pg_wal.join("file-link")).unwrap();
     std::os::unix::fs::symlink(&outside, a.data.join("data-link")).unwrap();
+    std::fs::create_dir_all(a.data.join("global")).unwrap();
+    std::fs::write(a.data.join("global/pg_control"), b"control").unwrap();
     let outside_before = tree(&outside);
     let data_before = tree(&a.data);
     let seg = &a.names[0];
@@ -136,15 +139,14 @@ async fn http_restore_target_outside_pg_data_directory_is_refused() {
         (outside.join("new"), "outside the site's pg_data_directory"),
         (a.data.join("../outside/new"), "'..' is not allowed"),
         (pg_wal.join("../../outside/victim"), "'..' is not allowed"),
-        (
-            pg_wal.join("dir-link/new"),
-            "is a symlink or not a directory",
-        ),
+        (pg_wal.join("dir-link/new"), "not a file directly in"),
+        (pg_wal.join("dir-link"), "is a symlink"),
         (
             a.data.join("data-link/pg_wal/new"),
-            "is a symlink or not a directory",
+            "not a file directly in",
         ),
         (pg_wal.join("file-link"), "is a symlink"),
+        (a.data.join("global/pg_control"), "not a file directly in"),
         (PathBuf::from("pg_wal/RECOVERYXLOG"), "not an absolute path"),
     ] {
         let (status, body) = a.restore(seg, Some(&target)).await;
@@ -200,11 +202,8 @@ async fn http_restore_concurrency_is_bounded() {
         for i in 0..burst {
             let a = a.clone();
             requests.spawn(async move {
-                // One directory each: its own prefetch directory, as separate standbys have.
-                let dir = a.data.join(format!("r{round}-{i}"));
-                std::fs::create_dir_all(&dir).unwrap();
                 let name = &a.names[i % a.names.len()];
-                let target = dir.join("RECOVERYXLOG");
+                let target = a.data.join(format!("pg_wal/RECOVERYXLOG-{round}-{i}"));
                 let (status, body) = a.restore(name, Some(&target)).await;
                 assert_eq!(status, StatusCode::CREATED, "{body}");
                 assert!(a.same_as_pg_wal(&target, name), "{name} differs");

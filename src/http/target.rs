@@ -1,16 +1,21 @@
 //! Where a restore request may write: the `x-pghoard-target-path` of `GET
-//! /<site>/archive/<file>` must name a file inside the site's `pg_data_directory` (PostgreSQL
-//! sends `%p`, `pg_wal/RECOVERYXLOG`, made absolute against its working directory, the data
-//! directory). Without that, any local process that can reach the API could make the daemon
-//! overwrite any file the daemon's user can write.
+//! /<site>/archive/<file>` must name a file directly in the site's `pg_data_directory/pg_wal`.
+//! That is all PostgreSQL ever sends as `%p` (`pg_wal/RECOVERYXLOG`, `pg_wal/RECOVERYHISTORY`,
+//! made absolute against its working directory, the data directory; pg_rewind's
+//! `<datadir>/pg_wal/<file>`). Without the check any local process that can reach the API
+//! could make the daemon overwrite any file the daemon's user can write; confining it to the
+//! data directory alone would still let it replace `global/pg_control` or
+//! `postgresql.conf` with a WAL segment.
 //!
 //! The path is checked without trusting anything in it: a `..` component is refused (the
 //! kernel would resolve it after following whatever symlink precedes it, so a lexical answer
-//! could differ from where the write lands), and every directory below the data directory is
-//! opened with `O_NOFOLLOW` relative to the one above it, so a symlink anywhere on the way is
-//! refused rather than followed. The restore then writes through the opened directory itself
+//! could differ from where the write lands), `pg_wal` is opened relative to the data
+//! directory and the file name is looked at without following it: a symlink there is refused
+//! rather than followed. The restore then writes through the opened `pg_wal` itself
 //! (`/proc/self/fd/<fd>/<name>`), so swapping a directory for a symlink after the check
-//! changes nothing. The data directory's own path is the operator's and is followed as given.
+//! changes nothing. The data directory's own path is the operator's and is followed as
+//! given; so is `pg_wal` when it is a symlink, which is how `initdb --waldir` and
+//! `pg_basebackup --waldir` place WAL elsewhere (only the data directory's owner can make it).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -83,31 +88,29 @@ pub fn confine(data_dir: &Path, target: &Path) -> Result<Target, TargetError> {
             _ => return Err(bad("not a plain path below pg_data_directory".into())),
         }
     }
-    let Some(name) = parts.pop() else {
-        return Err(bad(
-            "names pg_data_directory itself, not a file in it".into()
-        ));
+    let (wal, name) = match parts[..] {
+        [wal, name] if wal == "pg_wal" => (wal, name),
+        _ => {
+            return Err(bad(format!(
+                "not a file directly in {}/pg_wal, where PostgreSQL's %p points",
+                data_dir.display()
+            )))
+        }
     };
     let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let mut dir = rustix::fs::open(&canonical, dir_flags, Mode::empty()).map_err(|e| {
+    let data = rustix::fs::open(&canonical, dir_flags, Mode::empty()).map_err(|e| {
         TargetError::Failed(format!(
             "open pg_data_directory {}: {e}",
             canonical.display()
         ))
     })?;
-    let mut walked = canonical.clone();
-    for part in parts {
-        walked.push(part);
-        dir = rustix::fs::openat(&dir, part, dir_flags | OFlags::NOFOLLOW, Mode::empty())
-            .map_err(|e| match e {
-                Errno::LOOP | Errno::NOTDIR => bad(format!(
-                    "{} is a symlink or not a directory; the API does not follow links out of pg_data_directory",
-                    walked.display()
-                )),
-                Errno::NOENT => bad(format!("{} does not exist", walked.display())),
-                e => TargetError::Failed(format!("open {}: {e}", walked.display())),
-            })?;
-    }
+    let dir = rustix::fs::openat(&data, wal, dir_flags, Mode::empty()).map_err(|e| {
+        let msg = format!("open {}/pg_wal: {e}", canonical.display());
+        match e {
+            Errno::NOENT | Errno::NOTDIR => bad(msg),
+            _ => TargetError::Failed(msg),
+        }
+    })?;
     match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => match FileType::from_raw_mode(st.st_mode) {
             FileType::RegularFile => {}
@@ -144,6 +147,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let data = t.path().join("data");
         std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        std::fs::create_dir_all(data.join("global")).unwrap();
         std::fs::create_dir_all(t.path().join("outside")).unwrap();
         (t, data)
     }
@@ -156,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn confine_accepts_files_below_the_data_directory_in_either_spelling() {
+    fn confine_accepts_files_in_pg_wal_in_either_spelling() {
         let (t, data) = setup();
         let link = t.path().join("data-link");
         std::os::unix::fs::symlink(&data, &link).unwrap();
@@ -166,19 +170,34 @@ mod tests {
             (&data, data.join("pg_wal/RECOVERYXLOG")),
             (&link, data.join("pg_wal/RECOVERYXLOG")),
             (&link, link.join("pg_wal/RECOVERYXLOG")),
-            (&data, data.join("./pg_wal/RECOVERYXLOG")),
-            (&data, data.join("RECOVERYHISTORY")),
+            (&data, data.join("./pg_wal/RECOVERYHISTORY")),
         ] {
             let c = confine(configured, &target).unwrap_or_else(|e| panic!("{target:?}: {e}"));
             std::fs::write(c.through_fd(), b"x").unwrap();
         }
-        // Through another link to the same directory: not the configured spelling.
-        let m = refused(&data, &link.join("pg_wal/RECOVERYXLOG"));
-        assert!(m.contains("outside the site's pg_data_directory"), "{m}");
         assert_eq!(
             std::fs::read(data.join("pg_wal/RECOVERYXLOG")).unwrap(),
             b"x"
         );
+        assert_eq!(
+            std::fs::read(data.join("pg_wal/RECOVERYHISTORY")).unwrap(),
+            b"x"
+        );
+        // Through another link to the same directory: not the configured spelling.
+        let m = refused(&data, &link.join("pg_wal/RECOVERYXLOG"));
+        assert!(m.contains("outside the site's pg_data_directory"), "{m}");
+    }
+
+    #[test]
+    fn confine_follows_a_pg_wal_symlink_made_by_initdb_waldir() {
+        let (t, data) = setup();
+        let wal = t.path().join("waldisk");
+        std::fs::create_dir_all(&wal).unwrap();
+        std::fs::remove_dir(data.join("pg_wal")).unwrap();
+        std::os::unix::fs::symlink(&wal, data.join("pg_wal")).unwrap();
+        let c = confine(&data, &data.join("pg_wal/RECOVERYXLOG")).unwrap();
+        std::fs::write(c.through_fd(), b"x").unwrap();
+        assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), b"x");
     }
 
     #[test]
@@ -187,27 +206,30 @@ mod tests {
         let outside = t.path().join("outside");
         std::os::unix::fs::symlink(&outside, data.join("pg_wal/escape")).unwrap();
         std::os::unix::fs::symlink(outside.join("f"), data.join("pg_wal/file-link")).unwrap();
+        let in_pg_wal = "not a file directly in";
         for (target, why) in [
             (outside.join("f"), "outside the site's pg_data_directory"),
             (data.join("../outside/f"), "'..' is not allowed"),
             (data.join("pg_wal/../../outside/f"), "'..' is not allowed"),
-            (
-                data.join("pg_wal/escape/f"),
-                "is a symlink or not a directory",
-            ),
+            (data.join("pg_wal/escape/f"), in_pg_wal),
             (data.join("pg_wal/file-link"), "is a symlink"),
-            (data.clone(), "names pg_data_directory itself"),
-            (data.join("pg_wal"), "not a regular file"),
+            (data.join("pg_wal/escape"), "is a symlink"),
+            (data.join("global/pg_control"), in_pg_wal),
+            (data.join("postgresql.conf"), in_pg_wal),
+            (data.clone(), in_pg_wal),
+            (data.join("pg_wal"), in_pg_wal),
             (PathBuf::from("pg_wal/RECOVERYXLOG"), "not an absolute path"),
-            (data.join("missing/RECOVERYXLOG"), "does not exist"),
             (
-                PathBuf::from(format!("{}x/f", data.display())),
+                PathBuf::from(format!("{}x/pg_wal/f", data.display())),
                 "outside the site's pg_data_directory",
             ),
         ] {
             let m = refused(&data, &target);
             assert!(m.contains(why), "{target:?}: {m}");
         }
+        std::fs::create_dir(data.join("pg_wal/subdir")).unwrap();
+        let m = refused(&data, &data.join("pg_wal/subdir"));
+        assert!(m.contains("not a regular file"), "{m}");
         assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
     }
 }

@@ -226,16 +226,25 @@ pub async fn restore_wal_file(
     };
     prune(&pdir, &id);
     let ready = pdir.join(file);
-    let (served, seg) = if ready.is_file() {
-        let len = std::fs::metadata(&ready).map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&ready, output).map_err(|e| {
-            WalFetchError::failed(anyhow::anyhow!(
+    let len = std::fs::metadata(&ready)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    let from_prefetch = match len.map(|_| std::fs::rename(&ready, output)) {
+        Some(Ok(())) => true,
+        // Another request (the API serves several) took it first: fetch it again.
+        Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => false,
+        Some(Err(e)) => {
+            return Err(WalFetchError::failed(anyhow::anyhow!(
                 "rename {} onto {}: {e}",
                 ready.display(),
                 output.display()
-            ))
-        })?;
-        (Served::Prefetch, SegmentSize::new(len).ok())
+            )))
+        }
+        None => false,
+    };
+    let (served, seg) = if from_prefetch {
+        (Served::Prefetch, len.and_then(|l| SegmentSize::new(l).ok()))
     } else {
         let tmp = temp_path(out_dir, file);
         fetch_one(store, keys, &name, output, &tmp).await?;
