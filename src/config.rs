@@ -952,6 +952,40 @@ mod tests {
         }
     }
 
+    /// The fuzz target `config` in miniature, deterministic: every truncation of a full
+    /// configuration, and each byte replaced by characters that change JSON's structure,
+    /// must give a configuration or an error, never a panic.
+    #[test]
+    fn config_parser_never_panics_on_mangled_files() {
+        let full = MINIMAL.replace(
+            r#""nodes""#,
+            r#""prefix": "p/q", "basebackup_hour": 3, "encryption_key_id": "k1",
+               "encryption_keys": {"k1": {"public": "-----BEGIN PUBLIC KEY-----\nAA==\n-----END PUBLIC KEY-----"}},
+               "pg_receivexlog": {"spool_fsync": "always"}, "nodes""#,
+        ) + "\n";
+        let bytes = full.as_bytes();
+        let mut inputs: Vec<Vec<u8>> = (0..bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+        for i in 0..bytes.len() {
+            for b in [b'"', b'{', b'}', b'[', b':', b',', b'\\', b'0', 0xff, 0] {
+                let mut v = bytes.to_vec();
+                v[i] = b;
+                inputs.push(v);
+            }
+        }
+        for input in inputs {
+            let text = String::from_utf8_lossy(&input);
+            if let Ok(c) = Config::parse(&text, "t.json") {
+                let _ = crate::settings::compression_settings(&c);
+                for (name, site) in &c.backup_sites {
+                    let _ = crate::settings::upload_encryption(name, site);
+                    for node in &site.nodes {
+                        let _ = node.connect_params();
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn keys_are_not_printed() {
         let text = MINIMAL.replace(
