@@ -1,8 +1,9 @@
 //! `walhoard check`: what the daemon needs, tested the way the daemon would use it, per site:
 //! the replication connection (and its authentication), wal_level, max_wal_senders, the slot,
-//! the object store (a probe object written, read back and deleted), what the archive holds
-//! (objects retention does not recognise fail the check), whose WAL the archive holds (another
-//! cluster's fails the check) and the encryption keys.
+//! the local directories it writes (spool under backup_location, alerts), the object store (a
+//! probe object written, read back and deleted), what the archive holds (objects retention does
+//! not recognise fail the check), whose WAL the archive holds (another cluster's fails the
+//! check) and the encryption keys.
 
 use std::fmt::Write as _;
 
@@ -273,6 +274,67 @@ async fn check_archive(config: &Config, name: &str, out: &mut Vec<CheckResult>) 
     });
 }
 
+/// The local directories the daemon writes at start (the site's spool under
+/// `backup_location`, the alert directory), created and written as the daemon would: a
+/// file-system error there stops the daemon, so it fails the check too.
+fn check_local_dirs(config: &Config, name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
+    let mut dirs = Vec::new();
+    if site.active && site.active_backup_mode == BackupMode::Walreceiver {
+        match crate::daemon::spool_dir(config, name) {
+            Ok(d) => dirs.push(("backup_location", d)),
+            Err(e) => {
+                out.push(CheckResult {
+                    site: name.into(),
+                    check: "backup_location".into(),
+                    ok: false,
+                    detail: format!("{e:#}"),
+                });
+                return;
+            }
+        }
+    }
+    let alert_key = if config.alert_file_dir.is_some() {
+        "alert_file_dir"
+    } else {
+        "backup_location"
+    };
+    dirs.push((alert_key, config.alert_dir()));
+    for (key, dir) in dirs {
+        let result = probe_dir(&dir)
+            .with_context(|| format!("{key}: the daemon cannot write {}", dir.display()));
+        out.push(CheckResult {
+            site: name.into(),
+            check: key.into(),
+            ok: result.is_ok(),
+            detail: match result {
+                Ok(()) => format!(
+                    "{}: created, written and synced a probe file",
+                    dir.display()
+                ),
+                Err(e) => format!("{e:#}"),
+            },
+        });
+    }
+}
+
+/// Creates `dir` and a probe file in it, syncs and removes it.
+fn probe_dir(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).context("create the directory")?;
+    let probe = dir.join(format!(".walhoard-check-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
+        std::io::Write::write_all(&mut f, b"walhoard check probe")?;
+        f.sync_all()
+    })();
+    let removed = std::fs::remove_file(&probe);
+    written.context("write a probe file")?;
+    removed.context("remove the probe file")?;
+    Ok(())
+}
+
 fn check_keys(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
     let Some(id) = &site.encryption_key_id else {
         out.push(CheckResult {
@@ -338,6 +400,7 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
                 check_archive_owner(config, name, s, primary, &mut out).await;
             }
         }
+        check_local_dirs(config, name, s, &mut out);
         check_storage(config, name, &mut out).await;
         check_archive(config, name, &mut out).await;
         check_keys(name, s, &mut out);

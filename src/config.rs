@@ -92,6 +92,9 @@ pub struct Config {
     pub http_address: String,
     #[serde(default = "default_http_port")]
     pub http_port: u16,
+    /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
+    /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
+    pub http_restore_concurrency: Option<u32>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
 }
@@ -480,6 +483,18 @@ pub enum ObjectStorageConfig {
     },
 }
 
+/// Why `name` cannot be one component of a path (a directory under backup_location, a key
+/// prefix): empty, `.`, `..`, or holding a `/` or NUL.
+fn safe_component(name: &str) -> Result<(), &'static str> {
+    match name {
+        "" => Err("it is empty"),
+        "." | ".." => Err("it names a directory relative to its parent"),
+        _ if name.contains('/') => Err("it contains '/'"),
+        _ if name.contains('\0') => Err("it contains a NUL character"),
+        _ => Ok(()),
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -494,14 +509,25 @@ impl Config {
 
     /// Parses and validates configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             ConfigError {
                 file: file.to_string(),
                 path,
                 message: e.into_inner().to_string(),
             }
+        })?;
+        // `deserialize` stops after the first complete value: a second object, a stray brace
+        // or a half-merged file after it would otherwise be ignored silently.
+        de.end().map_err(|e| ConfigError {
+            file: file.to_string(),
+            path: ".".into(),
+            message: format!(
+                "trailing data after the JSON document at line {} column {}",
+                e.line(),
+                e.column()
+            ),
         })?;
         config.validate().map_err(|(path, message)| ConfigError {
             file: file.to_string(),
@@ -529,6 +555,19 @@ impl Config {
                 ),
             ));
         }
+        // The codec's range, checked here so that `check` and the daemon refuse the same
+        // files (snappy has no levels; a level given for it is ignored, as pghoard does).
+        if let (Some(level), Ok(algorithm)) = (
+            self.compression.level,
+            self.compression
+                .algorithm
+                .parse::<crate::pipeline::compression::Algorithm>(),
+        ) {
+            let mut c = crate::pipeline::compression::CompressionSettings::new(algorithm);
+            c.level = level;
+            c.validate()
+                .map_err(|e| ("compression.level".to_string(), e))?;
+        }
         if let Some(b) = self.transfer.retry_max_backoff_seconds {
             if !(0.1..=3600.0).contains(&b) {
                 return Err((
@@ -537,16 +576,46 @@ impl Config {
                 ));
             }
         }
+        if self.http_restore_concurrency == Some(0) {
+            return Err((
+                "http_restore_concurrency".into(),
+                "must be at least 1 (restore requests would wait forever)".into(),
+            ));
+        }
         if self.backup_sites.is_empty() {
             return Err(("backup_sites".into(), "no backup site is configured".into()));
         }
         for (name, site) in &self.backup_sites {
             let at = |key: &str| format!("backup_sites.{name}.{key}");
-            if name.is_empty() || name.contains('/') {
+            // The name is a directory under backup_location and, by default, the object
+            // key prefix: it must be one ordinary path component.
+            if let Err(why) = safe_component(name) {
                 return Err((
-                    format!("backup_sites.{name}"),
-                    "a site name must be non-empty and contain no '/'".into(),
+                    format!("backup_sites.{}", name.escape_debug()),
+                    format!("{name:?} cannot be a site name: {why}"),
                 ));
+            }
+            let storage_prefix = match &site.object_storage {
+                Some(ObjectStorageConfig::Local { prefix, .. })
+                | Some(ObjectStorageConfig::S3 { prefix, .. })
+                | Some(ObjectStorageConfig::Google { prefix, .. })
+                | Some(ObjectStorageConfig::Azure { prefix, .. })
+                | Some(ObjectStorageConfig::Swift { prefix, .. })
+                | Some(ObjectStorageConfig::Sftp { prefix, .. }) => prefix.as_deref(),
+                None => None,
+            };
+            for (key, prefix) in [
+                ("prefix", site.prefix.as_deref()),
+                ("object_storage.prefix", storage_prefix),
+            ] {
+                let Some(prefix) = prefix else { continue };
+                let parts = prefix.split('/').filter(|p| !p.is_empty());
+                if let Some(why) = parts.map(safe_component).find_map(Result::err) {
+                    return Err((
+                        at(key),
+                        format!("{prefix:?} is not a safe key prefix: {why}"),
+                    ));
+                }
             }
             if site.object_storage.is_none() {
                 return Err((
@@ -807,6 +876,118 @@ mod tests {
             let e = err(&text);
             assert!(e.contains(want), "error {e:?} should contain {want:?}");
             assert!(e.starts_with("t.json: "), "{e}");
+        }
+    }
+
+    /// Issue 14 item 13: `{...} garbage` parsed as the first object, the rest ignored.
+    #[test]
+    fn config_trailing_data_after_json_is_refused() {
+        for tail in ["}", "{}", "x", r#"{"backup_sites": {}}"#] {
+            let e = err(&format!("{MINIMAL}\n{tail}"));
+            assert!(
+                e.starts_with("t.json: .: trailing data after the JSON document at line"),
+                "{tail:?}: {e}"
+            );
+        }
+        Config::parse(&format!("{MINIMAL}\n \t\n"), "t.json").expect("whitespace is fine");
+    }
+
+    /// Issue 14 item 13: a zstd level of 1000 passed `check` and failed the daemon.
+    #[test]
+    fn config_compression_level_out_of_range_names_the_key() {
+        for (algorithm, level) in [("zstd", 1000), ("zstd", 23), ("lzma", 10), ("lzma", -1)] {
+            let text = MINIMAL.replace(
+                r#""backup_location""#,
+                &format!(
+                    r#""compression": {{"algorithm": "{algorithm}", "level": {level}}}, "backup_location""#
+                ),
+            );
+            let e = err(&text);
+            assert!(
+                e.contains("compression.level: compression level")
+                    && e.contains(&level.to_string())
+                    && e.contains(algorithm),
+                "{e}"
+            );
+        }
+        for (algorithm, level) in [("zstd", 19), ("lzma", 9), ("snappy", 1000)] {
+            let text = MINIMAL.replace(
+                r#""backup_location""#,
+                &format!(
+                    r#""compression": {{"algorithm": "{algorithm}", "level": {level}}}, "backup_location""#
+                ),
+            );
+            Config::parse(&text, "t.json").unwrap_or_else(|e| panic!("{algorithm} {level}: {e}"));
+        }
+    }
+
+    /// Issue 14 item 13: a site named `..` was accepted (its spool and key prefix would be
+    /// the parent directory).
+    #[test]
+    fn config_site_name_must_be_one_path_component() {
+        for (name, json_name, shown) in [
+            ("..", "..", "backup_sites..."),
+            (".", ".", "backup_sites.."),
+            ("", "", "backup_sites.:"),
+            ("a/b", "a/b", "backup_sites.a/b"),
+            ("/", "/", "backup_sites./"),
+            ("a\0b", "a\\u0000b", "backup_sites.a\\0b"),
+        ] {
+            let text = MINIMAL.replace(r#""main""#, &format!(r#""{json_name}""#));
+            let e = err(&text);
+            assert!(
+                e.starts_with(&format!("t.json: {shown}")) && e.contains("cannot be a site name"),
+                "{name:?}: {e}"
+            );
+        }
+        for prefix in ["../other", "a/./b", "x/.."] {
+            let text = MINIMAL.replace(r#""nodes""#, &format!(r#""prefix": "{prefix}", "nodes""#));
+            let e = err(&text);
+            assert!(e.contains("backup_sites.main.prefix"), "{e}");
+            let text = MINIMAL.replace(
+                r#""storage_type": "local""#,
+                &format!(r#""storage_type": "local", "prefix": "{prefix}""#),
+            );
+            let e = err(&text);
+            assert!(e.contains("backup_sites.main.object_storage.prefix"), "{e}");
+        }
+        for ok in ["main-2", "a.b", "...", "site_1"] {
+            let text = MINIMAL.replace(r#""main""#, &format!(r#""{ok}""#));
+            Config::parse(&text, "t.json").unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    /// The fuzz target `config` in miniature, deterministic: every truncation of a full
+    /// configuration, and each byte replaced by characters that change JSON's structure,
+    /// must give a configuration or an error, never a panic.
+    #[test]
+    fn config_parser_never_panics_on_mangled_files() {
+        let full = MINIMAL.replace(
+            r#""nodes""#,
+            r#""prefix": "p/q", "basebackup_hour": 3, "encryption_key_id": "k1",
+               "encryption_keys": {"k1": {"public": "-----BEGIN PUBLIC KEY-----\nAA==\n-----END PUBLIC KEY-----"}},
+               "pg_receivexlog": {"spool_fsync": "always"}, "nodes""#,
+        ) + "\n";
+        let bytes = full.as_bytes();
+        let mut inputs: Vec<Vec<u8>> = (0..bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+        for i in 0..bytes.len() {
+            for b in [b'"', b'{', b'}', b'[', b':', b',', b'\\', b'0', 0xff, 0] {
+                let mut v = bytes.to_vec();
+                v[i] = b;
+                inputs.push(v);
+            }
+        }
+        for input in inputs {
+            let text = String::from_utf8_lossy(&input);
+            if let Ok(c) = Config::parse(&text, "t.json") {
+                let _ = crate::settings::compression_settings(&c);
+                for (name, site) in &c.backup_sites {
+                    let _ = crate::settings::upload_encryption(name, site);
+                    for node in &site.nodes {
+                        let _ = node.connect_params();
+                    }
+                }
+            }
         }
     }
 

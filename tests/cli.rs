@@ -90,3 +90,105 @@ fn cli_create_keys_prints_usable_config() {
     let bad = walhoard(&["create-keys", "--key-id", "x", "--bits", "1000"]);
     assert!(!bad.status.success());
 }
+
+/// A change to a configuration's JSON, giving the file's text.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value) -> String>;
+
+/// `walhoard check --config <file>` on a configuration with one archive_command site (no
+/// server needed) writing to local storage under `dir`, `edit` applied to the JSON first.
+fn check_with(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut serde_json::Value) -> String,
+) -> std::process::Output {
+    let mut cfg = serde_json::json!({
+        "backup_location": dir.join("state"),
+        "backup_sites": {"main": {
+            "active_backup_mode": "archive_command",
+            "object_storage": {"storage_type": "local", "directory": dir.join("archive")},
+        }},
+    });
+    let text = edit(&mut cfg);
+    let path = dir.join("walhoard.json");
+    std::fs::write(&path, text).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run walhoard check")
+}
+
+/// Issue 14 item 13: `check` passed configurations the daemon then refused (a zstd level of
+/// 1000, a backup_location it cannot write), and accepted trailing data after the JSON and a
+/// site named `..`.
+#[test]
+fn cli_check_refuses_what_the_daemon_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // The baseline passes, and says it wrote into backup_location.
+    let out = check_with(dir.path(), |c| c.to_string());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out)
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("backup_location")),
+        "{}",
+        text(&out)
+    );
+
+    // backup_location is a regular file: the daemon cannot create its directories there.
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let out = check_with(dir.path(), |c| {
+        c["backup_location"] = serde_json::json!(file);
+        c.to_string()
+    });
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).lines().any(|l| l.starts_with("FAIL")
+            && l.contains("backup_location")
+            && l.contains(&file.display().to_string())),
+        "{}",
+        text(&out)
+    );
+
+    let refused: [(&str, Edit); 4] = [
+        (
+            "compression.level: compression level 1000 is out of range for zstd",
+            Box::new(|c| {
+                c["compression"] = serde_json::json!({"algorithm": "zstd", "level": 1000});
+                c.to_string()
+            }),
+        ),
+        (
+            ".: trailing data after the JSON document",
+            Box::new(|c| format!("{c}\n{{\"backup_sites\": {{}}}}")),
+        ),
+        (
+            "backup_sites...: \"..\" cannot be a site name",
+            Box::new(|c| {
+                let site = c["backup_sites"]["main"].take();
+                c["backup_sites"] = serde_json::json!({ "..": site });
+                c.to_string()
+            }),
+        ),
+        (
+            "backup_sites.: \"\" cannot be a site name",
+            Box::new(|c| {
+                let site = c["backup_sites"]["main"].take();
+                c["backup_sites"] = serde_json::json!({ "": site });
+                c.to_string()
+            }),
+        ),
+    ];
+    for (want, edit) in refused {
+        let out = check_with(dir.path(), edit);
+        assert!(!out.status.success(), "{want}: {}", text(&out));
+        assert!(text(&out).contains(want), "{want}: {}", text(&out));
+    }
+}

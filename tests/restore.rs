@@ -264,7 +264,9 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_command_exit_codes_prefetch_and_daemon_api() {
-    let p = primary(json!({})).await;
+    // The daemon's API restores only into the site's pg_data_directory.
+    let dir = tempfile::tempdir().unwrap();
+    let p = primary(json!({ "pg_data_directory": dir.path() })).await;
     // Make restore_prefetch 2 (the config is rewritten with the extra key).
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(p.d.config_path()).unwrap()).unwrap();
@@ -276,7 +278,6 @@ async fn restore_command_exit_codes_prefetch_and_daemon_api() {
         names.push(switch_segment(&p.pg));
     }
     wait_archived(&p.store, &names[3], Duration::from_secs(60), &p.daemon).await;
-    let dir = tempfile::tempdir().unwrap();
     let pg_wal = dir.path().join("pg_wal");
     std::fs::create_dir(&pg_wal).unwrap();
     let output = pg_wal.join("RECOVERYXLOG");

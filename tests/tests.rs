@@ -8,6 +8,7 @@ mod daemon;
 mod daemon_stream;
 mod daemon_support;
 mod foreign_archive;
+mod http_api;
 mod pghoa1;
 mod pghoard_cli;
 mod pghoard_restore;

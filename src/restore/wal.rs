@@ -111,6 +111,27 @@ fn verify(name: &WalSegmentName, path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// A temporary name for `file` in `dir` that no other request uses (two requests for the
+/// same file, or prefetches of the same segment, must not write into one file).
+fn temp_path(dir: &Path, file: &str) -> PathBuf {
+    dir.join(format!(
+        "{file}.{}{PREFETCH_SUFFIX}",
+        crate::storage::temp_name()
+    ))
+}
+
+/// Removes a temporary file when dropped, unless it was renamed into place: every way out
+/// of [`fetch_one`] (an error, a panic, the future dropped) leaves nothing behind.
+struct TempFile<'a>(Option<&'a Path>);
+
+impl Drop for TempFile<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Downloads `name` into `dest` through a temporary name, verified before the rename.
 async fn fetch_one(
     store: &ObjectStore,
@@ -119,6 +140,7 @@ async fn fetch_one(
     dest: &Path,
     tmp: &Path,
 ) -> Result<(), WalFetchError> {
+    let mut guard = TempFile(Some(tmp));
     let key = wal_key(name);
     let tmp2 = tmp.to_path_buf();
     let result = download_with(store, &key, keys, move |metadata, r| {
@@ -151,12 +173,12 @@ async fn fetch_one(
             anyhow::Error::new(e).context(format!("fetch {key}")),
         )),
     };
-    if let Err(e) = checked {
-        let _ = std::fs::remove_file(tmp);
-        return Err(e);
-    }
-    std::fs::rename(tmp, dest)
-        .map_err(|e| WalFetchError::failed(anyhow::anyhow!("rename onto {}: {e}", dest.display())))
+    checked?;
+    std::fs::rename(tmp, dest).map_err(|e| {
+        WalFetchError::failed(anyhow::anyhow!("rename onto {}: {e}", dest.display()))
+    })?;
+    guard.0 = None;
+    Ok(())
 }
 
 fn prefetch_dir(output: &Path) -> PathBuf {
@@ -196,25 +218,35 @@ pub async fn restore_wal_file(
         WalFetchError::failed(anyhow::anyhow!("{file:?} is not a WAL file name: {e}"))
     })?;
     let pdir = prefetch_dir(output);
+    let out_dir = output.parent().unwrap_or_else(|| Path::new("."));
     let WalSegmentName::Segment(id) = name else {
-        let tmp = output.with_file_name(format!("{file}{PREFETCH_SUFFIX}"));
+        let tmp = temp_path(out_dir, file);
         fetch_one(store, keys, &name, output, &tmp).await?;
         return Ok(Served::Archive);
     };
     prune(&pdir, &id);
     let ready = pdir.join(file);
-    let (served, seg) = if ready.is_file() {
-        let len = std::fs::metadata(&ready).map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&ready, output).map_err(|e| {
-            WalFetchError::failed(anyhow::anyhow!(
+    let len = std::fs::metadata(&ready)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    let from_prefetch = match len.map(|_| std::fs::rename(&ready, output)) {
+        Some(Ok(())) => true,
+        // Another request (the API serves several) took it first: fetch it again.
+        Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => false,
+        Some(Err(e)) => {
+            return Err(WalFetchError::failed(anyhow::anyhow!(
                 "rename {} onto {}: {e}",
                 ready.display(),
                 output.display()
-            ))
-        })?;
-        (Served::Prefetch, SegmentSize::new(len).ok())
+            )))
+        }
+        None => false,
+    };
+    let (served, seg) = if from_prefetch {
+        (Served::Prefetch, len.and_then(|l| SegmentSize::new(l).ok()))
     } else {
-        let tmp = output.with_file_name(format!("{file}{PREFETCH_SUFFIX}"));
+        let tmp = temp_path(out_dir, file);
         fetch_one(store, keys, &name, output, &tmp).await?;
         let len = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
         (Served::Archive, SegmentSize::new(len).ok())
@@ -265,7 +297,7 @@ async fn fill_prefetch(
         if dest.is_file() {
             continue;
         }
-        let tmp = dir.join(format!("{n}{PREFETCH_SUFFIX}"));
+        let tmp = temp_path(dir, &n.to_string());
         let store = store.clone();
         let keys = keys.clone();
         set.spawn(async move {

@@ -254,7 +254,7 @@ const TEMP_DIR: &str = ".walhoard-tmp";
 
 /// A temporary file name no other write uses: process id, time and a counter, so that a file
 /// left by a crashed process whose id is reused does not collide.
-fn temp_name() -> String {
+pub(crate) fn temp_name() -> String {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
@@ -383,6 +383,7 @@ impl ObjectStore {
         metadata: &Metadata,
     ) -> Result<u64, StorageError> {
         let path = self.path(key)?;
+        self.local_dirs(&path, key).await?;
         if self.sidecar {
             let json = serde_json::to_vec(metadata).map_err(|e| StorageError::BadMetadata {
                 key: key.into(),
@@ -462,14 +463,49 @@ impl ObjectStore {
         path: &str,
         key: &str,
     ) -> Result<(), StorageError> {
-        if target == path {
+        if target != path {
+            if let Err(e) = self.op.rename(target, path).await {
+                self.discard(target, path).await;
+                return Err(backend("move into place", key)(e));
+            }
+        }
+        // OpenDAL's fs writer renames its synced temporary file into place but does not sync
+        // the directory: the object is not durable until that is done.
+        self.on_local(path, key, "sync the directory of", local::sync_parent)
+            .await
+    }
+
+    /// Creates the directories a local write to `path` needs, durably (OpenDAL would create
+    /// them without syncing their parents).
+    async fn local_dirs(&self, path: &str, key: &str) -> Result<(), StorageError> {
+        self.on_local(path, key, "create the directory of", |p| match p.parent() {
+            Some(dir) => local::create_dir_all_durable(dir),
+            None => Ok(()),
+        })
+        .await
+    }
+
+    /// Runs `f` on the local file of `path` on a blocking thread; nothing on other stores.
+    async fn on_local(
+        &self,
+        path: &str,
+        key: &str,
+        action: &'static str,
+        f: fn(&std::path::Path) -> std::io::Result<()>,
+    ) -> Result<(), StorageError> {
+        let Some(root) = &self.local_root else {
             return Ok(());
-        }
-        if let Err(e) = self.op.rename(target, path).await {
-            self.discard(target, path).await;
-            return Err(backend("move into place", key)(e));
-        }
-        Ok(())
+        };
+        let file = root.join(path);
+        tokio::task::spawn_blocking(move || f(&file))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| StorageError::Io {
+                action,
+                key: key.into(),
+                source,
+            })
     }
 
     /// Removes what a failed write to a temporary name left.
