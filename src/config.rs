@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use walhoard_protocol::ConnectParams;
 
+pub use crate::pipeline::compression::Algorithm;
+use crate::pipeline::compression::CompressionSettings;
+pub use crate::pipeline::hash::HashAlgorithm;
+
 /// A configuration error, naming the key path and the file.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {path}: {message}")]
@@ -30,17 +34,11 @@ fn default_json_state_file_path() -> PathBuf {
 fn default_maintenance_mode_file() -> PathBuf {
     PathBuf::from("/var/lib/pghoard/maintenance_mode_file")
 }
-fn default_hash_algorithm() -> String {
-    "sha1".into()
-}
 fn default_http_address() -> String {
     "127.0.0.1".into()
 }
 fn default_http_port() -> u16 {
     16000
-}
-fn default_log_level() -> String {
-    "INFO".into()
 }
 fn default_syslog_address() -> String {
     "/dev/log".into()
@@ -61,8 +59,9 @@ pub struct Config {
     pub backup_sites: BTreeMap<String, SiteConfig>,
     #[serde(default)]
     pub compression: CompressionConfig,
-    #[serde(default = "default_hash_algorithm")]
-    pub hash_algorithm: String,
+    /// The digest recorded with every object (pghoard's names; sha1 by default).
+    #[serde(default)]
+    pub hash_algorithm: HashAlgorithm,
     #[serde(default = "default_json_state_file_path")]
     pub json_state_file_path: PathBuf,
     #[serde(default = "default_maintenance_mode_file")]
@@ -75,8 +74,8 @@ pub struct Config {
     pub restore_prefetch: Option<u32>,
     /// Parallel downloads during get-basebackup.
     pub restore_process_count: Option<u32>,
-    #[serde(default = "default_log_level")]
-    pub log_level: String,
+    #[serde(default)]
+    pub log_level: LogLevel,
     #[serde(default)]
     pub syslog: bool,
     #[serde(default = "default_syslog_address")]
@@ -103,7 +102,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct CompressionConfig {
     #[serde(default = "CompressionConfig::default_algorithm")]
-    pub algorithm: String,
+    pub algorithm: Algorithm,
     /// Algorithm-specific; the codec's default when absent.
     pub level: Option<i32>,
     /// Parallel compression workers (default: CPU count + 1).
@@ -111,8 +110,8 @@ pub struct CompressionConfig {
 }
 
 impl CompressionConfig {
-    fn default_algorithm() -> String {
-        "snappy".into()
+    fn default_algorithm() -> Algorithm {
+        Algorithm::Snappy
     }
 }
 
@@ -396,6 +395,55 @@ impl NodeConfig {
     }
 }
 
+/// pghoard's `log_level`: Python's logging level names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LogLevel {
+    Debug,
+    #[default]
+    Info,
+    #[serde(alias = "WARN")]
+    Warning,
+    Error,
+    #[serde(alias = "FATAL")]
+    Critical,
+}
+
+impl LogLevel {
+    /// The `tracing` filter that shows what this level shows.
+    pub fn filter(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warn",
+            LogLevel::Error | LogLevel::Critical => "error",
+        }
+    }
+}
+
+/// The Azure cloud of an `azure` object storage (rohmu's `azure_cloud`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AzureCloud {
+    #[default]
+    Public,
+    China,
+    Germany,
+    Usgov,
+}
+
+impl AzureCloud {
+    /// The endpoint suffix after `<account>.blob.`.
+    pub fn endpoint_suffix(self) -> &'static str {
+        match self {
+            AzureCloud::Public => "core.windows.net",
+            AzureCloud::China => "core.chinacloudapi.cn",
+            AzureCloud::Germany => "core.cloudapi.de",
+            AzureCloud::Usgov => "core.usgovcloudapi.net",
+        }
+    }
+}
+
 /// Where a site's archive lives (`object_storage`, tagged by `storage_type`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "storage_type", deny_unknown_fields)]
@@ -443,7 +491,7 @@ pub enum ObjectStorageConfig {
         account_key: Option<String>,
         sas_token: Option<String>,
         bucket_name: String,
-        azure_cloud: Option<String>,
+        azure_cloud: Option<AzureCloud>,
         host: Option<String>,
         port: Option<u16>,
         is_secure: Option<bool>,
@@ -538,32 +586,10 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
-        let hashes = crate::pipeline::hash::HashAlgorithm::ALL.map(|h| h.name());
-        if !hashes.contains(&self.hash_algorithm.as_str()) {
-            return Err((
-                "hash_algorithm".into(),
-                format!("{:?} is not one of {hashes:?}", self.hash_algorithm),
-            ));
-        }
-        let algorithms = ["snappy", "zstd", "lzma"];
-        if !algorithms.contains(&self.compression.algorithm.as_str()) {
-            return Err((
-                "compression.algorithm".into(),
-                format!(
-                    "{:?} is not one of {algorithms:?}",
-                    self.compression.algorithm
-                ),
-            ));
-        }
         // The codec's range, checked here so that `check` and the daemon refuse the same
         // files (snappy has no levels; a level given for it is ignored, as pghoard does).
-        if let (Some(level), Ok(algorithm)) = (
-            self.compression.level,
-            self.compression
-                .algorithm
-                .parse::<crate::pipeline::compression::Algorithm>(),
-        ) {
-            let mut c = crate::pipeline::compression::CompressionSettings::new(algorithm);
+        if let Some(level) = self.compression.level {
+            let mut c = CompressionSettings::new(self.compression.algorithm);
             c.level = level;
             c.validate()
                 .map_err(|e| ("compression.level".to_string(), e))?;
@@ -765,8 +791,9 @@ mod tests {
             "the HTTP API binds loopback by default"
         );
         assert_eq!(c.http_port, 16000);
-        assert_eq!(c.hash_algorithm, "sha1");
-        assert_eq!(c.compression.algorithm, "snappy");
+        assert_eq!(c.hash_algorithm, HashAlgorithm::Sha1);
+        assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.compression.algorithm, Algorithm::Snappy);
         assert_eq!(c.transfer.upload_retries_warning_limit, 3);
         let s = &c.backup_sites["main"];
         assert_eq!(s.active_backup_mode, BackupMode::Walreceiver);
@@ -807,6 +834,39 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text, "t.json").unwrap_err().to_string()
+    }
+
+    /// pghoard's spellings become enums once, here; nothing deeper parses them again.
+    #[test]
+    fn pghoard_spellings_are_typed_once() {
+        let text = MINIMAL.replace(
+            r#""backup_location""#,
+            r#""log_level": "WARNING", "hash_algorithm": "sha256",
+               "compression": {"algorithm": "zstd", "level": 5}, "backup_location""#,
+        );
+        let c = Config::parse(&text, "t.json").unwrap();
+        assert_eq!(c.log_level, LogLevel::Warning);
+        assert_eq!(c.log_level.filter(), "warn");
+        assert_eq!(c.hash_algorithm, HashAlgorithm::Sha256);
+        assert_eq!(c.compression.algorithm, Algorithm::Zstd);
+        let azure = |cloud: &str| {
+            MINIMAL.replace(
+                r#"{"storage_type": "local", "directory": "/srv/backups"}"#,
+                &format!(
+                    r#"{{"storage_type": "azure", "account_name": "a", "bucket_name": "b", "azure_cloud": "{cloud}"}}"#
+                ),
+            )
+        };
+        let c = Config::parse(&azure("china"), "t.json").unwrap();
+        match &c.backup_sites["main"].object_storage {
+            Some(ObjectStorageConfig::Azure { azure_cloud, .. }) => {
+                assert_eq!(*azure_cloud, Some(AzureCloud::China));
+                assert_eq!(AzureCloud::China.endpoint_suffix(), "core.chinacloudapi.cn");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = err(&azure("mars"));
+        assert!(e.contains("object_storage") && e.contains("mars"), "{e}");
     }
 
     #[test]
@@ -869,6 +929,20 @@ mod tests {
                     r#""http_port": 99999, "backup_location""#,
                 ),
                 "http_port",
+            ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""hash_algorithm": "sha3", "backup_location""#,
+                ),
+                "hash_algorithm",
+            ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""log_level": "VERBOSE", "backup_location""#,
+                ),
+                "log_level",
             ),
             ("{".to_string(), "t.json"),
         ];

@@ -323,6 +323,20 @@ async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Resu
     Ok(())
 }
 
+/// The log filter when WALHOARD_LOG does not set one: pghoard's `-D/--debug`, else the
+/// daemon's configured `log_level` (a file that does not load fails later, with its error).
+fn default_log_filter(cli: &Cli, debug: bool) -> &'static str {
+    if debug {
+        return "debug";
+    }
+    match &cli.command {
+        Command::Daemon { config } => {
+            walhoard::config::Config::load(config).map_or("info", |c| c.log_level.filter())
+        }
+        _ => "info",
+    }
+}
+
 fn main() -> ExitCode {
     // pghoard's command names (argv[0] or the first argument) become walhoard commands here.
     let (argv, debug) = match pghoard_cli::dispatch(std::env::args_os().collect()) {
@@ -330,14 +344,14 @@ fn main() -> ExitCode {
         pghoard_cli::Dispatch::Translated { argv, debug } => (argv, debug),
         pghoard_cli::Dispatch::Exit(code) => return ExitCode::from(code),
     };
+    let cli = Cli::parse_from(argv);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALHOARD_LOG")
-                .unwrap_or_else(|_| if debug { "debug" } else { "info" }.into()),
+                .unwrap_or_else(|_| default_log_filter(&cli, debug).into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse_from(argv);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::{Config, SiteConfig};
-use crate::pipeline::compression::{Algorithm, CompressionSettings};
+use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::encryption::PublicKey;
 use crate::pipeline::transfer::UploadEncryption;
 use crate::storage::retry::RetryPolicy;
@@ -27,12 +27,7 @@ pub fn transfer_threads(config: &Config) -> usize {
 /// The compression new objects get, from the `compression` section (`threads` 0: one
 /// thread per stream).
 pub fn compression_settings(config: &Config) -> Result<CompressionSettings> {
-    let algorithm: Algorithm = config
-        .compression
-        .algorithm
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("compression.algorithm: {e}"))?;
-    let mut c = CompressionSettings::new(algorithm);
+    let mut c = CompressionSettings::new(config.compression.algorithm);
     if let Some(level) = config.compression.level {
         c.level = level;
     }

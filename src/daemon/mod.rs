@@ -73,10 +73,7 @@ pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Res
         store,
         compression: compression_settings(config)?,
         encryption: upload_encryption(name, site)?,
-        hash_algorithm: config
-            .hash_algorithm
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("hash_algorithm: {e}"))?,
+        hash_algorithm: config.hash_algorithm,
         retry: retry_policy(config),
         upload_slots: slots,
         base_metadata,

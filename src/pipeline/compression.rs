@@ -13,7 +13,8 @@ use std::io::{self, Read, Write};
 use std::str::FromStr;
 
 /// A compression algorithm, named as in pghoard's `compression.algorithm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Algorithm {
     Snappy,
     Zstd,

@@ -9,7 +9,8 @@ use aws_lc_rs::digest;
 use md5::Digest as _;
 
 /// pghoard's `hash_algorithm` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HashAlgorithm {
     /// pghoard's default.
     #[default]

@@ -2,7 +2,7 @@
 
 use opendal::Operator;
 
-use super::StorageError;
+use super::{StorageError, StorageKind};
 use crate::config::ObjectStorageConfig;
 
 /// What [`operator`] makes of a configuration.
@@ -10,7 +10,7 @@ pub(super) struct Backend {
     pub op: Operator,
     /// Metadata as `<key>.metadata` JSON objects (local, sftp).
     pub sidecar: bool,
-    pub kind: &'static str,
+    pub kind: StorageKind,
     /// The storage's own key prefix (`prefix`), before the site's.
     pub prefix: Option<String>,
 }
@@ -41,7 +41,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
             (
                 Operator::new(b).map_err(err_config)?,
                 true,
-                "local",
+                StorageKind::Local,
                 prefix.clone(),
             )
         }
@@ -86,7 +86,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
             (
                 Operator::new(b).map_err(err_config)?,
                 false,
-                "s3",
+                StorageKind::S3,
                 prefix.clone(),
             )
         }
@@ -133,7 +133,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
             (
                 Operator::new(b).map_err(err_config)?,
                 false,
-                "google",
+                StorageKind::Google,
                 prefix.clone(),
             )
         }
@@ -160,17 +160,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
                 (Some(h), Some(p)) => format!("{scheme}://{h}:{p}/{account_name}"),
                 (Some(h), None) => format!("{scheme}://{h}/{account_name}"),
                 (None, _) => {
-                    let suffix = match azure_cloud.as_deref() {
-                        None | Some("public") => "core.windows.net",
-                        Some("china") => "core.chinacloudapi.cn",
-                        Some("germany") => "core.cloudapi.de",
-                        Some("usgov") => "core.usgovcloudapi.net",
-                        Some(other) => {
-                            return Err(StorageError::Config(format!(
-                                "object_storage.azure_cloud: {other:?} is not one of \"public\", \"china\", \"germany\", \"usgov\""
-                            )))
-                        }
-                    };
+                    let suffix = azure_cloud.unwrap_or_default().endpoint_suffix();
                     format!("{scheme}://{account_name}.blob.{suffix}")
                 }
             };
@@ -187,7 +177,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
             (
                 Operator::new(b).map_err(err_config)?,
                 false,
-                "azure",
+                StorageKind::Azure,
                 prefix.clone(),
             )
         }
@@ -203,7 +193,7 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
             (
                 Operator::new(b).map_err(err_config)?,
                 false,
-                "swift",
+                StorageKind::Swift,
                 prefix.clone(),
             )
         }
@@ -240,7 +230,12 @@ pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageErro
                 }
                 other => other.clone(),
             };
-            (Operator::new(b).map_err(err_config)?, true, "sftp", prefix)
+            (
+                Operator::new(b).map_err(err_config)?,
+                true,
+                StorageKind::Sftp,
+                prefix,
+            )
         }
     };
     Ok(Backend {

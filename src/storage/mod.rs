@@ -272,7 +272,7 @@ pub struct ObjectStore {
     sidecar: bool,
     /// Site prefix, no leading or trailing slash.
     prefix: String,
-    kind: &'static str,
+    kind: StorageKind,
     chunk: usize,
     /// Azure metadata names must be C# identifiers: `-` is stored as `_` (as pghoard does)
     /// and turned back on read.
@@ -283,9 +283,45 @@ pub struct ObjectStore {
     local_root: Option<std::path::PathBuf>,
 }
 
+/// Which service a store is (pghoard's `storage_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    Local,
+    S3,
+    Google,
+    Azure,
+    Swift,
+    Sftp,
+}
+
+impl StorageKind {
+    /// pghoard's `storage_type` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageKind::Local => "local",
+            StorageKind::S3 => "s3",
+            StorageKind::Google => "google",
+            StorageKind::Azure => "azure",
+            StorageKind::Swift => "swift",
+            StorageKind::Sftp => "sftp",
+        }
+    }
+}
+
+impl fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl fmt::Debug for ObjectStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ObjectStore({} prefix={:?})", self.kind, self.prefix)
+        write!(
+            f,
+            "ObjectStore({} prefix={:?})",
+            self.kind.name(),
+            self.prefix
+        )
     }
 }
 
@@ -325,8 +361,8 @@ impl ObjectStore {
             prefix: full,
             kind,
             chunk: DEFAULT_CHUNK,
-            underscores: kind == "azure",
-            rename_into_place: kind == "sftp",
+            underscores: kind == StorageKind::Azure,
+            rename_into_place: kind == StorageKind::Sftp,
             local_root,
         })
     }
@@ -342,7 +378,7 @@ impl ObjectStore {
         self.chunk
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> StorageKind {
         self.kind
     }
 
