@@ -329,12 +329,27 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // restore_command: every way out is 0, 1 or 255 (postgres_command's module comment).
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let restore_mode = walhoard::postgres_command::is_restore_invocation(&args);
+    let failure = if restore_mode {
+        ExitCode::from(walhoard::postgres_command::EXIT_FAILED)
+    } else {
+        ExitCode::FAILURE
+    };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if restore_mode && e.use_stderr() => {
+            let _ = e.print();
+            return failure;
+        }
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("walhoard: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return failure;
         }
     };
     let result: Result<u8> = rt.block_on(async {

@@ -172,11 +172,14 @@ fn prune(dir: &Path, id: &SegmentId) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let current = id.to_string();
     for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        // Segment names sort by timeline then position; compare the position part.
-        let older = n.len() == 24 && n[8..] < current[8..];
+        // Segment names sort by timeline then position; compare the position (a file name
+        // that is no segment's, whatever its bytes, is left alone).
+        let older = matches!(
+            n.parse::<WalSegmentName>(),
+            Ok(WalSegmentName::Segment(s)) if (s.log, s.seg) < (id.log, id.seg)
+        );
         if older || n.ends_with(PREFETCH_SUFFIX) {
             let _ = std::fs::remove_file(e.path());
         }
@@ -280,5 +283,32 @@ async fn fill_prefetch(
             Ok((n, Err(e))) => tracing::warn!(segment = %n, error = %e, "prefetch failed"),
             Err(e) => tracing::warn!(error = %e, "prefetch task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_survives_a_file_name_whose_utf8_straddles_byte_8() {
+        // "é" takes bytes 7 and 8: slicing the name at byte 8 panicked (exit 101, which
+        // PostgreSQL reads as "not found").
+        let dir = tempfile::tempdir().unwrap();
+        let odd = "0000000\u{e9}000000000000000";
+        assert_eq!(odd.len(), 24);
+        std::fs::write(dir.path().join(odd), b"x").unwrap();
+        let old = "000000010000000000000002";
+        let kept = "000000010000000000000009";
+        std::fs::write(dir.path().join(old), b"x").unwrap();
+        std::fs::write(dir.path().join(kept), b"x").unwrap();
+        let id = match "000000010000000000000005".parse::<WalSegmentName>() {
+            Ok(WalSegmentName::Segment(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        prune(dir.path(), &id);
+        assert!(dir.path().join(odd).exists(), "not a segment: left alone");
+        assert!(!dir.path().join(old).exists(), "an older segment is pruned");
+        assert!(dir.path().join(kept).exists(), "a later segment is kept");
     }
 }
