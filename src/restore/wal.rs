@@ -13,6 +13,7 @@
 //! refilled when it is half used, so most requests are served by a rename.
 
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use walhoard_protocol::xlog::{major_for_page_magic, validate_pages, PageExpectation};
@@ -122,7 +123,13 @@ async fn fetch_one(
     let key = wal_key(name);
     let tmp2 = tmp.to_path_buf();
     let result = download_with(store, &key, keys, move |metadata, r| {
-        let mut f = std::fs::File::create(&tmp2)?;
+        // Plaintext WAL, like the spool's: private to PostgreSQL's user.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(walhoard_walreceiver::spool::FILE_MODE)
+            .open(&tmp2)?;
         let n = io::copy(r, &mut f)?;
         f.flush()?;
         if let Some(expect) = metadata
@@ -258,7 +265,7 @@ async fn fill_prefetch(
     if served == Served::Prefetch && present * 2 >= window {
         return;
     }
-    if let Err(e) = std::fs::create_dir_all(dir) {
+    if let Err(e) = walhoard_walreceiver::spool::create_private_dir(dir) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot create the prefetch directory");
         return;
     }
