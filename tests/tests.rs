@@ -12,6 +12,7 @@ mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
 mod restore;
+mod restore_command;
 mod storage;
 mod storage_azure;
 mod storage_gcs;
