@@ -72,11 +72,33 @@ impl StorageError {
     /// Worth retrying: network trouble, throttling, server errors. Not: missing objects,
     /// refused credentials, missing buckets, bad configuration, local I/O of the caller.
     pub fn is_transient(&self) -> bool {
+        // A full disk is not fixed by retrying at once: the archiver waits for space
+        // (`is_out_of_space`) rather than spin in the transient-retry loop.
         match self {
             StorageError::Backend { source, .. } => {
-                source.is_temporary()
+                (source.is_temporary()
                     || source.kind() == ErrorKind::RateLimited
-                    || unreachable_server(source)
+                    || unreachable_server(source))
+                    && !self.is_out_of_space()
+            }
+            _ => false,
+        }
+    }
+
+    /// The store has no room (ENOSPC, EDQUOT): a condition that ends when space is freed,
+    /// which [`ObjectStore::free_bytes`] can tell on local storage.
+    pub fn is_out_of_space(&self) -> bool {
+        fn full(e: &(dyn std::error::Error + 'static)) -> bool {
+            e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.kind() == std::io::ErrorKind::StorageFull
+                    || io.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }) || e.to_string().contains("No space left on device")
+        }
+        match self {
+            StorageError::Io { source, .. } => full(source),
+            StorageError::Backend { source, .. } => {
+                source.to_string().contains("No space left on device") || causes(source).any(full)
             }
             _ => false,
         }
@@ -708,6 +730,14 @@ impl ObjectStore {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(backend("stat", key)(e)),
         }
+    }
+
+    /// Bytes free for writing on local storage (statvfs of its directory); `None` on other
+    /// stores, or when that cannot be told.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let root = self.local_root.as_ref()?;
+        let st = rustix::fs::statvfs(root).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     /// After a read of `key` answered "not found": `Ok` only when that is the truth about a
