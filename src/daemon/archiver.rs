@@ -567,6 +567,7 @@ mod tests {
             .unwrap();
         assert!(stored);
         let took = freed.elapsed();
+        eprintln!("in memory: {in_memory}: stored {took:?} after space was freed");
         assert!(
             took < Duration::from_secs(2),
             "took {took:?} to catch up after space returned (in memory: {in_memory})"

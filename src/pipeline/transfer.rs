@@ -689,9 +689,7 @@ pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) 
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "content does not match the recorded hash: {hash_algorithm} {hash}, the metadata records {recorded}"
-            ),
+            format!("{hash_algorithm} {hash} does not match the recorded hash {recorded}"),
         ));
     }
     Ok(size)
