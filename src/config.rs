@@ -259,6 +259,11 @@ pub struct SiteConfig {
     pub encryption_key_id: Option<String>,
     #[serde(default)]
     pub encryption_keys: BTreeMap<String, KeyPairConfig>,
+    /// walhoard: with encryption configured, restore objects stored without encryption too
+    /// (written before encryption was turned on). Off by default: such an object is refused,
+    /// since anyone who can write the bucket can forge one.
+    #[serde(default)]
+    pub allow_unencrypted_objects: bool,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
     pub object_storage: Option<ObjectStorageConfig>,

@@ -344,7 +344,23 @@ fn main() -> ExitCode {
         pghoard_cli::Dispatch::Translated { argv, debug } => (argv, debug),
         pghoard_cli::Dispatch::Exit(code) => return ExitCode::from(code),
     };
-    let cli = Cli::parse_from(argv);
+    // restore_command: every way out is 0, 1 or 255 (postgres_command's module comment).
+    // pghoard_postgres_command has become `postgres-command` in `argv` by now.
+    let restore_mode =
+        walhoard::postgres_command::is_restore_invocation(&argv[1.min(argv.len())..]);
+    let failure = if restore_mode {
+        ExitCode::from(walhoard::postgres_command::EXIT_FAILED)
+    } else {
+        ExitCode::FAILURE
+    };
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) if restore_mode && e.use_stderr() => {
+            let _ = e.print();
+            return failure;
+        }
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALHOARD_LOG")
@@ -356,7 +372,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("walhoard: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return failure;
         }
     };
     let result: Result<u8> = rt.block_on(async {

@@ -49,17 +49,10 @@ pub struct CommandArgs {
 /// Runs the command; returns the process exit code (errors are printed here).
 pub async fn run(req: &CommandArgs) -> u8 {
     match req.mode.as_str() {
-        "restore" => match restore(req).await {
-            Ok(()) => EXIT_FOUND,
-            Err(WalFetchError::NotFound { key }) => {
-                eprintln!("walhoard: {} not found in the archive ({key})", req.xlog);
-                EXIT_NOT_FOUND
-            }
-            Err(WalFetchError::Failed(e)) => {
-                eprintln!("walhoard: restore of {} failed: {e:#}", req.xlog);
-                EXIT_FAILED
-            }
-        },
+        "restore" => {
+            let args = req.clone();
+            restore_exit_code(&req.xlog, async move { restore(&args).await }).await
+        }
         _ => match archive(req).await {
             Ok(()) => 0,
             Err(e) => {
@@ -68,6 +61,41 @@ pub async fn run(req: &CommandArgs) -> u8 {
             }
         },
     }
+}
+
+/// The exit code of a restore that `serve` performs: 0, 1 or 255 and nothing else. A panic
+/// would otherwise end the process with Rust's 101, which PostgreSQL takes for "not found"
+/// (the end of the archive) and promotes early; it runs as a task of its own so that it is
+/// caught and answered with [`EXIT_FAILED`].
+pub async fn restore_exit_code<F>(xlog: &str, serve: F) -> u8
+where
+    F: std::future::Future<Output = Result<(), WalFetchError>> + Send + 'static,
+{
+    match tokio::spawn(serve).await {
+        Ok(Ok(())) => EXIT_FOUND,
+        Ok(Err(WalFetchError::NotFound { key })) => {
+            eprintln!("walhoard: {xlog} not found in the archive ({key})");
+            EXIT_NOT_FOUND
+        }
+        Ok(Err(WalFetchError::Failed(e))) => {
+            eprintln!("walhoard: restore of {xlog} failed: {e:#}");
+            EXIT_FAILED
+        }
+        Err(e) => {
+            eprintln!("walhoard: restore of {xlog} failed: internal error: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Whether the command line (without the program name) asks for `postgres-command --mode
+/// restore`: then a command line clap refuses must exit [`EXIT_FAILED`] too, not clap's 2,
+/// which PostgreSQL would take for "not found" (a typo in restore_command would end recovery
+/// at the first segment).
+pub fn is_restore_invocation<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> bool {
+    let args: Vec<&str> = args.iter().filter_map(|a| a.as_ref().to_str()).collect();
+    args.contains(&"postgres-command")
+        && (args.contains(&"--mode=restore") || args.windows(2).any(|w| w == ["--mode", "restore"]))
 }
 
 fn daemon_address(req: &CommandArgs, cfg: Option<&Config>) -> (String, u16) {
@@ -165,4 +193,46 @@ async fn archive(req: &CommandArgs) -> Result<()> {
         bail!("archiving {xlog} failed: the daemon answered {status}: {body}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn restore_panic_exits_255_not_101() {
+        // A panic anywhere in serving a file must stop recovery, not end it.
+        let code = restore_exit_code("000000010000000000000001", async {
+            let v: Vec<u8> = Vec::new();
+            if v.is_empty() {
+                panic!("a bug in serving the file");
+            }
+            Ok(())
+        })
+        .await;
+        assert_eq!(code, EXIT_FAILED);
+        let not_found = restore_exit_code("000000010000000000000001", async {
+            Err(WalFetchError::NotFound {
+                key: "xlog/x".into(),
+            })
+        })
+        .await;
+        assert_eq!(not_found, EXIT_NOT_FOUND);
+    }
+
+    #[test]
+    fn restore_invocation_is_recognised_for_exit_codes() {
+        let restore = ["postgres-command", "--mode", "restore", "--xlog", "x"];
+        assert!(is_restore_invocation(&restore));
+        assert!(is_restore_invocation(&[
+            "postgres-command",
+            "--mode=restore"
+        ]));
+        assert!(!is_restore_invocation(&[
+            "postgres-command",
+            "--mode",
+            "archive"
+        ]));
+        assert!(!is_restore_invocation(&["daemon", "--mode", "restore"]));
+    }
 }

@@ -77,6 +77,16 @@ pub fn retry_policy(config: &Config) -> RetryPolicy {
 
 /// Opens the object store of site `name` (its `object_storage`, under its prefix).
 pub fn open_store(config: &Config, name: &str) -> Result<ObjectStore> {
+    open_store_as(config, name, false)
+}
+
+/// [`open_store`] for commands that only read: creates nothing (a missing local storage
+/// directory is an error, see [`ObjectStore::open_read_only`]).
+pub fn open_store_read_only(config: &Config, name: &str) -> Result<ObjectStore> {
+    open_store_as(config, name, true)
+}
+
+fn open_store_as(config: &Config, name: &str, read_only: bool) -> Result<ObjectStore> {
     let storage = config
         .backup_sites
         .get(name)
@@ -84,6 +94,11 @@ pub fn open_store(config: &Config, name: &str) -> Result<ObjectStore> {
         .object_storage
         .as_ref()
         .with_context(|| format!("backup_sites.{name}.object_storage: missing"))?;
-    ObjectStore::open(storage, config.site_prefix(name))
-        .with_context(|| format!("backup_sites.{name}.object_storage"))
+    let prefix = config.site_prefix(name);
+    if read_only {
+        ObjectStore::open_read_only(storage, prefix)
+    } else {
+        ObjectStore::open(storage, prefix)
+    }
+    .with_context(|| format!("backup_sites.{name}.object_storage"))
 }

@@ -346,7 +346,10 @@ async fn restore_command_exit_codes_prefetch_and_daemon_api() {
         walhoard::pipeline::compression::CompressionSettings::new(
             walhoard::pipeline::compression::Algorithm::Zstd,
         ),
-        None,
+        Some(walhoard::pipeline::transfer::UploadEncryption {
+            key_id: "k1".into(),
+            public: walhoard::pipeline::encryption::PublicKey::from_pem(&p.d.public).unwrap(),
+        }),
         walhoard::pipeline::hash::HashAlgorithm::Sha1,
         Default::default(),
     )

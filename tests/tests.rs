@@ -19,6 +19,7 @@ mod protocol_faults;
 mod protocol_replication;
 mod protocol_tls;
 mod restore;
+mod restore_command;
 mod restore_forged;
 mod retention;
 mod storage;

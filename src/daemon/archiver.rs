@@ -58,6 +58,12 @@ impl UploadContext {
     /// credentials, a missing bucket) is logged, recorded in the status and retried too, more
     /// slowly: the WAL stays in the spool and in the slot until an operator fixes it.
     /// Returns false when cancelled first.
+    ///
+    /// These failures count towards `upload_retries_warning` as transient ones do (a full
+    /// archive disk raises it too), and the status' `last_error` they set is cleared once the
+    /// object is stored. While the store is out of space the wait is capped at
+    /// [`SPACE_MAX_BACKOFF`], and on local storage cut short as soon as a free-space probe
+    /// shows room for the object, so that catching up does not wait out a long backoff.
     pub async fn upload_until_stored(
         &self,
         key: &str,
@@ -67,22 +73,69 @@ impl UploadContext {
         cancel: &CancellationToken,
     ) -> bool {
         let mut backoff = self.retry.initial_backoff;
+        let mut failures = 0u32;
+        let mut alerted = false;
+        let mut reported: Option<String> = None;
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return false,
                 r = self.upload(&self.retry, key, path, data) => r,
             };
             match result {
-                Ok(()) => return true,
+                Ok(()) => {
+                    if let Some(e) = reported {
+                        status.clear_error_if(&e);
+                    }
+                    return true;
+                }
                 Err(e) => {
-                    tracing::error!(site = %self.site, object = key, error = %e, retry_in = ?backoff, "cannot archive; the WAL stays in the spool and the slot");
-                    status.set_error(format!("archive {key}: {e}"));
+                    failures += 1;
+                    let full = e.is_out_of_space();
+                    let wait = if full {
+                        backoff.min(SPACE_MAX_BACKOFF)
+                    } else {
+                        backoff
+                    };
+                    tracing::error!(site = %self.site, object = key, error = %e, retry_in = ?wait, "cannot archive; the WAL stays in the spool and the slot");
+                    let message = format!("archive {key}: {e}");
+                    status.set_error(message.clone());
+                    reported = Some(message);
+                    if failures >= self.retry.warning_limit && !alerted {
+                        if let Some(dir) = &self.retry.alert_dir {
+                            crate::storage::retry::write_alert(dir, key, failures, &e);
+                            alerted = true;
+                        }
+                    }
+                    let needed = match data {
+                        Some(d) => d.len() as u64,
+                        None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.wait_to_retry(wait, full.then_some(needed)) => {}
                     }
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                 }
+            }
+        }
+    }
+
+    /// Sleeps `wait`; with `needed` (the store was full), wakes early once local storage has
+    /// that many bytes free again (the stored object is at most about the plain size).
+    async fn wait_to_retry(&self, wait: Duration, needed: Option<u64>) {
+        let Some(needed) = needed.filter(|_| self.store.free_bytes().is_some()) else {
+            tokio::time::sleep(wait).await;
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep((deadline - now).min(SPACE_PROBE_INTERVAL)).await;
+            if self.store.free_bytes().is_some_and(|free| free > needed) {
+                return;
             }
         }
     }
@@ -469,6 +522,12 @@ impl Archiver {
     }
 }
 
+/// Longest wait between attempts while the store is out of space: freeing space is an
+/// operator's action that should show at once, not after a backoff grown through the outage.
+pub const SPACE_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often local storage's free space is looked at while waiting for room.
+const SPACE_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The daemon is stopping.
 #[derive(Debug)]
 pub struct Cancelled;
@@ -624,6 +683,150 @@ mod tests {
         assert!(!path2.exists());
         tracker.close();
         tracker.wait().await;
+    }
+
+    /// A tmpfs mounted on a new directory, unmounted on drop.
+    struct SmallDisk(PathBuf);
+
+    impl SmallDisk {
+        /// `None` where mounting is not allowed (not root): the test then cannot run.
+        fn mount(at: PathBuf, size: &str) -> Option<SmallDisk> {
+            std::fs::create_dir_all(&at).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&at)
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(SmallDisk(at))
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    /// Bytes zstd cannot shrink (xorshift).
+    fn incompressible(n: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_archive_disk_alerts_clears_last_error_and_catches_up_quickly() {
+        // The daemon's usual path (a segment in memory, written whole) and the spool file's.
+        full_archive_disk(true).await;
+        full_archive_disk(false).await;
+    }
+
+    async fn full_archive_disk(in_memory: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(disk) = SmallDisk::mount(dir.path().join("archive"), "2m") else {
+            eprintln!("cannot mount a tmpfs (not root?): skipped");
+            return;
+        };
+        // Fill the archive disk.
+        let filler = disk.0.join("filler");
+        let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
+        let store = ObjectStore::open(
+            &ObjectStorageConfig::Local {
+                directory: disk.0.clone(),
+                prefix: None,
+            },
+            "site",
+        )
+        .unwrap();
+        let alerts = dir.path().join("alerts");
+        std::fs::create_dir(&alerts).unwrap();
+        let ctx = UploadContext {
+            site: "site".into(),
+            store: store.clone(),
+            compression: CompressionSettings::new(Algorithm::Zstd),
+            encryption: None,
+            hash_algorithm: HashAlgorithm::Sha1,
+            // As the daemon's defaults would grow it: 60 s once the outage lasted a while.
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(60),
+                warning_limit: 2,
+                alert_dir: Some(alerts.clone()),
+                max_attempts: None,
+            },
+            upload_slots: Arc::new(Semaphore::new(1)),
+            base_metadata: Metadata::new(),
+        };
+        let spool = dir.path().join("000000010000000000000001");
+        let bytes = incompressible(512 << 10);
+        std::fs::write(&spool, &bytes).unwrap();
+        let data = in_memory.then(|| {
+            let mut b = walhoard_walreceiver::SegmentBuffers::new(1)
+                .try_take(bytes.len())
+                .unwrap();
+            b.extend(&bytes);
+            Arc::new(b)
+        });
+        let status = Arc::new(SiteStatus::default());
+        let cancel = CancellationToken::new();
+        let upload = {
+            let (status, cancel, spool) = (status.clone(), cancel.clone(), spool.clone());
+            tokio::spawn(async move {
+                let key = "xlog/000000010000000000000001";
+                ctx.upload_until_stored(key, &spool, data.as_ref(), &status, &cancel)
+                    .await
+            })
+        };
+        let alert = alerts.join(crate::storage::retry::UPLOAD_RETRIES_WARNING);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !alert.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no upload_retries_warning while the archive disk is full (in memory: {in_memory})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let error = status.snapshot().last_error.unwrap_or_default();
+        assert!(
+            error.contains("000000010000000000000001"),
+            "in memory: {in_memory}: {error:?}"
+        );
+        // The outage lasts long enough for the backoff to grow past seconds (100 ms doubled
+        // six times: the next wait would be 6.4 s).
+        tokio::time::sleep(Duration::from_millis(6500)).await;
+        assert!(!upload.is_finished());
+        std::fs::remove_file(&filler).unwrap();
+        let freed = std::time::Instant::now();
+        let stored = tokio::time::timeout(Duration::from_secs(30), upload)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(stored);
+        let took = freed.elapsed();
+        eprintln!("in memory: {in_memory}: stored {took:?} after space was freed");
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?} to catch up after space returned (in memory: {in_memory})"
+        );
+        assert!(store
+            .stat("xlog/000000010000000000000001")
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            status.snapshot().last_error,
+            None,
+            "last_error kept after recovery"
+        );
+        assert!(!alert.exists(), "alert kept after recovery");
+        drop(store);
+        drop(disk);
     }
 
     #[tokio::test]

@@ -80,7 +80,7 @@ impl SiteWal {
         let (conn, slot) = node
             .connect_params()
             .map_err(|e| anyhow::anyhow!("backup_sites.{name}.nodes[0]: {e}"))?;
-        std::fs::create_dir_all(&spool_dir)
+        walhoard_walreceiver::spool::create_private_dir(&spool_dir)
             .with_context(|| format!("create spool directory {}", spool_dir.display()))?;
         let status = Arc::new(SiteStatus::default());
         let keys = crate::restore::key_ring(name, site).unwrap_or_else(|e| {

@@ -172,6 +172,17 @@ impl SiteStatus {
         });
     }
 
+    /// Clears `last_error` if it is still `e`: the failure it reported is over (another
+    /// failure recorded since stays).
+    pub fn clear_error_if(&self, e: &str) {
+        self.with(|i| {
+            if i.wal.last_error.as_deref() == Some(e) {
+                i.wal.last_error = None;
+                i.wal.last_error_time = None;
+            }
+        });
+    }
+
     pub fn set_foreign_archive(&self, detail: String) {
         self.with(|i| i.wal.foreign_archive = Some(detail));
     }

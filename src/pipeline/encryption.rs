@@ -149,18 +149,35 @@ pub fn generate_key_pair(bits: usize) -> Result<(String, String), EncryptionErro
     ))
 }
 
-/// Private keys by key id, for reading.
+/// Private keys by key id, for reading, and whether objects stored without encryption are
+/// acceptable.
 #[derive(Debug, Default, Clone)]
-pub struct KeyRing(HashMap<String, PrivateKey>);
+pub struct KeyRing {
+    keys: HashMap<String, PrivateKey>,
+    /// Refuse objects whose metadata names no key: in a site that encrypts, a plaintext
+    /// object is a downgrade anyone who can write the bucket can forge.
+    require_encrypted: bool,
+}
 
 impl KeyRing {
     pub fn insert(&mut self, id: &str, key: PrivateKey) {
-        self.0.insert(id.to_string(), key);
+        self.keys.insert(id.to_string(), key);
+    }
+
+    /// Makes readers refuse objects stored without encryption.
+    pub fn require_encrypted(mut self, require: bool) -> Self {
+        self.require_encrypted = require;
+        self
+    }
+
+    /// Whether objects stored without encryption are refused.
+    pub fn requires_encrypted(&self) -> bool {
+        self.require_encrypted
     }
 
     /// The private key of key id `id`.
     pub fn get(&self, id: &str) -> Option<&PrivateKey> {
-        self.0.get(id)
+        self.keys.get(id)
     }
 }
 
@@ -346,7 +363,7 @@ impl<R: Read> Decryptor<R> {
         let wl = take(2, &mut header)?;
         let wrapped = take(u16::from_be_bytes([wl[0], wl[1]]) as usize, &mut header)?;
         let private = keys
-            .0
+            .keys
             .get(&id)
             .ok_or_else(|| io_err(EncryptionError::UnknownKey(id.clone())))?;
         let oaep = OaepPrivateDecryptingKey::new(private.0.clone())

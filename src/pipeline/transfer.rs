@@ -667,6 +667,16 @@ where
         .parse()
         .map_err(bad)?;
     let encrypted = metadata.contains_key("encryption-key-id");
+    if !encrypted && keys.requires_encrypted() {
+        // A downgrade: whoever can write the bucket can store plaintext with a sidecar that
+        // simply omits the key id, and it would be restored as if it were ours.
+        return Err(bad(
+            "stored without encryption (its metadata names no encryption-key-id), but the site \
+             encrypts its backups: refused; set the site's allow_unencrypted_objects to true \
+             to restore objects written before encryption was turned on"
+                .into(),
+        ));
+    }
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE_CHUNKS);
     // A pghoard `pghoa1` object is read twice (its MAC is checked before it is decrypted):
     // the reading side asks for the second read by sending a new channel.
@@ -770,6 +780,54 @@ fn decrypting<R: Read + 'static>(
     }
 }
 
+/// Copies an object's decoded bytes from `d` into `out`, then checks them against what its
+/// metadata records: `original-file-size`, and `hash` with `hash-algorithm` (SHA-1 when that
+/// is absent: objects from before pghoard's setting). Call it before anything is renamed
+/// where it is used. Returns the size.
+pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) -> io::Result<u64> {
+    let hash_algorithm: HashAlgorithm = match metadata.get("hash-algorithm") {
+        Some(name) => name
+            .parse()
+            .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))?,
+        None => HashAlgorithm::Sha1,
+    };
+    let mut hash = hash_algorithm.hasher();
+    let mut buf = vec![0u8; PIPE_CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = match d.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hash.update(&buf[..n]);
+        size += n as u64;
+        out.write_all(&buf[..n])?;
+    }
+    out.flush()?;
+    let expect_size: Option<u64> = metadata
+        .get("original-file-size")
+        .and_then(|s| s.parse().ok());
+    if let Some(expect) = expect_size.filter(|s| *s != size) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("decoded {size} bytes, metadata says {expect}"),
+        ));
+    }
+    let hash = hash.finish_hex();
+    if let Some(recorded) = metadata
+        .get("hash")
+        .filter(|h| !h.eq_ignore_ascii_case(&hash))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{hash_algorithm} {hash} does not match the recorded hash {recorded}"),
+        ));
+    }
+    Ok(size)
+}
+
 /// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and
 /// renamed only after the size and hash in the metadata matched). Returns the metadata.
 pub async fn download_file(
@@ -787,43 +845,9 @@ pub async fn download_file(
     ));
     let tmp2 = tmp.clone();
     let result = download_with(store, key, keys, move |metadata, d| {
-        // Objects without `hash-algorithm` predate pghoard's setting: SHA-1.
-        let hash_algorithm: HashAlgorithm = match metadata.get("hash-algorithm") {
-            Some(name) => name
-                .parse()
-                .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))?,
-            None => HashAlgorithm::Sha1,
-        };
         let mut out = io::BufWriter::new(std::fs::File::create(&tmp2)?);
-        let mut hash = hash_algorithm.hasher();
-        let mut buf = vec![0u8; PIPE_CHUNK];
-        let mut size = 0u64;
-        loop {
-            let n = d.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-            size += n as u64;
-            out.write_all(&buf[..n])?;
-        }
+        copy_checked(metadata, d, &mut out)?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        let expect_size: Option<u64> = metadata
-            .get("original-file-size")
-            .and_then(|s| s.parse().ok());
-        if let Some(expect) = expect_size.filter(|s| *s != size) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("decoded {size} bytes, metadata says {expect}"),
-            ));
-        }
-        let hash = hash.finish_hex();
-        if metadata.get("hash").is_some_and(|h| *h != hash) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{hash_algorithm} {hash} does not match the recorded hash"),
-            ));
-        }
         Ok(())
     })
     .await;

@@ -40,9 +40,12 @@ pub struct RestoreSite {
 }
 
 /// Every private key of a site, by key id: objects name the key they were written with, which
-/// need not be today's `encryption_key_id`.
+/// need not be today's `encryption_key_id`. A site with encryption configured (a key id or
+/// keys) refuses objects stored without encryption unless `allow_unencrypted_objects` is set.
 pub fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
-    let mut ring = KeyRing::default();
+    let encrypts = site.encryption_key_id.is_some() || !site.encryption_keys.is_empty();
+    let mut ring =
+        KeyRing::default().require_encrypted(encrypts && !site.allow_unencrypted_objects);
     for (id, pair) in &site.encryption_keys {
         if let Some(pem) = &pair.private {
             let key = PrivateKey::from_pem(pem)
@@ -77,7 +80,8 @@ impl RestoreSite {
             .get(&name)
             .with_context(|| format!("no backup site {name:?} in {}", config_path.display()))?
             .clone();
-        let store = crate::settings::open_store(&config, &name)?;
+        // Restore only reads: an archive that is not there must not be created empty.
+        let store = crate::settings::open_store_read_only(&config, &name)?;
         let keys = key_ring(&name, &site)?;
         let config_path = std::path::absolute(config_path)
             .with_context(|| format!("absolute path of {}", config_path.display()))?;

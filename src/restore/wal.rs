@@ -12,7 +12,8 @@
 //! and renamed once verified, so a half-written prefetch is never served. The window is
 //! refilled when it is half used, so most requests are served by a rename.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use walhoard_protocol::xlog::{major_for_page_magic, validate_pages, PageExpectation};
@@ -20,7 +21,7 @@ use walhoard_protocol::{SegmentId, SegmentSize, TimelineHistory, WalSegmentName,
 
 use crate::daemon::archiver::wal_key;
 use crate::pipeline::encryption::KeyRing;
-use crate::pipeline::transfer::{download_with, TransferError};
+use crate::pipeline::transfer::{copy_checked, download_with, TransferError};
 use crate::storage::{ObjectStore, StorageError};
 
 /// Directory (next to `%p`, i.e. in pg_wal) holding prefetched segments.
@@ -53,8 +54,31 @@ pub enum Served {
     Prefetch,
 }
 
-/// Checks a downloaded WAL file before PostgreSQL sees it.
-fn verify(name: &WalSegmentName, path: &Path) -> anyhow::Result<()> {
+/// The system identifier of the cluster being restored: the first field of
+/// `ControlFileData` (`system_identifier`, in the server's byte order) in `global/pg_control`
+/// of the data directory that holds `output`. PostgreSQL passes %p as `pg_wal/<file>` and runs
+/// restore_command in the data directory; the daemon's API gets the same path. `None` when
+/// there is no pg_control there (a file fetched into a bare directory): nothing to compare.
+pub fn expected_system_id(output: &Path) -> Option<u64> {
+    let data_dir = output.parent()?.parent()?;
+    let path = data_dir.join("global").join("pg_control");
+    match std::fs::File::open(&path).and_then(|mut f| {
+        let mut id = [0u8; 8];
+        f.read_exact(&mut id).map(|()| id)
+    }) {
+        Ok(id) => Some(u64::from_ne_bytes(id)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the cluster's system identifier; segments are not checked against it");
+            None
+        }
+    }
+}
+
+/// Checks a downloaded WAL file before PostgreSQL sees it: page headers against the segment's
+/// address and timeline, and the long header's system identifier against `system_id` (the
+/// cluster being restored), so that a segment of another cluster is never served.
+fn verify(name: &WalSegmentName, path: &Path, system_id: Option<u64>) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     match name {
         WalSegmentName::History(tli) => {
@@ -84,7 +108,7 @@ fn verify(name: &WalSegmentName, path: &Path) -> anyhow::Result<()> {
                         let e = PageExpectation {
                             magic,
                             seg_size: seg,
-                            system_id: None,
+                            system_id,
                             max_tli: Some(id.tli),
                         };
                         expect = Some(e.clone());
@@ -139,35 +163,38 @@ async fn fetch_one(
     name: &WalSegmentName,
     dest: &Path,
     tmp: &Path,
+    system_id: Option<u64>,
 ) -> Result<(), WalFetchError> {
     let mut guard = TempFile(Some(tmp));
     let key = wal_key(name);
     let tmp2 = tmp.to_path_buf();
     let result = download_with(store, &key, keys, move |metadata, r| {
-        let mut f = std::fs::File::create(&tmp2)?;
-        let n = io::copy(r, &mut f)?;
-        f.flush()?;
-        if let Some(expect) = metadata
-            .get("original-file-size")
-            .and_then(|s| s.parse::<u64>().ok())
-            .filter(|s| *s != n)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("decoded {n} bytes, metadata says {expect}"),
-            ));
-        }
+        // Plaintext WAL, like the spool's: private to PostgreSQL's user.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(walhoard_walreceiver::spool::FILE_MODE)
+            .open(&tmp2)?;
+        // Size and the recorded hash, before the file is looked at.
+        copy_checked(metadata, r, &mut io::BufWriter::new(&mut f))?;
         Ok(())
     })
     .await;
     let checked = match result {
-        Ok(_) => verify(name, tmp).map_err(|e| {
+        Ok(_) => verify(name, tmp, system_id).map_err(|e| {
             WalFetchError::failed(anyhow::anyhow!(
                 "{key}: downloaded file fails verification: {e:#}"
             ))
         }),
+        // "Not found" ends PostgreSQL's archive recovery: only when it is the truth.
         Err(TransferError::Storage(StorageError::NotFound { .. })) => {
-            Err(WalFetchError::NotFound { key: key.clone() })
+            match store.confirm_absent(&key).await {
+                Ok(()) => Err(WalFetchError::NotFound { key: key.clone() }),
+                Err(e) => Err(WalFetchError::failed(
+                    anyhow::Error::new(e).context(format!("fetch {key}")),
+                )),
+            }
         }
         Err(e) => Err(WalFetchError::failed(
             anyhow::Error::new(e).context(format!("fetch {key}")),
@@ -194,11 +221,14 @@ fn prune(dir: &Path, id: &SegmentId) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let current = id.to_string();
     for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        // Segment names sort by timeline then position; compare the position part.
-        let older = n.len() == 24 && n[8..] < current[8..];
+        // Segment names sort by timeline then position; compare the position (a file name
+        // that is no segment's, whatever its bytes, is left alone).
+        let older = matches!(
+            n.parse::<WalSegmentName>(),
+            Ok(WalSegmentName::Segment(s)) if (s.log, s.seg) < (id.log, id.seg)
+        );
         if older || n.ends_with(PREFETCH_SUFFIX) {
             let _ = std::fs::remove_file(e.path());
         }
@@ -219,9 +249,10 @@ pub async fn restore_wal_file(
     })?;
     let pdir = prefetch_dir(output);
     let out_dir = output.parent().unwrap_or_else(|| Path::new("."));
+    let system_id = expected_system_id(output);
     let WalSegmentName::Segment(id) = name else {
         let tmp = temp_path(out_dir, file);
-        fetch_one(store, keys, &name, output, &tmp).await?;
+        fetch_one(store, keys, &name, output, &tmp, system_id).await?;
         return Ok(Served::Archive);
     };
     prune(&pdir, &id);
@@ -247,21 +278,34 @@ pub async fn restore_wal_file(
         (Served::Prefetch, len.and_then(|l| SegmentSize::new(l).ok()))
     } else {
         let tmp = temp_path(out_dir, file);
-        fetch_one(store, keys, &name, output, &tmp).await?;
+        fetch_one(store, keys, &name, output, &tmp, system_id).await?;
         let len = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
         (Served::Archive, SegmentSize::new(len).ok())
     };
     if let (Some(seg), true) = (seg, prefetch > 0) {
-        fill_prefetch(store, keys, id, seg, &pdir, prefetch, served).await;
+        let src = Source {
+            store: store.clone(),
+            keys: keys.clone(),
+            system_id,
+        };
+        fill_prefetch(src, id, seg, &pdir, prefetch, served).await;
     }
     Ok(served)
 }
 
-/// Fetches the missing segments of the window after `id` in parallel. Failures are left for
+/// Where prefetched segments come from, and the system identifier they must carry.
+#[derive(Clone)]
+struct Source {
+    store: ObjectStore,
+    keys: KeyRing,
+    system_id: Option<u64>,
+}
+
+/// Fetches the missing segments of the window after `id` in parallel (each checked as the
+/// requested one is). Failures are left for
 /// the request of that segment to report; a missing segment ends the window.
 async fn fill_prefetch(
-    store: &ObjectStore,
-    keys: &KeyRing,
+    src: Source,
     id: SegmentId,
     seg: SegmentSize,
     dir: &Path,
@@ -287,7 +331,7 @@ async fn fill_prefetch(
     if served == Served::Prefetch && present * 2 >= window {
         return;
     }
-    if let Err(e) = std::fs::create_dir_all(dir) {
+    if let Err(e) = walhoard_walreceiver::spool::create_private_dir(dir) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot create the prefetch directory");
         return;
     }
@@ -298,11 +342,11 @@ async fn fill_prefetch(
             continue;
         }
         let tmp = temp_path(dir, &n.to_string());
-        let store = store.clone();
-        let keys = keys.clone();
+        let src = src.clone();
         set.spawn(async move {
             let name = WalSegmentName::Segment(n);
-            (n, fetch_one(&store, &keys, &name, &dest, &tmp).await)
+            let r = fetch_one(&src.store, &src.keys, &name, &dest, &tmp, src.system_id);
+            (n, r.await)
         });
     }
     while let Some(r) = set.join_next().await {
@@ -312,5 +356,32 @@ async fn fill_prefetch(
             Ok((n, Err(e))) => tracing::warn!(segment = %n, error = %e, "prefetch failed"),
             Err(e) => tracing::warn!(error = %e, "prefetch task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_survives_a_file_name_whose_utf8_straddles_byte_8() {
+        // "é" takes bytes 7 and 8: slicing the name at byte 8 panicked (exit 101, which
+        // PostgreSQL reads as "not found").
+        let dir = tempfile::tempdir().unwrap();
+        let odd = "0000000\u{e9}000000000000000";
+        assert_eq!(odd.len(), 24);
+        std::fs::write(dir.path().join(odd), b"x").unwrap();
+        let old = "000000010000000000000002";
+        let kept = "000000010000000000000009";
+        std::fs::write(dir.path().join(old), b"x").unwrap();
+        std::fs::write(dir.path().join(kept), b"x").unwrap();
+        let id = match "000000010000000000000005".parse::<WalSegmentName>() {
+            Ok(WalSegmentName::Segment(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        prune(dir.path(), &id);
+        assert!(dir.path().join(odd).exists(), "not a segment: left alone");
+        assert!(!dir.path().join(old).exists(), "an older segment is pruned");
+        assert!(dir.path().join(kept).exists(), "a later segment is kept");
     }
 }

@@ -19,25 +19,42 @@ fn err_config(e: opendal::Error) -> StorageError {
     StorageError::Config(e.to_string())
 }
 
-pub(super) fn operator(cfg: &ObjectStorageConfig) -> Result<Backend, StorageError> {
+/// `read_only`: for commands that only read (restore): local storage is neither created nor
+/// given its temp directory, and a missing directory is an error (an unmounted disk or a typo
+/// must not look like an empty archive).
+pub(super) fn operator(
+    cfg: &ObjectStorageConfig,
+    read_only: bool,
+) -> Result<Backend, StorageError> {
     // Registers the services and the HTTP transport (idempotent).
     opendal::install_default();
     let (op, sidecar, kind, prefix) = match cfg {
         ObjectStorageConfig::Local { directory, prefix } => {
-            std::fs::create_dir_all(directory).map_err(|e| {
-                StorageError::Config(format!(
-                    "cannot create directory {}: {e}",
-                    directory.display()
-                ))
-            })?;
+            if read_only {
+                if !directory.is_dir() {
+                    return Err(StorageError::Config(format!(
+                        "object_storage.directory {} does not exist or is not a directory (not mounted?)",
+                        directory.display()
+                    )));
+                }
+            } else {
+                std::fs::create_dir_all(directory).map_err(|e| {
+                    StorageError::Config(format!(
+                        "cannot create directory {}: {e}",
+                        directory.display()
+                    ))
+                })?;
+            }
             let root = directory
                 .to_str()
                 .ok_or_else(|| StorageError::Config("directory is not UTF-8".into()))?;
-            // Writes land in a temp dir inside the store and are renamed into place.
-            let tmp = directory.join(super::TEMP_DIR);
-            let b = opendal::services::Fs::default()
-                .root(root)
-                .atomic_write_dir(tmp.to_str().unwrap_or(".walhoard-tmp"));
+            let mut b = opendal::services::Fs::default().root(root);
+            if !read_only {
+                // Writes land in a temp dir inside the store and are renamed into place
+                // (OpenDAL creates it when the operator is built).
+                let tmp = directory.join(super::TEMP_DIR);
+                b = b.atomic_write_dir(tmp.to_str().unwrap_or(".walhoard-tmp"));
+            }
             (
                 Operator::new(b).map_err(err_config)?,
                 true,

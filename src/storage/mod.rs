@@ -72,11 +72,33 @@ impl StorageError {
     /// Worth retrying: network trouble, throttling, server errors. Not: missing objects,
     /// refused credentials, missing buckets, bad configuration, local I/O of the caller.
     pub fn is_transient(&self) -> bool {
+        // A full disk is not fixed by retrying at once: the archiver waits for space
+        // (`is_out_of_space`) rather than spin in the transient-retry loop.
         match self {
             StorageError::Backend { source, .. } => {
-                source.is_temporary()
+                (source.is_temporary()
                     || source.kind() == ErrorKind::RateLimited
-                    || unreachable_server(source)
+                    || unreachable_server(source))
+                    && !self.is_out_of_space()
+            }
+            _ => false,
+        }
+    }
+
+    /// The store has no room (ENOSPC, EDQUOT): a condition that ends when space is freed,
+    /// which [`ObjectStore::free_bytes`] can tell on local storage.
+    pub fn is_out_of_space(&self) -> bool {
+        fn full(e: &(dyn std::error::Error + 'static)) -> bool {
+            e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                io.kind() == std::io::ErrorKind::StorageFull
+                    || io.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }) || e.to_string().contains("No space left on device")
+        }
+        match self {
+            StorageError::Io { source, .. } => full(source),
+            StorageError::Backend { source, .. } => {
+                source.to_string().contains("No space left on device") || causes(source).any(full)
             }
             _ => false,
         }
@@ -328,12 +350,29 @@ impl fmt::Debug for ObjectStore {
 impl ObjectStore {
     /// Opens the store described by a site's `object_storage`, under `site_prefix`.
     pub fn open(cfg: &ObjectStorageConfig, site_prefix: &str) -> Result<Self, StorageError> {
+        Self::open_as(cfg, site_prefix, false)
+    }
+
+    /// [`ObjectStore::open`] for reading only (restore): creates nothing, and a local
+    /// storage directory that does not exist is an error.
+    pub fn open_read_only(
+        cfg: &ObjectStorageConfig,
+        site_prefix: &str,
+    ) -> Result<Self, StorageError> {
+        Self::open_as(cfg, site_prefix, true)
+    }
+
+    fn open_as(
+        cfg: &ObjectStorageConfig,
+        site_prefix: &str,
+        read_only: bool,
+    ) -> Result<Self, StorageError> {
         let backends::Backend {
             op,
             sidecar,
             kind,
             prefix: storage_prefix,
-        } = backends::operator(cfg)?;
+        } = backends::operator(cfg, read_only)?;
         let local_root = match cfg {
             ObjectStorageConfig::Local { directory, .. } => Some(directory.clone()),
             _ => None,
@@ -763,6 +802,71 @@ impl ObjectStore {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(backend("stat", key)(e)),
         }
+    }
+
+    /// Bytes free for writing on local storage (statvfs of its directory); `None` on other
+    /// stores, or when that cannot be told.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let root = self.local_root.as_ref()?;
+        let st = rustix::fs::statvfs(root).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// After a read of `key` answered "not found": `Ok` only when that is the truth about a
+    /// reachable archive, which is what PostgreSQL takes as the end of the archive. An error
+    /// when the object exists without its metadata sidecar (or the sidecar without the
+    /// object), or when the site's part of the store cannot be seen at all: its local
+    /// directory is gone (an unmounted disk), or its prefix holds nothing (a typo).
+    pub async fn confirm_absent(&self, key: &str) -> Result<(), StorageError> {
+        let object = self.stat(key).await?.is_some();
+        let sidecar = self.sidecar && self.stat(&Self::sidecar_key(key)).await?.is_some();
+        if self.sidecar && object != sidecar {
+            let message = if object {
+                format!("the object exists but its metadata sidecar {key}{SIDECAR_SUFFIX} does not")
+            } else {
+                format!("the metadata sidecar {key}{SIDECAR_SUFFIX} exists but the object does not")
+            };
+            return Err(StorageError::BadMetadata {
+                key: key.into(),
+                message,
+            });
+        }
+        if object {
+            // Answered "not found" a moment ago: the archive is changing under us.
+            return Err(StorageError::BadMetadata {
+                key: key.into(),
+                message: "the object appeared after a read found none".into(),
+            });
+        }
+        if let Some(root) = &self.local_root {
+            if !root.is_dir() {
+                return Err(StorageError::Config(format!(
+                    "{key} not found, and the storage directory {} is gone (not mounted?)",
+                    root.display()
+                )));
+            }
+        }
+        // One level only: the site's top directories (xlog/, timeline/, basebackup/...).
+        let base = if self.prefix.is_empty() {
+            "/".to_string()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let entries = match self.op.list(&base).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(backend("list the site prefix for", key)(e)),
+        };
+        if !entries
+            .iter()
+            .any(|e| e.path() != base && !e.path().contains(TEMP_DIR))
+        {
+            return Err(StorageError::Config(format!(
+                "{key} not found, and the site's prefix {base:?} holds nothing: wrong storage, \
+                 prefix or site name?"
+            )));
+        }
+        Ok(())
     }
 
     /// Objects whose keys start with `dir/` (recursively), sidecars and temp files left out.

@@ -38,7 +38,8 @@ impl Default for RetryPolicy {
     }
 }
 
-fn write_alert(dir: &Path, what: &str, failures: u32, err: &StorageError) {
+/// Writes the `upload_retries_warning` alert file naming `what` and the last error.
+pub fn write_alert(dir: &Path, what: &str, failures: u32, err: &StorageError) {
     let body =
         serde_json::json!({ "object": what, "failures": failures, "error": err.to_string() });
     let path = dir.join(UPLOAD_RETRIES_WARNING);

@@ -6,10 +6,37 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
+
+/// Mode of spool files: they hold plaintext WAL, which only the daemon's user may read (as
+/// PostgreSQL's own pg_wal, `pg_file_create_mode`).
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of the spool directory (as PostgreSQL's `pg_dir_create_mode`).
+pub const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` (and its parents) and makes it private ([`DIR_MODE`]), also when it existed
+/// with a wider mode (made by an older version).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    if fs::metadata(dir)?.permissions().mode() & 0o777 != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// Narrows an existing file (written by an older version) to [`FILE_MODE`].
+fn make_private(file: &File) -> io::Result<()> {
+    if file.metadata()?.permissions().mode() & 0o777 != FILE_MODE {
+        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(())
+}
 
 /// Syncs a directory so that renames and creations in it are durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -54,7 +81,9 @@ impl SegmentFile {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(FILE_MODE)
             .open(&path)?;
+        make_private(&file)?;
         if file.metadata()?.len() != seg_size.bytes() {
             // Pre-size so that later writes never extend the file (no metadata updates per
             // fdatasync) and a crash leaves zeros, which verification treats as unwritten.
@@ -192,7 +221,13 @@ pub fn write_durable(dir: &Path, name: &str, content: &[u8]) -> io::Result<PathB
     let tmp = dir.join(format!(".{name}.tmp"));
     let path = dir.join(name);
     {
-        let f = File::create(&tmp)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(&tmp)?;
+        make_private(&f)?;
         f.write_all_at(content, 0)?;
         f.sync_all()?;
     }
@@ -242,6 +277,39 @@ mod tests {
         let p = g.finish_partial().unwrap();
         let content = std::fs::read(p).unwrap();
         assert_eq!(&content[10..13], b"abc");
+    }
+
+    #[test]
+    fn spool_files_and_directory_are_private() {
+        // Plaintext WAL: 0600 files in a 0700 directory, like PostgreSQL's pg_wal (they were
+        // 0644 in 0755), also when an older version left them wider.
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("site/xlog_incoming");
+        create_private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        std::fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700, "an existing wider directory is narrowed");
+        let seg = SegmentSize::new(1 << 20).unwrap();
+        let start = Lsn(3 << 20);
+        let mut f = SegmentFile::open(&dir, TimelineId(1), start, seg, true).unwrap();
+        let partial = dir.join("000000010000000000000003.partial");
+        assert_eq!(mode(&partial), 0o600);
+        f.write(start, &vec![1u8; 1 << 20]).unwrap();
+        let done = f.complete().unwrap();
+        assert_eq!(mode(&done), 0o600);
+        let old = dir.join("000000010000000000000004.partial");
+        std::fs::write(&old, b"").unwrap();
+        std::fs::set_permissions(&old, fs::Permissions::from_mode(0o644)).unwrap();
+        SegmentFile::open(&dir, TimelineId(1), Lsn(4 << 20), seg, false).unwrap();
+        assert_eq!(
+            mode(&old),
+            0o600,
+            "a spool file of an older version is narrowed"
+        );
+        let history = write_durable(&dir, "00000002.history", b"1\t0/3000000\tx\n").unwrap();
+        assert_eq!(mode(&history), 0o600);
     }
 
     #[test]
