@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use walhoard_testkit::give_to_server_user;
+use walhoard_testkit::{give_to_server_user, PgCluster};
 
 use crate::daemon_support::DaemonDir;
-use crate::restore::{insert, primary, start_promoted, stderr, CHECKSUM};
+use crate::restore::{insert, primary, start_promoted_with, stderr, CHECKSUM};
 
 /// The daemon as the OS user PostgreSQL runs as, the way pghoard's systemd unit runs pghoard
 /// (User=postgres): the files restore_command has it write into pg_wal must be the server's,
@@ -147,7 +147,9 @@ async fn pghoard_names_restore_through_pghoards_recovery_config() {
             p.d.http_port
         ),
     );
-    let restored = start_promoted(&target);
+    // The daemon confines restores to pg_data_directory: the restored directory moves into
+    // the test cluster's own, and the configured path must keep leading there.
+    let restored = start_promoted_with(PgCluster::builder().link_old_path(), &target);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
     assert!(
         restored.log().contains("restored log file"),

@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::json;
-use walhoard_testkit::{give_to_server_user, PgCluster};
+use walhoard_testkit::{give_to_server_user, PgBuilder, PgCluster};
 
 use crate::common::wait_until;
 use crate::daemon_support::*;
@@ -88,7 +88,12 @@ pub(crate) fn get_basebackup(d: &DaemonDir, target: &Path, args: &[&str]) -> Out
 
 /// Starts PostgreSQL on a restored directory and waits until recovery ended (promoted).
 pub(crate) fn start_promoted(data: &Path) -> PgCluster {
-    let pg = PgCluster::builder().start_on(data).unwrap();
+    start_promoted_with(PgCluster::builder(), data)
+}
+
+/// [`start_promoted`] with `builder`'s settings.
+pub(crate) fn start_promoted_with(builder: PgBuilder, data: &Path) -> PgCluster {
+    let pg = builder.start_on(data).unwrap();
     assert!(
         wait_until(Duration::from_secs(60), || pg
             .psql("select pg_is_in_recovery()")

@@ -5,7 +5,8 @@
 # pghoa1 tests),
 # then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
 # protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
-# target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips).
+# target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips; the targets that build all of walhoard
+# under the sanitizer only with WALHOARD_FUZZ_APP=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -98,7 +99,7 @@ if [ "$fuzz_seconds" != 0 ]; then
   echo "== fuzz targets, ${fuzz_seconds}s each"
   mkdir -p target
   status=0
-  FUZZ_SECONDS=$fuzz_seconds tools/fuzz.sh > target/fuzz.log 2>&1 || status=$?
+  FUZZ_SECONDS=$fuzz_seconds FUZZ_APP=${WALHOARD_FUZZ_APP:-0} tools/fuzz.sh > target/fuzz.log 2>&1 || status=$?
   grep -E '^==|Done [0-9]+ runs' target/fuzz.log || true
   if [ "$status" != 0 ]; then
     tail -60 target/fuzz.log

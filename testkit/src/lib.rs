@@ -129,6 +129,7 @@ pub struct PgBuilder {
     hba: Vec<String>,
     initdb_args: Vec<String>,
     files: Vec<(String, Vec<u8>, u32)>,
+    link_old_path: bool,
 }
 
 impl PgBuilder {
@@ -149,6 +150,12 @@ impl PgBuilder {
         self
     }
 
+    /// [`PgBuilder::start_on`] leaves a symlink at the data directory's old path.
+    pub fn link_old_path(mut self) -> Self {
+        self.link_old_path = true;
+        self
+    }
+
     /// A file placed in the data directory before start, owned by the server user.
     pub fn data_file(mut self, name: &str, content: &[u8], mode: u32) -> Self {
         self.files.push((name.into(), content.to_vec(), mode));
@@ -160,7 +167,8 @@ impl PgBuilder {
     }
 
     /// Starts a server on an existing data directory (a restored backup), moved into the new
-    /// cluster's temp dir and handed to the server user. The settings are appended to its
+    /// cluster's temp dir (with [`PgBuilder::link_old_path`], a symlink left at its old path)
+    /// and handed to the server user. The settings are appended to its
     /// postgresql.conf after the test defaults (port, socket directory); `data_file`s are
     /// written into it (`recovery.signal`...). Does not wait for recovery to finish beyond
     /// the server accepting connections.
@@ -170,6 +178,12 @@ impl PgBuilder {
         let target = cluster.data_dir();
         fs::rename(data, &target)
             .with_context(|| format!("move {} to {}", data.display(), target.display()))?;
+        if self.link_old_path {
+            // The old path still leads there: a configuration naming it (a daemon's
+            // `pg_data_directory`) keeps naming the server's data directory.
+            std::os::unix::fs::symlink(&target, data)
+                .with_context(|| format!("link {} to {}", data.display(), target.display()))?;
+        }
         cluster.major = fs::read_to_string(target.join("PG_VERSION"))?
             .trim()
             .parse()?;
