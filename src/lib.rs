@@ -2,9 +2,11 @@
 //!
 //! - [`basebackup`]: taking a basebackup into a site's archive (basic/pipe and local-tar).
 //! - [`config`]: the pghoard.json-compatible configuration file.
-//! - [`pipeline`]: compression of archive objects, byte-compatible with pghoard.
+//! - [`pipeline`]: hashing, compression and encryption of archive objects, and the transfer
+//!   to and from storage; byte-compatible with pghoard.
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
 //! - [`daemon`]: `walhoard daemon`, streaming every site's WAL into its archive.
+//! - [`durable`]: files replaced atomically and renames that survive a crash (the bottom).
 //! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command).
 //! - [`restore`]: listing and restoring basebackups, and the restore_command.
 
@@ -12,6 +14,7 @@ pub mod basebackup;
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod durable;
 pub mod http;
 pub mod pipeline;
 pub mod postgres_command;

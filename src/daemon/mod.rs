@@ -273,7 +273,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = tick.tick() => {
                 let state = state_json(&generation.sites, startup_time);
                 if state != last_state {
-                    if let Err(e) = status::write_atomic(&config.json_state_file_path, &state) {
+                    if let Err(e) = crate::durable::write_atomic(&config.json_state_file_path, &state) {
                         tracing::warn!(path = %config.json_state_file_path.display(), error = %e, "cannot write the state file");
                     }
                     last_state = state;
@@ -285,7 +285,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     systemd::notify("STOPPING=1");
     let sites = generation.sites.clone();
     generation.shutdown().await;
-    let _ = status::write_atomic(
+    let _ = crate::durable::write_atomic(
         &config.json_state_file_path,
         &state_json(&sites, startup_time),
     );

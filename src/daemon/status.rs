@@ -2,7 +2,7 @@
 //! HTTP status endpoint and the alert files of pghoard's README.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -206,19 +206,6 @@ pub struct SiteState {
     pub basebackup: super::basebackups::BasebackupState,
 }
 
-/// Writes `content` to `path` atomically: a temp file in the same directory, then a rename,
-/// so a reader sees the old or the new file, never half of one.
-pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(d) = dir {
-        std::fs::create_dir_all(d)?;
-    }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Creates or removes pghoard-style alert files.
 #[derive(Debug, Clone)]
 pub struct Alerts {
@@ -232,7 +219,7 @@ impl Alerts {
             return;
         }
         let body = serde_json::json!({ "time": now_secs(), "detail": detail });
-        match write_atomic(&path, body.to_string().as_bytes()) {
+        match crate::durable::write_atomic(&path, body.to_string().as_bytes()) {
             Ok(()) => tracing::warn!(alert = %path.display(), "alert file created"),
             Err(e) => {
                 tracing::error!(alert = %path.display(), error = %e, "cannot write alert file")

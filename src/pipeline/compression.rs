@@ -206,7 +206,7 @@ impl<R: Read> Read for Decompressor<R> {
         r.map_err(|e| {
             let from_below = e.get_ref().is_some_and(|inner| {
                 inner.is::<super::encryption::EncryptionError>()
-                    || inner.is::<super::transfer::StoredHashMismatch>()
+                    || inner.is::<super::hash::StoredHashMismatch>()
             }) || !matches!(
                 e.kind(),
                 io::ErrorKind::InvalidData

@@ -3,6 +3,7 @@
 //! restore.
 
 use std::fmt;
+use std::io::{self, Read};
 use std::str::FromStr;
 
 use aws_lc_rs::digest;
@@ -89,6 +90,62 @@ impl Hasher {
             Inner::Lc(c) => hex::encode(c.finish()),
             Inner::Md5(c) => hex::encode(c.finalize()),
         }
+    }
+}
+
+/// The stored bytes of an object did not hash to its `_hash` metadata.
+#[derive(Debug)]
+pub struct StoredHashMismatch(String);
+
+impl std::fmt::Display for StoredHashMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoredHashMismatch {}
+
+/// Checks the stored bytes against rohmu's `_hash` metadata (the SHA-256 of the object as
+/// pghoard's local storage wrote it; rohmu's LocalTransfer records it, walhoard writes none),
+/// when they have been read to their end: an unencrypted pghoard object changed after it was
+/// written fails there, even where its compression has no checksum of its own.
+pub(crate) struct StoredSha256<R> {
+    inner: R,
+    hash: digest::Context,
+    expected: String,
+    checked: bool,
+}
+
+impl<R: Read> StoredSha256<R> {
+    pub(crate) fn new(inner: R, expected: &str) -> Self {
+        StoredSha256 {
+            inner,
+            hash: digest::Context::new(&digest::SHA256),
+            expected: expected.to_ascii_lowercase(),
+            checked: false,
+        }
+    }
+}
+
+impl<R: Read> Read for StoredSha256<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        if n > 0 {
+            self.hash.update(&out[..n]);
+        } else if !out.is_empty() && !self.checked {
+            self.checked = true;
+            let got = hex::encode(self.hash.clone().finish());
+            if got != self.expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    StoredHashMismatch(format!(
+                        "stored bytes have SHA-256 {got}, the _hash metadata says {}: the object was changed after it was written",
+                        self.expected
+                    )),
+                ));
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor, Decompressor};
 use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
-use super::hash::HashAlgorithm;
+use super::hash::{HashAlgorithm, StoredSha256};
 use super::pghoa1;
 use crate::storage::{Metadata, ObjectStore, StorageError, DIRECT_ALIGN};
 
@@ -175,62 +175,6 @@ impl Read for BlockingChannelReader {
         let n = out.len().min(self.current.len());
         out[..n].copy_from_slice(&self.current[..n]);
         let _ = self.current.split_to(n);
-        Ok(n)
-    }
-}
-
-/// The stored bytes of an object did not hash to its `_hash` metadata.
-#[derive(Debug)]
-pub struct StoredHashMismatch(String);
-
-impl std::fmt::Display for StoredHashMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for StoredHashMismatch {}
-
-/// Checks the stored bytes against rohmu's `_hash` metadata (the SHA-256 of the object as
-/// pghoard's local storage wrote it; rohmu's LocalTransfer records it, walhoard writes none),
-/// when they have been read to their end: an unencrypted pghoard object changed after it was
-/// written fails there, even where its compression has no checksum of its own.
-struct StoredSha256<R> {
-    inner: R,
-    hash: digest::Context,
-    expected: String,
-    checked: bool,
-}
-
-impl<R: Read> StoredSha256<R> {
-    fn new(inner: R, expected: &str) -> Self {
-        StoredSha256 {
-            inner,
-            hash: digest::Context::new(&digest::SHA256),
-            expected: expected.to_ascii_lowercase(),
-            checked: false,
-        }
-    }
-}
-
-impl<R: Read> Read for StoredSha256<R> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(out)?;
-        if n > 0 {
-            self.hash.update(&out[..n]);
-        } else if !out.is_empty() && !self.checked {
-            self.checked = true;
-            let got = hex::encode(self.hash.clone().finish());
-            if got != self.expected {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    StoredHashMismatch(format!(
-                        "stored bytes have SHA-256 {got}, the _hash metadata says {}: the object was changed after it was written",
-                        self.expected
-                    )),
-                ));
-            }
-        }
         Ok(n)
     }
 }

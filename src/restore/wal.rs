@@ -140,7 +140,7 @@ fn verify(name: &WalSegmentName, path: &Path, system_id: Option<u64>) -> anyhow:
 fn temp_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!(
         "{file}.{}{PREFETCH_SUFFIX}",
-        crate::storage::temp_name()
+        crate::durable::temp_name()
     ))
 }
 

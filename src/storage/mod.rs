@@ -274,18 +274,6 @@ impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
 /// prefix (sftp).
 const TEMP_DIR: &str = ".walhoard-tmp";
 
-/// A temporary file name no other write uses: process id, time and a counter, so that a file
-/// left by a crashed process whose id is reused does not collide.
-pub(crate) fn temp_name() -> String {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{}-{nanos}-{seq}", std::process::id())
-}
-
 /// A site's archive.
 #[derive(Clone)]
 pub struct ObjectStore {
@@ -522,7 +510,7 @@ impl ObjectStore {
         if !self.rename_into_place {
             return path.to_string();
         }
-        let tmp = format!("{TEMP_DIR}/{}", temp_name());
+        let tmp = format!("{TEMP_DIR}/{}", crate::durable::temp_name());
         if self.prefix.is_empty() {
             tmp
         } else {
@@ -546,15 +534,20 @@ impl ObjectStore {
         }
         // OpenDAL's fs writer renames its synced temporary file into place but does not sync
         // the directory: the object is not durable until that is done.
-        self.on_local(path, key, "sync the directory of", local::sync_parent)
-            .await
+        self.on_local(
+            path,
+            key,
+            "sync the directory of",
+            crate::durable::sync_parent,
+        )
+        .await
     }
 
     /// Creates the directories a local write to `path` needs, durably (OpenDAL would create
     /// them without syncing their parents).
     async fn local_dirs(&self, path: &str, key: &str) -> Result<(), StorageError> {
         self.on_local(path, key, "create the directory of", |p| match p.parent() {
-            Some(dir) => local::create_dir_all_durable(dir),
+            Some(dir) => crate::durable::create_dir_all_durable(dir),
             None => Ok(()),
         })
         .await

@@ -44,7 +44,7 @@ pub fn write_alert(dir: &Path, what: &str, failures: u32, err: &StorageError) {
         serde_json::json!({ "object": what, "failures": failures, "error": err.to_string() });
     let path = dir.join(UPLOAD_RETRIES_WARNING);
     // Atomically: a monitor (or a test) reading the file as it appears sees all of it.
-    if let Err(e) = crate::daemon::status::write_atomic(&path, body.to_string().as_bytes()) {
+    if let Err(e) = crate::durable::write_atomic(&path, body.to_string().as_bytes()) {
         tracing::error!(path = %path.display(), error = %e, "cannot write alert file");
     }
 }
