@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -43,8 +43,8 @@ use walhoard_protocol::WalSegmentName;
 
 use crate::config::Config;
 use crate::daemon::archiver::wal_key;
+use crate::daemon::sites::{daemon_state, Sites};
 use crate::daemon::status::now_secs;
-use crate::daemon::Sites;
 use crate::restore::wal::{restore_wal_file, WalFetchError};
 use crate::storage::retry::RetryPolicy;
 
@@ -250,8 +250,7 @@ async fn handle(req: Request<Incoming>, api: Api) -> Response<Full<Bytes>> {
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["status"]) => {
             let mut state =
-                serde_json::to_value(crate::daemon::daemon_state(sites, api.startup_time))
-                    .unwrap_or_default();
+                serde_json::to_value(daemon_state(sites, api.startup_time)).unwrap_or_default();
             if let Some(o) = state.as_object_mut() {
                 o.insert("http_restores".into(), api.restores.status());
             }
@@ -262,7 +261,7 @@ async fn handle(req: Request<Incoming>, api: Api) -> Response<Full<Bytes>> {
         (&Method::GET, [site, "archive", file]) => {
             let target = req
                 .headers()
-                .get(crate::postgres_command::TARGET_PATH_HEADER)
+                .get(crate::api_client::TARGET_PATH_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(std::path::PathBuf::from);
             restore(&api, site, file, target).await
@@ -375,7 +374,7 @@ async fn restore(
     let Some(handle) = api.sites.by_name.get(site) else {
         return err(StatusCode::NOT_FOUND, format!("no backup site {site:?}"));
     };
-    let header = crate::postgres_command::TARGET_PATH_HEADER;
+    let header = crate::api_client::TARGET_PATH_HEADER;
     let Some(target) = target else {
         return err(
             StatusCode::BAD_REQUEST,
@@ -453,49 +452,6 @@ async fn restore(
             format!("restore {file}: {e}"),
         ),
     }
-}
-
-/// Sends one request to the daemon; its status and body.
-pub async fn request(
-    host: &str,
-    port: u16,
-    method: Method,
-    path: &str,
-    headers: &[(&str, String)],
-) -> Result<(StatusCode, String)> {
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .with_context(|| {
-            format!("connect to the walhoard daemon at {host}:{port} (is it running?)")
-        })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake with the daemon")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, format!("{host}:{port}"));
-    for (k, v) in headers {
-        req = req.header(*k, v.as_str());
-    }
-    let req = req
-        .body(Empty::<bytes::Bytes>::new())
-        .context("build request")?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("HTTP request to the daemon")?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .context("read the daemon's answer")?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 //! - [`storage`]: object storage over OpenDAL, with retries and alert files.
 //! - [`daemon`]: `walhoard daemon`, streaming every site's WAL into its archive.
 //! - [`durable`]: files replaced atomically and renames that survive a crash (the bottom).
-//! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command).
+//! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command); its client
+//!   side, for the commands that talk to a daemon, is [`api_client`].
 //! - [`restore`]: listing and restoring basebackups, and the restore_command.
 
+pub mod api_client;
 pub mod basebackup;
 pub mod check;
 pub mod config;

@@ -249,7 +249,7 @@ async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
     }
     let (host, port) = (config.http_address.as_str(), config.http_port);
     if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
-        let (status, body) = walhoard::http::request(
+        let (status, body) = walhoard::api_client::request(
             host,
             port,
             hyper::Method::PUT,

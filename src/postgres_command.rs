@@ -21,17 +21,14 @@
 use anyhow::{bail, Context, Result};
 use hyper::{Method, StatusCode};
 
+use crate::api_client::{request, TARGET_PATH_HEADER};
 use crate::config::Config;
-use crate::http::request;
 use crate::restore::wal::{restore_wal_file, WalFetchError};
 use crate::restore::RestoreSite;
 
 pub const EXIT_FOUND: u8 = 0;
 pub const EXIT_NOT_FOUND: u8 = 1;
 pub const EXIT_FAILED: u8 = 255;
-
-/// Header of `GET /<site>/archive/<file>` naming where the daemon writes the file (pghoard's).
-pub const TARGET_PATH_HEADER: &str = "x-pghoard-target-path";
 
 /// The command line of `walhoard postgres-command`.
 #[derive(Debug, Clone)]

@@ -65,7 +65,7 @@ impl Api {
             .map(|t| (TARGET, t.display().to_string()))
             .into_iter()
             .collect();
-        walhoard::http::request(
+        walhoard::api_client::request(
             "127.0.0.1",
             self.d.http_port,
             Method::GET,
@@ -77,10 +77,15 @@ impl Api {
     }
 
     async fn status(&self) -> serde_json::Value {
-        let (status, body) =
-            walhoard::http::request("127.0.0.1", self.d.http_port, Method::GET, "/status", &[])
-                .await
-                .unwrap();
+        let (status, body) = walhoard::api_client::request(
+            "127.0.0.1",
+            self.d.http_port,
+            Method::GET,
+            "/status",
+            &[],
+        )
+        .await
+        .unwrap();
         assert_eq!(status, StatusCode::OK, "{body}");
         serde_json::from_str(&body).unwrap()
     }

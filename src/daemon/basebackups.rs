@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::WalSegmentName;
@@ -28,24 +27,10 @@ use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::{Config, SiteConfig};
 use crate::storage::ObjectStore;
 
-use super::status::now_secs;
+use super::status::{now_secs, BasebackupState};
 
 /// A request for a backup now; answered with its name or the error.
 pub type BackupRequest = oneshot::Sender<Result<String, String>>;
-
-/// What the state file shows of a site's basebackups.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct BasebackupState {
-    pub in_progress: Option<String>,
-    pub progress_bytes: u64,
-    /// BASE_BACKUP's estimate or the data directory's size; 0 when unknown.
-    pub progress_total_bytes: u64,
-    pub last_name: Option<String>,
-    pub last_end_time: Option<f64>,
-    pub last_error: Option<String>,
-    pub last_error_time: Option<f64>,
-    pub backups_listed: usize,
-}
 
 /// Shared between the scheduler and the status readers.
 #[derive(Debug, Default)]

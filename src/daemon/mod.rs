@@ -11,10 +11,10 @@ pub mod archiver;
 pub mod basebackups;
 pub mod identity;
 pub mod site;
+pub mod sites;
 pub mod status;
 pub mod systemd;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{BackupMode, Config, SiteConfig};
+use crate::config::{BackupMode, Config};
 use crate::settings::{
     compression_settings, hostname, retry_policy, transfer_threads, upload_encryption,
 };
@@ -37,27 +37,8 @@ use walhoard_walreceiver::SegmentBuffers;
 /// The most memory a site's receiver holds complete segments in while they are uploaded
 /// (`walreceiver::buffers`): 7 × 16 MiB with the default 5 uploads, none for 1 GiB segments.
 pub const SEGMENT_BUFFER_BYTES: usize = 256 << 20;
-use status::{now_secs, Alerts, DaemonState, SiteState, SiteStatus};
-
-/// The sites of a running daemon, as the HTTP API and the state file see them.
-#[derive(Clone, Default)]
-pub struct Sites {
-    pub by_name: BTreeMap<String, SiteHandle>,
-}
-
-/// What the rest of the daemon can reach of a site.
-#[derive(Clone)]
-pub struct SiteHandle {
-    pub config: SiteConfig,
-    pub upload: Arc<UploadContext>,
-    pub status: Arc<SiteStatus>,
-    pub basebackup: Arc<basebackups::BasebackupStatus>,
-    /// Asks the site's backup task for a backup now; `None` when the site cannot take any
-    /// (no node to connect to).
-    pub backup_requests: Option<tokio::sync::mpsc::Sender<basebackups::BackupRequest>>,
-    /// Segments the restore_command API prefetches (`restore_prefetch`).
-    pub restore_prefetch: usize,
-}
+pub use sites::{daemon_state, SiteHandle, Sites};
+use status::{now_secs, Alerts, SiteStatus};
 
 /// Opens a site's store and gathers what its uploads need.
 pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Result<UploadContext> {
@@ -211,27 +192,6 @@ impl Generation {
             self.abort.cancel();
             self.tracker.wait().await;
         }
-    }
-}
-
-/// The daemon's state, as the state file and `GET /status` show it.
-pub fn daemon_state(sites: &Sites, startup_time: f64) -> DaemonState {
-    DaemonState {
-        startup_time,
-        pid: std::process::id(),
-        backup_sites: sites
-            .by_name
-            .iter()
-            .map(|(n, s)| {
-                (
-                    n.clone(),
-                    SiteState {
-                        walreceiver: s.status.snapshot(),
-                        basebackup: s.basebackup.snapshot(),
-                    },
-                )
-            })
-            .collect(),
     }
 }
 

@@ -192,6 +192,20 @@ impl SiteStatus {
     }
 }
 
+/// What the state file shows of a site's basebackups.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BasebackupState {
+    pub in_progress: Option<String>,
+    pub progress_bytes: u64,
+    /// BASE_BACKUP's estimate or the data directory's size; 0 when unknown.
+    pub progress_total_bytes: u64,
+    pub last_name: Option<String>,
+    pub last_end_time: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_error_time: Option<f64>,
+    pub backups_listed: usize,
+}
+
 /// The state file's content.
 #[derive(Debug, Serialize)]
 pub struct DaemonState {
@@ -203,7 +217,7 @@ pub struct DaemonState {
 #[derive(Debug, Serialize)]
 pub struct SiteState {
     pub walreceiver: WalState,
-    pub basebackup: super::basebackups::BasebackupState,
+    pub basebackup: BasebackupState,
 }
 
 /// Creates or removes pghoard-style alert files.
