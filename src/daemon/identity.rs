@@ -71,7 +71,12 @@ pub async fn archive_identity(
     // The consumer hands the page out through this slot: a consumer that stops reading early
     // makes the transfer report a broken pipe, which is no failure here.
     let (page_tx, page_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
-    let result = download_with(store, &key, keys, move |_, r| {
+    // Only to compare an identifier, never to restore: an object stored without encryption in
+    // a site that encrypts (pghoard's archive before encryption was turned on) is read here.
+    // Someone who can write the bucket can at worst make the daemon refuse, which deleting the
+    // archive would do as well.
+    let keys = keys.clone().require_encrypted(false);
+    let result = download_with(store, &key, &keys, move |_, r| {
         let mut page = Vec::with_capacity(FIRST_PAGE);
         r.take(FIRST_PAGE as u64).read_to_end(&mut page)?;
         let _ = page_tx.send(page);
