@@ -104,11 +104,12 @@ pub(crate) fn synced_dirs() -> &'static std::sync::Mutex<Vec<std::path::PathBuf>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn synced_under(root: &Path) -> Vec<PathBuf> {
+    /// The directories synced below `root` (tests run in parallel: each looks at its own).
+    pub(crate) fn synced_under(root: &Path) -> Vec<PathBuf> {
         synced_dirs()
             .lock()
             .unwrap()

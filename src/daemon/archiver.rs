@@ -232,6 +232,15 @@ pub fn wal_overwrite_alert(site: &str) -> String {
     format!("wal_overwrite_{site}")
 }
 
+/// Whether the key of an upload may already hold an object, so it must be looked up first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyState {
+    /// Streamed past the resume point: the resume scan found the archive ends before it.
+    New,
+    /// Left by an earlier run, a `.history` or a timeline's `.partial`.
+    MayExist,
+}
+
 /// What the archive holds under a key the archiver is about to write.
 #[derive(Debug, PartialEq, Eq)]
 enum Existing {
@@ -412,7 +421,7 @@ impl Archiver {
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<(), Cancelled> {
-        self.archive_inner(name, path, data, end, tracker, cancel, false)
+        self.archive_inner(name, path, data, end, tracker, cancel, KeyState::New)
             .await
     }
 
@@ -432,7 +441,7 @@ impl Archiver {
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<(), Cancelled> {
-        self.archive_inner(name, path, data, end, tracker, cancel, true)
+        self.archive_inner(name, path, data, end, tracker, cancel, KeyState::MayExist)
             .await
     }
 
@@ -445,7 +454,7 @@ impl Archiver {
         end: Option<Lsn>,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
-        check_existing: bool,
+        key_state: KeyState,
     ) -> Result<(), Cancelled> {
         let permit = tokio::select! {
             _ = cancel.cancelled() => return Err(Cancelled),
@@ -460,7 +469,7 @@ impl Archiver {
             let started = std::time::Instant::now();
             let mut existing = Existing::Absent;
             let mut backoff = this.ctx.retry.initial_backoff;
-            if check_existing {
+            if key_state == KeyState::MayExist {
                 loop {
                     match this.existing(&key, &path, data.as_ref()).await {
                         Ok(e) => {

@@ -85,18 +85,7 @@ fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<File> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    fn synced_under(root: &Path) -> Vec<PathBuf> {
-        crate::durable::synced_dirs()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|d| d.starts_with(root))
-            .cloned()
-            .collect()
-    }
+    use crate::durable::tests::synced_under;
 
     /// Issue 14 item 17: an object (and its sidecar) renamed into place on local storage was
     /// not durable until its directory was synced, through either write path.
