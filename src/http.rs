@@ -343,7 +343,7 @@ async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>>
     };
     let started = std::time::Instant::now();
     let permit = handle.upload.upload_slots.clone().acquire_owned().await;
-    let result = handle.upload.upload(&policy, &key, &path, None).await;
+    let result = handle.upload.upload_retrying(&policy, &key, &path).await;
     drop(permit);
     match result {
         Ok(()) => {

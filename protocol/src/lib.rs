@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backoff;
 pub mod backup;
 pub mod conn;
 pub mod error;
@@ -35,6 +36,7 @@ mod tls;
 pub mod walname;
 pub mod xlog;
 
+pub use backoff::Backoff;
 pub use backup::{BaseBackupEvent, BaseBackupOptions, BaseBackupStream, TablespaceInfo};
 pub use conn::{Connection, QueryResult};
 pub use error::{Error, FormatError, Result, ServerError};

@@ -16,13 +16,13 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use walhoard_protocol::{Lsn, WalSegmentName};
+use walhoard_protocol::{Backoff, Lsn, WalSegmentName};
 use walhoard_walreceiver::SegmentBuffer;
 
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::{upload_bytes, upload_file, UploadEncryption};
-use crate::storage::retry::{with_retries, RetryPolicy};
+use crate::pipeline::transfer::{upload_bytes, upload_file, TransferError, UploadEncryption};
+use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{Metadata, ObjectStore, StorageError};
 
 use super::status::{Alerts, SiteStatus};
@@ -53,17 +53,18 @@ pub fn wal_key(name: &WalSegmentName) -> String {
 
 impl UploadContext {
     /// Uploads `path` (whose bytes `data` holds, when the receiver handed them on) as `key`
-    /// until it is stored or `cancel` fires. Transient storage errors
-    /// are retried by [`with_retries`] (with its alert file); anything else (refused
-    /// credentials, a missing bucket) is logged, recorded in the status and retried too, more
-    /// slowly: the WAL stays in the spool and in the slot until an operator fixes it.
-    /// Returns false when cancelled first.
+    /// until it is stored or `cancel` fires: the one retry loop of WAL uploads. Every failure
+    /// is retried, a transient one (a lost connection, a throttled store) as a warning, any
+    /// other (refused credentials, a missing bucket, a full disk) as an error recorded in the
+    /// status: the WAL stays in the spool and in the slot until the store takes it. Waits
+    /// follow the site's [`RetryPolicy`] ([`Backoff`]: capped, jittered). Returns false when
+    /// cancelled first.
     ///
-    /// These failures count towards `upload_retries_warning` as transient ones do (a full
-    /// archive disk raises it too), and the status' `last_error` they set is cleared once the
-    /// object is stored. While the store is out of space the wait is capped at
-    /// [`SPACE_MAX_BACKOFF`], and on local storage cut short as soon as a free-space probe
-    /// shows room for the object, so that catching up does not wait out a long backoff.
+    /// Failures count towards `upload_retries_warning` (a full archive disk raises it too),
+    /// which the next stored object removes, as does the status' `last_error`. While the store
+    /// is out of space the wait is capped at [`SPACE_MAX_BACKOFF`], and on local storage cut
+    /// short as soon as a free-space probe shows room for the object, so that catching up does
+    /// not wait out a long backoff.
     pub async fn upload_until_stored(
         &self,
         key: &str,
@@ -72,50 +73,57 @@ impl UploadContext {
         status: &SiteStatus,
         cancel: &CancellationToken,
     ) -> bool {
-        let mut backoff = self.retry.initial_backoff;
+        let mut backoff = Backoff::new(self.retry.initial_backoff, self.retry.max_backoff);
         let mut failures = 0u32;
         let mut alerted = false;
         let mut reported: Option<String> = None;
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return false,
-                r = self.upload(&self.retry, key, path, data) => r,
+                r = self.upload_once(key, path, data) => r,
             };
-            match result {
+            let e = match result {
                 Ok(()) => {
+                    clear_alert(&self.retry);
                     if let Some(e) = reported {
                         status.clear_error_if(&e);
                     }
+                    if failures > 0 {
+                        tracing::info!(site = %self.site, object = key, failures, "archived after retries");
+                    }
                     return true;
                 }
-                Err(e) => {
-                    failures += 1;
-                    let full = e.is_out_of_space();
-                    let wait = if full {
-                        backoff.min(SPACE_MAX_BACKOFF)
-                    } else {
-                        backoff
-                    };
-                    tracing::error!(site = %self.site, object = key, error = %e, retry_in = ?wait, "cannot archive; the WAL stays in the spool and the slot");
-                    let message = format!("archive {key}: {e}");
-                    status.set_error(message.clone());
-                    reported = Some(message);
-                    if failures >= self.retry.warning_limit && !alerted {
-                        if let Some(dir) = &self.retry.alert_dir {
-                            crate::storage::retry::write_alert(dir, key, failures, &e);
-                            alerted = true;
-                        }
-                    }
-                    let needed = match data {
-                        Some(d) => d.len() as u64,
-                        None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-                    };
-                    tokio::select! {
-                        _ = cancel.cancelled() => return false,
-                        _ = self.wait_to_retry(wait, full.then_some(needed)) => {}
-                    }
-                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                Err(e) => e,
+            };
+            failures += 1;
+            let full = e.is_out_of_space();
+            let wait = backoff.next_wait();
+            let wait = if full {
+                wait.min(SPACE_MAX_BACKOFF)
+            } else {
+                wait
+            };
+            if e.is_transient() {
+                tracing::warn!(site = %self.site, object = key, failures, error = %e, retry_in = ?wait, "transient storage error; the WAL stays in the spool and the slot");
+            } else {
+                tracing::error!(site = %self.site, object = key, failures, error = %e, retry_in = ?wait, "cannot archive; the WAL stays in the spool and the slot");
+                let message = format!("archive {key}: {e}");
+                status.set_error(message.clone());
+                reported = Some(message);
+            }
+            if failures >= self.retry.warning_limit && !alerted {
+                if let Some(dir) = &self.retry.alert_dir {
+                    write_alert(dir, key, failures, &e);
+                    alerted = true;
                 }
+            }
+            let needed = match data {
+                Some(d) => d.len() as u64,
+                None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = self.wait_to_retry(wait, full.then_some(needed)) => {}
             }
         }
     }
@@ -140,53 +148,51 @@ impl UploadContext {
         }
     }
 
-    /// Uploads `path` as `key` (from `data`, its bytes in memory, when given), retrying
-    /// transient storage errors as `policy` says.
-    pub async fn upload(
+    /// One attempt at storing `path` (or `data`, its bytes in memory) as `key`.
+    pub async fn upload_once(
+        &self,
+        key: &str,
+        path: &Path,
+        data: Option<&Arc<SegmentBuffer>>,
+    ) -> Result<(), TransferError> {
+        match data {
+            Some(d) => {
+                upload_bytes(
+                    &self.store,
+                    key,
+                    InMemory(d.clone()),
+                    self.compression,
+                    self.encryption.clone(),
+                    self.hash_algorithm,
+                    self.base_metadata.clone(),
+                )
+                .await
+            }
+            None => {
+                upload_file(
+                    &self.store,
+                    key,
+                    path,
+                    self.compression,
+                    self.encryption.clone(),
+                    self.hash_algorithm,
+                    self.base_metadata.clone(),
+                )
+                .await
+            }
+        }
+        .map(|_| ())
+    }
+
+    /// [`UploadContext::upload_once`] retried under `policy` while the failure is transient
+    /// (archive_command's uploads, which PostgreSQL retries itself after `max_attempts`).
+    pub async fn upload_retrying(
         &self,
         policy: &RetryPolicy,
         key: &str,
         path: &Path,
-        data: Option<&Arc<SegmentBuffer>>,
-    ) -> Result<(), StorageError> {
-        with_retries(policy, key, || async {
-            match data {
-                Some(d) => {
-                    upload_bytes(
-                        &self.store,
-                        key,
-                        InMemory(d.clone()),
-                        self.compression,
-                        self.encryption.clone(),
-                        self.hash_algorithm,
-                        self.base_metadata.clone(),
-                    )
-                    .await
-                }
-                None => {
-                    upload_file(
-                        &self.store,
-                        key,
-                        path,
-                        self.compression,
-                        self.encryption.clone(),
-                        self.hash_algorithm,
-                        self.base_metadata.clone(),
-                    )
-                    .await
-                }
-            }
-            .map(|_| ())
-            .map_err(|e| match e {
-                crate::pipeline::transfer::TransferError::Storage(s) => s,
-                other => StorageError::Io {
-                    action: "archive",
-                    key: key.to_string(),
-                    source: std::io::Error::other(other.to_string()),
-                },
-            })
-        })
-        .await
+    ) -> Result<(), TransferError> {
+        with_retries(policy, key, || self.upload_once(key, path, None)).await
     }
 }
 
@@ -468,7 +474,8 @@ impl Archiver {
             let key = wal_key(&name);
             let started = std::time::Instant::now();
             let mut existing = Existing::Absent;
-            let mut backoff = this.ctx.retry.initial_backoff;
+            let mut backoff =
+                Backoff::new(this.ctx.retry.initial_backoff, this.ctx.retry.max_backoff);
             if key_state == KeyState::MayExist {
                 loop {
                     match this.existing(&key, &path, data.as_ref()).await {
@@ -478,13 +485,13 @@ impl Archiver {
                         }
                         Err(e) => {
                             // Unknown is not absent: uploading now could overwrite.
-                            tracing::warn!(site = %this.ctx.site, object = %key, error = %e, retry_in = ?backoff, "cannot tell whether this is already archived; asking again before uploading");
+                            let wait = backoff.next_wait();
+                            tracing::warn!(site = %this.ctx.site, object = %key, error = %e, retry_in = ?wait, "cannot tell whether this is already archived; asking again before uploading");
                             this.status.set_error(format!("look up {key}: {e}"));
                             tokio::select! {
                                 _ = cancel.cancelled() => return,
-                                _ = tokio::time::sleep(backoff) => {}
+                                _ = tokio::time::sleep(wait) => {}
                             }
-                            backoff = (backoff * 2).min(this.ctx.retry.max_backoff);
                         }
                     }
                 }

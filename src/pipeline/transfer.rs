@@ -121,6 +121,21 @@ pub enum TransferError {
     Object { key: String, message: String },
 }
 
+impl TransferError {
+    /// The store has no room: retrying helps once space is freed, not sooner.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, TransferError::Storage(s) if s.is_out_of_space())
+    }
+}
+
+/// Only the store's own failures can pass by themselves; a local file that cannot be read or
+/// an object that does not decode stays so.
+impl crate::storage::retry::Transient for TransferError {
+    fn is_transient(&self) -> bool {
+        matches!(self, TransferError::Storage(s) if s.is_transient())
+    }
+}
+
 /// Sync writer side of the pipe: chunks go to the async side.
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,

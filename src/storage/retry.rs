@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncRead;
 
+use walhoard_protocol::Backoff;
+
 use super::{Metadata, ObjectStore, StorageError};
 
 /// Name of the alert file (pghoard's).
@@ -38,8 +40,21 @@ impl Default for RetryPolicy {
     }
 }
 
+/// An error that knows whether trying the same operation again can succeed (a lost
+/// connection, a throttled or unavailable service) or not without a change (refused
+/// credentials, a missing bucket, a full disk, a corrupt source).
+pub trait Transient: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for StorageError {
+    fn is_transient(&self) -> bool {
+        StorageError::is_transient(self)
+    }
+}
+
 /// Writes the `upload_retries_warning` alert file naming `what` and the last error.
-pub fn write_alert(dir: &Path, what: &str, failures: u32, err: &StorageError) {
+pub fn write_alert(dir: &Path, what: &str, failures: u32, err: &dyn std::fmt::Display) {
     let body =
         serde_json::json!({ "object": what, "failures": failures, "error": err.to_string() });
     let path = dir.join(UPLOAD_RETRIES_WARNING);
@@ -49,34 +64,35 @@ pub fn write_alert(dir: &Path, what: &str, failures: u32, err: &StorageError) {
     }
 }
 
+/// Removes the `upload_retries_warning` alert after a success, whoever raised it (another
+/// object, or an earlier run of the daemon): the store works again.
+pub fn clear_alert(policy: &RetryPolicy) {
+    if let Some(path) = policy
+        .alert_dir
+        .as_ref()
+        .map(|d| d.join(UPLOAD_RETRIES_WARNING))
+    {
+        if path.exists() && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(alert = %path.display(), "upload_retries_warning removed: uploads succeed again");
+        }
+    }
+}
+
 /// Runs `op` until it succeeds, a permanent error occurs, or `max_attempts` is reached.
 /// `what` names the object in logs and the alert file.
-pub async fn with_retries<T, F, Fut>(
-    policy: &RetryPolicy,
-    what: &str,
-    mut op: F,
-) -> Result<T, StorageError>
+pub async fn with_retries<T, E, F, Fut>(policy: &RetryPolicy, what: &str, mut op: F) -> Result<T, E>
 where
+    E: Transient,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StorageError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut failures = 0u32;
     let mut alerted = false;
-    let mut backoff = policy.initial_backoff;
+    let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
     loop {
         match op().await {
             Ok(v) => {
-                // Any success clears the alert, whoever raised it (another object, or an
-                // earlier run of the daemon): the store works again.
-                if let Some(path) = policy
-                    .alert_dir
-                    .as_ref()
-                    .map(|d| d.join(UPLOAD_RETRIES_WARNING))
-                {
-                    if (alerted || path.exists()) && std::fs::remove_file(&path).is_ok() {
-                        tracing::info!(alert = %path.display(), "upload_retries_warning removed: uploads succeed again");
-                    }
-                }
+                clear_alert(policy);
                 if failures > 0 {
                     tracing::info!(object = what, failures, "transfer succeeded after retries");
                 }
@@ -87,15 +103,15 @@ where
                 if policy.max_attempts.is_some_and(|m| failures >= m) {
                     return Err(e);
                 }
-                tracing::warn!(object = what, failures, error = %e, retry_in = ?backoff, "transient storage error");
+                let wait = backoff.next_wait();
+                tracing::warn!(object = what, failures, error = %e, retry_in = ?wait, "transient storage error");
                 if failures >= policy.warning_limit && !alerted {
                     if let Some(dir) = &policy.alert_dir {
                         write_alert(dir, what, failures, &e);
                         alerted = true;
                     }
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(policy.max_backoff);
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e),
         }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::{
-    Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent, ReplicationStream,
-    SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
+    Backoff, Error as PgError, Lsn, PageExpectation, ReplicationClient, ReplicationEvent,
+    ReplicationStream, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
 
 use crate::incoming::{sync_spool, Incoming};
@@ -48,7 +48,8 @@ pub async fn run(
         durable: true,
         seg: SegmentSize::DEFAULT,
     };
-    let mut backoff = state.cfg.reconnect_min;
+    let mut backoff = Backoff::new(state.cfg.reconnect_min, state.cfg.reconnect_max);
+    let mut wait = backoff.next_wait();
     loop {
         if state.cancel.is_cancelled() {
             return Ok(());
@@ -62,7 +63,8 @@ pub async fn run(
         let e = match state.session().await {
             Ok(SessionEnd::Cancelled) => return Ok(()),
             Ok(SessionEnd::Paused) => {
-                backoff = state.cfg.reconnect_min;
+                backoff.reset();
+                wait = backoff.next_wait();
                 continue;
             }
             Err(ReceiverError::EventsClosed) => return Err(ReceiverError::EventsClosed),
@@ -74,18 +76,19 @@ pub async fn run(
             ReceiverError::Pg(pg) => {
                 // A session that completed a segment made progress: retry quickly again.
                 if state.next != before {
-                    backoff = state.cfg.reconnect_min;
+                    backoff.reset();
+                    wait = backoff.next_wait();
                 }
                 if matches!(pg, PgError::Protocol(_)) {
                     // The server broke the protocol (or is not what it claims): worth more
                     // than a warning, although a reconnect may find it sane again.
-                    tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "protocol violation by the server");
+                    tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?wait, "protocol violation by the server");
                 } else {
-                    tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "replication connection failed");
+                    tracing::warn!(slot = %state.cfg.slot, error = %e, retry_in = ?wait, "replication connection failed");
                 }
             }
             _ => {
-                tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?backoff, "WAL receiving failed");
+                tracing::error!(slot = %state.cfg.slot, error = %e, retry_in = ?wait, "WAL receiving failed");
             }
         }
         let ev = ReceiverEvent::Disconnected {
@@ -99,9 +102,9 @@ pub async fn run(
             .map_err(|_| ReceiverError::EventsClosed)?;
         tokio::select! {
             _ = state.cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(state.cfg.reconnect_max);
+        wait = backoff.next_wait();
     }
 }
 
