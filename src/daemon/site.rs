@@ -194,7 +194,7 @@ impl SiteWal {
                         break;
                     }
                     seg_size = Some(s);
-                    self.status.set_connected(true, Some(server_tli.get()));
+                    self.status.set_connected(true, Some(server_tli));
                     for a in [
                         AUTHENTICATION_ERROR,
                         CONFIGURATION_ERROR,

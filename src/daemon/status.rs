@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use walhoard_protocol::{Lsn, WalSegmentName};
+use walhoard_protocol::{Lsn, TimelineId, WalSegmentName};
 
 /// pghoard's alert file names.
 pub const AUTHENTICATION_ERROR: &str = "authentication_error";
@@ -108,16 +108,16 @@ impl SiteStatus {
         self.with(|i| i.wal.clone())
     }
 
-    pub fn set_connected(&self, connected: bool, server_timeline: Option<u32>) {
+    pub fn set_connected(&self, connected: bool, server_timeline: Option<TimelineId>) {
         self.with(|i| {
             i.wal.connected = connected;
-            if server_timeline.is_some() {
-                i.wal.server_timeline = server_timeline;
+            if let Some(t) = server_timeline {
+                i.wal.server_timeline = Some(t.get());
             }
         });
     }
 
-    pub fn set_positions(&self, received: Lsn, reported_flush: Lsn, timeline: u32) {
+    pub fn set_positions(&self, received: Lsn, reported_flush: Lsn, timeline: Option<TimelineId>) {
         self.with(|i| {
             if received != i.received {
                 i.wal.last_activity_time = Some(now_secs());
@@ -125,8 +125,8 @@ impl SiteStatus {
             i.received = received;
             i.wal.received_lsn = Some(received.to_string());
             i.wal.reported_flush_lsn = Some(reported_flush.to_string());
-            if timeline != 0 {
-                i.wal.timeline = Some(timeline);
+            if let Some(t) = timeline {
+                i.wal.timeline = Some(t.get());
             }
             Self::lag(i);
         });

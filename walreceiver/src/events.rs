@@ -105,8 +105,8 @@ pub struct ReceiverPositions {
     /// archive lacks, never beyond that segment's last byte; so the slot never releases WAL
     /// the archive does not hold.
     pub reported_flush_lsn: Lsn,
-    /// The timeline being received (0 before the first connection).
-    pub timeline: u32,
+    /// The timeline being received (none before the first connection).
+    pub timeline: Option<TimelineId>,
 }
 
 #[cfg(test)]

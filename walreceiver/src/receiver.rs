@@ -181,7 +181,7 @@ impl Session {
         self.positions.send_replace(ReceiverPositions {
             received_lsn: received,
             reported_flush_lsn: flush,
-            timeline: tli.get(),
+            timeline: Some(tli),
         });
         StandbyStatus::now(received, flush)
     }
