@@ -64,10 +64,8 @@ enum Command {
     /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
     /// (PostgreSQL: end of archive), 255 on any other failure (PostgreSQL stops recovery).
     PostgresCommand {
-        /// `archive` (hand a WAL file to the daemon; exit 0 once it is in the archive) or
-        /// `restore` (fetch a WAL file into --output).
-        #[arg(long)]
-        mode: String,
+        #[arg(long, value_enum)]
+        mode: walhoard::postgres_command::Mode,
         #[arg(long)]
         site: String,
         /// The WAL file name (%f).

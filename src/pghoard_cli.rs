@@ -185,8 +185,8 @@ struct PostgresCommandFlags {
     xlog: String,
     #[arg(long)]
     output: Option<OsString>,
-    #[arg(long, value_parser = ["archive", "restore"])]
-    mode: String,
+    #[arg(long, value_enum)]
+    mode: walhoard::postgres_command::Mode,
     /// walhoard's own addition: read the object store with this configuration (no daemon).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -439,7 +439,7 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
     let mut v: Vec<OsString> = vec![
         "postgres-command".into(),
         "--mode".into(),
-        f.mode.into(),
+        f.mode.name().into(),
         "--site".into(),
         f.site.into(),
         "--xlog".into(),

@@ -30,10 +30,29 @@ pub const EXIT_FOUND: u8 = 0;
 pub const EXIT_NOT_FOUND: u8 = 1;
 pub const EXIT_FAILED: u8 = 255;
 
+/// What `postgres-command` does (pghoard's `--mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// archive_command: hand `pg_wal/<xlog>` to the daemon; 0 once it is in the archive.
+    Archive,
+    /// restore_command: fetch `<xlog>` into `--output`; 0, 1 (not in the archive) or 255.
+    Restore,
+}
+
+impl Mode {
+    /// pghoard's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Archive => "archive",
+            Mode::Restore => "restore",
+        }
+    }
+}
+
 /// The command line of `walhoard postgres-command`.
 #[derive(Debug, Clone)]
 pub struct CommandArgs {
-    pub mode: String,
+    pub mode: Mode,
     pub site: String,
     pub xlog: String,
     /// %p (restore mode).
@@ -45,12 +64,12 @@ pub struct CommandArgs {
 
 /// Runs the command; returns the process exit code (errors are printed here).
 pub async fn run(req: &CommandArgs) -> u8 {
-    match req.mode.as_str() {
-        "restore" => {
+    match req.mode {
+        Mode::Restore => {
             let args = req.clone();
             restore_exit_code(&req.xlog, async move { restore(&args).await }).await
         }
-        _ => match archive(req).await {
+        Mode::Archive => match archive(req).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("walhoard: {e:#}");
@@ -171,9 +190,6 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
 }
 
 async fn archive(req: &CommandArgs) -> Result<()> {
-    if req.mode != "archive" {
-        bail!("--mode {:?} is not supported (archive, restore)", req.mode);
-    }
     check_name(&req.xlog)?;
     let cfg = req.config.as_deref().map(Config::load).transpose()?;
     let (host, port) = daemon_address(req, cfg.as_ref());
