@@ -30,7 +30,9 @@ use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
 use crate::pipeline::compression::CompressionSettings;
-use crate::pipeline::transfer::{upload_produced, upload_produced_as, UploadEncryption, Uploaded};
+use crate::pipeline::transfer::{
+    upload_produced, upload_produced_as, Input, UploadEncryption, Uploaded,
+};
 use crate::storage::{Metadata, ObjectStore};
 
 /// A backup that is stored and listed.
@@ -160,7 +162,7 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, false, None, produce).await
+        self.store_chunk(file, Input::Plain, None, produce).await
     }
 
     /// [`BackupContext::upload_chunk`] with `format` in the chunk's own object metadata.
@@ -176,7 +178,8 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, false, Some(format), produce).await
+        self.store_chunk(file, Input::Plain, Some(format), produce)
+            .await
     }
 
     /// [`BackupContext::upload_chunk`] for bytes that are a stream of the site's compression
@@ -189,13 +192,14 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, true, None, produce).await
+        self.store_chunk(file, Input::Compressed, None, produce)
+            .await
     }
 
     async fn store_chunk<F>(
         &self,
         file: &str,
-        precompressed: bool,
+        input: Input,
         format: Option<&str>,
         produce: F,
     ) -> Result<(String, Uploaded)>
@@ -216,7 +220,7 @@ impl BackupContext {
             &self.store,
             &key,
             self.compression,
-            precompressed,
+            input,
             self.encryption.clone(),
             metadata,
             produce,

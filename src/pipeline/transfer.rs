@@ -269,10 +269,10 @@ pub async fn upload_file(
         store,
         key,
         compression,
-        false,
+        Input::Plain,
         encryption,
         metadata,
-        false,
+        Digest::Recorded,
         move |w| {
             let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
             let size = io::copy(&mut input, w)?;
@@ -286,7 +286,7 @@ pub async fn upload_file(
         },
     )
     .await?;
-    Ok(uploaded.3)
+    Ok(uploaded.metadata)
 }
 
 /// Compresses (and encrypts) `data`, a whole file already in memory (a WAL segment the
@@ -360,14 +360,14 @@ where
         store,
         key,
         compression,
-        false,
+        Input::Plain,
         encryption,
         metadata,
-        false,
+        Digest::Recorded,
         move |w| w.write_all((*data).as_ref()),
     )
     .await?;
-    Ok(uploaded.3)
+    Ok(uploaded.metadata)
 }
 
 /// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
@@ -459,7 +459,7 @@ where
         store,
         key,
         compression,
-        false,
+        Input::Plain,
         encryption,
         metadata,
         produce,
@@ -467,16 +467,13 @@ where
     .await
 }
 
-/// [`upload_produced`], or with `precompressed` for bytes that are already a
-/// `compression.algorithm` stream (a server-compressed BASE_BACKUP archive): those are
-/// encrypted and stored as they are, and the object is labelled with the algorithm so that
-/// restore decompresses it; the returned `plain_size` and `sha1` are then those of the bytes
-/// `produce` wrote (the compressed stream).
+/// [`upload_produced`] for `input` ([`Input::Compressed`]: the returned `plain_size` and
+/// `sha1` are then those of the bytes `produce` wrote, the compressed stream).
 pub async fn upload_produced_as<F>(
     store: &ObjectStore,
     key: &str,
     compression: CompressionSettings,
-    precompressed: bool,
+    input: Input,
     encryption: Option<UploadEncryption>,
     metadata: Metadata,
     produce: F,
@@ -484,39 +481,66 @@ pub async fn upload_produced_as<F>(
 where
     F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
 {
-    let (plain_size, stored_size, sha1, metadata) = upload_stream(
+    let streamed = upload_stream(
         store,
         key,
         compression,
-        precompressed,
+        input,
         encryption,
         metadata,
-        true,
+        Digest::Sha1,
         produce,
     )
     .await?;
     Ok(Uploaded {
-        plain_size,
-        stored_size,
+        plain_size: streamed.plain_size,
+        stored_size: streamed.stored_size,
         // Asked for above, so always there.
-        sha1: sha1.unwrap_or_default(),
-        metadata,
+        sha1: streamed.sha1.unwrap_or_default(),
+        metadata: streamed.metadata,
     })
 }
 
-/// [`upload_produced`], hashing the plain bytes (SHA-1) only when `hash_plain`. Returns plain
-/// size, stored size, the hash and the metadata stored.
+/// What the bytes an upload is given are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// Plain bytes: compressed with the site's settings on the way.
+    Plain,
+    /// A `compression.algorithm` stream already (a server-compressed BASE_BACKUP archive):
+    /// encrypted and stored as it is, labelled so that restore decompresses it.
+    Compressed,
+}
+
+/// Whether an upload hashes the bytes it is given on their way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Digest {
+    /// SHA-1 of the bytes, returned (a basebackup chunk's control-object entry).
+    Sha1,
+    /// Not again: the caller recorded the hash in the metadata already (WAL).
+    Recorded,
+}
+
+/// What [`upload_stream`] stored.
+struct Streamed {
+    plain_size: u64,
+    stored_size: u64,
+    /// With [`Digest::Sha1`].
+    sha1: Option<String>,
+    metadata: Metadata,
+}
+
+/// [`upload_produced`], hashing the plain bytes as `digest` says.
 #[allow(clippy::too_many_arguments)]
 async fn upload_stream<F>(
     store: &ObjectStore,
     key: &str,
     compression: CompressionSettings,
-    precompressed: bool,
+    input: Input,
     encryption: Option<UploadEncryption>,
     mut metadata: Metadata,
-    hash_plain: bool,
+    hashing: Digest,
     produce: F,
-) -> Result<(u64, u64, Option<String>, Metadata), TransferError>
+) -> Result<Streamed, TransferError>
 where
     F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
 {
@@ -534,7 +558,7 @@ where
             let run = |c: &mut dyn Write| -> io::Result<(u64, Option<String>)> {
                 let mut h = Hashing {
                     inner: c,
-                    hash: hash_plain
+                    hash: (hashing == Digest::Sha1)
                         .then(|| digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY)),
                     size: 0,
                 };
@@ -549,11 +573,11 @@ where
             fn compressed<W: Write>(
                 w: W,
                 compression: &CompressionSettings,
-                precompressed: bool,
+                input: Input,
                 encrypted: bool,
                 run: impl FnOnce(&mut dyn Write) -> io::Result<(u64, Option<String>)>,
             ) -> io::Result<((u64, Option<String>), W)> {
-                if precompressed {
+                if input == Input::Compressed {
                     let mut w = w;
                     let out = run(&mut w)?;
                     return Ok((out, w));
@@ -565,11 +589,10 @@ where
             let (out, mut sink) = match enc {
                 Some(e) => {
                     let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
-                    let (out, encryptor) =
-                        compressed(encryptor, &compression, precompressed, true, run)?;
+                    let (out, encryptor) = compressed(encryptor, &compression, input, true, run)?;
                     (out, encryptor.finish()?)
                 }
-                None => compressed(sink, &compression, precompressed, false, run)?,
+                None => compressed(sink, &compression, input, false, run)?,
             };
             sink.flush()?;
             Ok(out)
@@ -587,7 +610,12 @@ where
         message: format!("producer thread failed: {e}"),
     })?;
     match (stored, produced) {
-        (Ok(stored_size), Ok((plain_size, sha1))) => Ok((plain_size, stored_size, sha1, metadata)),
+        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Streamed {
+            plain_size,
+            stored_size,
+            sha1,
+            metadata,
+        }),
         (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
         (_, Err(e)) => Err(TransferError::Object {
             key: key.into(),
