@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use walhoard_protocol::{SegmentId, WalSegmentName};
 
+use crate::storage::meta;
 use crate::storage::{Metadata, ObjectInfo, ObjectStore};
 
 /// How long a chunk directory without a control object must have been left unwritten before
@@ -145,12 +146,12 @@ pub fn classify(file: &str, metadata: &std::result::Result<Metadata, String>) ->
             )
         }
     };
-    if m.get("backup-name").map(String::as_str) == Some(file) {
+    if m.get(meta::BACKUP_NAME).map(String::as_str) == Some(file) {
         return (name, Writer::Walhoard);
     }
-    match m.get("format") {
+    match m.get(meta::FORMAT) {
         Some(f) if PGHOARD_FORMATS.contains(&f.as_str()) => (name, Writer::Pghoard),
-        None if m.contains_key("start-wal-segment") => (name, Writer::Pghoard),
+        None if m.contains_key(meta::START_WAL_SEGMENT) => (name, Writer::Pghoard),
         Some(f) => (
             name,
             Writer::Unrecognised(format!(
@@ -188,12 +189,12 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
         let metadata = store.metadata(&o.key).await.map_err(|e| e.to_string());
         let (name, writer) = classify(file, &metadata);
         let m = metadata.unwrap_or_default();
-        let start_wal_segment = m.get("start-wal-segment").cloned();
+        let start_wal_segment = m.get(meta::START_WAL_SEGMENT).cloned();
         controls.push(Control {
             key: o.key.clone(),
             name,
             writer,
-            start_time: m.get("start-time").and_then(|t| parse_time(t)),
+            start_time: m.get(meta::START_TIME).and_then(|t| parse_time(t)),
             modified: o.last_modified,
             start_segment: start_wal_segment
                 .as_deref()
@@ -258,7 +259,7 @@ async fn unlisted_state(
             )));
         }
         match store.metadata(&o.key).await {
-            Ok(m) if m.get("backup-name").map(String::as_str) == Some(name) => {}
+            Ok(m) if m.get(meta::BACKUP_NAME).map(String::as_str) == Some(name) => {}
             Ok(_) => {
                 return Ok(ChunkDirState::Foreign(format!(
                     "{} lacks walhoard's backup-name metadata (pghoard's or another tool's?)",

@@ -33,6 +33,7 @@ use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::transfer::{
     upload_produced, upload_produced_as, Input, UploadEncryption, Uploaded,
 };
+use crate::storage::meta;
 use crate::storage::{Metadata, ObjectStore};
 
 /// A backup that is stored and listed.
@@ -152,8 +153,8 @@ impl BackupContext {
     /// Metadata every object of this backup carries.
     fn base_metadata(&self) -> Metadata {
         let mut m = Metadata::new();
-        m.insert("host".into(), self.host.clone());
-        m.insert("backup-name".into(), self.name.clone());
+        m.insert(meta::HOST.into(), self.host.clone());
+        m.insert(meta::BACKUP_NAME.into(), self.name.clone());
         m
     }
 
@@ -214,7 +215,7 @@ impl BackupContext {
         }
         let mut metadata = self.base_metadata();
         if let Some(format) = format {
-            metadata.insert("format".into(), format.into());
+            metadata.insert(meta::FORMAT.into(), format.into());
         }
         let uploaded = upload_produced_as(
             &self.store,
@@ -251,22 +252,25 @@ impl BackupContext {
         ));
         let mut m = self.base_metadata();
         for (k, v) in [
-            ("format", meta.format.clone()),
-            ("start-wal-segment", meta.backup_start_wal_segment.clone()),
-            ("start-time", meta.backup_start_time.clone()),
-            ("end-wal-segment", meta.backup_end_wal_segment.clone()),
-            ("end-time", meta.backup_end_time.clone()),
-            ("start-lsn", meta.start_lsn.clone()),
-            ("end-lsn", meta.end_lsn.clone()),
-            ("start-timeline", meta.start_timeline.to_string()),
-            ("pg-version", meta.pg_version.to_string()),
-            ("original-file-size", body.len().to_string()),
-            ("hash", hash),
-            ("hash-algorithm", "sha1".into()),
-            ("total-size-plain", meta.total_size_plain.to_string()),
-            ("total-size-enc", meta.total_size_enc.to_string()),
-            ("basebackup-mode", meta.basebackup_mode.clone()),
-            ("active-backup-mode", meta.active_backup_mode.clone()),
+            (meta::FORMAT, meta.format.clone()),
+            (
+                meta::START_WAL_SEGMENT,
+                meta.backup_start_wal_segment.clone(),
+            ),
+            (meta::START_TIME, meta.backup_start_time.clone()),
+            (meta::END_WAL_SEGMENT, meta.backup_end_wal_segment.clone()),
+            (meta::END_TIME, meta.backup_end_time.clone()),
+            (meta::START_LSN, meta.start_lsn.clone()),
+            (meta::END_LSN, meta.end_lsn.clone()),
+            (meta::START_TIMELINE, meta.start_timeline.to_string()),
+            (meta::PG_VERSION, meta.pg_version.to_string()),
+            (meta::ORIGINAL_FILE_SIZE, body.len().to_string()),
+            (meta::HASH, hash),
+            (meta::HASH_ALGORITHM, "sha1".into()),
+            (meta::TOTAL_SIZE_PLAIN, meta.total_size_plain.to_string()),
+            (meta::TOTAL_SIZE_ENC, meta.total_size_enc.to_string()),
+            (meta::BASEBACKUP_MODE, meta.basebackup_mode.clone()),
+            (meta::ACTIVE_BACKUP_MODE, meta.active_backup_mode.clone()),
         ] {
             m.insert(k.into(), v);
         }

@@ -22,6 +22,7 @@ use walhoard_walreceiver::SegmentBuffer;
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{upload_bytes, upload_file, TransferError, UploadEncryption};
+use crate::storage::meta;
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{Metadata, ObjectStore, StorageError};
 
@@ -322,7 +323,8 @@ impl Archiver {
             Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
             Err(e) => return Err(e.to_string()),
         };
-        let (Some(hash), Some(algorithm)) = (stored.get("hash"), stored.get("hash-algorithm"))
+        let (Some(hash), Some(algorithm)) =
+            (stored.get(meta::HASH), stored.get(meta::HASH_ALGORITHM))
         else {
             return Ok(Existing::Different(
                 "it records no hash to compare with".into(),
@@ -637,9 +639,9 @@ mod tests {
         let mut h = HashAlgorithm::Sha1.hasher();
         h.update(&theirs);
         let mut meta = Metadata::new();
-        meta.insert("hash".into(), h.finish_hex());
-        meta.insert("hash-algorithm".into(), "sha1".into());
-        meta.insert("compression-algorithm".into(), "none".into());
+        meta.insert(meta::HASH.into(), h.finish_hex());
+        meta.insert(meta::HASH_ALGORITHM.into(), "sha1".into());
+        meta.insert(meta::COMPRESSION_ALGORITHM.into(), "none".into());
         let key1 = "xlog/000000010000000000000001";
         store.put_bytes(key1, b"their object", &meta).await.unwrap();
         let ours: WalSegmentName = "000000010000000000000001".parse().unwrap();

@@ -25,6 +25,7 @@ use walhoard_protocol::WalSegmentName;
 use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::{Config, SiteConfig};
+use crate::storage::meta;
 use crate::storage::ObjectStore;
 
 use super::status::{now_secs, BasebackupState};
@@ -133,7 +134,7 @@ async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
 async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
     for o in store.list(&format!("basebackup_chunk/{name}")).await? {
         match store.metadata(&o.key).await {
-            Ok(m) if m.get("backup-name").map(String::as_str) == Some(name) => {
+            Ok(m) if m.get(meta::BACKUP_NAME).map(String::as_str) == Some(name) => {
                 store.delete(&o.key).await?;
             }
             Ok(_) => {

@@ -29,6 +29,7 @@ use crate::config::{BackupMode, Config};
 use crate::settings::{
     compression_settings, hostname, retry_policy, transfer_threads, upload_encryption,
 };
+use crate::storage::meta;
 use crate::storage::Metadata;
 
 use archiver::UploadContext;
@@ -48,7 +49,7 @@ pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Res
         .with_context(|| format!("no backup site {name:?} in the configuration"))?;
     let store = crate::settings::open_store(config, name)?;
     let mut base_metadata = Metadata::new();
-    base_metadata.insert("host".into(), hostname());
+    base_metadata.insert(meta::HOST.into(), hostname());
     Ok(UploadContext {
         site: name.to_string(),
         store,

@@ -14,6 +14,7 @@ use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compress
 use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
 use super::hash::{HashAlgorithm, StoredSha256};
 use super::pghoa1;
+use crate::storage::meta;
 use crate::storage::{Metadata, ObjectStore, StorageError, DIRECT_ALIGN};
 
 const QUEUE_CHUNKS: usize = 4;
@@ -209,20 +210,20 @@ fn record_codec(
     encryption: Option<&UploadEncryption>,
 ) {
     metadata.insert(
-        "compression-algorithm".into(),
+        meta::COMPRESSION_ALGORITHM.into(),
         compression.algorithm.name().into(),
     );
     if let Some(e) = encryption {
-        metadata.insert("encryption-key-id".into(), e.key_id.clone());
-        metadata.insert("encryption-format".into(), "walhenc1".into());
+        metadata.insert(meta::ENCRYPTION_KEY_ID.into(), e.key_id.clone());
+        metadata.insert(meta::ENCRYPTION_FORMAT.into(), "walhenc1".into());
     }
 }
 
 /// pghoard's metadata of the plaintext: `original-file-size`, `hash`, `hash-algorithm`.
 fn record_plain(metadata: &mut Metadata, size: u64, hash: String, algorithm: HashAlgorithm) {
-    metadata.insert("original-file-size".into(), size.to_string());
-    metadata.insert("hash".into(), hash);
-    metadata.insert("hash-algorithm".into(), algorithm.name().into());
+    metadata.insert(meta::ORIGINAL_FILE_SIZE.into(), size.to_string());
+    metadata.insert(meta::HASH.into(), hash);
+    metadata.insert(meta::HASH_ALGORITHM.into(), algorithm.name().into());
 }
 
 /// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
@@ -649,11 +650,11 @@ where
         message: m,
     };
     let algorithm: Algorithm = metadata
-        .get("compression-algorithm")
+        .get(meta::COMPRESSION_ALGORITHM)
         .ok_or_else(|| bad("no compression-algorithm metadata".into()))?
         .parse()
         .map_err(bad)?;
-    let encrypted = metadata.contains_key("encryption-key-id");
+    let encrypted = metadata.contains_key(meta::ENCRYPTION_KEY_ID);
     if !encrypted && keys.requires_encrypted() {
         // A downgrade: whoever can write the bucket can store plaintext with a sidecar that
         // simply omits the key id, and it would be restored as if it were ours.
@@ -689,7 +690,7 @@ where
             decrypting(input, &meta2, &keys, reread)?
         } else {
             drop(reread);
-            match meta2.get("_hash") {
+            match meta2.get(meta::STORED_SHA256) {
                 Some(expected) => Box::new(StoredSha256::new(input, expected)),
                 None => Box::new(input),
             }
@@ -745,7 +746,7 @@ fn decrypting<R: Read + 'static>(
     let head = &head[..n];
     let m = n.min(pghoa1::MAGIC.len());
     let labelled_walhenc1 =
-        metadata.get("encryption-format").map(String::as_str) == Some("walhenc1");
+        metadata.get(meta::ENCRYPTION_FORMAT).map(String::as_str) == Some("walhenc1");
     let is_pghoa1 = head[..m] == pghoa1::MAGIC[..m] && !(n == 0 && labelled_walhenc1);
     if !is_pghoa1 {
         return Ok(Box::new(Decryptor::new(
@@ -759,7 +760,7 @@ fn decrypting<R: Read + 'static>(
             "labelled encryption-format walhenc1 but holds a pghoard pghoa1 object",
         ));
     }
-    let key_id = metadata.get("encryption-key-id").map(String::as_str);
+    let key_id = metadata.get(meta::ENCRYPTION_KEY_ID).map(String::as_str);
     let private = pghoa1::key_for(keys, key_id)?;
     match pghoa1::verify(head, input, private, key_id.unwrap_or_default())? {
         None => Ok(Box::new(io::empty())),
@@ -772,7 +773,7 @@ fn decrypting<R: Read + 'static>(
 /// is absent: objects from before pghoard's setting). Call it before anything is renamed
 /// where it is used. Returns the size.
 pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) -> io::Result<u64> {
-    let hash_algorithm: HashAlgorithm = match metadata.get("hash-algorithm") {
+    let hash_algorithm: HashAlgorithm = match metadata.get(meta::HASH_ALGORITHM) {
         Some(name) => name
             .parse()
             .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))?,
@@ -794,7 +795,7 @@ pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) 
     }
     out.flush()?;
     let expect_size: Option<u64> = metadata
-        .get("original-file-size")
+        .get(meta::ORIGINAL_FILE_SIZE)
         .and_then(|s| s.parse().ok());
     if let Some(expect) = expect_size.filter(|s| *s != size) {
         return Err(io::Error::new(
@@ -804,7 +805,7 @@ pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) 
     }
     let hash = hash.finish_hex();
     if let Some(recorded) = metadata
-        .get("hash")
+        .get(meta::HASH)
         .filter(|h| !h.eq_ignore_ascii_case(&hash))
     {
         return Err(io::Error::new(

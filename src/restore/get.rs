@@ -34,6 +34,7 @@ use super::recovery::{self, RecoverySettings};
 use super::{candidates, choose, list_basebackups, RestoreSite, Target};
 use crate::basebackup::inventory::{self, Writer};
 use crate::pipeline::transfer::download_with;
+use crate::storage::meta;
 
 /// What to restore and how.
 #[derive(Debug, Clone)]
@@ -250,7 +251,7 @@ async fn read_control(
     let pghoard = writer == Writer::Pghoard;
     if pghoard {
         pghoard::check_supported(&key, &object_meta)?;
-        if !object_meta.contains_key("format") {
+        if !object_meta.contains_key(meta::FORMAT) {
             // basic/pipe: the object is the backup's one tar.
             let size = match size {
                 Some(s) => s,

@@ -25,6 +25,7 @@ use walhoard_protocol::Lsn;
 
 use crate::config::{Config, SiteConfig};
 use crate::pipeline::encryption::{KeyRing, PrivateKey};
+use crate::storage::meta;
 use crate::storage::ObjectStore;
 
 /// A site opened for reading: its store and private keys.
@@ -164,31 +165,31 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
         let num = |k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok());
         // pghoard's basic backups record neither sizes nor LSNs nor a timeline: the object's
         // own size, `original-file-size` and `start-wal-segment` say them (super::pghoard).
-        let start_wal_segment = get("start-wal-segment");
-        let start_lsn = match m.get("start-lsn") {
+        let start_wal_segment = get(meta::START_WAL_SEGMENT);
+        let start_lsn = match m.get(meta::START_LSN) {
             Some(l) => l.clone(),
             None => pghoard::segment_start_lsn(&start_wal_segment),
         };
-        let start_timeline = match num("start-timeline") {
+        let start_timeline = match num(meta::START_TIMELINE) {
             Some(t) => t as u32,
             None => pghoard::segment_timeline(&start_wal_segment),
         };
         out.push(BackupListing {
-            format: get("format"),
-            start_time: normalise_time(&get("start-time")),
-            end_time: normalise_time(&get("end-time")),
+            format: get(meta::FORMAT),
+            start_time: normalise_time(&get(meta::START_TIME)),
+            end_time: normalise_time(&get(meta::END_TIME)),
             start_lsn,
-            end_lsn: get("end-lsn"),
+            end_lsn: get(meta::END_LSN),
             start_timeline,
             start_wal_segment,
-            end_wal_segment: get("end-wal-segment"),
-            size_plain: num("total-size-plain")
-                .or_else(|| num("original-file-size"))
+            end_wal_segment: get(meta::END_WAL_SEGMENT),
+            size_plain: num(meta::TOTAL_SIZE_PLAIN)
+                .or_else(|| num(meta::ORIGINAL_FILE_SIZE))
                 .unwrap_or(0),
-            size_stored: num("total-size-enc").unwrap_or(o.size),
-            compression: get("compression-algorithm"),
-            encryption_key_id: m.get("encryption-key-id").cloned(),
-            pg_version: get("pg-version"),
+            size_stored: num(meta::TOTAL_SIZE_ENC).unwrap_or(o.size),
+            compression: get(meta::COMPRESSION_ALGORITHM),
+            encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
+            pg_version: get(meta::PG_VERSION),
             name,
         });
     }

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use walhoard_basebackup::control::{BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta};
 use walhoard_protocol::{SegmentSize, WalSegmentName};
 
+use crate::storage::meta;
 use crate::storage::Metadata;
 
 /// walhoard's internal name for pghoard's `basic`/`pipe` layout (pghoard writes no `format`).
@@ -96,7 +97,7 @@ pub fn segment_start_lsn(segment: &str) -> String {
 
 /// Refuses the pghoard formats walhoard cannot restore yet, naming them.
 pub fn check_supported(key: &str, object_meta: &Metadata) -> Result<()> {
-    match object_meta.get("format").map(String::as_str) {
+    match object_meta.get(meta::FORMAT).map(String::as_str) {
         None | Some("pghoard-bb-v2") => Ok(()),
         Some(f) => bail!(
             "{key}: pghoard's basebackup format {f:?} is not supported by walhoard's restore \
@@ -110,22 +111,22 @@ pub fn check_supported(key: &str, object_meta: &Metadata) -> Result<()> {
 pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<BackupMetadata> {
     let key = format!("basebackup/{file}");
     let plain: u64 = m
-        .get("original-file-size")
+        .get(meta::ORIGINAL_FILE_SIZE)
         .with_context(|| {
             format!("{key}: pghoard basic backup without original-file-size metadata")
         })?
         .parse()
         .with_context(|| format!("{key}: original-file-size is not a number"))?;
-    let start_seg = meta_str(m, "start-wal-segment");
+    let start_seg = meta_str(m, meta::START_WAL_SEGMENT);
     let pg_version: u32 = m
-        .get("pg-version")
+        .get(meta::PG_VERSION)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{key}: no pg-version metadata"))?;
     Ok(BackupMetadata {
-        backup_start_time: meta_str(m, "start-time"),
+        backup_start_time: meta_str(m, meta::START_TIME),
         backup_start_wal_segment: start_seg.clone(),
-        backup_end_time: meta_str(m, "end-time"),
-        backup_end_wal_segment: meta_str(m, "end-wal-segment"),
+        backup_end_time: meta_str(m, meta::END_TIME),
+        backup_end_wal_segment: meta_str(m, meta::END_WAL_SEGMENT),
         pgdata: None,
         pghoard_object: "basebackup".into(),
         pghoard_version: "pghoard".into(),
@@ -148,11 +149,11 @@ pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<Back
         end_timeline: 0,
         pg_version,
         system_identifier: None,
-        basebackup_mode: meta_str(m, "basebackup-mode"),
-        active_backup_mode: meta_str(m, "active-backup-mode"),
+        basebackup_mode: meta_str(m, meta::BASEBACKUP_MODE),
+        active_backup_mode: meta_str(m, meta::ACTIVE_BACKUP_MODE),
         wal_included: false,
-        compression_algorithm: meta_str(m, "compression-algorithm"),
-        encryption_key_id: m.get("encryption-key-id").cloned(),
+        compression_algorithm: meta_str(m, meta::COMPRESSION_ALGORITHM),
+        encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
         total_size_plain: plain,
         total_size_enc: stored_size,
         tablespace_map: String::new(),
@@ -195,20 +196,22 @@ pub fn bb_v2_metadata(key: &str, json: &[u8], m: &Metadata) -> Result<BackupMeta
         .collect();
     let start_seg = p
         .backup_start_wal_segment
-        .unwrap_or_else(|| meta_str(m, "start-wal-segment"));
+        .unwrap_or_else(|| meta_str(m, meta::START_WAL_SEGMENT));
     let end_seg = p
         .backup_end_wal_segment
-        .unwrap_or_else(|| meta_str(m, "end-wal-segment"));
+        .unwrap_or_else(|| meta_str(m, meta::END_WAL_SEGMENT));
     let pg_version: u32 = m
-        .get("pg-version")
+        .get(meta::PG_VERSION)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{key}: no pg-version metadata"))?;
     Ok(BackupMetadata {
         backup_start_time: p
             .backup_start_time
-            .unwrap_or_else(|| meta_str(m, "start-time")),
+            .unwrap_or_else(|| meta_str(m, meta::START_TIME)),
         backup_start_wal_segment: start_seg.clone(),
-        backup_end_time: p.backup_end_time.unwrap_or_else(|| meta_str(m, "end-time")),
+        backup_end_time: p
+            .backup_end_time
+            .unwrap_or_else(|| meta_str(m, meta::END_TIME)),
         backup_end_wal_segment: end_seg.clone(),
         pgdata: p.pgdata,
         pghoard_object: "basebackup".into(),
@@ -225,11 +228,11 @@ pub fn bb_v2_metadata(key: &str, json: &[u8], m: &Metadata) -> Result<BackupMeta
         end_timeline: segment_timeline(&end_seg),
         pg_version,
         system_identifier: None,
-        basebackup_mode: meta_str(m, "basebackup-mode"),
-        active_backup_mode: meta_str(m, "active-backup-mode"),
+        basebackup_mode: meta_str(m, meta::BASEBACKUP_MODE),
+        active_backup_mode: meta_str(m, meta::ACTIVE_BACKUP_MODE),
         wal_included: false,
-        compression_algorithm: meta_str(m, "compression-algorithm"),
-        encryption_key_id: m.get("encryption-key-id").cloned(),
+        compression_algorithm: meta_str(m, meta::COMPRESSION_ALGORITHM),
+        encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
         tablespace_map: String::new(),
     })
 }
@@ -244,7 +247,7 @@ mod tests {
             "backup_start_wal_segment":"000000020000000100000003","tablespaces":{"ts":{"oid":16390,"path":"/t"}},
             "chunks":[{"chunk_filename":"n/n.00000001.pghoard","input_size":10,"result_size":5,"files":["pgdata/x"]}]}"#;
         let mut m = Metadata::new();
-        m.insert("pg-version".into(), "150018".into());
+        m.insert(meta::PG_VERSION.into(), "150018".into());
         let b = bb_v2_metadata("basebackup/n.00000000.pghoard", json, &m).unwrap();
         assert_eq!(b.chunks.len(), 1);
         assert_eq!(b.chunks[0].input_size, 10);
@@ -256,7 +259,7 @@ mod tests {
     #[test]
     fn unsupported_pghoard_formats_are_named() {
         let mut m = Metadata::new();
-        m.insert("format".into(), "pghoard-delta-v2".into());
+        m.insert(meta::FORMAT.into(), "pghoard-delta-v2".into());
         let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
         assert!(
             e.contains("pghoard-delta-v2") && e.contains("basebackup/x"),

@@ -18,6 +18,7 @@
 mod backends;
 mod local;
 pub use local::DIRECT_ALIGN;
+pub mod meta;
 pub mod retry;
 
 use std::collections::BTreeMap;
