@@ -266,18 +266,9 @@ async fn daemon_wal_gap_fails_check_until_resolved() {
         "no alert file; log:\n{}",
         daemon.log_text()
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["check", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("WAL gap") && l.contains(&missing)),
-        "{text}"
-    );
+    check_fails_with(&d.config_path(), |l| {
+        l.contains("WAL gap") && l.contains(&missing)
+    });
     let g = &d.state().unwrap()["backup_sites"]["main"]["walreceiver"]["wal_gap"];
     assert!(g["resolved_by_basebackup"].is_null(), "{g}");
     assert!(store.list("basebackup").await.unwrap().is_empty());

@@ -224,6 +224,23 @@ impl Drop for Daemon {
 }
 
 /// Segment objects in the archive: name → size.
+/// Runs `walhoard check` on `config`, asserts that it fails and that one of its FAIL lines
+/// satisfies `line`; returns what it printed.
+pub fn check_fails_with(config: &Path, line: impl Fn(&str) -> bool) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL") && line(l)),
+        "{text}"
+    );
+    text
+}
+
 pub async fn archived_segments(store: &ObjectStore) -> BTreeMap<String, u64> {
     store
         .list("xlog")

@@ -102,18 +102,7 @@ async fn daemon_refuses_an_archive_of_another_cluster() {
         "objects changed: {changed:?}; log:\n{log}"
     );
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["check", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("archive owner") && want(l)),
-        "{text}"
-    );
+    check_fails_with(&d.config_path(), |l| l.contains("archive owner") && want(l));
 }
 
 /// The same check passes on the primary's own archive, and the daemon archives as before.

@@ -248,19 +248,9 @@ async fn retention_keeps_every_object_pghoard_wrote() {
     assert_eq!(names, want);
 
     // `walhoard check` names what retention left alone.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["check", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.lines().any(|l| l.starts_with("FAIL")
-            && l.contains("archive contents")
-            && l.contains("basebackup_chunk/2026-01-01_00-00_0/")),
-        "{text}"
-    );
+    check_fails_with(&d.config_path(), |l| {
+        l.contains("archive contents") && l.contains("basebackup_chunk/2026-01-01_00-00_0/")
+    });
 }
 
 /// A forged archive in local storage (no server needed: retention reads only the store):

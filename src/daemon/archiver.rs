@@ -241,7 +241,7 @@ pub fn wal_overwrite_alert(site: &str) -> String {
 
 /// Whether the key of an upload may already hold an object, so it must be looked up first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KeyState {
+pub enum KeyState {
     /// Streamed past the resume point: the resume scan found the archive ends before it.
     New,
     /// Left by an earlier run, a `.history` or a timeline's `.partial`.
@@ -420,41 +420,16 @@ impl Archiver {
     /// the receiver handed them on), deleting it once stored. Waits for an upload slot first
     /// (the back-pressure that bounds the spool), then runs the upload on `tracker`. `end` is
     /// what the archive holds up to once this and everything queued before it is stored.
-    pub async fn archive(
-        &self,
-        name: WalSegmentName,
-        path: PathBuf,
-        data: Option<Arc<SegmentBuffer>>,
-        end: Option<Lsn>,
-        tracker: &TaskTracker,
-        cancel: &CancellationToken,
-    ) -> Result<(), Cancelled> {
-        self.archive_inner(name, path, data, end, tracker, cancel, KeyState::New)
-            .await
-    }
-
-    /// [`Archiver::archive`] for a file whose key may already exist: a spool file left by an
-    /// earlier run (uploaded then, maybe, but not yet deleted), a `.history` or a timeline's
-    /// `.partial`. The key is looked up first (one metadata read): the same bytes count as
-    /// archived; other bytes are never overwritten (ERROR, `wal_overwrite_<site>` alert, the
-    /// file stays in the spool and the archive's position stops below it, so the slot keeps
-    /// the WAL). Segments streamed past the resume point skip this: the resume scan found the
-    /// archive ends there, so a lookup per segment would only slow the hot path.
-    pub async fn archive_checked(
-        &self,
-        name: WalSegmentName,
-        path: PathBuf,
-        data: Option<Arc<SegmentBuffer>>,
-        end: Option<Lsn>,
-        tracker: &TaskTracker,
-        cancel: &CancellationToken,
-    ) -> Result<(), Cancelled> {
-        self.archive_inner(name, path, data, end, tracker, cancel, KeyState::MayExist)
-            .await
-    }
-
+    ///
+    /// With [`KeyState::MayExist`] (a spool file left by an earlier run, a `.history`, a
+    /// timeline's `.partial`) the key is looked up first (one metadata read): the same bytes
+    /// count as archived; other bytes are never overwritten (ERROR, `wal_overwrite_<site>`
+    /// alert, the file stays in the spool and the archive's position stops below it, so the
+    /// slot keeps the WAL). Segments streamed past the resume point are [`KeyState::New`]: the
+    /// resume scan found the archive ends there, so a lookup per segment would only slow the
+    /// hot path.
     #[allow(clippy::too_many_arguments)]
-    async fn archive_inner(
+    pub async fn archive(
         &self,
         name: WalSegmentName,
         path: PathBuf,
@@ -647,13 +622,14 @@ mod tests {
         let ours: WalSegmentName = "000000010000000000000001".parse().unwrap();
         let path = dir.path().join(ours.to_string());
         std::fs::write(&path, vec![2u8; 1 << 20]).unwrap();
-        a.archive_checked(
+        a.archive(
             ours,
             path.clone(),
             None,
             Some(Lsn(0x2000000)),
             &tracker,
             &cancel,
+            KeyState::MayExist,
         )
         .await
         .unwrap();
@@ -683,13 +659,14 @@ mod tests {
         let same: WalSegmentName = "000000010000000000000002".parse().unwrap();
         let path2 = dir.path().join("second").join(same.to_string());
         std::fs::write(&path2, &theirs).unwrap();
-        b.archive_checked(
+        b.archive(
             same,
             path2.clone(),
             None,
             Some(Lsn(0x3000000)),
             &tracker,
             &cancel,
+            KeyState::MayExist,
         )
         .await
         .unwrap();
@@ -864,6 +841,7 @@ mod tests {
             Some(Lsn(0x2000000)),
             &tracker,
             &cancel,
+            KeyState::New,
         )
         .await
         .unwrap();

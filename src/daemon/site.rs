@@ -16,7 +16,7 @@ use walhoard_walreceiver::{
     SpoolSync, StartPosition,
 };
 
-use super::archiver::{wal_key, Archiver, UploadContext};
+use super::archiver::{wal_key, Archiver, KeyState, UploadContext};
 use super::basebackups::BackupRequest;
 use super::identity::ArchiveGuard;
 use super::status::{
@@ -213,7 +213,7 @@ impl SiteWal {
                     let end = seg_size.map(|s| Lsn(start.0 + s.bytes()));
                     if self
                         .archiver
-                        .archive(name, path, data, end, &tracker, &abort)
+                        .archive(name, path, data, end, &tracker, &abort, KeyState::New)
                         .await
                         .is_err()
                     {
@@ -224,7 +224,7 @@ impl SiteWal {
                 | ReceiverEvent::History { name, path } => {
                     if self
                         .archiver
-                        .archive_checked(name, path, None, None, &tracker, &abort)
+                        .archive(name, path, None, None, &tracker, &abort, KeyState::MayExist)
                         .await
                         .is_err()
                     {
@@ -538,7 +538,15 @@ async fn resume_point(
         spool.remove(&h);
         let name: WalSegmentName = h.parse().map_err(|e| anyhow::anyhow!("{h}: {e}"))?;
         if archiver
-            .archive_checked(name, dir.join(&h), None, None, tracker, abort)
+            .archive(
+                name,
+                dir.join(&h),
+                None,
+                None,
+                tracker,
+                abort,
+                KeyState::MayExist,
+            )
             .await
             .is_err()
         {
@@ -559,7 +567,15 @@ async fn resume_point(
     for (file, name) in below {
         spool.remove(&file);
         if archiver
-            .archive_checked(name, dir.join(&file), None, None, tracker, abort)
+            .archive(
+                name,
+                dir.join(&file),
+                None,
+                None,
+                tracker,
+                abort,
+                KeyState::MayExist,
+            )
             .await
             .is_err()
         {
@@ -574,7 +590,15 @@ async fn resume_point(
         if spool.remove(&file) {
             tracing::info!(segment = %file, "archiving a segment left in the spool");
             if archiver
-                .archive_checked(name, dir.join(&file), None, Some(end), tracker, abort)
+                .archive(
+                    name,
+                    dir.join(&file),
+                    None,
+                    Some(end),
+                    tracker,
+                    abort,
+                    KeyState::MayExist,
+                )
                 .await
                 .is_err()
             {
