@@ -67,7 +67,7 @@ fn restore_and_read(d: &DaemonDir, name: &str, args: &[&str]) -> (String, String
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switch_from_pghoard_restores_before_across_and_after() {
+async fn pghoard_switch_archives_the_new_timelines_history_and_restores_before_across_and_after() {
     let d = DaemonDir::new();
     unpack_pghoard_archive(&d.path("archive"));
     let site_root = d.path("archive").join(PGHOARD_SITE);
