@@ -181,3 +181,81 @@ fn wait_slot_named(pg: &walhoard_testkit::PgCluster, daemon: &Daemon) {
         daemon.log_text()
     );
 }
+
+/// pghoard's `moved_from` (issue 15 item 2): a site names the older site pghoard wrote
+/// (another prefix, here `pgsite` in the same local storage); walhoard lists that site's
+/// backups as the new site's, restores pghoard's local-tar backup by its name through the new
+/// site, and the restore_command written for the new site serves pghoard's WAL from the older
+/// one (the new site's prefix holds nothing yet, as right after a move). Before, `moved_from`
+/// was an unknown key and the configuration was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
+    let d = DaemonDir::new();
+    unpack_pghoard_archive(&d.path("archive"));
+    let pghoards_objects = read_tree(&d.path("archive").join(PGHOARD_SITE));
+    walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
+    let config = json!({
+        "backup_location": d.path("spool"),
+        "json_state_file_path": d.path("state.json"),
+        "alert_file_dir": d.alert_dir(),
+        "http_port": d.http_port,
+        "backup_sites": {
+            "old": {
+                "active": false,
+                "prefix": PGHOARD_SITE,
+                "object_storage": d.local_storage(),
+            },
+            "main": {
+                "prefix": "moved",
+                "moved_from": ["old"],
+                "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+                "object_storage": d.local_storage(),
+            },
+        },
+    });
+    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    readable_by_server(&d);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args([
+            "restore",
+            "list-basebackups",
+            "--site",
+            "main",
+            "--json",
+            "--config",
+        ])
+        .arg(d.config_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "list-basebackups: {}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap(),
+                b["site"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("2026-12-04_20-38_0.00000000.pghoard", "old"),
+            ("2026-12-04_20-39_0", "old")
+        ],
+        "{list:#}"
+    );
+
+    // `get-basebackup --site main` with the restore_command of site main: every segment comes
+    // from the older site.
+    let (fixture, r) = restore_and_read(&d, "moved", &["--basebackup", PGHOARD_BACKUP]);
+    assert_eq!((fixture.as_str(), r.as_str()), (FIXTURE_ROWS, "no r"));
+    assert_eq!(
+        read_tree(&d.path("archive").join(PGHOARD_SITE)),
+        pghoards_objects
+    );
+}
