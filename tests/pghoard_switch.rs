@@ -216,6 +216,20 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
     std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
     readable_by_server(&d);
 
+    // The older site is inactive and has no node: `check` passes it (it failed with
+    // "backup_sites.old.nodes is empty", though the daemon skips inactive sites).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args(["check", "--site", "old", "--config"])
+        .arg(d.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check --site old: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args([
             "restore",
