@@ -23,7 +23,7 @@ use hyper::{Method, StatusCode};
 
 use crate::api_client::{request, TARGET_PATH_HEADER};
 use crate::config::Config;
-use crate::restore::wal::{restore_wal_file, WalFetchError};
+use crate::restore::wal::{restore_wal_file_from, WalFetchError};
 use crate::restore::RestoreSite;
 
 pub const EXIT_FOUND: u8 = 0;
@@ -108,18 +108,6 @@ fn daemon_address(req: &CommandArgs, cfg: Option<&Config>) -> (String, u16) {
     (host, port)
 }
 
-/// Whether a site's prefix holds no basebackup, history file or WAL at all (listing errors
-/// count as holding something: the failure stands).
-async fn holds_nothing(store: &crate::storage::ObjectStore) -> bool {
-    for dir in ["basebackup", "timeline", "xlog"] {
-        match store.list(dir).await {
-            Ok(l) if l.is_empty() => {}
-            _ => return false,
-        }
-    }
-    true
-}
-
 fn check_name(xlog: &str) -> Result<()> {
     if xlog.is_empty() || xlog.contains('/') {
         bail!("--xlog {xlog:?} is not a WAL file name");
@@ -146,30 +134,10 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
                 || crate::settings::transfer_threads(&site.config),
                 |n| n as usize,
             );
-            // This site first, then its `moved_from` sites: "not found" only when none has
-            // the file (pghoard's webserver, get_wal_or_timeline_file); any other failure
-            // stops the search.
-            // A site that holds nothing yet (the new site right after the move) is passed
-            // over when another one answers; alone it fails as any empty site does.
-            let sources = site.wal_sources();
-            let mut not_found = None;
-            let mut empty = None;
-            for (store, keys) in &sources {
-                match restore_wal_file(store, keys, &req.xlog, &output, prefetch).await {
-                    Err(e @ WalFetchError::NotFound { .. }) => not_found = Some(e),
-                    Err(e) if sources.len() > 1 && holds_nothing(store).await => {
-                        empty.get_or_insert(e);
-                    }
-                    other => return other.map(|_| ()),
-                }
-            }
-            match (not_found, empty) {
-                (Some(e), _) | (None, Some(e)) => Err(e),
-                (None, None) => Err(WalFetchError::Failed(anyhow::anyhow!(
-                    "{}: no site to search",
-                    req.xlog
-                ))),
-            }
+            // This site first, then its `moved_from` sites.
+            restore_wal_file_from(&site.wal_sources(), &req.xlog, &output, prefetch)
+                .await
+                .map(|_| ())
         }
         _ => {
             let cfg = req

@@ -208,6 +208,8 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
             "main": {
                 "prefix": "moved",
                 "moved_from": ["old"],
+                "pg_data_directory": d.path("pgdata"),
+                "basebackup_interval_hours": null,
                 "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
                 "object_storage": d.local_storage(),
             },
@@ -268,6 +270,34 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
     // from the older site.
     let (fixture, r) = restore_and_read(&d, "moved", &["--basebackup", PGHOARD_BACKUP]);
     assert_eq!((fixture.as_str(), r.as_str()), (FIXTURE_ROWS, "no r"));
+
+    // The daemon's restore_command API (pghoard's `--port` recovery configuration) searches
+    // the older site too: a segment only `old` has is served, one nobody has is "not found".
+    std::fs::create_dir_all(d.path("pgdata").join("pg_wal")).unwrap();
+    let daemon = Daemon::start(&d);
+    d.wait_http();
+    let fetch = |seg: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+            .args(["postgres-command", "--mode", "restore", "--site", "main"])
+            .args(["--host", "127.0.0.1", "--port", &d.http_port.to_string()])
+            .args(["--xlog", seg, "--output"])
+            .arg(d.path("pgdata").join("pg_wal").join(seg))
+            .output()
+            .unwrap()
+    };
+    let seg = "000000010000000000000003";
+    let out = fetch(seg);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        daemon.log_text()
+    );
+    let served = std::fs::metadata(d.path("pgdata").join("pg_wal").join(seg)).unwrap();
+    assert_eq!(served.len(), 16 << 20);
+    let out = fetch("000000010000000000000042");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    drop(daemon);
     assert_eq!(
         read_tree(&d.path("archive").join(PGHOARD_SITE)),
         pghoards_objects
