@@ -395,7 +395,9 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
     let mut out = Vec::new();
     for name in names {
         let s = &config.backup_sites[name];
-        if s.active_backup_mode == BackupMode::Walreceiver || !s.nodes.is_empty() {
+        // An inactive site (pghoard: one that only holds backups, such as a `moved_from`
+        // site) streams nothing; the daemon skips it, so it needs no node.
+        if (s.active && s.active_backup_mode == BackupMode::Walreceiver) || !s.nodes.is_empty() {
             if let Some(primary) = check_replication(name, s, &mut out).await {
                 check_archive_owner(config, name, s, primary, &mut out).await;
             }

@@ -264,6 +264,12 @@ pub struct SiteConfig {
     /// since anyone who can write the bucket can forge one.
     #[serde(default)]
     pub allow_unencrypted_objects: bool,
+    /// pghoard: older sites of this cluster (names of other `backup_sites` entries, searched
+    /// in this order after this one) whose basebackups list and restore, and whose WAL
+    /// restore_command serves, as pghoard's restore does (`find_recovery_sites`). Only read:
+    /// nothing is written to or deleted from them.
+    #[serde(default)]
+    pub moved_from: Vec<String>,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
     pub object_storage: Option<ObjectStorageConfig>,
@@ -648,6 +654,14 @@ impl Config {
                     ));
                 }
             }
+            for (i, older) in site.moved_from.iter().enumerate() {
+                if older == name || !self.backup_sites.contains_key(older) {
+                    return Err((
+                        at(&format!("moved_from[{i}]")),
+                        format!("{older:?} is not another site of backup_sites"),
+                    ));
+                }
+            }
             if site.object_storage.is_none() {
                 return Err((
                     at("object_storage"),
@@ -786,6 +800,28 @@ mod tests {
             e.contains("backup_sites.main.pg_receivexlog.spool_fsync"),
             "{e}"
         );
+    }
+
+    /// pghoard's `moved_from` was an unknown key (the whole file refused); it must name other
+    /// sites of the file.
+    #[test]
+    fn moved_from_names_other_sites() {
+        let two = MINIMAL.replace(
+            r#""main": {"#,
+            r#""old": {"active": false, "object_storage": {"storage_type": "local", "directory": "/srv/old"}},
+            "main": {"moved_from": MOVED,"#,
+        );
+        let c = Config::parse(&two.replace("MOVED", r#"["old"]"#), "t.json").unwrap();
+        assert_eq!(c.backup_sites["main"].moved_from, ["old"]);
+        for bad in [r#"["gone"]"#, r#"["old", "main"]"#] {
+            let e = Config::parse(&two.replace("MOVED", bad), "t.json")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("backup_sites.main.moved_from[") && e.contains("not another site"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::config::Config;
 use crate::daemon::archiver::wal_key;
 use crate::daemon::sites::{daemon_state, Sites};
 use crate::daemon::status::now_secs;
-use crate::restore::wal::{restore_wal_file, WalFetchError};
+use crate::restore::wal::{restore_wal_file_from, WalFetchError};
 use crate::storage::retry::RetryPolicy;
 
 /// How long a connection may take to send a request head, counted from when the server
@@ -406,6 +406,7 @@ async fn restore(
     // them), and does not free the slot before the memory is.
     let restores = api.restores.clone();
     let (store, prefetch) = (handle.upload.store.clone(), handle.restore_prefetch);
+    let older = handle.older.clone();
     let (site_name, file_name) = (site.to_string(), file.to_string());
     let work = api.tasks.spawn(async move {
         let _in_flight = Counted::new(&restores.in_flight, &restores.in_flight_max);
@@ -415,7 +416,11 @@ async fn restore(
         let _running = Counted::new(&restores.running, &restores.running_max);
         let started = std::time::Instant::now();
         let output = target.through_fd();
-        let result = restore_wal_file(&store, &keys, &file_name, &output, prefetch).await;
+        // This site first, then its `moved_from` sites (pghoard's get_related_sites).
+        let sources: Vec<_> = std::iter::once((&store, &keys))
+            .chain(older.iter().map(|o| (&o.store, &o.keys)))
+            .collect();
+        let result = restore_wal_file_from(&sources, &file_name, &output, prefetch).await;
         if let Ok(served) = &result {
             tracing::info!(site = %site_name, file = %file_name, target = %target.shown.display(), ?served, elapsed = ?started.elapsed(), "restored (restore_command)");
         }

@@ -167,7 +167,7 @@ async fn restore(command: RestoreCommand) -> Result<()> {
     match command {
         RestoreCommand::ListBasebackups { config, site, json } => {
             let site = RestoreSite::open(&config, site.as_deref())?;
-            let list = r::list_basebackups(&site.store).await?;
+            let list = site.list_all().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {

@@ -23,7 +23,7 @@ use hyper::{Method, StatusCode};
 
 use crate::api_client::{request, TARGET_PATH_HEADER};
 use crate::config::Config;
-use crate::restore::wal::{restore_wal_file, WalFetchError};
+use crate::restore::wal::{restore_wal_file_from, WalFetchError};
 use crate::restore::RestoreSite;
 
 pub const EXIT_FOUND: u8 = 0;
@@ -153,7 +153,8 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
                 || crate::settings::transfer_threads(&site.config),
                 |n| n as usize,
             );
-            restore_wal_file(&site.store, &site.keys, &req.xlog, &output, prefetch)
+            // This site first, then its `moved_from` sites.
+            restore_wal_file_from(&site.wal_sources(), &req.xlog, &output, prefetch)
                 .await
                 .map(|_| ())
         }

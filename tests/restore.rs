@@ -63,7 +63,7 @@ pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn take_basebackup(d: &DaemonDir) -> String {
+pub(crate) fn take_basebackup(d: &DaemonDir) -> String {
     let out = walhoard(
         &["basebackup", "--site", "main", "--config"],
         &[&d.config_path()],

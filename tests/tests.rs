@@ -13,6 +13,7 @@ mod pghoa1;
 mod pghoard_cli;
 mod pghoard_restore;
 mod pghoard_rollback;
+mod pghoard_switch;
 mod protocol_auth;
 mod protocol_basebackup;
 mod protocol_faults;

@@ -150,6 +150,21 @@ impl Generation {
                 ));
             }
             let backup_requests = backup_tx;
+            // Opened now, so that a `moved_from` site the API cannot read fails the start
+            // rather than answering "not found" for WAL it holds.
+            let mut older = Vec::new();
+            for o in &site.moved_from {
+                let cfg = config
+                    .backup_sites
+                    .get(o)
+                    .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
+                older.push(crate::restore::OlderSite {
+                    name: o.clone(),
+                    store: crate::settings::open_store_read_only(config, o)
+                        .with_context(|| format!("backup_sites.{name}.moved_from: site {o:?}"))?,
+                    keys: crate::restore::key_ring(o, cfg)?,
+                });
+            }
             sites.by_name.insert(
                 name.clone(),
                 SiteHandle {
@@ -161,6 +176,7 @@ impl Generation {
                     restore_prefetch: config
                         .restore_prefetch
                         .map_or_else(|| transfer_threads(config), |n| n as usize),
+                    older,
                 },
             );
         }

@@ -28,6 +28,8 @@ pub struct SiteHandle {
     pub backup_requests: Option<tokio::sync::mpsc::Sender<basebackups::BackupRequest>>,
     /// Segments the restore_command API prefetches (`restore_prefetch`).
     pub restore_prefetch: usize,
+    /// The site's `moved_from` sites, searched for WAL after it by the restore_command API.
+    pub older: Vec<crate::restore::OlderSite>,
 }
 
 /// The daemon's state, as the state file and `GET /status` show it.

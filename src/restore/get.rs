@@ -31,7 +31,7 @@ use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
 use super::pghoard::{self, FORMAT_PGHOARD_BASIC};
 use super::recovery::{self, RecoverySettings};
-use super::{candidates, choose, list_basebackups, RestoreSite, Target};
+use super::{candidates, choose, RestoreSite, Target};
 use crate::basebackup::inventory::{self, Writer};
 use crate::pipeline::transfer::download_with;
 use crate::storage::meta;
@@ -338,7 +338,8 @@ fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<(
 
 /// Restores a basebackup of `site` as `opts` say.
 pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Restored> {
-    let list = list_basebackups(&site.store).await?;
+    // The site's own backups and those of its `moved_from` sites, as pghoard lists them.
+    let list = site.list_all().await?;
     let named = opts.basebackup.as_deref().filter(|n| *n != "latest");
     let choices = match named {
         Some(_) => vec![choose(&list, named, &opts.target)?],
@@ -349,8 +350,9 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     // target, with a warning, instead of failing the restore.
     let mut picked = None;
     for (i, chosen) in choices.iter().enumerate() {
+        let source = site.for_backup(chosen)?;
         let control =
-            read_control(site, &chosen.name)
+            read_control(&source, &chosen.name)
                 .await
                 .and_then(|(meta, extra, pghoard_written)| {
                     if meta.format != FORMAT_STREAM
@@ -380,6 +382,9 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
         }
     }
     let (chosen, (meta, extra, pghoard_written)) = picked.context("no basebackup candidates")?;
+    // From here on the backup's objects are read from the site that holds it.
+    let source = site.for_backup(&chosen)?;
+    let site = &source;
     eprintln!(
         "restore: basebackup {} (ends {} at {}, {} bytes)",
         chosen.name, chosen.end_time, chosen.end_lsn, chosen.size_plain

@@ -38,6 +38,17 @@ pub struct RestoreSite {
     pub site: SiteConfig,
     pub store: ObjectStore,
     pub keys: KeyRing,
+    /// The site's `moved_from` sites, in order: read after this one (pghoard's
+    /// `find_recovery_sites`).
+    pub older: Vec<OlderSite>,
+}
+
+/// A site named by another's `moved_from`, opened for reading.
+#[derive(Debug, Clone)]
+pub struct OlderSite {
+    pub name: String,
+    pub store: ObjectStore,
+    pub keys: KeyRing,
 }
 
 /// Every private key of a site, by key id: objects name the key they were written with, which
@@ -86,6 +97,19 @@ impl RestoreSite {
         let keys = key_ring(&name, &site)?;
         let config_path = std::path::absolute(config_path)
             .with_context(|| format!("absolute path of {}", config_path.display()))?;
+        let mut older = Vec::new();
+        for o in &site.moved_from {
+            let cfg = config
+                .backup_sites
+                .get(o)
+                .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
+            older.push(OlderSite {
+                name: o.clone(),
+                store: crate::settings::open_store_read_only(&config, o)
+                    .with_context(|| format!("backup_sites.{name}.moved_from: site {o:?}"))?,
+                keys: key_ring(o, cfg)?,
+            });
+        }
         Ok(RestoreSite {
             name,
             config_path,
@@ -93,7 +117,50 @@ impl RestoreSite {
             site,
             store,
             keys,
+            older,
         })
+    }
+
+    /// The basebackups of this site and of its `moved_from` sites (those with `site` set),
+    /// ordered as [`list_basebackups`] orders one site's.
+    pub async fn list_all(&self) -> Result<Vec<BackupListing>> {
+        let mut all = list_basebackups(&self.store).await?;
+        for o in &self.older {
+            let mut theirs = list_basebackups(&o.store)
+                .await
+                .with_context(|| format!("site {:?} (moved_from)", o.name))?;
+            for b in &mut theirs {
+                b.site = Some(o.name.clone());
+            }
+            all.extend(theirs);
+        }
+        sort_listing(&mut all);
+        Ok(all)
+    }
+
+    /// This site reading `backup`'s objects: from the `moved_from` site that holds it, with
+    /// that site's keys. The name and configuration stay this site's, so the restore_command
+    /// written for the restored server searches this site and its older ones alike.
+    pub fn for_backup(&self, backup: &BackupListing) -> Result<RestoreSite> {
+        let Some(from) = &backup.site else {
+            return Ok(self.clone());
+        };
+        let o = self
+            .older
+            .iter()
+            .find(|o| &o.name == from)
+            .with_context(|| format!("basebackup {}: no moved_from site {from:?}", backup.name))?;
+        let mut s = self.clone();
+        s.store = o.store.clone();
+        s.keys = o.keys.clone();
+        Ok(s)
+    }
+
+    /// Where WAL is searched, in order: this site, then its `moved_from` sites.
+    pub fn wal_sources(&self) -> Vec<(&ObjectStore, &KeyRing)> {
+        std::iter::once((&self.store, &self.keys))
+            .chain(self.older.iter().map(|o| (&o.store, &o.keys)))
+            .collect()
     }
 }
 
@@ -117,6 +184,9 @@ pub struct BackupListing {
     pub encryption_key_id: Option<String>,
     /// `server_version_num` of the backed-up server.
     pub pg_version: String,
+    /// The `moved_from` site the backup is in; absent for the site's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 impl BackupListing {
@@ -191,9 +261,15 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
             encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
             pg_version: get(meta::PG_VERSION),
             name,
+            site: None,
         });
     }
-    // By end, or start where no end is recorded (pghoard's basic backups).
+    sort_listing(&mut out);
+    Ok(out)
+}
+
+/// Oldest first: by end, or start where no end is recorded (pghoard's basic backups).
+fn sort_listing(list: &mut [BackupListing]) {
     let when = |b: &BackupListing| {
         if b.end_time.is_empty() {
             b.start_time.clone()
@@ -201,8 +277,7 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
             b.end_time.clone()
         }
     };
-    out.sort_by(|a, b| (when(a), &a.name).cmp(&(when(b), &b.name)));
-    Ok(out)
+    list.sort_by(|a, b| (when(a), &a.name).cmp(&(when(b), &b.name)));
 }
 
 /// Times as walhoard writes them (RFC 3339 in UTC), so that listings sort and compare alike:
@@ -398,6 +473,7 @@ mod tests {
             compression: String::new(),
             encryption_key_id: None,
             pg_version: String::new(),
+            site: None,
         }
     }
 

@@ -293,6 +293,48 @@ pub async fn restore_wal_file(
     Ok(served)
 }
 
+/// [`restore_wal_file`] over a site and its `moved_from` sites, in order, as pghoard's
+/// webserver searches them (`get_wal_or_timeline_file`): the first that has `file` serves it;
+/// "not found" only when every site that holds anything answered so; any other failure stops
+/// the search. A site that holds nothing at all (the new site right after a move) is passed
+/// over when another one is searched; alone it fails as any empty site does.
+pub async fn restore_wal_file_from(
+    sources: &[(&ObjectStore, &KeyRing)],
+    file: &str,
+    output: &Path,
+    prefetch: usize,
+) -> Result<Served, WalFetchError> {
+    let mut not_found = None;
+    let mut empty = None;
+    for (store, keys) in sources {
+        match restore_wal_file(store, keys, file, output, prefetch).await {
+            Err(e @ WalFetchError::NotFound { .. }) => not_found = Some(e),
+            Err(e) if sources.len() > 1 && holds_nothing(store).await => {
+                empty.get_or_insert(e);
+            }
+            other => return other,
+        }
+    }
+    match (not_found, empty) {
+        (Some(e), _) | (None, Some(e)) => Err(e),
+        (None, None) => Err(WalFetchError::failed(anyhow::anyhow!(
+            "{file}: no site to search"
+        ))),
+    }
+}
+
+/// Whether a site's prefix holds no basebackup, history file or WAL at all (a listing error
+/// counts as holding something: the failure stands).
+async fn holds_nothing(store: &ObjectStore) -> bool {
+    for dir in ["basebackup", "timeline", "xlog"] {
+        match store.list(dir).await {
+            Ok(l) if l.is_empty() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Where prefetched segments come from, and the system identifier they must carry.
 #[derive(Clone)]
 struct Source {

@@ -11,6 +11,30 @@ use crate::spool::write_durable;
 use crate::{ReceiverError, ReceiverEvent, SpoolSync, StartPosition};
 
 impl Session {
+    /// Fetches timeline `tli`'s history file (TIMELINE_HISTORY), checks it, writes it into
+    /// the spool and hands it to the archiver.
+    async fn spool_history(
+        &mut self,
+        client: &mut ReplicationClient,
+        tli: walhoard_protocol::TimelineId,
+    ) -> Result<(), ReceiverError> {
+        let (name, content) = client.timeline_history(tli).await?;
+        let parsed: WalSegmentName = name
+            .parse()
+            .map_err(|e| PgError::protocol(format!("history file name: {e}")))?;
+        if parsed != WalSegmentName::History(tli) {
+            return Err(
+                PgError::protocol(format!("TIMELINE_HISTORY {tli} returned {name}")).into(),
+            );
+        }
+        walhoard_protocol::TimelineHistory::parse(tli, &content)
+            .map_err(|e| ReceiverError::BadWal(e.to_string()))?;
+        let path = write_durable(&self.cfg.spool_dir, &name, &content)?;
+        self.send(ReceiverEvent::History { name: parsed, path })
+            .await?;
+        Ok(())
+    }
+
     pub(crate) async fn session(&mut self) -> Result<SessionEnd, ReceiverError> {
         let mut client = ReplicationClient::connect(&self.cfg.conn).await?;
         let id = client.identify_system().await?;
@@ -118,6 +142,14 @@ impl Session {
                     pos = at.segment_start(seg);
                 }
             }
+            if id.timeline.get() > 1 {
+                // The server's timeline began before this daemon ran (a promoted restore, as
+                // when switching from pghoard, or a failover while the daemon was down): no
+                // timeline switch will hand its history file over, yet recovery through this
+                // timeline (readTimeLineHistory, as recovery_target_timeline = 'latest' does)
+                // needs it in the archive. The archiver skips a copy it already holds.
+                self.spool_history(&mut client, id.timeline).await?;
+            }
             // The hook ran (and may have queued work): later sessions continue from here.
             self.next = Some(StartPosition {
                 lsn: pos,
@@ -181,21 +213,7 @@ impl Session {
                     next_tli,
                     next_start,
                 } => {
-                    let (name, content) = client.timeline_history(next_tli).await?;
-                    let parsed: WalSegmentName = name
-                        .parse()
-                        .map_err(|e| PgError::protocol(format!("history file name: {e}")))?;
-                    if parsed != WalSegmentName::History(next_tli) {
-                        return Err(PgError::protocol(format!(
-                            "TIMELINE_HISTORY {next_tli} returned {name}"
-                        ))
-                        .into());
-                    }
-                    walhoard_protocol::TimelineHistory::parse(next_tli, &content)
-                        .map_err(|e| ReceiverError::BadWal(e.to_string()))?;
-                    let path = write_durable(&self.cfg.spool_dir, &name, &content)?;
-                    self.send(ReceiverEvent::History { name: parsed, path })
-                        .await?;
+                    self.spool_history(&mut client, next_tli).await?;
                     tracing::info!(%slot, from = %tli, to = %next_tli, at = %next_start, "timeline switch");
                     // Continue from the start of the segment holding the switchpoint, as
                     // pg_receivewal does: the new timeline's copy of that segment is complete.
