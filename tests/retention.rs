@@ -310,8 +310,13 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
         ],
     )
     .await;
+    // walhoard's WAL (its mark), which retention may delete once no kept backup needs it.
     for seg in 1..=6 {
-        put(format!("xlog/00000001000000000000000{seg}"), vec![]).await;
+        put(
+            format!("xlog/00000001000000000000000{seg}"),
+            vec![(walhoard::storage::meta::WALHOARD_WRITER, "walhoard".into())],
+        )
+        .await;
     }
     let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
         .await

@@ -23,6 +23,7 @@ mod restore;
 mod restore_command;
 mod restore_forged;
 mod retention;
+mod retention_wal;
 mod storage;
 mod storage_azure;
 mod storage_gcs;

@@ -17,7 +17,18 @@
 # site `pgsite`. Needs root (to run things as `postgres`), postgresql-15, python3-venv, zstd.
 #
 # Options (environment):
-#   FIXTURE_MODES="local-tar basic"  the basebackups to take, in order (each then 2 segments);
+#   FIXTURE_MODES="local-tar basic"  the basebackups to take, in order (each then 2 segments):
+#                                    basic, local-tar, delta (pghoard-delta-v2; files of at
+#                                    least FIXTURE_DELTA_MIN bytes, default 64 KiB, become
+#                                    basebackup_delta/<hash> objects, smaller ones go into
+#                                    bundle chunks or are embedded in the manifest);
+#   PG_BIN=<dir>                     the server's initdb/pg_ctl/postgres (default Debian's 15;
+#                                    other majors from tools/install-pg.sh). psql, pg_basebackup
+#                                    and pg_receivewal come from CLIENT_BIN (default Debian's
+#                                    15), which must be at least the server's major;
+#   FIXTURE_WAL=archive_command      WAL through PostgreSQL's archive_command and
+#                                    pghoard_postgres_command instead of pg_receivewal (for a
+#                                    server newer than CLIENT_BIN's pg_receivewal);
 #   FIXTURE_ENCRYPT=1                pghoard's own encryption (`pghoa1`) with a fresh RSA key
 #                                    pair, written as key.json (encryption_keys.k1) beside
 #                                    the archive: a test key, for the tests only;
@@ -28,6 +39,9 @@ modes=${FIXTURE_MODES:-local-tar basic}
 checkout=$(realpath "${1:?usage: $0 <pghoard checkout> [output dir]}")
 out=$(realpath -m "${2:-$(dirname "$0")/../tests/data/pghoard-pg15}")
 bin=${PG_BIN:-/usr/lib/postgresql/15/bin}
+client=${CLIENT_BIN:-/usr/lib/postgresql/15/bin}
+wal_mode=pg_receivexlog
+[ "${FIXTURE_WAL:-}" = archive_command ] && wal_mode=archive_command
 site=pgsite
 [ -f "$checkout/pghoard/pghoard.py" ] || { echo "$checkout is not a pghoard checkout" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "run as root (pghoard and PostgreSQL run as postgres)" >&2; exit 1; }
@@ -56,10 +70,12 @@ chmod -R a+rX "$work/venv"
 
 port=$((20000 + RANDOM % 10000))
 http_port=$((port + 1))
-echo "== PostgreSQL 15 on port $port"
+echo "== $("$bin/postgres" --version) on port $port"
 mkdir -p "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
-chown postgres: "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
-runuser -u postgres -- "$bin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
+# pghoard's delta mode stages its files in basebackup_delta/ beside the data directory.
+mkdir -p "$work/basebackup_delta"
+chown postgres: "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log" "$work/basebackup_delta"
+runuser -u postgres -- "$bin/initdb" --locale=C -A trust -U postgres -D "$work/pg" >/dev/null
 cat >>"$work/pg/postgresql.conf" <<EOF
 port = $port
 listen_addresses = ''
@@ -68,8 +84,14 @@ wal_level = replica
 max_wal_senders = 4
 max_replication_slots = 4
 EOF
+if [ "$wal_mode" = archive_command ]; then
+  cat >>"$work/pg/postgresql.conf" <<EOF
+archive_mode = on
+archive_command = '$work/venv/bin/pghoard_postgres_command --mode archive --port $http_port --site $site --xlog %f'
+EOF
+fi
 runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -l "$work/log/pg.log" -w start >/dev/null
-psql() { runuser -u postgres -- "$bin/psql" -X -q -h "$work/sock" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+psql() { runuser -u postgres -- "$client/psql" -X -q -h "$work/sock" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
 ts_clause=
 if [ "${FIXTURE_TABLESPACE:-}" = 1 ]; then
   mkdir -p "$work/ts" && chown postgres: "$work/ts"
@@ -107,8 +129,11 @@ write_config() { # write_config <basebackup_mode>
       "nodes": [{"host": "$work/sock", "port": $port, "user": "postgres"}],
       "pg_bin_directory": "$bin",
       "pg_data_directory": "$work/pg",
-      "active_backup_mode": "pg_receivexlog",
+      "pg_basebackup_path": "$client/pg_basebackup",
+      "pg_receivexlog_path": "$client/pg_receivewal",
+      "active_backup_mode": "$wal_mode",
       "basebackup_mode": "$1",
+      "basebackup_delta_mode_min_delta_file_size": ${FIXTURE_DELTA_MIN:-65536},
       "basebackup_interval_hours": null,
       "basebackup_chunk_size": 1048576,
       $encryption

@@ -149,6 +149,19 @@ impl UploadContext {
         }
     }
 
+    /// The metadata of a WAL object this site stores: `base_metadata` and the
+    /// [`meta::WALHOARD_WRITER`] mark that lets retention tell walhoard's WAL from pghoard's.
+    /// Set here, where every WAL upload passes (the receiver's, `PUT /<site>/archive`), so no
+    /// path can store unmarked WAL, which retention would then keep forever.
+    fn wal_metadata(&self) -> Metadata {
+        let mut m = self.base_metadata.clone();
+        m.insert(
+            meta::WALHOARD_WRITER.into(),
+            meta::WALHOARD_WRITER_VALUE.into(),
+        );
+        m
+    }
+
     /// One attempt at storing `path` (or `data`, its bytes in memory) as `key`.
     pub async fn upload_once(
         &self,
@@ -165,7 +178,7 @@ impl UploadContext {
                     self.compression,
                     self.encryption.clone(),
                     self.hash_algorithm,
-                    self.base_metadata.clone(),
+                    self.wal_metadata(),
                 )
                 .await
             }
@@ -177,7 +190,7 @@ impl UploadContext {
                     self.compression,
                     self.encryption.clone(),
                     self.hash_algorithm,
-                    self.base_metadata.clone(),
+                    self.wal_metadata(),
                 )
                 .await
             }

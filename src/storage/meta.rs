@@ -45,3 +45,13 @@ pub const TOTAL_SIZE_ENC: &str = "total-size-enc";
 pub const BASEBACKUP_MODE: &str = "basebackup-mode";
 /// The site's active_backup_mode when the backup was taken.
 pub const ACTIVE_BACKUP_MODE: &str = "active-backup-mode";
+/// walhoard's: on every WAL segment, `.partial` and timeline history object walhoard stores,
+/// the version of walhoard that wrote it. Retention deletes only WAL that carries it, so
+/// pghoard's WAL (and anything else's) under the same prefix is never deleted. pghoard reads
+/// metadata by name (`metadata.get("compression-algorithm")` ... in its webserver and
+/// restore) and rohmu's `sanitize_metadata` passes other keys through untouched, so pghoard
+/// ignores it.
+pub const WALHOARD_WRITER: &str = "walhoard-writer";
+
+/// The value of [`WALHOARD_WRITER`] this build writes.
+pub const WALHOARD_WRITER_VALUE: &str = concat!("walhoard ", env!("CARGO_PKG_VERSION"));
