@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::daemon_support::DaemonDir;
 use crate::restore::{get_basebackup, readable_by_server, start_promoted, stderr};
-use crate::retention::{unpack_pghoard_archive, PGHOARD_SITE};
+use crate::retention::PGHOARD_SITE;
 
 const LOCAL_TAR: &str = "2026-12-04_20-38_0";
 const LOCAL_TAR_CONTROL: &str = "2026-12-04_20-38_0.00000000.pghoard";
@@ -23,8 +23,21 @@ const FIXTURE_ROWS: &str = "1400";
 /// A walhoard configuration for pghoard's archive as a pghoard user keeps it: site prefix
 /// `pgsite`, local storage, no encryption; a node nothing connects to.
 fn pghoard_archive() -> DaemonDir {
+    pghoard_archive_of(&fixture_archive("pghoard-pg15"))
+}
+
+/// `tests/data/<fixture>/archive.tar.zst`.
+pub(crate) fn fixture_archive(fixture: &str) -> String {
+    format!(
+        "{}/tests/data/{fixture}/archive.tar.zst",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// [`pghoard_archive`] for the fixture archive `archive`.
+pub(crate) fn pghoard_archive_of(archive: &str) -> DaemonDir {
     let d = DaemonDir::new();
-    unpack_pghoard_archive(&d.path("archive"));
+    crate::retention::unpack_fixture(archive, &d.path("archive"));
     let config = json!({
         "backup_location": d.path("spool"),
         "json_state_file_path": d.path("state.json"),
@@ -43,7 +56,7 @@ fn pghoard_archive() -> DaemonDir {
     d
 }
 
-fn list(d: &DaemonDir) -> serde_json::Value {
+pub(crate) fn list(d: &DaemonDir) -> serde_json::Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args([
             "restore",
@@ -60,7 +73,7 @@ fn list(d: &DaemonDir) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn restore_and_count(d: &DaemonDir, name: &str) {
+pub(crate) fn restore_and_count(d: &DaemonDir, name: &str, rows: &str) {
     let target = d.path(&format!("restored-{name}"));
     let out = get_basebackup(d, &target, &["--basebackup", name, "--restore-to-primary"]);
     assert!(
@@ -72,8 +85,8 @@ fn restore_and_count(d: &DaemonDir, name: &str) {
     assert!(target.join("backup_label").is_file());
     assert!(!target.join("pgdata").exists(), "pgdata/ was not stripped");
     let pg = start_promoted(&target);
-    let rows = pg.psql("select count(*) from fixture").unwrap();
-    assert_eq!(rows.trim(), FIXTURE_ROWS, "{}", pg.log());
+    let got = pg.psql("select count(*) from fixture").unwrap();
+    assert_eq!(got.trim(), rows, "{}", pg.log());
     assert!(
         pg.log().contains("consistent recovery state reached"),
         "{}",
@@ -113,13 +126,13 @@ fn pghoard_basebackups_list_with_sizes_lsns_and_timeline() {
 async fn restore_pghoard_local_tar_backup_and_replay_pghoards_wal() {
     let d = pghoard_archive();
     // By pghoard's backup name, without the `.00000000.pghoard` of its control object.
-    restore_and_count(&d, LOCAL_TAR);
+    restore_and_count(&d, LOCAL_TAR, FIXTURE_ROWS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_pghoard_basic_backup_and_replay_pghoards_wal() {
     let d = pghoard_archive();
-    restore_and_count(&d, BASIC);
+    restore_and_count(&d, BASIC, FIXTURE_ROWS);
 }
 
 /// Replaces one byte of file data inside a stored zstd tar with another value and stores it

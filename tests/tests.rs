@@ -11,6 +11,7 @@ mod foreign_archive;
 mod http_api;
 mod pghoa1;
 mod pghoard_cli;
+mod pghoard_delta;
 mod pghoard_restore;
 mod pghoard_rollback;
 mod pghoard_switch;

@@ -27,8 +27,17 @@
 #                                    and pg_receivewal come from CLIENT_BIN (default Debian's
 #                                    15), which must be at least the server's major;
 #   FIXTURE_WAL=archive_command      WAL through PostgreSQL's archive_command and
-#                                    pghoard_postgres_command instead of pg_receivewal (for a
-#                                    server newer than CLIENT_BIN's pg_receivewal);
+#                                    pghoard_postgres_command instead of pg_receivewal.
+#
+# pghoard refuses to start pg_receivewal or any basebackup unless its configured
+# pg_receivewal/pg_basebackup have the server's major (PGHoard.check_pg_versions_ok). For a
+# server of another major than CLIENT_BIN (tools/install-pg.sh ships no client programs):
+# FIXTURE_WAL=archive_command, and only local-tar or delta backups, which never run
+# pg_basebackup: pghoard is then given a stand-in `pg_basebackup` that only answers
+# `--version` with the server's version (and fails if ever run otherwise), e.g.
+#
+#   PG_BIN=/var/cache/walhoard/pg/13/bin FIXTURE_MODES=local-tar FIXTURE_WAL=archive_command \
+#     tools/pghoard-fixture.sh <checkout> tests/data/pghoard-pg13
 #   FIXTURE_ENCRYPT=1                pghoard's own encryption (`pghoa1`) with a fresh RSA key
 #                                    pair, written as key.json (encryption_keys.k1) beside
 #                                    the archive: a test key, for the tests only;
@@ -70,11 +79,23 @@ chmod -R a+rX "$work/venv"
 
 port=$((20000 + RANDOM % 10000))
 http_port=$((port + 1))
-echo "== $("$bin/postgres" --version) on port $port"
+server_version=$("$bin/postgres" --version | awk '{print $3}')
+basebackup_path=$client/pg_basebackup
+if [ "${server_version%%.*}" != "$("$client/psql" --version | awk '{print $3}' | cut -d. -f1)" ]; then
+  case " $modes " in *" basic "*|*" pipe "*)
+    echo "basic/pipe need pg_basebackup of PostgreSQL ${server_version%%.*}; CLIENT_BIN has another major" >&2; exit 1;;
+  esac
+  [ "$wal_mode" = archive_command ] || { echo "set FIXTURE_WAL=archive_command for a server of another major than CLIENT_BIN" >&2; exit 1; }
+  mkdir -p "$work/shim"
+  basebackup_path=$work/shim/pg_basebackup
+  printf '#!/bin/sh\n# version check only (local-tar/delta never run it)\n[ "$1" = --version ] && echo "pg_basebackup (PostgreSQL) %s" && exit 0\necho "stand-in pg_basebackup run: $*" >&2; exit 1\n' \
+    "$server_version" >"$basebackup_path"
+  chmod 755 "$work/shim" "$basebackup_path"
+fi
+echo "== PostgreSQL $server_version on port $port"
 mkdir -p "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
-# pghoard's delta mode stages its files in basebackup_delta/ beside the data directory.
-mkdir -p "$work/basebackup_delta"
-chown postgres: "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log" "$work/basebackup_delta"
+# pghoard's delta mode creates and removes basebackup_delta/ beside the data directory.
+chown postgres: "$work" "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
 runuser -u postgres -- "$bin/initdb" --locale=C -A trust -U postgres -D "$work/pg" >/dev/null
 cat >>"$work/pg/postgresql.conf" <<EOF
 port = $port
@@ -129,7 +150,7 @@ write_config() { # write_config <basebackup_mode>
       "nodes": [{"host": "$work/sock", "port": $port, "user": "postgres"}],
       "pg_bin_directory": "$bin",
       "pg_data_directory": "$work/pg",
-      "pg_basebackup_path": "$client/pg_basebackup",
+      "pg_basebackup_path": "$basebackup_path",
       "pg_receivexlog_path": "$client/pg_receivewal",
       "active_backup_mode": "$wal_mode",
       "basebackup_mode": "$1",
@@ -146,10 +167,13 @@ EOF
 }
 
 start_pghoard() {
-  # Its own process group: pghoard's multiprocessing helpers outlive it otherwise.
+  # Its own process group: pghoard's multiprocessing helpers outlive it otherwise. Started in
+  # a directory postgres may write: pghoard's atomic_write puts temporary files in the cwd.
+  cd "$work/backup"
   setsid runuser -u postgres -- env PATH="$work/venv/bin:$PATH" "$work/venv/bin/pghoard" \
     "$work/pghoard.json" >>"$work/pghoard.log" 2>&1 &
   pids+=($!)
+  cd - >/dev/null
   for _ in $(seq 1 120); do
     curl -sf "http://127.0.0.1:$http_port/status" >/dev/null 2>&1 && return 0
     sleep 0.5

@@ -3,6 +3,7 @@
 pub mod compression;
 pub mod cpu;
 pub mod encryption;
+pub mod blake2s;
 pub mod hash;
 pub mod pghoa1;
 pub mod transfer;

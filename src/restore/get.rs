@@ -30,6 +30,7 @@ use super::beneath::Beneath;
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
 use super::pghoard::{self, FORMAT_PGHOARD_BASIC};
+use super::pghoard_delta::{self, FORMAT_PGHOARD_DELTA};
 use super::recovery::{self, RecoverySettings};
 use super::{candidates, choose, RestoreSite, Target};
 use crate::basebackup::inventory::{self, Writer};
@@ -119,7 +120,7 @@ impl Read for Verifying<'_> {
 
 /// Where a chunk's members go.
 #[derive(Clone)]
-enum Route {
+pub(super) enum Route {
     /// base.tar / a tablespace tar: every member below one extractor.
     Into(Extractor),
     /// local-tar: `pgdata/…` to the data directory, `tablespaces/<name>/…` to that tablespace.
@@ -129,6 +130,13 @@ enum Route {
     },
     /// The backup_manifest: a plain file `name` in the directory `dir`.
     File { dir: PathBuf, name: &'static str },
+    /// A pghoard delta object: the whole plain body is the file `rel` of the data directory,
+    /// whose BLAKE2s-256 must be `hexdigest` ([`super::pghoard_delta`]).
+    DeltaFile {
+        data: Extractor,
+        rel: String,
+        hexdigest: String,
+    },
 }
 
 impl Route {
@@ -136,10 +144,10 @@ impl Route {
     fn place<'a>(&'a self, path: &'a str) -> io::Result<Option<(&'a Extractor, &'a str)>> {
         match self {
             Route::Into(x) => Ok(Some((x, path))),
-            Route::File { .. } => Ok(None),
+            Route::File { .. } | Route::DeltaFile { .. } => Ok(None),
             Route::LocalTar { data, tablespaces } => {
                 let p = path.trim_start_matches("./");
-                if p == METADATA_MEMBER {
+                if p == METADATA_MEMBER || p == pghoard_delta::MANIFEST_MEMBER {
                     return Ok(None);
                 }
                 if p == "pgdata" || p == "pgdata/" {
@@ -178,6 +186,14 @@ impl Route {
             let mut f = Beneath::open(dir)?.create(Path::new(name), 0o600)?;
             io::copy(r, &mut f)?;
             return f.sync_all();
+        }
+        if let Route::DeltaFile {
+            data,
+            rel,
+            hexdigest,
+        } = self
+        {
+            return pghoard_delta::extract_object(data, rel, hexdigest, r);
         }
         let mut tar = TarReader::new(&mut *r);
         while let Some(entry) = tar.next_entry()? {
@@ -287,9 +303,16 @@ async fn read_control(
     .with_context(|| format!("read control object {key}"))?;
     let mut meta = None;
     let mut extra = Vec::new();
+    let delta = pghoard && pghoard_delta::is_delta(object_meta.get(meta::FORMAT).map(String::as_str));
     for (e, data) in members {
         if e.path == METADATA_MEMBER {
-            meta = Some(if pghoard {
+            meta = Some(if delta {
+                let files = pghoard_delta::delta_files(&key, &data)?;
+                let m = pghoard_delta::delta_metadata(&key, &data, &object_meta, &files)?;
+                // restore_into reads the delta files from it again.
+                extra.push((e, data));
+                m
+            } else if pghoard {
                 pghoard::bb_v2_metadata(&key, &data, &object_meta)?
             } else {
                 serde_json::from_slice::<BackupMetadata>(&data)
@@ -356,7 +379,7 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
                 .await
                 .and_then(|(meta, extra, pghoard_written)| {
                     if meta.format != FORMAT_STREAM
-                        && meta.format != FORMAT_LOCAL_TAR
+                        && !local_tar_layout(&meta.format)
                         && meta.format != FORMAT_PGHOARD_BASIC
                     {
                         bail!(
@@ -490,6 +513,8 @@ async fn restore_into(
     };
     let mut jobs = Vec::new();
     for c in &meta.chunks {
+        // pghoard's delta bundle chunks hold members relative to the data directory (no
+        // `pgdata/`): they go the way of a base.tar's.
         let route = if meta.format == FORMAT_LOCAL_TAR {
             local_tar.route()
         } else {
@@ -520,19 +545,33 @@ async fn restore_into(
                 }
             }
         };
-        let pghoard_basic = meta.format == FORMAT_PGHOARD_BASIC;
         jobs.push(Job {
             chunk: c.clone(),
             route,
-            // pghoard's basic backup is its control object.
-            key: if pghoard_basic {
-                format!("basebackup/{}", c.chunk_filename)
-            } else {
-                format!("basebackup_chunk/{}", c.chunk_filename)
+            key: match meta.format.as_str() {
+                // pghoard's basic backup is its control object.
+                FORMAT_PGHOARD_BASIC => format!("basebackup/{}", c.chunk_filename),
+                FORMAT_PGHOARD_DELTA => {
+                    format!("{}/{}", pghoard_delta::CHUNK_PREFIX, c.chunk_filename)
+                }
+                _ => format!("basebackup_chunk/{}", c.chunk_filename),
             },
             check_sha1: !pghoard_written,
         });
     }
+    let delta = match meta.format.as_str() {
+        FORMAT_PGHOARD_DELTA => {
+            let json = extra
+                .iter()
+                .find(|(e, _)| e.path == METADATA_MEMBER)
+                .map(|(_, d)| d.as_slice())
+                .unwrap_or_default();
+            let files = pghoard_delta::delta_files(&format!("basebackup/{name}"), json)?;
+            jobs.extend(pghoard_delta::object_jobs(&files, &data));
+            Some(files)
+        }
+        _ => None,
+    };
     let parallel = site.config.restore_process_count.unwrap_or(4).max(1) as usize;
     let done = Arc::new(AtomicU64::new(0));
     let reporter = spawn_progress(done.clone(), meta.total_size_plain);
@@ -543,6 +582,10 @@ async fn restore_into(
         eprintln!();
     }
     fetched?;
+    if let Some(files) = &delta {
+        pghoard_delta::write_embedded(files, &data)
+            .with_context(|| format!("basebackup/{name}: embedded files"))?;
+    }
     eprintln!(
         "restore: {} chunks, {} bytes in {:.1}s",
         meta.chunks.len(),
@@ -550,7 +593,7 @@ async fn restore_into(
         started.elapsed().as_secs_f64()
     );
     // local-tar: pg_control and backup_label live in the control object.
-    if meta.format == FORMAT_LOCAL_TAR {
+    if local_tar_layout(&meta.format) {
         let route = local_tar.route();
         for (e, bytes) in &extra {
             if let Some((x, rel)) = route.place(&e.path)? {
@@ -561,7 +604,7 @@ async fn restore_into(
     }
     let root = Beneath::open(&opts.target_dir)
         .with_context(|| format!("open {}", opts.target_dir.display()))?;
-    if meta.format != FORMAT_LOCAL_TAR {
+    if !local_tar_layout(&meta.format) {
         // BASE_BACKUP's tablespace_map names the original directories; the links below say
         // where the tablespaces are now (docs/formats.md).
         root.remove_file(Path::new("tablespace_map"))
@@ -635,13 +678,19 @@ fn link_tablespaces(
     Ok(())
 }
 
+/// Whether a backup's chunks and control-object members are laid out as local-tar's
+/// (`pgdata/…`, `tablespaces/<name>/…`): walhoard's and pghoard's local-tar, pghoard's delta.
+fn local_tar_layout(format: &str) -> bool {
+    format == FORMAT_LOCAL_TAR || format == FORMAT_PGHOARD_DELTA
+}
+
 /// One chunk to fetch: its description, where its members go, its object key.
-struct Job {
-    chunk: ChunkMeta,
-    route: Route,
-    key: String,
+pub(super) struct Job {
+    pub(super) chunk: ChunkMeta,
+    pub(super) route: Route,
+    pub(super) key: String,
     /// walhoard's chunks carry the SHA-1 of their plain bytes; pghoard's do not.
-    check_sha1: bool,
+    pub(super) check_sha1: bool,
 }
 
 /// The local-tar routing, shared by every chunk.

@@ -19,7 +19,7 @@
 //! against `input_size` (the object's `original-file-size` for `basic`), and, when the
 //! object's metadata has rohmu's local-storage `_hash` (SHA-256 of the stored bytes), that
 //! hash ([`crate::pipeline::transfer::download_with`]); `pghoa1` objects have their MAC.
-//! Other pghoard formats (`pghoard-bb-v1`, `pghoard-delta-v1`/`v2`) are refused by name.
+//! Delta backups are read by [`super::pghoard_delta`]; `pghoard-bb-v1` is refused by name.
 
 use std::collections::BTreeMap;
 
@@ -99,9 +99,11 @@ pub fn segment_start_lsn(segment: &str) -> String {
 pub fn check_supported(key: &str, object_meta: &Metadata) -> Result<()> {
     match object_meta.get(meta::FORMAT).map(String::as_str) {
         None | Some("pghoard-bb-v2") => Ok(()),
+        f if super::pghoard_delta::is_delta(f) => Ok(()),
         Some(f) => bail!(
             "{key}: pghoard's basebackup format {f:?} is not supported by walhoard's restore \
-             (supported: pghoard's basic/pipe backups and local-tar pghoard-bb-v2)"
+             (supported: pghoard's basic/pipe backups, local-tar pghoard-bb-v2 and delta \
+             pghoard-delta-v1/v2)"
         ),
     }
 }
@@ -259,10 +261,10 @@ mod tests {
     #[test]
     fn unsupported_pghoard_formats_are_named() {
         let mut m = Metadata::new();
-        m.insert(meta::FORMAT.into(), "pghoard-delta-v2".into());
+        m.insert(meta::FORMAT.into(), "pghoard-bb-v1".into());
         let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
         assert!(
-            e.contains("pghoard-delta-v2") && e.contains("basebackup/x"),
+            e.contains("pghoard-bb-v1") && e.contains("basebackup/x"),
             "{e}"
         );
     }
