@@ -25,7 +25,10 @@ fn pghoard_delta_backups_list_with_sizes_lsns_and_timeline() {
     let d = delta_archive();
     let list = list(&d);
     let backups = list.as_array().unwrap();
-    let names: Vec<&str> = backups.iter().map(|b| b["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = backups
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
     assert_eq!(
         names,
         [
@@ -87,7 +90,10 @@ async fn restore_refuses_a_tampered_pghoard_delta_object_and_leaves_nothing() {
     assert!(tamper_delta_objects(&site) > 10);
     let target = d.path("restored");
     let out = get_basebackup(&d, &target, &["--basebackup", SECOND]);
-    assert!(!out.status.success(), "tampered delta objects were restored");
+    assert!(
+        !out.status.success(),
+        "tampered delta objects were restored"
+    );
     let err = stderr(&out);
     assert!(
         err.contains("basebackup_delta/") && err.contains("BLAKE2s-256"),

@@ -141,7 +141,10 @@ async fn retention_deletes_only_the_wal_walhoard_wrote() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let wal_objects = pghoard_wal.keys().filter(|k| !k.ends_with(".metadata")).count();
+    let wal_objects = pghoard_wal
+        .keys()
+        .filter(|k| !k.ends_with(".metadata"))
+        .count();
     assert!(
         text.lines().any(|l| l.starts_with("ok")
             && l.contains("WAL retention")

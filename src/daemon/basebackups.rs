@@ -22,8 +22,8 @@ use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use super::wal_retention::{self, KeepAllReason, WalPlan};
+use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::{Config, SiteConfig};
 use crate::storage::meta;

@@ -1,9 +1,9 @@
 //! The path every archived byte takes: compress, then encrypt, then store; and back.
 
+pub mod blake2s;
 pub mod compression;
 pub mod cpu;
 pub mod encryption;
-pub mod blake2s;
 pub mod hash;
 pub mod pghoa1;
 pub mod transfer;

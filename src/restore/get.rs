@@ -303,7 +303,8 @@ async fn read_control(
     .with_context(|| format!("read control object {key}"))?;
     let mut meta = None;
     let mut extra = Vec::new();
-    let delta = pghoard && pghoard_delta::is_delta(object_meta.get(meta::FORMAT).map(String::as_str));
+    let delta =
+        pghoard && pghoard_delta::is_delta(object_meta.get(meta::FORMAT).map(String::as_str));
     for (e, data) in members {
         if e.path == METADATA_MEMBER {
             meta = Some(if delta {

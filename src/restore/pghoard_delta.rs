@@ -114,7 +114,11 @@ impl DeltaFiles {
     /// Plain bytes of the delta objects and embedded files.
     pub fn plain_size(&self) -> u64 {
         self.objects.iter().map(|o| o.file_size).sum::<u64>()
-            + self.embedded.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+            + self
+                .embedded
+                .iter()
+                .map(|(_, b)| b.len() as u64)
+                .sum::<u64>()
     }
 
     pub fn stored_size(&self) -> u64 {
@@ -130,8 +134,8 @@ pub fn is_delta(format: Option<&str>) -> bool {
 /// The delta objects, embedded files and empty directories of the control object `key`'s
 /// metadata member `json`.
 pub fn delta_files(key: &str, json: &[u8]) -> Result<DeltaFiles> {
-    let c: Control = serde_json::from_slice(json)
-        .with_context(|| format!("{key}: pghoard's delta manifest"))?;
+    let c: Control =
+        serde_json::from_slice(json).with_context(|| format!("{key}: pghoard's delta manifest"))?;
     let state = c.manifest.snapshot_result.state;
     let mut out = DeltaFiles {
         empty_dirs: state.empty_dirs,
@@ -311,7 +315,10 @@ mod tests {
         let f = delta_files("basebackup/b", json.as_bytes()).unwrap();
         assert_eq!(f.objects.len(), 1);
         assert_eq!(f.objects[0].key(), format!("basebackup_delta/{d}"));
-        assert_eq!(f.embedded, vec![("PG_VERSION".to_string(), b"15\n".to_vec())]);
+        assert_eq!(
+            f.embedded,
+            vec![("PG_VERSION".to_string(), b"15\n".to_vec())]
+        );
         assert_eq!(f.empty_dirs, ["pg_notify"]);
         assert_eq!(f.plain_size(), 90003);
     }
