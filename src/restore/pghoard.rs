@@ -100,6 +100,13 @@ pub fn check_supported(key: &str, object_meta: &Metadata) -> Result<()> {
     match object_meta.get(meta::FORMAT).map(String::as_str) {
         None | Some("pghoard-bb-v2") => Ok(()),
         f if super::pghoard_delta::is_delta(f) => Ok(()),
+        // pghoard wrote this single-tar local-tar layout before 1.6.0 (2017); no pghoard that
+        // runs on today's Python and PostgreSQL writes it, so there is no real archive to
+        // test a reader against.
+        Some("pghoard-bb-v1") => bail!(
+            "{key}: pghoard's basebackup format \"pghoard-bb-v1\" (written by pghoard before \
+             1.6.0) is not supported by walhoard's restore; restore it with pghoard"
+        ),
         Some(f) => bail!(
             "{key}: pghoard's basebackup format {f:?} is not supported by walhoard's restore \
              (supported: pghoard's basic/pipe backups, local-tar pghoard-bb-v2 and delta \
@@ -264,8 +271,15 @@ mod tests {
         m.insert(meta::FORMAT.into(), "pghoard-bb-v1".into());
         let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
         assert!(
-            e.contains("pghoard-bb-v1") && e.contains("basebackup/x"),
+            e.contains("pghoard-bb-v1") && e.contains("basebackup/x") && e.contains("with pghoard"),
             "{e}"
         );
+        m.insert(meta::FORMAT.into(), "pghoard-bb-v9".into());
+        let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
+        assert!(e.contains("pghoard-bb-v9"), "{e}");
+        for f in ["pghoard-delta-v1", "pghoard-delta-v2", "pghoard-bb-v2"] {
+            m.insert(meta::FORMAT.into(), f.into());
+            assert!(check_supported("basebackup/x", &m).is_ok(), "{f}");
+        }
     }
 }
