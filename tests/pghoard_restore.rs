@@ -73,7 +73,9 @@ pub(crate) fn list(d: &DaemonDir) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-pub(crate) fn restore_and_count(d: &DaemonDir, name: &str, rows: &str) {
+/// Restores `name`, starts PostgreSQL on it (the server of the backup's major) and checks the
+/// fixture table holds `rows`; returns the major.
+pub(crate) fn restore_and_count(d: &DaemonDir, name: &str, rows: &str) -> u32 {
     let target = d.path(&format!("restored-{name}"));
     let out = get_basebackup(d, &target, &["--basebackup", name, "--restore-to-primary"]);
     assert!(
@@ -92,7 +94,30 @@ pub(crate) fn restore_and_count(d: &DaemonDir, name: &str, rows: &str) {
         "{}",
         pg.log()
     );
+    pg.major
 }
+
+/// pghoard's local-tar backups on each PostgreSQL major a fixture was written on
+/// (tools/pghoard-fixture.sh; pghoard 2.7.0 supports 9.3 to 18): the fixture, its major, the
+/// backup's name as pghoard lists it, its start segment's LSN, and the fixture table's rows
+/// once all its WAL is replayed.
+pub(crate) const LOCAL_TAR_BY_MAJOR: [(&str, u32, &str, &str, &str); 3] = [
+    ("pghoard-pg15", 15, LOCAL_TAR, "0/2000000", FIXTURE_ROWS),
+    (
+        "pghoard-pg13",
+        13,
+        "2026-12-04_23-40_0",
+        "0/2000000",
+        "1200",
+    ),
+    (
+        "pghoard-pg17",
+        17,
+        "2026-12-04_23-43_0",
+        "0/2000000",
+        "1200",
+    ),
+];
 
 #[test]
 fn pghoard_basebackups_list_with_sizes_lsns_and_timeline() {
@@ -124,9 +149,30 @@ fn pghoard_basebackups_list_with_sizes_lsns_and_timeline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_pghoard_local_tar_backup_and_replay_pghoards_wal() {
-    let d = pghoard_archive();
-    // By pghoard's backup name, without the `.00000000.pghoard` of its control object.
-    restore_and_count(&d, LOCAL_TAR, FIXTURE_ROWS);
+    for (fixture, major, name, _, rows) in LOCAL_TAR_BY_MAJOR {
+        let d = pghoard_archive_of(&fixture_archive(fixture));
+        // By pghoard's backup name, without the `.00000000.pghoard` of its control object.
+        assert_eq!(restore_and_count(&d, name, rows), major, "{fixture}");
+    }
+}
+
+#[test]
+fn pghoard_local_tar_backups_of_every_major_list_with_lsn_timeline_and_version() {
+    for (fixture, major, name, start_lsn, _) in LOCAL_TAR_BY_MAJOR {
+        let d = pghoard_archive_of(&fixture_archive(fixture));
+        let list = list(&d);
+        let b = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == format!("{name}.00000000.pghoard"))
+            .unwrap_or_else(|| panic!("{fixture}: {name} not listed: {list:#}"));
+        assert_eq!(b["start_lsn"], start_lsn, "{fixture}: {b:#}");
+        assert_eq!(b["start_timeline"], 1, "{fixture}: {b:#}");
+        let version: u32 = b["pg_version"].as_str().unwrap().parse().unwrap();
+        assert_eq!(version / 10000, major, "{fixture}: {b:#}");
+        assert!(b["size_plain"].as_u64() > Some(1 << 20), "{fixture}: {b:#}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
