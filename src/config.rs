@@ -1096,11 +1096,8 @@ mod tests {
             let text = String::from_utf8_lossy(&input);
             if let Ok(c) = Config::parse(&text, "t.json") {
                 let _ = crate::settings::compression_settings(&c);
-                for (name, site) in &c.backup_sites {
-                    let _ = crate::settings::upload_encryption(name, site);
-                    for node in &site.nodes {
-                        let _ = node.connect_params();
-                    }
+                for name in c.backup_sites.keys() {
+                    let _ = crate::settings::SiteSettings::build(&c, name);
                 }
             }
         }

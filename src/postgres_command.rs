@@ -149,10 +149,7 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
         Some(config) if req.host.is_none() && req.port.is_none() => {
             // Daemonless: read the object store directly.
             let site = RestoreSite::open(config, Some(&req.site)).map_err(failed)?;
-            let prefetch = site.config.restore_prefetch.map_or_else(
-                || crate::settings::transfer_threads(&site.config),
-                |n| n as usize,
-            );
+            let prefetch = site.settings.restore_prefetch;
             // This site first, then its `moved_from` sites.
             restore_wal_file_from(&site.wal_sources(), &req.xlog, &output, prefetch)
                 .await

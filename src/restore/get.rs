@@ -533,7 +533,7 @@ async fn restore_into(
             check_sha1: !pghoard_written,
         });
     }
-    let parallel = site.config.restore_process_count.unwrap_or(4).max(1) as usize;
+    let parallel = site.restore_process_count;
     let done = Arc::new(AtomicU64::new(0));
     let reporter = spawn_progress(done.clone(), meta.total_size_plain);
     let started = std::time::Instant::now();
