@@ -405,7 +405,10 @@ async fn restore(
     // not cancel a download halfway (its temporary files are removed by the code that made
     // them), and does not free the slot before the memory is.
     let restores = api.restores.clone();
-    let (store, prefetch) = (handle.upload.store.clone(), handle.settings.restore_prefetch);
+    let (store, prefetch) = (
+        handle.upload.store.clone(),
+        handle.settings.restore_prefetch,
+    );
     let older = handle.older.clone();
     let (site_name, file_name) = (site.to_string(), file.to_string());
     let work = api.tasks.spawn(async move {

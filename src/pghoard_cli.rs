@@ -20,6 +20,9 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+use walhoard::postgres_command::CommandArgs;
+
+use crate::cli_flags::PghoardSiteFlags;
 
 mod create_keys;
 use create_keys::create_keys;
@@ -92,11 +95,8 @@ struct Generic {
     /// Accepted: walhoard's output does not change with it.
     #[arg(short = 'v', long)]
     verbose: bool,
-    /// Configuration file (default: $PGHOARD_CONFIG).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    site: Option<String>,
+    #[command(flatten)]
+    site: PghoardSiteFlags,
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,26 +170,15 @@ enum RestoreSub {
     about = "walhoard postgres-command, with pghoard's flags"
 )]
 struct PostgresCommandFlags {
-    #[arg(long)]
-    host: Option<String>,
-    #[arg(long)]
-    port: Option<u16>,
+    /// walhoard's flags, which are pghoard's (plus `--config`, walhoard's own: read the
+    /// object store with this configuration, no daemon).
+    #[command(flatten)]
+    args: CommandArgs,
     /// Accepted for pghoard's recovery configurations; walhoard's HTTP API does not check it.
     #[arg(long)]
     username: Option<String>,
     #[arg(long)]
     password: Option<String>,
-    #[arg(long)]
-    site: String,
-    #[arg(long)]
-    xlog: String,
-    #[arg(long)]
-    output: Option<OsString>,
-    #[arg(long, value_enum)]
-    mode: walhoard::postgres_command::Mode,
-    /// walhoard's own addition: read the object store with this configuration (no daemon).
-    #[arg(long)]
-    config: Option<PathBuf>,
 }
 
 /// `pghoard_create_keys`.
@@ -203,14 +192,12 @@ struct CreateKeysFlags {
     #[arg(short = 'D', long)]
     debug: bool,
     #[arg(long)]
-    site: Option<String>,
-    #[arg(long)]
     key_id: String,
     #[arg(long, default_value_t = 3072)]
     bits: usize,
-    /// Store the keys into this configuration file (default: $PGHOARD_CONFIG).
-    #[arg(long)]
-    config: Option<PathBuf>,
+    /// `--config`: store the keys into this configuration file.
+    #[command(flatten)]
+    site: PghoardSiteFlags,
 }
 
 /// The pghoard name an invocation uses, and the arguments after it.
@@ -274,14 +261,10 @@ fn refuse(message: &str) -> Dispatch {
 }
 
 fn config_or_env(config: Option<PathBuf>, what: &str) -> Result<PathBuf, u8> {
-    config
-        .or_else(|| std::env::var_os("PGHOARD_CONFIG").map(PathBuf::from))
-        .ok_or_else(|| {
-            eprintln!(
-                "walhoard: {what}: give the configuration file with --config or PGHOARD_CONFIG"
-            );
-            1
-        })
+    config.or_else(PghoardSiteFlags::env_config).ok_or_else(|| {
+        eprintln!("walhoard: {what}: give the configuration file with --config or PGHOARD_CONFIG");
+        1
+    })
 }
 
 fn translated<I, S>(args: I, debug: bool) -> Dispatch
@@ -317,9 +300,9 @@ fn restore(f: RestoreFlags) -> Dispatch {
     }
     let generic_args = |g: Generic| -> Result<Vec<OsString>, u8> {
         let _ = g.verbose;
-        let config = config_or_env(g.config, "pghoard_restore")?;
+        let config = config_or_env(g.site.config, "pghoard_restore")?;
         let mut v: Vec<OsString> = vec!["--config".into(), config.into()];
-        if let Some(site) = g.site {
+        if let Some(site) = g.site.site {
             v.extend(["--site".into(), site.into()]);
         }
         Ok(v)
@@ -436,6 +419,7 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
     // walhoard's HTTP API has no authentication yet: the credentials are accepted so
     // pghoard's recovery configurations parse, and not sent anywhere.
     let _ = (f.username, f.password);
+    let f = f.args;
     let mut v: Vec<OsString> = vec![
         "postgres-command".into(),
         "--mode".into(),
@@ -446,7 +430,7 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
         f.xlog.into(),
     ];
     if let Some(output) = f.output {
-        v.extend(["--output".into(), output]);
+        v.extend(["--output".into(), output.into()]);
     }
     if let Some(host) = f.host {
         v.extend(["--host".into(), host.into()]);

@@ -3,10 +3,10 @@
 //! nothing deeper looks a site up by name in the raw configuration or re-reads its values.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use walhoard_protocol::ConnectParams;
 
 use crate::config::{Config, HashAlgorithm, ObjectStorageConfig, SiteConfig};
@@ -236,6 +236,29 @@ fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
     Ok(ring)
 }
 
+/// The site a command names with `--site`, else the configuration's only site.
+pub fn chosen_site(config: &Config, site: Option<&str>, file: &Path) -> Result<String> {
+    let name = match site {
+        Some(s) => s.to_string(),
+        None => match config.backup_sites.keys().collect::<Vec<_>>().as_slice() {
+            [only] => (*only).clone(),
+            [] => bail!("{}: no backup_sites", file.display()),
+            many => bail!(
+                "{} has several backup sites ({}): choose one with --site",
+                file.display(),
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    if !config.backup_sites.contains_key(&name) {
+        bail!("no backup site {name:?} in {}", file.display());
+    }
+    Ok(name)
+}
+
 /// Opens the object store of site `name`: for callers at the edge that hold a raw
 /// configuration (tests, one-off tools).
 pub fn open_store(config: &Config, name: &str) -> Result<ObjectStore> {
@@ -283,6 +306,25 @@ mod tests {
         assert_eq!(s.prefix, "p/q");
         let e = SiteSettings::build(&config(""), "other").unwrap_err();
         assert!(format!("{e:#}").contains("\"other\""), "{e:#}");
+    }
+
+    #[test]
+    fn the_only_site_is_chosen_unless_one_is_named() {
+        let one = config("");
+        let file = Path::new("f.json");
+        assert_eq!(chosen_site(&one, None, file).unwrap(), "main");
+        assert_eq!(chosen_site(&one, Some("main"), file).unwrap(), "main");
+        let e = chosen_site(&one, Some("other"), file).unwrap_err();
+        assert_eq!(e.to_string(), "no backup site \"other\" in f.json");
+        let mut two = one.clone();
+        two.backup_sites
+            .insert("b".into(), two.backup_sites["main"].clone());
+        let e = chosen_site(&two, None, file).unwrap_err();
+        assert!(
+            e.to_string().contains("several backup sites (b, main)"),
+            "{e}"
+        );
+        assert_eq!(chosen_site(&two, Some("b"), file).unwrap(), "b");
     }
 
     #[test]

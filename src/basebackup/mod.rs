@@ -29,11 +29,11 @@ use walhoard_basebackup::tar::TarWriter;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
-use crate::settings::{Node, SiteSettings};
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::transfer::{
     upload_produced, upload_produced_as, Input, UploadEncryption, Uploaded,
 };
+use crate::settings::{Node, SiteSettings};
 use crate::storage::meta;
 use crate::storage::{Metadata, ObjectStore};
 

@@ -13,9 +13,9 @@
 //! that never completed (an interrupted run) are deleted once `ORPHAN_MIN_AGE` old; see
 //! [`crate::basebackup::inventory`].
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};

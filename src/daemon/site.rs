@@ -24,8 +24,8 @@ use super::status::{
     CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
 };
 use crate::config::SpoolFsync;
-use crate::settings::SiteSettings;
 use crate::pipeline::encryption::KeyRing;
+use crate::settings::SiteSettings;
 
 /// How far past the slot's position the resume check looks for already-archived segments.
 const RESUME_SCAN_LIMIT: u64 = 100_000;

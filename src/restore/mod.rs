@@ -24,8 +24,8 @@ use serde::Serialize;
 use walhoard_protocol::Lsn;
 
 use crate::config::Config;
-use crate::settings::SiteSettings;
 use crate::pipeline::encryption::KeyRing;
+use crate::settings::SiteSettings;
 use crate::storage::meta;
 use crate::storage::ObjectStore;
 
@@ -71,24 +71,7 @@ impl RestoreSite {
     /// Loads `config_path` and opens `site` (optional when the configuration has one site).
     pub fn open(config_path: &Path, site: Option<&str>) -> Result<Self> {
         let config = Config::load(config_path)?;
-        let name = match site {
-            Some(s) => s.to_string(),
-            None => match config.backup_sites.keys().collect::<Vec<_>>().as_slice() {
-                [only] => (*only).clone(),
-                [] => bail!("{}: no backup_sites", config_path.display()),
-                many => bail!(
-                    "{} has several backup sites ({}): choose one with --site",
-                    config_path.display(),
-                    many.iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            },
-        };
-        if !config.backup_sites.contains_key(&name) {
-            bail!("no backup site {name:?} in {}", config_path.display());
-        }
+        let name = crate::settings::chosen_site(&config, site, config_path)?;
         let settings = SiteSettings::build(&config, &name)?;
         // Restore only reads: an archive that is not there must not be created empty.
         let store = settings.open_store_read_only()?;
