@@ -115,7 +115,7 @@ async fn check_replication(site: &SiteSettings, out: &mut Vec<CheckResult>) -> O
     if site.config.active_backup_mode == BackupMode::Walreceiver {
         let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
         let info = client.read_replication_slot(&slot).await;
-        let active = slot_active(&params, &slot).await;
+        let active = slot_active(params, &slot).await;
         push(
             "replication slot",
             match info {
