@@ -244,14 +244,6 @@ impl Config {
         Ok(config)
     }
 
-    /// The object key prefix of a site: its `prefix`, else its name.
-    pub fn site_prefix<'a>(&'a self, name: &'a str) -> &'a str {
-        self.backup_sites
-            .get(name)
-            .and_then(|s| s.prefix.as_deref())
-            .unwrap_or(name)
-    }
-
     /// Where alert files go.
     pub fn alert_dir(&self) -> PathBuf {
         self.alert_file_dir
@@ -340,7 +332,12 @@ mod tests {
         assert_eq!(s.basebackup_chunk_size, 2 << 30);
         assert_eq!(s.pg_receivexlog.resume_multiplier, 1.5);
         assert_eq!(s.pg_receivexlog.spool_fsync, SpoolFsync::Auto);
-        assert_eq!(c.site_prefix("main"), "main");
+        assert_eq!(
+            crate::settings::SiteSettings::build(&c, "main")
+                .unwrap()
+                .prefix,
+            "main"
+        );
         let (p, slot) = s.nodes[0].connect_params().unwrap();
         assert_eq!(slot.as_deref(), Some("walhoard"));
         assert_eq!(p.port, 5432);
