@@ -32,8 +32,8 @@ use serde::Deserialize;
 use walhoard_basebackup::control::{BackupMetadata, ChunkKind, ChunkMeta};
 use walhoard_basebackup::untar::{Entry, EntryKind};
 
+use super::chunks::{Job, Route};
 use super::extract::Extractor;
-use super::get::{Job, Route};
 use crate::pipeline::blake2s::Blake2s;
 use crate::storage::Metadata;
 
