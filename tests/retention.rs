@@ -75,12 +75,11 @@ pub(crate) fn unpack_fixture(archive: &str, dir: &Path) {
     assert!(status.success(), "unpack {archive}: {status}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_keeps_every_object_pghoard_wrote() {
+/// A fresh cluster moved past the fixture's segment names: a fresh cluster's would be
+/// pghoard's (timeline 1, segments 2-8). Checkpoints remove the old segments from pg_wal, so
+/// that a daemon (which archives what pg_wal still holds) never writes onto pghoard's keys.
+pub(crate) fn cluster_past_the_fixtures_wal() -> PgCluster {
     let pg = PgCluster::start().unwrap();
-    // A fresh cluster's segment names would be pghoard's (timeline 1, segments 2-8): move
-    // this one past them, and let checkpoints remove the old segments from pg_wal, so that the
-    // daemon (which archives what pg_wal still holds) never writes onto pghoard's keys.
     for _ in 0..9 {
         pg.psql(
             "create table if not exists t(x int); insert into t values (1); select pg_switch_wal()",
@@ -89,6 +88,23 @@ async fn retention_keeps_every_object_pghoard_wrote() {
     }
     pg.psql("checkpoint").unwrap();
     pg.psql("checkpoint").unwrap();
+    pg
+}
+
+/// pghoard's configuration as a pghoard user would keep it: same site prefix, local storage,
+/// unencrypted; retention set to act (one backup kept).
+pub(crate) fn write_pghoard_site_config(d: &DaemonDir, pg: &PgCluster) {
+    d.write_config(
+        pg,
+        d.local_storage(),
+        json!({"prefix": PGHOARD_SITE, "encryption_key_id": null, "basebackup_mode": "basic",
+               "basebackup_count": 1, "basebackup_count_min": 1}),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_every_object_pghoard_wrote() {
+    let pg = cluster_past_the_fixtures_wal();
     let d = DaemonDir::new();
     let archive = d.path("archive");
     unpack_pghoard_archive(&archive);
@@ -137,14 +153,7 @@ async fn retention_keeps_every_object_pghoard_wrote() {
         pghoard_wrote.len()
     );
 
-    // pghoard's configuration as a pghoard user would keep it: same site prefix, local
-    // storage, unencrypted; retention set to act (one backup kept).
-    d.write_config(
-        &pg,
-        d.local_storage(),
-        json!({"prefix": PGHOARD_SITE, "encryption_key_id": null, "basebackup_mode": "basic",
-               "basebackup_count": 1, "basebackup_count_min": 1}),
-    );
+    write_pghoard_site_config(&d, &pg);
     let daemon = Daemon::start(&d);
     // The archive's WAL is another cluster's: the site streams nothing (it drops the slot it
     // created and raises this alert), while basebackups and retention still run.

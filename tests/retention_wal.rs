@@ -4,15 +4,16 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use walhoard::config::ObjectStorageConfig;
 use walhoard::storage::meta;
 use walhoard::storage::ObjectStore;
 use walhoard_protocol::WalSegmentName;
-use walhoard_testkit::PgCluster;
 
 use crate::daemon_support::*;
-use crate::retention::{read_tree, unpack_pghoard_archive, PGHOARD_SITE};
+use crate::retention::{
+    cluster_past_the_fixtures_wal, read_tree, unpack_pghoard_archive, write_pghoard_site_config,
+    PGHOARD_SITE,
+};
 
 /// `(log, seg)` of a WAL file name, for comparing positions whatever the timeline.
 fn position(name: &str) -> (u32, u32) {
@@ -26,17 +27,7 @@ fn position(name: &str) -> (u32, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_only_the_wal_walhoard_wrote() {
-    let pg = PgCluster::start().unwrap();
-    // Past pghoard's segment names (timeline 1, segments 2-8), so that the daemon never
-    // writes onto pghoard's keys.
-    for _ in 0..9 {
-        pg.psql(
-            "create table if not exists t(x int); insert into t values (1); select pg_switch_wal()",
-        )
-        .unwrap();
-    }
-    pg.psql("checkpoint").unwrap();
-    pg.psql("checkpoint").unwrap();
+    let pg = cluster_past_the_fixtures_wal();
     let d = DaemonDir::new();
     let fixture = d.path("fixture");
     unpack_pghoard_archive(&fixture);
@@ -47,15 +38,9 @@ async fn retention_deletes_only_the_wal_walhoard_wrote() {
         pghoard_wal.len()
     );
 
-    // pghoard's configuration as a pghoard user keeps it (same prefix, unencrypted), one
-    // backup kept. The pghoard user deleted pghoard's old backups (docs/migrating-from-
-    // pghoard.md), so pghoard's WAL is older than every backup that stays.
-    d.write_config(
-        &pg,
-        d.local_storage(),
-        json!({"prefix": PGHOARD_SITE, "encryption_key_id": null, "basebackup_mode": "basic",
-               "basebackup_count": 1, "basebackup_count_min": 1}),
-    );
+    // The pghoard user deleted pghoard's old backups (docs/migrating-from-pghoard.md), so
+    // pghoard's WAL is older than every backup that stays.
+    write_pghoard_site_config(&d, &pg);
     let cfg: ObjectStorageConfig = serde_json::from_value(d.local_storage()).unwrap();
     let store = ObjectStore::open(&cfg, PGHOARD_SITE).unwrap();
     let daemon = Daemon::start(&d);
