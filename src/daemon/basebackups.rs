@@ -10,9 +10,9 @@
 //! pghoard's and unrecognised ones are kept (and keep their WAL). WAL (every timeline) in
 //! segments before the start segment of every kept backup is deleted when walhoard wrote it
 //! (its `walhoard-writer` mark; others' is kept and reported, [`super::wal_retention`]);
-//! history files are kept; a kept backup whose start segment is unknown keeps all WAL. Chunks of walhoard's backups
-//! that never completed (an interrupted run) are deleted once `ORPHAN_MIN_AGE` old; see
-//! [`crate::basebackup::inventory`].
+//! history files are kept; a kept backup whose start segment is unknown keeps all WAL.
+//! Chunks of walhoard's backups that never completed (an interrupted run) are deleted once
+//! `ORPHAN_MIN_AGE` old; see [`crate::basebackup::inventory`].
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
