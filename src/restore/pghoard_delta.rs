@@ -21,8 +21,10 @@
 //! same code). Checked on restore, beyond what pghoard checks: every delta object's BLAKE2s
 //! against its name and its plain size against `file_size`, every embedded file's size,
 //! bundle chunks as local-tar chunks (plain size, rohmu's `_hash`, `pghoa1` MAC).
-//! Tablespaces in a delta backup are refused by name: pghoard's manifest records their files
-//! by paths this restore does not route yet.
+//! Tablespaces in a delta backup are refused by name: pghoard 2.7.0 cannot take one (its delta
+//! mode fails on a tablespace outside the data directory: rohmu's `Snapshotter.snapshot`
+//! raises "is not in the subpath of"; tried with tools/pghoard-fixture.sh
+//! `FIXTURE_TABLESPACE=1 FIXTURE_MODES=delta`), so there is no layout to follow.
 
 use std::io::{self, Read};
 
