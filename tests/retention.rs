@@ -339,7 +339,10 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     assert!(store.stat("basebackup/unknown").await.unwrap().is_some());
     assert!(store.stat("basebackup/b0").await.unwrap().is_some());
 
-    // Once both are gone, WAL before b1's start goes (b1 and b2 are both kept at count 2).
+    // WAL another tool wrote (no walhoard-writer), older than every backup: never deleted.
+    put("xlog/000000020000000000000001".into(), vec![]).await;
+    // Once both are gone, walhoard's WAL before b1's start goes (b1 and b2 are both kept at
+    // count 2).
     store.delete("basebackup/unknown").await.unwrap();
     store.delete("basebackup/b0").await.unwrap();
     let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
@@ -357,6 +360,10 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     assert_eq!(
         left.first().map(String::as_str),
         Some("xlog/000000010000000000000003")
+    );
+    assert!(
+        left.iter().any(|k| k == "xlog/000000020000000000000001"),
+        "WAL without walhoard's mark deleted: {left:?}"
     );
 }
 
