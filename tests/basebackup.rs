@@ -66,12 +66,7 @@ fn site(pg: &PgCluster, basebackup_mode: &str, active_backup_mode: &str) -> Site
 
 /// Tables in the default tablespace and in `ts1`, big enough for several 1 MiB chunks.
 fn load_data(pg: &PgCluster) -> PathBuf {
-    let ts_dir = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts_dir.display()
-    ))
-    .unwrap();
+    let ts_dir = crate::common::create_tablespace(pg, "ts1");
     pg.psql("create table main_t as select g, md5(g::text) as h from generate_series(1, 100000) g")
         .unwrap();
     pg.psql("create table ts_t tablespace ts1 as select g, repeat(md5(g::text), 3) as h from generate_series(1, 50000) g")

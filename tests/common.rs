@@ -36,3 +36,31 @@ pub fn sh(cmd: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Creates tablespace `name` in a fresh directory of the cluster's scratch space; returns it.
+pub fn create_tablespace(pg: &PgCluster, name: &str) -> std::path::PathBuf {
+    let dir = pg.scratch_dir(name).expect("tablespace directory");
+    pg.psql(&format!(
+        "create tablespace {name} location '{}'",
+        dir.display()
+    ))
+    .expect("create tablespace");
+    dir
+}
+
+/// `walhoard restore list-basebackups --site main --json --config <config>`, which must
+/// succeed: the listing.
+pub fn list_basebackups(config: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args(["restore", "list-basebackups", "--site", "main", "--json"])
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run walhoard");
+    assert!(
+        out.status.success(),
+        "list-basebackups: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON listing")
+}

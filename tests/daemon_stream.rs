@@ -44,10 +44,7 @@ fn received(d: &DaemonDir) -> Option<Lsn> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_primary_can_shut_down_while_attached() {
     let mut pg = keeping_cluster();
-    let LocalDaemon {
-        d, daemon, store, ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, daemon, store, first) = LocalDaemon::streaming(&pg);
     let seg = SegmentSize::DEFAULT;
     // Past the slot's first segment (so that the archive's end is a valid flush position
     // above the slot's), then into an unfinished segment, as after a short pgbench.
@@ -114,13 +111,7 @@ fn drop_slot(pg: &PgCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_recreated_slot_streams_from_the_archive_end() {
     let pg = keeping_cluster();
-    let LocalDaemon {
-        d,
-        mut daemon,
-        store,
-        ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, first) = LocalDaemon::streaming(&pg);
     let seg = SegmentSize::DEFAULT;
     let before = write_segments(&pg, 1);
     wait_archived(&store, &before, Duration::from_secs(60), &daemon).await;
@@ -196,13 +187,7 @@ async fn lose_wal(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_recreated_slot_reports_a_gap_and_takes_a_basebackup() {
     let pg = forgetting_cluster();
-    let LocalDaemon {
-        d,
-        mut daemon,
-        store,
-        ..
-    } = LocalDaemon::start(&pg);
-    wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, _) = LocalDaemon::streaming(&pg);
     let missing = lose_wal(&pg, &store, &mut daemon).await;
 
     let daemon = Daemon::start(&d);

@@ -13,12 +13,7 @@ use crate::common::{sh, socket_params};
 #[tokio::test]
 async fn protocol_base_backup_with_tablespace() {
     let pg = PgCluster::start().unwrap();
-    let ts_dir = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts_dir.display()
-    ))
-    .unwrap();
+    let ts_dir = crate::common::create_tablespace(&pg, "ts1");
     pg.psql("create table in_ts tablespace ts1 as select g from generate_series(1, 10000) g")
         .unwrap();
     let ts_oid = pg

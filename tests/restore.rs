@@ -198,12 +198,7 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
     p.archive_all().await;
 
     // The listing shows the backup, as JSON and as a table.
-    let out = walhoard(
-        &["restore", "list-basebackups", "--json", "--config"],
-        &[&p.d.config_path()],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = crate::common::list_basebackups(&p.d.config_path());
     assert_eq!(list[0]["name"], p.backup.as_str());
     assert_eq!(list[0]["compression"], "zstd");
     assert_eq!(list[0]["encryption_key_id"], "k1");
@@ -707,12 +702,7 @@ async fn restore_pitr_across_a_timeline_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_local_tar_with_remapped_tablespace() {
     let pg = cluster();
-    let ts = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts.display()
-    ))
-    .unwrap();
+    crate::common::create_tablespace(&pg, "ts1");
     pg.psql("create table r (id bigserial primary key, batch text, v text) tablespace ts1")
         .unwrap();
     insert(&pg, "ts", 20_000);
