@@ -152,13 +152,7 @@ fn extract_local_tar(
 }
 
 async fn listed(store: &ObjectStore) -> Vec<String> {
-    store
-        .list("basebackup")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect()
+    crate::common::keys(store, "basebackup").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

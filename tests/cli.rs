@@ -197,17 +197,13 @@ fn cli_check_refuses_what_the_daemon_refuses() {
 fn cli_restore_command_with_a_bad_flag_exits_255_not_2() {
     // clap's usage error is 2, which PostgreSQL would read as "not found" and end recovery:
     // a typo in restore_command must stop it instead.
-    let out = walhoard(&[
-        "postgres-command",
-        "--mode",
-        "restore",
-        "--site",
-        "main",
-        "--xlog",
+    let mut args = crate::common::RESTORE_COMMAND.to_vec();
+    args.extend([
         "000000010000000000000001",
         "--outptu",
         "pg_wal/RECOVERYXLOG",
     ]);
+    let out = walhoard(&args);
     assert_eq!(out.status.code(), Some(255), "{out:?}");
     // Other commands keep clap's usual code.
     let out = walhoard(&["postgres-command", "--mode", "archive", "--bogus"]);

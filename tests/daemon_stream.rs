@@ -7,7 +7,7 @@ use std::time::Duration;
 use walhoard_protocol::{Lsn, SegmentSize};
 use walhoard_testkit::PgCluster;
 
-use crate::common::wait_until;
+use crate::common::{current_lsn, wait_until};
 use crate::daemon::{assert_archive_equals_pg_wal, segment_range};
 use crate::daemon_support::*;
 
@@ -16,14 +16,6 @@ fn keeping_cluster() -> PgCluster {
     PgCluster::builder()
         .setting("wal_keep_size", "'2GB'")
         .start()
-        .unwrap()
-}
-
-fn current_lsn(pg: &PgCluster) -> Lsn {
-    pg.psql("select pg_current_wal_lsn()")
-        .unwrap()
-        .trim()
-        .parse()
         .unwrap()
 }
 

@@ -88,17 +88,8 @@ else:
 "#;
 
 fn rohmu(args: &[&std::ffi::OsStr]) {
-    let out = Command::new(rohmu_python())
-        .arg("-c")
-        .arg(ROHMU)
-        .args(args)
-        .output()
-        .expect("run rohmu");
-    assert!(
-        out.status.success(),
-        "rohmu failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(rohmu_python());
+    crate::common::output_ok(cmd.arg("-c").arg(ROHMU).args(args), "rohmu");
 }
 
 /// A key pair, and a scratch directory holding the public half for rohmu.
@@ -414,8 +405,8 @@ async fn pghoa1_wal_restore_command_serves_pghoard_segment() {
     let output = pg_wal.path().join("RECOVERYXLOG");
     let restore = |xlog: &str| {
         Command::new(env!("CARGO_BIN_EXE_walhoard"))
-            .args(["postgres-command", "--mode", "restore", "--site", "main"])
-            .args(["--xlog", xlog, "--output"])
+            .args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
             .arg(&output)
             .arg("--config")
             .arg(d.config_path())

@@ -10,11 +10,7 @@ use walhoard_protocol::{
 };
 use walhoard_testkit::PgCluster;
 
-use crate::common::{socket_params, wait_until};
-
-pub(crate) fn psql_lsn(pg: &PgCluster, sql: &str) -> Lsn {
-    pg.psql(sql).unwrap().trim().parse().unwrap()
-}
+use crate::common::{current_lsn, psql_lsn, socket_params, wait_until};
 
 #[tokio::test]
 async fn protocol_replication_commands() {
@@ -30,7 +26,7 @@ async fn protocol_replication_commands() {
         .unwrap();
     assert_eq!(id.system_id.to_string(), sysid.trim());
     assert_eq!(id.timeline, TimelineId(1));
-    assert!(id.xlogpos <= psql_lsn(&pg, "select pg_current_wal_lsn()"));
+    assert!(id.xlogpos <= current_lsn(&pg));
     assert_eq!(c.wal_segment_size().await.unwrap(), SegmentSize::DEFAULT);
     assert_eq!(c.show("max_wal_senders").await.unwrap(), "10");
 
@@ -255,7 +251,7 @@ async fn protocol_streamed_wal_matches_pg_wal() {
     )
     .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
-    let target = psql_lsn(&pg, "select pg_current_wal_lsn()");
+    let target = current_lsn(&pg);
     assert!(
         target.segment_number(seg) >= start.segment_number(seg) + 3,
         "test wrote too little WAL"

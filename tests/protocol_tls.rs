@@ -93,7 +93,7 @@ async fn protocol_tls_modes() {
     pg.psql("create table t as select g, repeat(md5(g::text), 16) as pad from generate_series(1, 30000) g")
         .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
-    let target = crate::protocol_replication::psql_lsn(&pg, "select pg_current_wal_lsn()");
+    let target = crate::common::current_lsn(&pg);
     let received = crate::protocol_replication::receive_until(
         &mut repl,
         "tls",

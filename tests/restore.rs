@@ -284,17 +284,9 @@ async fn restore_command_exit_codes_prefetch_and_daemon_api() {
     let cfg_path = p.d.config_path();
     let run = |xlog: &str, daemon: bool| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
-        c.args([
-            "postgres-command",
-            "--mode",
-            "restore",
-            "--site",
-            "main",
-            "--xlog",
-            xlog,
-            "--output",
-        ])
-        .arg(&output);
+        c.args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
+            .arg(&output);
         if daemon {
             c.args(["--port", &p.d.http_port.to_string()]);
         } else {

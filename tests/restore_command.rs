@@ -105,16 +105,8 @@ impl Archive {
         let _ = std::fs::remove_file(&output);
         std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
             .current_dir(data)
-            .args([
-                "postgres-command",
-                "--mode",
-                "restore",
-                "--site",
-                "main",
-                "--xlog",
-                xlog,
-            ])
-            .arg("--output")
+            .args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
             .arg(&output)
             .arg("--config")
             .arg(config)

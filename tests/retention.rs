@@ -333,13 +333,7 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
         .unwrap();
     assert!(deleted.is_empty(), "{deleted:?}");
     assert_eq!(wal, 2);
-    let left: Vec<String> = store
-        .list("xlog")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let left = crate::common::keys(&store, "xlog").await;
     assert_eq!(
         left.first().map(String::as_str),
         Some("xlog/000000010000000000000003")
@@ -447,13 +441,7 @@ async fn retention_deletes_only_the_chunks_walhoard_wrote() {
         .await
         .unwrap();
     assert_eq!(deleted, ["b1"]);
-    let left: Vec<String> = store
-        .list("basebackup_chunk")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let left = crate::common::keys(&store, "basebackup_chunk").await;
     assert_eq!(
         left,
         [

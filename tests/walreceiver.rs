@@ -13,7 +13,7 @@ use walhoard_walreceiver::{
     run, ReceiverConfig, ReceiverEvent, ReceiverPositions, SegmentBuffers, SpoolSync,
 };
 
-use crate::common::{socket_params, wait_until};
+use crate::common::{current_lsn, psql_lsn, socket_params, wait_until};
 
 struct Running {
     events: mpsc::Receiver<ReceiverEvent>,
@@ -87,19 +87,8 @@ async fn next_event(r: &mut Running) -> ReceiverEvent {
 }
 
 fn slot_restart(pg: &PgCluster) -> Lsn {
-    pg.psql("select restart_lsn from pg_replication_slots where slot_name = 'walhoard'")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn current_lsn(pg: &PgCluster) -> Lsn {
-    pg.psql("select pg_current_wal_lsn()")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let sql = "select restart_lsn from pg_replication_slots where slot_name = 'walhoard'";
+    psql_lsn(pg, sql)
 }
 
 /// Segments the receiver completed, checked against pg_wal as they arrive.
