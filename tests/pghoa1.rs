@@ -23,7 +23,7 @@ use walhoard_testkit::PgCluster;
 
 use crate::daemon_support::{switch_segment, DaemonDir};
 use crate::restore::{
-    assert_not_a_data_dir, get_basebackup, insert, primary, start_promoted, stderr, Primary,
+    assert_not_a_data_dir, get_basebackup, insert, primary, restore_and_promote, stderr, Primary,
     CHECKSUM,
 };
 
@@ -546,9 +546,7 @@ async fn pghoa1_archive_restores_basebackup_and_replays_wal() {
 
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("restored");
-    let out = get_basebackup(&d, &target, &["--restore-to-primary"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let restored = start_promoted(&target);
+    let restored = restore_and_promote(&d, &target, &["--restore-to-primary"]);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
     drop(restored);
 

@@ -86,6 +86,20 @@ pub(crate) fn get_basebackup(d: &DaemonDir, target: &Path, args: &[&str]) -> Out
         .unwrap()
 }
 
+/// Restore flags for a copy that ends recovery as a primary of its own.
+pub(crate) const PROMOTED_PRIMARY: [&str; 3] = [
+    "--restore-to-primary",
+    "--recovery-target-action",
+    "promote",
+];
+
+/// Restores into `target` with `args`, which must succeed, and starts it promoted.
+pub(crate) fn restore_and_promote(d: &DaemonDir, target: &Path, args: &[&str]) -> PgCluster {
+    let out = get_basebackup(d, target, args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    start_promoted(target)
+}
+
 /// Starts PostgreSQL on a restored directory and waits until recovery ended (promoted).
 pub(crate) fn start_promoted(data: &Path) -> PgCluster {
     start_promoted_with(PgCluster::builder(), data)
@@ -224,13 +238,7 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
         let out = get_basebackup(
             &p.d,
             &target,
-            &[
-                flag,
-                value,
-                "--restore-to-primary",
-                "--recovery-target-action",
-                "promote",
-            ],
+            &[&[flag, value][..], &PROMOTED_PRIMARY].concat(),
         );
         assert!(out.status.success(), "{flag}: {}", stderr(&out));
         let conf = std::fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
@@ -252,13 +260,11 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
     // Latest, with the primary gone: everything committed before the last switch is there.
     p.pg.stop().unwrap();
     let target = work.path().join("latest");
-    let out = get_basebackup(
+    let restored = restore_and_promote(
         &p.d,
         &target,
         &["--basebackup", "latest", "--restore-to-primary"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let restored = start_promoted(&target);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want_latest);
 }
 
@@ -488,38 +494,33 @@ async fn restore_bad_inputs_fail_cleanly() {
     std::fs::write(p.d.config_path(), good.to_string()).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_standby_catches_up_from_archive_then_streams() {
-    let p = primary(json!({})).await;
-    insert(&p.pg, "after-backup", 10_000);
-    p.archive_all().await;
-    let work = tempfile::tempdir().unwrap();
-    let target = work.path().join("standby");
+/// Restores `p`'s backup into `target` as a standby of `p` (`--primary-conninfo` naming
+/// `application_name`), starts it and waits until it streams from `p`.
+fn restore_streaming_standby(p: &Primary, target: &Path, application_name: &str) -> PgCluster {
     let conninfo = format!(
-        "host={} port={} user=postgres application_name=restored_standby",
+        "host={} port={} user=postgres application_name={application_name}",
         p.pg.socket_dir().display(),
         p.pg.port
     );
-    let out = get_basebackup(&p.d, &target, &["--primary-conninfo", &conninfo]);
+    let out = get_basebackup(&p.d, target, &["--primary-conninfo", &conninfo]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(target.join("standby.signal").exists());
-    let standby = PgCluster::builder().start_on(&target).unwrap();
+    let standby = PgCluster::builder().start_on(target).unwrap();
+    let streaming = format!("select count(*) from pg_stat_replication where application_name = '{application_name}' and state = 'streaming'");
     assert!(
-        wait_until(Duration::from_secs(60), || {
-            p
+        wait_until(Duration::from_secs(60), || p
             .pg
-            .psql("select count(*) from pg_stat_replication where application_name = 'restored_standby' and state = 'streaming'")
-            .is_ok_and(|r| r.trim() == "1")
-        }),
+            .psql(&streaming)
+            .is_ok_and(|r| r.trim() == "1")),
         "the standby does not stream: {}",
         standby.log()
     );
-    assert!(
-        standby.log().contains("restored log file"),
-        "{}",
-        standby.log()
-    );
-    insert(&p.pg, "streamed", 100);
+    standby
+}
+
+/// Inserts `rows` rows of `batch` on `p` and waits until `standby` has replayed them.
+fn insert_and_wait_replayed(p: &Primary, standby: &PgCluster, batch: &str, rows: u32) {
+    insert(&p.pg, batch, rows);
     let want = p.pg.psql(CHECKSUM).unwrap();
     assert!(
         wait_until(Duration::from_secs(30), || standby
@@ -527,6 +528,22 @@ async fn restore_standby_catches_up_from_archive_then_streams() {
             .is_ok_and(|c| c == want)),
         "the standby did not catch up"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_standby_catches_up_from_archive_then_streams() {
+    let p = primary(json!({})).await;
+    insert(&p.pg, "after-backup", 10_000);
+    p.archive_all().await;
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("standby");
+    let standby = restore_streaming_standby(&p, &target, "restored_standby");
+    assert!(
+        standby.log().contains("restored log file"),
+        "{}",
+        standby.log()
+    );
+    insert_and_wait_replayed(&p, &standby, "streamed", 100);
     assert_eq!(
         standby.psql("select pg_is_in_recovery()").unwrap().trim(),
         "t"
@@ -548,32 +565,8 @@ async fn restore_to_primary_of_a_standby_backup_ends_recovery() {
     p.archive_all().await;
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("standby");
-    let conninfo = format!(
-        "host={} port={} user=postgres application_name=bb_standby",
-        p.pg.socket_dir().display(),
-        p.pg.port
-    );
-    let out = get_basebackup(&p.d, &target, &["--primary-conninfo", &conninfo]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let standby = PgCluster::builder().start_on(&target).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            p
-            .pg
-            .psql("select count(*) from pg_stat_replication where application_name = 'bb_standby' and state = 'streaming'")
-            .is_ok_and(|r| r.trim() == "1")
-        }),
-        "the standby does not stream: {}",
-        standby.log()
-    );
-    insert(&p.pg, "before-standby-backup", 10_000);
-    let want = p.pg.psql(CHECKSUM).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(30), || standby
-            .psql(CHECKSUM)
-            .is_ok_and(|c| c == want)),
-        "the standby did not catch up"
-    );
+    let standby = restore_streaming_standby(&p, &target, "bb_standby");
+    insert_and_wait_replayed(&p, &standby, "before-standby-backup", 10_000);
 
     // A second configuration: the same archive and keys, the standby as its node.
     let d2 = DaemonDir::new();
@@ -601,13 +594,7 @@ async fn restore_to_primary_of_a_standby_backup_ends_recovery() {
     let out = get_basebackup(
         &d2,
         &restored,
-        &[
-            "--basebackup",
-            &name,
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ],
+        &[&["--basebackup", &name][..], &PROMOTED_PRIMARY].concat(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     // What the backup carried (the standby's own files), and what the restore left of it.
@@ -666,19 +653,15 @@ async fn restore_pitr_across_a_timeline_switch() {
     .await;
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("tli");
-    let out = get_basebackup(
+    let restored = restore_and_promote(
         &p.d,
         &target,
         &[
-            "--recovery-target-name",
-            "on_tli2",
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ],
+            &["--recovery-target-name", "on_tli2"][..],
+            &PROMOTED_PRIMARY,
+        ]
+        .concat(),
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let restored = start_promoted(&target);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
     let tli: u32 = restored
         .psql("select timeline_id from pg_control_checkpoint()")
@@ -791,17 +774,7 @@ async fn restore_server_compressed_basebackup() {
     p.archive_all().await;
     let want = p.pg.psql(CHECKSUM).unwrap();
     let target = work.path().join("restored");
-    let out = get_basebackup(
-        &p.d,
-        &target,
-        &[
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let copy = start_promoted(&target);
+    let copy = restore_and_promote(&p.d, &target, &PROMOTED_PRIMARY);
     assert_eq!(copy.psql(CHECKSUM).unwrap(), want);
 }
 

@@ -304,11 +304,7 @@ async fn restore_stops_instead_of_promoting_early_when_a_sidecar_is_missing() {
     let data = target.path().join("data");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args(["restore", "get-basebackup", "--site", "main"])
-        .args([
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ])
+        .args(crate::restore::PROMOTED_PRIMARY)
         .arg("--config")
         .arg(d.config_path())
         .arg("--target-dir")

@@ -152,19 +152,7 @@ impl Generation {
             let backup_requests = backup_tx;
             // Opened now, so that a `moved_from` site the API cannot read fails the start
             // rather than answering "not found" for WAL it holds.
-            let mut older = Vec::new();
-            for o in &site.moved_from {
-                let cfg = config
-                    .backup_sites
-                    .get(o)
-                    .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
-                older.push(crate::restore::OlderSite {
-                    name: o.clone(),
-                    store: crate::settings::open_store_read_only(config, o)
-                        .with_context(|| format!("backup_sites.{name}.moved_from: site {o:?}"))?,
-                    keys: crate::restore::key_ring(o, cfg)?,
-                });
-            }
+            let older = crate::restore::older_sites(config, name, site)?;
             sites.by_name.insert(
                 name.clone(),
                 SiteHandle {

@@ -51,6 +51,27 @@ pub struct OlderSite {
     pub keys: KeyRing,
 }
 
+/// The sites `site` (named `name`) was moved from, opened read-only in `moved_from`'s order;
+/// an unknown name or an unreadable store is an error naming the key.
+pub fn older_sites(config: &Config, name: &str, site: &SiteConfig) -> Result<Vec<OlderSite>> {
+    let key = format!("backup_sites.{name}.moved_from");
+    site.moved_from
+        .iter()
+        .map(|o| {
+            let cfg = config
+                .backup_sites
+                .get(o)
+                .with_context(|| format!("{key}: no site {o:?}"))?;
+            Ok(OlderSite {
+                name: o.clone(),
+                store: crate::settings::open_store_read_only(config, o)
+                    .with_context(|| format!("{key}: site {o:?}"))?,
+                keys: key_ring(o, cfg)?,
+            })
+        })
+        .collect()
+}
+
 /// Every private key of a site, by key id: objects name the key they were written with, which
 /// need not be today's `encryption_key_id`. A site with encryption configured (a key id or
 /// keys) refuses objects stored without encryption unless `allow_unencrypted_objects` is set.
@@ -97,19 +118,7 @@ impl RestoreSite {
         let keys = key_ring(&name, &site)?;
         let config_path = std::path::absolute(config_path)
             .with_context(|| format!("absolute path of {}", config_path.display()))?;
-        let mut older = Vec::new();
-        for o in &site.moved_from {
-            let cfg = config
-                .backup_sites
-                .get(o)
-                .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
-            older.push(OlderSite {
-                name: o.clone(),
-                store: crate::settings::open_store_read_only(&config, o)
-                    .with_context(|| format!("backup_sites.{name}.moved_from: site {o:?}"))?,
-                keys: key_ring(o, cfg)?,
-            });
-        }
+        let older = older_sites(&config, &name, &site)?;
         Ok(RestoreSite {
             name,
             config_path,
