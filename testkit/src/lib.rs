@@ -15,11 +15,10 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,7 +26,10 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod azure;
 pub mod gcs;
 pub mod s3;
+mod server;
 pub mod sftp;
+
+use server::free_port;
 
 /// Debian's PostgreSQL 15, the default server and the source of oracle tools.
 pub const DEBIAN_PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -116,10 +118,6 @@ fn server_user() -> Result<Option<(u32, u32)>> {
         }
     }
     bail!("running as root, but there is no 'postgres' OS user to run PostgreSQL as (apt-get install postgresql-15 creates it)")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Settings for a cluster to start.
@@ -377,17 +375,11 @@ impl PgCluster {
         if let Some((uid, gid)) = self.owner {
             std::os::unix::fs::chown(self.log_path(), Some(uid), Some(gid))?;
         }
-        let child = self
-            .command(&self.bin.join("postgres"))
-            .arg("-D")
+        let mut cmd = self.command(&self.bin.join("postgres"));
+        cmd.arg("-D")
             .arg(self.data_dir())
-            .args(["-p", &self.port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn postgres")?;
-        self.child = Some(child);
+            .args(["-p", &self.port.to_string()]);
+        self.child = Some(server::spawn_logged(&mut cmd, log, "postgres")?);
         Ok(())
     }
 
