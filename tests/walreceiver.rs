@@ -27,6 +27,14 @@ struct Running {
     _spool: tempfile::TempDir,
 }
 
+impl Running {
+    /// Cancels the receiver, which must then end without an error.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 fn start(pg: &PgCluster) -> Running {
     start_with(pg, 2)
 }
@@ -252,8 +260,7 @@ async fn walreceiver_slot_waits_for_archive_and_resumes() {
         == archived_end));
     assert!(r.positions.borrow().received_lsn >= archived_end);
 
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,8 +339,7 @@ async fn walreceiver_follows_timeline_switch() {
         target.segment().unwrap().tli,
         walhoard_protocol::TimelineId(2)
     );
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,8 +359,7 @@ async fn walreceiver_64mb_segments() {
     for path in got.values() {
         assert_eq!(std::fs::metadata(path).unwrap().len(), 64 << 20);
     }
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,8 +386,7 @@ async fn walreceiver_survives_server_restart() {
         disconnects >= 1,
         "the server restarted but no disconnect was reported"
     );
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 /// `SpoolSync::Auto`: a server whose slots keep all WAL (`max_slot_wal_keep_size = -1`, the
@@ -430,7 +434,6 @@ async fn walreceiver_spool_written_only_when_the_slot_may_lose_wal() {
             }
         }
         assert!(seen >= 2, "{seen} segments");
-        r.cancel.cancel();
-        r.task.await.unwrap().unwrap();
+        r.stop().await;
     }
 }
