@@ -190,11 +190,7 @@ async fn take_the_only_backup(site: &Site) -> BackupInfo {
 async fn basebackup_basic_standalone_with_tablespace_restores() {
     let pg = keeping_cluster();
     let ts_dir = load_data(&pg);
-    let ts_oid = pg
-        .psql("select oid from pg_tablespace where spcname = 'ts1'")
-        .unwrap()
-        .trim()
-        .to_string();
+    let ts_oid = crate::common::query(&pg, "select oid from pg_tablespace where spcname = 'ts1'");
     let want = pg.psql(CHECKSUM).unwrap();
     let site = site(&pg, "basic", "standalone_hot_backup");
 

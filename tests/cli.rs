@@ -26,10 +26,8 @@ fn cli_identify_reports_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let sysid = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap();
-    assert_eq!(v["system_id"], sysid.trim());
+    let sysid = crate::common::system_identifier(&pg);
+    assert_eq!(v["system_id"], sysid.to_string());
     assert_eq!(v["timeline"], 1);
     assert_eq!(v["wal_segment_size"], 16 * 1024 * 1024);
 }

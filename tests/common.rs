@@ -57,9 +57,29 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The one value the query `sql` returns, as text.
+pub fn query(pg: &PgCluster, sql: &str) -> String {
+    let out = pg.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e:#}"));
+    out.trim().to_string()
+}
+
 /// An LSN the query `sql` returns.
 pub fn psql_lsn(pg: &PgCluster, sql: &str) -> Lsn {
-    pg.psql(sql).unwrap().trim().parse().unwrap()
+    query(pg, sql).parse().unwrap()
+}
+
+/// The cluster's system identifier (pg_control).
+pub fn system_identifier(pg: &PgCluster) -> u64 {
+    let sql = "select system_identifier from pg_control_system()";
+    query(pg, sql).parse().unwrap()
+}
+
+/// A replication connection to the cluster's socket as user `postgres`.
+pub async fn replication_client(pg: &PgCluster) -> walhoard_protocol::ReplicationClient {
+    let params = socket_params(pg);
+    walhoard_protocol::ReplicationClient::connect(&params)
+        .await
+        .unwrap()
 }
 
 /// The server's current WAL write position.

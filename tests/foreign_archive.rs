@@ -23,12 +23,7 @@ const NEWEST: &str = "xlog/000000010000000000000008";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_refuses_an_archive_of_another_cluster() {
     let pg = PgCluster::start().unwrap();
-    let primary: u64 = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let primary: u64 = crate::common::system_identifier(&pg);
     let d = DaemonDir::new();
     let archive = d.path("archive");
     unpack_pghoard_archive(&archive);

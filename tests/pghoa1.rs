@@ -581,12 +581,7 @@ async fn pghoa1_archive_restores_basebackup_and_replays_wal() {
 async fn pghoa1_archive_identity_reads_pghoard_encrypted_segment() {
     use walhoard::daemon::identity::archive_identity;
     let pg = PgCluster::start().unwrap();
-    let sysid: u64 = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let sysid: u64 = crate::common::system_identifier(&pg);
     let seg = switch_segment(&pg);
     let plain = std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
     let k = Keys::new();

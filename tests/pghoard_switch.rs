@@ -202,17 +202,11 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
 
     // The older site is inactive and has no node: `check` passes it (it failed with
     // "backup_sites.old.nodes is empty", though the daemon skips inactive sites).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+    let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    check
         .args(["check", "--site", "old", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check --site old: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
+        .arg(d.config_path());
+    crate::common::output_ok(&mut check, "check --site old");
 
     let list = crate::common::list_basebackups(&d.config_path());
     let names: Vec<(&str, &str)> = list

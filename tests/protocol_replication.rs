@@ -10,21 +10,16 @@ use walhoard_protocol::{
 };
 use walhoard_testkit::PgCluster;
 
-use crate::common::{current_lsn, psql_lsn, socket_params, wait_until};
+use crate::common::{current_lsn, psql_lsn, replication_client, wait_until};
 
 #[tokio::test]
 async fn protocol_replication_commands() {
     let pg = PgCluster::start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     assert_eq!(c.server_major().unwrap(), pg.major);
 
     let id = c.identify_system().await.unwrap();
-    let sysid = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap();
-    assert_eq!(id.system_id.to_string(), sysid.trim());
+    assert_eq!(id.system_id, crate::common::system_identifier(&pg));
     assert_eq!(id.timeline, TimelineId(1));
     assert!(id.xlogpos <= current_lsn(&pg));
     assert_eq!(c.wal_segment_size().await.unwrap(), SegmentSize::DEFAULT);
@@ -228,9 +223,7 @@ pub(crate) fn assert_matches_pg_wal(
 #[tokio::test]
 async fn protocol_streamed_wal_matches_pg_wal() {
     let pg = PgCluster::start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     let id = c.identify_system().await.unwrap();
     let seg = c.wal_segment_size().await.unwrap();
     c.create_physical_slot("wh", true).await.unwrap();
@@ -299,9 +292,7 @@ async fn protocol_keepalive_reply_keeps_connection() {
         .setting("wal_sender_timeout", "'2s'")
         .start()
         .unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     let seg = c.wal_segment_size().await.unwrap();
     let start = new_slot_start(&mut c, "ka", seg).await;
     let mut stream = c.start_replication(Some("ka"), start, None).await.unwrap();
@@ -352,9 +343,7 @@ async fn protocol_end_of_timeline_after_promotion() {
     pg.promote_to_new_timeline().unwrap();
     pg.psql("create table after_switch as select 2").unwrap();
 
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     let id = c.identify_system().await.unwrap();
     assert_eq!(id.timeline, TimelineId(2));
     let seg = c.wal_segment_size().await.unwrap();

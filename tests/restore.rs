@@ -192,20 +192,12 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
     pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "b2", 3_000);
     std::thread::sleep(Duration::from_millis(300));
-    let time = pg
-        .psql("select clock_timestamp()")
-        .unwrap()
-        .trim()
-        .to_string();
+    let time = crate::common::query(pg, "select clock_timestamp()");
     let want_time = pg.psql(CHECKSUM).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "c", 3_000);
-    let lsn = pg
-        .psql("select pg_current_wal_insert_lsn()")
-        .unwrap()
-        .trim()
-        .to_string();
+    let lsn = crate::common::query(pg, "select pg_current_wal_insert_lsn()");
     let want_lsn = pg.psql(CHECKSUM).unwrap();
     insert(pg, "d", 40_000);
     let want_latest = pg.psql(CHECKSUM).unwrap();
@@ -703,11 +695,7 @@ async fn restore_local_tar_with_remapped_tablespace() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let oid = pg
-        .psql("select oid from pg_tablespace where spcname = 'ts1'")
-        .unwrap()
-        .trim()
-        .to_string();
+    let oid = crate::common::query(&pg, "select oid from pg_tablespace where spcname = 'ts1'");
     assert_eq!(
         std::fs::read_link(target.join("pg_tblspc").join(&oid)).unwrap(),
         new_ts
