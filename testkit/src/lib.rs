@@ -478,19 +478,7 @@ impl PgCluster {
 
     /// Runs a PostgreSQL tool (oracle) and returns its stdout; fails on non-zero exit.
     pub fn run_tool(&self, name: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
-        let out = Command::new(tool_path(name)?)
-            .args(args)
-            .output()
-            .with_context(|| format!("run {name}"))?;
-        if !out.status.success() {
-            bail!(
-                "{name} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        server::run(Command::new(tool_path(name)?).args(args))
     }
 
     /// Re-reads configuration files (pg_hba.conf, postgresql.conf) like `pg_ctl reload`.
@@ -529,28 +517,13 @@ impl PgCluster {
     /// fails when the server is not down within `limit`. Returns how long it took.
     pub fn pg_ctl_stop_fast(&mut self, limit: Duration) -> Result<Duration> {
         let started = Instant::now();
-        let out = self
-            .command(&tool_path("pg_ctl")?)
-            .args([
-                "stop",
-                "-m",
-                "fast",
-                "-t",
-                &limit.as_secs().to_string(),
-                "-D",
-            ])
-            .arg(self.data_dir())
-            .output()
-            .context("run pg_ctl stop")?;
+        let mut cmd = self.command(&tool_path("pg_ctl")?);
+        cmd.args(["stop", "-m", "fast", "-t", &limit.as_secs().to_string()])
+            .arg("-D")
+            .arg(self.data_dir());
+        let stopped = server::run(&mut cmd);
         let took = started.elapsed();
-        if !out.status.success() {
-            bail!(
-                "pg_ctl stop -m fast failed after {took:?} ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        stopped.with_context(|| format!("pg_ctl stop -m fast failed after {took:?}"))?;
         if let Some(mut child) = self.child.take() {
             child.wait()?;
         }

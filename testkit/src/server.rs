@@ -46,6 +46,24 @@ pub(crate) fn wait_listening(
     Ok(())
 }
 
+/// Runs `cmd` without input to its end; its standard output, or an error with the command,
+/// its exit status and its output when it failed.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A program at `$var`, else at `default`; when missing, an error saying how to install it.
 pub(crate) fn program(var: &str, default: PathBuf, install: &str) -> Result<PathBuf> {
     let p = std::env::var_os(var).map_or(default, PathBuf::from);

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::server::run;
+
 const SSHD: &str = "/usr/sbin/sshd";
 const SSH_CONFIG_DIR: &str = "/etc/ssh/ssh_config.d";
 
@@ -25,21 +27,6 @@ pub struct SftpServer {
     pub username: String,
     child: Option<Child>,
     ssh_config: PathBuf,
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// sshd's privilege separation needs its empty directory and the `sshd` user (the Debian
