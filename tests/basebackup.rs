@@ -15,7 +15,7 @@ use walhoard::storage::ObjectStore;
 use walhoard_basebackup::control::{BackupMetadata, ChunkKind, METADATA_MEMBER};
 use walhoard_testkit::{give_to_server_user, tool_path, PgCluster};
 
-use crate::common::{sh, wait_until};
+use crate::common::sh;
 
 /// A site archiving `pg` into a local directory, zstd-compressed and encrypted.
 struct Site {
@@ -320,21 +320,13 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
     assert!(data.join("pg_wal/archive_status").is_dir());
     assert!(data.join("backup_label").is_file() && data.join("global/pg_control").is_file());
     // The WAL comes from the primary's pg_wal, as from an archive.
-    let restored = PgCluster::builder()
+    let builder = PgCluster::builder()
         .setting(
             "restore_command",
             &format!("'cp {}/%f %p'", pg.wal_dir().display()),
         )
-        .data_file("recovery.signal", b"", 0o600)
-        .start_on(&data)
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || restored
-            .psql("select pg_is_in_recovery()")
-            .is_ok_and(|r| r.trim() == "f")),
-        "recovery did not finish: {}",
-        restored.log()
-    );
+        .data_file("recovery.signal", b"", 0o600);
+    let restored = crate::restore::start_promoted_with(builder, &data);
     assert_restored(&restored, &want);
 }
 

@@ -665,17 +665,9 @@ fn backups_taken(daemon: &Daemon) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_schedules_basebackups_and_applies_retention() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
     // A backup every 7.2 s, two kept.
-    d.write_config(
-        &pg,
-        storage.clone(),
-        json!({"basebackup_interval_hours": 0.002, "basebackup_count": 2, "basebackup_mode": "basic"}),
-    );
-    let daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
+    let site = json!({"basebackup_interval_hours": 0.002, "basebackup_count": 2, "basebackup_mode": "basic"});
+    let (d, daemon, store, _) = LocalDaemon::streaming_with(&pg, site);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while backups_taken(&daemon).len() < 3 {
         assert!(
@@ -743,12 +735,8 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_basebackup_on_request_or_directly() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({"basebackup_mode": "basic"}));
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
+    let site = json!({"basebackup_mode": "basic"});
+    let (d, mut daemon, store, _) = LocalDaemon::streaming_with(&pg, site);
     d.wait_http();
     let ask = || basebackup_command(&d).output().unwrap();
     let out = ask();

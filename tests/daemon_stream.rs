@@ -224,16 +224,8 @@ async fn daemon_recreated_slot_reports_a_gap_and_takes_a_basebackup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_wal_gap_fails_check_until_resolved() {
     let pg = forgetting_cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(
-        &pg,
-        storage.clone(),
-        serde_json::json!({"basebackup_on_wal_gap": false}),
-    );
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
+    let site = serde_json::json!({"basebackup_on_wal_gap": false});
+    let (d, mut daemon, store, _) = LocalDaemon::streaming_with(&pg, site);
     let missing = lose_wal(&pg, &store, &mut daemon).await;
 
     let daemon = Daemon::start(&d);

@@ -139,8 +139,8 @@ impl DaemonDir {
     }
 }
 
-/// A daemon streaming a cluster's WAL into local storage with the default site settings
-/// (`DaemonDir::write_config` with nothing added), started.
+/// A daemon streaming a cluster's WAL into local storage with `DaemonDir::write_config`'s
+/// site settings (and what a test adds), started.
 pub struct LocalDaemon {
     pub d: DaemonDir,
     pub daemon: Daemon,
@@ -148,10 +148,11 @@ pub struct LocalDaemon {
 }
 
 impl LocalDaemon {
-    pub fn start(pg: &PgCluster) -> LocalDaemon {
+    /// Started with `site` merged into the site's settings.
+    pub fn with_site(pg: &PgCluster, site: Value) -> LocalDaemon {
         let d = DaemonDir::new();
         let storage = d.local_storage();
-        d.write_config(pg, storage.clone(), json!({}));
+        d.write_config(pg, storage.clone(), site);
         let daemon = Daemon::start(&d);
         let store = d.store(&storage);
         LocalDaemon { d, daemon, store }
@@ -160,7 +161,12 @@ impl LocalDaemon {
     /// Starts one and waits until it created its slot: its directory, the daemon, the
     /// archive and the segment the slot starts in.
     pub fn streaming(pg: &PgCluster) -> (DaemonDir, Daemon, ObjectStore, String) {
-        let LocalDaemon { d, daemon, store } = LocalDaemon::start(pg);
+        LocalDaemon::streaming_with(pg, json!({}))
+    }
+
+    /// [`LocalDaemon::streaming`] with `site` merged into the site's settings.
+    pub fn streaming_with(pg: &PgCluster, site: Value) -> (DaemonDir, Daemon, ObjectStore, String) {
+        let LocalDaemon { d, daemon, store } = LocalDaemon::with_site(pg, site);
         let first = wait_slot(pg, &daemon);
         (d, daemon, store, first)
     }
