@@ -214,7 +214,7 @@ pub fn bb_v2_metadata(key: &str, json: &[u8], m: &Metadata) -> Result<BackupMeta
     let end_seg = p
         .backup_end_wal_segment
         .unwrap_or_else(|| meta_str(m, meta::END_WAL_SEGMENT));
-    let base = pghoard_backup(&key, m, start_seg, chunks)?;
+    let base = pghoard_backup(key, m, start_seg, chunks)?;
     Ok(BackupMetadata {
         backup_start_time: p.backup_start_time.unwrap_or(base.backup_start_time),
         backup_end_time: p.backup_end_time.unwrap_or(base.backup_end_time),
