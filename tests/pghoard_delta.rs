@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use crate::pghoard_restore::{fixture_archive, list, pghoard_archive_of, restore_and_count};
+use crate::common::list_basebackups;
+use crate::pghoard_restore::{fixture_archive, pghoard_archive_of, restore_and_count};
 use crate::restore::{get_basebackup, stderr};
 use crate::retention::PGHOARD_SITE;
 
@@ -23,7 +24,7 @@ fn delta_archive() -> crate::daemon_support::DaemonDir {
 #[test]
 fn pghoard_delta_backups_list_with_sizes_lsns_and_timeline() {
     let d = delta_archive();
-    let list = list(&d);
+    let list = list_basebackups(&d.config_path());
     let backups = list.as_array().unwrap();
     let names: Vec<&str> = backups
         .iter()
