@@ -30,8 +30,9 @@ use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
 use crate::pipeline::compression::CompressionSettings;
+use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{
-    upload_produced, upload_produced_as, Input, UploadEncryption, Uploaded,
+    upload, Hashing, Input, ObjectKind, Source, Upload, UploadEncryption, Uploaded,
 };
 use crate::storage::meta;
 use crate::storage::{Metadata, ObjectStore};
@@ -217,14 +218,18 @@ impl BackupContext {
         if let Some(format) = format {
             metadata.insert(meta::FORMAT.into(), format.into());
         }
-        let uploaded = upload_produced_as(
+        let uploaded = upload(
             &self.store,
-            &key,
-            self.compression,
-            input,
-            self.encryption.clone(),
-            metadata,
-            produce,
+            Upload {
+                kind: ObjectKind::BasebackupChunk,
+                key: key.clone(),
+                source: Source::produced(produce),
+                input,
+                hashing: Hashing::Sha1Returned,
+                compression: self.compression,
+                encryption: self.encryption.clone(),
+                metadata,
+            },
         )
         .await
         .with_context(|| format!("store basebackup chunk {key}"))?;
@@ -246,10 +251,6 @@ impl BackupContext {
             tar.append_bytes(path, 0o600, mtime, data)?;
         }
         let body = tar.finish()?;
-        let hash = hex::encode(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
-            &body,
-        ));
         let mut m = self.base_metadata();
         for (k, v) in [
             (meta::FORMAT, meta.format.clone()),
@@ -264,9 +265,6 @@ impl BackupContext {
             (meta::END_LSN, meta.end_lsn.clone()),
             (meta::START_TIMELINE, meta.start_timeline.to_string()),
             (meta::PG_VERSION, meta.pg_version.to_string()),
-            (meta::ORIGINAL_FILE_SIZE, body.len().to_string()),
-            (meta::HASH, hash),
-            (meta::HASH_ALGORITHM, "sha1".into()),
             (meta::TOTAL_SIZE_PLAIN, meta.total_size_plain.to_string()),
             (meta::TOTAL_SIZE_ENC, meta.total_size_enc.to_string()),
             (meta::BASEBACKUP_MODE, meta.basebackup_mode.clone()),
@@ -275,13 +273,20 @@ impl BackupContext {
             m.insert(k.into(), v);
         }
         let key = format!("basebackup/{}", self.name);
-        upload_produced(
+        // pghoard's control objects record the SHA-1 of the tar (`original-file-size`,
+        // `hash`, `hash-algorithm`), whatever the site's hash_algorithm.
+        upload(
             &self.store,
-            &key,
-            self.compression,
-            self.encryption.clone(),
-            m,
-            move |w| w.write_all(&body),
+            Upload {
+                kind: ObjectKind::BasebackupControl,
+                key: key.clone(),
+                source: Source::bytes(body),
+                input: Input::Plain,
+                hashing: Hashing::Recorded(HashAlgorithm::Sha1),
+                compression: self.compression,
+                encryption: self.encryption.clone(),
+                metadata: m,
+            },
         )
         .await
         .with_context(|| format!("store basebackup control object {key}"))

@@ -21,7 +21,7 @@ use walhoard_walreceiver::SegmentBuffer;
 
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::{upload_bytes, upload_file, TransferError, UploadEncryption};
+use crate::pipeline::transfer::{upload, Source, TransferError, Upload, UploadEncryption};
 use crate::storage::meta;
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{Metadata, ObjectStore, StorageError};
@@ -156,32 +156,25 @@ impl UploadContext {
         path: &Path,
         data: Option<&Arc<SegmentBuffer>>,
     ) -> Result<(), TransferError> {
-        match data {
-            Some(d) => {
-                upload_bytes(
-                    &self.store,
-                    key,
-                    InMemory(d.clone()),
-                    self.compression,
-                    self.encryption.clone(),
-                    self.hash_algorithm,
-                    self.base_metadata.clone(),
-                )
-                .await
-            }
-            None => {
-                upload_file(
-                    &self.store,
-                    key,
-                    path,
-                    self.compression,
-                    self.encryption.clone(),
-                    self.hash_algorithm,
-                    self.base_metadata.clone(),
-                )
-                .await
-            }
-        }
+        let source = match data {
+            Some(d) => Source::bytes(InMemory(d.clone())),
+            None => Source::File(path.to_path_buf()),
+        };
+        let wal = Upload::wal(
+            key,
+            source,
+            self.compression,
+            self.encryption.clone(),
+            self.hash_algorithm,
+        );
+        upload(
+            &self.store,
+            Upload {
+                metadata: self.base_metadata.clone(),
+                ..wal
+            },
+        )
+        .await
         .map(|_| ())
     }
 

@@ -5,14 +5,14 @@
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use aws_lc_rs::digest;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor, Decompressor};
 use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
-use super::hash::{HashAlgorithm, StoredSha256};
+use super::hash::{HashAlgorithm, Hasher, StoredSha256};
 use super::pghoa1;
 use crate::storage::meta;
 use crate::storage::{Metadata, ObjectStore, StorageError, DIRECT_ALIGN};
@@ -226,18 +226,215 @@ fn record_plain(metadata: &mut Metadata, size: u64, hash: String, algorithm: Has
     metadata.insert(meta::HASH_ALGORITHM.into(), algorithm.name().into());
 }
 
-/// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
-/// algorithm, encryption key id, original size, `hash` of the plaintext with `hash-algorithm`.
-/// Returns the metadata.
-pub async fn upload_file(
-    store: &ObjectStore,
-    key: &str,
-    path: &Path,
+/// What an upload stores; named in its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A WAL segment, a history file or a timeline's `.partial`.
+    Wal,
+    /// A basebackup's data chunk (`basebackup_chunk/<backup>/...`).
+    BasebackupChunk,
+    /// A basebackup's control object (`basebackup/<backup>`).
+    BasebackupControl,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Wal => "WAL file",
+            ObjectKind::BasebackupChunk => "basebackup chunk",
+            ObjectKind::BasebackupControl => "basebackup control object",
+        })
+    }
+}
+
+/// A producer: writes an object's bytes into the pipeline, on a blocking thread.
+pub type Produce = Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>;
+
+/// Where an upload's bytes come from.
+pub enum Source {
+    /// A local file (a spool segment, an archive_command upload). With [`Hashing::Recorded`]
+    /// it is read twice, to hash it and to store it; a file that changed in between fails the
+    /// upload.
+    File(PathBuf),
+    /// The whole object in memory (a receiver's segment buffer): no file read at all.
+    Bytes(Arc<dyn AsRef<[u8]> + Send + Sync>),
+    /// Whatever the function writes, without a temporary copy (basebackup chunks). The object
+    /// appears only if it returned `Ok`; an error, a panic or the upload being dropped leaves
+    /// nothing under the key.
+    Produced(Produce),
+}
+
+impl Source {
+    pub fn bytes(data: impl AsRef<[u8]> + Send + Sync + 'static) -> Self {
+        Source::Bytes(Arc::new(data))
+    }
+
+    pub fn produced(f: impl FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static) -> Self {
+        Source::Produced(Box::new(f))
+    }
+}
+
+/// What the bytes an upload is given are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// Plain bytes: compressed with the site's settings on the way.
+    Plain,
+    /// A `compression.algorithm` stream already (a server-compressed BASE_BACKUP archive):
+    /// encrypted and stored as it is, labelled so that restore decompresses it.
+    Compressed,
+}
+
+/// What an upload hashes, and where the hash goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashing {
+    /// The plain bytes, with this algorithm, recorded as pghoard's `hash`, `hash-algorithm`
+    /// and `original-file-size` metadata before the upload starts (S3-likes take metadata only
+    /// at the start of an upload). Needs [`Input::Plain`] from a [`Source::File`] or
+    /// [`Source::Bytes`]: a produced stream is known only at its end.
+    Recorded(HashAlgorithm),
+    /// SHA-1 of the bytes the source gives (the compressed stream with
+    /// [`Input::Compressed`]), computed on their way and only returned: a basebackup chunk's
+    /// entry in its control object.
+    Sha1Returned,
+}
+
+/// One upload: what [`upload`] stores, from where, and how.
+pub struct Upload {
+    pub kind: ObjectKind,
+    /// The object key.
+    pub key: String,
+    pub source: Source,
+    pub input: Input,
+    pub hashing: Hashing,
+    pub compression: CompressionSettings,
+    pub encryption: Option<UploadEncryption>,
+    /// The caller's metadata (host, backup name, ...); the upload adds the codec's
+    /// (`compression-algorithm`, encryption key id and format) and, with
+    /// [`Hashing::Recorded`], the plaintext's.
+    pub metadata: Metadata,
+}
+
+impl Upload {
+    /// A WAL file as pghoard stores one: plain bytes from `source`, the plaintext's size and
+    /// hash (`hash_algorithm`) recorded, no metadata of the caller's yet.
+    pub fn wal(
+        key: impl Into<String>,
+        source: Source,
+        compression: CompressionSettings,
+        encryption: Option<UploadEncryption>,
+        hash_algorithm: HashAlgorithm,
+    ) -> Self {
+        Upload {
+            kind: ObjectKind::Wal,
+            key: key.into(),
+            source,
+            input: Input::Plain,
+            hashing: Hashing::Recorded(hash_algorithm),
+            compression,
+            encryption,
+            metadata: Metadata::new(),
+        }
+    }
+}
+
+/// What [`upload`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Bytes the source gave.
+    pub plain_size: u64,
+    /// Bytes stored (compressed, encrypted).
+    pub stored_size: u64,
+    /// Hex digest of the source's bytes, as [`Upload::hashing`] says.
+    pub hash: String,
+    /// The object metadata stored with it.
+    pub metadata: Metadata,
+}
+
+/// Where a stream goes: everything of an [`Upload`] but its source, hashing and metadata.
+struct Target<'a> {
+    store: &'a ObjectStore,
+    key: &'a str,
+    input: Input,
     compression: CompressionSettings,
     encryption: Option<UploadEncryption>,
+}
+
+impl Target<'_> {
+    fn failed(&self, message: String) -> TransferError {
+        TransferError::Object {
+            key: self.key.into(),
+            message,
+        }
+    }
+}
+
+/// Compresses (and encrypts) `upload.source` into `upload.key`, recording pghoard's metadata:
+/// compression algorithm, encryption key id and, with [`Hashing::Recorded`], the original size
+/// and `hash` with `hash-algorithm`. WAL from memory with single-threaded zstd takes the
+/// one-shot path ([`one_shot_object`]); everything else streams through the pipeline.
+pub async fn upload(store: &ObjectStore, upload: Upload) -> Result<Uploaded, TransferError> {
+    let Upload {
+        kind,
+        key,
+        source,
+        input,
+        hashing,
+        compression,
+        encryption,
+        metadata,
+    } = upload;
+    let target = Target {
+        store,
+        key: &key,
+        input,
+        compression,
+        encryption,
+    };
+    let uploaded = match (hashing, source) {
+        (Hashing::Recorded(_), Source::Produced(_)) => {
+            return Err(target
+                .failed("a produced stream's hash cannot be recorded before it is stored".into()))
+        }
+        (Hashing::Recorded(_), _) if input == Input::Compressed => {
+            return Err(
+                target.failed("a compressed stream's plaintext hash cannot be recorded".into())
+            )
+        }
+        (Hashing::Recorded(a), Source::File(path)) => {
+            upload_file(&target, &path, a, metadata).await?
+        }
+        (Hashing::Recorded(a), Source::Bytes(data)) => {
+            upload_bytes(&target, data, a, metadata).await?
+        }
+        (Hashing::Sha1Returned, source) => {
+            let produce: Produce = match source {
+                Source::File(path) => Box::new(move |w| {
+                    let file = std::fs::File::open(&path)?;
+                    io::copy(&mut io::BufReader::with_capacity(PIPE_CHUNK, file), w)?;
+                    Ok(())
+                }),
+                Source::Bytes(data) => Box::new(move |w| w.write_all((*data).as_ref())),
+                Source::Produced(p) => p,
+            };
+            upload_stream(&target, metadata, Digest::Sha1, produce).await?
+        }
+    };
+    tracing::debug!(
+        key,
+        plain_size = uploaded.plain_size,
+        stored_size = uploaded.stored_size,
+        "stored {kind}"
+    );
+    Ok(uploaded)
+}
+
+/// [`upload`] of a file with its hash recorded.
+async fn upload_file(
+    target: &Target<'_>,
+    path: &Path,
     hash_algorithm: HashAlgorithm,
     mut metadata: Metadata,
-) -> Result<Metadata, TransferError> {
+) -> Result<Uploaded, TransferError> {
     // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
     // a first pass over the (local, usually cached) file computes them.
     let p = path.to_path_buf();
@@ -256,25 +453,18 @@ pub async fn upload_file(
         }
     })
     .await
-    .map_err(|e| TransferError::Object {
-        key: key.into(),
-        message: format!("hash thread failed: {e}"),
-    })?
+    .map_err(|e| target.failed(format!("hash thread failed: {e}")))?
     .map_err(io_at("read", path))?;
     let file = std::fs::File::open(path).map_err(io_at("open", path))?;
-    record_plain(&mut metadata, expect_size, hash, hash_algorithm);
+    record_plain(&mut metadata, expect_size, hash.clone(), hash_algorithm);
     let src = path.to_path_buf();
     // The hash is already in the metadata: hashing the bytes again on their way into the
     // compressor cost as much CPU as a fifth of the whole WAL drain (docs/benchmarks.md).
-    let uploaded = upload_stream(
-        store,
-        key,
-        compression,
-        Input::Plain,
-        encryption,
+    upload_stream(
+        target,
         metadata,
-        Digest::Recorded,
-        move |w| {
+        Digest::Recorded(hash),
+        Box::new(move |w| {
             let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
             let size = io::copy(&mut input, w)?;
             if size != expect_size {
@@ -284,60 +474,54 @@ pub async fn upload_file(
                 )));
             }
             Ok(())
-        },
+        }),
     )
-    .await?;
-    Ok(uploaded.metadata)
+    .await
 }
 
-/// Compresses (and encrypts) `data`, a whole file already in memory (a WAL segment the
-/// receiver handed on in its buffer), into `key`, with the same metadata as [`upload_file`]:
-/// no read of the spool file at all. zstd compresses the buffer in one call, which is faster
-/// than the streaming encoder (it works on one contiguous input instead of copying it into a
-/// window: docs/benchmarks.md); the frame is an ordinary zstd frame, with a checksum when the
-/// object is not encrypted ([`zstd_checksum`]).
-pub async fn upload_bytes<D>(
-    store: &ObjectStore,
-    key: &str,
-    data: D,
-    compression: CompressionSettings,
-    encryption: Option<UploadEncryption>,
+/// [`upload`] of a whole file already in memory (a WAL segment the receiver handed on in its
+/// buffer), with its hash recorded: no read of the spool file at all. zstd compresses the
+/// buffer in one call, which is faster than the streaming encoder (it works on one contiguous
+/// input instead of copying it into a window: docs/benchmarks.md); the frame is an ordinary
+/// zstd frame, with a checksum when the object is not encrypted ([`zstd_checksum`]).
+async fn upload_bytes(
+    target: &Target<'_>,
+    data: Arc<dyn AsRef<[u8]> + Send + Sync>,
     hash_algorithm: HashAlgorithm,
     mut metadata: Metadata,
-) -> Result<Metadata, TransferError>
-where
-    D: AsRef<[u8]> + Send + Sync + 'static,
-{
+) -> Result<Uploaded, TransferError> {
+    let compression = target.compression;
+    let size = (*data).as_ref().len() as u64;
     if compression.algorithm == Algorithm::Zstd && compression.threads == 0 {
         // One worker hashes, compresses and encrypts the whole file into pooled buffers, and
         // the store gets the finished object in one piece: no channel, no chunk allocations,
         // one hand-off to a blocking thread instead of three. Those hand-offs and the page
         // faults of fresh chunk buffers cost a tenth of the WAL drain's CPU on a saturated
         // two-core machine (docs/benchmarks.md).
-        let size = data.as_ref().len() as u64;
         let worker = super::cpu::worker().await;
-        let enc = encryption.clone();
+        let enc = target.encryption.clone();
         let (hash, object) = tokio::task::spawn_blocking(move || {
             let _worker = worker;
-            one_shot_object(data.as_ref(), compression, enc.as_ref(), hash_algorithm)
+            one_shot_object((*data).as_ref(), compression, enc.as_ref(), hash_algorithm)
         })
         .await
-        .map_err(|e| TransferError::Object {
-            key: key.into(),
-            message: format!("compression thread failed: {e}"),
-        })?
-        .map_err(|e| TransferError::Object {
-            key: key.into(),
-            message: e.to_string(),
-        })?;
-        record_plain(&mut metadata, size, hash, hash_algorithm);
-        record_codec(&mut metadata, compression, encryption.as_ref());
-        store
-            .put_whole(key, Bytes::from_owner(object), &metadata)
+        .map_err(|e| target.failed(format!("compression thread failed: {e}")))?
+        .map_err(|e| target.failed(e.to_string()))?;
+        record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+        record_codec(&mut metadata, compression, target.encryption.as_ref());
+        let object = Bytes::from_owner(object);
+        let stored_size = object.len() as u64;
+        target
+            .store
+            .put_whole(target.key, object, &metadata)
             .await?;
-        return Ok(metadata);
+        return Ok(Uploaded {
+            plain_size: size,
+            stored_size,
+            hash,
+            metadata,
+        });
     }
-    let data = std::sync::Arc::new(data);
     let input = data.clone();
     let worker = super::cpu::worker().await;
     let hash = tokio::task::spawn_blocking(move || {
@@ -347,34 +531,17 @@ where
         hash.finish_hex()
     })
     .await
-    .map_err(|e| TransferError::Object {
-        key: key.into(),
-        message: format!("hash thread failed: {e}"),
-    })?;
-    record_plain(
-        &mut metadata,
-        (*data).as_ref().len() as u64,
-        hash,
-        hash_algorithm,
-    );
-    let uploaded = upload_stream(
-        store,
-        key,
-        compression,
-        Input::Plain,
-        encryption,
+    .map_err(|e| target.failed(format!("hash thread failed: {e}")))?;
+    record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+    upload_stream(
+        target,
         metadata,
-        Digest::Recorded,
-        move |w| w.write_all((*data).as_ref()),
+        Digest::Recorded(hash),
+        Box::new(move |w| w.write_all((*data).as_ref())),
     )
-    .await?;
-    Ok(uploaded.metadata)
+    .await
 }
 
-/// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
-/// zstd): the plaintext hash (hex), and the stored object, compressed in one zstd call (level
-/// `compression.level`; a checksum unless encrypted) and sealed when `encryption` is given.
-/// Public so that `benches/drain_floor.rs` measures exactly what the daemon does.
 pub fn one_shot_object(
     plain: &[u8],
     compression: CompressionSettings,
@@ -405,27 +572,14 @@ pub fn one_shot_object(
     Ok((hash.finish_hex(), object))
 }
 
-/// What [`upload_produced`] stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Uploaded {
-    /// Plain bytes the producer wrote.
-    pub plain_size: u64,
-    /// Bytes stored (compressed, encrypted).
-    pub stored_size: u64,
-    /// SHA-1 of the plain bytes, hex.
-    pub sha1: String,
-    /// The object metadata stored with it.
-    pub metadata: Metadata,
-}
-
 /// Counts (and, when asked, hashes) the plain bytes on their way into the compressor.
-struct Hashing<'a> {
+struct Counting<'a> {
     inner: &'a mut dyn Write,
-    hash: Option<digest::Context>,
+    hash: Option<Hasher>,
     size: u64,
 }
 
-impl Write for Hashing<'_> {
+impl Write for Counting<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(data)?;
         if let Some(h) = self.hash.as_mut() {
@@ -440,113 +594,27 @@ impl Write for Hashing<'_> {
     }
 }
 
-/// Stores into `key` whatever `produce` writes (on a blocking thread), compressed and
-/// encrypted on the way, without a temporary copy. The object appears only if `produce`
-/// returned `Ok`; an error, a panic or this future being dropped leaves nothing under `key`.
-/// The plain size and hash are known only at the end, so they are returned rather than stored
-/// as object metadata (the caller records them elsewhere).
-pub async fn upload_produced<F>(
-    store: &ObjectStore,
-    key: &str,
-    compression: CompressionSettings,
-    encryption: Option<UploadEncryption>,
-    metadata: Metadata,
-    produce: F,
-) -> Result<Uploaded, TransferError>
-where
-    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
-{
-    upload_produced_as(
-        store,
-        key,
-        compression,
-        Input::Plain,
-        encryption,
-        metadata,
-        produce,
-    )
-    .await
-}
-
-/// [`upload_produced`] for `input` ([`Input::Compressed`]: the returned `plain_size` and
-/// `sha1` are then those of the bytes `produce` wrote, the compressed stream).
-pub async fn upload_produced_as<F>(
-    store: &ObjectStore,
-    key: &str,
-    compression: CompressionSettings,
-    input: Input,
-    encryption: Option<UploadEncryption>,
-    metadata: Metadata,
-    produce: F,
-) -> Result<Uploaded, TransferError>
-where
-    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
-{
-    let streamed = upload_stream(
-        store,
-        key,
-        compression,
-        input,
-        encryption,
-        metadata,
-        Digest::Sha1,
-        produce,
-    )
-    .await?;
-    Ok(Uploaded {
-        plain_size: streamed.plain_size,
-        stored_size: streamed.stored_size,
-        // Asked for above, so always there.
-        sha1: streamed.sha1.unwrap_or_default(),
-        metadata: streamed.metadata,
-    })
-}
-
-/// What the bytes an upload is given are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Input {
-    /// Plain bytes: compressed with the site's settings on the way.
-    Plain,
-    /// A `compression.algorithm` stream already (a server-compressed BASE_BACKUP archive):
-    /// encrypted and stored as it is, labelled so that restore decompresses it.
-    Compressed,
-}
-
-/// Whether an upload hashes the bytes it is given on their way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whether [`upload_stream`] hashes the bytes it is given on their way.
 enum Digest {
-    /// SHA-1 of the bytes, returned (a basebackup chunk's control-object entry).
+    /// SHA-1 of the bytes, returned ([`Hashing::Sha1Returned`]).
     Sha1,
-    /// Not again: the caller recorded the hash in the metadata already (WAL).
-    Recorded,
+    /// Not again: the caller recorded this hash in the metadata already (WAL).
+    Recorded(String),
 }
 
-/// What [`upload_stream`] stored.
-struct Streamed {
-    plain_size: u64,
-    stored_size: u64,
-    /// With [`Digest::Sha1`].
-    sha1: Option<String>,
-    metadata: Metadata,
-}
-
-/// [`upload_produced`], hashing the plain bytes as `digest` says.
-#[allow(clippy::too_many_arguments)]
-async fn upload_stream<F>(
-    store: &ObjectStore,
-    key: &str,
-    compression: CompressionSettings,
-    input: Input,
-    encryption: Option<UploadEncryption>,
+/// Stores into the target whatever `produce` writes (on a blocking thread), compressed and
+/// encrypted on the way, without a temporary copy. The object appears only if `produce`
+/// returned `Ok`; an error, a panic or this future being dropped leaves nothing under the key.
+async fn upload_stream(
+    target: &Target<'_>,
     mut metadata: Metadata,
-    hashing: Digest,
-    produce: F,
-) -> Result<Streamed, TransferError>
-where
-    F: FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static,
-{
+    digest: Digest,
+    produce: Produce,
+) -> Result<Uploaded, TransferError> {
     let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
-    let enc = encryption.clone();
+    let enc = target.encryption.clone();
+    let (compression, input) = (target.compression, target.input);
+    let hash_on_the_way = matches!(digest, Digest::Sha1);
     let worker = super::cpu::worker().await;
     let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<String>)> {
         let _worker = worker;
@@ -557,17 +625,16 @@ where
                 buf: Vec::with_capacity(PIPE_CHUNK),
             };
             let run = |c: &mut dyn Write| -> io::Result<(u64, Option<String>)> {
-                let mut h = Hashing {
+                let mut h = Counting {
                     inner: c,
-                    hash: (hashing == Digest::Sha1)
-                        .then(|| digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY)),
+                    hash: hash_on_the_way.then(|| HashAlgorithm::Sha1.hasher()),
                     size: 0,
                 };
                 // A panic would close the channel like a clean end and complete a short
                 // object: turn it into an error that aborts the upload.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&mut h)))
                     .map_err(|_| io::Error::other("the producer panicked"))??;
-                Ok((h.size, h.hash.map(|d| hex::encode(d.finish()))))
+                Ok((h.size, h.hash.map(Hasher::finish_hex)))
             };
             // Compresses what `run` writes into `w` (or passes it through when it is
             // compressed already).
@@ -604,24 +671,24 @@ where
         }
         result
     });
-    record_codec(&mut metadata, compression, encryption.as_ref());
-    let stored = store.put_chunks(key, rx, &metadata).await;
-    let produced = cpu.await.map_err(|e| TransferError::Object {
-        key: key.into(),
-        message: format!("producer thread failed: {e}"),
-    })?;
+    record_codec(&mut metadata, compression, target.encryption.as_ref());
+    let stored = target.store.put_chunks(target.key, rx, &metadata).await;
+    let produced = cpu
+        .await
+        .map_err(|e| target.failed(format!("producer thread failed: {e}")))?;
     match (stored, produced) {
-        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Streamed {
+        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Uploaded {
             plain_size,
             stored_size,
-            sha1,
+            hash: match digest {
+                Digest::Recorded(hash) => hash,
+                // Asked for above, so always there.
+                Digest::Sha1 => sha1.unwrap_or_default(),
+            },
             metadata,
         }),
         (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
-        (_, Err(e)) => Err(TransferError::Object {
-            key: key.into(),
-            message: e.to_string(),
-        }),
+        (_, Err(e)) => Err(target.failed(e.to_string())),
         (Err(s), Ok(_)) => Err(s.into()),
     }
 }
