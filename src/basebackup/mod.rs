@@ -34,8 +34,8 @@ use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{
     upload, Hashing, Input, ObjectKind, Source, Upload, UploadEncryption, Uploaded,
 };
-use crate::storage::meta;
-use crate::storage::{Metadata, ObjectStore};
+use crate::storage::meta::ObjectMeta;
+use crate::storage::ObjectStore;
 
 /// A backup that is stored and listed.
 #[derive(Debug, Clone)]
@@ -152,11 +152,12 @@ impl BackupContext {
     }
 
     /// Metadata every object of this backup carries.
-    fn base_metadata(&self) -> Metadata {
-        let mut m = Metadata::new();
-        m.insert(meta::HOST.into(), self.host.clone());
-        m.insert(meta::BACKUP_NAME.into(), self.name.clone());
-        m
+    fn base_metadata(&self) -> ObjectMeta {
+        ObjectMeta {
+            host: Some(self.host.clone()),
+            backup_name: Some(self.name.clone()),
+            ..ObjectMeta::default()
+        }
     }
 
     /// Stores a chunk produced by `produce` under `basebackup_chunk/<name>/<file>`.
@@ -214,10 +215,10 @@ impl BackupContext {
         if let Ok(mut s) = self.stored.lock() {
             s.push(key.clone());
         }
-        let mut metadata = self.base_metadata();
-        if let Some(format) = format {
-            metadata.insert(meta::FORMAT.into(), format.into());
-        }
+        let metadata = ObjectMeta {
+            format: format.map(str::to_string),
+            ..self.base_metadata()
+        };
         let uploaded = upload(
             &self.store,
             Upload {
@@ -251,27 +252,26 @@ impl BackupContext {
             tar.append_bytes(path, 0o600, mtime, data)?;
         }
         let body = tar.finish()?;
-        let mut m = self.base_metadata();
-        for (k, v) in [
-            (meta::FORMAT, meta.format.clone()),
-            (
-                meta::START_WAL_SEGMENT,
-                meta.backup_start_wal_segment.clone(),
-            ),
-            (meta::START_TIME, meta.backup_start_time.clone()),
-            (meta::END_WAL_SEGMENT, meta.backup_end_wal_segment.clone()),
-            (meta::END_TIME, meta.backup_end_time.clone()),
-            (meta::START_LSN, meta.start_lsn.clone()),
-            (meta::END_LSN, meta.end_lsn.clone()),
-            (meta::START_TIMELINE, meta.start_timeline.to_string()),
-            (meta::PG_VERSION, meta.pg_version.to_string()),
-            (meta::TOTAL_SIZE_PLAIN, meta.total_size_plain.to_string()),
-            (meta::TOTAL_SIZE_ENC, meta.total_size_enc.to_string()),
-            (meta::BASEBACKUP_MODE, meta.basebackup_mode.clone()),
-            (meta::ACTIVE_BACKUP_MODE, meta.active_backup_mode.clone()),
-        ] {
-            m.insert(k.into(), v);
-        }
+        let lsn = |what: &str, l: &str| -> Result<Lsn> {
+            l.parse()
+                .with_context(|| format!("basebackup {}: {what} {l:?}", self.name))
+        };
+        let m = ObjectMeta {
+            format: Some(meta.format.clone()),
+            start_wal_segment: Some(meta.backup_start_wal_segment.clone()),
+            start_time: Some(meta.backup_start_time.clone()),
+            end_wal_segment: Some(meta.backup_end_wal_segment.clone()),
+            end_time: Some(meta.backup_end_time.clone()),
+            start_lsn: Some(lsn("start-lsn", &meta.start_lsn)?),
+            end_lsn: Some(lsn("end-lsn", &meta.end_lsn)?),
+            start_timeline: Some(meta.start_timeline),
+            pg_version: Some(meta.pg_version),
+            total_size_plain: Some(meta.total_size_plain),
+            total_size_enc: Some(meta.total_size_enc),
+            basebackup_mode: Some(meta.basebackup_mode.clone()),
+            active_backup_mode: Some(meta.active_backup_mode.clone()),
+            ..self.base_metadata()
+        };
         let key = format!("basebackup/{}", self.name);
         // pghoard's control objects record the SHA-1 of the tar (`original-file-size`,
         // `hash`, `hash-algorithm`), whatever the site's hash_algorithm.

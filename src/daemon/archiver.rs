@@ -22,9 +22,9 @@ use walhoard_walreceiver::SegmentBuffer;
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{upload, Source, TransferError, Upload, UploadEncryption};
-use crate::storage::meta;
+use crate::storage::meta::ObjectMeta;
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
-use crate::storage::{Metadata, ObjectStore, StorageError};
+use crate::storage::{ObjectStore, StorageError};
 
 use super::status::{Alerts, SiteStatus};
 
@@ -41,7 +41,7 @@ pub struct UploadContext {
     /// Bounds concurrent uploads (transfer.thread_count), shared by all of a daemon's sites.
     pub upload_slots: Arc<Semaphore>,
     /// Metadata every WAL object carries (pg-version, host).
-    pub base_metadata: Metadata,
+    pub base_metadata: ObjectMeta,
 }
 
 /// The object key a WAL file is archived under, as pghoard lays them out.
@@ -316,23 +316,21 @@ impl Archiver {
             Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
             Err(e) => return Err(e.to_string()),
         };
-        let (Some(hash), Some(algorithm)) =
-            (stored.get(meta::HASH), stored.get(meta::HASH_ALGORITHM))
-        else {
+        let stored = match ObjectMeta::parse(key, &stored) {
+            Ok(m) => m,
+            Err(e) => return Ok(Existing::Different(e.to_string())),
+        };
+        let (Some(hash), Some(algorithm)) = (stored.hash, stored.hash_algorithm) else {
             return Ok(Existing::Different(
                 "it records no hash to compare with".into(),
             ));
-        };
-        let algorithm: HashAlgorithm = match algorithm.parse() {
-            Ok(a) => a,
-            Err(e) => return Ok(Existing::Different(format!("its hash-algorithm: {e}"))),
         };
         let (path, data) = (path.to_path_buf(), data.cloned());
         let ours = tokio::task::spawn_blocking(move || local_hash(algorithm, &path, data.as_ref()))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        Ok(if ours.eq_ignore_ascii_case(hash) {
+        Ok(if ours.eq_ignore_ascii_case(&hash) {
             Existing::Same
         } else {
             Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
@@ -545,7 +543,7 @@ mod tests {
             hash_algorithm: HashAlgorithm::Sha1,
             retry: RetryPolicy::default(),
             upload_slots: Arc::new(Semaphore::new(4)),
-            base_metadata: Metadata::new(),
+            base_metadata: ObjectMeta::default(),
         };
         let (tx, rx) = watch::channel(Lsn::INVALID);
         let a = Archiver::new(
@@ -606,10 +604,13 @@ mod tests {
         let theirs = vec![1u8; 1 << 20];
         let mut h = HashAlgorithm::Sha1.hasher();
         h.update(&theirs);
-        let mut meta = Metadata::new();
-        meta.insert(meta::HASH.into(), h.finish_hex());
-        meta.insert(meta::HASH_ALGORITHM.into(), "sha1".into());
-        meta.insert(meta::COMPRESSION_ALGORITHM.into(), "none".into());
+        let meta = ObjectMeta {
+            hash: Some(h.finish_hex()),
+            hash_algorithm: Some(HashAlgorithm::Sha1),
+            compression_algorithm: Some(crate::pipeline::compression::Algorithm::Zstd),
+            ..ObjectMeta::default()
+        }
+        .to_map();
         let key1 = "xlog/000000010000000000000001";
         store.put_bytes(key1, b"their object", &meta).await.unwrap();
         let ours: WalSegmentName = "000000010000000000000001".parse().unwrap();
@@ -749,7 +750,7 @@ mod tests {
                 max_attempts: None,
             },
             upload_slots: Arc::new(Semaphore::new(1)),
-            base_metadata: Metadata::new(),
+            base_metadata: ObjectMeta::default(),
         };
         let spool = dir.path().join("000000010000000000000001");
         let bytes = incompressible(512 << 10);

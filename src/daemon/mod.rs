@@ -29,8 +29,7 @@ use crate::config::{BackupMode, Config};
 use crate::settings::{
     compression_settings, hostname, retry_policy, transfer_threads, upload_encryption,
 };
-use crate::storage::meta;
-use crate::storage::Metadata;
+use crate::storage::meta::ObjectMeta;
 
 use archiver::UploadContext;
 use walhoard_walreceiver::SegmentBuffers;
@@ -48,8 +47,10 @@ pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Res
         .get(name)
         .with_context(|| format!("no backup site {name:?} in the configuration"))?;
     let store = crate::settings::open_store(config, name)?;
-    let mut base_metadata = Metadata::new();
-    base_metadata.insert(meta::HOST.into(), hostname());
+    let base_metadata = ObjectMeta {
+        host: Some(hostname()),
+        ..ObjectMeta::default()
+    };
     Ok(UploadContext {
         site: name.to_string(),
         store,

@@ -43,7 +43,7 @@ mod tests {
     use crate::config::ObjectStorageConfig;
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
     use crate::pipeline::transfer::{upload, Hashing, Input, ObjectKind, Source, Upload};
-    use crate::storage::{Metadata, ObjectStore};
+    use crate::storage::ObjectStore;
 
     /// How many of `n` concurrent uploads compress at the same time with `threads` workers.
     async fn peak_concurrency(threads: usize, n: usize) -> usize {
@@ -81,7 +81,7 @@ mod tests {
                         hashing: Hashing::Sha1Returned,
                         compression: CompressionSettings::new(Algorithm::Zstd),
                         encryption: None,
-                        metadata: Metadata::new(),
+                        metadata: Default::default(),
                     },
                 )
                 .await

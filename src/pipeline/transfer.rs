@@ -14,8 +14,8 @@ use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compress
 use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
 use super::hash::{HashAlgorithm, Hasher, StoredSha256};
 use super::pghoa1;
-use crate::storage::meta;
-use crate::storage::{Metadata, ObjectStore, StorageError, DIRECT_ALIGN};
+use crate::storage::meta::{EncryptionFormat, ObjectMeta};
+use crate::storage::{ObjectStore, StorageError, DIRECT_ALIGN};
 
 const QUEUE_CHUNKS: usize = 4;
 
@@ -205,25 +205,22 @@ fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> 
 
 /// How the stored bytes were made: `compression-algorithm`, and the encryption key and format.
 fn record_codec(
-    metadata: &mut Metadata,
+    metadata: &mut ObjectMeta,
     compression: CompressionSettings,
     encryption: Option<&UploadEncryption>,
 ) {
-    metadata.insert(
-        meta::COMPRESSION_ALGORITHM.into(),
-        compression.algorithm.name().into(),
-    );
+    metadata.compression_algorithm = Some(compression.algorithm);
     if let Some(e) = encryption {
-        metadata.insert(meta::ENCRYPTION_KEY_ID.into(), e.key_id.clone());
-        metadata.insert(meta::ENCRYPTION_FORMAT.into(), "walhenc1".into());
+        metadata.encryption_key_id = Some(e.key_id.clone());
+        metadata.encryption_format = Some(EncryptionFormat::Walhenc1);
     }
 }
 
 /// pghoard's metadata of the plaintext: `original-file-size`, `hash`, `hash-algorithm`.
-fn record_plain(metadata: &mut Metadata, size: u64, hash: String, algorithm: HashAlgorithm) {
-    metadata.insert(meta::ORIGINAL_FILE_SIZE.into(), size.to_string());
-    metadata.insert(meta::HASH.into(), hash);
-    metadata.insert(meta::HASH_ALGORITHM.into(), algorithm.name().into());
+fn record_plain(metadata: &mut ObjectMeta, size: u64, hash: String, algorithm: HashAlgorithm) {
+    metadata.original_file_size = Some(size);
+    metadata.hash = Some(hash);
+    metadata.hash_algorithm = Some(algorithm);
 }
 
 /// What an upload stores; named in its log line.
@@ -311,7 +308,7 @@ pub struct Upload {
     /// The caller's metadata (host, backup name, ...); the upload adds the codec's
     /// (`compression-algorithm`, encryption key id and format) and, with
     /// [`Hashing::Recorded`], the plaintext's.
-    pub metadata: Metadata,
+    pub metadata: ObjectMeta,
 }
 
 impl Upload {
@@ -332,7 +329,7 @@ impl Upload {
             hashing: Hashing::Recorded(hash_algorithm),
             compression,
             encryption,
-            metadata: Metadata::new(),
+            metadata: ObjectMeta::default(),
         }
     }
 }
@@ -347,7 +344,7 @@ pub struct Uploaded {
     /// Hex digest of the source's bytes, as [`Upload::hashing`] says.
     pub hash: String,
     /// The object metadata stored with it.
-    pub metadata: Metadata,
+    pub metadata: ObjectMeta,
 }
 
 /// Where a stream goes: everything of an [`Upload`] but its source, hashing and metadata.
@@ -433,7 +430,7 @@ async fn upload_file(
     target: &Target<'_>,
     path: &Path,
     hash_algorithm: HashAlgorithm,
-    mut metadata: Metadata,
+    mut metadata: ObjectMeta,
 ) -> Result<Uploaded, TransferError> {
     // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
     // a first pass over the (local, usually cached) file computes them.
@@ -488,7 +485,7 @@ async fn upload_bytes(
     target: &Target<'_>,
     data: Arc<dyn AsRef<[u8]> + Send + Sync>,
     hash_algorithm: HashAlgorithm,
-    mut metadata: Metadata,
+    mut metadata: ObjectMeta,
 ) -> Result<Uploaded, TransferError> {
     let compression = target.compression;
     let size = (*data).as_ref().len() as u64;
@@ -513,7 +510,7 @@ async fn upload_bytes(
         let stored_size = object.len() as u64;
         target
             .store
-            .put_whole(target.key, object, &metadata)
+            .put_whole(target.key, object, &metadata.to_map())
             .await?;
         return Ok(Uploaded {
             plain_size: size,
@@ -607,7 +604,7 @@ enum Digest {
 /// returned `Ok`; an error, a panic or this future being dropped leaves nothing under the key.
 async fn upload_stream(
     target: &Target<'_>,
-    mut metadata: Metadata,
+    mut metadata: ObjectMeta,
     digest: Digest,
     produce: Produce,
 ) -> Result<Uploaded, TransferError> {
@@ -672,7 +669,10 @@ async fn upload_stream(
         result
     });
     record_codec(&mut metadata, compression, target.encryption.as_ref());
-    let stored = target.store.put_chunks(target.key, rx, &metadata).await;
+    let stored = target
+        .store
+        .put_chunks(target.key, rx, &metadata.to_map())
+        .await;
     let produced = cpu
         .await
         .map_err(|e| target.failed(format!("producer thread failed: {e}")))?;
@@ -706,22 +706,21 @@ pub async fn download_with<T, F>(
     key: &str,
     keys: &KeyRing,
     consume: F,
-) -> Result<(Metadata, T), TransferError>
+) -> Result<(ObjectMeta, T), TransferError>
 where
     T: Send + 'static,
-    F: FnOnce(&Metadata, &mut dyn Read) -> io::Result<T> + Send + 'static,
+    F: FnOnce(&ObjectMeta, &mut dyn Read) -> io::Result<T> + Send + 'static,
 {
-    let (metadata, size) = store.metadata_and_size(key).await?;
+    let (stored, size) = store.metadata_and_size(key).await?;
+    let metadata = ObjectMeta::parse(key, &stored)?;
     let bad = |m: String| TransferError::Object {
         key: key.to_string(),
         message: m,
     };
     let algorithm: Algorithm = metadata
-        .get(meta::COMPRESSION_ALGORITHM)
-        .ok_or_else(|| bad("no compression-algorithm metadata".into()))?
-        .parse()
-        .map_err(bad)?;
-    let encrypted = metadata.contains_key(meta::ENCRYPTION_KEY_ID);
+        .compression_algorithm
+        .ok_or_else(|| bad("no compression-algorithm metadata".into()))?;
+    let encrypted = metadata.encryption_key_id.is_some();
     if !encrypted && keys.requires_encrypted() {
         // A downgrade: whoever can write the bucket can store plaintext with a sidecar that
         // simply omits the key id, and it would be restored as if it were ours.
@@ -757,7 +756,7 @@ where
             decrypting(input, &meta2, &keys, reread)?
         } else {
             drop(reread);
-            match meta2.get(meta::STORED_SHA256) {
+            match &meta2.stored_sha256 {
                 Some(expected) => Box::new(StoredSha256::new(input, expected)),
                 None => Box::new(input),
             }
@@ -804,7 +803,7 @@ where
 /// empty object is pghoard's encryption of an empty file (walhoard's objects never are).
 fn decrypting<R: Read + 'static>(
     mut input: BlockingChannelReader,
-    metadata: &Metadata,
+    metadata: &ObjectMeta,
     keys: &KeyRing,
     reread: impl FnOnce() -> io::Result<R>,
 ) -> io::Result<Box<dyn Read>> {
@@ -812,8 +811,7 @@ fn decrypting<R: Read + 'static>(
     let n = read_full(&mut input, &mut head)?;
     let head = &head[..n];
     let m = n.min(pghoa1::MAGIC.len());
-    let labelled_walhenc1 =
-        metadata.get(meta::ENCRYPTION_FORMAT).map(String::as_str) == Some("walhenc1");
+    let labelled_walhenc1 = metadata.encryption_format == Some(EncryptionFormat::Walhenc1);
     let is_pghoa1 = head[..m] == pghoa1::MAGIC[..m] && !(n == 0 && labelled_walhenc1);
     if !is_pghoa1 {
         return Ok(Box::new(Decryptor::new(
@@ -827,7 +825,7 @@ fn decrypting<R: Read + 'static>(
             "labelled encryption-format walhenc1 but holds a pghoard pghoa1 object",
         ));
     }
-    let key_id = metadata.get(meta::ENCRYPTION_KEY_ID).map(String::as_str);
+    let key_id = metadata.encryption_key_id.as_deref();
     let private = pghoa1::key_for(keys, key_id)?;
     match pghoa1::verify(head, input, private, key_id.unwrap_or_default())? {
         None => Ok(Box::new(io::empty())),
@@ -839,13 +837,12 @@ fn decrypting<R: Read + 'static>(
 /// metadata records: `original-file-size`, and `hash` with `hash-algorithm` (SHA-1 when that
 /// is absent: objects from before pghoard's setting). Call it before anything is renamed
 /// where it is used. Returns the size.
-pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) -> io::Result<u64> {
-    let hash_algorithm: HashAlgorithm = match metadata.get(meta::HASH_ALGORITHM) {
-        Some(name) => name
-            .parse()
-            .map_err(|e: String| io::Error::new(io::ErrorKind::InvalidData, e))?,
-        None => HashAlgorithm::Sha1,
-    };
+pub fn copy_checked(
+    metadata: &ObjectMeta,
+    d: &mut dyn Read,
+    out: &mut dyn Write,
+) -> io::Result<u64> {
+    let hash_algorithm = metadata.hash_algorithm_or_default();
     let mut hash = hash_algorithm.hasher();
     let mut buf = vec![0u8; PIPE_CHUNK];
     let mut size = 0u64;
@@ -861,10 +858,7 @@ pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) 
         out.write_all(&buf[..n])?;
     }
     out.flush()?;
-    let expect_size: Option<u64> = metadata
-        .get(meta::ORIGINAL_FILE_SIZE)
-        .and_then(|s| s.parse().ok());
-    if let Some(expect) = expect_size.filter(|s| *s != size) {
+    if let Some(expect) = metadata.original_file_size.filter(|s| *s != size) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("decoded {size} bytes, metadata says {expect}"),
@@ -872,7 +866,8 @@ pub fn copy_checked(metadata: &Metadata, d: &mut dyn Read, out: &mut dyn Write) 
     }
     let hash = hash.finish_hex();
     if let Some(recorded) = metadata
-        .get(meta::HASH)
+        .hash
+        .as_ref()
         .filter(|h| !h.eq_ignore_ascii_case(&hash))
     {
         return Err(io::Error::new(
@@ -890,7 +885,7 @@ pub async fn download_file(
     key: &str,
     target: &Path,
     keys: &KeyRing,
-) -> Result<Metadata, TransferError> {
+) -> Result<ObjectMeta, TransferError> {
     let tmp: PathBuf = target.with_file_name(format!(
         ".{}.walhoard-tmp",
         target

@@ -642,6 +642,20 @@ impl ObjectStore {
         Ok(self.metadata_and_size(key).await?.0)
     }
 
+    /// The object's metadata, typed ([`meta::ObjectMeta::parse`]).
+    pub async fn object_meta(&self, key: &str) -> Result<meta::ObjectMeta, StorageError> {
+        Ok(self.object_meta_and_size(key).await?.0)
+    }
+
+    /// [`ObjectStore::metadata_and_size`], the metadata typed.
+    pub async fn object_meta_and_size(
+        &self,
+        key: &str,
+    ) -> Result<(meta::ObjectMeta, Option<u64>), StorageError> {
+        let (m, size) = self.metadata_and_size(key).await?;
+        Ok((meta::ObjectMeta::parse(key, &m)?, size))
+    }
+
     /// The object's metadata, and its size when that came with it (stores with native
     /// metadata answer both in one request; sidecar stores read the sidecar only).
     pub async fn metadata_and_size(
