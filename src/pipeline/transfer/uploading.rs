@@ -1,7 +1,5 @@
-//! One file into the archive and back: compress → encrypt → store, and fetch → decrypt →
-//! decompress → verify. CPU work runs on a blocking thread, I/O on the async side; between
-//! them a bounded channel of chunks, so memory is `QUEUE_CHUNKS` × chunk size whatever the
-//! object size.
+//! Into the archive: one [`Upload`] description → compress → encrypt → store → one
+//! [`Uploaded`].
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,198 +8,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor, Decompressor};
-use super::encryption::{read_full, Decryptor, Encryptor, KeyRing, PublicKey, DEFAULT_CHUNK_SIZE};
-use super::hash::{HashAlgorithm, Hasher, StoredSha256};
-use super::pghoa1;
+use super::pool::ONE_SHOT_OUTPUT;
+use super::{io_at, ChannelWriter, TransferError, UploadEncryption, PIPE_CHUNK, QUEUE_CHUNKS};
+use crate::pipeline::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor};
+use crate::pipeline::encryption::{Encryptor, DEFAULT_CHUNK_SIZE};
+use crate::pipeline::hash::{HashAlgorithm, Hasher};
 use crate::storage::meta::{EncryptionFormat, ObjectMeta};
-use crate::storage::{ObjectStore, StorageError, DIRECT_ALIGN};
-
-const QUEUE_CHUNKS: usize = 4;
-
-/// Output buffers of one-shot zstd compression and encryption ([`upload_bytes`]), reused. A
-/// compression worker holds one or two (compressed, then sealed; the compressed one is back
-/// once sealed), and an upload holds its object's until the store has it, so there are never
-/// more than workers + uploads in flight. A fresh
-/// `compress_bound`-sized allocation per segment made glibc keep freed 16 MiB blocks, each
-/// touched in other places, and the daemon's RSS grew (docs/benchmarks.md). A buffer taken
-/// with [`OutputPool::take_aligned`] starts its content at a [`DIRECT_ALIGN`] boundary, so
-/// that local storage can write it with `O_DIRECT` ([`ObjectStore::put_whole`]).
-static ONE_SHOT_OUTPUT: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
-
-struct OutputPool(std::sync::Mutex<Vec<Vec<u8>>>);
-
-impl OutputPool {
-    /// An empty buffer with room for `capacity` bytes, aligned or not (every buffer gets the
-    /// same capacity, room for the alignment included, so that none ever grows).
-    fn take(&'static self, capacity: usize) -> PooledOutput {
-        let mut v = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        v.clear();
-        v.reserve(capacity + DIRECT_ALIGN);
-        PooledOutput {
-            buf: v,
-            start: 0,
-            pool: self,
-        }
-    }
-
-    /// A buffer whose content (what is written into it from now on) starts at an address
-    /// that is a multiple of [`DIRECT_ALIGN`].
-    fn take_aligned(&'static self, capacity: usize) -> PooledOutput {
-        let mut out = self.take(capacity);
-        let pad = out.buf.as_ptr().align_offset(DIRECT_ALIGN);
-        out.buf.resize(pad, 0);
-        out.start = pad;
-        out
-    }
-}
-
-/// A pooled buffer. Writers append to `buf` (through `DerefMut`); the content is
-/// `buf[start..]`.
-struct PooledOutput {
-    buf: Vec<u8>,
-    start: usize,
-    pool: &'static OutputPool,
-}
-
-impl AsRef<[u8]> for PooledOutput {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-impl std::ops::Deref for PooledOutput {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
-        &self.buf
-    }
-}
-
-impl std::ops::DerefMut for PooledOutput {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.buf
-    }
-}
-
-impl Drop for PooledOutput {
-    fn drop(&mut self) {
-        let v = std::mem::take(&mut self.buf);
-        self.pool
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(v);
-    }
-}
-const PIPE_CHUNK: usize = 1024 * 1024;
-
-/// Encryption for uploads: the site's key id and public key.
-#[derive(Debug, Clone)]
-pub struct UploadEncryption {
-    pub key_id: String,
-    pub public: PublicKey,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TransferError {
-    #[error(transparent)]
-    Storage(#[from] crate::storage::StorageError),
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("object {key}: {message}")]
-    Object { key: String, message: String },
-}
-
-impl TransferError {
-    /// The store has no room: retrying helps once space is freed, not sooner.
-    pub fn is_out_of_space(&self) -> bool {
-        matches!(self, TransferError::Storage(s) if s.is_out_of_space())
-    }
-}
-
-/// Only the store's own failures can pass by themselves; a local file that cannot be read or
-/// an object that does not decode stays so.
-impl crate::storage::retry::Transient for TransferError {
-    fn is_transient(&self) -> bool {
-        matches!(self, TransferError::Storage(s) if s.is_transient())
-    }
-}
-
-/// Sync writer side of the pipe: chunks go to the async side.
-struct ChannelWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: Vec<u8>,
-}
-
-impl ChannelWriter {
-    fn send(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            let chunk = Bytes::from(std::mem::replace(
-                &mut self.buf,
-                Vec::with_capacity(PIPE_CHUNK),
-            ));
-            self.tx
-                .blocking_send(Ok(chunk))
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))?;
-        }
-        Ok(())
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(PIPE_CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == PIPE_CHUNK {
-            self.send()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
-    }
-}
-
-/// Sync reader over chunks fetched by the async side.
-struct BlockingChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl Read for BlockingChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.current = chunk,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.current.len());
-        out[..n].copy_from_slice(&self.current[..n]);
-        let _ = self.current.split_to(n);
-        Ok(n)
-    }
-}
-
-fn io_at<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> TransferError + 'a {
-    move |source| TransferError::Io {
-        action,
-        path: path.display().to_string(),
-        source,
-    }
-}
+use crate::storage::ObjectStore;
 
 /// How the stored bytes were made: `compression-algorithm`, and the encryption key and format.
 fn record_codec(
@@ -495,7 +308,7 @@ async fn upload_bytes(
         // one hand-off to a blocking thread instead of three. Those hand-offs and the page
         // faults of fresh chunk buffers cost a tenth of the WAL drain's CPU on a saturated
         // two-core machine (docs/benchmarks.md).
-        let worker = super::cpu::worker().await;
+        let worker = crate::pipeline::cpu::worker().await;
         let enc = target.encryption.clone();
         let (hash, object) = tokio::task::spawn_blocking(move || {
             let _worker = worker;
@@ -520,7 +333,7 @@ async fn upload_bytes(
         });
     }
     let input = data.clone();
-    let worker = super::cpu::worker().await;
+    let worker = crate::pipeline::cpu::worker().await;
     let hash = tokio::task::spawn_blocking(move || {
         let _worker = worker;
         let mut hash = hash_algorithm.hasher();
@@ -612,7 +425,7 @@ async fn upload_stream(
     let enc = target.encryption.clone();
     let (compression, input) = (target.compression, target.input);
     let hash_on_the_way = matches!(digest, Digest::Sha1);
-    let worker = super::cpu::worker().await;
+    let worker = crate::pipeline::cpu::worker().await;
     let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<String>)> {
         let _worker = worker;
         let err_tx = tx.clone();
@@ -690,225 +503,5 @@ async fn upload_stream(
         (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
         (_, Err(e)) => Err(target.failed(e.to_string())),
         (Err(s), Ok(_)) => Err(s.into()),
-    }
-}
-
-/// Fetches `key` and hands its decrypted, decompressed bytes to `consume` (on a blocking
-/// thread) as they arrive, without a temporary copy: tar extraction reads chunks this way.
-/// `consume` gets the object's metadata first. What `consume` returns is returned once the
-/// fetch completed too; when both failed, the cause is reported (a failed fetch is forwarded to
-/// the reader, a reader that gave up makes the fetch fail with BrokenPipe). A missing object is
-/// `TransferError::Storage(StorageError::NotFound)`, before `consume` is called. A pghoard
-/// `pghoa1` object is fetched twice: the first read checks its MAC, and `consume` gets the
-/// plaintext of the second ([`super::pghoa1`]).
-pub async fn download_with<T, F>(
-    store: &ObjectStore,
-    key: &str,
-    keys: &KeyRing,
-    consume: F,
-) -> Result<(ObjectMeta, T), TransferError>
-where
-    T: Send + 'static,
-    F: FnOnce(&ObjectMeta, &mut dyn Read) -> io::Result<T> + Send + 'static,
-{
-    let (stored, size) = store.metadata_and_size(key).await?;
-    let metadata = ObjectMeta::parse(key, &stored)?;
-    let bad = |m: String| TransferError::Object {
-        key: key.to_string(),
-        message: m,
-    };
-    let algorithm: Algorithm = metadata
-        .compression_algorithm
-        .ok_or_else(|| bad("no compression-algorithm metadata".into()))?;
-    let encrypted = metadata.encryption_key_id.is_some();
-    if !encrypted && keys.requires_encrypted() {
-        // A downgrade: whoever can write the bucket can store plaintext with a sidecar that
-        // simply omits the key id, and it would be restored as if it were ours.
-        return Err(bad(
-            "stored without encryption (its metadata names no encryption-key-id), but the site \
-             encrypts its backups: refused; set the site's allow_unencrypted_objects to true \
-             to restore objects written before encryption was turned on"
-                .into(),
-        ));
-    }
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE_CHUNKS);
-    // A pghoard `pghoa1` object is read twice (its MAC is checked before it is decrypted):
-    // the reading side asks for the second read by sending a new channel.
-    let (again_tx, again_rx) = tokio::sync::oneshot::channel::<mpsc::Sender<io::Result<Bytes>>>();
-    let keys = keys.clone();
-    let meta2 = metadata.clone();
-    let cpu = tokio::task::spawn_blocking(move || -> io::Result<T> {
-        let input = BlockingChannelReader {
-            rx,
-            current: Bytes::new(),
-        };
-        let reread = move || {
-            let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
-            again_tx
-                .send(tx)
-                .map_err(|_| io::Error::other("the second read was not started"))?;
-            Ok(BlockingChannelReader {
-                rx,
-                current: Bytes::new(),
-            })
-        };
-        let plain: Box<dyn Read> = if encrypted {
-            decrypting(input, &meta2, &keys, reread)?
-        } else {
-            drop(reread);
-            match &meta2.stored_sha256 {
-                Some(expected) => Box::new(StoredSha256::new(input, expected)),
-                None => Box::new(input),
-            }
-        };
-        let mut d = Decompressor::new(plain, algorithm)?;
-        consume(&meta2, &mut d)
-    });
-    let fetched = store.get_to_channel(key, size, tx).await;
-    let fetched = match again_rx.await {
-        // The object was there for the first read: gone now is a failure, not "not found"
-        // (which restore_command answers as the end of the archive).
-        Ok(tx) if fetched.is_ok() => {
-            store
-                .get_to_channel(key, size, tx)
-                .await
-                .map_err(|e| match e {
-                    StorageError::NotFound { key } => StorageError::Io {
-                        action: "read again",
-                        key,
-                        source: io::Error::other(
-                            "the object disappeared after its MAC was checked",
-                        ),
-                    },
-                    other => other,
-                })
-        }
-        _ => fetched,
-    };
-    let decoded = cpu
-        .await
-        .map_err(|e| bad(format!("pipeline thread failed: {e}")))?;
-    let reader_gone = |e: &crate::storage::StorageError| matches!(e, crate::storage::StorageError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe);
-    match (fetched, decoded) {
-        (Ok(_), Ok(v)) => Ok((metadata, v)),
-        (Err(f), Err(d)) if reader_gone(&f) => Err(bad(format!("cannot decode: {d}"))),
-        (Err(f), _) => Err(f.into()),
-        (Ok(_), Err(d)) => Err(bad(format!("cannot decode: {d}"))),
-    }
-}
-
-/// The plaintext of an encrypted object: walhoard's `walhenc1` ([`Decryptor`]) or pghoard's
-/// `pghoa1` ([`super::pghoa1`]), told apart by their magic. A `pghoa1` object is read to its
-/// end and its MAC checked first; `reread` then gives a second read of it to decrypt. An
-/// empty object is pghoard's encryption of an empty file (walhoard's objects never are).
-fn decrypting<R: Read + 'static>(
-    mut input: BlockingChannelReader,
-    metadata: &ObjectMeta,
-    keys: &KeyRing,
-    reread: impl FnOnce() -> io::Result<R>,
-) -> io::Result<Box<dyn Read>> {
-    let mut head = [0u8; 8];
-    let n = read_full(&mut input, &mut head)?;
-    let head = &head[..n];
-    let m = n.min(pghoa1::MAGIC.len());
-    let labelled_walhenc1 = metadata.encryption_format == Some(EncryptionFormat::Walhenc1);
-    let is_pghoa1 = head[..m] == pghoa1::MAGIC[..m] && !(n == 0 && labelled_walhenc1);
-    if !is_pghoa1 {
-        return Ok(Box::new(Decryptor::new(
-            io::Cursor::new(head.to_vec()).chain(input),
-            keys,
-        )?));
-    }
-    if labelled_walhenc1 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "labelled encryption-format walhenc1 but holds a pghoard pghoa1 object",
-        ));
-    }
-    let key_id = metadata.encryption_key_id.as_deref();
-    let private = pghoa1::key_for(keys, key_id)?;
-    match pghoa1::verify(head, input, private, key_id.unwrap_or_default())? {
-        None => Ok(Box::new(io::empty())),
-        Some(verified) => Ok(Box::new(pghoa1::Pghoa1Decryptor::new(verified, reread()?)?)),
-    }
-}
-
-/// Copies an object's decoded bytes from `d` into `out`, then checks them against what its
-/// metadata records: `original-file-size`, and `hash` with `hash-algorithm` (SHA-1 when that
-/// is absent: objects from before pghoard's setting). Call it before anything is renamed
-/// where it is used. Returns the size.
-pub fn copy_checked(
-    metadata: &ObjectMeta,
-    d: &mut dyn Read,
-    out: &mut dyn Write,
-) -> io::Result<u64> {
-    let hash_algorithm = metadata.hash_algorithm_or_default();
-    let mut hash = hash_algorithm.hasher();
-    let mut buf = vec![0u8; PIPE_CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = match d.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hash.update(&buf[..n]);
-        size += n as u64;
-        out.write_all(&buf[..n])?;
-    }
-    out.flush()?;
-    if let Some(expect) = metadata.original_file_size.filter(|s| *s != size) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("decoded {size} bytes, metadata says {expect}"),
-        ));
-    }
-    let hash = hash.finish_hex();
-    if let Some(recorded) = metadata
-        .hash
-        .as_ref()
-        .filter(|h| !h.eq_ignore_ascii_case(&hash))
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{hash_algorithm} {hash} does not match the recorded hash {recorded}"),
-        ));
-    }
-    Ok(size)
-}
-
-/// Fetches `key`, decrypts and decompresses it into `target` (written to a temporary name and
-/// renamed only after the size and hash in the metadata matched). Returns the metadata.
-pub async fn download_file(
-    store: &ObjectStore,
-    key: &str,
-    target: &Path,
-    keys: &KeyRing,
-) -> Result<ObjectMeta, TransferError> {
-    let tmp: PathBuf = target.with_file_name(format!(
-        ".{}.walhoard-tmp",
-        target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("download")
-    ));
-    let tmp2 = tmp.clone();
-    let result = download_with(store, key, keys, move |metadata, d| {
-        let mut out = io::BufWriter::new(std::fs::File::create(&tmp2)?);
-        copy_checked(metadata, d, &mut out)?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok(())
-    })
-    .await;
-    match result {
-        Ok((metadata, ())) => {
-            std::fs::rename(&tmp, target).map_err(io_at("rename into", target))?;
-            Ok(metadata)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
     }
 }
