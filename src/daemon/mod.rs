@@ -14,6 +14,7 @@ pub mod site;
 pub mod sites;
 pub mod status;
 pub mod systemd;
+pub mod upload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
