@@ -37,7 +37,7 @@ use walhoard_basebackup::untar::{Entry, EntryKind};
 use super::chunks::{Job, Route};
 use super::extract::Extractor;
 use crate::pipeline::blake2s::Blake2s;
-use crate::storage::Metadata;
+use crate::storage::meta::ObjectMeta;
 
 /// The control tar member pghoard's restore excludes from delta chunks (`--exclude`).
 pub const MANIFEST_MEMBER: &str = ".manifest.json";
@@ -190,7 +190,7 @@ pub fn delta_files(key: &str, json: &[u8]) -> Result<DeltaFiles> {
 pub fn delta_metadata(
     key: &str,
     json: &[u8],
-    m: &Metadata,
+    m: &ObjectMeta,
     files: &DeltaFiles,
 ) -> Result<BackupMetadata> {
     let mut b = super::pghoard::bb_v2_metadata(key, json, m)?;
