@@ -102,6 +102,29 @@ pub(crate) fn write_pghoard_site_config(d: &DaemonDir, pg: &PgCluster) {
     );
 }
 
+/// `walhoard basebackup` against the running `daemon`: the new backup's name.
+pub(crate) fn requested_backup(d: &DaemonDir, daemon: &Daemon) -> String {
+    let out = basebackup_command(d).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the daemon logged that retention deleted something.
+pub(crate) fn wait_retention_applied(daemon: &Daemon) {
+    assert!(
+        crate::common::wait_until(Duration::from_secs(30), || daemon
+            .log_text()
+            .contains("retention applied")),
+        "retention did not run; log:\n{}",
+        daemon.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_every_object_pghoard_wrote() {
     let pg = cluster_past_the_fixtures_wal();
@@ -166,26 +189,10 @@ async fn retention_keeps_every_object_pghoard_wrote() {
         daemon.log_text()
     );
     d.wait_http();
-    let mut taken = Vec::new();
-    for _ in 0..2 {
-        let out = basebackup_command(&d).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
-        taken.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    }
+    let taken = [requested_backup(&d, &daemon), requested_backup(&d, &daemon)];
     // Retention ran after the second backup (it does so before answering the request): it
     // acted on walhoard's own backups...
-    assert!(
-        crate::common::wait_until(Duration::from_secs(30), || daemon
-            .log_text()
-            .contains("retention applied")),
-        "retention did not run; log:\n{}",
-        daemon.log_text()
-    );
+    wait_retention_applied(&daemon);
     assert!(
         store
             .stat(&format!("basebackup/{}", taken[0]))

@@ -11,8 +11,8 @@ use walhoard_protocol::WalSegmentName;
 
 use crate::daemon_support::*;
 use crate::retention::{
-    cluster_past_the_fixtures_wal, read_tree, unpack_pghoard_archive, write_pghoard_site_config,
-    PGHOARD_SITE,
+    cluster_past_the_fixtures_wal, read_tree, requested_backup, unpack_pghoard_archive,
+    wait_retention_applied, write_pghoard_site_config, PGHOARD_SITE,
 };
 
 /// `(log, seg)` of a WAL file name, for comparing positions whatever the timeline.
@@ -46,17 +46,7 @@ async fn retention_deletes_only_the_wal_walhoard_wrote() {
     let daemon = Daemon::start(&d);
     wait_slot(&pg, &daemon);
     d.wait_http();
-    let backup = || {
-        let out = basebackup_command(&d).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let first = backup();
+    let first = requested_backup(&d, &daemon);
     let written: Vec<String> = (0..3).map(|_| switch_segment(&pg)).collect();
     wait_all_archived(&store, &written, Duration::from_secs(60), &daemon).await;
     // pghoard's WAL joins the archive now, after the daemon compared the archive's newest WAL
@@ -75,14 +65,8 @@ async fn retention_deletes_only_the_wal_walhoard_wrote() {
         );
     }
 
-    let second = backup();
-    assert!(
-        crate::common::wait_until(Duration::from_secs(30), || daemon
-            .log_text()
-            .contains("retention applied")),
-        "retention did not run; log:\n{}",
-        daemon.log_text()
-    );
+    let second = requested_backup(&d, &daemon);
+    wait_retention_applied(&daemon);
     assert!(store
         .stat(&format!("basebackup/{first}"))
         .await
