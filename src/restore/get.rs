@@ -360,6 +360,8 @@ async fn restore_into(
     let done = Arc::new(AtomicU64::new(0));
     let reporter = spawn_progress(done.clone(), meta.total_size_plain);
     let started = std::time::Instant::now();
+    // Chunks, and for pghoard's delta backups their delta objects too.
+    let objects = jobs.len();
     let fetched = fetch_all(site, jobs, parallel, done.clone()).await;
     reporter.abort();
     if io::stderr().is_terminal() {
@@ -371,8 +373,7 @@ async fn restore_into(
             .with_context(|| format!("basebackup/{name}: embedded files"))?;
     }
     eprintln!(
-        "restore: {} chunks, {} bytes in {:.1}s",
-        meta.chunks.len(),
+        "restore: {objects} objects, {} bytes in {:.1}s",
         done.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     );
