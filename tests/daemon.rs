@@ -755,18 +755,18 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
 }
 
 fn backups_started(daemon: &Daemon) -> usize {
-    daemon
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("starting basebackup "))
-        .count()
+    log_lines_with(daemon, "starting basebackup ")
 }
 
 fn backups_failed(daemon: &Daemon) -> usize {
+    log_lines_with(daemon, "basebackup failed")
+}
+
+fn log_lines_with(daemon: &Daemon, needle: &str) -> usize {
     daemon
         .log_text()
         .lines()
-        .filter(|l| l.contains("basebackup failed"))
+        .filter(|l| l.contains(needle))
         .count()
 }
 
