@@ -15,6 +15,7 @@ pub mod sites;
 pub mod status;
 pub mod systemd;
 pub mod upload;
+pub mod wal_retention;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -15,6 +15,7 @@ mod dest;
 pub mod extract;
 pub mod get;
 pub mod pghoard;
+pub mod pghoard_delta;
 pub mod recovery;
 pub mod wal;
 
