@@ -84,13 +84,26 @@ pub struct Config {
     pub syslog_facility: String,
     /// Alert files go here (default: backup_location, else the working directory).
     pub alert_file_dir: Option<PathBuf>,
+    /// pghoard's statsd client: metrics sent over UDP ([`crate::metrics`]).
     pub statsd: Option<StatsdConfig>,
+    /// pghoard's Pushgateway client: metrics POSTed over HTTP.
     pub push_gateway: Option<PushGatewayConfig>,
-    pub prometheus: Option<serde_json::Value>,
+    /// pghoard's Prometheus client: `GET /metrics` on the HTTP API (501 without it).
+    pub prometheus: Option<PrometheusConfig>,
+    /// walhoard: seconds between two sends to statsd and the Pushgateway (default 10, as
+    /// pghoard's `transmit_metrics`).
+    pub metrics_push_interval: Option<f64>,
     #[serde(default = "default_http_address")]
     pub http_address: String,
     #[serde(default = "default_http_port")]
     pub http_port: u16,
+    /// pghoard's HTTP Basic auth of the API: every route needs both when both are set.
+    pub webserver_username: Option<String>,
+    pub webserver_password: Option<Secret>,
+    /// walhoard: let the API listen on a non-loopback `http_address` without
+    /// `webserver_username`/`webserver_password` (the daemon refuses to start otherwise).
+    #[serde(default)]
+    pub http_allow_unauthenticated_remote: bool,
     /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
     /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
     pub http_restore_concurrency: Option<u32>,
@@ -152,22 +165,97 @@ impl Default for TransferConfig {
     }
 }
 
+/// A password: never printed by `Debug` (configurations are logged at debug level).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A tag value as pghoard's clients print it (`str()` of a JSON scalar).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TagValue {
+    Text(String),
+    Number(serde_json::Number),
+    Bool(bool),
+}
+
+impl fmt::Display for TagValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TagValue::Text(s) => f.write_str(s),
+            TagValue::Number(n) => write!(f, "{n}"),
+            // Python's str(True).
+            TagValue::Bool(true) => f.write_str("True"),
+            TagValue::Bool(false) => f.write_str("False"),
+        }
+    }
+}
+
+/// statsd's line format (pghoard's `format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatsdFormat {
+    /// `name,tag=value:1|c`
+    #[default]
+    Telegraf,
+    /// `name:1|c|#tag:value`
+    Datadog,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatsdConfig {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub format: Option<String>,
+    #[serde(default = "StatsdConfig::default_host")]
+    pub host: String,
+    #[serde(default = "StatsdConfig::default_port")]
+    pub port: u16,
     #[serde(default)]
-    pub tags: BTreeMap<String, serde_json::Value>,
+    pub format: StatsdFormat,
+    #[serde(default)]
+    pub tags: BTreeMap<String, TagValue>,
+}
+
+impl StatsdConfig {
+    fn default_host() -> String {
+        "127.0.0.1".into()
+    }
+    fn default_port() -> u16 {
+        8125
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushGatewayConfig {
+    /// `http://host:port`; metrics go to `<endpoint>/metrics/job/<job>/instance/<instance>`.
     pub endpoint: String,
+    /// (default `pghoard`, as pghoard's).
+    #[serde(default = "PushGatewayConfig::default_job")]
+    pub job: String,
+    /// (default: each site's name, as pghoard's).
+    pub instance: Option<String>,
     #[serde(default)]
-    pub tags: BTreeMap<String, serde_json::Value>,
+    pub tags: BTreeMap<String, TagValue>,
+}
+
+impl PushGatewayConfig {
+    fn default_job() -> String {
+        "pghoard".into()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// Labels added to every sample.
+    #[serde(default)]
+    pub tags: BTreeMap<String, TagValue>,
 }
 
 /// How WAL reaches the archive.
@@ -612,6 +700,32 @@ impl Config {
                     format!("{b} is not between 0.1 and 3600"),
                 ));
             }
+        }
+        if let Some(i) = self.metrics_push_interval {
+            if !(0.1..=3600.0).contains(&i) {
+                return Err((
+                    "metrics_push_interval".into(),
+                    format!("{i} is not between 0.1 and 3600"),
+                ));
+            }
+        }
+        if let Some(p) = &self.push_gateway {
+            if let Err(e) = crate::metrics::pushgateway::Endpoint::parse(&p.endpoint) {
+                return Err(("push_gateway.endpoint".into(), e));
+            }
+        }
+        if self.webserver_username.is_some() != self.webserver_password.is_some() {
+            let missing = if self.webserver_username.is_some() {
+                "webserver_password"
+            } else {
+                "webserver_username"
+            };
+            return Err((
+                missing.into(),
+                "webserver_username and webserver_password go together; one without the other \
+                 would leave the HTTP API open"
+                    .into(),
+            ));
         }
         if self.http_restore_concurrency == Some(0) {
             return Err((

@@ -77,6 +77,12 @@ enum Command {
         /// (default: the configuration's http_port, else 16000).
         #[arg(long)]
         port: Option<u16>,
+        /// HTTP Basic credentials for the daemon's API (default: the configuration's
+        /// webserver_username / webserver_password, with --config).
+        #[arg(long, requires = "password")]
+        username: Option<String>,
+        #[arg(long, requires = "username")]
+        password: Option<String>,
         /// Where to write the file (%p), restore mode.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -247,12 +253,16 @@ async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
     }
     let (host, port) = (config.http_address.as_str(), config.http_port);
     if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+        let headers: Vec<_> = walhoard::api_client::Credentials::from_config(&config)
+            .map(|c| c.header())
+            .into_iter()
+            .collect();
         let (status, body) = walhoard::api_client::request(
             host,
             port,
             hyper::Method::PUT,
             &format!("/{site}/basebackup"),
-            &[],
+            &headers,
         )
         .await?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -385,9 +395,14 @@ fn main() -> ExitCode {
                 xlog,
                 host,
                 port,
+                username,
+                password,
                 output,
                 config,
             } => {
+                let credentials = username.zip(password).map(|(username, password)| {
+                    walhoard::api_client::Credentials { username, password }
+                });
                 let args = walhoard::postgres_command::CommandArgs {
                     mode,
                     site,
@@ -396,6 +411,7 @@ fn main() -> ExitCode {
                     host,
                     port,
                     config,
+                    credentials,
                 };
                 return Ok(walhoard::postgres_command::run(&args).await);
             }

@@ -174,7 +174,7 @@ struct PostgresCommandFlags {
     host: Option<String>,
     #[arg(long)]
     port: Option<u16>,
-    /// Accepted for pghoard's recovery configurations; walhoard's HTTP API does not check it.
+    /// HTTP Basic credentials for the daemon (its webserver_username / webserver_password).
     #[arg(long)]
     username: Option<String>,
     #[arg(long)]
@@ -433,9 +433,6 @@ fn restore(f: RestoreFlags) -> Dispatch {
 }
 
 fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
-    // walhoard's HTTP API has no authentication yet: the credentials are accepted so
-    // pghoard's recovery configurations parse, and not sent anywhere.
-    let _ = (f.username, f.password);
     let mut v: Vec<OsString> = vec![
         "postgres-command".into(),
         "--mode".into(),
@@ -453,6 +450,11 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
     }
     if let Some(port) = f.port {
         v.extend(["--port".into(), port.to_string().into()]);
+    }
+    // pghoard sends them only when both are given (HTTPBasicAuth when username and password).
+    if let (Some(user), Some(password)) = (f.username, f.password) {
+        v.extend(["--username".into(), user.into()]);
+        v.extend(["--password".into(), password.into()]);
     }
     if let Some(config) = f.config {
         v.extend(["--config".into(), config.into()]);

@@ -21,7 +21,7 @@
 use anyhow::{bail, Context, Result};
 use hyper::{Method, StatusCode};
 
-use crate::api_client::{request, TARGET_PATH_HEADER};
+use crate::api_client::{request, Credentials, TARGET_PATH_HEADER};
 use crate::config::Config;
 use crate::restore::wal::{restore_wal_file_from, WalFetchError};
 use crate::restore::RestoreSite;
@@ -60,6 +60,9 @@ pub struct CommandArgs {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub config: Option<std::path::PathBuf>,
+    /// HTTP Basic credentials for the daemon (`--username`/`--password`); without them, the
+    /// configuration's `webserver_username`/`webserver_password` when `--config` is given.
+    pub credentials: Option<Credentials>,
 }
 
 /// Runs the command; returns the process exit code (errors are printed here).
@@ -127,6 +130,14 @@ fn daemon_address(req: &CommandArgs, cfg: Option<&Config>) -> (String, u16) {
     (host, port)
 }
 
+/// The `Authorization` header to send, if any.
+fn auth_header(req: &CommandArgs, cfg: Option<&Config>) -> Option<(&'static str, String)> {
+    req.credentials
+        .clone()
+        .or_else(|| cfg.and_then(Credentials::from_config))
+        .map(|c| c.header())
+}
+
 fn check_name(xlog: &str) -> Result<()> {
     if xlog.is_empty() || xlog.contains('/') {
         bail!("--xlog {xlog:?} is not a WAL file name");
@@ -166,12 +177,14 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
                 .transpose()
                 .map_err(|e| failed(e.into()))?;
             let (host, port) = daemon_address(req, cfg.as_ref());
+            let mut headers = vec![(TARGET_PATH_HEADER, output.display().to_string())];
+            headers.extend(auth_header(req, cfg.as_ref()));
             let (status, body) = request(
                 &host,
                 port,
                 Method::GET,
                 &format!("/{}/archive/{}", req.site, req.xlog),
-                &[(TARGET_PATH_HEADER, output.display().to_string())],
+                &headers,
             )
             .await
             .map_err(failed)?;
@@ -195,12 +208,13 @@ async fn archive(req: &CommandArgs) -> Result<()> {
     let cfg = req.config.as_deref().map(Config::load).transpose()?;
     let (host, port) = daemon_address(req, cfg.as_ref());
     let xlog = &req.xlog;
+    let headers: Vec<_> = auth_header(req, cfg.as_ref()).into_iter().collect();
     let (status, body) = request(
         &host,
         port,
         Method::PUT,
         &format!("/{}/archive/{xlog}", req.site),
-        &[],
+        &headers,
     )
     .await?;
     if status != StatusCode::CREATED {

@@ -21,7 +21,9 @@ use walhoard_walreceiver::SegmentBuffer;
 
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::{upload_bytes, upload_file, TransferError, UploadEncryption};
+use crate::pipeline::transfer::{
+    upload_bytes_measured, upload_file_measured, TransferError, UploadEncryption,
+};
 use crate::storage::meta;
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{Metadata, ObjectStore, StorageError};
@@ -156,9 +158,9 @@ impl UploadContext {
         path: &Path,
         data: Option<&Arc<SegmentBuffer>>,
     ) -> Result<(), TransferError> {
-        match data {
+        let result = match data {
             Some(d) => {
-                upload_bytes(
+                upload_bytes_measured(
                     &self.store,
                     key,
                     InMemory(d.clone()),
@@ -170,7 +172,7 @@ impl UploadContext {
                 .await
             }
             None => {
-                upload_file(
+                upload_file_measured(
                     &self.store,
                     key,
                     path,
@@ -181,8 +183,16 @@ impl UploadContext {
                 )
                 .await
             }
+        };
+        let algorithm = self.compression.algorithm.name();
+        let ty = crate::metrics::FileType::of_key(key);
+        match &result {
+            Ok(u) => {
+                crate::metrics::upload(&self.site, ty, algorithm, Ok((u.plain_size, u.stored_size)))
+            }
+            Err(_) => crate::metrics::upload(&self.site, ty, algorithm, Err(())),
         }
-        .map(|_| ())
+        result.map(|_| ())
     }
 
     /// [`UploadContext::upload_once`] retried under `policy` while the failure is transient

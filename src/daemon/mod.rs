@@ -10,6 +10,7 @@
 pub mod archiver;
 pub mod basebackups;
 pub mod identity;
+mod lag;
 pub mod site;
 pub mod sites;
 pub mod status;
@@ -177,6 +178,9 @@ impl Generation {
                         .restore_prefetch
                         .map_or_else(|| transfer_threads(config), |n| n as usize),
                     older,
+                    spool: (site.active_backup_mode == BackupMode::Walreceiver)
+                        .then(|| spool_dir(config, name).ok())
+                        .flatten(),
                 },
             );
         }
@@ -185,6 +189,7 @@ impl Generation {
             let (stop, abort, t) = (stop.clone(), abort.clone(), tracker.clone());
             tracker.spawn(async move {
                 if let Err(e) = wal.run(stop, abort, t).await {
+                    crate::metrics::exception("SiteError", "site_run");
                     tracing::error!(site = %name, error = format!("{e:#}"), "site stopped");
                 }
             });
@@ -227,6 +232,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let http = crate::http::serve(&config, generation.sites.clone())
         .await
         .with_context(|| format!("HTTP API on {}:{}", config.http_address, config.http_port))?;
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = crate::metrics::push::Pusher::from_config(&config)?
+        .map(|p| tokio::spawn(p.run(http.sites_handle(), metrics_stop.clone())));
     tracing::info!(sites = generation.sites.by_name.len(), http = %http.addr, "walhoard daemon started");
     systemd::notify("READY=1");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -267,6 +275,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         &state_json(&sites, startup_time),
     );
     http.stop().await;
+    metrics_stop.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     tracing::info!("walhoard daemon stopped");
     Ok(())
 }

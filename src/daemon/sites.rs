@@ -30,6 +30,8 @@ pub struct SiteHandle {
     pub restore_prefetch: usize,
     /// The site's `moved_from` sites, searched for WAL after it by the restore_command API.
     pub older: Vec<crate::restore::OlderSite>,
+    /// The receiver's spool directory (walreceiver sites), for the spool metrics.
+    pub spool: Option<std::path::PathBuf>,
 }
 
 /// The daemon's state, as the state file and `GET /status` show it.

@@ -236,8 +236,40 @@ pub async fn upload_file(
     compression: CompressionSettings,
     encryption: Option<UploadEncryption>,
     hash_algorithm: HashAlgorithm,
-    mut metadata: Metadata,
+    metadata: Metadata,
 ) -> Result<Metadata, TransferError> {
+    upload_file_measured(
+        store,
+        key,
+        path,
+        compression,
+        encryption,
+        hash_algorithm,
+        metadata,
+    )
+    .await
+    .map(|s| s.metadata)
+}
+
+/// What [`upload_file_measured`] and [`upload_bytes_measured`] stored: the metadata, and the
+/// sizes the metrics report (`pghoard.upload_size`, `compressed_size_ratio`).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub metadata: Metadata,
+    pub plain_size: u64,
+    pub stored_size: u64,
+}
+
+/// [`upload_file`], returning the sizes too.
+pub async fn upload_file_measured(
+    store: &ObjectStore,
+    key: &str,
+    path: &Path,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+    mut metadata: Metadata,
+) -> Result<Stored, TransferError> {
     // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
     // a first pass over the (local, usually cached) file computes them.
     let p = path.to_path_buf();
@@ -287,7 +319,11 @@ pub async fn upload_file(
         },
     )
     .await?;
-    Ok(uploaded.metadata)
+    Ok(Stored {
+        plain_size: expect_size,
+        stored_size: uploaded.stored_size,
+        metadata: uploaded.metadata,
+    })
 }
 
 /// Compresses (and encrypts) `data`, a whole file already in memory (a WAL segment the
@@ -303,8 +339,34 @@ pub async fn upload_bytes<D>(
     compression: CompressionSettings,
     encryption: Option<UploadEncryption>,
     hash_algorithm: HashAlgorithm,
-    mut metadata: Metadata,
+    metadata: Metadata,
 ) -> Result<Metadata, TransferError>
+where
+    D: AsRef<[u8]> + Send + Sync + 'static,
+{
+    upload_bytes_measured(
+        store,
+        key,
+        data,
+        compression,
+        encryption,
+        hash_algorithm,
+        metadata,
+    )
+    .await
+    .map(|s| s.metadata)
+}
+
+/// [`upload_bytes`], returning the sizes too.
+pub async fn upload_bytes_measured<D>(
+    store: &ObjectStore,
+    key: &str,
+    data: D,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+    mut metadata: Metadata,
+) -> Result<Stored, TransferError>
 where
     D: AsRef<[u8]> + Send + Sync + 'static,
 {
@@ -332,10 +394,15 @@ where
         })?;
         record_plain(&mut metadata, size, hash, hash_algorithm);
         record_codec(&mut metadata, compression, encryption.as_ref());
+        let stored_size = object.as_ref().len() as u64;
         store
             .put_whole(key, Bytes::from_owner(object), &metadata)
             .await?;
-        return Ok(metadata);
+        return Ok(Stored {
+            metadata,
+            plain_size: size,
+            stored_size,
+        });
     }
     let data = std::sync::Arc::new(data);
     let input = data.clone();
@@ -351,12 +418,8 @@ where
         key: key.into(),
         message: format!("hash thread failed: {e}"),
     })?;
-    record_plain(
-        &mut metadata,
-        (*data).as_ref().len() as u64,
-        hash,
-        hash_algorithm,
-    );
+    let plain_size = (*data).as_ref().len() as u64;
+    record_plain(&mut metadata, plain_size, hash, hash_algorithm);
     let uploaded = upload_stream(
         store,
         key,
@@ -368,7 +431,11 @@ where
         move |w| w.write_all((*data).as_ref()),
     )
     .await?;
-    Ok(uploaded.metadata)
+    Ok(Stored {
+        plain_size,
+        stored_size: uploaded.stored_size,
+        metadata: uploaded.metadata,
+    })
 }
 
 /// The CPU work of one WAL segment's upload from memory ([`upload_bytes`] with single-threaded
