@@ -224,6 +224,8 @@ fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = Config::load(config_path)?;
+    // Before anything starts: an API open to the network is a configuration error.
+    crate::http::auth::check_exposure(&config).map_err(anyhow::Error::msg)?;
     let startup_time = now_secs();
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
