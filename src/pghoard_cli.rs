@@ -335,8 +335,9 @@ fn restore(f: RestoreFlags) -> Dispatch {
             Err(code) => Dispatch::Exit(code),
         },
         RestoreSub::ListBasebackupsHttp { .. } => refuse(
-            "list-basebackups-http: walhoard's daemon does not list basebackups over HTTP; use \
-             `pghoard_restore list-basebackups --config FILE` (it reads the object store directly)",
+            "list-basebackups-http is not translated (the daemon answers GET /<site>/basebackup \
+             as pghoard's does, for scripts); use `pghoard_restore list-basebackups --config \
+             FILE`, which reads the object store directly",
         ),
         RestoreSub::GetBasebackup {
             generic,
