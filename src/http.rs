@@ -358,20 +358,26 @@ async fn basebackup(sites: &Sites, site: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// The WAL file a route names, or its `400` answer.
+#[allow(clippy::result_large_err)]
+fn wal_name(file: &str) -> Result<WalSegmentName, Response<Full<Bytes>>> {
+    file.parse().map_err(|e| {
+        json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": format!("{file:?} is not a WAL file name: {e}") }),
+        )
+    })
+}
+
 /// archive_command: stores `<pg_data_directory>/pg_wal/<file>` and answers once it is durable.
 async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>> {
     let err = |status, msg: String| json(status, serde_json::json!({ "error": msg }));
     let Some(handle) = sites.by_name.get(site) else {
         return err(StatusCode::NOT_FOUND, format!("no backup site {site:?}"));
     };
-    let name: WalSegmentName = match file.parse() {
+    let name = match wal_name(file) {
         Ok(n) => n,
-        Err(e) => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                format!("{file:?} is not a WAL file name: {e}"),
-            )
-        }
+        Err(refused) => return refused,
     };
     let Some(data_dir) = &handle.config.pg_data_directory else {
         return err(

@@ -11,6 +11,7 @@ use serde_json::json;
 use walhoard::api_client::basic_header;
 use walhoard_testkit::PgCluster;
 
+use crate::common::run_ok;
 use crate::daemon_support::*;
 use crate::http_api::api;
 
@@ -76,7 +77,9 @@ async fn http_basic_auth_guards_every_route_and_clients_send_credentials() {
     let target = a.data.join("pg_wal/RECOVERYXLOG");
     let target_text = target.display().to_string();
     let archive = format!("/main/archive/{seg}");
-    let routes: Vec<(&str, String, Vec<(&str, &str)>, u16)> = vec![
+    // (method, path, headers besides Authorization, status with the right credentials)
+    type Route<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, u16);
+    let routes: Vec<Route> = vec![
         ("GET", "/status".into(), vec![], 200),
         ("GET", "/metrics".into(), vec![], 501),
         ("GET", "/main/basebackup".into(), vec![], 200),
@@ -125,69 +128,40 @@ async fn http_basic_auth_guards_every_route_and_clients_send_credentials() {
 
     // restore_command with credentials: walhoard's flags, then pghoard's command name.
     let postgres_command = |bin: &std::path::Path, creds: &[&str]| {
-        Command::new(bin)
-            .args(["postgres-command", "--mode", "restore", "--site", "main"])
+        let mut c = Command::new(bin);
+        if bin.ends_with("walhoard") {
+            c.arg("postgres-command");
+        }
+        c.args(["--mode", "restore", "--site", "main"])
             .args(["--port", &port.to_string(), "--xlog", &seg, "--output"])
             .arg(&target)
-            .args(creds)
-            .output()
-            .unwrap()
+            .args(creds);
+        c
     };
     let walhoard = std::path::Path::new(env!("CARGO_BIN_EXE_walhoard"));
-    let out = postgres_command(walhoard, &["--username", USER, "--password", PASSWORD]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(a.same_as_pg_wal(&target, &seg));
-    std::fs::remove_file(&target).unwrap();
+    let pghoard = crate::pghoard_cli::pghoard_bin(&["pghoard_postgres_command"]);
+    let pghoard = pghoard.path().join("pghoard_postgres_command");
+    for bin in [walhoard, &pghoard] {
+        run_ok(&mut postgres_command(
+            bin,
+            &["--username", USER, "--password", PASSWORD],
+        ));
+        assert!(a.same_as_pg_wal(&target, &seg), "{}", bin.display());
+        std::fs::remove_file(&target).unwrap();
+    }
     // Without them, or with wrong ones: the daemon refuses, and recovery must stop (255),
     // not take it for the end of the archive (1).
     for creds in [&[][..], &["--username", USER, "--password", "nope"][..]] {
-        let out = postgres_command(walhoard, creds);
+        let out = postgres_command(walhoard, creds).output().unwrap();
         assert_eq!(out.status.code(), Some(255), "{creds:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("401"), "{err}");
         assert!(!target.exists());
     }
-    let bin = crate::pghoard_cli::pghoard_bin(&["pghoard_postgres_command"]);
-    let out = Command::new(bin.path().join("pghoard_postgres_command"))
-        .args([
-            "--mode",
-            "restore",
-            "--site",
-            "main",
-            "--port",
-            &port.to_string(),
-        ])
-        .args([
-            "--username",
-            USER,
-            "--password",
-            PASSWORD,
-            "--xlog",
-            &seg,
-            "--output",
-        ])
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(a.same_as_pg_wal(&target, &seg));
 
     // `walhoard basebackup` asks the daemon with the configuration's credentials; the new
     // backup is listed by GET /main/basebackup as pghoard lists it.
-    let out = basebackup_command(&a.d).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut basebackup_command(&a.d));
     let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let (status, _, body) = raw(
         port,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::wait_until;
+use crate::common::{run_ok, wait_until};
 use crate::daemon_support::*;
 use crate::http_api::api;
 use crate::http_auth::raw;
@@ -76,7 +76,10 @@ fn scrape(port: u16) -> Vec<(String, String, Value, f64)> {
 }
 
 /// A Pushgateway stand-in: records each request's line and body, answers 200.
-fn pushgateway() -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
+/// (request line, body) of each request received.
+type Requests = Arc<Mutex<Vec<(String, String)>>>;
+
+fn pushgateway() -> (u16, Requests) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -280,12 +283,7 @@ async fn metrics_prometheus_statsd_and_pushgateway_follow_the_daemon() {
         &[("site", "main")],
     )
     .unwrap();
-    let out = basebackup_command(&a.d).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut basebackup_command(&a.d));
     let fourth = scrape(port);
     assert_eq!(
         value(&fourth, "pghoard_basebackup_completed_total", &[]),

@@ -92,6 +92,13 @@ async fn round_trips(store: &ObjectStore, big: usize) {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{} {key}: {e}", store.kind()));
+                // The sizes the metrics report are the input's and the stored object's.
+                let stat = store.stat(&key).await.unwrap().unwrap();
+                assert_eq!(
+                    (meta.plain_size, meta.stored_size),
+                    (data.len() as u64, stat.size)
+                );
+                let meta = meta.metadata;
                 assert_eq!(meta["original-file-size"], data.len().to_string());
                 assert_eq!(meta["hash-algorithm"], hash.name());
                 let stored = store.stat(&key).await.unwrap().unwrap().size;
@@ -136,6 +143,12 @@ async fn round_trips(store: &ObjectStore, big: usize) {
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{} {mem_key}: {e}", store.kind()));
+                let stat = store.stat(&mem_key).await.unwrap().unwrap();
+                assert_eq!(
+                    (mem_meta.plain_size, mem_meta.stored_size),
+                    (data.len() as u64, stat.size)
+                );
+                let mem_meta = mem_meta.metadata;
                 assert_eq!(
                     mem_meta, meta,
                     "{mem_key}: metadata differs from the file's"
@@ -211,7 +224,8 @@ async fn transfer_hash_algorithm_recorded_and_verified() {
         let key = format!("xlog/{hash}");
         let meta = upload_file(&store, &key, &src, settings, None, hash, Metadata::new())
             .await
-            .unwrap();
+            .unwrap()
+            .metadata;
         let oracle = crate::common::sh(&format!("{hash}sum {}", src.display()));
         assert_eq!(
             meta["hash"],

@@ -21,9 +21,7 @@ use walhoard_walreceiver::SegmentBuffer;
 
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::{
-    upload_bytes_measured, upload_file_measured, TransferError, UploadEncryption,
-};
+use crate::pipeline::transfer::{upload_bytes, upload_file, TransferError, UploadEncryption};
 use crate::storage::meta;
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{Metadata, ObjectStore, StorageError};
@@ -160,7 +158,7 @@ impl UploadContext {
     ) -> Result<(), TransferError> {
         let result = match data {
             Some(d) => {
-                upload_bytes_measured(
+                upload_bytes(
                     &self.store,
                     key,
                     InMemory(d.clone()),
@@ -172,7 +170,7 @@ impl UploadContext {
                 .await
             }
             None => {
-                upload_file_measured(
+                upload_file(
                     &self.store,
                     key,
                     path,

@@ -12,7 +12,6 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use walhoard_protocol::WalSegmentName;
 
 use crate::daemon::archiver::wal_key;
 use crate::daemon::{SiteHandle, Sites};
@@ -51,14 +50,9 @@ pub async fn head(
             ),
         );
     }
-    let name: WalSegmentName = match file.parse() {
+    let name = match super::wal_name(file) {
         Ok(n) => n,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("{file:?} is not a WAL file name: {e}"),
-            )
-        }
+        Err(refused) => return refused,
     };
     let key = wal_key(&name);
     for store in stores(handle) {

@@ -226,42 +226,20 @@ fn record_plain(metadata: &mut Metadata, size: u64, hash: String, algorithm: Has
     metadata.insert(meta::HASH_ALGORITHM.into(), algorithm.name().into());
 }
 
-/// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
-/// algorithm, encryption key id, original size, `hash` of the plaintext with `hash-algorithm`.
-/// Returns the metadata.
-pub async fn upload_file(
-    store: &ObjectStore,
-    key: &str,
-    path: &Path,
-    compression: CompressionSettings,
-    encryption: Option<UploadEncryption>,
-    hash_algorithm: HashAlgorithm,
-    metadata: Metadata,
-) -> Result<Metadata, TransferError> {
-    upload_file_measured(
-        store,
-        key,
-        path,
-        compression,
-        encryption,
-        hash_algorithm,
-        metadata,
-    )
-    .await
-    .map(|s| s.metadata)
-}
-
-/// What [`upload_file_measured`] and [`upload_bytes_measured`] stored: the metadata, and the
-/// sizes the metrics report (`pghoard.upload_size`, `compressed_size_ratio`).
+/// What [`upload_file`] and [`upload_bytes`] stored: the metadata, and the sizes the metrics
+/// report (`pghoard.upload_size`, `compressed_size_ratio`).
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub metadata: Metadata,
+    /// Bytes read from the input.
     pub plain_size: u64,
+    /// Bytes of the object (compressed, encrypted).
     pub stored_size: u64,
 }
 
-/// [`upload_file`], returning the sizes too.
-pub async fn upload_file_measured(
+/// Compresses (and encrypts) `path` into `key`. Records pghoard's metadata: compression
+/// algorithm, encryption key id, original size, `hash` of the plaintext with `hash-algorithm`.
+pub async fn upload_file(
     store: &ObjectStore,
     key: &str,
     path: &Path,
@@ -333,32 +311,6 @@ pub async fn upload_file_measured(
 /// window: docs/benchmarks.md); the frame is an ordinary zstd frame, with a checksum when the
 /// object is not encrypted ([`zstd_checksum`]).
 pub async fn upload_bytes<D>(
-    store: &ObjectStore,
-    key: &str,
-    data: D,
-    compression: CompressionSettings,
-    encryption: Option<UploadEncryption>,
-    hash_algorithm: HashAlgorithm,
-    metadata: Metadata,
-) -> Result<Metadata, TransferError>
-where
-    D: AsRef<[u8]> + Send + Sync + 'static,
-{
-    upload_bytes_measured(
-        store,
-        key,
-        data,
-        compression,
-        encryption,
-        hash_algorithm,
-        metadata,
-    )
-    .await
-    .map(|s| s.metadata)
-}
-
-/// [`upload_bytes`], returning the sizes too.
-pub async fn upload_bytes_measured<D>(
     store: &ObjectStore,
     key: &str,
     data: D,
