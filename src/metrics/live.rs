@@ -2,6 +2,7 @@
 //! records nothing for them: positions, lags, the upload queue, the spool and basebackup
 //! progress.
 
+use crate::config::BackupMode;
 use crate::daemon::Sites;
 
 use super::*;
@@ -39,8 +40,9 @@ pub fn samples(sites: &Sites) -> Vec<Sample> {
         push(REPORTED_FLUSH_LSN, at.reported_flush.0 as f64);
         push(CONNECTED, if wal.connected { 1.0 } else { 0.0 });
         push(UPLOAD_QUEUE, wal.upload_queue as f64);
-        if let Some(dir) = &s.spool {
-            let (files, bytes) = spool_usage(dir);
+        let receives = s.settings.config.active_backup_mode == BackupMode::Walreceiver;
+        if let Some(dir) = receives.then(|| s.settings.spool_dir().ok()).flatten() {
+            let (files, bytes) = spool_usage(&dir);
             push(SPOOL_BYTES, bytes as f64);
             push(SPOOL_FILES, files as f64);
         }
