@@ -502,7 +502,11 @@ async fn restore(
         })
     });
     let result = work.await;
-    record_download(site, file, &result);
+    match &result {
+        Ok(Ok(size)) => crate::metrics::download(site, file, Ok(*size)),
+        Ok(Err(WalFetchError::NotFound { .. })) => {}
+        _ => crate::metrics::download(site, file, Err(())),
+    }
     match result {
         Ok(Ok(_)) => json(StatusCode::CREATED, serde_json::json!({ "restored": file })),
         Ok(Err(WalFetchError::NotFound { key })) => json(
@@ -520,23 +524,6 @@ async fn restore(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("restore {file}: {e}"),
         ),
-    }
-}
-
-/// `pghoard.download_size` of one restore_command request (the bytes written at the target).
-fn record_download(
-    site: &str,
-    file: &str,
-    result: &Result<Result<u64, WalFetchError>, tokio::task::JoinError>,
-) {
-    let ty = match file.parse::<WalSegmentName>() {
-        Ok(WalSegmentName::History(_)) => crate::metrics::FileType::Timeline,
-        _ => crate::metrics::FileType::Xlog,
-    };
-    match result {
-        Ok(Ok(size)) => crate::metrics::download(site, ty, Ok(*size)),
-        Ok(Err(WalFetchError::NotFound { .. })) => {}
-        _ => crate::metrics::download(site, ty, Err(())),
     }
 }
 

@@ -255,8 +255,13 @@ pub fn upload(site: &str, ty: FileType, algorithm: &str, outcome: Result<(u64, u
     }
 }
 
-/// The restore_command API served `bytes` of a WAL file, or failed (not "not found").
-pub fn download(site: &str, ty: FileType, outcome: Result<u64, ()>) {
+/// The restore_command API served `bytes` of the WAL or history `file`, or failed (not "not
+/// found").
+pub fn download(site: &str, file: &str, outcome: Result<u64, ()>) {
+    let ty = match file.parse() {
+        Ok(walhoard_protocol::WalSegmentName::History(_)) => FileType::Timeline,
+        _ => FileType::Xlog,
+    };
     let r = registry();
     let (ok, bytes) = match outcome {
         Ok(b) => (true, b),
