@@ -324,6 +324,11 @@ async fn metrics_prometheus_statsd_and_pushgateway_follow_the_daemon() {
         .unwrap()
             < before
     );
+    for ty in ["basebackup", "basebackup_chunk"] {
+        let labels = [("result", "ok"), ("type", ty), ("site", "main")];
+        let stored = value(&fourth, "pghoard_upload_size_total", &labels);
+        assert!(stored.is_some_and(|v| v > 0.0), "{ty}: {stored:?}");
+    }
     assert_eq!(
         value(
             &fourth,

@@ -220,8 +220,9 @@ impl BackupContext {
             metadata,
             produce,
         )
-        .await
-        .with_context(|| format!("store basebackup chunk {key}"))?;
+        .await;
+        self.count_upload(crate::metrics::FileType::BasebackupChunk, &uploaded);
+        let uploaded = uploaded.with_context(|| format!("store basebackup chunk {key}"))?;
         Ok((rel, uploaded))
     }
 
@@ -269,7 +270,7 @@ impl BackupContext {
             m.insert(k.into(), v);
         }
         let key = format!("basebackup/{}", self.name);
-        upload_produced(
+        let uploaded = upload_produced(
             &self.store,
             &key,
             self.compression,
@@ -277,8 +278,18 @@ impl BackupContext {
             m,
             move |w| w.write_all(&body),
         )
-        .await
-        .with_context(|| format!("store basebackup control object {key}"))
+        .await;
+        self.count_upload(crate::metrics::FileType::Basebackup, &uploaded);
+        uploaded.with_context(|| format!("store basebackup control object {key}"))
+    }
+
+    /// `pghoard.upload_size` and its companions for one object of this backup.
+    fn count_upload<E>(&self, ty: crate::metrics::FileType, uploaded: &Result<Uploaded, E>) {
+        let sizes = match uploaded {
+            Ok(u) => Ok((u.plain_size, u.stored_size)),
+            Err(_) => Err(()),
+        };
+        crate::metrics::upload(&self.site, ty, self.compression.algorithm.name(), sizes);
     }
 
     /// Deletes the chunks this backup stored (after a failure). Best effort: what remains is
