@@ -362,6 +362,30 @@ mod tests {
     }
 
     #[test]
+    fn pghoard_postgres_command_credentials_sent_only_together() {
+        let base = [
+            "pghoard_postgres_command",
+            "--mode",
+            "restore",
+            "--site",
+            "s",
+            "--xlog",
+            "%f",
+            "--output",
+            "%p",
+        ];
+        let with = |extra: &[&str]| {
+            let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
+            args_of(dispatch(os(&argv))).join(" ")
+        };
+        assert!(with(&["--username", "u", "--password", "p"])
+            .ends_with("--output %p --username u --password p"));
+        // pghoard authenticates only with both (HTTPBasicAuth when username and password).
+        assert!(!with(&["--username", "u"]).contains("--username"));
+        assert!(!with(&["--password", "p"]).contains("--password"));
+    }
+
+    #[test]
     fn pghoard_postgres_command_usage_error_stops_recovery() {
         // `--mode` missing or unknown: PostgreSQL must not read it as "not found".
         for argv in [
