@@ -246,6 +246,7 @@ pub fn upload(site: &str, ty: FileType, algorithm: &str, outcome: Result<(u64, u
         }
         Err(()) => {
             r.cell(TRANSFER_OPERATION_ERRORS, &[]).add(1.0);
+            exception("UploadError", "handle_upload");
             r.cell(
                 UPLOAD_SIZE,
                 &[("result", result_label(false)), ("type", t), ("site", site)],
@@ -267,6 +268,7 @@ pub fn download(site: &str, file: &str, outcome: Result<u64, ()>) {
         Ok(b) => (true, b),
         Err(()) => {
             r.cell(TRANSFER_OPERATION_ERRORS, &[]).add(1.0);
+            exception("DownloadError", "handle_download");
             (false, 0)
         }
     };
@@ -339,6 +341,27 @@ mod tests {
         assert_eq!(get(UPLOAD_SIZE), 7.0);
         assert_eq!(get(BACKUP_TIME), 1.5);
         assert!((29.0..60.0).contains(&get(LAST_UPLOAD_AGE)));
+    }
+
+    #[test]
+    fn failures_count_as_transfer_errors_and_exceptions() {
+        let get =
+            |def: &'static Def, pairs: &[(&'static str, &str)]| registry().cell(def, pairs).get();
+        let where_ = [("exception", "UploadError"), ("where", "handle_upload")];
+        let (errors, exceptions) = (get(TRANSFER_OPERATION_ERRORS, &[]), get(EXCEPTION, &where_));
+        upload("unit-test-site", FileType::Xlog, "zstd", Err(()));
+        // Other tests of this process may count too: at least one more each.
+        assert!(get(TRANSFER_OPERATION_ERRORS, &[]) >= errors + 1.0);
+        assert!(get(EXCEPTION, &where_) >= exceptions + 1.0);
+        let failed = [
+            ("result", "failed"),
+            ("type", "xlog"),
+            ("site", "unit-test-site"),
+        ];
+        assert!(registry()
+            .samples()
+            .iter()
+            .any(|s| s.def == UPLOAD_SIZE && s.labels == labels(&failed)));
     }
 
     #[test]
