@@ -11,7 +11,7 @@ use serde_json::json;
 use walhoard::api_client::basic_header;
 use walhoard_testkit::PgCluster;
 
-use crate::common::run_ok;
+use crate::common::output_ok;
 use crate::daemon_support::*;
 use crate::http_api::api;
 
@@ -142,10 +142,10 @@ async fn http_basic_auth_guards_every_route_and_clients_send_credentials() {
     let pghoard = crate::pghoard_cli::pghoard_bin(&["pghoard_postgres_command"]);
     let pghoard = pghoard.path().join("pghoard_postgres_command");
     for bin in [walhoard, &pghoard] {
-        run_ok(&mut postgres_command(
-            bin,
-            &["--username", USER, "--password", PASSWORD],
-        ));
+        output_ok(
+            &mut postgres_command(bin, &["--username", USER, "--password", PASSWORD]),
+            "postgres-command with credentials",
+        );
         assert!(a.same_as_pg_wal(&target, &seg), "{}", bin.display());
         std::fs::remove_file(&target).unwrap();
     }
@@ -161,7 +161,7 @@ async fn http_basic_auth_guards_every_route_and_clients_send_credentials() {
 
     // `walhoard basebackup` asks the daemon with the configuration's credentials; the new
     // backup is listed by GET /main/basebackup as pghoard lists it.
-    let out = run_ok(&mut basebackup_command(&a.d));
+    let out = output_ok(&mut basebackup_command(&a.d), "walhoard basebackup");
     let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let (status, _, body) = raw(
         port,

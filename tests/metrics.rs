@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::{run_ok, wait_until};
+use crate::common::{output_ok, wait_until};
 use crate::daemon_support::*;
 use crate::http_api::api;
 use crate::http_auth::raw;
@@ -283,7 +283,7 @@ async fn metrics_prometheus_statsd_and_pushgateway_follow_the_daemon() {
         &[("site", "main")],
     )
     .unwrap();
-    run_ok(&mut basebackup_command(&a.d));
+    output_ok(&mut basebackup_command(&a.d), "walhoard basebackup");
     let fourth = scrape(port);
     assert_eq!(
         value(&fourth, "pghoard_basebackup_completed_total", &[]),

@@ -15,7 +15,7 @@ use hyper::{Response, StatusCode};
 
 use crate::daemon::archiver::wal_key;
 use crate::daemon::{SiteHandle, Sites};
-use crate::storage::{meta, ObjectStore, StorageError};
+use crate::storage::{ObjectStore, StorageError};
 
 use super::{json, reply};
 
@@ -56,15 +56,13 @@ pub async fn head(
     };
     let key = wal_key(&name);
     for store in stores(handle) {
-        match store.metadata(&key).await {
+        match store.object_meta(&key).await {
             Ok(m) => {
                 let mut r = reply(StatusCode::OK, Bytes::new());
-                if let (Some(hash), Some(algorithm)) =
-                    (m.get(meta::HASH), m.get(meta::HASH_ALGORITHM))
-                {
+                if let (Some(hash), Some(algorithm)) = (&m.hash, m.hash_algorithm) {
                     for (name, v) in [
-                        ("metadata-hash", hash),
-                        ("metadata-hash-algorithm", algorithm),
+                        ("metadata-hash", hash.as_str()),
+                        ("metadata-hash-algorithm", algorithm.name()),
                     ] {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
                             r.headers_mut().insert(name, v);

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::daemon::status::now_secs;
+use crate::pipeline::transfer::Uploaded;
 
 /// What a metric's value means over time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,12 +219,13 @@ fn result_label(ok: bool) -> &'static str {
     }
 }
 
-/// An upload attempt finished: `stored` bytes stored from `original` plain bytes, or failed.
-pub fn upload(site: &str, ty: FileType, algorithm: &str, outcome: Result<(u64, u64), ()>) {
+/// An upload attempt of `site` finished, stored or failed.
+pub fn upload<E>(site: &str, ty: FileType, algorithm: &str, outcome: &Result<Uploaded, E>) {
     let r = registry();
     let t = ty.name();
     match outcome {
-        Ok((original, stored)) => {
+        Ok(u) => {
+            let (original, stored) = (u.plain_size, u.stored_size);
             r.cell(
                 UPLOAD_SIZE,
                 &[("result", "ok"), ("type", t), ("site", site)],
@@ -244,7 +246,7 @@ pub fn upload(site: &str, ty: FileType, algorithm: &str, outcome: Result<(u64, u
                 r.cell(XLOGS_SINCE_BASEBACKUP, &[("site", site)]).add(1.0);
             }
         }
-        Err(()) => {
+        Err(_) => {
             r.cell(TRANSFER_OPERATION_ERRORS, &[]).add(1.0);
             exception("UploadError", "handle_upload");
             r.cell(
@@ -349,7 +351,7 @@ mod tests {
             |def: &'static Def, pairs: &[(&'static str, &str)]| registry().cell(def, pairs).get();
         let where_ = [("exception", "UploadError"), ("where", "handle_upload")];
         let (errors, exceptions) = (get(TRANSFER_OPERATION_ERRORS, &[]), get(EXCEPTION, &where_));
-        upload("unit-test-site", FileType::Xlog, "zstd", Err(()));
+        upload::<()>("unit-test-site", FileType::Xlog, "zstd", &Err(()));
         // Other tests of this process may count too: at least one more each.
         assert!(get(TRANSFER_OPERATION_ERRORS, &[]) >= errors + 1.0);
         assert!(get(EXCEPTION, &where_) >= exceptions + 1.0);
