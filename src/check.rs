@@ -391,6 +391,8 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
             .with_context(|| format!("no backup site {s:?} in the configuration"))?],
         None => config.backup_sites.keys().collect(),
     };
+    // The daemon refuses to start with an API open to the network: so does check.
+    crate::http::auth::check_exposure(config).map_err(anyhow::Error::msg)?;
     let mut out = Vec::new();
     for name in names {
         let settings = SiteSettings::build(config, name)?;

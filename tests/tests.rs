@@ -9,6 +9,8 @@ mod daemon_stream;
 mod daemon_support;
 mod foreign_archive;
 mod http_api;
+mod http_auth;
+mod metrics;
 mod pghoa1;
 mod pghoard_cli;
 mod pghoard_delta;

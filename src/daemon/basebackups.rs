@@ -348,9 +348,24 @@ async fn take_one(site: &SiteSettings, status: &BasebackupStatus) -> Result<Stri
         .map_err(|e| format!("{e:#}"))?;
     status.set_progress(Some(ctx.progress.clone()));
     status.with(|s| s.in_progress = Some(ctx.name.clone()));
+    crate::metrics::basebackup_started(&site.name);
     let result = crate::basebackup::take_with(ctx).await;
     status.set_progress(None);
     status.with(|s| s.in_progress = None);
+    match &result {
+        Ok(b) => crate::metrics::basebackup_finished(
+            &site.name,
+            Ok((
+                &b.metadata.basebackup_mode,
+                b.metadata.total_size_plain,
+                b.elapsed.as_secs_f64(),
+            )),
+        ),
+        Err(_) => {
+            crate::metrics::basebackup_finished(&site.name, Err(()));
+            crate::metrics::exception("BasebackupError", "PGBaseBackup");
+        }
+    }
     result.map(|b| b.name).map_err(|e| format!("{e:#}"))
 }
 

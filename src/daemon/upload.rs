@@ -159,15 +159,17 @@ impl UploadContext {
             self.encryption.clone(),
             self.hash_algorithm,
         );
-        upload(
+        let result = upload(
             &self.store,
             Upload {
                 metadata: self.wal_metadata(),
                 ..wal
             },
         )
-        .await
-        .map(|_| ())
+        .await;
+        let ty = crate::metrics::FileType::of_key(key);
+        crate::metrics::upload(&self.site, ty, self.compression.algorithm.name(), &result);
+        result.map(|_| ())
     }
 
     /// The metadata of a WAL object this site stores: `base_metadata` and the
