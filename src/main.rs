@@ -90,6 +90,37 @@ enum Command {
         #[command(subcommand)]
         command: RestoreCommand,
     },
+    /// Check that the archive is restorable: every basebackup's chunks (present, stored size,
+    /// decrypt, decompress, size and SHA-1, tar) and the WAL chain from each backup on (gaps,
+    /// history files; with --wal every segment fetched and each record's CRC checked).
+    /// Prints "restorable to LSN X" per backup and every problem with its object key.
+    /// Exit 0 only when nothing is wrong, 1 otherwise.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The backup site (optional when the configuration has one).
+        #[arg(long)]
+        site: Option<String>,
+        /// One backup by name, or `all` (the default).
+        #[arg(long)]
+        basebackup: Option<String>,
+        /// Fetch, decrypt and walk every WAL segment the backups need, record by record.
+        #[arg(long)]
+        wal: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One screen per site: basebackups, archived WAL per timeline with gaps, the newest
+    /// segment and its age, the daemon's status from its state file.
+    Info {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this site (default: every site of the configuration).
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
     Basebackup {
@@ -401,6 +432,19 @@ fn main() -> ExitCode {
             }
             Command::Restore { command } => restore(command).await,
             Command::Basebackup { config, site } => basebackup(&config, &site).await,
+            Command::Verify {
+                config,
+                site,
+                basebackup,
+                wal,
+                json,
+            } => {
+                walhoard::verify::cli(&config, site.as_deref(), basebackup.as_deref(), wal, json)
+                    .await
+            }
+            Command::Info { config, site, json } => {
+                walhoard::info::cli(&config, site.as_deref(), json).await
+            }
         };
         r.map(|()| 0)
     });

@@ -119,7 +119,7 @@ impl Read for Verifying<'_> {
 
 /// Where a chunk's members go.
 #[derive(Clone)]
-enum Route {
+pub(crate) enum Route {
     /// base.tar / a tablespace tar: every member below one extractor.
     Into(Extractor),
     /// local-tar: `pgdata/…` to the data directory, `tablespaces/<name>/…` to that tablespace.
@@ -129,6 +129,9 @@ enum Route {
     },
     /// The backup_manifest: a plain file `name` in the directory `dir`.
     File { dir: PathBuf, name: &'static str },
+    /// Nowhere (`walhoard verify`): a tar chunk is read member by member, so that a
+    /// malformed one fails as it would in a restore; any other chunk is read to its end.
+    Check { tar: bool },
 }
 
 impl Route {
@@ -136,7 +139,7 @@ impl Route {
     fn place<'a>(&'a self, path: &'a str) -> io::Result<Option<(&'a Extractor, &'a str)>> {
         match self {
             Route::Into(x) => Ok(Some((x, path))),
-            Route::File { .. } => Ok(None),
+            Route::File { .. } | Route::Check { .. } => Ok(None),
             Route::LocalTar { data, tablespaces } => {
                 let p = path.trim_start_matches("./");
                 if p == METADATA_MEMBER {
@@ -179,6 +182,10 @@ impl Route {
             io::copy(r, &mut f)?;
             return f.sync_all();
         }
+        if let Route::Check { tar: false } = self {
+            io::copy(r, &mut io::sink())?;
+            return Ok(());
+        }
         let mut tar = TarReader::new(&mut *r);
         while let Some(entry) = tar.next_entry()? {
             if let Some((x, rel)) = self.place(&entry.path)? {
@@ -192,7 +199,7 @@ impl Route {
 }
 
 /// Fetches one chunk and extracts it, checking size and SHA-1.
-async fn restore_chunk(
+pub(crate) async fn restore_chunk(
     site: &RestoreSite,
     job: &Job,
     progress: Arc<AtomicU64>,
@@ -303,8 +310,28 @@ async fn read_control(
     Ok((meta, extra, pghoard))
 }
 
-/// Prints progress: a bar redrawn in place on a terminal, a line every few seconds otherwise.
-fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+/// [`read_control`], refusing a format walhoard cannot restore.
+pub(crate) async fn read_known_control(
+    site: &RestoreSite,
+    name: &str,
+) -> Result<(BackupMetadata, Vec<(Entry, Vec<u8>)>, bool)> {
+    let (meta, extra, pghoard_written) = read_control(site, name).await?;
+    if meta.format != FORMAT_STREAM
+        && meta.format != FORMAT_LOCAL_TAR
+        && meta.format != FORMAT_PGHOARD_BASIC
+    {
+        bail!("basebackup/{name}: unknown format {:?}", meta.format);
+    }
+    Ok((meta, extra, pghoard_written))
+}
+
+/// Prints progress: a bar redrawn in place on a terminal, a line every few seconds otherwise,
+/// `what` naming the command.
+pub(crate) fn spawn_progress(
+    what: &'static str,
+    done: Arc<AtomicU64>,
+    total: u64,
+) -> tokio::task::JoinHandle<()> {
     let tty = io::stderr().is_terminal();
     tokio::spawn(async move {
         let every = if tty {
@@ -330,7 +357,7 @@ fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<(
                     total >> 20
                 );
             } else {
-                eprintln!("restore: {d} / {total} bytes ({pct}%)");
+                eprintln!("{what}: {d} / {total} bytes ({pct}%)");
             }
         }
     })
@@ -351,22 +378,7 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     let mut picked = None;
     for (i, chosen) in choices.iter().enumerate() {
         let source = site.for_backup(chosen)?;
-        let control =
-            read_control(&source, &chosen.name)
-                .await
-                .and_then(|(meta, extra, pghoard_written)| {
-                    if meta.format != FORMAT_STREAM
-                        && meta.format != FORMAT_LOCAL_TAR
-                        && meta.format != FORMAT_PGHOARD_BASIC
-                    {
-                        bail!(
-                            "basebackup/{}: unknown format {:?}",
-                            chosen.name,
-                            meta.format
-                        );
-                    }
-                    Ok((meta, extra, pghoard_written))
-                });
+        let control = read_known_control(&source, &chosen.name).await;
         match control {
             Ok(c) => {
                 picked = Some(((*chosen).clone(), c));
@@ -520,22 +532,16 @@ async fn restore_into(
                 }
             }
         };
-        let pghoard_basic = meta.format == FORMAT_PGHOARD_BASIC;
         jobs.push(Job {
             chunk: c.clone(),
             route,
-            // pghoard's basic backup is its control object.
-            key: if pghoard_basic {
-                format!("basebackup/{}", c.chunk_filename)
-            } else {
-                format!("basebackup_chunk/{}", c.chunk_filename)
-            },
+            key: chunk_key(meta, c),
             check_sha1: !pghoard_written,
         });
     }
     let parallel = site.config.restore_process_count.unwrap_or(4).max(1) as usize;
     let done = Arc::new(AtomicU64::new(0));
-    let reporter = spawn_progress(done.clone(), meta.total_size_plain);
+    let reporter = spawn_progress("restore", done.clone(), meta.total_size_plain);
     let started = std::time::Instant::now();
     let fetched = fetch_all(site, jobs, parallel, done.clone()).await;
     reporter.abort();
@@ -635,13 +641,23 @@ fn link_tablespaces(
     Ok(())
 }
 
+/// The object key of a chunk of the backup `meta` describes.
+pub(crate) fn chunk_key(meta: &BackupMetadata, c: &ChunkMeta) -> String {
+    if meta.format == FORMAT_PGHOARD_BASIC {
+        // pghoard's basic backup is its control object.
+        format!("basebackup/{}", c.chunk_filename)
+    } else {
+        format!("basebackup_chunk/{}", c.chunk_filename)
+    }
+}
+
 /// One chunk to fetch: its description, where its members go, its object key.
-struct Job {
-    chunk: ChunkMeta,
-    route: Route,
-    key: String,
+pub(crate) struct Job {
+    pub chunk: ChunkMeta,
+    pub route: Route,
+    pub key: String,
     /// walhoard's chunks carry the SHA-1 of their plain bytes; pghoard's do not.
-    check_sha1: bool,
+    pub check_sha1: bool,
 }
 
 /// The local-tar routing, shared by every chunk.

@@ -1,0 +1,380 @@
+//! `walhoard verify`: is the archive restorable, and to where?
+//!
+//! - [`backups`]: each basebackup's control object and chunks (exist, stored size, decrypt,
+//!   decompress, plain size and SHA-1, tar well formed), streamed, nothing written to disk.
+//! - [`archive`]: the WAL the archive holds and the chain of segments a restore from each
+//!   backup reads, timeline history files followed.
+//! - [`wal`]: every segment of those chains fetched and walked record by record (`--wal`).
+//!
+//! Every problem is reported with the object key it concerns; each backup gets the LSN it is
+//! restorable to (the end of the good WAL that follows it without a gap or error), or none
+//! when that is before its own end. See docs/verify-and-info.md.
+
+pub mod archive;
+pub mod backups;
+pub mod wal;
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use walhoard_protocol::{Lsn, SegmentSize, TimelineId};
+
+use crate::restore::get::spawn_progress;
+use crate::restore::RestoreSite;
+use archive::WalIndex;
+use wal::{StepOutcome, WalkTotals};
+
+/// One thing found wrong, with the object it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// Object key relative to the site's prefix.
+    pub key: String,
+    pub problem: String,
+}
+
+impl Problem {
+    pub fn new(key: &str, problem: String) -> Self {
+        Problem {
+            key: key.to_string(),
+            problem,
+        }
+    }
+}
+
+/// Which basebackups to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    Named(String),
+}
+
+impl Selection {
+    /// `--basebackup` as given: `all` (or nothing) means every backup.
+    pub fn parse(arg: Option<&str>) -> Self {
+        match arg {
+            None | Some("all") => Selection::All,
+            Some(n) => Selection::Named(n.to_string()),
+        }
+    }
+}
+
+/// How much of the WAL is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalDepth {
+    /// The chains from the listing only: gaps, missing history files.
+    Listing,
+    /// Every segment of the chains fetched, decoded and walked record by record (`--wal`).
+    Records,
+}
+
+/// What `walhoard verify` found for one backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub name: String,
+    pub format: String,
+    pub start_lsn: String,
+    pub end_lsn: String,
+    pub start_timeline: u32,
+    /// The timeline a restore of it follows (`recovery_target_timeline = 'latest'`).
+    pub target_timeline: u32,
+    pub chunks: usize,
+    /// Where the good WAL after the backup ends; `None` when before the backup's end.
+    pub restorable_to: Option<String>,
+    pub problems: Vec<Problem>,
+}
+
+/// What `walhoard verify` found in the WAL.
+#[derive(Debug, Clone, Serialize)]
+pub struct WalReport {
+    /// Whether segments were fetched and walked (`--wal`), or only listed.
+    pub records_checked: bool,
+    pub segments: usize,
+    pub records: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// The whole answer for one site.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub site: String,
+    pub ok: bool,
+    pub backups: Vec<BackupReport>,
+    pub wal: WalReport,
+}
+
+/// Verifies `site` as `selection` and `depth` say, `parallel` fetches at a time, with
+/// progress on stderr.
+pub async fn run(
+    site: &RestoreSite,
+    selection: &Selection,
+    depth: WalDepth,
+    parallel: usize,
+) -> Result<Report> {
+    let listed = site.list_all().await?;
+    let chosen: Vec<_> = match selection {
+        Selection::All => listed.iter().collect(),
+        Selection::Named(n) => vec![crate::restore::choose(
+            &listed,
+            Some(n),
+            &crate::restore::Target::Latest,
+        )?],
+    };
+    let mut reports = Vec::new();
+    let mut described = Vec::new();
+    for b in chosen {
+        let report = BackupReport {
+            name: b.name.clone(),
+            format: b.format.clone(),
+            start_lsn: b.start_lsn.clone(),
+            end_lsn: b.end_lsn.clone(),
+            start_timeline: b.start_timeline,
+            target_timeline: b.start_timeline,
+            chunks: 0,
+            restorable_to: None,
+            problems: Vec::new(),
+        };
+        match backups::describe(site, b).await {
+            Ok(d) => described.push((reports.len(), d)),
+            Err(p) => {
+                let mut r = report.clone();
+                r.problems.push(p);
+                reports.push(r);
+                continue;
+            }
+        }
+        reports.push(report);
+    }
+
+    let index = WalIndex::load(&site.store).await?;
+    let mut wal_problems = Vec::new();
+    let histories = wal::load_histories(&site.store, &site.keys, &index, &mut wal_problems).await;
+    // One chain per target timeline, from the oldest start of the backups that follow it.
+    let mut plans: BTreeMap<TimelineId, (Lsn, TimelineId)> = BTreeMap::new();
+    let mut places = Vec::new();
+    for (i, d) in &described {
+        let Some((start, tli)) = backup_start(d) else {
+            reports[*i].problems.push(Problem::new(
+                &format!("basebackup/{}", d.listing.name),
+                format!(
+                    "no start position: start-lsn {:?}, timeline {}",
+                    d.meta.start_lsn, d.meta.start_timeline
+                ),
+            ));
+            continue;
+        };
+        let (target, _) = index.target_timeline(tli, start, &histories);
+        reports[*i].target_timeline = target.get();
+        reports[*i].chunks = d.meta.chunks.len();
+        let e = plans.entry(target).or_insert((start, tli));
+        if start < e.0 {
+            *e = (start, tli);
+        }
+        places.push((*i, start, target));
+    }
+    let chains: Vec<_> = plans
+        .iter()
+        .map(|(target, (start, _))| {
+            let h = histories.get(target);
+            (*target, index.chain(*start, h, *target))
+        })
+        .collect();
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut total: u64 = described
+        .iter()
+        .map(|(_, d)| d.meta.chunks.iter().map(|c| c.input_size).sum::<u64>())
+        .sum();
+    if depth == WalDepth::Records {
+        total += chains
+            .iter()
+            .map(|(_, steps)| steps.iter().filter(|s| s.object.is_some()).count() as u64)
+            .sum::<u64>()
+            * index.seg_size.bytes();
+    }
+    let reporter = spawn_progress("verify", progress.clone(), total);
+    for (i, d) in &described {
+        eprintln!(
+            "verify: basebackup {} ({} chunks)",
+            d.listing.name,
+            d.meta.chunks.len()
+        );
+        let found = backups::check_chunks(d, parallel, &progress).await;
+        reports[*i].problems.extend(found);
+    }
+    let mut totals = WalkTotals::default();
+    let mut outcomes: BTreeMap<TimelineId, Vec<StepOutcome>> = BTreeMap::new();
+    for (target, steps) in &chains {
+        eprintln!(
+            "verify: WAL chain of timeline {target}: {} segments from {}",
+            steps.len(),
+            steps.first().map(|s| s.id.to_string()).unwrap_or_default()
+        );
+        let o = wal::walk_chain(
+            &site.store,
+            &site.keys,
+            index.seg_size,
+            steps,
+            depth == WalDepth::Records,
+            parallel,
+            &progress,
+            &mut wal_problems,
+            &mut totals,
+        )
+        .await;
+        outcomes.insert(*target, o);
+    }
+    reporter.abort();
+
+    for (i, start, target) in places {
+        let r = &mut reports[i];
+        let steps = outcomes.get(&target).map(Vec::as_slice).unwrap_or(&[]);
+        let reach = restorable_to(steps, start, index.seg_size);
+        let end = r.end_lsn.parse::<Lsn>().unwrap_or(start);
+        match reach {
+            Some(to) if to >= end => r.restorable_to = Some(to.to_string()),
+            _ => {
+                let broken = reach.unwrap_or(start);
+                r.problems.push(Problem::new(
+                    &format!("basebackup/{}", r.name),
+                    format!(
+                        "not restorable: the WAL it needs from {start} to {end} is missing or broken from {broken} (see the WAL problems)"
+                    ),
+                ));
+            }
+        }
+    }
+    wal_problems.sort_by(|a, b| a.key.cmp(&b.key));
+    wal_problems.dedup();
+    let ok = wal_problems.is_empty() && reports.iter().all(|r| r.problems.is_empty());
+    Ok(Report {
+        site: site.name.clone(),
+        ok,
+        backups: reports,
+        wal: WalReport {
+            records_checked: depth == WalDepth::Records,
+            segments: totals.segments,
+            records: totals.records,
+            problems: wal_problems,
+        },
+    })
+}
+
+/// The position and timeline a restore of the backup starts replaying from.
+fn backup_start(d: &backups::Described) -> Option<(Lsn, TimelineId)> {
+    let start: Lsn = d.listing.start_lsn.parse().ok()?;
+    let tli = TimelineId::new(d.listing.start_timeline).ok()?;
+    Some((start, tli))
+}
+
+/// Where the good WAL from `start` ends: at the first segment that is not good to its end,
+/// or at the end of the last one. `None` when the chain does not reach `start`'s segment.
+fn restorable_to(steps: &[StepOutcome], start: Lsn, seg: SegmentSize) -> Option<Lsn> {
+    let mut reach = None;
+    for s in steps {
+        let Ok(seg_start) = s.id.start_lsn(seg) else {
+            return reach;
+        };
+        let seg_end = seg_start + seg.bytes();
+        if seg_end <= start {
+            continue;
+        }
+        if s.ok_until < seg_end {
+            return Some(s.ok_until.max(start));
+        }
+        reach = Some(seg_end);
+    }
+    reach
+}
+
+/// The human report.
+pub fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "site {}: {}",
+        r.site,
+        if r.ok { "OK" } else { "PROBLEMS FOUND" }
+    );
+    for b in &r.backups {
+        let _ = writeln!(
+            s,
+            "  basebackup {} ({}, {} chunks, {} .. {}, timeline {} -> {}): {}",
+            b.name,
+            if b.format.is_empty() {
+                "pghoard basic"
+            } else {
+                &b.format
+            },
+            b.chunks,
+            b.start_lsn,
+            b.end_lsn,
+            b.start_timeline,
+            b.target_timeline,
+            match &b.restorable_to {
+                Some(l) => format!("restorable to LSN {l}"),
+                None => "NOT restorable".to_string(),
+            }
+        );
+        for p in &b.problems {
+            let _ = writeln!(s, "    PROBLEM {}: {}", p.key, p.problem);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  WAL: {}",
+        if r.wal.records_checked {
+            format!(
+                "{} segments fetched, {} records checked",
+                r.wal.segments, r.wal.records
+            )
+        } else {
+            "chains checked from the listing (--wal fetches and walks every segment)".to_string()
+        }
+    );
+    for p in &r.wal.problems {
+        let _ = writeln!(s, "    PROBLEM {}: {}", p.key, p.problem);
+    }
+    s
+}
+
+/// Fails unless every report is OK (the exit status of `walhoard verify`).
+pub fn outcome(reports: &[Report]) -> Result<()> {
+    let bad: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.site.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!("verify found problems in site {}", bad.join(", "));
+    }
+    Ok(())
+}
+
+/// `walhoard verify` as the command line gives it: prints the report (JSON or text) and fails
+/// when anything is wrong.
+pub async fn cli(
+    config: &std::path::Path,
+    site: Option<&str>,
+    basebackup: Option<&str>,
+    wal: bool,
+    json: bool,
+) -> Result<()> {
+    let site = RestoreSite::open(config, site)?;
+    let depth = if wal {
+        WalDepth::Records
+    } else {
+        WalDepth::Listing
+    };
+    let parallel = crate::settings::transfer_threads(&site.config);
+    let report = run(&site, &Selection::parse(basebackup), depth, parallel).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    outcome(std::slice::from_ref(&report))
+}
