@@ -13,7 +13,7 @@ use crate::daemon_support::DaemonDir;
 use crate::restore::{get_basebackup, readable_by_server, start_promoted, stderr};
 use crate::retention::{unpack_pghoard_archive, PGHOARD_SITE};
 
-const LOCAL_TAR: &str = "2026-12-04_20-38_0";
+pub(crate) const LOCAL_TAR: &str = "2026-12-04_20-38_0";
 const LOCAL_TAR_CONTROL: &str = "2026-12-04_20-38_0.00000000.pghoard";
 const BASIC: &str = "2026-12-04_20-39_0";
 /// The fixture's table: 1000 rows, then 100 more before each of four WAL switches, all of
@@ -22,7 +22,7 @@ const FIXTURE_ROWS: &str = "1400";
 
 /// A walhoard configuration for pghoard's archive as a pghoard user keeps it: site prefix
 /// `pgsite`, local storage, no encryption; a node nothing connects to.
-fn pghoard_archive() -> DaemonDir {
+pub(crate) fn pghoard_archive() -> DaemonDir {
     let d = DaemonDir::new();
     unpack_pghoard_archive(&d.path("archive"));
     let config = json!({
@@ -125,7 +125,7 @@ async fn restore_pghoard_basic_backup_and_replay_pghoards_wal() {
 /// Replaces one byte of file data inside a stored zstd tar with another value and stores it
 /// compressed again: a valid zstd stream and a valid tar of the same size, which only the
 /// object's `_hash` tells apart from what pghoard wrote.
-fn tamper(object: &Path) {
+pub(crate) fn tamper(object: &Path) {
     let plain = zstd::stream::decode_all(&std::fs::read(object).unwrap()[..]).unwrap();
     let mut plain = plain;
     // Halfway: inside a relation file's data (chunk 3 is nine members, almost all data).

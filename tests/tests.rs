@@ -29,4 +29,5 @@ mod storage_gcs;
 mod storage_outage;
 mod storage_sftp;
 mod transfer;
+mod verify;
 mod walreceiver;

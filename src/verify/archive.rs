@@ -306,7 +306,8 @@ mod tests {
         );
         // A gap is a step without an object.
         let i = index(&[(1, 3), (1, 5)], &[]);
-        let (t, h) = i.target_timeline(TimelineId(1), Lsn(0x300_0028), &BTreeMap::new());
+        let none = BTreeMap::new();
+        let (t, h) = i.target_timeline(TimelineId(1), Lsn(0x300_0028), &none);
         let steps = i.chain(Lsn(0x300_0028), h, t);
         assert_eq!(steps.len(), 3);
         assert!(steps[1].object.is_none());
