@@ -378,3 +378,60 @@ async fn verify_pghoards_archive_then_a_tampered_chunk() {
         .unwrap();
     assert_eq!(basic["problems"], json!([]), "{v:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_follows_a_promotion_to_the_new_timeline() {
+    let mut pg = cluster();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(&pg, storage.clone(), json!({}));
+    let store = d.store(&storage);
+    let mut daemon = Daemon::start(&d);
+    wait_slot(&pg, &daemon);
+    load(&pg, 5_000, 20);
+    let out = basebackup_command(&d).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load(&pg, 10_000, 50);
+    let s1 = switch_segment(&pg);
+    wait_all_archived(&store, &[s1], Duration::from_secs(60), &daemon).await;
+    load(&pg, 5_000, 50);
+    pg.promote_to_new_timeline().unwrap();
+    load(&pg, 10_000, 50);
+    let s2 = switch_segment(&pg);
+    assert!(s2.starts_with("00000002"), "{s2}");
+    let wanted = [s2.clone(), "00000002.history".to_string()];
+    wait_all_archived(&store, &wanted, Duration::from_secs(90), &daemon).await;
+    daemon.terminate(Duration::from_secs(30));
+    let config = d.config_path();
+
+    // The chain goes through timeline 2's history: the backup on timeline 1 restores to the
+    // end of timeline 2's newest segment, every record checked across the switch.
+    let v = verify_passes(&config, &["--wal"]);
+    let b = &v["backups"][0];
+    assert_eq!(b["start_timeline"], 1, "{v:#}");
+    assert_eq!(b["target_timeline"], 2, "{v:#}");
+    let end = segment_start(&s2) + SegmentSize::DEFAULT.bytes();
+    assert_eq!(b["restorable_to"], end.to_string(), "{v:#}");
+    let (_, info, _) = walhoard_json("info", &config, &["--site", "main"]);
+    assert_eq!(
+        info[0]["history_files"],
+        json!(["00000002.history"]),
+        "{info:#}"
+    );
+    assert_eq!(
+        info[0]["partial_segments"].as_array().unwrap().len(),
+        1,
+        "{info:#}"
+    );
+    assert_eq!(info[0]["backups"][0]["target_timeline"], 2, "{info:#}");
+
+    // Without the history file a restore cannot follow timeline 2: named.
+    let key = "timeline/00000002.history";
+    move_object(&object_path(&d, key), &d.path("aside"));
+    let v = verify_fails(&config, &[]);
+    assert!(has_problem(&v, key, "missing"), "{v:#}");
+}
