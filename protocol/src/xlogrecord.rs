@@ -35,6 +35,9 @@ fn maxalign(n: usize) -> usize {
 }
 
 /// Where the walker is.
+// One walker per chain, moved between states per record: boxing the large variant would
+// allocate for every record that spans a page.
+#[allow(clippy::large_enum_variant)]
 enum State {
     /// Not at a known record boundary (the walk's first page, or after a gap or an error):
     /// the continuation at the start of the next page is skipped, then records are read.

@@ -173,7 +173,13 @@ pub async fn run(
         if start < e.0 {
             *e = (start, tli);
         }
-        places.push((*i, start, target));
+        places.push((
+            *i,
+            start,
+            target,
+            needed_to(d, start, index.seg_size),
+            d.meta.wal_included,
+        ));
     }
     let chains: Vec<_> = plans
         .iter()
@@ -207,35 +213,33 @@ pub async fn run(
     }
     let mut totals = WalkTotals::default();
     let mut outcomes: BTreeMap<TimelineId, Vec<StepOutcome>> = BTreeMap::new();
+    let walk = wal::Walk {
+        store: &site.store,
+        keys: &site.keys,
+        seg: index.seg_size,
+        content: depth == WalDepth::Records,
+        parallel,
+        progress: progress.clone(),
+    };
     for (target, steps) in &chains {
         eprintln!(
             "verify: WAL chain of timeline {target}: {} segments from {}",
             steps.len(),
             steps.first().map(|s| s.id.to_string()).unwrap_or_default()
         );
-        let o = wal::walk_chain(
-            &site.store,
-            &site.keys,
-            index.seg_size,
-            steps,
-            depth == WalDepth::Records,
-            parallel,
-            &progress,
-            &mut wal_problems,
-            &mut totals,
-        )
-        .await;
+        let o = walk.chain(steps, &mut wal_problems, &mut totals).await;
         outcomes.insert(*target, o);
     }
     reporter.abort();
 
-    for (i, start, target) in places {
+    for (i, start, target, end, wal_included) in places {
         let r = &mut reports[i];
         let steps = outcomes.get(&target).map(Vec::as_slice).unwrap_or(&[]);
         let reach = restorable_to(steps, start, index.seg_size);
-        let end = r.end_lsn.parse::<Lsn>().unwrap_or(start);
         match reach {
             Some(to) if to >= end => r.restorable_to = Some(to.to_string()),
+            // A standalone backup carries the WAL to its own end (standalone_hot_backup).
+            _ if wal_included => r.restorable_to = Some(end.to_string()),
             _ => {
                 let broken = reach.unwrap_or(start);
                 r.problems.push(Problem::new(
@@ -268,6 +272,25 @@ fn backup_start(d: &backups::Described) -> Option<(Lsn, TimelineId)> {
     let start: Lsn = d.listing.start_lsn.parse().ok()?;
     let tli = TimelineId::new(d.listing.start_timeline).ok()?;
     Some((start, tli))
+}
+
+/// How far the WAL must reach for the backup to be consistent: its `end-lsn`; pghoard's
+/// backups record only the end segment (local-tar) or nothing (basic), so the start of that
+/// segment, or the backup's start.
+fn needed_to(d: &backups::Described, start: Lsn, seg: SegmentSize) -> Lsn {
+    if let Ok(end) = d.listing.end_lsn.parse::<Lsn>() {
+        return end;
+    }
+    match d
+        .listing
+        .end_wal_segment
+        .parse::<walhoard_protocol::WalSegmentName>()
+    {
+        Ok(walhoard_protocol::WalSegmentName::Segment(id)) => {
+            id.start_lsn(seg).unwrap_or(start).max(start)
+        }
+        _ => start,
+    }
 }
 
 /// Where the good WAL from `start` ends: at the first segment that is not good to its end,
@@ -311,7 +334,11 @@ pub fn render(r: &Report) -> String {
             },
             b.chunks,
             b.start_lsn,
-            b.end_lsn,
+            if b.end_lsn.is_empty() {
+                "?"
+            } else {
+                &b.end_lsn
+            },
             b.start_timeline,
             b.target_timeline,
             match &b.restorable_to {

@@ -107,77 +107,94 @@ async fn fetch_segment(
     Ok(data)
 }
 
-/// Walks `steps` in order. Without `content`, only whether each segment exists is looked at.
-#[allow(clippy::too_many_arguments)]
-pub async fn walk_chain(
-    store: &ObjectStore,
-    keys: &KeyRing,
-    seg: SegmentSize,
-    steps: &[Step],
-    content: bool,
-    parallel: usize,
-    progress: &Arc<AtomicU64>,
-    problems: &mut Vec<Problem>,
-    totals: &mut WalkTotals,
-) -> Vec<StepOutcome> {
-    let parallel = parallel
-        .min((SEGMENT_BYTES_IN_FLIGHT / seg.bytes()).max(1) as usize)
-        .max(1);
-    let mut walker = RecordWalker::new(seg);
-    let mut out = Vec::with_capacity(steps.len());
-    let mut pending: VecDeque<(&Step, Option<tokio::task::JoinHandle<Result<Vec<u8>>>>)> =
-        VecDeque::new();
-    let mut next = steps.iter();
-    loop {
-        while pending.iter().filter(|(_, h)| h.is_some()).count() < parallel {
-            let Some(step) = next.next() else { break };
-            let handle = (content && step.object.is_some())
-                .then(|| tokio::spawn(fetch_segment(store.clone(), keys.clone(), step.key(), seg)));
-            pending.push_back((step, handle));
+/// A plaintext segment being fetched.
+type Fetch = tokio::task::JoinHandle<Result<Vec<u8>>>;
+
+/// How chains are walked: where from, how deep, how many fetches at once.
+pub struct Walk<'a> {
+    pub store: &'a ObjectStore,
+    pub keys: &'a KeyRing,
+    pub seg: SegmentSize,
+    /// Fetch and walk each segment; without it only whether each exists is looked at.
+    pub content: bool,
+    pub parallel: usize,
+    pub progress: Arc<AtomicU64>,
+}
+
+impl Walk<'_> {
+    /// Walks `steps` in order, fetching ahead in parallel.
+    pub async fn chain(
+        &self,
+        steps: &[Step],
+        problems: &mut Vec<Problem>,
+        totals: &mut WalkTotals,
+    ) -> Vec<StepOutcome> {
+        let (seg, content) = (self.seg, self.content);
+        let parallel = self
+            .parallel
+            .min((SEGMENT_BYTES_IN_FLIGHT / seg.bytes()).max(1) as usize)
+            .max(1);
+        let mut walker = RecordWalker::new(seg);
+        let mut out = Vec::with_capacity(steps.len());
+        let mut pending: VecDeque<(&Step, Option<Fetch>)> = VecDeque::new();
+        let mut next = steps.iter();
+        loop {
+            while pending.iter().filter(|(_, h)| h.is_some()).count() < parallel {
+                let Some(step) = next.next() else { break };
+                let handle = (content && step.object.is_some()).then(|| {
+                    tokio::spawn(fetch_segment(
+                        self.store.clone(),
+                        self.keys.clone(),
+                        step.key(),
+                        seg,
+                    ))
+                });
+                pending.push_back((step, handle));
+            }
+            let Some((step, handle)) = pending.pop_front() else {
+                break;
+            };
+            let start = step.id.start_lsn(seg).unwrap_or_default();
+            let end = start + seg.bytes();
+            let key = step.key();
+            let ok_until = match (&step.object, handle) {
+                (None, _) => {
+                    problems.push(Problem::new(
+                        &key,
+                        "missing: a gap in the WAL chain (restore stops before it)".to_string(),
+                    ));
+                    walker.reset();
+                    start
+                }
+                (Some(_), None) => end,
+                (Some(_), Some(h)) => {
+                    totals.segments += 1;
+                    let fetched = match h.await {
+                        Ok(r) => r,
+                        Err(e) => Err(anyhow::anyhow!("verify task failed: {e}")),
+                    };
+                    let ok = match fetched {
+                        Ok(data) => {
+                            walk_segment(&mut walker, step.id, start, seg, &data, &key, problems)
+                        }
+                        Err(e) => {
+                            problems.push(Problem::new(&key, format!("{e:#}")));
+                            walker.reset();
+                            start
+                        }
+                    };
+                    self.progress.fetch_add(seg.bytes(), Ordering::Relaxed);
+                    ok
+                }
+            };
+            out.push(StepOutcome {
+                id: step.id,
+                ok_until,
+            });
         }
-        let Some((step, handle)) = pending.pop_front() else {
-            break;
-        };
-        let start = step.id.start_lsn(seg).unwrap_or_default();
-        let end = start + seg.bytes();
-        let key = step.key();
-        let ok_until = match (&step.object, handle) {
-            (None, _) => {
-                problems.push(Problem::new(
-                    &key,
-                    "missing: a gap in the WAL chain (restore stops before it)".to_string(),
-                ));
-                walker.reset();
-                start
-            }
-            (Some(_), None) => end,
-            (Some(_), Some(h)) => {
-                totals.segments += 1;
-                let fetched = match h.await {
-                    Ok(r) => r,
-                    Err(e) => Err(anyhow::anyhow!("verify task failed: {e}")),
-                };
-                let ok = match fetched {
-                    Ok(data) => {
-                        walk_segment(&mut walker, step.id, start, seg, &data, &key, problems)
-                    }
-                    Err(e) => {
-                        problems.push(Problem::new(&key, format!("{e:#}")));
-                        walker.reset();
-                        start
-                    }
-                };
-                progress.fetch_add(seg.bytes(), Ordering::Relaxed);
-                ok
-            }
-        };
-        out.push(StepOutcome {
-            id: step.id,
-            ok_until,
-        });
+        totals.records += walker.records;
+        out
     }
-    totals.records += walker.records;
-    out
 }
 
 /// Checks one segment's pages and records; returns where its good WAL ends.
