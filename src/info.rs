@@ -13,7 +13,7 @@ use walhoard_protocol::{Lsn, TimelineId};
 
 use crate::restore::{BackupListing, RestoreSite};
 use crate::verify::archive::{TimelineRange, WalIndex};
-use crate::verify::{wal::load_histories, Problem};
+use crate::verify::{or, wal::load_histories, Problem};
 
 /// One backup as `info` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -173,21 +173,13 @@ pub fn render(i: &SiteInfo) -> String {
             l.size_plain,
             l.size_stored,
             l.start_time,
-            if l.end_time.is_empty() {
-                "?"
-            } else {
-                &l.end_time
-            },
+            or(&l.end_time, "?"),
         );
         let _ = writeln!(
             s,
             "      lsn {} .. {}  timeline {} (restore follows {})",
             l.start_lsn,
-            if l.end_lsn.is_empty() {
-                "?"
-            } else {
-                &l.end_lsn
-            },
+            or(&l.end_lsn, "?"),
             l.start_timeline,
             b.target_timeline
         );

@@ -182,7 +182,7 @@ impl RecordWalker {
                 self.prev = None;
                 self.state = State::Between;
             }
-            State::InRecord(mut p) => {
+            State::InRecord(p) => {
                 let remaining = p.tot_len - p.got;
                 if h.rem_len != remaining {
                     return Err(FormatError::new(format!(
@@ -190,15 +190,10 @@ impl RecordWalker {
                         p.start, h.rem_len
                     )));
                 }
-                let n = (remaining as usize).min(page.len() - pos);
-                p.take(&page[pos..pos + n]);
-                pos += n;
-                if p.got < p.tot_len {
-                    self.state = State::InRecord(p);
-                    return Ok(());
+                match self.feed(p, page, pos)? {
+                    Some(next) => pos = next,
+                    None => return Ok(()),
                 }
-                self.finish(p)?;
-                pos = maxalign(pos);
             }
             State::Unsynced if contrecord => {
                 // The rest of a record that began before the walk: its start is not here.
@@ -243,7 +238,7 @@ impl RecordWalker {
                     "invalid record length at {start}: expected at least {SIZE_OF_XLOG_RECORD}, got {tot_len}"
                 )));
             }
-            let mut p = Partial {
+            let p = Partial {
                 start,
                 header: [0; SIZE_OF_XLOG_RECORD],
                 have: 0,
@@ -251,17 +246,31 @@ impl RecordWalker {
                 got: 0,
                 crc: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
             };
-            let n = (tot_len as usize).min(page.len() - pos);
-            p.take(&page[pos..pos + n]);
-            pos += n;
-            if p.got < p.tot_len {
-                self.state = State::InRecord(p);
-                return Ok(());
+            match self.feed(p, page, pos)? {
+                Some(next) => pos = next,
+                None => return Ok(()),
             }
-            self.finish(p)?;
-            pos = maxalign(pos);
         }
         Ok(())
+    }
+
+    /// Feeds record `p` the bytes of `page` from `pos`: the position after it (MAXALIGNed)
+    /// once it is complete and checked, `None` when it continues on the next page (it is then
+    /// the walker's state).
+    fn feed(
+        &mut self,
+        mut p: Partial,
+        page: &[u8],
+        pos: usize,
+    ) -> Result<Option<usize>, FormatError> {
+        let n = ((p.tot_len - p.got) as usize).min(page.len() - pos);
+        p.take(&page[pos..pos + n]);
+        if p.got < p.tot_len {
+            self.state = State::InRecord(p);
+            return Ok(None);
+        }
+        self.finish(p)?;
+        Ok(Some(maxalign(pos + n)))
     }
 
     /// Checks a complete record (`ValidXLogRecordHeader`, `ValidXLogRecord`).

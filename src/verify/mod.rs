@@ -313,6 +313,15 @@ fn restorable_to(steps: &[StepOutcome], start: Lsn, seg: SegmentSize) -> Option<
     reach
 }
 
+/// `text`, or `instead` when it is empty (what pghoard's backups do not record).
+pub(crate) fn or<'a>(text: &'a str, instead: &'a str) -> &'a str {
+    if text.is_empty() {
+        instead
+    } else {
+        text
+    }
+}
+
 /// The human report.
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
@@ -327,18 +336,10 @@ pub fn render(r: &Report) -> String {
             s,
             "  basebackup {} ({}, {} chunks, {} .. {}, timeline {} -> {}): {}",
             b.name,
-            if b.format.is_empty() {
-                "pghoard basic"
-            } else {
-                &b.format
-            },
+            or(&b.format, "pghoard basic"),
             b.chunks,
             b.start_lsn,
-            if b.end_lsn.is_empty() {
-                "?"
-            } else {
-                &b.end_lsn
-            },
+            or(&b.end_lsn, "?"),
             b.start_timeline,
             b.target_timeline,
             match &b.restorable_to {
