@@ -175,7 +175,7 @@ const ENC_TS_DIR: &str = concat!(
 
 /// pghoard's `pghoa1`-encrypted archive with a tablespace (tests/data/pghoard-pg15-enc-ts),
 /// configured with the test key pair pghoard wrote it with.
-fn pghoard_encrypted_archive() -> DaemonDir {
+pub(crate) fn pghoard_encrypted_archive() -> DaemonDir {
     let d = DaemonDir::new();
     crate::retention::unpack_fixture(&format!("{ENC_TS_DIR}/archive.tar.zst"), &d.path("archive"));
     let keys: serde_json::Value =

@@ -16,7 +16,7 @@ use crate::daemon_support::{
     basebackup_command, load, restore, switch_segment, wait_all_archived, wait_slot, Daemon,
     DaemonDir,
 };
-use crate::pghoard_restore::{pghoard_archive, tamper, LOCAL_TAR};
+use crate::pghoard_restore::{pghoard_archive, pghoard_encrypted_archive, tamper, LOCAL_TAR};
 use crate::retention::PGHOARD_SITE;
 
 fn cluster() -> PgCluster {
@@ -207,6 +207,11 @@ async fn verify_finds_each_damage_and_info_shows_the_gap() {
     assert_eq!(tl["last"], names[3].as_str(), "{info:#}");
     assert_eq!(site["newest"]["segment"], names[3].as_str(), "{info:#}");
     assert_eq!(site["backups"][0]["name"], backup.as_str(), "{info:#}");
+    // The daemon's last state file: its view of the site.
+    assert!(
+        site["daemon"]["site"]["walreceiver"]["archived_lsn"].is_string(),
+        "{info:#}"
+    );
     assert_eq!(
         site["backups"][0]["missing_segments"],
         json!([names[1]]),
@@ -372,6 +377,14 @@ async fn verify_pghoards_archive_then_a_tampered_chunk() {
         .find(|b| b["format"] == "")
         .unwrap();
     assert_eq!(basic["problems"], json!([]), "{v:#}");
+
+    // pghoard's pghoa1-encrypted archive with a tablespace: every chunk's MAC and every
+    // record of segments 2 to 4.
+    let d = pghoard_encrypted_archive();
+    let v = verify_passes(&d.config_path(), &["--wal"]);
+    assert_eq!(v["backups"][0]["chunks"], 26, "{v:#}");
+    assert_eq!(v["backups"][0]["restorable_to"], "0/5000000", "{v:#}");
+    assert_eq!(v["wal"]["segments"], 3, "{v:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -440,6 +440,26 @@ mod tests {
     }
 
     #[test]
+    fn a_header_split_across_pages_is_read_whole() {
+        let base = 0x300_0000;
+        // 40 + 8144 = 8184: the second record's header has 8 bytes on the first page.
+        let recs = chain(base, &[8144, 100, 50]);
+        let (data, starts) = lay_out(base, &recs, 2);
+        assert_eq!(starts[1] % XLOG_BLCKSZ as u64, 8184);
+        let (w, errors) = walk(&data, base);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(w.records, 3);
+        // Its CRC covers the header bytes of both pages: one changed on the second page counts.
+        let mut bad = data.clone();
+        bad[XLOG_BLCKSZ + SHORT_HEADER_LEN + 8] ^= 0x01; // xl_info, header byte 16
+        let (_, errors) = walk(&bad, base);
+        assert!(
+            errors[0].contains("checksum") && errors[0].contains(&Lsn(starts[1]).to_string()),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn a_flipped_data_byte_is_a_crc_error_naming_the_record() {
         let base = 0x300_0000;
         let recs = chain(base, &[100, 20_000, 50]);
