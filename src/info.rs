@@ -63,8 +63,8 @@ pub struct SiteInfo {
     pub problems: Vec<Problem>,
 }
 
-/// Describes `site`.
-pub async fn site_info(site: &RestoreSite) -> Result<SiteInfo> {
+/// Describes `site`; `state_file` is the daemon's (`json_state_file_path`).
+pub async fn site_info(site: &RestoreSite, state_file: &Path) -> Result<SiteInfo> {
     let listing = site.list_all().await?;
     let index = WalIndex::load(&site.store).await?;
     let mut problems = Vec::new();
@@ -129,7 +129,7 @@ pub async fn site_info(site: &RestoreSite) -> Result<SiteInfo> {
             .map(|t| format!("{:08X}.history", t.get()))
             .collect(),
         newest,
-        daemon: daemon_info(&site.config.json_state_file_path, &site.name),
+        daemon: daemon_info(state_file, &site.name),
         problems,
     })
 }
@@ -281,18 +281,15 @@ pub fn render(i: &SiteInfo) -> String {
 
 /// `walhoard info` as the command line gives it: every site of the configuration, or `site`.
 pub async fn cli(config: &Path, site: Option<&str>, json: bool) -> Result<()> {
+    let loaded = crate::config::Config::load(config)?;
     let names: Vec<String> = match site {
         Some(s) => vec![s.to_string()],
-        None => crate::config::Config::load(config)?
-            .backup_sites
-            .keys()
-            .cloned()
-            .collect(),
+        None => loaded.backup_sites.keys().cloned().collect(),
     };
     let mut all = Vec::new();
     for name in &names {
         let site = RestoreSite::open(config, Some(name))?;
-        all.push(site_info(&site).await?);
+        all.push(site_info(&site, &loaded.json_state_file_path).await?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&all)?);

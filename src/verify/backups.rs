@@ -10,7 +10,8 @@ use std::sync::Arc;
 use walhoard_basebackup::control::{BackupMetadata, ChunkKind};
 
 use super::Problem;
-use crate::restore::get::{chunk_key, read_known_control, restore_chunk, Job, Route};
+use crate::restore::chunks::{chunk_key, restore_chunk, Job, Route};
+use crate::restore::get::read_known_control;
 use crate::restore::{BackupListing, RestoreSite};
 
 /// A backup whose control object could be read, with the site that holds its objects.

@@ -23,7 +23,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use walhoard_protocol::{Lsn, SegmentSize, TimelineId};
 
-use crate::restore::get::spawn_progress;
+use crate::restore::chunks::spawn_progress;
 use crate::restore::RestoreSite;
 use archive::WalIndex;
 use wal::{StepOutcome, WalkTotals};
@@ -391,13 +391,13 @@ pub async fn cli(
     wal: bool,
     json: bool,
 ) -> Result<()> {
+    let parallel = crate::settings::transfer_threads(&crate::config::Config::load(config)?);
     let site = RestoreSite::open(config, site)?;
     let depth = if wal {
         WalDepth::Records
     } else {
         WalDepth::Listing
     };
-    let parallel = crate::settings::transfer_threads(&site.config);
     let report = run(&site, &Selection::parse(basebackup), depth, parallel).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
