@@ -66,9 +66,11 @@ pub struct SiteInfo {
 /// Describes `site`; `state_file` is the daemon's (`json_state_file_path`).
 pub async fn site_info(site: &RestoreSite, state_file: &Path) -> Result<SiteInfo> {
     let listing = site.list_all().await?;
-    let index = WalIndex::load(&site.store).await?;
+    let sources = site.wal_sources();
+    let stores: Vec<_> = sources.iter().map(|(s, _)| *s).collect();
+    let index = WalIndex::load(&stores).await?;
     let mut problems = Vec::new();
-    let histories = load_histories(&site.store, &site.keys, &index, &mut problems).await;
+    let histories = load_histories(&sources, &index, &mut problems).await;
     let mut backups = Vec::new();
     for b in listing {
         let start = b.start_lsn.parse::<Lsn>().ok();
@@ -108,10 +110,11 @@ pub async fn site_info(site: &RestoreSite, state_file: &Path) -> Result<SiteInfo
     let newest = index.newest().map(|(id, o)| Newest {
         segment: id.to_string(),
         archived_at: o
+            .info
             .last_modified
             .and_then(|t| jiff::Timestamp::from_second(t).ok())
             .map(|t| t.to_string()),
-        age_seconds: o.last_modified.map(|t| now - t),
+        age_seconds: o.info.last_modified.map(|t| now - t),
     });
     Ok(SiteInfo {
         site: site.name.clone(),

@@ -443,3 +443,53 @@ async fn verify_follows_a_promotion_to_the_new_timeline() {
     let v = verify_fails(&config, &[]);
     assert!(has_problem(&v, key, "missing"), "{v:#}");
 }
+
+/// A site that names pghoard's archive in `moved_from` (right after a move: its own prefix
+/// holds nothing): its backups and its WAL are read from the older site, as restore reads
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_moved_from_reads_the_older_sites_wal() {
+    let d = DaemonDir::new();
+    crate::retention::unpack_pghoard_archive(&d.path("archive"));
+    let config = json!({
+        "backup_location": d.path("spool"),
+        "json_state_file_path": d.path("state.json"),
+        "alert_file_dir": d.alert_dir(),
+        "http_port": d.http_port,
+        "backup_sites": {
+            "old": {"active": false, "prefix": PGHOARD_SITE, "object_storage": d.local_storage()},
+            "main": {
+                "prefix": "moved",
+                "moved_from": ["old"],
+                "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+                "object_storage": d.local_storage(),
+            },
+        },
+    });
+    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let v = verify_passes(&d.config_path(), &["--site", "main", "--wal"]);
+    for b in v["backups"].as_array().unwrap() {
+        assert_eq!(b["restorable_to"], "0/9000000", "{v:#}");
+    }
+    assert_eq!(v["wal"]["segments"], 7, "{v:#}");
+    let (_, info, _) = walhoard_json("info", &d.config_path(), &["--site", "main"]);
+    assert_eq!(
+        info[0]["timelines"][0]["first"], "000000010000000000000002",
+        "{info:#}"
+    );
+    assert_eq!(
+        info[0]["timelines"][0]["last"], "000000010000000000000008",
+        "{info:#}"
+    );
+    // A segment gone from the older site is a gap of the new one's chain.
+    let seg = d
+        .path("archive")
+        .join(PGHOARD_SITE)
+        .join("xlog/000000010000000000000004");
+    std::fs::remove_file(&seg).unwrap();
+    let v = verify_fails(&d.config_path(), &["--site", "main"]);
+    assert!(
+        has_problem(&v, "xlog/000000010000000000000004", "missing"),
+        "{v:#}"
+    );
+}

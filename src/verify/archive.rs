@@ -1,6 +1,7 @@
-//! What WAL a site's archive holds, from one listing of `xlog/` and `timeline/`: segments per
-//! timeline, `.partial` files, history files, and the chain of segments a restore from a
-//! given position would read. `walhoard info` shows it; `walhoard verify` walks it.
+//! What WAL a site's archive holds, from one listing of `xlog/` and `timeline/` of the site
+//! and of its `moved_from` sites: segments per timeline, `.partial` files, history files, and
+//! the chain of segments a restore from a given position would read. `walhoard info` shows
+//! it; `walhoard verify` walks it.
 
 use std::collections::BTreeMap;
 
@@ -11,15 +12,23 @@ use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineHistory, TimelineId
 use crate::daemon::archiver::wal_key;
 use crate::storage::{meta, ObjectInfo, ObjectStore};
 
+/// An archived object and which of the WAL sources holds it (0: the site itself, then its
+/// `moved_from` sites in order, as [`crate::restore::RestoreSite::wal_sources`] lists them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub source: usize,
+    pub info: ObjectInfo,
+}
+
 /// A listing of a site's archived WAL.
 #[derive(Debug, Clone)]
 pub struct WalIndex {
     /// From the newest segment's `original-file-size` (the default when it records none).
     pub seg_size: SegmentSize,
     /// Complete segments: timeline → segment number → object.
-    pub segments: BTreeMap<TimelineId, BTreeMap<u64, ObjectInfo>>,
-    pub partials: Vec<(SegmentId, ObjectInfo)>,
-    pub histories: BTreeMap<TimelineId, ObjectInfo>,
+    pub segments: BTreeMap<TimelineId, BTreeMap<u64, Stored>>,
+    pub partials: Vec<(SegmentId, Stored)>,
+    pub histories: BTreeMap<TimelineId, Stored>,
 }
 
 /// The archived segments of one timeline.
@@ -37,7 +46,7 @@ pub struct TimelineRange {
 #[derive(Debug, Clone)]
 pub struct Step {
     pub id: SegmentId,
-    pub object: Option<ObjectInfo>,
+    pub object: Option<Stored>,
 }
 
 impl Step {
@@ -47,34 +56,38 @@ impl Step {
 }
 
 impl WalIndex {
-    /// Lists `xlog/` and `timeline/`. Keys that are not WAL file names are left out, and so
-    /// are backup history files (`.backup`), which nothing reads.
-    pub async fn load(store: &ObjectStore) -> Result<Self> {
-        let mut segments: BTreeMap<TimelineId, BTreeMap<u64, ObjectInfo>> = BTreeMap::new();
+    /// Lists `xlog/` and `timeline/` of each of `sources`, in order: a file found in an
+    /// earlier source hides the same name in later ones (as restore_command searches them).
+    /// Keys that are not WAL file names are left out, and so are backup history files
+    /// (`.backup`), which nothing reads.
+    pub async fn load(sources: &[&ObjectStore]) -> Result<Self> {
+        let mut segments: BTreeMap<TimelineId, BTreeMap<u64, Stored>> = BTreeMap::new();
         let mut partials = Vec::new();
         let mut histories = BTreeMap::new();
-        let mut named = Vec::new();
-        for dir in ["xlog", "timeline"] {
-            for o in store
-                .list(dir)
-                .await
-                .with_context(|| format!("list {dir}/"))?
-            {
-                let file = o.key.rsplit('/').next().unwrap_or_default();
-                if let Ok(name) = file.parse::<WalSegmentName>() {
-                    named.push((name, o));
+        let mut named: BTreeMap<WalSegmentName, Stored> = BTreeMap::new();
+        for (source, store) in sources.iter().enumerate() {
+            for dir in ["xlog", "timeline"] {
+                for info in store
+                    .list(dir)
+                    .await
+                    .with_context(|| format!("list {dir}/"))?
+                {
+                    let file = info.key.rsplit('/').next().unwrap_or_default();
+                    if let Ok(name) = file.parse::<WalSegmentName>() {
+                        named.entry(name).or_insert(Stored { source, info });
+                    }
                 }
             }
         }
         let newest_segment = named
             .iter()
             .filter_map(|(n, o)| match n {
-                WalSegmentName::Segment(id) => Some((id.log, id.seg, id.tli, o.key.clone())),
+                WalSegmentName::Segment(id) => Some(((id.log, id.seg, id.tli), o)),
                 _ => None,
             })
-            .max();
+            .max_by_key(|(at, _)| *at);
         let seg_size = match newest_segment {
-            Some((_, _, _, key)) => segment_size_of(store, &key).await?,
+            Some((_, o)) => segment_size_of(sources[o.source], &o.info.key).await?,
             None => SegmentSize::DEFAULT,
         };
         for (name, o) in named {
@@ -130,7 +143,7 @@ impl WalIndex {
 
     /// The segment holding the newest WAL (the highest position; the later timeline of two
     /// at the same position).
-    pub fn newest(&self) -> Option<(SegmentId, &ObjectInfo)> {
+    pub fn newest(&self) -> Option<(SegmentId, &Stored)> {
         self.segments
             .iter()
             .filter_map(|(tli, segs)| segs.iter().next_back().map(|(s, o)| (*s, *tli, o)))
@@ -237,12 +250,15 @@ mod tests {
     use super::*;
 
     fn index(segs: &[(u32, u64)], histories: &[u32]) -> WalIndex {
-        let o = |k: &str| ObjectInfo {
-            key: k.into(),
-            size: 1,
-            last_modified: None,
+        let o = |k: &str| Stored {
+            source: 0,
+            info: ObjectInfo {
+                key: k.into(),
+                size: 1,
+                last_modified: None,
+            },
         };
-        let mut segments: BTreeMap<TimelineId, BTreeMap<u64, ObjectInfo>> = BTreeMap::new();
+        let mut segments: BTreeMap<TimelineId, BTreeMap<u64, Stored>> = BTreeMap::new();
         for (t, s) in segs {
             segments
                 .entry(TimelineId(*t))

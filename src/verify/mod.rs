@@ -149,9 +149,11 @@ pub async fn run(
         reports.push(report);
     }
 
-    let index = WalIndex::load(&site.store).await?;
+    let sources = site.wal_sources();
+    let stores: Vec<_> = sources.iter().map(|(s, _)| *s).collect();
+    let index = WalIndex::load(&stores).await?;
     let mut wal_problems = Vec::new();
-    let histories = wal::load_histories(&site.store, &site.keys, &index, &mut wal_problems).await;
+    let histories = wal::load_histories(&sources, &index, &mut wal_problems).await;
     // One chain per target timeline, from the oldest start of the backups that follow it.
     let mut plans: BTreeMap<TimelineId, (Lsn, TimelineId)> = BTreeMap::new();
     let mut places = Vec::new();
@@ -177,7 +179,8 @@ pub async fn run(
             *i,
             start,
             target,
-            needed_to(d, start, index.seg_size),
+            // At least the segment the backup starts in.
+            needed_to(d, start, index.seg_size).max(start + 1),
             d.meta.wal_included,
         ));
     }
@@ -214,8 +217,7 @@ pub async fn run(
     let mut totals = WalkTotals::default();
     let mut outcomes: BTreeMap<TimelineId, Vec<StepOutcome>> = BTreeMap::new();
     let walk = wal::Walk {
-        store: &site.store,
-        keys: &site.keys,
+        sources: sources.clone(),
         seg: index.seg_size,
         content: depth == WalDepth::Records,
         parallel,

@@ -30,13 +30,13 @@ const ERRORS_PER_SEGMENT: usize = 5;
 
 /// Fetches and parses every history file; a broken one is a problem, left out of the map.
 pub async fn load_histories(
-    store: &ObjectStore,
-    keys: &KeyRing,
+    sources: &[(&ObjectStore, &KeyRing)],
     index: &WalIndex,
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<TimelineId, TimelineHistory> {
     let mut out = BTreeMap::new();
-    for tli in index.histories.keys() {
+    for (tli, stored) in &index.histories {
+        let (store, keys) = sources[stored.source];
         let key = wal_key(&WalSegmentName::History(*tli));
         let fetched = download_with(store, &key, keys, |m, r| {
             // A history file is a few lines per timeline: 1 MiB is far more than any has.
@@ -112,8 +112,8 @@ type Fetch = tokio::task::JoinHandle<Result<Vec<u8>>>;
 
 /// How chains are walked: where from, how deep, how many fetches at once.
 pub struct Walk<'a> {
-    pub store: &'a ObjectStore,
-    pub keys: &'a KeyRing,
+    /// Where each [`Step`]'s object is ([`super::archive::Stored::source`]).
+    pub sources: Vec<(&'a ObjectStore, &'a KeyRing)>,
     pub seg: SegmentSize,
     /// Fetch and walk each segment; without it only whether each exists is looked at.
     pub content: bool,
@@ -141,13 +141,9 @@ impl Walk<'_> {
         loop {
             while pending.iter().filter(|(_, h)| h.is_some()).count() < parallel {
                 let Some(step) = next.next() else { break };
-                let handle = (content && step.object.is_some()).then(|| {
-                    tokio::spawn(fetch_segment(
-                        self.store.clone(),
-                        self.keys.clone(),
-                        step.key(),
-                        seg,
-                    ))
+                let handle = step.object.as_ref().filter(|_| content).map(|o| {
+                    let (store, keys) = self.sources[o.source];
+                    tokio::spawn(fetch_segment(store.clone(), keys.clone(), step.key(), seg))
                 });
                 pending.push_back((step, handle));
             }
