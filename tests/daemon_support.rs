@@ -101,6 +101,23 @@ impl DaemonDir {
         .unwrap();
     }
 
+    /// A configuration of `sites` (the `backup_sites` object) with this directory's spool,
+    /// state file, alert directory and HTTP port.
+    pub fn write_sites(&self, sites: Value) {
+        let config = json!({
+            "backup_location": self.path("spool"),
+            "json_state_file_path": self.path("state.json"),
+            "alert_file_dir": self.alert_dir(),
+            "http_port": self.http_port,
+            "backup_sites": sites,
+        });
+        std::fs::write(
+            self.config_path(),
+            serde_json::to_vec_pretty(&config).unwrap(),
+        )
+        .unwrap();
+    }
+
     /// Waits until a daemon answers on the HTTP port.
     pub fn wait_http(&self) {
         assert!(

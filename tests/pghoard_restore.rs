@@ -25,18 +25,11 @@ const FIXTURE_ROWS: &str = "1400";
 pub(crate) fn pghoard_archive() -> DaemonDir {
     let d = DaemonDir::new();
     unpack_pghoard_archive(&d.path("archive"));
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {"main": {
-            "prefix": PGHOARD_SITE,
-            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-            "object_storage": d.local_storage(),
-        }},
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    d.write_sites(json!({"main": {
+        "prefix": PGHOARD_SITE,
+        "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+        "object_storage": d.local_storage(),
+    }}));
     readable_by_server(&d);
     // pghoard's local storage wrote its objects 0600: the server's user runs restore_command.
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
@@ -180,20 +173,13 @@ pub(crate) fn pghoard_encrypted_archive() -> DaemonDir {
     crate::retention::unpack_fixture(&format!("{ENC_TS_DIR}/archive.tar.zst"), &d.path("archive"));
     let keys: serde_json::Value =
         serde_json::from_slice(&std::fs::read(format!("{ENC_TS_DIR}/key.json")).unwrap()).unwrap();
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {"main": {
-            "prefix": PGHOARD_SITE,
-            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-            "object_storage": d.local_storage(),
-            "encryption_key_id": "k1",
-            "encryption_keys": keys,
-        }},
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    d.write_sites(json!({"main": {
+        "prefix": PGHOARD_SITE,
+        "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+        "object_storage": d.local_storage(),
+        "encryption_key_id": "k1",
+        "encryption_keys": keys,
+    }}));
     readable_by_server(&d);
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
     d

@@ -28,19 +28,12 @@ const FIXTURE_ROWS: &str = "1400";
 /// The configuration a pghoard user keeps: site prefix `pgsite`, local storage, no
 /// encryption; `node` is where the daemon streams from.
 fn write_config(d: &DaemonDir, node: serde_json::Value) {
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {"main": {
-            "prefix": PGHOARD_SITE,
-            "nodes": [node],
-            "object_storage": d.local_storage(),
-            "basebackup_interval_hours": null,
-        }},
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    d.write_sites(json!({"main": {
+        "prefix": PGHOARD_SITE,
+        "nodes": [node],
+        "object_storage": d.local_storage(),
+        "basebackup_interval_hours": null,
+    }}));
     readable_by_server(d);
 }
 
@@ -194,28 +187,21 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
     unpack_pghoard_archive(&d.path("archive"));
     let pghoards_objects = read_tree(&d.path("archive").join(PGHOARD_SITE));
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {
-            "old": {
-                "active": false,
-                "prefix": PGHOARD_SITE,
-                "object_storage": d.local_storage(),
-            },
-            "main": {
-                "prefix": "moved",
-                "moved_from": ["old"],
-                "pg_data_directory": d.path("pgdata"),
-                "basebackup_interval_hours": null,
-                "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-                "object_storage": d.local_storage(),
-            },
+    d.write_sites(json!({
+        "old": {
+            "active": false,
+            "prefix": PGHOARD_SITE,
+            "object_storage": d.local_storage(),
         },
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        "main": {
+            "prefix": "moved",
+            "moved_from": ["old"],
+            "pg_data_directory": d.path("pgdata"),
+            "basebackup_interval_hours": null,
+            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+            "object_storage": d.local_storage(),
+        },
+    }));
     readable_by_server(&d);
 
     // The older site is inactive and has no node: `check` passes it (it failed with

@@ -451,22 +451,15 @@ async fn verify_follows_a_promotion_to_the_new_timeline() {
 async fn verify_moved_from_reads_the_older_sites_wal() {
     let d = DaemonDir::new();
     crate::retention::unpack_pghoard_archive(&d.path("archive"));
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {
-            "old": {"active": false, "prefix": PGHOARD_SITE, "object_storage": d.local_storage()},
-            "main": {
-                "prefix": "moved",
-                "moved_from": ["old"],
-                "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-                "object_storage": d.local_storage(),
-            },
+    d.write_sites(json!({
+        "old": {"active": false, "prefix": PGHOARD_SITE, "object_storage": d.local_storage()},
+        "main": {
+            "prefix": "moved",
+            "moved_from": ["old"],
+            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+            "object_storage": d.local_storage(),
         },
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    }));
     let v = verify_passes(&d.config_path(), &["--site", "main", "--wal"]);
     for b in v["backups"].as_array().unwrap() {
         assert_eq!(b["restorable_to"], "0/9000000", "{v:#}");
