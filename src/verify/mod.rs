@@ -408,3 +408,40 @@ pub async fn cli(
     }
     outcome(std::slice::from_ref(&report))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walhoard_protocol::SegmentId;
+
+    fn step(segno: u64, ok_until: u64) -> StepOutcome {
+        StepOutcome {
+            id: SegmentId::from_segno(TimelineId(1), segno, SegmentSize::DEFAULT),
+            ok_until: Lsn(ok_until),
+        }
+    }
+
+    #[test]
+    fn restorable_to_stops_at_the_first_bad_segment() {
+        let seg = SegmentSize::DEFAULT;
+        let m = seg.bytes();
+        let start = Lsn(2 * m + 0x28);
+        // Segments 2..=4 good: to the end of 4.
+        let good = [step(2, 3 * m), step(3, 4 * m), step(4, 5 * m)];
+        assert_eq!(restorable_to(&good, start, seg), Some(Lsn(5 * m)));
+        // A record broken in 3: to the end of the record before it.
+        let broken = [step(2, 3 * m), step(3, 3 * m + 0x1234), step(4, 5 * m)];
+        assert_eq!(
+            restorable_to(&broken, start, seg),
+            Some(Lsn(3 * m + 0x1234))
+        );
+        // Segment 2 missing: nothing past the start.
+        let gap = [step(2, 2 * m), step(3, 4 * m)];
+        assert_eq!(restorable_to(&gap, start, seg), Some(start));
+        // Steps before the backup's segment (a chain shared with an older backup) are skipped,
+        // even when bad.
+        let older = [step(1, m), step(2, 3 * m)];
+        assert_eq!(restorable_to(&older, start, seg), Some(Lsn(3 * m)));
+        assert_eq!(restorable_to(&[], start, seg), None);
+    }
+}
