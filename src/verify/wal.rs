@@ -171,7 +171,28 @@ impl Walk<'_> {
                     };
                     let ok = match fetched {
                         Ok(data) => {
-                            walk_segment(&mut walker, step.id, start, seg, &data, &key, problems)
+                            // CPU work (CRC over the whole segment): off the async workers,
+                            // the walker moved there and back.
+                            let (id, k) = (step.id, key.clone());
+                            let mut w = std::mem::replace(&mut walker, RecordWalker::new(seg));
+                            let walked = tokio::task::spawn_blocking(move || {
+                                let mut found = Vec::new();
+                                let ok =
+                                    walk_segment(&mut w, id, start, seg, &data, &k, &mut found);
+                                (w, ok, found)
+                            })
+                            .await;
+                            match walked {
+                                Ok((w, ok, found)) => {
+                                    walker = w;
+                                    problems.extend(found);
+                                    ok
+                                }
+                                Err(e) => {
+                                    problems.push(Problem::new(&key, format!("walk failed: {e}")));
+                                    start
+                                }
+                            }
                         }
                         Err(e) => {
                             problems.push(Problem::new(&key, format!("{e:#}")));
