@@ -15,9 +15,8 @@ use walhoard::config::ObjectStorageConfig;
 use walhoard::storage::ObjectStore;
 
 use crate::daemon_support::{switch_segment, wait_archived, Daemon, DaemonDir};
-use crate::restore::{
-    get_basebackup, insert, readable_by_server, start_promoted, stderr, take_basebackup, CHECKSUM,
-};
+use crate::pghoard_restore::pghoard_site;
+use crate::restore::{get_basebackup, insert, start_promoted, stderr, take_basebackup, CHECKSUM};
 use crate::retention::{read_tree, unpack_pghoard_archive, PGHOARD_SITE};
 
 /// pghoard's local-tar backup in the fixture, by the name pghoard lists it under.
@@ -28,13 +27,11 @@ const FIXTURE_ROWS: &str = "1400";
 /// The configuration a pghoard user keeps: site prefix `pgsite`, local storage, no
 /// encryption; `node` is where the daemon streams from.
 fn write_config(d: &DaemonDir, node: serde_json::Value) {
-    d.write_sites(json!({"main": {
-        "prefix": PGHOARD_SITE,
-        "nodes": [node],
-        "object_storage": d.local_storage(),
-        "basebackup_interval_hours": null,
-    }}));
-    readable_by_server(d);
+    let site = pghoard_site(
+        d,
+        json!({"nodes": [node], "basebackup_interval_hours": null}),
+    );
+    d.write_sites(json!({ "main": site }));
 }
 
 /// Restores `args` into a fresh directory, starts it, and returns (fixture rows, checksum of
@@ -202,36 +199,16 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
             "object_storage": d.local_storage(),
         },
     }));
-    readable_by_server(&d);
 
     // The older site is inactive and has no node: `check` passes it (it failed with
     // "backup_sites.old.nodes is empty", though the daemon skips inactive sites).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+    let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    check
         .args(["check", "--site", "old", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check --site old: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
+        .arg(d.config_path());
+    crate::common::output_ok(&mut check, "check --site old");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args([
-            "restore",
-            "list-basebackups",
-            "--site",
-            "main",
-            "--json",
-            "--config",
-        ])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "list-basebackups: {}", stderr(&out));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = crate::common::list_basebackups(&d.config_path());
     let names: Vec<(&str, &str)> = list
         .as_array()
         .unwrap()

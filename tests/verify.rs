@@ -16,7 +16,9 @@ use crate::daemon_support::{
     basebackup_command, load, restore, switch_segment, wait_all_archived, wait_slot, Daemon,
     DaemonDir,
 };
-use crate::pghoard_restore::{pghoard_archive, pghoard_encrypted_archive, tamper, LOCAL_TAR};
+use crate::pghoard_restore::{
+    pghoard_archive, pghoard_encrypted_archive, pghoard_site, tamper, LOCAL_TAR,
+};
 use crate::retention::PGHOARD_SITE;
 
 fn cluster() -> PgCluster {
@@ -285,22 +287,7 @@ async fn verify_finds_each_damage_and_info_shows_the_gap() {
         dump_err.contains("incorrect resource manager data checksum"),
         "pg_waldump: {dump_err}"
     );
-    walhoard::pipeline::transfer::upload_file(
-        &store,
-        &seg_key,
-        &seg_file,
-        walhoard::pipeline::compression::CompressionSettings::new(
-            walhoard::pipeline::compression::Algorithm::Zstd,
-        ),
-        Some(walhoard::pipeline::transfer::UploadEncryption {
-            key_id: "k1".into(),
-            public: walhoard::pipeline::encryption::PublicKey::from_pem(&d.public).unwrap(),
-        }),
-        walhoard::pipeline::hash::HashAlgorithm::Sha1,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    crate::restore_command::upload_wal(&store, &d, &names[2], &seg_file, true).await;
     // The listing and the object's size and hash are fine: only --wal finds it.
     verify_passes(&config, &[]);
     let v = verify_fails(&config, &["--wal"]);
@@ -451,15 +438,9 @@ async fn verify_follows_a_promotion_to_the_new_timeline() {
 async fn verify_moved_from_reads_the_older_sites_wal() {
     let d = DaemonDir::new();
     crate::retention::unpack_pghoard_archive(&d.path("archive"));
-    d.write_sites(json!({
-        "old": {"active": false, "prefix": PGHOARD_SITE, "object_storage": d.local_storage()},
-        "main": {
-            "prefix": "moved",
-            "moved_from": ["old"],
-            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-            "object_storage": d.local_storage(),
-        },
-    }));
+    let old = json!({"active": false, "prefix": PGHOARD_SITE, "object_storage": d.local_storage()});
+    let main = pghoard_site(&d, json!({"prefix": "moved", "moved_from": ["old"]}));
+    d.write_sites(json!({"old": old, "main": main}));
     let v = verify_passes(&d.config_path(), &["--site", "main", "--wal"]);
     for b in v["backups"].as_array().unwrap() {
         assert_eq!(b["restorable_to"], "0/9000000", "{v:#}");
