@@ -33,4 +33,5 @@ mod storage_gcs;
 mod storage_outage;
 mod storage_sftp;
 mod transfer;
+mod verify;
 mod walreceiver;

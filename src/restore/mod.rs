@@ -10,7 +10,7 @@
 //! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
 
 pub mod beneath;
-mod chunks;
+pub(crate) mod chunks;
 mod dest;
 pub mod extract;
 pub mod get;
