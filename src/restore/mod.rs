@@ -11,6 +11,7 @@
 
 pub mod beneath;
 pub(crate) mod chunks;
+pub mod delta;
 mod dest;
 pub mod extract;
 pub mod get;
