@@ -27,6 +27,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 
 use super::beneath::Beneath;
+use crate::pipeline::encryption::read_full;
 
 /// Compared and written in units of PostgreSQL's block size (BLCKSZ).
 const BLOCK: usize = 8192;
@@ -155,7 +156,7 @@ pub fn rewrite_in_place(path: &Path, body: &mut dyn Read, mode: u32) -> io::Resu
     let mut at = 0u64;
     let mut written = 0u64;
     loop {
-        let n = read_full(body, &mut new)?;
+        let n = read_full(&mut &mut *body, &mut new)?;
         if n == 0 {
             break;
         }
@@ -178,20 +179,6 @@ pub fn rewrite_in_place(path: &Path, body: &mut dyn Read, mode: u32) -> io::Resu
         f.sync_all()?;
     }
     Ok(written)
-}
-
-/// Reads until `buf` is full or the stream ends.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
