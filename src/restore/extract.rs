@@ -221,12 +221,15 @@ impl Extractor {
                 };
                 if let Some(seen) = &self.delta {
                     seen.record(&self.root, &path);
-                    let regular = fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
-                    if regular && !held {
+                    let existing = fs::symlink_metadata(&path)
+                        .ok()
+                        .filter(|m| m.is_file())
+                        .map(|m| m.len());
+                    if let (Some(len), false) = (existing, held) {
                         let n = delta::rewrite_in_place(&path, body, Self::file_mode(entry.mode))?;
                         seen.written
                             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        if n == 0 {
+                        if n == 0 && len == entry.size {
                             seen.kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         return Ok(n);
