@@ -4,6 +4,8 @@
 //! Every object rejects unknown keys, and every error names the key path
 //! (`backup_sites.main.nodes[0].prot`), so a typo fails at startup instead of being ignored.
 
+mod ignored;
+mod logging;
 mod site;
 mod storage;
 mod validate;
@@ -15,6 +17,8 @@ use serde::Deserialize;
 
 pub use crate::pipeline::compression::Algorithm;
 pub use crate::pipeline::hash::HashAlgorithm;
+pub use ignored::{IgnoredKey, IgnoredSetting};
+pub use logging::{LogLevel, SyslogAddress, SyslogFacility};
 pub use site::{
     BackupMode, BasebackupMode, KeyPairConfig, NodeConfig, ReceiveXlogConfig, SiteConfig,
     SpoolFsync,
@@ -46,19 +50,13 @@ fn default_http_address() -> String {
 fn default_http_port() -> u16 {
     16000
 }
-fn default_syslog_address() -> String {
-    "/dev/log".into()
-}
-fn default_syslog_facility() -> String {
-    "local2".into()
-}
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_true")]
-    pub active: bool,
+    /// Accepted and ignored (`ignored.rs`): pghoard reads `active` per site.
+    pub active: Option<bool>,
     /// Local state: spool, temporary files.
     pub backup_location: Option<PathBuf>,
     #[serde(default)]
@@ -80,14 +78,16 @@ pub struct Config {
     pub restore_prefetch: Option<u32>,
     /// Parallel downloads during get-basebackup.
     pub restore_process_count: Option<u32>,
+    /// The daemon's log filter unless `WALHOARD_LOG` sets one (`crate::logging`).
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Also send the daemon's log records to syslog (`crate::logging`).
     #[serde(default)]
     pub syslog: bool,
-    #[serde(default = "default_syslog_address")]
-    pub syslog_address: String,
-    #[serde(default = "default_syslog_facility")]
-    pub syslog_facility: String,
+    #[serde(default)]
+    pub syslog_address: SyslogAddress,
+    #[serde(default)]
+    pub syslog_facility: SyslogFacility,
     /// Alert files go here (default: backup_location, else the working directory).
     pub alert_file_dir: Option<PathBuf>,
     pub statsd: Option<StatsdConfig>,
@@ -174,32 +174,6 @@ pub struct PushGatewayConfig {
     pub endpoint: String,
     #[serde(default)]
     pub tags: BTreeMap<String, serde_json::Value>,
-}
-
-/// pghoard's `log_level`: Python's logging level names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum LogLevel {
-    Debug,
-    #[default]
-    Info,
-    #[serde(alias = "WARN")]
-    Warning,
-    Error,
-    #[serde(alias = "FATAL")]
-    Critical,
-}
-
-impl LogLevel {
-    /// The `tracing` filter that shows what this level shows.
-    pub fn filter(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warning => "warn",
-            LogLevel::Error | LogLevel::Critical => "error",
-        }
-    }
 }
 
 impl Config {

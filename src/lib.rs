@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod durable;
 pub mod http;
+pub mod logging;
 pub mod pipeline;
 pub mod postgres_command;
 pub mod restore;

@@ -275,6 +275,9 @@ async fn identify(conninfo: &str, json: bool) -> Result<()> {
 
 async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Result<()> {
     let cfg = walhoard::config::Config::load(config)?;
+    for ignored in cfg.ignored_keys() {
+        eprintln!("walhoard: warning: {ignored}");
+    }
     let results = walhoard::check::run(&cfg, site).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
@@ -286,20 +289,6 @@ async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Resu
         anyhow::bail!("{failed} check(s) failed");
     }
     Ok(())
-}
-
-/// The log filter when WALHOARD_LOG does not set one: pghoard's `-D/--debug`, else the
-/// daemon's configured `log_level` (a file that does not load fails later, with its error).
-fn default_log_filter(cli: &Cli, debug: bool) -> &'static str {
-    if debug {
-        return "debug";
-    }
-    match &cli.command {
-        Command::Daemon { config } => {
-            walhoard::config::Config::load(config).map_or("info", |c| c.log_level.filter())
-        }
-        _ => "info",
-    }
 }
 
 fn main() -> ExitCode {
@@ -326,13 +315,8 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WALHOARD_LOG")
-                .unwrap_or_else(|_| default_log_filter(&cli, debug).into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The daemon applies its configuration's log_level and syslog keys (`daemon::run`).
+    walhoard::logging::init(debug);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -83,6 +83,7 @@ impl Config {
                     ));
                 }
             }
+            super::ignored::refused(name, site)?;
             if site.object_storage.is_none() {
                 return Err((
                     at("object_storage"),

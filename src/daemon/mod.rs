@@ -192,9 +192,19 @@ fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
     serde_json::to_vec_pretty(&daemon_state(sites, startup_time)).unwrap_or_default()
 }
 
+/// Keys of the file that change nothing here: said at start and on each reload
+/// (`config/ignored.rs`), so an operator does not rely on them.
+fn warn_ignored_keys(config: &Config) {
+    for ignored in config.ignored_keys() {
+        tracing::warn!("{ignored}");
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = Config::load(config_path)?;
+    crate::logging::apply(&config)?;
+    warn_ignored_keys(&config);
     let startup_time = now_secs();
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -216,6 +226,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
                     Ok(new) => {
                         tracing::info!("reloading configuration");
+                        if let Err(e) = crate::logging::apply(&new) {
+                            tracing::error!(error = %format!("{e:#}"), "logging settings not applied; keeping the previous ones");
+                        }
+                        warn_ignored_keys(&new);
                         generation.shutdown().await;
                         config = new;
                         generation = Generation::start(&config)?;
