@@ -59,6 +59,10 @@ enum Command {
         site: SiteFlags,
         #[command(flatten)]
         json: JsonFlag,
+        /// Only the configuration: the file validates and each site's settings and keys
+        /// resolve. Connects to nothing (for a file written before its server or store exists).
+        #[arg(long)]
+        config_only: bool,
     },
     /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
     /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
@@ -273,12 +277,21 @@ async fn identify(conninfo: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Result<()> {
+async fn check(
+    config: &std::path::Path,
+    site: Option<&str>,
+    json: bool,
+    config_only: bool,
+) -> Result<()> {
     let cfg = walhoard::config::Config::load(config)?;
     for ignored in cfg.ignored_keys() {
         eprintln!("walhoard: warning: {ignored}");
     }
-    let results = walhoard::check::run(&cfg, site).await?;
+    let results = if config_only {
+        walhoard::check::run_config_only(&cfg, site)?
+    } else {
+        walhoard::check::run(&cfg, site).await?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -329,9 +342,11 @@ fn main() -> ExitCode {
             Command::Identify { conninfo, json } => identify(&conninfo, json.json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
             Command::Daemon { config } => walhoard::daemon::run(&config).await,
-            Command::Check { site, json } => {
-                check(&site.config, site.site.as_deref(), json.json).await
-            }
+            Command::Check {
+                site,
+                json,
+                config_only,
+            } => check(&site.config, site.site.as_deref(), json.json, config_only).await,
             Command::PostgresCommand(args) => {
                 return Ok(walhoard::postgres_command::run(&args).await);
             }
