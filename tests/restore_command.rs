@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
 use walhoard::pipeline::encryption::PublicKey;
 use walhoard::pipeline::hash::HashAlgorithm;
-use walhoard::pipeline::transfer::{upload_file, UploadEncryption};
+use walhoard::pipeline::transfer::{upload, Source, Upload, UploadEncryption};
 use walhoard::storage::ObjectStore;
 use walhoard_testkit::PgCluster;
 
@@ -41,14 +41,15 @@ async fn upload_wal(store: &ObjectStore, d: &DaemonDir, name: &str, path: &Path,
         key_id: "k1".into(),
         public: PublicKey::from_pem(&d.public).unwrap(),
     });
-    upload_file(
+    upload(
         store,
-        &format!("xlog/{name}"),
-        path,
-        CompressionSettings::new(Algorithm::Zstd),
-        encryption,
-        HashAlgorithm::Sha1,
-        Default::default(),
+        Upload::wal(
+            format!("xlog/{name}"),
+            Source::File(path.to_path_buf()),
+            CompressionSettings::new(Algorithm::Zstd),
+            encryption,
+            HashAlgorithm::Sha1,
+        ),
     )
     .await
     .unwrap();
@@ -105,16 +106,8 @@ impl Archive {
         let _ = std::fs::remove_file(&output);
         std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
             .current_dir(data)
-            .args([
-                "postgres-command",
-                "--mode",
-                "restore",
-                "--site",
-                "main",
-                "--xlog",
-                xlog,
-            ])
-            .arg("--output")
+            .args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
             .arg(&output)
             .arg("--config")
             .arg(config)
@@ -312,11 +305,7 @@ async fn restore_stops_instead_of_promoting_early_when_a_sidecar_is_missing() {
     let data = target.path().join("data");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args(["restore", "get-basebackup", "--site", "main"])
-        .args([
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ])
+        .args(crate::restore::PROMOTED_PRIMARY)
         .arg("--config")
         .arg(d.config_path())
         .arg("--target-dir")
