@@ -3,45 +3,30 @@
 //! warning for keys accepted for compatibility and ignored (daemon and `check`).
 
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::common::wait_until;
+use crate::daemon_support::{merge, DaemonDir};
 
 /// An `archive_command` site on local storage (nothing to stream from: the daemon starts
-/// without a server), `extra` merged into the top level.
-fn write_config(dir: &Path, http_port: u16, extra: Value) -> std::path::PathBuf {
-    let mut config = json!({
-        "backup_location": dir.join("spool"),
-        "json_state_file_path": dir.join("state.json"),
-        "alert_file_dir": dir.join("alerts"),
-        "maintenance_mode_file": dir.join("maintenance_mode_file"),
-        "http_port": http_port,
-        "backup_sites": {"main": {
-            "active_backup_mode": "archive_command",
-            "basebackup_interval_hours": null,
-            "object_storage": {"storage_type": "local", "directory": dir.join("archive")},
-        }},
-    });
-    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
-        for (k, v) in extra {
-            base.insert(k.clone(), v.clone());
-        }
-    }
-    let path = dir.join("walhoard.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// without a server), `extra` merged into the top level; the configuration's path.
+fn write_config(d: &DaemonDir, extra: Value) -> PathBuf {
+    let mut config = d.config_for(json!({"main": {
+        "active_backup_mode": "archive_command",
+        "basebackup_interval_hours": null,
+        "object_storage": d.local_storage(),
+    }}));
+    merge(
+        &mut config,
+        json!({"maintenance_mode_file": d.path("maintenance_mode_file")}),
+    );
+    merge(&mut config, extra);
+    d.write_json_config(&config);
+    d.config_path()
 }
 
 /// Kills the daemon when a test fails half-way.
@@ -104,16 +89,15 @@ fn signal(child: &Child, sig: &str) {
 /// facility * 8 + severity), filtered by `log_level`; a reload applies new values.
 #[test]
 fn config_keys_syslog_receives_daemon_records_with_facility_and_level() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock_path = dir.path().join("dev-log");
+    let d = DaemonDir::new();
+    let sock_path = d.path("dev-log");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_nonblocking(true).unwrap();
-    let port = free_port();
     let keys = |facility: &str, level: &str| {
         json!({"syslog": true, "syslog_address": sock_path, "syslog_facility": facility,
                "log_level": level, "tar_executable": "pghoard_gnutaremu"})
     };
-    let config = write_config(dir.path(), port, keys("local5", "INFO"));
+    let config = write_config(&d, keys("local5", "INFO"));
     let mut running = spawn_daemon(&config);
     let child = &mut running.0;
     let tag = format!("walhoard[{}]: ", child.id());
@@ -135,7 +119,7 @@ fn config_keys_syslog_receives_daemon_records_with_facility_and_level() {
 
     // Reload with facility daemon (3) and level WARNING: the ignored-key warning comes again,
     // now as <28>, and the info records of the shutdown are filtered out.
-    write_config(dir.path(), port, keys("daemon", "WARNING"));
+    write_config(&d, keys("daemon", "WARNING"));
     signal(child, "HUP");
     let got = receive_until(&sock, "<28>", Duration::from_secs(30));
     assert!(
@@ -173,13 +157,9 @@ fn config_keys_syslog_receives_daemon_records_with_facility_and_level() {
 /// A syslog address nothing listens on stops the daemon at start with the key named.
 #[test]
 fn config_keys_unreachable_syslog_address_is_an_error_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("no-such-socket");
-    let config = write_config(
-        dir.path(),
-        free_port(),
-        json!({"syslog": true, "syslog_address": missing}),
-    );
+    let d = DaemonDir::new();
+    let missing = d.path("no-such-socket");
+    let config = write_config(&d, json!({"syslog": true, "syslog_address": missing}));
     let mut running = spawn_daemon(&config);
     let child = &mut running.0;
     let mut status = None;
@@ -207,12 +187,8 @@ fn config_keys_unreachable_syslog_address_is_an_error_naming_it() {
 /// `check` prints the same accepted-and-ignored list as the daemon.
 #[test]
 fn config_keys_check_warns_about_ignored_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        free_port(),
-        json!({"tar_executable": "pghoard_gnutaremu"}),
-    );
+    let d = DaemonDir::new();
+    let config = write_config(&d, json!({"tar_executable": "pghoard_gnutaremu"}));
     let out = Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args(["check", "--config"])
         .arg(&config)
@@ -224,5 +200,46 @@ fn config_keys_check_warns_about_ignored_keys() {
             "walhoard: warning: tar_executable: accepted for compatibility and ignored: walhoard reads and writes tar itself"
         ),
         "{stderr}"
+    );
+}
+
+/// The sample configuration the Debian package installs validates with `check --config-only`
+/// (which connects to nothing), and a key that does not resolve fails it by key path.
+#[test]
+fn config_keys_packaged_sample_passes_check_config_only() {
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/walhoard.json.example");
+    let run = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_walhoard"))
+            .args(["check", "--config-only", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = run(&sample);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("ok   example      configuration"),
+        "{stdout}"
+    );
+    // A public key that is not PEM: the file validates, the site's settings do not resolve.
+    let d = DaemonDir::new();
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&sample).unwrap()).unwrap();
+    merge(
+        &mut config["backup_sites"]["example"],
+        json!({"encryption_key_id": "k1", "encryption_keys": {"k1": {"public": "not a key"}}}),
+    );
+    d.write_json_config(&config);
+    let out = run(&d.config_path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.starts_with("FAIL example      configuration")
+            && stdout.contains("backup_sites.example.encryption_keys.k1"),
+        "{stdout}"
     );
 }
