@@ -243,3 +243,34 @@ fn config_keys_packaged_sample_passes_check_config_only() {
         "{stdout}"
     );
 }
+
+/// Process-wide keys reach the values the daemon and restore use (`settings.rs`): the
+/// upload slots, the retry policy (both spellings of the warning limit, pghoard's top-level
+/// one winning), alert files, restore prefetch and get-basebackup's parallel downloads.
+#[test]
+fn config_keys_process_wide_settings_resolve_from_their_keys() {
+    use walhoard::config::Config;
+    use walhoard::settings::{retry_policy, transfer_threads, SiteSettings};
+    let d = DaemonDir::new();
+    std::fs::create_dir_all(d.path("archive")).unwrap();
+    let config = write_config(
+        &d,
+        json!({
+            "transfer": {"thread_count": 7, "upload_retries_warning_limit": 9,
+                         "retry_max_backoff_seconds": 2.5},
+            "restore_prefetch": 11,
+            "restore_process_count": 6,
+        }),
+    );
+    let c = Config::load(&config).unwrap();
+    assert_eq!(transfer_threads(&c), 7);
+    let retry = retry_policy(&c);
+    assert_eq!(retry.warning_limit, 9);
+    assert_eq!(retry.max_backoff, Duration::from_millis(2500));
+    assert_eq!(retry.alert_dir, Some(d.alert_dir()));
+    assert_eq!(SiteSettings::build(&c, "main").unwrap().restore_prefetch, 11);
+    let site = walhoard::restore::RestoreSite::open(&config, Some("main")).unwrap();
+    assert_eq!(site.restore_process_count, 6);
+    let config = write_config(&d, json!({"upload_retries_warning_limit": 4}));
+    assert_eq!(retry_policy(&Config::load(&config).unwrap()).warning_limit, 4);
+}
