@@ -268,9 +268,15 @@ fn config_keys_process_wide_settings_resolve_from_their_keys() {
     assert_eq!(retry.warning_limit, 9);
     assert_eq!(retry.max_backoff, Duration::from_millis(2500));
     assert_eq!(retry.alert_dir, Some(d.alert_dir()));
-    assert_eq!(SiteSettings::build(&c, "main").unwrap().restore_prefetch, 11);
+    assert_eq!(
+        SiteSettings::build(&c, "main").unwrap().restore_prefetch,
+        11
+    );
     let site = walhoard::restore::RestoreSite::open(&config, Some("main")).unwrap();
     assert_eq!(site.restore_process_count, 6);
     let config = write_config(&d, json!({"upload_retries_warning_limit": 4}));
-    assert_eq!(retry_policy(&Config::load(&config).unwrap()).warning_limit, 4);
+    assert_eq!(
+        retry_policy(&Config::load(&config).unwrap()).warning_limit,
+        4
+    );
 }
