@@ -267,6 +267,40 @@ mod tests {
         }
     }
 
+    /// The transports besides a unix datagram socket: a unix stream socket at the path (what
+    /// `SysLogHandler` falls back to on EPROTOTYPE), NUL-terminated records one after the
+    /// other; and `[host, port]` over UDP.
+    #[test]
+    fn stream_socket_and_udp_transports() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut s = Syslog::connect(&SyslogAddress::Unix(path), SyslogFacility::LOCAL2).unwrap();
+        assert!(matches!(s.conn, Conn::Stream(_)));
+        let (mut conn, _) = listener.accept().unwrap();
+        s.send(&Level::WARN, b"one");
+        s.send(&Level::ERROR, b"two");
+        drop(s);
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        let tag = format!("walhoard[{}]: ", std::process::id());
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            format!("<148>{tag}one\0<147>{tag}two\0")
+        );
+
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = rx.local_addr().unwrap().port();
+        let address: SyslogAddress =
+            serde_json::from_str(&format!(r#"["127.0.0.1", {port}]"#)).unwrap();
+        let mut s = Syslog::connect(&address, SyslogFacility::LOCAL2).unwrap();
+        s.send(&Level::INFO, b"over udp");
+        let mut buf = [0u8; 128];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("<150>{tag}over udp\0").as_bytes());
+    }
+
     /// A syslog daemon that restarted (its socket replaced) gets the next record: one
     /// reconnect, as `SysLogHandler.emit` does.
     #[test]
