@@ -100,6 +100,11 @@ pub struct Config {
     /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
     /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
     pub http_restore_concurrency: Option<u32>,
+    /// Seconds a stopping daemon lets running uploads finish (pghoard's key; walhoard's default
+    /// 30, `daemon::archiver::DRAIN_TIMEOUT`); what is left stays in the spool.
+    pub graceful_shutdown_upload_timeout: Option<f64>,
+    /// Accepted and ignored (`ignored.rs`): compression happens inside each upload.
+    pub graceful_shutdown_compression_timeout: Option<f64>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
 }

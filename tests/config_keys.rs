@@ -280,3 +280,54 @@ fn config_keys_process_wide_settings_resolve_from_their_keys() {
         4
     );
 }
+
+/// pghoard's `graceful_shutdown_upload_timeout` bounds how long a stopping daemon waits for
+/// uploads that cannot finish (the store is down); the daemon says which bound it used, and
+/// still exits cleanly, leaving the WAL in the spool and the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_keys_graceful_shutdown_upload_timeout_bounds_the_drain() {
+    use crate::daemon_support::{load, switch_segment, wait_slot, Daemon};
+    let pg = walhoard_testkit::PgCluster::builder()
+        .setting("wal_keep_size", "'1GB'")
+        .start()
+        .unwrap();
+    let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
+    let d = DaemonDir::new();
+    let storage = json!({
+        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
+        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
+        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+    });
+    d.write_config(&pg, storage, json!({}));
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(d.config_path()).unwrap()).unwrap();
+    merge(
+        &mut config,
+        json!({"graceful_shutdown_upload_timeout": 1.5}),
+    );
+    d.write_json_config(&config);
+    let mut daemon = Daemon::start(&d);
+    wait_slot(&pg, &daemon);
+    s3.stop();
+    load(&pg, 20_000, 10);
+    switch_segment(&pg);
+    assert!(
+        wait_until(Duration::from_secs(60), || d.state().is_some_and(|s| {
+            s["backup_sites"]["main"]["walreceiver"]["upload_queue"]
+                .as_u64()
+                .is_some_and(|n| n > 0)
+        })),
+        "no upload waiting for the store: {}",
+        daemon.log_text()
+    );
+    let status = daemon
+        .terminate(Duration::from_secs(120))
+        .expect("no exit on SIGTERM");
+    let log = daemon.log_text();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(
+        log.contains("uploads still running after the drain timeout (1.5s, graceful_shutdown_upload_timeout)"),
+        "{log}"
+    );
+}

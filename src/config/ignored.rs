@@ -14,6 +14,7 @@ pub enum IgnoredKey {
     /// Top-level `active`: pghoard reads `active` per site only.
     Active,
     TarExecutable,
+    GracefulShutdownCompressionTimeout,
     PgBinDirectory,
     PgDataDirectoryVersion,
     PgReceivexlogPath,
@@ -33,6 +34,9 @@ impl IgnoredKey {
         match self {
             IgnoredKey::Active => "active",
             IgnoredKey::TarExecutable => "tar_executable",
+            IgnoredKey::GracefulShutdownCompressionTimeout => {
+                "graceful_shutdown_compression_timeout"
+            }
             IgnoredKey::PgBinDirectory => "pg_bin_directory",
             IgnoredKey::PgDataDirectoryVersion => "pg_data_directory_version",
             IgnoredKey::PgReceivexlogPath => "pg_receivexlog_path",
@@ -51,6 +55,9 @@ impl IgnoredKey {
         match self {
             IgnoredKey::Active => "pghoard reads `active` per backup site; set it there",
             IgnoredKey::TarExecutable => "walhoard reads and writes tar itself",
+            IgnoredKey::GracefulShutdownCompressionTimeout => {
+                "compression runs inside each upload; graceful_shutdown_upload_timeout bounds both"
+            }
             IgnoredKey::PgBinDirectory
             | IgnoredKey::PgReceivexlogPath
             | IgnoredKey::PgBasebackupPath => {
@@ -106,6 +113,11 @@ impl Config {
             "tar_executable".into(),
             IgnoredKey::TarExecutable,
             self.tar_executable.is_some(),
+        );
+        push(
+            "graceful_shutdown_compression_timeout".into(),
+            IgnoredKey::GracefulShutdownCompressionTimeout,
+            self.graceful_shutdown_compression_timeout.is_some(),
         );
         for (name, site) in &self.backup_sites {
             let at = |key: IgnoredKey| format!("backup_sites.{name}.{}", key.key());
@@ -233,7 +245,8 @@ mod tests {
         let c = parse("", "", LOCAL).unwrap();
         assert_eq!(c.ignored_keys(), []);
         let c = parse(
-            r#""active": true, "tar_executable": "pghoard_gnutaremu","#,
+            r#""active": true, "tar_executable": "pghoard_gnutaremu",
+               "graceful_shutdown_compression_timeout": 180,"#,
             r#""pg_bin_directory": "/usr/lib/postgresql/15/bin", "pg_data_directory_version": "15",
                "pg_receivexlog_path": "/x", "pg_basebackup_path": "/y", "stream_compression": true,"#,
             r#"{"storage_type": "s3", "bucket_name": "b", "segment_size": 1048576,
@@ -246,6 +259,7 @@ mod tests {
             [
                 "active",
                 "tar_executable",
+                "graceful_shutdown_compression_timeout",
                 "backup_sites.main.pg_bin_directory",
                 "backup_sites.main.pg_data_directory_version",
                 "backup_sites.main.pg_receivexlog_path",

@@ -34,6 +34,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(t) = self.graceful_shutdown_upload_timeout {
+            if !(0.0..=86400.0).contains(&t) {
+                return Err((
+                    "graceful_shutdown_upload_timeout".into(),
+                    format!("{t} is not between 0 and 86400 seconds"),
+                ));
+            }
+        }
         if self.http_restore_concurrency == Some(0) {
             return Err((
                 "http_restore_concurrency".into(),

@@ -4,7 +4,7 @@
 //!
 //! Every long-lived task observes one cancellation token; on shutdown receiving stops first
 //! (the last status update tells the server what the archive holds), then running uploads get
-//! [`archiver::DRAIN_TIMEOUT`] to finish. Whatever is not archived by then stays in the spool
+//! `graceful_shutdown_upload_timeout` (default [`archiver::DRAIN_TIMEOUT`]) to finish. Whatever is not archived by then stays in the spool
 //! and the slot, and the next start archives it first.
 
 pub mod archiver;
@@ -60,6 +60,8 @@ pub fn upload_context(site: &SiteSettings, slots: Arc<Semaphore>) -> Result<Uplo
 
 /// One configuration's worth of running sites.
 struct Generation {
+    /// How long `shutdown` lets running uploads finish (`graceful_shutdown_upload_timeout`).
+    drain: Duration,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -162,6 +164,9 @@ impl Generation {
             });
         }
         Ok(Generation {
+            drain: config
+                .graceful_shutdown_upload_timeout
+                .map_or(archiver::DRAIN_TIMEOUT, Duration::from_secs_f64),
             stop,
             abort,
             tracker,
@@ -173,11 +178,14 @@ impl Generation {
     async fn shutdown(self) {
         self.stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(archiver::DRAIN_TIMEOUT, self.tracker.wait())
+        if tokio::time::timeout(self.drain, self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!("uploads still running after the drain timeout; they stay in the spool for the next start");
+            tracing::warn!(
+                "uploads still running after the drain timeout ({:?}, graceful_shutdown_upload_timeout); they stay in the spool for the next start",
+                self.drain
+            );
             self.abort.cancel();
             self.tracker.wait().await;
         }
