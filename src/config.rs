@@ -457,6 +457,13 @@ mod tests {
                 ),
                 "log_level",
             ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""graceful_shutdown_upload_timeout": -1, "backup_location""#,
+                ),
+                "graceful_shutdown_upload_timeout: -1 is not between 0 and 86400 seconds",
+            ),
             ("{".to_string(), "t.json"),
         ];
         for (text, want) in cases {
