@@ -228,6 +228,7 @@ async fn check_storage(site: &SiteSettings, out: &mut Vec<CheckResult>) {
 /// as walhoard's or pghoard's is left alone by it, and reported here so someone looks.
 async fn check_archive(site: &SiteSettings, out: &mut Vec<CheckResult>) {
     use crate::basebackup::inventory::{self, ChunkDirState, Writer};
+    use crate::daemon::wal_retention::{self, WalPlan};
     let name = site.name.as_str();
     let result: Result<String> = async {
         let store = site.open_store()?;
@@ -240,6 +241,22 @@ async fn check_archive(site: &SiteSettings, out: &mut Vec<CheckResult>) {
             );
         }
         let count = |w: &Writer| inv.controls.iter().filter(|c| c.writer == *w).count();
+        // WAL retention would leave (not walhoard's, older than every backup): reported,
+        // not a failure: after a switch from pghoard it is pghoard's, expected until the
+        // operator deletes it with pghoard's backups.
+        if let WalPlan::Before {
+            before, foreign, ..
+        } = wal_retention::plan(&store, &inv, &[]).await?
+        {
+            if let Some(line) = wal_retention::foreign_summary(&foreign, before) {
+                out.push(CheckResult {
+                    site: name.into(),
+                    check: "WAL retention".into(),
+                    ok: true,
+                    detail: line,
+                });
+            }
+        }
         let orphans = inv
             .chunk_dirs
             .iter()
@@ -378,9 +395,11 @@ fn site_names<'a>(config: &'a Config, site: Option<&str>) -> Result<Vec<&'a Stri
 
 /// `check --config-only`: what holds without a server or a store, for a file written before
 /// either exists (a packaged sample, a configuration management template). The file parsed
-/// and validated when it was loaded; here each site's settings resolve and its encryption
-/// keys parse. Nothing is connected to or written.
+/// and validated when it was loaded; here the HTTP API's exposure rule (as the daemon applies
+/// it), and each site's settings resolve and its encryption keys parse. Nothing is connected
+/// to or written.
 pub fn run_config_only(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>> {
+    crate::http::auth::check_exposure(config).map_err(anyhow::Error::msg)?;
     let mut out = Vec::new();
     for name in site_names(config, site)? {
         let result = SiteSettings::build(config, name).and_then(|s| {
@@ -404,6 +423,8 @@ pub fn run_config_only(config: &Config, site: Option<&str>) -> Result<Vec<CheckR
 
 /// Runs every check for `site` (or all sites); the results in order.
 pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>> {
+    // The daemon refuses to start with an API open to the network: so does check.
+    crate::http::auth::check_exposure(config).map_err(anyhow::Error::msg)?;
     let mut out = Vec::new();
     for name in site_names(config, site)? {
         let settings = SiteSettings::build(config, name)?;
