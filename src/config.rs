@@ -96,7 +96,10 @@ pub struct Config {
     pub alert_file_dir: Option<PathBuf>,
     /// pghoard's statsd client: metrics sent over UDP ([`crate::metrics`]).
     pub statsd: Option<StatsdConfig>,
-    /// pghoard's Pushgateway client: metrics POSTed over HTTP.
+    /// pghoard's Pushgateway client: metrics POSTed over HTTP. pghoard's code and README spell
+    /// the key `pushgateway` (pghoard.py, `self.config.get("pushgateway")`); `push_gateway` is
+    /// accepted too.
+    #[serde(alias = "pushgateway")]
     pub push_gateway: Option<PushGatewayConfig>,
     /// pghoard's Prometheus client: `GET /metrics` on the HTTP API (501 without it).
     pub prometheus: Option<PrometheusConfig>,
@@ -266,6 +269,25 @@ mod tests {
             e.contains("backup_sites.main.pg_receivexlog.spool_fsync"),
             "{e}"
         );
+    }
+
+    /// A pghoard configuration spells the Pushgateway key `pushgateway`: it must load and
+    /// configure the same client as `push_gateway`.
+    #[test]
+    fn pushgateway_in_pghoards_spelling() {
+        for key in ["pushgateway", "push_gateway"] {
+            let text = MINIMAL.replacen(
+                '{',
+                &format!(r#"{{"{key}": {{"endpoint": "http://127.0.0.1:9091"}},"#),
+                1,
+            );
+            let c = Config::parse(&text, "t.json").unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!(
+                c.push_gateway.map(|p| p.endpoint).as_deref(),
+                Some("http://127.0.0.1:9091"),
+                "{key}"
+            );
+        }
     }
 
     /// pghoard's `moved_from` was an unknown key (the whole file refused); it must name other
