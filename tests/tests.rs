@@ -4,6 +4,7 @@
 mod basebackup;
 mod cli;
 mod common;
+mod config_keys;
 mod daemon;
 mod daemon_stream;
 mod daemon_support;
