@@ -354,6 +354,10 @@ impl Archiver {
         &self.ctx
     }
 
+    pub fn context_arc(&self) -> Arc<UploadContext> {
+        self.ctx.clone()
+    }
+
     /// The archive holds everything before `at` (the resume point): start counting there.
     pub fn start_at(&self, at: Lsn) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());

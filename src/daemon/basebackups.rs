@@ -216,6 +216,8 @@ pub async fn apply_retention(
             wal_deleted += 1;
         }
     }
+    // Partial objects of those segments (issue 16): only keys in their layout.
+    wal_deleted += super::partial::delete_parts_before(store, &first).await?;
     if wal_deleted > 0 {
         tracing::info!(site = %site_name, before = %first, count = wal_deleted, "deleted WAL older than the oldest kept basebackup");
     }

@@ -10,6 +10,7 @@
 pub mod archiver;
 pub mod basebackups;
 pub mod identity;
+pub mod partial;
 pub mod site;
 pub mod sites;
 pub mod status;

@@ -12,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
 use walhoard_walreceiver::{
-    DisconnectReason, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers,
-    SpoolSync, StartPosition,
+    DisconnectReason, PartialUploads, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook,
+    SegmentBuffers, SpoolSync, StartPosition,
 };
 
 use super::archiver::{wal_key, Archiver, KeyState, UploadContext};
 use super::basebackups::BackupRequest;
 use super::identity::ArchiveGuard;
+use super::partial::PartialArchiver;
 use super::status::{
     now_secs, wal_gap_alert, Alerts, SiteStatus, WalGapState, AUTHENTICATION_ERROR,
     CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
@@ -42,6 +43,8 @@ pub struct SiteWal {
     pub gap_backups: Option<mpsc::Sender<BackupRequest>>,
     /// Whose archive this is; see [`ArchiveGuard`].
     guard: ArchiveGuard,
+    /// Uploads of the segment being received (`partial_wal_upload_interval`; none when 0).
+    partial: Option<PartialArchiver>,
 }
 
 /// How long to wait before asking again for the basebackup a WAL gap needs, after one failed.
@@ -99,6 +102,17 @@ impl SiteWal {
             SpoolFsync::Always => SpoolSync::Always,
         };
         receiver.buffers = segment_buffers;
+        let partial = site.partial_wal_upload_interval.get().map(|interval| {
+            let (durable_tx, durable) = watch::channel(Lsn::INVALID);
+            receiver.partial = PartialUploads::Every { interval, durable };
+            PartialArchiver::new(
+                archiver.context_arc(),
+                status.clone(),
+                alerts.clone(),
+                archived_rx.clone(),
+                durable_tx,
+            )
+        });
         let disk_guard = site
             .pg_receivexlog
             .min_disk_free_bytes
@@ -120,6 +134,7 @@ impl SiteWal {
             archived_rx,
             gap_backups: None,
             guard,
+            partial,
         })
     }
 
@@ -176,8 +191,24 @@ impl SiteWal {
             while positions.changed().await.is_ok() {
                 let p = *positions.borrow();
                 status.set_positions(p.received_lsn, p.reported_flush_lsn, p.timeline);
+                status.set_undurable_since(p.undurable_since);
             }
         });
+        if let Some(partial) = self.partial.clone() {
+            // Leftovers of earlier runs first, then each move of the archive's end deletes
+            // the partial objects of the segments it now holds complete.
+            let mut archived = self.archived_rx.clone();
+            tracker.spawn(async move {
+                partial.clean_leftovers().await;
+                loop {
+                    let at = *archived.borrow_and_update();
+                    partial.archived_moved(at).await;
+                    if archived.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let mut seg_size: Option<SegmentSize> = None;
         while let Some(ev) = events.recv().await {
             match ev {
@@ -218,6 +249,22 @@ impl SiteWal {
                         .is_err()
                     {
                         break;
+                    }
+                }
+                ReceiverEvent::Received {
+                    id,
+                    start,
+                    offset,
+                    data,
+                    in_flight,
+                } => {
+                    if let (Some(partial), Some(seg)) = (self.partial.clone(), seg_size) {
+                        let abort = abort.clone();
+                        tracker.spawn(async move {
+                            partial.upload(id, start, seg, offset, data, &abort).await;
+                            // Only now may the receiver hand on the next batch.
+                            drop(in_flight);
+                        });
                     }
                 }
                 ReceiverEvent::TimelinePartial { name, path, .. }

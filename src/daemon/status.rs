@@ -27,6 +27,12 @@ pub struct WalState {
     pub reported_flush_lsn: Option<String>,
     /// Every byte before this is durable in the archive.
     pub archived_lsn: Option<String>,
+    /// The archive's durable end counting partial WAL objects (issue 16); the archived end
+    /// when partial uploads are off.
+    pub durable_lsn: Option<String>,
+    /// Seconds since the oldest received byte that is not durable in the archive yet arrived
+    /// (the current data-loss window); 0 when all of it is.
+    pub undurable_age_seconds: f64,
     /// received − archived, in bytes.
     pub archive_lag_bytes: u64,
     /// Uploads queued or running.
@@ -75,6 +81,8 @@ struct Inner {
     wal: WalState,
     received: Lsn,
     archived: Lsn,
+    durable: Lsn,
+    undurable_since: Option<SystemTime>,
 }
 
 /// A site's live state, shared by its tasks.
@@ -105,7 +113,29 @@ impl SiteStatus {
     }
 
     pub fn snapshot(&self) -> WalState {
-        self.with(|i| i.wal.clone())
+        self.with(|i| {
+            let mut w = i.wal.clone();
+            w.undurable_age_seconds = i
+                .undurable_since
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0.0, |d| (d.as_secs_f64() * 10.0).round() / 10.0);
+            w
+        })
+    }
+
+    /// The archive's durable end including partial objects moved to `durable`.
+    pub fn set_durable(&self, durable: Lsn) {
+        self.with(|i| {
+            if durable > i.durable {
+                i.durable = durable;
+                i.wal.durable_lsn = Some(durable.to_string());
+            }
+        });
+    }
+
+    /// When the oldest byte not yet durable in the archive arrived (the receiver's account).
+    pub fn set_undurable_since(&self, since: Option<SystemTime>) {
+        self.with(|i| i.undurable_since = since);
     }
 
     pub fn set_connected(&self, connected: bool, server_timeline: Option<TimelineId>) {
@@ -136,6 +166,10 @@ impl SiteStatus {
         self.with(|i| {
             i.archived = archived;
             i.wal.archived_lsn = Some(archived.to_string());
+            if archived > i.durable {
+                i.durable = archived;
+                i.wal.durable_lsn = Some(archived.to_string());
+            }
             Self::lag(i);
         });
     }

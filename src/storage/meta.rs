@@ -29,9 +29,11 @@ pub const START_TIME: &str = "start-time";
 pub const END_WAL_SEGMENT: &str = "end-wal-segment";
 /// A basebackup's end time.
 pub const END_TIME: &str = "end-time";
-/// walhoard's: a basebackup's start LSN.
+/// walhoard's: the WAL segment size of a partial WAL object's segment (bytes).
+pub const WAL_SEGMENT_SIZE: &str = "wal-segment-size";
+/// walhoard's: a basebackup's start LSN (and a partial WAL object's first byte).
 pub const START_LSN: &str = "start-lsn";
-/// walhoard's: a basebackup's end LSN.
+/// walhoard's: a basebackup's end LSN (and the end of a partial WAL object's bytes).
 pub const END_LSN: &str = "end-lsn";
 /// rohmu's local storage: SHA-256 of the stored bytes.
 pub const STORED_SHA256: &str = "_hash";
