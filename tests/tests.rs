@@ -9,6 +9,7 @@ mod daemon_stream;
 mod daemon_support;
 mod foreign_archive;
 mod http_api;
+mod partial_wal;
 mod pghoa1;
 mod pghoard_cli;
 mod pghoard_restore;

@@ -57,9 +57,11 @@ impl PartRange {
     pub fn parse(name: &str) -> Option<Self> {
         let (a, b) = name.split_once('-')?;
         let hex = |s: &str| {
-            (s.len() == 8 && s.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()))
-                .then(|| u64::from_str_radix(s, 16).ok())
-                .flatten()
+            (s.len() == 8
+                && s.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()))
+            .then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
         };
         let (from, to) = (hex(a)?, hex(b)?);
         (from < to).then_some(PartRange { from, to })
@@ -86,7 +88,11 @@ pub async fn list_parts(
     let dir = only.map_or_else(|| PARTIAL_DIR.to_string(), partial_dir);
     let mut out: BTreeMap<SegmentId, Vec<Part>> = BTreeMap::new();
     for o in store.list(&dir).await? {
-        let Some(rest) = o.key.strip_prefix(PARTIAL_DIR).and_then(|r| r.strip_prefix('/')) else {
+        let Some(rest) = o
+            .key
+            .strip_prefix(PARTIAL_DIR)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
             continue;
         };
         let Some((seg, name)) = rest.split_once('/') else {
@@ -453,7 +459,10 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let key = partial_key(&id, 0x2000, 0x1F000);
-        assert_eq!(key, "xlog_partial/000000010000000000000003/00002000-0001F000");
+        assert_eq!(
+            key,
+            "xlog_partial/000000010000000000000003/00002000-0001F000"
+        );
         let name = key.rsplit('/').next().unwrap();
         assert_eq!(
             PartRange::parse(name),
@@ -462,7 +471,13 @@ mod tests {
                 to: 0x1F000
             })
         );
-        for bad in ["00002000-00001000", "2000-3000", "0000200a-0000300b", "x", "00002000-00002000"] {
+        for bad in [
+            "00002000-00001000",
+            "2000-3000",
+            "0000200a-0000300b",
+            "x",
+            "00002000-00002000",
+        ] {
             assert_eq!(PartRange::parse(bad), None, "{bad}");
         }
     }
@@ -473,7 +488,8 @@ mod tests {
         let (chain, end) = chain_from_zero(&parts);
         assert_eq!(end, 250);
         assert_eq!(chain.len(), 2);
-        let (chain, end) = chain_from_zero(&[part(100, 200)]);
+        let lone = [part(100, 200)];
+        let (chain, end) = chain_from_zero(&lone);
         assert!(chain.is_empty());
         assert_eq!(end, 0);
         // A part straddling the run's end was not written by walhoard: the run ends there.

@@ -48,9 +48,9 @@ pub async fn serve_from_parts(
     system_id: Option<u64>,
 ) -> Result<(), PartsError> {
     let dir = partial_dir(&id);
-    let listed = list_parts(store, Some(&id)).await.map_err(|e| {
-        WalFetchError::Failed(anyhow::Error::new(e).context(format!("list {dir}")))
-    })?;
+    let listed = list_parts(store, Some(&id))
+        .await
+        .map_err(|e| WalFetchError::Failed(anyhow::Error::new(e).context(format!("list {dir}"))))?;
     let parts = listed.get(&id).map(Vec::as_slice).unwrap_or_default();
     let (chain, end) = chain_from_zero(parts);
     if chain.is_empty() {
@@ -157,7 +157,10 @@ fn check_range(m: &Metadata, id: &SegmentId, part: &Part) -> Result<SegmentSize,
     ] {
         let got = m.get(name).map(String::as_str).unwrap_or("none");
         if got != want.to_string() {
-            return Err(failed(part, format!("its {name} is {got}, its key says {want}")));
+            return Err(failed(
+                part,
+                format!("its {name} is {got}, its key says {want}"),
+            ));
         }
     }
     Ok(seg)

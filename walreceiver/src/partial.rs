@@ -35,10 +35,13 @@ pub enum PartialUploads {
 }
 
 impl PartialUploads {
-    pub(crate) fn interval(&self) -> Option<Duration> {
+    /// How often the bytes are handed on: every half interval, so that a byte waits at most
+    /// half of it for its batch and the upload has the other half (a batch still in flight
+    /// delays the next by one tick).
+    pub(crate) fn tick(&self) -> Option<Duration> {
         match self {
             PartialUploads::Off => None,
-            PartialUploads::Every { interval, .. } => Some(*interval),
+            PartialUploads::Every { interval, .. } => Some(*interval / 2),
         }
     }
 

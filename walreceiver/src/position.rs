@@ -100,15 +100,27 @@ mod tests {
         );
         // Nothing durable in the spool (a cache only): the archive's end.
         assert_eq!(
-            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &SpoolDurable::default(), floor, seg),
+            flush_position(
+                Lsn(4 * SEG),
+                Lsn(4 * SEG),
+                &SpoolDurable::default(),
+                floor,
+                seg
+            ),
             Lsn(4 * SEG)
         );
         // Durable spool bytes that do not continue the archive do not count.
         let s = spool(5 * SEG, 5 * SEG + 100);
-        assert_eq!(flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg),
+            Lsn(4 * SEG)
+        );
         // The archive ahead of the spool: the archive's end.
         let s = spool(3 * SEG, 3 * SEG + 100);
-        assert_eq!(flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg),
+            Lsn(4 * SEG)
+        );
         // Below the slot's restart_lsn: none, which would move the slot back.
         let s = spool(3 * SEG, 3 * SEG + 100);
         assert_eq!(
@@ -121,7 +133,10 @@ mod tests {
             flush_position(Lsn(3 * SEG), Lsn(3 * SEG), &s, floor, seg),
             Lsn(4 * SEG - 1)
         );
-        assert_eq!(flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg),
+            Lsn(4 * SEG)
+        );
     }
 
     /// Issue 16: bytes held in partial objects count like durable spool bytes: inside the
@@ -132,13 +147,25 @@ mod tests {
         let floor = Lsn(3 * SEG);
         let none = SpoolDurable::default();
         let a = Lsn(3 * SEG);
-        assert_eq!(flush_position(a, Lsn(3 * SEG + 500), &none, floor, seg), Lsn(3 * SEG + 500));
+        assert_eq!(
+            flush_position(a, Lsn(3 * SEG + 500), &none, floor, seg),
+            Lsn(3 * SEG + 500)
+        );
         // The larger of the spool's and the partials' durable ends.
         let s = spool(3 * SEG, 3 * SEG + 900);
-        assert_eq!(flush_position(a, Lsn(3 * SEG + 500), &s, floor, seg), Lsn(3 * SEG + 900));
-        assert_eq!(flush_position(a, Lsn(3 * SEG + 1000), &s, floor, seg), Lsn(3 * SEG + 1000));
+        assert_eq!(
+            flush_position(a, Lsn(3 * SEG + 500), &s, floor, seg),
+            Lsn(3 * SEG + 900)
+        );
+        assert_eq!(
+            flush_position(a, Lsn(3 * SEG + 1000), &s, floor, seg),
+            Lsn(3 * SEG + 1000)
+        );
         // Capped at the first unarchived segment's last byte.
-        assert_eq!(flush_position(a, Lsn(5 * SEG), &none, floor, seg), Lsn(4 * SEG - 1));
+        assert_eq!(
+            flush_position(a, Lsn(5 * SEG), &none, floor, seg),
+            Lsn(4 * SEG - 1)
+        );
         // Nothing archived yet: nothing reported.
         assert_eq!(
             flush_position(Lsn::INVALID, Lsn(3 * SEG + 5), &none, Lsn::INVALID, seg),

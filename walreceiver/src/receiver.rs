@@ -279,7 +279,7 @@ impl Session {
         let durable = self.durable;
         let dir = self.cfg.spool_dir.clone();
         let mut partials = Partials::new();
-        let mut partial_ticker = self.cfg.partial.interval().map(|i| {
+        let mut partial_ticker = self.cfg.partial.tick().map(|i| {
             let mut t = tokio::time::interval(i);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
