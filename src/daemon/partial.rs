@@ -176,8 +176,9 @@ struct Known {
 struct State {
     /// The segment last uploaded to and its stored parts.
     current: Option<(SegmentId, Vec<Known>)>,
-    /// Segments this run stored parts of, by their end: deleted once the archive passes it.
-    written: BTreeMap<Lsn, SegmentId>,
+    /// Segments this run stored parts of, by their end: deleted once the archive passes it
+    /// (both timelines' copies of a segment a timeline switch falls in end alike).
+    written: BTreeSet<(Lsn, SegmentId)>,
     /// Segments whose stored parts hold other bytes: no more parts for them.
     refused: BTreeSet<SegmentId>,
 }
@@ -239,7 +240,10 @@ impl PartialArchiver {
         let site = &self.ctx.site;
         let mut st = self.state.lock().await;
         let seg_end = start + seg.bytes();
-        if *self.archived.borrow() >= seg_end || st.refused.contains(&id) {
+        let archived = *self.archived.borrow();
+        // Complete already; or not the first segment the archive lacks (the receiver hands
+        // on none of those): parts would extend nothing.
+        if archived >= seg_end || archived < start || st.refused.contains(&id) {
             return;
         }
         if st.current.as_ref().is_none_or(|(c, _)| *c != id) {
@@ -318,7 +322,7 @@ impl PartialArchiver {
                 },
                 checked: true,
             });
-            st.written.insert(seg_end, id);
+            st.written.insert((seg_end, id));
             durable_to = end;
         }
         drop(st);
@@ -391,11 +395,12 @@ impl PartialArchiver {
         let mut st = self.state.lock().await;
         let done: Vec<(Lsn, SegmentId)> = st
             .written
-            .range(..=archived)
-            .map(|(e, id)| (*e, *id))
+            .iter()
+            .take_while(|(end, _)| *end <= archived)
+            .copied()
             .collect();
         for (end, id) in done {
-            st.written.remove(&end);
+            st.written.remove(&(end, id));
             if st.current.as_ref().is_some_and(|(c, _)| *c == id) {
                 st.current = None;
             }

@@ -87,10 +87,19 @@ impl Partials {
         Arc::strong_count(&self.token) == 1
     }
 
-    /// Where the next batch of segment `id` starts (0 for a segment not handed on yet).
-    pub(crate) fn next_offset(&self, id: SegmentId) -> u64 {
+    /// Where the next batch of segment `id` (starting at `start`) starts, given the archive's
+    /// durable end: where the last batch ended when it landed, else (it was not stored) the
+    /// durable end within the segment, so that nothing is skipped; 0 for a segment not
+    /// handed on yet in this session.
+    pub(crate) fn next_offset(&self, id: SegmentId, start: Lsn, durable: Lsn) -> u64 {
         match self.handed {
-            Some((h, off)) if h == id => off,
+            Some((h, off)) if h == id => {
+                if durable >= start + off {
+                    off
+                } else {
+                    durable.0.saturating_sub(start.0)
+                }
+            }
             _ => 0,
         }
     }
@@ -183,14 +192,20 @@ mod tests {
             seg: 3,
         };
         assert!(p.idle());
-        assert_eq!(p.next_offset(id), 0);
+        let start = Lsn(3 << 24);
+        assert_eq!(p.next_offset(id, start, start), 0);
         let t = p.token();
         p.handed(id, 500);
         assert!(!p.idle());
-        assert_eq!(p.next_offset(id), 500);
-        let other = SegmentId { seg: 4, ..id };
-        assert_eq!(p.next_offset(other), 0);
         drop(t);
         assert!(p.idle());
+        // Landed: continue after it.
+        assert_eq!(p.next_offset(id, start, start + 500), 500);
+        // Not stored: again from the durable end, nothing skipped.
+        assert_eq!(p.next_offset(id, start, start + 200), 200);
+        assert_eq!(p.next_offset(id, start, Lsn(start.0 - 1)), 0);
+        // Another segment (the next one, or the same on a new timeline): from its start.
+        let other = SegmentId { seg: 4, ..id };
+        assert_eq!(p.next_offset(other, start, start + 500), 0);
     }
 }

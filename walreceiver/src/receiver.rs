@@ -213,11 +213,20 @@ impl Session {
         partials: &mut Partials,
     ) -> Result<(), ReceiverError> {
         let Some(cur) = current else { return Ok(()) };
-        // Nothing of a segment whose first page is unchecked (maybe no WAL at all) goes out.
-        if !cur.first_page_checked || !partials.idle() {
+        // Nothing of a segment whose first page is unchecked (maybe no WAL at all) goes out,
+        // nor of one the archive is not contiguous up to: its partial objects would extend
+        // nothing (the segments before it are still to be stored), and while catching up the
+        // segment is complete soon anyway.
+        let archived = *self.archived.borrow();
+        if !cur.first_page_checked
+            || !partials.idle()
+            || !archived.is_valid()
+            || archived < cur.start
+        {
             return Ok(());
         }
-        let from = partials.next_offset(cur.id);
+        let durable = self.cfg.partial.durable().map_or(archived, |d| *d.borrow());
+        let from = partials.next_offset(cur.id, cur.start, durable);
         if cur.written <= from {
             return Ok(());
         }
