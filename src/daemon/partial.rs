@@ -457,6 +457,88 @@ mod tests {
         }
     }
 
+    fn seg_id(name: &str) -> SegmentId {
+        match name.parse() {
+            Ok(WalSegmentName::Segment(id)) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Leftovers: at start the parts of segments archived complete (or as a timeline's
+    /// `.partial`) go, those of a segment not archived stay (they are its only copy);
+    /// retention deletes parts before the oldest backup. Keys outside the layout stay.
+    #[tokio::test]
+    async fn leftovers_and_retention_delete_only_walhoards_parts() {
+        use crate::config::ObjectStorageConfig;
+        use crate::pipeline::compression::{Algorithm, CompressionSettings};
+        use crate::storage::retry::RetryPolicy;
+        use crate::storage::Metadata;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(
+            &ObjectStorageConfig::Local {
+                directory: dir.path().join("archive"),
+                prefix: None,
+            },
+            "site",
+        )
+        .unwrap();
+        let m = Metadata::new();
+        let (done, tl_end, open) = (
+            seg_id("000000010000000000000001"),
+            seg_id("000000010000000000000002"),
+            seg_id("000000010000000000000005"),
+        );
+        for id in [done, tl_end, open] {
+            for (a, b) in [(0, 0x100), (0x100, 0x300)] {
+                store
+                    .put_bytes(&partial_key(&id, a, b), b"x", &m)
+                    .await
+                    .unwrap();
+            }
+        }
+        let foreign = format!("{}/notes.txt", partial_dir(&done));
+        store.put_bytes(&foreign, b"mine", &m).await.unwrap();
+        store
+            .put_bytes("xlog/000000010000000000000001", b"s", &m)
+            .await
+            .unwrap();
+        store
+            .put_bytes("xlog/000000010000000000000002.partial", b"p", &m)
+            .await
+            .unwrap();
+        let ctx = UploadContext {
+            site: "site".into(),
+            store: store.clone(),
+            compression: CompressionSettings::new(Algorithm::Zstd),
+            encryption: None,
+            hash_algorithm: HashAlgorithm::Sha1,
+            retry: RetryPolicy::default(),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            base_metadata: Metadata::new(),
+        };
+        let (_atx, archived) = watch::channel(Lsn::INVALID);
+        let (durable, _drx) = watch::channel(Lsn::INVALID);
+        let alerts = Alerts {
+            dir: dir.path().join("alerts"),
+        };
+        let p = PartialArchiver::new(
+            Arc::new(ctx),
+            Arc::new(SiteStatus::default()),
+            alerts,
+            archived,
+            durable,
+        );
+        p.clean_leftovers().await;
+        let left = list_parts(&store, None).await.unwrap();
+        assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![open]);
+        assert!(store.stat(&foreign).await.unwrap().is_some());
+        assert_eq!(delete_parts_before(&store, &open).await.unwrap(), 0);
+        let next = seg_id("000000020000000000000006");
+        assert_eq!(delete_parts_before(&store, &next).await.unwrap(), 2);
+        assert!(list_parts(&store, None).await.unwrap().is_empty());
+        assert!(store.stat(&foreign).await.unwrap().is_some());
+    }
+
     #[test]
     fn part_names_parse_only_the_layout() {
         let id: SegmentId = match "000000010000000000000003".parse() {
