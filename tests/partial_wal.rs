@@ -329,3 +329,97 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
     let state = p.d.state().unwrap();
     assert!(state["backup_sites"]["main"]["walreceiver"]["undurable_age_seconds"].is_number());
 }
+
+fn wal_counter(p: &Primary, name: &str) -> u64 {
+    p.d.state()
+        .and_then(|s| s["backup_sites"]["main"]["walreceiver"][name].as_u64())
+        .unwrap_or(0)
+}
+
+/// Issue 16's measurement (docs/benchmarks.md; run with `--ignored --nocapture`): plain bytes
+/// uploaded in partial objects per byte of WAL written, on a quiet workload (one small
+/// commit a second) and a busy one (pgbench), with the default interval (5 s), and the
+/// stored size of the quiet run's objects (per-object overhead: encryption, zstd frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn partial_wal_upload_amplification() {
+    let p = primary(json!({})).await;
+    p.archive_all().await;
+    p.pg.psql("create table q (id int)").unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let lsn = |p: &Primary| current(&p.pg).1;
+    let (start, bytes0) = (lsn(&p), wal_counter(&p, "partial_bytes_uploaded"));
+    let objects0 = wal_counter(&p, "partial_objects_uploaded");
+    for i in 0..60 {
+        p.pg.psql(&format!("insert into q values ({i})")).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    let wal = lsn(&p).0 - start.0;
+    let up = wal_counter(&p, "partial_bytes_uploaded") - bytes0;
+    let objects = wal_counter(&p, "partial_objects_uploaded") - objects0;
+    let listed = p.store.list("xlog_partial").await.unwrap();
+    let stored: u64 = listed.iter().map(|o| o.size).sum();
+    let plain: u64 = listed
+        .iter()
+        .map(|o| range(&o.key))
+        .map(|(a, b)| b - a)
+        .sum();
+    eprintln!(
+        "quiet: WAL {wal} B, partial plain {up} B in {objects} objects = {:.3}x; all partial objects now stored: {} objects, {plain} B plain, {stored} B stored ({:.0} B/object overhead)",
+        up as f64 / wal as f64,
+        listed.len(),
+        (stored as f64 - plain as f64) / listed.len().max(1) as f64,
+    );
+
+    p.archive_all().await;
+    let (start, bytes0) = (lsn(&p), wal_counter(&p, "partial_bytes_uploaded"));
+    let objects0 = wal_counter(&p, "partial_objects_uploaded");
+    let files0 = wal_counter(&p, "files_archived");
+    let host = p.pg.socket_dir();
+    p.pg.run_tool(
+        "pgbench",
+        &[
+            "-h".as_ref(),
+            host.as_os_str(),
+            "-p".as_ref(),
+            p.pg.port.to_string().as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "-i".as_ref(),
+            "-s".as_ref(),
+            "5".as_ref(),
+            "-q".as_ref(),
+            "postgres".as_ref(),
+        ],
+    )
+    .unwrap();
+    p.pg.run_tool(
+        "pgbench",
+        &[
+            "-h".as_ref(),
+            host.as_os_str(),
+            "-p".as_ref(),
+            p.pg.port.to_string().as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "-n".as_ref(),
+            "-c".as_ref(),
+            "4".as_ref(),
+            "-T".as_ref(),
+            "30".as_ref(),
+            "postgres".as_ref(),
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let wal = lsn(&p).0 - start.0;
+    let up = wal_counter(&p, "partial_bytes_uploaded") - bytes0;
+    let objects = wal_counter(&p, "partial_objects_uploaded") - objects0;
+    let files = wal_counter(&p, "files_archived") - files0;
+    eprintln!(
+        "busy: WAL {wal} B, {files} segments archived, partial plain {up} B in {objects} objects = {:.3}x on top of the segments ({:.3}x in all)",
+        up as f64 / wal as f64,
+        1.0 + up as f64 / wal as f64,
+    );
+}

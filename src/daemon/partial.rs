@@ -312,6 +312,7 @@ impl PartialArchiver {
                 return;
             }
             tracing::debug!(%site, object = %key, "partial WAL stored");
+            self.status.partial_uploaded(end - chain_end);
             known.push(Known {
                 part: Part {
                     range: PartRange {

@@ -33,6 +33,9 @@ pub struct WalState {
     /// Seconds since the oldest received byte that is not durable in the archive yet arrived
     /// (the current data-loss window); 0 when all of it is.
     pub undurable_age_seconds: f64,
+    /// Partial WAL objects stored since start, and the plain bytes they hold.
+    pub partial_objects_uploaded: u64,
+    pub partial_bytes_uploaded: u64,
     /// received − archived, in bytes.
     pub archive_lag_bytes: u64,
     /// Uploads queued or running.
@@ -130,6 +133,14 @@ impl SiteStatus {
                 i.durable = durable;
                 i.wal.durable_lsn = Some(durable.to_string());
             }
+        });
+    }
+
+    /// A partial WAL object of `bytes` plain bytes was stored.
+    pub fn partial_uploaded(&self, bytes: u64) {
+        self.with(|i| {
+            i.wal.partial_objects_uploaded += 1;
+            i.wal.partial_bytes_uploaded += bytes;
         });
     }
 
