@@ -181,6 +181,9 @@ struct State {
     written: BTreeSet<(Lsn, SegmentId)>,
     /// Segments whose stored parts hold other bytes: no more parts for them.
     refused: BTreeSet<SegmentId>,
+    /// Segments with parts found at start, not archived then: added to `written` once the
+    /// segment size is known.
+    leftover: BTreeSet<SegmentId>,
 }
 
 /// A site's partial uploads. Cloning shares it.
@@ -192,6 +195,8 @@ pub struct PartialArchiver {
     archived: watch::Receiver<Lsn>,
     durable: Arc<watch::Sender<Lsn>>,
     state: Arc<Mutex<State>>,
+    /// The server's segment size, once connected.
+    seg: Arc<std::sync::OnceLock<SegmentSize>>,
 }
 
 impl PartialArchiver {
@@ -211,7 +216,13 @@ impl PartialArchiver {
             archived,
             durable: Arc::new(durable),
             state: Arc::new(Mutex::new(State::default())),
+            seg: Arc::default(),
         }
+    }
+
+    /// The server's segment size (a connection reported it).
+    pub fn connected(&self, seg: SegmentSize) {
+        let _ = self.seg.set(seg);
     }
 
     fn publish(&self, durable: Lsn) {
@@ -267,7 +278,13 @@ impl PartialArchiver {
                 .collect();
             st.current = Some((id, known));
         }
+        let _ = self.seg.set(seg);
         let end = offset + data.len() as u64;
+        let has_parts = st.current.as_ref().is_some_and(|(_, k)| !k.is_empty());
+        if has_parts {
+            // Stored by an earlier run or session: deleted with this run's.
+            st.written.insert((seg_end, id));
+        }
         let Some((_, known)) = st.current.as_mut() else {
             return;
         };
@@ -394,6 +411,13 @@ impl PartialArchiver {
     pub async fn archived_moved(&self, archived: Lsn) {
         self.publish(archived);
         let mut st = self.state.lock().await;
+        if let Some(seg) = self.seg.get().copied() {
+            for id in std::mem::take(&mut st.leftover) {
+                if let Ok(start) = id.start_lsn(seg) {
+                    st.written.insert((start + seg.bytes(), id));
+                }
+            }
+        }
         let done: Vec<(Lsn, SegmentId)> = st
             .written
             .iter()
@@ -409,23 +433,28 @@ impl PartialArchiver {
         }
     }
 
-    /// Deletes segment `id`'s partial objects when the archive holds it complete.
-    async fn delete_if_complete(&self, id: &SegmentId) {
+    /// Deletes segment `id`'s partial objects when the archive holds it complete; whether
+    /// it did.
+    async fn delete_if_complete(&self, id: &SegmentId) -> bool {
         let store = &self.ctx.store;
         let site = &self.ctx.site;
         match complete_in_archive(store, id).await {
             Ok(true) => match delete_parts(store, id).await {
-                Ok(0) => {}
                 Ok(n) => {
-                    tracing::info!(%site, segment = %id, objects = n, "deleted partial WAL objects of an archived segment")
+                    if n > 0 {
+                        tracing::info!(%site, segment = %id, objects = n, "deleted partial WAL objects of an archived segment");
+                    }
+                    true
                 }
                 Err(e) => {
-                    tracing::warn!(%site, segment = %id, error = %e, "cannot delete partial WAL objects; retention or the next start deletes them")
+                    tracing::warn!(%site, segment = %id, error = %e, "cannot delete partial WAL objects; retention or the next start deletes them");
+                    false
                 }
             },
-            Ok(false) => {}
+            Ok(false) => false,
             Err(e) => {
-                tracing::warn!(%site, segment = %id, error = %e, "cannot tell whether the segment is archived; its partial objects are kept")
+                tracing::warn!(%site, segment = %id, error = %e, "cannot tell whether the segment is archived; its partial objects are kept");
+                false
             }
         }
     }
@@ -440,9 +469,11 @@ impl PartialArchiver {
                 return;
             }
         };
-        let _st = self.state.lock().await;
+        let mut st = self.state.lock().await;
         for id in listed.keys() {
-            self.delete_if_complete(id).await;
+            if !self.delete_if_complete(id).await {
+                st.leftover.insert(*id);
+            }
         }
     }
 }

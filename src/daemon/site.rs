@@ -225,6 +225,9 @@ impl SiteWal {
                         break;
                     }
                     seg_size = Some(s);
+                    if let Some(p) = &self.partial {
+                        p.connected(s);
+                    }
                     self.status.set_connected(true, Some(server_tli));
                     for a in [
                         AUTHENTICATION_ERROR,

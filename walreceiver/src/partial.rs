@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use walhoard_protocol::{Lsn, SegmentId};
@@ -35,13 +35,24 @@ pub enum PartialUploads {
 }
 
 impl PartialUploads {
-    /// How often the bytes are handed on: every half interval, so that a byte waits at most
-    /// half of it for its batch and the upload has the other half (a batch still in flight
-    /// delays the next by one tick).
+    /// How often whether a batch is due is checked: a tenth of the interval.
     pub(crate) fn tick(&self) -> Option<Duration> {
         match self {
             PartialUploads::Off => None,
-            PartialUploads::Every { interval, .. } => Some(*interval / 2),
+            PartialUploads::Every { interval, .. } => {
+                Some((*interval / 10).max(Duration::from_millis(10)))
+            }
+        }
+    }
+
+    /// How old the oldest byte not handed on may grow before a batch is due: three quarters
+    /// of the interval, the last quarter being the upload's. Not sooner: a byte whose
+    /// segment completes within that time goes up once, in the complete segment, so the
+    /// faster WAL comes, the less is uploaded twice (docs/benchmarks.md).
+    pub(crate) fn deadline(&self) -> Duration {
+        match self {
+            PartialUploads::Off => Duration::MAX,
+            PartialUploads::Every { interval, .. } => *interval * 3 / 4,
         }
     }
 
@@ -72,6 +83,8 @@ pub(crate) struct Partials {
     /// The segment being handed on and the offset up to which this session handed it on.
     handed: Option<(SegmentId, u64)>,
     token: Arc<()>,
+    /// When the oldest byte not handed on arrived.
+    pending_since: Option<Instant>,
 }
 
 impl Partials {
@@ -79,7 +92,21 @@ impl Partials {
         Partials {
             handed: None,
             token: Arc::new(()),
+            pending_since: None,
         }
+    }
+
+    /// Bytes arrived; `new_segment` when they open a segment (what was pending goes up with
+    /// the complete segment before it).
+    pub(crate) fn arrived(&mut self, new_segment: bool) {
+        if new_segment || self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+    }
+
+    /// Whether the oldest byte not handed on is `deadline` old.
+    pub(crate) fn due(&self, deadline: Duration) -> bool {
+        self.pending_since.is_some_and(|t| t.elapsed() >= deadline)
     }
 
     /// Whether the last batch is done with.
@@ -112,6 +139,13 @@ impl Partials {
     /// A batch of `id` up to `to` was handed on.
     pub(crate) fn handed(&mut self, id: SegmentId, to: u64) {
         self.handed = Some((id, to));
+        self.pending_since = None;
+    }
+
+    /// The last batch was not stored: its bytes are pending again from now (so a segment
+    /// the archiver refuses is not copied out on every tick).
+    pub(crate) fn not_landed(&mut self) {
+        self.pending_since.get_or_insert_with(Instant::now);
     }
 }
 

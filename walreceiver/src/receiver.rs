@@ -211,6 +211,7 @@ impl Session {
         &self,
         current: Option<&Incoming>,
         partials: &mut Partials,
+        deadline: std::time::Duration,
     ) -> Result<(), ReceiverError> {
         let Some(cur) = current else { return Ok(()) };
         // Nothing of a segment whose first page is unchecked (maybe no WAL at all) goes out,
@@ -227,7 +228,10 @@ impl Session {
         }
         let durable = self.cfg.partial.durable().map_or(archived, |d| *d.borrow());
         let from = partials.next_offset(cur.id, cur.start, durable);
-        if cur.written <= from {
+        if partials.next_offset(cur.id, cur.start, Lsn(u64::MAX)) > from {
+            partials.not_landed();
+        }
+        if !partials.due(deadline) || cur.written <= from {
             return Ok(());
         }
         let to = cur.written;
@@ -310,7 +314,7 @@ impl Session {
                     stream.send_status(&self.report(received, &spool, tli)).await?;
                 }
                 _ = async { partial_ticker.as_mut().expect("guarded").tick().await }, if partial_ticker.is_some() => {
-                    self.hand_on_partial(current.as_ref(), &mut partials)?;
+                    self.hand_on_partial(current.as_ref(), &mut partials, self.cfg.partial.deadline())?;
                 }
                 changed = async { durable_rx.as_mut().expect("guarded").changed().await }, if durable_rx.is_some() => {
                     if changed.is_ok() {
@@ -334,6 +338,7 @@ impl Session {
                         }
                         let mut rest = &data[..];
                         self.arrivals().arrived(received);
+                        partials.arrived(false);
                         while !rest.is_empty() || direct > 0 {
                             let cur = match current.as_mut() {
                                 Some(c) => c,
@@ -343,6 +348,7 @@ impl Session {
                                     a.cut();
                                     a.arrived(received);
                                     drop(a);
+                                    partials.arrived(true);
                                     current.insert(Incoming::open(&dir, tli, received, seg, durable, &self.cfg.buffers)?)
                                 }
                             };
