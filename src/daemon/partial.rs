@@ -67,7 +67,7 @@ impl PartRange {
         (from < to).then_some(PartRange { from, to })
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.to - self.from
     }
 }

@@ -115,7 +115,7 @@ async fn fetch_part(
     let mut w = out
         .try_clone()
         .map_err(|e| failed(part, format!("cannot write: {e}")))?;
-    let expect = part.range.len();
+    let expect = part.range.bytes();
     let fetched = download_with(store, &part.key, keys, move |metadata, r| {
         let mut buf = io::BufWriter::new(&mut w);
         let n = copy_checked(metadata, r, &mut buf)?;
