@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use walhoard_protocol::{ConnectParams, ReplicationClient};
 
+mod cli_flags;
 mod pghoard_cli;
+
+use cli_flags::{JsonFlag, SiteFlags};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +32,8 @@ enum Command {
         /// libpq connection string or postgres:// URI (PG* variables and ~/.pgpass apply).
         #[arg(long, default_value = "")]
         conninfo: String,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Generate an RSA key pair and print it in configuration form, like pghoard_create_keys:
     /// {"encryption_keys": {ID: {"public": PEM, "private": PEM}}}.
@@ -51,40 +53,17 @@ enum Command {
     },
     /// Check what the daemon needs, per site: replication connection, wal_level,
     /// max_wal_senders, the slot, the object store, the encryption keys. Exit 1 on any failure.
+    /// With --site, only that site.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Only this site.
-        #[arg(long)]
-        site: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        site: SiteFlags,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
     /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
     /// (PostgreSQL: end of archive), 255 on any other failure (PostgreSQL stops recovery).
-    PostgresCommand {
-        #[arg(long, value_enum)]
-        mode: walhoard::postgres_command::Mode,
-        #[arg(long)]
-        site: String,
-        /// The WAL file name (%f).
-        #[arg(long)]
-        xlog: String,
-        /// Where the daemon's HTTP API listens (default: the configuration's, else 127.0.0.1).
-        #[arg(long)]
-        host: Option<String>,
-        /// (default: the configuration's http_port, else 16000).
-        #[arg(long)]
-        port: Option<u16>,
-        /// Where to write the file (%p), restore mode.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Configuration file: restore mode reads the object store directly with it (no daemon
-        /// needed) unless --host/--port are given; archive mode takes the daemon's address.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    PostgresCommand(walhoard::postgres_command::CommandArgs),
     /// Restore tooling: list basebackups, restore one into a data directory.
     Restore {
         #[command(subcommand)]
@@ -93,12 +72,8 @@ enum Command {
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
     Basebackup {
-        /// pghoard.json-compatible configuration file.
-        #[arg(long)]
-        config: std::path::PathBuf,
-        /// The backup site (a key of backup_sites).
-        #[arg(long)]
-        site: String,
+        #[command(flatten)]
+        site: SiteFlags,
     },
 }
 
@@ -108,21 +83,16 @@ enum Command {
 enum RestoreCommand {
     /// List a site's basebackups (name, sizes, times, LSNs, compression, key id).
     ListBasebackups {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The backup site (optional when the configuration has one).
-        #[arg(long)]
-        site: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        site: SiteFlags,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Download, decrypt, decompress and extract a basebackup into --target-dir and write the
     /// recovery configuration (restore_command reading the archive directly).
     GetBasebackup {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        site: Option<String>,
+        #[command(flatten)]
+        site: SiteFlags,
         /// The data directory to create (absent or empty unless --overwrite).
         #[arg(long)]
         target_dir: PathBuf,
@@ -165,10 +135,10 @@ fn parse_tablespace_dir(s: &str) -> Result<(String, PathBuf), String> {
 async fn restore(command: RestoreCommand) -> Result<()> {
     use walhoard::restore::{self as r, get, RestoreSite, Target};
     match command {
-        RestoreCommand::ListBasebackups { config, site, json } => {
-            let site = RestoreSite::open(&config, site.as_deref())?;
+        RestoreCommand::ListBasebackups { site, json } => {
+            let site = RestoreSite::open(&site.config, site.site.as_deref())?;
             let list = site.list_all().await?;
-            if json {
+            if json.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 print!("{}", r::render_listing(&list));
@@ -176,7 +146,6 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             Ok(())
         }
         RestoreCommand::GetBasebackup {
-            config,
             site,
             target_dir,
             basebackup,
@@ -205,7 +174,7 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             } else {
                 Target::Latest
             };
-            let site = RestoreSite::open(&config, site.as_deref())?;
+            let site = RestoreSite::open(&site.config, site.site.as_deref())?;
             let opts = get::GetOptions {
                 target_dir,
                 basebackup,
@@ -240,11 +209,9 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
 
 /// Asks the running daemon for a backup (so it is never taken twice at once), or takes it
 /// here when no daemon listens.
-async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
-    let config = walhoard::config::Config::load(config)?;
-    if !config.backup_sites.contains_key(site) {
-        anyhow::bail!("no backup site {site:?} in the configuration");
-    }
+async fn basebackup(flags: &SiteFlags) -> Result<()> {
+    let config = walhoard::config::Config::load(&flags.config)?;
+    let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
     let (host, port) = (config.http_address.as_str(), config.http_port);
     if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
         let (status, body) = walhoard::api_client::request(
@@ -375,32 +342,17 @@ fn main() -> ExitCode {
     };
     let result: Result<u8> = rt.block_on(async {
         let r = match cli.command {
-            Command::Identify { conninfo, json } => identify(&conninfo, json).await,
+            Command::Identify { conninfo, json } => identify(&conninfo, json.json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
             Command::Daemon { config } => walhoard::daemon::run(&config).await,
-            Command::Check { config, site, json } => check(&config, site.as_deref(), json).await,
-            Command::PostgresCommand {
-                mode,
-                site,
-                xlog,
-                host,
-                port,
-                output,
-                config,
-            } => {
-                let args = walhoard::postgres_command::CommandArgs {
-                    mode,
-                    site,
-                    xlog,
-                    output,
-                    host,
-                    port,
-                    config,
-                };
+            Command::Check { site, json } => {
+                check(&site.config, site.site.as_deref(), json.json).await
+            }
+            Command::PostgresCommand(args) => {
                 return Ok(walhoard::postgres_command::run(&args).await);
             }
             Command::Restore { command } => restore(command).await,
-            Command::Basebackup { config, site } => basebackup(&config, &site).await,
+            Command::Basebackup { site } => basebackup(&site).await,
         };
         r.map(|()| 0)
     });

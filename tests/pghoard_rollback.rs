@@ -1,10 +1,10 @@
 //! Rolling back to pghoard: what walhoard writes unencrypted in local-tar mode is what
 //! pghoard's restore reads (docs/formats.md, "What pghoard can restore").
 //!
-//! `rollback_pghoard_restores_walhoards_local_tar_backup` runs the real pghoard and is opt-in:
-//! set `WALHOARD_PGHOARD_VENV` to a virtualenv with pghoard installed, made by
-//! `tools/pghoard-venv.sh <pghoard checkout> <venv>` (pghoard's current source is on GitHub
-//! only, which CI cannot reach). Without it the test says so and returns.
+//! `rollback_pghoard_restores_walhoards_local_tar_backup` runs the real pghoard: by default the
+//! newest release on PyPI (2.1.0, installed by tools/install-pghoard.sh), or the venv
+//! `WALHOARD_PGHOARD_VENV` names (`tools/pghoard-venv.sh <pghoard checkout> <venv>` builds one
+//! from a source checkout, e.g. 2.7.0, which is on GitHub only).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,25 +97,38 @@ async fn rollback_local_tar_chunks_carry_pghoard_bb_v2_format() {
     );
 }
 
-/// The venv `WALHOARD_PGHOARD_VENV` names, if the test is to run.
-fn pghoard_venv() -> Option<PathBuf> {
-    let venv = PathBuf::from(std::env::var_os("WALHOARD_PGHOARD_VENV")?);
+/// A venv with the real pghoard: the one `WALHOARD_PGHOARD_VENV` names (e.g. a newer pghoard
+/// from source, tools/pghoard-venv.sh), else pghoard from PyPI installed by
+/// tools/install-pghoard.sh. A failed install fails the test; it never skips.
+fn pghoard_venv() -> PathBuf {
+    let venv = match std::env::var_os("WALHOARD_PGHOARD_VENV") {
+        Some(v) => PathBuf::from(v),
+        None => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/install-pghoard.sh");
+            let out = Command::new(&script)
+                .output()
+                .expect("run tools/install-pghoard.sh");
+            assert!(
+                out.status.success(),
+                "tools/install-pghoard.sh failed: {}",
+                stderr(&out)
+            );
+            PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        }
+    };
     assert!(
         venv.join("bin/pghoard_restore").is_file(),
-        "WALHOARD_PGHOARD_VENV={}: no bin/pghoard_restore (make it with tools/pghoard-venv.sh)",
+        "{}: no bin/pghoard_restore",
         venv.display()
     );
-    Some(venv)
+    venv
 }
 
 /// The real pghoard_restore brings back walhoard's unencrypted local-tar backup, tablespace
 /// included, and PostgreSQL started on it holds the primary's rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_pghoard_restores_walhoards_local_tar_backup() {
-    let Some(venv) = pghoard_venv() else {
-        eprintln!("skipped: set WALHOARD_PGHOARD_VENV (tools/pghoard-venv.sh) to run pghoard");
-        return;
-    };
+    let venv = pghoard_venv();
     let mut b = local_tar_backup();
     b.pg.stop().unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -138,8 +151,15 @@ async fn rollback_pghoard_restores_walhoards_local_tar_backup() {
         venv.join("bin").display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = Command::new(venv.join("bin/pghoard_restore"))
-        .args(["get-basebackup", "--site", "main", "--restore-to-primary"])
+    // pghoard before 2.2 (the release on PyPI, which the suite installs) predates PostgreSQL 12:
+    // it has no --restore-to-primary and writes a recovery.conf, which is removed below.
+    let modern = restore_to_primary_supported(&venv);
+    let mut restore = Command::new(venv.join("bin/pghoard_restore"));
+    restore.args(["get-basebackup", "--site", "main"]);
+    if modern {
+        restore.arg("--restore-to-primary");
+    }
+    let out = restore
         .arg("--config")
         .arg(&cfg_path)
         .arg("--target-dir")
@@ -164,6 +184,15 @@ async fn rollback_pghoard_restores_walhoards_local_tar_backup() {
     assert!(target.join("global/pg_control").is_file());
     // pghoard's restore_command asks pghoard's daemon, which is not running here; the WAL the
     // backup needs is inside it (standalone_hot_backup), in pg_wal.
+    if !modern {
+        let conf = target.join("recovery.conf");
+        assert!(
+            conf.is_file(),
+            "pghoard {} wrote no recovery.conf",
+            venv.display()
+        );
+        std::fs::remove_file(conf).unwrap();
+    }
     set_restore_command(&target, "/bin/false");
     walhoard_testkit::give_to_server_user(&new_ts).unwrap();
     let restored = start_promoted(&target);
@@ -172,6 +201,15 @@ async fn rollback_pghoard_restores_walhoards_local_tar_backup() {
         restored.psql("select count(*) from plain").unwrap().trim(),
         "5000"
     );
+}
+
+/// Whether this pghoard_restore knows `--restore-to-primary` (pghoard 2.2 and later).
+fn restore_to_primary_supported(venv: &Path) -> bool {
+    let out = Command::new(venv.join("bin/pghoard_restore"))
+        .args(["get-basebackup", "--help"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("--restore-to-primary")
 }
 
 fn set_restore_command(data: &Path, command: &str) {

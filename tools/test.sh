@@ -41,6 +41,8 @@ if ! python3 -c "import snappy" 2>/dev/null; then
 fi
 # rohmu (pghoard's storage library) in a venv: the pghoa1 tests encrypt with it.
 tools/install-rohmu.sh >/dev/null
+# pghoard itself (PyPI's release) in a venv: the rollback test has it restore walhoard's backup.
+tools/install-pghoard.sh >/dev/null
 if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
 if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
 
