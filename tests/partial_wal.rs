@@ -12,7 +12,7 @@ use walhoard::storage::ObjectStore;
 use walhoard_protocol::Lsn;
 
 use crate::daemon_support::*;
-use crate::restore::{get_basebackup, insert, primary, start_promoted, stderr, Primary};
+use crate::restore::{get_basebackup, insert, pgbench, primary, start_promoted, stderr, Primary};
 
 /// The partial objects in the store: key → stored bytes.
 async fn partial_objects(store: &ObjectStore) -> BTreeMap<String, Vec<u8>> {
@@ -40,6 +40,29 @@ fn durable_lsn(p: &Primary) -> Option<Lsn> {
         .as_str()?
         .parse()
         .ok()
+}
+
+/// Waits until the partial objects under `dir` reach offset `end`; returns all of them.
+async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let objs = partial_objects(&p.store).await;
+        let reached = objs
+            .keys()
+            .filter(|k| k.starts_with(dir))
+            .map(|k| range(k).1)
+            .max();
+        if reached.is_some_and(|e| e >= end) {
+            return objs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no partial objects up to offset {end:#x} in {dir}: {:?}\n{}",
+            objs.keys(),
+            p.daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The offsets `from-to` of a partial object key.
@@ -177,25 +200,7 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
     let dir = format!("xlog_partial/{seg}/");
     let wanted_end = lsn.0 - seg_start.0;
     let store = p.store.clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let before = loop {
-        let objs = partial_objects(&store).await;
-        let end = objs
-            .keys()
-            .filter(|k| k.starts_with(&dir))
-            .map(|k| range(k).1)
-            .max();
-        if end.is_some_and(|e| e >= wanted_end) {
-            break objs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no partial objects up to {lsn}: {:?}\n{}",
-            objs.keys(),
-            p.daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let before = wait_parts_up_to(&p, &dir, wanted_end).await;
     // Only new bytes each: the ranges of the segment tile it from 0 without overlap.
     let mut ranges: Vec<(u64, u64)> = before
         .keys()
@@ -250,24 +255,7 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
     insert(&p.pg, "after-kill", 50);
     let (_, lsn2) = current(&p.pg);
     p.daemon = Daemon::start(&p.d);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        let objs = partial_objects(&store).await;
-        let end = objs
-            .keys()
-            .filter(|k| k.starts_with(&dir))
-            .map(|k| range(k).1)
-            .max();
-        if end.is_some_and(|e| e >= lsn2.0 - seg_start.0) {
-            break objs;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no partial objects up to {lsn2} after the restart:\n{}",
-            p.daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let after = wait_parts_up_to(&p, &dir, lsn2.0 - seg_start.0).await;
     for (k, bytes) in &before {
         assert!(after.get(k) == Some(bytes), "{k} was rewritten or removed");
     }
@@ -376,42 +364,8 @@ async fn partial_wal_upload_amplification() {
     let (start, bytes0) = (lsn(&p), wal_counter(&p, "partial_bytes_uploaded"));
     let objects0 = wal_counter(&p, "partial_objects_uploaded");
     let files0 = wal_counter(&p, "files_archived");
-    let host = p.pg.socket_dir();
-    p.pg.run_tool(
-        "pgbench",
-        &[
-            "-h".as_ref(),
-            host.as_os_str(),
-            "-p".as_ref(),
-            p.pg.port.to_string().as_ref(),
-            "-U".as_ref(),
-            "postgres".as_ref(),
-            "-i".as_ref(),
-            "-s".as_ref(),
-            "5".as_ref(),
-            "-q".as_ref(),
-            "postgres".as_ref(),
-        ],
-    )
-    .unwrap();
-    p.pg.run_tool(
-        "pgbench",
-        &[
-            "-h".as_ref(),
-            host.as_os_str(),
-            "-p".as_ref(),
-            p.pg.port.to_string().as_ref(),
-            "-U".as_ref(),
-            "postgres".as_ref(),
-            "-n".as_ref(),
-            "-c".as_ref(),
-            "4".as_ref(),
-            "-T".as_ref(),
-            "30".as_ref(),
-            "postgres".as_ref(),
-        ],
-    )
-    .unwrap();
+    pgbench(&p.pg, &["-i", "-s", "5", "-q"]);
+    pgbench(&p.pg, &["-n", "-c", "4", "-T", "30"]);
     std::thread::sleep(Duration::from_secs(6));
     let wal = lsn(&p).0 - start.0;
     let up = wal_counter(&p, "partial_bytes_uploaded") - bytes0;

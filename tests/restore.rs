@@ -23,7 +23,7 @@ pub(crate) const CHECKSUM: &str = "select (select count(*) || ':' || coalesce(md
      || '':'' || (select count(*) || '':'' || coalesce(sum(delta), 0) from pgbench_history) as c', false, true, '')))[1]::text, 'MISSING') end";
 
 /// A pgbench run (TPC-B-like transactions) against `pg`, finished before it returns.
-fn pgbench(pg: &PgCluster, args: &[&str]) {
+pub(crate) fn pgbench(pg: &PgCluster, args: &[&str]) {
     let mut all: Vec<std::ffi::OsString> = vec!["-h".into(), pg.socket_dir().into()];
     all.extend([
         "-p".into(),

@@ -534,21 +534,22 @@ pub struct Cancelled;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::ObjectStorageConfig;
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
 
-    fn archiver(dir: &Path) -> (Archiver, watch::Receiver<Lsn>) {
+    /// Site `site` uploading into local storage at `dir`, zstd, no encryption, defaults.
+    pub(crate) fn local_context(dir: &Path) -> UploadContext {
         let store = ObjectStore::open(
             &ObjectStorageConfig::Local {
-                directory: dir.join("archive"),
+                directory: dir.to_path_buf(),
                 prefix: None,
             },
             "site",
         )
         .unwrap();
-        let ctx = UploadContext {
+        UploadContext {
             site: "site".into(),
             store,
             compression: CompressionSettings::new(Algorithm::Zstd),
@@ -557,7 +558,11 @@ mod tests {
             retry: RetryPolicy::default(),
             upload_slots: Arc::new(Semaphore::new(4)),
             base_metadata: Metadata::new(),
-        };
+        }
+    }
+
+    fn archiver(dir: &Path) -> (Archiver, watch::Receiver<Lsn>) {
+        let ctx = local_context(&dir.join("archive"));
         let (tx, rx) = watch::channel(Lsn::INVALID);
         let a = Archiver::new(
             Arc::new(ctx),

@@ -501,19 +501,10 @@ mod tests {
     /// retention deletes parts before the oldest backup. Keys outside the layout stay.
     #[tokio::test]
     async fn leftovers_and_retention_delete_only_walhoards_parts() {
-        use crate::config::ObjectStorageConfig;
-        use crate::pipeline::compression::{Algorithm, CompressionSettings};
-        use crate::storage::retry::RetryPolicy;
         use crate::storage::Metadata;
         let dir = tempfile::tempdir().unwrap();
-        let store = ObjectStore::open(
-            &ObjectStorageConfig::Local {
-                directory: dir.path().join("archive"),
-                prefix: None,
-            },
-            "site",
-        )
-        .unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
         let m = Metadata::new();
         let (done, tl_end, open) = (
             seg_id("000000010000000000000001"),
@@ -538,16 +529,6 @@ mod tests {
             .put_bytes("xlog/000000010000000000000002.partial", b"p", &m)
             .await
             .unwrap();
-        let ctx = UploadContext {
-            site: "site".into(),
-            store: store.clone(),
-            compression: CompressionSettings::new(Algorithm::Zstd),
-            encryption: None,
-            hash_algorithm: HashAlgorithm::Sha1,
-            retry: RetryPolicy::default(),
-            upload_slots: Arc::new(tokio::sync::Semaphore::new(1)),
-            base_metadata: Metadata::new(),
-        };
         let (_atx, archived) = watch::channel(Lsn::INVALID);
         let (durable, _drx) = watch::channel(Lsn::INVALID);
         let alerts = Alerts {
