@@ -377,3 +377,59 @@ async fn partial_wal_upload_amplification() {
         1.0 + up as f64 / wal as f64,
     );
 }
+
+/// A standby replaying the archive alone (no primary_conninfo) is served the segment being
+/// written from its partial objects, and, asking for it again, the longer prefix stored later:
+/// it sees a commit made after it started, with the segment still incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_wal_standby_replaying_the_archive_gets_the_longer_prefix() {
+    let p = primary(json!({ "partial_wal_upload_interval": 1 })).await;
+    p.archive_all().await;
+    let wait_durable = |what: &str| {
+        let (_, lsn) = current(&p.pg);
+        assert!(
+            crate::common::wait_until(Duration::from_secs(30), || durable_lsn(&p)
+                .is_some_and(|d| d >= lsn)),
+            "{what}: durable_lsn {:?} never reached {lsn}",
+            durable_lsn(&p)
+        );
+    };
+    insert(&p.pg, "first", 1);
+    wait_durable("first");
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("standby");
+    let out = get_basebackup(&p.d, &target, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(target.join("standby.signal").exists());
+    let standby = walhoard_testkit::PgCluster::builder()
+        .setting("wal_retrieve_retry_interval", "'200ms'")
+        .start_on(&target)
+        .unwrap();
+    let count = |batch: &str| {
+        standby
+            .psql(&format!("select count(*) from r where batch = '{batch}'"))
+            .map(|c| c.trim().to_string())
+    };
+    assert!(
+        crate::common::wait_until(Duration::from_secs(60), || count("first")
+            .is_ok_and(|c| c == "1")),
+        "the standby did not replay the partial segment: {}",
+        standby.log()
+    );
+    let (seg_before, _) = current(&p.pg);
+    insert(&p.pg, "second", 1);
+    wait_durable("second");
+    assert!(
+        crate::common::wait_until(Duration::from_secs(60), || count("second")
+            .is_ok_and(|c| c == "1")),
+        "the standby did not get the longer prefix: {}",
+        standby.log()
+    );
+    // Still the same, unfinished segment, and still a standby.
+    assert_eq!(current(&p.pg).0, seg_before);
+    assert!(!has(&p.store, &seg_before).await);
+    assert_eq!(
+        standby.psql("select pg_is_in_recovery()").unwrap().trim(),
+        "t"
+    );
+}
