@@ -12,7 +12,9 @@ use walhoard::storage::ObjectStore;
 use walhoard_protocol::Lsn;
 
 use crate::daemon_support::*;
-use crate::restore::{get_basebackup, insert, pgbench, primary, start_promoted, stderr, Primary};
+use crate::restore::{
+    get_basebackup, insert, pgbench, primary, primary_on, start_promoted, stderr, Primary,
+};
 
 /// The partial objects in the store: key → stored bytes.
 async fn partial_objects(store: &ObjectStore) -> BTreeMap<String, Vec<u8>> {
@@ -99,10 +101,7 @@ fn lose_primary_and_restore(p: &mut Primary, work: &Path) -> walhoard_testkit::P
 
 /// A quiet database: one small commit, nothing after it, so its segment never fills. Twice
 /// the interval later the machine is lost; the restore brings the commit back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partial_wal_quiet_database_commit_survives_loss_of_the_primary() {
-    let interval = 1.0;
-    let mut p = primary(json!({ "partial_wal_upload_interval": interval })).await;
+async fn quiet_commit_survives(mut p: Primary, interval: f64) {
     p.archive_all().await;
     p.pg.psql("insert into r (batch, v) values ('quiet', 'one small commit')")
         .unwrap();
@@ -128,6 +127,26 @@ async fn partial_wal_quiet_database_commit_survives_loss_of_the_primary() {
         durable.is_some_and(|d| d >= commit),
         "durable_lsn {durable:?} < {commit}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_wal_quiet_database_commit_survives_loss_of_the_primary() {
+    let p = primary(json!({ "partial_wal_upload_interval": 1 })).await;
+    quiet_commit_survives(p, 1.0).await;
+}
+
+/// The same through S3 (s3s-fs on loopback): partial objects stored and listed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_wal_quiet_database_commit_survives_loss_of_the_primary_s3() {
+    let s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
+    let storage = json!({
+        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
+        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
+        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+    });
+    let p = primary_on(|_| storage, json!({ "partial_wal_upload_interval": 1 })).await;
+    quiet_commit_survives(p, 1.0).await;
 }
 
 /// Numbered rows, one transaction each, each acknowledged commit recorded; the machine is

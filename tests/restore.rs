@@ -121,9 +121,17 @@ pub(crate) struct Primary {
 }
 
 pub(crate) async fn primary(site: serde_json::Value) -> Primary {
+    primary_on(DaemonDir::local_storage, site).await
+}
+
+/// [`primary`] archiving into the `object_storage` that `storage` gives.
+pub(crate) async fn primary_on(
+    storage: impl FnOnce(&DaemonDir) -> serde_json::Value,
+    site: serde_json::Value,
+) -> Primary {
     let pg = cluster();
     let d = DaemonDir::new();
-    let storage = d.local_storage();
+    let storage = storage(&d);
     d.write_config(&pg, storage.clone(), site);
     readable_by_server(&d);
     let daemon = Daemon::start(&d);
