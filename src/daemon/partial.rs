@@ -26,10 +26,10 @@ use walhoard_protocol::{Backoff, Lsn, SegmentId, SegmentSize, WalSegmentName};
 
 use super::archiver::{wal_key, wal_overwrite_alert, UploadContext};
 use super::status::{Alerts, SiteStatus};
-use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::upload_bytes;
+use crate::pipeline::transfer::{upload, Source, Upload};
+use crate::storage::meta::ObjectMeta;
 use crate::storage::retry::with_retries;
-use crate::storage::{meta, ObjectStore, StorageError};
+use crate::storage::{ObjectStore, StorageError};
 
 /// The directory (key prefix) of all partial WAL objects of a site.
 pub const PARTIAL_DIR: &str = "xlog_partial";
@@ -320,10 +320,12 @@ impl PartialArchiver {
         let mut durable_to = chain_end;
         if end > chain_end {
             let key = partial_key(&id, chain_end, end);
-            let mut metadata = self.ctx.base_metadata.clone();
-            metadata.insert(meta::START_LSN.into(), (start + chain_end).to_string());
-            metadata.insert(meta::END_LSN.into(), (start + end).to_string());
-            metadata.insert(meta::WAL_SEGMENT_SIZE.into(), seg.bytes().to_string());
+            let metadata = ObjectMeta {
+                start_lsn: Some(start + chain_end),
+                end_lsn: Some(start + end),
+                wal_segment_size: Some(seg.bytes()),
+                ..self.ctx.base_metadata.clone()
+            };
             let new = data.slice((chain_end - offset) as usize..);
             if !self.put_until_stored(&key, new, metadata, cancel).await {
                 return;
@@ -349,16 +351,11 @@ impl PartialArchiver {
 
     /// `None` when the object at `key` records the hash of `ours`; else why not.
     async fn compare(&self, key: &str, ours: Bytes) -> Result<Option<String>, StorageError> {
-        let stored = self.ctx.store.metadata(key).await?;
-        let (Some(hash), Some(algorithm)) =
-            (stored.get(meta::HASH), stored.get(meta::HASH_ALGORITHM))
-        else {
+        let stored = self.ctx.store.object_meta(key).await?;
+        let Some(hash) = stored.hash.as_deref() else {
             return Ok(Some("it records no hash to compare with".into()));
         };
-        let algorithm: HashAlgorithm = match algorithm.parse() {
-            Ok(a) => a,
-            Err(e) => return Ok(Some(format!("its hash-algorithm: {e}"))),
-        };
+        let algorithm = stored.hash_algorithm_or_default();
         let mut h = algorithm.hasher();
         h.update(&ours);
         let mine = h.finish_hex();
@@ -372,21 +369,26 @@ impl PartialArchiver {
         &self,
         key: &str,
         data: Bytes,
-        metadata: crate::storage::Metadata,
+        metadata: ObjectMeta,
         cancel: &CancellationToken,
     ) -> bool {
         let ctx = &self.ctx;
         let mut backoff = Backoff::new(ctx.retry.initial_backoff, ctx.retry.max_backoff);
         loop {
             let attempt = with_retries(&ctx.retry, key, || {
-                upload_bytes(
-                    &ctx.store,
+                let wal = Upload::wal(
                     key,
-                    data.clone(),
+                    Source::bytes(data.clone()),
                     ctx.compression,
                     ctx.encryption.clone(),
                     ctx.hash_algorithm,
-                    metadata.clone(),
+                );
+                upload(
+                    &ctx.store,
+                    Upload {
+                        metadata: metadata.clone(),
+                        ..wal
+                    },
                 )
             });
             let e = tokio::select! {

@@ -20,7 +20,8 @@ use super::wal::{temp_path, verify, TempFile, WalFetchError};
 use crate::daemon::partial::{chain_from_zero, list_parts, partial_dir, Part};
 use crate::pipeline::encryption::KeyRing;
 use crate::pipeline::transfer::{copy_checked, download_with, TransferError};
-use crate::storage::{meta, Metadata, ObjectStore, StorageError};
+use crate::storage::meta::{self, ObjectMeta};
+use crate::storage::{ObjectStore, StorageError};
 
 /// Why a segment was not served from its partial objects.
 #[derive(Debug)]
@@ -142,24 +143,27 @@ async fn fetch_part(
 }
 
 /// The LSN range and segment size a part's metadata records must be the ones its key names.
-fn check_range(m: &Metadata, id: &SegmentId, part: &Part) -> Result<SegmentSize, WalFetchError> {
+fn check_range(m: &ObjectMeta, id: &SegmentId, part: &Part) -> Result<SegmentSize, WalFetchError> {
     let seg = m
-        .get(meta::WAL_SEGMENT_SIZE)
-        .and_then(|s| s.parse::<u64>().ok())
+        .wal_segment_size
         .and_then(|s| SegmentSize::new(s).ok())
-        .ok_or_else(|| failed(part, "no valid wal-segment-size metadata"))?;
+        .ok_or_else(|| {
+            failed(
+                part,
+                format!("no valid {} metadata", meta::WAL_SEGMENT_SIZE),
+            )
+        })?;
     let start = id
         .start_lsn(seg)
         .map_err(|e| failed(part, format!("segment start: {e}")))?;
-    for (name, want) in [
-        (meta::START_LSN, start + part.range.from),
-        (meta::END_LSN, start + part.range.to),
+    for (name, got, want) in [
+        (meta::START_LSN, m.start_lsn, start + part.range.from),
+        (meta::END_LSN, m.end_lsn, start + part.range.to),
     ] {
-        let got = m.get(name).map(String::as_str).unwrap_or("none");
-        if got != want.to_string() {
+        if got != Some(want) {
             return Err(failed(
                 part,
-                format!("its {name} is {got}, its key says {want}"),
+                format!("its {name} is {got:?}, its key says {want}"),
             ));
         }
     }
