@@ -335,6 +335,23 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
     }
     let state = p.d.state().unwrap();
     assert!(state["backup_sites"]["main"]["walreceiver"]["undurable_age_seconds"].is_number());
+    // And GET /status, the same values live.
+    p.d.wait_http();
+    let (code, body) = walhoard::api_client::request(
+        "127.0.0.1",
+        p.d.http_port,
+        hyper::Method::GET,
+        "/status",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, hyper::StatusCode::OK, "{body}");
+    let live: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let w = &live["backup_sites"]["main"]["walreceiver"];
+    let live_durable: Lsn = w["durable_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(live_durable >= seg_end, "{w}");
+    assert!(w["undurable_age_seconds"].as_f64().is_some(), "{w}");
 }
 
 fn wal_counter(p: &Primary, name: &str) -> u64 {

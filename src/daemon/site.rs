@@ -197,14 +197,21 @@ impl SiteWal {
             // Leftovers of earlier runs first, then each move of the archive's end deletes
             // the partial objects of the segments it now holds complete.
             let mut archived = self.archived_rx.clone();
+            let abort = abort.clone();
             tracker.spawn(async move {
-                partial.clean_leftovers().await;
-                loop {
-                    let at = *archived.borrow_and_update();
-                    partial.archived_moved(at).await;
-                    if archived.changed().await.is_err() {
-                        return;
+                let follow = async {
+                    partial.clean_leftovers().await;
+                    loop {
+                        let at = *archived.borrow_and_update();
+                        partial.archived_moved(at).await;
+                        if archived.changed().await.is_err() {
+                            return;
+                        }
                     }
+                };
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    _ = follow => {}
                 }
             });
         }
