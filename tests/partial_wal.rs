@@ -77,14 +77,26 @@ fn range(key: &str) -> (u64, u64) {
 }
 
 fn restore_command(p: &Primary, xlog: &str, output: &Path) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["postgres-command", "--mode", "restore", "--site", "main"])
+    restore_command_via(p, xlog, output, Via::Store)
+}
+
+/// Where restore_command gets the file: the store itself, or the daemon's archive endpoint.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Store,
+    Daemon,
+}
+
+fn restore_command_via(p: &Primary, xlog: &str, output: &Path, via: Via) -> Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    c.args(["postgres-command", "--mode", "restore", "--site", "main"])
         .args(["--xlog", xlog, "--output"])
-        .arg(output)
-        .arg("--config")
-        .arg(p.d.config_path())
-        .output()
-        .unwrap()
+        .arg(output);
+    match via {
+        Via::Store => c.arg("--config").arg(p.d.config_path()),
+        Via::Daemon => c.args(["--port", &p.d.http_port.to_string()]),
+    };
+    c.output().unwrap()
 }
 
 /// Destroys the primary as a lost machine would (kill -9 of the postmaster and the daemon,
@@ -208,7 +220,13 @@ async fn partial_wal_async_loses_at_most_the_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
     let interval = 1.0;
-    let mut p = primary(json!({ "partial_wal_upload_interval": interval })).await;
+    // The daemon's archive endpoint restores only into the site's pg_data_directory.
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut p = primary(json!({
+        "partial_wal_upload_interval": interval,
+        "pg_data_directory": out_dir.path(),
+    }))
+    .await;
     p.archive_all().await;
     for i in 0..3 {
         insert(&p.pg, &format!("p{i}"), 50);
@@ -251,22 +269,26 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
 
     // restore_command serves the prefix, zero-filled: byte-identical to pg_wal up to the
     // chain's end, zeros after.
-    let out_dir = tempfile::tempdir().unwrap();
     let pg_wal = out_dir.path().join("pg_wal");
     std::fs::create_dir(&pg_wal).unwrap();
     let output = pg_wal.join("RECOVERYXLOG");
-    let out = restore_command(&p, &seg, &output);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let served = std::fs::read(&output).unwrap();
     let end = ranges.last().unwrap().1 as usize;
     let live = std::fs::read(p.pg.wal_dir().join(&seg)).unwrap();
-    assert_eq!(served.len(), 16 << 20);
-    assert!(
-        served[..end] == live[..end],
-        "served prefix differs from pg_wal"
-    );
-    assert!(served[end..].iter().all(|b| *b == 0), "not zero-filled");
-    std::fs::remove_file(&output).unwrap();
+    for via in [Via::Store, Via::Daemon] {
+        let out = restore_command_via(&p, &seg, &output, via);
+        assert_eq!(out.status.code(), Some(0), "{via:?}: {}", stderr(&out));
+        let served = std::fs::read(&output).unwrap();
+        assert_eq!(served.len(), 16 << 20);
+        assert!(
+            served[..end] == live[..end],
+            "{via:?}: served prefix differs from pg_wal"
+        );
+        assert!(
+            served[end..].iter().all(|b| *b == 0),
+            "{via:?}: not zero-filled"
+        );
+        std::fs::remove_file(&output).unwrap();
+    }
 
     // kill -9 of the daemon, more WAL, restart: the stored ranges are compared, not uploaded
     // again, and the new bytes continue the chain.
