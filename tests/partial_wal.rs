@@ -67,6 +67,22 @@ async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, 
     }
 }
 
+/// The ranges of the parts under `dir`, in order, asserted to tile the segment from offset 0
+/// without gap or overlap.
+fn tiling(parts: &BTreeMap<String, Vec<u8>>, dir: &str) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = parts
+        .keys()
+        .filter(|k| k.starts_with(dir))
+        .map(|k| range(k))
+        .collect();
+    ranges.sort();
+    assert_eq!(ranges.first().map(|r| r.0), Some(0), "{ranges:?}");
+    for w in ranges.windows(2) {
+        assert_eq!(w[0].1, w[1].0, "not one run without overlap: {ranges:?}");
+    }
+    ranges
+}
+
 /// The offsets `from-to` of a partial object key.
 fn range(key: &str) -> (u64, u64) {
     let (a, b) = key.rsplit('/').next().unwrap().split_once('-').unwrap();
@@ -239,17 +255,8 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
     let store = p.store.clone();
     let before = wait_parts_up_to(&p, &dir, wanted_end).await;
     // Only new bytes each: the ranges of the segment tile it from 0 without overlap.
-    let mut ranges: Vec<(u64, u64)> = before
-        .keys()
-        .filter(|k| k.starts_with(&dir))
-        .map(|k| range(k))
-        .collect();
-    ranges.sort();
+    let ranges = tiling(&before, &dir);
     assert!(ranges.len() >= 2, "{ranges:?}");
-    assert_eq!(ranges[0].0, 0);
-    for w in ranges.windows(2) {
-        assert_eq!(w[0].1, w[1].0, "not contiguous: {ranges:?}");
-    }
     // The usual metadata, and the LSN range.
     let first_key = format!("{dir}{:08X}-{:08X}", ranges[0].0, ranges[0].1);
     let m = store.metadata(&first_key).await.unwrap();
@@ -516,16 +523,7 @@ async fn partial_wal_daemon_killed_during_partial_uploads_loses_nothing() {
     let seg_start = Lsn(lsn.0 & !((16u64 << 20) - 1));
     let dir = format!("xlog_partial/{seg}/");
     let parts = wait_parts_up_to(&p, &dir, lsn.0 - seg_start.0).await;
-    let mut ranges: Vec<(u64, u64)> = parts
-        .keys()
-        .filter(|k| k.starts_with(&dir))
-        .map(|k| range(k))
-        .collect();
-    ranges.sort();
-    assert_eq!(ranges[0].0, 0, "{ranges:?}");
-    for w in ranges.windows(2) {
-        assert_eq!(w[0].1, w[1].0, "not one run without overlap: {ranges:?}");
-    }
+    let ranges = tiling(&parts, &dir);
     let end = ranges.last().unwrap().1 as usize;
     let out_dir = tempfile::tempdir().unwrap();
     let output = out_dir.path().join("RECOVERYXLOG");
