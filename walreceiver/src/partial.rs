@@ -131,6 +131,11 @@ impl Partials {
         }
     }
 
+    /// Whether the last batch of `id` has not landed: the durable end is short of its end.
+    pub(crate) fn unlanded(&self, id: SegmentId, start: Lsn, durable: Lsn) -> bool {
+        matches!(self.handed, Some((h, off)) if h == id && durable < start + off)
+    }
+
     /// The token to send with a batch.
     pub(crate) fn token(&self) -> InFlight {
         InFlight(self.token.clone())
@@ -236,6 +241,7 @@ mod tests {
         // Landed: continue after it.
         assert_eq!(p.next_offset(id, start, start + 500), 500);
         // Not stored: again from the durable end, nothing skipped.
+        assert!(p.unlanded(id, start, start + 200) && !p.unlanded(id, start, start + 500));
         assert_eq!(p.next_offset(id, start, start + 200), 200);
         assert_eq!(p.next_offset(id, start, Lsn(start.0 - 1)), 0);
         // Another segment (the next one, or the same on a new timeline): from its start.

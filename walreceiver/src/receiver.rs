@@ -228,7 +228,7 @@ impl Session {
         }
         let durable = self.cfg.partial.durable().map_or(archived, |d| *d.borrow());
         let from = partials.next_offset(cur.id, cur.start, durable);
-        if partials.next_offset(cur.id, cur.start, Lsn(u64::MAX)) > from {
+        if partials.unlanded(cur.id, cur.start, durable) {
             partials.not_landed();
         }
         if !partials.due(deadline) || cur.written <= from {
