@@ -16,154 +16,26 @@
 //! deletions by one lock, so a batch for a segment that has just been archived is dropped
 //! instead of leaving an object behind.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
-use walhoard_protocol::{Backoff, Lsn, SegmentId, SegmentSize, WalSegmentName};
+use tokio_util::task::TaskTracker;
+use walhoard_protocol::{Backoff, Lsn, SegmentId, SegmentSize};
+use walhoard_walreceiver::{InFlight, PartialUploads};
 
-use super::archiver::{wal_key, wal_overwrite_alert, UploadContext};
+use super::archiver::{wal_overwrite_alert, UploadContext};
 use super::status::{Alerts, SiteStatus};
 use crate::pipeline::transfer::{upload, Source, Upload};
 use crate::storage::meta::ObjectMeta;
 use crate::storage::retry::with_retries;
-use crate::storage::{ObjectStore, StorageError};
+use crate::storage::StorageError;
 
-/// The directory (key prefix) of all partial WAL objects of a site.
-pub const PARTIAL_DIR: &str = "xlog_partial";
+mod layout;
 
-/// The key prefix of segment `id`'s partial objects.
-pub fn partial_dir(id: &SegmentId) -> String {
-    format!("{PARTIAL_DIR}/{}", WalSegmentName::Segment(*id))
-}
-
-/// The key of the partial object holding bytes `from..to` of segment `id`.
-pub fn partial_key(id: &SegmentId, from: u64, to: u64) -> String {
-    format!("{}/{from:08X}-{to:08X}", partial_dir(id))
-}
-
-/// The bytes `from..to` of a segment that one partial object holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PartRange {
-    pub from: u64,
-    pub to: u64,
-}
-
-impl PartRange {
-    /// Parses the last part of a partial object's key (`0000A000-0000B000`); `None` for
-    /// anything else, which is never read or deleted.
-    pub fn parse(name: &str) -> Option<Self> {
-        let (a, b) = name.split_once('-')?;
-        let hex = |s: &str| {
-            (s.len() == 8
-                && s.bytes()
-                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()))
-            .then(|| u64::from_str_radix(s, 16).ok())
-            .flatten()
-        };
-        let (from, to) = (hex(a)?, hex(b)?);
-        (from < to).then_some(PartRange { from, to })
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.to - self.from
-    }
-}
-
-/// One stored partial object.
-#[derive(Debug, Clone)]
-pub struct Part {
-    pub range: PartRange,
-    pub key: String,
-}
-
-/// The partial objects in the store, by segment (only keys in the layout), each segment's in
-/// order of offset. `only` restricts the listing to one segment.
-pub async fn list_parts(
-    store: &ObjectStore,
-    only: Option<&SegmentId>,
-) -> Result<BTreeMap<SegmentId, Vec<Part>>, StorageError> {
-    let dir = only.map_or_else(|| PARTIAL_DIR.to_string(), partial_dir);
-    let mut out: BTreeMap<SegmentId, Vec<Part>> = BTreeMap::new();
-    for o in store.list(&dir).await? {
-        let Some(rest) = o
-            .key
-            .strip_prefix(PARTIAL_DIR)
-            .and_then(|r| r.strip_prefix('/'))
-        else {
-            continue;
-        };
-        let Some((seg, name)) = rest.split_once('/') else {
-            continue;
-        };
-        let (Ok(WalSegmentName::Segment(id)), Some(range)) = (seg.parse(), PartRange::parse(name))
-        else {
-            continue;
-        };
-        out.entry(id).or_default().push(Part { range, key: o.key });
-    }
-    for parts in out.values_mut() {
-        parts.sort_by_key(|p| p.range);
-    }
-    Ok(out)
-}
-
-/// The contiguous run of `parts` (sorted) from offset 0, and where it ends. A part that starts
-/// inside the run without continuing it exactly (never written by walhoard) ends the run.
-pub fn chain_from_zero(parts: &[Part]) -> (Vec<&Part>, u64) {
-    let mut end = 0;
-    let mut chain = Vec::new();
-    for p in parts {
-        if p.range.from == end {
-            end = p.range.to;
-            chain.push(p);
-        } else if p.range.from > end || p.range.to > end {
-            break;
-        }
-    }
-    (chain, end)
-}
-
-/// Deletes the partial objects of segment `id` (only keys in the layout); returns how many.
-pub async fn delete_parts(store: &ObjectStore, id: &SegmentId) -> Result<usize, StorageError> {
-    let parts = list_parts(store, Some(id)).await?;
-    let mut n = 0;
-    for p in parts.get(id).into_iter().flatten() {
-        store.delete(&p.key).await?;
-        n += 1;
-    }
-    Ok(n)
-}
-
-/// Whether the archive holds segment `id` complete, or as its timeline's last `.partial`.
-async fn complete_in_archive(store: &ObjectStore, id: &SegmentId) -> Result<bool, StorageError> {
-    for name in [WalSegmentName::Segment(*id), WalSegmentName::Partial(*id)] {
-        if store.stat(&wal_key(&name)).await?.is_some() {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Retention: deletes the partial objects of segments before `first` (the oldest kept
-/// basebackup's start segment, compared by position whatever the timeline); returns how many.
-pub async fn delete_parts_before(
-    store: &ObjectStore,
-    first: &SegmentId,
-) -> Result<usize, StorageError> {
-    let mut n = 0;
-    for (id, parts) in list_parts(store, None).await? {
-        if (id.log, id.seg) < (first.log, first.seg) {
-            for p in parts {
-                store.delete(&p.key).await?;
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
+pub use layout::*;
 
 /// A stored part of the segment being uploaded, and whether its bytes were compared with ours.
 #[derive(Debug)]
@@ -218,6 +90,67 @@ impl PartialArchiver {
             state: Arc::new(Mutex::new(State::default())),
             seg: Arc::default(),
         }
+    }
+
+    /// For a site with partial uploads every `interval`: the receiver's half (the durable
+    /// end it reads) and the archiver.
+    pub fn for_site(
+        interval: std::time::Duration,
+        ctx: Arc<UploadContext>,
+        status: Arc<SiteStatus>,
+        alerts: Alerts,
+        archived: watch::Receiver<Lsn>,
+    ) -> (PartialUploads, Self) {
+        let (durable_tx, durable) = watch::channel(Lsn::INVALID);
+        let receiver = PartialUploads::Every { interval, durable };
+        (
+            receiver,
+            PartialArchiver::new(ctx, status, alerts, archived, durable_tx),
+        )
+    }
+
+    /// On `tracker` until `abort`: leftovers of earlier runs first, then, each time the
+    /// archive's end moves, the parts of the segments it now holds complete are deleted.
+    pub fn follow_archive(&self, tracker: &TaskTracker, abort: &CancellationToken) {
+        let (this, abort) = (self.clone(), abort.clone());
+        let mut archived = self.archived.clone();
+        tracker.spawn(async move {
+            let follow = async {
+                this.clean_leftovers().await;
+                loop {
+                    let at = *archived.borrow_and_update();
+                    this.archived_moved(at).await;
+                    if archived.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = follow => {}
+            }
+        });
+    }
+
+    /// Stores a batch the receiver handed on ([`PartialArchiver::upload`]) on `tracker`;
+    /// `in_flight` is dropped only then, so the receiver hands on the next batch after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_batch(
+        &self,
+        tracker: &TaskTracker,
+        abort: &CancellationToken,
+        id: SegmentId,
+        start: Lsn,
+        seg: SegmentSize,
+        offset: u64,
+        data: Bytes,
+        in_flight: InFlight,
+    ) {
+        let (this, abort) = (self.clone(), abort.clone());
+        tracker.spawn(async move {
+            this.upload(id, start, seg, offset, data, &abort).await;
+            drop(in_flight);
+        });
     }
 
     /// The server's segment size (a connection reported it).
@@ -484,16 +417,9 @@ impl PartialArchiver {
 mod tests {
     use super::*;
 
-    fn part(from: u64, to: u64) -> Part {
-        Part {
-            range: PartRange { from, to },
-            key: format!("k{from}"),
-        }
-    }
-
     fn seg_id(name: &str) -> SegmentId {
         match name.parse() {
-            Ok(WalSegmentName::Segment(id)) => id,
+            Ok(walhoard_protocol::WalSegmentName::Segment(id)) => id,
             other => panic!("{other:?}"),
         }
     }
@@ -552,50 +478,5 @@ mod tests {
         assert_eq!(delete_parts_before(&store, &next).await.unwrap(), 2);
         assert!(list_parts(&store, None).await.unwrap().is_empty());
         assert!(store.stat(&foreign).await.unwrap().is_some());
-    }
-
-    #[test]
-    fn part_names_parse_only_the_layout() {
-        let id: SegmentId = match "000000010000000000000003".parse() {
-            Ok(WalSegmentName::Segment(id)) => id,
-            other => panic!("{other:?}"),
-        };
-        let key = partial_key(&id, 0x2000, 0x1F000);
-        assert_eq!(
-            key,
-            "xlog_partial/000000010000000000000003/00002000-0001F000"
-        );
-        let name = key.rsplit('/').next().unwrap();
-        assert_eq!(
-            PartRange::parse(name),
-            Some(PartRange {
-                from: 0x2000,
-                to: 0x1F000
-            })
-        );
-        for bad in [
-            "00002000-00001000",
-            "2000-3000",
-            "0000200a-0000300b",
-            "x",
-            "00002000-00002000",
-        ] {
-            assert_eq!(PartRange::parse(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn chain_is_the_contiguous_run_from_zero() {
-        let parts = [part(0, 100), part(100, 250), part(400, 500)];
-        let (chain, end) = chain_from_zero(&parts);
-        assert_eq!(end, 250);
-        assert_eq!(chain.len(), 2);
-        let lone = [part(100, 200)];
-        let (chain, end) = chain_from_zero(&lone);
-        assert!(chain.is_empty());
-        assert_eq!(end, 0);
-        // A part straddling the run's end was not written by walhoard: the run ends there.
-        let (_, end) = chain_from_zero(&[part(0, 100), part(50, 300)]);
-        assert_eq!(end, 100);
     }
 }

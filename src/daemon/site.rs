@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
 use walhoard_walreceiver::{
-    DisconnectReason, PartialUploads, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook,
-    SegmentBuffers, SpoolSync, StartPosition,
+    DisconnectReason, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers,
+    SpoolSync, StartPosition,
 };
 
 use super::archiver::{wal_key, Archiver, KeyState, UploadContext};
@@ -102,15 +102,15 @@ impl SiteWal {
         };
         receiver.buffers = segment_buffers;
         let partial = site.partial_wal_upload_interval.get().map(|interval| {
-            let (durable_tx, durable) = watch::channel(Lsn::INVALID);
-            receiver.partial = PartialUploads::Every { interval, durable };
-            PartialArchiver::new(
+            let (uploads, partial) = PartialArchiver::for_site(
+                interval,
                 archiver.context_arc(),
                 status.clone(),
                 alerts.clone(),
                 archived_rx.clone(),
-                durable_tx,
-            )
+            );
+            receiver.partial = uploads;
+            partial
         });
         let disk_guard = site
             .pg_receivexlog
@@ -193,27 +193,8 @@ impl SiteWal {
                 status.set_undurable_since(p.undurable_since);
             }
         });
-        if let Some(partial) = self.partial.clone() {
-            // Leftovers of earlier runs first, then each move of the archive's end deletes
-            // the partial objects of the segments it now holds complete.
-            let mut archived = self.archived_rx.clone();
-            let abort = abort.clone();
-            tracker.spawn(async move {
-                let follow = async {
-                    partial.clean_leftovers().await;
-                    loop {
-                        let at = *archived.borrow_and_update();
-                        partial.archived_moved(at).await;
-                        if archived.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                };
-                tokio::select! {
-                    _ = abort.cancelled() => {}
-                    _ = follow => {}
-                }
-            });
+        if let Some(partial) = &self.partial {
+            partial.follow_archive(&tracker, &abort);
         }
         let mut seg_size: Option<SegmentSize> = None;
         // Archiving fails only when uploads are aborted (the daemon stops): streaming ends.
@@ -267,13 +248,9 @@ impl SiteWal {
                     data,
                     in_flight,
                 } => {
-                    if let (Some(partial), Some(seg)) = (self.partial.clone(), seg_size) {
-                        let abort = abort.clone();
-                        tracker.spawn(async move {
-                            partial.upload(id, start, seg, offset, data, &abort).await;
-                            // Only now may the receiver hand on the next batch.
-                            drop(in_flight);
-                        });
+                    if let (Some(partial), Some(seg)) = (&self.partial, seg_size) {
+                        partial
+                            .spawn_batch(&tracker, &abort, id, start, seg, offset, data, in_flight);
                     }
                 }
                 // A partial or history file may be stored already (a restart after its upload).
