@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use walhoard_protocol::{Backoff, Lsn, SegmentId, SegmentSize};
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize};
 use walhoard_walreceiver::{InFlight, PartialUploads};
 
 use super::archiver::{wal_overwrite_alert, UploadContext};
@@ -296,8 +296,8 @@ impl PartialArchiver {
             .then(|| format!("its {algorithm} is {hash}, the WAL received is {mine}")))
     }
 
-    /// Uploads one part, retrying (the site's retry policy, then backoff on other errors)
-    /// until it is stored; false when cancelled first.
+    /// Uploads one part until it is stored (the daemon's one retry loop,
+    /// [`UploadContext::retry_until_stored`]); false when cancelled first.
     async fn put_until_stored(
         &self,
         key: &str,
@@ -306,9 +306,13 @@ impl PartialArchiver {
         cancel: &CancellationToken,
     ) -> bool {
         let ctx = &self.ctx;
-        let mut backoff = Backoff::new(ctx.retry.initial_backoff, ctx.retry.max_backoff);
-        loop {
-            let attempt = with_retries(&ctx.retry, key, || {
+        let len = data.len() as u64;
+        ctx.retry_until_stored(
+            key,
+            || len,
+            &self.status,
+            cancel,
+            || {
                 let wal = Upload::wal(
                     key,
                     Source::bytes(data.clone()),
@@ -316,29 +320,14 @@ impl PartialArchiver {
                     ctx.encryption.clone(),
                     ctx.hash_algorithm,
                 );
-                upload(
-                    &ctx.store,
-                    Upload {
-                        metadata: metadata.clone(),
-                        ..wal
-                    },
-                )
-            });
-            let e = tokio::select! {
-                _ = cancel.cancelled() => return false,
-                r = attempt => match r {
-                    Ok(_) => return true,
-                    Err(e) => e,
-                },
-            };
-            let wait = backoff.next_wait();
-            tracing::error!(site = %ctx.site, object = key, error = %e, retry_in = ?wait, "cannot store partial WAL; the WAL stays in the spool and the slot");
-            self.status.set_error(format!("archive {key}: {e}"));
-            tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
+                let upload_one = Upload {
+                    metadata: metadata.clone(),
+                    ..wal
+                };
+                async move { upload(&ctx.store, upload_one).await.map(|_| ()) }
+            },
+        )
+        .await
     }
 
     /// The archive's end moved to `archived`: the durable end follows, and the partial
