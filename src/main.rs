@@ -214,12 +214,16 @@ async fn basebackup(flags: &SiteFlags) -> Result<()> {
     let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
     let (host, port) = (config.http_address.as_str(), config.http_port);
     if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+        let headers: Vec<_> = walhoard::api_client::Credentials::from_config(&config)
+            .map(|c| c.header())
+            .into_iter()
+            .collect();
         let (status, body) = walhoard::api_client::request(
             host,
             port,
             hyper::Method::PUT,
             &format!("/{site}/basebackup"),
-            &[],
+            &headers,
         )
         .await?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -257,7 +257,7 @@ impl PartialArchiver {
                 start_lsn: Some(start + chain_end),
                 end_lsn: Some(start + end),
                 wal_segment_size: Some(seg.bytes()),
-                ..self.ctx.base_metadata.clone()
+                ..self.ctx.wal_metadata()
             };
             let new = data.slice((chain_end - offset) as usize..);
             if !self.put_until_stored(&key, new, metadata, cancel).await {
@@ -415,7 +415,8 @@ mod tests {
 
     /// Leftovers: at start the parts of segments archived complete (or as a timeline's
     /// `.partial`) go, those of a segment not archived stay (they are its only copy);
-    /// retention deletes parts before the oldest backup. Keys outside the layout stay.
+    /// retention deletes parts before the oldest backup. Keys outside the layout, and parts
+    /// without walhoard's `walhoard-writer` mark, stay.
     #[tokio::test]
     async fn leftovers_and_retention_delete_only_walhoards_parts() {
         use crate::storage::Metadata;
@@ -423,6 +424,8 @@ mod tests {
         let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
         let store = ctx.store.clone();
         let m = Metadata::new();
+        // What walhoard stores carries its mark; a part without it was not written by walhoard.
+        let ours = ctx.wal_metadata().to_map();
         let (done, tl_end, open) = (
             seg_id("000000010000000000000001"),
             seg_id("000000010000000000000002"),
@@ -431,13 +434,15 @@ mod tests {
         for id in [done, tl_end, open] {
             for (a, b) in [(0, 0x100), (0x100, 0x300)] {
                 store
-                    .put_bytes(&partial_key(&id, a, b), b"x", &m)
+                    .put_bytes(&partial_key(&id, a, b), b"x", &ours)
                     .await
                     .unwrap();
             }
         }
         let foreign = format!("{}/notes.txt", partial_dir(&done));
-        store.put_bytes(&foreign, b"mine", &m).await.unwrap();
+        store.put_bytes(&foreign, b"mine", &ours).await.unwrap();
+        let unmarked = partial_key(&done, 0x300, 0x400);
+        store.put_bytes(&unmarked, b"y", &m).await.unwrap();
         store
             .put_bytes("xlog/000000010000000000000001", b"s", &m)
             .await
@@ -460,12 +465,19 @@ mod tests {
         );
         p.clean_leftovers().await;
         let left = list_parts(&store, None).await.unwrap();
-        assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![open]);
+        assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![done, open]);
+        assert_eq!(
+            left[&done].len(),
+            1,
+            "only the unmarked part stays: {left:?}"
+        );
         assert!(store.stat(&foreign).await.unwrap().is_some());
         assert_eq!(delete_parts_before(&store, &open).await.unwrap(), 0);
         let next = seg_id("000000020000000000000006");
         assert_eq!(delete_parts_before(&store, &next).await.unwrap(), 2);
-        assert!(list_parts(&store, None).await.unwrap().is_empty());
+        let left = list_parts(&store, None).await.unwrap();
+        assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![done]);
         assert!(store.stat(&foreign).await.unwrap().is_some());
+        assert!(store.stat(&unmarked).await.unwrap().is_some());
     }
 }

@@ -17,6 +17,7 @@ use walhoard_basebackup::untar::TarReader;
 
 use super::beneath::Beneath;
 use super::extract::Extractor;
+use super::pghoard_delta;
 use super::RestoreSite;
 use crate::pipeline::transfer::download_with;
 
@@ -87,6 +88,13 @@ pub(super) enum Route {
     },
     /// The backup_manifest: a plain file `name` in the directory `dir`.
     File { dir: PathBuf, name: &'static str },
+    /// A pghoard delta object: the whole plain body is the file `rel` of the data directory,
+    /// whose BLAKE2s-256 must be `hexdigest` ([`super::pghoard_delta`]).
+    DeltaFile {
+        data: Extractor,
+        rel: String,
+        hexdigest: String,
+    },
 }
 
 impl Route {
@@ -97,10 +105,10 @@ impl Route {
     ) -> io::Result<Option<(&'a Extractor, &'a str)>> {
         match self {
             Route::Into(x) => Ok(Some((x, path))),
-            Route::File { .. } => Ok(None),
+            Route::File { .. } | Route::DeltaFile { .. } => Ok(None),
             Route::LocalTar { data, tablespaces } => {
                 let p = path.trim_start_matches("./");
-                if p == METADATA_MEMBER {
+                if p == METADATA_MEMBER || p == pghoard_delta::MANIFEST_MEMBER {
                     return Ok(None);
                 }
                 if p == "pgdata" || p == "pgdata/" {
@@ -139,6 +147,14 @@ impl Route {
             let mut f = Beneath::open(dir)?.create(Path::new(name), 0o600)?;
             io::copy(r, &mut f)?;
             return f.sync_all();
+        }
+        if let Route::DeltaFile {
+            data,
+            rel,
+            hexdigest,
+        } = self
+        {
+            return pghoard_delta::extract_object(data, rel, hexdigest, r);
         }
         let mut tar = TarReader::new(&mut *r);
         while let Some(entry) = tar.next_entry()? {

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod get;
 mod partial;
 pub mod pghoard;
+pub mod pghoard_delta;
 pub mod recovery;
 pub mod wal;
 

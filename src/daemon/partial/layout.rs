@@ -103,13 +103,33 @@ pub fn chain_from_zero(parts: &[Part]) -> (Vec<&Part>, u64) {
     (chain, end)
 }
 
-/// Deletes the partial objects of segment `id` (only keys in the layout); returns how many.
+/// Deletes the partial objects of segment `id` (only keys in the layout that carry
+/// walhoard's mark); returns how many.
 pub async fn delete_parts(store: &ObjectStore, id: &SegmentId) -> Result<usize, StorageError> {
     let parts = list_parts(store, Some(id)).await?;
+    delete_marked(store, parts.get(id).into_iter().flatten()).await
+}
+
+/// Deletes those of `parts` whose metadata carries walhoard's `walhoard-writer` mark (the
+/// others, or any whose metadata cannot be read, are left alone with a warning).
+async fn delete_marked(
+    store: &ObjectStore,
+    parts: impl IntoIterator<Item = &Part>,
+) -> Result<usize, StorageError> {
     let mut n = 0;
-    for p in parts.get(id).into_iter().flatten() {
-        store.delete(&p.key).await?;
-        n += 1;
+    for p in parts {
+        match store.object_meta(&p.key).await {
+            Ok(m) if m.walhoard_writer.is_some() => {
+                store.delete(&p.key).await?;
+                n += 1;
+            }
+            Ok(_) => {
+                tracing::warn!(object = %p.key, "partial WAL object without walhoard's mark; left alone")
+            }
+            Err(e) => {
+                tracing::warn!(object = %p.key, error = %e, "partial WAL object's metadata unreadable; left alone")
+            }
+        }
     }
     Ok(n)
 }
@@ -136,10 +156,7 @@ pub async fn delete_parts_before(
     let mut n = 0;
     for (id, parts) in list_parts(store, None).await? {
         if (id.log, id.seg) < (first.log, first.seg) {
-            for p in parts {
-                store.delete(&p.key).await?;
-                n += 1;
-            }
+            n += delete_marked(store, &parts).await?;
         }
     }
     Ok(n)
