@@ -267,6 +267,7 @@ async fn partial_wal_objects_immutable_served_and_deleted_after_the_segment() {
         "encryption-key-id",
         "original-file-size",
         "wal-segment-size",
+        "walhoard-writer",
     ] {
         assert!(m.contains_key(k), "{k} missing: {m:?}");
     }
