@@ -131,7 +131,10 @@ impl SiteStatus {
     pub fn snapshot(&self) -> WalState {
         self.with(|i| {
             let mut w = i.wal.clone();
-            w.archive_lag_seconds = i.lag_clock.lag_seconds(i.archived, now_secs());
+            // Partial objects hold WAL as durably as segments: the lag is up to the durable end.
+            w.archive_lag_seconds = i
+                .lag_clock
+                .lag_seconds(i.durable.max(i.archived), now_secs());
             w.undurable_age_seconds = i
                 .undurable_since
                 .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -146,6 +149,7 @@ impl SiteStatus {
             if durable > i.durable {
                 i.durable = durable;
                 i.wal.durable_lsn = Some(durable.to_string());
+                i.lag_clock.archived(durable);
             }
         });
     }
