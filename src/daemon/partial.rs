@@ -324,7 +324,18 @@ impl PartialArchiver {
                     metadata: metadata.clone(),
                     ..wal
                 };
-                async move { upload(&ctx.store, upload_one).await.map(|_| ()) }
+                async move {
+                    let result = upload(&ctx.store, upload_one).await;
+                    // Counted as WAL uploads (pghoard.upload_size, type xlog): what the store gets.
+                    let ty = crate::metrics::FileType::of_key(key);
+                    crate::metrics::upload(
+                        &ctx.site,
+                        ty,
+                        ctx.compression.algorithm.name(),
+                        &result,
+                    );
+                    result.map(|_| ())
+                }
             },
         )
         .await
