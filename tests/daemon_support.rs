@@ -54,6 +54,16 @@ impl DaemonDir {
         self.path("alerts")
     }
 
+    /// The `object_storage` of bucket `bucket` on an s3s-fs server listening on `port`.
+    pub fn s3_storage(port: u16, bucket: &str) -> Value {
+        json!({
+            "storage_type": "s3", "region": "us-east-1", "bucket_name": bucket,
+            "host": "127.0.0.1", "port": port, "is_secure": false,
+            "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+            "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+        })
+    }
+
     pub fn local_storage(&self) -> Value {
         json!({"storage_type": "local", "directory": self.path("archive")})
     }

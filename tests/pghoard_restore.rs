@@ -14,7 +14,7 @@ use crate::daemon_support::{merge, DaemonDir};
 use crate::restore::{get_basebackup, start_promoted, stderr};
 use crate::retention::PGHOARD_SITE;
 
-const LOCAL_TAR: &str = "2026-12-04_20-38_0";
+pub(crate) const LOCAL_TAR: &str = "2026-12-04_20-38_0";
 const LOCAL_TAR_CONTROL: &str = "2026-12-04_20-38_0.00000000.pghoard";
 const BASIC: &str = "2026-12-04_20-39_0";
 /// The fixture's table: 1000 rows, then 100 more before each of four WAL switches, all of
@@ -35,7 +35,7 @@ pub(crate) fn pghoard_site(d: &DaemonDir, extra: serde_json::Value) -> serde_jso
 
 /// A walhoard configuration for pghoard's archive as a pghoard user keeps it: site prefix
 /// `pgsite`, local storage, no encryption; a node nothing connects to.
-fn pghoard_archive() -> DaemonDir {
+pub(crate) fn pghoard_archive() -> DaemonDir {
     pghoard_archive_of(&fixture_archive("pghoard-pg15"))
 }
 
@@ -168,7 +168,7 @@ async fn restore_pghoard_basic_backup_and_replay_pghoards_wal() {
 /// Replaces one byte of file data inside a stored zstd tar with another value and stores it
 /// compressed again: a valid zstd stream and a valid tar of the same size, which only the
 /// object's `_hash` tells apart from what pghoard wrote.
-fn tamper(object: &Path) {
+pub(crate) fn tamper(object: &Path) {
     let plain = zstd::stream::decode_all(&std::fs::read(object).unwrap()[..]).unwrap();
     let mut plain = plain;
     // Halfway: inside a relation file's data (chunk 3 is nine members, almost all data).
@@ -218,7 +218,7 @@ const ENC_TS_DIR: &str = concat!(
 
 /// pghoard's `pghoa1`-encrypted archive with a tablespace (tests/data/pghoard-pg15-enc-ts),
 /// configured with the test key pair pghoard wrote it with.
-fn pghoard_encrypted_archive() -> DaemonDir {
+pub(crate) fn pghoard_encrypted_archive() -> DaemonDir {
     let d = DaemonDir::new();
     crate::retention::unpack_fixture(&format!("{ENC_TS_DIR}/archive.tar.zst"), &d.path("archive"));
     let keys: serde_json::Value =

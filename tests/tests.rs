@@ -4,6 +4,7 @@
 mod basebackup;
 mod cli;
 mod common;
+mod config_keys;
 mod daemon;
 mod daemon_stream;
 mod daemon_support;
@@ -34,4 +35,5 @@ mod storage_gcs;
 mod storage_outage;
 mod storage_sftp;
 mod transfer;
+mod verify;
 mod walreceiver;

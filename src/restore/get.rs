@@ -25,7 +25,7 @@ use walhoard_basebackup::control::{
 use walhoard_basebackup::untar::{Entry, TarReader};
 
 use super::beneath::Beneath;
-use super::chunks::{fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
+use super::chunks::{chunk_key, fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
 use super::pghoard::{self, FORMAT_PGHOARD_BASIC};
@@ -59,6 +59,21 @@ pub struct Restored {
     pub metadata: BackupMetadata,
     /// Tablespace oid → directory.
     pub tablespaces: BTreeMap<u32, PathBuf>,
+}
+
+/// [`read_control`], refusing a format walhoard cannot restore.
+pub(crate) async fn read_known_control(
+    site: &RestoreSite,
+    name: &str,
+) -> Result<(BackupMetadata, Vec<(Entry, Vec<u8>)>, bool)> {
+    let (meta, extra, pghoard_written) = read_control(site, name).await?;
+    if meta.format != FORMAT_STREAM
+        && !local_tar_layout(&meta.format)
+        && meta.format != FORMAT_PGHOARD_BASIC
+    {
+        bail!("basebackup/{name}: unknown format {:?}", meta.format);
+    }
+    Ok((meta, extra, pghoard_written))
 }
 
 /// The control object: the metadata and (local-tar) the extra members. pghoard's backups are
@@ -152,22 +167,7 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     let mut picked = None;
     for (i, chosen) in choices.iter().enumerate() {
         let source = site.for_backup(chosen)?;
-        let control =
-            read_control(&source, &chosen.name)
-                .await
-                .and_then(|(meta, extra, pghoard_written)| {
-                    if meta.format != FORMAT_STREAM
-                        && !local_tar_layout(&meta.format)
-                        && meta.format != FORMAT_PGHOARD_BASIC
-                    {
-                        bail!(
-                            "basebackup/{}: unknown format {:?}",
-                            chosen.name,
-                            meta.format
-                        );
-                    }
-                    Ok((meta, extra, pghoard_written))
-                });
+        let control = read_known_control(&source, &chosen.name).await;
         match control {
             Ok(c) => {
                 picked = Some(((*chosen).clone(), c));
@@ -332,14 +332,7 @@ async fn restore_into(
         jobs.push(Job {
             chunk: c.clone(),
             route,
-            key: match meta.format.as_str() {
-                // pghoard's basic backup is its control object.
-                FORMAT_PGHOARD_BASIC => format!("basebackup/{}", c.chunk_filename),
-                FORMAT_PGHOARD_DELTA => {
-                    format!("{}/{}", pghoard_delta::CHUNK_PREFIX, c.chunk_filename)
-                }
-                _ => format!("basebackup_chunk/{}", c.chunk_filename),
-            },
+            key: chunk_key(meta, c),
             check_sha1: !pghoard_written,
         });
     }
@@ -358,7 +351,7 @@ async fn restore_into(
     };
     let parallel = site.restore_process_count;
     let done = Arc::new(AtomicU64::new(0));
-    let reporter = spawn_progress(done.clone(), meta.total_size_plain);
+    let reporter = spawn_progress("restore", done.clone(), meta.total_size_plain);
     let started = std::time::Instant::now();
     // Chunks, and for pghoard's delta backups their delta objects too.
     let objects = jobs.len();

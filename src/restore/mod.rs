@@ -11,7 +11,7 @@
 //! - `partial`: a segment not complete yet, from its partial objects.
 
 pub mod beneath;
-mod chunks;
+pub(crate) mod chunks;
 mod dest;
 pub mod extract;
 pub mod get;
