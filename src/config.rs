@@ -102,7 +102,14 @@ pub struct Config {
     pub http_restore_concurrency: Option<u32>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
+    /// walhoard: MiB that complete WAL segments held in memory by all sites together may
+    /// take (default [`DEFAULT_WAL_BUFFER_MEMORY_MIB`]); past it segments go through the
+    /// spool. 0 turns the in-memory hand-off off.
+    pub wal_buffer_memory_mib: Option<u32>,
 }
+
+/// The default of `wal_buffer_memory_mib`: 32 segments of 16 MiB.
+pub const DEFAULT_WAL_BUFFER_MEMORY_MIB: u32 = 512;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -242,6 +249,14 @@ impl Config {
             message,
         })?;
         Ok(config)
+    }
+
+    /// Bytes of the daemon-wide segment buffer budget (`wal_buffer_memory_mib`).
+    pub fn wal_buffer_bytes(&self) -> usize {
+        (self
+            .wal_buffer_memory_mib
+            .unwrap_or(DEFAULT_WAL_BUFFER_MEMORY_MIB) as usize)
+            .saturating_mul(1 << 20)
     }
 
     /// Where alert files go.

@@ -31,11 +31,8 @@ use crate::storage::meta;
 use crate::storage::Metadata;
 
 use archiver::UploadContext;
-use walhoard_walreceiver::SegmentBuffers;
+use walhoard_walreceiver::BufferBudget;
 
-/// The most memory a site's receiver holds complete segments in while they are uploaded
-/// (`walreceiver::buffers`): 7 × 16 MiB with the default 5 uploads, none for 1 GiB segments.
-pub const SEGMENT_BUFFER_BYTES: usize = 256 << 20;
 pub use sites::{daemon_state, SiteHandle, Sites};
 use status::{now_secs, Alerts, SiteStatus};
 
@@ -70,6 +67,9 @@ impl Generation {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(transfer_threads(config)));
+        // One budget for the complete segments every site holds in memory
+        // (`wal_buffer_memory_mib`), shared fairly (`walreceiver::buffers`).
+        let buffers = BufferBudget::new(config.wal_buffer_bytes());
         crate::pipeline::cpu::configure(
             config
                 .compression
@@ -104,13 +104,10 @@ impl Generation {
                         &settings,
                         upload.clone(),
                         alerts.clone(),
-                        SegmentBuffers::with_limit(
-                            // Every running upload, the one waiting for a slot and the one
-                            // being received: segments past that wait in the spool, not in
-                            // memory, and so do segments past 256 MiB of buffers.
-                            transfer_threads(config) + 2,
-                            SEGMENT_BUFFER_BYTES,
-                        ),
+                        // Every running upload, the one waiting for a slot and the one being
+                        // received: segments past that wait in the spool, not in memory, and
+                        // so do segments past the site's share of the budget.
+                        buffers.site(transfer_threads(config) + 2),
                     )?;
                     if site.basebackup_on_wal_gap {
                         wal.gap_backups = backup_tx.clone();
