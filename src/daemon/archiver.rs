@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Backoff, Lsn, WalSegmentName};
@@ -26,6 +26,7 @@ use crate::storage::meta;
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{Metadata, ObjectStore, StorageError};
 
+use super::slots::UploadSlots;
 use super::status::{Alerts, SiteStatus};
 
 /// Everything an upload needs, shared by a site's uploads.
@@ -38,8 +39,9 @@ pub struct UploadContext {
     /// The plaintext hash recorded in each object's metadata (`hash_algorithm`).
     pub hash_algorithm: HashAlgorithm,
     pub retry: RetryPolicy,
-    /// Bounds concurrent uploads (transfer.thread_count), shared by all of a daemon's sites.
-    pub upload_slots: Arc<Semaphore>,
+    /// Bounds concurrent uploads (transfer.thread_count), shared fairly by all of a daemon's
+    /// sites.
+    pub upload_slots: UploadSlots,
     /// Metadata every WAL object carries (pg-version, host).
     pub base_metadata: Metadata,
 }
@@ -441,7 +443,7 @@ impl Archiver {
     ) -> Result<(), Cancelled> {
         let permit = tokio::select! {
             _ = cancel.cancelled() => return Err(Cancelled),
-            p = self.ctx.upload_slots.clone().acquire_owned() => p.map_err(|_| Cancelled)?,
+            p = self.ctx.upload_slots.acquire() => p.map_err(|_| Cancelled)?,
         };
         let id = self.push(end, false);
         let this = self.clone();
@@ -551,7 +553,7 @@ mod tests {
             encryption: None,
             hash_algorithm: HashAlgorithm::Sha1,
             retry: RetryPolicy::default(),
-            upload_slots: Arc::new(Semaphore::new(4)),
+            upload_slots: UploadSlots::new(4),
             base_metadata: Metadata::new(),
         };
         let (tx, rx) = watch::channel(Lsn::INVALID);
@@ -755,7 +757,7 @@ mod tests {
                 alert_dir: Some(alerts.clone()),
                 max_attempts: None,
             },
-            upload_slots: Arc::new(Semaphore::new(1)),
+            upload_slots: UploadSlots::new(1),
             base_metadata: Metadata::new(),
         };
         let spool = dir.path().join("000000010000000000000001");

@@ -12,6 +12,7 @@ pub mod basebackups;
 pub mod identity;
 pub mod site;
 pub mod sites;
+pub mod slots;
 pub mod status;
 pub mod systemd;
 
@@ -31,13 +32,14 @@ use crate::storage::meta;
 use crate::storage::Metadata;
 
 use archiver::UploadContext;
+use slots::UploadSlots;
 use walhoard_walreceiver::BufferBudget;
 
 pub use sites::{daemon_state, SiteHandle, Sites};
 use status::{now_secs, Alerts, SiteStatus};
 
 /// Opens a site's store and gathers what its uploads need.
-pub fn upload_context(site: &SiteSettings, slots: Arc<Semaphore>) -> Result<UploadContext> {
+pub fn upload_context(site: &SiteSettings, slots: UploadSlots) -> Result<UploadContext> {
     let store = site.open_store()?;
     let mut base_metadata = Metadata::new();
     base_metadata.insert(meta::HOST.into(), hostname());
@@ -91,7 +93,10 @@ impl Generation {
                 continue;
             }
             let settings = Arc::new(settings.clone());
-            let upload = Arc::new(upload_context(&settings, slots.clone())?);
+            let upload = Arc::new(upload_context(
+                &settings,
+                UploadSlots::for_site(&slots, all.len()),
+            )?);
             let (backup_tx, backup_rx) = if site.nodes.is_empty() {
                 (None, None)
             } else {
