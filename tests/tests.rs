@@ -5,6 +5,7 @@ mod basebackup;
 mod cli;
 mod common;
 mod daemon;
+mod daemon_sites;
 mod daemon_stream;
 mod daemon_support;
 mod foreign_archive;
