@@ -305,6 +305,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn wal_buffer_memory_in_mib() {
+        let with = |v: &str| {
+            Config::parse(
+                &MINIMAL.replacen('{', &format!(r#"{{"wal_buffer_memory_mib": {v},"#), 1),
+                "t.json",
+            )
+        };
+        let default = Config::parse(MINIMAL, "t.json").unwrap();
+        assert_eq!(default.wal_buffer_bytes(), 512 << 20);
+        assert_eq!(with("64").unwrap().wal_buffer_bytes(), 64 << 20);
+        assert_eq!(with("0").unwrap().wal_buffer_bytes(), 0);
+        for bad in [r#""512MiB""#, "-1", "1.5"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("t.json: wal_buffer_memory_mib:"), "{bad}: {e}");
+        }
+    }
+
     /// pghoard's `moved_from` was an unknown key (the whole file refused); it must name other
     /// sites of the file.
     #[test]
