@@ -325,35 +325,14 @@ mod tests {
     fn pghoards_recovery_conf_restore_command_maps_to_postgres_command() {
         let want =
             "walhoard postgres-command --mode restore --site s --xlog %f --output %p --port 16001";
-        for argv in [
-            os(&[
-                "/opt/x/pghoard_postgres_command",
-                "--mode",
-                "restore",
-                "--port",
-                "16001",
-                "--site",
-                "s",
-                "--output",
-                "%p",
-                "--xlog",
-                "%f",
-            ]),
-            os(&[
-                "walhoard",
-                "pghoard_postgres_command",
-                "--mode",
-                "restore",
-                "--port",
-                "16001",
-                "--site",
-                "s",
-                "--output",
-                "%p",
-                "--xlog",
-                "%f",
-            ]),
+        let flags = [
+            "--mode", "restore", "--port", "16001", "--site", "s", "--output", "%p", "--xlog", "%f",
+        ];
+        for prefix in [
+            &["/opt/x/pghoard_postgres_command"][..],
+            &["walhoard", "pghoard_postgres_command"][..],
         ] {
+            let argv = os(&[prefix, &flags[..]].concat());
             assert_eq!(args_of(dispatch(argv)).join(" "), want);
         }
     }

@@ -97,7 +97,7 @@ fn archived_lsn(d: &DaemonDir, site: &str) -> Option<Lsn> {
 const MIB: u64 = 1 << 20;
 /// What the daemon holds whatever the number of sites and the backlog, over the budget:
 /// - the process itself (binary, runtime, TLS and HTTP stacks, allocator arenas): 40 MiB;
-/// - the pooled one-shot output buffers (`pipeline::transfer::ONE_SHOT_OUTPUT`): up to one
+/// - the pooled one-shot output buffers (`pipeline::transfer::pool::ONE_SHOT_OUTPUT`): up to one
 ///   compressed and one sealed segment per compression worker and one sealed segment per
 ///   running upload, i.e. (2 × 1 worker + 2 uploads) × 16 MiB = 64 MiB with this
 ///   configuration;

@@ -15,6 +15,7 @@ pub mod sites;
 pub mod slots;
 pub mod status;
 pub mod systemd;
+pub mod upload;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,8 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{BackupMode, Config};
 use crate::settings::{hostname, transfer_threads, SiteSettings};
-use crate::storage::meta;
-use crate::storage::Metadata;
+use crate::storage::meta::ObjectMeta;
 
 use archiver::UploadContext;
 use slots::UploadSlots;
@@ -41,8 +41,10 @@ use status::{now_secs, Alerts, SiteStatus};
 /// Opens a site's store and gathers what its uploads need.
 pub fn upload_context(site: &SiteSettings, slots: UploadSlots) -> Result<UploadContext> {
     let store = site.open_store()?;
-    let mut base_metadata = Metadata::new();
-    base_metadata.insert(meta::HOST.into(), hostname());
+    let base_metadata = ObjectMeta {
+        host: Some(hostname()),
+        ..ObjectMeta::default()
+    };
     Ok(UploadContext {
         site: site.name.clone(),
         store,
