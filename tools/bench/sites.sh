@@ -64,25 +64,13 @@ PG_MAX_WAL_SENDERS=$((max + 5)) PG_MAX_SLOTS=$((total + 5)) pg_up 1 "$WAL_MIB" "
 
 # sites_config <dir> <count>: sites s1..s<count> on slots n<count>_<i>, one local archive.
 sites_config() {
-  local d=$1 n=$2 budget='{}'
-  mkdir -p "$d"
+  local d=$1 n=$2 budget='{}' sites='{}' i storage
+  storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
+  for i in $(seq "$n"); do
+    sites=$(jq --arg k "s$i" --argjson v "$(wh_site "n${n}_$i" "$storage")" '. + {($k): $v}' <<<"$sites")
+  done
   [ -n "${WALHOARD_BENCH_BUDGET_MIB:-}" ] && budget=$(jq -n --argjson m "$WALHOARD_BENCH_BUDGET_MIB" '{wal_buffer_memory_mib: $m}')
-  jq -n --arg d "$d" --arg sock "$SOCK" --argjson port "$PGPORT" --argjson n "$n" \
-    --arg pub "$PUBLIC" --argjson http "$(free_port)" --argjson budget "$budget" '{
-      backup_location: ($d + "/spool"),
-      json_state_file_path: ($d + "/state.json"),
-      alert_file_dir: $d,
-      maintenance_mode_file: ($d + "/maintenance_mode_file"),
-      http_port: $http,
-      compression: {algorithm: "zstd", level: 1},
-      backup_sites: ([range(1; $n + 1) | {key: "s\(.)", value: {
-        nodes: [{host: $sock, port: $port, user: "postgres", slot: "n\($n)_\(.)"}],
-        object_storage: {storage_type: "local", directory: ($d + "/archive")},
-        encryption_key_id: "k1",
-        encryption_keys: {k1: {public: $pub}},
-        basebackup_interval_hours: null
-      }}] | from_entries)
-    } + $budget' >"$d/walhoard.json"
+  wh_config_sites "$d" "$sites" "$budget"
 }
 
 # all_archived <http port> <target>: whether every site's archived_lsn reached <target>.
