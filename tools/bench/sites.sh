@@ -5,7 +5,8 @@
 # For each site count: wall time until every site's archive reached the backlog's end, the
 # daemon's peak RSS (VmHWM), its CPU seconds (user + system) per GB of WAL archived, and the
 # aggregate drain rate. Then the idle cost: a daemon restarted on the drained archives (nothing
-# to do) is left alone for WALHOARD_BENCH_IDLE_SECONDS; its RSS and CPU, per site.
+# to do) is left alone for WALHOARD_BENCH_IDLE_SECONDS; its RSS and CPU. Last, idle from the
+# start: sites on new slots with empty archives, connected and waiting.
 #
 #   tools/bench/sites.sh                    # 1, 10 and 50 sites, 256 MiB of WAL each
 #
@@ -53,6 +54,7 @@ for n in $COUNTS; do [ "$n" -gt "$max" ] && max=$n; done
 cat "$OUT/machine.txt" >&2
 printf 'sites\tseconds\twal_bytes_archived\tpeak_rss_mib\tcpu_s\tcpu_s_per_gb\tagg_mib_per_s\tload_1_5_15\n' >"$OUT/drain.tsv"
 printf 'sites\tidle_rss_mib\tidle_cpu_s\tidle_seconds\n' >"$OUT/idle.tsv"
+printf 'sites\tfresh_idle_rss_mib\tidle_cpu_s\tidle_seconds\n' >"$OUT/idle-fresh.tsv"
 
 KEYS=$("$WALHOARD" create-keys --key-id k1 --bits 3072)
 PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
@@ -60,14 +62,15 @@ PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
 # One slot per site of every run, created back to back before the load: all hold the backlog.
 slots=()
 for n in $COUNTS; do for i in $(seq "$n"); do slots+=("n${n}_$i"); done; done
-PG_MAX_WAL_SENDERS=$((max + 5)) PG_MAX_SLOTS=$((total + 5)) pg_up 1 "$WAL_MIB" "${slots[*]}"
+PG_MAX_WAL_SENDERS=$((max + 5)) PG_MAX_SLOTS=$((2 * total + 5)) pg_up 1 "$WAL_MIB" "${slots[*]}"
 
-# sites_config <dir> <count>: sites s1..s<count> on slots n<count>_<i>, one local archive.
+# sites_config <dir> <count> [slot prefix]: sites s1..s<count> on slots <prefix><count>_<i>
+# (prefix n: the drain's), one local archive.
 sites_config() {
-  local d=$1 n=$2 budget='{}' sites='{}' i storage
+  local d=$1 n=$2 prefix=${3:-n} budget='{}' sites='{}' i storage
   storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
   for i in $(seq "$n"); do
-    sites=$(jq --arg k "s$i" --argjson v "$(wh_site "n${n}_$i" "$storage")" '. + {($k): $v}' <<<"$sites")
+    sites=$(jq --arg k "s$i" --argjson v "$(wh_site "${prefix}${n}_$i" "$storage")" '. + {($k): $v}' <<<"$sites")
   done
   [ -n "${WALHOARD_BENCH_BUDGET_MIB:-}" ] && budget=$(jq -n --argjson m "$WALHOARD_BENCH_BUDGET_MIB" '{wal_buffer_memory_mib: $m}')
   wh_config_sites "$d" "$sites" "$budget"
@@ -127,8 +130,32 @@ for n in $COUNTS; do
   rm -rf "$d/archive" "$d/spool"
   for i in $(seq "$n"); do psql_ "select pg_drop_replication_slot('n${n}_$i')" >/dev/null; done
 done
+# Idle from the start: new slots at the end of WAL and empty archives, so the sites connect
+# and wait; nothing to resume, nothing to look up. What a site costs while it has no work.
+for n in $COUNTS; do
+  d=$ROOT/fresh-$n
+  for i in $(seq "$n"); do psql_ "select pg_create_physical_replication_slot('f${n}_$i', true)" >/dev/null; done
+  sites_config "$d" "$n" f
+  WALHOARD_LOG=warn "$WALHOARD" daemon --config "$d/walhoard.json" >"$d/daemon.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  nap 5
+  c0=$(proc_cpu "$pid")
+  nap "$IDLE_SECONDS"
+  c1=$(proc_cpu "$pid")
+  irss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+  connected=$(jq '[.backup_sites[].walreceiver.connected | select(.)] | length' "$d/state.json")
+  stop_pid "$pid"
+  [ "$connected" = "$n" ] || { log "fresh idle: $connected of $n sites connected; see $d/daemon.log"; exit 1; }
+  printf '%s\t%s\t%s\t%s\n' "$n" "$(awk -v k="$irss" 'BEGIN { printf "%.1f", k / 1024 }')" \
+    "$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')" "$IDLE_SECONDS" >>"$OUT/idle-fresh.tsv"
+  log "fresh idle: $n sites: RSS $((irss / 1024)) MiB"
+  for i in $(seq "$n"); do psql_ "select pg_drop_replication_slot('f${n}_$i')" >/dev/null; done
+done
 echo "== drain" >&2
 column -t -s $'\t' "$OUT/drain.tsv" >&2
 echo "== idle" >&2
 column -t -s $'\t' "$OUT/idle.tsv" >&2
+echo "== idle from the start" >&2
+column -t -s $'\t' "$OUT/idle-fresh.tsv" >&2
 echo "results in $OUT" >&2
