@@ -88,6 +88,7 @@ impl Generation {
         let mut sites = Sites::default();
         let mut runs = Vec::new();
         let all = SiteSettings::all(config)?;
+        let active_sites = all.values().filter(|s| s.config.active).count();
         for (name, settings) in &all {
             let site = &settings.config;
             if !site.active {
@@ -97,7 +98,7 @@ impl Generation {
             let settings = Arc::new(settings.clone());
             let upload = Arc::new(upload_context(
                 &settings,
-                UploadSlots::for_site(&slots, all.len()),
+                UploadSlots::for_site(&slots, active_sites),
             )?);
             let (backup_tx, backup_rx) = if site.nodes.is_empty() {
                 (None, None)
