@@ -79,15 +79,27 @@ mod tests {
                 "--target-dir",
                 "d",
             ],
+            &["verify", "-c", "f.json", "--site", "s", "--json", "--wal"],
+            &["info", "--config", "f.json", "--site", "s", "--json"],
         ] {
             let cli = Cli::try_parse_from(std::iter::once("walhoard").chain(argv.iter().copied()))
                 .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
             let site = match cli.command {
-                Command::Check { site, json } => {
+                Command::Check { site, json, .. } => {
                     assert!(json.json);
                     site
                 }
                 Command::Basebackup { site } => site,
+                Command::Verify {
+                    site, json, wal, ..
+                } => {
+                    assert!(json.json && wal);
+                    site
+                }
+                Command::Info { site, json } => {
+                    assert!(json.json);
+                    site
+                }
                 Command::Restore {
                     command: RestoreCommand::ListBasebackups { site, json },
                 } => {

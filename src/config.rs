@@ -4,6 +4,9 @@
 //! Every object rejects unknown keys, and every error names the key path
 //! (`backup_sites.main.nodes[0].prot`), so a typo fails at startup instead of being ignored.
 
+mod ignored;
+mod logging;
+mod monitoring;
 mod site;
 mod storage;
 mod validate;
@@ -15,6 +18,11 @@ use serde::Deserialize;
 
 pub use crate::pipeline::compression::Algorithm;
 pub use crate::pipeline::hash::HashAlgorithm;
+pub use ignored::{IgnoredKey, IgnoredSetting};
+pub use logging::{LogLevel, SyslogAddress, SyslogFacility};
+pub use monitoring::{
+    PrometheusConfig, PushGatewayConfig, Secret, StatsdConfig, StatsdFormat, TagValue,
+};
 pub use site::{
     BackupMode, BasebackupMode, KeyPairConfig, NodeConfig, ReceiveXlogConfig, SiteConfig,
     SpoolFsync,
@@ -46,19 +54,13 @@ fn default_http_address() -> String {
 fn default_http_port() -> u16 {
     16000
 }
-fn default_syslog_address() -> String {
-    "/dev/log".into()
-}
-fn default_syslog_facility() -> String {
-    "local2".into()
-}
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_true")]
-    pub active: bool,
+    /// Accepted and ignored (`ignored.rs`): pghoard reads `active` per site.
+    pub active: Option<bool>,
     /// Local state: spool, temporary files.
     pub backup_location: Option<PathBuf>,
     #[serde(default)]
@@ -80,26 +82,49 @@ pub struct Config {
     pub restore_prefetch: Option<u32>,
     /// Parallel downloads during get-basebackup.
     pub restore_process_count: Option<u32>,
+    /// The daemon's log filter unless `WALHOARD_LOG` sets one (`crate::logging`).
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Also send the daemon's log records to syslog (`crate::logging`).
     #[serde(default)]
     pub syslog: bool,
-    #[serde(default = "default_syslog_address")]
-    pub syslog_address: String,
-    #[serde(default = "default_syslog_facility")]
-    pub syslog_facility: String,
+    #[serde(default)]
+    pub syslog_address: SyslogAddress,
+    #[serde(default)]
+    pub syslog_facility: SyslogFacility,
     /// Alert files go here (default: backup_location, else the working directory).
     pub alert_file_dir: Option<PathBuf>,
+    /// pghoard's statsd client: metrics sent over UDP ([`crate::metrics`]).
     pub statsd: Option<StatsdConfig>,
+    /// pghoard's Pushgateway client: metrics POSTed over HTTP. pghoard's code and README spell
+    /// the key `pushgateway` (pghoard.py, `self.config.get("pushgateway")`); `push_gateway` is
+    /// accepted too.
+    #[serde(alias = "pushgateway")]
     pub push_gateway: Option<PushGatewayConfig>,
-    pub prometheus: Option<serde_json::Value>,
+    /// pghoard's Prometheus client: `GET /metrics` on the HTTP API (501 without it).
+    pub prometheus: Option<PrometheusConfig>,
+    /// walhoard: seconds between two sends to statsd and the Pushgateway (default 10, as
+    /// pghoard's `transmit_metrics`).
+    pub metrics_push_interval: Option<f64>,
     #[serde(default = "default_http_address")]
     pub http_address: String,
     #[serde(default = "default_http_port")]
     pub http_port: u16,
+    /// pghoard's HTTP Basic auth of the API: every route needs both when both are set.
+    pub webserver_username: Option<String>,
+    pub webserver_password: Option<Secret>,
+    /// walhoard: let the API listen on a non-loopback `http_address` without
+    /// `webserver_username`/`webserver_password` (the daemon refuses to start otherwise).
+    #[serde(default)]
+    pub http_allow_unauthenticated_remote: bool,
     /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
     /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
     pub http_restore_concurrency: Option<u32>,
+    /// Seconds a stopping daemon lets running uploads finish (pghoard's key; walhoard's default
+    /// 30, `daemon::archiver::DRAIN_TIMEOUT`); what is left stays in the spool.
+    pub graceful_shutdown_upload_timeout: Option<f64>,
+    /// Accepted and ignored (`ignored.rs`): compression happens inside each upload.
+    pub graceful_shutdown_compression_timeout: Option<f64>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
     /// walhoard: MiB that complete WAL segments held in memory by all sites together may
@@ -161,50 +186,6 @@ impl Default for TransferConfig {
             thread_count: None,
             upload_retries_warning_limit: Self::default_warning_limit(),
             retry_max_backoff_seconds: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StatsdConfig {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub format: Option<String>,
-    #[serde(default)]
-    pub tags: BTreeMap<String, serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PushGatewayConfig {
-    pub endpoint: String,
-    #[serde(default)]
-    pub tags: BTreeMap<String, serde_json::Value>,
-}
-
-/// pghoard's `log_level`: Python's logging level names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum LogLevel {
-    Debug,
-    #[default]
-    Info,
-    #[serde(alias = "WARN")]
-    Warning,
-    Error,
-    #[serde(alias = "FATAL")]
-    Critical,
-}
-
-impl LogLevel {
-    /// The `tracing` filter that shows what this level shows.
-    pub fn filter(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warning => "warn",
-            LogLevel::Error | LogLevel::Critical => "error",
         }
     }
 }
@@ -320,6 +301,25 @@ mod tests {
         for bad in [r#""512MiB""#, "-1", "1.5"] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("t.json: wal_buffer_memory_mib:"), "{bad}: {e}");
+        }
+    }
+
+    /// A pghoard configuration spells the Pushgateway key `pushgateway`: it must load and
+    /// configure the same client as `push_gateway`.
+    #[test]
+    fn pushgateway_in_pghoards_spelling() {
+        for key in ["pushgateway", "push_gateway"] {
+            let text = MINIMAL.replacen(
+                '{',
+                &format!(r#"{{"{key}": {{"endpoint": "http://127.0.0.1:9091"}},"#),
+                1,
+            );
+            let c = Config::parse(&text, "t.json").unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!(
+                c.push_gateway.map(|p| p.endpoint).as_deref(),
+                Some("http://127.0.0.1:9091"),
+                "{key}"
+            );
         }
     }
 
@@ -510,6 +510,13 @@ mod tests {
                     r#""log_level": "VERBOSE", "backup_location""#,
                 ),
                 "log_level",
+            ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""graceful_shutdown_upload_timeout": -1, "backup_location""#,
+                ),
+                "graceful_shutdown_upload_timeout: -1 is not between 0 and 86400 seconds",
             ),
             ("{".to_string(), "t.json"),
         ];

@@ -9,6 +9,8 @@
 //! - [`durable`]: files replaced atomically and renames that survive a crash (the bottom).
 //! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command); its client
 //!   side, for the commands that talk to a daemon, is [`api_client`].
+//! - [`metrics`]: pghoard's metrics (and walhoard's own) for Prometheus, statsd and a
+//!   Pushgateway.
 //! - [`restore`]: listing and restoring basebackups, and the restore_command.
 
 pub mod api_client;
@@ -18,8 +20,12 @@ pub mod config;
 pub mod daemon;
 pub mod durable;
 pub mod http;
+pub mod info;
+pub mod logging;
+pub mod metrics;
 pub mod pipeline;
 pub mod postgres_command;
 pub mod restore;
 pub mod settings;
 pub mod storage;
+pub mod verify;

@@ -59,6 +59,10 @@ enum Command {
         site: SiteFlags,
         #[command(flatten)]
         json: JsonFlag,
+        /// Only the configuration: the file validates and each site's settings and keys
+        /// resolve. Connects to nothing (for a file written before its server or store exists).
+        #[arg(long)]
+        config_only: bool,
     },
     /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
     /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
@@ -68,6 +72,32 @@ enum Command {
     Restore {
         #[command(subcommand)]
         command: RestoreCommand,
+    },
+    /// Check that the archive is restorable: every basebackup's chunks (present, stored size,
+    /// decrypt, decompress, size and SHA-1, tar) and the WAL chain from each backup on (gaps,
+    /// history files; with --wal every segment fetched and each record's CRC checked).
+    /// Prints "restorable to LSN X" per backup and every problem with its object key.
+    /// Exit 0 only when nothing is wrong, 1 otherwise.
+    Verify {
+        #[command(flatten)]
+        site: SiteFlags,
+        /// One backup by name, or `all` (the default).
+        #[arg(long)]
+        basebackup: Option<String>,
+        /// Fetch, decrypt and walk every WAL segment the backups need, record by record.
+        #[arg(long)]
+        wal: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// One screen per site: basebackups, archived WAL per timeline with gaps, the newest
+    /// segment and its age, the daemon's status from its state file. With --site, only that
+    /// site.
+    Info {
+        #[command(flatten)]
+        site: SiteFlags,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
@@ -214,12 +244,16 @@ async fn basebackup(flags: &SiteFlags) -> Result<()> {
     let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
     let (host, port) = (config.http_address.as_str(), config.http_port);
     if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+        let headers: Vec<_> = walhoard::api_client::Credentials::from_config(&config)
+            .map(|c| c.header())
+            .into_iter()
+            .collect();
         let (status, body) = walhoard::api_client::request(
             host,
             port,
             hyper::Method::PUT,
             &format!("/{site}/basebackup"),
-            &[],
+            &headers,
         )
         .await?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -273,9 +307,21 @@ async fn identify(conninfo: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Result<()> {
+async fn check(
+    config: &std::path::Path,
+    site: Option<&str>,
+    json: bool,
+    config_only: bool,
+) -> Result<()> {
     let cfg = walhoard::config::Config::load(config)?;
-    let results = walhoard::check::run(&cfg, site).await?;
+    for ignored in cfg.ignored_keys() {
+        eprintln!("walhoard: warning: {ignored}");
+    }
+    let results = if config_only {
+        walhoard::check::run_config_only(&cfg, site)?
+    } else {
+        walhoard::check::run(&cfg, site).await?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -286,20 +332,6 @@ async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Resu
         anyhow::bail!("{failed} check(s) failed");
     }
     Ok(())
-}
-
-/// The log filter when WALHOARD_LOG does not set one: pghoard's `-D/--debug`, else the
-/// daemon's configured `log_level` (a file that does not load fails later, with its error).
-fn default_log_filter(cli: &Cli, debug: bool) -> &'static str {
-    if debug {
-        return "debug";
-    }
-    match &cli.command {
-        Command::Daemon { config } => {
-            walhoard::config::Config::load(config).map_or("info", |c| c.log_level.filter())
-        }
-        _ => "info",
-    }
 }
 
 fn main() -> ExitCode {
@@ -326,13 +358,8 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WALHOARD_LOG")
-                .unwrap_or_else(|_| default_log_filter(&cli, debug).into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The daemon applies its configuration's log_level and syslog keys (`daemon::run`).
+    walhoard::logging::init(debug);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -345,14 +372,34 @@ fn main() -> ExitCode {
             Command::Identify { conninfo, json } => identify(&conninfo, json.json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
             Command::Daemon { config } => walhoard::daemon::run(&config).await,
-            Command::Check { site, json } => {
-                check(&site.config, site.site.as_deref(), json.json).await
-            }
+            Command::Check {
+                site,
+                json,
+                config_only,
+            } => check(&site.config, site.site.as_deref(), json.json, config_only).await,
             Command::PostgresCommand(args) => {
                 return Ok(walhoard::postgres_command::run(&args).await);
             }
             Command::Restore { command } => restore(command).await,
             Command::Basebackup { site } => basebackup(&site).await,
+            Command::Verify {
+                site,
+                basebackup,
+                wal,
+                json,
+            } => {
+                walhoard::verify::cli(
+                    &site.config,
+                    site.site.as_deref(),
+                    basebackup.as_deref(),
+                    wal,
+                    json.json,
+                )
+                .await
+            }
+            Command::Info { site, json } => {
+                walhoard::info::cli(&site.config, site.site.as_deref(), json.json).await
+            }
         };
         r.map(|()| 0)
     });

@@ -252,12 +252,7 @@ async fn daemon_recreated_slot_after_kill_9_with_backlog_leaves_no_gap() {
     let pg = keeping_cluster();
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let d = DaemonDir::new();
-    let storage = serde_json::json!({
-        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
-        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
-        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
-        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
-    });
+    let storage = DaemonDir::s3_storage(s3.port, "wal");
     d.write_config(&pg, storage.clone(), serde_json::json!({}));
     let mut daemon = Daemon::start(&d);
     let store = d.store(&storage);

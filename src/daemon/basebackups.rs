@@ -8,10 +8,11 @@
 //! `basebackup_age_days_max` is set, delete those older than that while more than
 //! `basebackup_count_min` remain. Only walhoard's own backups are counted and deleted:
 //! pghoard's and unrecognised ones are kept (and keep their WAL). WAL (every timeline) in
-//! segments before the start segment of every kept backup is deleted; history files are kept;
-//! a kept backup whose start segment is unknown keeps all WAL. Chunks of walhoard's backups
-//! that never completed (an interrupted run) are deleted once `ORPHAN_MIN_AGE` old; see
-//! [`crate::basebackup::inventory`].
+//! segments before the start segment of every kept backup is deleted when walhoard wrote it
+//! (its `walhoard-writer` mark; others' is kept and reported, [`super::wal_retention`]);
+//! history files are kept; a kept backup whose start segment is unknown keeps all WAL.
+//! Chunks of walhoard's backups that never completed (an interrupted run) are deleted once
+//! `ORPHAN_MIN_AGE` old; see [`crate::basebackup::inventory`].
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -21,8 +22,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use walhoard_protocol::WalSegmentName;
 
+use super::wal_retention::{self, KeepAllReason, WalPlan};
 use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::SiteConfig;
@@ -182,43 +183,32 @@ pub async fn apply_retention(
     }
     let deleted: Vec<String> = doomed.iter().map(|b| b.name.clone()).collect();
     // Every control object that stays (walhoard's, pghoard's or unrecognised) keeps the WAL
-    // from its start segment on; one whose start is unknown keeps all of it.
-    let mut first: Option<walhoard_protocol::SegmentId> = None;
-    let mut any_kept = false;
-    for c in &inv.controls {
-        if c.writer == Writer::Walhoard && deleted.contains(&c.name) {
-            continue;
-        }
-        any_kept = true;
-        let Some(seg) = c.start_segment else {
-            tracing::warn!(site = %site_name, object = %c.key, start_wal_segment = ?c.start_wal_segment, "basebackup's start segment unknown; keeping all WAL");
+    // from its start segment on; of the WAL before, only walhoard's own is deleted.
+    let (before, ours, foreign) = match wal_retention::plan(store, &inv, &deleted).await? {
+        WalPlan::KeepAll(KeepAllReason::NoBackup) => return Ok((deleted, 0)),
+        WalPlan::KeepAll(KeepAllReason::UnknownStart { key, stored }) => {
+            tracing::warn!(site = %site_name, object = %key, start_wal_segment = ?stored, "basebackup's start segment unknown; keeping all WAL");
             return Ok((deleted, 0));
-        };
-        if first.is_none_or(|f| (seg.log, seg.seg) < (f.log, f.seg)) {
-            first = Some(seg);
         }
-    }
-    let Some(first) = first.filter(|_| any_kept) else {
-        return Ok((deleted, 0));
+        WalPlan::Before {
+            before,
+            ours,
+            foreign,
+        } => (before, ours, foreign),
     };
+    if let Some(line) = wal_retention::foreign_summary(&foreign, before) {
+        tracing::warn!(site = %site_name, "left alone: {line}");
+    }
     let mut wal_deleted = 0;
-    for o in store.list("xlog").await? {
-        let file = o.key.trim_start_matches("xlog/");
-        let Some(id) = file
-            .parse::<WalSegmentName>()
-            .ok()
-            .and_then(|w| w.segment())
-        else {
-            continue;
-        };
-        // Compare segment positions (log, seg), whatever the timeline.
-        if (id.log, id.seg) < (first.log, first.seg) {
-            store.delete(&o.key).await?;
-            wal_deleted += 1;
-        }
+    for key in &ours {
+        store
+            .delete(key)
+            .await
+            .with_context(|| format!("delete {key}"))?;
+        wal_deleted += 1;
     }
     if wal_deleted > 0 {
-        tracing::info!(site = %site_name, before = %first, count = wal_deleted, "deleted WAL older than the oldest kept basebackup");
+        tracing::info!(site = %site_name, before = %before, count = wal_deleted, "deleted walhoard's WAL older than the oldest kept basebackup");
     }
     Ok((deleted, wal_deleted))
 }
@@ -358,9 +348,24 @@ async fn take_one(site: &SiteSettings, status: &BasebackupStatus) -> Result<Stri
         .map_err(|e| format!("{e:#}"))?;
     status.set_progress(Some(ctx.progress.clone()));
     status.with(|s| s.in_progress = Some(ctx.name.clone()));
+    crate::metrics::basebackup_started(&site.name);
     let result = crate::basebackup::take_with(ctx).await;
     status.set_progress(None);
     status.with(|s| s.in_progress = None);
+    match &result {
+        Ok(b) => crate::metrics::basebackup_finished(
+            &site.name,
+            Ok((
+                &b.metadata.basebackup_mode,
+                b.metadata.total_size_plain,
+                b.elapsed.as_secs_f64(),
+            )),
+        ),
+        Err(_) => {
+            crate::metrics::basebackup_finished(&site.name, Err(()));
+            crate::metrics::exception("BasebackupError", "PGBaseBackup");
+        }
+    }
     result.map(|b| b.name).map_err(|e| format!("{e:#}"))
 }
 
