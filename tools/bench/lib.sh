@@ -203,3 +203,10 @@ wh_config_sites() {
       backup_sites: $sites
     } + $extra' >"$d/walhoard.json"
 }
+
+# machine_info: the lines every results directory's machine.txt starts with.
+machine_info() {
+  echo "nproc: $(nproc)"
+  echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+  echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+}

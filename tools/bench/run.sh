@@ -93,9 +93,7 @@ trap 'exit 130' INT TERM
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src protocol walreceiver basebackup || echo ' (modified)')"
-  echo "nproc: $(nproc)"
-  echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
-  echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+  machine_info
   echo "os: $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
   echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard) ($WALHOARD)"
   echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS restore_tx=$RESTORE_TX phases='$PHASES'"

@@ -45,9 +45,7 @@ max=0
 for n in $COUNTS; do [ "$n" -gt "$max" ] && max=$n; done
 {
   echo "commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src protocol walreceiver || echo ' (modified)')"
-  echo "nproc: $(nproc)"
-  echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
-  echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+  machine_info
   echo "settings: sites='$COUNTS' wal_mib=$WAL_MIB budget_mib=${WALHOARD_BENCH_BUDGET_MIB:-default} idle_seconds=$IDLE_SECONDS"
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
@@ -84,6 +82,26 @@ all_archived() {
   for l in $lsns; do [ "$(lsn2n "$l")" -ge "$2" ] || return 1; done
 }
 
+# idle_run <dir> <sites> <tsv> <label>: the daemon of <dir> left alone 5 + IDLE_SECONDS s; its
+# VmRSS and CPU over the last IDLE_SECONDS into <tsv>. Every site must be connected.
+idle_run() {
+  local d=$1 n=$2 c0 c1 irss connected pid
+  WALHOARD_LOG=warn "$WALHOARD" daemon --config "$d/walhoard.json" >>"$d/idle.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  nap 5
+  c0=$(proc_cpu "$pid")
+  nap "$IDLE_SECONDS"
+  c1=$(proc_cpu "$pid")
+  irss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+  connected=$(jq '[.backup_sites[].walreceiver.connected | select(.)] | length' "$d/state.json")
+  stop_pid "$pid"
+  [ "$connected" = "$n" ] || { log "$4: $connected of $n sites connected; see $d/idle.log"; exit 1; }
+  printf '%s\t%s\t%s\t%s\n' "$n" "$(awk -v k="$irss" 'BEGIN { printf "%.1f", k / 1024 }')" \
+    "$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')" "$IDLE_SECONDS" >>"$3"
+  log "$4: $n sites: RSS $((irss / 1024)) MiB"
+}
+
 for n in $COUNTS; do
   d=$ROOT/sites-$n
   sites_config "$d" "$n"
@@ -115,18 +133,7 @@ for n in $COUNTS; do
   log "drain: $n sites: $secs s, peak RSS $((rss / 1024)) MiB, CPU $cpu s"
 
   # Idle: restarted on archives that hold the whole backlog, nothing new written.
-  WALHOARD_LOG=warn "$WALHOARD" daemon --config "$d/walhoard.json" >"$d/idle.log" 2>&1 &
-  pid=$!
-  PIDS+=("$pid")
-  nap 5
-  c0=$(proc_cpu "$pid")
-  nap "$IDLE_SECONDS"
-  c1=$(proc_cpu "$pid")
-  irss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
-  stop_pid "$pid"
-  printf '%s\t%s\t%s\t%s\n' "$n" "$(awk -v k="$irss" 'BEGIN { printf "%.1f", k / 1024 }')" \
-    "$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')" "$IDLE_SECONDS" >>"$OUT/idle.tsv"
-  log "idle: $n sites: RSS $((irss / 1024)) MiB"
+  idle_run "$d" "$n" "$OUT/idle.tsv" "idle after the drain"
   rm -rf "$d/archive" "$d/spool"
   for i in $(seq "$n"); do psql_ "select pg_drop_replication_slot('n${n}_$i')" >/dev/null; done
 done
@@ -136,20 +143,7 @@ for n in $COUNTS; do
   d=$ROOT/fresh-$n
   for i in $(seq "$n"); do psql_ "select pg_create_physical_replication_slot('f${n}_$i', true)" >/dev/null; done
   sites_config "$d" "$n" f
-  WALHOARD_LOG=warn "$WALHOARD" daemon --config "$d/walhoard.json" >"$d/daemon.log" 2>&1 &
-  pid=$!
-  PIDS+=("$pid")
-  nap 5
-  c0=$(proc_cpu "$pid")
-  nap "$IDLE_SECONDS"
-  c1=$(proc_cpu "$pid")
-  irss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
-  connected=$(jq '[.backup_sites[].walreceiver.connected | select(.)] | length' "$d/state.json")
-  stop_pid "$pid"
-  [ "$connected" = "$n" ] || { log "fresh idle: $connected of $n sites connected; see $d/daemon.log"; exit 1; }
-  printf '%s\t%s\t%s\t%s\n' "$n" "$(awk -v k="$irss" 'BEGIN { printf "%.1f", k / 1024 }')" \
-    "$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')" "$IDLE_SECONDS" >>"$OUT/idle-fresh.tsv"
-  log "fresh idle: $n sites: RSS $((irss / 1024)) MiB"
+  idle_run "$d" "$n" "$OUT/idle-fresh.tsv" "idle from the start"
   for i in $(seq "$n"); do psql_ "select pg_drop_replication_slot('f${n}_$i')" >/dev/null; done
 done
 echo "== drain" >&2
