@@ -646,4 +646,32 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("PRIVPEM") && !dbg.contains("PUBPEM"), "{dbg}");
     }
+
+    #[test]
+    fn partial_wal_upload_interval_values() {
+        let with = |v: &str| {
+            Config::parse(
+                &MINIMAL.replace(
+                    r#""nodes":"#,
+                    &format!(r#""partial_wal_upload_interval": {v}, "nodes":"#),
+                ),
+                "t.json",
+            )
+        };
+        let get = |c: Config| c.backup_sites["main"].partial_wal_upload_interval.get();
+        let default = Config::parse(MINIMAL, "t.json").unwrap();
+        assert_eq!(get(default), Some(std::time::Duration::from_secs(5)));
+        assert_eq!(get(with("0").unwrap()), None);
+        assert_eq!(
+            get(with("2.5").unwrap()),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        for bad in ["-1", r#""5s""#] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("backup_sites.main.partial_wal_upload_interval"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

@@ -172,6 +172,15 @@ impl SegmentFile {
         self.read_range_into(buf, 0, self.seg_size.bytes() as usize)
     }
 
+    /// Reads the segment's bytes from offset `from` to `to` (both within what is written):
+    /// a partial upload of a segment received without a buffer.
+    pub fn read_range(&self, from: u64, to: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut out = vec![0u8; to.saturating_sub(from) as usize];
+        self.file.read_exact_at(&mut out, from)?;
+        Ok(out)
+    }
+
     /// Reads the segment's first `len` bytes into `buf` (replacing its content).
     pub fn read_first_page_into(&self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
         self.read_range_into(buf, 0, len)
