@@ -127,7 +127,14 @@ pub struct Config {
     pub graceful_shutdown_compression_timeout: Option<f64>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
+    /// walhoard: MiB that complete WAL segments held in memory by all sites together may
+    /// take (default [`DEFAULT_WAL_BUFFER_MEMORY_MIB`]); past it segments go through the
+    /// spool. 0 turns the in-memory hand-off off.
+    pub wal_buffer_memory_mib: Option<u32>,
 }
+
+/// The default of `wal_buffer_memory_mib`: 32 segments of 16 MiB.
+pub const DEFAULT_WAL_BUFFER_MEMORY_MIB: u32 = 512;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +232,14 @@ impl Config {
         Ok(config)
     }
 
+    /// Bytes of the daemon-wide segment buffer budget (`wal_buffer_memory_mib`).
+    pub fn wal_buffer_bytes(&self) -> usize {
+        (self
+            .wal_buffer_memory_mib
+            .unwrap_or(DEFAULT_WAL_BUFFER_MEMORY_MIB) as usize)
+            .saturating_mul(1 << 20)
+    }
+
     /// Where alert files go.
     pub fn alert_dir(&self) -> PathBuf {
         self.alert_file_dir
@@ -269,6 +284,24 @@ mod tests {
             e.contains("backup_sites.main.pg_receivexlog.spool_fsync"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn wal_buffer_memory_in_mib() {
+        let with = |v: &str| {
+            Config::parse(
+                &MINIMAL.replacen('{', &format!(r#"{{"wal_buffer_memory_mib": {v},"#), 1),
+                "t.json",
+            )
+        };
+        let default = Config::parse(MINIMAL, "t.json").unwrap();
+        assert_eq!(default.wal_buffer_bytes(), 512 << 20);
+        assert_eq!(with("64").unwrap().wal_buffer_bytes(), 64 << 20);
+        assert_eq!(with("0").unwrap().wal_buffer_bytes(), 0);
+        for bad in [r#""512MiB""#, "-1", "1.5"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("t.json: wal_buffer_memory_mib:"), "{bad}: {e}");
+        }
     }
 
     /// A pghoard configuration spells the Pushgateway key `pushgateway`: it must load and

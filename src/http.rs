@@ -400,7 +400,7 @@ async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>>
         ..handle.upload.retry.clone()
     };
     let started = std::time::Instant::now();
-    let permit = handle.upload.upload_slots.clone().acquire_owned().await;
+    let permit = handle.upload.upload_slots.acquire().await;
     let result = handle.upload.upload_retrying(&policy, &key, &path).await;
     drop(permit);
     match result {

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod config_keys;
 mod daemon;
+mod daemon_sites;
 mod daemon_stream;
 mod daemon_support;
 mod foreign_archive;

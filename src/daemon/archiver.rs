@@ -264,7 +264,7 @@ impl Archiver {
     ) -> Result<(), Cancelled> {
         let permit = tokio::select! {
             _ = cancel.cancelled() => return Err(Cancelled),
-            p = self.ctx.upload_slots.clone().acquire_owned() => p.map_err(|_| Cancelled)?,
+            p = self.ctx.upload_slots.acquire() => p.map_err(|_| Cancelled)?,
         };
         let id = self.push(end, false);
         let this = self.clone();
@@ -353,7 +353,6 @@ pub(crate) mod tests {
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
     use crate::storage::retry::RetryPolicy;
     use crate::storage::ObjectStore;
-    use tokio::sync::Semaphore;
 
     /// Site `site` uploading into local storage at `dir`, zstd, no encryption, defaults.
     pub(crate) fn local_context(dir: &Path) -> UploadContext {
@@ -372,7 +371,7 @@ pub(crate) mod tests {
             encryption: None,
             hash_algorithm: HashAlgorithm::Sha1,
             retry: RetryPolicy::default(),
-            upload_slots: Arc::new(Semaphore::new(4)),
+            upload_slots: crate::daemon::slots::UploadSlots::new(4),
             base_metadata: ObjectMeta::default(),
         }
     }
@@ -583,7 +582,7 @@ pub(crate) mod tests {
                 alert_dir: Some(alerts.clone()),
                 max_attempts: None,
             },
-            upload_slots: Arc::new(Semaphore::new(1)),
+            upload_slots: crate::daemon::slots::UploadSlots::new(1),
             base_metadata: ObjectMeta::default(),
         };
         let spool = dir.path().join("000000010000000000000001");

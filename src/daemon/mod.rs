@@ -14,6 +14,7 @@ mod lag;
 pub mod partial;
 pub mod site;
 pub mod sites;
+pub mod slots;
 pub mod status;
 pub mod systemd;
 pub mod upload;
@@ -34,16 +35,14 @@ use crate::settings::{hostname, transfer_threads, SiteSettings};
 use crate::storage::meta::ObjectMeta;
 
 use archiver::UploadContext;
-use walhoard_walreceiver::SegmentBuffers;
+use slots::UploadSlots;
+use walhoard_walreceiver::BufferBudget;
 
-/// The most memory a site's receiver holds complete segments in while they are uploaded
-/// (`walreceiver::buffers`): 7 × 16 MiB with the default 5 uploads, none for 1 GiB segments.
-pub const SEGMENT_BUFFER_BYTES: usize = 256 << 20;
 pub use sites::{daemon_state, SiteHandle, Sites};
 use status::{now_secs, Alerts, SiteStatus};
 
 /// Opens a site's store and gathers what its uploads need.
-pub fn upload_context(site: &SiteSettings, slots: Arc<Semaphore>) -> Result<UploadContext> {
+pub fn upload_context(site: &SiteSettings, slots: UploadSlots) -> Result<UploadContext> {
     let store = site.open_store()?;
     let base_metadata = ObjectMeta {
         host: Some(hostname()),
@@ -77,6 +76,9 @@ impl Generation {
         let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(transfer_threads(config)));
+        // One budget for the complete segments every site holds in memory
+        // (`wal_buffer_memory_mib`), shared fairly (`walreceiver::buffers`).
+        let buffers = BufferBudget::new(config.wal_buffer_bytes());
         crate::pipeline::cpu::configure(
             config
                 .compression
@@ -91,6 +93,7 @@ impl Generation {
         let mut sites = Sites::default();
         let mut runs = Vec::new();
         let all = SiteSettings::all(config)?;
+        let active_sites = all.values().filter(|s| s.config.active).count();
         for (name, settings) in &all {
             let site = &settings.config;
             if !site.active {
@@ -98,7 +101,10 @@ impl Generation {
                 continue;
             }
             let settings = Arc::new(settings.clone());
-            let upload = Arc::new(upload_context(&settings, slots.clone())?);
+            let upload = Arc::new(upload_context(
+                &settings,
+                UploadSlots::for_site(&slots, active_sites),
+            )?);
             let (backup_tx, backup_rx) = if site.nodes.is_empty() {
                 (None, None)
             } else {
@@ -111,13 +117,10 @@ impl Generation {
                         &settings,
                         upload.clone(),
                         alerts.clone(),
-                        SegmentBuffers::with_limit(
-                            // Every running upload, the one waiting for a slot and the one
-                            // being received: segments past that wait in the spool, not in
-                            // memory, and so do segments past 256 MiB of buffers.
-                            transfer_threads(config) + 2,
-                            SEGMENT_BUFFER_BYTES,
-                        ),
+                        // Every running upload, the one waiting for a slot and the one being
+                        // received: segments past that wait in the spool, not in memory, and
+                        // so do segments past the site's share of the budget.
+                        buffers.site(transfer_threads(config) + 2),
                     )?;
                     if site.basebackup_on_wal_gap {
                         wal.gap_backups = backup_tx.clone();

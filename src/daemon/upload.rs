@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use walhoard_protocol::{Backoff, WalSegmentName};
 use walhoard_walreceiver::SegmentBuffer;
@@ -18,6 +17,7 @@ use crate::storage::meta::{self, ObjectMeta};
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::ObjectStore;
 
+use super::slots::UploadSlots;
 use super::status::SiteStatus;
 
 /// Everything an upload needs, shared by a site's uploads.
@@ -30,8 +30,9 @@ pub struct UploadContext {
     /// The plaintext hash recorded in each object's metadata (`hash_algorithm`).
     pub hash_algorithm: HashAlgorithm,
     pub retry: RetryPolicy,
-    /// Bounds concurrent uploads (transfer.thread_count), shared by all of a daemon's sites.
-    pub upload_slots: Arc<Semaphore>,
+    /// Bounds concurrent uploads (transfer.thread_count), shared fairly by all of a daemon's
+    /// sites.
+    pub upload_slots: UploadSlots,
     /// Metadata every WAL object carries (pg-version, host).
     pub base_metadata: ObjectMeta,
 }

@@ -55,8 +55,8 @@ listen_addresses = ''
 unix_socket_directories = '$SOCK'
 port = $PGPORT
 wal_level = replica
-max_wal_senders = 20
-max_replication_slots = 40
+max_wal_senders = ${PG_MAX_WAL_SENDERS:-20}
+max_replication_slots = ${PG_MAX_SLOTS:-40}
 max_wal_size = 64GB
 checkpoint_timeout = 1h
 shared_buffers = 512MB
@@ -173,3 +173,40 @@ cpu_result() {
 vmhwm() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 # "Maximum resident set size" from a /usr/bin/time -v output file, in KiB.
 time_rss() { awk -F': ' '/Maximum resident set size/ { print $2 }' "$1"; }
+
+# wh_site <slot> <object_storage JSON>: one site streaming from the primary through <slot>,
+# encrypted with $PUBLIC, no scheduled basebackups.
+wh_site() {
+  jq -n --arg sock "$SOCK" --argjson port "$PGPORT" --arg slot "$1" --argjson storage "$2" \
+    --arg pub "$PUBLIC" '{
+      nodes: [{host: $sock, port: $port, user: "postgres", slot: $slot}],
+      object_storage: $storage,
+      encryption_key_id: "k1",
+      encryption_keys: {k1: {public: $pub}},
+      basebackup_interval_hours: null
+    }'
+}
+
+# wh_config_sites <dir> <backup_sites JSON> [top-level JSON merged in]: <dir>/walhoard.json
+# with its spool, state, alerts and a free HTTP port in <dir>, zstd level 1.
+wh_config_sites() {
+  local d=$1 sites=$2 extra=${3:-'{}'}
+  mkdir -p "$d"
+  jq -n --arg d "$d" --argjson sites "$sites" --argjson extra "$extra" \
+    --argjson http "$(free_port)" '{
+      backup_location: ($d + "/spool"),
+      json_state_file_path: ($d + "/state.json"),
+      alert_file_dir: $d,
+      maintenance_mode_file: ($d + "/maintenance_mode_file"),
+      http_port: $http,
+      compression: {algorithm: "zstd", level: 1},
+      backup_sites: $sites
+    } + $extra' >"$d/walhoard.json"
+}
+
+# machine_info: the lines every results directory's machine.txt starts with.
+machine_info() {
+  echo "nproc: $(nproc)"
+  echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+  echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+}

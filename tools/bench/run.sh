@@ -93,9 +93,7 @@ trap 'exit 130' INT TERM
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src protocol walreceiver basebackup || echo ' (modified)')"
-  echo "nproc: $(nproc)"
-  echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
-  echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+  machine_info
   echo "os: $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
   echo "tools: $("$PGBIN/postgres" --version), $(pgbackrest version), $("$WALHOARD" --version 2>/dev/null || echo walhoard) ($WALHOARD)"
   echo "settings: scale=$SCALE wal_mib=$WAL_MIB reps=$REPS lag_seconds=$LAG_SECONDS restore_tx=$RESTORE_TX phases='$PHASES'"
@@ -113,25 +111,9 @@ PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
 # wh_config <dir> <slot> <object_storage JSON> [site JSON merged in]: zstd level 1, encrypted
 # with a 3072-bit key, no scheduled basebackups, everything else at its default.
 wh_config() {
-  local d=$1 slot=$2 storage=$3 extra=${4:-'{}'}
-  mkdir -p "$d"
-  jq -n --arg d "$d" --arg sock "$SOCK" --argjson port "$PGPORT" --arg slot "$slot" \
-    --argjson storage "$storage" --argjson extra "$extra" --arg pub "$PUBLIC" \
-    --argjson http "$(free_port)" '{
-      backup_location: ($d + "/spool"),
-      json_state_file_path: ($d + "/state.json"),
-      alert_file_dir: $d,
-      maintenance_mode_file: ($d + "/maintenance_mode_file"),
-      http_port: $http,
-      compression: {algorithm: "zstd", level: 1},
-      backup_sites: {main: ({
-        nodes: [{host: $sock, port: $port, user: "postgres", slot: $slot}],
-        object_storage: $storage,
-        encryption_key_id: "k1",
-        encryption_keys: {k1: {public: $pub}},
-        basebackup_interval_hours: null
-      } + $extra)}
-    }' >"$d/walhoard.json"
+  local site extra=${4:-'{}'}
+  site=$(wh_site "$2" "$3" | jq --argjson extra "$extra" '. + $extra')
+  wh_config_sites "$1" "$(jq -n --argjson s "$site" '{main: $s}')"
 }
 
 # wh_archived_n <http port>: sets WH_ARCHIVED_N to the archived byte position from GET

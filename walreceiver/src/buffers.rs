@@ -1,92 +1,169 @@
-//! Segment buffers: a fixed number of segment-sized buffers the receiver copies each segment
-//! into while it writes the spool file. A complete segment is verified in its buffer and handed
-//! on with it, so whoever archives it compresses and hashes from memory instead of reading the
-//! spool file back (three reads of every byte before: verification, hash, compression).
+//! Segment buffers: segment-sized buffers the receiver copies each segment into while it
+//! writes the spool file. A complete segment is verified in its buffer and handed on with it,
+//! so whoever archives it compresses and hashes from memory instead of reading the spool file
+//! back (three reads of every byte before: verification, hash, compression).
 //!
-//! Taking a buffer never waits: when all are in use (the archive is behind) a segment is
-//! received into the spool file alone and handed on without one, and the archiver reads the
-//! file. Memory is therefore bounded by `count × segment size`, whatever the backlog.
+//! One [`BufferBudget`] holds the bytes every site's buffers together may take (the daemon's
+//! `wal_buffer_memory_mib`); each site takes its buffers through its own [`SegmentBuffers`]
+//! handle. Taking a buffer never waits: when the budget is spent, or the site holds its share
+//! of it, a segment is received into the spool file alone and handed on without one, and the
+//! archiver reads the file. Memory is therefore bounded by the budget, whatever the backlog
+//! and however many sites there are.
+//!
+//! **Fair share.** A site may hold at most `max_count` buffers (its running uploads + 2) and
+//! at most `budget / (segment size × busy sites)` of them (at least one), where busy sites are
+//! those holding a buffer, counting the one asking. So one site draining a backlog cannot keep
+//! the whole budget while another gets none: as its buffers come back, it cannot take more
+//! than its share again. Returned buffers go to one free list shared by all sites, so an idle
+//! site keeps none.
 
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
-/// The pool. Cloning shares it.
+/// The daemon-wide budget. Cloning shares it.
 #[derive(Clone, Default)]
-pub struct SegmentBuffers {
+pub struct BufferBudget {
     inner: Arc<Mutex<Pool>>,
 }
 
 #[derive(Default)]
 struct Pool {
-    /// Buffers that may still be created.
-    unborn: usize,
-    /// Buffers created so far.
-    born: usize,
-    /// Bytes all buffers together may hold.
+    /// Bytes all buffers together may hold (their capacity).
     max_bytes: usize,
-    /// Returned buffers, ready for reuse.
+    /// Capacity of the buffers that exist (free or taken).
+    born_bytes: usize,
+    /// Returned buffers, ready for reuse by any site.
     free: Vec<Vec<u8>>,
+    /// Buffers each site holds now, by [`SegmentBuffers::site`].
+    held: Vec<usize>,
+    /// Sites holding at least one buffer.
+    busy: usize,
 }
 
-impl fmt::Debug for SegmentBuffers {
+impl fmt::Debug for BufferBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let p = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f.debug_struct("SegmentBuffers")
-            .field("unborn", &p.unborn)
+        let p = self.lock();
+        f.debug_struct("BufferBudget")
+            .field("max_bytes", &p.max_bytes)
+            .field("born_bytes", &p.born_bytes)
             .field("free", &p.free.len())
             .finish()
     }
 }
 
-impl SegmentBuffers {
-    /// At most `count` buffers exist at once; 0 turns in-memory hand-off off.
-    pub fn new(count: usize) -> Self {
-        Self::with_limit(count, usize::MAX)
-    }
-
-    /// At most `count` buffers, and no more than `max_bytes` in all (fewer buffers for larger
-    /// segments: none at all for 1 GiB segments under a 256 MiB limit).
-    pub fn with_limit(count: usize, max_bytes: usize) -> Self {
-        SegmentBuffers {
+impl BufferBudget {
+    /// Buffers of all sites together hold at most `max_bytes` (0: no buffers at all).
+    pub fn new(max_bytes: usize) -> Self {
+        BufferBudget {
             inner: Arc::new(Mutex::new(Pool {
-                unborn: count,
-                born: 0,
                 max_bytes,
-                free: Vec::new(),
+                ..Pool::default()
             })),
         }
     }
 
-    /// An empty buffer with room for `size` bytes, if one is free.
-    pub fn try_take(&self, size: usize) -> Option<SegmentBuffer> {
-        let mut p = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut buf = match p.free.pop() {
-            Some(b) => b,
-            None if p.unborn > 0 && (p.born + 1).saturating_mul(size) <= p.max_bytes => {
-                p.unborn -= 1;
-                p.born += 1;
-                Vec::new()
-            }
-            None => return None,
-        };
-        drop(p);
-        buf.clear();
-        if buf.capacity() != size {
-            // Exactly one segment: a different segment size (another server) replaces it.
-            buf = Vec::with_capacity(size);
+    /// A site's handle: it holds at most `max_count` buffers at once, and its fair share.
+    pub fn site(&self, max_count: usize) -> SegmentBuffers {
+        let mut p = self.lock();
+        p.held.push(0);
+        SegmentBuffers {
+            budget: self.clone(),
+            site: p.held.len() - 1,
+            max_count,
         }
+    }
+
+    /// Bytes the buffers that exist now take (free ones included).
+    pub fn allocated_bytes(&self) -> usize {
+        self.lock().born_bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One site's way into the budget. Cloning shares the site's count.
+#[derive(Clone, Default)]
+pub struct SegmentBuffers {
+    budget: BufferBudget,
+    site: usize,
+    max_count: usize,
+}
+
+impl fmt::Debug for SegmentBuffers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let held = self.held();
+        f.debug_struct("SegmentBuffers")
+            .field("site", &self.site)
+            .field("held", &held)
+            .field("max_count", &self.max_count)
+            .finish()
+    }
+}
+
+impl SegmentBuffers {
+    /// A pool of its own with at most `count` buffers; 0 turns in-memory hand-off off.
+    pub fn new(count: usize) -> Self {
+        Self::with_limit(count, usize::MAX)
+    }
+
+    /// A pool of its own: at most `count` buffers, and no more than `max_bytes` in all (fewer
+    /// buffers for larger segments: none at all for 1 GiB segments under a 256 MiB limit).
+    pub fn with_limit(count: usize, max_bytes: usize) -> Self {
+        BufferBudget::new(max_bytes).site(count)
+    }
+
+    /// Buffers this site holds now.
+    pub fn held(&self) -> usize {
+        self.budget.lock().held.get(self.site).copied().unwrap_or(0)
+    }
+
+    /// An empty buffer with room for `size` bytes, if the budget and this site's share allow.
+    pub fn try_take(&self, size: usize) -> Option<SegmentBuffer> {
+        let mut guard = self.budget.lock();
+        let p = &mut *guard;
+        let held = p.held.get(self.site).copied().unwrap_or(0);
+        // Sites holding buffers, this one included: each gets an equal part of the budget.
+        let busy = p.busy + usize::from(held == 0);
+        let share = (p.max_bytes / size.max(1) / busy.max(1)).max(1);
+        if held >= self.max_count.min(share) {
+            return None;
+        }
+        let buf = match p.free.iter().position(|b| b.capacity() == size) {
+            Some(i) => p.free.swap_remove(i),
+            None => {
+                // Free buffers of another size (another server's segments) make room first.
+                while p.born_bytes.saturating_add(size) > p.max_bytes {
+                    let i = p.free.iter().position(|b| b.capacity() != size)?;
+                    let old = p.free.swap_remove(i);
+                    p.born_bytes -= old.capacity();
+                }
+                p.born_bytes += size;
+                Vec::with_capacity(size)
+            }
+        };
+        if let Some(h) = p.held.get_mut(self.site) {
+            *h += 1;
+            if *h == 1 {
+                p.busy += 1;
+            }
+        }
+        drop(guard);
         Some(SegmentBuffer {
             buf,
-            pool: self.inner.clone(),
+            budget: self.budget.clone(),
+            site: self.site,
         })
     }
 }
 
-/// One segment's bytes; goes back to its pool when dropped.
+/// One segment's bytes; goes back to the budget's free list when dropped.
 pub struct SegmentBuffer {
     buf: Vec<u8>,
-    pool: Arc<Mutex<Pool>>,
+    budget: BufferBudget,
+    site: usize,
 }
 
 impl SegmentBuffer {
@@ -136,12 +213,16 @@ impl Eq for SegmentBuffer {}
 
 impl Drop for SegmentBuffer {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .free
-            .push(buf);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let mut p = self.budget.lock();
+        if let Some(h) = p.held.get_mut(self.site) {
+            *h -= 1;
+            if *h == 0 {
+                p.busy -= 1;
+            }
+        }
+        p.free.push(buf);
     }
 }
 
@@ -170,5 +251,55 @@ mod tests {
         let _one = bytes.try_take(8).unwrap();
         let _two = bytes.try_take(8).unwrap();
         assert!(bytes.try_take(8).is_none(), "past the byte limit");
+    }
+
+    #[test]
+    fn budget_shared_by_sites() {
+        // Room for four 8-byte buffers in all; each site may hold up to three.
+        let budget = BufferBudget::new(32);
+        let (a, b) = (budget.site(3), budget.site(3));
+        let a1 = a.try_take(8).unwrap();
+        let a2 = a.try_take(8).unwrap();
+        let a3 = a.try_take(8).unwrap();
+        assert!(a.try_take(8).is_none(), "past the site's own count");
+        // Site b is alone with nothing; it still gets the last buffer of the budget.
+        let b1 = b.try_take(8).unwrap();
+        assert!(b.try_take(8).is_none(), "past the budget");
+        assert_eq!(budget.allocated_bytes(), 32);
+        // Two busy sites: a's share is now 2 of 4, so one of its buffers coming back does
+        // not let it take a third again, while b may.
+        drop(a3);
+        assert!(
+            a.try_take(8).is_none(),
+            "a busy site took more than its share"
+        );
+        let b2 = b.try_take(8).unwrap();
+        assert_eq!((a.held(), b.held()), (2, 2));
+        // Buffers come back to one free list: an idle site keeps none, and its memory is
+        // reused by the other site, never allocated twice.
+        drop((b1, b2));
+        assert_eq!(b.held(), 0);
+        let a3 = a.try_take(8).unwrap();
+        assert_eq!(budget.allocated_bytes(), 32);
+        drop((a1, a2, a3));
+        // Another segment size: free buffers of the old size make room, the total stays.
+        let big = b.try_take(16).unwrap();
+        let big2 = a.try_take(16).unwrap();
+        assert!(a.try_take(16).is_none());
+        assert_eq!(budget.allocated_bytes(), 32);
+        drop((big, big2));
+    }
+
+    #[test]
+    fn one_site_may_use_the_whole_budget_when_alone() {
+        let budget = BufferBudget::new(64);
+        let a = budget.site(100);
+        let taken: Vec<_> = (0..8).map(|_| a.try_take(8).unwrap()).collect();
+        assert!(a.try_take(8).is_none());
+        assert_eq!(taken.len(), 8);
+        assert!(
+            BufferBudget::new(4).site(3).try_take(8).is_none(),
+            "a buffer larger than the budget"
+        );
     }
 }

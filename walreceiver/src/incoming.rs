@@ -12,6 +12,9 @@ use crate::buffers::{SegmentBuffer, SegmentBuffers};
 use crate::position::SpoolDurable;
 use crate::spool::{write_durable, SegmentFile};
 use crate::ReceiverError;
+
+/// Bytes of a spool file verified at once ([`Incoming::verify`]): a multiple of the WAL page.
+const VERIFY_PIECE: u64 = 1 << 20;
 #[cfg(doc)]
 use crate::SpoolSync;
 
@@ -226,17 +229,41 @@ impl Incoming {
         expect: &PageExpectation,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ReceiverError> {
-        let data: &[u8] = match (&self.buf, &self.file) {
-            (Some(b), _) => b,
-            (None, Some(f)) => {
-                f.read_all_into(scratch)?;
-                scratch
-            }
+        let bad = |e: walhoard_protocol::error::FormatError| {
+            ReceiverError::BadWal(format!("segment {}: {e}", self.id))
+        };
+        let f = match (&self.buf, &self.file) {
+            // Zero pages may end a segment (after an XLOG_SWITCH record).
+            (Some(b), _) => return validate_pages(b, self.start, expect, true).map_err(bad),
+            (None, Some(f)) => f,
             (None, None) => unreachable!("a segment is received into a buffer or a file"),
         };
-        // Zero pages may end a segment (after an XLOG_SWITCH record).
-        validate_pages(data, self.start, expect, true)
-            .map_err(|e| ReceiverError::BadWal(format!("segment {}: {e}", self.id)))
+        // Read back in pieces: a whole segment per site in memory would put every site that
+        // is behind (no buffer of the budget left for it) a segment above the budget.
+        let mut zero_tail = false;
+        let mut offset = 0u64;
+        while offset < self.seg_bytes {
+            let len = (self.seg_bytes - offset).min(VERIFY_PIECE) as usize;
+            f.read_range_into(scratch, offset, len)?;
+            let at = self.start + offset;
+            if zero_tail {
+                if let Some(p) = scratch.iter().position(|b| *b != 0) {
+                    return Err(bad(walhoard_protocol::error::FormatError::new(format!(
+                        "WAL at {} follows an empty page",
+                        at + p as u64
+                    ))));
+                }
+            } else {
+                validate_pages(scratch, at, expect, true).map_err(bad)?;
+                // validate_pages accepted zeros to the piece's end: the tail began in it.
+                let last = scratch
+                    .len()
+                    .saturating_sub(walhoard_protocol::xlog::XLOG_BLCKSZ);
+                zero_tail = scratch[last..].iter().all(|b| *b == 0);
+            }
+            offset += len as u64;
+        }
+        Ok(())
     }
 
     /// Renames the spool file to the segment's name; returns that path (which does not exist
@@ -285,9 +312,13 @@ mod tests {
     }
 
     fn expect() -> PageExpectation {
+        expect_in(seg())
+    }
+
+    fn expect_in(seg: SegmentSize) -> PageExpectation {
         PageExpectation {
             magic: MAGIC,
-            seg_size: seg(),
+            seg_size: seg,
             system_id: Some(SYSID),
             max_tli: Some(TimelineId(1)),
         }
@@ -296,10 +327,14 @@ mod tests {
     /// WAL pages as PostgreSQL lays them out from `start` (XLogPageHeaderData; a long header
     /// with the system identifier on a segment's first page), `pages` of them.
     fn wal(start: Lsn, pages: usize) -> Vec<u8> {
+        wal_in(start, pages, seg())
+    }
+
+    fn wal_in(start: Lsn, pages: usize, seg: SegmentSize) -> Vec<u8> {
         let mut out = vec![0u8; pages * XLOG_BLCKSZ];
         for (i, p) in out.chunks_mut(XLOG_BLCKSZ).enumerate() {
             let addr = start + (i * XLOG_BLCKSZ) as u64;
-            let long = addr.segment_offset(seg()) == 0;
+            let long = addr.segment_offset(seg) == 0;
             let info = if long { XLP_LONG_HEADER } else { 0 };
             p[0..2].copy_from_slice(&MAGIC.to_le_bytes());
             p[2..4].copy_from_slice(&info.to_le_bytes());
@@ -307,7 +342,7 @@ mod tests {
             p[8..16].copy_from_slice(&addr.0.to_le_bytes());
             if long {
                 p[24..32].copy_from_slice(&SYSID.to_le_bytes());
-                p[32..36].copy_from_slice(&(seg().bytes() as u32).to_le_bytes());
+                p[32..36].copy_from_slice(&(seg.bytes() as u32).to_le_bytes());
                 p[36..40].copy_from_slice(&(XLOG_BLCKSZ as u32).to_le_bytes());
             }
             p[100] = i as u8; // some record bytes
@@ -424,5 +459,49 @@ mod tests {
             .to_string();
         assert!(err.contains("000000010000000000000006"), "{err}");
         assert_eq!(cur.sync().unwrap(), None);
+    }
+
+    /// A segment without a buffer is verified from its spool file piece by piece: the memory
+    /// it takes is one piece, not a segment, and a zero tail or a bad page in a later piece
+    /// is judged as it would be in one piece.
+    #[test]
+    fn incoming_file_verified_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg4 = SegmentSize::new(4 << 20).unwrap();
+        let start = Lsn(7 * seg4.bytes());
+        let pages = (seg4.bytes() as usize) / XLOG_BLCKSZ;
+        let none = SegmentBuffers::new(0);
+        let check = |bytes: &[u8]| {
+            let mut cur =
+                Incoming::open(dir.path(), TimelineId(1), start, seg4, false, &none).unwrap();
+            assert!(cur.buf.is_none());
+            cur.write(start, bytes).unwrap();
+            let mut scratch = Vec::new();
+            let r = cur.verify(&expect_in(seg4), &mut scratch);
+            assert!(
+                scratch.capacity() <= VERIFY_PIECE as usize * 3 / 2,
+                "read back {} bytes at once",
+                scratch.capacity()
+            );
+            r.map_err(|e| e.to_string())
+        };
+        let good = wal_in(start, pages, seg4);
+        check(&good).unwrap();
+        // WAL up to the middle of the second piece, zeros after it (an XLOG_SWITCH).
+        let mut tail = good.clone();
+        let wal_end = (VERIFY_PIECE as usize) * 3 / 2;
+        tail[wal_end..].fill(0);
+        check(&tail).unwrap();
+        // A byte after the zero tail, two pieces later.
+        let mut after = tail.clone();
+        after[3 * VERIFY_PIECE as usize + 5] = 1;
+        let err = check(&after).unwrap_err();
+        assert!(err.contains("follows an empty page"), "{err}");
+        // A page with the wrong address in the last piece.
+        let mut bad = good.clone();
+        let p = 3 * VERIFY_PIECE as usize + 2 * XLOG_BLCKSZ;
+        bad[p + 8] ^= 0x40;
+        let err = check(&bad).unwrap_err();
+        assert!(err.contains("000000010000000000000007"), "{err}");
     }
 }

@@ -35,7 +35,7 @@ pub mod receiver;
 mod session;
 pub mod spool;
 
-pub use buffers::{SegmentBuffer, SegmentBuffers};
+pub use buffers::{BufferBudget, SegmentBuffer, SegmentBuffers};
 pub use config::{ReceiverConfig, ResumeHook, SpoolSync, StartPosition};
 pub use events::{DisconnectReason, ReceiverEvent, ReceiverPositions};
 pub use partial::{InFlight, PartialUploads};

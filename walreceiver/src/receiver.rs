@@ -280,9 +280,10 @@ impl Session {
         let mut archive_open = true;
         let mut pause = self.cfg.pause.clone();
         // For segments received without a buffer (none free, or started mid-segment), one
-        // buffer for every read-back: a fresh 16 MiB allocation per segment let glibc raise
-        // its mmap threshold and keep freed buffers in per-thread arenas, so the daemon's RSS
-        // grew with the backlog (docs/benchmarks.md).
+        // buffer for every read-back, of one verification piece (`Incoming::verify`): a fresh
+        // 16 MiB allocation per segment let glibc raise its mmap threshold and keep freed
+        // buffers in per-thread arenas, so the daemon's RSS grew with the backlog
+        // (docs/benchmarks.md).
         let mut verify_buf = Vec::new();
         // XLogData payloads are read from the socket straight into the segment buffer (into
         // this, then the spool file, for a segment without one): no copy out of the

@@ -167,10 +167,9 @@ impl SegmentFile {
         Ok(())
     }
 
-    /// Reads the whole file back into `buf`, replacing its content (for verification before
-    /// it is handed on; the receiver reuses one buffer for every segment).
+    /// Reads the whole file back into `buf`, replacing its content.
     pub fn read_all_into(&self, buf: &mut Vec<u8>) -> io::Result<()> {
-        self.read_prefix_into(buf, self.seg_size.bytes())
+        self.read_range_into(buf, 0, self.seg_size.bytes() as usize)
     }
 
     /// Reads the segment's bytes from offset `from` to `to` (both within what is written):
@@ -184,21 +183,28 @@ impl SegmentFile {
 
     /// Reads the segment's first `len` bytes into `buf` (replacing its content).
     pub fn read_first_page_into(&self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
-        self.read_prefix_into(buf, len as u64)
+        self.read_range_into(buf, 0, len)
     }
 
-    fn read_prefix_into(&self, buf: &mut Vec<u8>, len: u64) -> io::Result<()> {
+    /// Reads `len` bytes from `offset` into `buf` (replacing its content): verification reads
+    /// a segment back in pieces of this, so that a site receiving into its spool holds one
+    /// piece in memory, not a segment.
+    pub fn read_range_into(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<()> {
         // read_to_end fills spare capacity without zeroing it first: zeroing 16 MiB per
         // segment was a few per cent of the receiver's CPU (docs/benchmarks.md).
         buf.clear();
-        buf.reserve(len as usize);
+        buf.reserve(len);
         let mut f = &self.file;
-        f.seek(SeekFrom::Start(0))?;
-        f.take(len).read_to_end(buf)?;
-        if buf.len() as u64 != len {
+        f.seek(SeekFrom::Start(offset))?;
+        f.take(len as u64).read_to_end(buf)?;
+        if buf.len() != len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("{}: {} of {len} bytes", self.path.display(), buf.len()),
+                format!(
+                    "{}: {} of {len} bytes at offset {offset}",
+                    self.path.display(),
+                    buf.len()
+                ),
             ));
         }
         Ok(())
