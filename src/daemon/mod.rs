@@ -12,6 +12,7 @@ pub mod basebackups;
 pub mod identity;
 mod lag;
 pub mod partial;
+mod resume;
 pub mod site;
 pub mod sites;
 pub mod slots;

@@ -16,6 +16,7 @@
 //!   [`retry`] for the retry loop and its `upload_retries_warning` alert file.
 
 mod backends;
+mod chunks;
 mod error;
 mod local;
 mod read;
@@ -23,6 +24,8 @@ pub use local::DIRECT_ALIGN;
 pub mod meta;
 pub mod retry;
 
+pub use chunks::ChunkSource;
+use chunks::{ChannelSink, ReadChunks};
 use error::backend;
 pub use error::StorageError;
 
@@ -31,7 +34,7 @@ use std::fmt;
 
 use bytes::Bytes;
 use opendal::{ErrorKind, Operator};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncRead;
 
 use crate::config::ObjectStorageConfig;
 
@@ -49,47 +52,6 @@ pub const DEFAULT_CHUNK: usize = 8 * 1024 * 1024;
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Longest wait for the next bytes of a streaming read or write.
 const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// An AsyncWrite that forwards every write to a channel as one chunk (back-pressure from the
-/// channel's bound).
-struct ChannelSink {
-    tx: tokio_util::sync::PollSender<std::io::Result<Bytes>>,
-}
-
-impl AsyncWrite for ChannelSink {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let closed =
-            || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "download reader stopped");
-        match self.tx.poll_reserve(cx) {
-            std::task::Poll::Ready(Ok(())) => {
-                self.tx
-                    .send_item(Ok(Bytes::copy_from_slice(buf)))
-                    .map_err(|_| closed())?;
-                std::task::Poll::Ready(Ok(buf.len()))
-            }
-            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(Err(closed())),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
 
 /// The user metadata a store returned with a stat, in pghoard's names.
 fn user_metadata(meta: &opendal::Metadata, underscores: bool) -> Metadata {
@@ -117,47 +79,6 @@ pub struct ObjectInfo {
     pub size: u64,
     /// Seconds since the Unix epoch, when the store reports it.
     pub last_modified: Option<i64>,
-}
-
-/// Where [`ObjectStore::put_chunks`] takes an object's bytes from, a chunk at a time; `None`
-/// ends the object, an error aborts it.
-pub trait ChunkSource: Send {
-    fn next_chunk(
-        &mut self,
-    ) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>> + Send;
-}
-
-/// One object already in memory.
-impl ChunkSource for Option<Bytes> {
-    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
-        Ok(self.take())
-    }
-}
-
-/// Chunks sent by a producer (a compression thread); a sent error aborts the object.
-impl ChunkSource for tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> {
-    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
-        self.recv().await.transpose()
-    }
-}
-
-/// An [`AsyncRead`] read in chunks of up to `chunk` bytes, into fresh uninitialised buffers
-/// (the backend may keep a chunk after `write` returns).
-struct ReadChunks<R> {
-    source: R,
-    chunk: usize,
-}
-
-impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
-    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
-        let mut buf = bytes::BytesMut::with_capacity(self.chunk);
-        while buf.len() < self.chunk {
-            if self.source.read_buf(&mut buf).await? == 0 {
-                break;
-            }
-        }
-        Ok((!buf.is_empty()).then(|| buf.freeze()))
-    }
 }
 
 /// Where writes that are renamed into place start: a directory of the store's root (local
