@@ -10,8 +10,12 @@
 //! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command); its client
 //!   side, for the commands that talk to a daemon, is [`api_client`].
 //! - [`restore`]: listing and restoring basebackups, and the restore_command.
+//! - [`archive_sync`], [`archive_cleanup`], [`preservation`]: pghoard's archive-sync,
+//!   archive-cleanup and backup preservation requests.
 
 pub mod api_client;
+pub mod archive_cleanup;
+pub mod archive_sync;
 pub mod basebackup;
 pub mod check;
 pub mod config;
@@ -20,6 +24,7 @@ pub mod durable;
 pub mod http;
 pub mod pipeline;
 pub mod postgres_command;
+pub mod preservation;
 pub mod restore;
 pub mod settings;
 pub mod storage;

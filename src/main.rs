@@ -90,6 +90,40 @@ enum Command {
         #[command(subcommand)]
         command: RestoreCommand,
     },
+    /// pghoard_archive_sync: upload the WAL and history files of the server's pg_wal (since
+    /// the newest basebackup) that the archive lacks or holds other bytes of (those are kept
+    /// as `<key>.diverged-<time>`), then check the chain of WAL from the newest basebackup to
+    /// the current segment; exit 1 naming the first gap.
+    ArchiveSync {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        /// The backup site (optional when the configuration has one).
+        site: Option<String>,
+        /// Do not check the chain after uploading.
+        #[arg(long)]
+        no_verify: bool,
+        /// On a gap, take a new basebackup (through the daemon when one runs) instead of
+        /// failing.
+        #[arg(long)]
+        create_new_backup_on_failure: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// pghoard_archive_cleanup: delete the WAL (every timeline) before the start of the oldest
+    /// basebackup the site holds; print what is deleted.
+    ArchiveCleanup {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        /// The backup site (optional when the configuration has one).
+        site: Option<String>,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
     Basebackup {
@@ -152,7 +186,34 @@ enum RestoreCommand {
         /// NAME=DIR: restore tablespace NAME (name or oid as recorded) into DIR.
         #[arg(long, value_parser = parse_tablespace_dir)]
         tablespace_dir: Vec<(String, PathBuf)>,
+        /// Keep the restored backup (and the WAL it needs) past retention until this date
+        /// (pghoard's preservation request, honoured by pghoard too).
+        #[arg(long, value_parser = parse_preserve_until)]
+        preserve_until: Option<jiff::Timestamp>,
+        /// Delete the preservation request once the restore succeeded (the default, as
+        /// pghoard's).
+        #[arg(long, overrides_with = "no_cancel_preserve_on_success")]
+        cancel_preserve_on_success: bool,
+        /// Keep the preservation request after a successful restore.
+        #[arg(long)]
+        no_cancel_preserve_on_success: bool,
     },
+    /// List the site's preservation requests, or cancel one.
+    Preservations {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        site: Option<String>,
+        /// Delete this request (its name, as listed).
+        #[arg(long)]
+        cancel: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_preserve_until(s: &str) -> Result<jiff::Timestamp, String> {
+    walhoard::preservation::parse_until(s).map_err(|e| format!("{e:#}"))
 }
 
 fn parse_tablespace_dir(s: &str) -> Result<(String, PathBuf), String> {
@@ -189,6 +250,9 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             primary_conninfo,
             overwrite,
             tablespace_dir,
+            preserve_until,
+            cancel_preserve_on_success: _,
+            no_cancel_preserve_on_success,
         } => {
             let target = if let Some(t) = recovery_target_time {
                 let ts = r::parse_target_time(&t)?;
@@ -216,6 +280,12 @@ async fn restore(command: RestoreCommand) -> Result<()> {
                 overwrite,
                 tablespace_dirs: tablespace_dir,
                 restore_command: None,
+                preserve: preserve_until.map(|until| {
+                    walhoard::preservation::RestorePreservation {
+                        until,
+                        cancel_on_success: !no_cancel_preserve_on_success,
+                    }
+                }),
             };
             let restored = get::get_basebackup(&site, &opts).await?;
             eprintln!(
@@ -225,7 +295,67 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             );
             Ok(())
         }
+        RestoreCommand::Preservations {
+            config,
+            site,
+            cancel,
+            json,
+        } => {
+            use walhoard::preservation;
+            let site = RestoreSite::open(&config, site.as_deref())?;
+            if let Some(name) = cancel {
+                preservation::cancel(&site.store, &name).await?;
+                eprintln!("preservation request {name} cancelled");
+                return Ok(());
+            }
+            let list = preservation::list(&site.store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in &list {
+                    println!("{}\t{}\t{}", r.backup, r.until, r.name);
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+async fn archive_sync(
+    config_path: &std::path::Path,
+    site: Option<&str>,
+    opts: walhoard::archive_sync::SyncOptions,
+    json: bool,
+) -> Result<()> {
+    let config = walhoard::config::Config::load(config_path)?;
+    let site = &walhoard::restore::site_name(&config, config_path, site)?;
+    let report = walhoard::archive_sync::run(&config, site, opts).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", walhoard::archive_sync::render(&report));
+    }
+    match report.failure() {
+        Some(why) => anyhow::bail!("archive-sync, site {site}: {why}"),
+        None => Ok(()),
+    }
+}
+
+async fn archive_cleanup(
+    config_path: &std::path::Path,
+    site: Option<&str>,
+    dry_run: bool,
+    json: bool,
+) -> Result<()> {
+    let config = walhoard::config::Config::load(config_path)?;
+    let site = &walhoard::restore::site_name(&config, config_path, site)?;
+    let report = walhoard::archive_cleanup::run(&config, site, dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", walhoard::archive_cleanup::render(&report));
+    }
+    Ok(())
 }
 
 fn create_keys(key_id: &str, bits: usize) -> Result<()> {
@@ -242,32 +372,8 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
 /// here when no daemon listens.
 async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
     let config = walhoard::config::Config::load(config)?;
-    if !config.backup_sites.contains_key(site) {
-        anyhow::bail!("no backup site {site:?} in the configuration");
-    }
-    let (host, port) = (config.http_address.as_str(), config.http_port);
-    if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
-        let (status, body) = walhoard::api_client::request(
-            host,
-            port,
-            hyper::Method::PUT,
-            &format!("/{site}/basebackup"),
-            &[],
-        )
-        .await?;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        match v["basebackup"].as_str() {
-            Some(name) if status == hyper::StatusCode::CREATED => println!("{name}"),
-            _ => anyhow::bail!(
-                "the daemon at {host}:{port} could not take the backup ({status}): {}",
-                v["error"].as_str().unwrap_or(&body)
-            ),
-        }
-        return Ok(());
-    }
-    eprintln!("walhoard: no daemon listens on {host}:{port}; taking the backup here");
-    let info = walhoard::basebackup::take(&config, site).await?;
-    println!("{}", info.name);
+    let name = walhoard::basebackup::request::request_or_take(&config, site).await?;
+    println!("{name}");
     Ok(())
 }
 
@@ -401,6 +507,25 @@ fn main() -> ExitCode {
             }
             Command::Restore { command } => restore(command).await,
             Command::Basebackup { config, site } => basebackup(&config, &site).await,
+            Command::ArchiveSync {
+                config,
+                site,
+                no_verify,
+                create_new_backup_on_failure,
+                json,
+            } => {
+                let opts = walhoard::archive_sync::SyncOptions {
+                    verify: !no_verify,
+                    new_backup_on_failure: create_new_backup_on_failure,
+                };
+                archive_sync(&config, site.as_deref(), opts, json).await
+            }
+            Command::ArchiveCleanup {
+                config,
+                site,
+                dry_run,
+                json,
+            } => archive_cleanup(&config, site.as_deref(), dry_run, json).await,
         };
         r.map(|()| 0)
     });

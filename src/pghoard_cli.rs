@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+mod archive;
 mod create_keys;
+use archive::{archive_cleanup, archive_sync, ArchiveCleanupFlags, ArchiveSyncFlags};
 use create_keys::create_keys;
 
 /// The names pghoard installs its commands under (pghoard's pyproject.toml `[project.scripts]`),
@@ -241,17 +243,8 @@ pub fn dispatch(argv: Vec<OsString>) -> Dispatch {
                 .map(postgres_command)
         }
         "pghoard_create_keys" => parse::<CreateKeysFlags>(with_name(), 2).map(create_keys),
-        "pghoard_archive_sync" => Ok(refuse(
-            "pghoard_archive_sync is not part of walhoard: the daemon receives WAL over the \
-             replication protocol (from its slot, with no gap) instead of uploading pg_wal's files \
-             afterwards; `walhoard check --config FILE` checks a site's connection, slot, object \
-             store and keys",
-        )),
-        _ => Ok(refuse(
-            "pghoard_archive_cleanup is not part of walhoard: the daemon's retention \
-             (basebackup_count, basebackup_age_days_max) deletes the WAL that no kept basebackup \
-             needs, after every basebackup; WAL that pghoard left is only deleted with it",
-        )),
+        "pghoard_archive_sync" => parse::<ArchiveSyncFlags>(with_name(), 2).map(archive_sync),
+        _ => parse::<ArchiveCleanupFlags>(with_name(), 2).map(archive_cleanup),
     };
     result.unwrap_or_else(Dispatch::Exit)
 }
@@ -354,7 +347,7 @@ fn restore(f: RestoreFlags) -> Dispatch {
             restore_to_primary,
             preserve_until,
             cancel_preserve_on_success: _,
-            no_cancel_preserve_on_success: _,
+            no_cancel_preserve_on_success,
             pghoard_postgres_command_bin,
         } => {
             if tablespace_base_dir.is_some() {
@@ -368,13 +361,6 @@ fn restore(f: RestoreFlags) -> Dispatch {
                     "--recovery-end-command is not supported by walhoard: add \
                      recovery_end_command to the restored postgresql.auto.conf before starting \
                      PostgreSQL",
-                );
-            }
-            if preserve_until.is_some() {
-                return refuse(
-                    "--preserve-until: walhoard has no backup preservation requests; stop \
-                     retention instead (a maintenance_mode_file, or a larger basebackup_count) \
-                     while the restore runs",
                 );
             }
             if [
@@ -426,6 +412,12 @@ fn restore(f: RestoreFlags) -> Dispatch {
             }
             for t in tablespace_dir {
                 v.extend(["--tablespace-dir".into(), t.into()]);
+            }
+            if let Some(until) = preserve_until {
+                v.extend(["--preserve-until".into(), until.into()]);
+                if no_cancel_preserve_on_success {
+                    v.push("--no-cancel-preserve-on-success".into());
+                }
             }
             translated(v, f.debug)
         }
@@ -587,18 +579,65 @@ mod tests {
     }
 
     #[test]
+    fn pghoard_archive_sync_cleanup_and_preserve_until_map_to_walhoards() {
+        let cases: [(&[&str], &str); 4] = [
+            (
+                &[
+                    "pghoard_archive_sync",
+                    "--config",
+                    "c",
+                    "--site",
+                    "s",
+                    "--no-verify",
+                    "--create-new-backup-on-failure",
+                    "--max-hash-checks",
+                    "5",
+                ],
+                "walhoard archive-sync --config c --site s --no-verify \
+                 --create-new-backup-on-failure",
+            ),
+            (
+                &["walhoard", "pghoard_archive_cleanup", "--config", "c", "--dry-run"],
+                "walhoard archive-cleanup --config c --dry-run",
+            ),
+            (
+                &[
+                    "pghoard_restore",
+                    "get-basebackup",
+                    "--config",
+                    "c",
+                    "--target-dir",
+                    "d",
+                    "--preserve-until",
+                    "2030-01-01",
+                    "--no-cancel-preserve-on-success",
+                ],
+                "walhoard restore get-basebackup --config c --target-dir d --basebackup latest \
+                 --preserve-until 2030-01-01 --no-cancel-preserve-on-success",
+            ),
+            (
+                &[
+                    "pghoard_restore",
+                    "get-basebackup",
+                    "--config",
+                    "c",
+                    "--target-dir",
+                    "d",
+                    "--preserve-until",
+                    "2030-01-01",
+                ],
+                "walhoard restore get-basebackup --config c --target-dir d --basebackup latest \
+                 --preserve-until 2030-01-01",
+            ),
+        ];
+        for (argv, want) in cases {
+            assert_eq!(args_of(dispatch(os(argv))).join(" "), want, "{argv:?}");
+        }
+    }
+
+    #[test]
     fn pghoard_only_features_are_refused_not_dropped() {
         for argv in [
-            os(&[
-                "pghoard_restore",
-                "get-basebackup",
-                "--config",
-                "c",
-                "--target-dir",
-                "d",
-                "--preserve-until",
-                "2030-01-01",
-            ]),
             os(&[
                 "pghoard_restore",
                 "get-basebackup",
@@ -620,8 +659,6 @@ mod tests {
                 "/t",
             ]),
             os(&["pghoard_restore", "list-basebackups-http", "--site", "s"]),
-            os(&["pghoard_archive_sync", "--config", "c"]),
-            os(&["walhoard", "pghoard_archive_cleanup", "--config", "c"]),
         ] {
             assert_eq!(dispatch(argv.clone()), Dispatch::Exit(1), "{argv:?}");
         }

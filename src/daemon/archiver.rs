@@ -185,6 +185,54 @@ impl UploadContext {
         .map(|_| ())
     }
 
+    /// Whether `key` already holds an object, and whether it is the one at `path`: one
+    /// metadata read (HEAD, or the sidecar) and a hash of the local file.
+    pub async fn existing(
+        &self,
+        key: &str,
+        path: &Path,
+        data: Option<&Arc<SegmentBuffer>>,
+    ) -> Result<Existing, String> {
+        let (path, data) = (path.to_path_buf(), data.cloned());
+        self.existing_with(key, move |algorithm| {
+            local_hash(algorithm, &path, data.as_ref())
+        })
+        .await
+    }
+
+    /// [`UploadContext::existing`] for bytes `hash_of` hashes (run on a blocking thread with
+    /// the algorithm the stored object was hashed with).
+    pub async fn existing_with<H>(&self, key: &str, hash_of: H) -> Result<Existing, String>
+    where
+        H: FnOnce(HashAlgorithm) -> std::io::Result<String> + Send + 'static,
+    {
+        let stored = match self.store.metadata(key).await {
+            Ok(m) => m,
+            Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
+            Err(e) => return Err(e.to_string()),
+        };
+        let (Some(hash), Some(algorithm)) =
+            (stored.get(meta::HASH), stored.get(meta::HASH_ALGORITHM))
+        else {
+            return Ok(Existing::Different(
+                "it records no hash to compare with".into(),
+            ));
+        };
+        let algorithm: HashAlgorithm = match algorithm.parse() {
+            Ok(a) => a,
+            Err(e) => return Ok(Existing::Different(format!("its hash-algorithm: {e}"))),
+        };
+        let ours = tokio::task::spawn_blocking(move || hash_of(algorithm))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(if ours.eq_ignore_ascii_case(hash) {
+            Existing::Same
+        } else {
+            Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
+        })
+    }
+
     /// [`UploadContext::upload_once`] retried under `policy` while the failure is transient
     /// (archive_command's uploads, which PostgreSQL retries itself after `max_attempts`).
     pub async fn upload_retrying(
@@ -250,7 +298,7 @@ pub enum KeyState {
 
 /// What the archive holds under a key the archiver is about to write.
 #[derive(Debug, PartialEq, Eq)]
-enum Existing {
+pub enum Existing {
     Absent,
     /// The same bytes (the recorded hash matches): nothing to upload.
     Same,
@@ -308,42 +356,6 @@ impl Archiver {
     /// Report refused overwrites in alert files too.
     pub fn set_alerts(&mut self, alerts: Alerts) {
         self.alerts = Some(alerts);
-    }
-
-    /// Whether `key` already holds an object, and whether it is the one at `path`: one
-    /// metadata read (HEAD, or the sidecar) and a hash of the local file.
-    async fn existing(
-        &self,
-        key: &str,
-        path: &Path,
-        data: Option<&Arc<SegmentBuffer>>,
-    ) -> Result<Existing, String> {
-        let stored = match self.ctx.store.metadata(key).await {
-            Ok(m) => m,
-            Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
-            Err(e) => return Err(e.to_string()),
-        };
-        let (Some(hash), Some(algorithm)) =
-            (stored.get(meta::HASH), stored.get(meta::HASH_ALGORITHM))
-        else {
-            return Ok(Existing::Different(
-                "it records no hash to compare with".into(),
-            ));
-        };
-        let algorithm: HashAlgorithm = match algorithm.parse() {
-            Ok(a) => a,
-            Err(e) => return Ok(Existing::Different(format!("its hash-algorithm: {e}"))),
-        };
-        let (path, data) = (path.to_path_buf(), data.cloned());
-        let ours = tokio::task::spawn_blocking(move || local_hash(algorithm, &path, data.as_ref()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(if ours.eq_ignore_ascii_case(hash) {
-            Existing::Same
-        } else {
-            Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
-        })
     }
 
     pub fn spool_dir(&self) -> &Path {
@@ -455,7 +467,7 @@ impl Archiver {
                 Backoff::new(this.ctx.retry.initial_backoff, this.ctx.retry.max_backoff);
             if key_state == KeyState::MayExist {
                 loop {
-                    match this.existing(&key, &path, data.as_ref()).await {
+                    match this.ctx.existing(&key, &path, data.as_ref()).await {
                         Ok(e) => {
                             existing = e;
                             break;

@@ -68,25 +68,30 @@ pub fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
     Ok(ring)
 }
 
+/// `--site`, or the configuration's only site (pghoard's `get_site_from_config`).
+pub fn site_name(config: &Config, config_path: &Path, site: Option<&str>) -> Result<String> {
+    Ok(match site {
+        Some(s) => s.to_string(),
+        None => match config.backup_sites.keys().collect::<Vec<_>>().as_slice() {
+            [only] => (*only).clone(),
+            [] => bail!("{}: no backup_sites", config_path.display()),
+            many => bail!(
+                "{} has several backup sites ({}): choose one with --site",
+                config_path.display(),
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    })
+}
+
 impl RestoreSite {
     /// Loads `config_path` and opens `site` (optional when the configuration has one site).
     pub fn open(config_path: &Path, site: Option<&str>) -> Result<Self> {
         let config = Config::load(config_path)?;
-        let name = match site {
-            Some(s) => s.to_string(),
-            None => match config.backup_sites.keys().collect::<Vec<_>>().as_slice() {
-                [only] => (*only).clone(),
-                [] => bail!("{}: no backup_sites", config_path.display()),
-                many => bail!(
-                    "{} has several backup sites ({}): choose one with --site",
-                    config_path.display(),
-                    many.iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            },
-        };
+        let name = site_name(&config, config_path, site)?;
         let site = config
             .backup_sites
             .get(&name)
