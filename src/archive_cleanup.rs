@@ -73,7 +73,9 @@ pub async fn obsolete_wal(store: &ObjectStore, first: SegmentId) -> Result<Vec<O
         .await
         .context("list xlog/")?
         .into_iter()
-        .filter(|o| segment_of_key(&o.key).is_some_and(|id| (id.log, id.seg) < (first.log, first.seg)))
+        .filter(|o| {
+            segment_of_key(&o.key).is_some_and(|id| (id.log, id.seg) < (first.log, first.seg))
+        })
         .collect())
 }
 

@@ -206,7 +206,11 @@ fn candidates(pg_wal: &Path, server: &Server, first: Option<u64>) -> Result<Vec<
         WalSegmentName::History(t) => (0, u64::from(t.get()), 0),
         other => {
             let id = other.segment().unwrap_or(server.current);
-            (1, id.segno(server.seg).unwrap_or(0), u64::from(id.tli.get()))
+            (
+                1,
+                id.segno(server.seg).unwrap_or(0),
+                u64::from(id.tli.get()),
+            )
         }
     });
     Ok(out)
@@ -323,7 +327,11 @@ async fn sync_file(
 async fn archived(store: &ObjectStore) -> Result<chain::Archived> {
     let mut a = chain::Archived::default();
     for dir in ["xlog", "timeline"] {
-        for o in store.list(dir).await.with_context(|| format!("list {dir}/"))? {
+        for o in store
+            .list(dir)
+            .await
+            .with_context(|| format!("list {dir}/"))?
+        {
             let file = o.key.rsplit('/').next().unwrap_or("");
             match file.parse::<WalSegmentName>() {
                 Ok(WalSegmentName::Segment(id)) => {
@@ -350,10 +358,13 @@ pub async fn run(config: &Config, site: &str, opts: SyncOptions) -> Result<SyncR
         .pg_data_directory
         .as_ref()
         .with_context(|| {
-            format!("backup_sites.{site}.pg_data_directory: archive-sync reads pg_wal there; set it")
+            format!(
+                "backup_sites.{site}.pg_data_directory: archive-sync reads pg_wal there; set it"
+            )
         })?
         .join("pg_wal");
-    let ctx = crate::daemon::upload_context(config, site, Arc::new(tokio::sync::Semaphore::new(1)))?;
+    let ctx =
+        crate::daemon::upload_context(config, site, Arc::new(tokio::sync::Semaphore::new(1)))?;
     let server = ask_server(config, site).await?;
     let keys = crate::restore::key_ring(site, site_config)?;
     if let Some(archive) = identity::archive_identity(&ctx.store, &keys).await? {
@@ -406,7 +417,13 @@ pub async fn run(config: &Config, site: &str, opts: SyncOptions) -> Result<SyncR
     };
     let listed = archived(&ctx.store).await?;
     let current = server.current.segno(server.seg)?;
-    report.chain = Some(chain::check(&server.history, start, current, server.seg, &listed));
+    report.chain = Some(chain::check(
+        &server.history,
+        start,
+        current,
+        server.seg,
+        &listed,
+    ));
     request_if_asked(config, site, opts, report).await
 }
 

@@ -280,11 +280,9 @@ async fn restore(command: RestoreCommand) -> Result<()> {
                 overwrite,
                 tablespace_dirs: tablespace_dir,
                 restore_command: None,
-                preserve: preserve_until.map(|until| {
-                    walhoard::preservation::RestorePreservation {
-                        until,
-                        cancel_on_success: !no_cancel_preserve_on_success,
-                    }
+                preserve: preserve_until.map(|until| walhoard::preservation::RestorePreservation {
+                    until,
+                    cancel_on_success: !no_cancel_preserve_on_success,
                 }),
             };
             let restored = get::get_basebackup(&site, &opts).await?;

@@ -597,7 +597,13 @@ mod tests {
                  --create-new-backup-on-failure",
             ),
             (
-                &["walhoard", "pghoard_archive_cleanup", "--config", "c", "--dry-run"],
+                &[
+                    "walhoard",
+                    "pghoard_archive_cleanup",
+                    "--config",
+                    "c",
+                    "--dry-run",
+                ],
                 "walhoard archive-cleanup --config c --dry-run",
             ),
             (

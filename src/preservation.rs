@@ -170,7 +170,11 @@ impl RestorePreservation {
 /// its key: skipping it could let retention delete a backup someone asked to keep.
 pub async fn list(store: &ObjectStore) -> Result<Vec<Request>> {
     let mut out = Vec::new();
-    for o in store.list(DIR).await.with_context(|| format!("list {DIR}/"))? {
+    for o in store
+        .list(DIR)
+        .await
+        .with_context(|| format!("list {DIR}/"))?
+    {
         let name = o.key.trim_start_matches(DIR).trim_start_matches('/');
         let m = store
             .metadata(&o.key)

@@ -152,11 +152,23 @@ mod tests {
         let seg = SegmentSize::new(SEG).unwrap();
         let h = TimelineHistory::parse(TimelineId(3), b"1\t0/5000100\tx\n").unwrap();
         // Timeline 2 is a sibling branch, not an ancestor of 3.
-        let r = check(&h, id("000000020000000000000006"), 9, seg, &Archived::default());
+        let r = check(
+            &h,
+            id("000000020000000000000006"),
+            9,
+            seg,
+            &Archived::default(),
+        );
         assert_eq!(r.missing.len(), 1);
         assert!(r.missing[0].contains("not in the history"), "{r:?}");
         // Timeline 1 past its switchpoint is not on this history either.
-        let r = check(&h, id("000000010000000000000006"), 9, seg, &Archived::default());
+        let r = check(
+            &h,
+            id("000000010000000000000006"),
+            9,
+            seg,
+            &Archived::default(),
+        );
         assert!(r.missing[0].contains("not in the history"), "{r:?}");
     }
 }

@@ -19,9 +19,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use crate::archive_cleanup::{obsolete_wal, wal_floor, WalFloor};
 use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
@@ -29,6 +26,9 @@ use crate::config::{Config, SiteConfig};
 use crate::preservation::Preservations;
 use crate::storage::meta;
 use crate::storage::ObjectStore;
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::status::{now_secs, BasebackupState};
 
@@ -112,8 +112,8 @@ pub fn backups_to_delete(
     now: f64,
     preserved: &Preservations,
 ) -> Vec<ListedBackup> {
-    let now_ts = jiff::Timestamp::from_millisecond((now * 1000.0) as i64)
-        .unwrap_or(jiff::Timestamp::MIN);
+    let now_ts =
+        jiff::Timestamp::from_millisecond((now * 1000.0) as i64).unwrap_or(jiff::Timestamp::MIN);
     let deletable = |b: &ListedBackup| !preserved.preserves(&b.name, now_ts);
     let mut kept: Vec<ListedBackup> = backups.to_vec();
     let mut delete = Vec::new();
@@ -123,10 +123,7 @@ pub fn backups_to_delete(
     }
     if let Some(days) = site.basebackup_age_days_max {
         let min = site.basebackup_count_min.max(1) as usize;
-        while kept.len() > min
-            && now - kept[0].start_time > days * 86400.0
-            && deletable(&kept[0])
-        {
+        while kept.len() > min && now - kept[0].start_time > days * 86400.0 && deletable(&kept[0]) {
             delete.push(kept.remove(0));
         }
     }
@@ -404,7 +401,10 @@ mod tests {
             now - day,
         ]);
         // basebackup_count 2 (default): the two oldest go.
-        assert_eq!(names(backups_to_delete(&site(""), &b, now, &none)), ["b0", "b1"]);
+        assert_eq!(
+            names(backups_to_delete(&site(""), &b, now, &none)),
+            ["b0", "b1"]
+        );
         // count 10 and a maximum age of 3 days: older ones go, but count_min (2) stay.
         let s = site(r#""basebackup_count": 10, "basebackup_age_days_max": 3,"#);
         assert_eq!(names(backups_to_delete(&s, &b, now, &none)), ["b0", "b1"]);
@@ -424,7 +424,12 @@ mod tests {
         use crate::preservation::{parse_until, Request};
         let day = 86400.0;
         let now = 100.0 * day;
-        let b = backups(&[now - 10.0 * day, now - 5.0 * day, now - 2.0 * day, now - day]);
+        let b = backups(&[
+            now - 10.0 * day,
+            now - 5.0 * day,
+            now - 2.0 * day,
+            now - day,
+        ]);
         let preserve_b1_until = |secs: f64| {
             Preservations::from_requests(&[Request {
                 name: "b1_x".into(),
@@ -440,7 +445,10 @@ mod tests {
         assert_eq!(names(backups_to_delete(&s, &b, now, &p)), ["b0"]);
         // Once the date has passed, the rules apply again.
         let p = preserve_b1_until(now - 1.0);
-        assert_eq!(names(backups_to_delete(&site(""), &b, now, &p)), ["b0", "b1"]);
+        assert_eq!(
+            names(backups_to_delete(&site(""), &b, now, &p)),
+            ["b0", "b1"]
+        );
         // A preserved oldest backup stops everything.
         let p = Preservations::from_requests(&[Request {
             name: "b0_x".into(),

@@ -85,7 +85,12 @@ pub(super) fn archive_sync(f: ArchiveSyncFlags) -> Dispatch {
 }
 
 pub(super) fn archive_cleanup(f: ArchiveCleanupFlags) -> Dispatch {
-    let mut v = match command("archive-cleanup", "pghoard_archive_cleanup", f.config, f.site) {
+    let mut v = match command(
+        "archive-cleanup",
+        "pghoard_archive_cleanup",
+        f.config,
+        f.site,
+    ) {
         Ok(v) => v,
         Err(code) => return Dispatch::Exit(code),
     };
