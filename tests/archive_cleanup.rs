@@ -152,7 +152,7 @@ async fn archive_cleanup_and_retention_keep_what_kept_and_preserved_backups_need
             .all(|k| k.rsplit('/').next().unwrap() < b1_start.as_str()),
         "{named:?} reaches {b1_start}"
     );
-    assert_eq!(read_tree(&root), before, "--dry-run changed the archive");
+    assert!(read_tree(&root) == before, "--dry-run changed the archive");
     // For real: exactly those go; the WAL b1 needs stays.
     let report = cleanup(&d, false);
     let deleted: Vec<&str> = report["deleted"]
@@ -246,7 +246,7 @@ async fn archive_cleanup_and_retention_keep_what_kept_and_preserved_backups_need
         .await
         .unwrap();
     let b3 = take_backup(&d, &daemon);
-    assert_eq!(listed(&store).await, [b3.clone()], "{}", daemon.log_text());
+    assert_eq!(listed(&store).await, [b3.as_str()], "{}", daemon.log_text());
     assert!(!has(&store, &b1_start).await);
     let b3_start = start_segment(&store, &b3).await;
     let report = cleanup(&d, false);
