@@ -39,8 +39,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use walhoard_protocol::xlog::{page_magic_for, validate_pages};
 use walhoard_protocol::{
-    PageExpectation, ReplicationClient, SegmentId, SegmentSize, TimelineHistory, TimelineId,
-    WalSegmentName,
+    PageExpectation, SegmentId, SegmentSize, TimelineHistory, TimelineId, WalSegmentName,
 };
 
 use crate::archive_cleanup::DIVERGED_SUFFIX;
@@ -141,14 +140,7 @@ async fn ask_server(config: &Config, site: &str) -> Result<Server> {
     let (params, _slot) = node
         .connect_params()
         .map_err(|e| anyhow::anyhow!("backup_sites.{site}.nodes[0]: {e}"))?;
-    let mut client = ReplicationClient::connect(&params)
-        .await
-        .with_context(|| format!("connect to {params}"))?;
-    let id = client.identify_system().await.context("IDENTIFY_SYSTEM")?;
-    let seg = client
-        .wal_segment_size()
-        .await
-        .context("SHOW wal_segment_size")?;
+    let (mut client, id, seg) = crate::server::identify(&params, " for archive-sync").await?;
     let major = client.server_major().context("server_version")?;
     let magic = page_magic_for(major)
         .with_context(|| format!("PostgreSQL {major}: unknown WAL page magic"))?;

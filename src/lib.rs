@@ -26,5 +26,6 @@ pub mod pipeline;
 pub mod postgres_command;
 pub mod preservation;
 pub mod restore;
+pub mod server;
 pub mod settings;
 pub mod storage;

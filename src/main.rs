@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use walhoard_protocol::{ConnectParams, ReplicationClient};
+use walhoard_protocol::ConnectParams;
 
 mod pghoard_cli;
 
@@ -377,14 +377,7 @@ async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
 
 async fn identify(conninfo: &str, json: bool) -> Result<()> {
     let params = ConnectParams::parse(conninfo).context("parse --conninfo")?;
-    let mut client = ReplicationClient::connect(&params)
-        .await
-        .with_context(|| format!("connect to {params}"))?;
-    let id = client.identify_system().await.context("IDENTIFY_SYSTEM")?;
-    let seg = client
-        .wal_segment_size()
-        .await
-        .context("SHOW wal_segment_size")?;
+    let (mut client, id, seg) = walhoard::server::identify(&params, "").await?;
     let version = client
         .connection()
         .server_param("server_version")

@@ -104,10 +104,7 @@ async fn make_segments(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_cleanup_and_retention_keep_what_kept_and_preserved_backups_need() {
-    let mut pg = PgCluster::builder()
-        .setting("wal_keep_size", "'1GB'")
-        .start()
-        .unwrap();
+    let mut pg = crate::daemon::cluster();
     let d = DaemonDir::new();
     let storage = d.local_storage();
     d.write_config(

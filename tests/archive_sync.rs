@@ -10,15 +10,8 @@ use serde_json::{json, Value};
 use walhoard::storage::{Metadata, ObjectStore};
 use walhoard_testkit::PgCluster;
 
+use crate::daemon::cluster;
 use crate::daemon_support::*;
-
-fn cluster() -> PgCluster {
-    PgCluster::builder()
-        .setting("wal_keep_size", "'2GB'")
-        .setting("wal_sender_timeout", "'10s'")
-        .start()
-        .unwrap()
-}
 
 /// `walhoard archive-sync --config <d> --site main --json <extra>`; the parsed report (when
 /// it printed one) and the output.
@@ -213,12 +206,7 @@ async fn archive_sync_repairs_an_s3_archive() {
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let mut pg = cluster();
     let d = DaemonDir::new();
-    let storage = json!({
-        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
-        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
-        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
-        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
-    });
+    let storage = s3_storage(&s3);
     let (mut daemon, segs) = archive_with_backup(&pg, &d, &storage).await;
     daemon.terminate(Duration::from_secs(30));
     let store = d.store(&storage);

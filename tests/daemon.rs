@@ -12,7 +12,7 @@ use crate::daemon_support::*;
 
 /// A cluster that keeps its WAL around (so the test can compare) and times out quiet
 /// walsenders quickly.
-fn cluster() -> PgCluster {
+pub(crate) fn cluster() -> PgCluster {
     PgCluster::builder()
         .setting("wal_keep_size", "'2GB'")
         .setting("wal_sender_timeout", "'10s'")
@@ -278,12 +278,7 @@ async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
     let pg = cluster();
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let d = DaemonDir::new();
-    let storage = json!({
-        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
-        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
-        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
-        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
-    });
+    let storage = s3_storage(&s3);
     d.write_config(&pg, storage.clone(), json!({}));
     let daemon = Daemon::start(&d);
     let store = d.store(&storage);

@@ -120,6 +120,16 @@ impl DaemonDir {
     }
 }
 
+/// The `object_storage` of a site archiving into s3s-fs bucket `wal`.
+pub fn s3_storage(s3: &walhoard_testkit::s3::S3Server) -> Value {
+    json!({
+        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
+        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
+        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+    })
+}
+
 /// A running `walhoard daemon`; killed on drop.
 /// A daemon streaming a cluster's WAL into local storage with the default site settings
 /// (`DaemonDir::write_config` with nothing added), started.

@@ -385,6 +385,14 @@ mod tests {
             .collect()
     }
 
+    /// (a day, now, backups started 10, 5, 2 and 1 days ago).
+    fn four_backups() -> (f64, f64, Vec<ListedBackup>) {
+        let day = 86400.0;
+        let now = 100.0 * day;
+        let starts = [10.0, 5.0, 2.0, 1.0].map(|d| now - d * day);
+        (day, now, backups(&starts))
+    }
+
     fn names(v: Vec<ListedBackup>) -> Vec<String> {
         v.into_iter().map(|b| b.name).collect()
     }
@@ -392,14 +400,7 @@ mod tests {
     #[test]
     fn retention_rules_as_pghoard() {
         let none = Preservations::default();
-        let day = 86400.0;
-        let now = 100.0 * day;
-        let b = backups(&[
-            now - 10.0 * day,
-            now - 5.0 * day,
-            now - 2.0 * day,
-            now - day,
-        ]);
+        let (day, now, b) = four_backups();
         // basebackup_count 2 (default): the two oldest go.
         assert_eq!(
             names(backups_to_delete(&site(""), &b, now, &none)),
@@ -422,14 +423,7 @@ mod tests {
     #[test]
     fn retention_stops_at_a_preserved_backup_until_its_date() {
         use crate::preservation::{parse_until, Request};
-        let day = 86400.0;
-        let now = 100.0 * day;
-        let b = backups(&[
-            now - 10.0 * day,
-            now - 5.0 * day,
-            now - 2.0 * day,
-            now - day,
-        ]);
+        let (day, now, b) = four_backups();
         let preserve_b1_until = |secs: f64| {
             Preservations::from_requests(&[Request {
                 name: "b1_x".into(),
