@@ -69,8 +69,10 @@ pub enum Action {
     Uploaded,
     /// The archive held other bytes: those moved to `moved_to`, this file uploaded.
     ReplacedDiverged { moved_to: String, why: String },
-    /// Not uploaded: the file is no valid WAL (or vanished); the reason.
+    /// Not uploaded: the file is no valid WAL; the reason.
     Skipped { why: String },
+    /// Removed by the server between the listing and the read (it no longer needed it).
+    Vanished,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -286,8 +288,12 @@ async fn sync_file(
     server: &Server,
 ) -> Result<Action> {
     let path: PathBuf = pg_wal.join(name.to_string());
+    if !path.exists() {
+        return Ok(Action::Vanished);
+    }
     let data = match read_checked(&path, &name, server) {
         Ok(d) => d,
+        Err(_) if !path.exists() => return Ok(Action::Vanished),
         Err(why) => return Ok(Action::Skipped { why }),
     };
     let key = wal_key(&name);
@@ -444,6 +450,7 @@ fn describe(a: &Action) -> String {
             format!("archived with other bytes ({why}); old object kept as {moved_to}, uploaded")
         }
         Action::Skipped { why } => format!("NOT uploaded: {why}"),
+        Action::Vanished => "removed by the server meanwhile; not needed".into(),
     }
 }
 
