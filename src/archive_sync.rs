@@ -8,8 +8,8 @@
 //!   identifier, timeline, current position), `wal_segment_size`, TIMELINE_HISTORY. The
 //!   archive's newest segment must be this cluster's (as the daemon checks, [`identity`]).
 //! - `<pg_data_directory>/pg_wal`: every `.history` file, and the complete segments from the
-//!   newest basebackup's start segment up to (not including) the current one, on any timeline
-//!   up to the server's. The current segment is still being written and files named after it
+//!   newest basebackup's start segment up to (not including) the current one, each on the
+//!   timeline recovery reads it from (the server's history says which). The current segment is still being written and files named after it
 //!   are recycled ones: neither is uploaded. `.partial` files are left to the daemon.
 //! - Each file is read once into memory (one segment at a time), its page headers checked
 //!   (magic, page address, timeline, system identifier, as the daemon checks what it streams)
@@ -185,11 +185,16 @@ fn candidates(pg_wal: &Path, server: &Server, first: Option<u64>) -> Result<Vec<
         };
         match name {
             WalSegmentName::History(_) => out.push(name),
-            WalSegmentName::Segment(id) if id.tli <= server.tli => {
+            WalSegmentName::Segment(id) => {
                 let Ok(n) = id.segno(server.seg) else {
                     continue;
                 };
-                if n < current && first.is_none_or(|f| n >= f) {
+                // Only the file recovery reads for that segment: not a leftover of a
+                // timeline the server's history left (RemoveNonParentXlogFiles removes most).
+                if n < current
+                    && first.is_none_or(|f| n >= f)
+                    && id.tli == chain::timeline_for(&server.history, n, server.seg)
+                {
                     out.push(name);
                 }
             }

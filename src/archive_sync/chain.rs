@@ -42,7 +42,7 @@ pub struct Archived {
 }
 
 /// The timeline whose file of segment `segno` recovery along `history` reads.
-fn timeline_for(history: &TimelineHistory, segno: u64, seg: SegmentSize) -> TimelineId {
+pub fn timeline_for(history: &TimelineHistory, segno: u64, seg: SegmentSize) -> TimelineId {
     history.timeline_of(Lsn((segno + 1) * seg.bytes() - 1))
 }
 
