@@ -16,7 +16,7 @@ use serde::Serialize;
 use walhoard_protocol::{SegmentId, WalSegmentName};
 
 use crate::basebackup::inventory::{self, Inventory, Writer};
-use crate::config::Config;
+use crate::settings::SiteSettings;
 use crate::storage::{ObjectInfo, ObjectStore};
 
 /// The suffix archive-sync gives an archived WAL object it moved aside because this server's
@@ -101,14 +101,11 @@ pub struct CleanedObject {
 
 /// Runs archive-cleanup on `site`: prints each object as it is deleted (to stderr, so `--json`
 /// output stays one document) and returns the report.
-pub async fn run(config: &Config, site: &str, dry_run: bool) -> Result<CleanupReport> {
-    if !config.backup_sites.contains_key(site) {
-        anyhow::bail!("no backup site {site:?} in the configuration");
-    }
-    let store = crate::settings::open_store(config, site)?;
+pub async fn run(site: &SiteSettings, dry_run: bool) -> Result<CleanupReport> {
+    let store = site.open_store()?;
     let inv = inventory::scan(&store, crate::daemon::status::now_secs()).await?;
     let mut report = CleanupReport {
-        site: site.to_string(),
+        site: site.name.clone(),
         dry_run,
         first_required: None,
         kept_all: None,

@@ -47,6 +47,7 @@ use crate::config::Config;
 use crate::daemon::archiver::{wal_key, Existing, UploadContext};
 use crate::daemon::identity;
 use crate::pipeline::transfer::upload_bytes;
+use crate::settings::SiteSettings;
 use crate::storage::retry::with_retries;
 use crate::storage::ObjectStore;
 
@@ -134,15 +135,9 @@ struct Server {
     current: SegmentId,
 }
 
-async fn ask_server(config: &Config, site: &str) -> Result<Server> {
-    let node = config.backup_sites[site]
-        .nodes
-        .first()
-        .with_context(|| format!("backup_sites.{site}.nodes: archive-sync needs the server"))?;
-    let (params, _slot) = node
-        .connect_params()
-        .map_err(|e| anyhow::anyhow!("backup_sites.{site}.nodes[0]: {e}"))?;
-    let (mut client, id, seg) = crate::server::identify(&params, " for archive-sync").await?;
+async fn ask_server(site: &SiteSettings) -> Result<Server> {
+    let node = site.first_node()?;
+    let (mut client, id, seg) = crate::server::identify(&node.params, " for archive-sync").await?;
     let major = client.server_major().context("server_version")?;
     let magic = page_magic_for(major)
         .with_context(|| format!("PostgreSQL {major}: unknown WAL page magic"))?;
@@ -353,11 +348,9 @@ async fn archived(store: &ObjectStore) -> Result<chain::Archived> {
 /// Runs archive-sync for `site`; printing is the caller's. `Err` for what stopped it (the
 /// server or the store unreachable, another cluster's archive); a gap is in the report.
 pub async fn run(config: &Config, site: &str, opts: SyncOptions) -> Result<SyncReport> {
-    let site_config = config
-        .backup_sites
-        .get(site)
-        .with_context(|| format!("no backup site {site:?} in the configuration"))?;
-    let pg_wal = site_config
+    let settings = SiteSettings::build(config, site)?;
+    let pg_wal = settings
+        .config
         .pg_data_directory
         .as_ref()
         .with_context(|| {
@@ -366,10 +359,9 @@ pub async fn run(config: &Config, site: &str, opts: SyncOptions) -> Result<SyncR
             )
         })?
         .join("pg_wal");
-    let ctx =
-        crate::daemon::upload_context(config, site, Arc::new(tokio::sync::Semaphore::new(1)))?;
-    let server = ask_server(config, site).await?;
-    let keys = crate::restore::key_ring(site, site_config)?;
+    let ctx = crate::daemon::upload_context(&settings, Arc::new(tokio::sync::Semaphore::new(1)))?;
+    let server = ask_server(&settings).await?;
+    let keys = settings.keys()?;
     if let Some(archive) = identity::archive_identity(&ctx.store, &keys).await? {
         if archive.system_id != server.system_id {
             bail!(identity::mismatch_message(site, &archive, server.system_id));

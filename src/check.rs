@@ -10,8 +10,9 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context, Result};
 use walhoard_protocol::{Connection, ReplicationClient};
 
-use crate::config::{BackupMode, Config, SiteConfig};
-use crate::pipeline::encryption::{Decryptor, Encryptor, KeyRing, PrivateKey, DEFAULT_CHUNK_SIZE};
+use crate::config::{BackupMode, Config};
+use crate::pipeline::encryption::{Decryptor, Encryptor, DEFAULT_CHUNK_SIZE};
+use crate::settings::SiteSettings;
 use crate::storage::Metadata;
 
 /// One check's outcome.
@@ -24,11 +25,8 @@ pub struct CheckResult {
 }
 
 /// The primary's system identifier, when IDENTIFY_SYSTEM answered.
-async fn check_replication(
-    name: &str,
-    site: &SiteConfig,
-    out: &mut Vec<CheckResult>,
-) -> Option<u64> {
+async fn check_replication(site: &SiteSettings, out: &mut Vec<CheckResult>) -> Option<u64> {
+    let name = site.name.as_str();
     let mut push = |check: &str, r: Result<String>| {
         out.push(CheckResult {
             site: name.into(),
@@ -47,17 +45,8 @@ async fn check_replication(
         );
         return None;
     };
-    let (params, slot) = match node.connect_params() {
-        Ok(p) => p,
-        Err(e) => {
-            push(
-                "replication connection",
-                Err(anyhow::anyhow!("backup_sites.{name}.nodes[0]: {e}")),
-            );
-            return None;
-        }
-    };
-    let mut client = match ReplicationClient::connect(&params).await {
+    let (params, slot) = (&node.params, node.slot.clone());
+    let mut client = match ReplicationClient::connect(params).await {
         Ok(c) => c,
         Err(e) => {
             let hint = if e.is_auth_failure() {
@@ -123,10 +112,10 @@ async fn check_replication(
             Err(e) => Err(e.into()),
         },
     );
-    if site.active_backup_mode == BackupMode::Walreceiver {
+    if site.config.active_backup_mode == BackupMode::Walreceiver {
         let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
         let info = client.read_replication_slot(&slot).await;
-        let active = slot_active(&params, &slot).await;
+        let active = slot_active(params, &slot).await;
         push(
             "replication slot",
             match info {
@@ -156,17 +145,12 @@ async fn check_replication(
 
 /// The archive's newest WAL object must carry the primary's system identifier: the daemon
 /// refuses to archive into another cluster's archive, with the same message.
-async fn check_archive_owner(
-    config: &Config,
-    name: &str,
-    site: &SiteConfig,
-    primary: u64,
-    out: &mut Vec<CheckResult>,
-) {
+async fn check_archive_owner(site: &SiteSettings, primary: u64, out: &mut Vec<CheckResult>) {
     use crate::daemon::identity;
+    let name = site.name.as_str();
     let result: Result<String> = async {
-        let store = crate::settings::open_store(config, name)?;
-        let keys = crate::restore::key_ring(name, site)?;
+        let store = site.open_store()?;
+        let keys = site.keys()?;
         match identity::archive_identity(&store, &keys).await? {
             None => Ok(format!(
                 "the archive holds no WAL yet; it becomes system {primary}'s"
@@ -200,9 +184,10 @@ async fn slot_active(params: &walhoard_protocol::ConnectParams, slot: &str) -> O
     r?.text(0, "active").ok()?.map(|a| a == "true")
 }
 
-async fn check_storage(config: &Config, name: &str, out: &mut Vec<CheckResult>) {
+async fn check_storage(site: &SiteSettings, out: &mut Vec<CheckResult>) {
+    let name = site.name.as_str();
     let result: Result<String> = async {
-        let store = crate::settings::open_store(config, name)?;
+        let store = site.open_store()?;
         let key = format!(
             "walhoard_check/probe-{}-{}",
             std::process::id(),
@@ -241,10 +226,11 @@ async fn check_storage(config: &Config, name: &str, out: &mut Vec<CheckResult>) 
 
 /// What is under `basebackup/` and `basebackup_chunk/`: anything retention does not recognise
 /// as walhoard's or pghoard's is left alone by it, and reported here so someone looks.
-async fn check_archive(config: &Config, name: &str, out: &mut Vec<CheckResult>) {
+async fn check_archive(site: &SiteSettings, out: &mut Vec<CheckResult>) {
     use crate::basebackup::inventory::{self, ChunkDirState, Writer};
+    let name = site.name.as_str();
     let result: Result<String> = async {
-        let store = crate::settings::open_store(config, name)?;
+        let store = site.open_store()?;
         let inv = inventory::scan(&store, crate::daemon::status::now_secs()).await?;
         let unrecognised = inv.unrecognised();
         if !unrecognised.is_empty() {
@@ -277,10 +263,11 @@ async fn check_archive(config: &Config, name: &str, out: &mut Vec<CheckResult>) 
 /// The local directories the daemon writes at start (the site's spool under
 /// `backup_location`, the alert directory), created and written as the daemon would: a
 /// file-system error there stops the daemon, so it fails the check too.
-fn check_local_dirs(config: &Config, name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
+fn check_local_dirs(config: &Config, settings: &SiteSettings, out: &mut Vec<CheckResult>) {
+    let (name, site) = (settings.name.as_str(), &settings.config);
     let mut dirs = Vec::new();
     if site.active && site.active_backup_mode == BackupMode::Walreceiver {
-        match crate::daemon::spool_dir(config, name) {
+        match settings.spool_dir() {
             Ok(d) => dirs.push(("backup_location", d)),
             Err(e) => {
                 out.push(CheckResult {
@@ -335,7 +322,8 @@ fn probe_dir(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn check_keys(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
+fn check_keys(settings: &SiteSettings, out: &mut Vec<CheckResult>) {
+    let (name, site) = (settings.name.as_str(), &settings.config);
     let Some(id) = &site.encryption_key_id else {
         out.push(CheckResult {
             site: name.into(),
@@ -346,21 +334,15 @@ fn check_keys(name: &str, site: &SiteConfig, out: &mut Vec<CheckResult>) {
         return;
     };
     let result: Result<String> = (|| {
-        let enc = crate::settings::upload_encryption(name, site)?
+        let enc = settings
+            .encryption()?
             .context("encryption_key_id set but no key")?;
-        let Some(private) = site
-            .encryption_keys
-            .get(id)
-            .and_then(|k| k.private.as_deref())
-        else {
+        let ring = settings.keys()?;
+        if ring.get(id).is_none() {
             return Ok(format!(
                 "key {id}: public key usable; no private key here (restores need it)"
             ));
-        };
-        let key = PrivateKey::from_pem(private)
-            .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.private"))?;
-        let mut ring = KeyRing::default();
-        ring.insert(id, key);
+        }
         let mut sealed = Vec::new();
         {
             let mut e = Encryptor::new(&mut sealed, &enc.public, id, DEFAULT_CHUNK_SIZE)?;
@@ -394,18 +376,19 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
     };
     let mut out = Vec::new();
     for name in names {
-        let s = &config.backup_sites[name];
+        let settings = SiteSettings::build(config, name)?;
+        let s = &settings.config;
         // An inactive site (pghoard: one that only holds backups, such as a `moved_from`
         // site) streams nothing; the daemon skips it, so it needs no node.
         if (s.active && s.active_backup_mode == BackupMode::Walreceiver) || !s.nodes.is_empty() {
-            if let Some(primary) = check_replication(name, s, &mut out).await {
-                check_archive_owner(config, name, s, primary, &mut out).await;
+            if let Some(primary) = check_replication(&settings, &mut out).await {
+                check_archive_owner(&settings, primary, &mut out).await;
             }
         }
-        check_local_dirs(config, name, s, &mut out);
-        check_storage(config, name, &mut out).await;
-        check_archive(config, name, &mut out).await;
-        check_keys(name, s, &mut out);
+        check_local_dirs(config, &settings, &mut out);
+        check_storage(&settings, &mut out).await;
+        check_archive(&settings, &mut out).await;
+        check_keys(&settings, &mut out);
         check_wal_gap(config, name, &mut out);
     }
     Ok(out)

@@ -4,16 +4,22 @@
 //! Every object rejects unknown keys, and every error names the key path
 //! (`backup_sites.main.nodes[0].prot`), so a typo fails at startup instead of being ignored.
 
+mod site;
+mod storage;
+mod validate;
+
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use walhoard_protocol::ConnectParams;
 
 pub use crate::pipeline::compression::Algorithm;
-use crate::pipeline::compression::CompressionSettings;
 pub use crate::pipeline::hash::HashAlgorithm;
+pub use site::{
+    BackupMode, BasebackupMode, KeyPairConfig, NodeConfig, ReceiveXlogConfig, SiteConfig,
+    SpoolFsync,
+};
+pub use storage::{AzureCloud, ObjectStorageConfig};
 
 /// A configuration error, naming the key path and the file.
 #[derive(Debug, thiserror::Error)]
@@ -170,242 +176,6 @@ pub struct PushGatewayConfig {
     pub tags: BTreeMap<String, serde_json::Value>,
 }
 
-/// How WAL reaches the archive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum BackupMode {
-    /// The native receiver; `pg_receivexlog` is accepted as an alias (nothing is spawned).
-    #[serde(
-        rename = "walreceiver",
-        alias = "pg_receivexlog",
-        alias = "pg_receivewal"
-    )]
-    Walreceiver,
-    #[serde(rename = "archive_command")]
-    ArchiveCommand,
-    #[serde(rename = "standalone_hot_backup")]
-    StandaloneHotBackup,
-}
-
-/// How basebackups are taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum BasebackupMode {
-    #[serde(rename = "basic")]
-    Basic,
-    #[serde(rename = "pipe")]
-    Pipe,
-    #[serde(rename = "local-tar")]
-    LocalTar,
-    #[serde(rename = "delta")]
-    Delta,
-    #[serde(rename = "local-tar-delta-stats")]
-    LocalTarDeltaStats,
-}
-
-fn default_backup_mode() -> BackupMode {
-    BackupMode::Walreceiver
-}
-fn default_basebackup_mode() -> BasebackupMode {
-    BasebackupMode::Basic
-}
-fn default_chunk_size() -> u64 {
-    2 * 1024 * 1024 * 1024
-}
-fn default_chunks_in_progress() -> u32 {
-    5
-}
-fn default_two() -> u32 {
-    2
-}
-fn default_one() -> u32 {
-    1
-}
-fn default_interval_hours() -> Option<f64> {
-    Some(24.0)
-}
-
-/// One PostgreSQL cluster to back up (`backup_sites.<name>`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SiteConfig {
-    #[serde(default = "default_true")]
-    pub active: bool,
-    #[serde(default = "default_backup_mode")]
-    pub active_backup_mode: BackupMode,
-    pub basebackup_age_days_max: Option<f64>,
-    #[serde(default = "default_chunk_size")]
-    pub basebackup_chunk_size: u64,
-    #[serde(default = "default_chunks_in_progress")]
-    pub basebackup_chunks_in_progress: u32,
-    #[serde(default)]
-    pub basebackup_compression_threads: u32,
-    #[serde(default = "default_two")]
-    pub basebackup_count: u32,
-    #[serde(default = "default_two")]
-    pub basebackup_count_min: u32,
-    pub basebackup_hour: Option<u32>,
-    /// `null` turns scheduled basebackups off; absent means 24.
-    #[serde(default = "default_interval_hours")]
-    pub basebackup_interval_hours: Option<f64>,
-    pub basebackup_minute: Option<u32>,
-    #[serde(default = "default_basebackup_mode")]
-    pub basebackup_mode: BasebackupMode,
-    #[serde(default = "default_one")]
-    pub basebackup_threads: u32,
-    /// walhoard: let PostgreSQL 15+ compress BASE_BACKUP archives (zstd) in basic/pipe mode.
-    /// Default (null): when the site compresses with zstd and the node is reached over TCP at
-    /// a non-loopback address, where it saves bytes on the wire; on the same host it would
-    /// only move the compression work onto the primary.
-    pub basebackup_server_compression: Option<bool>,
-    pub encryption_key_id: Option<String>,
-    #[serde(default)]
-    pub encryption_keys: BTreeMap<String, KeyPairConfig>,
-    /// walhoard: with encryption configured, restore objects stored without encryption too
-    /// (written before encryption was turned on). Off by default: such an object is refused,
-    /// since anyone who can write the bucket can forge one.
-    #[serde(default)]
-    pub allow_unencrypted_objects: bool,
-    /// pghoard: older sites of this cluster (names of other `backup_sites` entries, searched
-    /// in this order after this one) whose basebackups list and restore, and whose WAL
-    /// restore_command serves, as pghoard's restore does (`find_recovery_sites`). Only read:
-    /// nothing is written to or deleted from them.
-    #[serde(default)]
-    pub moved_from: Vec<String>,
-    #[serde(default)]
-    pub nodes: Vec<NodeConfig>,
-    pub object_storage: Option<ObjectStorageConfig>,
-    pub pg_bin_directory: Option<PathBuf>,
-    pub pg_data_directory: Option<PathBuf>,
-    pub pg_data_directory_version: Option<String>,
-    /// Accepted for compatibility; nothing is spawned.
-    pub pg_receivexlog_path: Option<PathBuf>,
-    /// Accepted for compatibility; nothing is spawned.
-    pub pg_basebackup_path: Option<PathBuf>,
-    /// Object key prefix (default: the site name).
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub pg_receivexlog: ReceiveXlogConfig,
-    #[serde(default)]
-    pub stream_compression: bool,
-    /// walhoard: when WAL the archive lacks turns out to be gone from the primary (a gap),
-    /// take a new basebackup at once, so that point-in-time recovery is possible again from
-    /// there. Default true.
-    #[serde(default = "default_true")]
-    pub basebackup_on_wal_gap: bool,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReceiveXlogConfig {
-    #[serde(default = "ReceiveXlogConfig::default_interval")]
-    pub disk_space_check_interval: f64,
-    /// Pause receiving below this much free space in backup_location (off when null).
-    pub min_disk_free_bytes: Option<u64>,
-    #[serde(default = "ReceiveXlogConfig::default_multiplier")]
-    pub resume_multiplier: f64,
-    /// walhoard: when the spool is fdatasync'd (`auto` or `always`; README, "Spool durability").
-    #[serde(default)]
-    pub spool_fsync: SpoolFsync,
-}
-
-/// `pg_receivexlog.spool_fsync`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SpoolFsync {
-    /// Only when the server may drop WAL the slot holds (`max_slot_wal_keep_size` set).
-    #[default]
-    Auto,
-    /// Always: every status update and every complete segment.
-    Always,
-}
-
-impl ReceiveXlogConfig {
-    fn default_interval() -> f64 {
-        10.0
-    }
-    fn default_multiplier() -> f64 {
-        1.5
-    }
-}
-
-impl Default for ReceiveXlogConfig {
-    fn default() -> Self {
-        ReceiveXlogConfig {
-            disk_space_check_interval: Self::default_interval(),
-            min_disk_free_bytes: None,
-            resume_multiplier: Self::default_multiplier(),
-            spool_fsync: SpoolFsync::default(),
-        }
-    }
-}
-
-/// PEM keys of one encryption key id. Debug never prints them.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyPairConfig {
-    pub public: Option<String>,
-    pub private: Option<String>,
-}
-
-impl fmt::Debug for KeyPairConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyPairConfig")
-            .field("public", &self.public.as_ref().map(|_| "<pem>"))
-            .field("private", &self.private.as_ref().map(|_| "<hidden>"))
-            .finish()
-    }
-}
-
-/// A node: a libpq connection string / URI, or an object of libpq keys plus `slot`.
-#[derive(Clone, Deserialize)]
-#[serde(untagged)]
-pub enum NodeConfig {
-    Conninfo(String),
-    Object(BTreeMap<String, serde_json::Value>),
-}
-
-impl fmt::Debug for NodeConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NodeConfig::Conninfo(_) => f.write_str("NodeConfig::Conninfo(<hidden>)"),
-            NodeConfig::Object(m) => f.debug_set().entries(m.keys()).finish(),
-        }
-    }
-}
-
-impl NodeConfig {
-    /// Connection settings and the replication slot name, if any.
-    pub fn connect_params(&self) -> Result<(ConnectParams, Option<String>), String> {
-        match self {
-            NodeConfig::Conninfo(s) => {
-                // Connection strings may carry `slot` too (not a libpq key): take it out.
-                let pairs = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-                    walhoard_protocol::params::parse_uri(s)
-                } else {
-                    walhoard_protocol::params::parse_conninfo(s)
-                }
-                .map_err(|e| e.to_string())?;
-                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv)
-                    .map_err(|e| e.to_string())
-            }
-            NodeConfig::Object(map) => {
-                let mut pairs = Vec::with_capacity(map.len());
-                for (k, v) in map {
-                    let v = match v {
-                        serde_json::Value::String(s) => s.clone(),
-                        serde_json::Value::Number(n) => n.to_string(),
-                        serde_json::Value::Bool(b) => b.to_string(),
-                        serde_json::Value::Null => continue,
-                        _ => return Err(format!("{k}: expected a string, number or boolean")),
-                    };
-                    pairs.push((k.clone(), v));
-                }
-                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv)
-                    .map_err(|e| e.to_string())
-            }
-        }
-    }
-}
-
 /// pghoard's `log_level`: Python's logging level names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -429,128 +199,6 @@ impl LogLevel {
             LogLevel::Warning => "warn",
             LogLevel::Error | LogLevel::Critical => "error",
         }
-    }
-}
-
-/// The Azure cloud of an `azure` object storage (rohmu's `azure_cloud`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AzureCloud {
-    #[default]
-    Public,
-    China,
-    Germany,
-    Usgov,
-}
-
-impl AzureCloud {
-    /// The endpoint suffix after `<account>.blob.`.
-    pub fn endpoint_suffix(self) -> &'static str {
-        match self {
-            AzureCloud::Public => "core.windows.net",
-            AzureCloud::China => "core.chinacloudapi.cn",
-            AzureCloud::Germany => "core.cloudapi.de",
-            AzureCloud::Usgov => "core.usgovcloudapi.net",
-        }
-    }
-}
-
-/// Where a site's archive lives (`object_storage`, tagged by `storage_type`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "storage_type", deny_unknown_fields)]
-pub enum ObjectStorageConfig {
-    #[serde(rename = "local")]
-    Local {
-        directory: PathBuf,
-        prefix: Option<String>,
-    },
-    #[serde(rename = "s3")]
-    S3 {
-        region: Option<String>,
-        bucket_name: String,
-        aws_access_key_id: Option<String>,
-        aws_secret_access_key: Option<String>,
-        aws_session_token: Option<String>,
-        host: Option<String>,
-        port: Option<u16>,
-        is_secure: Option<bool>,
-        is_verify_tls: Option<bool>,
-        encrypted: Option<bool>,
-        prefix: Option<String>,
-        segment_size: Option<u64>,
-        proxy_info: Option<serde_json::Value>,
-        storage_class: Option<String>,
-        addressing_style: Option<String>,
-    },
-    #[serde(rename = "google")]
-    Google {
-        project_id: String,
-        bucket_name: String,
-        credential_file: Option<PathBuf>,
-        credentials: Option<serde_json::Value>,
-        prefix: Option<String>,
-        proxy_info: Option<serde_json::Value>,
-        /// walhoard extension (not pghoard's): a GCS-compatible server such as an emulator,
-        /// like s3's `host`/`port`/`is_secure`. Without credentials its requests are unsigned.
-        host: Option<String>,
-        port: Option<u16>,
-        is_secure: Option<bool>,
-    },
-    #[serde(rename = "azure")]
-    Azure {
-        account_name: String,
-        account_key: Option<String>,
-        sas_token: Option<String>,
-        bucket_name: String,
-        azure_cloud: Option<AzureCloud>,
-        host: Option<String>,
-        port: Option<u16>,
-        is_secure: Option<bool>,
-        prefix: Option<String>,
-        proxy_info: Option<serde_json::Value>,
-    },
-    #[serde(rename = "swift")]
-    Swift {
-        user: String,
-        key: String,
-        auth_url: String,
-        container_name: String,
-        auth_version: Option<String>,
-        segment_size: Option<u64>,
-        tenant_name: Option<String>,
-        region_name: Option<String>,
-        user_id: Option<String>,
-        user_domain_id: Option<String>,
-        user_domain_name: Option<String>,
-        tenant_id: Option<String>,
-        project_id: Option<String>,
-        project_name: Option<String>,
-        project_domain_id: Option<String>,
-        project_domain_name: Option<String>,
-        service_type: Option<String>,
-        endpoint_type: Option<String>,
-        prefix: Option<String>,
-    },
-    #[serde(rename = "sftp")]
-    Sftp {
-        server: String,
-        port: Option<u16>,
-        username: String,
-        password: Option<String>,
-        private_key: Option<String>,
-        prefix: Option<String>,
-    },
-}
-
-/// Why `name` cannot be one component of a path (a directory under backup_location, a key
-/// prefix): empty, `.`, `..`, or holding a `/` or NUL.
-fn safe_component(name: &str) -> Result<(), &'static str> {
-    match name {
-        "" => Err("it is empty"),
-        "." | ".." => Err("it names a directory relative to its parent"),
-        _ if name.contains('/') => Err("it contains '/'"),
-        _ if name.contains('\0') => Err("it contains a NUL character"),
-        _ => Ok(()),
     }
 }
 
@@ -594,166 +242,6 @@ impl Config {
             message,
         })?;
         Ok(config)
-    }
-
-    fn validate(&self) -> Result<(), (String, String)> {
-        // The codec's range, checked here so that `check` and the daemon refuse the same
-        // files (snappy has no levels; a level given for it is ignored, as pghoard does).
-        if let Some(level) = self.compression.level {
-            let mut c = CompressionSettings::new(self.compression.algorithm);
-            c.level = level;
-            c.validate()
-                .map_err(|e| ("compression.level".to_string(), e))?;
-        }
-        if let Some(b) = self.transfer.retry_max_backoff_seconds {
-            if !(0.1..=3600.0).contains(&b) {
-                return Err((
-                    "transfer.retry_max_backoff_seconds".into(),
-                    format!("{b} is not between 0.1 and 3600"),
-                ));
-            }
-        }
-        if self.http_restore_concurrency == Some(0) {
-            return Err((
-                "http_restore_concurrency".into(),
-                "must be at least 1 (restore requests would wait forever)".into(),
-            ));
-        }
-        if self.backup_sites.is_empty() {
-            return Err(("backup_sites".into(), "no backup site is configured".into()));
-        }
-        for (name, site) in &self.backup_sites {
-            let at = |key: &str| format!("backup_sites.{name}.{key}");
-            // The name is a directory under backup_location and, by default, the object
-            // key prefix: it must be one ordinary path component.
-            if let Err(why) = safe_component(name) {
-                return Err((
-                    format!("backup_sites.{}", name.escape_debug()),
-                    format!("{name:?} cannot be a site name: {why}"),
-                ));
-            }
-            let storage_prefix = match &site.object_storage {
-                Some(ObjectStorageConfig::Local { prefix, .. })
-                | Some(ObjectStorageConfig::S3 { prefix, .. })
-                | Some(ObjectStorageConfig::Google { prefix, .. })
-                | Some(ObjectStorageConfig::Azure { prefix, .. })
-                | Some(ObjectStorageConfig::Swift { prefix, .. })
-                | Some(ObjectStorageConfig::Sftp { prefix, .. }) => prefix.as_deref(),
-                None => None,
-            };
-            for (key, prefix) in [
-                ("prefix", site.prefix.as_deref()),
-                ("object_storage.prefix", storage_prefix),
-            ] {
-                let Some(prefix) = prefix else { continue };
-                let parts = prefix.split('/').filter(|p| !p.is_empty());
-                if let Some(why) = parts.map(safe_component).find_map(Result::err) {
-                    return Err((
-                        at(key),
-                        format!("{prefix:?} is not a safe key prefix: {why}"),
-                    ));
-                }
-            }
-            for (i, older) in site.moved_from.iter().enumerate() {
-                if older == name || !self.backup_sites.contains_key(older) {
-                    return Err((
-                        at(&format!("moved_from[{i}]")),
-                        format!("{older:?} is not another site of backup_sites"),
-                    ));
-                }
-            }
-            if site.object_storage.is_none() {
-                return Err((
-                    at("object_storage"),
-                    "missing: where should the archive go?".into(),
-                ));
-            }
-            if site.active_backup_mode == BackupMode::Walreceiver
-                && site.active
-                && site.nodes.is_empty()
-            {
-                return Err((
-                    at("nodes"),
-                    "walreceiver mode needs at least one node to stream from".into(),
-                ));
-            }
-            for (i, node) in site.nodes.iter().enumerate() {
-                node.connect_params()
-                    .map_err(|e| (at(&format!("nodes[{i}]")), e))?;
-            }
-            if let Some(id) = &site.encryption_key_id {
-                match site.encryption_keys.get(id) {
-                    None => {
-                        return Err((
-                            at("encryption_key_id"),
-                            format!("key {id:?} is not in encryption_keys"),
-                        ))
-                    }
-                    Some(k) if k.public.is_none() => {
-                        return Err((
-                            at(&format!("encryption_keys.{id}.public")),
-                            "the public key is needed to store backups".into(),
-                        ))
-                    }
-                    Some(_) => {}
-                }
-            }
-            if let Some(h) = site.basebackup_hour {
-                if h > 23 {
-                    return Err((at("basebackup_hour"), format!("{h} is not an hour (0-23)")));
-                }
-            }
-            if let Some(m) = site.basebackup_minute {
-                if m > 59 {
-                    return Err((
-                        at("basebackup_minute"),
-                        format!("{m} is not a minute (0-59)"),
-                    ));
-                }
-            }
-            if let Some(h) = site.basebackup_interval_hours {
-                if h.is_nan() || h <= 0.0 {
-                    return Err((
-                        at("basebackup_interval_hours"),
-                        format!("{h} must be positive or null"),
-                    ));
-                }
-            }
-            if site.basebackup_chunk_size < 1024 * 1024 {
-                return Err((at("basebackup_chunk_size"), "must be at least 1 MiB".into()));
-            }
-            if site.pg_receivexlog.resume_multiplier < 1.0 {
-                return Err((
-                    at("pg_receivexlog.resume_multiplier"),
-                    "must be at least 1".into(),
-                ));
-            }
-            if matches!(
-                site.basebackup_mode,
-                BasebackupMode::Delta | BasebackupMode::LocalTarDeltaStats
-            ) {
-                return Err((
-                    at("basebackup_mode"),
-                    "delta modes are not supported yet; use basic, pipe or local-tar".into(),
-                ));
-            }
-            if site.basebackup_mode == BasebackupMode::LocalTar && site.pg_data_directory.is_none()
-            {
-                return Err((
-                    at("pg_data_directory"),
-                    "local-tar basebackups read the data directory: set it".into(),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The object key prefix of a site: its `prefix`, else its name.
-    pub fn site_prefix<'a>(&'a self, name: &'a str) -> &'a str {
-        self.backup_sites
-            .get(name)
-            .and_then(|s| s.prefix.as_deref())
-            .unwrap_or(name)
     }
 
     /// Where alert files go.
@@ -844,7 +332,12 @@ mod tests {
         assert_eq!(s.basebackup_chunk_size, 2 << 30);
         assert_eq!(s.pg_receivexlog.resume_multiplier, 1.5);
         assert_eq!(s.pg_receivexlog.spool_fsync, SpoolFsync::Auto);
-        assert_eq!(c.site_prefix("main"), "main");
+        assert_eq!(
+            crate::settings::SiteSettings::build(&c, "main")
+                .unwrap()
+                .prefix,
+            "main"
+        );
         let (p, slot) = s.nodes[0].connect_params().unwrap();
         assert_eq!(slot.as_deref(), Some("walhoard"));
         assert_eq!(p.port, 5432);
@@ -1096,11 +589,8 @@ mod tests {
             let text = String::from_utf8_lossy(&input);
             if let Ok(c) = Config::parse(&text, "t.json") {
                 let _ = crate::settings::compression_settings(&c);
-                for (name, site) in &c.backup_sites {
-                    let _ = crate::settings::upload_encryption(name, site);
-                    for node in &site.nodes {
-                        let _ = node.connect_params();
-                    }
+                for name in c.backup_sites.keys() {
+                    let _ = crate::settings::SiteSettings::build(&c, name);
                 }
             }
         }

@@ -321,7 +321,7 @@ async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>>
             )
         }
     };
-    let Some(data_dir) = &handle.config.pg_data_directory else {
+    let Some(data_dir) = &handle.settings.config.pg_data_directory else {
         return err(
             StatusCode::CONFLICT,
             format!("backup_sites.{site}.pg_data_directory is not set; archive_command mode reads WAL from it"),
@@ -381,7 +381,7 @@ async fn restore(
             format!("{header} must name the file to restore into"),
         );
     };
-    let Some(data_dir) = &handle.config.pg_data_directory else {
+    let Some(data_dir) = &handle.settings.config.pg_data_directory else {
         return err(
             StatusCode::BAD_REQUEST,
             format!("backup_sites.{site}.pg_data_directory is not set; the API restores only into files inside it"),
@@ -397,7 +397,7 @@ async fn restore(
             return err(StatusCode::INTERNAL_SERVER_ERROR, m);
         }
     };
-    let keys = match crate::restore::key_ring(site, &handle.config) {
+    let keys = match handle.settings.keys() {
         Ok(k) => k,
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
@@ -405,7 +405,10 @@ async fn restore(
     // not cancel a download halfway (its temporary files are removed by the code that made
     // them), and does not free the slot before the memory is.
     let restores = api.restores.clone();
-    let (store, prefetch) = (handle.upload.store.clone(), handle.restore_prefetch);
+    let (store, prefetch) = (
+        handle.upload.store.clone(),
+        handle.settings.restore_prefetch,
+    );
     let older = handle.older.clone();
     let (site_name, file_name) = (site.to_string(), file.to_string());
     let work = api.tasks.spawn(async move {

@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use walhoard_protocol::ConnectParams;
 
+mod cli_flags;
 mod pghoard_cli;
+
+use cli_flags::{JsonFlag, SiteFlags};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +32,8 @@ enum Command {
         /// libpq connection string or postgres:// URI (PG* variables and ~/.pgpass apply).
         #[arg(long, default_value = "")]
         conninfo: String,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Generate an RSA key pair and print it in configuration form, like pghoard_create_keys:
     /// {"encryption_keys": {ID: {"public": PEM, "private": PEM}}}.
@@ -51,40 +53,17 @@ enum Command {
     },
     /// Check what the daemon needs, per site: replication connection, wal_level,
     /// max_wal_senders, the slot, the object store, the encryption keys. Exit 1 on any failure.
+    /// With --site, only that site.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Only this site.
-        #[arg(long)]
-        site: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        site: SiteFlags,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
     /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
     /// (PostgreSQL: end of archive), 255 on any other failure (PostgreSQL stops recovery).
-    PostgresCommand {
-        #[arg(long, value_enum)]
-        mode: walhoard::postgres_command::Mode,
-        #[arg(long)]
-        site: String,
-        /// The WAL file name (%f).
-        #[arg(long)]
-        xlog: String,
-        /// Where the daemon's HTTP API listens (default: the configuration's, else 127.0.0.1).
-        #[arg(long)]
-        host: Option<String>,
-        /// (default: the configuration's http_port, else 16000).
-        #[arg(long)]
-        port: Option<u16>,
-        /// Where to write the file (%p), restore mode.
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Configuration file: restore mode reads the object store directly with it (no daemon
-        /// needed) unless --host/--port are given; archive mode takes the daemon's address.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    PostgresCommand(walhoard::postgres_command::CommandArgs),
     /// Restore tooling: list basebackups, restore one into a data directory.
     Restore {
         #[command(subcommand)]
@@ -95,11 +74,8 @@ enum Command {
     /// as `<key>.diverged-<time>`), then check the chain of WAL from the newest basebackup to
     /// the current segment; exit 1 naming the first gap.
     ArchiveSync {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        /// The backup site (optional when the configuration has one).
-        site: Option<String>,
+        #[command(flatten)]
+        site: SiteFlags,
         /// Do not check the chain after uploading.
         #[arg(long)]
         no_verify: bool,
@@ -107,32 +83,25 @@ enum Command {
         /// failing.
         #[arg(long)]
         create_new_backup_on_failure: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// pghoard_archive_cleanup: delete the WAL (every timeline) before the start of the oldest
     /// basebackup the site holds; print what is deleted.
     ArchiveCleanup {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        /// The backup site (optional when the configuration has one).
-        site: Option<String>,
+        #[command(flatten)]
+        site: SiteFlags,
         /// Only print what would be deleted.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
     Basebackup {
-        /// pghoard.json-compatible configuration file.
-        #[arg(long)]
-        config: std::path::PathBuf,
-        /// The backup site (a key of backup_sites).
-        #[arg(long)]
-        site: String,
+        #[command(flatten)]
+        site: SiteFlags,
     },
 }
 
@@ -142,21 +111,16 @@ enum Command {
 enum RestoreCommand {
     /// List a site's basebackups (name, sizes, times, LSNs, compression, key id).
     ListBasebackups {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The backup site (optional when the configuration has one).
-        #[arg(long)]
-        site: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        site: SiteFlags,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Download, decrypt, decompress and extract a basebackup into --target-dir and write the
     /// recovery configuration (restore_command reading the archive directly).
     GetBasebackup {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        site: Option<String>,
+        #[command(flatten)]
+        site: SiteFlags,
         /// The data directory to create (absent or empty unless --overwrite).
         #[arg(long)]
         target_dir: PathBuf,
@@ -200,15 +164,13 @@ enum RestoreCommand {
     },
     /// List the site's preservation requests, or cancel one.
     Preservations {
-        #[arg(long, short)]
-        config: PathBuf,
-        #[arg(long)]
-        site: Option<String>,
+        #[command(flatten)]
+        site: SiteFlags,
         /// Delete this request (its name, as listed).
         #[arg(long)]
         cancel: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 
@@ -226,10 +188,10 @@ fn parse_tablespace_dir(s: &str) -> Result<(String, PathBuf), String> {
 async fn restore(command: RestoreCommand) -> Result<()> {
     use walhoard::restore::{self as r, get, RestoreSite, Target};
     match command {
-        RestoreCommand::ListBasebackups { config, site, json } => {
-            let site = RestoreSite::open(&config, site.as_deref())?;
+        RestoreCommand::ListBasebackups { site, json } => {
+            let site = RestoreSite::open(&site.config, site.site.as_deref())?;
             let list = site.list_all().await?;
-            if json {
+            if json.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 print!("{}", r::render_listing(&list));
@@ -237,7 +199,6 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             Ok(())
         }
         RestoreCommand::GetBasebackup {
-            config,
             site,
             target_dir,
             basebackup,
@@ -269,7 +230,7 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             } else {
                 Target::Latest
             };
-            let site = RestoreSite::open(&config, site.as_deref())?;
+            let site = RestoreSite::open(&site.config, site.site.as_deref())?;
             let opts = get::GetOptions {
                 target_dir,
                 basebackup,
@@ -293,21 +254,16 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             );
             Ok(())
         }
-        RestoreCommand::Preservations {
-            config,
-            site,
-            cancel,
-            json,
-        } => {
+        RestoreCommand::Preservations { site, cancel, json } => {
             use walhoard::preservation;
-            let site = RestoreSite::open(&config, site.as_deref())?;
+            let site = RestoreSite::open(&site.config, site.site.as_deref())?;
             if let Some(name) = cancel {
                 preservation::cancel(&site.store, &name).await?;
                 eprintln!("preservation request {name} cancelled");
                 return Ok(());
             }
             let list = preservation::list(&site.store).await?;
-            if json {
+            if json.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 for r in &list {
@@ -320,13 +276,12 @@ async fn restore(command: RestoreCommand) -> Result<()> {
 }
 
 async fn archive_sync(
-    config_path: &std::path::Path,
-    site: Option<&str>,
+    flags: &SiteFlags,
     opts: walhoard::archive_sync::SyncOptions,
     json: bool,
 ) -> Result<()> {
-    let config = walhoard::config::Config::load(config_path)?;
-    let site = &walhoard::restore::site_name(&config, config_path, site)?;
+    let config = walhoard::config::Config::load(&flags.config)?;
+    let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
     let report = walhoard::archive_sync::run(&config, site, opts).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -339,15 +294,11 @@ async fn archive_sync(
     }
 }
 
-async fn archive_cleanup(
-    config_path: &std::path::Path,
-    site: Option<&str>,
-    dry_run: bool,
-    json: bool,
-) -> Result<()> {
-    let config = walhoard::config::Config::load(config_path)?;
-    let site = &walhoard::restore::site_name(&config, config_path, site)?;
-    let report = walhoard::archive_cleanup::run(&config, site, dry_run).await?;
+async fn archive_cleanup(flags: &SiteFlags, dry_run: bool, json: bool) -> Result<()> {
+    let config = walhoard::config::Config::load(&flags.config)?;
+    let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
+    let settings = walhoard::settings::SiteSettings::build(&config, site)?;
+    let report = walhoard::archive_cleanup::run(&settings, dry_run).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -368,8 +319,9 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
 
 /// Asks the running daemon for a backup (so it is never taken twice at once), or takes it
 /// here when no daemon listens.
-async fn basebackup(config: &std::path::Path, site: &str) -> Result<()> {
-    let config = walhoard::config::Config::load(config)?;
+async fn basebackup(flags: &SiteFlags) -> Result<()> {
+    let config = walhoard::config::Config::load(&flags.config)?;
+    let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
     let name = walhoard::basebackup::request::request_or_take(&config, site).await?;
     println!("{name}");
     Ok(())
@@ -472,34 +424,18 @@ fn main() -> ExitCode {
     };
     let result: Result<u8> = rt.block_on(async {
         let r = match cli.command {
-            Command::Identify { conninfo, json } => identify(&conninfo, json).await,
+            Command::Identify { conninfo, json } => identify(&conninfo, json.json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
             Command::Daemon { config } => walhoard::daemon::run(&config).await,
-            Command::Check { config, site, json } => check(&config, site.as_deref(), json).await,
-            Command::PostgresCommand {
-                mode,
-                site,
-                xlog,
-                host,
-                port,
-                output,
-                config,
-            } => {
-                let args = walhoard::postgres_command::CommandArgs {
-                    mode,
-                    site,
-                    xlog,
-                    output,
-                    host,
-                    port,
-                    config,
-                };
+            Command::Check { site, json } => {
+                check(&site.config, site.site.as_deref(), json.json).await
+            }
+            Command::PostgresCommand(args) => {
                 return Ok(walhoard::postgres_command::run(&args).await);
             }
             Command::Restore { command } => restore(command).await,
-            Command::Basebackup { config, site } => basebackup(&config, &site).await,
+            Command::Basebackup { site } => basebackup(&site).await,
             Command::ArchiveSync {
-                config,
                 site,
                 no_verify,
                 create_new_backup_on_failure,
@@ -509,14 +445,13 @@ fn main() -> ExitCode {
                     verify: !no_verify,
                     new_backup_on_failure: create_new_backup_on_failure,
                 };
-                archive_sync(&config, site.as_deref(), opts, json).await
+                archive_sync(&site, opts, json.json).await
             }
             Command::ArchiveCleanup {
-                config,
                 site,
                 dry_run,
                 json,
-            } => archive_cleanup(&config, site.as_deref(), dry_run, json).await,
+            } => archive_cleanup(&site, dry_run, json.json).await,
         };
         r.map(|()| 0)
     });

@@ -19,12 +19,19 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+
+use crate::cli_flags::PghoardSiteFlags;
 
 mod archive;
 mod create_keys;
-use archive::{archive_cleanup, archive_sync, ArchiveCleanupFlags, ArchiveSyncFlags};
+mod flags;
+use archive::{archive_cleanup, archive_sync};
 use create_keys::create_keys;
+use flags::{
+    ArchiveCleanupFlags, ArchiveSyncFlags, CreateKeysFlags, DaemonFlags, Generic,
+    PostgresCommandFlags, RestoreFlags, RestoreSub,
+};
 
 /// The names pghoard installs its commands under (pghoard's pyproject.toml `[project.scripts]`),
 /// except `pghoard_gnutaremu`, pghoard's internal tar helper.
@@ -37,9 +44,6 @@ pub const NAMES: [&str; 6] = [
     "pghoard_archive_cleanup",
 ];
 
-/// `--version` under pghoard's names: walhoard's version, saying whose it is.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (walhoard)");
-
 /// What `main` does with an invocation.
 #[derive(Debug, PartialEq)]
 pub enum Dispatch {
@@ -50,169 +54,6 @@ pub enum Dispatch {
     Translated { argv: Vec<OsString>, debug: bool },
     /// Done (handled here, or refused with a message already printed): exit with this code.
     Exit(u8),
-}
-
-/// `pghoard`: the daemon.
-#[derive(Parser, Debug)]
-#[command(
-    name = "pghoard",
-    version = VERSION,
-    about = "walhoard daemon, with pghoard's flags"
-)]
-struct DaemonFlags {
-    #[arg(short = 'D', long)]
-    debug: bool,
-    /// Accepted: walhoard's log lines are short already.
-    #[arg(short = 's', long)]
-    short_log: bool,
-    /// Configuration file (default: $PGHOARD_CONFIG).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Configuration file, positional (pghoard's backward-compatible form).
-    config_file: Option<PathBuf>,
-}
-
-/// `pghoard_restore`.
-#[derive(Parser, Debug)]
-#[command(
-    name = "pghoard_restore",
-    version = VERSION,
-    about = "walhoard restore, with pghoard's flags"
-)]
-struct RestoreFlags {
-    #[arg(short = 'D', long, global = true)]
-    debug: bool,
-    /// pghoard writes its progress here; walhoard does not (refused).
-    #[arg(long, global = true)]
-    status_output_file: Option<PathBuf>,
-    #[command(subcommand)]
-    command: RestoreSub,
-}
-
-#[derive(Args, Debug)]
-struct Generic {
-    /// Accepted: walhoard's output does not change with it.
-    #[arg(short = 'v', long)]
-    verbose: bool,
-    /// Configuration file (default: $PGHOARD_CONFIG).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    site: Option<String>,
-}
-
-#[derive(Subcommand, Debug)]
-// Parsed once per process: the size of the flags does not matter.
-#[allow(clippy::large_enum_variant)]
-enum RestoreSub {
-    /// List basebackups from the object store.
-    ListBasebackups {
-        #[command(flatten)]
-        generic: Generic,
-    },
-    /// pghoard: list basebackups through the daemon's HTTP API (walhoard's has no such listing).
-    ListBasebackupsHttp {
-        #[command(flatten)]
-        generic: Generic,
-        #[arg(long)]
-        host: Option<String>,
-        #[arg(long)]
-        port: Option<String>,
-        #[arg(long)]
-        username: Option<String>,
-        #[arg(long)]
-        password: Option<String>,
-    },
-    /// Download a basebackup from the object store.
-    GetBasebackup {
-        #[command(flatten)]
-        generic: Generic,
-        #[arg(long, default_value = "latest")]
-        basebackup: String,
-        #[arg(long, default_value = "")]
-        primary_conninfo: String,
-        #[arg(long)]
-        target_dir: PathBuf,
-        #[arg(long)]
-        overwrite: bool,
-        /// NAME=DIRECTORY, repeatable.
-        #[arg(long)]
-        tablespace_dir: Vec<String>,
-        #[arg(long)]
-        tablespace_base_dir: Option<PathBuf>,
-        #[arg(long)]
-        recovery_end_command: Option<String>,
-        #[arg(long, value_parser = ["pause", "promote", "shutdown"])]
-        recovery_target_action: Option<String>,
-        #[arg(long)]
-        recovery_target_name: Option<String>,
-        #[arg(long)]
-        recovery_target_time: Option<String>,
-        #[arg(long)]
-        recovery_target_xid: Option<String>,
-        #[arg(long, alias = "restore-to-master")]
-        restore_to_primary: bool,
-        #[arg(long)]
-        preserve_until: Option<String>,
-        #[arg(long, overrides_with = "no_cancel_preserve_on_success")]
-        cancel_preserve_on_success: bool,
-        #[arg(long)]
-        no_cancel_preserve_on_success: bool,
-        /// pghoard writes this binary into restore_command; walhoard writes its own.
-        #[arg(long)]
-        pghoard_postgres_command_bin: Option<String>,
-    },
-}
-
-/// `pghoard_postgres_command`.
-#[derive(Parser, Debug)]
-#[command(
-    name = "pghoard_postgres_command",
-    version = VERSION,
-    about = "walhoard postgres-command, with pghoard's flags"
-)]
-struct PostgresCommandFlags {
-    #[arg(long)]
-    host: Option<String>,
-    #[arg(long)]
-    port: Option<u16>,
-    /// Accepted for pghoard's recovery configurations; walhoard's HTTP API does not check it.
-    #[arg(long)]
-    username: Option<String>,
-    #[arg(long)]
-    password: Option<String>,
-    #[arg(long)]
-    site: String,
-    #[arg(long)]
-    xlog: String,
-    #[arg(long)]
-    output: Option<OsString>,
-    #[arg(long, value_enum)]
-    mode: walhoard::postgres_command::Mode,
-    /// walhoard's own addition: read the object store with this configuration (no daemon).
-    #[arg(long)]
-    config: Option<PathBuf>,
-}
-
-/// `pghoard_create_keys`.
-#[derive(Parser, Debug)]
-#[command(
-    name = "pghoard_create_keys",
-    version = VERSION,
-    about = "walhoard create-keys, with pghoard's flags and output"
-)]
-struct CreateKeysFlags {
-    #[arg(short = 'D', long)]
-    debug: bool,
-    #[arg(long)]
-    site: Option<String>,
-    #[arg(long)]
-    key_id: String,
-    #[arg(long, default_value_t = 3072)]
-    bits: usize,
-    /// Store the keys into this configuration file (default: $PGHOARD_CONFIG).
-    #[arg(long)]
-    config: Option<PathBuf>,
 }
 
 /// The pghoard name an invocation uses, and the arguments after it.
@@ -267,14 +108,20 @@ fn refuse(message: &str) -> Dispatch {
 }
 
 fn config_or_env(config: Option<PathBuf>, what: &str) -> Result<PathBuf, u8> {
-    config
-        .or_else(|| std::env::var_os("PGHOARD_CONFIG").map(PathBuf::from))
-        .ok_or_else(|| {
-            eprintln!(
-                "walhoard: {what}: give the configuration file with --config or PGHOARD_CONFIG"
-            );
-            1
-        })
+    config.or_else(PghoardSiteFlags::env_config).ok_or_else(|| {
+        eprintln!("walhoard: {what}: give the configuration file with --config or PGHOARD_CONFIG");
+        1
+    })
+}
+
+/// `--config F [--site S]` for the walhoard command, `F` from `$PGHOARD_CONFIG` if need be.
+fn site_args(site: PghoardSiteFlags, what: &str) -> Result<Vec<OsString>, u8> {
+    let config = config_or_env(site.config, what)?;
+    let mut v: Vec<OsString> = vec!["--config".into(), config.into()];
+    if let Some(site) = site.site {
+        v.extend(["--site".into(), site.into()]);
+    }
+    Ok(v)
 }
 
 fn translated<I, S>(args: I, debug: bool) -> Dispatch
@@ -310,12 +157,7 @@ fn restore(f: RestoreFlags) -> Dispatch {
     }
     let generic_args = |g: Generic| -> Result<Vec<OsString>, u8> {
         let _ = g.verbose;
-        let config = config_or_env(g.config, "pghoard_restore")?;
-        let mut v: Vec<OsString> = vec!["--config".into(), config.into()];
-        if let Some(site) = g.site {
-            v.extend(["--site".into(), site.into()]);
-        }
-        Ok(v)
+        site_args(g.site, "pghoard_restore")
     };
     match f.command {
         RestoreSub::ListBasebackups { generic } => match generic_args(generic) {
@@ -428,6 +270,7 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
     // walhoard's HTTP API has no authentication yet: the credentials are accepted so
     // pghoard's recovery configurations parse, and not sent anywhere.
     let _ = (f.username, f.password);
+    let f = f.args;
     let mut v: Vec<OsString> = vec![
         "postgres-command".into(),
         "--mode".into(),
@@ -438,7 +281,7 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
         f.xlog.into(),
     ];
     if let Some(output) = f.output {
-        v.extend(["--output".into(), output]);
+        v.extend(["--output".into(), output.into()]);
     }
     if let Some(host) = f.host {
         v.extend(["--host".into(), host.into()]);

@@ -49,16 +49,29 @@ impl Mode {
     }
 }
 
-/// The command line of `walhoard postgres-command`.
-#[derive(Debug, Clone)]
+/// The flags of `walhoard postgres-command`, which `pghoard_postgres_command` shares.
+#[derive(Debug, Clone, clap::Args)]
 pub struct CommandArgs {
+    #[arg(long, value_enum)]
     pub mode: Mode,
+    /// The backup site (a key of backup_sites).
+    #[arg(long)]
     pub site: String,
+    /// The WAL file name (%f).
+    #[arg(long)]
     pub xlog: String,
-    /// %p (restore mode).
+    /// Where to write the file (%p), restore mode.
+    #[arg(long)]
     pub output: Option<std::path::PathBuf>,
+    /// Where the daemon's HTTP API listens (default: the configuration's, else 127.0.0.1).
+    #[arg(long)]
     pub host: Option<String>,
+    /// (default: the configuration's http_port, else 16000).
+    #[arg(long)]
     pub port: Option<u16>,
+    /// Configuration file: restore mode reads the object store directly with it (no daemon
+    /// needed) unless --host/--port are given; archive mode takes the daemon's address.
+    #[arg(long, short)]
     pub config: Option<std::path::PathBuf>,
 }
 
@@ -149,10 +162,7 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
         Some(config) if req.host.is_none() && req.port.is_none() => {
             // Daemonless: read the object store directly.
             let site = RestoreSite::open(config, Some(&req.site)).map_err(failed)?;
-            let prefetch = site.config.restore_prefetch.map_or_else(
-                || crate::settings::transfer_threads(&site.config),
-                |n| n as usize,
-            );
+            let prefetch = site.settings.restore_prefetch;
             // This site first, then its `moved_from` sites.
             restore_wal_file_from(&site.wal_sources(), &req.xlog, &output, prefetch)
                 .await

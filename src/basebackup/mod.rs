@@ -34,6 +34,7 @@ use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::transfer::{
     upload_produced, upload_produced_as, Input, UploadEncryption, Uploaded,
 };
+use crate::settings::{Node, SiteSettings};
 use crate::storage::meta;
 use crate::storage::{Metadata, ObjectStore};
 
@@ -53,6 +54,8 @@ pub struct BackupContext {
     pub site: String,
     pub store: ObjectStore,
     pub site_config: SiteConfig,
+    /// The site's nodes, parsed; backups are taken from the first.
+    pub nodes: Vec<Node>,
     pub compression: CompressionSettings,
     pub encryption: Option<UploadEncryption>,
     pub name: String,
@@ -80,14 +83,6 @@ pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// The site's compression settings for basebackups: the `compression` section, with
-/// `basebackup_compression_threads` zstd threads per stream.
-pub fn compression_settings(config: &Config, site: &SiteConfig) -> Result<CompressionSettings> {
-    let mut settings = crate::settings::compression_settings(config)?;
-    settings.threads = site.basebackup_compression_threads;
-    Ok(settings)
-}
-
 /// A backup name not used by a listed backup nor by chunks of an interrupted one:
 /// pghoard's `YYYY-MM-DD_HH-MM_<n>`.
 pub async fn choose_name(store: &ObjectStore) -> Result<String> {
@@ -109,21 +104,23 @@ pub async fn choose_name(store: &ObjectStore) -> Result<String> {
 }
 
 impl BackupContext {
-    /// Resolves storage, compression and encryption for `site` and picks the backup's name.
+    /// [`BackupContext::for_site`] for site `site` of a raw configuration (the command line,
+    /// tests).
     pub async fn new(config: &Config, site: &str) -> Result<Self> {
-        let site_config = config
-            .backup_sites
-            .get(site)
-            .with_context(|| format!("backup_sites.{site}: no such site"))?
-            .clone();
-        let store = crate::settings::open_store(config, site)?;
+        Self::for_site(&SiteSettings::build(config, site)?).await
+    }
+
+    /// Opens the site's store and picks the backup's name.
+    pub async fn for_site(site: &SiteSettings) -> Result<Self> {
+        let store = site.open_store()?;
         let name = choose_name(&store).await?;
         Ok(BackupContext {
-            site: site.to_string(),
-            compression: compression_settings(config, &site_config)?,
-            encryption: crate::settings::upload_encryption(site, &site_config)?,
+            site: site.name.clone(),
+            compression: site.basebackup_compression,
+            encryption: site.encryption()?,
             store,
-            site_config,
+            site_config: site.config.clone(),
+            nodes: site.nodes.clone(),
             name,
             host: crate::settings::hostname(),
             fast_checkpoint: true,
@@ -135,16 +132,13 @@ impl BackupContext {
 
     /// Connection settings of the site's first node.
     pub fn node_params(&self) -> Result<walhoard_protocol::ConnectParams> {
-        let node = self.site_config.nodes.first().with_context(|| {
+        let node = self.nodes.first().with_context(|| {
             format!(
                 "backup_sites.{}.nodes is empty: nothing to back up",
                 self.site
             )
         })?;
-        let (params, _slot) = node
-            .connect_params()
-            .map_err(|e| anyhow::anyhow!("backup_sites.{}.nodes[0]: {e}", self.site))?;
-        Ok(params)
+        Ok(node.params.clone())
     }
 
     pub fn standalone(&self) -> bool {

@@ -15,6 +15,7 @@
 //! that never completed (an interrupted run) are deleted once `ORPHAN_MIN_AGE` old; see
 //! [`crate::basebackup::inventory`].
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,8 +23,9 @@ use std::time::Duration;
 use crate::archive_cleanup::{obsolete_wal, wal_floor, WalFloor};
 use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
-use crate::config::{Config, SiteConfig};
+use crate::config::SiteConfig;
 use crate::preservation::Preservations;
+use crate::settings::SiteSettings;
 use crate::storage::meta;
 use crate::storage::ObjectStore;
 use anyhow::{Context, Result};
@@ -244,18 +246,17 @@ pub fn due(site: &SiteConfig, newest_start: Option<f64>, now: f64) -> bool {
     newest < slot
 }
 
-/// Runs a site's backups until `stop` fires.
+/// Runs a site's backups until `stop` fires; none are scheduled while `maintenance_mode_file`
+/// exists.
 pub async fn run(
-    config: Arc<Config>,
-    site_name: String,
+    settings: Arc<SiteSettings>,
+    maintenance_mode_file: PathBuf,
     status: Arc<BasebackupStatus>,
     mut requests: mpsc::Receiver<BackupRequest>,
     stop: CancellationToken,
 ) {
-    let Some(site) = config.backup_sites.get(&site_name).cloned() else {
-        return;
-    };
-    let store = match crate::settings::open_store(&config, &site_name) {
+    let (site_name, site) = (&settings.name, &settings.config);
+    let store = match settings.open_store() {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(site = %site_name, error = format!("{e:#}"), "basebackups disabled");
@@ -283,8 +284,8 @@ pub async fn run(
                 }
             }
         }
-        let maintenance = config.maintenance_mode_file.exists();
-        let scheduled = listed && !maintenance && due(&site, newest, now_secs());
+        let maintenance = maintenance_mode_file.exists();
+        let scheduled = listed && !maintenance && due(site, newest, now_secs());
         let reply = if scheduled {
             None
         } else {
@@ -304,7 +305,7 @@ pub async fn run(
                 status.set_progress(None);
                 return;
             }
-            r = take_one(&config, &site_name, &status) => r,
+            r = take_one(&settings, &status) => r,
         };
         match &result {
             Ok(name) => {
@@ -314,7 +315,7 @@ pub async fn run(
                     s.last_name = Some(name.clone());
                     s.last_end_time = Some(now_secs());
                 });
-                match apply_retention(&store, &site_name, &site).await {
+                match apply_retention(&store, site_name, site).await {
                     Ok((deleted, wal)) if !deleted.is_empty() || wal > 0 => {
                         tracing::info!(site = %site_name, backups = ?deleted, wal_objects = wal, "retention applied")
                     }
@@ -345,12 +346,8 @@ pub async fn run(
     }
 }
 
-async fn take_one(
-    config: &Config,
-    site: &str,
-    status: &BasebackupStatus,
-) -> Result<String, String> {
-    let ctx = BackupContext::new(config, site)
+async fn take_one(site: &SiteSettings, status: &BasebackupStatus) -> Result<String, String> {
+    let ctx = BackupContext::for_site(site)
         .await
         .map_err(|e| format!("{e:#}"))?;
     status.set_progress(Some(ctx.progress.clone()));
@@ -364,6 +361,7 @@ async fn take_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn site(extra: &str) -> SiteConfig {
         let text = format!(

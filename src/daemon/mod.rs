@@ -15,7 +15,7 @@ pub mod sites;
 pub mod status;
 pub mod systemd;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,9 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{BackupMode, Config};
-use crate::settings::{
-    compression_settings, hostname, retry_policy, transfer_threads, upload_encryption,
-};
+use crate::settings::{hostname, transfer_threads, SiteSettings};
 use crate::storage::meta;
 use crate::storage::Metadata;
 
@@ -42,33 +40,20 @@ pub use sites::{daemon_state, SiteHandle, Sites};
 use status::{now_secs, Alerts, SiteStatus};
 
 /// Opens a site's store and gathers what its uploads need.
-pub fn upload_context(config: &Config, name: &str, slots: Arc<Semaphore>) -> Result<UploadContext> {
-    let site = config
-        .backup_sites
-        .get(name)
-        .with_context(|| format!("no backup site {name:?} in the configuration"))?;
-    let store = crate::settings::open_store(config, name)?;
+pub fn upload_context(site: &SiteSettings, slots: Arc<Semaphore>) -> Result<UploadContext> {
+    let store = site.open_store()?;
     let mut base_metadata = Metadata::new();
     base_metadata.insert(meta::HOST.into(), hostname());
     Ok(UploadContext {
-        site: name.to_string(),
+        site: site.name.clone(),
         store,
-        compression: compression_settings(config)?,
-        encryption: upload_encryption(name, site)?,
-        hash_algorithm: config.hash_algorithm,
-        retry: retry_policy(config),
+        compression: site.compression,
+        encryption: site.encryption()?,
+        hash_algorithm: site.hash_algorithm,
+        retry: site.retry.clone(),
         upload_slots: slots,
         base_metadata,
     })
-}
-
-/// The spool directory of a site: `<backup_location>/<site>/xlog_incoming`, as pghoard's.
-pub fn spool_dir(config: &Config, name: &str) -> Result<PathBuf> {
-    let base = config
-        .backup_location
-        .as_ref()
-        .context("backup_location: the daemon needs it for its spool; set it")?;
-    Ok(base.join(name).join("xlog_incoming"))
 }
 
 /// One configuration's worth of running sites.
@@ -98,13 +83,15 @@ impl Generation {
             .with_context(|| format!("alert_file_dir {}", alerts.dir.display()))?;
         let mut sites = Sites::default();
         let mut runs = Vec::new();
-        let shared_config = Arc::new(config.clone());
-        for (name, site) in &config.backup_sites {
+        let all = SiteSettings::all(config)?;
+        for (name, settings) in &all {
+            let site = &settings.config;
             if !site.active {
                 tracing::info!(site = %name, "site inactive; skipped");
                 continue;
             }
-            let upload = Arc::new(upload_context(config, name, slots.clone())?);
+            let settings = Arc::new(settings.clone());
+            let upload = Arc::new(upload_context(&settings, slots.clone())?);
             let (backup_tx, backup_rx) = if site.nodes.is_empty() {
                 (None, None)
             } else {
@@ -114,9 +101,7 @@ impl Generation {
             let status = match site.active_backup_mode {
                 BackupMode::Walreceiver => {
                     let mut wal = site::SiteWal::new(
-                        name,
-                        site,
-                        spool_dir(config, name)?,
+                        &settings,
                         upload.clone(),
                         alerts.clone(),
                         SegmentBuffers::with_limit(
@@ -142,8 +127,8 @@ impl Generation {
             let basebackup = Arc::new(basebackups::BasebackupStatus::default());
             if let Some(rx) = backup_rx {
                 tracker.spawn(basebackups::run(
-                    shared_config.clone(),
-                    name.clone(),
+                    settings.clone(),
+                    config.maintenance_mode_file.clone(),
                     basebackup.clone(),
                     rx,
                     stop.clone(),
@@ -154,28 +139,19 @@ impl Generation {
             // rather than answering "not found" for WAL it holds.
             let mut older = Vec::new();
             for o in &site.moved_from {
-                let cfg = config
-                    .backup_sites
+                let theirs = all
                     .get(o)
                     .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
-                older.push(crate::restore::OlderSite {
-                    name: o.clone(),
-                    store: crate::settings::open_store_read_only(config, o)
-                        .with_context(|| format!("backup_sites.{name}.moved_from: site {o:?}"))?,
-                    keys: crate::restore::key_ring(o, cfg)?,
-                });
+                older.push(crate::restore::OlderSite::open(name, theirs)?);
             }
             sites.by_name.insert(
                 name.clone(),
                 SiteHandle {
-                    config: site.clone(),
+                    settings,
                     upload,
                     status,
                     basebackup,
                     backup_requests,
-                    restore_prefetch: config
-                        .restore_prefetch
-                        .map_or_else(|| transfer_threads(config), |n| n as usize),
                     older,
                 },
             );

@@ -23,8 +23,9 @@ use super::status::{
     now_secs, wal_gap_alert, Alerts, SiteStatus, WalGapState, AUTHENTICATION_ERROR,
     CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
 };
-use crate::config::{SiteConfig, SpoolFsync};
+use crate::config::SpoolFsync;
 use crate::pipeline::encryption::KeyRing;
+use crate::settings::SiteSettings;
 
 /// How far past the slot's position the resume check looks for already-archived segments.
 const RESUME_SCAN_LIMIT: u64 = 100_000;
@@ -66,24 +67,22 @@ pub fn free_bytes(dir: &Path) -> Result<u64> {
 
 impl SiteWal {
     pub fn new(
-        name: &str,
-        site: &SiteConfig,
-        spool_dir: PathBuf,
+        settings: &SiteSettings,
         ctx: Arc<UploadContext>,
         alerts: Alerts,
         segment_buffers: SegmentBuffers,
     ) -> Result<Self> {
-        let node = site
+        let (name, site) = (settings.name.as_str(), &settings.config);
+        let node = settings
             .nodes
             .first()
             .with_context(|| format!("backup_sites.{name}.nodes: no node to stream from"))?;
-        let (conn, slot) = node
-            .connect_params()
-            .map_err(|e| anyhow::anyhow!("backup_sites.{name}.nodes[0]: {e}"))?;
+        let (conn, slot) = (node.params.clone(), node.slot.clone());
+        let spool_dir = settings.spool_dir()?;
         walhoard_walreceiver::spool::create_private_dir(&spool_dir)
             .with_context(|| format!("create spool directory {}", spool_dir.display()))?;
         let status = Arc::new(SiteStatus::default());
-        let keys = crate::restore::key_ring(name, site).unwrap_or_else(|e| {
+        let keys = settings.keys().unwrap_or_else(|e| {
             tracing::warn!(site = %name, error = format!("{e:#}"), "private keys unusable: the archive's encrypted WAL cannot be read to tell whose it is");
             KeyRing::default()
         });

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::SiteConfig;
+use crate::settings::SiteSettings;
 
 use super::archiver::UploadContext;
 use super::basebackups;
@@ -19,15 +19,13 @@ pub struct Sites {
 /// What the rest of the daemon can reach of a site.
 #[derive(Clone)]
 pub struct SiteHandle {
-    pub config: SiteConfig,
+    pub settings: Arc<SiteSettings>,
     pub upload: Arc<UploadContext>,
     pub status: Arc<SiteStatus>,
     pub basebackup: Arc<basebackups::BasebackupStatus>,
     /// Asks the site's backup task for a backup now; `None` when the site cannot take any
     /// (no node to connect to).
     pub backup_requests: Option<tokio::sync::mpsc::Sender<basebackups::BackupRequest>>,
-    /// Segments the restore_command API prefetches (`restore_prefetch`).
-    pub restore_prefetch: usize,
     /// The site's `moved_from` sites, searched for WAL after it by the restore_command API.
     pub older: Vec<crate::restore::OlderSite>,
 }

@@ -9,9 +9,7 @@ use super::{CreateKeysFlags, Dispatch};
 
 pub(super) fn create_keys(f: CreateKeysFlags) -> Dispatch {
     let _ = f.debug;
-    let config = f
-        .config
-        .or_else(|| std::env::var_os("PGHOARD_CONFIG").map(PathBuf::from));
+    let config = f.site.config_or_env();
     let done = (|| -> Result<()> {
         if f.key_id.is_empty() || f.key_id.len() > 255 {
             bail!("--key-id must be 1 to 255 bytes");
@@ -19,9 +17,9 @@ pub(super) fn create_keys(f: CreateKeysFlags) -> Dispatch {
         let (public, private) = walhoard::pipeline::encryption::generate_key_pair(f.bits)?;
         let keys = serde_json::json!({ &f.key_id: { "public": public, "private": private } });
         match config {
-            Some(path) => save_keys(&path, f.site.as_deref(), &f.key_id, keys),
+            Some(path) => save_keys(&path, f.site.site.as_deref(), &f.key_id, keys),
             None => {
-                let Some(site) = f.site else {
+                let Some(site) = f.site.site else {
                     bail!("--site must be given when no --config (or PGHOARD_CONFIG) is");
                 };
                 let v = serde_json::json!({ "backup_sites": { site: {

@@ -10,6 +10,7 @@
 //! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
 
 pub mod beneath;
+mod chunks;
 mod dest;
 pub mod extract;
 pub mod get;
@@ -23,8 +24,9 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use walhoard_protocol::Lsn;
 
-use crate::config::{Config, SiteConfig};
-use crate::pipeline::encryption::{KeyRing, PrivateKey};
+use crate::config::Config;
+use crate::pipeline::encryption::KeyRing;
+use crate::settings::SiteSettings;
 use crate::storage::meta;
 use crate::storage::ObjectStore;
 
@@ -34,8 +36,9 @@ pub struct RestoreSite {
     pub name: String,
     /// Absolute path of the configuration file (written into restore_command).
     pub config_path: PathBuf,
-    pub config: Config,
-    pub site: SiteConfig,
+    pub settings: SiteSettings,
+    /// Parallel downloads of get-basebackup (`restore_process_count`, default 4).
+    pub restore_process_count: usize,
     pub store: ObjectStore,
     pub keys: KeyRing,
     /// The site's `moved_from` sites, in order: read after this one (pghoard's
@@ -51,75 +54,43 @@ pub struct OlderSite {
     pub keys: KeyRing,
 }
 
-/// Every private key of a site, by key id: objects name the key they were written with, which
-/// need not be today's `encryption_key_id`. A site with encryption configured (a key id or
-/// keys) refuses objects stored without encryption unless `allow_unencrypted_objects` is set.
-pub fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
-    let encrypts = site.encryption_key_id.is_some() || !site.encryption_keys.is_empty();
-    let mut ring =
-        KeyRing::default().require_encrypted(encrypts && !site.allow_unencrypted_objects);
-    for (id, pair) in &site.encryption_keys {
-        if let Some(pem) = &pair.private {
-            let key = PrivateKey::from_pem(pem)
-                .with_context(|| format!("backup_sites.{name}.encryption_keys.{id}.private"))?;
-            ring.insert(id, key);
-        }
+impl OlderSite {
+    /// Opens `older`, named by `site`'s `moved_from`, for reading.
+    pub fn open(site: &str, older: &SiteSettings) -> Result<Self> {
+        let o = &older.name;
+        Ok(OlderSite {
+            name: o.clone(),
+            store: older
+                .open_store_read_only()
+                .with_context(|| format!("backup_sites.{site}.moved_from: site {o:?}"))?,
+            keys: older.keys()?,
+        })
     }
-    Ok(ring)
-}
-
-/// `--site`, or the configuration's only site (pghoard's `get_site_from_config`).
-pub fn site_name(config: &Config, config_path: &Path, site: Option<&str>) -> Result<String> {
-    Ok(match site {
-        Some(s) => s.to_string(),
-        None => match config.backup_sites.keys().collect::<Vec<_>>().as_slice() {
-            [only] => (*only).clone(),
-            [] => bail!("{}: no backup_sites", config_path.display()),
-            many => bail!(
-                "{} has several backup sites ({}): choose one with --site",
-                config_path.display(),
-                many.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    })
 }
 
 impl RestoreSite {
     /// Loads `config_path` and opens `site` (optional when the configuration has one site).
     pub fn open(config_path: &Path, site: Option<&str>) -> Result<Self> {
         let config = Config::load(config_path)?;
-        let name = site_name(&config, config_path, site)?;
-        let site = config
-            .backup_sites
-            .get(&name)
-            .with_context(|| format!("no backup site {name:?} in {}", config_path.display()))?
-            .clone();
+        let name = crate::settings::chosen_site(&config, site, config_path)?;
+        let settings = SiteSettings::build(&config, &name)?;
         // Restore only reads: an archive that is not there must not be created empty.
-        let store = crate::settings::open_store_read_only(&config, &name)?;
-        let keys = key_ring(&name, &site)?;
+        let store = settings.open_store_read_only()?;
+        let keys = settings.keys()?;
         let config_path = std::path::absolute(config_path)
             .with_context(|| format!("absolute path of {}", config_path.display()))?;
         let mut older = Vec::new();
-        for o in &site.moved_from {
-            let cfg = config
-                .backup_sites
-                .get(o)
-                .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
-            older.push(OlderSite {
-                name: o.clone(),
-                store: crate::settings::open_store_read_only(&config, o)
-                    .with_context(|| format!("backup_sites.{name}.moved_from: site {o:?}"))?,
-                keys: key_ring(o, cfg)?,
-            });
+        for o in &settings.config.moved_from {
+            if !config.backup_sites.contains_key(o) {
+                bail!("backup_sites.{name}.moved_from: no site {o:?}");
+            }
+            older.push(OlderSite::open(&name, &SiteSettings::build(&config, o)?)?);
         }
         Ok(RestoreSite {
             name,
             config_path,
-            config,
-            site,
+            restore_process_count: config.restore_process_count.unwrap_or(4).max(1) as usize,
+            settings,
             store,
             keys,
             older,
