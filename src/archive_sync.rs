@@ -102,20 +102,18 @@ impl SyncReport {
     /// Whether the command should exit non-zero: a gap nobody answered with a new backup, or
     /// a file that could not be uploaded.
     pub fn failure(&self) -> Option<String> {
-        if let Some(f) = self
-            .files
-            .iter()
-            .find(|f| matches!(f.action, Action::Skipped { .. }))
-        {
-            if let Action::Skipped { why } = &f.action {
-                return Some(format!("{} was not archived: {why}", f.file));
-            }
+        let skipped = self.files.iter().find_map(|f| match &f.action {
+            Action::Skipped { why } => Some(format!("{} was not archived: {why}", f.file)),
+            _ => None,
+        });
+        if skipped.is_some() {
+            return skipped;
         }
-        let gap = self.chain.as_ref().and_then(|c| c.first_gap())?;
+        let c = self.chain.as_ref()?;
+        let gap = c.first_gap()?;
         if self.new_basebackup.is_some() {
             return None;
         }
-        let c = self.chain.as_ref()?;
         Some(format!(
             "the archive's WAL from {} to {} is incomplete: first gap {gap} ({} missing)",
             c.from,
