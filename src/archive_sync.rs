@@ -492,3 +492,62 @@ pub fn render(r: &SyncReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> Server {
+        let seg = SegmentSize::new(16 << 20).unwrap();
+        Server {
+            system_id: 7,
+            tli: TimelineId(1),
+            seg,
+            magic: page_magic_for(15).unwrap(),
+            history: TimelineHistory {
+                tli: TimelineId(1),
+                switches: Vec::new(),
+            },
+            current: SegmentId::from_segno(TimelineId(1), 9, seg),
+        }
+    }
+
+    /// What is not WAL (a recycled file of zeros, a short file, a broken history file) is
+    /// never uploaded, and makes the command fail naming it.
+    #[test]
+    fn files_that_are_not_wal_are_refused_and_fail_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = server();
+        let name: WalSegmentName = "000000010000000000000003".parse().unwrap();
+        let path = dir.path().join(name.to_string());
+        std::fs::write(&path, vec![0u8; 16 << 20]).unwrap();
+        assert!(read_checked(&path, &name, &s).is_err());
+        std::fs::write(&path, b"short").unwrap();
+        let why = read_checked(&path, &name, &s).unwrap_err();
+        assert!(why.contains("not the segment size"), "{why}");
+        let history: WalSegmentName = "00000002.history".parse().unwrap();
+        let hpath = dir.path().join(history.to_string());
+        std::fs::write(&hpath, b"garbage\n").unwrap();
+        assert!(read_checked(&hpath, &history, &s).is_err());
+        std::fs::write(&hpath, b"1\t0/3000000\tpromoted\n").unwrap();
+        assert!(read_checked(&hpath, &history, &s).is_ok());
+
+        let report = SyncReport {
+            site: "s".into(),
+            timeline: 1,
+            current_segment: s.current.to_string(),
+            newest_basebackup: None,
+            files: vec![FileResult {
+                file: name.to_string(),
+                action: Action::Skipped { why },
+            }],
+            chain: None,
+            new_basebackup: None,
+        };
+        let failure = report.failure().unwrap();
+        assert!(
+            failure.starts_with("000000010000000000000003 was not archived"),
+            "{failure}"
+        );
+    }
+}
