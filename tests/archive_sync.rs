@@ -81,10 +81,24 @@ async fn damage_and_repair(
         )
         .await
         .unwrap();
+    // Some WAL in the segment being written, so that its file exists and starts as WAL does.
+    pg.psql("create table if not exists tail (x int); insert into tail values (1)")
+        .unwrap();
     let (report, out) = archive_sync(d, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let report = report.unwrap();
     assert_eq!(action(&report, deleted)["action"], "uploaded", "{report:#}");
+    // The segment still being written is neither compared nor uploaded.
+    let current = report["current_segment"].as_str().unwrap();
+    assert!(!has(store, current).await, "{current} uploaded");
+    assert!(
+        report["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["file"] != current),
+        "{report:#}"
+    );
     let m = action(&report, modified);
     assert_eq!(m["action"], "replaced_diverged", "{report:#}");
     let moved_to = m["moved_to"].as_str().unwrap();
