@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use walhoard::basebackup::{orphan_chunk_dirs, take_with, BackupContext};
+use walhoard::basebackup::{orphan_chunk_dirs, take_with, BackupContext, BackupInfo};
 use walhoard::config::Config;
 use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey};
 use walhoard::pipeline::transfer::download_file;
@@ -15,7 +15,7 @@ use walhoard::storage::ObjectStore;
 use walhoard_basebackup::control::{BackupMetadata, ChunkKind, METADATA_MEMBER};
 use walhoard_testkit::{give_to_server_user, tool_path, PgCluster};
 
-use crate::common::{sh, wait_until};
+use crate::common::sh;
 
 /// A site archiving `pg` into a local directory, zstd-compressed and encrypted.
 struct Site {
@@ -66,12 +66,7 @@ fn site(pg: &PgCluster, basebackup_mode: &str, active_backup_mode: &str) -> Site
 
 /// Tables in the default tablespace and in `ts1`, big enough for several 1 MiB chunks.
 fn load_data(pg: &PgCluster) -> PathBuf {
-    let ts_dir = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts_dir.display()
-    ))
-    .unwrap();
+    let ts_dir = crate::common::create_tablespace(pg, "ts1");
     pg.psql("create table main_t as select g, md5(g::text) as h from generate_series(1, 100000) g")
         .unwrap();
     pg.psql("create table ts_t tablespace ts1 as select g, repeat(md5(g::text), 3) as h from generate_series(1, 50000) g")
@@ -83,6 +78,28 @@ fn load_data(pg: &PgCluster) -> PathBuf {
 
 const CHECKSUM: &str = "select (select md5(string_agg(g::text || h, ',' order by g)) from main_t) \
      || ' ' || (select md5(string_agg(g::text || h, ',' order by g)) from ts_t)";
+
+/// A cluster with a table `t` of `rows` rows.
+fn cluster_with_rows(rows: u32) -> PgCluster {
+    let pg = PgCluster::start().unwrap();
+    let sql = format!("create table t as select g, md5(g::text) from generate_series(1, {rows}) g");
+    pg.psql(&sql).unwrap();
+    pg
+}
+
+/// A cluster that keeps enough WAL for a backup's recovery to read it from pg_wal.
+fn keeping_cluster() -> PgCluster {
+    let b = PgCluster::builder().setting("wal_keep_size", "'256MB'");
+    b.start().unwrap()
+}
+
+/// The restored cluster holds [`load_data`]'s tables as they were (`want`, their
+/// [`CHECKSUM`]) and its unlogged table exists, empty (only its init fork was backed up).
+fn assert_restored(restored: &PgCluster, want: &str) {
+    assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
+    let scratch = restored.psql("select count(*) from scratch").unwrap();
+    assert_eq!(scratch.trim(), "0");
+}
 
 fn sha1_of(path: &Path) -> String {
     sh(&format!("sha1sum {}", path.display()))
@@ -157,41 +174,31 @@ fn extract_local_tar(
 }
 
 async fn listed(store: &ObjectStore) -> Vec<String> {
-    store
-        .list("basebackup")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect()
+    crate::common::keys(store, "basebackup").await
+}
+
+/// Takes a basebackup of site `s1`, which is then the only one listed.
+async fn take_the_only_backup(site: &Site) -> BackupInfo {
+    let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
+    let info = take_with(ctx).await.unwrap();
+    let want = [format!("basebackup/{}", info.name)];
+    assert_eq!(listed(&site.store).await, want);
+    info
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basebackup_basic_standalone_with_tablespace_restores() {
-    let pg = PgCluster::builder()
-        .setting("wal_keep_size", "'256MB'")
-        .start()
-        .unwrap();
+    let pg = keeping_cluster();
     let ts_dir = load_data(&pg);
-    let ts_oid = pg
-        .psql("select oid from pg_tablespace where spcname = 'ts1'")
-        .unwrap()
-        .trim()
-        .to_string();
+    let ts_oid = crate::common::query(&pg, "select oid from pg_tablespace where spcname = 'ts1'");
     let want = pg.psql(CHECKSUM).unwrap();
     let site = site(&pg, "basic", "standalone_hot_backup");
 
     // Through the command line, as an operator would.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["basebackup", "--site", "s1", "--config"])
-        .arg(&site.config_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    cmd.args(["basebackup", "--site", "s1", "--config"])
+        .arg(&site.config_path);
+    let out = crate::common::output_ok(&mut cmd, "walhoard basebackup");
     let name = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(listed(&site.store).await, [format!("basebackup/{name}")]);
 
@@ -246,27 +253,16 @@ async fn basebackup_basic_standalone_with_tablespace_restores() {
     std::fs::remove_file(data.join("tablespace_map")).unwrap();
     give_to_server_user(&ts_new).unwrap();
     let restored = PgCluster::builder().start_on(&data).unwrap();
-    assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
+    assert_restored(&restored, &want);
     let loc = restored
         .psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'ts1'")
         .unwrap();
     assert_eq!(loc.trim(), ts_new.display().to_string());
-    // The unlogged table exists, empty (only its init fork was backed up).
-    assert_eq!(
-        restored
-            .psql("select count(*) from scratch")
-            .unwrap()
-            .trim(),
-        "0"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
-    let pg = PgCluster::builder()
-        .setting("wal_keep_size", "'256MB'")
-        .start()
-        .unwrap();
+    let pg = keeping_cluster();
     load_data(&pg);
     let site = site(&pg, "local-tar", "walreceiver");
     let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
@@ -324,36 +320,19 @@ async fn basebackup_local_tar_with_tablespace_restores_from_wal() {
     assert!(data.join("pg_wal/archive_status").is_dir());
     assert!(data.join("backup_label").is_file() && data.join("global/pg_control").is_file());
     // The WAL comes from the primary's pg_wal, as from an archive.
-    let restored = PgCluster::builder()
+    let builder = PgCluster::builder()
         .setting(
             "restore_command",
             &format!("'cp {}/%f %p'", pg.wal_dir().display()),
         )
-        .data_file("recovery.signal", b"", 0o600)
-        .start_on(&data)
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || restored
-            .psql("select pg_is_in_recovery()")
-            .is_ok_and(|r| r.trim() == "f")),
-        "recovery did not finish: {}",
-        restored.log()
-    );
-    assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
-    assert_eq!(
-        restored
-            .psql("select count(*) from scratch")
-            .unwrap()
-            .trim(),
-        "0"
-    );
+        .data_file("recovery.signal", b"", 0o600);
+    let restored = crate::restore::start_promoted_with(builder, &data);
+    assert_restored(&restored, &want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basebackup_dropped_connection_lists_nothing_and_next_succeeds() {
-    let pg = PgCluster::start().unwrap();
-    pg.psql("create table t as select g, md5(g::text) from generate_series(1, 200000) g")
-        .unwrap();
+    let pg = cluster_with_rows(200000);
     let site = site(&pg, "basic", "walreceiver");
     let mut ctx = BackupContext::new(&site.config, "s1").await.unwrap();
     // Slow enough (1 MB/s) that the backup is surely in the middle of base.tar when cut.
@@ -373,11 +352,8 @@ async fn basebackup_dropped_connection_lists_nothing_and_next_succeeds() {
     }
     assert!(!pid.is_empty(), "the backup never got 2 MB into base.tar");
     // One chunk is being stored right now.
-    assert!(site
-        .store
-        .list("basebackup_chunk")
+    assert!(crate::common::keys(&site.store, "basebackup_chunk")
         .await
-        .unwrap()
         .is_empty());
     pg.psql(&format!("select pg_terminate_backend({pid})"))
         .unwrap();
@@ -385,27 +361,17 @@ async fn basebackup_dropped_connection_lists_nothing_and_next_succeeds() {
     let msg = format!("{err:#}");
     assert!(msg.contains(&name) && msg.contains("BASE_BACKUP"), "{msg}");
     assert!(listed(&site.store).await.is_empty());
-    assert!(site
-        .store
-        .list("basebackup_chunk")
+    assert!(crate::common::keys(&site.store, "basebackup_chunk")
         .await
-        .unwrap()
         .is_empty());
 
-    let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
     // The failed backup cleaned up after itself, so its name may be reused.
-    let info = take_with(ctx).await.unwrap();
-    assert_eq!(
-        listed(&site.store).await,
-        [format!("basebackup/{}", info.name)]
-    );
+    take_the_only_backup(&site).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basebackup_cancelled_local_tar_lists_nothing_and_next_succeeds() {
-    let pg = PgCluster::start().unwrap();
-    pg.psql("create table t as select g, md5(g::text) from generate_series(1, 400000) g")
-        .unwrap();
+    let pg = cluster_with_rows(400000);
     let site = site(&pg, "local-tar", "walreceiver");
     let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
     let name = ctx.name.clone();
@@ -429,13 +395,8 @@ async fn basebackup_cancelled_local_tar_lists_nothing_and_next_succeeds() {
         std::slice::from_ref(&name)
     );
     // The server ended the aborted backup with its session: a new one starts at once.
-    let ctx = BackupContext::new(&site.config, "s1").await.unwrap();
-    let info = take_with(ctx).await.unwrap();
+    let info = take_the_only_backup(&site).await;
     assert_ne!(info.name, name);
-    assert_eq!(
-        listed(&site.store).await,
-        [format!("basebackup/{}", info.name)]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -26,10 +26,8 @@ fn cli_identify_reports_the_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let sysid = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap();
-    assert_eq!(v["system_id"], sysid.trim());
+    let sysid = crate::common::system_identifier(&pg);
+    assert_eq!(v["system_id"], sysid.to_string());
     assert_eq!(v["timeline"], 1);
     assert_eq!(v["wal_segment_size"], 16 * 1024 * 1024);
 }
@@ -197,17 +195,13 @@ fn cli_check_refuses_what_the_daemon_refuses() {
 fn cli_restore_command_with_a_bad_flag_exits_255_not_2() {
     // clap's usage error is 2, which PostgreSQL would read as "not found" and end recovery:
     // a typo in restore_command must stop it instead.
-    let out = walhoard(&[
-        "postgres-command",
-        "--mode",
-        "restore",
-        "--site",
-        "main",
-        "--xlog",
+    let mut args = crate::common::RESTORE_COMMAND.to_vec();
+    args.extend([
         "000000010000000000000001",
         "--outptu",
         "pg_wal/RECOVERYXLOG",
     ]);
+    let out = walhoard(&args);
     assert_eq!(out.status.code(), Some(255), "{out:?}");
     // Other commands keep clap's usual code.
     let out = walhoard(&["postgres-command", "--mode", "archive", "--bogus"]);

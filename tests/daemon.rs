@@ -40,10 +40,7 @@ pub(crate) async fn assert_archive_equals_pg_wal(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_archive_is_byte_identical_and_readable_by_pg_waldump() {
     let pg = cluster();
-    let LocalDaemon {
-        d, daemon, store, ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, daemon, store, first) = LocalDaemon::streaming(&pg);
     // Small transactions make XLogData messages end anywhere, including across segment
     // boundaries; the bulk load fills several segments.
     load(&pg, 150_000, 3000);
@@ -162,13 +159,7 @@ pub(crate) fn segment_range(first: &str, last: &str, seg: SegmentSize) -> Vec<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_kill_9_twenty_times_leaves_no_gap() {
     let pg = cluster();
-    let LocalDaemon {
-        d,
-        mut daemon,
-        store,
-        ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, first) = LocalDaemon::streaming(&pg);
     let seg = SegmentSize::DEFAULT;
     let stop = std::sync::atomic::AtomicBool::new(false);
     // A pseudo-random kill schedule, different on every run, printed for reproduction.
@@ -220,13 +211,7 @@ async fn daemon_kill_9_twenty_times_leaves_no_gap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_distrusts_spool_written_before_a_reboot() {
     let pg = cluster();
-    let LocalDaemon {
-        d,
-        mut daemon,
-        store,
-        ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, first) = LocalDaemon::streaming(&pg);
     let seg = SegmentSize::DEFAULT;
     load(&pg, 5_000, 10);
     let before = switch_segment(&pg);
@@ -345,10 +330,7 @@ async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_follows_promotion_to_new_timeline() {
     let mut pg = cluster();
-    let LocalDaemon {
-        d, daemon, store, ..
-    } = LocalDaemon::start(&pg);
-    wait_slot(&pg, &daemon);
+    let (d, daemon, store, _) = LocalDaemon::streaming(&pg);
     load(&pg, 10_000, 50);
     let s1 = switch_segment(&pg);
     wait_archived(&store, &s1, Duration::from_secs(60), &daemon).await;
@@ -467,10 +449,7 @@ async fn daemon_64mb_segments() {
         .setting("wal_keep_size", "'2GB'")
         .start()
         .unwrap();
-    let LocalDaemon {
-        d, daemon, store, ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, daemon, store, first) = LocalDaemon::streaming(&pg);
     load(&pg, 200_000, 500);
     let last = switch_segment(&pg);
     wait_archived(&store, &last, Duration::from_secs(120), &daemon).await;
@@ -552,13 +531,8 @@ async fn daemon_archive_command_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_disk_guard_pauses_reload_resumes_sigterm_drains() {
     let pg = cluster();
-    let LocalDaemon {
-        d,
-        storage,
-        mut daemon,
-        store,
-    } = LocalDaemon::start(&pg);
-    wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, _) = LocalDaemon::streaming(&pg);
+    let storage = d.local_storage();
     load(&pg, 10_000, 10);
     let s0 = switch_segment(&pg);
     wait_archived(&store, &s0, Duration::from_secs(60), &daemon).await;
@@ -686,17 +660,9 @@ fn backups_taken(daemon: &Daemon) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_schedules_basebackups_and_applies_retention() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
     // A backup every 7.2 s, two kept.
-    d.write_config(
-        &pg,
-        storage.clone(),
-        json!({"basebackup_interval_hours": 0.002, "basebackup_count": 2, "basebackup_mode": "basic"}),
-    );
-    let daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
+    let site = json!({"basebackup_interval_hours": 0.002, "basebackup_count": 2, "basebackup_mode": "basic"});
+    let (d, daemon, store, _) = LocalDaemon::streaming_with(&pg, site);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while backups_taken(&daemon).len() < 3 {
         assert!(
@@ -764,12 +730,8 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_basebackup_on_request_or_directly() {
     let pg = cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(&pg, storage.clone(), json!({"basebackup_mode": "basic"}));
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
+    let site = json!({"basebackup_mode": "basic"});
+    let (d, mut daemon, store, _) = LocalDaemon::streaming_with(&pg, site);
     d.wait_http();
     let ask = || basebackup_command(&d).output().unwrap();
     let out = ask();
@@ -903,9 +865,6 @@ async fn daemon_killed_mid_basebackup_lists_nothing_and_next_succeeds() {
         "interrupted chunks left: {left:?}; log:\n{}",
         daemon.log_text()
     );
-    assert!(store
-        .list(&format!("basebackup_chunk/{}", orphans[0]))
-        .await
-        .unwrap()
-        .is_empty());
+    let chunks = format!("basebackup_chunk/{}", orphans[0]);
+    assert!(crate::common::keys(&store, &chunks).await.is_empty());
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use walhoard_protocol::{Lsn, SegmentSize};
 use walhoard_testkit::PgCluster;
 
-use crate::common::wait_until;
+use crate::common::{current_lsn, wait_until};
 use crate::daemon::{assert_archive_equals_pg_wal, segment_range};
 use crate::daemon_support::*;
 
@@ -16,14 +16,6 @@ fn keeping_cluster() -> PgCluster {
     PgCluster::builder()
         .setting("wal_keep_size", "'2GB'")
         .start()
-        .unwrap()
-}
-
-fn current_lsn(pg: &PgCluster) -> Lsn {
-    pg.psql("select pg_current_wal_lsn()")
-        .unwrap()
-        .trim()
-        .parse()
         .unwrap()
 }
 
@@ -44,10 +36,7 @@ fn received(d: &DaemonDir) -> Option<Lsn> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_primary_can_shut_down_while_attached() {
     let mut pg = keeping_cluster();
-    let LocalDaemon {
-        d, daemon, store, ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, daemon, store, first) = LocalDaemon::streaming(&pg);
     let seg = SegmentSize::DEFAULT;
     // Past the slot's first segment (so that the archive's end is a valid flush position
     // above the slot's), then into an unfinished segment, as after a short pgbench.
@@ -114,13 +103,7 @@ fn drop_slot(pg: &PgCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_recreated_slot_streams_from_the_archive_end() {
     let pg = keeping_cluster();
-    let LocalDaemon {
-        d,
-        mut daemon,
-        store,
-        ..
-    } = LocalDaemon::start(&pg);
-    let first = wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, first) = LocalDaemon::streaming(&pg);
     let seg = SegmentSize::DEFAULT;
     let before = write_segments(&pg, 1);
     wait_archived(&store, &before, Duration::from_secs(60), &daemon).await;
@@ -196,13 +179,7 @@ async fn lose_wal(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_recreated_slot_reports_a_gap_and_takes_a_basebackup() {
     let pg = forgetting_cluster();
-    let LocalDaemon {
-        d,
-        mut daemon,
-        store,
-        ..
-    } = LocalDaemon::start(&pg);
-    wait_slot(&pg, &daemon);
+    let (d, mut daemon, store, _) = LocalDaemon::streaming(&pg);
     let missing = lose_wal(&pg, &store, &mut daemon).await;
 
     let daemon = Daemon::start(&d);
@@ -247,16 +224,8 @@ async fn daemon_recreated_slot_reports_a_gap_and_takes_a_basebackup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_wal_gap_fails_check_until_resolved() {
     let pg = forgetting_cluster();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(
-        &pg,
-        storage.clone(),
-        serde_json::json!({"basebackup_on_wal_gap": false}),
-    );
-    let mut daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
+    let site = serde_json::json!({"basebackup_on_wal_gap": false});
+    let (d, mut daemon, store, _) = LocalDaemon::streaming_with(&pg, site);
     let missing = lose_wal(&pg, &store, &mut daemon).await;
 
     let daemon = Daemon::start(&d);
@@ -283,12 +252,7 @@ async fn daemon_recreated_slot_after_kill_9_with_backlog_leaves_no_gap() {
     let pg = keeping_cluster();
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let d = DaemonDir::new();
-    let storage = serde_json::json!({
-        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
-        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
-        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
-        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
-    });
+    let storage = s3_storage(&s3);
     d.write_config(&pg, storage.clone(), serde_json::json!({}));
     let mut daemon = Daemon::start(&d);
     let store = d.store(&storage);

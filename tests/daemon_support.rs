@@ -69,26 +69,45 @@ impl DaemonDir {
             // Basebackups only where a test asks for them.
             "basebackup_interval_hours": null,
         });
-        if let (Some(base), Some(extra)) = (s.as_object_mut(), site.as_object()) {
-            for (k, v) in extra {
-                base.insert(k.clone(), v.clone());
-            }
-        }
-        let config = json!({
+        merge(&mut s, site);
+        let mut config = self.config_for(json!({"main": s}));
+        merge(
+            &mut config,
+            json!({
+                "maintenance_mode_file": self.path("maintenance_mode_file"),
+                "compression": {"algorithm": "zstd", "level": 1},
+                "transfer": {"thread_count": 2, "retry_max_backoff_seconds": 1.0},
+            }),
+        );
+        self.write_json_config(&config);
+    }
+
+    /// A configuration with this directory's spool, state file, alert directory and HTTP
+    /// port, and `sites` as its `backup_sites`: nothing else of walhoard's own settings.
+    pub fn config_for(&self, sites: Value) -> Value {
+        json!({
             "backup_location": self.path("spool"),
             "json_state_file_path": self.path("state.json"),
             "alert_file_dir": self.alert_dir(),
-            "maintenance_mode_file": self.path("maintenance_mode_file"),
             "http_port": self.http_port,
-            "compression": {"algorithm": "zstd", "level": 1},
-            "transfer": {"thread_count": 2, "retry_max_backoff_seconds": 1.0},
-            "backup_sites": {"main": s},
-        });
+            "backup_sites": sites,
+        })
+    }
+
+    /// Writes `config` as the configuration file.
+    pub fn write_json_config(&self, config: &Value) {
         std::fs::write(
             self.config_path(),
-            serde_json::to_vec_pretty(&config).unwrap(),
+            serde_json::to_vec_pretty(config).unwrap(),
         )
         .unwrap();
+    }
+
+    /// Writes [`DaemonDir::config_for`] `sites`, readable by the server's OS user (who runs
+    /// restore_command).
+    pub fn write_sites(&self, sites: Value) {
+        self.write_json_config(&self.config_for(sites));
+        crate::restore::readable_by_server(self);
     }
 
     /// Waits until a daemon answers on the HTTP port.
@@ -130,33 +149,47 @@ pub fn s3_storage(s3: &walhoard_testkit::s3::S3Server) -> Value {
     })
 }
 
-/// A running `walhoard daemon`; killed on drop.
-/// A daemon streaming a cluster's WAL into local storage with the default site settings
-/// (`DaemonDir::write_config` with nothing added), started.
+/// A daemon streaming a cluster's WAL into local storage with `DaemonDir::write_config`'s
+/// site settings (and what a test adds), started.
 pub struct LocalDaemon {
     pub d: DaemonDir,
-    /// The `object_storage` object of the configuration.
-    pub storage: Value,
     pub daemon: Daemon,
     pub store: ObjectStore,
 }
 
 impl LocalDaemon {
-    pub fn start(pg: &PgCluster) -> LocalDaemon {
+    /// Started with `site` merged into the site's settings.
+    pub fn with_site(pg: &PgCluster, site: Value) -> LocalDaemon {
         let d = DaemonDir::new();
         let storage = d.local_storage();
-        d.write_config(pg, storage.clone(), json!({}));
+        d.write_config(pg, storage.clone(), site);
         let daemon = Daemon::start(&d);
         let store = d.store(&storage);
-        LocalDaemon {
-            d,
-            storage,
-            daemon,
-            store,
-        }
+        LocalDaemon { d, daemon, store }
+    }
+
+    /// Starts one and waits until it created its slot: its directory, the daemon, the
+    /// archive and the segment the slot starts in.
+    pub fn streaming(pg: &PgCluster) -> (DaemonDir, Daemon, ObjectStore, String) {
+        LocalDaemon::streaming_with(pg, json!({}))
+    }
+
+    /// [`LocalDaemon::streaming`] with `site` merged into the site's settings.
+    pub fn streaming_with(pg: &PgCluster, site: Value) -> (DaemonDir, Daemon, ObjectStore, String) {
+        let LocalDaemon { d, daemon, store } = LocalDaemon::with_site(pg, site);
+        let first = wait_slot(pg, &daemon);
+        (d, daemon, store, first)
     }
 }
 
+/// Sets `extra`'s keys in the object `base` (a shallow merge).
+pub fn merge(base: &mut Value, extra: Value) {
+    if let (Some(base), Value::Object(extra)) = (base.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+}
+
+/// A running `walhoard daemon`; killed on drop.
 pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,

@@ -23,12 +23,7 @@ const NEWEST: &str = "xlog/000000010000000000000008";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_refuses_an_archive_of_another_cluster() {
     let pg = PgCluster::start().unwrap();
-    let primary: u64 = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let primary: u64 = crate::common::system_identifier(&pg);
     let d = DaemonDir::new();
     let archive = d.path("archive");
     unpack_pghoard_archive(&archive);
@@ -109,13 +104,12 @@ async fn daemon_refuses_an_archive_of_another_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_accepts_the_clusters_own_archive() {
     let pg = PgCluster::start().unwrap();
-    let l = LocalDaemon::start(&pg);
-    wait_slot(&pg, &l.daemon);
+    let (d, daemon, store, _) = LocalDaemon::streaming(&pg);
     let done = switch_segment(&pg);
-    wait_archived(&l.store, &done, Duration::from_secs(30), &l.daemon).await;
+    wait_archived(&store, &done, Duration::from_secs(30), &daemon).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args(["check", "--config"])
-        .arg(l.d.config_path())
+        .arg(d.config_path())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -124,5 +118,5 @@ async fn check_accepts_the_clusters_own_archive() {
             .any(|line| line.starts_with("ok") && line.contains("archive owner")),
         "{text}"
     );
-    assert!(!l.d.alert_dir().join("foreign_archive_main").exists());
+    assert!(!d.alert_dir().join("foreign_archive_main").exists());
 }

@@ -23,7 +23,7 @@ use walhoard_testkit::PgCluster;
 
 use crate::daemon_support::{switch_segment, DaemonDir};
 use crate::restore::{
-    assert_not_a_data_dir, get_basebackup, insert, primary, start_promoted, stderr, Primary,
+    assert_not_a_data_dir, get_basebackup, insert, primary, restore_and_promote, stderr, Primary,
     CHECKSUM,
 };
 
@@ -88,17 +88,8 @@ else:
 "#;
 
 fn rohmu(args: &[&std::ffi::OsStr]) {
-    let out = Command::new(rohmu_python())
-        .arg("-c")
-        .arg(ROHMU)
-        .args(args)
-        .output()
-        .expect("run rohmu");
-    assert!(
-        out.status.success(),
-        "rohmu failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new(rohmu_python());
+    crate::common::output_ok(cmd.arg("-c").arg(ROHMU).args(args), "rohmu");
 }
 
 /// A key pair, and a scratch directory holding the public half for rohmu.
@@ -414,8 +405,8 @@ async fn pghoa1_wal_restore_command_serves_pghoard_segment() {
     let output = pg_wal.path().join("RECOVERYXLOG");
     let restore = |xlog: &str| {
         Command::new(env!("CARGO_BIN_EXE_walhoard"))
-            .args(["postgres-command", "--mode", "restore", "--site", "main"])
-            .args(["--xlog", xlog, "--output"])
+            .args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
             .arg(&output)
             .arg("--config")
             .arg(d.config_path())
@@ -555,9 +546,7 @@ async fn pghoa1_archive_restores_basebackup_and_replays_wal() {
 
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("restored");
-    let out = get_basebackup(&d, &target, &["--restore-to-primary"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let restored = start_promoted(&target);
+    let restored = restore_and_promote(&d, &target, &["--restore-to-primary"]);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
     drop(restored);
 
@@ -592,12 +581,7 @@ async fn pghoa1_archive_restores_basebackup_and_replays_wal() {
 async fn pghoa1_archive_identity_reads_pghoard_encrypted_segment() {
     use walhoard::daemon::identity::archive_identity;
     let pg = PgCluster::start().unwrap();
-    let sysid: u64 = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let sysid: u64 = crate::common::system_identifier(&pg);
     let seg = switch_segment(&pg);
     let plain = std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
     let k = Keys::new();

@@ -9,8 +9,9 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::daemon_support::DaemonDir;
-use crate::restore::{get_basebackup, readable_by_server, start_promoted, stderr};
+use crate::common::list_basebackups;
+use crate::daemon_support::{merge, DaemonDir};
+use crate::restore::{get_basebackup, start_promoted, stderr};
 use crate::retention::{unpack_pghoard_archive, PGHOARD_SITE};
 
 const LOCAL_TAR: &str = "2026-12-04_20-38_0";
@@ -20,44 +21,27 @@ const BASIC: &str = "2026-12-04_20-39_0";
 /// them archived by pghoard (segments 2 to 8).
 const FIXTURE_ROWS: &str = "1400";
 
+/// The site a pghoard user keeps for its archive (site prefix `pgsite`, local storage, no
+/// encryption, a node nothing connects to) with `extra` set.
+pub(crate) fn pghoard_site(d: &DaemonDir, extra: serde_json::Value) -> serde_json::Value {
+    let mut site = json!({
+        "prefix": PGHOARD_SITE,
+        "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+        "object_storage": d.local_storage(),
+    });
+    merge(&mut site, extra);
+    site
+}
+
 /// A walhoard configuration for pghoard's archive as a pghoard user keeps it: site prefix
 /// `pgsite`, local storage, no encryption; a node nothing connects to.
 fn pghoard_archive() -> DaemonDir {
     let d = DaemonDir::new();
     unpack_pghoard_archive(&d.path("archive"));
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {"main": {
-            "prefix": PGHOARD_SITE,
-            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-            "object_storage": d.local_storage(),
-        }},
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    readable_by_server(&d);
+    d.write_sites(json!({"main": pghoard_site(&d, json!({}))}));
     // pghoard's local storage wrote its objects 0600: the server's user runs restore_command.
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
     d
-}
-
-fn list(d: &DaemonDir) -> serde_json::Value {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args([
-            "restore",
-            "list-basebackups",
-            "--site",
-            "main",
-            "--json",
-            "--config",
-        ])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "list-basebackups: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn restore_and_count(d: &DaemonDir, name: &str) {
@@ -84,7 +68,7 @@ fn restore_and_count(d: &DaemonDir, name: &str) {
 #[test]
 fn pghoard_basebackups_list_with_sizes_lsns_and_timeline() {
     let d = pghoard_archive();
-    let list = list(&d);
+    let list = list_basebackups(&d.config_path());
     let by_name = |n: &str| {
         list.as_array()
             .unwrap()
@@ -180,21 +164,11 @@ fn pghoard_encrypted_archive() -> DaemonDir {
     crate::retention::unpack_fixture(&format!("{ENC_TS_DIR}/archive.tar.zst"), &d.path("archive"));
     let keys: serde_json::Value =
         serde_json::from_slice(&std::fs::read(format!("{ENC_TS_DIR}/key.json")).unwrap()).unwrap();
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {"main": {
-            "prefix": PGHOARD_SITE,
-            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-            "object_storage": d.local_storage(),
-            "encryption_key_id": "k1",
-            "encryption_keys": keys,
-        }},
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    readable_by_server(&d);
+    let site = pghoard_site(
+        &d,
+        json!({"encryption_key_id": "k1", "encryption_keys": keys}),
+    );
+    d.write_sites(json!({ "main": site }));
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
     d
 }
@@ -202,7 +176,7 @@ fn pghoard_encrypted_archive() -> DaemonDir {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_pghoard_encrypted_local_tar_backup_with_a_tablespace() {
     let d = pghoard_encrypted_archive();
-    let list = list(&d);
+    let list = list_basebackups(&d.config_path());
     let backups = list.as_array().unwrap();
     assert_eq!(backups.len(), 1, "{list:#}");
     assert_eq!(backups[0]["encryption_key_id"], "k1", "{list:#}");

@@ -29,12 +29,7 @@ fn local_tar_backup() -> Backup {
         .setting("wal_keep_size", "'1GB'")
         .start()
         .unwrap();
-    let ts = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts.display()
-    ))
-    .unwrap();
+    crate::common::create_tablespace(&pg, "ts1");
     pg.psql("create table r (id bigserial primary key, batch text, v text) tablespace ts1")
         .unwrap();
     insert(&pg, "ts", 20_000);

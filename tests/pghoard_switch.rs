@@ -15,9 +15,8 @@ use walhoard::config::ObjectStorageConfig;
 use walhoard::storage::ObjectStore;
 
 use crate::daemon_support::{switch_segment, wait_archived, Daemon, DaemonDir};
-use crate::restore::{
-    get_basebackup, insert, readable_by_server, start_promoted, stderr, take_basebackup, CHECKSUM,
-};
+use crate::pghoard_restore::pghoard_site;
+use crate::restore::{get_basebackup, insert, start_promoted, stderr, take_basebackup, CHECKSUM};
 use crate::retention::{read_tree, unpack_pghoard_archive, PGHOARD_SITE};
 
 /// pghoard's local-tar backup in the fixture, by the name pghoard lists it under.
@@ -28,20 +27,11 @@ const FIXTURE_ROWS: &str = "1400";
 /// The configuration a pghoard user keeps: site prefix `pgsite`, local storage, no
 /// encryption; `node` is where the daemon streams from.
 fn write_config(d: &DaemonDir, node: serde_json::Value) {
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {"main": {
-            "prefix": PGHOARD_SITE,
-            "nodes": [node],
-            "object_storage": d.local_storage(),
-            "basebackup_interval_hours": null,
-        }},
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    readable_by_server(d);
+    let site = pghoard_site(
+        d,
+        json!({"nodes": [node], "basebackup_interval_hours": null}),
+    );
+    d.write_sites(json!({ "main": site }));
 }
 
 /// Restores `args` into a fresh directory, starts it, and returns (fixture rows, checksum of
@@ -194,58 +184,31 @@ async fn pghoard_moved_from_site_lists_restores_and_serves_wal() {
     unpack_pghoard_archive(&d.path("archive"));
     let pghoards_objects = read_tree(&d.path("archive").join(PGHOARD_SITE));
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
-    let config = json!({
-        "backup_location": d.path("spool"),
-        "json_state_file_path": d.path("state.json"),
-        "alert_file_dir": d.alert_dir(),
-        "http_port": d.http_port,
-        "backup_sites": {
-            "old": {
-                "active": false,
-                "prefix": PGHOARD_SITE,
-                "object_storage": d.local_storage(),
-            },
-            "main": {
-                "prefix": "moved",
-                "moved_from": ["old"],
-                "pg_data_directory": d.path("pgdata"),
-                "basebackup_interval_hours": null,
-                "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
-                "object_storage": d.local_storage(),
-            },
+    d.write_sites(json!({
+        "old": {
+            "active": false,
+            "prefix": PGHOARD_SITE,
+            "object_storage": d.local_storage(),
         },
-    });
-    std::fs::write(d.config_path(), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    readable_by_server(&d);
+        "main": {
+            "prefix": "moved",
+            "moved_from": ["old"],
+            "pg_data_directory": d.path("pgdata"),
+            "basebackup_interval_hours": null,
+            "nodes": [{"host": "127.0.0.1", "port": 1, "user": "postgres"}],
+            "object_storage": d.local_storage(),
+        },
+    }));
 
     // The older site is inactive and has no node: `check` passes it (it failed with
     // "backup_sites.old.nodes is empty", though the daemon skips inactive sites).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
+    let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    check
         .args(["check", "--site", "old", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check --site old: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
+        .arg(d.config_path());
+    crate::common::output_ok(&mut check, "check --site old");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args([
-            "restore",
-            "list-basebackups",
-            "--site",
-            "main",
-            "--json",
-            "--config",
-        ])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "list-basebackups: {}", stderr(&out));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = crate::common::list_basebackups(&d.config_path());
     let names: Vec<(&str, &str)> = list
         .as_array()
         .unwrap()

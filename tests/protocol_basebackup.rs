@@ -5,31 +5,20 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions, ReplicationClient};
+use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions};
 use walhoard_testkit::{tool_path, PgCluster};
 
-use crate::common::{sh, socket_params};
+use crate::common::sh;
 
 #[tokio::test]
 async fn protocol_base_backup_with_tablespace() {
     let pg = PgCluster::start().unwrap();
-    let ts_dir = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts_dir.display()
-    ))
-    .unwrap();
+    let ts_dir = crate::common::create_tablespace(&pg, "ts1");
     pg.psql("create table in_ts tablespace ts1 as select g from generate_series(1, 10000) g")
         .unwrap();
-    let ts_oid = pg
-        .psql("select oid from pg_tablespace where spcname = 'ts1'")
-        .unwrap()
-        .trim()
-        .to_string();
+    let ts_oid = crate::common::query(&pg, "select oid from pg_tablespace where spcname = 'ts1'");
 
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = crate::common::replication_client(&pg).await;
     let opts = BaseBackupOptions {
         label: "walhoard test".into(),
         wal: true,

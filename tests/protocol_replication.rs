@@ -3,34 +3,25 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use walhoard_protocol::xlog::{page_magic_for, validate_pages};
+use walhoard_protocol::xlog::{page_magic_for, validate_pages, XLOG_BLCKSZ};
 use walhoard_protocol::{
     Lsn, PageExpectation, ReplicationClient, ReplicationEvent, SegmentId, SegmentSize,
     StandbyStatus, TimelineHistory, TimelineId,
 };
 use walhoard_testkit::PgCluster;
 
-use crate::common::{socket_params, wait_until};
-
-pub(crate) fn psql_lsn(pg: &PgCluster, sql: &str) -> Lsn {
-    pg.psql(sql).unwrap().trim().parse().unwrap()
-}
+use crate::common::{current_lsn, psql_lsn, replication_client, wait_until};
 
 #[tokio::test]
 async fn protocol_replication_commands() {
     let pg = PgCluster::start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     assert_eq!(c.server_major().unwrap(), pg.major);
 
     let id = c.identify_system().await.unwrap();
-    let sysid = pg
-        .psql("select system_identifier from pg_control_system()")
-        .unwrap();
-    assert_eq!(id.system_id.to_string(), sysid.trim());
+    assert_eq!(id.system_id, crate::common::system_identifier(&pg));
     assert_eq!(id.timeline, TimelineId(1));
-    assert!(id.xlogpos <= psql_lsn(&pg, "select pg_current_wal_lsn()"));
+    assert!(id.xlogpos <= current_lsn(&pg));
     assert_eq!(c.wal_segment_size().await.unwrap(), SegmentSize::DEFAULT);
     assert_eq!(c.show("max_wal_senders").await.unwrap(), "10");
 
@@ -91,10 +82,22 @@ pub(crate) async fn new_slot_start(c: &mut ReplicationClient, name: &str, seg: S
         .segment_start(seg)
 }
 
+/// What [`receive_until`] received and how.
+pub(crate) struct Received {
+    /// The WAL per segment number (zeros where nothing was received).
+    pub(crate) segments: BTreeMap<u64, Vec<u8>>,
+    /// XLogData messages that crossed a segment boundary.
+    pub(crate) crossings: usize,
+    /// XLogData payloads read straight off the socket.
+    pub(crate) direct_reads: usize,
+    /// Messages that did both: read directly while crossing into the next segment.
+    pub(crate) direct_crossings: usize,
+}
+
 /// Receives WAL from `start` until `target`, storing it per segment (split at segment
 /// boundaries, as a message may cross one), answering every reply request. With `direct`,
 /// payloads of at least that many bytes are read straight off the socket
-/// ([`ReplicationStream::receive_payloads_directly`]); returns how many were.
+/// ([`ReplicationStream::receive_payloads_directly`]).
 pub(crate) async fn receive_until(
     c: &mut ReplicationClient,
     slot: &str,
@@ -102,9 +105,9 @@ pub(crate) async fn receive_until(
     target: Lsn,
     seg: SegmentSize,
     direct: Option<usize>,
-) -> (BTreeMap<u64, Vec<u8>>, usize, usize) {
+) -> Received {
     let mut segments: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    let (mut crossings, mut direct_reads) = (0, 0);
+    let (mut crossings, mut direct_reads, mut direct_crossings) = (0, 0, 0);
     let mut stream = c
         .start_replication(Some(slot), start, Some(TimelineId(1)))
         .await
@@ -137,10 +140,14 @@ pub(crate) async fn receive_until(
                         left -= stream.read_payload(&mut data, left).await.unwrap();
                     }
                 }
+                let read_directly = rest > 0;
                 let mut at = wal_start;
                 let mut rest = &data[..];
                 if at.segment_number(seg) != (at + (data.len() as u64 - 1)).segment_number(seg) {
                     crossings += 1;
+                    if read_directly {
+                        direct_crossings += 1;
+                    }
                 }
                 while !rest.is_empty() {
                     let off = at.segment_offset(seg) as usize;
@@ -172,15 +179,20 @@ pub(crate) async fn receive_until(
     };
     stream.send_status(&s).await.unwrap();
     stream.stop().await.unwrap();
-    (segments, crossings, direct_reads)
+    Received {
+        segments,
+        crossings,
+        direct_reads,
+        direct_crossings,
+    }
 }
 
-/// Checks every complete segment received (below `target`) against pg_wal and its page
-/// headers; returns how many were compared.
+/// Checks every complete segment received (from `from` and below `target`) against pg_wal
+/// and its page headers; returns how many were compared.
 pub(crate) fn assert_matches_pg_wal(
     pg: &PgCluster,
     segments: &BTreeMap<u64, Vec<u8>>,
-    target: Lsn,
+    (from, target): (Lsn, Lsn),
     seg: SegmentSize,
     system_id: u64,
 ) -> usize {
@@ -193,7 +205,7 @@ pub(crate) fn assert_matches_pg_wal(
     let complete: Vec<u64> = segments
         .keys()
         .copied()
-        .filter(|s| (s + 1) * seg.bytes() <= target.0)
+        .filter(|s| s * seg.bytes() >= from.0 && (s + 1) * seg.bytes() <= target.0)
         .collect();
     for segno in &complete {
         let name = SegmentId::from_segno(TimelineId(1), *segno, seg).to_string();
@@ -211,9 +223,7 @@ pub(crate) fn assert_matches_pg_wal(
 #[tokio::test]
 async fn protocol_streamed_wal_matches_pg_wal() {
     let pg = PgCluster::start().unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     let id = c.identify_system().await.unwrap();
     let seg = c.wal_segment_size().await.unwrap();
     c.create_physical_slot("wh", true).await.unwrap();
@@ -234,23 +244,36 @@ async fn protocol_streamed_wal_matches_pg_wal() {
     )
     .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
-    let target = psql_lsn(&pg, "select pg_current_wal_lsn()");
+    let target = current_lsn(&pg);
     assert!(
         target.segment_number(seg) >= start.segment_number(seg) + 3,
         "test wrote too little WAL"
     );
 
-    let (segments, crossings, _) = receive_until(&mut c, "wh", start, target, seg, None).await;
-    let compared = assert_matches_pg_wal(&pg, &segments, target, seg, id.system_id);
+    let whole = receive_until(&mut c, "wh", start, target, seg, None).await;
+    let compared = assert_matches_pg_wal(&pg, &whole.segments, (start, target), seg, id.system_id);
     assert!(compared >= 3);
-    eprintln!("{compared} segments compared, {crossings} messages crossed a segment boundary");
-    // Again on a second slot, with every payload not yet whole read straight off the socket.
-    let (direct, _, direct_reads) =
-        receive_until(&mut c, "wh_direct", start, target, seg, Some(1)).await;
-    assert!(direct_reads > 0, "no payload was read directly");
+    // Again on a second slot, resumed one page into the first segment as after a reconnect,
+    // with every payload not yet whole read straight off the socket. The walsender sends
+    // WAL that is already flushed in MAX_SEND_SIZE pieces (16 pages) from where streaming
+    // starts (XLogSendPhysical in walsender.c): from a segment start they end exactly on
+    // every segment boundary, from one page further one piece straddles each boundary. So
+    // the receiver certainly reads a payload directly while it crosses into the next
+    // segment, at least at the two boundaries below `target` that lie a piece before it.
+    let resumed = start + XLOG_BLCKSZ as u64;
+    let direct = receive_until(&mut c, "wh_direct", resumed, target, seg, Some(1)).await;
+    assert!(direct.direct_reads > 0, "no payload was read directly");
+    // Every such piece is larger than the connection's read buffer, so each is read directly.
+    assert!(
+        direct.crossings >= 2 && direct.direct_crossings >= 2,
+        "{} messages crossed a segment boundary, {} of them read directly",
+        direct.crossings,
+        direct.direct_crossings
+    );
+    // The first segment was received from its second page only.
     assert_eq!(
-        assert_matches_pg_wal(&pg, &direct, target, seg, id.system_id),
-        compared
+        assert_matches_pg_wal(&pg, &direct.segments, (resumed, target), seg, id.system_id),
+        compared - 1
     );
 
     // The final status update moved the slot: restart_lsn follows the reported flush position.
@@ -269,9 +292,7 @@ async fn protocol_keepalive_reply_keeps_connection() {
         .setting("wal_sender_timeout", "'2s'")
         .start()
         .unwrap();
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     let seg = c.wal_segment_size().await.unwrap();
     let start = new_slot_start(&mut c, "ka", seg).await;
     let mut stream = c.start_replication(Some("ka"), start, None).await.unwrap();
@@ -322,9 +343,7 @@ async fn protocol_end_of_timeline_after_promotion() {
     pg.promote_to_new_timeline().unwrap();
     pg.psql("create table after_switch as select 2").unwrap();
 
-    let mut c = ReplicationClient::connect(&socket_params(&pg))
-        .await
-        .unwrap();
+    let mut c = replication_client(&pg).await;
     let id = c.identify_system().await.unwrap();
     assert_eq!(id.timeline, TimelineId(2));
     let seg = c.wal_segment_size().await.unwrap();

@@ -93,8 +93,8 @@ async fn protocol_tls_modes() {
     pg.psql("create table t as select g, repeat(md5(g::text), 16) as pad from generate_series(1, 30000) g")
         .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
-    let target = crate::protocol_replication::psql_lsn(&pg, "select pg_current_wal_lsn()");
-    let (segments, _, direct) = crate::protocol_replication::receive_until(
+    let target = crate::common::current_lsn(&pg);
+    let received = crate::protocol_replication::receive_until(
         &mut repl,
         "tls",
         start,
@@ -103,11 +103,11 @@ async fn protocol_tls_modes() {
         Some(16 * 1024),
     )
     .await;
-    assert!(direct > 0, "no payload was read directly");
+    assert!(received.direct_reads > 0, "no payload was read directly");
     let compared = crate::protocol_replication::assert_matches_pg_wal(
         &pg,
-        &segments,
-        target,
+        &received.segments,
+        (start, target),
         seg,
         id.system_id,
     );

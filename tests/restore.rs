@@ -86,6 +86,20 @@ pub(crate) fn get_basebackup(d: &DaemonDir, target: &Path, args: &[&str]) -> Out
         .unwrap()
 }
 
+/// Restore flags for a copy that ends recovery as a primary of its own.
+pub(crate) const PROMOTED_PRIMARY: [&str; 3] = [
+    "--restore-to-primary",
+    "--recovery-target-action",
+    "promote",
+];
+
+/// Restores into `target` with `args`, which must succeed, and starts it promoted.
+pub(crate) fn restore_and_promote(d: &DaemonDir, target: &Path, args: &[&str]) -> PgCluster {
+    let out = get_basebackup(d, target, args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    start_promoted(target)
+}
+
 /// Starts PostgreSQL on a restored directory and waits until recovery ended (promoted).
 pub(crate) fn start_promoted(data: &Path) -> PgCluster {
     start_promoted_with(PgCluster::builder(), data)
@@ -178,32 +192,19 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
     pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "b2", 3_000);
     std::thread::sleep(Duration::from_millis(300));
-    let time = pg
-        .psql("select clock_timestamp()")
-        .unwrap()
-        .trim()
-        .to_string();
+    let time = crate::common::query(pg, "select clock_timestamp()");
     let want_time = pg.psql(CHECKSUM).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     pgbench(pg, &["-n", "-c", "2", "-t", "300"]);
     insert(pg, "c", 3_000);
-    let lsn = pg
-        .psql("select pg_current_wal_insert_lsn()")
-        .unwrap()
-        .trim()
-        .to_string();
+    let lsn = crate::common::query(pg, "select pg_current_wal_insert_lsn()");
     let want_lsn = pg.psql(CHECKSUM).unwrap();
     insert(pg, "d", 40_000);
     let want_latest = pg.psql(CHECKSUM).unwrap();
     p.archive_all().await;
 
     // The listing shows the backup, as JSON and as a table.
-    let out = walhoard(
-        &["restore", "list-basebackups", "--json", "--config"],
-        &[&p.d.config_path()],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = crate::common::list_basebackups(&p.d.config_path());
     assert_eq!(list[0]["name"], p.backup.as_str());
     assert_eq!(list[0]["compression"], "zstd");
     assert_eq!(list[0]["encryption_key_id"], "k1");
@@ -229,13 +230,7 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
         let out = get_basebackup(
             &p.d,
             &target,
-            &[
-                flag,
-                value,
-                "--restore-to-primary",
-                "--recovery-target-action",
-                "promote",
-            ],
+            &[&[flag, value][..], &PROMOTED_PRIMARY].concat(),
         );
         assert!(out.status.success(), "{flag}: {}", stderr(&out));
         let conf = std::fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
@@ -257,13 +252,11 @@ async fn restore_pitr_to_name_xid_time_lsn_and_latest() {
     // Latest, with the primary gone: everything committed before the last switch is there.
     p.pg.stop().unwrap();
     let target = work.path().join("latest");
-    let out = get_basebackup(
+    let restored = restore_and_promote(
         &p.d,
         &target,
         &["--basebackup", "latest", "--restore-to-primary"],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let restored = start_promoted(&target);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want_latest);
 }
 
@@ -289,17 +282,9 @@ async fn restore_command_exit_codes_prefetch_and_daemon_api() {
     let cfg_path = p.d.config_path();
     let run = |xlog: &str, daemon: bool| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
-        c.args([
-            "postgres-command",
-            "--mode",
-            "restore",
-            "--site",
-            "main",
-            "--xlog",
-            xlog,
-            "--output",
-        ])
-        .arg(&output);
+        c.args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
+            .arg(&output);
         if daemon {
             c.args(["--port", &p.d.http_port.to_string()]);
         } else {
@@ -501,38 +486,33 @@ async fn restore_bad_inputs_fail_cleanly() {
     std::fs::write(p.d.config_path(), good.to_string()).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_standby_catches_up_from_archive_then_streams() {
-    let p = primary(json!({})).await;
-    insert(&p.pg, "after-backup", 10_000);
-    p.archive_all().await;
-    let work = tempfile::tempdir().unwrap();
-    let target = work.path().join("standby");
+/// Restores `p`'s backup into `target` as a standby of `p` (`--primary-conninfo` naming
+/// `application_name`), starts it and waits until it streams from `p`.
+fn restore_streaming_standby(p: &Primary, target: &Path, application_name: &str) -> PgCluster {
     let conninfo = format!(
-        "host={} port={} user=postgres application_name=restored_standby",
+        "host={} port={} user=postgres application_name={application_name}",
         p.pg.socket_dir().display(),
         p.pg.port
     );
-    let out = get_basebackup(&p.d, &target, &["--primary-conninfo", &conninfo]);
+    let out = get_basebackup(&p.d, target, &["--primary-conninfo", &conninfo]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(target.join("standby.signal").exists());
-    let standby = PgCluster::builder().start_on(&target).unwrap();
+    let standby = PgCluster::builder().start_on(target).unwrap();
+    let streaming = format!("select count(*) from pg_stat_replication where application_name = '{application_name}' and state = 'streaming'");
     assert!(
-        wait_until(Duration::from_secs(60), || {
-            p
+        wait_until(Duration::from_secs(60), || p
             .pg
-            .psql("select count(*) from pg_stat_replication where application_name = 'restored_standby' and state = 'streaming'")
-            .is_ok_and(|r| r.trim() == "1")
-        }),
+            .psql(&streaming)
+            .is_ok_and(|r| r.trim() == "1")),
         "the standby does not stream: {}",
         standby.log()
     );
-    assert!(
-        standby.log().contains("restored log file"),
-        "{}",
-        standby.log()
-    );
-    insert(&p.pg, "streamed", 100);
+    standby
+}
+
+/// Inserts `rows` rows of `batch` on `p` and waits until `standby` has replayed them.
+fn insert_and_wait_replayed(p: &Primary, standby: &PgCluster, batch: &str, rows: u32) {
+    insert(&p.pg, batch, rows);
     let want = p.pg.psql(CHECKSUM).unwrap();
     assert!(
         wait_until(Duration::from_secs(30), || standby
@@ -540,6 +520,22 @@ async fn restore_standby_catches_up_from_archive_then_streams() {
             .is_ok_and(|c| c == want)),
         "the standby did not catch up"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_standby_catches_up_from_archive_then_streams() {
+    let p = primary(json!({})).await;
+    insert(&p.pg, "after-backup", 10_000);
+    p.archive_all().await;
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("standby");
+    let standby = restore_streaming_standby(&p, &target, "restored_standby");
+    assert!(
+        standby.log().contains("restored log file"),
+        "{}",
+        standby.log()
+    );
+    insert_and_wait_replayed(&p, &standby, "streamed", 100);
     assert_eq!(
         standby.psql("select pg_is_in_recovery()").unwrap().trim(),
         "t"
@@ -561,32 +557,8 @@ async fn restore_to_primary_of_a_standby_backup_ends_recovery() {
     p.archive_all().await;
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("standby");
-    let conninfo = format!(
-        "host={} port={} user=postgres application_name=bb_standby",
-        p.pg.socket_dir().display(),
-        p.pg.port
-    );
-    let out = get_basebackup(&p.d, &target, &["--primary-conninfo", &conninfo]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let standby = PgCluster::builder().start_on(&target).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            p
-            .pg
-            .psql("select count(*) from pg_stat_replication where application_name = 'bb_standby' and state = 'streaming'")
-            .is_ok_and(|r| r.trim() == "1")
-        }),
-        "the standby does not stream: {}",
-        standby.log()
-    );
-    insert(&p.pg, "before-standby-backup", 10_000);
-    let want = p.pg.psql(CHECKSUM).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(30), || standby
-            .psql(CHECKSUM)
-            .is_ok_and(|c| c == want)),
-        "the standby did not catch up"
-    );
+    let standby = restore_streaming_standby(&p, &target, "bb_standby");
+    insert_and_wait_replayed(&p, &standby, "before-standby-backup", 10_000);
 
     // A second configuration: the same archive and keys, the standby as its node.
     let d2 = DaemonDir::new();
@@ -614,13 +586,7 @@ async fn restore_to_primary_of_a_standby_backup_ends_recovery() {
     let out = get_basebackup(
         &d2,
         &restored,
-        &[
-            "--basebackup",
-            &name,
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ],
+        &[&["--basebackup", &name][..], &PROMOTED_PRIMARY].concat(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     // What the backup carried (the standby's own files), and what the restore left of it.
@@ -679,19 +645,15 @@ async fn restore_pitr_across_a_timeline_switch() {
     .await;
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("tli");
-    let out = get_basebackup(
+    let restored = restore_and_promote(
         &p.d,
         &target,
         &[
-            "--recovery-target-name",
-            "on_tli2",
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ],
+            &["--recovery-target-name", "on_tli2"][..],
+            &PROMOTED_PRIMARY,
+        ]
+        .concat(),
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let restored = start_promoted(&target);
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
     let tli: u32 = restored
         .psql("select timeline_id from pg_control_checkpoint()")
@@ -707,12 +669,7 @@ async fn restore_pitr_across_a_timeline_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_local_tar_with_remapped_tablespace() {
     let pg = cluster();
-    let ts = pg.scratch_dir("ts1").unwrap();
-    pg.psql(&format!(
-        "create tablespace ts1 location '{}'",
-        ts.display()
-    ))
-    .unwrap();
+    crate::common::create_tablespace(&pg, "ts1");
     pg.psql("create table r (id bigserial primary key, batch text, v text) tablespace ts1")
         .unwrap();
     insert(&pg, "ts", 20_000);
@@ -738,11 +695,7 @@ async fn restore_local_tar_with_remapped_tablespace() {
         ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let oid = pg
-        .psql("select oid from pg_tablespace where spcname = 'ts1'")
-        .unwrap()
-        .trim()
-        .to_string();
+    let oid = crate::common::query(&pg, "select oid from pg_tablespace where spcname = 'ts1'");
     assert_eq!(
         std::fs::read_link(target.join("pg_tblspc").join(&oid)).unwrap(),
         new_ts
@@ -809,17 +762,7 @@ async fn restore_server_compressed_basebackup() {
     p.archive_all().await;
     let want = p.pg.psql(CHECKSUM).unwrap();
     let target = work.path().join("restored");
-    let out = get_basebackup(
-        &p.d,
-        &target,
-        &[
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let copy = start_promoted(&target);
+    let copy = restore_and_promote(&p.d, &target, &PROMOTED_PRIMARY);
     assert_eq!(copy.psql(CHECKSUM).unwrap(), want);
 }
 

@@ -105,16 +105,8 @@ impl Archive {
         let _ = std::fs::remove_file(&output);
         std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
             .current_dir(data)
-            .args([
-                "postgres-command",
-                "--mode",
-                "restore",
-                "--site",
-                "main",
-                "--xlog",
-                xlog,
-            ])
-            .arg("--output")
+            .args(crate::common::RESTORE_COMMAND)
+            .args([xlog, "--output"])
             .arg(&output)
             .arg("--config")
             .arg(config)
@@ -312,11 +304,7 @@ async fn restore_stops_instead_of_promoting_early_when_a_sidecar_is_missing() {
     let data = target.path().join("data");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
         .args(["restore", "get-basebackup", "--site", "main"])
-        .args([
-            "--restore-to-primary",
-            "--recovery-target-action",
-            "promote",
-        ])
+        .args(crate::restore::PROMOTED_PRIMARY)
         .arg("--config")
         .arg(d.config_path())
         .arg("--target-dir")

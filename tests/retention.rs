@@ -253,6 +253,33 @@ async fn retention_keeps_every_object_pghoard_wrote() {
     });
 }
 
+/// Applies retention to site `s`, which must delete no backup; how many WAL segments it
+/// deleted.
+async fn retention_keeping_every_backup(
+    store: &ObjectStore,
+    site: &walhoard::config::SiteConfig,
+) -> usize {
+    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(store, "s", site)
+        .await
+        .unwrap();
+    assert!(deleted.is_empty(), "{deleted:?}");
+    wal
+}
+
+/// Site `s` in local storage under `dir`, with the site settings `counts` (JSON members, the
+/// basebackup counts): its configuration and its store.
+fn local_site(dir: &Path, counts: &str) -> (walhoard::config::SiteConfig, ObjectStore) {
+    let text = format!(
+        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
+            {counts},
+            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
+        dir.display()
+    );
+    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
+    let store = walhoard::settings::open_store(&config, "s").unwrap();
+    (config.backup_sites["s"].clone(), store)
+}
+
 /// A forged archive in local storage (no server needed: retention reads only the store):
 /// walhoard's backups B1 (start segment 3) and B2 (start 5), WAL segments 1-6, an object
 /// under `basebackup/` that neither walhoard nor pghoard wrote and whose start is unknown, and
@@ -260,15 +287,10 @@ async fn retention_keeps_every_object_pghoard_wrote() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
-            "basebackup_count": 2, "basebackup_count_min": 2,
-            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
-        dir.path().display()
+    let (site, store) = local_site(
+        dir.path(),
+        r#""basebackup_count": 2, "basebackup_count_min": 2"#,
     );
-    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
-    let site = config.backup_sites["s"].clone();
-    let store = walhoard::settings::open_store(&config, "s").unwrap();
     let put = |key: String, pairs: Vec<(&'static str, String)>| {
         let store = store.clone();
         async move {
@@ -313,10 +335,7 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     for seg in 1..=6 {
         put(format!("xlog/00000001000000000000000{seg}"), vec![]).await;
     }
-    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
-        .await
-        .unwrap();
-    assert!(deleted.is_empty(), "{deleted:?}");
+    let wal = retention_keeping_every_backup(&store, &site).await;
     assert_eq!(
         wal, 0,
         "WAL deleted although a kept backup's start is unknown"
@@ -328,18 +347,9 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     // Once both are gone, WAL before b1's start goes (b1 and b2 are both kept at count 2).
     store.delete("basebackup/unknown").await.unwrap();
     store.delete("basebackup/b0").await.unwrap();
-    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
-        .await
-        .unwrap();
-    assert!(deleted.is_empty(), "{deleted:?}");
+    let wal = retention_keeping_every_backup(&store, &site).await;
     assert_eq!(wal, 2);
-    let left: Vec<String> = store
-        .list("xlog")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let left = crate::common::keys(&store, "xlog").await;
     assert_eq!(
         left.first().map(String::as_str),
         Some("xlog/000000010000000000000003")
@@ -352,15 +362,7 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_and_scheduling_survive_a_damaged_basebackup_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
-            "basebackup_count": 1,
-            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
-        dir.path().display()
-    );
-    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
-    let site = config.backup_sites["s"].clone();
-    let store = walhoard::settings::open_store(&config, "s").unwrap();
+    let (site, store) = local_site(dir.path(), r#""basebackup_count": 1"#);
     let mut meta = walhoard::storage::Metadata::new();
     meta.insert("backup-name".into(), "b1".into());
     meta.insert(
@@ -385,10 +387,7 @@ async fn retention_and_scheduling_survive_a_damaged_basebackup_entry() {
         .unwrap();
     let names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, ["b1"]);
-    let (deleted, wal) = walhoard::daemon::basebackups::apply_retention(&store, "s", &site)
-        .await
-        .unwrap();
-    assert!(deleted.is_empty(), "{deleted:?}");
+    let wal = retention_keeping_every_backup(&store, &site).await;
     assert_eq!(
         wal, 0,
         "WAL deleted although a damaged entry's start is unknown"
@@ -409,15 +408,7 @@ async fn retention_and_scheduling_survive_a_damaged_basebackup_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_only_the_chunks_walhoard_wrote() {
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"{{"backup_location": "{0}/spool", "backup_sites": {{"s": {{"nodes": ["host=/tmp"],
-            "basebackup_count": 1,
-            "object_storage": {{"storage_type": "local", "directory": "{0}/archive"}}}}}}}}"#,
-        dir.path().display()
-    );
-    let config = walhoard::config::Config::parse(&text, "t.json").unwrap();
-    let site = config.backup_sites["s"].clone();
-    let store = walhoard::settings::open_store(&config, "s").unwrap();
+    let (site, store) = local_site(dir.path(), r#""basebackup_count": 1"#);
     for (name, seg, time) in [
         ("b1", "000000010000000000000003", "2026-01-01T00:00:00Z"),
         ("b2", "000000010000000000000005", "2026-01-02T00:00:00Z"),
@@ -447,13 +438,7 @@ async fn retention_deletes_only_the_chunks_walhoard_wrote() {
         .await
         .unwrap();
     assert_eq!(deleted, ["b1"]);
-    let left: Vec<String> = store
-        .list("basebackup_chunk")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let left = crate::common::keys(&store, "basebackup_chunk").await;
     assert_eq!(
         left,
         [

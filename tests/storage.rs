@@ -113,13 +113,7 @@ pub(crate) async fn exercise(store: &ObjectStore, big: usize) {
         store.stat("xlog/000000010000000000000004").await.unwrap(),
         None
     );
-    let keys: Vec<String> = store
-        .list("xlog")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let keys = crate::common::keys(store, "xlog").await;
     assert_eq!(keys, vec!["xlog/000000010000000000000003"]);
     assert!(store.list("basebackup").await.unwrap().is_empty());
 
@@ -300,13 +294,7 @@ async fn storage_s3_outage_retries_and_alerts() {
     let mut server = S3Server::start("archive").unwrap();
     let store = ObjectStore::open(&s3_config(&server, SECRET_KEY), "site1").unwrap();
     let alerts = tempfile::tempdir().unwrap();
-    let policy = RetryPolicy {
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_millis(400),
-        warning_limit: 3,
-        alert_dir: Some(alerts.path().to_path_buf()),
-        max_attempts: None,
-    };
+    let policy = crate::common::alerting_retry_policy(alerts.path());
     server.stop();
     let alert = alerts.path().join(UPLOAD_RETRIES_WARNING);
     let data = payload(100_000);

@@ -54,13 +54,7 @@ async fn storage_azure_round_trip_blocks_and_native_metadata() {
     // Uncommitted blocks of a broken upload are never visible.
     upload_breaks_midway(&store, 3 << 20).await;
     assert_eq!(
-        store
-            .list("xlog")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|o| o.key)
-            .collect::<Vec<_>>(),
+        crate::common::keys(&store, "xlog").await,
         vec!["xlog/00000001000000000000000A"]
     );
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use walhoard::storage::retry::{RetryPolicy, UPLOAD_RETRIES_WARNING};
+use walhoard::storage::retry::UPLOAD_RETRIES_WARNING;
 use walhoard::storage::ObjectStore;
 use walhoard_testkit::s3::{S3Server, SECRET_KEY};
 
@@ -46,13 +46,7 @@ async fn storage_s3_outage_mid_multipart_upload() {
         .with_chunk_size(5 << 20);
     let alerts = tempfile::tempdir().unwrap();
     let alert = alerts.path().join(UPLOAD_RETRIES_WARNING);
-    let policy = RetryPolicy {
-        initial_backoff: Duration::from_millis(100),
-        max_backoff: Duration::from_millis(400),
-        warning_limit: 3,
-        alert_dir: Some(alerts.path().to_path_buf()),
-        max_attempts: None,
-    };
+    let policy = crate::common::alerting_retry_policy(alerts.path());
     let key = "basebackup/2026-11-24_0";
     let data = Arc::new(payload(20 << 20));
     let attempts = Arc::new(AtomicUsize::new(0));

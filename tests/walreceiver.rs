@@ -13,7 +13,7 @@ use walhoard_walreceiver::{
     run, ReceiverConfig, ReceiverEvent, ReceiverPositions, SegmentBuffers, SpoolSync,
 };
 
-use crate::common::{socket_params, wait_until};
+use crate::common::{current_lsn, psql_lsn, socket_params, wait_until};
 
 struct Running {
     events: mpsc::Receiver<ReceiverEvent>,
@@ -25,6 +25,14 @@ struct Running {
     /// read-back of its spool file, otherwise some are handed on in memory.
     buffers: usize,
     _spool: tempfile::TempDir,
+}
+
+impl Running {
+    /// Cancels the receiver, which must then end without an error.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
 }
 
 fn start(pg: &PgCluster) -> Running {
@@ -87,19 +95,8 @@ async fn next_event(r: &mut Running) -> ReceiverEvent {
 }
 
 fn slot_restart(pg: &PgCluster) -> Lsn {
-    pg.psql("select restart_lsn from pg_replication_slots where slot_name = 'walhoard'")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn current_lsn(pg: &PgCluster) -> Lsn {
-    pg.psql("select pg_current_wal_lsn()")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let sql = "select restart_lsn from pg_replication_slots where slot_name = 'walhoard'";
+    psql_lsn(pg, sql)
 }
 
 /// Segments the receiver completed, checked against pg_wal as they arrive.
@@ -263,8 +260,7 @@ async fn walreceiver_slot_waits_for_archive_and_resumes() {
         == archived_end));
     assert!(r.positions.borrow().received_lsn >= archived_end);
 
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,8 +339,7 @@ async fn walreceiver_follows_timeline_switch() {
         target.segment().unwrap().tli,
         walhoard_protocol::TimelineId(2)
     );
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,8 +359,7 @@ async fn walreceiver_64mb_segments() {
     for path in got.values() {
         assert_eq!(std::fs::metadata(path).unwrap().len(), 64 << 20);
     }
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,8 +386,7 @@ async fn walreceiver_survives_server_restart() {
         disconnects >= 1,
         "the server restarted but no disconnect was reported"
     );
-    r.cancel.cancel();
-    r.task.await.unwrap().unwrap();
+    r.stop().await;
 }
 
 /// `SpoolSync::Auto`: a server whose slots keep all WAL (`max_slot_wal_keep_size = -1`, the
@@ -441,7 +434,6 @@ async fn walreceiver_spool_written_only_when_the_slot_may_lose_wal() {
             }
         }
         assert!(seen >= 2, "{seen} segments");
-        r.cancel.cancel();
-        r.task.await.unwrap().unwrap();
+        r.stop().await;
     }
 }

@@ -13,17 +13,7 @@ cd "$(dirname "$0")/.."
 majors=${WALHOARD_TEST_MAJORS-13 14 16 17 18}
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
-apt_updated=
-need_pkg() { # need_pkg <command-or-path> <debian package>
-  if ! command -v "$1" >/dev/null 2>&1 && [ ! -e "$1" ]; then
-    if [ "$(id -u)" != 0 ]; then
-      echo "missing $1: install Debian package $2 (needs root)" >&2; exit 1
-    fi
-    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
-    echo "== installing $2"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-  fi
-}
+. tools/need-pkg.sh
 need_pkg /usr/lib/postgresql/15/bin/postgres postgresql-15
 need_pkg openssl openssl
 need_pkg tar tar

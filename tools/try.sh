@@ -15,17 +15,7 @@ repo=$(pwd)
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
 
-apt_updated=
-need_pkg() { # need_pkg <command-or-path> <debian package>, as tools/test.sh
-  if ! command -v "$1" >/dev/null 2>&1 && [ ! -e "$1" ]; then
-    if [ "$(id -u)" != 0 ]; then
-      echo "missing $1: install Debian package $2 (needs root)" >&2; exit 1
-    fi
-    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
-    echo "installing $2"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-  fi
-}
+. tools/need-pkg.sh
 
 step "1. prerequisites: PostgreSQL 15 (Debian package), cargo"
 need_pkg /usr/lib/postgresql/15/bin/postgres postgresql-15

@@ -42,6 +42,17 @@ impl fmt::Display for ServerError {
 }
 
 impl ServerError {
+    /// An error without detail or hint, as a fake server or a test sends it.
+    pub fn new(severity: &str, code: &str, message: &str) -> Self {
+        ServerError {
+            severity: severity.into(),
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
     /// Class 28: invalid authorization specification (wrong password, no pg_hba entry...).
     pub fn is_auth_failure(&self) -> bool {
         self.code.starts_with("28")
@@ -142,13 +153,7 @@ mod tests {
     use super::*;
 
     fn server(code: &str) -> Error {
-        Error::Server(ServerError {
-            severity: "FATAL".into(),
-            code: code.into(),
-            message: "m".into(),
-            detail: None,
-            hint: None,
-        })
+        Error::Server(ServerError::new("FATAL", code, "m"))
     }
 
     #[test]

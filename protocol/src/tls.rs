@@ -84,7 +84,10 @@ pub(crate) fn client_config(params: &ConnectParams) -> Result<Option<Arc<ClientC
             )))
         }
         (SslMode::Prefer | SslMode::Require | SslMode::Disable | SslMode::Allow, None)
-        | (SslMode::Prefer, _) => Arc::new(AcceptAnyCert(provider.clone())),
+        | (SslMode::Prefer, _) => Arc::new(RelaxedVerifier {
+            provider: provider.clone(),
+            chain: None,
+        }),
         (_, Some(root)) => {
             let roots = Arc::new(load_roots(&root)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
@@ -93,7 +96,10 @@ pub(crate) fn client_config(params: &ConnectParams) -> Result<Option<Arc<ClientC
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
-                Arc::new(AnyHostName(webpki))
+                Arc::new(RelaxedVerifier {
+                    provider: provider.clone(),
+                    chain: Some(webpki),
+                })
             }
         }
     };
@@ -129,61 +135,16 @@ pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>> {
         .map_err(|e| Error::Config(format!("invalid TLS server name {host:?}: {e}")))
 }
 
-/// `sslmode=require`/`prefer`: encryption without authenticating the server (libpq's
-/// behaviour); handshake signatures are still verified.
+/// The server checks libpq makes below `verify-full`: none (`sslmode=require`/`prefer`:
+/// encryption without authenticating the server) or, with `chain`, the chain to a trusted
+/// root under any host name (`verify-ca`). Handshake signatures are verified either way.
 #[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct RelaxedVerifier {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
 }
 
-/// `sslmode=verify-ca`: the chain must verify; the name in the certificate may be anything.
-#[derive(Debug)]
-struct AnyHostName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyHostName {
+impl ServerCertVerifier for RelaxedVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -192,10 +153,10 @@ impl ServerCertVerifier for AnyHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -203,13 +164,15 @@ impl ServerCertVerifier for AnyHostName {
         }
     }
 
+    // The WebPKI verifier checks signatures with the same provider's algorithms.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -218,10 +181,13 @@ impl ServerCertVerifier for AnyHostName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

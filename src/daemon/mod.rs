@@ -137,13 +137,7 @@ impl Generation {
             let backup_requests = backup_tx;
             // Opened now, so that a `moved_from` site the API cannot read fails the start
             // rather than answering "not found" for WAL it holds.
-            let mut older = Vec::new();
-            for o in &site.moved_from {
-                let theirs = all
-                    .get(o)
-                    .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
-                older.push(crate::restore::OlderSite::open(name, theirs)?);
-            }
+            let older = crate::restore::older_sites(name, &site.moved_from, |o| Ok(all.get(o)))?;
             sites.by_name.insert(
                 name.clone(),
                 SiteHandle {

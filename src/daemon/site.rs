@@ -178,6 +178,11 @@ impl SiteWal {
             }
         });
         let mut seg_size: Option<SegmentSize> = None;
+        // Archiving fails only when uploads are aborted (the daemon stops): streaming ends.
+        let archive = |name, path, data, end, key_state| {
+            self.archiver
+                .archive(name, path, data, end, &tracker, &abort, key_state)
+        };
         while let Some(ev) = events.recv().await {
             match ev {
                 ReceiverEvent::Connected {
@@ -209,21 +214,15 @@ impl SiteWal {
                     start,
                     data,
                 } => {
-                    let end = seg_size.map(|s| Lsn(start.0 + s.bytes()));
-                    if self
-                        .archiver
-                        .archive(name, path, data, end, &tracker, &abort, KeyState::New)
-                        .await
-                        .is_err()
-                    {
+                    let end = seg_size.map(|s| start + s.bytes());
+                    if archive(name, path, data, end, KeyState::New).await.is_err() {
                         break;
                     }
                 }
+                // A partial or history file may be stored already (a restart after its upload).
                 ReceiverEvent::TimelinePartial { name, path, .. }
                 | ReceiverEvent::History { name, path } => {
-                    if self
-                        .archiver
-                        .archive(name, path, None, None, &tracker, &abort, KeyState::MayExist)
+                    if archive(name, path, None, None, KeyState::MayExist)
                         .await
                         .is_err()
                     {
@@ -533,22 +532,17 @@ async fn resume_point(
         .filter(|n| n.ends_with(".history"))
         .cloned()
         .collect();
+    // A file left in the spool may be archived already (the crash came after its upload). A
+    // failed (aborted) upload ends the resume here.
+    let dir = &dir;
+    let archive_left = move |name, file: &str, end| {
+        let path = dir.join(file);
+        archiver.archive(name, path, None, end, tracker, abort, KeyState::MayExist)
+    };
     for h in histories {
         spool.remove(&h);
         let name: WalSegmentName = h.parse().map_err(|e| anyhow::anyhow!("{h}: {e}"))?;
-        if archiver
-            .archive(
-                name,
-                dir.join(&h),
-                None,
-                None,
-                tracker,
-                abort,
-                KeyState::MayExist,
-            )
-            .await
-            .is_err()
-        {
+        if archive_left(name, &h, None).await.is_err() {
             return Ok(lsn);
         }
     }
@@ -565,19 +559,7 @@ async fn resume_point(
         .collect();
     for (file, name) in below {
         spool.remove(&file);
-        if archiver
-            .archive(
-                name,
-                dir.join(&file),
-                None,
-                None,
-                tracker,
-                abort,
-                KeyState::MayExist,
-            )
-            .await
-            .is_err()
-        {
+        if archive_left(name, &file, None).await.is_err() {
             return Ok(lsn);
         }
     }
@@ -588,19 +570,7 @@ async fn resume_point(
         let file = name.to_string();
         if spool.remove(&file) {
             tracing::info!(segment = %file, "archiving a segment left in the spool");
-            if archiver
-                .archive(
-                    name,
-                    dir.join(&file),
-                    None,
-                    Some(end),
-                    tracker,
-                    abort,
-                    KeyState::MayExist,
-                )
-                .await
-                .is_err()
-            {
+            if archive_left(name, &file, Some(end)).await.is_err() {
                 return Ok(lsn);
             }
         } else {

@@ -68,6 +68,23 @@ impl OlderSite {
     }
 }
 
+/// The sites `name` was moved from (`moved_from`, in order), opened read-only; `settings_of`
+/// resolves a site name, and an unknown name or an unreadable store is an error naming the key.
+pub fn older_sites<S: std::borrow::Borrow<SiteSettings>>(
+    name: &str,
+    moved_from: &[String],
+    mut settings_of: impl FnMut(&str) -> Result<Option<S>>,
+) -> Result<Vec<OlderSite>> {
+    moved_from
+        .iter()
+        .map(|o| {
+            let theirs = settings_of(o)?
+                .with_context(|| format!("backup_sites.{name}.moved_from: no site {o:?}"))?;
+            OlderSite::open(name, theirs.borrow())
+        })
+        .collect()
+}
+
 impl RestoreSite {
     /// Loads `config_path` and opens `site` (optional when the configuration has one site).
     pub fn open(config_path: &Path, site: Option<&str>) -> Result<Self> {
@@ -79,13 +96,13 @@ impl RestoreSite {
         let keys = settings.keys()?;
         let config_path = std::path::absolute(config_path)
             .with_context(|| format!("absolute path of {}", config_path.display()))?;
-        let mut older = Vec::new();
-        for o in &settings.config.moved_from {
-            if !config.backup_sites.contains_key(o) {
-                bail!("backup_sites.{name}.moved_from: no site {o:?}");
-            }
-            older.push(OlderSite::open(&name, &SiteSettings::build(&config, o)?)?);
-        }
+        let older = older_sites(&name, &settings.config.moved_from, |o| {
+            config
+                .backup_sites
+                .contains_key(o)
+                .then(|| SiteSettings::build(&config, o))
+                .transpose()
+        })?;
         Ok(RestoreSite {
             name,
             config_path,

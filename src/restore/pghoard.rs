@@ -117,14 +117,39 @@ pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<Back
         })?
         .parse()
         .with_context(|| format!("{key}: original-file-size is not a number"))?;
+    let chunk = ChunkMeta {
+        chunk_filename: file.to_string(),
+        input_size: plain,
+        result_size: stored_size,
+        files: Vec::new(),
+        kind: ChunkKind::Data,
+        tablespace_oid: None,
+        hash: String::new(),
+        server_compressed: false,
+    };
     let start_seg = meta_str(m, meta::START_WAL_SEGMENT);
+    pghoard_backup(&key, m, start_seg, vec![chunk])
+}
+
+/// The description of a pghoard backup with `chunks` starting in segment `start_seg`, from
+/// what its object metadata `m` says (`key` names it in errors), as a `basic` backup: the
+/// fields only walhoard writes (end LSN, system identifier, tablespace map) are unknown and
+/// the WAL is not included; the local-tar layout sets what its own description adds.
+fn pghoard_backup(
+    key: &str,
+    m: &Metadata,
+    start_seg: String,
+    chunks: Vec<ChunkMeta>,
+) -> Result<BackupMetadata> {
     let pg_version: u32 = m
         .get(meta::PG_VERSION)
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{key}: no pg-version metadata"))?;
     Ok(BackupMetadata {
         backup_start_time: meta_str(m, meta::START_TIME),
-        backup_start_wal_segment: start_seg.clone(),
+        start_lsn: segment_start_lsn(&start_seg),
+        start_timeline: segment_timeline(&start_seg),
+        backup_start_wal_segment: start_seg,
         backup_end_time: meta_str(m, meta::END_TIME),
         backup_end_wal_segment: meta_str(m, meta::END_WAL_SEGMENT),
         pgdata: None,
@@ -132,20 +157,11 @@ pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<Back
         pghoard_version: "pghoard".into(),
         tablespaces: BTreeMap::new(),
         host: meta_str(m, "host"),
-        chunks: vec![ChunkMeta {
-            chunk_filename: file.to_string(),
-            input_size: plain,
-            result_size: stored_size,
-            files: Vec::new(),
-            kind: ChunkKind::Data,
-            tablespace_oid: None,
-            hash: String::new(),
-            server_compressed: false,
-        }],
+        total_size_plain: chunks.iter().map(|c| c.input_size).sum(),
+        total_size_enc: chunks.iter().map(|c| c.result_size).sum(),
+        chunks,
         format: FORMAT_PGHOARD_BASIC.into(),
-        start_lsn: segment_start_lsn(&start_seg),
         end_lsn: String::new(),
-        start_timeline: segment_timeline(&start_seg),
         end_timeline: 0,
         pg_version,
         system_identifier: None,
@@ -154,8 +170,6 @@ pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<Back
         wal_included: false,
         compression_algorithm: meta_str(m, meta::COMPRESSION_ALGORITHM),
         encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
-        total_size_plain: plain,
-        total_size_enc: stored_size,
         tablespace_map: String::new(),
     })
 }
@@ -200,40 +214,18 @@ pub fn bb_v2_metadata(key: &str, json: &[u8], m: &Metadata) -> Result<BackupMeta
     let end_seg = p
         .backup_end_wal_segment
         .unwrap_or_else(|| meta_str(m, meta::END_WAL_SEGMENT));
-    let pg_version: u32 = m
-        .get(meta::PG_VERSION)
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{key}: no pg-version metadata"))?;
+    let base = pghoard_backup(key, m, start_seg, chunks)?;
     Ok(BackupMetadata {
-        backup_start_time: p
-            .backup_start_time
-            .unwrap_or_else(|| meta_str(m, meta::START_TIME)),
-        backup_start_wal_segment: start_seg.clone(),
-        backup_end_time: p
-            .backup_end_time
-            .unwrap_or_else(|| meta_str(m, meta::END_TIME)),
-        backup_end_wal_segment: end_seg.clone(),
+        backup_start_time: p.backup_start_time.unwrap_or(base.backup_start_time),
+        backup_end_time: p.backup_end_time.unwrap_or(base.backup_end_time),
+        end_timeline: segment_timeline(&end_seg),
+        backup_end_wal_segment: end_seg,
         pgdata: p.pgdata,
-        pghoard_object: "basebackup".into(),
         pghoard_version: p.pghoard_version.unwrap_or_default(),
         tablespaces,
         host: p.host.unwrap_or_default(),
-        total_size_plain: chunks.iter().map(|c| c.input_size).sum(),
-        total_size_enc: chunks.iter().map(|c| c.result_size).sum(),
-        chunks,
         format: walhoard_basebackup::control::FORMAT_LOCAL_TAR.into(),
-        start_lsn: segment_start_lsn(&start_seg),
-        end_lsn: String::new(),
-        start_timeline: segment_timeline(&start_seg),
-        end_timeline: segment_timeline(&end_seg),
-        pg_version,
-        system_identifier: None,
-        basebackup_mode: meta_str(m, meta::BASEBACKUP_MODE),
-        active_backup_mode: meta_str(m, meta::ACTIVE_BACKUP_MODE),
-        wal_included: false,
-        compression_algorithm: meta_str(m, meta::COMPRESSION_ALGORITHM),
-        encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
-        tablespace_map: String::new(),
+        ..base
     })
 }
 

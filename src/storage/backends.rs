@@ -28,7 +28,7 @@ pub(super) fn operator(
 ) -> Result<Backend, StorageError> {
     // Registers the services and the HTTP transport (idempotent).
     opendal::install_default();
-    let (op, sidecar, kind, prefix) = match cfg {
+    Ok(match cfg {
         ObjectStorageConfig::Local { directory, prefix } => {
             if read_only {
                 if !directory.is_dir() {
@@ -55,12 +55,7 @@ pub(super) fn operator(
                 let tmp = directory.join(super::TEMP_DIR);
                 b = b.atomic_write_dir(tmp.to_str().unwrap_or(".walhoard-tmp"));
             }
-            (
-                Operator::new(b).map_err(err_config)?,
-                true,
-                StorageKind::Local,
-                prefix.clone(),
-            )
+            backend(b, StorageKind::Local, prefix.clone())?
         }
         ObjectStorageConfig::S3 {
             region,
@@ -80,16 +75,7 @@ pub(super) fn operator(
                 .disable_config_load()
                 .disable_ec2_metadata();
             if let Some(h) = host {
-                let scheme = if is_secure.unwrap_or(true) {
-                    "https"
-                } else {
-                    "http"
-                };
-                let endpoint = match port {
-                    Some(p) => format!("{scheme}://{h}:{p}"),
-                    None => format!("{scheme}://{h}"),
-                };
-                b = b.endpoint(&endpoint);
+                b = b.endpoint(&host_endpoint(*is_secure, h, *port));
             }
             if let Some(k) = aws_access_key_id {
                 b = b.access_key_id(k);
@@ -100,12 +86,7 @@ pub(super) fn operator(
             if let Some(t) = aws_session_token {
                 b = b.session_token(t);
             }
-            (
-                Operator::new(b).map_err(err_config)?,
-                false,
-                StorageKind::S3,
-                prefix.clone(),
-            )
+            backend(b, StorageKind::S3, prefix.clone())?
         }
         ObjectStorageConfig::Google {
             bucket_name,
@@ -133,26 +114,12 @@ pub(super) fn operator(
                 ));
             }
             if let Some(h) = host {
-                let scheme = if is_secure.unwrap_or(true) {
-                    "https"
-                } else {
-                    "http"
-                };
-                let endpoint = match port {
-                    Some(p) => format!("{scheme}://{h}:{p}"),
-                    None => format!("{scheme}://{h}"),
-                };
-                b = b.endpoint(&endpoint);
+                b = b.endpoint(&host_endpoint(*is_secure, h, *port));
                 if credential_file.is_none() && credentials.is_none() {
                     b = b.skip_signature().disable_config_load();
                 }
             }
-            (
-                Operator::new(b).map_err(err_config)?,
-                false,
-                StorageKind::Google,
-                prefix.clone(),
-            )
+            backend(b, StorageKind::Google, prefix.clone())?
         }
         ObjectStorageConfig::Azure {
             account_name,
@@ -166,11 +133,7 @@ pub(super) fn operator(
             prefix,
             ..
         } => {
-            let scheme = if is_secure.unwrap_or(true) {
-                "https"
-            } else {
-                "http"
-            };
+            let scheme = scheme(*is_secure);
             // As pghoard (rohmu) builds its connection string: a custom host means an
             // Azurite-style endpoint that carries the account as the first path segment.
             let endpoint = match (host, port) {
@@ -191,12 +154,7 @@ pub(super) fn operator(
             if let Some(t) = sas_token {
                 b = b.sas_token(t);
             }
-            (
-                Operator::new(b).map_err(err_config)?,
-                false,
-                StorageKind::Azure,
-                prefix.clone(),
-            )
+            backend(b, StorageKind::Azure, prefix.clone())?
         }
         ObjectStorageConfig::Swift {
             auth_url,
@@ -207,12 +165,7 @@ pub(super) fn operator(
             let b = opendal::services::Swift::default()
                 .endpoint(auth_url)
                 .container(container_name);
-            (
-                Operator::new(b).map_err(err_config)?,
-                false,
-                StorageKind::Swift,
-                prefix.clone(),
-            )
+            backend(b, StorageKind::Swift, prefix.clone())?
         }
         ObjectStorageConfig::Sftp {
             server,
@@ -247,18 +200,40 @@ pub(super) fn operator(
                 }
                 other => other.clone(),
             };
-            (
-                Operator::new(b).map_err(err_config)?,
-                true,
-                StorageKind::Sftp,
-                prefix,
-            )
+            backend(b, StorageKind::Sftp, prefix)?
         }
-    };
+    })
+}
+
+/// The operator `b` builds, for a store of `kind` under `prefix`.
+fn backend(
+    b: impl opendal::Builder,
+    kind: StorageKind,
+    prefix: Option<String>,
+) -> Result<Backend, StorageError> {
     Ok(Backend {
-        op,
-        sidecar,
+        op: Operator::new(b).map_err(err_config)?,
+        // The stores without object metadata of their own (pghoard's local and sftp).
+        sidecar: matches!(kind, StorageKind::Local | StorageKind::Sftp),
         kind,
         prefix,
     })
+}
+
+/// `http` or `https` as `is_secure` says (pghoard's default: secure).
+fn scheme(is_secure: Option<bool>) -> &'static str {
+    if is_secure.unwrap_or(true) {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// The endpoint URL of a custom S3 or GCS `host`.
+fn host_endpoint(is_secure: Option<bool>, host: &str, port: Option<u16>) -> String {
+    let scheme = scheme(is_secure);
+    match port {
+        Some(p) => format!("{scheme}://{host}:{p}"),
+        None => format!("{scheme}://{host}"),
+    }
 }

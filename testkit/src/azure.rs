@@ -5,10 +5,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Child, Command};
+use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// Azurite's published development account and key (not a secret).
 pub const ACCOUNT: &str = "devstoreaccount1";
@@ -17,23 +17,13 @@ pub const ACCOUNT_KEY: &str =
 
 /// The azurite-blob launcher: `WALHOARD_AZURITE`, else the cache.
 pub fn azurite_path() -> Result<PathBuf> {
-    let p = std::env::var_os("WALHOARD_AZURITE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            crate::cache_dir()
-                .join("azurite")
-                .join("node_modules")
-                .join(".bin")
-                .join("azurite-blob")
-        });
-    if !p.exists() {
-        bail!(
-            "azurite-blob not found at {}; run tools/test.sh (or npm install --prefix {} azurite@3.35.0)",
-            p.display(),
-            crate::cache_dir().join("azurite").display()
-        );
-    }
-    Ok(p)
+    let dir = crate::cache_dir().join("azurite");
+    let install = format!(
+        "run tools/test.sh (or npm install --prefix {} azurite@3.35.0)",
+        dir.display()
+    );
+    let default = dir.join("node_modules").join(".bin").join("azurite-blob");
+    crate::server::program("WALHOARD_AZURITE", default, &install)
 }
 
 /// A running Azurite blob service; stopped on drop. `stop`/`resume` simulate an outage.
@@ -49,9 +39,7 @@ impl AzuriteServer {
         let dir = tempfile::Builder::new()
             .prefix("walhoard-azurite-")
             .tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = crate::server::free_port()?;
         let mut s = AzuriteServer {
             dir,
             port,
@@ -64,9 +52,10 @@ impl AzuriteServer {
 
     /// Starts (again) on the same port and data directory.
     pub fn resume(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir.path().join("azurite.log"))?;
-        let child = Command::new(azurite_path()?)
-            .args(["--blobHost", "127.0.0.1", "--blobPort"])
+        let log_path = self.dir.path().join("azurite.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = Command::new(azurite_path()?);
+        cmd.args(["--blobHost", "127.0.0.1", "--blobPort"])
             .arg(self.port.to_string())
             .arg("--location")
             .arg(self.dir.path().join("data"))
@@ -79,28 +68,13 @@ impl AzuriteServer {
                 "--disableProductStyleUrl",
                 "--silent",
             ])
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn azurite-blob")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("azurite-blob exited with {status}: {}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("azurite-blob did not listen on port {}", self.port);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+            .current_dir(self.dir.path());
+        let what = "azurite-blob";
+        let child = self
+            .child
+            .insert(crate::server::spawn_logged(&mut cmd, log, what)?);
+        let limit = Duration::from_secs(30);
+        crate::server::wait_listening(child, self.port, limit, what, &log_path)
     }
 
     /// Azurite's output, for failure messages.

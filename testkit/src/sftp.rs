@@ -8,12 +8,13 @@
 //! `/etc/ssh/ssh_config.d/walhoard-test-<port>.conf`, for the host alias [`SftpServer::host`]
 //! (known_hosts file in the temp directory), and removes it on drop. That needs root.
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use crate::server::run;
 
 const SSHD: &str = "/usr/sbin/sshd";
 const SSH_CONFIG_DIR: &str = "/etc/ssh/ssh_config.d";
@@ -26,21 +27,6 @@ pub struct SftpServer {
     pub username: String,
     child: Option<Child>,
     ssh_config: PathBuf,
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// sshd's privilege separation needs its empty directory and the `sshd` user (the Debian
@@ -93,9 +79,7 @@ impl SftpServer {
         std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys"))?;
         std::fs::create_dir(d.join("data"))?;
         let username = run(Command::new("id").arg("-un"))?.trim().to_string();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = crate::server::free_port()?;
         let host_key = std::fs::read_to_string(d.join("host_key.pub"))?;
         let alias = format!("walhoard-sftp-{port}");
         std::fs::write(d.join("known_hosts"), format!("{alias} {host_key}"))?;
@@ -170,30 +154,16 @@ impl SftpServer {
 
     /// Starts (again) on the same port.
     pub fn resume(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.dir.path().join("sshd.log"))?;
-        let child = Command::new(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(self.dir.path().join("sshd_config"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawn sshd")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("sshd exited with {status}: {}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("sshd did not listen on port {}: {}", self.port, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log_path = self.dir.path().join("sshd.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = Command::new(SSHD);
+        cmd.args(["-D", "-e", "-f"])
+            .arg(self.dir.path().join("sshd_config"));
+        let child = self
+            .child
+            .insert(crate::server::spawn_logged(&mut cmd, log, "sshd")?);
+        let limit = Duration::from_secs(20);
+        crate::server::wait_listening(child, self.port, limit, "sshd", &log_path)?;
         Ok(())
     }
 

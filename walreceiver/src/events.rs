@@ -116,13 +116,7 @@ mod tests {
     use walhoard_protocol::ServerError;
 
     fn server(code: &str) -> ReceiverError {
-        ReceiverError::Pg(PgError::Server(ServerError {
-            severity: "FATAL".into(),
-            code: code.into(),
-            message: "m".into(),
-            detail: None,
-            hint: None,
-        }))
+        ReceiverError::Pg(PgError::Server(ServerError::new("FATAL", code, "m")))
     }
 
     /// The daemon raises pghoard's alert files from these: a refused pg_hba entry is a
