@@ -33,12 +33,13 @@ fn text(out: &Output) -> String {
 }
 
 fn cleanup(d: &DaemonDir, dry_run: bool) -> Value {
-    let mut args = vec!["archive-cleanup", "--site", "main", "--json"];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    cmd.args(["archive-cleanup", "--site", "main", "--json", "--config"])
+        .arg(d.config_path());
     if dry_run {
-        args.push("--dry-run");
+        cmd.arg("--dry-run");
     }
-    let out = walhoard(d, &args);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = crate::common::output_ok(&mut cmd, "archive-cleanup");
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
