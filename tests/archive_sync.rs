@@ -202,7 +202,9 @@ async fn archive_sync_repairs_objects_and_history_then_names_a_gap() {
     let (report, out) = archive_sync(&d, &["--no-verify"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(report.unwrap()["chain"], Value::Null);
-    // Asked to, it takes a new basebackup instead of failing (no daemon runs: taken here).
+    // Asked to, it asks the running daemon for a new basebackup instead of failing.
+    let mut daemon = Daemon::start(&d);
+    d.wait_http();
     let before = walhoard::restore::list_basebackups(&store).await.unwrap();
     let (report, out) = archive_sync(&d, &["--create-new-backup-on-failure"]);
     std::fs::rename(aside.path().join(gone), &in_pg_wal).unwrap();
@@ -212,6 +214,12 @@ async fn archive_sync_repairs_objects_and_history_then_names_a_gap() {
     let after = walhoard::restore::list_basebackups(&store).await.unwrap();
     assert_eq!(after.len(), before.len() + 1);
     assert!(after.iter().any(|b| b.name == new), "{report:#}");
+    assert!(
+        daemon.log_text().contains(new),
+        "the daemon did not take {new}:\n{}",
+        daemon.log_text()
+    );
+    daemon.terminate(Duration::from_secs(30));
     pg.stop().unwrap();
 }
 
