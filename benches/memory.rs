@@ -10,8 +10,8 @@ use walhoard::config::ObjectStorageConfig;
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
 use walhoard::pipeline::encryption::{generate_key_pair, KeyRing, PrivateKey, PublicKey};
 use walhoard::pipeline::hash::HashAlgorithm;
-use walhoard::pipeline::transfer::{download_file, upload_file, UploadEncryption};
-use walhoard::storage::{Metadata, ObjectStore};
+use walhoard::pipeline::transfer::{download_file, upload, Source, Upload, UploadEncryption};
+use walhoard::storage::ObjectStore;
 
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -60,14 +60,15 @@ fn main() {
         };
         let before = vm_hwm_kib();
         let started = std::time::Instant::now();
-        upload_file(
+        upload(
             &store,
-            "basebackup/big",
-            &src,
-            settings,
-            Some(enc),
-            HashAlgorithm::Sha1,
-            Metadata::new(),
+            Upload::wal(
+                "basebackup/big",
+                Source::File(src.to_path_buf()),
+                settings,
+                Some(enc),
+                HashAlgorithm::Sha1,
+            ),
         )
         .await
         .unwrap();

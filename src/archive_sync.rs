@@ -46,7 +46,7 @@ use crate::archive_cleanup::DIVERGED_SUFFIX;
 use crate::config::Config;
 use crate::daemon::archiver::{wal_key, Existing, UploadContext};
 use crate::daemon::identity;
-use crate::pipeline::transfer::upload_bytes;
+use crate::pipeline::transfer::Source;
 use crate::settings::SiteSettings;
 use crate::storage::retry::with_retries;
 use crate::storage::ObjectStore;
@@ -263,19 +263,10 @@ async fn move_aside(store: &ObjectStore, key: &str) -> Result<String> {
 /// Uploads `data` as `key` through the pipeline, under the site's retry policy.
 async fn upload(ctx: &UploadContext, key: &str, data: Bytes) -> Result<()> {
     with_retries(&ctx.retry, key, || {
-        upload_bytes(
-            &ctx.store,
-            key,
-            data.clone(),
-            ctx.compression,
-            ctx.encryption.clone(),
-            ctx.hash_algorithm,
-            ctx.base_metadata.clone(),
-        )
+        ctx.upload_source(key, Source::bytes(data.clone()))
     })
     .await
-    .with_context(|| format!("upload {key}"))?;
-    Ok(())
+    .with_context(|| format!("upload {key}"))
 }
 
 /// Brings one file of `pg_wal` into the archive.

@@ -120,7 +120,8 @@ async fn fetch(site: &Site, name: &str, work: &Path) -> (BackupMetadata, PathBuf
         &site.ring,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .to_map();
     let json = sh(&format!("tar -xOf {} {METADATA_MEMBER}", control.display()));
     let meta: BackupMetadata = serde_json::from_str(&json).unwrap();
     assert_eq!(objmeta["format"], meta.format);

@@ -674,14 +674,25 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
         switch_segment(&pg);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // Retention ran after the third: exactly the two newest are listed, the oldest's chunks
-    // are gone.
+    // Retention runs after each stored backup (the "stored:" line comes first, so wait for
+    // it): at most the two newest are listed, the oldest's chunks are gone.
     let taken = backups_taken(&daemon);
-    let listed = walhoard::daemon::basebackups::list_backups(&store)
-        .await
-        .unwrap();
+    let listed = loop {
+        let listed = walhoard::daemon::basebackups::list_backups(&store)
+            .await
+            .unwrap();
+        if listed.len() <= 2 {
+            break listed;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention kept {} backups of basebackup_count 2; log:\n{}",
+            listed.len(),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let listed_names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
-    assert!(listed.len() <= 2, "{listed_names:?}");
     assert!(
         !listed_names.contains(&taken[0].as_str()),
         "{listed_names:?} {taken:?}"
@@ -715,16 +726,43 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
         "{state}"
     );
 
-    // maintenance_mode_file: no new scheduled backups.
+    // maintenance_mode_file: no new scheduled backups. One may be running when the file
+    // appears; it finishes, and after it none starts (two intervals and more).
     std::fs::write(d.path("maintenance_mode_file"), b"").unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = backups_taken(&daemon).len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while backups_started(&daemon) > backups_taken(&daemon).len() + backups_failed(&daemon) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a basebackup never finished; log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = backups_started(&daemon);
+    assert!(before >= 3, "no \"starting basebackup\" lines to count");
     tokio::time::sleep(Duration::from_secs(16)).await;
     assert_eq!(
-        backups_taken(&daemon).len(),
+        backups_started(&daemon),
         before,
-        "backup taken in maintenance mode"
+        "backup started in maintenance mode; log:\n{}",
+        daemon.log_text()
     );
+}
+
+fn backups_started(daemon: &Daemon) -> usize {
+    daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("starting basebackup "))
+        .count()
+}
+
+fn backups_failed(daemon: &Daemon) -> usize {
+    daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("basebackup failed"))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

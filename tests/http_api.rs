@@ -251,14 +251,15 @@ async fn restore_wal_file_removes_its_temporary_file_when_the_rename_fails() {
     .unwrap();
     let history = t.path().join("00000002.history");
     std::fs::write(&history, "1\t0/3000000\tno recovery target specified\n").unwrap();
-    walhoard::pipeline::transfer::upload_file(
+    walhoard::pipeline::transfer::upload(
         &store,
-        "timeline/00000002.history",
-        &history,
-        CompressionSettings::new(Algorithm::Snappy),
-        None,
-        walhoard::pipeline::hash::HashAlgorithm::Sha1,
-        Default::default(),
+        walhoard::pipeline::transfer::Upload::wal(
+            "timeline/00000002.history",
+            walhoard::pipeline::transfer::Source::File(history.to_path_buf()),
+            CompressionSettings::new(Algorithm::Snappy),
+            None,
+            walhoard::pipeline::hash::HashAlgorithm::Sha1,
+        ),
     )
     .await
     .unwrap();

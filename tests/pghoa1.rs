@@ -323,7 +323,7 @@ async fn pghoa1_objects_pghoard_stored_restore_through_download() {
                 .await
                 .unwrap_or_else(|e| panic!("{key}: {e}"));
             assert!(std::fs::read(&out).unwrap() == plain, "{key}");
-            assert_eq!(metadata.get("encryption-key-id").unwrap(), "k1");
+            assert_eq!(metadata.encryption_key_id.as_deref(), Some("k1"));
             std::fs::remove_file(&out).unwrap();
         }
     }

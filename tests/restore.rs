@@ -329,19 +329,20 @@ async fn restore_command_exit_codes_prefetch_and_daemon_api() {
     assert!(stderr(&out).contains(&names[2]), "{}", stderr(&out));
     // A segment whose content belongs elsewhere (decrypts fine, wrong page addresses): 255.
     let fake = "000000010000000000000070";
-    walhoard::pipeline::transfer::upload_file(
+    walhoard::pipeline::transfer::upload(
         &p.store,
-        &format!("xlog/{fake}"),
-        &p.pg.wal_dir().join(&names[3]),
-        walhoard::pipeline::compression::CompressionSettings::new(
-            walhoard::pipeline::compression::Algorithm::Zstd,
+        walhoard::pipeline::transfer::Upload::wal(
+            format!("xlog/{fake}"),
+            walhoard::pipeline::transfer::Source::File(p.pg.wal_dir().join(&names[3])),
+            walhoard::pipeline::compression::CompressionSettings::new(
+                walhoard::pipeline::compression::Algorithm::Zstd,
+            ),
+            Some(walhoard::pipeline::transfer::UploadEncryption {
+                key_id: "k1".into(),
+                public: walhoard::pipeline::encryption::PublicKey::from_pem(&p.d.public).unwrap(),
+            }),
+            walhoard::pipeline::hash::HashAlgorithm::Sha1,
         ),
-        Some(walhoard::pipeline::transfer::UploadEncryption {
-            key_id: "k1".into(),
-            public: walhoard::pipeline::encryption::PublicKey::from_pem(&p.d.public).unwrap(),
-        }),
-        walhoard::pipeline::hash::HashAlgorithm::Sha1,
-        Default::default(),
     )
     .await
     .unwrap();

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
 use walhoard::pipeline::encryption::PublicKey;
 use walhoard::pipeline::hash::HashAlgorithm;
-use walhoard::pipeline::transfer::{upload_file, UploadEncryption};
+use walhoard::pipeline::transfer::{upload, Source, Upload, UploadEncryption};
 use walhoard::storage::ObjectStore;
 use walhoard_testkit::PgCluster;
 
@@ -41,14 +41,15 @@ async fn upload_wal(store: &ObjectStore, d: &DaemonDir, name: &str, path: &Path,
         key_id: "k1".into(),
         public: PublicKey::from_pem(&d.public).unwrap(),
     });
-    upload_file(
+    upload(
         store,
-        &format!("xlog/{name}"),
-        path,
-        CompressionSettings::new(Algorithm::Zstd),
-        encryption,
-        HashAlgorithm::Sha1,
-        Default::default(),
+        Upload::wal(
+            format!("xlog/{name}"),
+            Source::File(path.to_path_buf()),
+            CompressionSettings::new(Algorithm::Zstd),
+            encryption,
+            HashAlgorithm::Sha1,
+        ),
     )
     .await
     .unwrap();

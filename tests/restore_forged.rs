@@ -12,8 +12,8 @@ use serde_json::json;
 use walhoard::config::ObjectStorageConfig;
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
 use walhoard::pipeline::hash::HashAlgorithm;
-use walhoard::pipeline::transfer::upload_bytes;
-use walhoard::storage::{Metadata, ObjectStore};
+use walhoard::pipeline::transfer::{upload, Source, Upload};
+use walhoard::storage::ObjectStore;
 use walhoard_basebackup::control::{
     BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_STREAM, METADATA_MEMBER,
 };
@@ -69,14 +69,15 @@ impl Forge {
     }
 
     async fn put(&self, key: &str, data: Vec<u8>) {
-        upload_bytes(
+        upload(
             &self.store,
-            key,
-            data,
-            CompressionSettings::new(Algorithm::Zstd),
-            None,
-            HashAlgorithm::Sha1,
-            Metadata::new(),
+            Upload::wal(
+                key,
+                Source::bytes(data),
+                CompressionSettings::new(Algorithm::Zstd),
+                None,
+                HashAlgorithm::Sha1,
+            ),
         )
         .await
         .unwrap();

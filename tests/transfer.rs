@@ -2,7 +2,7 @@
 //! decompress → verify, on local storage, S3 (s3s-fs), Azure (Azurite) and SFTP (sshd), every
 //! codec, with and without encryption, small and larger than the upload part size; every
 //! hash algorithm checked against coreutils; tampered objects are rejected and leave no file.
-//! Every round trip is made twice: from a file and from memory (`upload_bytes`).
+//! Every round trip is made twice: from a file and from memory (`Source::Bytes`).
 
 use walhoard::config::ObjectStorageConfig;
 use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
@@ -10,8 +10,10 @@ use walhoard::pipeline::encryption::{
     generate_key_pair, Decryptor, KeyRing, PrivateKey, PublicKey,
 };
 use walhoard::pipeline::hash::HashAlgorithm;
-use walhoard::pipeline::transfer::{download_file, upload_bytes, upload_file, UploadEncryption};
-use walhoard::storage::{Metadata, ObjectStore};
+use walhoard::pipeline::transfer::{
+    download_file, upload, Hashing, Input, ObjectKind, Source, Upload, UploadEncryption,
+};
+use walhoard::storage::ObjectStore;
 use walhoard_testkit::azure::AzuriteServer;
 use walhoard_testkit::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
 use walhoard_testkit::sftp::SftpServer;
@@ -81,17 +83,20 @@ async fn round_trips(store: &ObjectStore, big: usize) {
             for encryption in [None, Some(enc.clone())] {
                 let key = format!("xlog/{size}-{algorithm}-{}", encryption.is_some());
                 let hash = hashes.next().unwrap();
-                let meta = upload_file(
+                let meta = upload(
                     store,
-                    &key,
-                    src,
-                    CompressionSettings::new(algorithm),
-                    encryption.clone(),
-                    hash,
-                    Metadata::new(),
+                    Upload::wal(
+                        &key,
+                        Source::File(src.to_path_buf()),
+                        CompressionSettings::new(algorithm),
+                        encryption.clone(),
+                        hash,
+                    ),
                 )
                 .await
-                .unwrap_or_else(|e| panic!("{} {key}: {e}", store.kind()));
+                .unwrap_or_else(|e| panic!("{} {key}: {e}", store.kind()))
+                .metadata
+                .to_map();
                 assert_eq!(meta["original-file-size"], data.len().to_string());
                 assert_eq!(meta["hash-algorithm"], hash.name());
                 let stored = store.stat(&key).await.unwrap().unwrap().size;
@@ -103,7 +108,12 @@ async fn round_trips(store: &ObjectStore, big: usize) {
                 }
                 let out = dir.path().join("restored");
                 let got = download_file(store, &key, &out, &ring).await.unwrap();
-                assert_eq!(got, meta, "{} {key}: metadata changed", store.kind());
+                assert_eq!(
+                    got.to_map(),
+                    meta,
+                    "{} {key}: metadata changed",
+                    store.kind()
+                );
                 assert!(
                     std::fs::read(&out).unwrap() == data,
                     "{} {key}: restored bytes differ",
@@ -125,17 +135,20 @@ async fn round_trips(store: &ObjectStore, big: usize) {
                 // The same bytes from memory (a segment the receiver handed on in its buffer;
                 // zstd compresses it in one call): the same metadata, the same bytes back.
                 let mem_key = format!("{key}-memory");
-                let mem_meta = upload_bytes(
+                let mem_meta = upload(
                     store,
-                    &mem_key,
-                    data.clone(),
-                    CompressionSettings::new(algorithm),
-                    encryption.clone(),
-                    hash,
-                    Metadata::new(),
+                    Upload::wal(
+                        &mem_key,
+                        Source::bytes(data.clone()),
+                        CompressionSettings::new(algorithm),
+                        encryption.clone(),
+                        hash,
+                    ),
                 )
                 .await
-                .unwrap_or_else(|e| panic!("{} {mem_key}: {e}", store.kind()));
+                .unwrap_or_else(|e| panic!("{} {mem_key}: {e}", store.kind()))
+                .metadata
+                .to_map();
                 assert_eq!(
                     mem_meta, meta,
                     "{mem_key}: metadata differs from the file's"
@@ -209,9 +222,14 @@ async fn transfer_hash_algorithm_recorded_and_verified() {
     let mut sha1_meta = None;
     for hash in HashAlgorithm::ALL {
         let key = format!("xlog/{hash}");
-        let meta = upload_file(&store, &key, &src, settings, None, hash, Metadata::new())
-            .await
-            .unwrap();
+        let meta = upload(
+            &store,
+            Upload::wal(&key, Source::File(src.to_path_buf()), settings, None, hash),
+        )
+        .await
+        .unwrap()
+        .metadata
+        .to_map();
         let oracle = crate::common::sh(&format!("{hash}sum {}", src.display()));
         assert_eq!(
             meta["hash"],
@@ -273,14 +291,15 @@ async fn transfer_rejects_tampered_objects() {
     let (enc, ring) = keys();
     for (name, encryption) in [("plain", None), ("encrypted", Some(enc))] {
         let key = format!("xlog/{name}");
-        upload_file(
+        upload(
             &store,
-            &key,
-            &src,
-            CompressionSettings::new(Algorithm::Zstd),
-            encryption,
-            HashAlgorithm::Sha1,
-            Metadata::new(),
+            Upload::wal(
+                &key,
+                Source::File(src.to_path_buf()),
+                CompressionSettings::new(Algorithm::Zstd),
+                encryption,
+                HashAlgorithm::Sha1,
+            ),
         )
         .await
         .unwrap();
@@ -337,25 +356,27 @@ async fn transfer_zstd_checksum_only_on_unencrypted_objects() {
             let key = format!("xlog/{name}-{from}");
             let zstd = CompressionSettings::new(Algorithm::Zstd);
             if from == "file" {
-                upload_file(
+                upload(
                     &store,
-                    &key,
-                    &src,
-                    zstd,
-                    encryption.clone(),
-                    HashAlgorithm::Sha1,
-                    Metadata::new(),
+                    Upload::wal(
+                        &key,
+                        Source::File(src.to_path_buf()),
+                        zstd,
+                        encryption.clone(),
+                        HashAlgorithm::Sha1,
+                    ),
                 )
                 .await
             } else {
-                upload_bytes(
+                upload(
                     &store,
-                    &key,
-                    data.clone(),
-                    zstd,
-                    encryption.clone(),
-                    HashAlgorithm::Sha1,
-                    Metadata::new(),
+                    Upload::wal(
+                        &key,
+                        Source::bytes(data.clone()),
+                        zstd,
+                        encryption.clone(),
+                        HashAlgorithm::Sha1,
+                    ),
                 )
                 .await
             }
@@ -402,29 +423,95 @@ async fn transfer_reports_the_store_failure_not_the_broken_pipe() {
     let src = dir.path().join("segment");
     std::fs::write(&src, wal_like(16 << 20)).unwrap();
     let settings = CompressionSettings::new(Algorithm::Snappy);
-    let err = upload_file(
+    let err = upload(
         &store,
-        "xlog/x",
-        &src,
-        settings,
-        None,
-        HashAlgorithm::Sha1,
-        Metadata::new(),
+        Upload::wal(
+            "xlog/x",
+            Source::File(src.to_path_buf()),
+            settings,
+            None,
+            HashAlgorithm::Sha1,
+        ),
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("PermissionDenied"), "{err}");
     let missing = dir.path().join("missing");
-    let err = upload_file(
+    let err = upload(
         &store,
-        "xlog/y",
-        &missing,
-        settings,
-        None,
-        HashAlgorithm::Sha1,
-        Metadata::new(),
+        Upload::wal(
+            "xlog/y",
+            Source::File(missing.to_path_buf()),
+            settings,
+            None,
+            HashAlgorithm::Sha1,
+        ),
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+}
+
+/// An `Upload` whose hash is to be recorded in metadata before the upload starts needs plain
+/// bytes known first: a produced or compressed stream is refused, naming the key, and nothing
+/// is stored. A returned SHA-1 is that of the bytes given, whatever the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_upload_hashing_follows_the_description() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, store_dir) = local_store(dir.path());
+    let data = wal_like(100_000);
+    let snappy = CompressionSettings::new(Algorithm::Snappy);
+    let recorded = |key: &str, source: Source, input: Input| Upload {
+        input,
+        ..Upload::wal(key, source, snappy, None, HashAlgorithm::Sha256)
+    };
+    let d = data.clone();
+    let produced = Source::produced(move |w| w.write_all(&d));
+    for (key, up) in [
+        (
+            "xlog/produced",
+            recorded("xlog/produced", produced, Input::Plain),
+        ),
+        (
+            "xlog/compressed",
+            recorded(
+                "xlog/compressed",
+                Source::bytes(data.clone()),
+                Input::Compressed,
+            ),
+        ),
+    ] {
+        let err = upload(&store, up).await.unwrap_err().to_string();
+        assert!(
+            err.contains(key) && err.contains("cannot be recorded"),
+            "{err}"
+        );
+        assert!(store.stat(key).await.unwrap().is_none(), "{key} stored");
+    }
+    let src = dir.path().join("segment");
+    std::fs::write(&src, &data).unwrap();
+    let oracle = crate::common::sh(&format!("sha1sum {}", src.display()));
+    let oracle = oracle.split_whitespace().next().unwrap();
+    for (name, source) in [
+        ("file", Source::File(src.clone())),
+        ("bytes", Source::bytes(data.clone())),
+    ] {
+        let key = format!("basebackup_chunk/b/{name}");
+        let up = upload(
+            &store,
+            Upload {
+                kind: ObjectKind::BasebackupChunk,
+                hashing: Hashing::Sha1Returned,
+                ..Upload::wal(&key, source, snappy, None, HashAlgorithm::Sha256)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(up.hash, oracle, "{name}");
+        assert_eq!(up.plain_size, data.len() as u64, "{name}");
+        let stored = std::fs::metadata(store_dir.join("site").join(&key)).unwrap();
+        assert_eq!(up.stored_size, stored.len(), "{name}");
+        // Returned only: the metadata records no plaintext hash.
+        assert_eq!(up.metadata.hash, None, "{name}");
+    }
 }

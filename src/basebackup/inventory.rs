@@ -25,8 +25,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use walhoard_protocol::{SegmentId, WalSegmentName};
 
-use crate::storage::meta;
-use crate::storage::{Metadata, ObjectInfo, ObjectStore};
+use crate::storage::meta::ObjectMeta;
+use crate::storage::{ObjectInfo, ObjectStore};
 
 /// How long a chunk directory without a control object must have been left unwritten before
 /// it counts as an interrupted backup's. A running backup (of this daemon, of another process
@@ -130,7 +130,10 @@ fn parse_time(s: &str) -> Option<f64> {
 
 /// The key's backup name and who wrote it, from the key and its metadata (`Err`: the
 /// metadata could not be read).
-pub fn classify(file: &str, metadata: &std::result::Result<Metadata, String>) -> (String, Writer) {
+pub fn classify(
+    file: &str,
+    metadata: &std::result::Result<ObjectMeta, String>,
+) -> (String, Writer) {
     if let Some(stem) = file.strip_suffix(PGHOARD_CONTROL_SUFFIX) {
         if !stem.is_empty() {
             return (stem.to_string(), Writer::Pghoard);
@@ -146,12 +149,12 @@ pub fn classify(file: &str, metadata: &std::result::Result<Metadata, String>) ->
             )
         }
     };
-    if m.get(meta::BACKUP_NAME).map(String::as_str) == Some(file) {
+    if m.backup_name.as_deref() == Some(file) {
         return (name, Writer::Walhoard);
     }
-    match m.get(meta::FORMAT) {
+    match &m.format {
         Some(f) if PGHOARD_FORMATS.contains(&f.as_str()) => (name, Writer::Pghoard),
-        None if m.contains_key(meta::START_WAL_SEGMENT) => (name, Writer::Pghoard),
+        None if m.start_wal_segment.is_some() => (name, Writer::Pghoard),
         Some(f) => (
             name,
             Writer::Unrecognised(format!(
@@ -186,15 +189,15 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
             });
             continue;
         }
-        let metadata = store.metadata(&o.key).await.map_err(|e| e.to_string());
+        let metadata = store.object_meta(&o.key).await.map_err(|e| e.to_string());
         let (name, writer) = classify(file, &metadata);
         let m = metadata.unwrap_or_default();
-        let start_wal_segment = m.get(meta::START_WAL_SEGMENT).cloned();
+        let start_wal_segment = m.start_wal_segment.clone();
         controls.push(Control {
             key: o.key.clone(),
             name,
             writer,
-            start_time: m.get(meta::START_TIME).and_then(|t| parse_time(t)),
+            start_time: m.start_time.as_deref().and_then(parse_time),
             modified: o.last_modified,
             start_segment: start_wal_segment
                 .as_deref()
@@ -258,8 +261,8 @@ async fn unlisted_state(
                 o.key
             )));
         }
-        match store.metadata(&o.key).await {
-            Ok(m) if m.get(meta::BACKUP_NAME).map(String::as_str) == Some(name) => {}
+        match store.object_meta(&o.key).await {
+            Ok(m) if m.backup_name.as_deref() == Some(name) => {}
             Ok(_) => {
                 return Ok(ChunkDirState::Foreign(format!(
                     "{} lacks walhoard's backup-name metadata (pghoard's or another tool's?)",
@@ -298,11 +301,12 @@ async fn unlisted_state(
 mod tests {
     use super::*;
 
-    fn meta(pairs: &[(&str, &str)]) -> std::result::Result<Metadata, String> {
-        Ok(pairs
+    fn meta(pairs: &[(&str, &str)]) -> std::result::Result<ObjectMeta, String> {
+        let m = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect())
+            .collect();
+        Ok(ObjectMeta::parse("basebackup/test", &m).unwrap())
     }
 
     #[test]

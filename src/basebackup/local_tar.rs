@@ -68,7 +68,7 @@ fn data_chunk(
         files,
         kind: ChunkKind::Data,
         tablespace_oid: None,
-        hash: up.sha1,
+        hash: up.hash,
         server_compressed: false,
     }
 }

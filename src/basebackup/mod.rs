@@ -31,12 +31,13 @@ use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::config::{BackupMode, BasebackupMode, Config, SiteConfig};
 use crate::pipeline::compression::CompressionSettings;
+use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{
-    upload_produced, upload_produced_as, Input, UploadEncryption, Uploaded,
+    upload, Hashing, Input, ObjectKind, Source, Upload, UploadEncryption, Uploaded,
 };
 use crate::settings::{Node, SiteSettings};
-use crate::storage::meta;
-use crate::storage::{Metadata, ObjectStore};
+use crate::storage::meta::ObjectMeta;
+use crate::storage::ObjectStore;
 
 /// A backup that is stored and listed.
 #[derive(Debug, Clone)]
@@ -146,11 +147,12 @@ impl BackupContext {
     }
 
     /// Metadata every object of this backup carries.
-    fn base_metadata(&self) -> Metadata {
-        let mut m = Metadata::new();
-        m.insert(meta::HOST.into(), self.host.clone());
-        m.insert(meta::BACKUP_NAME.into(), self.name.clone());
-        m
+    fn base_metadata(&self) -> ObjectMeta {
+        ObjectMeta {
+            host: Some(self.host.clone()),
+            backup_name: Some(self.name.clone()),
+            ..ObjectMeta::default()
+        }
     }
 
     /// Stores a chunk produced by `produce` under `basebackup_chunk/<name>/<file>`.
@@ -208,18 +210,22 @@ impl BackupContext {
         if let Ok(mut s) = self.stored.lock() {
             s.push(key.clone());
         }
-        let mut metadata = self.base_metadata();
-        if let Some(format) = format {
-            metadata.insert(meta::FORMAT.into(), format.into());
-        }
-        let uploaded = upload_produced_as(
+        let metadata = ObjectMeta {
+            format: format.map(str::to_string),
+            ..self.base_metadata()
+        };
+        let uploaded = upload(
             &self.store,
-            &key,
-            self.compression,
-            input,
-            self.encryption.clone(),
-            metadata,
-            produce,
+            Upload {
+                kind: ObjectKind::BasebackupChunk,
+                key: key.clone(),
+                source: Source::produced(produce),
+                input,
+                hashing: Hashing::Sha1Returned,
+                compression: self.compression,
+                encryption: self.encryption.clone(),
+                metadata,
+            },
         )
         .await
         .with_context(|| format!("store basebackup chunk {key}"))?;
@@ -241,42 +247,41 @@ impl BackupContext {
             tar.append_bytes(path, 0o600, mtime, data)?;
         }
         let body = tar.finish()?;
-        let hash = hex::encode(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
-            &body,
-        ));
-        let mut m = self.base_metadata();
-        for (k, v) in [
-            (meta::FORMAT, meta.format.clone()),
-            (
-                meta::START_WAL_SEGMENT,
-                meta.backup_start_wal_segment.clone(),
-            ),
-            (meta::START_TIME, meta.backup_start_time.clone()),
-            (meta::END_WAL_SEGMENT, meta.backup_end_wal_segment.clone()),
-            (meta::END_TIME, meta.backup_end_time.clone()),
-            (meta::START_LSN, meta.start_lsn.clone()),
-            (meta::END_LSN, meta.end_lsn.clone()),
-            (meta::START_TIMELINE, meta.start_timeline.to_string()),
-            (meta::PG_VERSION, meta.pg_version.to_string()),
-            (meta::ORIGINAL_FILE_SIZE, body.len().to_string()),
-            (meta::HASH, hash),
-            (meta::HASH_ALGORITHM, "sha1".into()),
-            (meta::TOTAL_SIZE_PLAIN, meta.total_size_plain.to_string()),
-            (meta::TOTAL_SIZE_ENC, meta.total_size_enc.to_string()),
-            (meta::BASEBACKUP_MODE, meta.basebackup_mode.clone()),
-            (meta::ACTIVE_BACKUP_MODE, meta.active_backup_mode.clone()),
-        ] {
-            m.insert(k.into(), v);
-        }
+        let lsn = |what: &str, l: &str| -> Result<Lsn> {
+            l.parse()
+                .with_context(|| format!("basebackup {}: {what} {l:?}", self.name))
+        };
+        let m = ObjectMeta {
+            format: Some(meta.format.clone()),
+            start_wal_segment: Some(meta.backup_start_wal_segment.clone()),
+            start_time: Some(meta.backup_start_time.clone()),
+            end_wal_segment: Some(meta.backup_end_wal_segment.clone()),
+            end_time: Some(meta.backup_end_time.clone()),
+            start_lsn: Some(lsn("start-lsn", &meta.start_lsn)?),
+            end_lsn: Some(lsn("end-lsn", &meta.end_lsn)?),
+            start_timeline: Some(meta.start_timeline),
+            pg_version: Some(meta.pg_version),
+            total_size_plain: Some(meta.total_size_plain),
+            total_size_enc: Some(meta.total_size_enc),
+            basebackup_mode: Some(meta.basebackup_mode.clone()),
+            active_backup_mode: Some(meta.active_backup_mode.clone()),
+            ..self.base_metadata()
+        };
         let key = format!("basebackup/{}", self.name);
-        upload_produced(
+        // pghoard's control objects record the SHA-1 of the tar (`original-file-size`,
+        // `hash`, `hash-algorithm`), whatever the site's hash_algorithm.
+        upload(
             &self.store,
-            &key,
-            self.compression,
-            self.encryption.clone(),
-            m,
-            move |w| w.write_all(&body),
+            Upload {
+                kind: ObjectKind::BasebackupControl,
+                key: key.clone(),
+                source: Source::bytes(body),
+                input: Input::Plain,
+                hashing: Hashing::Recorded(HashAlgorithm::Sha1),
+                compression: self.compression,
+                encryption: self.encryption.clone(),
+                metadata: m,
+            },
         )
         .await
         .with_context(|| format!("store basebackup control object {key}"))

@@ -166,7 +166,7 @@ impl OpenChunk {
                     .with_context(|| format!("{}: the server's stream did not end", self.file))?;
                 (size, hash, true)
             }
-            None => (up.plain_size, up.sha1, false),
+            None => (up.plain_size, up.hash, false),
         };
         Ok(ChunkMeta {
             chunk_filename: rel,

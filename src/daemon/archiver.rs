@@ -13,246 +13,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Backoff, Lsn, WalSegmentName};
 use walhoard_walreceiver::SegmentBuffer;
 
-use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
-use crate::pipeline::transfer::{upload_bytes, upload_file, TransferError, UploadEncryption};
-use crate::storage::meta;
-use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
-use crate::storage::{Metadata, ObjectStore, StorageError};
 
 use super::status::{Alerts, SiteStatus};
 
-/// Everything an upload needs, shared by a site's uploads.
-#[derive(Debug, Clone)]
-pub struct UploadContext {
-    pub site: String,
-    pub store: ObjectStore,
-    pub compression: CompressionSettings,
-    pub encryption: Option<UploadEncryption>,
-    /// The plaintext hash recorded in each object's metadata (`hash_algorithm`).
-    pub hash_algorithm: HashAlgorithm,
-    pub retry: RetryPolicy,
-    /// Bounds concurrent uploads (transfer.thread_count), shared by all of a daemon's sites.
-    pub upload_slots: Arc<Semaphore>,
-    /// Metadata every WAL object carries (pg-version, host).
-    pub base_metadata: Metadata,
-}
-
-/// The object key a WAL file is archived under, as pghoard lays them out.
-pub fn wal_key(name: &WalSegmentName) -> String {
-    match name {
-        WalSegmentName::History(_) => format!("timeline/{name}"),
-        _ => format!("xlog/{name}"),
-    }
-}
-
-impl UploadContext {
-    /// Uploads `path` (whose bytes `data` holds, when the receiver handed them on) as `key`
-    /// until it is stored or `cancel` fires: the one retry loop of WAL uploads. Every failure
-    /// is retried, a transient one (a lost connection, a throttled store) as a warning, any
-    /// other (refused credentials, a missing bucket, a full disk) as an error recorded in the
-    /// status: the WAL stays in the spool and in the slot until the store takes it. Waits
-    /// follow the site's [`RetryPolicy`] ([`Backoff`]: capped, jittered). Returns false when
-    /// cancelled first.
-    ///
-    /// Failures count towards `upload_retries_warning` (a full archive disk raises it too),
-    /// which the next stored object removes, as does the status' `last_error`. While the store
-    /// is out of space the wait is capped at [`SPACE_MAX_BACKOFF`], and on local storage cut
-    /// short as soon as a free-space probe shows room for the object, so that catching up does
-    /// not wait out a long backoff.
-    pub async fn upload_until_stored(
-        &self,
-        key: &str,
-        path: &Path,
-        data: Option<&Arc<SegmentBuffer>>,
-        status: &SiteStatus,
-        cancel: &CancellationToken,
-    ) -> bool {
-        let mut backoff = Backoff::new(self.retry.initial_backoff, self.retry.max_backoff);
-        let mut failures = 0u32;
-        let mut alerted = false;
-        let mut reported: Option<String> = None;
-        loop {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return false,
-                r = self.upload_once(key, path, data) => r,
-            };
-            let e = match result {
-                Ok(()) => {
-                    clear_alert(&self.retry);
-                    if let Some(e) = reported {
-                        status.clear_error_if(&e);
-                    }
-                    if failures > 0 {
-                        tracing::info!(site = %self.site, object = key, failures, "archived after retries");
-                    }
-                    return true;
-                }
-                Err(e) => e,
-            };
-            failures += 1;
-            let full = e.is_out_of_space();
-            let wait = backoff.next_wait();
-            let wait = if full {
-                wait.min(SPACE_MAX_BACKOFF)
-            } else {
-                wait
-            };
-            if e.is_transient() {
-                tracing::warn!(site = %self.site, object = key, failures, error = %e, retry_in = ?wait, "transient storage error; the WAL stays in the spool and the slot");
-            } else {
-                tracing::error!(site = %self.site, object = key, failures, error = %e, retry_in = ?wait, "cannot archive; the WAL stays in the spool and the slot");
-                let message = format!("archive {key}: {e}");
-                status.set_error(message.clone());
-                reported = Some(message);
-            }
-            if failures >= self.retry.warning_limit && !alerted {
-                if let Some(dir) = &self.retry.alert_dir {
-                    write_alert(dir, key, failures, &e);
-                    alerted = true;
-                }
-            }
-            let needed = match data {
-                Some(d) => d.len() as u64,
-                None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return false,
-                _ = self.wait_to_retry(wait, full.then_some(needed)) => {}
-            }
-        }
-    }
-
-    /// Sleeps `wait`; with `needed` (the store was full), wakes early once local storage has
-    /// that many bytes free again (the stored object is at most about the plain size).
-    async fn wait_to_retry(&self, wait: Duration, needed: Option<u64>) {
-        let Some(needed) = needed.filter(|_| self.store.free_bytes().is_some()) else {
-            tokio::time::sleep(wait).await;
-            return;
-        };
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return;
-            }
-            tokio::time::sleep((deadline - now).min(SPACE_PROBE_INTERVAL)).await;
-            if self.store.free_bytes().is_some_and(|free| free > needed) {
-                return;
-            }
-        }
-    }
-
-    /// One attempt at storing `path` (or `data`, its bytes in memory) as `key`.
-    pub async fn upload_once(
-        &self,
-        key: &str,
-        path: &Path,
-        data: Option<&Arc<SegmentBuffer>>,
-    ) -> Result<(), TransferError> {
-        match data {
-            Some(d) => {
-                upload_bytes(
-                    &self.store,
-                    key,
-                    InMemory(d.clone()),
-                    self.compression,
-                    self.encryption.clone(),
-                    self.hash_algorithm,
-                    self.base_metadata.clone(),
-                )
-                .await
-            }
-            None => {
-                upload_file(
-                    &self.store,
-                    key,
-                    path,
-                    self.compression,
-                    self.encryption.clone(),
-                    self.hash_algorithm,
-                    self.base_metadata.clone(),
-                )
-                .await
-            }
-        }
-        .map(|_| ())
-    }
-
-    /// Whether `key` already holds an object, and whether it is the one at `path`: one
-    /// metadata read (HEAD, or the sidecar) and a hash of the local file.
-    pub async fn existing(
-        &self,
-        key: &str,
-        path: &Path,
-        data: Option<&Arc<SegmentBuffer>>,
-    ) -> Result<Existing, String> {
-        let (path, data) = (path.to_path_buf(), data.cloned());
-        self.existing_with(key, move |algorithm| {
-            local_hash(algorithm, &path, data.as_ref())
-        })
-        .await
-    }
-
-    /// [`UploadContext::existing`] for bytes `hash_of` hashes (run on a blocking thread with
-    /// the algorithm the stored object was hashed with).
-    pub async fn existing_with<H>(&self, key: &str, hash_of: H) -> Result<Existing, String>
-    where
-        H: FnOnce(HashAlgorithm) -> std::io::Result<String> + Send + 'static,
-    {
-        let stored = match self.store.metadata(key).await {
-            Ok(m) => m,
-            Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
-            Err(e) => return Err(e.to_string()),
-        };
-        let (Some(hash), Some(algorithm)) =
-            (stored.get(meta::HASH), stored.get(meta::HASH_ALGORITHM))
-        else {
-            return Ok(Existing::Different(
-                "it records no hash to compare with".into(),
-            ));
-        };
-        let algorithm: HashAlgorithm = match algorithm.parse() {
-            Ok(a) => a,
-            Err(e) => return Ok(Existing::Different(format!("its hash-algorithm: {e}"))),
-        };
-        let ours = tokio::task::spawn_blocking(move || hash_of(algorithm))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(if ours.eq_ignore_ascii_case(hash) {
-            Existing::Same
-        } else {
-            Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
-        })
-    }
-
-    /// [`UploadContext::upload_once`] retried under `policy` while the failure is transient
-    /// (archive_command's uploads, which PostgreSQL retries itself after `max_attempts`).
-    pub async fn upload_retrying(
-        &self,
-        policy: &RetryPolicy,
-        key: &str,
-        path: &Path,
-    ) -> Result<(), TransferError> {
-        with_retries(policy, key, || self.upload_once(key, path, None)).await
-    }
-}
-
-/// A receiver's segment buffer as upload input.
-struct InMemory(Arc<SegmentBuffer>);
-
-impl AsRef<[u8]> for InMemory {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
+pub use super::upload::{wal_key, Existing, UploadContext, SPACE_MAX_BACKOFF};
 
 #[derive(Debug)]
 struct Job {
@@ -294,16 +65,6 @@ pub enum KeyState {
     New,
     /// Left by an earlier run, a `.history` or a timeline's `.partial`.
     MayExist,
-}
-
-/// What the archive holds under a key the archiver is about to write.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Existing {
-    Absent,
-    /// The same bytes (the recorded hash matches): nothing to upload.
-    Same,
-    /// Other bytes, or none recorded to compare with: never overwritten.
-    Different(String),
 }
 
 /// The plaintext hash of what is about to be archived, in the algorithm `stored` was hashed with.
@@ -356,6 +117,22 @@ impl Archiver {
     /// Report refused overwrites in alert files too.
     pub fn set_alerts(&mut self, alerts: Alerts) {
         self.alerts = Some(alerts);
+    }
+
+    /// Whether `key` already holds an object, and whether it is the one at `path`: one
+    /// metadata read (HEAD, or the sidecar) and a hash of the local file.
+    async fn existing(
+        &self,
+        key: &str,
+        path: &Path,
+        data: Option<&Arc<SegmentBuffer>>,
+    ) -> Result<Existing, String> {
+        let (path, data) = (path.to_path_buf(), data.cloned());
+        self.ctx
+            .existing_with(key, move |algorithm| {
+                local_hash(algorithm, &path, data.as_ref())
+            })
+            .await
     }
 
     pub fn spool_dir(&self) -> &Path {
@@ -467,7 +244,7 @@ impl Archiver {
                 Backoff::new(this.ctx.retry.initial_backoff, this.ctx.retry.max_backoff);
             if key_state == KeyState::MayExist {
                 loop {
-                    match this.ctx.existing(&key, &path, data.as_ref()).await {
+                    match this.existing(&key, &path, data.as_ref()).await {
                         Ok(e) => {
                             existing = e;
                             break;
@@ -527,12 +304,6 @@ impl Archiver {
     }
 }
 
-/// Longest wait between attempts while the store is out of space: freeing space is an
-/// operator's action that should show at once, not after a backoff grown through the outage.
-pub const SPACE_MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// How often local storage's free space is looked at while waiting for room.
-const SPACE_PROBE_INTERVAL: Duration = Duration::from_millis(250);
-
 /// The daemon is stopping.
 #[derive(Debug)]
 pub struct Cancelled;
@@ -546,6 +317,10 @@ mod tests {
     use super::*;
     use crate::config::ObjectStorageConfig;
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
+    use crate::storage::meta::ObjectMeta;
+    use crate::storage::retry::RetryPolicy;
+    use crate::storage::ObjectStore;
+    use tokio::sync::Semaphore;
 
     fn archiver(dir: &Path) -> (Archiver, watch::Receiver<Lsn>) {
         let store = ObjectStore::open(
@@ -564,7 +339,7 @@ mod tests {
             hash_algorithm: HashAlgorithm::Sha1,
             retry: RetryPolicy::default(),
             upload_slots: Arc::new(Semaphore::new(4)),
-            base_metadata: Metadata::new(),
+            base_metadata: ObjectMeta::default(),
         };
         let (tx, rx) = watch::channel(Lsn::INVALID);
         let a = Archiver::new(
@@ -625,10 +400,13 @@ mod tests {
         let theirs = vec![1u8; 1 << 20];
         let mut h = HashAlgorithm::Sha1.hasher();
         h.update(&theirs);
-        let mut meta = Metadata::new();
-        meta.insert(meta::HASH.into(), h.finish_hex());
-        meta.insert(meta::HASH_ALGORITHM.into(), "sha1".into());
-        meta.insert(meta::COMPRESSION_ALGORITHM.into(), "none".into());
+        let meta = ObjectMeta {
+            hash: Some(h.finish_hex()),
+            hash_algorithm: Some(HashAlgorithm::Sha1),
+            compression_algorithm: Some(crate::pipeline::compression::Algorithm::Zstd),
+            ..ObjectMeta::default()
+        }
+        .to_map();
         let key1 = "xlog/000000010000000000000001";
         store.put_bytes(key1, b"their object", &meta).await.unwrap();
         let ours: WalSegmentName = "000000010000000000000001".parse().unwrap();
@@ -768,7 +546,7 @@ mod tests {
                 max_attempts: None,
             },
             upload_slots: Arc::new(Semaphore::new(1)),
-            base_metadata: Metadata::new(),
+            base_metadata: ObjectMeta::default(),
         };
         let spool = dir.path().join("000000010000000000000001");
         let bytes = incompressible(512 << 10);

@@ -26,7 +26,6 @@ use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::SiteConfig;
 use crate::preservation::Preservations;
 use crate::settings::SiteSettings;
-use crate::storage::meta;
 use crate::storage::ObjectStore;
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot};
@@ -143,8 +142,8 @@ async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
 /// be read) is left alone with a warning.
 async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
     for o in store.list(&format!("basebackup_chunk/{name}")).await? {
-        match store.metadata(&o.key).await {
-            Ok(m) if m.get(meta::BACKUP_NAME).map(String::as_str) == Some(name) => {
+        match store.object_meta(&o.key).await {
+            Ok(m) if m.backup_name.as_deref() == Some(name) => {
                 store.delete(&o.key).await?;
             }
             Ok(_) => {

@@ -14,6 +14,7 @@ pub mod site;
 pub mod sites;
 pub mod status;
 pub mod systemd;
+pub mod upload;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,8 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{BackupMode, Config};
 use crate::settings::{hostname, transfer_threads, SiteSettings};
-use crate::storage::meta;
-use crate::storage::Metadata;
+use crate::storage::meta::ObjectMeta;
 
 use archiver::UploadContext;
 use walhoard_walreceiver::SegmentBuffers;
@@ -42,8 +42,10 @@ use status::{now_secs, Alerts, SiteStatus};
 /// Opens a site's store and gathers what its uploads need.
 pub fn upload_context(site: &SiteSettings, slots: Arc<Semaphore>) -> Result<UploadContext> {
     let store = site.open_store()?;
-    let mut base_metadata = Metadata::new();
-    base_metadata.insert(meta::HOST.into(), hostname());
+    let base_metadata = ObjectMeta {
+        host: Some(hostname()),
+        ..ObjectMeta::default()
+    };
     Ok(UploadContext {
         site: site.name.clone(),
         store,

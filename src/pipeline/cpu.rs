@@ -42,8 +42,8 @@ mod tests {
     use super::*;
     use crate::config::ObjectStorageConfig;
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
-    use crate::pipeline::transfer::upload_produced;
-    use crate::storage::{Metadata, ObjectStore};
+    use crate::pipeline::transfer::{upload, Hashing, Input, ObjectKind, Source, Upload};
+    use crate::storage::ObjectStore;
 
     /// How many of `n` concurrent uploads compress at the same time with `threads` workers.
     async fn peak_concurrency(threads: usize, n: usize) -> usize {
@@ -63,19 +63,25 @@ mod tests {
         for i in 0..n {
             let (store, active, peak) = (store.clone(), active.clone(), peak.clone());
             tasks.push(tokio::spawn(async move {
-                upload_produced(
+                let produce = move |w: &mut dyn std::io::Write| {
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(150));
+                    w.write_all(b"data")?;
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                };
+                upload(
                     &store,
-                    &format!("o{i}"),
-                    CompressionSettings::new(Algorithm::Zstd),
-                    None,
-                    Metadata::new(),
-                    move |w| {
-                        let now = active.fetch_add(1, Ordering::SeqCst) + 1;
-                        peak.fetch_max(now, Ordering::SeqCst);
-                        std::thread::sleep(Duration::from_millis(150));
-                        w.write_all(b"data")?;
-                        active.fetch_sub(1, Ordering::SeqCst);
-                        Ok(())
+                    Upload {
+                        kind: ObjectKind::BasebackupChunk,
+                        key: format!("o{i}"),
+                        source: Source::produced(produce),
+                        input: Input::Plain,
+                        hashing: Hashing::Sha1Returned,
+                        compression: CompressionSettings::new(Algorithm::Zstd),
+                        encryption: None,
+                        metadata: Default::default(),
                     },
                 )
                 .await

@@ -33,7 +33,6 @@ use super::recovery::{self, RecoverySettings};
 use super::{candidates, choose, RestoreSite, Target};
 use crate::basebackup::inventory::{self, Writer};
 use crate::pipeline::transfer::download_with;
-use crate::storage::meta;
 
 /// What to restore and how.
 #[derive(Debug, Clone)]
@@ -73,14 +72,14 @@ async fn read_control(
     let key = format!("basebackup/{name}");
     let (object_meta, size) = site
         .store
-        .metadata_and_size(&key)
+        .object_meta_and_size(&key)
         .await
         .with_context(|| format!("metadata of control object {key}"))?;
     let (_, writer) = inventory::classify(name, &Ok(object_meta.clone()));
     let pghoard = writer == Writer::Pghoard;
     if pghoard {
         pghoard::check_supported(&key, &object_meta)?;
-        if !object_meta.contains_key(meta::FORMAT) {
+        if object_meta.format.is_none() {
             // basic/pipe: the object is the backup's one tar.
             let size = match size {
                 Some(s) => s,

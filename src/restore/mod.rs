@@ -27,7 +27,6 @@ use walhoard_protocol::Lsn;
 use crate::config::Config;
 use crate::pipeline::encryption::KeyRing;
 use crate::settings::SiteSettings;
-use crate::storage::meta;
 use crate::storage::ObjectStore;
 
 /// A site opened for reading: its store and private keys.
@@ -214,7 +213,7 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
         // One damaged entry (sidecar missing or not JSON) must not hide every healthy backup:
         // skipped with a warning. A store that cannot answer now fails the listing instead, so
         // that an outage never silently picks an older backup.
-        let m = match store.metadata(&o.key).await {
+        let m = match store.object_meta(&o.key).await {
             Ok(m) => m,
             Err(e) if e.is_transient() => {
                 return Err(anyhow::Error::new(e).context(format!("metadata of {}", o.key)))
@@ -224,35 +223,34 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
                 continue;
             }
         };
-        let get = |k: &str| m.get(k).cloned().unwrap_or_default();
-        let num = |k: &str| m.get(k).and_then(|v| v.parse::<u64>().ok());
         // pghoard's basic backups record neither sizes nor LSNs nor a timeline: the object's
         // own size, `original-file-size` and `start-wal-segment` say them (super::pghoard).
-        let start_wal_segment = get(meta::START_WAL_SEGMENT);
-        let start_lsn = match m.get(meta::START_LSN) {
-            Some(l) => l.clone(),
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let start_wal_segment = text(&m.start_wal_segment);
+        let start_lsn = match m.start_lsn {
+            Some(l) => l.to_string(),
             None => pghoard::segment_start_lsn(&start_wal_segment),
         };
-        let start_timeline = match num(meta::START_TIMELINE) {
-            Some(t) => t as u32,
-            None => pghoard::segment_timeline(&start_wal_segment),
-        };
+        let start_timeline = m
+            .start_timeline
+            .unwrap_or_else(|| pghoard::segment_timeline(&start_wal_segment));
         out.push(BackupListing {
-            format: get(meta::FORMAT),
-            start_time: normalise_time(&get(meta::START_TIME)),
-            end_time: normalise_time(&get(meta::END_TIME)),
+            format: text(&m.format),
+            start_time: normalise_time(&text(&m.start_time)),
+            end_time: normalise_time(&text(&m.end_time)),
             start_lsn,
-            end_lsn: get(meta::END_LSN),
+            end_lsn: m.end_lsn.map(|l| l.to_string()).unwrap_or_default(),
             start_timeline,
             start_wal_segment,
-            end_wal_segment: get(meta::END_WAL_SEGMENT),
-            size_plain: num(meta::TOTAL_SIZE_PLAIN)
-                .or_else(|| num(meta::ORIGINAL_FILE_SIZE))
-                .unwrap_or(0),
-            size_stored: num(meta::TOTAL_SIZE_ENC).unwrap_or(o.size),
-            compression: get(meta::COMPRESSION_ALGORITHM),
-            encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
-            pg_version: get(meta::PG_VERSION),
+            end_wal_segment: text(&m.end_wal_segment),
+            size_plain: m.total_size_plain.or(m.original_file_size).unwrap_or(0),
+            size_stored: m.total_size_enc.unwrap_or(o.size),
+            compression: m
+                .compression_algorithm
+                .map(|a| a.name().to_string())
+                .unwrap_or_default(),
+            encryption_key_id: m.encryption_key_id.clone(),
+            pg_version: m.pg_version.map(|v| v.to_string()).unwrap_or_default(),
             name,
             site: None,
         });

@@ -28,8 +28,7 @@ use serde::Deserialize;
 use walhoard_basebackup::control::{BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta};
 use walhoard_protocol::{SegmentSize, WalSegmentName};
 
-use crate::storage::meta;
-use crate::storage::Metadata;
+use crate::storage::meta::ObjectMeta;
 
 /// walhoard's internal name for pghoard's `basic`/`pipe` layout (pghoard writes no `format`).
 pub const FORMAT_PGHOARD_BASIC: &str = "pghoard-basic";
@@ -71,10 +70,6 @@ struct PghoardChunk {
     files: Vec<String>,
 }
 
-fn meta_str(m: &Metadata, k: &str) -> String {
-    m.get(k).cloned().unwrap_or_default()
-}
-
 /// The timeline named by a segment name (`start-wal-segment`), 0 when it is not one.
 pub fn segment_timeline(segment: &str) -> u32 {
     segment
@@ -96,8 +91,8 @@ pub fn segment_start_lsn(segment: &str) -> String {
 }
 
 /// Refuses the pghoard formats walhoard cannot restore yet, naming them.
-pub fn check_supported(key: &str, object_meta: &Metadata) -> Result<()> {
-    match object_meta.get(meta::FORMAT).map(String::as_str) {
+pub fn check_supported(key: &str, object_meta: &ObjectMeta) -> Result<()> {
+    match object_meta.format.as_deref() {
         None | Some("pghoard-bb-v2") => Ok(()),
         Some(f) => bail!(
             "{key}: pghoard's basebackup format {f:?} is not supported by walhoard's restore \
@@ -108,15 +103,11 @@ pub fn check_supported(key: &str, object_meta: &Metadata) -> Result<()> {
 
 /// The description of pghoard's `basic`/`pipe` backup `basebackup/<file>` from its object
 /// metadata: one chunk, the control object itself (`chunk_filename` is the file name).
-pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<BackupMetadata> {
+pub fn basic_metadata(file: &str, m: &ObjectMeta, stored_size: u64) -> Result<BackupMetadata> {
     let key = format!("basebackup/{file}");
-    let plain: u64 = m
-        .get(meta::ORIGINAL_FILE_SIZE)
-        .with_context(|| {
-            format!("{key}: pghoard basic backup without original-file-size metadata")
-        })?
-        .parse()
-        .with_context(|| format!("{key}: original-file-size is not a number"))?;
+    let plain: u64 = m.original_file_size.with_context(|| {
+        format!("{key}: pghoard basic backup without original-file-size metadata")
+    })?;
     let chunk = ChunkMeta {
         chunk_filename: file.to_string(),
         input_size: plain,
@@ -127,7 +118,7 @@ pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<Back
         hash: String::new(),
         server_compressed: false,
     };
-    let start_seg = meta_str(m, meta::START_WAL_SEGMENT);
+    let start_seg = m.start_wal_segment.clone().unwrap_or_default();
     pghoard_backup(&key, m, start_seg, vec![chunk])
 }
 
@@ -137,26 +128,25 @@ pub fn basic_metadata(file: &str, m: &Metadata, stored_size: u64) -> Result<Back
 /// the WAL is not included; the local-tar layout sets what its own description adds.
 fn pghoard_backup(
     key: &str,
-    m: &Metadata,
+    m: &ObjectMeta,
     start_seg: String,
     chunks: Vec<ChunkMeta>,
 ) -> Result<BackupMetadata> {
     let pg_version: u32 = m
-        .get(meta::PG_VERSION)
-        .and_then(|v| v.parse().ok())
+        .pg_version
         .with_context(|| format!("{key}: no pg-version metadata"))?;
     Ok(BackupMetadata {
-        backup_start_time: meta_str(m, meta::START_TIME),
+        backup_start_time: m.start_time.clone().unwrap_or_default(),
         start_lsn: segment_start_lsn(&start_seg),
         start_timeline: segment_timeline(&start_seg),
         backup_start_wal_segment: start_seg,
-        backup_end_time: meta_str(m, meta::END_TIME),
-        backup_end_wal_segment: meta_str(m, meta::END_WAL_SEGMENT),
+        backup_end_time: m.end_time.clone().unwrap_or_default(),
+        backup_end_wal_segment: m.end_wal_segment.clone().unwrap_or_default(),
         pgdata: None,
         pghoard_object: "basebackup".into(),
         pghoard_version: "pghoard".into(),
         tablespaces: BTreeMap::new(),
-        host: meta_str(m, "host"),
+        host: m.host.clone().unwrap_or_default(),
         total_size_plain: chunks.iter().map(|c| c.input_size).sum(),
         total_size_enc: chunks.iter().map(|c| c.result_size).sum(),
         chunks,
@@ -165,18 +155,21 @@ fn pghoard_backup(
         end_timeline: 0,
         pg_version,
         system_identifier: None,
-        basebackup_mode: meta_str(m, meta::BASEBACKUP_MODE),
-        active_backup_mode: meta_str(m, meta::ACTIVE_BACKUP_MODE),
+        basebackup_mode: m.basebackup_mode.clone().unwrap_or_default(),
+        active_backup_mode: m.active_backup_mode.clone().unwrap_or_default(),
         wal_included: false,
-        compression_algorithm: meta_str(m, meta::COMPRESSION_ALGORITHM),
-        encryption_key_id: m.get(meta::ENCRYPTION_KEY_ID).cloned(),
+        compression_algorithm: m
+            .compression_algorithm
+            .map(|a| a.name().to_string())
+            .unwrap_or_default(),
+        encryption_key_id: m.encryption_key_id.clone(),
         tablespace_map: String::new(),
     })
 }
 
 /// The description of pghoard's local-tar backup from its `.pghoard_tar_metadata.json`
 /// (`json`) and the control object's metadata.
-pub fn bb_v2_metadata(key: &str, json: &[u8], m: &Metadata) -> Result<BackupMetadata> {
+pub fn bb_v2_metadata(key: &str, json: &[u8], m: &ObjectMeta) -> Result<BackupMetadata> {
     let p: PghoardBbV2 = serde_json::from_slice(json).with_context(|| {
         format!(
             "{key}: pghoard's {}",
@@ -210,10 +203,10 @@ pub fn bb_v2_metadata(key: &str, json: &[u8], m: &Metadata) -> Result<BackupMeta
         .collect();
     let start_seg = p
         .backup_start_wal_segment
-        .unwrap_or_else(|| meta_str(m, meta::START_WAL_SEGMENT));
+        .unwrap_or_else(|| m.start_wal_segment.clone().unwrap_or_default());
     let end_seg = p
         .backup_end_wal_segment
-        .unwrap_or_else(|| meta_str(m, meta::END_WAL_SEGMENT));
+        .unwrap_or_else(|| m.end_wal_segment.clone().unwrap_or_default());
     let base = pghoard_backup(key, m, start_seg, chunks)?;
     Ok(BackupMetadata {
         backup_start_time: p.backup_start_time.unwrap_or(base.backup_start_time),
@@ -238,8 +231,10 @@ mod tests {
         let json = br#"{"backup_start_time":"2026-12-04T20:38:55+00:00",
             "backup_start_wal_segment":"000000020000000100000003","tablespaces":{"ts":{"oid":16390,"path":"/t"}},
             "chunks":[{"chunk_filename":"n/n.00000001.pghoard","input_size":10,"result_size":5,"files":["pgdata/x"]}]}"#;
-        let mut m = Metadata::new();
-        m.insert(meta::PG_VERSION.into(), "150018".into());
+        let m = ObjectMeta {
+            pg_version: Some(150018),
+            ..ObjectMeta::default()
+        };
         let b = bb_v2_metadata("basebackup/n.00000000.pghoard", json, &m).unwrap();
         assert_eq!(b.chunks.len(), 1);
         assert_eq!(b.chunks[0].input_size, 10);
@@ -250,8 +245,10 @@ mod tests {
 
     #[test]
     fn unsupported_pghoard_formats_are_named() {
-        let mut m = Metadata::new();
-        m.insert(meta::FORMAT.into(), "pghoard-delta-v2".into());
+        let m = ObjectMeta {
+            format: Some("pghoard-delta-v2".into()),
+            ..ObjectMeta::default()
+        };
         let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
         assert!(
             e.contains("pghoard-delta-v2") && e.contains("basebackup/x"),

@@ -16,17 +16,22 @@
 //!   [`retry`] for the retry loop and its `upload_retries_warning` alert file.
 
 mod backends;
+mod error;
 mod local;
+mod read;
 pub use local::DIRECT_ALIGN;
 pub mod meta;
 pub mod retry;
+
+use error::backend;
+pub use error::StorageError;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use bytes::Bytes;
 use opendal::{ErrorKind, Operator};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::config::ObjectStorageConfig;
 
@@ -44,121 +49,6 @@ pub const DEFAULT_CHUNK: usize = 8 * 1024 * 1024;
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Longest wait for the next bytes of a streaming read or write.
 const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    #[error("object {key} not found")]
-    NotFound { key: String },
-    #[error("{action} {key}: {source}{}", innermost_cause(source))]
-    Backend {
-        action: &'static str,
-        key: String,
-        #[source]
-        source: Box<opendal::Error>,
-    },
-    #[error("{action} {key}: {source}")]
-    Io {
-        action: &'static str,
-        key: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid object storage configuration: {0}")]
-    Config(String),
-    #[error("metadata of {key}: {message}")]
-    BadMetadata { key: String, message: String },
-}
-
-impl StorageError {
-    /// Worth retrying: network trouble, throttling, server errors. Not: missing objects,
-    /// refused credentials, missing buckets, bad configuration, local I/O of the caller.
-    pub fn is_transient(&self) -> bool {
-        // A full disk is not fixed by retrying at once: the archiver waits for space
-        // (`is_out_of_space`) rather than spin in the transient-retry loop.
-        match self {
-            StorageError::Backend { source, .. } => {
-                (source.is_temporary()
-                    || source.kind() == ErrorKind::RateLimited
-                    || unreachable_server(source))
-                    && !self.is_out_of_space()
-            }
-            _ => false,
-        }
-    }
-
-    /// The store has no room (ENOSPC, EDQUOT): a condition that ends when space is freed,
-    /// which [`ObjectStore::free_bytes`] can tell on local storage.
-    pub fn is_out_of_space(&self) -> bool {
-        fn full(e: &(dyn std::error::Error + 'static)) -> bool {
-            e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                io.kind() == std::io::ErrorKind::StorageFull
-                    || io.kind() == std::io::ErrorKind::QuotaExceeded
-                    || matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-            }) || e.to_string().contains("No space left on device")
-        }
-        match self {
-            StorageError::Io { source, .. } => full(source),
-            StorageError::Backend { source, .. } => {
-                source.to_string().contains("No space left on device") || causes(source).any(full)
-            }
-            _ => false,
-        }
-    }
-}
-
-/// The sources of `e`, outermost first.
-fn causes(e: &opendal::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
-    std::iter::successors(std::error::Error::source(e), |c| c.source())
-}
-
-/// OpenDAL's sftp marks every ssh failure permanent, but a refused or timed-out connection
-/// (the server is down) is an outage like any other.
-fn unreachable_server(e: &opendal::Error) -> bool {
-    use std::io::ErrorKind as K;
-    causes(e).any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            // Not ConnectionAborted: the `openssh` crate's kind for any failure it does not
-            // recognise, host key and authentication refusals included.
-            matches!(
-                io.kind(),
-                K::ConnectionRefused | K::ConnectionReset | K::TimedOut
-            )
-        })
-    })
-}
-
-/// The innermost cause when OpenDAL's message does not include it: the `ssh` client's log,
-/// whose last line says what failed ("Host key verification failed.").
-fn innermost_cause(e: &opendal::Error) -> String {
-    match causes(e).last().map(|c| c.to_string()) {
-        Some(c) if !e.to_string().contains(&c) => {
-            match c.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
-                Some(line) => format!(" ({line})"),
-                None => String::new(),
-            }
-        }
-        _ => String::new(),
-    }
-}
-
-fn backend<'a>(
-    action: &'static str,
-    key: &'a str,
-) -> impl FnOnce(opendal::Error) -> StorageError + 'a {
-    move |source| {
-        if source.kind() == ErrorKind::NotFound {
-            StorageError::NotFound {
-                key: key.to_string(),
-            }
-        } else {
-            StorageError::Backend {
-                action,
-                key: key.to_string(),
-                source: Box::new(source),
-            }
-        }
-    }
-}
 
 /// An AsyncWrite that forwards every write to a channel as one chunk (back-pressure from the
 /// channel's bound).
@@ -635,154 +525,6 @@ impl ObjectStore {
         metadata: &Metadata,
     ) -> Result<u64, StorageError> {
         self.put(key, data, metadata).await
-    }
-
-    /// The object's metadata.
-    pub async fn metadata(&self, key: &str) -> Result<Metadata, StorageError> {
-        Ok(self.metadata_and_size(key).await?.0)
-    }
-
-    /// The object's metadata, and its size when that came with it (stores with native
-    /// metadata answer both in one request; sidecar stores read the sidecar only).
-    pub async fn metadata_and_size(
-        &self,
-        key: &str,
-    ) -> Result<(Metadata, Option<u64>), StorageError> {
-        if self.sidecar {
-            let side = self.path(&Self::sidecar_key(key))?;
-            let raw = self
-                .op
-                .read(&side)
-                .await
-                .map_err(backend("read metadata of", key))?
-                .to_vec();
-            let metadata = serde_json::from_slice(&raw).map_err(|e| StorageError::BadMetadata {
-                key: key.into(),
-                message: e.to_string(),
-            })?;
-            return Ok((metadata, None));
-        }
-        let meta = self
-            .op
-            .stat(&self.path(key)?)
-            .await
-            .map_err(backend("stat", key))?;
-        Ok((
-            user_metadata(&meta, self.underscores),
-            Some(meta.content_length()),
-        ))
-    }
-
-    /// `size` when known, else the object's length from a stat.
-    async fn size_or_stat(
-        &self,
-        key: &str,
-        path: &str,
-        size: Option<u64>,
-    ) -> Result<u64, StorageError> {
-        match size {
-            Some(size) => Ok(size),
-            None => Ok(self
-                .op
-                .stat(path)
-                .await
-                .map_err(backend("stat", key))?
-                .content_length()),
-        }
-    }
-
-    /// Streams the object into `sink`; returns its metadata and size.
-    pub async fn get(
-        &self,
-        key: &str,
-        sink: impl AsyncWrite + Unpin,
-    ) -> Result<(Metadata, u64), StorageError> {
-        let path = self.path(key)?;
-        // Native user metadata comes with the size in one stat; sidecars are read, then the
-        // object stat'ed for its size.
-        let (metadata, size) = self.metadata_and_size(key).await?;
-        let size = self.size_or_stat(key, &path, size).await?;
-        let size = self.copy_data(key, &path, size, sink).await?;
-        Ok((metadata, size))
-    }
-
-    /// Copies `size` bytes of the object at `path` into `sink`, a chunk at a time.
-    async fn copy_data(
-        &self,
-        key: &str,
-        path: &str,
-        size: u64,
-        mut sink: impl AsyncWrite + Unpin,
-    ) -> Result<u64, StorageError> {
-        let reader = self
-            .op
-            .reader(path)
-            .await
-            .map_err(backend("download", key))?;
-        let mut off = 0u64;
-        while off < size {
-            let end = (off + self.chunk as u64).min(size);
-            let buf = reader
-                .read(off..end)
-                .await
-                .map_err(backend("download", key))?;
-            if buf.is_empty() {
-                return Err(StorageError::Io {
-                    action: "download",
-                    key: key.into(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("object ended at {off} of {size} bytes"),
-                    ),
-                });
-            }
-            off += buf.len() as u64;
-            for chunk in buf {
-                sink.write_all(&chunk).await.map_err(|e| StorageError::Io {
-                    action: "write download of",
-                    key: key.into(),
-                    source: e,
-                })?;
-            }
-        }
-        sink.flush().await.map_err(|e| StorageError::Io {
-            action: "write download of",
-            key: key.into(),
-            source: e,
-        })?;
-        Ok(size)
-    }
-
-    /// Sends the object's bytes into `tx` chunk by chunk (bounded by the channel); a failure is
-    /// also sent, so the reading side stops with it.
-    pub async fn get_to_channel(
-        &self,
-        key: &str,
-        size: Option<u64>,
-        tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<u64, StorageError> {
-        // The caller has the metadata already (it needs it to set up decoding), and the size
-        // when it came with it ([`ObjectStore::metadata_and_size`]): data only.
-        let sink = ChannelSink {
-            tx: tokio_util::sync::PollSender::new(tx.clone()),
-        };
-        let result = async {
-            let path = self.path(key)?;
-            let size = self.size_or_stat(key, &path, size).await?;
-            self.copy_data(key, &path, size, sink).await
-        }
-        .await;
-        if let Err(e) = &result {
-            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-        }
-        result
-    }
-
-    /// Reads a small object into memory.
-    pub async fn get_bytes(&self, key: &str) -> Result<(Vec<u8>, Metadata), StorageError> {
-        let mut out = Vec::new();
-        let (meta, _) = self.get(key, &mut out).await?;
-        Ok((out, meta))
     }
 
     /// Size and time of `key`, `None` when absent.

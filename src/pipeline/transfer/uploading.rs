@@ -1,0 +1,507 @@
+//! Into the archive: one [`Upload`] description → compress → encrypt → store → one
+//! [`Uploaded`].
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::pool::ONE_SHOT_OUTPUT;
+use super::{io_at, ChannelWriter, TransferError, UploadEncryption, PIPE_CHUNK, QUEUE_CHUNKS};
+use crate::pipeline::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor};
+use crate::pipeline::encryption::{Encryptor, DEFAULT_CHUNK_SIZE};
+use crate::pipeline::hash::{HashAlgorithm, Hasher};
+use crate::storage::meta::{EncryptionFormat, ObjectMeta};
+use crate::storage::ObjectStore;
+
+/// How the stored bytes were made: `compression-algorithm`, and the encryption key and format.
+fn record_codec(
+    metadata: &mut ObjectMeta,
+    compression: CompressionSettings,
+    encryption: Option<&UploadEncryption>,
+) {
+    metadata.compression_algorithm = Some(compression.algorithm);
+    if let Some(e) = encryption {
+        metadata.encryption_key_id = Some(e.key_id.clone());
+        metadata.encryption_format = Some(EncryptionFormat::Walhenc1);
+    }
+}
+
+/// pghoard's metadata of the plaintext: `original-file-size`, `hash`, `hash-algorithm`.
+fn record_plain(metadata: &mut ObjectMeta, size: u64, hash: String, algorithm: HashAlgorithm) {
+    metadata.original_file_size = Some(size);
+    metadata.hash = Some(hash);
+    metadata.hash_algorithm = Some(algorithm);
+}
+
+/// What an upload stores; named in its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A WAL segment, a history file or a timeline's `.partial`.
+    Wal,
+    /// A basebackup's data chunk (`basebackup_chunk/<backup>/...`).
+    BasebackupChunk,
+    /// A basebackup's control object (`basebackup/<backup>`).
+    BasebackupControl,
+}
+
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Wal => "WAL file",
+            ObjectKind::BasebackupChunk => "basebackup chunk",
+            ObjectKind::BasebackupControl => "basebackup control object",
+        })
+    }
+}
+
+/// A producer: writes an object's bytes into the pipeline, on a blocking thread.
+pub type Produce = Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>;
+
+/// Where an upload's bytes come from.
+pub enum Source {
+    /// A local file (a spool segment, an archive_command upload). With [`Hashing::Recorded`]
+    /// it is read twice, to hash it and to store it; a file that changed in between fails the
+    /// upload.
+    File(PathBuf),
+    /// The whole object in memory (a receiver's segment buffer): no file read at all.
+    Bytes(Arc<dyn AsRef<[u8]> + Send + Sync>),
+    /// Whatever the function writes, without a temporary copy (basebackup chunks). The object
+    /// appears only if it returned `Ok`; an error, a panic or the upload being dropped leaves
+    /// nothing under the key.
+    Produced(Produce),
+}
+
+impl Source {
+    pub fn bytes(data: impl AsRef<[u8]> + Send + Sync + 'static) -> Self {
+        Source::Bytes(Arc::new(data))
+    }
+
+    pub fn produced(f: impl FnOnce(&mut dyn Write) -> io::Result<()> + Send + 'static) -> Self {
+        Source::Produced(Box::new(f))
+    }
+}
+
+/// What the bytes an upload is given are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// Plain bytes: compressed with the site's settings on the way.
+    Plain,
+    /// A `compression.algorithm` stream already (a server-compressed BASE_BACKUP archive):
+    /// encrypted and stored as it is, labelled so that restore decompresses it.
+    Compressed,
+}
+
+/// What an upload hashes, and where the hash goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hashing {
+    /// The plain bytes, with this algorithm, recorded as pghoard's `hash`, `hash-algorithm`
+    /// and `original-file-size` metadata before the upload starts (S3-likes take metadata only
+    /// at the start of an upload). Needs [`Input::Plain`] from a [`Source::File`] or
+    /// [`Source::Bytes`]: a produced stream is known only at its end.
+    Recorded(HashAlgorithm),
+    /// SHA-1 of the bytes the source gives (the compressed stream with
+    /// [`Input::Compressed`]), computed on their way and only returned: a basebackup chunk's
+    /// entry in its control object.
+    Sha1Returned,
+}
+
+/// One upload: what [`upload`] stores, from where, and how.
+pub struct Upload {
+    pub kind: ObjectKind,
+    /// The object key.
+    pub key: String,
+    pub source: Source,
+    pub input: Input,
+    pub hashing: Hashing,
+    pub compression: CompressionSettings,
+    pub encryption: Option<UploadEncryption>,
+    /// The caller's metadata (host, backup name, ...); the upload adds the codec's
+    /// (`compression-algorithm`, encryption key id and format) and, with
+    /// [`Hashing::Recorded`], the plaintext's.
+    pub metadata: ObjectMeta,
+}
+
+impl Upload {
+    /// A WAL file as pghoard stores one: plain bytes from `source`, the plaintext's size and
+    /// hash (`hash_algorithm`) recorded, no metadata of the caller's yet.
+    pub fn wal(
+        key: impl Into<String>,
+        source: Source,
+        compression: CompressionSettings,
+        encryption: Option<UploadEncryption>,
+        hash_algorithm: HashAlgorithm,
+    ) -> Self {
+        Upload {
+            kind: ObjectKind::Wal,
+            key: key.into(),
+            source,
+            input: Input::Plain,
+            hashing: Hashing::Recorded(hash_algorithm),
+            compression,
+            encryption,
+            metadata: ObjectMeta::default(),
+        }
+    }
+}
+
+/// What [`upload`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Bytes the source gave.
+    pub plain_size: u64,
+    /// Bytes stored (compressed, encrypted).
+    pub stored_size: u64,
+    /// Hex digest of the source's bytes, as [`Upload::hashing`] says.
+    pub hash: String,
+    /// The object metadata stored with it.
+    pub metadata: ObjectMeta,
+}
+
+/// Where a stream goes: everything of an [`Upload`] but its source, hashing and metadata.
+struct Target<'a> {
+    store: &'a ObjectStore,
+    key: &'a str,
+    input: Input,
+    compression: CompressionSettings,
+    encryption: Option<UploadEncryption>,
+}
+
+impl Target<'_> {
+    fn failed(&self, message: String) -> TransferError {
+        TransferError::Object {
+            key: self.key.into(),
+            message,
+        }
+    }
+}
+
+/// Compresses (and encrypts) `upload.source` into `upload.key`, recording pghoard's metadata:
+/// compression algorithm, encryption key id and, with [`Hashing::Recorded`], the original size
+/// and `hash` with `hash-algorithm`. WAL from memory with single-threaded zstd takes the
+/// one-shot path ([`one_shot_object`]); everything else streams through the pipeline.
+pub async fn upload(store: &ObjectStore, upload: Upload) -> Result<Uploaded, TransferError> {
+    let Upload {
+        kind,
+        key,
+        source,
+        input,
+        hashing,
+        compression,
+        encryption,
+        metadata,
+    } = upload;
+    let target = Target {
+        store,
+        key: &key,
+        input,
+        compression,
+        encryption,
+    };
+    let uploaded = match (hashing, source) {
+        (Hashing::Recorded(_), Source::Produced(_)) => {
+            return Err(target
+                .failed("a produced stream's hash cannot be recorded before it is stored".into()))
+        }
+        (Hashing::Recorded(_), _) if input == Input::Compressed => {
+            return Err(
+                target.failed("a compressed stream's plaintext hash cannot be recorded".into())
+            )
+        }
+        (Hashing::Recorded(a), Source::File(path)) => {
+            upload_file(&target, &path, a, metadata).await?
+        }
+        (Hashing::Recorded(a), Source::Bytes(data)) => {
+            upload_bytes(&target, data, a, metadata).await?
+        }
+        (Hashing::Sha1Returned, source) => {
+            let produce: Produce = match source {
+                Source::File(path) => Box::new(move |w| {
+                    let file = std::fs::File::open(&path)?;
+                    io::copy(&mut io::BufReader::with_capacity(PIPE_CHUNK, file), w)?;
+                    Ok(())
+                }),
+                Source::Bytes(data) => Box::new(move |w| w.write_all((*data).as_ref())),
+                Source::Produced(p) => p,
+            };
+            upload_stream(&target, metadata, Digest::Sha1, produce).await?
+        }
+    };
+    tracing::debug!(
+        key,
+        plain_size = uploaded.plain_size,
+        stored_size = uploaded.stored_size,
+        "stored {kind}"
+    );
+    Ok(uploaded)
+}
+
+/// [`upload`] of a file with its hash recorded.
+async fn upload_file(
+    target: &Target<'_>,
+    path: &Path,
+    hash_algorithm: HashAlgorithm,
+    mut metadata: ObjectMeta,
+) -> Result<Uploaded, TransferError> {
+    // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
+    // a first pass over the (local, usually cached) file computes them.
+    let p = path.to_path_buf();
+    let (expect_size, hash) = tokio::task::spawn_blocking(move || -> io::Result<(u64, String)> {
+        let mut f = std::fs::File::open(&p)?;
+        let mut hash = hash_algorithm.hasher();
+        let mut buf = vec![0u8; PIPE_CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok((size, hash.finish_hex()));
+            }
+            hash.update(&buf[..n]);
+            size += n as u64;
+        }
+    })
+    .await
+    .map_err(|e| target.failed(format!("hash thread failed: {e}")))?
+    .map_err(io_at("read", path))?;
+    let file = std::fs::File::open(path).map_err(io_at("open", path))?;
+    record_plain(&mut metadata, expect_size, hash.clone(), hash_algorithm);
+    let src = path.to_path_buf();
+    // The hash is already in the metadata: hashing the bytes again on their way into the
+    // compressor cost as much CPU as a fifth of the whole WAL drain (docs/benchmarks.md).
+    upload_stream(
+        target,
+        metadata,
+        Digest::Recorded(hash),
+        Box::new(move |w| {
+            let mut input = io::BufReader::with_capacity(PIPE_CHUNK, file);
+            let size = io::copy(&mut input, w)?;
+            if size != expect_size {
+                return Err(io::Error::other(format!(
+                    "{}: file changed while being archived ({expect_size} then {size} bytes)",
+                    src.display()
+                )));
+            }
+            Ok(())
+        }),
+    )
+    .await
+}
+
+/// [`upload`] of a whole file already in memory (a WAL segment the receiver handed on in its
+/// buffer), with its hash recorded: no read of the spool file at all. zstd compresses the
+/// buffer in one call, which is faster than the streaming encoder (it works on one contiguous
+/// input instead of copying it into a window: docs/benchmarks.md); the frame is an ordinary
+/// zstd frame, with a checksum when the object is not encrypted ([`zstd_checksum`]).
+async fn upload_bytes(
+    target: &Target<'_>,
+    data: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    hash_algorithm: HashAlgorithm,
+    mut metadata: ObjectMeta,
+) -> Result<Uploaded, TransferError> {
+    let compression = target.compression;
+    let size = (*data).as_ref().len() as u64;
+    if compression.algorithm == Algorithm::Zstd && compression.threads == 0 {
+        // One worker hashes, compresses and encrypts the whole file into pooled buffers, and
+        // the store gets the finished object in one piece: no channel, no chunk allocations,
+        // one hand-off to a blocking thread instead of three. Those hand-offs and the page
+        // faults of fresh chunk buffers cost a tenth of the WAL drain's CPU on a saturated
+        // two-core machine (docs/benchmarks.md).
+        let worker = crate::pipeline::cpu::worker().await;
+        let enc = target.encryption.clone();
+        let (hash, object) = tokio::task::spawn_blocking(move || {
+            let _worker = worker;
+            one_shot_object((*data).as_ref(), compression, enc.as_ref(), hash_algorithm)
+        })
+        .await
+        .map_err(|e| target.failed(format!("compression thread failed: {e}")))?
+        .map_err(|e| target.failed(e.to_string()))?;
+        record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+        record_codec(&mut metadata, compression, target.encryption.as_ref());
+        let object = Bytes::from_owner(object);
+        let stored_size = object.len() as u64;
+        target
+            .store
+            .put_whole(target.key, object, &metadata.to_map())
+            .await?;
+        return Ok(Uploaded {
+            plain_size: size,
+            stored_size,
+            hash,
+            metadata,
+        });
+    }
+    let input = data.clone();
+    let worker = crate::pipeline::cpu::worker().await;
+    let hash = tokio::task::spawn_blocking(move || {
+        let _worker = worker;
+        let mut hash = hash_algorithm.hasher();
+        hash.update((*input).as_ref());
+        hash.finish_hex()
+    })
+    .await
+    .map_err(|e| target.failed(format!("hash thread failed: {e}")))?;
+    record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+    upload_stream(
+        target,
+        metadata,
+        Digest::Recorded(hash),
+        Box::new(move |w| w.write_all((*data).as_ref())),
+    )
+    .await
+}
+
+pub fn one_shot_object(
+    plain: &[u8],
+    compression: CompressionSettings,
+    encryption: Option<&UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+) -> io::Result<(String, impl AsRef<[u8]> + Send + Sync + 'static)> {
+    let mut hash = hash_algorithm.hasher();
+    hash.update(plain);
+    // Both buffers of one capacity, so that a pooled one never needs to grow (a realloc of a
+    // buffer this size is a fresh mapping, page faults and all). The sealed object is the
+    // compressed one, a header (a wrapped key) and a tag per chunk longer.
+    let capacity =
+        zstd::zstd_safe::compress_bound(plain.len()) + plain.len() / DEFAULT_CHUNK_SIZE * 16 + 8192;
+    let mut compressed = ONE_SHOT_OUTPUT.take(capacity);
+    let mut c = zstd::bulk::Compressor::new(compression.level)?;
+    c.include_checksum(zstd_checksum(encryption.is_some()))?;
+    c.compress_to_buffer(plain, &mut *compressed)?;
+    let object = match encryption {
+        None => compressed,
+        Some(e) => {
+            let mut sealed = ONE_SHOT_OUTPUT.take_aligned(capacity);
+            let mut w = Encryptor::new(&mut *sealed, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
+            w.write_all(compressed.as_ref())?;
+            w.finish()?;
+            sealed
+        }
+    };
+    Ok((hash.finish_hex(), object))
+}
+
+/// Counts (and, when asked, hashes) the plain bytes on their way into the compressor.
+struct Counting<'a> {
+    inner: &'a mut dyn Write,
+    hash: Option<Hasher>,
+    size: u64,
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        if let Some(h) = self.hash.as_mut() {
+            h.update(&data[..n]);
+        }
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Whether [`upload_stream`] hashes the bytes it is given on their way.
+enum Digest {
+    /// SHA-1 of the bytes, returned ([`Hashing::Sha1Returned`]).
+    Sha1,
+    /// Not again: the caller recorded this hash in the metadata already (WAL).
+    Recorded(String),
+}
+
+/// Stores into the target whatever `produce` writes (on a blocking thread), compressed and
+/// encrypted on the way, without a temporary copy. The object appears only if `produce`
+/// returned `Ok`; an error, a panic or this future being dropped leaves nothing under the key.
+async fn upload_stream(
+    target: &Target<'_>,
+    mut metadata: ObjectMeta,
+    digest: Digest,
+    produce: Produce,
+) -> Result<Uploaded, TransferError> {
+    let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
+    let enc = target.encryption.clone();
+    let (compression, input) = (target.compression, target.input);
+    let hash_on_the_way = matches!(digest, Digest::Sha1);
+    let worker = crate::pipeline::cpu::worker().await;
+    let cpu = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<String>)> {
+        let _worker = worker;
+        let err_tx = tx.clone();
+        let result: io::Result<(u64, Option<String>)> = (|| {
+            let sink = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(PIPE_CHUNK),
+            };
+            let run = |c: &mut dyn Write| -> io::Result<(u64, Option<String>)> {
+                let mut h = Counting {
+                    inner: c,
+                    hash: hash_on_the_way.then(|| HashAlgorithm::Sha1.hasher()),
+                    size: 0,
+                };
+                // A panic would close the channel like a clean end and complete a short
+                // object: turn it into an error that aborts the upload.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| produce(&mut h)))
+                    .map_err(|_| io::Error::other("the producer panicked"))??;
+                Ok((h.size, h.hash.map(Hasher::finish_hex)))
+            };
+            // Compresses what `run` writes into `w` (or passes it through when it is
+            // compressed already).
+            fn compressed<W: Write>(
+                w: W,
+                compression: &CompressionSettings,
+                input: Input,
+                encrypted: bool,
+                run: impl FnOnce(&mut dyn Write) -> io::Result<(u64, Option<String>)>,
+            ) -> io::Result<((u64, Option<String>), W)> {
+                if input == Input::Compressed {
+                    let mut w = w;
+                    let out = run(&mut w)?;
+                    return Ok((out, w));
+                }
+                let mut c = Compressor::new(w, compression, zstd_checksum(encrypted))?;
+                let out = run(&mut c)?;
+                Ok((out, c.finish()?))
+            }
+            let (out, mut sink) = match enc {
+                Some(e) => {
+                    let encryptor = Encryptor::new(sink, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
+                    let (out, encryptor) = compressed(encryptor, &compression, input, true, run)?;
+                    (out, encryptor.finish()?)
+                }
+                None => compressed(sink, &compression, input, false, run)?,
+            };
+            sink.flush()?;
+            Ok(out)
+        })();
+        if let Err(e) = &result {
+            // Fail the upload rather than let it complete with a short object.
+            let _ = err_tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
+        }
+        result
+    });
+    record_codec(&mut metadata, compression, target.encryption.as_ref());
+    let stored = target
+        .store
+        .put_chunks(target.key, rx, &metadata.to_map())
+        .await;
+    let produced = cpu
+        .await
+        .map_err(|e| target.failed(format!("producer thread failed: {e}")))?;
+    match (stored, produced) {
+        (Ok(stored_size), Ok((plain_size, sha1))) => Ok(Uploaded {
+            plain_size,
+            stored_size,
+            hash: match digest {
+                Digest::Recorded(hash) => hash,
+                // Asked for above, so always there.
+                Digest::Sha1 => sha1.unwrap_or_default(),
+            },
+            metadata,
+        }),
+        (Err(s), Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => Err(s.into()),
+        (_, Err(e)) => Err(target.failed(e.to_string())),
+        (Err(s), Ok(_)) => Err(s.into()),
+    }
+}
