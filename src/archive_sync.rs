@@ -42,10 +42,10 @@ use walhoard_protocol::{
     PageExpectation, SegmentId, SegmentSize, TimelineHistory, TimelineId, WalSegmentName,
 };
 
-use crate::archive_cleanup::DIVERGED_SUFFIX;
 use crate::config::Config;
 use crate::daemon::archiver::{wal_key, Existing, UploadContext};
 use crate::daemon::identity;
+use crate::daemon::wal_retention::DIVERGED_SUFFIX;
 use crate::pipeline::transfer::Source;
 use crate::settings::SiteSettings;
 use crate::storage::retry::with_retries;

@@ -228,6 +228,7 @@ async fn check_storage(site: &SiteSettings, out: &mut Vec<CheckResult>) {
 /// as walhoard's or pghoard's is left alone by it, and reported here so someone looks.
 async fn check_archive(site: &SiteSettings, out: &mut Vec<CheckResult>) {
     use crate::basebackup::inventory::{self, ChunkDirState, Writer};
+    use crate::daemon::wal_retention::{self, WalPlan};
     let name = site.name.as_str();
     let result: Result<String> = async {
         let store = site.open_store()?;
@@ -240,6 +241,22 @@ async fn check_archive(site: &SiteSettings, out: &mut Vec<CheckResult>) {
             );
         }
         let count = |w: &Writer| inv.controls.iter().filter(|c| c.writer == *w).count();
+        // WAL retention would leave (not walhoard's, older than every backup): reported,
+        // not a failure: after a switch from pghoard it is pghoard's, expected until the
+        // operator deletes it with pghoard's backups.
+        if let WalPlan::Before {
+            before, foreign, ..
+        } = wal_retention::plan(&store, &inv, &[]).await?
+        {
+            if let Some(line) = wal_retention::foreign_summary(&foreign, before) {
+                out.push(CheckResult {
+                    site: name.into(),
+                    check: "WAL retention".into(),
+                    ok: true,
+                    detail: line,
+                });
+            }
+        }
         let orphans = inv
             .chunk_dirs
             .iter()
@@ -374,6 +391,8 @@ pub async fn run(config: &Config, site: Option<&str>) -> Result<Vec<CheckResult>
             .with_context(|| format!("no backup site {s:?} in the configuration"))?],
         None => config.backup_sites.keys().collect(),
     };
+    // The daemon refuses to start with an API open to the network: so does check.
+    crate::http::auth::check_exposure(config).map_err(anyhow::Error::msg)?;
     let mut out = Vec::new();
     for name in names {
         let settings = SiteSettings::build(config, name)?;

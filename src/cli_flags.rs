@@ -90,6 +90,8 @@ mod tests {
                 "--target-dir",
                 "d",
             ],
+            &["verify", "-c", "f.json", "--site", "s", "--json", "--wal"],
+            &["info", "--config", "f.json", "--site", "s", "--json"],
         ] {
             let cli = Cli::try_parse_from(std::iter::once("walhoard").chain(argv.iter().copied()))
                 .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
@@ -99,6 +101,16 @@ mod tests {
                     site
                 }
                 Command::Basebackup { site } => site,
+                Command::Verify {
+                    site, json, wal, ..
+                } => {
+                    assert!(json.json && wal);
+                    site
+                }
+                Command::Info { site, json } => {
+                    assert!(json.json);
+                    site
+                }
                 Command::Restore {
                     command: RestoreCommand::ListBasebackups { site, json },
                 } => {

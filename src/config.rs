@@ -4,6 +4,7 @@
 //! Every object rejects unknown keys, and every error names the key path
 //! (`backup_sites.main.nodes[0].prot`), so a typo fails at startup instead of being ignored.
 
+mod monitoring;
 mod site;
 mod storage;
 mod validate;
@@ -15,6 +16,9 @@ use serde::Deserialize;
 
 pub use crate::pipeline::compression::Algorithm;
 pub use crate::pipeline::hash::HashAlgorithm;
+pub use monitoring::{
+    PrometheusConfig, PushGatewayConfig, Secret, StatsdConfig, StatsdFormat, TagValue,
+};
 pub use site::{
     BackupMode, BasebackupMode, KeyPairConfig, NodeConfig, ReceiveXlogConfig, SiteConfig,
     SpoolFsync,
@@ -90,13 +94,26 @@ pub struct Config {
     pub syslog_facility: String,
     /// Alert files go here (default: backup_location, else the working directory).
     pub alert_file_dir: Option<PathBuf>,
+    /// pghoard's statsd client: metrics sent over UDP ([`crate::metrics`]).
     pub statsd: Option<StatsdConfig>,
+    /// pghoard's Pushgateway client: metrics POSTed over HTTP.
     pub push_gateway: Option<PushGatewayConfig>,
-    pub prometheus: Option<serde_json::Value>,
+    /// pghoard's Prometheus client: `GET /metrics` on the HTTP API (501 without it).
+    pub prometheus: Option<PrometheusConfig>,
+    /// walhoard: seconds between two sends to statsd and the Pushgateway (default 10, as
+    /// pghoard's `transmit_metrics`).
+    pub metrics_push_interval: Option<f64>,
     #[serde(default = "default_http_address")]
     pub http_address: String,
     #[serde(default = "default_http_port")]
     pub http_port: u16,
+    /// pghoard's HTTP Basic auth of the API: every route needs both when both are set.
+    pub webserver_username: Option<String>,
+    pub webserver_password: Option<Secret>,
+    /// walhoard: let the API listen on a non-loopback `http_address` without
+    /// `webserver_username`/`webserver_password` (the daemon refuses to start otherwise).
+    #[serde(default)]
+    pub http_allow_unauthenticated_remote: bool,
     /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
     /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
     pub http_restore_concurrency: Option<u32>,
@@ -156,24 +173,6 @@ impl Default for TransferConfig {
             retry_max_backoff_seconds: None,
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StatsdConfig {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub format: Option<String>,
-    #[serde(default)]
-    pub tags: BTreeMap<String, serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PushGatewayConfig {
-    pub endpoint: String,
-    #[serde(default)]
-    pub tags: BTreeMap<String, serde_json::Value>,
 }
 
 /// pghoard's `log_level`: Python's logging level names.

@@ -14,12 +14,22 @@
 //!   The target must be a file inside the site's `pg_data_directory`, reached without a
 //!   symlink ([`target`]); anything else is `400` and nothing is written.
 //!
+//! - `HEAD /<site>/archive/<file>`, `GET /<site>/basebackup`, `GET /metrics`: see
+//!   [`catalog`].
+//!
+//! With `webserver_username` and `webserver_password` set, every route needs them as HTTP
+//! Basic credentials (`401` otherwise, as pghoard's); without them the daemon refuses to
+//! listen on a non-loopback `http_address` unless `http_allow_unauthenticated_remote` is set
+//! ([`auth`]).
+//!
 //! Limits, so that a local process cannot exhaust the daemon: at most
 //! `http_restore_concurrency` restore requests run at once (each holds up to
 //! `restore_prefetch` + 1 downloads in memory; the others wait for a slot), and a connection
 //! that does not send a complete request head within [`HEADER_READ_TIMEOUT`], whether it is
 //! new or idle between keep-alive requests, is closed.
 
+pub mod auth;
+mod catalog;
 mod target;
 
 use std::convert::Infallible;
@@ -127,6 +137,15 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// What every request of one server checks and answers, from the configuration it started
+/// with.
+#[derive(Clone)]
+struct Fixed {
+    startup_time: f64,
+    auth: auth::Auth,
+    prometheus: Option<crate::config::PrometheusConfig>,
+}
+
 /// The running server.
 pub struct Server {
     pub addr: SocketAddr,
@@ -139,6 +158,11 @@ impl Server {
     /// Points the API at a new set of sites (after a reload).
     pub fn set_sites(&self, sites: Sites) {
         *self.sites.write().unwrap_or_else(|p| p.into_inner()) = sites;
+    }
+
+    /// The sites the API serves, as replaced on reload (the metrics pusher reads them).
+    pub fn sites_handle(&self) -> Arc<RwLock<Sites>> {
+        self.sites.clone()
     }
 
     pub async fn stop(self) {
@@ -155,6 +179,7 @@ pub async fn serve(config: &Config, sites: Sites) -> Result<Server> {
 
 /// [`serve`] with explicit limits.
 pub async fn serve_with(config: &Config, sites: Sites, limits: Limits) -> Result<Server> {
+    auth::check_exposure(config).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind((config.http_address.as_str(), config.http_port))
         .await
         .with_context(|| format!("bind {}:{}", config.http_address, config.http_port))?;
@@ -162,7 +187,11 @@ pub async fn serve_with(config: &Config, sites: Sites, limits: Limits) -> Result
     let sites = Arc::new(RwLock::new(sites));
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let startup_time = now_secs();
+    let fixed = Fixed {
+        startup_time: now_secs(),
+        auth: auth::Auth::from_config(config),
+        prometheus: config.prometheus.clone(),
+    };
     let restores = Arc::new(Restores::new(limits.restore_concurrency));
     {
         let sites = sites.clone();
@@ -183,6 +212,7 @@ pub async fn serve_with(config: &Config, sites: Sites, limits: Limits) -> Result
                 let sites = sites.clone();
                 let cancel = cancel.clone();
                 let restores = restores.clone();
+                let fixed = fixed.clone();
                 let header_read_timeout = limits.header_read_timeout;
                 let tasks = t.clone();
                 t.spawn(async move {
@@ -190,7 +220,7 @@ pub async fn serve_with(config: &Config, sites: Sites, limits: Limits) -> Result
                         let sites = sites.read().unwrap_or_else(|p| p.into_inner()).clone();
                         let api = Api {
                             sites,
-                            startup_time,
+                            fixed: fixed.clone(),
                             restores: restores.clone(),
                             tasks: tasks.clone(),
                         };
@@ -237,7 +267,7 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 /// What a request handler sees.
 struct Api {
     sites: Sites,
-    startup_time: f64,
+    fixed: Fixed,
     restores: Arc<Restores>,
     /// The server's tasks: restores run in one of their own (see [`restore`]).
     tasks: TaskTracker,
@@ -247,10 +277,32 @@ async fn handle(req: Request<Incoming>, api: Api) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let sites = &api.sites;
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if !api.fixed.auth.allows(authorization) {
+        // Logged without the header: it may hold a password that is almost right.
+        tracing::warn!(method = %req.method(), %path, "HTTP request refused: missing or wrong credentials");
+        let mut r = reply(StatusCode::UNAUTHORIZED, "Authentication required");
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Basic realm=\"pghoard\""),
+        );
+        return r;
+    }
+    let has_target = req
+        .headers()
+        .contains_key(crate::api_client::TARGET_PATH_HEADER);
     match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["metrics"]) => catalog::metrics(sites, api.fixed.prometheus.as_ref()),
+        (&Method::GET, [site, "basebackup"]) => catalog::list_basebackups(sites, site).await,
+        (&Method::HEAD, [site, "archive" | "xlog" | "timeline", file]) => {
+            catalog::head(sites, site, file, has_target).await
+        }
         (&Method::GET, ["status"]) => {
-            let mut state =
-                serde_json::to_value(daemon_state(sites, api.startup_time)).unwrap_or_default();
+            let mut state = serde_json::to_value(daemon_state(sites, api.fixed.startup_time))
+                .unwrap_or_default();
             if let Some(o) = state.as_object_mut() {
                 o.insert("http_restores".into(), api.restores.status());
             }
@@ -306,20 +358,26 @@ async fn basebackup(sites: &Sites, site: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// The WAL file a route names, or its `400` answer.
+#[allow(clippy::result_large_err)]
+fn wal_name(file: &str) -> Result<WalSegmentName, Response<Full<Bytes>>> {
+    file.parse().map_err(|e| {
+        json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({ "error": format!("{file:?} is not a WAL file name: {e}") }),
+        )
+    })
+}
+
 /// archive_command: stores `<pg_data_directory>/pg_wal/<file>` and answers once it is durable.
 async fn archive(sites: &Sites, site: &str, file: &str) -> Response<Full<Bytes>> {
     let err = |status, msg: String| json(status, serde_json::json!({ "error": msg }));
     let Some(handle) = sites.by_name.get(site) else {
         return err(StatusCode::NOT_FOUND, format!("no backup site {site:?}"));
     };
-    let name: WalSegmentName = match file.parse() {
+    let name = match wal_name(file) {
         Ok(n) => n,
-        Err(e) => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                format!("{file:?} is not a WAL file name: {e}"),
-            )
-        }
+        Err(refused) => return refused,
     };
     let Some(data_dir) = &handle.settings.config.pg_data_directory else {
         return err(
@@ -434,7 +492,8 @@ async fn restore(
             .parent()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        result.map_err(|e| match e {
+        let size = |_| std::fs::metadata(&output).map_or(0, |m| m.len());
+        result.map(size).map_err(|e| match e {
             WalFetchError::Failed(e) => WalFetchError::Failed(anyhow::anyhow!(
                 "{}",
                 format!("{e:#}").replace(&fd_dir, &real_dir)
@@ -442,7 +501,13 @@ async fn restore(
             other => other,
         })
     });
-    match work.await {
+    let result = work.await;
+    match &result {
+        Ok(Ok(size)) => crate::metrics::download(site, file, Ok(*size)),
+        Ok(Err(WalFetchError::NotFound { .. })) => {}
+        _ => crate::metrics::download(site, file, Err(())),
+    }
+    match result {
         Ok(Ok(_)) => json(StatusCode::CREATED, serde_json::json!({ "restored": file })),
         Ok(Err(WalFetchError::NotFound { key })) => json(
             StatusCode::NOT_FOUND,

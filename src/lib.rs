@@ -9,6 +9,8 @@
 //! - [`durable`]: files replaced atomically and renames that survive a crash (the bottom).
 //! - [`http`]: the daemon's HTTP API (status, archive_command, restore_command); its client
 //!   side, for the commands that talk to a daemon, is [`api_client`].
+//! - [`metrics`]: pghoard's metrics (and walhoard's own) for Prometheus, statsd and a
+//!   Pushgateway.
 //! - [`restore`]: listing and restoring basebackups, and the restore_command.
 //! - [`archive_sync`], [`archive_cleanup`], [`preservation`]: pghoard's archive-sync,
 //!   archive-cleanup and backup preservation requests.
@@ -22,6 +24,8 @@ pub mod config;
 pub mod daemon;
 pub mod durable;
 pub mod http;
+pub mod info;
+pub mod metrics;
 pub mod pipeline;
 pub mod postgres_command;
 pub mod preservation;
@@ -29,3 +33,4 @@ pub mod restore;
 pub mod server;
 pub mod settings;
 pub mod storage;
+pub mod verify;

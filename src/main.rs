@@ -97,6 +97,32 @@ enum Command {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Check that the archive is restorable: every basebackup's chunks (present, stored size,
+    /// decrypt, decompress, size and SHA-1, tar) and the WAL chain from each backup on (gaps,
+    /// history files; with --wal every segment fetched and each record's CRC checked).
+    /// Prints "restorable to LSN X" per backup and every problem with its object key.
+    /// Exit 0 only when nothing is wrong, 1 otherwise.
+    Verify {
+        #[command(flatten)]
+        site: SiteFlags,
+        /// One backup by name, or `all` (the default).
+        #[arg(long)]
+        basebackup: Option<String>,
+        /// Fetch, decrypt and walk every WAL segment the backups need, record by record.
+        #[arg(long)]
+        wal: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// One screen per site: basebackups, archived WAL per timeline with gaps, the newest
+    /// segment and its age, the daemon's status from its state file. With --site, only that
+    /// site.
+    Info {
+        #[command(flatten)]
+        site: SiteFlags,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Take one basebackup of a site now, as its configuration says (basebackup_mode), and
     /// print its name once it is stored and listed.
     Basebackup {
@@ -452,6 +478,24 @@ fn main() -> ExitCode {
                 dry_run,
                 json,
             } => archive_cleanup(&site, dry_run, json.json).await,
+            Command::Verify {
+                site,
+                basebackup,
+                wal,
+                json,
+            } => {
+                walhoard::verify::cli(
+                    &site.config,
+                    site.site.as_deref(),
+                    basebackup.as_deref(),
+                    wal,
+                    json.json,
+                )
+                .await
+            }
+            Command::Info { site, json } => {
+                walhoard::info::cli(&site.config, site.site.as_deref(), json.json).await
+            }
         };
         r.map(|()| 0)
     });

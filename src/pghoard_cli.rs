@@ -170,8 +170,9 @@ fn restore(f: RestoreFlags) -> Dispatch {
             Err(code) => Dispatch::Exit(code),
         },
         RestoreSub::ListBasebackupsHttp { .. } => refuse(
-            "list-basebackups-http: walhoard's daemon does not list basebackups over HTTP; use \
-             `pghoard_restore list-basebackups --config FILE` (it reads the object store directly)",
+            "list-basebackups-http is not translated (the daemon answers GET /<site>/basebackup \
+             as pghoard's does, for scripts); use `pghoard_restore list-basebackups --config \
+             FILE`, which reads the object store directly",
         ),
         RestoreSub::GetBasebackup {
             generic,
@@ -267,9 +268,6 @@ fn restore(f: RestoreFlags) -> Dispatch {
 }
 
 fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
-    // walhoard's HTTP API has no authentication yet: the credentials are accepted so
-    // pghoard's recovery configurations parse, and not sent anywhere.
-    let _ = (f.username, f.password);
     let f = f.args;
     let mut v: Vec<OsString> = vec![
         "postgres-command".into(),
@@ -288,6 +286,11 @@ fn postgres_command(f: PostgresCommandFlags) -> Dispatch {
     }
     if let Some(port) = f.port {
         v.extend(["--port".into(), port.to_string().into()]);
+    }
+    // pghoard sends them only when both are given (HTTPBasicAuth when username and password).
+    if let (Some(user), Some(password)) = (f.username, f.password) {
+        v.extend(["--username".into(), user.into()]);
+        v.extend(["--password".into(), password.into()]);
     }
     if let Some(config) = f.config {
         v.extend(["--config".into(), config.into()]);
@@ -323,37 +326,40 @@ mod tests {
     fn pghoards_recovery_conf_restore_command_maps_to_postgres_command() {
         let want =
             "walhoard postgres-command --mode restore --site s --xlog %f --output %p --port 16001";
-        for argv in [
-            os(&[
-                "/opt/x/pghoard_postgres_command",
-                "--mode",
-                "restore",
-                "--port",
-                "16001",
-                "--site",
-                "s",
-                "--output",
-                "%p",
-                "--xlog",
-                "%f",
-            ]),
-            os(&[
-                "walhoard",
-                "pghoard_postgres_command",
-                "--mode",
-                "restore",
-                "--port",
-                "16001",
-                "--site",
-                "s",
-                "--output",
-                "%p",
-                "--xlog",
-                "%f",
-            ]),
+        let flags = [
+            "--mode", "restore", "--port", "16001", "--site", "s", "--output", "%p", "--xlog", "%f",
+        ];
+        for prefix in [
+            &["/opt/x/pghoard_postgres_command"][..],
+            &["walhoard", "pghoard_postgres_command"][..],
         ] {
+            let argv = os(&[prefix, &flags[..]].concat());
             assert_eq!(args_of(dispatch(argv)).join(" "), want);
         }
+    }
+
+    #[test]
+    fn pghoard_postgres_command_credentials_sent_only_together() {
+        let base = [
+            "pghoard_postgres_command",
+            "--mode",
+            "restore",
+            "--site",
+            "s",
+            "--xlog",
+            "%f",
+            "--output",
+            "%p",
+        ];
+        let with = |extra: &[&str]| {
+            let argv: Vec<&str> = base.iter().chain(extra).copied().collect();
+            args_of(dispatch(os(&argv))).join(" ")
+        };
+        assert!(with(&["--username", "u", "--password", "p"])
+            .ends_with("--output %p --username u --password p"));
+        // pghoard authenticates only with both (HTTPBasicAuth when username and password).
+        assert!(!with(&["--username", "u"]).contains("--username"));
+        assert!(!with(&["--password", "p"]).contains("--password"));
     }
 
     #[test]

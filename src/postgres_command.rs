@@ -21,7 +21,7 @@
 use anyhow::{bail, Context, Result};
 use hyper::{Method, StatusCode};
 
-use crate::api_client::{request, TARGET_PATH_HEADER};
+use crate::api_client::{request, Credentials, TARGET_PATH_HEADER};
 use crate::config::Config;
 use crate::restore::wal::{restore_wal_file_from, WalFetchError};
 use crate::restore::RestoreSite;
@@ -73,6 +73,13 @@ pub struct CommandArgs {
     /// needed) unless --host/--port are given; archive mode takes the daemon's address.
     #[arg(long, short)]
     pub config: Option<std::path::PathBuf>,
+    /// HTTP Basic credentials for the daemon's API (its webserver_username /
+    /// webserver_password), sent only when both are given, as pghoard's; without them, the
+    /// configuration's, with --config.
+    #[arg(long)]
+    pub username: Option<String>,
+    #[arg(long)]
+    pub password: Option<String>,
 }
 
 /// Runs the command; returns the process exit code (errors are printed here).
@@ -140,6 +147,15 @@ fn daemon_address(req: &CommandArgs, cfg: Option<&Config>) -> (String, u16) {
     (host, port)
 }
 
+/// The `Authorization` header to send, if any.
+fn auth_header(req: &CommandArgs, cfg: Option<&Config>) -> Option<(&'static str, String)> {
+    let given = req.username.clone().zip(req.password.clone());
+    given
+        .map(|(username, password)| Credentials { username, password })
+        .or_else(|| cfg.and_then(Credentials::from_config))
+        .map(|c| c.header())
+}
+
 fn check_name(xlog: &str) -> Result<()> {
     if xlog.is_empty() || xlog.contains('/') {
         bail!("--xlog {xlog:?} is not a WAL file name");
@@ -176,12 +192,14 @@ async fn restore(req: &CommandArgs) -> Result<(), WalFetchError> {
                 .transpose()
                 .map_err(|e| failed(e.into()))?;
             let (host, port) = daemon_address(req, cfg.as_ref());
+            let mut headers = vec![(TARGET_PATH_HEADER, output.display().to_string())];
+            headers.extend(auth_header(req, cfg.as_ref()));
             let (status, body) = request(
                 &host,
                 port,
                 Method::GET,
                 &format!("/{}/archive/{}", req.site, req.xlog),
-                &[(TARGET_PATH_HEADER, output.display().to_string())],
+                &headers,
             )
             .await
             .map_err(failed)?;
@@ -205,12 +223,13 @@ async fn archive(req: &CommandArgs) -> Result<()> {
     let cfg = req.config.as_deref().map(Config::load).transpose()?;
     let (host, port) = daemon_address(req, cfg.as_ref());
     let xlog = &req.xlog;
+    let headers: Vec<_> = auth_header(req, cfg.as_ref()).into_iter().collect();
     let (status, body) = request(
         &host,
         port,
         Method::PUT,
         &format!("/{}/archive/{xlog}", req.site),
-        &[],
+        &headers,
     )
     .await?;
     if status != StatusCode::CREATED {

@@ -228,7 +228,7 @@ async fn archive_sync_repairs_an_s3_archive() {
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let mut pg = cluster();
     let d = DaemonDir::new();
-    let storage = s3_storage(&s3);
+    let storage = DaemonDir::s3_storage(s3.port, "wal");
     let (mut daemon, segs) = archive_with_backup(&pg, &d, &storage).await;
     daemon.terminate(Duration::from_secs(30));
     let store = d.store(&storage);

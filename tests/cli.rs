@@ -155,7 +155,14 @@ fn cli_check_refuses_what_the_daemon_refuses() {
         text(&out)
     );
 
-    let refused: [(&str, Edit); 4] = [
+    let refused: [(&str, Edit); 5] = [
+        (
+            "http_address \"0.0.0.0\" is not a loopback address",
+            Box::new(|c| {
+                c["http_address"] = serde_json::json!("0.0.0.0");
+                c.to_string()
+            }),
+        ),
         (
             "compression.level: compression level 1000 is out of range for zstd",
             Box::new(|c| {

@@ -263,7 +263,7 @@ async fn daemon_storage_outage_loses_nothing_and_slot_holds_wal() {
     let pg = cluster();
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let d = DaemonDir::new();
-    let storage = s3_storage(&s3);
+    let storage = DaemonDir::s3_storage(s3.port, "wal");
     d.write_config(&pg, storage.clone(), json!({}));
     let daemon = Daemon::start(&d);
     let store = d.store(&storage);
@@ -750,18 +750,18 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
 }
 
 fn backups_started(daemon: &Daemon) -> usize {
-    daemon
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("starting basebackup "))
-        .count()
+    log_lines_with(daemon, "starting basebackup ")
 }
 
 fn backups_failed(daemon: &Daemon) -> usize {
+    log_lines_with(daemon, "basebackup failed")
+}
+
+fn log_lines_with(daemon: &Daemon, needle: &str) -> usize {
     daemon
         .log_text()
         .lines()
-        .filter(|l| l.contains("basebackup failed"))
+        .filter(|l| l.contains(needle))
         .count()
 }
 

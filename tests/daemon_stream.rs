@@ -252,7 +252,7 @@ async fn daemon_recreated_slot_after_kill_9_with_backlog_leaves_no_gap() {
     let pg = keeping_cluster();
     let mut s3 = walhoard_testkit::s3::S3Server::start("wal").unwrap();
     let d = DaemonDir::new();
-    let storage = s3_storage(&s3);
+    let storage = DaemonDir::s3_storage(s3.port, "wal");
     d.write_config(&pg, storage.clone(), serde_json::json!({}));
     let mut daemon = Daemon::start(&d);
     let store = d.store(&storage);

@@ -54,6 +54,16 @@ impl DaemonDir {
         self.path("alerts")
     }
 
+    /// The `object_storage` of bucket `bucket` on an s3s-fs server listening on `port`.
+    pub fn s3_storage(port: u16, bucket: &str) -> Value {
+        json!({
+            "storage_type": "s3", "region": "us-east-1", "bucket_name": bucket,
+            "host": "127.0.0.1", "port": port, "is_secure": false,
+            "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
+            "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
+        })
+    }
+
     pub fn local_storage(&self) -> Value {
         json!({"storage_type": "local", "directory": self.path("archive")})
     }
@@ -137,16 +147,6 @@ impl DaemonDir {
         let cfg: ObjectStorageConfig = serde_json::from_value(storage.clone()).unwrap();
         ObjectStore::open(&cfg, "main").unwrap()
     }
-}
-
-/// The `object_storage` of a site archiving into s3s-fs bucket `wal`.
-pub fn s3_storage(s3: &walhoard_testkit::s3::S3Server) -> Value {
-    json!({
-        "storage_type": "s3", "region": "us-east-1", "bucket_name": "wal",
-        "host": "127.0.0.1", "port": s3.port, "is_secure": false,
-        "aws_access_key_id": walhoard_testkit::s3::ACCESS_KEY,
-        "aws_secret_access_key": walhoard_testkit::s3::SECRET_KEY,
-    })
 }
 
 /// A daemon streaming a cluster's WAL into local storage with `DaemonDir::write_config`'s
@@ -270,18 +270,37 @@ impl Drop for Daemon {
 /// Runs `walhoard check` on `config`, asserts that it fails and that one of its FAIL lines
 /// satisfies `line`; returns what it printed.
 pub fn check_fails_with(config: &Path, line: impl Fn(&str) -> bool) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = run_check(config);
+    assert!(!ok, "{text}");
     assert!(
         text.lines().any(|l| l.starts_with("FAIL") && line(l)),
         "{text}"
     );
     text
+}
+
+/// Runs `walhoard check` and asserts that one of its `ok` lines satisfies `line` (whatever
+/// the other checks say); returns its output.
+pub fn check_passes_with(config: &Path, line: impl Fn(&str) -> bool) -> String {
+    let (_, text) = run_check(config);
+    assert!(
+        text.lines().any(|l| l.starts_with("ok") && line(l)),
+        "{text}"
+    );
+    text
+}
+
+/// `walhoard check --config <config>`: whether it succeeded, and its output.
+fn run_check(config: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_walhoard"))
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 pub async fn archived_segments(store: &ObjectStore) -> BTreeMap<String, u64> {

@@ -107,16 +107,6 @@ async fn check_accepts_the_clusters_own_archive() {
     let (d, daemon, store, _) = LocalDaemon::streaming(&pg);
     let done = switch_segment(&pg);
     wait_archived(&store, &done, Duration::from_secs(30), &daemon).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"))
-        .args(["check", "--config"])
-        .arg(d.config_path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.lines()
-            .any(|line| line.starts_with("ok") && line.contains("archive owner")),
-        "{text}"
-    );
+    check_passes_with(&d.config_path(), |l| l.contains("archive owner"));
     assert!(!d.alert_dir().join("foreign_archive_main").exists());
 }

@@ -15,15 +15,15 @@ const TARGET: &str = "x-pghoard-target-path";
 
 /// A daemon whose site `main` has `pg_data_directory` = `<dir>/pgdata`, with three archived
 /// segments; `top` is merged into the configuration's top level.
-struct Api {
-    pg: PgCluster,
-    d: DaemonDir,
-    daemon: Daemon,
-    data: PathBuf,
-    names: Vec<String>,
+pub(crate) struct Api {
+    pub(crate) pg: PgCluster,
+    pub(crate) d: DaemonDir,
+    pub(crate) daemon: Daemon,
+    pub(crate) data: PathBuf,
+    pub(crate) names: Vec<String>,
 }
 
-async fn api(top: serde_json::Value) -> Api {
+pub(crate) async fn api(top: serde_json::Value) -> Api {
     let pg = PgCluster::builder()
         .setting("wal_keep_size", "'1GB'")
         .start()
@@ -60,7 +60,7 @@ async fn api(top: serde_json::Value) -> Api {
 
 impl Api {
     /// `GET /main/archive/<file>` with the target header (if any): status and body.
-    async fn restore(&self, file: &str, target: Option<&Path>) -> (StatusCode, String) {
+    pub(crate) async fn restore(&self, file: &str, target: Option<&Path>) -> (StatusCode, String) {
         let headers: Vec<(&str, String)> = target
             .map(|t| (TARGET, t.display().to_string()))
             .into_iter()
@@ -90,7 +90,7 @@ impl Api {
         serde_json::from_str(&body).unwrap()
     }
 
-    fn same_as_pg_wal(&self, restored: &Path, name: &str) -> bool {
+    pub(crate) fn same_as_pg_wal(&self, restored: &Path, name: &str) -> bool {
         std::fs::read(restored).ok() == std::fs::read(self.pg.wal_dir().join(name)).ok()
     }
 }

@@ -59,7 +59,7 @@ fn is_root() -> bool {
 }
 
 /// A directory, readable by the server's OS user, with `names` symlinked to the walhoard binary.
-fn pghoard_bin(names: &[&str]) -> tempfile::TempDir {
+pub(crate) fn pghoard_bin(names: &[&str]) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

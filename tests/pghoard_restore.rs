@@ -12,9 +12,9 @@ use serde_json::json;
 use crate::common::list_basebackups;
 use crate::daemon_support::{merge, DaemonDir};
 use crate::restore::{get_basebackup, start_promoted, stderr};
-use crate::retention::{unpack_pghoard_archive, PGHOARD_SITE};
+use crate::retention::PGHOARD_SITE;
 
-const LOCAL_TAR: &str = "2026-12-04_20-38_0";
+pub(crate) const LOCAL_TAR: &str = "2026-12-04_20-38_0";
 const LOCAL_TAR_CONTROL: &str = "2026-12-04_20-38_0.00000000.pghoard";
 const BASIC: &str = "2026-12-04_20-39_0";
 /// The fixture's table: 1000 rows, then 100 more before each of four WAL switches, all of
@@ -35,16 +35,31 @@ pub(crate) fn pghoard_site(d: &DaemonDir, extra: serde_json::Value) -> serde_jso
 
 /// A walhoard configuration for pghoard's archive as a pghoard user keeps it: site prefix
 /// `pgsite`, local storage, no encryption; a node nothing connects to.
-fn pghoard_archive() -> DaemonDir {
+pub(crate) fn pghoard_archive() -> DaemonDir {
+    pghoard_archive_of(&fixture_archive("pghoard-pg15"))
+}
+
+/// `tests/data/<fixture>/archive.tar.zst`.
+pub(crate) fn fixture_archive(fixture: &str) -> String {
+    format!(
+        "{}/tests/data/{fixture}/archive.tar.zst",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// [`pghoard_archive`] for the fixture archive `archive`.
+pub(crate) fn pghoard_archive_of(archive: &str) -> DaemonDir {
     let d = DaemonDir::new();
-    unpack_pghoard_archive(&d.path("archive"));
+    crate::retention::unpack_fixture(archive, &d.path("archive"));
     d.write_sites(json!({"main": pghoard_site(&d, json!({}))}));
     // pghoard's local storage wrote its objects 0600: the server's user runs restore_command.
     walhoard_testkit::give_to_server_user(&d.path("archive")).unwrap();
     d
 }
 
-fn restore_and_count(d: &DaemonDir, name: &str) {
+/// Restores `name`, starts PostgreSQL on it (the server of the backup's major) and checks the
+/// fixture table holds `rows`; returns the major.
+pub(crate) fn restore_and_count(d: &DaemonDir, name: &str, rows: &str) -> u32 {
     let target = d.path(&format!("restored-{name}"));
     let out = get_basebackup(d, &target, &["--basebackup", name, "--restore-to-primary"]);
     assert!(
@@ -56,14 +71,37 @@ fn restore_and_count(d: &DaemonDir, name: &str) {
     assert!(target.join("backup_label").is_file());
     assert!(!target.join("pgdata").exists(), "pgdata/ was not stripped");
     let pg = start_promoted(&target);
-    let rows = pg.psql("select count(*) from fixture").unwrap();
-    assert_eq!(rows.trim(), FIXTURE_ROWS, "{}", pg.log());
+    let got = pg.psql("select count(*) from fixture").unwrap();
+    assert_eq!(got.trim(), rows, "{}", pg.log());
     assert!(
         pg.log().contains("consistent recovery state reached"),
         "{}",
         pg.log()
     );
+    pg.major
 }
+
+/// pghoard's local-tar backups on each PostgreSQL major a fixture was written on
+/// (tools/pghoard-fixture.sh; pghoard 2.7.0 supports 9.3 to 18): the fixture, its major, the
+/// backup's name as pghoard lists it, its start segment's LSN, and the fixture table's rows
+/// once all its WAL is replayed.
+pub(crate) const LOCAL_TAR_BY_MAJOR: [(&str, u32, &str, &str, &str); 3] = [
+    ("pghoard-pg15", 15, LOCAL_TAR, "0/2000000", FIXTURE_ROWS),
+    (
+        "pghoard-pg13",
+        13,
+        "2026-12-04_23-40_0",
+        "0/2000000",
+        "1200",
+    ),
+    (
+        "pghoard-pg17",
+        17,
+        "2026-12-04_23-43_0",
+        "0/2000000",
+        "1200",
+    ),
+];
 
 #[test]
 fn pghoard_basebackups_list_with_sizes_lsns_and_timeline() {
@@ -95,21 +133,42 @@ fn pghoard_basebackups_list_with_sizes_lsns_and_timeline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_pghoard_local_tar_backup_and_replay_pghoards_wal() {
-    let d = pghoard_archive();
-    // By pghoard's backup name, without the `.00000000.pghoard` of its control object.
-    restore_and_count(&d, LOCAL_TAR);
+    for (fixture, major, name, _, rows) in LOCAL_TAR_BY_MAJOR {
+        let d = pghoard_archive_of(&fixture_archive(fixture));
+        // By pghoard's backup name, without the `.00000000.pghoard` of its control object.
+        assert_eq!(restore_and_count(&d, name, rows), major, "{fixture}");
+    }
+}
+
+#[test]
+fn pghoard_local_tar_backups_of_every_major_list_with_lsn_timeline_and_version() {
+    for (fixture, major, name, start_lsn, _) in LOCAL_TAR_BY_MAJOR {
+        let d = pghoard_archive_of(&fixture_archive(fixture));
+        let list = list_basebackups(&d.config_path());
+        let b = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == format!("{name}.00000000.pghoard"))
+            .unwrap_or_else(|| panic!("{fixture}: {name} not listed: {list:#}"));
+        assert_eq!(b["start_lsn"], start_lsn, "{fixture}: {b:#}");
+        assert_eq!(b["start_timeline"], 1, "{fixture}: {b:#}");
+        let version: u32 = b["pg_version"].as_str().unwrap().parse().unwrap();
+        assert_eq!(version / 10000, major, "{fixture}: {b:#}");
+        assert!(b["size_plain"].as_u64() > Some(1 << 20), "{fixture}: {b:#}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_pghoard_basic_backup_and_replay_pghoards_wal() {
     let d = pghoard_archive();
-    restore_and_count(&d, BASIC);
+    restore_and_count(&d, BASIC, FIXTURE_ROWS);
 }
 
 /// Replaces one byte of file data inside a stored zstd tar with another value and stores it
 /// compressed again: a valid zstd stream and a valid tar of the same size, which only the
 /// object's `_hash` tells apart from what pghoard wrote.
-fn tamper(object: &Path) {
+pub(crate) fn tamper(object: &Path) {
     let plain = zstd::stream::decode_all(&std::fs::read(object).unwrap()[..]).unwrap();
     let mut plain = plain;
     // Halfway: inside a relation file's data (chunk 3 is nine members, almost all data).
@@ -159,7 +218,7 @@ const ENC_TS_DIR: &str = concat!(
 
 /// pghoard's `pghoa1`-encrypted archive with a tablespace (tests/data/pghoard-pg15-enc-ts),
 /// configured with the test key pair pghoard wrote it with.
-fn pghoard_encrypted_archive() -> DaemonDir {
+pub(crate) fn pghoard_encrypted_archive() -> DaemonDir {
     let d = DaemonDir::new();
     crate::retention::unpack_fixture(&format!("{ENC_TS_DIR}/archive.tar.zst"), &d.path("archive"));
     let keys: serde_json::Value =

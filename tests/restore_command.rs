@@ -36,7 +36,13 @@ struct Archive {
 }
 
 /// Uploads `path` as the WAL object `name`, encrypted with `d`'s key when `encrypt`.
-async fn upload_wal(store: &ObjectStore, d: &DaemonDir, name: &str, path: &Path, encrypt: bool) {
+pub(crate) async fn upload_wal(
+    store: &ObjectStore,
+    d: &DaemonDir,
+    name: &str,
+    path: &Path,
+    encrypt: bool,
+) {
     let encryption = encrypt.then(|| UploadEncryption {
         key_id: "k1".into(),
         public: PublicKey::from_pem(&d.public).unwrap(),

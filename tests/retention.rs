@@ -75,12 +75,11 @@ pub(crate) fn unpack_fixture(archive: &str, dir: &Path) {
     assert!(status.success(), "unpack {archive}: {status}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_keeps_every_object_pghoard_wrote() {
+/// A fresh cluster moved past the fixture's segment names: a fresh cluster's would be
+/// pghoard's (timeline 1, segments 2-8). Checkpoints remove the old segments from pg_wal, so
+/// that a daemon (which archives what pg_wal still holds) never writes onto pghoard's keys.
+pub(crate) fn cluster_past_the_fixtures_wal() -> PgCluster {
     let pg = PgCluster::start().unwrap();
-    // A fresh cluster's segment names would be pghoard's (timeline 1, segments 2-8): move
-    // this one past them, and let checkpoints remove the old segments from pg_wal, so that the
-    // daemon (which archives what pg_wal still holds) never writes onto pghoard's keys.
     for _ in 0..9 {
         pg.psql(
             "create table if not exists t(x int); insert into t values (1); select pg_switch_wal()",
@@ -89,6 +88,46 @@ async fn retention_keeps_every_object_pghoard_wrote() {
     }
     pg.psql("checkpoint").unwrap();
     pg.psql("checkpoint").unwrap();
+    pg
+}
+
+/// pghoard's configuration as a pghoard user would keep it: same site prefix, local storage,
+/// unencrypted; retention set to act (one backup kept).
+pub(crate) fn write_pghoard_site_config(d: &DaemonDir, pg: &PgCluster) {
+    d.write_config(
+        pg,
+        d.local_storage(),
+        json!({"prefix": PGHOARD_SITE, "encryption_key_id": null, "basebackup_mode": "basic",
+               "basebackup_count": 1, "basebackup_count_min": 1}),
+    );
+}
+
+/// `walhoard basebackup` against the running `daemon`: the new backup's name.
+pub(crate) fn requested_backup(d: &DaemonDir, daemon: &Daemon) -> String {
+    let out = basebackup_command(d).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the daemon logged that retention deleted something.
+pub(crate) fn wait_retention_applied(daemon: &Daemon) {
+    assert!(
+        crate::common::wait_until(Duration::from_secs(30), || daemon
+            .log_text()
+            .contains("retention applied")),
+        "retention did not run; log:\n{}",
+        daemon.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_every_object_pghoard_wrote() {
+    let pg = cluster_past_the_fixtures_wal();
     let d = DaemonDir::new();
     let archive = d.path("archive");
     unpack_pghoard_archive(&archive);
@@ -137,14 +176,7 @@ async fn retention_keeps_every_object_pghoard_wrote() {
         pghoard_wrote.len()
     );
 
-    // pghoard's configuration as a pghoard user would keep it: same site prefix, local
-    // storage, unencrypted; retention set to act (one backup kept).
-    d.write_config(
-        &pg,
-        d.local_storage(),
-        json!({"prefix": PGHOARD_SITE, "encryption_key_id": null, "basebackup_mode": "basic",
-               "basebackup_count": 1, "basebackup_count_min": 1}),
-    );
+    write_pghoard_site_config(&d, &pg);
     let daemon = Daemon::start(&d);
     // The archive's WAL is another cluster's: the site streams nothing (it drops the slot it
     // created and raises this alert), while basebackups and retention still run.
@@ -157,26 +189,10 @@ async fn retention_keeps_every_object_pghoard_wrote() {
         daemon.log_text()
     );
     d.wait_http();
-    let mut taken = Vec::new();
-    for _ in 0..2 {
-        let out = basebackup_command(&d).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            daemon.log_text()
-        );
-        taken.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    }
+    let taken = [requested_backup(&d, &daemon), requested_backup(&d, &daemon)];
     // Retention ran after the second backup (it does so before answering the request): it
     // acted on walhoard's own backups...
-    assert!(
-        crate::common::wait_until(Duration::from_secs(30), || daemon
-            .log_text()
-            .contains("retention applied")),
-        "retention did not run; log:\n{}",
-        daemon.log_text()
-    );
+    wait_retention_applied(&daemon);
     assert!(
         store
             .stat(&format!("basebackup/{}", taken[0]))
@@ -332,8 +348,13 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
         ],
     )
     .await;
+    // walhoard's WAL (its mark), which retention may delete once no kept backup needs it.
     for seg in 1..=6 {
-        put(format!("xlog/00000001000000000000000{seg}"), vec![]).await;
+        put(
+            format!("xlog/00000001000000000000000{seg}"),
+            vec![(walhoard::storage::meta::WALHOARD_WRITER, "walhoard".into())],
+        )
+        .await;
     }
     let wal = retention_keeping_every_backup(&store, &site).await;
     assert_eq!(
@@ -344,7 +365,10 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     assert!(store.stat("basebackup/unknown").await.unwrap().is_some());
     assert!(store.stat("basebackup/b0").await.unwrap().is_some());
 
-    // Once both are gone, WAL before b1's start goes (b1 and b2 are both kept at count 2).
+    // WAL another tool wrote (no walhoard-writer), older than every backup: never deleted.
+    put("xlog/000000020000000000000001".into(), vec![]).await;
+    // Once both are gone, walhoard's WAL before b1's start goes (b1 and b2 are both kept at
+    // count 2).
     store.delete("basebackup/unknown").await.unwrap();
     store.delete("basebackup/b0").await.unwrap();
     let wal = retention_keeping_every_backup(&store, &site).await;
@@ -353,6 +377,10 @@ async fn retention_keeps_all_wal_when_a_backup_start_is_unknown() {
     assert_eq!(
         left.first().map(String::as_str),
         Some("xlog/000000010000000000000003")
+    );
+    assert!(
+        left.iter().any(|k| k == "xlog/000000020000000000000001"),
+        "WAL without walhoard's mark deleted: {left:?}"
     );
 }
 

@@ -17,7 +17,27 @@
 # site `pgsite`. Needs root (to run things as `postgres`), postgresql-15, python3-venv, zstd.
 #
 # Options (environment):
-#   FIXTURE_MODES="local-tar basic"  the basebackups to take, in order (each then 2 segments);
+#   FIXTURE_MODES="local-tar basic"  the basebackups to take, in order (each then 2 segments):
+#                                    basic, local-tar, delta (pghoard-delta-v2; files of at
+#                                    least FIXTURE_DELTA_MIN bytes, default 64 KiB, become
+#                                    basebackup_delta/<hash> objects, smaller ones go into
+#                                    bundle chunks or are embedded in the manifest);
+#   PG_BIN=<dir>                     the server's initdb/pg_ctl/postgres (default Debian's 15;
+#                                    other majors from tools/install-pg.sh). psql, pg_basebackup
+#                                    and pg_receivewal come from CLIENT_BIN (default Debian's
+#                                    15), which must be at least the server's major;
+#   FIXTURE_WAL=archive_command      WAL through PostgreSQL's archive_command and
+#                                    pghoard_postgres_command instead of pg_receivewal.
+#
+# pghoard refuses to start pg_receivewal or any basebackup unless its configured
+# pg_receivewal/pg_basebackup have the server's major (PGHoard.check_pg_versions_ok). For a
+# server of another major than CLIENT_BIN (tools/install-pg.sh ships no client programs):
+# FIXTURE_WAL=archive_command, and only local-tar or delta backups, which never run
+# pg_basebackup: pghoard is then given a stand-in `pg_basebackup` that only answers
+# `--version` with the server's version (and fails if ever run otherwise), e.g.
+#
+#   PG_BIN=/var/cache/walhoard/pg/13/bin FIXTURE_MODES=local-tar FIXTURE_WAL=archive_command \
+#     tools/pghoard-fixture.sh <checkout> tests/data/pghoard-pg13
 #   FIXTURE_ENCRYPT=1                pghoard's own encryption (`pghoa1`) with a fresh RSA key
 #                                    pair, written as key.json (encryption_keys.k1) beside
 #                                    the archive: a test key, for the tests only;
@@ -28,6 +48,9 @@ modes=${FIXTURE_MODES:-local-tar basic}
 checkout=$(realpath "${1:?usage: $0 <pghoard checkout> [output dir]}")
 out=$(realpath -m "${2:-$(dirname "$0")/../tests/data/pghoard-pg15}")
 bin=${PG_BIN:-/usr/lib/postgresql/15/bin}
+client=${CLIENT_BIN:-/usr/lib/postgresql/15/bin}
+wal_mode=pg_receivexlog
+[ "${FIXTURE_WAL:-}" = archive_command ] && wal_mode=archive_command
 site=pgsite
 [ -f "$checkout/pghoard/pghoard.py" ] || { echo "$checkout is not a pghoard checkout" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "run as root (pghoard and PostgreSQL run as postgres)" >&2; exit 1; }
@@ -56,10 +79,24 @@ chmod -R a+rX "$work/venv"
 
 port=$((20000 + RANDOM % 10000))
 http_port=$((port + 1))
-echo "== PostgreSQL 15 on port $port"
+server_version=$("$bin/postgres" --version | awk '{print $3}')
+basebackup_path=$client/pg_basebackup
+if [ "${server_version%%.*}" != "$("$client/psql" --version | awk '{print $3}' | cut -d. -f1)" ]; then
+  case " $modes " in *" basic "*|*" pipe "*)
+    echo "basic/pipe need pg_basebackup of PostgreSQL ${server_version%%.*}; CLIENT_BIN has another major" >&2; exit 1;;
+  esac
+  [ "$wal_mode" = archive_command ] || { echo "set FIXTURE_WAL=archive_command for a server of another major than CLIENT_BIN" >&2; exit 1; }
+  mkdir -p "$work/shim"
+  basebackup_path=$work/shim/pg_basebackup
+  printf '#!/bin/sh\n# version check only (local-tar/delta never run it)\n[ "$1" = --version ] && echo "pg_basebackup (PostgreSQL) %s" && exit 0\necho "stand-in pg_basebackup run: $*" >&2; exit 1\n' \
+    "$server_version" >"$basebackup_path"
+  chmod 755 "$work/shim" "$basebackup_path"
+fi
+echo "== PostgreSQL $server_version on port $port"
 mkdir -p "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
-chown postgres: "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
-runuser -u postgres -- "$bin/initdb" -A trust -U postgres -D "$work/pg" >/dev/null
+# pghoard's delta mode creates and removes basebackup_delta/ beside the data directory.
+chown postgres: "$work" "$work/pg" "$work/sock" "$work/backup" "$work/storage" "$work/log"
+runuser -u postgres -- "$bin/initdb" --locale=C -A trust -U postgres -D "$work/pg" >/dev/null
 cat >>"$work/pg/postgresql.conf" <<EOF
 port = $port
 listen_addresses = ''
@@ -68,8 +105,14 @@ wal_level = replica
 max_wal_senders = 4
 max_replication_slots = 4
 EOF
+if [ "$wal_mode" = archive_command ]; then
+  cat >>"$work/pg/postgresql.conf" <<EOF
+archive_mode = on
+archive_command = '$work/venv/bin/pghoard_postgres_command --mode archive --port $http_port --site $site --xlog %f'
+EOF
+fi
 runuser -u postgres -- "$bin/pg_ctl" -D "$work/pg" -l "$work/log/pg.log" -w start >/dev/null
-psql() { runuser -u postgres -- "$bin/psql" -X -q -h "$work/sock" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
+psql() { runuser -u postgres -- "$client/psql" -X -q -h "$work/sock" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@"; }
 ts_clause=
 if [ "${FIXTURE_TABLESPACE:-}" = 1 ]; then
   mkdir -p "$work/ts" && chown postgres: "$work/ts"
@@ -107,8 +150,11 @@ write_config() { # write_config <basebackup_mode>
       "nodes": [{"host": "$work/sock", "port": $port, "user": "postgres"}],
       "pg_bin_directory": "$bin",
       "pg_data_directory": "$work/pg",
-      "active_backup_mode": "pg_receivexlog",
+      "pg_basebackup_path": "$basebackup_path",
+      "pg_receivexlog_path": "$client/pg_receivewal",
+      "active_backup_mode": "$wal_mode",
       "basebackup_mode": "$1",
+      "basebackup_delta_mode_min_delta_file_size": ${FIXTURE_DELTA_MIN:-65536},
       "basebackup_interval_hours": null,
       "basebackup_chunk_size": 1048576,
       $encryption
@@ -121,10 +167,13 @@ EOF
 }
 
 start_pghoard() {
-  # Its own process group: pghoard's multiprocessing helpers outlive it otherwise.
+  # Its own process group: pghoard's multiprocessing helpers outlive it otherwise. Started in
+  # a directory postgres may write: pghoard's atomic_write puts temporary files in the cwd.
+  cd "$work/backup"
   setsid runuser -u postgres -- env PATH="$work/venv/bin:$PATH" "$work/venv/bin/pghoard" \
     "$work/pghoard.json" >>"$work/pghoard.log" 2>&1 &
   pids+=($!)
+  cd - >/dev/null
   for _ in $(seq 1 120); do
     curl -sf "http://127.0.0.1:$http_port/status" >/dev/null 2>&1 && return 0
     sleep 0.5
@@ -156,19 +205,19 @@ backup_now() { # backup_now <mode>: asks the running pghoard for a backup, waits
   echo "pghoard stored no $1 basebackup:" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
 }
 
-switch_wal() { # switch_wal <n>: n more full segments for pg_receivewal to hand over
+switch_wal() { # switch_wal <n>: n more full segments; the last one's name in $last_segment
   for _ in $(seq 1 "$1"); do
-    psql -c "insert into fixture select g, md5(g::text) from generate_series(1, 100) g" \
-      -c "select pg_switch_wal()" >/dev/null
+    psql -c "insert into fixture select g, md5(g::text) from generate_series(1, 100) g"
+    last_segment=$(psql -At -c "select pg_walfile_name(pg_switch_wal())")
   done
 }
 
-wait_segments() { # wait_segments <n>
+wait_archived() { # wait_archived <segment>
   for _ in $(seq 1 240); do
-    [ "$(segments)" -ge "$1" ] && return 0
+    [ -f "$work/storage/$site/xlog/$1" ] && return 0
     sleep 0.5
   done
-  echo "pghoard archived $(segments) of $1 segments:" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
+  echo "pghoard did not archive $1 (it has $(segments) segments):" >&2; tail -50 "$work/pghoard.log" >&2; exit 1
 }
 
 taken=0
@@ -179,8 +228,8 @@ for mode in $modes; do
   backup_now "$mode"
   switch_wal 2
   taken=$((taken + 1))
-  # The segment the last backup ended in and the ones after it.
-  [ "$taken" = "$(wc -w <<<"$modes")" ] && wait_segments $((2 * taken))
+  # Every segment up to the last one switched, so that all rows are in the archive.
+  [ "$taken" = "$(wc -w <<<"$modes")" ] && wait_archived "$last_segment"
   stop_pghoard
 done
 

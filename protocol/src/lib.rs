@@ -35,6 +35,7 @@ pub mod timeline;
 mod tls;
 pub mod walname;
 pub mod xlog;
+pub mod xlogrecord;
 
 pub use backoff::Backoff;
 pub use backup::{BaseBackupEvent, BaseBackupOptions, BaseBackupStream, TablespaceInfo};

@@ -227,8 +227,9 @@ impl BackupContext {
                 metadata,
             },
         )
-        .await
-        .with_context(|| format!("store basebackup chunk {key}"))?;
+        .await;
+        self.count_upload(crate::metrics::FileType::BasebackupChunk, &uploaded);
+        let uploaded = uploaded.with_context(|| format!("store basebackup chunk {key}"))?;
         Ok((rel, uploaded))
     }
 
@@ -270,7 +271,7 @@ impl BackupContext {
         let key = format!("basebackup/{}", self.name);
         // pghoard's control objects record the SHA-1 of the tar (`original-file-size`,
         // `hash`, `hash-algorithm`), whatever the site's hash_algorithm.
-        upload(
+        let uploaded = upload(
             &self.store,
             Upload {
                 kind: ObjectKind::BasebackupControl,
@@ -283,8 +284,15 @@ impl BackupContext {
                 metadata: m,
             },
         )
-        .await
-        .with_context(|| format!("store basebackup control object {key}"))
+        .await;
+        self.count_upload(crate::metrics::FileType::Basebackup, &uploaded);
+        uploaded.with_context(|| format!("store basebackup control object {key}"))
+    }
+
+    /// `pghoard.upload_size` and its companions for one object of this backup.
+    fn count_upload<E>(&self, ty: crate::metrics::FileType, uploaded: &Result<Uploaded, E>) {
+        let algorithm = self.compression.algorithm.name();
+        crate::metrics::upload(&self.site, ty, algorithm, uploaded);
     }
 
     /// Deletes the chunks this backup stored (after a failure). Best effort: what remains is

@@ -14,12 +14,17 @@ pub async fn request_or_take(config: &Config, site: &str) -> Result<String> {
     }
     let (host, port) = (config.http_address.as_str(), config.http_port);
     if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
+        // The daemon's webserver_username/webserver_password, when it asks for them.
+        let headers: Vec<_> = crate::api_client::Credentials::from_config(config)
+            .map(|c| c.header())
+            .into_iter()
+            .collect();
         let (status, body) = crate::api_client::request(
             host,
             port,
             hyper::Method::PUT,
             &format!("/{site}/basebackup"),
-            &[],
+            &headers,
         )
         .await?;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -17,6 +17,37 @@ fn safe_component(name: &str) -> Result<(), &'static str> {
 }
 
 impl Config {
+    /// The HTTP API's credentials and the metrics' destinations.
+    fn validate_http_and_metrics(&self) -> Result<(), (String, String)> {
+        if let Some(i) = self.metrics_push_interval {
+            if !(0.1..=3600.0).contains(&i) {
+                return Err((
+                    "metrics_push_interval".into(),
+                    format!("{i} is not between 0.1 and 3600"),
+                ));
+            }
+        }
+        if let Some(p) = &self.push_gateway {
+            if let Err(e) = crate::metrics::pushgateway::Endpoint::parse(&p.endpoint) {
+                return Err(("push_gateway.endpoint".into(), e));
+            }
+        }
+        if self.webserver_username.is_some() != self.webserver_password.is_some() {
+            let missing = if self.webserver_username.is_some() {
+                "webserver_password"
+            } else {
+                "webserver_username"
+            };
+            return Err((
+                missing.into(),
+                "webserver_username and webserver_password go together; one without the other \
+                 would leave the HTTP API open"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<(), (String, String)> {
         // The codec's range, checked here so that `check` and the daemon refuse the same
         // files (snappy has no levels; a level given for it is ignored, as pghoard does).
@@ -34,6 +65,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_http_and_metrics()?;
         if self.http_restore_concurrency == Some(0) {
             return Err((
                 "http_restore_concurrency".into(),

@@ -9,27 +9,28 @@
 //! `basebackup_count_min` remain; deleting stops at the oldest backup a preservation request
 //! keeps ([`crate::preservation`], pghoard's). Only walhoard's own backups are counted and deleted:
 //! pghoard's and unrecognised ones are kept (and keep their WAL). WAL (every timeline) in
-//! segments before the start segment of every kept backup is deleted; history files are kept;
-//! a kept backup whose start segment is unknown keeps all WAL ([`crate::archive_cleanup`]'s
-//! rule). Chunks of walhoard's backups
-//! that never completed (an interrupted run) are deleted once `ORPHAN_MIN_AGE` old; see
-//! [`crate::basebackup::inventory`].
+//! segments before the start segment of every kept backup is deleted when walhoard wrote it
+//! (its `walhoard-writer` mark; others' is kept and reported, [`super::wal_retention`]);
+//! history files are kept; a kept backup whose start segment is unknown keeps all WAL.
+//! Chunks of walhoard's backups that never completed (an interrupted run) are deleted once
+//! `ORPHAN_MIN_AGE` old; see [`crate::basebackup::inventory`].
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::archive_cleanup::{obsolete_wal, wal_floor, WalFloor};
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::wal_retention::{self, KeepAllReason, WalPlan};
 use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::SiteConfig;
 use crate::preservation::Preservations;
 use crate::settings::SiteSettings;
 use crate::storage::ObjectStore;
-use anyhow::{Context, Result};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use super::status::{now_secs, BasebackupState};
 
@@ -196,22 +197,33 @@ pub async fn apply_retention(
         }
     }
     let deleted: Vec<String> = doomed.iter().map(|b| b.name.clone()).collect();
-    // The WAL no control object that stays needs (archive-cleanup's rule, one copy of it).
-    let first = match wal_floor(&inv, &deleted) {
-        WalFloor::Before(first) => first,
-        WalFloor::NoBackups => return Ok((deleted, 0)),
-        WalFloor::KeepAll(why) => {
-            tracing::warn!(site = %site_name, "basebackup's start segment unknown; keeping all WAL: {why}");
+    // Every control object that stays (walhoard's, pghoard's or unrecognised) keeps the WAL
+    // from its start segment on; of the WAL before, only walhoard's own is deleted.
+    let (before, ours, foreign) = match wal_retention::plan(store, &inv, &deleted).await? {
+        WalPlan::KeepAll(KeepAllReason::NoBackup) => return Ok((deleted, 0)),
+        WalPlan::KeepAll(KeepAllReason::UnknownStart { key, stored }) => {
+            tracing::warn!(site = %site_name, object = %key, start_wal_segment = ?stored, "basebackup's start segment unknown; keeping all WAL");
             return Ok((deleted, 0));
         }
+        WalPlan::Before {
+            before,
+            ours,
+            foreign,
+        } => (before, ours, foreign),
     };
+    if let Some(line) = wal_retention::foreign_summary(&foreign, before) {
+        tracing::warn!(site = %site_name, "left alone: {line}");
+    }
     let mut wal_deleted = 0;
-    for o in obsolete_wal(store, first).await? {
-        store.delete(&o.key).await?;
+    for key in &ours {
+        store
+            .delete(key)
+            .await
+            .with_context(|| format!("delete {key}"))?;
         wal_deleted += 1;
     }
     if wal_deleted > 0 {
-        tracing::info!(site = %site_name, before = %first, count = wal_deleted, "deleted WAL older than the oldest kept basebackup");
+        tracing::info!(site = %site_name, before = %before, count = wal_deleted, "deleted walhoard's WAL older than the oldest kept basebackup");
     }
     Ok((deleted, wal_deleted))
 }
@@ -351,9 +363,24 @@ async fn take_one(site: &SiteSettings, status: &BasebackupStatus) -> Result<Stri
         .map_err(|e| format!("{e:#}"))?;
     status.set_progress(Some(ctx.progress.clone()));
     status.with(|s| s.in_progress = Some(ctx.name.clone()));
+    crate::metrics::basebackup_started(&site.name);
     let result = crate::basebackup::take_with(ctx).await;
     status.set_progress(None);
     status.with(|s| s.in_progress = None);
+    match &result {
+        Ok(b) => crate::metrics::basebackup_finished(
+            &site.name,
+            Ok((
+                &b.metadata.basebackup_mode,
+                b.metadata.total_size_plain,
+                b.elapsed.as_secs_f64(),
+            )),
+        ),
+        Err(_) => {
+            crate::metrics::basebackup_finished(&site.name, Err(()));
+            crate::metrics::exception("BasebackupError", "PGBaseBackup");
+        }
+    }
     result.map(|b| b.name).map_err(|e| format!("{e:#}"))
 }
 

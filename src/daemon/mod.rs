@@ -10,11 +10,13 @@
 pub mod archiver;
 pub mod basebackups;
 pub mod identity;
+mod lag;
 pub mod site;
 pub mod sites;
 pub mod status;
 pub mod systemd;
 pub mod upload;
+pub mod wal_retention;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -157,6 +159,7 @@ impl Generation {
             let (stop, abort, t) = (stop.clone(), abort.clone(), tracker.clone());
             tracker.spawn(async move {
                 if let Err(e) = wal.run(stop, abort, t).await {
+                    crate::metrics::exception("SiteError", "site_run");
                     tracing::error!(site = %name, error = format!("{e:#}"), "site stopped");
                 }
             });
@@ -191,6 +194,8 @@ fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = Config::load(config_path)?;
+    // Before anything starts: an API open to the network is a configuration error.
+    crate::http::auth::check_exposure(&config).map_err(anyhow::Error::msg)?;
     let startup_time = now_secs();
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -199,6 +204,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let http = crate::http::serve(&config, generation.sites.clone())
         .await
         .with_context(|| format!("HTTP API on {}:{}", config.http_address, config.http_port))?;
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = crate::metrics::push::Pusher::from_config(&config)?
+        .map(|p| tokio::spawn(p.run(http.sites_handle(), metrics_stop.clone())));
     tracing::info!(sites = generation.sites.by_name.len(), http = %http.addr, "walhoard daemon started");
     systemd::notify("READY=1");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -239,6 +247,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         &state_json(&sites, startup_time),
     );
     http.stop().await;
+    metrics_stop.cancel();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     tracing::info!("walhoard daemon stopped");
     Ok(())
 }

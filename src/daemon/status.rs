@@ -29,6 +29,9 @@ pub struct WalState {
     pub archived_lsn: Option<String>,
     /// received − archived, in bytes.
     pub archive_lag_bytes: u64,
+    /// Seconds since the first byte not yet archived was received (0 when nothing waits):
+    /// the data-loss window.
+    pub archive_lag_seconds: f64,
     /// Uploads queued or running.
     pub upload_queue: usize,
     pub last_archived: Option<String>,
@@ -75,6 +78,16 @@ struct Inner {
     wal: WalState,
     received: Lsn,
     archived: Lsn,
+    reported_flush: Lsn,
+    lag_clock: super::lag::LagClock,
+}
+
+/// A site's positions as numbers, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Positions {
+    pub received: Lsn,
+    pub archived: Lsn,
+    pub reported_flush: Lsn,
 }
 
 /// A site's live state, shared by its tasks.
@@ -105,7 +118,19 @@ impl SiteStatus {
     }
 
     pub fn snapshot(&self) -> WalState {
-        self.with(|i| i.wal.clone())
+        self.with(|i| {
+            let mut wal = i.wal.clone();
+            wal.archive_lag_seconds = i.lag_clock.lag_seconds(i.archived, now_secs());
+            wal
+        })
+    }
+
+    pub fn positions(&self) -> Positions {
+        self.with(|i| Positions {
+            received: i.received,
+            archived: i.archived,
+            reported_flush: i.reported_flush,
+        })
     }
 
     pub fn set_connected(&self, connected: bool, server_timeline: Option<TimelineId>) {
@@ -123,6 +148,8 @@ impl SiteStatus {
                 i.wal.last_activity_time = Some(now_secs());
             }
             i.received = received;
+            i.lag_clock.received(received, now_secs());
+            i.reported_flush = reported_flush;
             i.wal.received_lsn = Some(received.to_string());
             i.wal.reported_flush_lsn = Some(reported_flush.to_string());
             if let Some(t) = timeline {
@@ -135,6 +162,7 @@ impl SiteStatus {
     pub fn set_archived(&self, archived: Lsn) {
         self.with(|i| {
             i.archived = archived;
+            i.lag_clock.archived(archived);
             i.wal.archived_lsn = Some(archived.to_string());
             Self::lag(i);
         });

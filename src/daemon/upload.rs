@@ -14,7 +14,7 @@ use walhoard_walreceiver::SegmentBuffer;
 use crate::pipeline::compression::CompressionSettings;
 use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{upload, Source, TransferError, Upload, UploadEncryption};
-use crate::storage::meta::ObjectMeta;
+use crate::storage::meta::{self, ObjectMeta};
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
 use crate::storage::{ObjectStore, StorageError};
 
@@ -165,15 +165,28 @@ impl UploadContext {
             self.encryption.clone(),
             self.hash_algorithm,
         );
-        upload(
+        let result = upload(
             &self.store,
             Upload {
-                metadata: self.base_metadata.clone(),
+                metadata: self.wal_metadata(),
                 ..wal
             },
         )
-        .await
-        .map(|_| ())
+        .await;
+        let ty = crate::metrics::FileType::of_key(key);
+        crate::metrics::upload(&self.site, ty, self.compression.algorithm.name(), &result);
+        result.map(|_| ())
+    }
+
+    /// The metadata of a WAL object this site stores: `base_metadata` and the
+    /// [`meta::WALHOARD_WRITER`] mark that lets retention tell walhoard's WAL from pghoard's.
+    /// Set here, where every WAL upload passes (the receiver's, `PUT /<site>/archive`), so no
+    /// path can store unmarked WAL, which retention would then keep forever.
+    fn wal_metadata(&self) -> ObjectMeta {
+        ObjectMeta {
+            walhoard_writer: Some(meta::WALHOARD_WRITER_VALUE.into()),
+            ..self.base_metadata.clone()
+        }
     }
 
     /// Whether `key` already holds an object, and whether its recorded plaintext hash is the

@@ -130,14 +130,9 @@ pub(super) enum RestoreSub {
 )]
 pub(super) struct PostgresCommandFlags {
     /// walhoard's flags, which are pghoard's (plus `--config`, walhoard's own: read the
-    /// object store with this configuration, no daemon).
+    /// object store with this configuration, no daemon), `--username`/`--password` included.
     #[command(flatten)]
     pub(super) args: CommandArgs,
-    /// Accepted for pghoard's recovery configurations; walhoard's HTTP API does not check it.
-    #[arg(long)]
-    pub(super) username: Option<String>,
-    #[arg(long)]
-    pub(super) password: Option<String>,
 }
 
 /// `pghoard_create_keys`.

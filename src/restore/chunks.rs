@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::digest;
-use walhoard_basebackup::control::{ChunkMeta, METADATA_MEMBER};
+use walhoard_basebackup::control::{BackupMetadata, ChunkMeta, METADATA_MEMBER};
 use walhoard_basebackup::untar::TarReader;
 
 use super::beneath::Beneath;
 use super::extract::Extractor;
+use super::pghoard::FORMAT_PGHOARD_BASIC;
+use super::pghoard_delta;
 use super::RestoreSite;
 use crate::pipeline::transfer::download_with;
 
@@ -77,7 +79,7 @@ impl Read for Verifying<'_> {
 
 /// Where a chunk's members go.
 #[derive(Clone)]
-pub(super) enum Route {
+pub(crate) enum Route {
     /// base.tar / a tablespace tar: every member below one extractor.
     Into(Extractor),
     /// local-tar: `pgdata/…` to the data directory, `tablespaces/<name>/…` to that tablespace.
@@ -87,6 +89,16 @@ pub(super) enum Route {
     },
     /// The backup_manifest: a plain file `name` in the directory `dir`.
     File { dir: PathBuf, name: &'static str },
+    /// A pghoard delta object: the whole plain body is the file `rel` of the data directory,
+    /// whose BLAKE2s-256 must be `hexdigest` ([`super::pghoard_delta`]).
+    DeltaFile {
+        data: Extractor,
+        rel: String,
+        hexdigest: String,
+    },
+    /// Nowhere (`walhoard verify`): a tar chunk is read member by member, so that a
+    /// malformed one fails as it would in a restore; any other chunk is read to its end.
+    Check { tar: bool },
 }
 
 impl Route {
@@ -97,10 +109,10 @@ impl Route {
     ) -> io::Result<Option<(&'a Extractor, &'a str)>> {
         match self {
             Route::Into(x) => Ok(Some((x, path))),
-            Route::File { .. } => Ok(None),
+            Route::File { .. } | Route::DeltaFile { .. } | Route::Check { .. } => Ok(None),
             Route::LocalTar { data, tablespaces } => {
                 let p = path.trim_start_matches("./");
-                if p == METADATA_MEMBER {
+                if p == METADATA_MEMBER || p == pghoard_delta::MANIFEST_MEMBER {
                     return Ok(None);
                 }
                 if p == "pgdata" || p == "pgdata/" {
@@ -140,6 +152,18 @@ impl Route {
             io::copy(r, &mut f)?;
             return f.sync_all();
         }
+        if let Route::DeltaFile {
+            data,
+            rel,
+            hexdigest,
+        } = self
+        {
+            return pghoard_delta::extract_object(data, rel, hexdigest, r);
+        }
+        if let Route::Check { tar: false } = self {
+            io::copy(r, &mut io::sink())?;
+            return Ok(());
+        }
         let mut tar = TarReader::new(&mut *r);
         while let Some(entry) = tar.next_entry()? {
             if let Some((x, rel)) = self.place(&entry.path)? {
@@ -153,7 +177,7 @@ impl Route {
 }
 
 /// Fetches one chunk and extracts it, checking size and SHA-1.
-async fn restore_chunk(
+pub(crate) async fn restore_chunk(
     site: &RestoreSite,
     job: &Job,
     progress: Arc<AtomicU64>,
@@ -195,8 +219,13 @@ async fn restore_chunk(
     Ok(())
 }
 
-/// Prints progress: a bar redrawn in place on a terminal, a line every few seconds otherwise.
-pub(super) fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+/// Prints progress: a bar redrawn in place on a terminal, a line every few seconds otherwise,
+/// `what` naming the command.
+pub(crate) fn spawn_progress(
+    what: &'static str,
+    done: Arc<AtomicU64>,
+    total: u64,
+) -> tokio::task::JoinHandle<()> {
     let tty = io::stderr().is_terminal();
     tokio::spawn(async move {
         let every = if tty {
@@ -222,19 +251,31 @@ pub(super) fn spawn_progress(done: Arc<AtomicU64>, total: u64) -> tokio::task::J
                     total >> 20
                 );
             } else {
-                eprintln!("restore: {d} / {total} bytes ({pct}%)");
+                eprintln!("{what}: {d} / {total} bytes ({pct}%)");
             }
         }
     })
 }
 
+/// The object key of a chunk of the backup `meta` describes.
+pub(crate) fn chunk_key(meta: &BackupMetadata, c: &ChunkMeta) -> String {
+    match meta.format.as_str() {
+        // pghoard's basic backup is its control object.
+        FORMAT_PGHOARD_BASIC => format!("basebackup/{}", c.chunk_filename),
+        pghoard_delta::FORMAT_PGHOARD_DELTA => {
+            format!("{}/{}", pghoard_delta::CHUNK_PREFIX, c.chunk_filename)
+        }
+        _ => format!("basebackup_chunk/{}", c.chunk_filename),
+    }
+}
+
 /// One chunk to fetch: its description, where its members go, its object key.
-pub(super) struct Job {
-    pub(super) chunk: ChunkMeta,
-    pub(super) route: Route,
-    pub(super) key: String,
+pub(crate) struct Job {
+    pub(crate) chunk: ChunkMeta,
+    pub(crate) route: Route,
+    pub(crate) key: String,
     /// walhoard's chunks carry the SHA-1 of their plain bytes; pghoard's do not.
-    pub(super) check_sha1: bool,
+    pub(crate) check_sha1: bool,
 }
 
 /// The local-tar routing, shared by every chunk.

@@ -25,10 +25,11 @@ use walhoard_basebackup::control::{
 use walhoard_basebackup::untar::{Entry, TarReader};
 
 use super::beneath::Beneath;
-use super::chunks::{fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
+use super::chunks::{chunk_key, fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
 use super::pghoard::{self, FORMAT_PGHOARD_BASIC};
+use super::pghoard_delta::{self, FORMAT_PGHOARD_DELTA};
 use super::recovery::{self, RecoverySettings};
 use super::{candidates, choose, RestoreSite, Target};
 use crate::basebackup::inventory::{self, Writer};
@@ -60,6 +61,21 @@ pub struct Restored {
     pub metadata: BackupMetadata,
     /// Tablespace oid → directory.
     pub tablespaces: BTreeMap<u32, PathBuf>,
+}
+
+/// [`read_control`], refusing a format walhoard cannot restore.
+pub(crate) async fn read_known_control(
+    site: &RestoreSite,
+    name: &str,
+) -> Result<(BackupMetadata, Vec<(Entry, Vec<u8>)>, bool)> {
+    let (meta, extra, pghoard_written) = read_control(site, name).await?;
+    if meta.format != FORMAT_STREAM
+        && !local_tar_layout(&meta.format)
+        && meta.format != FORMAT_PGHOARD_BASIC
+    {
+        bail!("basebackup/{name}: unknown format {:?}", meta.format);
+    }
+    Ok((meta, extra, pghoard_written))
 }
 
 /// The control object: the metadata and (local-tar) the extra members. pghoard's backups are
@@ -115,9 +131,16 @@ async fn read_control(
     .with_context(|| format!("read control object {key}"))?;
     let mut meta = None;
     let mut extra = Vec::new();
+    let delta = pghoard && pghoard_delta::is_delta(object_meta.format.as_deref());
     for (e, data) in members {
         if e.path == METADATA_MEMBER {
-            meta = Some(if pghoard {
+            meta = Some(if delta {
+                let files = pghoard_delta::delta_files(&key, &data)?;
+                let m = pghoard_delta::delta_metadata(&key, &data, &object_meta, &files)?;
+                // restore_into reads the delta files from it again.
+                extra.push((e, data));
+                m
+            } else if pghoard {
                 pghoard::bb_v2_metadata(&key, &data, &object_meta)?
             } else {
                 serde_json::from_slice::<BackupMetadata>(&data)
@@ -146,22 +169,7 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     let mut picked = None;
     for (i, chosen) in choices.iter().enumerate() {
         let source = site.for_backup(chosen)?;
-        let control =
-            read_control(&source, &chosen.name)
-                .await
-                .and_then(|(meta, extra, pghoard_written)| {
-                    if meta.format != FORMAT_STREAM
-                        && meta.format != FORMAT_LOCAL_TAR
-                        && meta.format != FORMAT_PGHOARD_BASIC
-                    {
-                        bail!(
-                            "basebackup/{}: unknown format {:?}",
-                            chosen.name,
-                            meta.format
-                        );
-                    }
-                    Ok((meta, extra, pghoard_written))
-                });
+        let control = read_known_control(&source, &chosen.name).await;
         match control {
             Ok(c) => {
                 picked = Some(((*chosen).clone(), c));
@@ -273,6 +281,12 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     }
 }
 
+/// Whether a backup's chunks and control-object members are laid out as local-tar's
+/// (`pgdata/…`, `tablespaces/<name>/…`): walhoard's and pghoard's local-tar, pghoard's delta.
+fn local_tar_layout(format: &str) -> bool {
+    format == FORMAT_LOCAL_TAR || format == FORMAT_PGHOARD_DELTA
+}
+
 async fn restore_into(
     site: &RestoreSite,
     opts: &GetOptions,
@@ -292,6 +306,8 @@ async fn restore_into(
     };
     let mut jobs = Vec::new();
     for c in &meta.chunks {
+        // pghoard's delta bundle chunks hold members relative to the data directory (no
+        // `pgdata/`): they go the way of a base.tar's.
         let route = if meta.format == FORMAT_LOCAL_TAR {
             local_tar.route()
         } else {
@@ -322,37 +338,49 @@ async fn restore_into(
                 }
             }
         };
-        let pghoard_basic = meta.format == FORMAT_PGHOARD_BASIC;
         jobs.push(Job {
             chunk: c.clone(),
             route,
-            // pghoard's basic backup is its control object.
-            key: if pghoard_basic {
-                format!("basebackup/{}", c.chunk_filename)
-            } else {
-                format!("basebackup_chunk/{}", c.chunk_filename)
-            },
+            key: chunk_key(meta, c),
             check_sha1: !pghoard_written,
         });
     }
+    let delta = match meta.format.as_str() {
+        FORMAT_PGHOARD_DELTA => {
+            let json = extra
+                .iter()
+                .find(|(e, _)| e.path == METADATA_MEMBER)
+                .map(|(_, d)| d.as_slice())
+                .unwrap_or_default();
+            let files = pghoard_delta::delta_files(&format!("basebackup/{name}"), json)?;
+            jobs.extend(pghoard_delta::object_jobs(&files, &data));
+            Some(files)
+        }
+        _ => None,
+    };
     let parallel = site.restore_process_count;
     let done = Arc::new(AtomicU64::new(0));
-    let reporter = spawn_progress(done.clone(), meta.total_size_plain);
+    let reporter = spawn_progress("restore", done.clone(), meta.total_size_plain);
     let started = std::time::Instant::now();
+    // Chunks, and for pghoard's delta backups their delta objects too.
+    let objects = jobs.len();
     let fetched = fetch_all(site, jobs, parallel, done.clone()).await;
     reporter.abort();
     if io::stderr().is_terminal() {
         eprintln!();
     }
     fetched?;
+    if let Some(files) = &delta {
+        pghoard_delta::write_embedded(files, &data)
+            .with_context(|| format!("basebackup/{name}: embedded files"))?;
+    }
     eprintln!(
-        "restore: {} chunks, {} bytes in {:.1}s",
-        meta.chunks.len(),
+        "restore: {objects} objects, {} bytes in {:.1}s",
         done.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     );
     // local-tar: pg_control and backup_label live in the control object.
-    if meta.format == FORMAT_LOCAL_TAR {
+    if local_tar_layout(&meta.format) {
         let route = local_tar.route();
         for (e, bytes) in &extra {
             if let Some((x, rel)) = route.place(&e.path)? {
@@ -363,7 +391,7 @@ async fn restore_into(
     }
     let root = Beneath::open(&opts.target_dir)
         .with_context(|| format!("open {}", opts.target_dir.display()))?;
-    if meta.format != FORMAT_LOCAL_TAR {
+    if !local_tar_layout(&meta.format) {
         // BASE_BACKUP's tablespace_map names the original directories; the links below say
         // where the tablespaces are now (docs/formats.md).
         root.remove_file(Path::new("tablespace_map"))

@@ -10,11 +10,12 @@
 //! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
 
 pub mod beneath;
-mod chunks;
+pub(crate) mod chunks;
 mod dest;
 pub mod extract;
 pub mod get;
 pub mod pghoard;
+pub mod pghoard_delta;
 pub mod recovery;
 pub mod wal;
 

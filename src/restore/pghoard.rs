@@ -19,7 +19,7 @@
 //! against `input_size` (the object's `original-file-size` for `basic`), and, when the
 //! object's metadata has rohmu's local-storage `_hash` (SHA-256 of the stored bytes), that
 //! hash ([`crate::pipeline::transfer::download_with`]); `pghoa1` objects have their MAC.
-//! Other pghoard formats (`pghoard-bb-v1`, `pghoard-delta-v1`/`v2`) are refused by name.
+//! Delta backups are read by [`super::pghoard_delta`]; `pghoard-bb-v1` is refused by name.
 
 use std::collections::BTreeMap;
 
@@ -94,9 +94,18 @@ pub fn segment_start_lsn(segment: &str) -> String {
 pub fn check_supported(key: &str, object_meta: &ObjectMeta) -> Result<()> {
     match object_meta.format.as_deref() {
         None | Some("pghoard-bb-v2") => Ok(()),
+        f if super::pghoard_delta::is_delta(f) => Ok(()),
+        // pghoard wrote this single-tar local-tar layout before 1.6.0 (2017); no pghoard that
+        // runs on today's Python and PostgreSQL writes it, so there is no real archive to
+        // test a reader against.
+        Some("pghoard-bb-v1") => bail!(
+            "{key}: pghoard's basebackup format \"pghoard-bb-v1\" (written by pghoard before \
+             1.6.0) is not supported by walhoard's restore; restore it with pghoard"
+        ),
         Some(f) => bail!(
             "{key}: pghoard's basebackup format {f:?} is not supported by walhoard's restore \
-             (supported: pghoard's basic/pipe backups and local-tar pghoard-bb-v2)"
+             (supported: pghoard's basic/pipe backups, local-tar pghoard-bb-v2 and delta \
+             pghoard-delta-v1/v2)"
         ),
     }
 }
@@ -245,14 +254,21 @@ mod tests {
 
     #[test]
     fn unsupported_pghoard_formats_are_named() {
-        let m = ObjectMeta {
-            format: Some("pghoard-delta-v2".into()),
+        let mut m = ObjectMeta {
+            format: Some("pghoard-bb-v1".into()),
             ..ObjectMeta::default()
         };
         let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
         assert!(
-            e.contains("pghoard-delta-v2") && e.contains("basebackup/x"),
+            e.contains("pghoard-bb-v1") && e.contains("basebackup/x") && e.contains("with pghoard"),
             "{e}"
         );
+        m.format = Some("pghoard-bb-v9".into());
+        let e = check_supported("basebackup/x", &m).unwrap_err().to_string();
+        assert!(e.contains("pghoard-bb-v9"), "{e}");
+        for f in ["pghoard-delta-v1", "pghoard-delta-v2", "pghoard-bb-v2"] {
+            m.format = Some(f.into());
+            assert!(check_supported("basebackup/x", &m).is_ok(), "{f}");
+        }
     }
 }

@@ -45,6 +45,16 @@ pub const TOTAL_SIZE_ENC: &str = "total-size-enc";
 pub const BASEBACKUP_MODE: &str = "basebackup-mode";
 /// The site's active_backup_mode when the backup was taken.
 pub const ACTIVE_BACKUP_MODE: &str = "active-backup-mode";
+/// walhoard's: on every WAL segment, `.partial` and timeline history object walhoard stores,
+/// the version of walhoard that wrote it. Retention deletes only WAL that carries it, so
+/// pghoard's WAL (and anything else's) under the same prefix is never deleted. pghoard reads
+/// metadata by name (`metadata.get("compression-algorithm")` ... in its webserver and
+/// restore) and rohmu's `sanitize_metadata` passes other keys through untouched, so pghoard
+/// ignores it.
+pub const WALHOARD_WRITER: &str = "walhoard-writer";
+
+/// The value of [`WALHOARD_WRITER`] this build writes.
+pub const WALHOARD_WRITER_VALUE: &str = concat!("walhoard ", env!("CARGO_PKG_VERSION"));
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -133,6 +143,8 @@ pub struct ObjectMeta {
     pub basebackup_mode: Option<String>,
     /// [`ACTIVE_BACKUP_MODE`]: the site's active_backup_mode when the backup was taken.
     pub active_backup_mode: Option<String>,
+    /// [`WALHOARD_WRITER`]: walhoard's mark on the WAL it stores (what retention may delete).
+    pub walhoard_writer: Option<String>,
     /// Every other key, as stored.
     pub extra: BTreeMap<String, String>,
 }
@@ -175,6 +187,7 @@ impl ObjectMeta {
                 TOTAL_SIZE_ENC => out.total_size_enc = Some(number(value).map_err(typed)?),
                 BASEBACKUP_MODE => out.basebackup_mode = text(),
                 ACTIVE_BACKUP_MODE => out.active_backup_mode = text(),
+                WALHOARD_WRITER => out.walhoard_writer = text(),
                 _ => {
                     out.extra.insert(name.clone(), value.clone());
                 }
@@ -225,6 +238,7 @@ impl ObjectMeta {
         put(TOTAL_SIZE_ENC, self.total_size_enc.map(|n| n.to_string()));
         put(BASEBACKUP_MODE, self.basebackup_mode.clone());
         put(ACTIVE_BACKUP_MODE, self.active_backup_mode.clone());
+        put(WALHOARD_WRITER, self.walhoard_writer.clone());
         m
     }
 
@@ -271,6 +285,7 @@ mod tests {
             (TOTAL_SIZE_ENC, "900"),
             (BASEBACKUP_MODE, "local-tar"),
             (ACTIVE_BACKUP_MODE, "pg_receivexlog"),
+            (WALHOARD_WRITER, "walhoard 0.1.0"),
             ("normalized-backup-time", "2026-12-04T00:00:00+00:00"),
         ]
         .into_iter()

@@ -300,6 +300,11 @@ impl ObjectStore {
         self.kind
     }
 
+    /// The site prefix keys are relative to (no leading or trailing slash; may be empty).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn path(&self, key: &str) -> Result<String, StorageError> {
         if key.is_empty() || key.starts_with('/') || key.split('/').any(|p| p == ".." || p == ".") {
             return Err(StorageError::Config(format!("invalid object key {key:?}")));

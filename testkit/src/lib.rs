@@ -59,20 +59,40 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
         .filter(|v| !v.is_empty())
     {
         None => Ok(PathBuf::from(DEBIAN_PG15_BIN)),
-        Some(v) if v == "15" && Path::new(DEBIAN_PG15_BIN).join("postgres").exists() => {
-            Ok(PathBuf::from(DEBIAN_PG15_BIN))
-        }
-        Some(v) => {
-            let d = cache_dir().join("pg").join(&v).join("bin");
-            if !d.join("postgres").exists() {
-                bail!(
-                    "PostgreSQL {v} is not installed at {}; run tools/install-pg.sh {v}",
-                    d.display()
-                );
-            }
-            Ok(d)
-        }
+        Some(v) => match v.parse() {
+            Ok(major) => bin_dir_for_major(major),
+            Err(_) => bail!("WALHOARD_PG_VERSION={v:?} is not a major version"),
+        },
     }
+}
+
+/// The bin directory of an installed major: Debian's 15, else tools/install-pg.sh's.
+pub fn bin_dir_for_major(major: u32) -> Result<PathBuf> {
+    if major == 15 && Path::new(DEBIAN_PG15_BIN).join("postgres").exists() {
+        return Ok(PathBuf::from(DEBIAN_PG15_BIN));
+    }
+    let d = cache_dir().join("pg").join(major.to_string()).join("bin");
+    if !d.join("postgres").exists() {
+        bail!(
+            "PostgreSQL {major} is not installed at {}; run tools/install-pg.sh {major}",
+            d.display()
+        );
+    }
+    Ok(d)
+}
+
+/// The major version of `<bin>/postgres` (`postgres (PostgreSQL) 15.18 …`).
+fn server_major(bin: &Path) -> Result<u32> {
+    let out = Command::new(bin.join("postgres"))
+        .arg("--version")
+        .output()
+        .with_context(|| format!("run {}/postgres --version", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("{}/postgres --version said {text:?}", bin.display()))
 }
 
 /// An oracle tool (pg_waldump, pg_verifybackup...): from the server's bin directory when it
@@ -185,6 +205,11 @@ impl PgBuilder {
         cluster.major = fs::read_to_string(target.join("PG_VERSION"))?
             .trim()
             .parse()?;
+        // A data directory of another major (a fixture written on PostgreSQL 13 or 17) can
+        // only start with that major's server.
+        if server_major(&cluster.bin)? != cluster.major {
+            cluster.bin = bin_dir_for_major(cluster.major)?;
+        }
         fs::create_dir_all(cluster.socket_dir())?;
         let header = format!(
             "\n# walhoard restored-cluster settings\nunix_socket_directories = '{}'\n",
