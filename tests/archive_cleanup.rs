@@ -136,7 +136,7 @@ async fn archive_cleanup_and_retention_keep_what_kept_and_preserved_backups_need
         .as_array()
         .unwrap()
         .iter()
-        .map(|o| o["key"].as_str().unwrap())
+        .map(|o| o.as_str().unwrap())
         .collect();
     for e in &early {
         assert!(
@@ -150,6 +150,8 @@ async fn archive_cleanup_and_retention_keep_what_kept_and_preserved_backups_need
             .all(|k| k.rsplit('/').next().unwrap() < b1_start.as_str()),
         "{named:?} reaches {b1_start}"
     );
+    // The daemon marked all of it as walhoard's: nothing is left for being another's.
+    assert_eq!(report["kept_foreign"], json!([]), "{report:#}");
     assert!(read_tree(&root) == before, "--dry-run changed the archive");
     // For real: exactly those go; the WAL b1 needs stays.
     let report = cleanup(&d, false);
@@ -157,13 +159,23 @@ async fn archive_cleanup_and_retention_keep_what_kept_and_preserved_backups_need
         .as_array()
         .unwrap()
         .iter()
-        .map(|o| o["key"].as_str().unwrap())
+        .map(|o| o.as_str().unwrap())
         .collect();
     assert_eq!(deleted, named);
     for e in &early {
         assert!(!has(&store, e).await, "{e} kept");
     }
     assert_wal_complete(&store, &b1_start, mid.last().unwrap()).await;
+    // WAL before b1 that walhoard did not write (no walhoard-writer mark): named, kept.
+    let foreign = format!("xlog/{}", early[0]);
+    store
+        .put_bytes(&foreign, b"pghoard's", &Metadata::new())
+        .await
+        .unwrap();
+    let report = cleanup(&d, false);
+    assert_eq!(report["deleted"], json!([]), "{report:#}");
+    assert_eq!(report["kept_foreign"], json!([foreign]), "{report:#}");
+    assert!(has(&store, &early[0]).await);
 
     // Preserve b1 through a restore, as pghoard_restore would, keeping the request.
     let target = tempfile::tempdir().unwrap();
