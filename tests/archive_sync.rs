@@ -113,6 +113,9 @@ async fn damage_and_repair(
         Some("the-old-primary")
     );
     assert_same_as_pg_wal(pg, d, store, deleted).await;
+    // Uploaded as the daemon uploads: marked as walhoard's (retention may delete it later).
+    let m = store.metadata(&format!("xlog/{deleted}")).await.unwrap();
+    assert!(m.contains_key("walhoard-writer"), "{m:?}");
     assert_same_as_pg_wal(pg, d, store, modified).await;
     // Run again: everything is archived with the same bytes now, nothing uploaded.
     let (again, out) = archive_sync(d, &[]);
