@@ -96,7 +96,7 @@ mod tests {
             let cli = Cli::try_parse_from(std::iter::once("walhoard").chain(argv.iter().copied()))
                 .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
             let site = match cli.command {
-                Command::Check { site, json } => {
+                Command::Check { site, json, .. } => {
                     assert!(json.json);
                     site
                 }

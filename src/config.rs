@@ -4,6 +4,8 @@
 //! Every object rejects unknown keys, and every error names the key path
 //! (`backup_sites.main.nodes[0].prot`), so a typo fails at startup instead of being ignored.
 
+mod ignored;
+mod logging;
 mod monitoring;
 mod site;
 mod storage;
@@ -16,6 +18,8 @@ use serde::Deserialize;
 
 pub use crate::pipeline::compression::Algorithm;
 pub use crate::pipeline::hash::HashAlgorithm;
+pub use ignored::{IgnoredKey, IgnoredSetting};
+pub use logging::{LogLevel, SyslogAddress, SyslogFacility};
 pub use monitoring::{
     PrometheusConfig, PushGatewayConfig, Secret, StatsdConfig, StatsdFormat, TagValue,
 };
@@ -50,19 +54,13 @@ fn default_http_address() -> String {
 fn default_http_port() -> u16 {
     16000
 }
-fn default_syslog_address() -> String {
-    "/dev/log".into()
-}
-fn default_syslog_facility() -> String {
-    "local2".into()
-}
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_true")]
-    pub active: bool,
+    /// Accepted and ignored (`ignored.rs`): pghoard reads `active` per site.
+    pub active: Option<bool>,
     /// Local state: spool, temporary files.
     pub backup_location: Option<PathBuf>,
     #[serde(default)]
@@ -84,14 +82,16 @@ pub struct Config {
     pub restore_prefetch: Option<u32>,
     /// Parallel downloads during get-basebackup.
     pub restore_process_count: Option<u32>,
+    /// The daemon's log filter unless `WALHOARD_LOG` sets one (`crate::logging`).
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Also send the daemon's log records to syslog (`crate::logging`).
     #[serde(default)]
     pub syslog: bool,
-    #[serde(default = "default_syslog_address")]
-    pub syslog_address: String,
-    #[serde(default = "default_syslog_facility")]
-    pub syslog_facility: String,
+    #[serde(default)]
+    pub syslog_address: SyslogAddress,
+    #[serde(default)]
+    pub syslog_facility: SyslogFacility,
     /// Alert files go here (default: backup_location, else the working directory).
     pub alert_file_dir: Option<PathBuf>,
     /// pghoard's statsd client: metrics sent over UDP ([`crate::metrics`]).
@@ -117,6 +117,11 @@ pub struct Config {
     /// walhoard: restore requests the HTTP API runs at once; more wait for a slot
     /// (default [`crate::http::DEFAULT_RESTORE_CONCURRENCY`]).
     pub http_restore_concurrency: Option<u32>,
+    /// Seconds a stopping daemon lets running uploads finish (pghoard's key; walhoard's default
+    /// 30, `daemon::archiver::DRAIN_TIMEOUT`); what is left stays in the spool.
+    pub graceful_shutdown_upload_timeout: Option<f64>,
+    /// Accepted and ignored (`ignored.rs`): compression happens inside each upload.
+    pub graceful_shutdown_compression_timeout: Option<f64>,
     /// Older top-level spelling of transfer.upload_retries_warning_limit.
     pub upload_retries_warning_limit: Option<u32>,
 }
@@ -171,32 +176,6 @@ impl Default for TransferConfig {
             thread_count: None,
             upload_retries_warning_limit: Self::default_warning_limit(),
             retry_max_backoff_seconds: None,
-        }
-    }
-}
-
-/// pghoard's `log_level`: Python's logging level names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum LogLevel {
-    Debug,
-    #[default]
-    Info,
-    #[serde(alias = "WARN")]
-    Warning,
-    Error,
-    #[serde(alias = "FATAL")]
-    Critical,
-}
-
-impl LogLevel {
-    /// The `tracing` filter that shows what this level shows.
-    pub fn filter(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warning => "warn",
-            LogLevel::Error | LogLevel::Critical => "error",
         }
     }
 }
@@ -476,6 +455,13 @@ mod tests {
                     r#""log_level": "VERBOSE", "backup_location""#,
                 ),
                 "log_level",
+            ),
+            (
+                MINIMAL.replace(
+                    r#""backup_location""#,
+                    r#""graceful_shutdown_upload_timeout": -1, "backup_location""#,
+                ),
+                "graceful_shutdown_upload_timeout: -1 is not between 0 and 86400 seconds",
             ),
             ("{".to_string(), "t.json"),
         ];

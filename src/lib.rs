@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod durable;
 pub mod http;
 pub mod info;
+pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod postgres_command;

@@ -59,6 +59,10 @@ enum Command {
         site: SiteFlags,
         #[command(flatten)]
         json: JsonFlag,
+        /// Only the configuration: the file validates and each site's settings and keys
+        /// resolve. Connects to nothing (for a file written before its server or store exists).
+        #[arg(long)]
+        config_only: bool,
     },
     /// archive_command / restore_command helper (pghoard_postgres_command compatible flags).
     /// Restore mode exits 0 when the file is at --output, 1 when the archive does not have it
@@ -381,9 +385,21 @@ async fn identify(conninfo: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Result<()> {
+async fn check(
+    config: &std::path::Path,
+    site: Option<&str>,
+    json: bool,
+    config_only: bool,
+) -> Result<()> {
     let cfg = walhoard::config::Config::load(config)?;
-    let results = walhoard::check::run(&cfg, site).await?;
+    for ignored in cfg.ignored_keys() {
+        eprintln!("walhoard: warning: {ignored}");
+    }
+    let results = if config_only {
+        walhoard::check::run_config_only(&cfg, site)?
+    } else {
+        walhoard::check::run(&cfg, site).await?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
@@ -394,20 +410,6 @@ async fn check(config: &std::path::Path, site: Option<&str>, json: bool) -> Resu
         anyhow::bail!("{failed} check(s) failed");
     }
     Ok(())
-}
-
-/// The log filter when WALHOARD_LOG does not set one: pghoard's `-D/--debug`, else the
-/// daemon's configured `log_level` (a file that does not load fails later, with its error).
-fn default_log_filter(cli: &Cli, debug: bool) -> &'static str {
-    if debug {
-        return "debug";
-    }
-    match &cli.command {
-        Command::Daemon { config } => {
-            walhoard::config::Config::load(config).map_or("info", |c| c.log_level.filter())
-        }
-        _ => "info",
-    }
 }
 
 fn main() -> ExitCode {
@@ -434,13 +436,8 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WALHOARD_LOG")
-                .unwrap_or_else(|_| default_log_filter(&cli, debug).into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The daemon applies its configuration's log_level and syslog keys (`daemon::run`).
+    walhoard::logging::init(debug);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -453,9 +450,11 @@ fn main() -> ExitCode {
             Command::Identify { conninfo, json } => identify(&conninfo, json.json).await,
             Command::CreateKeys { key_id, bits } => create_keys(&key_id, bits),
             Command::Daemon { config } => walhoard::daemon::run(&config).await,
-            Command::Check { site, json } => {
-                check(&site.config, site.site.as_deref(), json.json).await
-            }
+            Command::Check {
+                site,
+                json,
+                config_only,
+            } => check(&site.config, site.site.as_deref(), json.json, config_only).await,
             Command::PostgresCommand(args) => {
                 return Ok(walhoard::postgres_command::run(&args).await);
             }

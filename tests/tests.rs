@@ -6,6 +6,7 @@ mod archive_sync;
 mod basebackup;
 mod cli;
 mod common;
+mod config_keys;
 mod daemon;
 mod daemon_stream;
 mod daemon_support;

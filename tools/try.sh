@@ -7,7 +7,8 @@
 #   and to the latest state into two new directories, starts PostgreSQL on each and checks
 #   that the data is what it was at each point. Exits non-zero on any mismatch; removes
 #   everything it made (set WALHOARD_TRY_KEEP=1 to keep the temp directory; WALHOARD_BIN=path
-#   uses an already built binary instead of building).
+#   uses an already built binary instead of building; WALHOARD_TRY_PACKAGE=1 also builds the
+#   Debian package and installs it on this machine with tools/package.sh, as a last step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -157,3 +158,10 @@ restore_and_check point "$at_point" --recovery-target-name before_more --recover
 restore_and_check latest "$latest"
 
 step "done: both restored copies hold exactly the data of their point in time"
+
+# Optional: the Debian package (tools/package.sh: cargo deb, dpkg -i on this machine, the
+# installed binary and sample configuration checked). Off by default: it installs a package.
+if [ -n "${WALHOARD_TRY_PACKAGE:-}" ]; then
+  step "8. Debian package (WALHOARD_TRY_PACKAGE): tools/package.sh"
+  "$repo/tools/package.sh" || fail "tools/package.sh"
+fi

@@ -56,7 +56,8 @@ pub enum ObjectStorageConfig {
     },
     #[serde(rename = "google")]
     Google {
-        project_id: String,
+        /// Accepted and ignored (`ignored.rs`): bucket operations do not need it.
+        project_id: Option<String>,
         bucket_name: String,
         credential_file: Option<PathBuf>,
         credentials: Option<serde_json::Value>,

@@ -65,6 +65,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(t) = self.graceful_shutdown_upload_timeout {
+            if !(0.0..=86400.0).contains(&t) {
+                return Err((
+                    "graceful_shutdown_upload_timeout".into(),
+                    format!("{t} is not between 0 and 86400 seconds"),
+                ));
+            }
+        }
         self.validate_http_and_metrics()?;
         if self.http_restore_concurrency == Some(0) {
             return Err((
@@ -115,6 +123,7 @@ impl Config {
                     ));
                 }
             }
+            super::ignored::refused(name, site)?;
             if site.object_storage.is_none() {
                 return Err((
                     at("object_storage"),

@@ -4,7 +4,7 @@
 //!
 //! Every long-lived task observes one cancellation token; on shutdown receiving stops first
 //! (the last status update tells the server what the archive holds), then running uploads get
-//! [`archiver::DRAIN_TIMEOUT`] to finish. Whatever is not archived by then stays in the spool
+//! `graceful_shutdown_upload_timeout` (default [`archiver::DRAIN_TIMEOUT`]) to finish. Whatever is not archived by then stays in the spool
 //! and the slot, and the next start archives it first.
 
 pub mod archiver;
@@ -62,6 +62,8 @@ pub fn upload_context(site: &SiteSettings, slots: Arc<Semaphore>) -> Result<Uplo
 
 /// One configuration's worth of running sites.
 struct Generation {
+    /// How long `shutdown` lets running uploads finish (`graceful_shutdown_upload_timeout`).
+    drain: Duration,
     stop: CancellationToken,
     abort: CancellationToken,
     tracker: TaskTracker,
@@ -165,6 +167,9 @@ impl Generation {
             });
         }
         Ok(Generation {
+            drain: config
+                .graceful_shutdown_upload_timeout
+                .map_or(archiver::DRAIN_TIMEOUT, Duration::from_secs_f64),
             stop,
             abort,
             tracker,
@@ -176,11 +181,14 @@ impl Generation {
     async fn shutdown(self) {
         self.stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(archiver::DRAIN_TIMEOUT, self.tracker.wait())
+        if tokio::time::timeout(self.drain, self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!("uploads still running after the drain timeout; they stay in the spool for the next start");
+            tracing::warn!(
+                "uploads still running after the drain timeout ({:?}, graceful_shutdown_upload_timeout); they stay in the spool for the next start",
+                self.drain
+            );
             self.abort.cancel();
             self.tracker.wait().await;
         }
@@ -191,11 +199,21 @@ fn state_json(sites: &Sites, startup_time: f64) -> Vec<u8> {
     serde_json::to_vec_pretty(&daemon_state(sites, startup_time)).unwrap_or_default()
 }
 
+/// Keys of the file that change nothing here: said at start and on each reload
+/// (`config/ignored.rs`), so an operator does not rely on them.
+fn warn_ignored_keys(config: &Config) {
+    for ignored in config.ignored_keys() {
+        tracing::warn!("{ignored}");
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = Config::load(config_path)?;
     // Before anything starts: an API open to the network is a configuration error.
     crate::http::auth::check_exposure(&config).map_err(anyhow::Error::msg)?;
+    crate::logging::apply(&config)?;
+    warn_ignored_keys(&config);
     let startup_time = now_secs();
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -220,6 +238,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
                     Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
                     Ok(new) => {
                         tracing::info!("reloading configuration");
+                        if let Err(e) = crate::logging::apply(&new) {
+                            tracing::error!(error = %format!("{e:#}"), "logging settings not applied; keeping the previous ones");
+                        }
+                        warn_ignored_keys(&new);
                         generation.shutdown().await;
                         config = new;
                         generation = Generation::start(&config)?;
