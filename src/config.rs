@@ -96,7 +96,10 @@ pub struct Config {
     pub alert_file_dir: Option<PathBuf>,
     /// pghoard's statsd client: metrics sent over UDP ([`crate::metrics`]).
     pub statsd: Option<StatsdConfig>,
-    /// pghoard's Pushgateway client: metrics POSTed over HTTP.
+    /// pghoard's Pushgateway client: metrics POSTed over HTTP. pghoard's code and README spell
+    /// the key `pushgateway` (pghoard.py, `self.config.get("pushgateway")`); `push_gateway` is
+    /// accepted too.
+    #[serde(alias = "pushgateway")]
     pub push_gateway: Option<PushGatewayConfig>,
     /// pghoard's Prometheus client: `GET /metrics` on the HTTP API (501 without it).
     pub prometheus: Option<PrometheusConfig>,
@@ -266,6 +269,25 @@ mod tests {
             e.contains("backup_sites.main.pg_receivexlog.spool_fsync"),
             "{e}"
         );
+    }
+
+    /// A pghoard configuration spells the Pushgateway key `pushgateway`: it must load and
+    /// configure the same client as `push_gateway`.
+    #[test]
+    fn pushgateway_in_pghoards_spelling() {
+        for key in ["pushgateway", "push_gateway"] {
+            let text = MINIMAL.replacen(
+                '{',
+                &format!(r#"{{"{key}": {{"endpoint": "http://127.0.0.1:9091"}},"#),
+                1,
+            );
+            let c = Config::parse(&text, "t.json").unwrap_or_else(|e| panic!("{key}: {e}"));
+            assert_eq!(
+                c.push_gateway.map(|p| p.endpoint).as_deref(),
+                Some("http://127.0.0.1:9091"),
+                "{key}"
+            );
+        }
     }
 
     /// pghoard's `moved_from` was an unknown key (the whole file refused); it must name other
@@ -590,5 +612,33 @@ mod tests {
         let c = Config::parse(&text, "t.json").unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("PRIVPEM") && !dbg.contains("PUBPEM"), "{dbg}");
+    }
+
+    #[test]
+    fn partial_wal_upload_interval_values() {
+        let with = |v: &str| {
+            Config::parse(
+                &MINIMAL.replace(
+                    r#""nodes":"#,
+                    &format!(r#""partial_wal_upload_interval": {v}, "nodes":"#),
+                ),
+                "t.json",
+            )
+        };
+        let get = |c: Config| c.backup_sites["main"].partial_wal_upload_interval.get();
+        let default = Config::parse(MINIMAL, "t.json").unwrap();
+        assert_eq!(get(default), Some(std::time::Duration::from_secs(5)));
+        assert_eq!(get(with("0").unwrap()), None);
+        assert_eq!(
+            get(with("2.5").unwrap()),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        for bad in ["-1", r#""5s""#] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("backup_sites.main.partial_wal_upload_interval"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -106,3 +106,23 @@ async fn restore_refuses_a_tampered_pghoard_delta_object_and_leaves_nothing() {
         target.display()
     );
 }
+
+/// `walhoard verify` reads every `basebackup_delta/<hash>` object a delta backup's manifest
+/// names, not only its bundle chunks: a healthy archive passes, and after the objects are
+/// tampered with (stored consistently, so only their BLAKE2s-256 names tell) each backup is
+/// reported with the objects' keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reads_every_pghoard_delta_object() {
+    let d = delta_archive();
+    let config = d.config_path();
+    let v = crate::verify::verify_passes(&config, &[]);
+    assert_eq!(v["backups"].as_array().unwrap().len(), 2, "{v:#}");
+    let site = d.path("archive").join(PGHOARD_SITE);
+    assert!(tamper_delta_objects(&site) > 10);
+    let v = crate::verify::verify_fails(&config, &[]);
+    let bad: Vec<_> = crate::verify::problems(&v)
+        .into_iter()
+        .filter(|(k, p)| k.starts_with("basebackup_delta/") && p.contains("BLAKE2s-256"))
+        .collect();
+    assert!(bad.len() > 10, "{v:#}");
+}

@@ -23,7 +23,7 @@ pub(crate) const CHECKSUM: &str = "select (select count(*) || ':' || coalesce(md
      || '':'' || (select count(*) || '':'' || coalesce(sum(delta), 0) from pgbench_history) as c', false, true, '')))[1]::text, 'MISSING') end";
 
 /// A pgbench run (TPC-B-like transactions) against `pg`, finished before it returns.
-fn pgbench(pg: &PgCluster, args: &[&str]) {
+pub(crate) fn pgbench(pg: &PgCluster, args: &[&str]) {
     let mut all: Vec<std::ffi::OsString> = vec!["-h".into(), pg.socket_dir().into()];
     all.extend([
         "-p".into(),
@@ -135,9 +135,17 @@ pub(crate) struct Primary {
 }
 
 pub(crate) async fn primary(site: serde_json::Value) -> Primary {
+    primary_on(DaemonDir::local_storage, site).await
+}
+
+/// [`primary`] archiving into the `object_storage` that `storage` gives.
+pub(crate) async fn primary_on(
+    storage: impl FnOnce(&DaemonDir) -> serde_json::Value,
+    site: serde_json::Value,
+) -> Primary {
     let pg = cluster();
     let d = DaemonDir::new();
-    let storage = d.local_storage();
+    let storage = storage(&d);
     d.write_config(&pg, storage.clone(), site);
     readable_by_server(&d);
     let daemon = Daemon::start(&d);

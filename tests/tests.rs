@@ -14,6 +14,7 @@ mod foreign_archive;
 mod http_api;
 mod http_auth;
 mod metrics;
+mod partial_wal;
 mod pghoa1;
 mod pghoard_cli;
 mod pghoard_delta;

@@ -44,7 +44,7 @@ fn walhoard_json(command: &str, config: &Path, args: &[&str]) -> (Option<i32>, V
 }
 
 /// `walhoard verify` that must fail: its report.
-fn verify_fails(config: &Path, args: &[&str]) -> Value {
+pub(crate) fn verify_fails(config: &Path, args: &[&str]) -> Value {
     let (code, v, err) = walhoard_json("verify", config, args);
     assert_eq!(code, Some(1), "verify should have failed: {v:#}\n{err}");
     assert_eq!(v["ok"], false, "{v:#}");
@@ -52,7 +52,7 @@ fn verify_fails(config: &Path, args: &[&str]) -> Value {
 }
 
 /// `walhoard verify` that must pass: its report.
-fn verify_passes(config: &Path, args: &[&str]) -> Value {
+pub(crate) fn verify_passes(config: &Path, args: &[&str]) -> Value {
     let (code, v, err) = walhoard_json("verify", config, args);
     assert_eq!(code, Some(0), "verify failed: {v:#}\n{err}");
     assert_eq!(v["ok"], true, "{v:#}");
@@ -60,7 +60,7 @@ fn verify_passes(config: &Path, args: &[&str]) -> Value {
 }
 
 /// Every problem of a report: (key, text), backups' and WAL's.
-fn problems(v: &Value) -> Vec<(String, String)> {
+pub(crate) fn problems(v: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let lists = v["backups"]
         .as_array()

@@ -130,6 +130,42 @@ pub struct SiteConfig {
     /// there. Default true.
     #[serde(default = "default_true")]
     pub basebackup_on_wal_gap: bool,
+    /// walhoard: how often WAL of the segment being received is uploaded before the segment
+    /// is complete (seconds; 0 turns it off). Default 5.
+    #[serde(default)]
+    pub partial_wal_upload_interval: PartialWalUploadInterval,
+}
+
+/// `backup_sites.<site>.partial_wal_upload_interval`: seconds, a non-negative number; 0 off.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct PartialWalUploadInterval(Option<std::time::Duration>);
+
+impl PartialWalUploadInterval {
+    /// The interval, `None` when partial uploads are off.
+    pub fn get(self) -> Option<std::time::Duration> {
+        self.0
+    }
+}
+
+impl Default for PartialWalUploadInterval {
+    fn default() -> Self {
+        PartialWalUploadInterval(Some(std::time::Duration::from_secs(5)))
+    }
+}
+
+impl TryFrom<f64> for PartialWalUploadInterval {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!(
+                "{v} is not a number of seconds (0 turns partial uploads off)"
+            ));
+        }
+        Ok(PartialWalUploadInterval(
+            (v > 0.0).then(|| std::time::Duration::from_secs_f64(v.max(0.05))),
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -143,6 +143,10 @@ impl Archiver {
         &self.ctx
     }
 
+    pub fn context_arc(&self) -> Arc<UploadContext> {
+        self.ctx.clone()
+    }
+
     /// The archive holds everything before `at` (the resume point): start counting there.
     pub fn start_at(&self, at: Lsn) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -313,7 +317,7 @@ pub struct Cancelled;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::ObjectStorageConfig;
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
@@ -322,16 +326,17 @@ mod tests {
     use crate::storage::ObjectStore;
     use tokio::sync::Semaphore;
 
-    fn archiver(dir: &Path) -> (Archiver, watch::Receiver<Lsn>) {
+    /// Site `site` uploading into local storage at `dir`, zstd, no encryption, defaults.
+    pub(crate) fn local_context(dir: &Path) -> UploadContext {
         let store = ObjectStore::open(
             &ObjectStorageConfig::Local {
-                directory: dir.join("archive"),
+                directory: dir.to_path_buf(),
                 prefix: None,
             },
             "site",
         )
         .unwrap();
-        let ctx = UploadContext {
+        UploadContext {
             site: "site".into(),
             store,
             compression: CompressionSettings::new(Algorithm::Zstd),
@@ -340,7 +345,11 @@ mod tests {
             retry: RetryPolicy::default(),
             upload_slots: Arc::new(Semaphore::new(4)),
             base_metadata: ObjectMeta::default(),
-        };
+        }
+    }
+
+    fn archiver(dir: &Path) -> (Archiver, watch::Receiver<Lsn>) {
+        let ctx = local_context(&dir.join("archive"));
         let (tx, rx) = watch::channel(Lsn::INVALID);
         let a = Archiver::new(
             Arc::new(ctx),

@@ -222,6 +222,8 @@ pub async fn apply_retention(
             .with_context(|| format!("delete {key}"))?;
         wal_deleted += 1;
     }
+    // Partial objects of those segments (issue 16): only keys in their layout, marked.
+    wal_deleted += super::partial::delete_parts_before(store, &before).await?;
     if wal_deleted > 0 {
         tracing::info!(site = %site_name, before = %before, count = wal_deleted, "deleted walhoard's WAL older than the oldest kept basebackup");
     }

@@ -11,6 +11,7 @@ pub mod archiver;
 pub mod basebackups;
 pub mod identity;
 mod lag;
+pub mod partial;
 pub mod site;
 pub mod sites;
 pub mod status;

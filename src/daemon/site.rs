@@ -19,6 +19,7 @@ use walhoard_walreceiver::{
 use super::archiver::{wal_key, Archiver, KeyState, UploadContext};
 use super::basebackups::BackupRequest;
 use super::identity::ArchiveGuard;
+use super::partial::PartialArchiver;
 use super::status::{
     now_secs, wal_gap_alert, Alerts, SiteStatus, WalGapState, AUTHENTICATION_ERROR,
     CONFIGURATION_ERROR, VERSION_UNSUPPORTED_ERROR,
@@ -43,6 +44,8 @@ pub struct SiteWal {
     pub gap_backups: Option<mpsc::Sender<BackupRequest>>,
     /// Whose archive this is; see [`ArchiveGuard`].
     guard: ArchiveGuard,
+    /// Uploads of the segment being received (`partial_wal_upload_interval`; none when 0).
+    partial: Option<PartialArchiver>,
 }
 
 /// How long to wait before asking again for the basebackup a WAL gap needs, after one failed.
@@ -98,6 +101,17 @@ impl SiteWal {
             SpoolFsync::Always => SpoolSync::Always,
         };
         receiver.buffers = segment_buffers;
+        let partial = site.partial_wal_upload_interval.get().map(|interval| {
+            let (uploads, partial) = PartialArchiver::for_site(
+                interval,
+                archiver.context_arc(),
+                status.clone(),
+                alerts.clone(),
+                archived_rx.clone(),
+            );
+            receiver.partial = uploads;
+            partial
+        });
         let disk_guard = site
             .pg_receivexlog
             .min_disk_free_bytes
@@ -119,6 +133,7 @@ impl SiteWal {
             archived_rx,
             gap_backups: None,
             guard,
+            partial,
         })
     }
 
@@ -175,8 +190,12 @@ impl SiteWal {
             while positions.changed().await.is_ok() {
                 let p = *positions.borrow();
                 status.set_positions(p.received_lsn, p.reported_flush_lsn, p.timeline);
+                status.set_undurable_since(p.undurable_since);
             }
         });
+        if let Some(partial) = &self.partial {
+            partial.follow_archive(&tracker, &abort);
+        }
         let mut seg_size: Option<SegmentSize> = None;
         // Archiving fails only when uploads are aborted (the daemon stops): streaming ends.
         let archive = |name, path, data, end, key_state| {
@@ -198,6 +217,9 @@ impl SiteWal {
                         break;
                     }
                     seg_size = Some(s);
+                    if let Some(p) = &self.partial {
+                        p.connected(s);
+                    }
                     self.status.set_connected(true, Some(server_tli));
                     for a in [
                         AUTHENTICATION_ERROR,
@@ -217,6 +239,18 @@ impl SiteWal {
                     let end = seg_size.map(|s| start + s.bytes());
                     if archive(name, path, data, end, KeyState::New).await.is_err() {
                         break;
+                    }
+                }
+                ReceiverEvent::Received {
+                    id,
+                    start,
+                    offset,
+                    data,
+                    in_flight,
+                } => {
+                    if let (Some(partial), Some(seg)) = (&self.partial, seg_size) {
+                        partial
+                            .spawn_batch(&tracker, &abort, id, start, seg, offset, data, in_flight);
                     }
                 }
                 // A partial or history file may be stored already (a restart after its upload).

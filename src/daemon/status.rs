@@ -27,6 +27,15 @@ pub struct WalState {
     pub reported_flush_lsn: Option<String>,
     /// Every byte before this is durable in the archive.
     pub archived_lsn: Option<String>,
+    /// The archive's durable end counting partial WAL objects (issue 16); the archived end
+    /// when partial uploads are off.
+    pub durable_lsn: Option<String>,
+    /// Seconds since the oldest received byte that is not durable in the archive yet arrived
+    /// (the current data-loss window); 0 when all of it is.
+    pub undurable_age_seconds: f64,
+    /// Partial WAL objects stored since start, and the plain bytes they hold.
+    pub partial_objects_uploaded: u64,
+    pub partial_bytes_uploaded: u64,
     /// received − archived, in bytes.
     pub archive_lag_bytes: u64,
     /// Seconds since the first byte not yet archived was received (0 when nothing waits):
@@ -78,6 +87,8 @@ struct Inner {
     wal: WalState,
     received: Lsn,
     archived: Lsn,
+    durable: Lsn,
+    undurable_since: Option<SystemTime>,
     reported_flush: Lsn,
     lag_clock: super::lag::LagClock,
 }
@@ -119,10 +130,41 @@ impl SiteStatus {
 
     pub fn snapshot(&self) -> WalState {
         self.with(|i| {
-            let mut wal = i.wal.clone();
-            wal.archive_lag_seconds = i.lag_clock.lag_seconds(i.archived, now_secs());
-            wal
+            let mut w = i.wal.clone();
+            // Partial objects hold WAL as durably as segments: the lag is up to the durable end.
+            w.archive_lag_seconds = i
+                .lag_clock
+                .lag_seconds(i.durable.max(i.archived), now_secs());
+            w.undurable_age_seconds = i
+                .undurable_since
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0.0, |d| (d.as_secs_f64() * 10.0).round() / 10.0);
+            w
         })
+    }
+
+    /// The archive's durable end including partial objects moved to `durable`.
+    pub fn set_durable(&self, durable: Lsn) {
+        self.with(|i| {
+            if durable > i.durable {
+                i.durable = durable;
+                i.wal.durable_lsn = Some(durable.to_string());
+                i.lag_clock.archived(durable);
+            }
+        });
+    }
+
+    /// A partial WAL object of `bytes` plain bytes was stored.
+    pub fn partial_uploaded(&self, bytes: u64) {
+        self.with(|i| {
+            i.wal.partial_objects_uploaded += 1;
+            i.wal.partial_bytes_uploaded += bytes;
+        });
+    }
+
+    /// When the oldest byte not yet durable in the archive arrived (the receiver's account).
+    pub fn set_undurable_since(&self, since: Option<SystemTime>) {
+        self.with(|i| i.undurable_since = since);
     }
 
     pub fn positions(&self) -> Positions {
@@ -164,6 +206,10 @@ impl SiteStatus {
             i.archived = archived;
             i.lag_clock.archived(archived);
             i.wal.archived_lsn = Some(archived.to_string());
+            if archived > i.durable {
+                i.durable = archived;
+                i.wal.durable_lsn = Some(archived.to_string());
+            }
             Self::lag(i);
         });
     }

@@ -66,6 +66,31 @@ impl UploadContext {
         status: &SiteStatus,
         cancel: &CancellationToken,
     ) -> bool {
+        let needed = || match data {
+            Some(d) => d.len() as u64,
+            None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        };
+        self.retry_until_stored(key, needed, status, cancel, || {
+            self.upload_once(key, path, data)
+        })
+        .await
+    }
+
+    /// The loop of [`UploadContext::upload_until_stored`] around any upload of `key`:
+    /// `attempt` is one try, `needed` the bytes it needs free on a full local disk. Partial
+    /// WAL objects (`daemon::partial`) are retried by it too.
+    pub async fn retry_until_stored<F, Fut>(
+        &self,
+        key: &str,
+        needed: impl Fn() -> u64,
+        status: &SiteStatus,
+        cancel: &CancellationToken,
+        mut attempt: F,
+    ) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), TransferError>>,
+    {
         let mut backoff = Backoff::new(self.retry.initial_backoff, self.retry.max_backoff);
         let mut failures = 0u32;
         let mut alerted = false;
@@ -73,7 +98,7 @@ impl UploadContext {
         loop {
             let result = tokio::select! {
                 _ = cancel.cancelled() => return false,
-                r = self.upload_once(key, path, data) => r,
+                r = attempt() => r,
             };
             let e = match result {
                 Ok(()) => {
@@ -110,13 +135,9 @@ impl UploadContext {
                     alerted = true;
                 }
             }
-            let needed = match data {
-                Some(d) => d.len() as u64,
-                None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-            };
             tokio::select! {
                 _ = cancel.cancelled() => return false,
-                _ = self.wait_to_retry(wait, full.then_some(needed)) => {}
+                _ = self.wait_to_retry(wait, full.then(&needed)) => {}
             }
         }
     }
@@ -182,7 +203,7 @@ impl UploadContext {
     /// [`meta::WALHOARD_WRITER`] mark that lets retention tell walhoard's WAL from pghoard's.
     /// Set here, where every WAL upload passes (the receiver's, `PUT /<site>/archive`), so no
     /// path can store unmarked WAL, which retention would then keep forever.
-    fn wal_metadata(&self) -> ObjectMeta {
+    pub(crate) fn wal_metadata(&self) -> ObjectMeta {
         ObjectMeta {
             walhoard_writer: Some(meta::WALHOARD_WRITER_VALUE.into()),
             ..self.base_metadata.clone()

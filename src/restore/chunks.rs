@@ -89,10 +89,11 @@ pub(crate) enum Route {
     },
     /// The backup_manifest: a plain file `name` in the directory `dir`.
     File { dir: PathBuf, name: &'static str },
-    /// A pghoard delta object: the whole plain body is the file `rel` of the data directory,
-    /// whose BLAKE2s-256 must be `hexdigest` ([`super::pghoard_delta`]).
+    /// A pghoard delta object: the whole plain body is the file `rel` of the data directory
+    /// (`data`; `None` for `walhoard verify`, which writes nothing), whose BLAKE2s-256 must be
+    /// `hexdigest` ([`super::pghoard_delta`]).
     DeltaFile {
-        data: Extractor,
+        data: Option<Extractor>,
         rel: String,
         hexdigest: String,
     },
@@ -158,7 +159,7 @@ impl Route {
             hexdigest,
         } = self
         {
-            return pghoard_delta::extract_object(data, rel, hexdigest, r);
+            return pghoard_delta::extract_object(data.as_ref(), rel, hexdigest, r);
         }
         if let Route::Check { tar: false } = self {
             io::copy(r, &mut io::sink())?;
@@ -270,6 +271,7 @@ pub(crate) fn chunk_key(meta: &BackupMetadata, c: &ChunkMeta) -> String {
 }
 
 /// One chunk to fetch: its description, where its members go, its object key.
+#[derive(Clone)]
 pub(crate) struct Job {
     pub(crate) chunk: ChunkMeta,
     pub(crate) route: Route,

@@ -353,7 +353,7 @@ async fn restore_into(
                 .map(|(_, d)| d.as_slice())
                 .unwrap_or_default();
             let files = pghoard_delta::delta_files(&format!("basebackup/{name}"), json)?;
-            jobs.extend(pghoard_delta::object_jobs(&files, &data));
+            jobs.extend(pghoard_delta::object_jobs(&files, Some(&data)));
             Some(files)
         }
         _ => None,

@@ -8,12 +8,14 @@
 //!   recovery configuration).
 //! - [`recovery`]: the recovery settings and signal files PostgreSQL reads.
 //! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
+//! - `partial`: a segment not complete yet, from its partial objects.
 
 pub mod beneath;
 pub(crate) mod chunks;
 mod dest;
 pub mod extract;
 pub mod get;
+mod partial;
 pub mod pghoard;
 pub mod pghoard_delta;
 pub mod recovery;

@@ -209,7 +209,7 @@ pub fn delta_metadata(
 
 /// One fetch job per delta object, extracted as its file of the data directory. A digest
 /// shared by several files (identical contents) is fetched once per file, as pghoard does.
-pub(super) fn object_jobs(files: &DeltaFiles, data: &Extractor) -> Vec<Job> {
+pub(crate) fn object_jobs(files: &DeltaFiles, data: Option<&Extractor>) -> Vec<Job> {
     files
         .objects
         .iter()
@@ -225,7 +225,7 @@ pub(super) fn object_jobs(files: &DeltaFiles, data: &Extractor) -> Vec<Job> {
                 server_compressed: false,
             },
             route: Route::DeltaFile {
-                data: data.clone(),
+                data: data.cloned(),
                 rel: o.relative_path.clone(),
                 hexdigest: o.hexdigest.clone(),
             },
@@ -236,11 +236,12 @@ pub(super) fn object_jobs(files: &DeltaFiles, data: &Extractor) -> Vec<Job> {
         .collect()
 }
 
-/// Writes a delta object's plain bytes `r` as the data directory's file `rel` and checks
-/// their BLAKE2s-256 against `hexdigest` (the caller checks the size). A mismatch is an
-/// error, and the restore's cleanup removes the file with everything else.
+/// Writes a delta object's plain bytes `r` as the data directory's file `rel` (with `data`;
+/// without, `walhoard verify`, they are only read) and checks their BLAKE2s-256 against
+/// `hexdigest` (the caller checks the size). A mismatch is an error, and the restore's
+/// cleanup removes the file with everything else.
 pub(super) fn extract_object(
-    data: &Extractor,
+    data: Option<&Extractor>,
     rel: &str,
     hexdigest: &str,
     r: &mut dyn Read,
@@ -260,7 +261,10 @@ pub(super) fn extract_object(
         inner: r,
         hash: Blake2s::new(),
     };
-    data.extract(&file_entry(rel, 0), rel, &mut h)?;
+    match data {
+        Some(data) => data.extract(&file_entry(rel, 0), rel, &mut h)?,
+        None => io::copy(&mut h, &mut io::sink())?,
+    };
     let got = h.hash.finish_hex();
     if got != hexdigest {
         return Err(io::Error::new(

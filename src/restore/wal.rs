@@ -52,6 +52,8 @@ impl WalFetchError {
 pub enum Served {
     Archive,
     Prefetch,
+    /// Assembled from partial objects, zero-filled (the segment is not complete yet).
+    Partial,
 }
 
 /// The system identifier of the cluster being restored: the first field of
@@ -78,7 +80,11 @@ pub fn expected_system_id(output: &Path) -> Option<u64> {
 /// Checks a downloaded WAL file before PostgreSQL sees it: page headers against the segment's
 /// address and timeline, and the long header's system identifier against `system_id` (the
 /// cluster being restored), so that a segment of another cluster is never served.
-fn verify(name: &WalSegmentName, path: &Path, system_id: Option<u64>) -> anyhow::Result<()> {
+pub(super) fn verify(
+    name: &WalSegmentName,
+    path: &Path,
+    system_id: Option<u64>,
+) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     match name {
         WalSegmentName::History(tli) => {
@@ -137,7 +143,7 @@ fn verify(name: &WalSegmentName, path: &Path, system_id: Option<u64>) -> anyhow:
 
 /// A temporary name for `file` in `dir` that no other request uses (two requests for the
 /// same file, or prefetches of the same segment, must not write into one file).
-fn temp_path(dir: &Path, file: &str) -> PathBuf {
+pub(super) fn temp_path(dir: &Path, file: &str) -> PathBuf {
     dir.join(format!(
         "{file}.{}{PREFETCH_SUFFIX}",
         crate::durable::temp_name()
@@ -146,7 +152,13 @@ fn temp_path(dir: &Path, file: &str) -> PathBuf {
 
 /// Removes a temporary file when dropped, unless it was renamed into place: every way out
 /// of [`fetch_one`] (an error, a panic, the future dropped) leaves nothing behind.
-struct TempFile<'a>(Option<&'a Path>);
+pub(super) struct TempFile<'a>(Option<&'a Path>);
+
+impl<'a> TempFile<'a> {
+    pub(super) fn new(path: &'a Path) -> Self {
+        TempFile(Some(path))
+    }
+}
 
 impl Drop for TempFile<'_> {
     fn drop(&mut self) {
@@ -278,7 +290,15 @@ pub async fn restore_wal_file(
         (Served::Prefetch, len.and_then(|l| SegmentSize::new(l).ok()))
     } else {
         let tmp = temp_path(out_dir, file);
-        fetch_one(store, keys, &name, output, &tmp, system_id).await?;
+        match fetch_one(store, keys, &name, output, &tmp, system_id).await {
+            Ok(()) => {}
+            // No complete object: the partial objects of the segment being received (issue
+            // 16). Nothing is prefetched after a segment served from them.
+            Err(WalFetchError::NotFound { key }) => {
+                return serve_partial(store, keys, id, output, &tmp, system_id, key).await;
+            }
+            Err(e) => return Err(e),
+        }
         let len = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
         (Served::Archive, SegmentSize::new(len).ok())
     };
@@ -291,6 +311,37 @@ pub async fn restore_wal_file(
         fill_prefetch(src, id, seg, &pdir, prefetch, served).await;
     }
     Ok(served)
+}
+
+/// Segment `id` from its partial objects, when it has no complete object (`missing`, the
+/// complete object's key). Parts deleted under us mean the complete object was just stored:
+/// it is fetched once more.
+async fn serve_partial(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: SegmentId,
+    output: &Path,
+    tmp: &Path,
+    system_id: Option<u64>,
+    missing: String,
+) -> Result<Served, WalFetchError> {
+    use super::partial::{serve_from_parts, PartsError};
+    match serve_from_parts(store, keys, id, output, system_id).await {
+        Ok(()) => Ok(Served::Partial),
+        Err(PartsError::NoChain) => Err(WalFetchError::NotFound { key: missing }),
+        Err(PartsError::Gone(part)) => {
+            let name = WalSegmentName::Segment(id);
+            fetch_one(store, keys, &name, output, tmp, system_id)
+                .await
+                .map_err(|e| {
+                    WalFetchError::failed(anyhow::anyhow!(
+                        "{part} disappeared while being read, and the complete segment: {e}"
+                    ))
+                })?;
+            Ok(Served::Archive)
+        }
+        Err(PartsError::Failed(e)) => Err(e),
+    }
 }
 
 /// [`restore_wal_file`] over a site and its `moved_from` sites, in order, as pghoard's

@@ -29,9 +29,11 @@ pub const START_TIME: &str = "start-time";
 pub const END_WAL_SEGMENT: &str = "end-wal-segment";
 /// A basebackup's end time.
 pub const END_TIME: &str = "end-time";
-/// walhoard's: a basebackup's start LSN.
+/// walhoard's: the WAL segment size of a partial WAL object's segment (bytes).
+pub const WAL_SEGMENT_SIZE: &str = "wal-segment-size";
+/// walhoard's: a basebackup's start LSN (and a partial WAL object's first byte).
 pub const START_LSN: &str = "start-lsn";
-/// walhoard's: a basebackup's end LSN.
+/// walhoard's: a basebackup's end LSN (and the end of a partial WAL object's bytes).
 pub const END_LSN: &str = "end-lsn";
 /// rohmu's local storage: SHA-256 of the stored bytes.
 pub const STORED_SHA256: &str = "_hash";
@@ -135,6 +137,8 @@ pub struct ObjectMeta {
     pub end_lsn: Option<Lsn>,
     /// [`START_TIMELINE`]: walhoard's: a basebackup's timeline.
     pub start_timeline: Option<u32>,
+    /// [`WAL_SEGMENT_SIZE`]: walhoard's: the segment size of a partial WAL object's segment.
+    pub wal_segment_size: Option<u64>,
     /// [`TOTAL_SIZE_PLAIN`]: a basebackup's plain size.
     pub total_size_plain: Option<u64>,
     /// [`TOTAL_SIZE_ENC`]: a basebackup's stored size.
@@ -183,6 +187,7 @@ impl ObjectMeta {
                 }
                 END_LSN => out.end_lsn = Some(value.parse().map_err(|e| typed(format!("{e}")))?),
                 START_TIMELINE => out.start_timeline = Some(number(value).map_err(typed)?),
+                WAL_SEGMENT_SIZE => out.wal_segment_size = Some(number(value).map_err(typed)?),
                 TOTAL_SIZE_PLAIN => out.total_size_plain = Some(number(value).map_err(typed)?),
                 TOTAL_SIZE_ENC => out.total_size_enc = Some(number(value).map_err(typed)?),
                 BASEBACKUP_MODE => out.basebackup_mode = text(),
@@ -231,6 +236,10 @@ impl ObjectMeta {
         put(START_LSN, self.start_lsn.map(|l| l.to_string()));
         put(END_LSN, self.end_lsn.map(|l| l.to_string()));
         put(START_TIMELINE, self.start_timeline.map(|n| n.to_string()));
+        put(
+            WAL_SEGMENT_SIZE,
+            self.wal_segment_size.map(|n| n.to_string()),
+        );
         put(
             TOTAL_SIZE_PLAIN,
             self.total_size_plain.map(|n| n.to_string()),
@@ -281,6 +290,7 @@ mod tests {
             (START_LSN, "0/3000028"),
             (END_LSN, "1/A0000100"),
             (START_TIMELINE, "2"),
+            (WAL_SEGMENT_SIZE, "16777216"),
             (TOTAL_SIZE_PLAIN, "1000"),
             (TOTAL_SIZE_ENC, "900"),
             (BASEBACKUP_MODE, "local-tar"),

@@ -2,16 +2,18 @@
 //! then every chunk: it exists, its stored size is the control object's `result_size`, and it
 //! is fetched through restore's own path ([`restore_chunk`] with nowhere to extract to):
 //! decrypted, decompressed, its plain size and SHA-1 compared, its tar read member by member.
-//! Nothing is written to disk.
+//! A pghoard delta backup's `basebackup_delta/<hash>` objects are checked the same way, their
+//! BLAKE2s-256 against their name. Nothing is written to disk.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
-use walhoard_basebackup::control::{BackupMetadata, ChunkKind};
+use walhoard_basebackup::control::{BackupMetadata, ChunkKind, METADATA_MEMBER};
 
 use super::Problem;
 use crate::restore::chunks::{chunk_key, restore_chunk, Job, Route};
 use crate::restore::get::read_known_control;
+use crate::restore::pghoard_delta::{self, FORMAT_PGHOARD_DELTA};
 use crate::restore::{BackupListing, RestoreSite};
 
 /// A backup whose control object could be read, with the site that holds its objects.
@@ -20,6 +22,9 @@ pub struct Described {
     pub source: RestoreSite,
     pub meta: BackupMetadata,
     pub pghoard_written: bool,
+    /// pghoard delta backups: one check per `basebackup_delta/<hash>` object (read, never
+    /// written; its size and BLAKE2s-256 checked as restore checks them).
+    pub(crate) delta_objects: Vec<Job>,
 }
 
 /// Reads the control object of `b`; a problem (named by the control object's key) when it
@@ -29,14 +34,28 @@ pub async fn describe(site: &RestoreSite, b: &BackupListing) -> Result<Described
     let source = site
         .for_backup(b)
         .map_err(|e| Problem::new(&key, format!("{e:#}")))?;
-    let (meta, _, pghoard_written) = read_known_control(&source, &b.name)
+    let (meta, extra, pghoard_written) = read_known_control(&source, &b.name)
         .await
         .map_err(|e| Problem::new(&key, format!("{e:#}")))?;
+    // A pghoard delta backup's files are objects of their own, named in its manifest.
+    let delta_objects = if meta.format == FORMAT_PGHOARD_DELTA {
+        let json = extra
+            .iter()
+            .find(|(e, _)| e.path == METADATA_MEMBER)
+            .map(|(_, d)| d.as_slice())
+            .unwrap_or_default();
+        let files = pghoard_delta::delta_files(&key, json)
+            .map_err(|e| Problem::new(&key, format!("{e:#}")))?;
+        pghoard_delta::object_jobs(&files, None)
+    } else {
+        Vec::new()
+    };
     Ok(Described {
         listing: b.clone(),
         source,
         meta,
         pghoard_written,
+        delta_objects,
     })
 }
 
@@ -49,20 +68,24 @@ pub async fn check_chunks(
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
     let mut set = tokio::task::JoinSet::new();
-    let mut chunks = d.meta.chunks.iter();
+    let mut jobs = d
+        .meta
+        .chunks
+        .iter()
+        .map(|c| Job {
+            chunk: c.clone(),
+            route: Route::Check {
+                tar: c.kind != ChunkKind::Manifest,
+            },
+            key: chunk_key(&d.meta, c),
+            check_sha1: !d.pghoard_written,
+        })
+        .chain(d.delta_objects.iter().cloned());
     // Never set: every chunk is checked, whatever another's outcome.
     let stop = Arc::new(AtomicBool::new(false));
     loop {
         while set.len() < parallel.max(1) {
-            let Some(c) = chunks.next() else { break };
-            let job = Job {
-                chunk: c.clone(),
-                route: Route::Check {
-                    tar: c.kind != ChunkKind::Manifest,
-                },
-                key: chunk_key(&d.meta, c),
-                check_sha1: !d.pghoard_written,
-            };
+            let Some(job) = jobs.next() else { break };
             let source = d.source.clone();
             let (progress, stop) = (progress.clone(), stop.clone());
             set.spawn(async move { check_chunk(&source, &job, progress, stop).await });

@@ -586,6 +586,29 @@ impl PgCluster {
         }
     }
 
+    /// `kill -9` of the postmaster and then of its children (what a lost machine leaves:
+    /// no shutdown checkpoint, nothing more sent).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Its children, named before it dies (they are reparented after).
+            let children = Command::new("pgrep")
+                .args(["-P", &child.id().to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+            {
+                if pid > 1 {
+                    unsafe_free_kill(pid, "KILL");
+                }
+            }
+        }
+    }
+
     /// The server's pg_wal directory.
     pub fn wal_dir(&self) -> PathBuf {
         self.data_dir().join("pg_wal")

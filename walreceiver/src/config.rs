@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use walhoard_protocol::{ConnectParams, Lsn, SegmentSize, TimelineId};
 
 use crate::buffers::SegmentBuffers;
+use crate::partial::PartialUploads;
 #[cfg(doc)]
 use crate::ReceiverEvent;
 
@@ -56,6 +57,8 @@ pub struct ReceiverConfig {
     pub spool_sync: SpoolSync,
     /// Buffers complete segments are handed on in (see [`crate::buffers`]).
     pub buffers: SegmentBuffers,
+    /// Whether the segment being received is handed on before it is complete.
+    pub partial: PartialUploads,
 }
 
 /// When the spool is made durable.
@@ -99,6 +102,7 @@ impl ReceiverConfig {
             pause: None,
             spool_sync: SpoolSync::Always,
             buffers: SegmentBuffers::new(2),
+            partial: PartialUploads::Off,
         }
     }
 }

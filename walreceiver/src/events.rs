@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use walhoard_protocol::{Lsn, SegmentSize, TimelineId, WalSegmentName};
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId, WalSegmentName};
 
 use crate::buffers::SegmentBuffer;
+use crate::partial::InFlight;
 use crate::ReceiverError;
 #[cfg(doc)]
 use crate::SpoolSync;
@@ -36,6 +37,18 @@ pub enum ReceiverEvent {
         name: WalSegmentName,
         path: PathBuf,
         end: Lsn,
+    },
+    /// Bytes of segment `id` (which starts at `start`) received but not yet handed on by an
+    /// earlier `Received` of this session: `data` holds the segment's bytes from `offset` on
+    /// ([`crate::PartialUploads`]). A new session hands the segment on again from offset 0
+    /// (the same bytes on the same timeline). No further batch is handed on while a clone of
+    /// `in_flight` lives.
+    Received {
+        id: SegmentId,
+        start: Lsn,
+        offset: u64,
+        data: bytes::Bytes,
+        in_flight: InFlight,
     },
     /// A timeline history file fetched from the server, durable in the spool.
     History { name: WalSegmentName, path: PathBuf },
@@ -107,6 +120,10 @@ pub struct ReceiverPositions {
     pub reported_flush_lsn: Lsn,
     /// The timeline being received (none before the first connection).
     pub timeline: Option<TimelineId>,
+    /// When the oldest received byte that is durable nowhere yet (neither in the archive,
+    /// partial objects included, nor, for this purpose, in the spool) arrived; `None` when
+    /// every received byte is in the archive.
+    pub undurable_since: Option<std::time::SystemTime>,
 }
 
 #[cfg(test)]

@@ -128,6 +128,16 @@ impl Incoming {
         Ok(f.synced_lsn())
     }
 
+    /// A copy of the bytes received from segment offset `from` on (for a partial upload).
+    pub(crate) fn bytes_from(&self, from: u64) -> std::io::Result<Vec<u8>> {
+        let from = from.min(self.written);
+        match (&self.buf, &self.file) {
+            (Some(b), _) => Ok(b[from as usize..self.written as usize].to_vec()),
+            (None, Some(f)) => f.read_range(from, self.written),
+            (None, None) => unreachable!("a segment is received into a buffer or a file"),
+        }
+    }
+
     pub(crate) fn written_lsn(&self) -> Lsn {
         self.start + self.written
     }

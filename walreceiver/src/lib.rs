@@ -29,6 +29,7 @@ pub mod buffers;
 mod config;
 mod events;
 mod incoming;
+mod partial;
 mod position;
 pub mod receiver;
 mod session;
@@ -37,6 +38,7 @@ pub mod spool;
 pub use buffers::{SegmentBuffer, SegmentBuffers};
 pub use config::{ReceiverConfig, ResumeHook, SpoolSync, StartPosition};
 pub use events::{DisconnectReason, ReceiverEvent, ReceiverPositions};
+pub use partial::{InFlight, PartialUploads};
 pub use receiver::run;
 
 /// Why receiving stopped or a session failed.

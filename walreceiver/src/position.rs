@@ -32,17 +32,26 @@ impl SpoolDurable {
 /// archive's end, raised to what the spool holds durably in continuation of it, but never past
 /// the last byte of that first unarchived segment. Below `floor` nothing is reported (an
 /// invalid flush the server ignores): reporting less would move the slot back.
+///
+/// `durable` is the archive's end counting partial objects (the archive's end itself when
+/// there are none): bytes held there count as the spool's do, under the same cap.
 pub(crate) fn flush_position(
     archived: Lsn,
+    durable: Lsn,
     spool: &SpoolDurable,
     floor: Lsn,
     seg: SegmentSize,
 ) -> Lsn {
     let mut flush = archived;
-    if let Some((from, to)) = spool.range {
-        if archived.is_valid() && from <= archived && to > archived {
-            let last_byte = archived.segment_start(seg) + (seg.bytes() - 1);
-            flush = to.min(last_byte);
+    if archived.is_valid() {
+        let last_byte = archived.segment_start(seg) + (seg.bytes() - 1);
+        if let Some((from, to)) = spool.range {
+            if from <= archived && to > archived {
+                flush = to.min(last_byte);
+            }
+        }
+        if durable > archived {
+            flush = flush.max(durable.min(last_byte));
         }
     }
     if flush < floor {
@@ -75,44 +84,93 @@ mod tests {
         // Written inside the first unarchived segment, durable in the spool: all of it.
         let s = spool(3 * SEG, 3 * SEG + 0x1234);
         assert_eq!(
-            flush_position(Lsn(3 * SEG), &s, floor, seg),
+            flush_position(Lsn(3 * SEG), Lsn(3 * SEG), &s, floor, seg),
             Lsn(3 * SEG + 0x1234)
         );
         // Several segments behind: at most the last byte of the first unarchived segment,
         // so the server keeps that whole segment (KeepLogSeg).
         let s = spool(3 * SEG, 6 * SEG + 10);
-        let f = flush_position(Lsn(3 * SEG), &s, floor, seg);
+        let f = flush_position(Lsn(3 * SEG), Lsn(3 * SEG), &s, floor, seg);
         assert_eq!(f, Lsn(4 * SEG - 1));
         assert_eq!(f.segment_start(seg), Lsn(3 * SEG));
         // Nothing archived yet (the archive's end unknown): nothing past it is reported.
         assert_eq!(
-            flush_position(Lsn::INVALID, &s, Lsn::INVALID, seg),
+            flush_position(Lsn::INVALID, Lsn::INVALID, &s, Lsn::INVALID, seg),
             Lsn::INVALID
         );
         // Nothing durable in the spool (a cache only): the archive's end.
         assert_eq!(
-            flush_position(Lsn(4 * SEG), &SpoolDurable::default(), floor, seg),
+            flush_position(
+                Lsn(4 * SEG),
+                Lsn(4 * SEG),
+                &SpoolDurable::default(),
+                floor,
+                seg
+            ),
             Lsn(4 * SEG)
         );
         // Durable spool bytes that do not continue the archive do not count.
         let s = spool(5 * SEG, 5 * SEG + 100);
-        assert_eq!(flush_position(Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg),
+            Lsn(4 * SEG)
+        );
         // The archive ahead of the spool: the archive's end.
         let s = spool(3 * SEG, 3 * SEG + 100);
-        assert_eq!(flush_position(Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg),
+            Lsn(4 * SEG)
+        );
         // Below the slot's restart_lsn: none, which would move the slot back.
         let s = spool(3 * SEG, 3 * SEG + 100);
         assert_eq!(
-            flush_position(Lsn(3 * SEG), &s, Lsn(3 * SEG + 200), seg),
+            flush_position(Lsn(3 * SEG), Lsn(3 * SEG), &s, Lsn(3 * SEG + 200), seg),
             Lsn::INVALID
         );
         // Exactly at a segment's end: the archive must hold that segment first.
         let s = spool(3 * SEG, 4 * SEG);
         assert_eq!(
-            flush_position(Lsn(3 * SEG), &s, floor, seg),
+            flush_position(Lsn(3 * SEG), Lsn(3 * SEG), &s, floor, seg),
             Lsn(4 * SEG - 1)
         );
-        assert_eq!(flush_position(Lsn(4 * SEG), &s, floor, seg), Lsn(4 * SEG));
+        assert_eq!(
+            flush_position(Lsn(4 * SEG), Lsn(4 * SEG), &s, floor, seg),
+            Lsn(4 * SEG)
+        );
+    }
+
+    /// Issue 16: bytes held in partial objects count like durable spool bytes: inside the
+    /// first unarchived segment, never past its last byte, never below the slot's floor.
+    #[test]
+    fn flush_position_counts_partial_objects_inside_the_first_unarchived_segment() {
+        let seg = SegmentSize::DEFAULT;
+        let floor = Lsn(3 * SEG);
+        let none = SpoolDurable::default();
+        let a = Lsn(3 * SEG);
+        assert_eq!(
+            flush_position(a, Lsn(3 * SEG + 500), &none, floor, seg),
+            Lsn(3 * SEG + 500)
+        );
+        // The larger of the spool's and the partials' durable ends.
+        let s = spool(3 * SEG, 3 * SEG + 900);
+        assert_eq!(
+            flush_position(a, Lsn(3 * SEG + 500), &s, floor, seg),
+            Lsn(3 * SEG + 900)
+        );
+        assert_eq!(
+            flush_position(a, Lsn(3 * SEG + 1000), &s, floor, seg),
+            Lsn(3 * SEG + 1000)
+        );
+        // Capped at the first unarchived segment's last byte.
+        assert_eq!(
+            flush_position(a, Lsn(5 * SEG), &none, floor, seg),
+            Lsn(4 * SEG - 1)
+        );
+        // Nothing archived yet: nothing reported.
+        assert_eq!(
+            flush_position(Lsn::INVALID, Lsn(3 * SEG + 5), &none, Lsn::INVALID, seg),
+            Lsn::INVALID
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use walhoard_protocol::{
 };
 
 use crate::incoming::{sync_spool, Incoming};
+use crate::partial::{Arrivals, Partials};
 use crate::position::{flush_position, SpoolDurable};
 use crate::{
     DisconnectReason, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverPositions,
@@ -47,6 +48,7 @@ pub async fn run(
         flush_floor: Lsn::INVALID,
         durable: true,
         seg: SegmentSize::DEFAULT,
+        arrivals: std::sync::Mutex::new(Arrivals::default()),
     };
     let mut backoff = Backoff::new(state.cfg.reconnect_min, state.cfg.reconnect_max);
     let mut wait = backoff.next_wait();
@@ -139,6 +141,8 @@ pub(crate) struct Session {
     pub(crate) durable: bool,
     /// The server's WAL segment size (known once connected).
     pub(crate) seg: SegmentSize,
+    /// When the received bytes not yet durable arrived (for the data-loss window).
+    pub(crate) arrivals: std::sync::Mutex<Arrivals>,
 }
 
 /// How one START_REPLICATION ended.
@@ -177,13 +181,77 @@ impl Session {
 
     fn report(&self, received: Lsn, spool: &SpoolDurable, tli: TimelineId) -> StandbyStatus {
         let archived = *self.archived.borrow();
-        let flush = flush_position(archived, spool, self.flush_floor, self.seg);
+        let durable = self
+            .cfg
+            .partial
+            .durable()
+            .map_or(archived, |d| archived.max(*d.borrow()));
+        let flush = flush_position(archived, durable, spool, self.flush_floor, self.seg);
+        let undurable_since = self
+            .arrivals()
+            .undurable_since(durable.max(archived), received);
         self.positions.send_replace(ReceiverPositions {
             received_lsn: received,
             reported_flush_lsn: flush,
             timeline: Some(tli),
+            undurable_since,
         });
         StandbyStatus::now(received, flush)
+    }
+
+    fn arrivals(&self) -> std::sync::MutexGuard<'_, Arrivals> {
+        self.arrivals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands on the bytes of the segment being received that this session has not handed on
+    /// yet, when the previous batch is done with ([`crate::PartialUploads`]). Never waits: with
+    /// the event channel full the bytes stay for the next call. Callable whenever the stream
+    /// is between messages (on a timer now; on demand in a synchronous mode).
+    pub(crate) fn hand_on_partial(
+        &self,
+        current: Option<&Incoming>,
+        partials: &mut Partials,
+        deadline: std::time::Duration,
+    ) -> Result<(), ReceiverError> {
+        let Some(cur) = current else { return Ok(()) };
+        // Nothing of a segment whose first page is unchecked (maybe no WAL at all) goes out,
+        // nor of one the archive is not contiguous up to: its partial objects would extend
+        // nothing (the segments before it are still to be stored), and while catching up the
+        // segment is complete soon anyway.
+        let archived = *self.archived.borrow();
+        if !cur.first_page_checked
+            || !partials.idle()
+            || !archived.is_valid()
+            || archived < cur.start
+        {
+            return Ok(());
+        }
+        let durable = self.cfg.partial.durable().map_or(archived, |d| *d.borrow());
+        let from = partials.next_offset(cur.id, cur.start, durable);
+        if partials.unlanded(cur.id, cur.start, durable) {
+            partials.not_landed();
+        }
+        if !partials.due(deadline) || cur.written <= from {
+            return Ok(());
+        }
+        let to = cur.written;
+        let ev = ReceiverEvent::Received {
+            id: cur.id,
+            start: cur.start,
+            offset: from,
+            data: cur.bytes_from(from)?.into(),
+            in_flight: partials.token(),
+        };
+        match self.events.try_send(ev) {
+            Ok(()) => {
+                partials.handed(cur.id, to);
+                self.arrivals().cut();
+                Ok(())
+            }
+            // The token went with the event: idle again.
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ReceiverError::EventsClosed),
+        }
     }
 
     pub(crate) async fn stream(
@@ -223,6 +291,14 @@ impl Session {
         let mut scratch = Vec::new();
         let durable = self.durable;
         let dir = self.cfg.spool_dir.clone();
+        let mut partials = Partials::new();
+        let mut partial_ticker = self.cfg.partial.tick().map(|i| {
+            let mut t = tokio::time::interval(i);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        let mut durable_rx = self.cfg.partial.durable();
+        self.arrivals().cut();
         loop {
             // The spool writes below are synchronous: they go to the page cache, and the one
             // fdatasync per status update is what bounds how stale the reported flush is.
@@ -236,6 +312,16 @@ impl Session {
                 _ = ticker.tick() => {
                     sync_spool(&mut current, &mut spool)?;
                     stream.send_status(&self.report(received, &spool, tli)).await?;
+                }
+                _ = async { partial_ticker.as_mut().expect("guarded").tick().await }, if partial_ticker.is_some() => {
+                    self.hand_on_partial(current.as_ref(), &mut partials, self.cfg.partial.deadline())?;
+                }
+                changed = async { durable_rx.as_mut().expect("guarded").changed().await }, if durable_rx.is_some() => {
+                    if changed.is_ok() {
+                        stream.send_status(&self.report(received, &spool, tli)).await?;
+                    } else {
+                        durable_rx = None;
+                    }
                 }
                 changed = archived.changed(), if archive_open => {
                     if changed.is_ok() {
@@ -251,10 +337,20 @@ impl Session {
                             return Err(PgError::protocol(format!("WAL at {wal_start} does not continue at {received}")).into());
                         }
                         let mut rest = &data[..];
+                        self.arrivals().arrived(received);
+                        partials.arrived(false);
                         while !rest.is_empty() || direct > 0 {
                             let cur = match current.as_mut() {
                                 Some(c) => c,
-                                None => current.insert(Incoming::open(&dir, tli, received, seg, durable, &self.cfg.buffers)?),
+                                None => {
+                                    // A new segment: its bytes get their own arrival mark.
+                                    let mut a = self.arrivals();
+                                    a.cut();
+                                    a.arrived(received);
+                                    drop(a);
+                                    partials.arrived(true);
+                                    current.insert(Incoming::open(&dir, tli, received, seg, durable, &self.cfg.buffers)?)
+                                }
                             };
                             let n = if !rest.is_empty() {
                                 let n = cur.write(received, rest)?;

@@ -173,6 +173,15 @@ impl SegmentFile {
         self.read_prefix_into(buf, self.seg_size.bytes())
     }
 
+    /// Reads the segment's bytes from offset `from` to `to` (both within what is written):
+    /// a partial upload of a segment received without a buffer.
+    pub fn read_range(&self, from: u64, to: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut out = vec![0u8; to.saturating_sub(from) as usize];
+        self.file.read_exact_at(&mut out, from)?;
+        Ok(out)
+    }
+
     /// Reads the segment's first `len` bytes into `buf` (replacing its content).
     pub fn read_first_page_into(&self, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
         self.read_prefix_into(buf, len as u64)

@@ -1,0 +1,494 @@
+//! Partial WAL objects (issue 16): the bytes of the segment being received, uploaded before the
+//! segment is complete, so that the archive loses at most `partial_wal_upload_interval`
+//! seconds of WAL instead of up to a whole segment (unbounded in time on a quiet database).
+//!
+//! Layout (docs/formats.md): `xlog_partial/<segment>/<from>-<to>`, offsets within the segment
+//! as 8 upper-case hex digits, each object holding only the bytes `from..to` that no earlier
+//! object of the segment holds, through the same compression + encryption pipeline and with
+//! the same metadata as a segment (hash of the plain bytes, sizes, codec, key id) plus the
+//! LSN range (`start-lsn`, `end-lsn`) and the segment size. Objects are immutable: a range
+//! already stored is compared by its recorded hash and never written again; other bytes for
+//! it stop the segment's partial uploads and raise `wal_overwrite_<site>`. Once the complete
+//! segment (or a timeline's `.partial`) is stored its partial objects are deleted; leftovers
+//! are deleted at start and by retention. Only keys in this layout are ever deleted.
+//!
+//! One batch at a time per site ([`walhoard_walreceiver::InFlight`]), serialized with the
+//! deletions by one lock, so a batch for a segment that has just been archived is dropped
+//! instead of leaving an object behind.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize};
+use walhoard_walreceiver::{InFlight, PartialUploads};
+
+use super::archiver::{wal_overwrite_alert, UploadContext};
+use super::status::{Alerts, SiteStatus};
+use crate::pipeline::transfer::{upload, Source, Upload};
+use crate::storage::meta::ObjectMeta;
+use crate::storage::retry::with_retries;
+use crate::storage::StorageError;
+
+mod layout;
+
+pub use layout::*;
+
+/// A stored part of the segment being uploaded, and whether its bytes were compared with ours.
+#[derive(Debug)]
+struct Known {
+    part: Part,
+    checked: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The segment last uploaded to and its stored parts.
+    current: Option<(SegmentId, Vec<Known>)>,
+    /// Segments this run stored parts of, by their end: deleted once the archive passes it
+    /// (both timelines' copies of a segment a timeline switch falls in end alike).
+    written: BTreeSet<(Lsn, SegmentId)>,
+    /// Segments whose stored parts hold other bytes: no more parts for them.
+    refused: BTreeSet<SegmentId>,
+    /// Segments with parts found at start, not archived then: added to `written` once the
+    /// segment size is known.
+    leftover: BTreeSet<SegmentId>,
+}
+
+/// A site's partial uploads. Cloning shares it.
+#[derive(Clone)]
+pub struct PartialArchiver {
+    ctx: Arc<UploadContext>,
+    status: Arc<SiteStatus>,
+    alerts: Alerts,
+    archived: watch::Receiver<Lsn>,
+    durable: Arc<watch::Sender<Lsn>>,
+    state: Arc<Mutex<State>>,
+    /// The server's segment size, once connected.
+    seg: Arc<std::sync::OnceLock<SegmentSize>>,
+}
+
+impl PartialArchiver {
+    /// `archived` is the archive's end (complete segments); `durable` is told the end
+    /// including partial objects.
+    pub fn new(
+        ctx: Arc<UploadContext>,
+        status: Arc<SiteStatus>,
+        alerts: Alerts,
+        archived: watch::Receiver<Lsn>,
+        durable: watch::Sender<Lsn>,
+    ) -> Self {
+        PartialArchiver {
+            ctx,
+            status,
+            alerts,
+            archived,
+            durable: Arc::new(durable),
+            state: Arc::new(Mutex::new(State::default())),
+            seg: Arc::default(),
+        }
+    }
+
+    /// For a site with partial uploads every `interval`: the receiver's half (the durable
+    /// end it reads) and the archiver.
+    pub fn for_site(
+        interval: std::time::Duration,
+        ctx: Arc<UploadContext>,
+        status: Arc<SiteStatus>,
+        alerts: Alerts,
+        archived: watch::Receiver<Lsn>,
+    ) -> (PartialUploads, Self) {
+        let (durable_tx, durable) = watch::channel(Lsn::INVALID);
+        let receiver = PartialUploads::Every { interval, durable };
+        (
+            receiver,
+            PartialArchiver::new(ctx, status, alerts, archived, durable_tx),
+        )
+    }
+
+    /// On `tracker` until `abort`: leftovers of earlier runs first, then, each time the
+    /// archive's end moves, the parts of the segments it now holds complete are deleted.
+    pub fn follow_archive(&self, tracker: &TaskTracker, abort: &CancellationToken) {
+        let (this, abort) = (self.clone(), abort.clone());
+        let mut archived = self.archived.clone();
+        tracker.spawn(async move {
+            let follow = async {
+                this.clean_leftovers().await;
+                loop {
+                    let at = *archived.borrow_and_update();
+                    this.archived_moved(at).await;
+                    if archived.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = follow => {}
+            }
+        });
+    }
+
+    /// Stores a batch the receiver handed on ([`PartialArchiver::upload`]) on `tracker`;
+    /// `in_flight` is dropped only then, so the receiver hands on the next batch after it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_batch(
+        &self,
+        tracker: &TaskTracker,
+        abort: &CancellationToken,
+        id: SegmentId,
+        start: Lsn,
+        seg: SegmentSize,
+        offset: u64,
+        data: Bytes,
+        in_flight: InFlight,
+    ) {
+        let (this, abort) = (self.clone(), abort.clone());
+        tracker.spawn(async move {
+            this.upload(id, start, seg, offset, data, &abort).await;
+            drop(in_flight);
+        });
+    }
+
+    /// The server's segment size (a connection reported it).
+    pub fn connected(&self, seg: SegmentSize) {
+        let _ = self.seg.set(seg);
+    }
+
+    fn publish(&self, durable: Lsn) {
+        self.durable.send_if_modified(|d| {
+            let raised = durable > *d;
+            if raised {
+                *d = durable;
+            }
+            raised
+        });
+        self.status.set_durable(durable);
+    }
+
+    /// Stores the bytes `data` of segment `id` (starting at `start`) from `offset` on: the
+    /// part of them no stored object holds, after comparing the stored ones they cover.
+    /// Retries until stored or `cancel` fires.
+    pub async fn upload(
+        &self,
+        id: SegmentId,
+        start: Lsn,
+        seg: SegmentSize,
+        offset: u64,
+        data: Bytes,
+        cancel: &CancellationToken,
+    ) {
+        let site = &self.ctx.site;
+        let mut st = self.state.lock().await;
+        let seg_end = start + seg.bytes();
+        let archived = *self.archived.borrow();
+        // Complete already; or not the first segment the archive lacks (the receiver hands
+        // on none of those): parts would extend nothing.
+        if archived >= seg_end || archived < start || st.refused.contains(&id) {
+            return;
+        }
+        if st.current.as_ref().is_none_or(|(c, _)| *c != id) {
+            let listed = tokio::select! {
+                _ = cancel.cancelled() => return,
+                l = with_retries(&self.ctx.retry, PARTIAL_DIR, || list_parts(&self.ctx.store, Some(&id))) => l,
+            };
+            let parts = match listed {
+                Ok(mut l) => l.remove(&id).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(%site, segment = %id, error = %e, "cannot list the segment's partial objects; trying with the next batch");
+                    return;
+                }
+            };
+            let known = parts
+                .into_iter()
+                .map(|part| Known {
+                    part,
+                    checked: false,
+                })
+                .collect();
+            st.current = Some((id, known));
+        }
+        let _ = self.seg.set(seg);
+        let end = offset + data.len() as u64;
+        let has_parts = st.current.as_ref().is_some_and(|(_, k)| !k.is_empty());
+        if has_parts {
+            // Stored by an earlier run or session: deleted with this run's.
+            st.written.insert((seg_end, id));
+        }
+        let Some((_, known)) = st.current.as_mut() else {
+            return;
+        };
+        let parts: Vec<Part> = known.iter().map(|k| k.part.clone()).collect();
+        let (_, chain_end) = chain_from_zero(&parts);
+        if offset > chain_end {
+            tracing::warn!(%site, segment = %id, offset, chain_end, "these bytes do not continue the segment's partial objects; waiting for the complete segment");
+            return;
+        }
+        // Stored parts these bytes cover whole: the same bytes, or a refusal.
+        for k in known.iter_mut().filter(|k| !k.checked) {
+            let r = k.part.range;
+            if r.from < offset || r.to > end {
+                continue;
+            }
+            let ours = data.slice((r.from - offset) as usize..(r.to - offset) as usize);
+            match self.compare(&k.part.key, ours).await {
+                Ok(None) => k.checked = true,
+                Ok(Some(why)) => {
+                    let detail = format!("site {site}: partial WAL object {} is already stored with other content ({why}); refusing to replace it: no more partial objects of segment {id}, which is archived when complete", k.part.key);
+                    tracing::error!(%site, object = %k.part.key, "{detail}");
+                    self.status.set_error(detail.clone());
+                    self.alerts.raise(&wal_overwrite_alert(site), &detail);
+                    st.refused.insert(id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%site, object = %k.part.key, error = %e, "cannot compare with the stored partial object; trying with the next batch");
+                    return;
+                }
+            }
+        }
+        let mut durable_to = chain_end;
+        if end > chain_end {
+            let key = partial_key(&id, chain_end, end);
+            let metadata = ObjectMeta {
+                start_lsn: Some(start + chain_end),
+                end_lsn: Some(start + end),
+                wal_segment_size: Some(seg.bytes()),
+                ..self.ctx.wal_metadata()
+            };
+            let new = data.slice((chain_end - offset) as usize..);
+            if !self.put_until_stored(&key, new, metadata, cancel).await {
+                return;
+            }
+            tracing::debug!(%site, object = %key, "partial WAL stored");
+            self.status.partial_uploaded(end - chain_end);
+            known.push(Known {
+                part: Part {
+                    range: PartRange {
+                        from: chain_end,
+                        to: end,
+                    },
+                    key,
+                },
+                checked: true,
+            });
+            st.written.insert((seg_end, id));
+            durable_to = end;
+        }
+        drop(st);
+        self.publish(start + durable_to);
+    }
+
+    /// `None` when the object at `key` records the hash of `ours`; else why not.
+    async fn compare(&self, key: &str, ours: Bytes) -> Result<Option<String>, StorageError> {
+        let stored = self.ctx.store.object_meta(key).await?;
+        let Some(hash) = stored.hash.as_deref() else {
+            return Ok(Some("it records no hash to compare with".into()));
+        };
+        let algorithm = stored.hash_algorithm_or_default();
+        let mut h = algorithm.hasher();
+        h.update(&ours);
+        let mine = h.finish_hex();
+        Ok((!mine.eq_ignore_ascii_case(hash))
+            .then(|| format!("its {algorithm} is {hash}, the WAL received is {mine}")))
+    }
+
+    /// Uploads one part until it is stored (the daemon's one retry loop,
+    /// [`UploadContext::retry_until_stored`]); false when cancelled first.
+    async fn put_until_stored(
+        &self,
+        key: &str,
+        data: Bytes,
+        metadata: ObjectMeta,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let ctx = &self.ctx;
+        let len = data.len() as u64;
+        ctx.retry_until_stored(
+            key,
+            || len,
+            &self.status,
+            cancel,
+            || {
+                let wal = Upload::wal(
+                    key,
+                    Source::bytes(data.clone()),
+                    ctx.compression,
+                    ctx.encryption.clone(),
+                    ctx.hash_algorithm,
+                );
+                let upload_one = Upload {
+                    metadata: metadata.clone(),
+                    ..wal
+                };
+                async move {
+                    let result = upload(&ctx.store, upload_one).await;
+                    // Counted as WAL uploads (pghoard.upload_size, type xlog): what the store gets.
+                    let ty = crate::metrics::FileType::of_key(key);
+                    crate::metrics::upload(
+                        &ctx.site,
+                        ty,
+                        ctx.compression.algorithm.name(),
+                        &result,
+                    );
+                    result.map(|_| ())
+                }
+            },
+        )
+        .await
+    }
+
+    /// The archive's end moved to `archived`: the durable end follows, and the partial
+    /// objects of segments now complete in the archive are deleted.
+    pub async fn archived_moved(&self, archived: Lsn) {
+        self.publish(archived);
+        let mut st = self.state.lock().await;
+        if let Some(seg) = self.seg.get().copied() {
+            for id in std::mem::take(&mut st.leftover) {
+                if let Ok(start) = id.start_lsn(seg) {
+                    st.written.insert((start + seg.bytes(), id));
+                }
+            }
+        }
+        let done: Vec<(Lsn, SegmentId)> = st
+            .written
+            .iter()
+            .take_while(|(end, _)| *end <= archived)
+            .copied()
+            .collect();
+        for (end, id) in done {
+            st.written.remove(&(end, id));
+            if st.current.as_ref().is_some_and(|(c, _)| *c == id) {
+                st.current = None;
+            }
+            self.delete_if_complete(&id).await;
+        }
+    }
+
+    /// Deletes segment `id`'s partial objects when the archive holds it complete; whether
+    /// it did.
+    async fn delete_if_complete(&self, id: &SegmentId) -> bool {
+        let store = &self.ctx.store;
+        let site = &self.ctx.site;
+        match complete_in_archive(store, id).await {
+            Ok(true) => match delete_parts(store, id).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(%site, segment = %id, objects = n, "deleted partial WAL objects of an archived segment");
+                    }
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(%site, segment = %id, error = %e, "cannot delete partial WAL objects; retention or the next start deletes them");
+                    false
+                }
+            },
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(%site, segment = %id, error = %e, "cannot tell whether the segment is archived; its partial objects are kept");
+                false
+            }
+        }
+    }
+
+    /// At start: deletes the partial objects of every segment the archive holds complete
+    /// (left by a run that stopped between storing a segment and deleting its parts).
+    pub async fn clean_leftovers(&self) {
+        let listed = match list_parts(&self.ctx.store, None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(site = %self.ctx.site, error = %e, "cannot list partial WAL objects; leftovers stay until retention");
+                return;
+            }
+        };
+        let mut st = self.state.lock().await;
+        for id in listed.keys() {
+            if !self.delete_if_complete(id).await {
+                st.leftover.insert(*id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg_id(name: &str) -> SegmentId {
+        match name.parse() {
+            Ok(walhoard_protocol::WalSegmentName::Segment(id)) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Leftovers: at start the parts of segments archived complete (or as a timeline's
+    /// `.partial`) go, those of a segment not archived stay (they are its only copy);
+    /// retention deletes parts before the oldest backup. Keys outside the layout, and parts
+    /// without walhoard's `walhoard-writer` mark, stay.
+    #[tokio::test]
+    async fn leftovers_and_retention_delete_only_walhoards_parts() {
+        use crate::storage::Metadata;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let m = Metadata::new();
+        // What walhoard stores carries its mark; a part without it was not written by walhoard.
+        let ours = ctx.wal_metadata().to_map();
+        let (done, tl_end, open) = (
+            seg_id("000000010000000000000001"),
+            seg_id("000000010000000000000002"),
+            seg_id("000000010000000000000005"),
+        );
+        for id in [done, tl_end, open] {
+            for (a, b) in [(0, 0x100), (0x100, 0x300)] {
+                store
+                    .put_bytes(&partial_key(&id, a, b), b"x", &ours)
+                    .await
+                    .unwrap();
+            }
+        }
+        let foreign = format!("{}/notes.txt", partial_dir(&done));
+        store.put_bytes(&foreign, b"mine", &ours).await.unwrap();
+        let unmarked = partial_key(&done, 0x300, 0x400);
+        store.put_bytes(&unmarked, b"y", &m).await.unwrap();
+        store
+            .put_bytes("xlog/000000010000000000000001", b"s", &m)
+            .await
+            .unwrap();
+        store
+            .put_bytes("xlog/000000010000000000000002.partial", b"p", &m)
+            .await
+            .unwrap();
+        let (_atx, archived) = watch::channel(Lsn::INVALID);
+        let (durable, _drx) = watch::channel(Lsn::INVALID);
+        let alerts = Alerts {
+            dir: dir.path().join("alerts"),
+        };
+        let p = PartialArchiver::new(
+            Arc::new(ctx),
+            Arc::new(SiteStatus::default()),
+            alerts,
+            archived,
+            durable,
+        );
+        p.clean_leftovers().await;
+        let left = list_parts(&store, None).await.unwrap();
+        assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![done, open]);
+        assert_eq!(
+            left[&done].len(),
+            1,
+            "only the unmarked part stays: {left:?}"
+        );
+        assert!(store.stat(&foreign).await.unwrap().is_some());
+        assert_eq!(delete_parts_before(&store, &open).await.unwrap(), 0);
+        let next = seg_id("000000020000000000000006");
+        assert_eq!(delete_parts_before(&store, &next).await.unwrap(), 2);
+        let left = list_parts(&store, None).await.unwrap();
+        assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![done]);
+        assert!(store.stat(&foreign).await.unwrap().is_some());
+        assert!(store.stat(&unmarked).await.unwrap().is_some());
+    }
+}

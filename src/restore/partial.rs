@@ -1,0 +1,171 @@
+//! A segment that has no complete object yet, served from its partial objects (issue 16;
+//! layout in `daemon::partial` and docs/formats.md): the contiguous run from offset 0, each
+//! object decrypted (MAC), decompressed and checked against its recorded size and hash and
+//! its LSN range, written one after the other and zero-filled to the segment size; then
+//! checked as any segment is (page headers, system identifier) and renamed onto `%p`.
+//!
+//! This is what renaming pg_receivewal's `.partial` gives PostgreSQL: replay ends at the last
+//! valid record of the prefix. A standby that keeps replaying asks for the same segment again
+//! (it retries the segment whose record it could not read), and is served the longer prefix
+//! stored by then, or the complete segment once it is archived. Nothing assembled from parts
+//! is ever kept in the prefetch directory.
+
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use walhoard_protocol::{SegmentId, SegmentSize, WalSegmentName};
+
+use super::wal::{temp_path, verify, TempFile, WalFetchError};
+use crate::daemon::partial::{chain_from_zero, list_parts, partial_dir, Part};
+use crate::pipeline::encryption::KeyRing;
+use crate::pipeline::transfer::{copy_checked, download_with, TransferError};
+use crate::storage::meta::{self, ObjectMeta};
+use crate::storage::{ObjectStore, StorageError};
+
+/// Why a segment was not served from its partial objects.
+#[derive(Debug)]
+pub enum PartsError {
+    /// No object holds the segment's first bytes: not in the archive (exit 1).
+    NoChain,
+    /// A listed part was gone when read (deleted because the complete segment was stored).
+    Gone(String),
+    /// A part is damaged or does not hold what its key says (exit 255).
+    Failed(WalFetchError),
+}
+
+impl From<WalFetchError> for PartsError {
+    fn from(e: WalFetchError) -> Self {
+        PartsError::Failed(e)
+    }
+}
+
+/// Serves segment `id` into `dest` from its partial objects.
+pub async fn serve_from_parts(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: SegmentId,
+    dest: &Path,
+    system_id: Option<u64>,
+) -> Result<(), PartsError> {
+    let dir = partial_dir(&id);
+    let listed = list_parts(store, Some(&id))
+        .await
+        .map_err(|e| WalFetchError::Failed(anyhow::Error::new(e).context(format!("list {dir}"))))?;
+    let parts = listed.get(&id).map(Vec::as_slice).unwrap_or_default();
+    let (chain, end) = chain_from_zero(parts);
+    if chain.is_empty() {
+        return Err(PartsError::NoChain);
+    }
+    let out_dir = dest.parent().unwrap_or_else(|| Path::new("."));
+    let file = WalSegmentName::Segment(id).to_string();
+    let tmp = temp_path(out_dir, &file);
+    let _guard = TempFile::new(&tmp);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(walhoard_walreceiver::spool::FILE_MODE)
+        .open(&tmp)
+        .map_err(|e| WalFetchError::Failed(anyhow::anyhow!("create {}: {e}", tmp.display())))?;
+    let mut seg: Option<SegmentSize> = None;
+    for part in chain {
+        let s = fetch_part(store, keys, &id, part, &f).await?;
+        if seg.is_some_and(|x| x != s) {
+            return Err(failed(part, "its wal-segment-size differs from the other parts'").into());
+        }
+        seg = Some(s);
+    }
+    let seg = seg.expect("a chain has a part");
+    if end > seg.bytes() {
+        return Err(WalFetchError::Failed(anyhow::anyhow!(
+            "{dir}: parts end at {end}, past the segment size {}",
+            seg.bytes()
+        ))
+        .into());
+    }
+    // Zero-filled to the segment size, as PostgreSQL leaves an unfinished segment.
+    f.set_len(seg.bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| WalFetchError::Failed(anyhow::anyhow!("write {}: {e}", tmp.display())))?;
+    drop(f);
+    verify(&WalSegmentName::Segment(id), &tmp, system_id).map_err(|e| {
+        WalFetchError::Failed(anyhow::anyhow!(
+            "{dir}: assembled segment fails verification: {e:#}"
+        ))
+    })?;
+    std::fs::rename(&tmp, dest).map_err(|e| {
+        WalFetchError::Failed(anyhow::anyhow!("rename onto {}: {e}", dest.display()))
+    })?;
+    tracing::info!(segment = %file, bytes = end, "served from partial WAL objects (zero-filled)");
+    Ok(())
+}
+
+fn failed(part: &Part, why: impl std::fmt::Display) -> WalFetchError {
+    WalFetchError::Failed(anyhow::anyhow!("{}: {why}", part.key))
+}
+
+/// Appends `part`'s checked plaintext to `out`; returns the segment size it records.
+async fn fetch_part(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: &SegmentId,
+    part: &Part,
+    out: &std::fs::File,
+) -> Result<SegmentSize, PartsError> {
+    let mut w = out
+        .try_clone()
+        .map_err(|e| failed(part, format!("cannot write: {e}")))?;
+    let expect = part.range.bytes();
+    let fetched = download_with(store, &part.key, keys, move |metadata, r| {
+        let mut buf = io::BufWriter::new(&mut w);
+        let n = copy_checked(metadata, r, &mut buf)?;
+        buf.flush()?;
+        if n != expect {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("holds {n} bytes, its key says {expect}"),
+            ));
+        }
+        Ok(())
+    })
+    .await;
+    let metadata = match fetched {
+        Ok((m, ())) => m,
+        // Listed a moment ago: gone now means it was deleted under us (its segment was just
+        // archived complete); the caller fetches the complete segment instead.
+        Err(TransferError::Storage(StorageError::NotFound { key })) => {
+            return Err(PartsError::Gone(key))
+        }
+        Err(e) => return Err(failed(part, e).into()),
+    };
+    Ok(check_range(&metadata, id, part)?)
+}
+
+/// The LSN range and segment size a part's metadata records must be the ones its key names.
+fn check_range(m: &ObjectMeta, id: &SegmentId, part: &Part) -> Result<SegmentSize, WalFetchError> {
+    let seg = m
+        .wal_segment_size
+        .and_then(|s| SegmentSize::new(s).ok())
+        .ok_or_else(|| {
+            failed(
+                part,
+                format!("no valid {} metadata", meta::WAL_SEGMENT_SIZE),
+            )
+        })?;
+    let start = id
+        .start_lsn(seg)
+        .map_err(|e| failed(part, format!("segment start: {e}")))?;
+    for (name, got, want) in [
+        (meta::START_LSN, m.start_lsn, start + part.range.from),
+        (meta::END_LSN, m.end_lsn, start + part.range.to),
+    ] {
+        if got != Some(want) {
+            return Err(failed(
+                part,
+                format!("its {name} is {got:?}, its key says {want}"),
+            ));
+        }
+    }
+    Ok(seg)
+}
