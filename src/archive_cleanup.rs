@@ -11,6 +11,8 @@
 //! rest (pghoard's, an older walhoard's) is listed as kept, for the operator to delete.
 //! pghoard's cleanup compared names as strings, timeline first, so a backup on timeline 2 let
 //! it delete timeline 1's segments after the backup's start; here positions are compared.
+//! Partial WAL objects (`xlog_partial/<segment>/`) of the segments before go by the same rule
+//! (`daemon::partial::delete_parts_before`), as in retention.
 //! A preserved backup is a kept backup: cleanup deletes no basebackup, so its WAL stays.
 
 use anyhow::{Context, Result};
@@ -33,6 +35,9 @@ pub struct CleanupReport {
     pub deleted: Vec<String>,
     /// WAL before `first_required` that walhoard did not write: kept.
     pub kept_foreign: Vec<String>,
+    /// Partial WAL objects (`xlog_partial/`) of those segments deleted, walhoard's only, as
+    /// retention deletes them (not counted by `--dry-run`).
+    pub partial_objects_deleted: usize,
 }
 
 /// Runs archive-cleanup on `site`: prints each object as it is deleted (to stderr, so `--json`
@@ -47,6 +52,7 @@ pub async fn run(site: &SiteSettings, dry_run: bool) -> Result<CleanupReport> {
         kept_all: None,
         deleted: Vec::new(),
         kept_foreign: Vec::new(),
+        partial_objects_deleted: 0,
     };
     let (before, ours, foreign) = match wal_retention::plan(&store, &inv, &[]).await? {
         WalPlan::Before {
@@ -81,6 +87,12 @@ pub async fn run(site: &SiteSettings, dry_run: bool) -> Result<CleanupReport> {
             eprintln!("deleted {key}");
         }
         report.deleted.push(key);
+    }
+    if !dry_run {
+        report.partial_objects_deleted =
+            crate::daemon::partial::delete_parts_before(&store, &before)
+                .await
+                .context("delete partial WAL objects (xlog_partial/)")?;
     }
     Ok(report)
 }
