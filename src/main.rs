@@ -175,8 +175,12 @@ enum RestoreCommand {
         #[arg(long)]
         primary_conninfo: Option<String>,
         /// Replace the contents of a non-empty target (and tablespace) directory.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "delta")]
         overwrite: bool,
+        /// Restore into an existing data directory of a stopped server, writing only what
+        /// differs and removing what the backup does not have (docs/restore-delta.md).
+        #[arg(long)]
+        delta: bool,
         /// NAME=DIR: restore tablespace NAME (name or oid as recorded) into DIR.
         #[arg(long, value_parser = parse_tablespace_dir)]
         tablespace_dir: Vec<(String, PathBuf)>,
@@ -240,6 +244,7 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             restore_to_primary,
             primary_conninfo,
             overwrite,
+            delta,
             tablespace_dir,
             preserve_until,
             cancel_preserve_on_success: _,
@@ -268,7 +273,13 @@ async fn restore(command: RestoreCommand) -> Result<()> {
                 action: recovery_target_action,
                 restore_to_primary,
                 primary_conninfo,
-                overwrite,
+                existing: if delta {
+                    get::Existing::Delta
+                } else if overwrite {
+                    get::Existing::Overwrite
+                } else {
+                    get::Existing::Refuse
+                },
                 tablespace_dirs: tablespace_dir,
                 restore_command: None,
                 preserve: preserve_until.map(|until| walhoard::preservation::RestorePreservation {

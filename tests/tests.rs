@@ -28,6 +28,7 @@ mod protocol_replication;
 mod protocol_tls;
 mod restore;
 mod restore_command;
+mod restore_delta;
 mod restore_forged;
 mod retention;
 mod retention_wal;

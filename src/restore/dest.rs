@@ -18,8 +18,30 @@ use super::extract::empty_dir;
 /// A directory restore writes into, and how to undo that.
 pub(super) struct Dest {
     path: PathBuf,
-    /// Made by us (removed on failure) rather than found empty (emptied on failure).
-    created: bool,
+    undo: Undo,
+}
+
+/// What a failed restore does to a directory it wrote into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    /// Made by us: removed.
+    Remove,
+    /// Found empty (or emptied by `--overwrite`): emptied again.
+    Empty,
+    /// `--delta` into an existing directory: left as it is (without `global/pg_control`,
+    /// [`super::delta::unmark`]), so that running the restore again needs to write less.
+    Leave,
+}
+
+/// What get-basebackup does with a target (or tablespace) directory that is not empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse it (the default).
+    Refuse,
+    /// `--overwrite`: empty it first.
+    Overwrite,
+    /// `--delta`: keep what matches the backup, rewrite what differs, remove the rest.
+    Delta,
 }
 
 /// Who named a directory restore writes into, which decides whether `--overwrite` may empty it.
@@ -48,28 +70,33 @@ impl Dest {
 
     pub(super) fn prepare(
         path: &Path,
-        overwrite: bool,
+        existing: Existing,
         named_by: NamedBy,
         what: &str,
     ) -> Result<Dest> {
         match std::fs::read_dir(path) {
             Ok(mut entries) => {
+                let mut undo = Undo::Empty;
                 if entries.next().is_some() {
                     if named_by == NamedBy::Backup {
                         Self::check_empty(path, what)?;
                     }
-                    if !overwrite {
-                        bail!(
-                            "{what} {} is not empty (use --overwrite to replace its contents)",
+                    match existing {
+                        Existing::Refuse => bail!(
+                            "{what} {} is not empty (use --overwrite to replace its contents, or --delta to write only what differs)",
                             path.display()
-                        );
+                        ),
+                        Existing::Overwrite => {
+                            empty_dir(path)
+                                .with_context(|| format!("empty {}", path.display()))?;
+                        }
+                        Existing::Delta => undo = Undo::Leave,
                     }
-                    empty_dir(path).with_context(|| format!("empty {}", path.display()))?;
                 }
                 set_mode(path, 0o700)?;
                 Ok(Dest {
                     path: path.to_path_buf(),
-                    created: false,
+                    undo,
                 })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -78,7 +105,7 @@ impl Dest {
                 set_mode(path, 0o700)?;
                 Ok(Dest {
                     path: path.to_path_buf(),
-                    created: true,
+                    undo: Undo::Remove,
                 })
             }
             Err(e) => Err(e).with_context(|| format!("{what} {}", path.display())),
@@ -86,10 +113,13 @@ impl Dest {
     }
 
     pub(super) fn undo(&self) {
-        let r = if self.created {
-            std::fs::remove_dir_all(&self.path)
-        } else {
-            empty_dir(&self.path)
+        let r = match self.undo {
+            Undo::Remove => std::fs::remove_dir_all(&self.path),
+            Undo::Empty => empty_dir(&self.path),
+            Undo::Leave => {
+                tracing::warn!(dir = %self.path.display(), "the --delta restore failed: the directory is left without global/pg_control (PostgreSQL will not start on it); run the restore again");
+                Ok(())
+            }
         };
         if let Err(e) = r {
             tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove what a failed restore wrote");

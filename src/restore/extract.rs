@@ -19,6 +19,8 @@ use walhoard_basebackup::untar::{Entry, EntryKind};
 use walhoard_walreceiver::spool::fsync_dir;
 
 use super::beneath::Beneath;
+use super::delta::{self, Seen};
+use std::sync::Arc;
 
 /// Suffix of files held back until the restore completed (see [`Extractor::finish`]).
 pub const HELD_BACK_SUFFIX: &str = ".walhoard-partial";
@@ -34,6 +36,9 @@ pub struct Extractor {
     root: PathBuf,
     /// Hold back [`HELD_BACK`] (the data directory, not tablespaces).
     hold_back: bool,
+    /// `--delta`: files already there are rewritten in place where they differ, and every
+    /// path the backup has is recorded ([`super::delta`]).
+    delta: Option<Arc<Seen>>,
 }
 
 fn refuse(msg: String) -> io::Error {
@@ -65,7 +70,17 @@ pub fn safe_relative(path: &str) -> io::Result<PathBuf> {
 
 impl Extractor {
     pub fn new(root: PathBuf, hold_back: bool) -> Self {
-        Extractor { root, hold_back }
+        Extractor {
+            root,
+            hold_back,
+            delta: None,
+        }
+    }
+
+    /// This extractor in a `--delta` restore sharing `seen`.
+    pub fn with_delta(mut self, seen: Option<Arc<Seen>>) -> Self {
+        self.delta = seen;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -161,6 +176,9 @@ impl Extractor {
         // read) set theirs.
         self.make_parents(&rel, 0o700)?;
         let target = self.root.join(&rel);
+        if let Some(seen) = &self.delta {
+            seen.record(&self.root, &target);
+        }
         match &entry.kind {
             EntryKind::Dir => {
                 match fs::symlink_metadata(&target) {
@@ -201,6 +219,22 @@ impl Extractor {
                 } else {
                     target
                 };
+                if let Some(seen) = &self.delta {
+                    seen.record(&self.root, &path);
+                    let existing = fs::symlink_metadata(&path)
+                        .ok()
+                        .filter(|m| m.is_file())
+                        .map(|m| m.len());
+                    if let (Some(len), false) = (existing, held) {
+                        let n = delta::rewrite_in_place(&path, body, Self::file_mode(entry.mode))?;
+                        seen.written
+                            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        if n == 0 && len == entry.size {
+                            seen.kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        return Ok(n);
+                    }
+                }
                 Self::clear(&path)?;
                 let f = fs::OpenOptions::new()
                     .write(true)
@@ -218,6 +252,10 @@ impl Extractor {
                 let mut w = io::BufWriter::with_capacity(cap, f);
                 let n = io::copy(body, &mut w)?;
                 let f = w.into_inner().map_err(|e| e.into_error())?;
+                if let Some(seen) = &self.delta {
+                    seen.written
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
                 // create mode is filtered by the umask: set it exactly.
                 f.set_permissions(fs::Permissions::from_mode(Self::file_mode(entry.mode)))?;
                 // Durable before the directory can look like a data directory: the held-back

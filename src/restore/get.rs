@@ -26,6 +26,8 @@ use walhoard_basebackup::untar::{Entry, TarReader};
 
 use super::beneath::Beneath;
 use super::chunks::{chunk_key, fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
+use super::delta::{self, Seen};
+pub use super::dest::Existing;
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
 use super::pghoard::{self, FORMAT_PGHOARD_BASIC};
@@ -45,7 +47,8 @@ pub struct GetOptions {
     pub action: Option<String>,
     pub restore_to_primary: bool,
     pub primary_conninfo: Option<String>,
-    pub overwrite: bool,
+    /// A non-empty target: refused, emptied (`--overwrite`) or restored into (`--delta`).
+    pub existing: Existing,
     /// `--tablespace-dir NAME=DIR`: key = tablespace name or oid.
     pub tablespace_dirs: Vec<(String, PathBuf)>,
     /// The restore_command written; default: this executable, daemonless.
@@ -239,9 +242,15 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
             Dest::check_empty(dir, &format!("tablespace {key:?} directory"))?;
         }
     }
+    if opts.existing == Existing::Delta && opts.target_dir.is_dir() {
+        // Before anything is changed: the server stopped, then the directory made one
+        // PostgreSQL will not start on until the restore completed.
+        delta::check_stopped(&opts.target_dir)?;
+        delta::unmark(&opts.target_dir)?;
+    }
     let mut dests = vec![Dest::prepare(
         &opts.target_dir,
-        opts.overwrite,
+        opts.existing,
         NamedBy::Operator,
         "target directory",
     )?];
@@ -249,7 +258,7 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
         for (key, (_, dir)) in &ts_dirs {
             let by = named_by.get(key).copied().unwrap_or(NamedBy::Backup);
             let what = format!("tablespace {key:?} directory");
-            dests.push(Dest::prepare(dir, opts.overwrite, by, &what)?);
+            dests.push(Dest::prepare(dir, opts.existing, by, &what)?);
         }
         restore_into(
             site,
@@ -296,12 +305,16 @@ async fn restore_into(
     ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
     pghoard_written: bool,
 ) -> Result<()> {
-    let data = Extractor::new(opts.target_dir.clone(), true);
+    let seen = (opts.existing == Existing::Delta).then(|| Arc::new(Seen::default()));
+    let extractor = |dir: &Path, hold_back: bool| {
+        Extractor::new(dir.to_path_buf(), hold_back).with_delta(seen.clone())
+    };
+    let data = extractor(&opts.target_dir, true);
     let local_tar = LocalTarRoutes {
         data: data.clone(),
         tablespaces: ts_dirs
             .iter()
-            .map(|(k, (_, d))| (k.clone(), Extractor::new(d.clone(), false)))
+            .map(|(k, (_, d))| (k.clone(), extractor(d, false)))
             .collect(),
     };
     let mut jobs = Vec::new();
@@ -313,10 +326,16 @@ async fn restore_into(
         } else {
             match c.kind {
                 ChunkKind::Data => Route::Into(data.clone()),
-                ChunkKind::Manifest => Route::File {
-                    dir: opts.target_dir.clone(),
-                    name: "backup_manifest",
-                },
+                ChunkKind::Manifest => {
+                    if let Some(seen) = &seen {
+                        let p = opts.target_dir.join("backup_manifest");
+                        seen.record(&opts.target_dir, &p);
+                    }
+                    Route::File {
+                        dir: opts.target_dir.clone(),
+                        name: "backup_manifest",
+                    }
+                }
                 ChunkKind::Tablespace => {
                     let oid = c.tablespace_oid.with_context(|| {
                         format!(
@@ -334,7 +353,7 @@ async fn restore_into(
                                 c.chunk_filename
                             )
                         })?;
-                    Route::Into(Extractor::new(dir, false))
+                    Route::Into(extractor(&dir, false))
                 }
             }
         };
@@ -389,6 +408,9 @@ async fn restore_into(
             }
         }
     }
+    if let Some(seen) = &seen {
+        report_delta(seen, &opts.target_dir, ts_dirs)?;
+    }
     let root = Beneath::open(&opts.target_dir)
         .with_context(|| format!("open {}", opts.target_dir.display()))?;
     if !local_tar_layout(&meta.format) {
@@ -434,6 +456,29 @@ async fn restore_into(
     }
     data.finish()
         .with_context(|| format!("finish {}", opts.target_dir.display()))?;
+    Ok(())
+}
+
+/// `--delta`: removes what the backup does not have, and says what was kept and written.
+fn report_delta(
+    seen: &Seen,
+    target: &Path,
+    ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
+) -> Result<()> {
+    let mut removed = 0;
+    for dir in std::iter::once(target).chain(ts_dirs.values().map(|(_, d)| d.as_path())) {
+        removed += seen.remove_unseen(dir).with_context(|| {
+            format!(
+                "remove what the backup does not have from {}",
+                dir.display()
+            )
+        })?;
+    }
+    eprintln!(
+        "restore: delta: {} files already identical, {} bytes written, {removed} entries not in the backup removed",
+        seen.kept.load(Ordering::Relaxed),
+        seen.written.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 

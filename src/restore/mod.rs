@@ -12,6 +12,7 @@
 
 pub mod beneath;
 pub(crate) mod chunks;
+pub mod delta;
 mod dest;
 pub mod extract;
 pub mod get;

@@ -1,0 +1,224 @@
+//! `get-basebackup --delta`: restore into an existing data directory (a standby that fell
+//! behind, a failed primary to rejoin), writing only what differs.
+//!
+//! No walhoard or pghoard backup format records a checksum per file (the stream format's
+//! chunks are whole `BASE_BACKUP` tars; local-tar lists file names per chunk but with no
+//! hash), so every chunk is still downloaded; what is saved is writes. Each file in the
+//! backup is compared with the file already there block by block ([`rewrite_in_place`]) as
+//! its bytes arrive, and only blocks that differ are written; a file of another length is
+//! cut or extended. Everything below the target (and each tablespace directory) that the
+//! backup does not have is then removed ([`Seen::remove_unseen`]): the result is the tree a
+//! restore into an empty directory gives.
+//!
+//! Safety: the server must be stopped ([`check_stopped`], PostgreSQL's own `postmaster.pid`
+//! test in `CreateLockFile`); `global/pg_control` is removed before anything else is
+//! touched and written back (held back, [`super::extract::HELD_BACK`]) last, so a delta
+//! restore that fails or is killed leaves a directory PostgreSQL refuses to start on
+//! ("could not open file global/pg_control"); running it again finishes the job.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+
+use super::beneath::Beneath;
+use crate::pipeline::encryption::read_full;
+
+/// Compared and written in units of PostgreSQL's block size (BLCKSZ).
+const BLOCK: usize = 8192;
+
+/// Refuses a data directory whose `postmaster.pid` names a live process: PostgreSQL's
+/// `CreateLockFile` reasoning (the first line is the postmaster's pid; `kill(pid, 0)` tells
+/// whether it still exists, EPERM meaning it does but belongs to someone else).
+pub fn check_stopped(dir: &Path) -> Result<()> {
+    let pidfile = dir.join("postmaster.pid");
+    let text = match fs::read_to_string(&pidfile) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("read {}", pidfile.display())),
+    };
+    let pid = text.lines().next().unwrap_or("").trim();
+    let Ok(pid) = pid.parse::<i32>() else {
+        // Not a pid (an empty file left by a crash while it was being written): nothing runs.
+        return Ok(());
+    };
+    if pid > 0 && alive(pid) {
+        bail!(
+            "{}: PostgreSQL (pid {pid}) is running on {}: stop it before a --delta restore \
+             (if that pid is not a postmaster, remove postmaster.pid yourself)",
+            pidfile.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn alive(pid: i32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return false;
+    };
+    // Signal 0 sends nothing; it only checks that the process exists.
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
+}
+
+/// Removes `global/pg_control` (durably) so that, until the restore finished, the directory
+/// is not one PostgreSQL starts on.
+pub fn unmark(dir: &Path) -> Result<()> {
+    let root = Beneath::open(dir).with_context(|| format!("open {}", dir.display()))?;
+    let rel = Path::new("global/pg_control");
+    let global = dir.join("global");
+    if root
+        .remove_file(rel)
+        .with_context(|| format!("remove {}", dir.join(rel).display()))?
+    {
+        walhoard_walreceiver::spool::fsync_dir(&global)
+            .with_context(|| format!("sync {}", global.display()))?;
+    }
+    Ok(())
+}
+
+/// What a delta restore kept and wrote, and every path the backup has.
+#[derive(Debug, Default)]
+pub struct Seen {
+    paths: Mutex<HashSet<PathBuf>>,
+    /// Bytes written into files (whole blocks that differed, and new files).
+    pub written: AtomicU64,
+    /// Files that were already identical.
+    pub kept: AtomicU64,
+}
+
+impl Seen {
+    /// Records `path` (absolute, below a restore root `root`) and its directories.
+    pub fn record(&self, root: &Path, path: &Path) {
+        let mut paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = path.to_path_buf();
+        while p.starts_with(root) && paths.insert(p.clone()) {
+            if !p.pop() {
+                break;
+            }
+        }
+    }
+
+    /// Removes everything below `root` that no member of the backup named; never follows a
+    /// symlink (a link is removed, not what it points to). Returns how many entries went.
+    pub fn remove_unseen(&self, root: &Path) -> io::Result<u64> {
+        let paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        remove_unseen_in(root, &paths)
+    }
+}
+
+fn remove_unseen_in(dir: &Path, seen: &HashSet<PathBuf>) -> io::Result<u64> {
+    let mut removed = 0;
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let p = e.path();
+        let kind = e.file_type()?;
+        if seen.contains(&p) {
+            if kind.is_dir() {
+                removed += remove_unseen_in(&p, seen)?;
+            }
+            continue;
+        }
+        if kind.is_dir() {
+            // remove_dir_all does not follow symlinks inside.
+            fs::remove_dir_all(&p)?;
+        } else {
+            fs::remove_file(&p)?;
+        }
+        tracing::debug!(path = %p.display(), "delta restore: removed, not in the backup");
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// Makes the regular file at `path` hold `body` (`size` bytes), writing only the blocks that
+/// differ. Opened with `O_NOFOLLOW` (the caller checked it is a regular file, not a link).
+/// Returns the bytes written.
+pub fn rewrite_in_place(path: &Path, body: &mut dyn Read, mode: u32) -> io::Result<u64> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+    let old_len = f.metadata()?.len();
+    let mut new = vec![0u8; BLOCK];
+    let mut old = vec![0u8; BLOCK];
+    let mut at = 0u64;
+    let mut written = 0u64;
+    loop {
+        let n = read_full(&mut &mut *body, &mut new)?;
+        if n == 0 {
+            break;
+        }
+        let have = if at < old_len {
+            read_full_at(&f, &mut old[..n], at)?
+        } else {
+            0
+        };
+        if have != n || old[..n] != new[..n] {
+            f.write_all_at(&new[..n], at)?;
+            written += n as u64;
+        }
+        at += n as u64;
+    }
+    if old_len != at {
+        f.set_len(at)?;
+    }
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    if written > 0 || old_len != at {
+        f.sync_all()?;
+    }
+    Ok(written)
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_differing_blocks_are_written_and_length_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut want = vec![1u8; BLOCK * 3 + 100];
+        fs::write(&p, &want).unwrap();
+        assert_eq!(rewrite_in_place(&p, &mut &want[..], 0o600).unwrap(), 0);
+        want[BLOCK + 5] = 9;
+        assert_eq!(
+            rewrite_in_place(&p, &mut &want[..], 0o600).unwrap(),
+            BLOCK as u64
+        );
+        assert_eq!(fs::read(&p).unwrap(), want);
+        // Shorter: cut; longer: the new tail written.
+        let short = &want[..BLOCK];
+        rewrite_in_place(&p, &mut &short[..], 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), short);
+        assert_eq!(
+            rewrite_in_place(&p, &mut &want[..], 0o600).unwrap(),
+            (want.len() - BLOCK) as u64
+        );
+        assert_eq!(fs::read(&p).unwrap(), want);
+    }
+}
