@@ -60,6 +60,17 @@ mod tests {
             &["check", "-c", "f.json", "--site", "s", "--json"][..],
             &["basebackup", "--config", "f.json", "--site", "s"],
             &["basebackup", "-c", "f.json", "--site", "s"],
+            &["archive-sync", "-c", "f.json", "--site", "s", "--json"],
+            &["archive-cleanup", "-c", "f.json", "--site", "s", "--json"],
+            &[
+                "restore",
+                "preservations",
+                "-c",
+                "f.json",
+                "--site",
+                "s",
+                "--json",
+            ],
             &[
                 "restore",
                 "list-basebackups",
@@ -109,6 +120,14 @@ mod tests {
                 Command::Restore {
                     command: RestoreCommand::GetBasebackup { site, .. },
                 } => site,
+                Command::ArchiveSync { site, json, .. }
+                | Command::ArchiveCleanup { site, json, .. }
+                | Command::Restore {
+                    command: RestoreCommand::Preservations { site, json, .. },
+                } => {
+                    assert!(json.json);
+                    site
+                }
                 _ => panic!("{argv:?}: parsed as another command"),
             };
             assert_eq!(site.config.to_str(), Some("f.json"), "{argv:?}");

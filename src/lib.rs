@@ -12,8 +12,12 @@
 //! - [`metrics`]: pghoard's metrics (and walhoard's own) for Prometheus, statsd and a
 //!   Pushgateway.
 //! - [`restore`]: listing and restoring basebackups, and the restore_command.
+//! - [`archive_sync`], [`archive_cleanup`], [`preservation`]: pghoard's archive-sync,
+//!   archive-cleanup and backup preservation requests.
 
 pub mod api_client;
+pub mod archive_cleanup;
+pub mod archive_sync;
 pub mod basebackup;
 pub mod check;
 pub mod config;
@@ -25,7 +29,9 @@ pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod postgres_command;
+pub mod preservation;
 pub mod restore;
+pub mod server;
 pub mod settings;
 pub mod storage;
 pub mod verify;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use walhoard_protocol::{ConnectParams, ReplicationClient};
+use walhoard_protocol::ConnectParams;
 
 mod cli_flags;
 mod pghoard_cli;
@@ -72,6 +72,34 @@ enum Command {
     Restore {
         #[command(subcommand)]
         command: RestoreCommand,
+    },
+    /// pghoard_archive_sync: upload the WAL and history files of the server's pg_wal (since
+    /// the newest basebackup) that the archive lacks or holds other bytes of (those are kept
+    /// as `<key>.diverged-<time>`), then check the chain of WAL from the newest basebackup to
+    /// the current segment; exit 1 naming the first gap.
+    ArchiveSync {
+        #[command(flatten)]
+        site: SiteFlags,
+        /// Do not check the chain after uploading.
+        #[arg(long)]
+        no_verify: bool,
+        /// On a gap, take a new basebackup (through the daemon when one runs) instead of
+        /// failing.
+        #[arg(long)]
+        create_new_backup_on_failure: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// pghoard_archive_cleanup: delete the WAL (every timeline) before the start of the oldest
+    /// basebackup the site holds; print what is deleted.
+    ArchiveCleanup {
+        #[command(flatten)]
+        site: SiteFlags,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        json: JsonFlag,
     },
     /// Check that the archive is restorable: every basebackup's chunks (present, stored size,
     /// decrypt, decompress, size and SHA-1, tar) and the WAL chain from each backup on (gaps,
@@ -156,7 +184,32 @@ enum RestoreCommand {
         /// NAME=DIR: restore tablespace NAME (name or oid as recorded) into DIR.
         #[arg(long, value_parser = parse_tablespace_dir)]
         tablespace_dir: Vec<(String, PathBuf)>,
+        /// Keep the restored backup (and the WAL it needs) past retention until this date
+        /// (pghoard's preservation request, honoured by pghoard too).
+        #[arg(long, value_parser = parse_preserve_until)]
+        preserve_until: Option<jiff::Timestamp>,
+        /// Delete the preservation request once the restore succeeded (the default, as
+        /// pghoard's).
+        #[arg(long, overrides_with = "no_cancel_preserve_on_success")]
+        cancel_preserve_on_success: bool,
+        /// Keep the preservation request after a successful restore.
+        #[arg(long)]
+        no_cancel_preserve_on_success: bool,
     },
+    /// List the site's preservation requests, or cancel one.
+    Preservations {
+        #[command(flatten)]
+        site: SiteFlags,
+        /// Delete this request (its name, as listed).
+        #[arg(long)]
+        cancel: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+fn parse_preserve_until(s: &str) -> Result<jiff::Timestamp, String> {
+    walhoard::preservation::parse_until(s).map_err(|e| format!("{e:#}"))
 }
 
 fn parse_tablespace_dir(s: &str) -> Result<(String, PathBuf), String> {
@@ -193,6 +246,9 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             overwrite,
             delta,
             tablespace_dir,
+            preserve_until,
+            cancel_preserve_on_success: _,
+            no_cancel_preserve_on_success,
         } => {
             let target = if let Some(t) = recovery_target_time {
                 let ts = r::parse_target_time(&t)?;
@@ -226,6 +282,10 @@ async fn restore(command: RestoreCommand) -> Result<()> {
                 },
                 tablespace_dirs: tablespace_dir,
                 restore_command: None,
+                preserve: preserve_until.map(|until| walhoard::preservation::RestorePreservation {
+                    until,
+                    cancel_on_success: !no_cancel_preserve_on_success,
+                }),
             };
             let restored = get::get_basebackup(&site, &opts).await?;
             eprintln!(
@@ -235,7 +295,57 @@ async fn restore(command: RestoreCommand) -> Result<()> {
             );
             Ok(())
         }
+        RestoreCommand::Preservations { site, cancel, json } => {
+            use walhoard::preservation;
+            let site = RestoreSite::open(&site.config, site.site.as_deref())?;
+            if let Some(name) = cancel {
+                preservation::cancel(&site.store, &name).await?;
+                eprintln!("preservation request {name} cancelled");
+                return Ok(());
+            }
+            let list = preservation::list(&site.store).await?;
+            if json.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for r in &list {
+                    println!("{}\t{}\t{}", r.backup, r.until, r.name);
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+async fn archive_sync(
+    flags: &SiteFlags,
+    opts: walhoard::archive_sync::SyncOptions,
+    json: bool,
+) -> Result<()> {
+    let config = walhoard::config::Config::load(&flags.config)?;
+    let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
+    let report = walhoard::archive_sync::run(&config, site, opts).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", walhoard::archive_sync::render(&report));
+    }
+    match report.failure() {
+        Some(why) => anyhow::bail!("archive-sync, site {site}: {why}"),
+        None => Ok(()),
+    }
+}
+
+async fn archive_cleanup(flags: &SiteFlags, dry_run: bool, json: bool) -> Result<()> {
+    let config = walhoard::config::Config::load(&flags.config)?;
+    let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
+    let settings = walhoard::settings::SiteSettings::build(&config, site)?;
+    let report = walhoard::archive_cleanup::run(&settings, dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", walhoard::archive_cleanup::render(&report));
+    }
+    Ok(())
 }
 
 fn create_keys(key_id: &str, bits: usize) -> Result<()> {
@@ -253,46 +363,14 @@ fn create_keys(key_id: &str, bits: usize) -> Result<()> {
 async fn basebackup(flags: &SiteFlags) -> Result<()> {
     let config = walhoard::config::Config::load(&flags.config)?;
     let site = &walhoard::settings::chosen_site(&config, flags.site.as_deref(), &flags.config)?;
-    let (host, port) = (config.http_address.as_str(), config.http_port);
-    if tokio::net::TcpStream::connect((host, port)).await.is_ok() {
-        let headers: Vec<_> = walhoard::api_client::Credentials::from_config(&config)
-            .map(|c| c.header())
-            .into_iter()
-            .collect();
-        let (status, body) = walhoard::api_client::request(
-            host,
-            port,
-            hyper::Method::PUT,
-            &format!("/{site}/basebackup"),
-            &headers,
-        )
-        .await?;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        match v["basebackup"].as_str() {
-            Some(name) if status == hyper::StatusCode::CREATED => println!("{name}"),
-            _ => anyhow::bail!(
-                "the daemon at {host}:{port} could not take the backup ({status}): {}",
-                v["error"].as_str().unwrap_or(&body)
-            ),
-        }
-        return Ok(());
-    }
-    eprintln!("walhoard: no daemon listens on {host}:{port}; taking the backup here");
-    let info = walhoard::basebackup::take(&config, site).await?;
-    println!("{}", info.name);
+    let name = walhoard::basebackup::request::request_or_take(&config, site).await?;
+    println!("{name}");
     Ok(())
 }
 
 async fn identify(conninfo: &str, json: bool) -> Result<()> {
     let params = ConnectParams::parse(conninfo).context("parse --conninfo")?;
-    let mut client = ReplicationClient::connect(&params)
-        .await
-        .with_context(|| format!("connect to {params}"))?;
-    let id = client.identify_system().await.context("IDENTIFY_SYSTEM")?;
-    let seg = client
-        .wal_segment_size()
-        .await
-        .context("SHOW wal_segment_size")?;
+    let (mut client, id, seg) = walhoard::server::identify(&params, "").await?;
     let version = client
         .connection()
         .server_param("server_version")
@@ -393,6 +471,23 @@ fn main() -> ExitCode {
             }
             Command::Restore { command } => restore(command).await,
             Command::Basebackup { site } => basebackup(&site).await,
+            Command::ArchiveSync {
+                site,
+                no_verify,
+                create_new_backup_on_failure,
+                json,
+            } => {
+                let opts = walhoard::archive_sync::SyncOptions {
+                    verify: !no_verify,
+                    new_backup_on_failure: create_new_backup_on_failure,
+                };
+                archive_sync(&site, opts, json.json).await
+            }
+            Command::ArchiveCleanup {
+                site,
+                dry_run,
+                json,
+            } => archive_cleanup(&site, dry_run, json.json).await,
             Command::Verify {
                 site,
                 basebackup,

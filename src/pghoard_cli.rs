@@ -23,11 +23,14 @@ use clap::Parser;
 
 use crate::cli_flags::PghoardSiteFlags;
 
+mod archive;
 mod create_keys;
 mod flags;
+use archive::{archive_cleanup, archive_sync};
 use create_keys::create_keys;
 use flags::{
-    CreateKeysFlags, DaemonFlags, Generic, PostgresCommandFlags, RestoreFlags, RestoreSub,
+    ArchiveCleanupFlags, ArchiveSyncFlags, CreateKeysFlags, DaemonFlags, Generic,
+    PostgresCommandFlags, RestoreFlags, RestoreSub,
 };
 
 /// The names pghoard installs its commands under (pghoard's pyproject.toml `[project.scripts]`),
@@ -81,17 +84,8 @@ pub fn dispatch(argv: Vec<OsString>) -> Dispatch {
                 .map(postgres_command)
         }
         "pghoard_create_keys" => parse::<CreateKeysFlags>(with_name(), 2).map(create_keys),
-        "pghoard_archive_sync" => Ok(refuse(
-            "pghoard_archive_sync is not part of walhoard: the daemon receives WAL over the \
-             replication protocol (from its slot, with no gap) instead of uploading pg_wal's files \
-             afterwards; `walhoard check --config FILE` checks a site's connection, slot, object \
-             store and keys",
-        )),
-        _ => Ok(refuse(
-            "pghoard_archive_cleanup is not part of walhoard: the daemon's retention \
-             (basebackup_count, basebackup_age_days_max) deletes the WAL that no kept basebackup \
-             needs, after every basebackup; WAL that pghoard left is only deleted with it",
-        )),
+        "pghoard_archive_sync" => parse::<ArchiveSyncFlags>(with_name(), 2).map(archive_sync),
+        _ => parse::<ArchiveCleanupFlags>(with_name(), 2).map(archive_cleanup),
     };
     result.unwrap_or_else(Dispatch::Exit)
 }
@@ -118,6 +112,16 @@ fn config_or_env(config: Option<PathBuf>, what: &str) -> Result<PathBuf, u8> {
         eprintln!("walhoard: {what}: give the configuration file with --config or PGHOARD_CONFIG");
         1
     })
+}
+
+/// `--config F [--site S]` for the walhoard command, `F` from `$PGHOARD_CONFIG` if need be.
+fn site_args(site: PghoardSiteFlags, what: &str) -> Result<Vec<OsString>, u8> {
+    let config = config_or_env(site.config, what)?;
+    let mut v: Vec<OsString> = vec!["--config".into(), config.into()];
+    if let Some(site) = site.site {
+        v.extend(["--site".into(), site.into()]);
+    }
+    Ok(v)
 }
 
 fn translated<I, S>(args: I, debug: bool) -> Dispatch
@@ -153,12 +157,7 @@ fn restore(f: RestoreFlags) -> Dispatch {
     }
     let generic_args = |g: Generic| -> Result<Vec<OsString>, u8> {
         let _ = g.verbose;
-        let config = config_or_env(g.site.config, "pghoard_restore")?;
-        let mut v: Vec<OsString> = vec!["--config".into(), config.into()];
-        if let Some(site) = g.site.site {
-            v.extend(["--site".into(), site.into()]);
-        }
-        Ok(v)
+        site_args(g.site, "pghoard_restore")
     };
     match f.command {
         RestoreSub::ListBasebackups { generic } => match generic_args(generic) {
@@ -191,7 +190,7 @@ fn restore(f: RestoreFlags) -> Dispatch {
             restore_to_primary,
             preserve_until,
             cancel_preserve_on_success: _,
-            no_cancel_preserve_on_success: _,
+            no_cancel_preserve_on_success,
             pghoard_postgres_command_bin,
         } => {
             if tablespace_base_dir.is_some() {
@@ -205,13 +204,6 @@ fn restore(f: RestoreFlags) -> Dispatch {
                     "--recovery-end-command is not supported by walhoard: add \
                      recovery_end_command to the restored postgresql.auto.conf before starting \
                      PostgreSQL",
-                );
-            }
-            if preserve_until.is_some() {
-                return refuse(
-                    "--preserve-until: walhoard has no backup preservation requests; stop \
-                     retention instead (a maintenance_mode_file, or a larger basebackup_count) \
-                     while the restore runs",
                 );
             }
             if [
@@ -263,6 +255,12 @@ fn restore(f: RestoreFlags) -> Dispatch {
             }
             for t in tablespace_dir {
                 v.extend(["--tablespace-dir".into(), t.into()]);
+            }
+            if let Some(until) = preserve_until {
+                v.extend(["--preserve-until".into(), until.into()]);
+                if no_cancel_preserve_on_success {
+                    v.push("--no-cancel-preserve-on-success".into());
+                }
             }
             translated(v, f.debug)
         }
@@ -430,18 +428,40 @@ mod tests {
     }
 
     #[test]
+    fn pghoard_archive_sync_cleanup_and_preserve_until_map_to_walhoards() {
+        let get = "pghoard_restore get-basebackup --config c --target-dir d \
+                   --preserve-until 2030-01-01";
+        let want_get = "walhoard restore get-basebackup --config c --target-dir d --basebackup \
+                        latest --preserve-until 2030-01-01";
+        let cases = [
+            (
+                "pghoard_archive_sync --config c --site s --no-verify \
+                 --create-new-backup-on-failure --max-hash-checks 5"
+                    .to_string(),
+                "walhoard archive-sync --config c --site s --no-verify \
+                 --create-new-backup-on-failure"
+                    .to_string(),
+            ),
+            (
+                "walhoard pghoard_archive_cleanup --config c --dry-run".to_string(),
+                "walhoard archive-cleanup --config c --dry-run".to_string(),
+            ),
+            (get.to_string(), want_get.to_string()),
+            (
+                format!("{get} --no-cancel-preserve-on-success"),
+                format!("{want_get} --no-cancel-preserve-on-success"),
+            ),
+        ];
+        for (argv, want) in cases {
+            let argv: Vec<&str> = argv.split_whitespace().collect();
+            let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert_eq!(args_of(dispatch(os(&argv))).join(" "), want, "{argv:?}");
+        }
+    }
+
+    #[test]
     fn pghoard_only_features_are_refused_not_dropped() {
         for argv in [
-            os(&[
-                "pghoard_restore",
-                "get-basebackup",
-                "--config",
-                "c",
-                "--target-dir",
-                "d",
-                "--preserve-until",
-                "2030-01-01",
-            ]),
             os(&[
                 "pghoard_restore",
                 "get-basebackup",
@@ -463,8 +483,6 @@ mod tests {
                 "/t",
             ]),
             os(&["pghoard_restore", "list-basebackups-http", "--site", "s"]),
-            os(&["pghoard_archive_sync", "--config", "c"]),
-            os(&["walhoard", "pghoard_archive_cleanup", "--config", "c"]),
         ] {
             assert_eq!(dispatch(argv.clone()), Dispatch::Exit(1), "{argv:?}");
         }

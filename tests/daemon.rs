@@ -12,7 +12,7 @@ use crate::daemon_support::*;
 
 /// A cluster that keeps its WAL around (so the test can compare) and times out quiet
 /// walsenders quickly.
-fn cluster() -> PgCluster {
+pub(crate) fn cluster() -> PgCluster {
     PgCluster::builder()
         .setting("wal_keep_size", "'2GB'")
         .setting("wal_sender_timeout", "'10s'")

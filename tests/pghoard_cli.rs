@@ -208,28 +208,48 @@ fn pghoard_postgres_command_bad_flags_exit_255() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
-/// pghoard_archive_sync and pghoard_archive_cleanup have no walhoard counterpart: they fail,
-/// saying what to use instead, and change nothing.
+/// pghoard_archive_sync and pghoard_archive_cleanup run walhoard's archive-sync and
+/// archive-cleanup, by symlink and as `walhoard <name>`, with $PGHOARD_CONFIG as pghoard's.
 #[test]
-fn pghoard_archive_sync_and_cleanup_refuse_with_what_to_use() {
+fn pghoard_archive_sync_and_cleanup_run_walhoards_commands() {
     let bin = pghoard_bin(&["pghoard_archive_sync", "pghoard_archive_cleanup"]);
-    for (name, hint) in [
-        ("pghoard_archive_sync", "walhoard check"),
-        ("pghoard_archive_cleanup", "retention"),
-    ] {
-        let out = run(
-            &bin.path().join(name),
-            &["--config", "/nonexistent.json"],
-            &[],
-        );
-        assert_eq!(out.status.code(), Some(1), "{name}");
-        assert!(stderr(&out).contains(hint), "{name}: {}", stderr(&out));
-        let out = run(
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pghoard.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"backup_sites": {"s": {"nodes": ["host=/tmp"], "object_storage":
+            {"storage_type": "local", "directory": dir.path().join("archive")}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let with_env = |bin: &Path, args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .env("PGHOARD_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    // The archive has no basebackup: cleanup deletes nothing and says why.
+    let out = with_env(&bin.path().join("pghoard_archive_cleanup"), &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("site s: nothing deleted"), "{text}");
+    // archive-sync needs the site's pg_data_directory and server: an error naming the key.
+    let sync = bin.path().join("pghoard_archive_sync");
+    for (cmd, argv) in [
+        (sync.as_path(), &[][..]),
+        (
             Path::new(env!("CARGO_BIN_EXE_walhoard")),
-            &[name, "--config", "/nonexistent.json"],
-            &[],
+            &["pghoard_archive_sync"][..],
+        ),
+    ] {
+        let out = with_env(cmd, argv);
+        assert_eq!(out.status.code(), Some(1), "{argv:?}");
+        assert!(
+            stderr(&out).contains("backup_sites.s.pg_data_directory"),
+            "{argv:?}: {}",
+            stderr(&out)
         );
-        assert_eq!(out.status.code(), Some(1), "walhoard {name}");
     }
 }
 

@@ -1,6 +1,8 @@
 //! Integration tests against real PostgreSQL servers started per test (see walhoard-testkit).
 //! Run the protocol ones against another major with `WALHOARD_PG_VERSION=13 cargo test --test tests protocol_`.
 
+mod archive_cleanup;
+mod archive_sync;
 mod basebackup;
 mod cli;
 mod common;

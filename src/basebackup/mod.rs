@@ -15,6 +15,7 @@
 
 pub mod inventory;
 pub mod local_tar;
+pub mod request;
 pub mod stream;
 
 use std::collections::BTreeMap;

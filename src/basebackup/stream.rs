@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use walhoard_basebackup::control::{
     BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_STREAM,
 };
-use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions, ReplicationClient};
+use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions};
 
 use super::{describe, now_rfc3339, BackupContext, Progress};
 use crate::pipeline::compression::Algorithm;
@@ -212,14 +212,7 @@ fn server_compression(
 
 pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let params = ctx.node_params()?;
-    let mut client = ReplicationClient::connect(&params)
-        .await
-        .with_context(|| format!("connect to {params} for BASE_BACKUP"))?;
-    let id = client.identify_system().await.context("IDENTIFY_SYSTEM")?;
-    let seg = client
-        .wal_segment_size()
-        .await
-        .context("SHOW wal_segment_size")?;
+    let (mut client, id, seg) = crate::server::identify(&params, " for BASE_BACKUP").await?;
     let version = client.connection().server_version_num()?;
     let server_zstd = server_compression(ctx, &params, version);
     if server_zstd {

@@ -20,12 +20,10 @@ use walhoard_protocol::{Backoff, Lsn, WalSegmentName};
 use walhoard_walreceiver::SegmentBuffer;
 
 use crate::pipeline::hash::HashAlgorithm;
-use crate::storage::meta::ObjectMeta;
-use crate::storage::StorageError;
 
 use super::status::{Alerts, SiteStatus};
 
-pub use super::upload::{wal_key, UploadContext, SPACE_MAX_BACKOFF};
+pub use super::upload::{wal_key, Existing, UploadContext, SPACE_MAX_BACKOFF};
 
 #[derive(Debug)]
 struct Job {
@@ -67,16 +65,6 @@ pub enum KeyState {
     New,
     /// Left by an earlier run, a `.history` or a timeline's `.partial`.
     MayExist,
-}
-
-/// What the archive holds under a key the archiver is about to write.
-#[derive(Debug, PartialEq, Eq)]
-enum Existing {
-    Absent,
-    /// The same bytes (the recorded hash matches): nothing to upload.
-    Same,
-    /// Other bytes, or none recorded to compare with: never overwritten.
-    Different(String),
 }
 
 /// The plaintext hash of what is about to be archived, in the algorithm `stored` was hashed with.
@@ -139,30 +127,12 @@ impl Archiver {
         path: &Path,
         data: Option<&Arc<SegmentBuffer>>,
     ) -> Result<Existing, String> {
-        let stored = match self.ctx.store.metadata(key).await {
-            Ok(m) => m,
-            Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
-            Err(e) => return Err(e.to_string()),
-        };
-        let stored = match ObjectMeta::parse(key, &stored) {
-            Ok(m) => m,
-            Err(e) => return Ok(Existing::Different(e.to_string())),
-        };
-        let (Some(hash), Some(algorithm)) = (stored.hash, stored.hash_algorithm) else {
-            return Ok(Existing::Different(
-                "it records no hash to compare with".into(),
-            ));
-        };
         let (path, data) = (path.to_path_buf(), data.cloned());
-        let ours = tokio::task::spawn_blocking(move || local_hash(algorithm, &path, data.as_ref()))
+        self.ctx
+            .existing_with(key, move |algorithm| {
+                local_hash(algorithm, &path, data.as_ref())
+            })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(if ours.eq_ignore_ascii_case(&hash) {
-            Existing::Same
-        } else {
-            Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
-        })
     }
 
     pub fn spool_dir(&self) -> &Path {
@@ -351,6 +321,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::ObjectStorageConfig;
     use crate::pipeline::compression::{Algorithm, CompressionSettings};
+    use crate::storage::meta::ObjectMeta;
     use crate::storage::retry::RetryPolicy;
     use crate::storage::ObjectStore;
 

@@ -6,7 +6,8 @@
 //! Retention (pghoard's rules, run after every successful backup, so a backup is only ever
 //! deleted once a newer one is complete): keep at most `basebackup_count`; then, when
 //! `basebackup_age_days_max` is set, delete those older than that while more than
-//! `basebackup_count_min` remain. Only walhoard's own backups are counted and deleted:
+//! `basebackup_count_min` remain; deleting stops at the oldest backup a preservation request
+//! keeps ([`crate::preservation`], pghoard's). Only walhoard's own backups are counted and deleted:
 //! pghoard's and unrecognised ones are kept (and keep their WAL). WAL (every timeline) in
 //! segments before the start segment of every kept backup is deleted when walhoard wrote it
 //! (its `walhoard-writer` mark; others' is kept and reported, [`super::wal_retention`]);
@@ -27,6 +28,7 @@ use super::wal_retention::{self, KeepAllReason, WalPlan};
 use crate::basebackup::inventory::{self, ChunkDirState, Inventory, Writer};
 use crate::basebackup::{BackupContext, BackupProgress};
 use crate::config::SiteConfig;
+use crate::preservation::Preservations;
 use crate::settings::SiteSettings;
 use crate::storage::ObjectStore;
 
@@ -103,21 +105,27 @@ pub async fn list_backups(store: &ObjectStore) -> Result<Vec<ListedBackup>> {
     Ok(listed(&inventory::scan(store, now_secs()).await?))
 }
 
-/// Which backups the rules delete (oldest first), pghoard's `determine_backups_to_delete`.
+/// Which backups the rules delete (oldest first), pghoard's `determine_backups_to_delete`:
+/// deleting stops at the oldest backup a preservation request keeps past `now`, so it, every
+/// newer backup and the WAL from its start on stay ([`crate::preservation`]).
 pub fn backups_to_delete(
     site: &SiteConfig,
     backups: &[ListedBackup],
     now: f64,
+    preserved: &Preservations,
 ) -> Vec<ListedBackup> {
+    let now_ts =
+        jiff::Timestamp::from_millisecond((now * 1000.0) as i64).unwrap_or(jiff::Timestamp::MIN);
+    let deletable = |b: &ListedBackup| !preserved.preserves(&b.name, now_ts);
     let mut kept: Vec<ListedBackup> = backups.to_vec();
     let mut delete = Vec::new();
     let count = site.basebackup_count.max(1) as usize;
-    while kept.len() > count {
+    while kept.len() > count && deletable(&kept[0]) {
         delete.push(kept.remove(0));
     }
     if let Some(days) = site.basebackup_age_days_max {
         let min = site.basebackup_count_min.max(1) as usize;
-        while kept.len() > min && now - kept[0].start_time > days * 86400.0 {
+        while kept.len() > min && now - kept[0].start_time > days * 86400.0 && deletable(&kept[0]) {
             delete.push(kept.remove(0));
         }
     }
@@ -167,7 +175,14 @@ pub async fn apply_retention(
     }
     let backups = listed(&inv);
     let own: Vec<ListedBackup> = backups.iter().filter(|b| b.own).cloned().collect();
-    let doomed = backups_to_delete(site, &own, now);
+    // A request that cannot be read fails retention: it may be keeping a backup.
+    let preserved = crate::preservation::load(store).await?;
+    let doomed = backups_to_delete(site, &own, now, &preserved);
+    for b in &own {
+        if let Some(until) = preserved.until(&b.name) {
+            tracing::info!(site = %site_name, backup = %b.name, %until, "preservation request");
+        }
+    }
     for b in &doomed {
         tracing::info!(site = %site_name, backup = %b.name, "deleting basebackup (retention)");
         delete_backup(store, &b.name)
@@ -396,34 +411,71 @@ mod tests {
             .collect()
     }
 
+    /// (a day, now, backups started 10, 5, 2 and 1 days ago).
+    fn four_backups() -> (f64, f64, Vec<ListedBackup>) {
+        let day = 86400.0;
+        let now = 100.0 * day;
+        let starts = [10.0, 5.0, 2.0, 1.0].map(|d| now - d * day);
+        (day, now, backups(&starts))
+    }
+
     fn names(v: Vec<ListedBackup>) -> Vec<String> {
         v.into_iter().map(|b| b.name).collect()
     }
 
     #[test]
     fn retention_rules_as_pghoard() {
-        let day = 86400.0;
-        let now = 100.0 * day;
-        let b = backups(&[
-            now - 10.0 * day,
-            now - 5.0 * day,
-            now - 2.0 * day,
-            now - day,
-        ]);
+        let none = Preservations::default();
+        let (day, now, b) = four_backups();
         // basebackup_count 2 (default): the two oldest go.
-        assert_eq!(names(backups_to_delete(&site(""), &b, now)), ["b0", "b1"]);
+        assert_eq!(
+            names(backups_to_delete(&site(""), &b, now, &none)),
+            ["b0", "b1"]
+        );
         // count 10 and a maximum age of 3 days: older ones go, but count_min (2) stay.
         let s = site(r#""basebackup_count": 10, "basebackup_age_days_max": 3,"#);
-        assert_eq!(names(backups_to_delete(&s, &b, now)), ["b0", "b1"]);
+        assert_eq!(names(backups_to_delete(&s, &b, now, &none)), ["b0", "b1"]);
         let s = site(
             r#""basebackup_count": 10, "basebackup_age_days_max": 0.5, "basebackup_count_min": 3,"#,
         );
-        assert_eq!(names(backups_to_delete(&s, &b, now)), ["b0"]);
+        assert_eq!(names(backups_to_delete(&s, &b, now, &none)), ["b0"]);
         // Never delete the only backup.
         let s = site(
             r#""basebackup_count": 0, "basebackup_age_days_max": 0.1, "basebackup_count_min": 0,"#,
         );
-        assert!(backups_to_delete(&s, &backups(&[now - 9.0 * day]), now).is_empty());
+        assert!(backups_to_delete(&s, &backups(&[now - 9.0 * day]), now, &none).is_empty());
+    }
+
+    #[test]
+    fn retention_stops_at_a_preserved_backup_until_its_date() {
+        use crate::preservation::{parse_until, Request};
+        let (day, now, b) = four_backups();
+        let preserve_b1_until = |secs: f64| {
+            Preservations::from_requests(&[Request {
+                name: "b1_x".into(),
+                backup: "b1".into(),
+                until: jiff::Timestamp::from_second(secs as i64).unwrap(),
+            }])
+        };
+        // b1 is kept (and so every newer one): only b0 goes at basebackup_count 2.
+        let p = preserve_b1_until(now + day);
+        assert_eq!(names(backups_to_delete(&site(""), &b, now, &p)), ["b0"]);
+        // By age as well.
+        let s = site(r#""basebackup_count": 10, "basebackup_age_days_max": 3,"#);
+        assert_eq!(names(backups_to_delete(&s, &b, now, &p)), ["b0"]);
+        // Once the date has passed, the rules apply again.
+        let p = preserve_b1_until(now - 1.0);
+        assert_eq!(
+            names(backups_to_delete(&site(""), &b, now, &p)),
+            ["b0", "b1"]
+        );
+        // A preserved oldest backup stops everything.
+        let p = Preservations::from_requests(&[Request {
+            name: "b0_x".into(),
+            backup: "b0".into(),
+            until: parse_until("2999-01-01").unwrap(),
+        }]);
+        assert!(backups_to_delete(&site(""), &b, now, &p).is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::pipeline::hash::HashAlgorithm;
 use crate::pipeline::transfer::{upload, Source, TransferError, Upload, UploadEncryption};
 use crate::storage::meta::{self, ObjectMeta};
 use crate::storage::retry::{clear_alert, with_retries, write_alert, RetryPolicy, Transient};
-use crate::storage::ObjectStore;
+use crate::storage::{ObjectStore, StorageError};
 
 use super::slots::UploadSlots;
 use super::status::SiteStatus;
@@ -174,6 +174,12 @@ impl UploadContext {
             Some(d) => Source::bytes(InMemory(d.clone())),
             None => Source::File(path.to_path_buf()),
         };
+        self.upload_source(key, source).await
+    }
+
+    /// One attempt at storing `source` as the WAL object `key`, with the site's codecs and
+    /// the metadata every WAL object carries.
+    pub async fn upload_source(&self, key: &str, source: Source) -> Result<(), TransferError> {
         let wal = Upload::wal(
             key,
             source,
@@ -205,6 +211,38 @@ impl UploadContext {
         }
     }
 
+    /// Whether `key` already holds an object, and whether its recorded plaintext hash is the
+    /// one `hash_of` computes (on a blocking thread, in the algorithm the object was hashed
+    /// with): one metadata read (HEAD, or the sidecar).
+    pub async fn existing_with<H>(&self, key: &str, hash_of: H) -> Result<Existing, String>
+    where
+        H: FnOnce(HashAlgorithm) -> std::io::Result<String> + Send + 'static,
+    {
+        let stored = match self.store.metadata(key).await {
+            Ok(m) => m,
+            Err(StorageError::NotFound { .. }) => return Ok(Existing::Absent),
+            Err(e) => return Err(e.to_string()),
+        };
+        let stored = match ObjectMeta::parse(key, &stored) {
+            Ok(m) => m,
+            Err(e) => return Ok(Existing::Different(e.to_string())),
+        };
+        let (Some(hash), Some(algorithm)) = (stored.hash, stored.hash_algorithm) else {
+            return Ok(Existing::Different(
+                "it records no hash to compare with".into(),
+            ));
+        };
+        let ours = tokio::task::spawn_blocking(move || hash_of(algorithm))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(if ours.eq_ignore_ascii_case(&hash) {
+            Existing::Same
+        } else {
+            Existing::Different(format!("its {algorithm} is {hash}, this WAL's is {ours}"))
+        })
+    }
+
     /// [`UploadContext::upload_once`] retried under `policy` while the failure is transient
     /// (archive_command's uploads, which PostgreSQL retries itself after `max_attempts`).
     pub async fn upload_retrying(
@@ -215,6 +253,16 @@ impl UploadContext {
     ) -> Result<(), TransferError> {
         with_retries(policy, key, || self.upload_once(key, path, None)).await
     }
+}
+
+/// What the archive holds under a key about to be written.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Existing {
+    Absent,
+    /// The same bytes (the recorded hash matches): nothing to upload.
+    Same,
+    /// Other bytes, or none recorded to compare with: never overwritten by the daemon.
+    Different(String),
 }
 
 /// A receiver's segment buffer as upload input.

@@ -3,8 +3,8 @@
 //! with [`meta::WALHOARD_WRITER`] (pghoard's WAL, an older walhoard's unmarked WAL and anything
 //! else under `xlog/` is left alone and reported). Timeline history files are never deleted.
 //!
-//! Used by retention ([`super::basebackups::apply_retention`]) to act, and by `walhoard check`
-//! to report what retention leaves.
+//! Used by retention ([`super::basebackups::apply_retention`]) and `walhoard archive-cleanup`
+//! ([`crate::archive_cleanup`]) to act, and by `walhoard check` to report what retention leaves.
 
 use anyhow::{Context, Result};
 use walhoard_protocol::{SegmentId, WalSegmentName};
@@ -12,6 +12,21 @@ use walhoard_protocol::{SegmentId, WalSegmentName};
 use crate::basebackup::inventory::{Inventory, Writer};
 use crate::storage::meta;
 use crate::storage::ObjectStore;
+
+/// The suffix archive-sync gives an archived WAL object it moved aside because the server's
+/// file of that name holds other bytes: `xlog/<segment>.diverged-<UTC time>`.
+pub const DIVERGED_SUFFIX: &str = ".diverged-";
+
+/// The segment a key under `xlog/` belongs to: a segment, `.partial`, `.backup`, or a copy
+/// archive-sync moved aside ([`DIVERGED_SUFFIX`]); `None` for anything else (left alone).
+pub fn segment_of_key(key: &str) -> Option<SegmentId> {
+    let file = key.strip_prefix("xlog/")?;
+    let name = match file.split_once(DIVERGED_SUFFIX) {
+        Some((name, _)) => name,
+        None => file,
+    };
+    name.parse::<WalSegmentName>().ok()?.segment()
+}
 
 /// What retention does with the site's WAL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,12 +78,7 @@ pub async fn plan(store: &ObjectStore, inv: &Inventory, deleted: &[String]) -> R
     let mut ours = Vec::new();
     let mut foreign = Vec::new();
     for o in store.list("xlog").await.context("list xlog/")? {
-        let file = o.key.trim_start_matches("xlog/");
-        let Some(id) = file
-            .parse::<WalSegmentName>()
-            .ok()
-            .and_then(|w| w.segment())
-        else {
+        let Some(id) = segment_of_key(&o.key) else {
             continue;
         };
         // Compare segment positions (log, seg), whatever the timeline.
@@ -107,4 +117,24 @@ pub fn foreign_summary(foreign: &[String], before: SegmentId) -> Option<String> 
         foreign.len(),
         meta::WALHOARD_WRITER
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_to_their_segment() {
+        let seg = |k: &str| segment_of_key(k).map(|s| s.to_string());
+        let s = Some("000000020000000100000003".to_string());
+        assert_eq!(seg("xlog/000000020000000100000003"), s);
+        assert_eq!(seg("xlog/000000020000000100000003.partial"), s);
+        assert_eq!(
+            seg("xlog/000000020000000100000003.diverged-20261204T231500Z"),
+            s
+        );
+        assert_eq!(seg("xlog/000000020000000100000003.00000028.backup"), s);
+        assert_eq!(seg("xlog/notes.txt"), None);
+        assert_eq!(seg("timeline/00000002.history"), None);
+    }
 }

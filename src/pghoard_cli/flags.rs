@@ -1,5 +1,6 @@
 //! pghoard's flags, with pghoard's names and defaults (its `argparse` parsers in
-//! pghoard/pghoard.py, restore.py, postgres_command.py and create_keys.py).
+//! pghoard/pghoard.py, restore.py, postgres_command.py, create_keys.py, archive_sync.py and
+//! archive_cleanup.py).
 
 use std::path::PathBuf;
 
@@ -151,4 +152,39 @@ pub(super) struct CreateKeysFlags {
     /// `--config`: store the keys into this configuration file.
     #[command(flatten)]
     pub(super) site: PghoardSiteFlags,
+}
+
+/// `pghoard_archive_sync`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "pghoard_archive_sync",
+    version = VERSION,
+    about = "walhoard archive-sync, with pghoard's flags"
+)]
+pub(super) struct ArchiveSyncFlags {
+    #[arg(short = 'D', long)]
+    pub(super) debug: bool,
+    #[command(flatten)]
+    pub(super) site: PghoardSiteFlags,
+    /// pghoard compares the hash of this many files at most; walhoard compares every one.
+    #[arg(long)]
+    pub(super) max_hash_checks: Option<i64>,
+    #[arg(long)]
+    pub(super) no_verify: bool,
+    #[arg(long)]
+    pub(super) create_new_backup_on_failure: bool,
+}
+
+/// `pghoard_archive_cleanup`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "pghoard_archive_cleanup",
+    version = VERSION,
+    about = "walhoard archive-cleanup, with pghoard's flags"
+)]
+pub(super) struct ArchiveCleanupFlags {
+    #[command(flatten)]
+    pub(super) site: PghoardSiteFlags,
+    #[arg(long)]
+    pub(super) dry_run: bool,
 }

@@ -53,6 +53,8 @@ pub struct GetOptions {
     pub tablespace_dirs: Vec<(String, PathBuf)>,
     /// The restore_command written; default: this executable, daemonless.
     pub restore_command: Option<String>,
+    /// `--preserve-until`: keep the chosen backup past retention (pghoard's request).
+    pub preserve: Option<crate::preservation::RestorePreservation>,
 }
 
 /// What was restored.
@@ -189,6 +191,10 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
     // From here on the backup's objects are read from the site that holds it.
     let source = site.for_backup(&chosen)?;
     let site = &source;
+    let preservation = match &opts.preserve {
+        Some(p) => Some(p.begin(&site.store, &chosen.name).await?),
+        None => None,
+    };
     eprintln!(
         "restore: basebackup {} (ends {} at {}, {} bytes)",
         chosen.name, chosen.end_time, chosen.end_lsn, chosen.size_plain
@@ -266,6 +272,9 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
         .await
     }
     .await;
+    if let (Ok(()), Some(p), Some(name)) = (&result, &opts.preserve, &preservation) {
+        p.end(&site.store, name).await;
+    }
     match result {
         Ok(()) => Ok(Restored {
             name: chosen.name.clone(),
