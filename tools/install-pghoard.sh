@@ -7,6 +7,7 @@
 # Usage: tools/install-pghoard.sh [VENV_DIR]; the default is pghoard-venv in the test cache.
 # Prints the venv's directory, the only thing on stdout.
 set -euo pipefail
+. "$(dirname "$0")/need-pkg.sh"
 
 pghoard_version=2.1.0
 if [ "$(id -u)" = 0 ]; then cache=${WALHOARD_CACHE:-/var/cache/walhoard}; else cache=${WALHOARD_CACHE:-$HOME/.cache/walhoard}; fi
@@ -16,17 +17,8 @@ if [ -x "$venv/bin/pghoard_restore" ] && [ "$("$venv/bin/pghoard_restore" --vers
   echo "$venv"
   exit 0
 fi
-if ! /usr/bin/python3 -c "import venv, ensurepip" 2>/dev/null; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "missing python3-venv: install the Debian package (needs root)" >&2; exit 1
-  fi
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
-fi
 echo "== installing pghoard==$pghoard_version into $venv" >&2
-rm -rf "$venv"
-mkdir -p "$(dirname "$venv")"
-/usr/bin/python3 -m venv "$venv" >&2
+fresh_venv "$venv"
 # psycopg2-binary instead of psycopg2 (which would need libpq's headers to build); pghoard
 # itself without its dependency list for that reason.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check cryptography psycopg2-binary \

@@ -6,6 +6,7 @@
 # (WALHOARD_ROHMU_VENV overrides it). Prints the venv's directory, the only thing on stdout:
 # the tests run this script (once per test process) and use the python it names.
 set -euo pipefail
+. "$(dirname "$0")/need-pkg.sh"
 
 rohmu_version=2.8.2
 if [ "$(id -u)" = 0 ]; then cache=${WALHOARD_CACHE:-/var/cache/walhoard}; else cache=${WALHOARD_CACHE:-$HOME/.cache/walhoard}; fi
@@ -16,17 +17,8 @@ if [ -x "$venv/bin/python" ] &&
   echo "$venv"
   exit 0
 fi
-if ! /usr/bin/python3 -c "import venv, ensurepip" 2>/dev/null; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "missing python3-venv: install the Debian package (needs root)" >&2; exit 1
-  fi
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
-fi
 echo "== installing rohmu==$rohmu_version into $venv" >&2
-rm -rf "$venv"
-mkdir -p "$(dirname "$venv")"
-/usr/bin/python3 -m venv "$venv" >&2
+fresh_venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "rohmu==$rohmu_version" cryptography >&2
 "$venv/bin/python" -c "import rohmu.encryptor, rohmu.rohmufile"
 echo "$venv"
