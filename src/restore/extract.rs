@@ -161,6 +161,60 @@ impl Extractor {
         0o600 | (mode & 0o040)
     }
 
+    /// `--delta`: whether the file `rel` below the root already is a regular file (not a
+    /// symlink, not reached through one) of `size` bytes whose contents `same` accepts. If so
+    /// it is kept as it is, given the mode a restore gives a member of mode `mode`, synced,
+    /// recorded as part of the backup and counted as not fetched ([`Seen::unfetched`]): the
+    /// caller need not download it. Always false outside a delta restore and for the files
+    /// held back ([`HELD_BACK`]), which are always written.
+    pub fn keep_if_same(
+        &self,
+        rel: &str,
+        size: u64,
+        mode: u32,
+        same: impl FnOnce(&mut dyn Read) -> io::Result<bool>,
+    ) -> io::Result<bool> {
+        let Some(seen) = &self.delta else {
+            return Ok(false);
+        };
+        let rel = safe_relative(rel)?;
+        if rel.as_os_str().is_empty()
+            || (self.hold_back && HELD_BACK.iter().any(|h| Path::new(h) == rel))
+        {
+            return Ok(false);
+        }
+        // Refuses a parent that is a symlink, as extracting the member would.
+        self.make_parents(&rel, 0o700)?;
+        let path = self.root.join(&rel);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == size => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // Replaced by a link (ELOOP) or removed since: extracting it deals with that.
+            Err(_) => return Ok(false),
+        };
+        let m = f.metadata()?;
+        if !m.is_file() || m.len() != size || !same(&mut f)? {
+            return Ok(false);
+        }
+        f.set_permissions(fs::Permissions::from_mode(Self::file_mode(mode)))?;
+        // Its contents may still be only in the page cache of the server that wrote them.
+        f.sync_all()?;
+        seen.record(&self.root, &path);
+        seen.kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        seen.unfetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Writes one member, its body read from `body`. Returns the bytes written.
     pub fn extract(&self, entry: &Entry, rel: &str, body: &mut dyn Read) -> io::Result<u64> {
         let rel = safe_relative(rel)?;
