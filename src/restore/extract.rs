@@ -390,6 +390,52 @@ mod tests {
     use walhoard_basebackup::tar::{Member, MemberKind, TarWriter};
     use walhoard_basebackup::untar::TarReader;
 
+    /// `keep_if_same` keeps only a regular file of the right size whose contents are
+    /// accepted, never through a symlink (the file's or a parent's), never a held-back file,
+    /// and only in a delta restore; a kept file gets the restore's mode and is counted.
+    #[test]
+    fn keep_if_same_keeps_only_a_matching_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        fs::create_dir_all(root.join("base/1")).unwrap();
+        fs::write(root.join("base/1/100"), b"abc").unwrap();
+        fs::set_permissions(root.join("base/1/100"), fs::Permissions::from_mode(0o644)).unwrap();
+        let same = |r: &mut dyn Read| {
+            let mut b = Vec::new();
+            r.read_to_end(&mut b)?;
+            Ok(b == b"abc")
+        };
+        let plain = Extractor::new(root.clone(), true);
+        assert!(!plain.keep_if_same("base/1/100", 3, 0o600, same).unwrap());
+        let seen = Arc::new(Seen::default());
+        let x = Extractor::new(root.clone(), true).with_delta(Some(seen.clone()));
+        assert!(!x.keep_if_same("base/1/100", 4, 0o600, same).unwrap());
+        assert!(!x
+            .keep_if_same("base/1/100", 3, 0o600, |_| Ok(false))
+            .unwrap());
+        assert!(!x.keep_if_same("base/1/missing", 3, 0o600, same).unwrap());
+        assert!(x.keep_if_same("base/1/100", 3, 0o600, same).unwrap());
+        let mode = fs::metadata(root.join("base/1/100"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(seen.unfetched.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A symlink to the right bytes, or a file below a symlinked directory: not kept.
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("100"), b"abc").unwrap();
+        std::os::unix::fs::symlink(outside.join("100"), root.join("base/1/101")).unwrap();
+        assert!(!x.keep_if_same("base/1/101", 3, 0o600, same).unwrap());
+        std::os::unix::fs::symlink(&outside, root.join("base/2")).unwrap();
+        assert!(x.keep_if_same("base/2/100", 3, 0o600, same).is_err());
+        // The held-back files are always written.
+        fs::create_dir_all(root.join("global")).unwrap();
+        fs::write(root.join("global/pg_control"), b"abc").unwrap();
+        assert!(!x.keep_if_same("global/pg_control", 3, 0o600, same).unwrap());
+        assert_eq!(seen.unfetched.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
     fn extract_all(bytes: &[u8], x: &Extractor) -> io::Result<()> {
         let mut r = TarReader::new(bytes);
         while let Some(e) = r.next_entry()? {
