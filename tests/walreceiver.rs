@@ -497,12 +497,12 @@ async fn walreceiver_status_updates_go_out_while_segments_wait() {
         "the receiver is not waiting"
     );
     assert!(
-        received.is_valid() && received.segment_offset(seg) == 0,
-        "waiting with a complete segment: {received}"
-    );
-    assert!(
         before > 0.0 && after > before,
         "no status update while the receiver waited: reply_time {before:?} then {after:?}"
+    );
+    assert!(
+        received.is_valid() && received.segment_offset(seg) == 0,
+        "waiting with a complete segment: {received}"
     );
     // Taken again, everything arrives, equal to pg_wal.
     let got = collect_segments(&pg, &mut r, target, seg, true).await;
