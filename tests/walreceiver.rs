@@ -490,7 +490,11 @@ async fn walreceiver_status_updates_go_out_while_segments_wait() {
     let before = reply_time(&pg);
     tokio::time::sleep(Duration::from_secs(3)).await; // six status intervals
     let after = reply_time(&pg);
-    assert_eq!(r.events.len(), 2, "the test took no event, yet the queue moved");
+    assert_eq!(
+        r.events.len(),
+        2,
+        "the test took no event, yet the queue moved"
+    );
     assert_eq!(
         r.positions.borrow().received_lsn,
         received,
@@ -547,7 +551,10 @@ async fn walreceiver_idle_segment_leaves_memory() {
     let written = current_lsn(&pg);
     assert!(written.segment_number(seg) > start, "{written}");
     assert!(
-        wait_until(Duration::from_secs(30), || r.positions.borrow().received_lsn
+        wait_until(Duration::from_secs(30), || r
+            .positions
+            .borrow()
+            .received_lsn
             >= written),
         "not received"
     );
@@ -569,7 +576,8 @@ async fn walreceiver_idle_segment_leaves_memory() {
         "{partial:?} differs from pg_wal"
     );
     // More WAL completes the segment: handed on from the spool file, not from memory.
-    pg.psql("insert into idle select generate_series(1, 1000)").unwrap();
+    pg.psql("insert into idle select generate_series(1, 1000)")
+        .unwrap();
     pg.psql("select pg_switch_wal()").unwrap();
     loop {
         match next_event(&mut r).await {

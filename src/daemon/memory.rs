@@ -23,8 +23,7 @@ pub async fn give_back_idle(budget: BufferBudget, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let freed =
-            budget.trim_idle(IDLE) + crate::pipeline::transfer::trim_idle_output(IDLE);
+        let freed = budget.trim_idle(IDLE) + crate::pipeline::transfer::trim_idle_output(IDLE);
         if freed > 0 {
             tracing::debug!(bytes = freed, "freed idle WAL buffers");
             // Walks every allocator arena: off the runtime's threads.

@@ -386,7 +386,11 @@ async fn store_one_shot(
     object: impl AsRef<[u8]> + Send + Sync + 'static,
 ) -> Result<Uploaded, TransferError> {
     record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
-    record_codec(&mut metadata, target.compression, target.encryption.as_ref());
+    record_codec(
+        &mut metadata,
+        target.compression,
+        target.encryption.as_ref(),
+    );
     let object = Bytes::from_owner(object);
     let stored_size = object.len() as u64;
     target
