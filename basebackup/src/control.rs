@@ -60,6 +60,27 @@ pub struct ChunkMeta {
     pub server_compressed: bool,
 }
 
+/// Whether a backup stands alone or needs its parent (PostgreSQL 17+ block-level incremental).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupType {
+    /// Every file whole; absent from metadata written before incremental backups existed.
+    #[default]
+    Full,
+    /// `BASE_BACKUP ( INCREMENTAL )` against the parent's `backup_manifest`: relation files
+    /// may be `INCREMENTAL.<relfile>` members that restore combines with the parent chain.
+    Incremental,
+}
+
+impl BackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Incremental => "incremental",
+        }
+    }
+}
+
 /// The whole description. Field names up to `host` are pghoard's; the rest are walhoard's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupMetadata {
@@ -94,4 +115,11 @@ pub struct BackupMetadata {
     /// links `pg_tblspc/<oid>` to wherever it puts each tablespace.
     #[serde(default)]
     pub tablespace_map: String,
+    /// `full` unless the metadata says `incremental` (older objects have no such key).
+    #[serde(default)]
+    pub backup_type: BackupType,
+    /// The backup an incremental one was taken against (its name under `basebackup/`);
+    /// `None` for a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_parent: Option<String>,
 }

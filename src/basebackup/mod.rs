@@ -368,6 +368,8 @@ pub(crate) fn describe(
         compression_algorithm: ctx.compression.algorithm.name().into(),
         encryption_key_id: ctx.encryption.as_ref().map(|e| e.key_id.clone()),
         tablespace_map: String::new(),
+        backup_type: Default::default(),
+        incremental_parent: None,
     }
 }
 
