@@ -114,7 +114,7 @@ async fn check_replication(site: &SiteSettings, out: &mut Vec<CheckResult>) -> O
         },
     );
     if site.config.basebackup_mode == BasebackupMode::Incremental {
-        let r = match major {
+        let r = match client.server_major() {
             Ok(m) if m < 17 => Err(anyhow::anyhow!(
                 "backup_sites.{name}.basebackup_mode \"incremental\" needs PostgreSQL 17 or \
                  later; the server is {m}: basebackups fail"
