@@ -182,7 +182,10 @@ pub fn render(i: &SiteInfo) -> String {
             s,
             "      {}",
             match &l.incremental_parent {
-                Some(p) => format!("{} on {p} (restore needs its chain)", l.backup_type.as_str()),
+                Some(p) => format!(
+                    "{} on {p} (restore needs its chain)",
+                    l.backup_type.as_str()
+                ),
                 None => l.backup_type.as_str().to_string(),
             }
         );

@@ -96,7 +96,12 @@ fn assert_full(b: &BackupInfo) {
 }
 
 fn assert_incremental_on(b: &BackupInfo, parent: &BackupInfo) {
-    assert_eq!(b.metadata.backup_type, BackupType::Incremental, "{}", b.name);
+    assert_eq!(
+        b.metadata.backup_type,
+        BackupType::Incremental,
+        "{}",
+        b.name
+    );
     assert_eq!(
         b.metadata.incremental_parent.as_deref(),
         Some(parent.name.as_str()),
@@ -126,22 +131,25 @@ fn skip_before_17(pg: &PgCluster, test: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn basebackup_incremental_chain_retention_and_listing() {
-    let pg = PgCluster::builder()
-        .setting("summarize_wal", "on")
-        .start();
+    let pg = PgCluster::builder().setting("summarize_wal", "on").start();
     let pg = match pg {
         Ok(pg) => pg,
         // PostgreSQL before 17 does not know the setting: the mode must be refused there.
         Err(_) => {
             let pg = PgCluster::start().unwrap();
-            assert!(pg.major < 17, "a 17+ cluster with summarize_wal=on must start");
+            assert!(
+                pg.major < 17,
+                "a 17+ cluster with summarize_wal=on must start"
+            );
             let site = site(&pg, 6);
             let e = format!("{:#}", take(&site).await.unwrap_err());
             assert!(
                 e.contains("backup_sites.main.basebackup_mode") && e.contains("17"),
                 "{e}"
             );
-            assert!(crate::common::keys(&site.store, "basebackup").await.is_empty());
+            assert!(crate::common::keys(&site.store, "basebackup")
+                .await
+                .is_empty());
             skip_before_17(&pg, "basebackup_incremental_chain_retention_and_listing");
             return;
         }
@@ -182,7 +190,11 @@ async fn basebackup_incremental_chain_retention_and_listing() {
             inc.metadata.total_size_plain,
             full.metadata.total_size_plain
         );
-        assert!(inc.metadata.chunks.iter().any(|c| c.kind == ChunkKind::Manifest));
+        assert!(inc
+            .metadata
+            .chunks
+            .iter()
+            .any(|c| c.kind == ChunkKind::Manifest));
     }
 
     // basebackup_incremental_max_chain 2: the next is full, and the one after is on it.
@@ -239,9 +251,11 @@ async fn basebackup_incremental_chain_retention_and_listing() {
             format!("basebackup/{}", inc3.name)
         ]
     );
-    assert!(crate::common::keys(&site.store, &format!("basebackup_chunk/{}", inc1.name))
-        .await
-        .is_empty());
+    assert!(
+        crate::common::keys(&site.store, &format!("basebackup_chunk/{}", inc1.name))
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -274,7 +288,10 @@ async fn basebackup_incremental_without_wal_summaries_is_full() {
         .unwrap_or_else(|| panic!("no summarize_wal check in {results}"));
     assert_eq!(summarize["ok"], false, "{summarize}");
     assert!(
-        summarize["detail"].as_str().unwrap().contains("full backups"),
+        summarize["detail"]
+            .as_str()
+            .unwrap()
+            .contains("full backups"),
         "{summarize}"
     );
     assert!(!out.status.success());
@@ -300,4 +317,31 @@ async fn basebackup_incremental_without_wal_summaries_is_full() {
     touch_some_rows(&pg, 3);
     let b4 = take(&site).await.unwrap();
     assert_incremental_on(&b4, &b3);
+
+    // The newest backup's manifest tampered with (its SHA-1 no longer matches): full.
+    let manifest = b4
+        .metadata
+        .chunks
+        .iter()
+        .find(|c| c.kind == ChunkKind::Manifest)
+        .unwrap();
+    let key = format!("basebackup_chunk/{}", manifest.chunk_filename);
+    let path = site.dir.path().join("archive").join("main").join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let b5 = take(&site).await.unwrap();
+    assert_full(&b5);
+    // A chain whose middle backup is gone (b6 ← b7, b6's control object deleted): full.
+    let b6 = take(&site).await.unwrap();
+    assert_incremental_on(&b6, &b5);
+    let b7 = take(&site).await.unwrap();
+    assert_incremental_on(&b7, &b6);
+    site.store
+        .delete(&format!("basebackup/{}", b6.name))
+        .await
+        .unwrap();
+    let b8 = take(&site).await.unwrap();
+    assert_full(&b8);
 }

@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(json["incremental_parent"], "2026-12-05_03-00_0");
         let back: BackupMetadata = serde_json::from_value(json).unwrap();
         assert_eq!(back, m);
-        assert_eq!("incremental".parse::<BackupType>(), Ok(BackupType::Incremental));
+        assert_eq!(
+            "incremental".parse::<BackupType>(),
+            Ok(BackupType::Incremental)
+        );
         assert!("partial".parse::<BackupType>().is_err());
     }
 }

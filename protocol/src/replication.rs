@@ -297,7 +297,9 @@ impl ReplicationClient {
         match error {
             Some(e) => Err(Error::Server(e)),
             None if completed => Ok(()),
-            None => Err(Error::protocol("UPLOAD_MANIFEST ended without CommandComplete")),
+            None => Err(Error::protocol(
+                "UPLOAD_MANIFEST ended without CommandComplete",
+            )),
         }
     }
 

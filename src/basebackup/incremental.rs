@@ -186,7 +186,10 @@ async fn chain_depth(
             break;
         }
         let parent = current.1.incremental_parent.clone().with_context(|| {
-            format!("basebackup/{}: incremental with no incremental_parent", current.0)
+            format!(
+                "basebackup/{}: incremental with no incremental_parent",
+                current.0
+            )
         })?;
         let meta = read_metadata(store, keys, &parent)
             .await

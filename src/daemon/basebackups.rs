@@ -499,17 +499,27 @@ mod tests {
         b[2].incremental_parent = Some("b1".into());
         assert!(backups_to_delete(&site(""), &b, now, &none).is_empty());
         let s = site(r#""basebackup_count": 1,"#);
-        assert_eq!(names(backups_to_delete(&s, &b, now, &none)), ["b0", "b1", "b2"]);
+        assert_eq!(
+            names(backups_to_delete(&s, &b, now, &none)),
+            ["b0", "b1", "b2"]
+        );
         // b3 incremental on b2: one chain, nothing to delete even at count 1.
         b[3].incremental_parent = Some("b2".into());
         assert!(backups_to_delete(&s, &b, now, &none).is_empty());
         // By age, a chain goes only when its newest backup is too old: b0 (10 days) and
         // b1 (5 days) are older than 3 days but b2 (2 days) depends on them.
         b[3].incremental_parent = None;
-        let s = site(r#""basebackup_count": 10, "basebackup_age_days_max": 3, "basebackup_count_min": 1,"#);
+        let s = site(
+            r#""basebackup_count": 10, "basebackup_age_days_max": 3, "basebackup_count_min": 1,"#,
+        );
         assert!(backups_to_delete(&s, &b, now, &none).is_empty());
-        let s = site(r#""basebackup_count": 10, "basebackup_age_days_max": 1.5, "basebackup_count_min": 1,"#);
-        assert_eq!(names(backups_to_delete(&s, &b, now, &none)), ["b0", "b1", "b2"]);
+        let s = site(
+            r#""basebackup_count": 10, "basebackup_age_days_max": 1.5, "basebackup_count_min": 1,"#,
+        );
+        assert_eq!(
+            names(backups_to_delete(&s, &b, now, &none)),
+            ["b0", "b1", "b2"]
+        );
         let _ = day;
     }
 

@@ -70,6 +70,9 @@ mod tests {
             .iter()
             .map(|c| c.iter().map(|b| b.name.as_str()).collect())
             .collect();
-        assert_eq!(c, [vec!["f1", "i1", "i2"], vec!["f2", "i3"], vec!["orphan"]]);
+        assert_eq!(
+            c,
+            [vec!["f1", "i1", "i2"], vec!["f2", "i3"], vec!["orphan"]]
+        );
     }
 }
