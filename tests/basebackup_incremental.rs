@@ -163,7 +163,20 @@ async fn basebackup_incremental_chain_retention_and_listing() {
     let work = site.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
 
-    let full = take(&site).await.unwrap();
+    // The first through the command line, as an operator would.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    cmd.args(["basebackup", "--site", "main", "--config"])
+        .arg(&site.config_path);
+    let out = crate::common::output_ok(&mut cmd, "walhoard basebackup");
+    let name = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let meta = walhoard::basebackup::incremental::read_metadata(&site.store, &site.ring, &name)
+        .await
+        .unwrap();
+    let full = BackupInfo {
+        name,
+        metadata: meta,
+        elapsed: std::time::Duration::ZERO,
+    };
     assert_full(&full);
     touch_some_rows(&pg, 1);
     let inc1 = take(&site).await.unwrap();
