@@ -15,6 +15,7 @@ mod foreign_archive;
 mod http_api;
 mod http_auth;
 mod metrics;
+mod partial_verify;
 mod partial_wal;
 mod pghoa1;
 mod pghoard_cli;
