@@ -45,7 +45,11 @@ fn durable_lsn(p: &Primary) -> Option<Lsn> {
 }
 
 /// Waits until the partial objects under `dir` reach offset `end`; returns all of them.
-pub(crate) async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, Vec<u8>> {
+pub(crate) async fn wait_parts_up_to(
+    p: &Primary,
+    dir: &str,
+    end: u64,
+) -> BTreeMap<String, Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let objs = partial_objects(&p.store).await;

@@ -449,7 +449,9 @@ pub fn render(r: &Report) -> String {
             "    {}: {} part(s), durable to {}",
             seg.segment,
             seg.parts,
-            seg.durable_to.as_deref().unwrap_or("(nothing from offset 0)")
+            seg.durable_to
+                .as_deref()
+                .unwrap_or("(nothing from offset 0)")
         );
     }
     if !pr.leftovers.is_empty() {
