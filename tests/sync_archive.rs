@@ -121,7 +121,10 @@ async fn sync_archive_every_acknowledged_commit_survives_loss_of_the_primary_s3(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_archive_commit_waits_for_the_store() {
     let mut s3 = S3Server::start("wal").unwrap();
-    let p = primary_on(|_| s3_storage(&s3), json!({ "synchronous_archive": true })).await;
+    // The spool fdatasync'd at every status update (5 s): counting it would let the commit
+    // return within the wait below.
+    let site = json!({ "synchronous_archive": true, "pg_receivexlog": {"spool_fsync": "always"} });
+    let p = primary_on(|_| s3_storage(&s3), site).await;
     p.archive_all().await;
     p.pg.psql("create table n (id int primary key)").unwrap();
     make_synchronous(&p.pg, "walhoard_main");
@@ -134,7 +137,7 @@ async fn sync_archive_commit_waits_for_the_store() {
         let r = c.simple_query("insert into n values (2)").await.map(|_| ());
         let _ = tx.send((r, Instant::now()));
     });
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     assert!(
         rx.try_recv().is_err(),
         "a commit returned while the store was down"
