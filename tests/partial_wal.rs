@@ -37,7 +37,7 @@ pub(crate) fn current(pg: &walhoard_testkit::PgCluster) -> (String, Lsn) {
     (seg, lsn)
 }
 
-fn durable_lsn(p: &Primary) -> Option<Lsn> {
+pub(crate) fn durable_lsn(p: &Primary) -> Option<Lsn> {
     p.d.state()?["backup_sites"]["main"]["walreceiver"]["durable_lsn"]
         .as_str()?
         .parse()
@@ -121,7 +121,10 @@ fn restore_command_via(p: &Primary, xlog: &str, output: &Path, via: Via) -> Outp
 
 /// Destroys the primary as a lost machine would (kill -9 of the postmaster and the daemon,
 /// data directory deleted), restores the latest basebackup and recovers through the archive.
-fn lose_primary_and_restore(p: &mut Primary, work: &Path) -> walhoard_testkit::PgCluster {
+pub(crate) fn lose_primary_and_restore(
+    p: &mut Primary,
+    work: &Path,
+) -> walhoard_testkit::PgCluster {
     p.pg.kill9();
     p.daemon.kill9();
     std::fs::remove_dir_all(p.pg.data_dir()).unwrap();

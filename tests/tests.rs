@@ -39,6 +39,7 @@ mod storage_azure;
 mod storage_gcs;
 mod storage_outage;
 mod storage_sftp;
+mod sync_archive;
 mod transfer;
 mod verify;
 mod walreceiver;
