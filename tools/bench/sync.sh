@@ -169,9 +169,8 @@ case_none() {
 case_receivewal() {
   local d=$ROOT/receivewal pid
   mkdir -p "$d"
-  chown postgres: "$d"
   psql_ "select pg_create_physical_replication_slot('bench_rw', true)" >/dev/null
-  as_pg "$PGBIN/pg_receivewal" -D "$d" -S bench_rw --synchronous --no-loop \
+  "$PGBIN/pg_receivewal" -D "$d" -S bench_rw --synchronous --no-loop \
     -d "host=$SOCK port=$PGPORT user=postgres application_name=bench_rw" >"$ROOT/receivewal.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
