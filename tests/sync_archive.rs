@@ -170,3 +170,38 @@ async fn sync_archive_commit_waits_for_the_store() {
         parts.keys()
     );
 }
+
+/// `walhoard check` on a synchronous site reads the primary's synchronous_standby_names: not
+/// listed is a warning (the check passes), listed says what an outage then costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_archive_check_reads_synchronous_standby_names() {
+    use crate::daemon_support::{check_passes_with, DaemonDir};
+    let pg = PgCluster::start().unwrap();
+    let d = DaemonDir::new();
+    d.write_config(
+        &pg,
+        d.local_storage(),
+        json!({ "synchronous_archive": true }),
+    );
+    let line =
+        |want: &'static str| move |l: &str| l.contains("synchronous archive") && l.contains(want);
+    check_passes_with(
+        &d.config_path(),
+        line("warning: synchronous_standby_names is empty"),
+    );
+    for (names, want) in [
+        ("replica1", "does not list walhoard_main"),
+        ("walhoard_main", "blocks every commit"),
+        (
+            "ANY 1 (walhoard_main, replica1)",
+            "only if the other listed standbys are down too",
+        ),
+    ] {
+        pg.psql(&format!(
+            "alter system set synchronous_standby_names = '{names}'"
+        ))
+        .unwrap();
+        pg.reload().unwrap();
+        check_passes_with(&d.config_path(), line(want));
+    }
+}
