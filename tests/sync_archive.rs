@@ -205,3 +205,34 @@ async fn sync_archive_check_reads_synchronous_standby_names() {
         check_passes_with(&d.config_path(), line(want));
     }
 }
+
+/// A small commit at the very start of a segment (its WAL shorter than one page) returns:
+/// the segment's first page is checked as soon as its header is in, not once the page is
+/// full, which on a quiet database may be never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_archive_small_commit_at_the_start_of_a_segment_returns() {
+    let p = primary(json!({ "synchronous_archive": true })).await;
+    p.archive_all().await;
+    p.pg.psql("create table n (id int primary key)").unwrap();
+    make_synchronous(&p.pg, "walhoard_main");
+    // The table's pages are in WAL since the last checkpoint: later inserts write no full
+    // page images, only small records.
+    p.pg.psql("insert into n values (0)").unwrap();
+    for round in 1..=3 {
+        let seg = crate::daemon_support::switch_segment(&p.pg);
+        let params = sql_params(&p.pg);
+        let insert = tokio::spawn(async move {
+            let mut c = Connection::connect(&params).await.unwrap();
+            c.simple_query(&format!("insert into n values ({round})"))
+                .await
+                .map(|_| ())
+        });
+        let (_, lsn) = current(&p.pg);
+        let r = tokio::time::timeout(Duration::from_secs(30), insert).await;
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "round {round}: the commit at {lsn} (after switching from {seg}) did not return: {r:?}\n{}",
+            p.daemon.log_text()
+        );
+    }
+}
