@@ -170,3 +170,69 @@ async fn sync_archive_commit_waits_for_the_store() {
         parts.keys()
     );
 }
+
+/// `walhoard check` on a synchronous site reads the primary's synchronous_standby_names: not
+/// listed is a warning (the check passes), listed says what an outage then costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_archive_check_reads_synchronous_standby_names() {
+    use crate::daemon_support::{check_passes_with, DaemonDir};
+    let pg = PgCluster::start().unwrap();
+    let d = DaemonDir::new();
+    d.write_config(
+        &pg,
+        d.local_storage(),
+        json!({ "synchronous_archive": true }),
+    );
+    let line =
+        |want: &'static str| move |l: &str| l.contains("synchronous archive") && l.contains(want);
+    check_passes_with(
+        &d.config_path(),
+        line("warning: synchronous_standby_names is empty"),
+    );
+    for (names, want) in [
+        ("replica1", "does not list walhoard_main"),
+        ("walhoard_main", "blocks every commit"),
+        (
+            "ANY 1 (walhoard_main, replica1)",
+            "only if the other listed standbys are down too",
+        ),
+    ] {
+        pg.psql(&format!(
+            "alter system set synchronous_standby_names = '{names}'"
+        ))
+        .unwrap();
+        pg.reload().unwrap();
+        check_passes_with(&d.config_path(), line(want));
+    }
+}
+
+/// A small commit at the very start of a segment (its WAL shorter than one page) returns:
+/// the segment's first page is checked as soon as its header is in, not once the page is
+/// full, which on a quiet database may be never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_archive_small_commit_at_the_start_of_a_segment_returns() {
+    let p = primary(json!({ "synchronous_archive": true })).await;
+    p.archive_all().await;
+    p.pg.psql("create table n (id int primary key)").unwrap();
+    make_synchronous(&p.pg, "walhoard_main");
+    // The table's pages are in WAL since the last checkpoint: later inserts write no full
+    // page images, only small records.
+    p.pg.psql("insert into n values (0)").unwrap();
+    for round in 1..=3 {
+        let seg = crate::daemon_support::switch_segment(&p.pg);
+        let params = sql_params(&p.pg);
+        let insert = tokio::spawn(async move {
+            let mut c = Connection::connect(&params).await.unwrap();
+            c.simple_query(&format!("insert into n values ({round})"))
+                .await
+                .map(|_| ())
+        });
+        let (_, lsn) = current(&p.pg);
+        let r = tokio::time::timeout(Duration::from_secs(30), insert).await;
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "round {round}: the commit at {lsn} (after switching from {seg}) did not return: {r:?}\n{}",
+            p.daemon.log_text()
+        );
+    }
+}

@@ -85,24 +85,25 @@ impl Incoming {
         })
     }
 
-    /// Checks the segment's first page header as soon as it is received (the long header,
-    /// not the whole page: on a quiet database the first 8 kB of a segment can take hours, and
-    /// nothing of a segment whose header is unchecked goes out as a partial object or counts
-    /// as held), so that a segment that is no WAL (zeros, another cluster's) fails at once,
-    /// before any of it is reported held.
+    /// Checks the segment's first page header (its long header) as soon as it is received, so
+    /// that a segment that is no WAL (zeros, another cluster's) fails at once, before any of it
+    /// is reported held or handed on. Not later: a commit in the first page of a segment on a
+    /// quiet database may be all there is for a long time, and partial uploads (a synchronous
+    /// site's commits) wait for this. The whole page is checked with the complete segment.
     pub(crate) fn check_first_page(
         &mut self,
         expect: &PageExpectation,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ReceiverError> {
-        let have = (self.written as usize).min(walhoard_protocol::xlog::XLOG_BLCKSZ);
-        if self.first_page_checked || have < walhoard_protocol::xlog::LONG_HEADER_LEN {
+        let header = walhoard_protocol::xlog::LONG_HEADER_LEN;
+        if self.first_page_checked || (self.written as usize) < header {
             return Ok(());
         }
+        let len = (self.written as usize).min(walhoard_protocol::xlog::XLOG_BLCKSZ);
         let data: &[u8] = match (&self.buf, &self.file) {
-            (Some(b), _) => &b[..have],
+            (Some(b), _) => &b[..len],
             (None, Some(f)) => {
-                f.read_first_page_into(scratch, have)?;
+                f.read_first_page_into(scratch, len)?;
                 scratch
             }
             (None, None) => unreachable!("a segment is received into a buffer or a file"),
@@ -441,28 +442,7 @@ mod tests {
         );
     }
 
-    /// The first page's header is checked as soon as it is in, not once the page is full: a
-    /// quiet segment's first commits (less than a page of WAL) are not held back (issue 16).
-    #[test]
-    fn incoming_first_page_checked_once_its_header_is_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let start = seg_start(7);
-        let buffers = SegmentBuffers::new(1);
-        let mut cur =
-            Incoming::open(dir.path(), TimelineId(1), start, seg(), true, &buffers).unwrap();
-        let bytes = wal(start, 1);
-        let header = walhoard_protocol::xlog::LONG_HEADER_LEN;
-        let mut scratch = Vec::new();
-        cur.write(start, &bytes[..header - 1]).unwrap();
-        cur.check_first_page(&expect(), &mut scratch).unwrap();
-        assert!(!cur.first_page_checked);
-        cur.write(start + (header - 1) as u64, &bytes[header - 1..200])
-            .unwrap();
-        cur.check_first_page(&expect(), &mut scratch).unwrap();
-        assert!(cur.first_page_checked);
-    }
-
-    /// A segment whose first page is no WAL (zeros) fails as soon as its header is in, and
+    /// A segment whose first page is no WAL (zeros) fails as soon as that page is in, and
     /// until its first page is checked nothing of it counts as durable.
     #[test]
     fn incoming_zero_first_page_fails_before_anything_counts() {
@@ -476,7 +456,8 @@ mod tests {
         // Less than a long page header: not checkable yet, and not counted.
         cur.check_first_page(&expect(), &mut scratch).unwrap();
         assert_eq!(cur.sync().unwrap(), None);
-        cur.write(start + 20, &[0u8; 30]).unwrap();
+        // The header is in (not the whole page): checked at once.
+        cur.write(start + 20, &[0u8; 80]).unwrap();
         let err = cur
             .check_first_page(&expect(), &mut scratch)
             .unwrap_err()

@@ -292,6 +292,46 @@ mod tests {
         assert_eq!(a.undurable_since(Lsn(300), Lsn(300)), None);
     }
 
+    /// The synchronous mode: a batch is due as soon as bytes arrived; the receiver is woken
+    /// when the batch's token goes and then finds itself idle; a batch that was not stored is
+    /// handed on again only after the pause, not in a tight loop.
+    #[tokio::test]
+    async fn on_arrival_hands_on_at_once_and_pauses_after_a_failed_batch() {
+        let (_tx, durable) = watch::channel(Lsn::INVALID);
+        let mode = PartialUploads::OnArrival { durable };
+        assert!(!mode.flush_counts_spool() && mode.on_arrival());
+        assert_eq!(mode.deadline(), Duration::ZERO);
+        let mut p = Partials::new();
+        let id = SegmentId {
+            tli: walhoard_protocol::TimelineId(1),
+            log: 0,
+            seg: 3,
+        };
+        p.arrived(false);
+        assert!(p.due(mode.deadline()));
+        let t = p.token();
+        p.handed(id, 100);
+        assert!(!p.idle());
+        let done = p.done();
+        drop(t);
+        tokio::time::timeout(Duration::from_secs(5), done.notified())
+            .await
+            .expect("dropping the token wakes the receiver");
+        assert!(p.idle());
+        // Not stored: pending again, but not due before the pause.
+        p.not_landed(mode.retry_after());
+        assert!(!p.due(mode.deadline()));
+        std::thread::sleep(mode.retry_after());
+        assert!(p.due(mode.deadline()));
+        // The timer mode is unchanged: no pause.
+        let (_tx, durable) = watch::channel(Lsn::INVALID);
+        let every = PartialUploads::Every {
+            interval: Duration::from_secs(1),
+            durable,
+        };
+        assert!(every.flush_counts_spool() && every.retry_after().is_zero());
+    }
+
     #[test]
     fn one_batch_at_a_time() {
         let mut p = Partials::new();
