@@ -75,7 +75,7 @@ trap 'exit 130' INT TERM
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
-printf 'case\tclients\tseconds\ttransactions\ttps\tlat_p50_ms\tlat_p99_ms\tcommit_avg_ms\tload_1_5_15\n' >"$OUT/sync.tsv"
+printf 'case\tclients\tseconds\ttransactions\ttps\tlat_p50_ms\tlat_p99_ms\tlat_max_ms\tover_100ms\tcommit_avg_ms\tload_1_5_15\n' >"$OUT/sync.tsv"
 
 pg_plain_up
 "$PGBIN/pgbench" -i -q -s "$SCALE" -h "$SOCK" -p "$PGPORT" -U postgres postgres 2>"$ROOT/pg/pgbench-init.log"
@@ -135,23 +135,24 @@ run_pgbench() {
   psql_ "checkpoint" >/dev/null
   "$PGBIN/pgbench" -n -N -c "$n" -j "$n" -T "$SECONDS_PER_RUN" -r --log --log-prefix="$d/tx" \
     -h "$SOCK" -p "$PGPORT" -U postgres postgres >"$d/pgbench.out" 2>"$d/pgbench.err"
-  local tps txs commit p50 p99
+  local tps txs commit p50 p99 max slow
   tps=$(awk '/^tps = / { print $3; exit }' "$d/pgbench.out")
   txs=$(awk -F': ' '/number of transactions actually processed/ { split($2, a, "/"); print a[1] }' "$d/pgbench.out")
   # `-r`: the mean latency of each statement; END is the commit.
   commit=$(awk '$NF == "END;" { print $1 }' "$d/pgbench.out" | tail -1)
   # `--log`: one line per transaction, the third field its latency in microseconds.
-  read -r p50 p99 < <(cat "$d"/tx.* | awk '{ print $3 }' | sort -n | awk '
-    { v[NR] = $1 }
+  # Also the slowest, and how many took over 100 ms (stalls the percentiles hide).
+  read -r p50 p99 max slow < <(cat "$d"/tx.* | awk '{ print $3 }' | sort -n | awk '
+    { v[NR] = $1; if ($1 > 100000) slow++ }
     END {
-      if (NR == 0) { print "- -"; exit }
+      if (NR == 0) { print "- - - -"; exit }
       i50 = int(NR * 0.50); if (i50 < 1) i50 = 1
       i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
-      printf "%.3f %.3f\n", v[i50] / 1000, v[i99] / 1000
+      printf "%.3f %.3f %.3f %d\n", v[i50] / 1000, v[i99] / 1000, v[NR] / 1000, slow
     }')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$SECONDS_PER_RUN" "$txs" "$tps" "$p50" "$p99" "$commit" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$n" "$SECONDS_PER_RUN" "$txs" "$tps" "$p50" "$p99" "$max" "$slow" "$commit" \
     "$(loads | tr ' ' ,)" >>"$OUT/sync.tsv"
-  log "result: $c -c $n: $tps tps, p50 $p50 ms, p99 $p99 ms, commit mean $commit ms ($txs transactions)"
+  log "result: $c -c $n: $tps tps, p50 $p50 ms, p99 $p99 ms, max $max ms ($slow over 100 ms), commit mean $commit ms ($txs transactions)"
   rm -f "$d"/tx.*
 }
 
