@@ -16,6 +16,8 @@ use crate::pipeline::encryption::{Decryptor, Encryptor, DEFAULT_CHUNK_SIZE};
 use crate::settings::SiteSettings;
 use crate::storage::Metadata;
 
+mod sync_names;
+
 /// One check's outcome.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckResult {
@@ -130,6 +132,17 @@ async fn check_replication(site: &SiteSettings, out: &mut Vec<CheckResult>) -> O
         };
         push("summarize_wal", r);
     }
+    if site.config.synchronous_archive {
+        let names = client.show("synchronous_standby_names").await;
+        let commit = client.show("synchronous_commit").await;
+        push(
+            "synchronous archive",
+            match (names, commit) {
+                (Ok(n), Ok(c)) => Ok(synchronous_archive(&site.application_name(), &n, &c)),
+                (Err(e), _) | (_, Err(e)) => Err(e.into()),
+            },
+        );
+    }
     if site.config.active_backup_mode == BackupMode::Walreceiver {
         let slot = slot.unwrap_or_else(|| format!("walhoard_{}", name.replace('-', "_")));
         let info = client.read_replication_slot(&slot).await;
@@ -159,6 +172,44 @@ async fn check_replication(site: &SiteSettings, out: &mut Vec<CheckResult>) -> O
     }
     let _ = client.close().await;
     system_id
+}
+
+/// What `synchronous_archive` buys on a primary with these `synchronous_standby_names` and
+/// `synchronous_commit`: always a passing check (the archive is right either way), with a
+/// warning when commits do not wait for the archive, and the price when they do.
+fn synchronous_archive(app: &str, names: &str, commit: &str) -> String {
+    let q = sync_names::quoted(app);
+    let advice = format!("list it, best as ANY 1 ({q}, <replica>): commits then wait for the archive or a replica, whichever is first, and an object store outage does not block them while the replica is up");
+    let parsed = match sync_names::parse(names) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return format!("warning: synchronous_standby_names is empty: commits do not wait for {q}, so synchronous_archive buys nothing over partial uploads; {advice}")
+        }
+        Err(e) => {
+            return format!("warning: cannot read synchronous_standby_names {names:?} ({e}); it must list {q}")
+        }
+    };
+    if !parsed.lists(app) {
+        return format!("warning: synchronous_standby_names ({names}) does not list {q}: commits do not wait for the archive, so synchronous_archive buys nothing over partial uploads; {advice}");
+    }
+    let mut out = format!("{q} is listed in synchronous_standby_names ({names}): commits wait for the archive (or, as the list says, other standbys)");
+    if matches!(commit, "off" | "local" | "remote_write") {
+        let _ = write!(out, "; warning: synchronous_commit is {commit}, so commits do not wait for WAL to be archived (on or remote_apply do)");
+    }
+    let others = parsed
+        .names
+        .iter()
+        .filter(|n| !n.eq_ignore_ascii_case(app))
+        .count() as u32;
+    if others < parsed.num {
+        let _ = write!(out, "; warning: no other standby can stand in for it, so an object store outage blocks every commit until the store is back; consider ANY 1 ({q}, <replica>)");
+    } else {
+        let _ = write!(
+            out,
+            "; a store outage blocks commits only if the other listed standbys are down too"
+        );
+    }
+    out
 }
 
 /// The archive's newest WAL object must carry the primary's system identifier: the daemon
@@ -500,4 +551,45 @@ pub fn render(results: &[CheckResult]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::synchronous_archive as verdict;
+
+    #[test]
+    fn synchronous_archive_says_whether_commits_wait_for_it() {
+        let app = "walhoard_main";
+        let v = verdict(app, "", "on");
+        assert!(v.starts_with("warning:") && v.contains("empty"), "{v}");
+        let v = verdict(app, "FIRST 1 (replica)", "on");
+        assert!(
+            v.starts_with("warning:") && v.contains("does not list walhoard_main"),
+            "{v}"
+        );
+        assert!(v.contains("ANY 1 (walhoard_main, <replica>)"), "{v}");
+        // Alone: an outage blocks commits.
+        let v = verdict(app, "walhoard_main", "on");
+        assert!(
+            !v.starts_with("warning:") && v.contains("blocks every commit"),
+            "{v}"
+        );
+        let v = verdict(app, "\"WALHOARD_MAIN\"", "on");
+        assert!(v.contains("is listed"), "{v}");
+        // With a replica that can stand in.
+        let v = verdict(app, "ANY 1 (walhoard_main, replica)", "on");
+        assert!(
+            v.contains("is listed") && !v.contains("blocks every"),
+            "{v}"
+        );
+        let v = verdict(app, "FIRST 2 (walhoard_main, replica)", "on");
+        assert!(v.contains("blocks every commit"), "{v}");
+        let v = verdict(app, "*", "remote_write");
+        assert!(v.contains("synchronous_commit is remote_write"), "{v}");
+        // A site name that needs quoting is written quoted in the advice.
+        let v = verdict("walhoard_my-site", "", "on");
+        assert!(v.contains("ANY 1 (\"walhoard_my-site\", <replica>)"), "{v}");
+        let v = verdict(app, "FIRST 1 (a", "on");
+        assert!(v.starts_with("warning: cannot read"), "{v}");
+    }
 }

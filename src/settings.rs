@@ -77,6 +77,9 @@ pub struct Node {
     pub params: ConnectParams,
     /// pghoard's `slot` key, when the node names one.
     pub slot: Option<String>,
+    /// Whether the node gives its own application_name (see
+    /// [`SiteSettings::application_name`]).
+    pub names_application: bool,
 }
 
 /// One site (`backup_sites.<name>`), resolved once from the configuration.
@@ -126,7 +129,11 @@ impl SiteSettings {
                 let (params, slot) = node
                     .connect_params()
                     .map_err(|e| anyhow::anyhow!("{}: {e}", at(&format!("nodes[{i}]"))))?;
-                Ok(Node { params, slot })
+                Ok(Node {
+                    params,
+                    slot,
+                    names_application: node.names_application(),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let compression = compression_settings(config)?;
@@ -152,6 +159,16 @@ impl SiteSettings {
                 .map_or_else(|| transfer_threads(config), |n| n as usize),
             config: site.clone(),
         })
+    }
+
+    /// The application_name of the site's replication connection (what pg_stat_replication
+    /// shows and `synchronous_standby_names` must list for `synchronous_archive`): the first
+    /// node's own, when it gives one (as pghoard's nodes may), else `walhoard_<site>`.
+    pub fn application_name(&self) -> String {
+        match self.nodes.first() {
+            Some(n) if n.names_application => n.params.application_name.clone(),
+            _ => format!("walhoard_{}", self.name),
+        }
     }
 
     /// Every site of the configuration, by name.
@@ -306,6 +323,25 @@ mod tests {
         assert_eq!(s.prefix, "p/q");
         let e = SiteSettings::build(&config(""), "other").unwrap_err();
         assert!(format!("{e:#}").contains("\"other\""), "{e:#}");
+    }
+
+    /// Replication connections are named after the site unless the node names itself
+    /// (pghoard's nodes may carry application_name).
+    #[test]
+    fn application_name_is_the_nodes_else_walhoard_site() {
+        let s = SiteSettings::build(&config(""), "main").unwrap();
+        assert_eq!(s.application_name(), "walhoard_main");
+        let text = r#"{"backup_location": "/b", "backup_sites": {"main": {
+            "nodes": [{"host": "/tmp", "application_name": "archive1"}],
+            "object_storage": {"storage_type": "local", "directory": "/srv/b"}}}}"#;
+        let s = SiteSettings::build(&Config::parse(text, "t.json").unwrap(), "main").unwrap();
+        assert_eq!(s.application_name(), "archive1");
+        let text = text.replace(
+            r#"{"host": "/tmp", "application_name": "archive1"}"#,
+            r#""host=/tmp application_name=a2""#,
+        );
+        let s = SiteSettings::build(&Config::parse(&text, "t.json").unwrap(), "main").unwrap();
+        assert_eq!(s.application_name(), "a2");
     }
 
     #[test]

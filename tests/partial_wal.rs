@@ -17,7 +17,7 @@ use crate::restore::{
 };
 
 /// The partial objects in the store: key → stored bytes.
-async fn partial_objects(store: &ObjectStore) -> BTreeMap<String, Vec<u8>> {
+pub(crate) async fn partial_objects(store: &ObjectStore) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for o in store.list("xlog_partial").await.unwrap() {
         let (bytes, _) = store.get_bytes(&o.key).await.unwrap();
@@ -27,7 +27,7 @@ async fn partial_objects(store: &ObjectStore) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// The segment being written and the server's flush position.
-fn current(pg: &walhoard_testkit::PgCluster) -> (String, Lsn) {
+pub(crate) fn current(pg: &walhoard_testkit::PgCluster) -> (String, Lsn) {
     let row = pg
         .psql("select pg_walfile_name(pg_current_wal_flush_lsn()) || ' ' || pg_current_wal_flush_lsn()")
         .unwrap();
@@ -37,7 +37,7 @@ fn current(pg: &walhoard_testkit::PgCluster) -> (String, Lsn) {
     (seg, lsn)
 }
 
-fn durable_lsn(p: &Primary) -> Option<Lsn> {
+pub(crate) fn durable_lsn(p: &Primary) -> Option<Lsn> {
     p.d.state()?["backup_sites"]["main"]["walreceiver"]["durable_lsn"]
         .as_str()?
         .parse()
@@ -45,7 +45,11 @@ fn durable_lsn(p: &Primary) -> Option<Lsn> {
 }
 
 /// Waits until the partial objects under `dir` reach offset `end`; returns all of them.
-async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, Vec<u8>> {
+pub(crate) async fn wait_parts_up_to(
+    p: &Primary,
+    dir: &str,
+    end: u64,
+) -> BTreeMap<String, Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let objs = partial_objects(&p.store).await;
@@ -69,7 +73,7 @@ async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, 
 
 /// The ranges of the parts under `dir`, in order, asserted to tile the segment from offset 0
 /// without gap or overlap.
-fn tiling(parts: &BTreeMap<String, Vec<u8>>, dir: &str) -> Vec<(u64, u64)> {
+pub(crate) fn tiling(parts: &BTreeMap<String, Vec<u8>>, dir: &str) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = parts
         .keys()
         .filter(|k| k.starts_with(dir))
@@ -84,7 +88,7 @@ fn tiling(parts: &BTreeMap<String, Vec<u8>>, dir: &str) -> Vec<(u64, u64)> {
 }
 
 /// The offsets `from-to` of a partial object key.
-fn range(key: &str) -> (u64, u64) {
+pub(crate) fn range(key: &str) -> (u64, u64) {
     let (a, b) = key.rsplit('/').next().unwrap().split_once('-').unwrap();
     (
         u64::from_str_radix(a, 16).unwrap(),
@@ -117,7 +121,10 @@ fn restore_command_via(p: &Primary, xlog: &str, output: &Path, via: Via) -> Outp
 
 /// Destroys the primary as a lost machine would (kill -9 of the postmaster and the daemon,
 /// data directory deleted), restores the latest basebackup and recovers through the archive.
-fn lose_primary_and_restore(p: &mut Primary, work: &Path) -> walhoard_testkit::PgCluster {
+pub(crate) fn lose_primary_and_restore(
+    p: &mut Primary,
+    work: &Path,
+) -> walhoard_testkit::PgCluster {
     p.pg.kill9();
     p.daemon.kill9();
     std::fs::remove_dir_all(p.pg.data_dir()).unwrap();

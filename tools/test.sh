@@ -92,7 +92,8 @@ for v in $majors; do
   case " $stream_majors " in *" $v "*)
     echo "== receiver, daemon and restore tests against PostgreSQL $v"
     WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- walreceiver_ \
-      daemon_archive_is daemon_follows daemon_kill daemon_64mb restore_pitr restore_command ;;
+      daemon_archive_is daemon_follows daemon_kill daemon_64mb restore_pitr restore_command \
+      sync_archive_every ;;
   esac
 done
 fuzz_seconds=${WALHOARD_FUZZ_SECONDS:-20}

@@ -145,6 +145,12 @@ pub struct SiteConfig {
     /// is complete (seconds; 0 turns it off). Default 5.
     #[serde(default)]
     pub partial_wal_upload_interval: PartialWalUploadInterval,
+    /// walhoard: report to the server as flushed only WAL the object store holds (partial
+    /// objects uploaded as soon as WAL arrives), so that a primary listing the site's
+    /// application_name in `synchronous_standby_names` acknowledges a commit only once it is
+    /// archived (RPO 0). Default false.
+    #[serde(default)]
+    pub synchronous_archive: bool,
 }
 
 /// `backup_sites.<site>.partial_wal_upload_interval`: seconds, a non-negative number; 0 off.
@@ -261,17 +267,31 @@ impl fmt::Debug for NodeConfig {
 impl NodeConfig {
     /// Connection settings and the replication slot name, if any.
     pub fn connect_params(&self) -> Result<(ConnectParams, Option<String>), String> {
+        ConnectParams::from_node_object(self.pairs()?, &walhoard_protocol::params::ProcessEnv)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether the node names its application_name (or a fallback_application_name), which
+    /// replication connections then use instead of `walhoard_<site>`.
+    pub fn names_application(&self) -> bool {
+        self.pairs().is_ok_and(|pairs| {
+            pairs
+                .iter()
+                .any(|(k, _)| k == "application_name" || k == "fallback_application_name")
+        })
+    }
+
+    /// The node's libpq keys and values (and `slot`).
+    fn pairs(&self) -> Result<Vec<(String, String)>, String> {
         match self {
+            // Connection strings may carry `slot` too (not a libpq key): taken out later.
             NodeConfig::Conninfo(s) => {
-                // Connection strings may carry `slot` too (not a libpq key): take it out.
-                let pairs = if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+                if s.starts_with("postgres://") || s.starts_with("postgresql://") {
                     walhoard_protocol::params::parse_uri(s)
                 } else {
                     walhoard_protocol::params::parse_conninfo(s)
                 }
-                .map_err(|e| e.to_string())?;
-                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv)
-                    .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())
             }
             NodeConfig::Object(map) => {
                 let mut pairs = Vec::with_capacity(map.len());
@@ -285,8 +305,7 @@ impl NodeConfig {
                     };
                     pairs.push((k.clone(), v));
                 }
-                ConnectParams::from_node_object(pairs, &walhoard_protocol::params::ProcessEnv)
-                    .map_err(|e| e.to_string())
+                Ok(pairs)
             }
         }
     }

@@ -430,3 +430,39 @@ fn partial_wal_upload_interval_values() {
         );
     }
 }
+
+/// `synchronous_archive`: a boolean, false by default; a wrong type names the key path; with
+/// partial uploads turned off (interval 0) it is refused, naming both keys.
+#[test]
+fn synchronous_archive_values() {
+    let with = |v: &str| {
+        Config::parse(
+            &MINIMAL.replace(r#""nodes":"#, &format!(r#"{v}, "nodes":"#)),
+            "t.json",
+        )
+    };
+    let get = |c: Config| c.backup_sites["main"].synchronous_archive;
+    assert!(!get(Config::parse(MINIMAL, "t.json").unwrap()));
+    assert!(get(with(r#""synchronous_archive": true"#).unwrap()));
+    assert!(get(with(
+        r#""synchronous_archive": true, "partial_wal_upload_interval": 1"#
+    )
+    .unwrap()));
+    for bad in [r#""yes""#, "1", "null"] {
+        let e = with(&format!(r#""synchronous_archive": {bad}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backup_sites.main.synchronous_archive"),
+            "{bad}: {e}"
+        );
+    }
+    let e = with(r#""synchronous_archive": true, "partial_wal_upload_interval": 0"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("backup_sites.main.synchronous_archive")
+            && e.contains("backup_sites.main.partial_wal_upload_interval"),
+        "{e}"
+    );
+}

@@ -143,6 +143,18 @@ impl Config {
                 node.connect_params()
                     .map_err(|e| (at(&format!("nodes[{i}]")), e))?;
             }
+            if site.synchronous_archive && site.partial_wal_upload_interval.get().is_none() {
+                // Synchronous archiving stores WAL as partial objects as soon as it arrives;
+                // an interval of 0 says there must be none. Which one is meant is the
+                // operator's call, not a guess of ours.
+                return Err((
+                    at("synchronous_archive"),
+                    format!(
+                        "true needs partial WAL objects, but {} is 0 (off): remove that key or set it above 0 (a synchronous site uploads on arrival, whatever the interval)",
+                        at("partial_wal_upload_interval")
+                    ),
+                ));
+            }
             if let Some(id) = &site.encryption_key_id {
                 match site.encryption_keys.get(id) {
                     None => {

@@ -37,6 +37,27 @@ mod layout;
 
 pub use layout::*;
 
+/// When the bytes of the segment being received go up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cadence {
+    /// `partial_wal_upload_interval`.
+    Every(std::time::Duration),
+    /// `synchronous_archive`: as soon as they arrive and the previous batch is stored; the
+    /// flush position reported to the server then counts only what the store holds.
+    OnArrival,
+}
+
+impl Cadence {
+    /// A site's cadence, `None` when partial uploads are off.
+    pub fn of_site(site: &crate::config::SiteConfig) -> Option<Cadence> {
+        if site.synchronous_archive {
+            Some(Cadence::OnArrival)
+        } else {
+            site.partial_wal_upload_interval.get().map(Cadence::Every)
+        }
+    }
+}
+
 /// A stored part of the segment being uploaded, and whether its bytes were compared with ours.
 #[derive(Debug)]
 struct Known {
@@ -92,17 +113,20 @@ impl PartialArchiver {
         }
     }
 
-    /// For a site with partial uploads every `interval`: the receiver's half (the durable
-    /// end it reads) and the archiver.
+    /// For a site with partial uploads at `cadence`: the receiver's half (the durable end it
+    /// reads) and the archiver.
     pub fn for_site(
-        interval: std::time::Duration,
+        cadence: Cadence,
         ctx: Arc<UploadContext>,
         status: Arc<SiteStatus>,
         alerts: Alerts,
         archived: watch::Receiver<Lsn>,
     ) -> (PartialUploads, Self) {
         let (durable_tx, durable) = watch::channel(Lsn::INVALID);
-        let receiver = PartialUploads::Every { interval, durable };
+        let receiver = match cadence {
+            Cadence::Every(interval) => PartialUploads::Every { interval, durable },
+            Cadence::OnArrival => PartialUploads::OnArrival { durable },
+        };
         (
             receiver,
             PartialArchiver::new(ctx, status, alerts, archived, durable_tx),

@@ -18,7 +18,7 @@ use walhoard_walreceiver::{
 use super::archiver::{Archiver, KeyState, UploadContext};
 use super::basebackups::BackupRequest;
 use super::identity::ArchiveGuard;
-use super::partial::PartialArchiver;
+use super::partial::{Cadence, PartialArchiver};
 use super::resume::resume_point;
 use super::status::{
     now_secs, wal_gap_alert, Alerts, SiteStatus, WalGapState, AUTHENTICATION_ERROR,
@@ -41,7 +41,8 @@ pub struct SiteWal {
     pub gap_backups: Option<mpsc::Sender<BackupRequest>>,
     /// Whose archive this is; see [`ArchiveGuard`].
     guard: ArchiveGuard,
-    /// Uploads of the segment being received (`partial_wal_upload_interval`; none when 0).
+    /// Uploads of the segment being received (`partial_wal_upload_interval` or
+    /// `synchronous_archive`; none when the interval is 0 and the site is not synchronous).
     partial: Option<PartialArchiver>,
 }
 
@@ -77,7 +78,9 @@ impl SiteWal {
             .nodes
             .first()
             .with_context(|| format!("backup_sites.{name}.nodes: no node to stream from"))?;
-        let (conn, slot) = (node.params.clone(), node.slot.clone());
+        let (mut conn, slot) = (node.params.clone(), node.slot.clone());
+        // What pg_stat_replication shows and synchronous_standby_names lists.
+        conn.application_name = settings.application_name();
         let spool_dir = settings.spool_dir()?;
         walhoard_walreceiver::spool::create_private_dir(&spool_dir)
             .with_context(|| format!("create spool directory {}", spool_dir.display()))?;
@@ -98,9 +101,9 @@ impl SiteWal {
             SpoolFsync::Always => SpoolSync::Always,
         };
         receiver.buffers = segment_buffers;
-        let partial = site.partial_wal_upload_interval.get().map(|interval| {
+        let partial = Cadence::of_site(site).map(|cadence| {
             let (uploads, partial) = PartialArchiver::for_site(
-                interval,
+                cadence,
                 archiver.context_arc(),
                 status.clone(),
                 alerts.clone(),

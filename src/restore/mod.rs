@@ -16,7 +16,7 @@ pub mod delta;
 mod dest;
 pub mod extract;
 pub mod get;
-mod partial;
+pub mod partial;
 pub mod pghoard;
 pub mod pghoard_delta;
 pub mod recovery;

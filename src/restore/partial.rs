@@ -68,9 +68,10 @@ pub async fn serve_from_parts(
         .mode(walhoard_walreceiver::spool::FILE_MODE)
         .open(&tmp)
         .map_err(|e| WalFetchError::Failed(anyhow::anyhow!("create {}: {e}", tmp.display())))?;
+    let f = std::sync::Arc::new(f);
+    let sizes = fetch_parts(store, keys, id, &chain, &f).await?;
     let mut seg: Option<SegmentSize> = None;
-    for part in chain {
-        let s = fetch_part(store, keys, &id, part, &f).await?;
+    for (part, s) in chain.iter().zip(sizes) {
         if seg.is_some_and(|x| x != s) {
             return Err(failed(part, "its wal-segment-size differs from the other parts'").into());
         }
@@ -101,37 +102,120 @@ pub async fn serve_from_parts(
     Ok(())
 }
 
+/// Parts fetched at once: a synchronous site stores one part per commit batch, thousands in a
+/// segment, and one round trip at a time made a restore wait tens of seconds on S3.
+const PARALLEL_PARTS: usize = 8;
+
+/// Fetches every part of `chain` into `out` at its offset, [`PARALLEL_PARTS`] at a time;
+/// returns the segment size each records, in chain order. After a failure no more are
+/// started; of the failures the earliest part's is returned.
+async fn fetch_parts(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: SegmentId,
+    chain: &[&Part],
+    out: &std::sync::Arc<std::fs::File>,
+) -> Result<Vec<SegmentSize>, PartsError> {
+    let mut results: Vec<Option<Result<SegmentSize, PartsError>>> =
+        (0..chain.len()).map(|_| None).collect();
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0;
+    loop {
+        while next < chain.len() && set.len() < PARALLEL_PARTS {
+            let (store, keys, part, out) = (
+                store.clone(),
+                keys.clone(),
+                (*chain[next]).clone(),
+                out.clone(),
+            );
+            let i = next;
+            set.spawn(async move { (i, fetch_part(&store, &keys, &id, &part, &out).await) });
+            next += 1;
+        }
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let (i, r) = joined.map_err(|e| {
+            WalFetchError::Failed(anyhow::anyhow!(
+                "{}: fetch task failed: {e}",
+                partial_dir(&id)
+            ))
+        })?;
+        let failed = r.is_err();
+        results[i] = Some(r);
+        if failed {
+            // No more started; those running finish (their writes land in a file that is
+            // removed).
+            next = chain.len();
+        }
+    }
+    let mut sizes = Vec::with_capacity(chain.len());
+    for r in results {
+        match r {
+            Some(Ok(s)) => sizes.push(s),
+            Some(Err(e)) => return Err(e),
+            // Not started after a later part failed: that failure is returned below.
+            None => {}
+        }
+    }
+    if sizes.len() < chain.len() {
+        return Err(WalFetchError::Failed(anyhow::anyhow!(
+            "{}: not every part was fetched",
+            partial_dir(&id)
+        ))
+        .into());
+    }
+    Ok(sizes)
+}
+
 fn failed(part: &Part, why: impl std::fmt::Display) -> WalFetchError {
     WalFetchError::Failed(anyhow::anyhow!("{}: {why}", part.key))
 }
 
-/// Appends `part`'s checked plaintext to `out`; returns the segment size it records.
+/// Writes `part`'s checked plaintext into `out` at the part's offset; returns the segment
+/// size it records.
 async fn fetch_part(
     store: &ObjectStore,
     keys: &KeyRing,
     id: &SegmentId,
     part: &Part,
-    out: &std::fs::File,
+    out: &std::sync::Arc<std::fs::File>,
 ) -> Result<SegmentSize, PartsError> {
-    let mut w = out
-        .try_clone()
-        .map_err(|e| failed(part, format!("cannot write: {e}")))?;
+    let w = WriteAt {
+        file: out.clone(),
+        pos: part.range.from,
+    };
+    read_part(store, keys, id, part, w).await.map(|(s, _)| s)
+}
+
+/// Reads `part` into `out` through every check: decrypted (MAC), decompressed, its plain
+/// size and hash as its metadata records them, as many bytes as its key says, and the LSN
+/// range and segment size its metadata records matching its key. Returns the segment size
+/// and `out`. `walhoard verify` reads parts with it too.
+pub async fn read_part<W: Write + Send + 'static>(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: &SegmentId,
+    part: &Part,
+    mut out: W,
+) -> Result<(SegmentSize, W), PartsError> {
     let expect = part.range.bytes();
     let fetched = download_with(store, &part.key, keys, move |metadata, r| {
-        let mut buf = io::BufWriter::new(&mut w);
+        let mut buf = io::BufWriter::new(&mut out);
         let n = copy_checked(metadata, r, &mut buf)?;
         buf.flush()?;
+        drop(buf);
         if n != expect {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("holds {n} bytes, its key says {expect}"),
             ));
         }
-        Ok(())
+        Ok(out)
     })
     .await;
-    let metadata = match fetched {
-        Ok((m, ())) => m,
+    let (metadata, out) = match fetched {
+        Ok(x) => x,
         // Listed a moment ago: gone now means it was deleted under us (its segment was just
         // archived complete); the caller fetches the complete segment instead.
         Err(TransferError::Storage(StorageError::NotFound { key })) => {
@@ -139,7 +223,27 @@ async fn fetch_part(
         }
         Err(e) => return Err(failed(part, e).into()),
     };
-    Ok(check_range(&metadata, id, part)?)
+    Ok((check_range(&metadata, id, part)?, out))
+}
+
+/// Writes at its own position in a shared file (parts are fetched concurrently; a cloned
+/// descriptor would share one file offset).
+struct WriteAt {
+    file: std::sync::Arc<std::fs::File>,
+    pos: u64,
+}
+
+impl Write for WriteAt {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.write_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The LSN range and segment size a part's metadata records must be the ones its key names.

@@ -429,8 +429,11 @@ impl ObjectStore {
         let (root, len) = (root.clone(), data.len() as u64);
         let written = tokio::task::spawn_blocking(move || {
             let tmp_dir = root.join(TEMP_DIR);
-            local::write_synced(&tmp_dir, &root.join(side), &json, false)?;
-            local::write_synced(&tmp_dir, &root.join(path), &data, true)
+            local::write_object_synced(
+                &tmp_dir,
+                (&root.join(side), &json),
+                (&root.join(path), &data),
+            )
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))

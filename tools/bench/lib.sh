@@ -109,6 +109,31 @@ EOF
   log "backlog $(n2lsn $START_N) .. $(n2lsn $TARGET_N) = $((BACKLOG / 1048576)) MiB (last segment $LAST_SEG); database $((DB_BYTES / 1048576)) MiB; bulk rows $n"
 }
 
+# pg_plain_up: a fresh primary for pgbench (tools/bench/sync.sh, partial.sh), fsync and
+# synchronous_commit at their defaults (on), no backlog. Sets PGDATA SOCK PGPORT.
+pg_plain_up() {
+  PGDATA=$ROOT/pg/data SOCK=$ROOT/pg/sock PGPORT=$(free_port)
+  mkdir -p "$PGDATA" "$SOCK"
+  chown -R postgres: "$ROOT/pg"
+  chmod 700 "$PGDATA"
+  as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres -N >"$ROOT/pg/initdb.log"
+  cat >>"$PGDATA/postgresql.conf" <<EOF
+# tools/bench
+listen_addresses = ''
+unix_socket_directories = '$SOCK'
+port = $PGPORT
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+max_wal_size = 4GB
+shared_buffers = 256MB
+log_min_messages = warning
+EOF
+  printf 'local all all trust\nlocal replication all trust\n' >"$PGDATA/pg_hba.conf"
+  as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$ROOT/pg/server.log" -w -s start
+  log "primary up: PostgreSQL $(psql_ 'show server_version'), socket $SOCK port $PGPORT"
+}
+
 # warm_backlog: reads the backlog's segments from pg_wal, so that every drain run starts with
 # them in the page cache. This VM runs DAMON page-out (kdamond: regions with at most one access
 # per 5 s for 60 s are reclaimed), and WAL read once per round of runs looks cold to it: without

@@ -85,21 +85,25 @@ impl Incoming {
         })
     }
 
-    /// Checks the segment's first page as soon as it is all received, so that a segment that
-    /// is no WAL (zeros, another cluster's) fails at once, before any of it is reported held.
+    /// Checks the segment's first page header (its long header) as soon as it is received, so
+    /// that a segment that is no WAL (zeros, another cluster's) fails at once, before any of it
+    /// is reported held or handed on. Not later: a commit in the first page of a segment on a
+    /// quiet database may be all there is for a long time, and partial uploads (a synchronous
+    /// site's commits) wait for this. The whole page is checked with the complete segment.
     pub(crate) fn check_first_page(
         &mut self,
         expect: &PageExpectation,
         scratch: &mut Vec<u8>,
     ) -> Result<(), ReceiverError> {
-        let page = walhoard_protocol::xlog::XLOG_BLCKSZ;
-        if self.first_page_checked || (self.written as usize) < page {
+        let header = walhoard_protocol::xlog::LONG_HEADER_LEN;
+        if self.first_page_checked || (self.written as usize) < header {
             return Ok(());
         }
+        let len = (self.written as usize).min(walhoard_protocol::xlog::XLOG_BLCKSZ);
         let data: &[u8] = match (&self.buf, &self.file) {
-            (Some(b), _) => &b[..page],
+            (Some(b), _) => &b[..len],
             (None, Some(f)) => {
-                f.read_first_page_into(scratch, page)?;
+                f.read_first_page_into(scratch, len)?;
                 scratch
             }
             (None, None) => unreachable!("a segment is received into a buffer or a file"),
@@ -466,11 +470,12 @@ mod tests {
         let mut cur =
             Incoming::open(dir.path(), TimelineId(1), start, seg(), true, &buffers).unwrap();
         let mut scratch = Vec::new();
-        cur.write(start, &[0u8; 100]).unwrap();
-        // Less than a page: not checkable yet, and not counted.
+        cur.write(start, &[0u8; 20]).unwrap();
+        // Less than a long page header: not checkable yet, and not counted.
         cur.check_first_page(&expect(), &mut scratch).unwrap();
         assert_eq!(cur.sync().unwrap(), None);
-        cur.write(start + 100, &vec![0u8; XLOG_BLCKSZ]).unwrap();
+        // The header is in (not the whole page): checked at once.
+        cur.write(start + 20, &[0u8; 80]).unwrap();
         let err = cur
             .check_first_page(&expect(), &mut scratch)
             .unwrap_err()

@@ -4,15 +4,16 @@
 //! The receiver never uploads anything: it hands on, as a [`ReceiverEvent::Received`], the bytes
 //! of the current segment that no earlier event of this session handed on, at most one batch
 //! at a time ([`InFlight`]), and whoever archives them reports the archive's durable end back
-//! through [`PartialUploads::durable`]. The hand-off is a method of the session, so it can be
-//! run on a timer ([`PartialUploads::Every`]) or on demand (a synchronous mode would run it as
-//! soon as WAL arrives and nothing is in flight).
+//! through [`PartialUploads::durable`]. The hand-off is a method of the session, run on a timer
+//! ([`PartialUploads::Every`]) or on demand ([`PartialUploads::OnArrival`], the synchronous
+//! mode: as soon as WAL arrives and nothing is in flight, so that group commit batches
+//! naturally: the next batch takes everything that arrived while one was being stored).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use walhoard_protocol::{Lsn, SegmentId};
 
 #[cfg(doc)]
@@ -32,7 +33,21 @@ pub enum PartialUploads {
         /// the archive lacks, and it ends the age of the bytes below it.
         durable: watch::Receiver<Lsn>,
     },
+    /// Synchronous: as soon as bytes arrive and the previous batch is done with, and the flush
+    /// position reported to the server counts only what the archive holds (complete segments
+    /// and partial objects the store acknowledged), never the spool: a server that lists this
+    /// receiver in `synchronous_standby_names` then acknowledges a commit only once its WAL is
+    /// in the object store.
+    OnArrival {
+        /// As for [`PartialUploads::Every`].
+        durable: watch::Receiver<Lsn>,
+    },
 }
+
+/// How long a synchronous receiver waits before handing on again bytes whose batch was not
+/// stored (the archiver gave it up: the store failed in a way its retries do not cover), so
+/// that a failing store is not asked in a tight loop. A stored batch is followed at once.
+const SYNC_RETRY: Duration = Duration::from_millis(500);
 
 impl PartialUploads {
     /// How often whether a batch is due is checked: a tenth of the interval.
@@ -42,6 +57,27 @@ impl PartialUploads {
             PartialUploads::Every { interval, .. } => {
                 Some((*interval / 10).max(Duration::from_millis(10)))
             }
+            // Only for batches that were not stored: every other hand-off is on demand.
+            PartialUploads::OnArrival { .. } => Some(SYNC_RETRY / 2),
+        }
+    }
+
+    /// Whether batches are handed on as soon as bytes arrive (the synchronous mode).
+    pub(crate) fn on_arrival(&self) -> bool {
+        matches!(self, PartialUploads::OnArrival { .. })
+    }
+
+    /// Whether the flush position reported may count what the spool holds durably: not in the
+    /// synchronous mode, whose flush position says what the object store holds.
+    pub(crate) fn flush_counts_spool(&self) -> bool {
+        !self.on_arrival()
+    }
+
+    /// How long after a batch was not stored its bytes are handed on again.
+    pub(crate) fn retry_after(&self) -> Duration {
+        match self {
+            PartialUploads::OnArrival { .. } => SYNC_RETRY,
+            _ => Duration::ZERO,
         }
     }
 
@@ -53,22 +89,37 @@ impl PartialUploads {
         match self {
             PartialUploads::Off => Duration::MAX,
             PartialUploads::Every { interval, .. } => *interval * 3 / 4,
+            PartialUploads::OnArrival { .. } => Duration::ZERO,
         }
     }
 
     pub(crate) fn durable(&self) -> Option<watch::Receiver<Lsn>> {
         match self {
             PartialUploads::Off => None,
-            PartialUploads::Every { durable, .. } => Some(durable.clone()),
+            PartialUploads::Every { durable, .. } | PartialUploads::OnArrival { durable } => {
+                Some(durable.clone())
+            }
         }
     }
 }
 
 /// Rides with a batch of handed-on bytes: while any clone of it lives, the receiver hands on
 /// no further batch, so at most one is in memory and the batches stay in order. Whoever
-/// consumes the batch drops it when the batch is stored (or given up).
+/// consumes the batch drops it when the batch is stored (or given up); the receiver is woken
+/// then, so that a synchronous one hands on the next batch at once.
 #[derive(Debug, Clone)]
-pub struct InFlight(#[allow(dead_code)] Arc<()>);
+pub struct InFlight {
+    token: Option<Arc<()>>,
+    done: Arc<Notify>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The count first, then the wake-up: the receiver woken must find itself idle.
+        drop(self.token.take());
+        self.done.notify_one();
+    }
+}
 
 /// Tokens compare equal: they carry no data ([`ReceiverEvent`] is compared in tests).
 impl PartialEq for InFlight {
@@ -83,8 +134,12 @@ pub(crate) struct Partials {
     /// The segment being handed on and the offset up to which this session handed it on.
     handed: Option<(SegmentId, u64)>,
     token: Arc<()>,
+    /// Told when a clone of the token is dropped.
+    done: Arc<Notify>,
     /// When the oldest byte not handed on arrived.
     pending_since: Option<Instant>,
+    /// A batch was not stored: its bytes are not handed on again before this.
+    retry_at: Option<Instant>,
 }
 
 impl Partials {
@@ -92,7 +147,9 @@ impl Partials {
         Partials {
             handed: None,
             token: Arc::new(()),
+            done: Arc::new(Notify::new()),
             pending_since: None,
+            retry_at: None,
         }
     }
 
@@ -107,6 +164,12 @@ impl Partials {
     /// Whether the oldest byte not handed on is `deadline` old.
     pub(crate) fn due(&self, deadline: Duration) -> bool {
         self.pending_since.is_some_and(|t| t.elapsed() >= deadline)
+            && self.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Notified whenever a batch's token is dropped (see [`InFlight`]).
+    pub(crate) fn done(&self) -> Arc<Notify> {
+        self.done.clone()
     }
 
     /// Whether the last batch is done with.
@@ -138,19 +201,26 @@ impl Partials {
 
     /// The token to send with a batch.
     pub(crate) fn token(&self) -> InFlight {
-        InFlight(self.token.clone())
+        InFlight {
+            token: Some(self.token.clone()),
+            done: self.done.clone(),
+        }
     }
 
     /// A batch of `id` up to `to` was handed on.
     pub(crate) fn handed(&mut self, id: SegmentId, to: u64) {
         self.handed = Some((id, to));
         self.pending_since = None;
+        self.retry_at = None;
     }
 
     /// The last batch was not stored: its bytes are pending again from now (so a segment
-    /// the archiver refuses is not copied out on every tick).
-    pub(crate) fn not_landed(&mut self) {
+    /// the archiver refuses is not copied out on every tick), and handed on again no sooner
+    /// than `retry_after` from the first time this is seen.
+    pub(crate) fn not_landed(&mut self, retry_after: Duration) {
         self.pending_since.get_or_insert_with(Instant::now);
+        self.retry_at
+            .get_or_insert_with(|| Instant::now() + retry_after);
     }
 }
 
@@ -220,6 +290,46 @@ mod tests {
         // Inside the second run: still its mark (overstated, never understated).
         assert_eq!(a.undurable_since(Lsn(250), Lsn(300)), Some(t1));
         assert_eq!(a.undurable_since(Lsn(300), Lsn(300)), None);
+    }
+
+    /// The synchronous mode: a batch is due as soon as bytes arrived; the receiver is woken
+    /// when the batch's token goes and then finds itself idle; a batch that was not stored is
+    /// handed on again only after the pause, not in a tight loop.
+    #[tokio::test]
+    async fn on_arrival_hands_on_at_once_and_pauses_after_a_failed_batch() {
+        let (_tx, durable) = watch::channel(Lsn::INVALID);
+        let mode = PartialUploads::OnArrival { durable };
+        assert!(!mode.flush_counts_spool() && mode.on_arrival());
+        assert_eq!(mode.deadline(), Duration::ZERO);
+        let mut p = Partials::new();
+        let id = SegmentId {
+            tli: walhoard_protocol::TimelineId(1),
+            log: 0,
+            seg: 3,
+        };
+        p.arrived(false);
+        assert!(p.due(mode.deadline()));
+        let t = p.token();
+        p.handed(id, 100);
+        assert!(!p.idle());
+        let done = p.done();
+        drop(t);
+        tokio::time::timeout(Duration::from_secs(5), done.notified())
+            .await
+            .expect("dropping the token wakes the receiver");
+        assert!(p.idle());
+        // Not stored: pending again, but not due before the pause.
+        p.not_landed(mode.retry_after());
+        assert!(!p.due(mode.deadline()));
+        std::thread::sleep(mode.retry_after());
+        assert!(p.due(mode.deadline()));
+        // The timer mode is unchanged: no pause.
+        let (_tx, durable) = watch::channel(Lsn::INVALID);
+        let every = PartialUploads::Every {
+            interval: Duration::from_secs(1),
+            durable,
+        };
+        assert!(every.flush_counts_spool() && every.retry_after().is_zero());
     }
 
     #[test]

@@ -212,6 +212,13 @@ impl Session {
             .partial
             .durable()
             .map_or(archived, |d| archived.max(*d.borrow()));
+        // Synchronous: what the object store holds, never the spool alone.
+        let no_spool = SpoolDurable::default();
+        let spool = if self.cfg.partial.flush_counts_spool() {
+            spool
+        } else {
+            &no_spool
+        };
         let flush = flush_position(archived, durable, spool, self.flush_floor, self.seg);
         let undurable_since = self
             .arrivals()
@@ -255,29 +262,29 @@ impl Session {
         let durable = self.cfg.partial.durable().map_or(archived, |d| *d.borrow());
         let from = partials.next_offset(cur.id, cur.start, durable);
         if partials.unlanded(cur.id, cur.start, durable) {
-            partials.not_landed();
+            partials.not_landed(self.cfg.partial.retry_after());
         }
         if !partials.due(deadline) || cur.written <= from {
             return Ok(());
         }
+        // A place in the channel first: with it full nothing is copied out (a synchronous
+        // receiver calls this after every message).
+        let permit = match self.events.try_reserve() {
+            Ok(p) => p,
+            Err(mpsc::error::TrySendError::Full(())) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(ReceiverError::EventsClosed),
+        };
         let to = cur.written;
-        let ev = ReceiverEvent::Received {
+        permit.send(ReceiverEvent::Received {
             id: cur.id,
             start: cur.start,
             offset: from,
             data: cur.bytes_from(from)?.into(),
             in_flight: partials.token(),
-        };
-        match self.events.try_send(ev) {
-            Ok(()) => {
-                partials.handed(cur.id, to);
-                self.arrivals().cut();
-                Ok(())
-            }
-            // The token went with the event: idle again.
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ReceiverError::EventsClosed),
-        }
+        });
+        partials.handed(cur.id, to);
+        self.arrivals().cut();
+        Ok(())
     }
 
     pub(crate) async fn stream(
@@ -325,11 +332,17 @@ impl Session {
             t
         });
         let mut durable_rx = self.cfg.partial.durable();
+        // Synchronous: hand on after every message, woken too when a batch is done with.
+        let on_arrival = self.cfg.partial.on_arrival();
+        let batch_done = partials.done();
         // Where reception stood at the last status update that saw progress, and when.
         let mut received_at_tick = received;
         let mut progress_at = tokio::time::Instant::now();
         self.arrivals().cut();
         loop {
+            if on_arrival {
+                self.hand_on_partial(current.as_ref(), &mut partials, std::time::Duration::ZERO)?;
+            }
             // The spool writes below are synchronous: they go to the page cache, and the one
             // fdatasync per status update is what bounds how stale the reported flush is.
             tokio::select! {
@@ -359,6 +372,8 @@ impl Session {
                 _ = async { partial_ticker.as_mut().expect("guarded").tick().await }, if partial_ticker.is_some() => {
                     self.hand_on_partial(current.as_ref(), &mut partials, self.cfg.partial.deadline())?;
                 }
+                // The next batch goes at the top of the loop.
+                _ = batch_done.notified(), if on_arrival => {}
                 changed = async { durable_rx.as_mut().expect("guarded").changed().await }, if durable_rx.is_some() => {
                     if changed.is_ok() {
                         stream.send_status(&self.report(received, &spool, tli)).await?;
