@@ -11,6 +11,7 @@ mod daemon;
 mod daemon_sites;
 mod daemon_stream;
 mod daemon_support;
+mod delta_backup;
 mod foreign_archive;
 mod http_api;
 mod http_auth;
