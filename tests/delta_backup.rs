@@ -290,3 +290,91 @@ async fn basebackup_delta_restore_refuses_a_missing_or_tampered_object() {
     assert!(err.contains(&gone), "{err}");
     crate::restore::assert_not_a_data_dir(&target);
 }
+
+/// Retention with `basebackup_count` 1 after two delta backups: the first backup, its bundles
+/// and the walhoard objects only it referenced go; every object the kept backup references
+/// stays (it still restores); an unreferenced object walhoard did not write stays, and so does
+/// an unreferenced walhoard object written recently (a backup running elsewhere may be about
+/// to reference it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basebackup_delta_retention_deletes_only_unreferenced_walhoard_objects() {
+    let mut pg = primary();
+    let d = DaemonDir::new();
+    delta_site(
+        &pg,
+        &d,
+        json!({"basebackup_count": 1, "basebackup_count_min": 1}),
+    );
+    let first = take_basebackup(&d);
+    let first_objects = objects(&d, "basebackup_delta");
+    pg.psql("update t7 set v = md5(v)").unwrap();
+    pg.psql("update t8 set v = md5(v)").unwrap();
+    pg.psql("checkpoint").unwrap();
+    let second = take_basebackup(&d);
+    let want = pg.psql(CHECKSUM).unwrap();
+    pg.stop().unwrap();
+    let second_refs: std::collections::BTreeSet<String> = manifest_files(&d, &second)
+        .await
+        .iter()
+        .filter_map(|f| f["hexdigest"].as_str().filter(|h| !h.is_empty()))
+        .map(|h| format!("basebackup_delta/{h}"))
+        .collect();
+    let only_first: Vec<&String> = first_objects
+        .keys()
+        .filter(|k| !second_refs.contains(*k))
+        .collect();
+    assert!(
+        only_first.len() >= 2,
+        "t7's and t8's old objects: {only_first:?}"
+    );
+
+    let root = d.path("archive").join("main");
+    let delta_dir = root.join("basebackup_delta");
+    let some = root.join(first_objects.keys().next().unwrap());
+    // pghoard's (no mark), referenced by nothing.
+    let foreign = format!("basebackup_delta/{}", "f".repeat(64));
+    std::fs::copy(&some, root.join(&foreign)).unwrap();
+    let mut m = sidecar(&d, first_objects.keys().next().unwrap());
+    m.as_object_mut().unwrap().remove("walhoard-writer");
+    std::fs::write(root.join(format!("{foreign}.metadata")), m.to_string()).unwrap();
+    crate::retention::backdate_tree(&delta_dir, std::time::Duration::from_secs(3 * 86400));
+    // walhoard's, referenced by nothing, but just written.
+    let recent = format!("basebackup_delta/{}", "e".repeat(64));
+    std::fs::copy(&some, root.join(&recent)).unwrap();
+    std::fs::copy(
+        root.join(format!("{}.metadata", first_objects.keys().next().unwrap())),
+        root.join(format!("{recent}.metadata")),
+    )
+    .unwrap();
+
+    let text = std::fs::read_to_string(d.config_path()).unwrap();
+    let config = walhoard::config::Config::parse(&text, "walhoard.json").unwrap();
+    let store = d.store(&d.local_storage());
+    let (deleted, _) = walhoard::daemon::basebackups::apply_retention(
+        &store,
+        "main",
+        &config.backup_sites["main"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted, [first.clone()]);
+    let left = objects(&d, "basebackup_delta");
+    for k in &second_refs {
+        assert!(
+            left.contains_key(k),
+            "{k}, referenced by the kept backup, deleted"
+        );
+    }
+    for k in &only_first {
+        assert!(
+            !left.contains_key(*k),
+            "{k}, referenced by no kept backup, kept"
+        );
+    }
+    assert!(left.contains_key(&foreign), "pghoard's object deleted");
+    assert!(left.contains_key(&recent), "a recent object deleted");
+    assert!(objects(&d, &format!("basebackup_delta_chunk/{first}")).is_empty());
+    assert!(!objects(&d, &format!("basebackup_delta_chunk/{second}")).is_empty());
+
+    restore_and_check(&d, &second, &want);
+}

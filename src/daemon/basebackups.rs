@@ -135,14 +135,21 @@ pub fn backups_to_delete(
 async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
     // Unlist first: a half-deleted backup must not look restorable.
     store.delete(&format!("basebackup/{name}")).await?;
-    delete_chunks(store, name).await
+    delete_chunks(store, name).await?;
+    // A delta backup's bundles; its delta objects go in `delta_retention` once unreferenced.
+    delete_chunks_under(store, crate::restore::pghoard_delta::CHUNK_PREFIX, name).await
 }
 
 /// Deletes the chunks of walhoard's backup `name`: the objects under its directory that carry
 /// `backup-name: <name>`. Anything else there (another tool's, or a chunk whose metadata cannot
 /// be read) is left alone with a warning.
 async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
-    for o in store.list(&format!("basebackup_chunk/{name}")).await? {
+    delete_chunks_under(store, "basebackup_chunk", name).await
+}
+
+/// [`delete_chunks`] in `<prefix>/<name>/`.
+async fn delete_chunks_under(store: &ObjectStore, prefix: &str, name: &str) -> Result<()> {
+    for o in store.list(&format!("{prefix}/{name}")).await? {
         match store.object_meta(&o.key).await {
             Ok(m) if m.backup_name.as_deref() == Some(name) => {
                 store.delete(&o.key).await?;
@@ -197,6 +204,7 @@ pub async fn apply_retention(
         }
     }
     let deleted: Vec<String> = doomed.iter().map(|b| b.name.clone()).collect();
+    delta_objects(store, site_name, site, &inv, &deleted, now).await?;
     // Every control object that stays (walhoard's, pghoard's or unrecognised) keeps the WAL
     // from its start segment on; of the WAL before, only walhoard's own is deleted.
     let (before, ours, foreign) = match wal_retention::plan(store, &inv, &deleted).await? {
@@ -228,6 +236,36 @@ pub async fn apply_retention(
         tracing::info!(site = %site_name, before = %before, count = wal_deleted, "deleted walhoard's WAL older than the oldest kept basebackup");
     }
     Ok((deleted, wal_deleted))
+}
+
+/// Deletes walhoard's delta objects that no backup that stays references
+/// ([`super::delta_retention`]), and logs what it kept.
+async fn delta_objects(
+    store: &ObjectStore,
+    site_name: &str,
+    site: &SiteConfig,
+    inv: &Inventory,
+    deleted: &[String],
+    now: f64,
+) -> Result<()> {
+    let keys = match crate::settings::key_ring(site_name, site) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(site = %site_name, error = format!("{e:#}"), "delta objects kept: the site's keys are unusable");
+            return Ok(());
+        }
+    };
+    let out = super::delta_retention::apply(store, &keys, inv, deleted, now).await?;
+    if let Some(why) = &out.kept_all {
+        tracing::warn!(site = %site_name, reason = %why, "every delta object kept: what a backup references cannot be known");
+    }
+    if !out.deleted.is_empty() {
+        tracing::info!(site = %site_name, count = out.deleted.len(), "deleted walhoard's delta objects no kept backup references");
+    }
+    if out.foreign > 0 {
+        tracing::info!(site = %site_name, count = out.foreign, "left alone: unreferenced delta objects walhoard did not write");
+    }
+    Ok(())
 }
 
 /// The latest scheduled time at or before `now` (seconds), or `None` when only requests
