@@ -88,24 +88,38 @@ pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// A backup name not used by a listed backup nor by chunks of an interrupted one:
-/// pghoard's `YYYY-MM-DD_HH-MM_<n>`.
+/// A backup name not used by a listed backup nor by chunks of an interrupted one, walhoard's
+/// or pghoard's (whose local-tar and delta control objects are `<name>.00000000.pghoard`
+/// and whose delta bundles are under `basebackup_delta_chunk/<name>/`): pghoard's
+/// `YYYY-MM-DD_HH-MM_<n>`.
 pub async fn choose_name(store: &ObjectStore) -> Result<String> {
     let stamp = jiff::Timestamp::now()
         .strftime("%Y-%m-%d_%H-%M")
         .to_string();
     for i in 0..10_000 {
         let name = format!("{stamp}_{i}");
-        if store.stat(&format!("basebackup/{name}")).await?.is_none()
-            && store
-                .list(&format!("basebackup_chunk/{name}"))
-                .await?
-                .is_empty()
-        {
+        if name_is_free(store, &name).await? {
             return Ok(name);
         }
     }
     bail!("no free basebackup name for {stamp}")
+}
+
+async fn name_is_free(store: &ObjectStore, name: &str) -> Result<bool> {
+    for control in [
+        format!("basebackup/{name}"),
+        format!("basebackup/{name}{}", inventory::PGHOARD_CONTROL_SUFFIX),
+    ] {
+        if store.stat(&control).await?.is_some() {
+            return Ok(false);
+        }
+    }
+    for dir in [CHUNK_PREFIX, crate::restore::pghoard_delta::CHUNK_PREFIX] {
+        if !store.list(&format!("{dir}/{name}")).await?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl BackupContext {
