@@ -81,7 +81,7 @@ pub(crate) fn sidecar(d: &DaemonDir, key: &str) -> Value {
 }
 
 /// The control object's manifest file entries (and its members checked).
-async fn manifest_files(d: &DaemonDir, name: &str) -> Vec<Value> {
+pub(crate) async fn manifest_files(d: &DaemonDir, name: &str) -> Vec<Value> {
     let store = d.store(&d.local_storage());
     let dir = d.path(&format!("control-{name}"));
     std::fs::create_dir_all(&dir).unwrap();

@@ -160,6 +160,13 @@ async fn delta_interop_walhoard_and_pghoard_share_objects_and_restore_each_other
     insert(&pg, "pghoard", 100);
     pg.psql("checkpoint").unwrap();
     let want_pghoard = pg.psql(CHECKSUM).unwrap();
+    // pghoard names a backup by the minute without looking at the store (its
+    // `get_backup_path`), so in walhoard's first backup's minute it would write its bundles
+    // over that backup's: a minute later.
+    let minute = |t: jiff::Timestamp| t.strftime("%Y-%m-%d_%H-%M").to_string();
+    while first.starts_with(&minute(jiff::Timestamp::now())) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let before = controls(&d);
     let pghoard_name = {
         let p = Pghoard::start(&venv, work.path(), &pg, &d);
@@ -217,6 +224,16 @@ async fn delta_interop_walhoard_and_pghoard_share_objects_and_restore_each_other
         // Not stored again: still pghoard's object, unmarked.
         assert!(sidecar(&d, k).get("walhoard-writer").is_none(), "{k}");
     }
+    let refs = crate::delta_backup::manifest_files(&d, &second).await;
+    let reused = refs
+        .iter()
+        .filter_map(|f| f["hexdigest"].as_str())
+        .filter(|h| pghoard_new.contains(&&format!("basebackup_delta/{h}")))
+        .count();
+    assert!(
+        reused > 0,
+        "walhoard's backup references none of pghoard's objects"
+    );
     let walhoard_new = after_second
         .keys()
         .filter(|k| !after_pghoard.contains_key(*k))
