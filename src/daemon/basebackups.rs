@@ -297,6 +297,21 @@ pub fn due(site: &SiteConfig, newest_start: Option<f64>, now: f64) -> bool {
     newest < slot
 }
 
+/// How long after the `failures`-th failed scheduled backup in a row the next may start (a
+/// requested one starts at once). A minute, except in delta mode, which follows pghoard:
+/// `3^failures` seconds up to an hour, and after `basebackup_delta_mode_max_retries` retries
+/// the next scheduled interval.
+pub fn retry_pause(site: &SiteConfig, failures: u32) -> Duration {
+    if site.basebackup_mode != crate::config::BasebackupMode::Delta {
+        return Duration::from_secs(60);
+    }
+    if failures > site.basebackup_delta_mode_max_retries {
+        let hours = site.basebackup_interval_hours.unwrap_or(24.0);
+        return Duration::from_secs_f64((hours * 3600.0).max(60.0));
+    }
+    Duration::from_secs(3u64.saturating_pow(failures).min(3600))
+}
+
 /// Runs a site's backups until `stop` fires; none are scheduled while `maintenance_mode_file`
 /// exists.
 pub async fn run(
@@ -322,6 +337,9 @@ pub async fn run(
         });
     let mut newest: Option<f64> = None;
     let mut listed = false;
+    // Scheduled backups that failed in a row, and when the next may start.
+    let mut failures = 0u32;
+    let mut retry_at: Option<f64> = None;
     loop {
         if !listed {
             match list_backups(&store).await {
@@ -336,7 +354,10 @@ pub async fn run(
             }
         }
         let maintenance = maintenance_mode_file.exists();
-        let scheduled = listed && !maintenance && due(site, newest, now_secs());
+        let scheduled = listed
+            && !maintenance
+            && due(site, newest, now_secs())
+            && retry_at.is_none_or(|t| now_secs() >= t);
         let reply = if scheduled {
             None
         } else {
@@ -360,6 +381,7 @@ pub async fn run(
         };
         match &result {
             Ok(name) => {
+                (failures, retry_at) = (0, None);
                 newest = Some(now_secs());
                 listed = false;
                 status.with(|s| {
@@ -384,10 +406,8 @@ pub async fn run(
                 });
                 if reply.is_none() {
                     // Do not retry a failing scheduled backup in a tight loop.
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                    }
+                    failures += 1;
+                    retry_at = Some(now_secs() + retry_pause(site, failures).as_secs_f64());
                 }
             }
         }
@@ -459,6 +479,20 @@ mod tests {
 
     fn names(v: Vec<ListedBackup>) -> Vec<String> {
         v.into_iter().map(|b| b.name).collect()
+    }
+
+    #[test]
+    fn delta_retries_back_off_and_give_up_until_the_next_interval() {
+        let local = site(r#""basebackup_mode": "local-tar", "pg_data_directory": "/d","#);
+        assert_eq!(retry_pause(&local, 30), Duration::from_secs(60));
+        let delta = site(
+            r#""basebackup_mode": "delta", "pg_data_directory": "/d",
+               "basebackup_delta_mode_max_retries": 8, "basebackup_interval_hours": 12,"#,
+        );
+        assert_eq!(retry_pause(&delta, 1), Duration::from_secs(3));
+        assert_eq!(retry_pause(&delta, 2), Duration::from_secs(9));
+        assert_eq!(retry_pause(&delta, 8), Duration::from_secs(3600));
+        assert_eq!(retry_pause(&delta, 9), Duration::from_secs(12 * 3600));
     }
 
     #[test]
