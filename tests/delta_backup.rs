@@ -291,8 +291,9 @@ async fn basebackup_delta_restore_refuses_a_missing_or_tampered_object() {
     crate::restore::assert_not_a_data_dir(&target);
 }
 
-/// Retention with `basebackup_count` 1 after two delta backups: the first backup, its bundles
-/// and the walhoard objects only it referenced go; every object the kept backup references
+/// Retention with `basebackup_count` 1 after two delta backups: the first backup, its bundles,
+/// the bundles of an interrupted delta backup and the walhoard objects only the first
+/// referenced go; every object the kept backup references
 /// stays (it still restores); an unreferenced object walhoard did not write stays, and so does
 /// an unreferenced walhoard object written recently (a backup running elsewhere may be about
 /// to reference it).
@@ -337,6 +338,20 @@ async fn basebackup_delta_retention_deletes_only_unreferenced_walhoard_objects()
     let mut m = sidecar(&d, first_objects.keys().next().unwrap());
     m.as_object_mut().unwrap().remove("walhoard-writer");
     std::fs::write(root.join(format!("{foreign}.metadata")), m.to_string()).unwrap();
+    // Bundles of an interrupted delta backup (no control object), walhoard's.
+    let orphan = "2020-01-01_00-00_0";
+    let orphan_dir = root.join("basebackup_delta_chunk").join(orphan);
+    std::fs::create_dir_all(&orphan_dir).unwrap();
+    let (bundle, _) = objects(&d, &format!("basebackup_delta_chunk/{second}"))
+        .into_iter()
+        .next()
+        .unwrap();
+    let orphan_key = format!("basebackup_delta_chunk/{orphan}/{orphan}.00000001.pghoard");
+    std::fs::copy(root.join(&bundle), root.join(&orphan_key)).unwrap();
+    let mut m = sidecar(&d, &bundle);
+    m["backup-name"] = orphan.into();
+    std::fs::write(root.join(format!("{orphan_key}.metadata")), m.to_string()).unwrap();
+    crate::retention::backdate_tree(&orphan_dir, std::time::Duration::from_secs(3 * 86400));
     crate::retention::backdate_tree(&delta_dir, std::time::Duration::from_secs(3 * 86400));
     // walhoard's, referenced by nothing, but just written.
     let recent = format!("basebackup_delta/{}", "e".repeat(64));
@@ -375,6 +390,10 @@ async fn basebackup_delta_retention_deletes_only_unreferenced_walhoard_objects()
     assert!(left.contains_key(&recent), "a recent object deleted");
     assert!(objects(&d, &format!("basebackup_delta_chunk/{first}")).is_empty());
     assert!(!objects(&d, &format!("basebackup_delta_chunk/{second}")).is_empty());
+    assert!(
+        objects(&d, &format!("basebackup_delta_chunk/{orphan}")).is_empty(),
+        "an interrupted delta backup's bundles kept"
+    );
 
     restore_and_check(&d, &second, &want);
 }

@@ -199,8 +199,8 @@ pub async fn apply_retention(
     // Chunks of walhoard's backups that never completed and are not being written.
     for d in &inv.chunk_dirs {
         if d.state == ChunkDirState::Orphan {
-            tracing::info!(site = %site_name, backup = %d.name, "deleting chunks of an interrupted basebackup");
-            delete_chunks(store, &d.name).await?;
+            tracing::info!(site = %site_name, backup = %d.name, dir = d.prefix, "deleting chunks of an interrupted basebackup");
+            delete_chunks_under(store, d.prefix, &d.name).await?;
         }
     }
     let deleted: Vec<String> = doomed.iter().map(|b| b.name.clone()).collect();
