@@ -71,6 +71,21 @@ pub(crate) fn objects(d: &DaemonDir, dir: &str) -> BTreeMap<String, u64> {
     out
 }
 
+/// The modification time of every object under `dir/`: an object stored again gets a new one.
+pub(crate) fn mtimes(d: &DaemonDir, dir: &str) -> BTreeMap<String, std::time::SystemTime> {
+    let root = d.path("archive").join("main");
+    objects(d, dir)
+        .into_keys()
+        .map(|k| {
+            let t = std::fs::metadata(root.join(&k))
+                .unwrap()
+                .modified()
+                .unwrap();
+            (k, t)
+        })
+        .collect()
+}
+
 /// The object `key`'s metadata sidecar.
 pub(crate) fn sidecar(d: &DaemonDir, key: &str) -> Value {
     let p = d
@@ -148,6 +163,7 @@ async fn basebackup_delta_stores_changed_files_only_and_restores() {
     let first = take_basebackup(&d);
     let want_first = pg.psql(CHECKSUM).unwrap();
     let after_first = objects(&d, "basebackup_delta");
+    let written_first = mtimes(&d, "basebackup_delta");
     let bundles_first = objects(&d, &format!("basebackup_delta_chunk/{first}"));
     assert!(after_first.len() >= 40, "{after_first:?}");
     assert!(!bundles_first.is_empty());
@@ -199,9 +215,11 @@ async fn basebackup_delta_stores_changed_files_only_and_restores() {
     let second = take_basebackup(&d);
     let want_second = pg.psql(CHECKSUM).unwrap();
     let after_second = objects(&d, "basebackup_delta");
+    // Stored by the second backup: new keys, or the first's stored again (a new mtime).
+    let written_second = mtimes(&d, "basebackup_delta");
     let new: Vec<(&String, &u64)> = after_second
         .iter()
-        .filter(|(k, _)| !after_first.contains_key(*k))
+        .filter(|(k, _)| written_first.get(*k) != written_second.get(*k))
         .collect();
     let stored = |objs: &[(&String, &u64)], bundles: &BTreeMap<String, u64>| -> u64 {
         objs.iter().map(|(_, n)| **n).sum::<u64>() + bundles.values().sum::<u64>()

@@ -133,8 +133,6 @@ pub async fn store_object(
         }
         Ok(())
     };
-    // Recorded before the upload: a failed backup deletes what it stored.
-    ctx.record_stored(&key);
     let metadata = ObjectMeta {
         format: Some(FORMAT_DELTA_V2.into()),
         original_file_size: Some(size),
@@ -159,6 +157,10 @@ pub async fn store_object(
     }
     ctx.count_upload(crate::metrics::FileType::BasebackupChunk, &uploaded);
     let up = uploaded.with_context(|| format!("store delta object {key}"))?;
+    // A failed backup deletes what it stored. Recorded only once stored: a failed upload of a
+    // produced stream leaves nothing, and an object of the same name another writer stored
+    // meanwhile must not be deleted on this backup's failure.
+    ctx.record_stored(&key);
     Ok(Stored::Uploaded(up.stored_size))
 }
 
