@@ -390,7 +390,7 @@ async fn basebackup_delta_retention_deletes_only_unreferenced_walhoard_objects()
     )
     .await
     .unwrap();
-    assert_eq!(deleted, [first.clone()]);
+    assert_eq!(deleted, std::slice::from_ref(&first));
     let left = objects(&d, "basebackup_delta");
     for k in &second_refs {
         assert!(

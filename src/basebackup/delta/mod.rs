@@ -350,7 +350,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         chunks.extend(upload_bundles(ctx, vec![wal], n, &read).await?);
     }
     // Referenced objects must still be there when the backup is listed.
-    for (digest, _) in &objects.reused {
+    for digest in objects.reused.keys() {
         let key = objects::object_key(digest);
         if ctx.store.stat(&key).await?.is_none() {
             bail!("{key} was deleted while this backup referenced it; take the backup again");
