@@ -264,11 +264,14 @@ async fn store_objects(
 fn read_embedded(files: &[File]) -> Result<Vec<SnapshotFile>> {
     let mut out = Vec::new();
     for f in files {
-        match std::fs::read(&f.entry.local) {
-            Ok(mut bytes) => {
-                bytes.truncate(f.size() as usize);
-                out.push(SnapshotFile::embedded(&f.rel, &bytes, f.mtime()));
-            }
+        // At most the walked size (a file that grew since is cut, as elsewhere).
+        let read = std::fs::File::open(&f.entry.local).and_then(|file| {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, f.size()), &mut bytes)?;
+            Ok(bytes)
+        });
+        match read {
+            Ok(bytes) => out.push(SnapshotFile::embedded(&f.rel, &bytes, f.mtime())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => bail!("read {}: {e}", f.entry.local.display()),
         }
