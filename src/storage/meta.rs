@@ -55,6 +55,12 @@ pub const ACTIVE_BACKUP_MODE: &str = "active-backup-mode";
 /// ignores it.
 pub const WALHOARD_WRITER: &str = "walhoard-writer";
 
+/// walhoard's: on WAL objects the daemon streamed, the system identifier of the cluster whose
+/// WAL it is (decimal), as the primary's IDENTIFY_SYSTEM gave it once the archive was found to be
+/// that cluster's. The archive-owner check reads it from the metadata, so it needs no private
+/// key to tell whose encrypted WAL a prefix holds (older objects: their first page is decoded).
+pub const SYSTEM_IDENTIFIER: &str = "walhoard-system-identifier";
+
 /// The value of [`WALHOARD_WRITER`] this build writes.
 pub const WALHOARD_WRITER_VALUE: &str = concat!("walhoard ", env!("CARGO_PKG_VERSION"));
 
@@ -149,6 +155,8 @@ pub struct ObjectMeta {
     pub active_backup_mode: Option<String>,
     /// [`WALHOARD_WRITER`]: walhoard's mark on the WAL it stores (what retention may delete).
     pub walhoard_writer: Option<String>,
+    /// [`SYSTEM_IDENTIFIER`].
+    pub system_identifier: Option<u64>,
     /// Every other key, as stored.
     pub extra: BTreeMap<String, String>,
 }
@@ -193,6 +201,7 @@ impl ObjectMeta {
                 BASEBACKUP_MODE => out.basebackup_mode = text(),
                 ACTIVE_BACKUP_MODE => out.active_backup_mode = text(),
                 WALHOARD_WRITER => out.walhoard_writer = text(),
+                SYSTEM_IDENTIFIER => out.system_identifier = Some(number(value).map_err(typed)?),
                 _ => {
                     out.extra.insert(name.clone(), value.clone());
                 }
@@ -248,6 +257,10 @@ impl ObjectMeta {
         put(BASEBACKUP_MODE, self.basebackup_mode.clone());
         put(ACTIVE_BACKUP_MODE, self.active_backup_mode.clone());
         put(WALHOARD_WRITER, self.walhoard_writer.clone());
+        put(
+            SYSTEM_IDENTIFIER,
+            self.system_identifier.map(|n| n.to_string()),
+        );
         m
     }
 
