@@ -265,8 +265,9 @@ async fn basebackup_delta_stores_changed_files_only_and_restores() {
     restore_and_check(&d, &second, &want_second);
 }
 
-/// A delta object missing or tampered with: the restore fails naming its key and leaves no
-/// data directory behind.
+/// A delta object missing or tampered with: `walhoard verify` (finding nothing wrong with the
+/// backup before) names it, the
+/// restore fails naming its key and leaves no data directory behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basebackup_delta_restore_refuses_a_missing_or_tampered_object() {
     let pg = primary();
@@ -277,6 +278,10 @@ async fn basebackup_delta_restore_refuses_a_missing_or_tampered_object() {
         json!({"encryption_key_id": null, "encryption_keys": {}}),
     );
     let name = take_basebackup(&d);
+    // `walhoard verify` reads every delta object as restore does. (It also reports the site's
+    // WAL archive missing: these standalone backups have their WAL inside and no archive.)
+    let v = crate::verify::verify_fails(&d.config_path(), &[]);
+    assert_eq!(v["backups"][0]["problems"], json!([]), "{v:#}");
     let objs = objects(&d, "basebackup_delta");
     let mut keys = objs.keys();
     let (victim, gone) = (keys.next().unwrap().clone(), keys.next().unwrap().clone());
@@ -289,6 +294,12 @@ async fn basebackup_delta_restore_refuses_a_missing_or_tampered_object() {
     let at = plain.len() / 2;
     plain[at] ^= 0x55;
     std::fs::write(&path, zstd::stream::encode_all(&plain[..], 3).unwrap()).unwrap();
+    let v = crate::verify::verify_fails(&d.config_path(), &[]);
+    let bad: Vec<_> = crate::verify::problems(&v)
+        .into_iter()
+        .filter(|(k, p)| *k == victim && p.contains("BLAKE2s-256"))
+        .collect();
+    assert_eq!(bad.len(), 1, "verify: {v:#}");
     let target = d.path("tampered");
     let out = get_basebackup(&d, &target, &["--basebackup", &name]);
     let err = stderr(&out);
