@@ -33,7 +33,7 @@ pub(crate) fn primary() -> PgCluster {
 }
 
 /// Delta mode, standalone (the WAL inside: restores without an archive), 64 KiB threshold,
-/// `extra` merged in.
+/// two threads, `extra` merged in.
 pub(crate) fn delta_site(pg: &PgCluster, d: &DaemonDir, extra: Value) {
     let mut site = json!({
         "basebackup_mode": "delta",
@@ -41,6 +41,8 @@ pub(crate) fn delta_site(pg: &PgCluster, d: &DaemonDir, extra: Value) {
         "pg_data_directory": pg.data_dir(),
         "basebackup_delta_mode_min_delta_file_size": 65536,
         "basebackup_delta_mode_chunk_size": 1048576,
+        // Two files hashed, two objects and two bundles stored at a time.
+        "basebackup_threads": 2,
     });
     crate::daemon_support::merge(&mut site, extra);
     d.write_config(pg, d.local_storage(), site);

@@ -191,16 +191,33 @@ async fn store_objects(
     // Largest first, as pghoard does: the long uploads start early.
     let mut files = files;
     files.sort_by_key(|f| std::cmp::Reverse(f.size()));
+    // Hashed `parallel` files at a time; digests in the files' order.
+    let mut digests: Vec<Option<String>> = vec![None; files.len()];
+    let mut hashing: JoinSet<std::io::Result<(usize, Option<String>)>> = JoinSet::new();
+    let mut next = files.iter().enumerate();
+    loop {
+        while hashing.len() < parallel(ctx) {
+            let Some((i, f)) = next.next() else {
+                break;
+            };
+            let (p, size, r) = (f.entry.local.clone(), f.size(), read.clone());
+            hashing.spawn_blocking(move || {
+                let digest = hash_file(&p, size)?;
+                r.fetch_add(size, Ordering::Relaxed);
+                Ok((i, digest))
+            });
+        }
+        let Some(joined) = hashing.join_next().await else {
+            break;
+        };
+        let (i, digest) = joined.context("hash thread")??;
+        digests[i] = digest;
+        progress.update(read.load(Ordering::Relaxed));
+    }
     // digest -> the files with those bytes.
     let mut by_digest: BTreeMap<String, Vec<File>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    for f in files {
-        let (p, size) = (f.entry.local.clone(), f.size());
-        let digest = tokio::task::spawn_blocking(move || hash_file(&p, size))
-            .await
-            .context("hash thread")??;
-        read.fetch_add(size, Ordering::Relaxed);
-        progress.update(read.load(Ordering::Relaxed));
+    for (f, digest) in files.into_iter().zip(digests) {
         let Some(digest) = digest else {
             tracing::debug!("{} vanished during the backup", f.entry.local.display());
             continue;
