@@ -15,8 +15,11 @@ use crate::restore::{get_basebackup, insert, start_promoted, stderr, take_baseba
 /// A primary with `r` and forty tables of ~200 kB each (each its own delta object at the
 /// 64 KiB threshold the tests configure).
 pub(crate) fn primary() -> PgCluster {
+    // No autovacuum: it would rewrite the new tables' pages (hint bits, visibility map) at a
+    // moment of its choosing, and the tests count which files changed between backups.
     let pg = PgCluster::builder()
         .setting("wal_keep_size", "'1GB'")
+        .setting("autovacuum", "off")
         .start()
         .unwrap();
     pg.psql("create table r (id bigserial primary key, batch text, v text)")
@@ -28,6 +31,8 @@ pub(crate) fn primary() -> PgCluster {
         ))
         .unwrap();
     }
+    // Hint bits set and pages frozen now, not by the first reader after a backup.
+    pg.psql("vacuum freeze").unwrap();
     pg.psql("checkpoint").unwrap();
     pg
 }
