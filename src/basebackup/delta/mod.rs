@@ -296,6 +296,31 @@ fn read_embedded(files: &[File]) -> Result<Vec<SnapshotFile>> {
     Ok(out)
 }
 
+/// The WAL entries of a standalone backup as bundle files (`pg_wal/<segment>`).
+fn wal_files(wal: &[Entry]) -> Vec<File> {
+    wal.iter()
+        .filter_map(|e| {
+            let rel = relative(&e.member.path)?;
+            let mut entry = e.clone();
+            entry.member.path = rel.clone();
+            Some(File { rel, entry })
+        })
+        .collect()
+}
+
+/// Checks that the objects of `digests`, referenced by this backup, are still stored: one
+/// another process deleted meanwhile fails the backup rather than list one that cannot be
+/// restored.
+async fn still_there(ctx: &BackupContext, digests: impl Iterator<Item = &String>) -> Result<()> {
+    for digest in digests {
+        let key = objects::object_key(digest);
+        if ctx.store.stat(&key).await?.is_none() {
+            bail!("{key} was deleted while this backup referenced it; take the backup again");
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let settings = (
         ctx.site_config.basebackup_delta_mode_min_delta_file_size,
@@ -357,25 +382,10 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let ended = s.end(ctx).await?;
     if let Some(wal) = &ended.wal {
         // standalone_hot_backup: the backup's WAL, one more bundle.
-        let wal: Vec<File> = wal
-            .iter()
-            .filter_map(|e| {
-                let rel = relative(&e.member.path)?;
-                let mut entry = e.clone();
-                entry.member.path = rel.clone();
-                Some(File { rel, entry })
-            })
-            .collect();
         let n = chunks.len() + 1;
-        chunks.extend(upload_bundles(ctx, vec![wal], n, &read).await?);
+        chunks.extend(upload_bundles(ctx, vec![wal_files(wal)], n, &read).await?);
     }
-    // Referenced objects must still be there when the backup is listed.
-    for digest in objects.reused.keys() {
-        let key = objects::object_key(digest);
-        if ctx.store.stat(&key).await?.is_none() {
-            bail!("{key} was deleted while this backup referenced it; take the backup again");
-        }
-    }
+    still_there(ctx, objects.reused.keys()).await?;
     let chunks_plain: u64 = chunks.iter().map(|c| c.input_size).sum();
     let chunks_stored: u64 = chunks.iter().map(|c| c.result_size).sum();
     let manifest = BackupManifest::new(
