@@ -239,7 +239,7 @@ fn upload_encryption(name: &str, site: &SiteConfig) -> Result<Option<UploadEncry
 /// Every private key of a site, by key id: objects name the key they were written with, which
 /// need not be today's `encryption_key_id`. A site with encryption configured (a key id or
 /// keys) refuses objects stored without encryption unless `allow_unencrypted_objects` is set.
-fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
+pub fn key_ring(name: &str, site: &SiteConfig) -> Result<KeyRing> {
     let encrypts = site.encryption_key_id.is_some() || !site.encryption_keys.is_empty();
     let mut ring =
         KeyRing::default().require_encrypted(encrypts && !site.allow_unencrypted_objects);

@@ -199,7 +199,7 @@ async fn rollback_pghoard_restores_walhoards_local_tar_backup() {
 }
 
 /// Whether this pghoard_restore knows `--restore-to-primary` (pghoard 2.2 and later).
-fn restore_to_primary_supported(venv: &Path) -> bool {
+pub(crate) fn restore_to_primary_supported(venv: &Path) -> bool {
     let out = Command::new(venv.join("bin/pghoard_restore"))
         .args(["get-basebackup", "--help"])
         .output()
@@ -207,7 +207,7 @@ fn restore_to_primary_supported(venv: &Path) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("--restore-to-primary")
 }
 
-fn set_restore_command(data: &Path, command: &str) {
+pub(crate) fn set_restore_command(data: &Path, command: &str) {
     let conf = data.join("postgresql.auto.conf");
     let text = std::fs::read_to_string(&conf).unwrap_or_default();
     let mut kept: Vec<String> = text

@@ -12,6 +12,8 @@ mod daemon;
 mod daemon_sites;
 mod daemon_stream;
 mod daemon_support;
+mod delta_backup;
+mod delta_interop;
 mod foreign_archive;
 mod http_api;
 mod http_auth;

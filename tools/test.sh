@@ -96,6 +96,12 @@ for v in $majors; do
       sync_archive_every ;;
   esac
 done
+# Delta backups shared with the real pghoard need a pghoard with delta mode (2.2+), which
+# PyPI does not have: run when a venv of one is given (tools/pghoard-venv.sh).
+if [ -n "${WALHOARD_PGHOARD_VENV:-}" ]; then
+  echo "== delta backups with pghoard from $WALHOARD_PGHOARD_VENV"
+  cargo test --locked --test tests -- --ignored delta_interop
+fi
 fuzz_seconds=${WALHOARD_FUZZ_SECONDS:-20}
 if [ "$fuzz_seconds" != 0 ]; then
   echo "== fuzz targets, ${fuzz_seconds}s each"

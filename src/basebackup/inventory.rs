@@ -87,9 +87,14 @@ pub enum ChunkDirState {
     Foreign(String),
 }
 
-/// One `basebackup_chunk/<name>/` directory.
+/// Where chunk directories are: local-tar's and basic's, and delta mode's bundles.
+pub const CHUNK_PREFIXES: [&str; 2] = ["basebackup_chunk", "basebackup_delta_chunk"];
+
+/// One `basebackup_chunk/<name>/` (or `basebackup_delta_chunk/<name>/`) directory.
 #[derive(Debug, Clone)]
 pub struct ChunkDir {
+    /// One of [`CHUNK_PREFIXES`].
+    pub prefix: &'static str,
     pub name: String,
     pub objects: Vec<ObjectInfo>,
     pub state: ChunkDirState,
@@ -114,7 +119,7 @@ impl Inventory {
         }
         for d in &self.chunk_dirs {
             if let ChunkDirState::Foreign(why) = &d.state {
-                out.push(format!("basebackup_chunk/{}/: {why}", d.name));
+                out.push(format!("{}/{}/: {why}", d.prefix, d.name));
             }
         }
         out
@@ -211,38 +216,41 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
         });
     }
 
-    let mut dirs: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
-    for o in store
-        .list("basebackup_chunk")
-        .await
-        .context("list basebackup_chunk/")?
-    {
-        let mut parts = o.key.splitn(3, '/');
-        let (_, Some(dir)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        dirs.entry(dir.to_string()).or_default().push(o);
-    }
     let mut chunk_dirs = Vec::new();
-    for (name, objects) in dirs {
-        let referenced = controls.iter().any(|c| {
-            let file = c.key.trim_start_matches("basebackup/");
-            c.name == name
-                || file == name
-                || file
-                    .strip_prefix(name.as_str())
-                    .is_some_and(|rest| rest.starts_with('.'))
-        });
-        let state = if referenced {
-            ChunkDirState::Referenced
-        } else {
-            unlisted_state(store, &name, &objects, now).await?
-        };
-        chunk_dirs.push(ChunkDir {
-            name,
-            objects,
-            state,
-        });
+    for prefix in CHUNK_PREFIXES {
+        let mut dirs: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
+        for o in store
+            .list(prefix)
+            .await
+            .with_context(|| format!("list {prefix}/"))?
+        {
+            let mut parts = o.key.splitn(3, '/');
+            let (_, Some(dir)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            dirs.entry(dir.to_string()).or_default().push(o);
+        }
+        for (name, objects) in dirs {
+            let referenced = controls.iter().any(|c| {
+                let file = c.key.trim_start_matches("basebackup/");
+                c.name == name
+                    || file == name
+                    || file
+                        .strip_prefix(name.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            });
+            let state = if referenced {
+                ChunkDirState::Referenced
+            } else {
+                unlisted_state(store, &name, &objects, now).await?
+            };
+            chunk_dirs.push(ChunkDir {
+                prefix,
+                name,
+                objects,
+                state,
+            });
+        }
     }
     Ok(Inventory {
         controls,

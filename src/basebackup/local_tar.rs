@@ -16,17 +16,22 @@ use walhoard_basebackup::control::{
     BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_LOCAL_TAR,
 };
 use walhoard_basebackup::label::parse_backup_label;
+use walhoard_basebackup::sql::{self, StoppedBackup};
 use walhoard_basebackup::tar::{Member, MemberKind, TarWriter};
+use walhoard_basebackup::walk;
 use walhoard_basebackup::walk::{plan_chunks, Entry, Walker};
-use walhoard_basebackup::{sql, walk};
 use walhoard_protocol::xlog::{page_magic_for, validate_pages, PageExpectation};
-use walhoard_protocol::{Connection, SegmentId, SegmentSize, TimelineId};
+use walhoard_protocol::{Connection, Lsn, SegmentId, SegmentSize, TimelineId};
 
 use super::{describe, last_needed_segment, now_rfc3339, BackupContext, Progress};
 
 /// Writes one chunk's entries as a tar. Files that vanished since the walk are skipped;
 /// files that changed size are cut or zero-padded to the walked size (see TarWriter).
-fn write_chunk(entries: &[Entry], out: &mut dyn io::Write, read: &AtomicU64) -> io::Result<()> {
+pub(super) fn write_chunk(
+    entries: &[Entry],
+    out: &mut dyn io::Write,
+    read: &AtomicU64,
+) -> io::Result<()> {
     let mut tar = TarWriter::new(out);
     for e in entries {
         match &e.member.kind {
@@ -56,7 +61,7 @@ fn write_chunk(entries: &[Entry], out: &mut dyn io::Write, read: &AtomicU64) -> 
     Ok(())
 }
 
-fn data_chunk(
+pub(super) fn data_chunk(
     rel: String,
     up: crate::pipeline::transfer::Uploaded,
     files: Vec<String>,
@@ -73,7 +78,7 @@ fn data_chunk(
     }
 }
 
-fn chunk_file(name: &str, n: usize) -> String {
+pub(super) fn chunk_file(name: &str, n: usize) -> String {
     format!("{name}.{n:08}.pghoard")
 }
 
@@ -159,7 +164,32 @@ async fn query_text(conn: &mut Connection, sql: &str, col: &str) -> Result<Strin
     Ok(r.required(0, col)?)
 }
 
-pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
+/// A non-exclusive backup in progress on an SQL session: what local-tar and delta mode share.
+pub(super) struct Session {
+    pub conn: Connection,
+    pub pgdata: PathBuf,
+    /// `server_version_num`.
+    pub version: u32,
+    pub major: u32,
+    pub seg: SegmentSize,
+    pub system_id: u64,
+    pub start_time: String,
+    pub start_lsn: Lsn,
+    pub tablespaces: Vec<walk::Tablespace>,
+}
+
+/// What the end of the backup gave.
+pub(super) struct Ended {
+    pub pg_control: Vec<u8>,
+    pub stopped: StoppedBackup,
+    pub end_time: String,
+    pub tli: TimelineId,
+    /// standalone_hot_backup: the WAL from the start to the end of the backup, checked.
+    pub wal: Option<Vec<Entry>>,
+}
+
+/// Checks the data directory, connects and starts the backup (`mode` names it in errors).
+pub(super) async fn begin(ctx: &BackupContext, mode: &str) -> Result<Session> {
     let pgdata: PathBuf = ctx
         .site_config
         .pg_data_directory
@@ -175,7 +205,7 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let params = ctx.node_params()?.for_sql();
     let mut conn = Connection::connect(&params)
         .await
-        .with_context(|| format!("connect to {params} for a local-tar backup"))?;
+        .with_context(|| format!("connect to {params} for a {mode} backup"))?;
     let version = conn.server_version_num()?;
     let major = version / 10000;
     let seg = SegmentSize::from_show(
@@ -211,14 +241,82 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         .await
         .map_err(anyhow::Error::msg)?;
     tracing::info!(site = %ctx.site, "backup started at {start_lsn}; reading {} and {} tablespaces", pgdata.display(), tablespaces.len());
-
-    let (walk_dir, walk_ts) = (pgdata.clone(), tablespaces.clone());
-    let (entries, vanished) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-        let mut w = Walker::new();
-        let e = w.walk(&walk_dir, &walk_ts, major)?;
-        Ok((e, w.vanished))
+    Ok(Session {
+        conn,
+        pgdata,
+        version,
+        major,
+        seg,
+        system_id,
+        start_time,
+        start_lsn,
+        tablespaces,
     })
-    .await??;
+}
+
+impl Session {
+    /// Walks the data directory and tablespaces (PostgreSQL's exclusion rules).
+    pub(super) fn walk(&self) -> impl std::future::Future<Output = Result<(Vec<Entry>, u64)>> {
+        let (walk_dir, walk_ts, major) =
+            (self.pgdata.clone(), self.tablespaces.clone(), self.major);
+        async move {
+            Ok(tokio::task::spawn_blocking(move || -> io::Result<_> {
+                let mut w = Walker::new();
+                let e = w.walk(&walk_dir, &walk_ts, major)?;
+                Ok((e, w.vanished))
+            })
+            .await??)
+        }
+    }
+
+    /// Reads `pg_control` (after every data file, as basebackup.c sends it last), stops the
+    /// backup, checks the label and, standalone, collects the backup's WAL from `pg_wal`.
+    pub(super) async fn end(&mut self, ctx: &BackupContext) -> Result<Ended> {
+        let pgdata = self.pgdata.clone();
+        let pg_control = tokio::fs::read(pgdata.join("global/pg_control"))
+            .await
+            .with_context(|| format!("read {}/global/pg_control", pgdata.display()))?;
+        let stopped = sql::stop_backup(&mut self.conn)
+            .await
+            .context("stop the backup")?;
+        let end_time = now_rfc3339();
+        let label = parse_backup_label(&stopped.backup_label).map_err(anyhow::Error::msg)?;
+        let tli = label.start_timeline.unwrap_or(TimelineId(1));
+        if label.start_lsn != self.start_lsn {
+            bail!(
+                "backup_label starts at {}, pg_backup_start returned {}",
+                label.start_lsn,
+                self.start_lsn
+            );
+        }
+        let wal = if ctx.standalone() {
+            let (seg, major, system_id) = (self.seg, self.major, self.system_id);
+            let first = SegmentId::containing(tli, self.start_lsn, seg);
+            let last = last_needed_segment(tli, stopped.end_lsn, seg);
+            Some(
+                tokio::task::spawn_blocking(move || -> Result<Vec<Entry>> {
+                    let e = wal_entries(&pgdata, first, last, seg)?;
+                    check_wal(&e, seg, major, system_id, tli)?;
+                    Ok(e)
+                })
+                .await??,
+            )
+        } else {
+            None
+        };
+        Ok(Ended {
+            pg_control,
+            stopped,
+            end_time,
+            tli,
+            wal,
+        })
+    }
+}
+
+pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
+    let mut s = begin(ctx, "local-tar").await?;
+    let (entries, vanished) = s.walk().await?;
     let total: u64 = entries.iter().map(Entry::size).sum();
     let planned = plan_chunks(entries, ctx.site_config.basebackup_chunk_size);
     tracing::info!(
@@ -274,34 +372,8 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     }
     let mut chunks: Vec<ChunkMeta> = chunks.into_iter().flatten().collect();
 
-    // Taken after every data file, as basebackup.c sends it last.
-    let pg_control = tokio::fs::read(pgdata.join("global/pg_control"))
-        .await
-        .with_context(|| format!("read {}/global/pg_control", pgdata.display()))?;
-    let stopped = sql::stop_backup(&mut conn)
-        .await
-        .context("stop the backup")?;
-    let end_time = now_rfc3339();
-    let label = parse_backup_label(&stopped.backup_label).map_err(anyhow::Error::msg)?;
-    let tli = label.start_timeline.unwrap_or(TimelineId(1));
-    if label.start_lsn != start_lsn {
-        bail!(
-            "backup_label starts at {}, pg_backup_start returned {start_lsn}",
-            label.start_lsn
-        );
-    }
-    if ctx.standalone() {
-        let first = SegmentId::containing(tli, start_lsn, seg);
-        let last = last_needed_segment(tli, stopped.end_lsn, seg);
-        let wal = tokio::task::spawn_blocking({
-            let pgdata = pgdata.clone();
-            move || -> Result<Vec<Entry>> {
-                let e = wal_entries(&pgdata, first, last, seg)?;
-                check_wal(&e, seg, major, system_id, tli)?;
-                Ok(e)
-            }
-        })
-        .await??;
+    let mut ended = s.end(ctx).await?;
+    if let Some(wal) = ended.wal.take() {
         let files = wal.iter().map(|e| e.member.path.clone()).collect();
         let n = chunks.len() + 1;
         let r = read.clone();
@@ -312,9 +384,22 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
             .await?;
         chunks.push(data_chunk(rel, up, files));
     }
-    conn.close().await.ok();
+    let meta = session_metadata(ctx, &s, &ended, FORMAT_LOCAL_TAR, chunks);
+    s.conn.close().await.ok();
+    ctx.upload_control(&meta, control_members(ended)).await?;
+    Ok(meta)
+}
 
-    let ts_meta: BTreeMap<String, TablespaceMeta> = tablespaces
+/// The backup's description, as local-tar and delta mode record it.
+pub(super) fn session_metadata(
+    ctx: &BackupContext,
+    s: &Session,
+    ended: &Ended,
+    format: &str,
+    chunks: Vec<ChunkMeta>,
+) -> BackupMetadata {
+    let ts_meta: BTreeMap<String, TablespaceMeta> = s
+        .tablespaces
         .iter()
         .map(|t: &walk::Tablespace| {
             (
@@ -328,27 +413,27 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         .collect();
     let mut meta = describe(
         ctx,
-        FORMAT_LOCAL_TAR,
-        version,
-        (start_lsn, tli, start_time),
-        (stopped.end_lsn, tli, end_time),
-        seg,
+        format,
+        s.version,
+        (s.start_lsn, ended.tli, s.start_time.clone()),
+        (ended.stopped.end_lsn, ended.tli, ended.end_time.clone()),
+        s.seg,
         chunks,
         ts_meta,
         ctx.standalone(),
     );
-    meta.system_identifier = Some(system_id.to_string());
-    meta.tablespace_map = stopped.tablespace_map.clone();
-    ctx.upload_control(
-        &meta,
-        vec![
-            ("pgdata/global/pg_control".into(), pg_control),
-            (
-                "pgdata/backup_label".into(),
-                stopped.backup_label.into_bytes(),
-            ),
-        ],
-    )
-    .await?;
-    Ok(meta)
+    meta.system_identifier = Some(s.system_id.to_string());
+    meta.tablespace_map = ended.stopped.tablespace_map.clone();
+    meta
+}
+
+/// The control object's members besides the metadata: `pg_control` and `backup_label`.
+pub(super) fn control_members(ended: Ended) -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("pgdata/global/pg_control".into(), ended.pg_control),
+        (
+            "pgdata/backup_label".into(),
+            ended.stopped.backup_label.into_bytes(),
+        ),
+    ]
 }

@@ -14,6 +14,7 @@
 //! may delete). Format: docs/formats.md.
 
 pub mod incremental;
+pub mod delta;
 pub mod inventory;
 pub mod local_tar;
 pub mod request;
@@ -39,6 +40,9 @@ use crate::pipeline::transfer::{
 use crate::settings::{Node, SiteSettings};
 use crate::storage::meta::ObjectMeta;
 use crate::storage::ObjectStore;
+
+/// Where a backup's chunks live.
+const CHUNK_PREFIX: &str = "basebackup_chunk";
 
 /// A backup that is stored and listed.
 #[derive(Debug, Clone)]
@@ -87,24 +91,38 @@ pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// A backup name not used by a listed backup nor by chunks of an interrupted one:
-/// pghoard's `YYYY-MM-DD_HH-MM_<n>`.
+/// A backup name not used by a listed backup nor by chunks of an interrupted one, walhoard's
+/// or pghoard's (whose local-tar and delta control objects are `<name>.00000000.pghoard`
+/// and whose delta bundles are under `basebackup_delta_chunk/<name>/`): pghoard's
+/// `YYYY-MM-DD_HH-MM_<n>`.
 pub async fn choose_name(store: &ObjectStore) -> Result<String> {
     let stamp = jiff::Timestamp::now()
         .strftime("%Y-%m-%d_%H-%M")
         .to_string();
     for i in 0..10_000 {
         let name = format!("{stamp}_{i}");
-        if store.stat(&format!("basebackup/{name}")).await?.is_none()
-            && store
-                .list(&format!("basebackup_chunk/{name}"))
-                .await?
-                .is_empty()
-        {
+        if name_is_free(store, &name).await? {
             return Ok(name);
         }
     }
     bail!("no free basebackup name for {stamp}")
+}
+
+async fn name_is_free(store: &ObjectStore, name: &str) -> Result<bool> {
+    for control in [
+        format!("basebackup/{name}"),
+        format!("basebackup/{name}{}", inventory::PGHOARD_CONTROL_SUFFIX),
+    ] {
+        if store.stat(&control).await?.is_some() {
+            return Ok(false);
+        }
+    }
+    for dir in [CHUNK_PREFIX, crate::restore::pghoard_delta::CHUNK_PREFIX] {
+        if !store.list(&format!("{dir}/{name}")).await?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl BackupContext {
@@ -153,12 +171,31 @@ impl BackupContext {
         self.site_config.active_backup_mode == BackupMode::StandaloneHotBackup
     }
 
-    /// Metadata every object of this backup carries.
+    /// Metadata every object of this backup carries, with the [`WALHOARD_WRITER`] mark
+    /// (what retention may delete).
+    ///
+    /// [`WALHOARD_WRITER`]: crate::storage::meta::WALHOARD_WRITER
     fn base_metadata(&self) -> ObjectMeta {
         ObjectMeta {
-            host: Some(self.host.clone()),
             backup_name: Some(self.name.clone()),
+            ..self.shared_metadata()
+        }
+    }
+
+    /// Metadata of an object this backup writes that other backups may share (a delta
+    /// object): the host and the mark, no backup name.
+    pub(crate) fn shared_metadata(&self) -> ObjectMeta {
+        ObjectMeta {
+            host: Some(self.host.clone()),
+            walhoard_writer: Some(crate::storage::meta::WALHOARD_WRITER_VALUE.into()),
             ..ObjectMeta::default()
+        }
+    }
+
+    /// Records `key` as written by this backup: deleted if the backup fails.
+    pub(crate) fn record_stored(&self, key: &str) {
+        if let Ok(mut s) = self.stored.lock() {
+            s.push(key.to_string());
         }
     }
 
@@ -167,7 +204,8 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, Input::Plain, None, produce).await
+        self.store_chunk(CHUNK_PREFIX, file, Input::Plain, None, produce)
+            .await
     }
 
     /// [`BackupContext::upload_chunk`] with `format` in the chunk's own object metadata.
@@ -183,7 +221,23 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, Input::Plain, Some(format), produce)
+        self.store_chunk(CHUNK_PREFIX, file, Input::Plain, Some(format), produce)
+            .await
+    }
+
+    /// [`BackupContext::upload_chunk_with_format`] under `prefix` instead of
+    /// `basebackup_chunk` (delta mode's bundles: `basebackup_delta_chunk`).
+    pub async fn upload_chunk_under<F>(
+        &self,
+        prefix: &str,
+        file: &str,
+        format: &str,
+        produce: F,
+    ) -> Result<(String, Uploaded)>
+    where
+        F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
+    {
+        self.store_chunk(prefix, file, Input::Plain, Some(format), produce)
             .await
     }
 
@@ -197,12 +251,13 @@ impl BackupContext {
     where
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
-        self.store_chunk(file, Input::Compressed, None, produce)
+        self.store_chunk(CHUNK_PREFIX, file, Input::Compressed, None, produce)
             .await
     }
 
     async fn store_chunk<F>(
         &self,
+        prefix: &str,
         file: &str,
         input: Input,
         format: Option<&str>,
@@ -212,11 +267,9 @@ impl BackupContext {
         F: FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static,
     {
         let rel = format!("{}/{file}", self.name);
-        let key = format!("basebackup_chunk/{rel}");
+        let key = format!("{prefix}/{rel}");
         // Recorded before the upload: a failure may still have left parts behind.
-        if let Ok(mut s) = self.stored.lock() {
-            s.push(key.clone());
-        }
+        self.record_stored(&key);
         let metadata = ObjectMeta {
             format: format.map(str::to_string),
             ..self.base_metadata()
@@ -247,7 +300,22 @@ impl BackupContext {
         meta: &BackupMetadata,
         extra: Vec<(String, Vec<u8>)>,
     ) -> Result<Uploaded> {
-        let json = serde_json::to_vec_pretty(meta)?;
+        self.upload_control_with(meta, None, extra).await
+    }
+
+    /// [`BackupContext::upload_control`] with pghoard's delta `manifest` (rohmu's backup
+    /// manifest) beside the metadata keys, where pghoard's delta backups carry it.
+    pub async fn upload_control_with(
+        &self,
+        meta: &BackupMetadata,
+        manifest: Option<serde_json::Value>,
+        extra: Vec<(String, Vec<u8>)>,
+    ) -> Result<Uploaded> {
+        let mut doc = serde_json::to_value(meta)?;
+        if let (Some(m), Some(obj)) = (manifest, doc.as_object_mut()) {
+            obj.insert("manifest".into(), m);
+        }
+        let json = serde_json::to_vec_pretty(&doc)?;
         let mtime = jiff::Timestamp::now().as_second().max(0) as u64;
         let mut tar = TarWriter::new(Vec::new());
         tar.append_bytes(METADATA_MEMBER, 0o600, mtime, &json)?;
@@ -451,6 +519,7 @@ pub async fn take_with(ctx: BackupContext) -> Result<BackupInfo> {
             stream::run(&ctx).await
         }
         BasebackupMode::LocalTar => local_tar::run(&ctx).await,
+        BasebackupMode::Delta => delta::run(&ctx).await,
         other => Err(anyhow::anyhow!(
             "backup_sites.{}.basebackup_mode {other:?} is not supported",
             ctx.site

@@ -53,6 +53,15 @@ fn default_basebackup_mode() -> BasebackupMode {
 fn default_chunk_size() -> u64 {
     2 * 1024 * 1024 * 1024
 }
+fn default_delta_max_retries() -> u32 {
+    10
+}
+fn default_delta_min_file_size() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_delta_chunk_size() -> u64 {
+    500 * 1024 * 1024
+}
 fn default_chunks_in_progress() -> u32 {
     5
 }
@@ -82,6 +91,18 @@ pub struct SiteConfig {
     pub basebackup_chunk_size: u64,
     #[serde(default = "default_chunks_in_progress")]
     pub basebackup_chunks_in_progress: u32,
+    /// pghoard: `delta` mode: consecutive failed scheduled delta backups retried (with a
+    /// growing pause) before the daemon waits for the next scheduled one. Default 10.
+    #[serde(default = "default_delta_max_retries")]
+    pub basebackup_delta_mode_max_retries: u32,
+    /// pghoard: `delta` mode: files of at least this many bytes are stored once as
+    /// `basebackup_delta/<hash>` objects; smaller ones go into bundle chunks (or, up to 150
+    /// bytes, into the manifest). Default 10 MiB.
+    #[serde(default = "default_delta_min_file_size")]
+    pub basebackup_delta_mode_min_delta_file_size: u64,
+    /// pghoard: `delta` mode: plain bytes per bundle chunk of small files. Default 500 MiB.
+    #[serde(default = "default_delta_chunk_size")]
+    pub basebackup_delta_mode_chunk_size: u64,
     #[serde(default)]
     pub basebackup_compression_threads: u32,
     #[serde(default = "default_two")]

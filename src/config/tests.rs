@@ -466,3 +466,57 @@ fn synchronous_archive_values() {
         "{e}"
     );
 }
+
+/// pghoard's delta keys: its defaults, typed, errors naming the key path; delta mode needs
+/// the data directory; `local-tar-delta-stats` is refused by name.
+#[test]
+fn delta_mode_keys() {
+    let with = |keys: &str| {
+        Config::parse(
+            &MINIMAL.replace(r#""nodes":"#, &format!(r#"{keys} "nodes":"#)),
+            "t.json",
+        )
+    };
+    let c = with("").unwrap();
+    let s = &c.backup_sites["main"];
+    assert_eq!(s.basebackup_delta_mode_max_retries, 10);
+    assert_eq!(s.basebackup_delta_mode_min_delta_file_size, 10 << 20);
+    assert_eq!(s.basebackup_delta_mode_chunk_size, 500 << 20);
+    let c = with(
+        r#""basebackup_mode": "delta", "pg_data_directory": "/d",
+           "basebackup_delta_mode_min_delta_file_size": 65536,
+           "basebackup_delta_mode_chunk_size": 1048576,
+           "basebackup_delta_mode_max_retries": 3,"#,
+    )
+    .unwrap();
+    let s = &c.backup_sites["main"];
+    assert_eq!(s.basebackup_mode, BasebackupMode::Delta);
+    assert_eq!(s.basebackup_delta_mode_min_delta_file_size, 65536);
+    assert_eq!(s.basebackup_delta_mode_chunk_size, 1 << 20);
+    assert_eq!(s.basebackup_delta_mode_max_retries, 3);
+    for (keys, want) in [
+        (
+            r#""basebackup_delta_mode_min_delta_file_size": "1M","#,
+            "backup_sites.main.basebackup_delta_mode_min_delta_file_size",
+        ),
+        (
+            r#""basebackup_delta_mode_max_retries": -1,"#,
+            "backup_sites.main.basebackup_delta_mode_max_retries",
+        ),
+        (
+            r#""basebackup_delta_mode_chunk_size": 1000,"#,
+            "backup_sites.main.basebackup_delta_mode_chunk_size",
+        ),
+        (
+            r#""basebackup_mode": "delta","#,
+            "backup_sites.main.pg_data_directory",
+        ),
+        (
+            r#""basebackup_mode": "local-tar-delta-stats","#,
+            "backup_sites.main.basebackup_mode",
+        ),
+    ] {
+        let e = with(keys).unwrap_err();
+        assert!(format!("{e:#}").contains(want), "{keys}: {e:#}");
+    }
+}

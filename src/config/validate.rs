@@ -202,20 +202,27 @@ impl Config {
                     "must be at least 1".into(),
                 ));
             }
-            if matches!(
-                site.basebackup_mode,
-                BasebackupMode::Delta | BasebackupMode::LocalTarDeltaStats
-            ) {
+            if site.basebackup_mode == BasebackupMode::LocalTarDeltaStats {
                 return Err((
                     at("basebackup_mode"),
-                    "delta modes are not supported yet; use basic, pipe or local-tar".into(),
+                    "local-tar-delta-stats is not supported; use delta, local-tar, basic or pipe"
+                        .into(),
                 ));
             }
-            if site.basebackup_mode == BasebackupMode::LocalTar && site.pg_data_directory.is_none()
+            if matches!(
+                site.basebackup_mode,
+                BasebackupMode::LocalTar | BasebackupMode::Delta
+            ) && site.pg_data_directory.is_none()
             {
                 return Err((
                     at("pg_data_directory"),
-                    "local-tar basebackups read the data directory: set it".into(),
+                    "local-tar and delta basebackups read the data directory: set it".into(),
+                ));
+            }
+            if site.basebackup_delta_mode_chunk_size < 1024 * 1024 {
+                return Err((
+                    at("basebackup_delta_mode_chunk_size"),
+                    "must be at least 1 MiB".into(),
                 ));
             }
         }

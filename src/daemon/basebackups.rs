@@ -144,14 +144,21 @@ pub fn backups_to_delete(
 async fn delete_backup(store: &ObjectStore, name: &str) -> Result<()> {
     // Unlist first: a half-deleted backup must not look restorable.
     store.delete(&format!("basebackup/{name}")).await?;
-    delete_chunks(store, name).await
+    delete_chunks(store, name).await?;
+    // A delta backup's bundles; its delta objects go in `delta_retention` once unreferenced.
+    delete_chunks_under(store, crate::restore::pghoard_delta::CHUNK_PREFIX, name).await
 }
 
 /// Deletes the chunks of walhoard's backup `name`: the objects under its directory that carry
 /// `backup-name: <name>`. Anything else there (another tool's, or a chunk whose metadata cannot
 /// be read) is left alone with a warning.
 async fn delete_chunks(store: &ObjectStore, name: &str) -> Result<()> {
-    for o in store.list(&format!("basebackup_chunk/{name}")).await? {
+    delete_chunks_under(store, "basebackup_chunk", name).await
+}
+
+/// [`delete_chunks`] in `<prefix>/<name>/`.
+async fn delete_chunks_under(store: &ObjectStore, prefix: &str, name: &str) -> Result<()> {
+    for o in store.list(&format!("{prefix}/{name}")).await? {
         match store.object_meta(&o.key).await {
             Ok(m) if m.backup_name.as_deref() == Some(name) => {
                 store.delete(&o.key).await?;
@@ -202,11 +209,12 @@ pub async fn apply_retention(
     // Chunks of walhoard's backups that never completed and are not being written.
     for d in &inv.chunk_dirs {
         if d.state == ChunkDirState::Orphan {
-            tracing::info!(site = %site_name, backup = %d.name, "deleting chunks of an interrupted basebackup");
-            delete_chunks(store, &d.name).await?;
+            tracing::info!(site = %site_name, backup = %d.name, dir = d.prefix, "deleting chunks of an interrupted basebackup");
+            delete_chunks_under(store, d.prefix, &d.name).await?;
         }
     }
     let deleted: Vec<String> = doomed.iter().map(|b| b.name.clone()).collect();
+    delta_objects(store, site_name, site, &inv, &deleted, now).await?;
     // Every control object that stays (walhoard's, pghoard's or unrecognised) keeps the WAL
     // from its start segment on; of the WAL before, only walhoard's own is deleted.
     let (before, ours, foreign) = match wal_retention::plan(store, &inv, &deleted).await? {
@@ -240,6 +248,36 @@ pub async fn apply_retention(
     Ok((deleted, wal_deleted))
 }
 
+/// Deletes walhoard's delta objects that no backup that stays references
+/// ([`super::delta_retention`]), and logs what it kept.
+async fn delta_objects(
+    store: &ObjectStore,
+    site_name: &str,
+    site: &SiteConfig,
+    inv: &Inventory,
+    deleted: &[String],
+    now: f64,
+) -> Result<()> {
+    let keys = match crate::settings::key_ring(site_name, site) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(site = %site_name, error = format!("{e:#}"), "delta objects kept: the site's keys are unusable");
+            return Ok(());
+        }
+    };
+    let out = super::delta_retention::apply(store, &keys, inv, deleted, now).await?;
+    if let Some(why) = &out.kept_all {
+        tracing::warn!(site = %site_name, reason = %why, "every delta object kept: what a backup references cannot be known");
+    }
+    if !out.deleted.is_empty() {
+        tracing::info!(site = %site_name, count = out.deleted.len(), "deleted walhoard's delta objects no kept backup references");
+    }
+    if out.foreign > 0 {
+        tracing::info!(site = %site_name, count = out.foreign, "left alone: unreferenced delta objects walhoard did not write");
+    }
+    Ok(())
+}
+
 /// The latest scheduled time at or before `now` (seconds), or `None` when only requests
 /// take backups. With `basebackup_hour`/`basebackup_minute` the schedule is anchored at that
 /// time of day (UTC) and repeats every interval; without, a backup is due `interval` after
@@ -269,6 +307,21 @@ pub fn due(site: &SiteConfig, newest_start: Option<f64>, now: f64) -> bool {
     newest < slot
 }
 
+/// How long after the `failures`-th failed scheduled backup in a row the next may start (a
+/// requested one starts at once). A minute, except in delta mode, which follows pghoard:
+/// `3^failures` seconds up to an hour, and after `basebackup_delta_mode_max_retries` retries
+/// the next scheduled interval.
+pub fn retry_pause(site: &SiteConfig, failures: u32) -> Duration {
+    if site.basebackup_mode != crate::config::BasebackupMode::Delta {
+        return Duration::from_secs(60);
+    }
+    if failures > site.basebackup_delta_mode_max_retries {
+        let hours = site.basebackup_interval_hours.unwrap_or(24.0);
+        return Duration::from_secs_f64((hours * 3600.0).max(60.0));
+    }
+    Duration::from_secs(3u64.saturating_pow(failures).min(3600))
+}
+
 /// Runs a site's backups until `stop` fires; none are scheduled while `maintenance_mode_file`
 /// exists.
 pub async fn run(
@@ -294,6 +347,9 @@ pub async fn run(
         });
     let mut newest: Option<f64> = None;
     let mut listed = false;
+    // Scheduled backups that failed in a row, and when the next may start.
+    let mut failures = 0u32;
+    let mut retry_at: Option<f64> = None;
     loop {
         if !listed {
             match list_backups(&store).await {
@@ -308,7 +364,10 @@ pub async fn run(
             }
         }
         let maintenance = maintenance_mode_file.exists();
-        let scheduled = listed && !maintenance && due(site, newest, now_secs());
+        let scheduled = listed
+            && !maintenance
+            && due(site, newest, now_secs())
+            && retry_at.is_none_or(|t| now_secs() >= t);
         let reply = if scheduled {
             None
         } else {
@@ -332,6 +391,7 @@ pub async fn run(
         };
         match &result {
             Ok(name) => {
+                (failures, retry_at) = (0, None);
                 newest = Some(now_secs());
                 listed = false;
                 status.with(|s| {
@@ -356,10 +416,8 @@ pub async fn run(
                 });
                 if reply.is_none() {
                     // Do not retry a failing scheduled backup in a tight loop.
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                    }
+                    failures += 1;
+                    retry_at = Some(now_secs() + retry_pause(site, failures).as_secs_f64());
                 }
             }
         }
@@ -432,6 +490,20 @@ mod tests {
 
     fn names(v: Vec<ListedBackup>) -> Vec<String> {
         v.into_iter().map(|b| b.name).collect()
+    }
+
+    #[test]
+    fn delta_retries_back_off_and_give_up_until_the_next_interval() {
+        let local = site(r#""basebackup_mode": "local-tar", "pg_data_directory": "/d","#);
+        assert_eq!(retry_pause(&local, 30), Duration::from_secs(60));
+        let delta = site(
+            r#""basebackup_mode": "delta", "pg_data_directory": "/d",
+               "basebackup_delta_mode_max_retries": 8, "basebackup_interval_hours": 12,"#,
+        );
+        assert_eq!(retry_pause(&delta, 1), Duration::from_secs(3));
+        assert_eq!(retry_pause(&delta, 2), Duration::from_secs(9));
+        assert_eq!(retry_pause(&delta, 8), Duration::from_secs(3600));
+        assert_eq!(retry_pause(&delta, 9), Duration::from_secs(12 * 3600));
     }
 
     #[test]

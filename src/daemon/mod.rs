@@ -10,6 +10,7 @@
 pub mod archiver;
 pub mod basebackups;
 pub mod chains;
+pub mod delta_retention;
 pub mod identity;
 mod lag;
 mod memory;

@@ -134,13 +134,21 @@ async fn read_control(
     .with_context(|| format!("read control object {key}"))?;
     let mut meta = None;
     let mut extra = Vec::new();
-    let delta = pghoard && pghoard_delta::is_delta(object_meta.format.as_deref());
+    let delta = pghoard_delta::is_delta(object_meta.format.as_deref());
     for (e, data) in members {
         if e.path == METADATA_MEMBER {
-            meta = Some(if delta {
+            meta = Some(if delta && pghoard {
                 let files = pghoard_delta::delta_files(&key, &data)?;
                 let m = pghoard_delta::delta_metadata(&key, &data, &object_meta, &files)?;
                 // restore_into reads the delta files from it again.
+                extra.push((e, data));
+                m
+            } else if delta {
+                // walhoard's delta backup: its own metadata, pghoard's manifest beside it.
+                pghoard_delta::delta_files(&key, &data)?;
+                let mut m = serde_json::from_slice::<BackupMetadata>(&data)
+                    .with_context(|| format!("{key}: {METADATA_MEMBER}"))?;
+                m.format = pghoard_delta::FORMAT_PGHOARD_DELTA.into();
                 extra.push((e, data));
                 m
             } else if pghoard {
