@@ -1,0 +1,274 @@
+//! Restoring a chain of PostgreSQL 17+ block-incremental backups (`basebackup_mode:
+//! "incremental"`): a full backup and two incrementals with inserts, updates, a dropped table,
+//! a truncated table and new tables between them (and a tablespace); `get-basebackup` combines
+//! the chain, PostgreSQL starts on the result with the primary's data, the rewritten
+//! `backup_manifest` describes exactly the files restored; PITR to a point between the two
+//! incrementals restores the shorter chain; a chain with a corrupted chunk or a missing middle
+//! backup is refused, naming it, and leaves nothing behind. Skipped below PostgreSQL 17.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use serde_json::{json, Value};
+use walhoard_testkit::{give_to_server_user, PgCluster};
+
+use crate::common::{create_tablespace, query};
+use crate::daemon_support::*;
+use crate::restore::{
+    get_basebackup, insert, readable_by_server, start_promoted, stderr, take_basebackup,
+    PROMOTED_PRIMARY,
+};
+
+/// Every table the test changes, as one checksum (an absent table as "-").
+const STATE: &str = "select string_agg(t || ':' || coalesce(c, '-'), ' ' order by t) from ( \
+     select t, (xpath('/row/c/text()', query_to_xml(format( \
+       'select count(*) || '':'' || coalesce(md5(string_agg(x::text, '','' order by x::text)), '''') as c from %s x', t), \
+       false, true, '')))[1]::text as c \
+     from unnest(array['r', 'trunc', 'ts_t', 'fresh1', 'fresh2']) t \
+     where to_regclass(t) is not null \
+     union all select 'gone', case when to_regclass('gone') is null then null else 'present' end) s";
+
+/// The type and parent the control object of `name` records.
+async fn backup_type(store: &walhoard::storage::ObjectStore, d: &DaemonDir, name: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = restore(store, &d.ring(), &format!("basebackup/{name}"), dir.path()).await;
+    let mut tar = walhoard_basebackup::untar::TarReader::new(std::fs::File::open(path).unwrap());
+    while let Some(e) = tar.next_entry().unwrap() {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut tar.body(), &mut body).unwrap();
+        if e.path == walhoard_basebackup::control::METADATA_MEMBER {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            return json!({"type": v["backup_type"], "parent": v["incremental_parent"]});
+        }
+    }
+    panic!("basebackup/{name} holds no metadata");
+}
+
+/// What pg_verifybackup checks of a manifest, for servers whose package has none: its own
+/// checksum, and every file it lists there with its size (and SHA-256 where it has one); no
+/// incremental file left anywhere.
+fn check_manifest(data: &Path, ts: &BTreeMap<String, std::path::PathBuf>) {
+    let bytes = std::fs::read(data.join("backup_manifest")).unwrap();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let body_end = text[..text.len() - 1].rfind('\n').unwrap() + 1;
+    let sum = hex::encode(digest::digest(&digest::SHA256, &bytes[..body_end]));
+    assert!(
+        text.ends_with(&format!("\"{sum}\"}}\n")),
+        "manifest checksum"
+    );
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let files = v["Files"].as_array().unwrap();
+    assert!(files.len() > 100);
+    for f in files {
+        let path = f["Path"].as_str().unwrap();
+        assert!(!path.contains("INCREMENTAL."), "{path}");
+        if path == "tablespace_map" {
+            // Restore links pg_tblspc/<oid> itself (docs/formats.md).
+            continue;
+        }
+        let on_disk = match path.strip_prefix("pg_tblspc/") {
+            Some(rest) => {
+                let (oid, rel) = rest.split_once('/').unwrap();
+                ts[oid].join(rel)
+            }
+            None => data.join(path),
+        };
+        let content = std::fs::read(&on_disk).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(content.len() as u64, f["Size"].as_u64().unwrap(), "{path}");
+        if f["Checksum-Algorithm"] == "SHA256" {
+            let got = hex::encode(digest::digest(&digest::SHA256, &content));
+            assert_eq!(got, f["Checksum"].as_str().unwrap(), "{path}");
+        }
+    }
+    let label = std::fs::read_to_string(data.join("backup_label")).unwrap();
+    assert!(!label.contains("INCREMENTAL"), "{label}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
+    let mut pg = PgCluster::builder()
+        .setting("wal_keep_size", "'1GB'")
+        .start()
+        .unwrap();
+    if pg.major < 17 {
+        eprintln!(
+            "skipped: block-incremental backups need PostgreSQL 17 (this is {}; WALHOARD_PG_VERSION=17)",
+            pg.major
+        );
+        return;
+    }
+    pg.restart_with(Some(("summarize_wal", "on"))).unwrap();
+    create_tablespace(&pg, "ts1");
+    pg.psql("create table r (id bigserial primary key, batch text, v text)")
+        .unwrap();
+    insert(&pg, "base", 20_000);
+    pg.psql("create table gone as select g as id, md5(g::text) v from generate_series(1, 1000) g")
+        .unwrap();
+    pg.psql("create table trunc as select g as id, md5(g::text) v from generate_series(1, 5000) g")
+        .unwrap();
+    pg.psql("create table ts_t (id int, v text) tablespace ts1; insert into ts_t select g, md5(g::text) from generate_series(1, 5000) g")
+        .unwrap();
+    let d = DaemonDir::new();
+    let storage = d.local_storage();
+    d.write_config(
+        &pg,
+        storage.clone(),
+        json!({"basebackup_mode": "incremental", "basebackup_chunk_size": 1048576}),
+    );
+    readable_by_server(&d);
+    let daemon = Daemon::start(&d);
+    let store = d.store(&storage);
+    wait_slot(&pg, &daemon);
+    let full = take_basebackup(&d);
+
+    // Inserts, updates, a dropped table, a truncated one, a new one, the tablespace's table.
+    insert(&pg, "i1", 5_000);
+    pg.psql("update r set v = 'u1' where id % 7 = 0").unwrap();
+    pg.psql("drop table gone").unwrap();
+    pg.psql("truncate trunc; insert into trunc values (1, 'after truncate')")
+        .unwrap();
+    pg.psql("create table fresh1 as select g as id from generate_series(1, 3000) g")
+        .unwrap();
+    pg.psql("update ts_t set v = 'u1' where id % 5 = 0")
+        .unwrap();
+    let inc1 = take_basebackup(&d);
+    // A point between the two incrementals.
+    insert(&pg, "mid", 1_000);
+    let want_mid = pg.psql(STATE).unwrap();
+    let mid_lsn = query(&pg, "select pg_current_wal_lsn()");
+
+    insert(&pg, "i2", 3_000);
+    pg.psql("delete from r where id % 11 = 0; update r set v = 'u2' where id % 13 = 0")
+        .unwrap();
+    pg.psql("create table fresh2 (id int); insert into fresh2 select generate_series(1, 100)")
+        .unwrap();
+    pg.psql("insert into ts_t select g, 'more' from generate_series(1, 2000) g")
+        .unwrap();
+    let inc2 = take_basebackup(&d);
+    insert(&pg, "after", 500);
+    let want_latest = pg.psql(STATE).unwrap();
+    let last = switch_segment(&pg);
+    wait_archived(&store, &last, Duration::from_secs(60), &daemon).await;
+
+    assert_eq!(
+        backup_type(&store, &d, &full).await,
+        json!({"type": "full", "parent": null})
+    );
+    assert_eq!(
+        backup_type(&store, &d, &inc1).await,
+        json!({"type": "incremental", "parent": full})
+    );
+    assert_eq!(
+        backup_type(&store, &d, &inc2).await,
+        json!({"type": "incremental", "parent": inc1})
+    );
+    let oid = query(&pg, "select oid from pg_tablespace where spcname = 'ts1'");
+    let work = tempfile::tempdir().unwrap();
+
+    // The whole chain, then WAL to the end of the archive.
+    let (data, ts_dir) = (work.path().join("latest"), work.path().join("latest-ts"));
+    let ts_map = format!("{oid}={}", ts_dir.display());
+    let out = get_basebackup(
+        &d,
+        &data,
+        &[&["--tablespace-dir", &ts_map][..], &PROMOTED_PRIMARY].concat(),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("its chain: {full} <- {inc1} <- {inc2}")),
+        "{err}"
+    );
+    check_manifest(&data, &BTreeMap::from([(oid.clone(), ts_dir.clone())]));
+    if walhoard_testkit::tool_matches_major("pg_verifybackup", pg.major) {
+        let out =
+            std::process::Command::new(walhoard_testkit::tool_path("pg_verifybackup").unwrap())
+                .args(["-n".as_ref(), data.as_os_str()])
+                .output()
+                .unwrap();
+        assert!(out.status.success(), "pg_verifybackup: {}", stderr(&out));
+    }
+    give_to_server_user(&ts_dir).unwrap();
+    let restored = start_promoted(&data);
+    assert_eq!(restored.psql(STATE).unwrap(), want_latest);
+    assert!(want_latest.contains("gone:-") && want_latest.contains("trunc:1:"));
+    drop(restored);
+
+    // PITR between the incrementals: the chain full <- inc1, then WAL.
+    let (data, ts_dir) = (work.path().join("mid"), work.path().join("mid-ts"));
+    let ts_map = format!("{oid}={}", ts_dir.display());
+    let out = get_basebackup(
+        &d,
+        &data,
+        &[
+            &[
+                "--recovery-target-lsn",
+                &mid_lsn,
+                "--tablespace-dir",
+                &ts_map,
+            ][..],
+            &PROMOTED_PRIMARY,
+        ]
+        .concat(),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("its chain: {full} <- {inc1}\n")),
+        "{err}"
+    );
+    give_to_server_user(&ts_dir).unwrap();
+    let restored = start_promoted(&data);
+    assert_eq!(restored.psql(STATE).unwrap(), want_mid);
+    drop(restored);
+
+    // A corrupted chunk of the middle backup: refused, nothing left behind.
+    let archive = Path::new(storage["directory"].as_str().unwrap()).to_path_buf();
+    let chunk = walk(&archive)
+        .into_iter()
+        .find(|p| {
+            let s = p.to_string_lossy();
+            s.contains("basebackup_chunk") && s.contains(&inc1) && s.contains("base.tar")
+        })
+        .expect("inc1's base.tar chunk");
+    let original = std::fs::read(&chunk).unwrap();
+    let mut bad = original.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(&chunk, &bad).unwrap();
+    let target = work.path().join("corrupt");
+    let out = get_basebackup(&d, &target, &["--basebackup", &inc2]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&inc1), "{}", stderr(&out));
+    assert!(!target.exists(), "a failed restore leaves nothing");
+    std::fs::write(&chunk, &original).unwrap();
+
+    // The middle backup missing: refused before anything is written, naming it.
+    store.delete(&format!("basebackup/{inc1}")).await.unwrap();
+    let target = work.path().join("missing");
+    let out = get_basebackup(&d, &target, &["--basebackup", &inc2]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("its parent basebackup/{inc1} is missing")),
+        "{err}"
+    );
+    assert!(!target.exists());
+    drop(daemon);
+    drop(pg);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
