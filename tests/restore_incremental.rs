@@ -83,6 +83,32 @@ fn check_manifest(data: &Path, ts: &BTreeMap<String, std::path::PathBuf>) {
             assert_eq!(got, f["Checksum"].as_str().unwrap(), "{path}");
         }
     }
+    // And nothing on disk that the manifest does not list (pg_verifybackup's "present on
+    // disk but not in the manifest"): what a newer backup dropped was removed.
+    let listed: std::collections::BTreeSet<&str> =
+        files.iter().map(|f| f["Path"].as_str().unwrap()).collect();
+    let mut on_disk = walk(data)
+        .into_iter()
+        .map(|p| p.strip_prefix(data).unwrap().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    for (oid, dir) in ts {
+        on_disk.extend(
+            walk(dir)
+                .into_iter()
+                .map(|p| format!("pg_tblspc/{oid}/{}", p.strip_prefix(dir).unwrap().display())),
+        );
+    }
+    for path in on_disk {
+        let ignored = ["backup_manifest", "postgresql.auto.conf", "recovery.signal", "standby.signal"]
+            .contains(&path.as_str())
+            || path.starts_with("pg_wal/")
+            // The links to the tablespaces, whose files are checked above.
+            || (path.starts_with("pg_tblspc/") && path.matches('/').count() == 1);
+        assert!(
+            ignored || listed.contains(path.as_str()),
+            "{path} is not in the manifest"
+        );
+    }
     let label = std::fs::read_to_string(data.join("backup_label")).unwrap();
     assert!(!label.contains("INCREMENTAL"), "{label}");
 }
@@ -261,11 +287,13 @@ async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
     drop(pg);
 }
 
+/// Every file below `dir` (not following symlinks; a symlink counts as a file).
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
+        let e = e.unwrap();
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
             out.extend(walk(&p));
         } else {
             out.push(p);

@@ -86,7 +86,7 @@ cargo test --workspace --locked
 stream_majors=${WALHOARD_STREAM_MAJORS-13 17}
 for v in $majors; do
   echo "== protocol and basebackup tests against PostgreSQL $v"
-  WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- protocol_ basebackup_
+  WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- protocol_ basebackup_ restore_incremental
   case " $stream_majors " in *" $v "*)
     echo "== receiver, daemon and restore tests against PostgreSQL $v"
     WALHOARD_PG_VERSION=$v cargo test --locked --test tests -- walreceiver_ \
