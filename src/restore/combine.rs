@@ -261,18 +261,20 @@ pub fn finish(target: &Path, backup: &str, tablespaces: &BTreeMap<u32, PathBuf>)
         .with_context(|| format!("basebackup/{backup} holds no backup_manifest"))?;
     let rewritten = rewrite_manifest(&manifest, |path| {
         if path == "backup_label" {
-            return Ok(Some((
-                "backup_label".to_string(),
-                summary(&mut &label[..])?,
-            )));
+            let s = summary(&mut &label[..])?;
+            return Ok(Edit::Replace("backup_label".to_string(), s));
+        }
+        if path == "tablespace_map" {
+            // Restore removes it and links pg_tblspc/<oid> itself (get.rs).
+            return Ok(Edit::Drop);
         }
         let Some(real) = incremental_target(Path::new(path)) else {
-            return Ok(None);
+            return Ok(Edit::Keep);
         };
         let (dir, rel) = restored_at(target, &real, tablespaces)?;
         let mut f = Beneath::open(&dir)?.open_read(&rel)?;
         let s = summary(&mut f)?;
-        Ok(Some((real.to_string_lossy().into_owned(), s)))
+        Ok(Edit::Replace(real.to_string_lossy().into_owned(), s))
     })
     .with_context(|| format!("basebackup/{backup}: backup_manifest"))?;
     root.replace(Path::new("backup_manifest"), &rewritten, 0o600)
@@ -337,6 +339,15 @@ fn summary(r: &mut dyn Read) -> io::Result<(u64, String)> {
     Ok((size, hex::encode(ctx.finish())))
 }
 
+/// What becomes of a manifest entry.
+enum Edit {
+    Keep,
+    /// The file is not in the result.
+    Drop,
+    /// Another path, size and SHA-256 (hex).
+    Replace(String, (u64, String)),
+}
+
 /// Keys of a manifest file entry in the order PostgreSQL writes them.
 const FILE_KEYS: &[&str] = &[
     "Path",
@@ -347,12 +358,12 @@ const FILE_KEYS: &[&str] = &[
     "Checksum",
 ];
 
-/// The manifest with the entries `change` answers for (given the entry's path) renamed and
-/// given the new size and SHA-256, in PostgreSQL's layout (one entry per line), its
+/// The manifest with its entries changed as `change` says (given the entry's path), in
+/// PostgreSQL's layout (one entry per line), its
 /// `Manifest-Checksum` recomputed (the SHA-256 of everything before that line).
 fn rewrite_manifest(
     manifest: &[u8],
-    mut change: impl FnMut(&str) -> io::Result<Option<(String, (u64, String))>>,
+    mut change: impl FnMut(&str) -> io::Result<Edit>,
 ) -> Result<Vec<u8>> {
     use serde_json::Value;
     let v: Value = serde_json::from_slice(manifest).context("not JSON")?;
@@ -373,19 +384,22 @@ fn rewrite_manifest(
         writeln!(out, "\"System-Identifier\": {},", json(id))?;
     }
     out.push_str("\"Files\": [");
-    for (i, f) in files.iter().enumerate() {
+    let mut first = true;
+    for f in files {
         let mut f = f
             .as_object()
             .context("a Files entry is not an object")?
             .clone();
         if let Some(path) = f.get("Path").and_then(Value::as_str).map(str::to_string) {
-            if let Some((new_path, (size, sha))) =
-                change(&path).with_context(|| format!("entry {path:?}"))?
-            {
-                f.insert("Path".into(), Value::from(new_path));
-                f.insert("Size".into(), Value::from(size));
-                f.insert("Checksum-Algorithm".into(), Value::from("SHA256"));
-                f.insert("Checksum".into(), Value::from(sha));
+            match change(&path).with_context(|| format!("entry {path:?}"))? {
+                Edit::Keep => {}
+                Edit::Drop => continue,
+                Edit::Replace(new_path, (size, sha)) => {
+                    f.insert("Path".into(), Value::from(new_path));
+                    f.insert("Size".into(), Value::from(size));
+                    f.insert("Checksum-Algorithm".into(), Value::from("SHA256"));
+                    f.insert("Checksum".into(), Value::from(sha));
+                }
             }
         }
         let mut fields: Vec<String> = Vec::new();
@@ -397,7 +411,8 @@ fn rewrite_manifest(
         for (k, v) in &f {
             fields.push(format!("{}: {}", json(&Value::from(k.as_str())), json(v)));
         }
-        let sep = if i == 0 { "" } else { "," };
+        let sep = if first { "" } else { "," };
+        first = false;
         write!(out, "{sep}\n{{ {} }}", fields.join(", "))?;
     }
     out.push_str(" ],\n");
@@ -566,8 +581,11 @@ mod tests {
 "#;
         let out = rewrite_manifest(m, |p| {
             Ok(match p {
-                "base/5/INCREMENTAL.16384" => Some(("base/5/16384".into(), (8192, "ab".into()))),
-                _ => None,
+                "base/5/INCREMENTAL.16384" => {
+                    Edit::Replace("base/5/16384".into(), (8192, "ab".into()))
+                }
+                "backup_label" => Edit::Drop,
+                _ => Edit::Keep,
             })
         })
         .unwrap();
@@ -581,7 +599,11 @@ mod tests {
         assert!(text[body_end..].starts_with("\"Manifest-Checksum\": \""));
         assert!(text.ends_with(&format!("\"{sum}\"}}\n")), "{text}");
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["Files"].as_array().unwrap().len(), 3);
+        assert_eq!(v["Files"].as_array().unwrap().len(), 2);
+        assert!(
+            text.contains("\"Files\": [\n{ \"Path\": \"base/5/16384\""),
+            "{text}"
+        );
         assert_eq!(v["WAL-Ranges"][0]["Timeline"], 1);
     }
 }
