@@ -14,7 +14,7 @@ use aws_lc_rs::digest;
 use serde_json::{json, Value};
 use walhoard_testkit::{give_to_server_user, PgCluster};
 
-use crate::common::{create_tablespace, query};
+use crate::common::{create_tablespace, query, sh};
 use crate::daemon_support::*;
 use crate::restore::{
     get_basebackup, insert, readable_by_server, start_promoted, stderr, take_basebackup,
@@ -225,6 +225,10 @@ async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
                 .unwrap();
         assert!(out.status.success(), "pg_verifybackup: {}", stderr(&out));
     }
+    if walhoard_testkit::tool_matches_major("pg_combinebackup", pg.major) {
+        let chain = [full.as_str(), inc1.as_str(), inc2.as_str()];
+        same_as_pg_combinebackup(&store, &d, &chain, &oid, &data, &ts_dir, work.path()).await;
+    }
     give_to_server_user(&ts_dir).unwrap();
     let restored = start_promoted(&data);
     assert_eq!(state(&restored), want_latest);
@@ -293,6 +297,114 @@ async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
     assert!(!target.exists());
     drop(daemon);
     drop(pg);
+}
+
+/// PostgreSQL's own `pg_combinebackup` on the chain's backups (their chunks downloaded and
+/// unpacked as `pg_basebackup -Ft` would have left them) must give the same files, byte for
+/// byte, as get-basebackup restored into `data` and `ts_dir` (the tablespace `oid`): all but
+/// the files that restore writes itself or leaves out on purpose, and the manifest (whose
+/// checksums are pg_combinebackup's CRC-32C, walhoard's SHA-256).
+async fn same_as_pg_combinebackup(
+    store: &walhoard::storage::ObjectStore,
+    d: &DaemonDir,
+    chain: &[&str],
+    oid: &str,
+    data: &Path,
+    ts_dir: &Path,
+    work: &Path,
+) {
+    let base = work.join("pg_combinebackup");
+    let mut dirs = Vec::new();
+    for (i, name) in chain.iter().enumerate() {
+        let (dir, ts) = (base.join(i.to_string()), base.join(format!("{i}-ts")));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&ts).unwrap();
+        let dl = base.join(format!("{i}-dl"));
+        std::fs::create_dir_all(&dl).unwrap();
+        for (chunk, into) in [("base.tar", &dir), (&format!("{oid}.tar")[..], &ts)] {
+            let key = format!("basebackup_chunk/{name}/{chunk}");
+            let file = restore(store, &d.ring(), &key, &dl).await;
+            sh(&format!("tar -xf {} -C {}", file.display(), into.display()));
+        }
+        let key = format!("basebackup_chunk/{name}/backup_manifest");
+        let manifest = restore(store, &d.ring(), &key, &dl).await;
+        std::fs::rename(manifest, dir.join("backup_manifest")).unwrap();
+        let link = dir.join("pg_tblspc").join(oid);
+        // BASE_BACKUP with a tablespace_map has no links in base.tar: pg_combinebackup finds
+        // the tablespaces by their links.
+        std::fs::remove_file(&link).ok();
+        std::fs::create_dir_all(dir.join("pg_tblspc")).unwrap();
+        std::os::unix::fs::symlink(&ts, &link).unwrap();
+        dirs.push(dir);
+    }
+    let (out, out_ts) = (base.join("out"), base.join("out-ts"));
+    let newest_ts = base.join(format!("{}-ts", chain.len() - 1));
+    let mut cmd =
+        std::process::Command::new(walhoard_testkit::tool_path("pg_combinebackup").unwrap());
+    cmd.arg("-o")
+        .arg(&out)
+        .arg("-T")
+        .arg(format!("{}={}", newest_ts.display(), out_ts.display()));
+    cmd.args(&dirs);
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "pg_combinebackup: {}", stderr(&o));
+    let ours: Vec<String> = files_below(data)
+        .into_iter()
+        .filter(|p| {
+            ![
+                "backup_manifest",
+                "postgresql.auto.conf",
+                "recovery.signal",
+                "standby.signal",
+            ]
+            .contains(&p.as_str())
+                && !p.starts_with("pg_tblspc/")
+        })
+        .collect();
+    let theirs: Vec<String> = files_below(&out)
+        .into_iter()
+        .filter(|p| {
+            !["backup_manifest", "tablespace_map", "postgresql.auto.conf"].contains(&p.as_str())
+                && !p.starts_with("pg_tblspc/")
+        })
+        .collect();
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|p| !b.contains(p)).cloned().collect()
+    };
+    assert_eq!(
+        (only(&ours, &theirs), only(&theirs, &ours)),
+        (vec![], vec![]),
+        "files only ours, only pg_combinebackup's"
+    );
+    for p in &ours {
+        assert!(
+            std::fs::read(data.join(p)).unwrap() == std::fs::read(out.join(p)).unwrap(),
+            "{p} differs from pg_combinebackup's"
+        );
+    }
+    let (ours, theirs) = (files_below(ts_dir), files_below(&out_ts));
+    assert_eq!(ours, theirs, "the same tablespace files");
+    for p in &ours {
+        assert!(
+            std::fs::read(ts_dir.join(p)).unwrap() == std::fs::read(out_ts.join(p)).unwrap(),
+            "tablespace {p} differs from pg_combinebackup's"
+        );
+    }
+    eprintln!(
+        "identical to pg_combinebackup: {} files and {} in the tablespace",
+        files_below(data).len(),
+        ours.len()
+    );
+}
+
+/// The files below `dir` as sorted relative paths.
+fn files_below(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = walk(dir)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// Every file below `dir` (not following symlinks; a symlink counts as a file).
