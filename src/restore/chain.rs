@@ -6,8 +6,8 @@
 //! name and with the reason, when it is missing from the archive, when its system identifier
 //! or PostgreSQL major differs from its child's, when it ends at or after its child's start
 //! LSN, or when it is on a later timeline than its child (a child's history can only
-//! continue its parent's timeline). The chain is at most [`MAX_CHAIN`] long, which also stops
-//! a forged loop of parents.
+//! continue its parent's timeline). A parent already in the chain (a forged loop) is refused,
+//! and the chain is at most [`MAX_CHAIN`] long.
 
 use anyhow::{bail, Context, Result};
 use walhoard_basebackup::control::{BackupMetadata, BackupType, FORMAT_STREAM};
@@ -101,6 +101,12 @@ pub async fn resolve(
         let parent_name = child.meta.incremental_parent.as_deref().with_context(|| {
             format!("basebackup/{name} is incremental but names no parent (incremental_parent)")
         })?;
+        if chain.iter().any(|m| m.listing.name == parent_name) {
+            bail!(
+                "basebackup/{name}: its parent basebackup/{parent_name} is already in the chain of basebackup/{} (a loop of parents): refused",
+                newest.name
+            );
+        }
         let Some(parent) = list.iter().find(|b| b.name == parent_name) else {
             bail!(
                 "basebackup/{name}: its parent basebackup/{parent_name} is missing from the archive: \
