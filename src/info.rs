@@ -180,6 +180,17 @@ pub fn render(i: &SiteInfo) -> String {
         );
         let _ = writeln!(
             s,
+            "      {}",
+            match &l.incremental_parent {
+                Some(p) => format!(
+                    "{} on {p} (restore needs its chain)",
+                    l.backup_type.as_str()
+                ),
+                None => l.backup_type.as_str().to_string(),
+            }
+        );
+        let _ = writeln!(
+            s,
             "      lsn {} .. {}  timeline {} (restore follows {})",
             l.start_lsn,
             or(&l.end_lsn, "?"),

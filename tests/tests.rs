@@ -4,6 +4,7 @@
 mod archive_cleanup;
 mod archive_sync;
 mod basebackup;
+mod basebackup_incremental;
 mod cli;
 mod common;
 mod config_keys;
