@@ -110,3 +110,61 @@ async fn check_accepts_the_clusters_own_archive() {
     check_passes_with(&d.config_path(), |l| l.contains("archive owner"));
     assert!(!d.alert_dir().join("foreign_archive_main").exists());
 }
+
+/// Regression: a daemon configured with only the public key (it encrypts, it cannot decrypt)
+/// could not read the first page of the archive's newest encrypted segment, logged "cannot
+/// tell whose WAL the archive holds" and streamed anyway — into another cluster's walhoard
+/// archive. The identifier walhoard records in each WAL object's metadata now tells it
+/// without a key: it refuses, and `walhoard check` (also without the private key) fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_without_private_key_refuses_another_clusters_archive() {
+    let first = PgCluster::start().unwrap();
+    let (d, mut daemon, store, _) = LocalDaemon::streaming(&first);
+    let done = switch_segment(&first);
+    wait_archived(&store, &done, Duration::from_secs(30), &daemon).await;
+    daemon.terminate(Duration::from_secs(30));
+    let key = format!("xlog/{done}");
+    let recorded =
+        walhoard::storage::meta::ObjectMeta::parse(&key, &store.metadata(&key).await.unwrap())
+            .unwrap();
+    let theirs = crate::common::system_identifier(&first);
+    assert_eq!(recorded.system_identifier, Some(theirs));
+    let before = read_tree(&d.path("archive"));
+    drop(first);
+
+    let second = PgCluster::start().unwrap();
+    let primary = crate::common::system_identifier(&second);
+    assert_ne!(theirs, primary, "initdb gave the same system identifier");
+    d.write_config(
+        &second,
+        d.local_storage(),
+        json!({"encryption_keys": {"k1": {"public": d.public}}}),
+    );
+    let mut daemon = Daemon::start(&d);
+    let alert = d.alert_dir().join("foreign_archive_main");
+    assert!(
+        wait_until(Duration::from_secs(30), || alert.exists()),
+        "no foreign_archive alert; log:\n{}",
+        daemon.log_text()
+    );
+    for _ in 0..3 {
+        switch_segment(&second);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let detail = std::fs::read_to_string(&alert).unwrap();
+    assert!(
+        detail.contains(&theirs.to_string()) && detail.contains(&primary.to_string()),
+        "{detail}"
+    );
+    daemon.terminate(Duration::from_secs(30));
+    let now = read_tree(&d.path("archive"));
+    let changed: Vec<&String> = now
+        .keys()
+        .chain(before.keys())
+        .filter(|k| now.get(*k) != before.get(*k))
+        .collect();
+    assert!(changed.is_empty(), "objects changed: {changed:?}");
+    check_fails_with(&d.config_path(), |l| {
+        l.contains("archive owner") && l.contains(&theirs.to_string())
+    });
+}

@@ -344,6 +344,7 @@ pub(crate) mod tests {
             retry: RetryPolicy::default(),
             upload_slots: crate::daemon::slots::UploadSlots::new(4),
             base_metadata: ObjectMeta::default(),
+            system_id: Default::default(),
         }
     }
 
@@ -555,6 +556,7 @@ pub(crate) mod tests {
             },
             upload_slots: crate::daemon::slots::UploadSlots::new(1),
             base_metadata: ObjectMeta::default(),
+            system_id: Default::default(),
         };
         let spool = dir.path().join("000000010000000000000001");
         let bytes = incompressible(512 << 10);

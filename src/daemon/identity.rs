@@ -17,6 +17,7 @@ use super::archiver::{wal_key, Archiver};
 use super::status::{Alerts, SiteStatus};
 use crate::pipeline::encryption::KeyRing;
 use crate::pipeline::transfer::download_with;
+use crate::storage::meta::ObjectMeta;
 use crate::storage::ObjectStore;
 
 /// The first page of a segment (XLOG_BLCKSZ is 8 kB in every build we read).
@@ -44,7 +45,9 @@ pub fn mismatch_message(site: &str, archive: &ArchiveIdentity, primary: u64) -> 
 }
 
 /// The identity of the archive's newest WAL segment (or `.partial`), `None` when it holds no
-/// WAL. Only the object's first page is decoded: the download is dropped after 8 kB (a pghoard
+/// WAL: the system identifier walhoard recorded in its metadata
+/// ([`crate::storage::meta::SYSTEM_IDENTIFIER`]), else read off its first page. Only the
+/// object's first page is decoded: the download is dropped after 8 kB (a pghoard
 /// `pghoa1` object is read whole once first: its MAC is checked before any plaintext is used).
 pub async fn archive_identity(
     store: &ObjectStore,
@@ -68,6 +71,15 @@ pub async fn archive_identity(
     } else {
         wal_key(&WalSegmentName::Partial(id))
     };
+    // WAL the daemon streamed records whose it is in its metadata: no download, and no
+    // private key needed (a daemon that only encrypts still tells whose archive it is).
+    let recorded = store
+        .metadata(&key)
+        .await
+        .with_context(|| format!("read the metadata of {key}"))?;
+    if let Some(system_id) = ObjectMeta::parse(&key, &recorded)?.system_identifier {
+        return Ok(Some(ArchiveIdentity { key, system_id }));
+    }
     // The consumer hands the page out through this slot: a consumer that stops reading early
     // makes the transfer report a broken pipe, which is no failure here.
     let (page_tx, page_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
@@ -126,7 +138,8 @@ impl ArchiveGuard {
 
     /// Refuses (the message) when the archive's newest WAL object carries another system
     /// identifier than the primary's. An archive whose identity cannot be read (the store is
-    /// down, no private key for its encrypted objects) is not refused: that is logged.
+    /// down, or its newest object was written without the recorded identifier — by pghoard or
+    /// an older walhoard — and no private key decrypts it) is not refused: that is logged.
     pub async fn check(&self, archiver: &Archiver, primary: u64) -> Result<(), String> {
         if let Some(known) = self.verified.get() {
             if *known == primary {
@@ -152,6 +165,7 @@ impl ArchiveGuard {
             }
         }
         let _ = self.verified.set(primary);
+        let _ = archiver.context().system_id.set(primary);
         self.alerts.clear(&foreign_archive_alert(&self.site));
         Ok(())
     }

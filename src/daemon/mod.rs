@@ -59,6 +59,7 @@ pub fn upload_context(site: &SiteSettings, slots: UploadSlots) -> Result<UploadC
         retry: site.retry.clone(),
         upload_slots: slots,
         base_metadata,
+        system_id: Default::default(),
     })
 }
 

@@ -3,7 +3,7 @@
 //! its alert, and the wait for room on a full archive disk.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,10 @@ pub struct UploadContext {
     pub upload_slots: UploadSlots,
     /// Metadata every WAL object carries (pg-version, host).
     pub base_metadata: ObjectMeta,
+    /// The system identifier of the cluster whose WAL this site archives, once the archive
+    /// was found to be that cluster's ([`super::identity::ArchiveGuard`]): recorded on every
+    /// WAL object stored after that.
+    pub system_id: Arc<OnceLock<u64>>,
 }
 
 /// The object key a WAL file is archived under, as pghoard lays them out.
@@ -207,6 +211,7 @@ impl UploadContext {
     pub(crate) fn wal_metadata(&self) -> ObjectMeta {
         ObjectMeta {
             walhoard_writer: Some(meta::WALHOARD_WRITER_VALUE.into()),
+            system_identifier: self.system_id.get().copied(),
             ..self.base_metadata.clone()
         }
     }

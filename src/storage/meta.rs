@@ -59,6 +59,12 @@ pub const INCREMENTAL_PARENT: &str = "incremental-parent";
 /// ignores it.
 pub const WALHOARD_WRITER: &str = "walhoard-writer";
 
+/// walhoard's: on WAL objects the daemon streamed, the system identifier of the cluster whose
+/// WAL it is (decimal), as the primary's IDENTIFY_SYSTEM gave it once the archive was found to be
+/// that cluster's. The archive-owner check reads it from the metadata, so it needs no private
+/// key to tell whose encrypted WAL a prefix holds (older objects: their first page is decoded).
+pub const SYSTEM_IDENTIFIER: &str = "walhoard-system-identifier";
+
 /// The value of [`WALHOARD_WRITER`] this build writes.
 pub const WALHOARD_WRITER_VALUE: &str = concat!("walhoard ", env!("CARGO_PKG_VERSION"));
 
@@ -157,6 +163,8 @@ pub struct ObjectMeta {
     pub backup_type: Option<walhoard_basebackup::control::BackupType>,
     /// [`INCREMENTAL_PARENT`]: walhoard's: the parent of an incremental basebackup.
     pub incremental_parent: Option<String>,
+    /// [`SYSTEM_IDENTIFIER`].
+    pub system_identifier: Option<u64>,
     /// Every other key, as stored.
     pub extra: BTreeMap<String, String>,
 }
@@ -203,6 +211,7 @@ impl ObjectMeta {
                 WALHOARD_WRITER => out.walhoard_writer = text(),
                 BACKUP_TYPE => out.backup_type = Some(value.parse().map_err(typed)?),
                 INCREMENTAL_PARENT => out.incremental_parent = text(),
+                SYSTEM_IDENTIFIER => out.system_identifier = Some(number(value).map_err(typed)?),
                 _ => {
                     out.extra.insert(name.clone(), value.clone());
                 }
@@ -260,6 +269,10 @@ impl ObjectMeta {
         put(WALHOARD_WRITER, self.walhoard_writer.clone());
         put(BACKUP_TYPE, self.backup_type.map(|t| t.as_str().into()));
         put(INCREMENTAL_PARENT, self.incremental_parent.clone());
+        put(
+            SYSTEM_IDENTIFIER,
+            self.system_identifier.map(|n| n.to_string()),
+        );
         m
     }
 
