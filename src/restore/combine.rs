@@ -27,8 +27,9 @@
 //! incremental backup's label), and each `INCREMENTAL.<relfile>` entry of the manifest becomes
 //! `<relfile>` with the size and SHA-256 of the reconstructed file, read back once.
 //!
-//! Memory: one block buffer and an incremental file's block list (at most `RELSEG_SIZE`
-//! numbers, 512 KiB) per file being applied; the manifest while it is rewritten.
+//! Memory: a buffer of up to 1 MiB of blocks (a run of consecutive ones) and an incremental
+//! file's block list (at most `RELSEG_SIZE` numbers, 512 KiB) per file being applied; the
+//! manifest while it is rewritten.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
