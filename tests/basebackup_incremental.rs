@@ -357,4 +357,32 @@ async fn basebackup_incremental_without_wal_summaries_is_full() {
         .unwrap();
     let b8 = take(&site).await.unwrap();
     assert_full(&b8);
+    // verify names the broken chain of b7 (and fails).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    cmd.args([
+        "verify",
+        "--site",
+        "main",
+        "--json",
+        "--basebackup",
+        &b7.name,
+        "--config",
+    ])
+    .arg(&site.config_path);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let text = v.to_string();
+    assert!(
+        text.contains(&format!(
+            "incremental on {}, which is not in the archive",
+            b6.name
+        )),
+        "{v:#}"
+    );
 }

@@ -12,6 +12,7 @@
 
 pub mod archive;
 pub mod backups;
+pub mod chain;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -123,6 +124,7 @@ pub async fn run(
             &crate::restore::Target::Latest,
         )?],
     };
+    let chosen = chain::with_parents(&listed, chosen);
     let mut reports = Vec::new();
     let mut described = Vec::new();
     for b in chosen {
@@ -252,6 +254,10 @@ pub async fn run(
                 ));
             }
         }
+    }
+    for (i, p) in chain::problems(&listed, &reports) {
+        reports[i].restorable_to = None;
+        reports[i].problems.push(p);
     }
     wal_problems.sort_by(|a, b| a.key.cmp(&b.key));
     wal_problems.dedup();
