@@ -35,6 +35,7 @@ mod restore;
 mod restore_command;
 mod restore_delta;
 mod restore_forged;
+mod restore_incremental;
 mod retention;
 mod retention_wal;
 mod storage;

@@ -135,6 +135,19 @@ impl Beneath {
         Ok(f)
     }
 
+    /// Opens `rel` for reading and writing, creating it (with exactly `mode`) when absent;
+    /// an existing file keeps its contents.
+    pub fn open_rw(&self, rel: &Path, mode: u32) -> io::Result<File> {
+        let f = self.open_file(rel, OFlags::RDWR | OFlags::CREATE, mode)?;
+        rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))?;
+        Ok(f)
+    }
+
+    /// Opens `rel` for reading.
+    pub fn open_read(&self, rel: &Path) -> io::Result<File> {
+        self.open_file(rel, OFlags::RDONLY, 0)
+    }
+
     /// The contents of `rel`, or `None` when it does not exist.
     pub fn read(&self, rel: &Path) -> io::Result<Option<Vec<u8>>> {
         match self.open_file(rel, OFlags::RDONLY, 0) {

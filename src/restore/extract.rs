@@ -19,6 +19,7 @@ use walhoard_basebackup::untar::{Entry, EntryKind};
 use walhoard_walreceiver::spool::fsync_dir;
 
 use super::beneath::Beneath;
+use super::combine::{incremental_target, Combine};
 use super::delta::{self, Seen};
 use std::sync::Arc;
 
@@ -39,6 +40,9 @@ pub struct Extractor {
     /// `--delta`: files already there are rewritten in place where they differ, and every
     /// path the backup has is recorded ([`super::delta`]).
     delta: Option<Arc<Seen>>,
+    /// One pass of an incremental chain's restore: `INCREMENTAL.*` members are applied to
+    /// what the older backups left, and every path is recorded ([`super::combine`]).
+    combine: Option<Arc<Combine>>,
 }
 
 fn refuse(msg: String) -> io::Error {
@@ -74,7 +78,14 @@ impl Extractor {
             root,
             hold_back,
             delta: None,
+            combine: None,
         }
+    }
+
+    /// This extractor in a pass of an incremental chain's restore.
+    pub fn with_combine(mut self, combine: Option<Arc<Combine>>) -> Self {
+        self.combine = combine;
+        self
     }
 
     /// This extractor in a `--delta` restore sharing `seen`.
@@ -233,6 +244,14 @@ impl Extractor {
         if let Some(seen) = &self.delta {
             seen.record(&self.root, &target);
         }
+        if let Some(c) = &self.combine {
+            if let (EntryKind::File, Some(real)) = (&entry.kind, incremental_target(&rel)) {
+                c.seen.record(&self.root, &self.root.join(&real));
+                let mode = Self::file_mode(entry.mode);
+                return c.apply(&self.root, &real, &entry.path, entry.size, mode, body);
+            }
+            c.seen.record(&self.root, &target);
+        }
         match &entry.kind {
             EntryKind::Dir => {
                 match fs::symlink_metadata(&target) {
@@ -273,6 +292,9 @@ impl Extractor {
                 } else {
                     target
                 };
+                if let Some(c) = &self.combine {
+                    c.seen.record(&self.root, &path);
+                }
                 if let Some(seen) = &self.delta {
                     seen.record(&self.root, &path);
                     let existing = fs::symlink_metadata(&path)

@@ -20,12 +20,14 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use walhoard_basebackup::control::{
-    BackupMetadata, ChunkKind, FORMAT_LOCAL_TAR, FORMAT_STREAM, METADATA_MEMBER,
+    BackupMetadata, BackupType, ChunkKind, FORMAT_LOCAL_TAR, FORMAT_STREAM, METADATA_MEMBER,
 };
 use walhoard_basebackup::untar::{Entry, TarReader};
 
 use super::beneath::Beneath;
+use super::chain::{self, Member};
 use super::chunks::{chunk_key, fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
+use super::combine::{self, Combine};
 use super::delta::{self, Seen};
 pub use super::dest::Existing;
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
@@ -196,6 +198,35 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
         }
     }
     let (chosen, (meta, extra, pghoard_written)) = picked.context("no basebackup candidates")?;
+    // An incremental backup: its whole chain is read and checked before anything is written.
+    let chain = if meta.backup_type == BackupType::Incremental {
+        if meta.format != FORMAT_STREAM {
+            bail!(
+                "basebackup/{}: an incremental backup in the format {:?}, not {FORMAT_STREAM:?}: refused",
+                chosen.name,
+                meta.format
+            );
+        }
+        if opts.existing == Existing::Delta {
+            bail!(
+                "basebackup/{} is incremental: --delta restores only full backups (use --overwrite)",
+                chosen.name
+            );
+        }
+        let chain = chain::resolve(site, &list, &chosen, &meta).await?;
+        eprintln!(
+            "restore: basebackup {} is incremental; its chain: {}",
+            chosen.name,
+            chain
+                .iter()
+                .map(|m| m.listing.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" <- ")
+        );
+        Some(chain)
+    } else {
+        None
+    };
     // From here on the backup's objects are read from the site that holds it.
     let source = site.for_backup(&chosen)?;
     let site = &source;
@@ -268,16 +299,22 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
             let what = format!("tablespace {key:?} directory");
             dests.push(Dest::prepare(dir, opts.existing, by, &what)?);
         }
-        restore_into(
-            site,
-            opts,
-            &chosen.name,
-            &meta,
-            extra,
-            &ts_dirs,
-            pghoard_written,
-        )
-        .await
+        match &chain {
+            Some(chain) => restore_chain(site, opts, chain, &ts_dirs).await,
+            None => {
+                restore_into(
+                    site,
+                    opts,
+                    &chosen.name,
+                    &meta,
+                    extra,
+                    &ts_dirs,
+                    pghoard_written,
+                    None,
+                )
+                .await
+            }
+        }
     }
     .await;
     if let (Ok(()), Some(p), Some(name)) = (&result, &opts.preserve, &preservation) {
@@ -304,6 +341,73 @@ fn local_tar_layout(format: &str) -> bool {
     format == FORMAT_LOCAL_TAR || format == FORMAT_PGHOARD_DELTA
 }
 
+/// Restores an incremental backup's chain (oldest first) into the prepared directories: one
+/// pass per backup, what a newer backup does not have removed after its pass, then the
+/// newest's `backup_label` and `backup_manifest` made to describe the result
+/// ([`super::combine`]).
+async fn restore_chain(
+    site: &RestoreSite,
+    opts: &GetOptions,
+    chain: &[Member],
+    ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
+) -> Result<()> {
+    let newest = chain.last().context("an empty chain")?;
+    for (i, m) in chain.iter().enumerate() {
+        let name = &m.listing.name;
+        let source = site.for_backup(&m.listing)?;
+        let pass = Arc::new(Combine::new(name, i > 0));
+        eprintln!(
+            "restore: chain {}/{}: basebackup {name} ({})",
+            i + 1,
+            chain.len(),
+            m.meta.backup_type.as_str()
+        );
+        restore_into(
+            &source,
+            opts,
+            name,
+            &m.meta,
+            Vec::new(),
+            ts_dirs,
+            false,
+            Some(pass.clone()),
+        )
+        .await?;
+        let mut removed = 0;
+        if i > 0 {
+            let dirs = std::iter::once(opts.target_dir.as_path())
+                .chain(ts_dirs.values().map(|(_, d)| d.as_path()));
+            for dir in dirs {
+                removed += pass.seen.remove_unseen(dir).with_context(|| {
+                    format!(
+                        "remove what basebackup/{name} does not have from {}",
+                        dir.display()
+                    )
+                })?;
+            }
+        }
+        eprintln!(
+            "restore: chain {}/{}: {} incremental files applied ({} bytes of blocks), {removed} entries the backup does not have removed",
+            i + 1,
+            chain.len(),
+            pass.applied.load(Ordering::Relaxed),
+            pass.block_bytes.load(Ordering::Relaxed)
+        );
+    }
+    let oids = ts_dirs.values().cloned().collect();
+    combine::finish(&opts.target_dir, &newest.listing.name, &oids)?;
+    let data = Extractor::new(opts.target_dir.clone(), true);
+    settle(
+        site,
+        opts,
+        &newest.listing.name,
+        &newest.meta,
+        ts_dirs,
+        &data,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn restore_into(
     site: &RestoreSite,
     opts: &GetOptions,
@@ -312,10 +416,13 @@ async fn restore_into(
     extra: Vec<(Entry, Vec<u8>)>,
     ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
     pghoard_written: bool,
+    chain_pass: Option<Arc<Combine>>,
 ) -> Result<()> {
     let seen = (opts.existing == Existing::Delta).then(|| Arc::new(Seen::default()));
     let extractor = |dir: &Path, hold_back: bool| {
-        Extractor::new(dir.to_path_buf(), hold_back).with_delta(seen.clone())
+        Extractor::new(dir.to_path_buf(), hold_back)
+            .with_delta(seen.clone())
+            .with_combine(chain_pass.clone())
     };
     let data = extractor(&opts.target_dir, true);
     let local_tar = LocalTarRoutes {
@@ -335,9 +442,12 @@ async fn restore_into(
             match c.kind {
                 ChunkKind::Data => Route::Into(data.clone()),
                 ChunkKind::Manifest => {
+                    let p = opts.target_dir.join("backup_manifest");
                     if let Some(seen) = &seen {
-                        let p = opts.target_dir.join("backup_manifest");
                         seen.record(&opts.target_dir, &p);
+                    }
+                    if let Some(pass) = &chain_pass {
+                        pass.seen.record(&opts.target_dir, &p);
                     }
                     Route::File {
                         dir: opts.target_dir.clone(),
@@ -354,14 +464,17 @@ async fn restore_into(
                     let dir = ts_dirs
                         .values()
                         .find(|(o, _)| *o == oid)
-                        .map(|(_, d)| d.clone())
-                        .with_context(|| {
-                            format!(
-                                "chunk {}: tablespace oid {oid} is not in the metadata",
-                                c.chunk_filename
-                            )
-                        })?;
-                    Route::Into(extractor(&dir, false))
+                        .map(|(_, d)| d.clone());
+                    match dir {
+                        Some(dir) => Route::Into(extractor(&dir, false)),
+                        // An older backup of a chain: a tablespace dropped since is checked,
+                        // not written.
+                        None if chain_pass.is_some() => Route::Check { tar: true },
+                        None => bail!(
+                            "chunk {}: tablespace oid {oid} is not in the metadata",
+                            c.chunk_filename
+                        ),
+                    }
                 }
             }
         };
@@ -424,6 +537,23 @@ async fn restore_into(
     if let Some(seen) = &seen {
         report_delta(seen, &opts.target_dir, ts_dirs)?;
     }
+    if chain_pass.is_some() {
+        // The chain's last pass is followed by restore_chain's own completion.
+        return Ok(());
+    }
+    settle(site, opts, name, meta, ts_dirs, &data)
+}
+
+/// The steps after every file of the backup is in place: tablespace links, the recovery
+/// settings, and last the held-back files that make the directory a data directory.
+fn settle(
+    site: &RestoreSite,
+    opts: &GetOptions,
+    name: &str,
+    meta: &BackupMetadata,
+    ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
+    data: &Extractor,
+) -> Result<()> {
     let root = Beneath::open(&opts.target_dir)
         .with_context(|| format!("open {}", opts.target_dir.display()))?;
     if !local_tar_layout(&meta.format) {

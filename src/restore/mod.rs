@@ -9,9 +9,13 @@
 //! - [`recovery`]: the recovery settings and signal files PostgreSQL reads.
 //! - [`wal`]: one WAL file out of the archive for PostgreSQL, with prefetch.
 //! - `partial`: a segment not complete yet, from its partial objects.
+//! - [`chain`], [`combine`]: an incremental backup's chain, checked, then combined pass by pass
+//!   into one data directory.
 
 pub mod beneath;
+pub mod chain;
 pub(crate) mod chunks;
+pub mod combine;
 pub mod delta;
 mod dest;
 pub mod extract;
