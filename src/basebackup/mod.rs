@@ -13,8 +13,8 @@
 //! unlisted chunks that [`orphan_chunk_dirs`] finds ([`inventory`] says which objects walhoard
 //! may delete). Format: docs/formats.md.
 
-pub mod incremental;
 pub mod delta;
+pub mod incremental;
 pub mod inventory;
 pub mod local_tar;
 pub mod request;
