@@ -24,7 +24,9 @@ struct Running {
     /// Segment buffers the receiver was given: 0 makes every segment go through the
     /// read-back of its spool file, otherwise some are handed on in memory.
     buffers: usize,
-    _spool: tempfile::TempDir,
+    /// The receiver's buffers (the test looks at how many it holds).
+    pool: SegmentBuffers,
+    spool: tempfile::TempDir,
 }
 
 impl Running {
@@ -44,13 +46,25 @@ fn start_with(pg: &PgCluster, buffers: usize) -> Running {
 }
 
 fn start_sync(pg: &PgCluster, buffers: usize, sync: SpoolSync) -> Running {
+    start_tuned(pg, buffers, sync, |_| {})
+}
+
+/// As [`start_sync`], with `tune` changing the receiver's configuration last.
+fn start_tuned(
+    pg: &PgCluster,
+    buffers: usize,
+    sync: SpoolSync,
+    tune: impl FnOnce(&mut ReceiverConfig),
+) -> Running {
     let spool = tempfile::tempdir().unwrap();
     let mut cfg = ReceiverConfig::new(socket_params(pg), "walhoard", spool.path().to_path_buf());
-    cfg.buffers = SegmentBuffers::new(buffers);
+    let pool = SegmentBuffers::new(buffers);
+    cfg.buffers = pool.clone();
     cfg.spool_sync = sync;
     cfg.status_interval = Duration::from_millis(500);
     cfg.reconnect_min = Duration::from_millis(100);
     cfg.reconnect_max = Duration::from_millis(500);
+    tune(&mut cfg);
     // A small queue: the test drains it; backpressure is part of what runs.
     let (tx, events) = mpsc::channel(2);
     let (archived, archived_rx) = watch::channel(Lsn::INVALID);
@@ -71,7 +85,8 @@ fn start_sync(pg: &PgCluster, buffers: usize, sync: SpoolSync) -> Running {
         cancel,
         task,
         buffers,
-        _spool: spool,
+        pool,
+        spool,
     }
 }
 
@@ -436,4 +451,152 @@ async fn walreceiver_spool_written_only_when_the_slot_may_lose_wal() {
         assert!(seen >= 2, "{seen} segments");
         r.stop().await;
     }
+}
+
+/// When the walsender last got a status update from us (`pg_stat_replication.reply_time`,
+/// seconds since the epoch).
+fn reply_time(pg: &PgCluster) -> f64 {
+    pg.psql("select extract(epoch from reply_time)::float8 from pg_stat_replication")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or(0.0)
+}
+
+/// Issue 19: whoever archives the segments is busy (its uploads wait for upload slots other
+/// sites hold) and takes no more: the receiver, blocked handing on the next segment, still
+/// sends its status updates, so the server neither times the session out nor waits for
+/// replies. (Before, a receiver blocked on the full event channel sent nothing at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_status_updates_go_out_while_segments_wait() {
+    let pg = PgCluster::start().unwrap();
+    let seg = SegmentSize::DEFAULT;
+    let mut r = start(&pg);
+    assert!(matches!(
+        next_event(&mut r).await,
+        ReceiverEvent::Connected { .. }
+    ));
+    // Far more than the two segments the event queue holds.
+    let first = slot_restart(&pg).segment_number(seg);
+    let target = write_wal(&pg, 100_000);
+    assert!(target.segment_number(seg) >= first + 4, "{target}");
+    // Nobody takes events: the queue fills, then the receiver waits with a third segment.
+    assert!(
+        wait_until(Duration::from_secs(60), || r.events.len() == 2),
+        "the event queue did not fill"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = r.positions.borrow().received_lsn;
+    let before = reply_time(&pg);
+    tokio::time::sleep(Duration::from_secs(3)).await; // six status intervals
+    let after = reply_time(&pg);
+    assert_eq!(
+        r.events.len(),
+        2,
+        "the test took no event, yet the queue moved"
+    );
+    assert_eq!(
+        r.positions.borrow().received_lsn,
+        received,
+        "the receiver is not waiting"
+    );
+    assert!(
+        before > 0.0 && after > before,
+        "no status update while the receiver waited: reply_time {before:?} then {after:?}"
+    );
+    assert!(
+        received.is_valid() && received.segment_offset(seg) == 0,
+        "waiting with a complete segment: {received}"
+    );
+    // Taken again, everything arrives, equal to pg_wal.
+    let got = collect_segments(&pg, &mut r, target, seg, true).await;
+    assert!(got.len() >= 3, "{got:?}");
+    r.stop().await;
+}
+
+/// Issue 19: a site whose WAL stops flowing gives its segment buffer back: what it received
+/// of the segment moves to its spool file (written for the purpose: the spool is only a
+/// cache here, `max_slot_wal_keep_size = -1`), and the segment, once complete, is handed on
+/// from that file, equal to pg_wal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_idle_segment_leaves_memory() {
+    let pg = PgCluster::start().unwrap();
+    let seg = SegmentSize::DEFAULT;
+    let mut r = start_tuned(&pg, 2, SpoolSync::Auto, |c| {
+        c.release_idle_after = Duration::from_secs(1);
+    });
+    assert!(matches!(
+        next_event(&mut r).await,
+        ReceiverEvent::Connected { .. }
+    ));
+    // The segment the receiver started in is completed, handed on and archived; the next
+    // one starts at its first byte, so it gets a buffer.
+    let start = current_lsn(&pg).segment_number(seg);
+    pg.psql("select pg_switch_wal()").unwrap();
+    loop {
+        match next_event(&mut r).await {
+            ReceiverEvent::Segment { start: s, .. } => {
+                r.archived.send_replace(s + seg.bytes());
+                if s.segment_number(seg) >= start {
+                    break;
+                }
+            }
+            ReceiverEvent::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A little WAL, then nothing.
+    pg.psql("create table idle (g int); insert into idle select generate_series(1, 1000)")
+        .unwrap();
+    let written = current_lsn(&pg);
+    assert!(written.segment_number(seg) > start, "{written}");
+    assert!(
+        wait_until(Duration::from_secs(30), || r
+            .positions
+            .borrow()
+            .received_lsn
+            >= written),
+        "not received"
+    );
+    let name = WalSegmentName::Segment(walhoard_protocol::SegmentId::containing(
+        walhoard_protocol::TimelineId(1),
+        written,
+        seg,
+    ));
+    let partial = r.spool.path().join(format!("{name}.partial"));
+    assert!(
+        wait_until(Duration::from_secs(30), || r.pool.held() == 0),
+        "the idle segment still holds its buffer"
+    );
+    let upto = written.segment_offset(seg) as usize;
+    let ours = std::fs::read(&partial).unwrap();
+    let theirs = std::fs::read(pg.wal_dir().join(name.to_string())).unwrap();
+    assert!(
+        ours[..upto] == theirs[..upto],
+        "{partial:?} differs from pg_wal"
+    );
+    // More WAL completes the segment: handed on from the spool file, not from memory.
+    pg.psql("insert into idle select generate_series(1, 1000)")
+        .unwrap();
+    pg.psql("select pg_switch_wal()").unwrap();
+    loop {
+        match next_event(&mut r).await {
+            ReceiverEvent::Segment {
+                name: got,
+                path,
+                data,
+                ..
+            } if got == name => {
+                assert!(data.is_none(), "{name} handed on from memory");
+                let theirs = std::fs::read(pg.wal_dir().join(name.to_string())).unwrap();
+                assert!(std::fs::read(&path).unwrap() == theirs, "{name} differs");
+                break;
+            }
+            ReceiverEvent::Segment { start, .. } => {
+                r.archived.send_replace(start + seg.bytes());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    r.stop().await;
 }

@@ -11,6 +11,7 @@ pub mod archiver;
 pub mod basebackups;
 pub mod identity;
 mod lag;
+mod memory;
 pub mod partial;
 mod resume;
 pub mod site;
@@ -162,6 +163,8 @@ impl Generation {
                 },
             );
         }
+        // Buffers a burst needed go back to the system once they are idle.
+        tracker.spawn(memory::give_back_idle(buffers.clone(), stop.clone()));
         for wal in runs {
             let name = wal.name.clone();
             let (stop, abort, t) = (stop.clone(), abort.clone(), tracker.clone());

@@ -4,7 +4,8 @@
 # drains the same backlog into its own prefix of one local archive (zstd 1, encrypted).
 # For each site count: wall time until every site's archive reached the backlog's end, the
 # daemon's peak RSS (VmHWM), its CPU seconds (user + system) per GB of WAL archived, and the
-# aggregate drain rate. Then the idle cost: a daemon restarted on the drained archives (nothing
+# aggregate drain rate, and its RSS after IDLE_SECONDS with nothing to do (what the burst leaves
+# allocated). Then the idle cost: a daemon restarted on the drained archives (nothing
 # to do) is left alone for WALHOARD_BENCH_IDLE_SECONDS; its RSS and CPU. Last, idle from the
 # start: sites on new slots with empty archives, connected and waiting.
 #
@@ -50,7 +51,7 @@ for n in $COUNTS; do [ "$n" -gt "$max" ] && max=$n; done
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
-printf 'sites\tseconds\twal_bytes_archived\tpeak_rss_mib\tcpu_s\tcpu_s_per_gb\tagg_mib_per_s\tload_1_5_15\n' >"$OUT/drain.tsv"
+printf 'sites\tseconds\twal_bytes_archived\tpeak_rss_mib\tcpu_s\tcpu_s_per_gb\tagg_mib_per_s\tload_1_5_15\trss_after_idle_mib\n' >"$OUT/drain.tsv"
 printf 'sites\tidle_rss_mib\tidle_cpu_s\tidle_seconds\n' >"$OUT/idle.tsv"
 printf 'sites\tfresh_idle_rss_mib\tidle_cpu_s\tidle_seconds\n' >"$OUT/idle-fresh.tsv"
 
@@ -121,16 +122,20 @@ for n in $COUNTS; do
   t1=$(now)
   rss=$(vmhwm "$pid")
   cpu=$(proc_cpu "$pid")
+  # The same daemon left idle after the drain: what stays of the burst's memory.
+  nap "$IDLE_SECONDS"
+  after=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
   stop_pid "$pid"
   for i in $(seq "$n"); do
     [ -e "$d/archive/s$i/xlog/$LAST_SEG" ] || { log "site s$i: $LAST_SEG not archived"; exit 1; }
   done
   bytes=$((BACKLOG * n))
   secs=$(elapsed "$t0" "$t1")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$secs" "$bytes" "$((rss / 1024))" "$cpu" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$secs" "$bytes" "$((rss / 1024))" "$cpu" \
     "$(awk -v c="$cpu" -v b="$bytes" 'BEGIN { printf "%.2f", c / (b / 1e9) }')" \
-    "$(awk -v s="$secs" -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 / s }')" "$(loads | tr ' ' ,)" >>"$OUT/drain.tsv"
-  log "drain: $n sites: $secs s, peak RSS $((rss / 1024)) MiB, CPU $cpu s"
+    "$(awk -v s="$secs" -v b="$bytes" 'BEGIN { printf "%.1f", b / 1048576 / s }')" "$(loads | tr ' ' ,)" \
+    "$((after / 1024))" >>"$OUT/drain.tsv"
+  log "drain: $n sites: $secs s, peak RSS $((rss / 1024)) MiB, CPU $cpu s, RSS $((after / 1024)) MiB after $IDLE_SECONDS s idle"
 
   # Idle: restarted on archives that hold the whole backlog, nothing new written.
   idle_run "$d" "$n" "$OUT/idle.tsv" "idle after the drain"

@@ -16,10 +16,15 @@
 //! the whole budget while another gets none: as its buffers come back, it cannot take more
 //! than its share again. Returned buffers go to one free list shared by all sites, so an idle
 //! site keeps none.
+//!
+//! **After a burst.** Free buffers are kept for reuse while WAL flows, but a buffer nobody
+//! took for a while is given back ([`BufferBudget::trim_idle`], called by the daemon on a
+//! timer), so the memory a burst needed does not stay with the process up to the budget.
 
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The daemon-wide budget. Cloning shares it.
 #[derive(Clone, Default)]
@@ -33,8 +38,8 @@ struct Pool {
     max_bytes: usize,
     /// Capacity of the buffers that exist (free or taken).
     born_bytes: usize,
-    /// Returned buffers, ready for reuse by any site.
-    free: Vec<Vec<u8>>,
+    /// Returned buffers, ready for reuse by any site, with when each came back.
+    free: Vec<(Vec<u8>, Instant)>,
     /// Buffers each site holds now, by [`SegmentBuffers::site`].
     held: Vec<usize>,
     /// Sites holding at least one buffer.
@@ -77,6 +82,31 @@ impl BufferBudget {
     /// Bytes the buffers that exist now take (free ones included).
     pub fn allocated_bytes(&self) -> usize {
         self.lock().born_bytes
+    }
+
+    /// Frees the buffers that have been back on the free list for `idle` or longer (nobody
+    /// needed them since); returns the bytes freed. Buffers reused within `idle` stay, so a
+    /// steady stream of segments allocates nothing.
+    pub fn trim_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut p = self.lock();
+        let before = p.born_bytes;
+        let mut freed = Vec::new();
+        let mut i = 0;
+        while i < p.free.len() {
+            if now.saturating_duration_since(p.free[i].1) >= idle {
+                let (buf, _) = p.free.swap_remove(i);
+                p.born_bytes -= buf.capacity();
+                freed.push(buf);
+            } else {
+                i += 1;
+            }
+        }
+        let bytes = before - p.born_bytes;
+        drop(p);
+        // Deallocated outside the lock.
+        drop(freed);
+        bytes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -131,13 +161,13 @@ impl SegmentBuffers {
         if held >= self.max_count.min(share) {
             return None;
         }
-        let buf = match p.free.iter().position(|b| b.capacity() == size) {
-            Some(i) => p.free.swap_remove(i),
+        let buf = match p.free.iter().position(|(b, _)| b.capacity() == size) {
+            Some(i) => p.free.swap_remove(i).0,
             None => {
                 // Free buffers of another size (another server's segments) make room first.
                 while p.born_bytes.saturating_add(size) > p.max_bytes {
-                    let i = p.free.iter().position(|b| b.capacity() != size)?;
-                    let old = p.free.swap_remove(i);
+                    let i = p.free.iter().position(|(b, _)| b.capacity() != size)?;
+                    let (old, _) = p.free.swap_remove(i);
                     p.born_bytes -= old.capacity();
                 }
                 p.born_bytes += size;
@@ -222,7 +252,7 @@ impl Drop for SegmentBuffer {
                 p.busy -= 1;
             }
         }
-        p.free.push(buf);
+        p.free.push((buf, Instant::now()));
     }
 }
 
@@ -288,6 +318,29 @@ mod tests {
         assert!(a.try_take(16).is_none());
         assert_eq!(budget.allocated_bytes(), 32);
         drop((big, big2));
+    }
+
+    /// Buffers back on the free list for the idle time are freed (the budget's allocated
+    /// bytes fall), those still in use or returned more recently stay; a site can take a
+    /// buffer again afterwards.
+    #[test]
+    fn idle_free_buffers_are_given_back() {
+        let budget = BufferBudget::new(64);
+        let a = budget.site(8);
+        let taken: Vec<_> = (0..4).map(|_| a.try_take(8).unwrap()).collect();
+        let kept = a.try_take(8).unwrap();
+        assert_eq!(budget.allocated_bytes(), 40);
+        drop(taken);
+        assert_eq!(budget.trim_idle(Duration::from_secs(3600)), 0, "too recent");
+        assert_eq!(budget.allocated_bytes(), 40);
+        assert_eq!(budget.trim_idle(Duration::ZERO), 32);
+        assert_eq!(budget.allocated_bytes(), 8, "the buffer in use stays");
+        drop(kept);
+        assert_eq!(budget.trim_idle(Duration::ZERO), 8);
+        assert_eq!(budget.allocated_bytes(), 0);
+        let again = a.try_take(8).unwrap();
+        assert_eq!(again.buf.capacity(), 8);
+        assert_eq!(budget.allocated_bytes(), 8);
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct ReceiverConfig {
     pub buffers: SegmentBuffers,
     /// Whether the segment being received is handed on before it is complete.
     pub partial: PartialUploads,
+    /// After this long with no WAL arriving (checked on each status update), the segment
+    /// being received leaves its buffer for its spool file, and the read-back room is freed:
+    /// an idle site holds no WAL in memory.
+    pub release_idle_after: Duration,
 }
 
 /// When the spool is made durable.
@@ -103,6 +107,7 @@ impl ReceiverConfig {
             spool_sync: SpoolSync::Always,
             buffers: SegmentBuffers::new(2),
             partial: PartialUploads::Off,
+            release_idle_after: Duration::from_secs(10),
         }
     }
 }

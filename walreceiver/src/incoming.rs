@@ -135,6 +135,24 @@ impl Incoming {
         Ok(f.synced_lsn())
     }
 
+    /// Moves what is received of this segment out of its buffer into its spool file (a new
+    /// one, only a cache like the rest of such a spool, when the segment had none) and gives
+    /// the buffer back to the budget: a site whose WAL stopped flowing keeps no segment in
+    /// memory, however long it waits. The rest of the segment is received into the file.
+    pub(crate) fn release_buffer(&mut self, dir: &Path, seg: SegmentSize) -> std::io::Result<()> {
+        let Some(buf) = self.buf.as_ref() else {
+            return Ok(());
+        };
+        if self.file.is_none() {
+            // Written before the buffer goes: a failure leaves the segment as it was.
+            let mut f = SegmentFile::open(dir, self.id.tli, self.start, seg, false)?;
+            f.write(self.start, buf)?;
+            self.file = Some(f);
+        }
+        self.buf = None;
+        Ok(())
+    }
+
     /// A copy of the bytes received from segment offset `from` on (for a partial upload).
     pub(crate) fn bytes_from(&self, from: u64) -> std::io::Result<Vec<u8>> {
         let from = from.min(self.written);

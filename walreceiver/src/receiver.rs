@@ -163,6 +163,32 @@ impl Session {
             .await
             .map_err(|_| ReceiverError::EventsClosed)
     }
+    /// Hands a complete segment on. While whoever archives it is busy (the event channel is
+    /// full: its uploads wait for upload slots, maybe held by other sites draining a backlog)
+    /// the server still gets a status update every `status_interval`, so the session is never
+    /// timed out (`wal_sender_timeout`) and the server hears of the archive's progress.
+    async fn hand_on_segment(
+        &self,
+        ev: ReceiverEvent,
+        stream: &mut ReplicationStream<'_>,
+        ticker: &mut tokio::time::Interval,
+        spool: &SpoolDurable,
+        received: Lsn,
+        tli: TimelineId,
+    ) -> Result<(), ReceiverError> {
+        loop {
+            tokio::select! {
+                permit = self.events.reserve() => {
+                    permit.map_err(|_| ReceiverError::EventsClosed)?.send(ev);
+                    return Ok(());
+                }
+                _ = ticker.tick() => {
+                    stream.send_status(&self.report(received, spool, tli)).await?;
+                }
+            }
+        }
+    }
+
     /// Leaves the stream with `end`: the segment being received made durable, and the
     /// server told where we are (a failed report is ignored: the next session reports).
     async fn leave(
@@ -309,6 +335,9 @@ impl Session {
         // Synchronous: hand on after every message, woken too when a batch is done with.
         let on_arrival = self.cfg.partial.on_arrival();
         let batch_done = partials.done();
+        // Where reception stood at the last status update that saw progress, and when.
+        let mut received_at_tick = received;
+        let mut progress_at = tokio::time::Instant::now();
         self.arrivals().cut();
         loop {
             if on_arrival {
@@ -326,6 +355,19 @@ impl Session {
                 _ = ticker.tick() => {
                     sync_spool(&mut current, &mut spool)?;
                     stream.send_status(&self.report(received, &spool, tli)).await?;
+                    if received != received_at_tick {
+                        received_at_tick = received;
+                        progress_at = tokio::time::Instant::now();
+                    } else if progress_at.elapsed() >= self.cfg.release_idle_after {
+                        // Nothing arrived for a while: an idle site keeps neither its segment
+                        // nor read-back room in memory (the segment continues in its spool
+                        // file).
+                        if let Some(cur) = current.as_mut() {
+                            cur.release_buffer(&dir, seg)?;
+                        }
+                        verify_buf = Vec::new();
+                        scratch = Vec::new();
+                    }
                 }
                 _ = async { partial_ticker.as_mut().expect("guarded").tick().await }, if partial_ticker.is_some() => {
                     self.hand_on_partial(current.as_ref(), &mut partials, self.cfg.partial.deadline())?;
@@ -400,7 +442,8 @@ impl Session {
                                 }
                                 self.next = Some(StartPosition { lsn: received, tli: Some(tli) });
                                 // A bounded channel: a slow archive slows receiving, never drops WAL.
-                                self.send(ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start, data: data.map(Arc::new) }).await?;
+                                let ev = ReceiverEvent::Segment { name: WalSegmentName::Segment(id), path, start: seg_start, data: data.map(Arc::new) };
+                                self.hand_on_segment(ev, &mut stream, &mut ticker, &spool, received, tli).await?;
                             }
                         }
                     }

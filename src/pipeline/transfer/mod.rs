@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use super::encryption::PublicKey;
 
 pub use downloading::{copy_checked, download_file, download_with};
+pub use pool::trim_idle_output;
 pub use uploading::{
     one_shot_object, upload, Hashing, Input, ObjectKind, Produce, Source, Upload, Uploaded,
 };

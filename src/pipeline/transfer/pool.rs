@@ -1,5 +1,7 @@
 //! Reused output buffers of the one-shot WAL upload ([`super::one_shot_object`]).
 
+use std::time::{Duration, Instant};
+
 use crate::storage::DIRECT_ALIGN;
 
 /// Output buffers of one-shot zstd compression and encryption ([`super::upload`] of WAL from memory), reused. A
@@ -9,21 +11,49 @@ use crate::storage::DIRECT_ALIGN;
 /// `compress_bound`-sized allocation per segment made glibc keep freed 16 MiB blocks, each
 /// touched in other places, and the daemon's RSS grew (docs/benchmarks.md). A buffer taken
 /// with [`OutputPool::take_aligned`] starts its content at a [`DIRECT_ALIGN`] boundary, so
-/// that local storage can write it with `O_DIRECT` ([`ObjectStore::put_whole`]).
+/// that local storage can write it with `O_DIRECT` ([`ObjectStore::put_whole`]). Buffers
+/// nobody took for a while are freed ([`trim_idle_output`]), so a burst's buffers do not
+/// stay with the process.
 pub(super) static ONE_SHOT_OUTPUT: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
 
-pub(super) struct OutputPool(std::sync::Mutex<Vec<Vec<u8>>>);
+/// Input buffers of the one-shot upload of a file (a spool segment read whole): one per
+/// compression worker at most, taken while it holds the worker.
+pub(super) static ONE_SHOT_INPUT: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
+
+/// Frees the pooled one-shot buffers that have not been taken for `idle` or longer;
+/// returns the bytes freed.
+pub fn trim_idle_output(idle: Duration) -> usize {
+    ONE_SHOT_OUTPUT.trim_idle(idle) + ONE_SHOT_INPUT.trim_idle(idle)
+}
+
+/// Free buffers, each with when it came back.
+pub(super) struct OutputPool(std::sync::Mutex<Vec<(Vec<u8>, Instant)>>);
 
 impl OutputPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Vec<u8>, Instant)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn trim_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut freed = Vec::new();
+        self.lock().retain_mut(|(buf, since)| {
+            if now.saturating_duration_since(*since) >= idle {
+                freed.push(std::mem::take(buf));
+                false
+            } else {
+                true
+            }
+        });
+        // Deallocated outside the lock.
+        freed.iter().map(Vec::capacity).sum()
+    }
+
     /// An empty buffer with room for `capacity` bytes, aligned or not (every buffer gets the
     /// same capacity, room for the alignment included, so that none ever grows).
     pub(super) fn take(&'static self, capacity: usize) -> PooledOutput {
-        let mut v = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        // The most recently returned: the older ones are the first to become idle.
+        let mut v = self.lock().pop().map(|(v, _)| v).unwrap_or_default();
         v.clear();
         v.reserve(capacity + DIRECT_ALIGN);
         PooledOutput {
@@ -74,10 +104,26 @@ impl std::ops::DerefMut for PooledOutput {
 impl Drop for PooledOutput {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.buf);
-        self.pool
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(v);
+        self.pool.lock().push((v, Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Buffers back in the pool for the idle time are freed; one taken since is not.
+    #[test]
+    fn idle_output_buffers_are_freed() {
+        static POOL: OutputPool = OutputPool(std::sync::Mutex::new(Vec::new()));
+        let (a, b) = (POOL.take(1000), POOL.take_aligned(1000));
+        drop((a, b));
+        assert_eq!(POOL.trim_idle(Duration::from_secs(3600)), 0);
+        let c = POOL.take(1000);
+        let freed = POOL.trim_idle(Duration::ZERO);
+        assert!(freed >= 1000, "{freed}");
+        assert!(POOL.lock().is_empty());
+        drop(c);
+        assert_eq!(POOL.lock().len(), 1, "the buffer in use came back");
     }
 }
