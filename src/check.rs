@@ -1,5 +1,6 @@
 //! `walhoard check`: what the daemon needs, tested the way the daemon would use it, per site:
-//! the replication connection (and its authentication), wal_level, max_wal_senders, the slot,
+//! the replication connection (and its authentication), wal_level, max_wal_senders,
+//! summarize_wal (basebackup_mode `incremental`), the slot,
 //! the local directories it writes (spool under backup_location, alerts), the object store (a
 //! probe object written, read back and deleted), what the archive holds (objects retention does
 //! not recognise fail the check), whose WAL the archive holds (another cluster's fails the
@@ -10,7 +11,7 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context, Result};
 use walhoard_protocol::{Connection, ReplicationClient};
 
-use crate::config::{BackupMode, Config};
+use crate::config::{BackupMode, BasebackupMode, Config};
 use crate::pipeline::encryption::{Decryptor, Encryptor, DEFAULT_CHUNK_SIZE};
 use crate::settings::SiteSettings;
 use crate::storage::Metadata;
@@ -114,6 +115,23 @@ async fn check_replication(site: &SiteSettings, out: &mut Vec<CheckResult>) -> O
             Err(e) => Err(e.into()),
         },
     );
+    if site.config.basebackup_mode == BasebackupMode::Incremental {
+        let r = match client.server_major() {
+            Ok(m) if m < 17 => Err(anyhow::anyhow!(
+                "backup_sites.{name}.basebackup_mode \"incremental\" needs PostgreSQL 17 or \
+                 later; the server is {m}: basebackups fail"
+            )),
+            _ => match client.show("summarize_wal").await {
+                Ok(v) if v == "on" => Ok("on: basebackups are incremental".to_string()),
+                Ok(v) => Err(anyhow::anyhow!(
+                    "summarize_wal is {v}: backup_sites.{name}.basebackup_mode \"incremental\" \
+                     takes full backups until it is on (set summarize_wal = on and reload)"
+                )),
+                Err(e) => Err(e.into()),
+            },
+        };
+        push("summarize_wal", r);
+    }
     if site.config.synchronous_archive {
         let names = client.show("synchronous_standby_names").await;
         let commit = client.show("synchronous_commit").await;

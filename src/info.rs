@@ -13,6 +13,7 @@ use walhoard_protocol::{Lsn, TimelineId};
 
 use crate::restore::{BackupListing, RestoreSite};
 use crate::verify::archive::{TimelineRange, WalIndex};
+use crate::verify::partials::{self, PartialIndex, PartialInfo};
 use crate::verify::{or, wal::load_histories, Problem};
 
 /// One backup as `info` shows it.
@@ -56,6 +57,8 @@ pub struct SiteInfo {
     pub segment_size: u64,
     pub timelines: Vec<TimelineRange>,
     pub partial_segments: Vec<String>,
+    /// The partial objects (`xlog_partial/`) of segments not yet complete.
+    pub partial_objects: PartialInfo,
     pub history_files: Vec<String>,
     pub newest: Option<Newest>,
     pub daemon: Option<DaemonInfo>,
@@ -71,6 +74,7 @@ pub async fn site_info(site: &RestoreSite, state_file: &Path) -> Result<SiteInfo
     let index = WalIndex::load(&stores).await?;
     let mut problems = Vec::new();
     let histories = load_histories(&sources, &index, &mut problems).await;
+    let parts = PartialIndex::load(sources[0].0, &index).await?;
     let mut backups = Vec::new();
     for b in listing {
         let start = b.start_lsn.parse::<Lsn>().ok();
@@ -126,6 +130,7 @@ pub async fn site_info(site: &RestoreSite, state_file: &Path) -> Result<SiteInfo
             .iter()
             .map(|(id, _)| format!("{id}.partial"))
             .collect(),
+        partial_objects: partials::info(&parts, index.seg_size, now),
         history_files: index
             .histories
             .keys()
@@ -177,6 +182,17 @@ pub fn render(i: &SiteInfo) -> String {
             l.size_stored,
             l.start_time,
             or(&l.end_time, "?"),
+        );
+        let _ = writeln!(
+            s,
+            "      {}",
+            match &l.incremental_parent {
+                Some(p) => format!(
+                    "{} on {p} (restore needs its chain)",
+                    l.backup_type.as_str()
+                ),
+                None => l.backup_type.as_str().to_string(),
+            }
         );
         let _ = writeln!(
             s,
@@ -234,6 +250,42 @@ pub fn render(i: &SiteInfo) -> String {
     }
     if !i.partial_segments.is_empty() {
         let _ = writeln!(s, "    partial segments: {}", i.partial_segments.join(", "));
+    }
+    let p = &i.partial_objects;
+    if p.objects > 0 {
+        let _ = writeln!(
+            s,
+            "    partial objects: {} ({} bytes of WAL, {} stored){}",
+            p.objects,
+            p.plain_bytes,
+            p.stored_bytes,
+            if p.leftover_objects > 0 {
+                format!(
+                    ", {} leftover(s) of segments archived complete",
+                    p.leftover_objects
+                )
+            } else {
+                String::new()
+            }
+        );
+        for d in &p.durable_end {
+            let _ = writeln!(
+                s,
+                "      timeline {}: durable to {} (segment {} from its parts)",
+                d.timeline, d.durable_lsn, d.segment
+            );
+        }
+        if let Some(n) = &p.newest {
+            let _ = writeln!(
+                s,
+                "      newest part: {} written {}{}",
+                n.key,
+                n.written_at.as_deref().unwrap_or("(time unknown)"),
+                n.age_seconds
+                    .map(|a| format!(" ({a} s ago)"))
+                    .unwrap_or_default()
+            );
+        }
     }
     match &i.newest {
         Some(n) => {

@@ -45,7 +45,11 @@ pub(crate) fn durable_lsn(p: &Primary) -> Option<Lsn> {
 }
 
 /// Waits until the partial objects under `dir` reach offset `end`; returns all of them.
-async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, Vec<u8>> {
+pub(crate) async fn wait_parts_up_to(
+    p: &Primary,
+    dir: &str,
+    end: u64,
+) -> BTreeMap<String, Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let objs = partial_objects(&p.store).await;
@@ -69,7 +73,7 @@ async fn wait_parts_up_to(p: &Primary, dir: &str, end: u64) -> BTreeMap<String, 
 
 /// The ranges of the parts under `dir`, in order, asserted to tile the segment from offset 0
 /// without gap or overlap.
-fn tiling(parts: &BTreeMap<String, Vec<u8>>, dir: &str) -> Vec<(u64, u64)> {
+pub(crate) fn tiling(parts: &BTreeMap<String, Vec<u8>>, dir: &str) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = parts
         .keys()
         .filter(|k| k.starts_with(dir))

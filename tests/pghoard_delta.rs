@@ -11,11 +11,11 @@ use crate::pghoard_restore::{fixture_archive, pghoard_archive_of, restore_and_co
 use crate::restore::{get_basebackup, stderr};
 use crate::retention::PGHOARD_SITE;
 
-const FIRST: &str = "2026-12-04_23-24_0";
-const SECOND: &str = "2026-12-04_23-25_0";
+pub(crate) const FIRST: &str = "2026-12-04_23-24_0";
+pub(crate) const SECOND: &str = "2026-12-04_23-25_0";
 /// 1000 rows, 100 more before each of the four WAL switches; pghoard was stopped before it
 /// handed over the segment of the last batch (the archive ends at segment 9).
-const ROWS: &str = "1300";
+pub(crate) const ROWS: &str = "1300";
 
 fn delta_archive() -> crate::daemon_support::DaemonDir {
     pghoard_archive_of(&fixture_archive("pghoard-pg15-delta"))

@@ -190,3 +190,68 @@ fn corrupt(path: &Path) {
     b[0] ^= 0x01;
     std::fs::write(path, b).unwrap();
 }
+
+/// UPLOAD_MANIFEST (PostgreSQL 17+): a manifest the server cannot parse is a server error after
+/// which the connection still works; a real one (from a full BASE_BACKUP on the same server) is
+/// accepted and the INCREMENTAL backup that follows on the connection sends `INCREMENTAL.*`
+/// files. Before 17 both are refused here, before anything is sent.
+#[tokio::test]
+async fn protocol_upload_manifest_and_incremental_base_backup() {
+    let mut pg = PgCluster::start().unwrap();
+    let mut c = crate::common::replication_client(&pg).await;
+    let incremental = BaseBackupOptions {
+        incremental: true,
+        ..Default::default()
+    };
+    if pg.major < 17 {
+        let e = c.upload_manifest(b"{}").await.unwrap_err();
+        assert!(matches!(e, walhoard_protocol::Error::Config(_)), "{e}");
+        assert!(c.base_backup(&incremental).await.is_err());
+        c.identify_system()
+            .await
+            .expect("the connection still works");
+        return;
+    }
+    pg.restart_with(Some(("summarize_wal", "on"))).unwrap();
+    pg.psql("create table t as select g from generate_series(1, 100000) g")
+        .unwrap();
+    let mut c = crate::common::replication_client(&pg).await;
+    let e = c.upload_manifest(b"not a manifest").await.unwrap_err();
+    assert!(matches!(e, walhoard_protocol::Error::Server(_)), "{e}");
+    c.identify_system().await.expect("usable after the refusal");
+
+    // A full backup's manifest, collected from the stream.
+    let (manifest, _) = collect(&mut c, &BaseBackupOptions::default()).await;
+    pg.psql("update t set g = g + 1 where g <= 100").unwrap();
+    c.upload_manifest(&manifest).await.unwrap();
+    let (_, members) = collect(&mut c, &incremental).await;
+    assert!(
+        members.iter().any(|m| m.contains("/INCREMENTAL.")),
+        "{members:?}"
+    );
+}
+
+/// Runs BASE_BACKUP on `c`: its manifest and the member names of `base.tar`.
+async fn collect(
+    c: &mut walhoard_protocol::ReplicationClient,
+    opts: &BaseBackupOptions,
+) -> (Vec<u8>, Vec<String>) {
+    let mut bb = c.base_backup(opts).await.unwrap();
+    let (mut manifest, mut base, mut in_base) = (Vec::new(), Vec::new(), false);
+    while let Some(ev) = bb.next().await.unwrap() {
+        match ev {
+            BaseBackupEvent::Archive { name, .. } => in_base = name == "base.tar",
+            BaseBackupEvent::ArchiveData(d) if in_base => base.extend_from_slice(&d),
+            BaseBackupEvent::ManifestData(d) => manifest.extend_from_slice(&d),
+            _ => {}
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("base.tar");
+    std::fs::write(&tar, &base).unwrap();
+    let members = sh(&format!("tar -tf {}", tar.display()))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (manifest, members)
+}

@@ -10,11 +10,16 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use walhoard_testkit::{give_to_server_user, PgCluster};
 
+use walhoard_basebackup::control::METADATA_MEMBER;
+use walhoard_basebackup::untar::TarReader;
+
 use crate::common::{create_tablespace, query};
 use crate::daemon_support::*;
+use crate::pghoard_restore::{fixture_archive, pghoard_archive_of};
 use crate::restore::{
     get_basebackup, insert, readable_by_server, start_promoted, stderr, take_basebackup, CHECKSUM,
 };
+use crate::retention::PGHOARD_SITE;
 
 /// What a tree holds: each path below the root → kind, mode and contents (a link's target,
 /// with `links` mapping one tablespace directory onto the other tree's).
@@ -238,4 +243,137 @@ async fn restore_delta_stream_format_over_a_primary_that_moved_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_delta_local_tar_over_a_primary_that_moved_on() {
     delta_over_a_primary_that_moved_on("local-tar").await;
+}
+
+/// The files of pghoard's delta backup `name` (in the fixture archive of `d`) that are
+/// `basebackup_delta/<hash>` objects of their own: their paths below the data directory.
+fn delta_object_files(d: &DaemonDir, name: &str) -> Vec<PathBuf> {
+    let control = d
+        .path("archive")
+        .join(PGHOARD_SITE)
+        .join(format!("basebackup/{name}.00000000.pghoard"));
+    let plain = zstd::stream::decode_all(&std::fs::read(&control).unwrap()[..]).unwrap();
+    let mut tar = TarReader::new(&plain[..]);
+    while let Some(e) = tar.next_entry().unwrap() {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut tar.body(), &mut body).unwrap();
+        if e.path.trim_start_matches("./") != METADATA_MEMBER {
+            continue;
+        }
+        let meta: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        return meta["manifest"]["snapshot_result"]["state"]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| !f["hexdigest"].as_str().unwrap_or("").is_empty())
+            .map(|f| PathBuf::from(f["relative_path"].as_str().unwrap()))
+            .collect();
+    }
+    panic!("{} holds no {METADATA_MEMBER}", control.display());
+}
+
+/// `--delta` with a delta-layout backup (pghoard's, tests/data/pghoard-pg15-delta): a data
+/// directory restored from the first backup is brought to the second. A file stored as a
+/// `basebackup_delta/<hash>` object whose local copy already has the manifest's size and
+/// BLAKE2s-256 is kept without downloading its object; only the others (changed between the
+/// backups, scribbled on, removed, or a symlink where the file belongs, even one pointing at
+/// the right bytes) are fetched, with the bundle chunk. The result is the full restore's tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_delta_of_a_delta_backup_fetches_only_the_objects_whose_files_differ() {
+    use crate::pghoard_delta::{FIRST, ROWS, SECOND};
+    let d = pghoard_archive_of(&fixture_archive("pghoard-pg15-delta"));
+    let data = d.path("standby");
+    let flags = ["--restore-to-primary"];
+    let out = get_basebackup(&d, &data, &[&["--basebackup", FIRST][..], &flags].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The reference: a full restore of the second backup into an empty directory.
+    let ref_data = d.path("reference");
+    let out = get_basebackup(
+        &d,
+        &ref_data,
+        &[&["--basebackup", SECOND][..], &flags].concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hashed = delta_object_files(&d, SECOND);
+    assert!(hashed.len() > 10, "{hashed:?}");
+    // Every object: the bundle chunk and one per hashed file.
+    let full_objects = number_before(&stderr(&out), " objects, ");
+    assert_eq!(full_objects as usize, 1 + hashed.len(), "{}", stderr(&out));
+    let reference = tree(&ref_data, &BTreeMap::new());
+
+    // Behind the backup's back: one hashed file scribbled on, one removed, one a symlink to
+    // a copy of the right bytes outside, one that is right but has another mode; a bundled
+    // file changed; files and a directory the backup does not have.
+    let unchanged: Vec<&PathBuf> = hashed
+        .iter()
+        .filter(|p| std::fs::read(data.join(p)).ok() == std::fs::read(ref_data.join(p)).ok())
+        .collect();
+    assert!(unchanged.len() >= 8, "{unchanged:?}");
+    scribble(&data.join(unchanged[0]));
+    std::fs::remove_file(data.join(unchanged[1])).unwrap();
+    let outside = d.path("outside-copy");
+    std::fs::copy(ref_data.join(unchanged[2]), &outside).unwrap();
+    std::fs::remove_file(data.join(unchanged[2])).unwrap();
+    std::os::unix::fs::symlink(&outside, data.join(unchanged[2])).unwrap();
+    std::fs::set_permissions(
+        data.join(unchanged[3]),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    scribble(&data.join("pg_xact/0000"));
+    std::fs::write(data.join("base/1/999999"), b"extra").unwrap();
+    std::fs::create_dir_all(data.join("extra_dir/sub")).unwrap();
+    std::fs::write(data.join("extra_dir/sub/x"), b"x").unwrap();
+    let before = tree(&data, &BTreeMap::new());
+    // The objects that must be fetched: those whose file is not already a regular file
+    // holding the backup's bytes (a mode alone does not need a download).
+    let differ = hashed
+        .iter()
+        .filter(|p| {
+            let want = match reference.get(*p) {
+                Some(Node::File(_, b)) => b,
+                other => panic!("{p:?} in the reference: {other:?}"),
+            };
+            !matches!(before.get(*p), Some(Node::File(_, b)) if b == want)
+        })
+        .count();
+    assert!(
+        differ >= 3 && differ < hashed.len() / 2,
+        "{differ} of {}",
+        hashed.len()
+    );
+
+    let out = get_basebackup(
+        &d,
+        &data,
+        &[&["--basebackup", SECOND, "--delta"][..], &flags].concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    eprintln!("{err}");
+    assert_same_tree(&tree(&data, &BTreeMap::new()), &reference, "data directory");
+    assert_eq!(
+        std::fs::read(&outside).unwrap(),
+        std::fs::read(ref_data.join(unchanged[2])).unwrap()
+    );
+    // Only the bundle chunk and the objects of the files that differed were downloaded.
+    assert_eq!(
+        number_before(&err, " objects, ") as usize,
+        1 + differ,
+        "{err}"
+    );
+    assert_eq!(
+        number_before(&err, " objects not downloaded") as usize,
+        hashed.len() - differ,
+        "{err}"
+    );
+
+    let restored = start_promoted(&data);
+    assert_eq!(
+        restored
+            .psql("select count(*) from fixture")
+            .unwrap()
+            .trim(),
+        ROWS
+    );
 }

@@ -135,6 +135,8 @@ impl Forge {
             total_size_plain: 0,
             total_size_enc: 0,
             tablespace_map: String::new(),
+            backup_type: Default::default(),
+            incremental_parent: None,
         };
         let mut w = TarWriter::new(Vec::new());
         w.append_bytes(

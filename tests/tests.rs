@@ -4,6 +4,7 @@
 mod archive_cleanup;
 mod archive_sync;
 mod basebackup;
+mod basebackup_incremental;
 mod cli;
 mod common;
 mod config_keys;
@@ -15,6 +16,7 @@ mod foreign_archive;
 mod http_api;
 mod http_auth;
 mod metrics;
+mod partial_verify;
 mod partial_wal;
 mod pghoa1;
 mod pghoard_cli;

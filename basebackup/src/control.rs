@@ -60,6 +60,39 @@ pub struct ChunkMeta {
     pub server_compressed: bool,
 }
 
+/// Whether a backup stands alone or needs its parent (PostgreSQL 17+ block-level incremental).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupType {
+    /// Every file whole; absent from metadata written before incremental backups existed.
+    #[default]
+    Full,
+    /// `BASE_BACKUP ( INCREMENTAL )` against the parent's `backup_manifest`: relation files
+    /// may be `INCREMENTAL.<relfile>` members that restore combines with the parent chain.
+    Incremental,
+}
+
+impl BackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Incremental => "incremental",
+        }
+    }
+}
+
+impl std::str::FromStr for BackupType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(BackupType::Full),
+            "incremental" => Ok(BackupType::Incremental),
+            _ => Err(format!("unknown backup type {s:?} (full or incremental)")),
+        }
+    }
+}
+
 /// The whole description. Field names up to `host` are pghoard's; the rest are walhoard's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackupMetadata {
@@ -94,4 +127,42 @@ pub struct BackupMetadata {
     /// links `pg_tblspc/<oid>` to wherever it puts each tablespace.
     #[serde(default)]
     pub tablespace_map: String,
+    /// `full` unless the metadata says `incremental` (older objects have no such key).
+    #[serde(default)]
+    pub backup_type: BackupType,
+    /// The backup an incremental one was taken against (its name under `basebackup/`);
+    /// `None` for a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_parent: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_type_defaults_to_full_and_round_trips() {
+        let old = r#"{"backup_start_time":"t","backup_start_wal_segment":"s","backup_end_time":"t",
+            "backup_end_wal_segment":"s","pgdata":null,"pghoard_object":"basebackup",
+            "pghoard_version":"v","tablespaces":{},"host":"h","chunks":[],"format":"walhoard-bb-stream-v1",
+            "start_lsn":"0/2000028","end_lsn":"0/2000100","start_timeline":1,"end_timeline":1,
+            "pg_version":170000,"system_identifier":null,"basebackup_mode":"basic",
+            "active_backup_mode":"walreceiver","wal_included":false,"compression_algorithm":"zstd",
+            "encryption_key_id":null,"total_size_plain":0,"total_size_enc":0}"#;
+        let mut m: BackupMetadata = serde_json::from_str(old).unwrap();
+        assert_eq!(m.backup_type, BackupType::Full);
+        assert_eq!(m.incremental_parent, None);
+        m.backup_type = BackupType::Incremental;
+        m.incremental_parent = Some("2026-12-05_03-00_0".into());
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(json["backup_type"], "incremental");
+        assert_eq!(json["incremental_parent"], "2026-12-05_03-00_0");
+        let back: BackupMetadata = serde_json::from_value(json).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            "incremental".parse::<BackupType>(),
+            Ok(BackupType::Incremental)
+        );
+        assert!("partial".parse::<BackupType>().is_err());
+    }
 }

@@ -35,6 +35,9 @@ pub struct BaseBackupOptions {
     pub compression: Option<String>,
     /// e.g. `level=1` or `level=1,workers=2`.
     pub compression_detail: Option<String>,
+    /// `INCREMENTAL` (PostgreSQL 17+): only blocks changed since the backup whose manifest was
+    /// sent with [`crate::ReplicationClient::upload_manifest`] on the same connection.
+    pub incremental: bool,
 }
 
 impl Default for BaseBackupOptions {
@@ -51,6 +54,7 @@ impl Default for BaseBackupOptions {
             max_rate: None,
             compression: None,
             compression_detail: None,
+            incremental: false,
         }
     }
 }
@@ -67,6 +71,11 @@ fn quote(s: &str) -> Result<String> {
 impl BaseBackupOptions {
     /// The BASE_BACKUP command for a server of major version `major`.
     pub fn command(&self, major: u32) -> Result<String> {
+        if self.incremental && major < 17 {
+            return Err(Error::Config(format!(
+                "incremental backups need PostgreSQL 17+, server is {major}"
+            )));
+        }
         if major >= 15 {
             let mut o = vec![format!("LABEL {}", quote(&self.label)?)];
             if self.progress {
@@ -102,6 +111,9 @@ impl BaseBackupOptions {
                 if let Some(d) = &self.compression_detail {
                     o.push(format!("COMPRESSION_DETAIL {}", quote(d)?));
                 }
+            }
+            if self.incremental {
+                o.push("INCREMENTAL".into());
             }
             Ok(format!("BASE_BACKUP ({})", o.join(", ")))
         } else {
@@ -392,6 +404,13 @@ mod tests {
             "BASE_BACKUP (LABEL 'it''s', PROGRESS, CHECKPOINT 'fast', WAIT false, WAL, MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP, COMPRESSION 'zstd', COMPRESSION_DETAIL 'level=1')"
         );
         assert!(o.command(14).is_err(), "compression before 15");
+        o.compression = None;
+        o.incremental = true;
+        assert!(o.command(16).is_err(), "incremental before 17");
+        assert_eq!(
+            o.command(17).unwrap(),
+            "BASE_BACKUP (LABEL 'it''s', PROGRESS, CHECKPOINT 'fast', WAIT false, WAL, MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', TABLESPACE_MAP, INCREMENTAL)"
+        );
         o.label = "a\0b".into();
         assert!(o.command(15).is_err());
     }

@@ -242,6 +242,67 @@ impl ReplicationClient {
         }
     }
 
+    /// `UPLOAD_MANIFEST` (PostgreSQL 17+): sends the `backup_manifest` of an earlier backup
+    /// (COPY IN), which the next `BASE_BACKUP ( INCREMENTAL )` on this connection is taken
+    /// against (UploadManifest in walsender.c). A manifest the server rejects is a
+    /// [`Error::Server`], after which the connection is usable again.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<()> {
+        let major = self.server_major()?;
+        if major < 17 {
+            return Err(Error::Config(format!(
+                "UPLOAD_MANIFEST needs PostgreSQL 17+, server is {major}"
+            )));
+        }
+        let conn = &mut self.conn;
+        frontend_msg::query("UPLOAD_MANIFEST", conn.write_buffer())?;
+        conn.flush().await?;
+        match conn.read_message().await? {
+            BackendMessage::CopyInResponse => {}
+            BackendMessage::ErrorResponse(e) => {
+                let _ = conn.drain_until_ready().await;
+                return Err(Error::Server(e));
+            }
+            other => {
+                return Err(Error::protocol(format!(
+                    "unexpected answer to UPLOAD_MANIFEST: {other:?}"
+                )))
+            }
+        }
+        // The server reads as we send; an error it raises meanwhile arrives after CopyDone
+        // (it ignores the CopyData that follows an error).
+        const PIECE: usize = 64 * 1024;
+        for piece in manifest.chunks(PIECE) {
+            frontend_msg::copy_data(piece, conn.write_buffer())?;
+            conn.flush().await?;
+        }
+        frontend_msg::copy_done(conn.write_buffer());
+        conn.flush().await?;
+        let mut error = None;
+        let mut completed = false;
+        loop {
+            match conn.read_message().await? {
+                BackendMessage::CommandComplete { .. } => completed = true,
+                BackendMessage::ErrorResponse(e) => {
+                    error.get_or_insert(e);
+                }
+                BackendMessage::ReadyForQuery { .. } => break,
+                BackendMessage::NoticeResponse(_) | BackendMessage::ParameterStatus { .. } => {}
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected message after UPLOAD_MANIFEST: {other:?}"
+                    )))
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(Error::Server(e)),
+            None if completed => Ok(()),
+            None => Err(Error::protocol(
+                "UPLOAD_MANIFEST ended without CommandComplete",
+            )),
+        }
+    }
+
     /// Starts BASE_BACKUP; see [`crate::backup`].
     pub async fn base_backup(
         &mut self,

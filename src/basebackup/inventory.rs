@@ -70,6 +70,8 @@ pub struct Control {
     pub start_segment: Option<SegmentId>,
     /// `start-wal-segment` as stored (for messages).
     pub start_wal_segment: Option<String>,
+    /// `incremental-parent`: the backup an incremental one needs (walhoard's).
+    pub incremental_parent: Option<String>,
 }
 
 /// What a chunk directory without a control object is.
@@ -186,6 +188,7 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
                 modified: o.last_modified,
                 start_segment: None,
                 start_wal_segment: None,
+                incremental_parent: None,
             });
             continue;
         }
@@ -204,6 +207,7 @@ pub async fn scan(store: &ObjectStore, now: f64) -> Result<Inventory> {
                 .and_then(|s| s.parse::<WalSegmentName>().ok())
                 .and_then(|w| w.segment()),
             start_wal_segment,
+            incremental_parent: m.incremental_parent.clone(),
         });
     }
 

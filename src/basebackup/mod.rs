@@ -13,6 +13,7 @@
 //! unlisted chunks that [`orphan_chunk_dirs`] finds ([`inventory`] says which objects walhoard
 //! may delete). Format: docs/formats.md.
 
+pub mod incremental;
 pub mod inventory;
 pub mod local_tar;
 pub mod request;
@@ -65,6 +66,8 @@ pub struct BackupContext {
     pub fast_checkpoint: bool,
     /// BASE_BACKUP's MAX_RATE in kB/s (basic/pipe), to spare a busy primary.
     pub max_rate_kbps: Option<u32>,
+    /// The site's private keys, to read the parent's manifest (`incremental` mode only).
+    pub keys: Option<crate::pipeline::encryption::KeyRing>,
     /// Keys of chunks stored so far, deleted if the backup fails.
     stored: Arc<std::sync::Mutex<Vec<String>>>,
     /// Bytes read so far and the estimated total, for the daemon's state file.
@@ -126,6 +129,10 @@ impl BackupContext {
             host: crate::settings::hostname(),
             fast_checkpoint: true,
             max_rate_kbps: None,
+            keys: match site.config.basebackup_mode {
+                BasebackupMode::Incremental => Some(site.keys()?),
+                _ => None,
+            },
             stored: Arc::default(),
             progress: Arc::default(),
         })
@@ -266,6 +273,8 @@ impl BackupContext {
             total_size_enc: Some(meta.total_size_enc),
             basebackup_mode: Some(meta.basebackup_mode.clone()),
             active_backup_mode: Some(meta.active_backup_mode.clone()),
+            backup_type: Some(meta.backup_type),
+            incremental_parent: meta.incremental_parent.clone(),
             ..self.base_metadata()
         };
         let key = format!("basebackup/{}", self.name);
@@ -332,6 +341,7 @@ pub(crate) fn describe(
         BasebackupMode::LocalTar => "local-tar",
         BasebackupMode::Delta => "delta",
         BasebackupMode::LocalTarDeltaStats => "local-tar-delta-stats",
+        BasebackupMode::Incremental => "incremental",
     };
     let active = match ctx.site_config.active_backup_mode {
         BackupMode::Walreceiver => "walreceiver",
@@ -368,6 +378,8 @@ pub(crate) fn describe(
         compression_algorithm: ctx.compression.algorithm.name().into(),
         encryption_key_id: ctx.encryption.as_ref().map(|e| e.key_id.clone()),
         tablespace_map: String::new(),
+        backup_type: Default::default(),
+        incremental_parent: None,
     }
 }
 
@@ -435,7 +447,9 @@ pub async fn take_with(ctx: BackupContext) -> Result<BackupInfo> {
     let started = Instant::now();
     tracing::info!(site = %ctx.site, "starting basebackup {} ({:?})", ctx.name, ctx.site_config.basebackup_mode);
     let result = match ctx.site_config.basebackup_mode {
-        BasebackupMode::Basic | BasebackupMode::Pipe => stream::run(&ctx).await,
+        BasebackupMode::Basic | BasebackupMode::Pipe | BasebackupMode::Incremental => {
+            stream::run(&ctx).await
+        }
         BasebackupMode::LocalTar => local_tar::run(&ctx).await,
         other => Err(anyhow::anyhow!(
             "backup_sites.{}.basebackup_mode {other:?} is not supported",

@@ -12,11 +12,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use walhoard_basebackup::control::{
-    BackupMetadata, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_STREAM,
+    BackupMetadata, BackupType, ChunkKind, ChunkMeta, TablespaceMeta, FORMAT_STREAM,
 };
-use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions};
+use walhoard_protocol::{BaseBackupEvent, BaseBackupOptions, BaseBackupStream};
 
 use super::{describe, now_rfc3339, BackupContext, Progress};
+use crate::config::BasebackupMode;
 use crate::pipeline::compression::Algorithm;
 use crate::pipeline::transfer::Uploaded;
 
@@ -210,15 +211,29 @@ fn server_compression(
         })
 }
 
+/// What one BASE_BACKUP stored.
+struct Streamed {
+    start: (walhoard_protocol::Lsn, walhoard_protocol::TimelineId),
+    end: (walhoard_protocol::Lsn, walhoard_protocol::TimelineId),
+    tablespaces: BTreeMap<String, TablespaceMeta>,
+    chunks: Vec<ChunkMeta>,
+}
+
 pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
     let params = ctx.node_params()?;
     let (mut client, id, seg) = crate::server::identify(&params, " for BASE_BACKUP").await?;
     let version = client.connection().server_version_num()?;
+    let mut parent = match ctx.site_config.basebackup_mode {
+        BasebackupMode::Incremental => {
+            super::incremental::prepare(ctx, &mut client, &id, version).await?
+        }
+        _ => None,
+    };
     let server_zstd = server_compression(ctx, &params, version);
     if server_zstd {
         tracing::info!(site = %ctx.site, "PostgreSQL compresses the archives (zstd level {})", ctx.compression.level);
     }
-    let opts = BaseBackupOptions {
+    let mut opts = BaseBackupOptions {
         label: format!("walhoard {}", ctx.name),
         progress: true,
         fast_checkpoint: ctx.fast_checkpoint,
@@ -230,12 +245,73 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
         max_rate: ctx.max_rate_kbps,
         compression: server_zstd.then(|| "zstd".to_string()),
         compression_detail: server_zstd.then(|| format!("level={}", ctx.compression.level)),
+        incremental: parent.is_some(),
     };
     let start_time = now_rfc3339();
-    let mut bb = client
-        .base_backup(&opts)
-        .await
-        .context("start BASE_BACKUP")?;
+    let streamed = match client.base_backup(&opts).await {
+        Ok(bb) => Some(stream(ctx, bb, server_zstd).await?),
+        // The server cannot take this one incrementally (WAL summaries missing for the
+        // parent's range, ...): a full backup instead, on the same connection.
+        Err(walhoard_protocol::Error::Server(e)) if opts.incremental => {
+            tracing::warn!(
+                site = %ctx.site,
+                "incremental BASE_BACKUP on {} refused: {e}; basebackup {} is full",
+                parent.as_deref().unwrap_or_default(),
+                ctx.name
+            );
+            None
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("start BASE_BACKUP")),
+    };
+    let streamed = match streamed {
+        Some(s) => s,
+        None => {
+            parent = None;
+            opts.incremental = false;
+            let bb = client
+                .base_backup(&opts)
+                .await
+                .context("start BASE_BACKUP")?;
+            stream(ctx, bb, server_zstd).await?
+        }
+    };
+    let end_time = now_rfc3339();
+    client.close().await.ok();
+    let Streamed {
+        start: (start_lsn, start_tli),
+        end: (end_lsn, end_tli),
+        tablespaces,
+        chunks,
+    } = streamed;
+    if !chunks.iter().any(|c| c.kind == ChunkKind::Manifest) {
+        bail!("BASE_BACKUP sent no backup_manifest");
+    }
+    let mut meta = describe(
+        ctx,
+        FORMAT_STREAM,
+        version,
+        (start_lsn, start_tli, start_time),
+        (end_lsn, end_tli, end_time),
+        seg,
+        chunks,
+        tablespaces,
+        ctx.standalone(),
+    );
+    meta.system_identifier = Some(id.system_id.to_string());
+    if let Some(p) = parent {
+        meta.backup_type = BackupType::Incremental;
+        meta.incremental_parent = Some(p);
+    }
+    ctx.upload_control(&meta, Vec::new()).await?;
+    Ok(meta)
+}
+
+/// Stores the archives and the manifest of a started BASE_BACKUP, one chunk each.
+async fn stream(
+    ctx: &BackupContext,
+    mut bb: BaseBackupStream<'_>,
+    server_zstd: bool,
+) -> Result<Streamed> {
     let (start_lsn, start_tli) = (bb.start_lsn, bb.start_tli);
     let estimate: u64 = bb.tablespaces.iter().filter_map(|t| t.size_kb).sum::<u64>() * 1024;
     let mut tablespaces = BTreeMap::new();
@@ -341,23 +417,10 @@ pub async fn run(ctx: &BackupContext) -> Result<BackupMetadata> {
             return Err(e);
         }
     };
-    let end_time = now_rfc3339();
-    client.close().await.ok();
-    if !chunks.iter().any(|c| c.kind == ChunkKind::Manifest) {
-        bail!("BASE_BACKUP sent no backup_manifest");
-    }
-    let mut meta = describe(
-        ctx,
-        FORMAT_STREAM,
-        version,
-        (start_lsn, start_tli, start_time),
-        (end_lsn, end_tli, end_time),
-        seg,
-        chunks,
+    Ok(Streamed {
+        start: (start_lsn, start_tli),
+        end: (end_lsn, end_tli),
         tablespaces,
-        ctx.standalone(),
-    );
-    meta.system_identifier = Some(id.system_id.to_string());
-    ctx.upload_control(&meta, Vec::new()).await?;
-    Ok(meta)
+        chunks,
+    })
 }

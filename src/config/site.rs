@@ -38,6 +38,10 @@ pub enum BasebackupMode {
     Delta,
     #[serde(rename = "local-tar-delta-stats")]
     LocalTarDeltaStats,
+    /// walhoard: PostgreSQL 17+ block-level incremental backups (`BASE_BACKUP ( INCREMENTAL )`
+    /// against the previous backup's manifest), stored in the basic mode's format.
+    #[serde(rename = "incremental")]
+    Incremental,
 }
 
 fn default_backup_mode() -> BackupMode {
@@ -57,6 +61,9 @@ fn default_two() -> u32 {
 }
 fn default_one() -> u32 {
     1
+}
+fn default_incremental_max_chain() -> u32 {
+    6
 }
 fn default_interval_hours() -> Option<f64> {
     Some(24.0)
@@ -90,6 +97,10 @@ pub struct SiteConfig {
     pub basebackup_mode: BasebackupMode,
     #[serde(default = "default_one")]
     pub basebackup_threads: u32,
+    /// walhoard (basebackup_mode `incremental`): how many incremental backups may follow a
+    /// full one before the next is full again; 0 makes every backup full. Default 6.
+    #[serde(default = "default_incremental_max_chain")]
+    pub basebackup_incremental_max_chain: u32,
     /// walhoard: let PostgreSQL 15+ compress BASE_BACKUP archives (zstd) in basic/pipe mode.
     /// Default (null): when the site compresses with zstd and the node is reached over TCP at
     /// a non-loopback address, where it saves bytes on the wire; on the same host it would

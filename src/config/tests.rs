@@ -213,6 +213,13 @@ fn errors_name_the_key_path() {
             "backup_sites.main.basebackup_count",
         ),
         (
+            MINIMAL.replace(
+                r#""nodes""#,
+                r#""basebackup_mode": "incremental", "basebackup_incremental_max_chain": -1, "nodes""#,
+            ),
+            "backup_sites.main.basebackup_incremental_max_chain",
+        ),
+        (
             MINIMAL.replace(r#""nodes""#, r#""active_backup_mode": "rsync", "nodes""#),
             "backup_sites.main.active_backup_mode",
         ),

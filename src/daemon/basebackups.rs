@@ -73,6 +73,8 @@ pub struct ListedBackup {
     /// Written by walhoard, with a start time and start segment its metadata gives: the only
     /// backups retention counts and deletes. Else pghoard's, or walhoard's but not parsable.
     pub own: bool,
+    /// The backup an incremental one depends on ([`super::chains`]).
+    pub incremental_parent: Option<String>,
 }
 
 /// The backups of an inventory walhoard or pghoard wrote, oldest first.
@@ -89,6 +91,7 @@ fn listed(inv: &Inventory) -> Vec<ListedBackup> {
             own: c.writer == Writer::Walhoard
                 && c.start_time.is_some()
                 && c.start_segment.is_some(),
+            incremental_parent: c.incremental_parent.clone(),
         })
         .collect();
     out.sort_by(|a, b| {
@@ -105,9 +108,10 @@ pub async fn list_backups(store: &ObjectStore) -> Result<Vec<ListedBackup>> {
     Ok(listed(&inventory::scan(store, now_secs()).await?))
 }
 
-/// Which backups the rules delete (oldest first), pghoard's `determine_backups_to_delete`:
-/// deleting stops at the oldest backup a preservation request keeps past `now`, so it, every
-/// newer backup and the WAL from its start on stay ([`crate::preservation`]).
+/// Which backups the rules delete (oldest first), pghoard's `determine_backups_to_delete`
+/// counting chains of incremental backups as one ([`super::chains`]): deleting stops at the
+/// oldest chain a preservation request keeps past `now`, so it, every newer backup and the
+/// WAL from its start on stay ([`crate::preservation`]).
 pub fn backups_to_delete(
     site: &SiteConfig,
     backups: &[ListedBackup],
@@ -116,17 +120,22 @@ pub fn backups_to_delete(
 ) -> Vec<ListedBackup> {
     let now_ts =
         jiff::Timestamp::from_millisecond((now * 1000.0) as i64).unwrap_or(jiff::Timestamp::MIN);
-    let deletable = |b: &ListedBackup| !preserved.preserves(&b.name, now_ts);
-    let mut kept: Vec<ListedBackup> = backups.to_vec();
+    // Whole chains (a full backup and the incremental ones on it) are counted and deleted:
+    // a backup goes only with every backup that depends on it.
+    let deletable = |c: &[ListedBackup]| c.iter().all(|b| !preserved.preserves(&b.name, now_ts));
+    let mut kept = super::chains::chains(backups);
     let mut delete = Vec::new();
     let count = site.basebackup_count.max(1) as usize;
     while kept.len() > count && deletable(&kept[0]) {
-        delete.push(kept.remove(0));
+        delete.extend(kept.remove(0));
     }
     if let Some(days) = site.basebackup_age_days_max {
         let min = site.basebackup_count_min.max(1) as usize;
-        while kept.len() > min && now - kept[0].start_time > days * 86400.0 && deletable(&kept[0]) {
-            delete.push(kept.remove(0));
+        while kept.len() > min
+            && now - super::chains::newest_start(&kept[0]) > days * 86400.0
+            && deletable(&kept[0])
+        {
+            delete.extend(kept.remove(0));
         }
     }
     delete
@@ -183,7 +192,8 @@ pub async fn apply_retention(
             tracing::info!(site = %site_name, backup = %b.name, %until, "preservation request");
         }
     }
-    for b in &doomed {
+    // Newest first: an interrupted run never leaves an incremental without its parent.
+    for b in doomed.iter().rev() {
         tracing::info!(site = %site_name, backup = %b.name, "deleting basebackup (retention)");
         delete_backup(store, &b.name)
             .await
@@ -407,6 +417,7 @@ mod tests {
                 start_time: t,
                 start_wal_segment: None,
                 own: true,
+                incremental_parent: None,
             })
             .collect()
     }
@@ -476,6 +487,40 @@ mod tests {
             until: parse_until("2999-01-01").unwrap(),
         }]);
         assert!(backups_to_delete(&site(""), &b, now, &p).is_empty());
+    }
+
+    #[test]
+    fn retention_keeps_whole_incremental_chains() {
+        let none = Preservations::default();
+        let (day, now, mut b) = four_backups();
+        // b0 full ← b1 ← b2 incremental, b3 full: two chains; count 2 deletes nothing,
+        // count 1 the whole first chain, newest first.
+        b[1].incremental_parent = Some("b0".into());
+        b[2].incremental_parent = Some("b1".into());
+        assert!(backups_to_delete(&site(""), &b, now, &none).is_empty());
+        let s = site(r#""basebackup_count": 1,"#);
+        assert_eq!(
+            names(backups_to_delete(&s, &b, now, &none)),
+            ["b0", "b1", "b2"]
+        );
+        // b3 incremental on b2: one chain, nothing to delete even at count 1.
+        b[3].incremental_parent = Some("b2".into());
+        assert!(backups_to_delete(&s, &b, now, &none).is_empty());
+        // By age, a chain goes only when its newest backup is too old: b0 (10 days) and
+        // b1 (5 days) are older than 3 days but b2 (2 days) depends on them.
+        b[3].incremental_parent = None;
+        let s = site(
+            r#""basebackup_count": 10, "basebackup_age_days_max": 3, "basebackup_count_min": 1,"#,
+        );
+        assert!(backups_to_delete(&s, &b, now, &none).is_empty());
+        let s = site(
+            r#""basebackup_count": 10, "basebackup_age_days_max": 1.5, "basebackup_count_min": 1,"#,
+        );
+        assert_eq!(
+            names(backups_to_delete(&s, &b, now, &none)),
+            ["b0", "b1", "b2"]
+        );
+        let _ = day;
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod archiver;
 pub mod basebackups;
+pub mod chains;
 pub mod identity;
 mod lag;
 mod memory;

@@ -185,6 +185,29 @@ pub(crate) async fn restore_chunk(
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let (chunk, key) = (&job.chunk, &job.key);
+    if let Route::DeltaFile {
+        data: Some(data),
+        rel,
+        hexdigest,
+    } = &job.route
+    {
+        // `--delta`: a file already there with the object's size and digest is kept.
+        let (data, rel, hexdigest, size) = (
+            data.clone(),
+            rel.clone(),
+            hexdigest.clone(),
+            chunk.input_size,
+        );
+        let kept = tokio::task::spawn_blocking(move || {
+            pghoard_delta::keep_local(&data, &rel, &hexdigest, size)
+                .with_context(|| format!("compare {rel} with the backup's"))
+        })
+        .await
+        .context("delta restore task failed")??;
+        if kept {
+            return Ok(());
+        }
+    }
     let route = job.route.clone();
     let limit = chunk.input_size;
     let key2 = key.clone();

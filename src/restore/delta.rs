@@ -1,14 +1,20 @@
 //! `get-basebackup --delta`: restore into an existing data directory (a standby that fell
 //! behind, a failed primary to rejoin), writing only what differs.
 //!
-//! No walhoard or pghoard backup format records a checksum per file (the stream format's
-//! chunks are whole `BASE_BACKUP` tars; local-tar lists file names per chunk but with no
-//! hash), so every chunk is still downloaded; what is saved is writes. Each file in the
-//! backup is compared with the file already there block by block ([`rewrite_in_place`]) as
-//! its bytes arrive, and only blocks that differ are written; a file of another length is
-//! cut or extended. Everything below the target (and each tablespace directory) that the
-//! backup does not have is then removed ([`Seen::remove_unseen`]): the result is the tree a
-//! restore into an empty directory gives.
+//! Downloads: a delta-layout backup (pghoard's `pghoard-delta-v1`/`-v2`, and walhoard's own
+//! delta mode, which writes the same layout) stores every file above a size as an object of
+//! its own named by the BLAKE2s-256 of its contents, with its size, in the manifest: a local
+//! file of that size and digest is kept and its object never fetched
+//! ([`super::extract::Extractor::keep_if_same`], counted in [`Seen::unfetched`]). Every
+//! other object is fetched: the stream format's chunks are whole `BASE_BACKUP` tars, one
+//! compressed stream each; local-tar chunks and delta bundle chunks list their files' names
+//! but no size or hash, so nothing tells that a chunk's files are already right.
+//!
+//! Writes: each file that is fetched is compared with the file already there block by block
+//! ([`rewrite_in_place`]) as its bytes arrive, and only blocks that differ are written; a
+//! file of another length is cut or extended. Everything below the target (and each
+//! tablespace directory) that the backup does not have is then removed
+//! ([`Seen::remove_unseen`]): the result is the tree a restore into an empty directory gives.
 //!
 //! Safety: the server must be stopped ([`check_stopped`], PostgreSQL's own `postmaster.pid`
 //! test in `CreateLockFile`); `global/pg_control` is removed before anything else is
@@ -93,6 +99,10 @@ pub struct Seen {
     pub written: AtomicU64,
     /// Files that were already identical.
     pub kept: AtomicU64,
+    /// Objects not downloaded at all: files a delta-layout backup stores as objects of their
+    /// own, whose local copy already had the size and digest the manifest records
+    /// ([`super::extract::Extractor::keep_if_same`]).
+    pub unfetched: AtomicU64,
 }
 
 impl Seen {

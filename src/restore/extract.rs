@@ -161,6 +161,60 @@ impl Extractor {
         0o600 | (mode & 0o040)
     }
 
+    /// `--delta`: whether the file `rel` below the root already is a regular file (not a
+    /// symlink, not reached through one) of `size` bytes whose contents `same` accepts. If so
+    /// it is kept as it is, given the mode a restore gives a member of mode `mode`, synced,
+    /// recorded as part of the backup and counted as not fetched ([`Seen::unfetched`]): the
+    /// caller need not download it. Always false outside a delta restore and for the files
+    /// held back ([`HELD_BACK`]), which are always written.
+    pub fn keep_if_same(
+        &self,
+        rel: &str,
+        size: u64,
+        mode: u32,
+        same: impl FnOnce(&mut dyn Read) -> io::Result<bool>,
+    ) -> io::Result<bool> {
+        let Some(seen) = &self.delta else {
+            return Ok(false);
+        };
+        let rel = safe_relative(rel)?;
+        if rel.as_os_str().is_empty()
+            || (self.hold_back && HELD_BACK.iter().any(|h| Path::new(h) == rel))
+        {
+            return Ok(false);
+        }
+        // Refuses a parent that is a symlink, as extracting the member would.
+        self.make_parents(&rel, 0o700)?;
+        let path = self.root.join(&rel);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && m.len() == size => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let mut f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // Replaced by a link (ELOOP) or removed since: extracting it deals with that.
+            Err(_) => return Ok(false),
+        };
+        let m = f.metadata()?;
+        if !m.is_file() || m.len() != size || !same(&mut f)? {
+            return Ok(false);
+        }
+        f.set_permissions(fs::Permissions::from_mode(Self::file_mode(mode)))?;
+        // Its contents may still be only in the page cache of the server that wrote them.
+        f.sync_all()?;
+        seen.record(&self.root, &path);
+        seen.kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        seen.unfetched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Writes one member, its body read from `body`. Returns the bytes written.
     pub fn extract(&self, entry: &Entry, rel: &str, body: &mut dyn Read) -> io::Result<u64> {
         let rel = safe_relative(rel)?;
@@ -335,6 +389,52 @@ mod tests {
     use super::*;
     use walhoard_basebackup::tar::{Member, MemberKind, TarWriter};
     use walhoard_basebackup::untar::TarReader;
+
+    /// `keep_if_same` keeps only a regular file of the right size whose contents are
+    /// accepted, never through a symlink (the file's or a parent's), never a held-back file,
+    /// and only in a delta restore; a kept file gets the restore's mode and is counted.
+    #[test]
+    fn keep_if_same_keeps_only_a_matching_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        fs::create_dir_all(root.join("base/1")).unwrap();
+        fs::write(root.join("base/1/100"), b"abc").unwrap();
+        fs::set_permissions(root.join("base/1/100"), fs::Permissions::from_mode(0o644)).unwrap();
+        let same = |r: &mut dyn Read| {
+            let mut b = Vec::new();
+            r.read_to_end(&mut b)?;
+            Ok(b == b"abc")
+        };
+        let plain = Extractor::new(root.clone(), true);
+        assert!(!plain.keep_if_same("base/1/100", 3, 0o600, same).unwrap());
+        let seen = Arc::new(Seen::default());
+        let x = Extractor::new(root.clone(), true).with_delta(Some(seen.clone()));
+        assert!(!x.keep_if_same("base/1/100", 4, 0o600, same).unwrap());
+        assert!(!x
+            .keep_if_same("base/1/100", 3, 0o600, |_| Ok(false))
+            .unwrap());
+        assert!(!x.keep_if_same("base/1/missing", 3, 0o600, same).unwrap());
+        assert!(x.keep_if_same("base/1/100", 3, 0o600, same).unwrap());
+        let mode = fs::metadata(root.join("base/1/100"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(seen.unfetched.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A symlink to the right bytes, or a file below a symlinked directory: not kept.
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("100"), b"abc").unwrap();
+        std::os::unix::fs::symlink(outside.join("100"), root.join("base/1/101")).unwrap();
+        assert!(!x.keep_if_same("base/1/101", 3, 0o600, same).unwrap());
+        std::os::unix::fs::symlink(&outside, root.join("base/2")).unwrap();
+        assert!(x.keep_if_same("base/2/100", 3, 0o600, same).is_err());
+        // The held-back files are always written.
+        fs::create_dir_all(root.join("global")).unwrap();
+        fs::write(root.join("global/pg_control"), b"abc").unwrap();
+        assert!(!x.keep_if_same("global/pg_control", 3, 0o600, same).unwrap());
+        assert_eq!(seen.unfetched.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 
     fn extract_all(bytes: &[u8], x: &Extractor) -> io::Result<()> {
         let mut r = TarReader::new(bytes);

@@ -393,8 +393,13 @@ async fn restore_into(
         pghoard_delta::write_embedded(files, &data)
             .with_context(|| format!("basebackup/{name}: embedded files"))?;
     }
+    // `--delta`: the delta objects whose files were already right were not downloaded.
+    let unfetched = seen
+        .as_ref()
+        .map_or(0, |s| s.unfetched.load(Ordering::Relaxed));
     eprintln!(
-        "restore: {objects} objects, {} bytes in {:.1}s",
+        "restore: {} objects, {} bytes in {:.1}s",
+        objects as u64 - unfetched,
         done.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     );
@@ -475,8 +480,9 @@ fn report_delta(
         })?;
     }
     eprintln!(
-        "restore: delta: {} files already identical, {} bytes written, {removed} entries not in the backup removed",
+        "restore: delta: {} files already identical ({} objects not downloaded), {} bytes written, {removed} entries not in the backup removed",
         seen.kept.load(Ordering::Relaxed),
+        seen.unfetched.load(Ordering::Relaxed),
         seen.written.load(Ordering::Relaxed)
     );
     Ok(())

@@ -16,7 +16,7 @@ pub mod delta;
 mod dest;
 pub mod extract;
 pub mod get;
-mod partial;
+pub mod partial;
 pub mod pghoard;
 pub mod pghoard_delta;
 pub mod recovery;
@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use walhoard_basebackup::control::BackupType;
 use walhoard_protocol::Lsn;
 
 use crate::config::Config;
@@ -183,6 +184,11 @@ pub struct BackupListing {
     /// The `moved_from` site the backup is in; absent for the site's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// `full` or `incremental` (PostgreSQL 17+ block-level; needs its parent chain).
+    pub backup_type: BackupType,
+    /// The backup an incremental one was taken against; absent for a full one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incremental_parent: Option<String>,
 }
 
 impl BackupListing {
@@ -257,6 +263,8 @@ pub async fn list_basebackups(store: &ObjectStore) -> Result<Vec<BackupListing>>
             pg_version: m.pg_version.map(|v| v.to_string()).unwrap_or_default(),
             name,
             site: None,
+            backup_type: m.backup_type.unwrap_or_default(),
+            incremental_parent: m.incremental_parent.clone(),
         });
     }
     sort_listing(&mut out);
@@ -315,6 +323,7 @@ pub fn render_listing(list: &[BackupListing]) -> String {
         "tli".into(),
         "compression".into(),
         "key id".into(),
+        "type".into(),
     ]];
     for b in list {
         rows.push([
@@ -331,6 +340,10 @@ pub fn render_listing(list: &[BackupListing]) -> String {
             b.start_timeline.to_string(),
             b.compression.clone(),
             b.encryption_key_id.clone().unwrap_or_else(|| "-".into()),
+            match &b.incremental_parent {
+                Some(p) => format!("{} on {p}", b.backup_type.as_str()),
+                None => b.backup_type.as_str().to_string(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
@@ -469,6 +482,8 @@ mod tests {
             encryption_key_id: None,
             pg_version: String::new(),
             site: None,
+            backup_type: BackupType::Full,
+            incremental_parent: None,
         }
     }
 

@@ -181,26 +181,41 @@ async fn fetch_part(
     part: &Part,
     out: &std::sync::Arc<std::fs::File>,
 ) -> Result<SegmentSize, PartsError> {
-    let mut w = WriteAt {
+    let w = WriteAt {
         file: out.clone(),
         pos: part.range.from,
     };
+    read_part(store, keys, id, part, w).await.map(|(s, _)| s)
+}
+
+/// Reads `part` into `out` through every check: decrypted (MAC), decompressed, its plain
+/// size and hash as its metadata records them, as many bytes as its key says, and the LSN
+/// range and segment size its metadata records matching its key. Returns the segment size
+/// and `out`. `walhoard verify` reads parts with it too.
+pub async fn read_part<W: Write + Send + 'static>(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: &SegmentId,
+    part: &Part,
+    mut out: W,
+) -> Result<(SegmentSize, W), PartsError> {
     let expect = part.range.bytes();
     let fetched = download_with(store, &part.key, keys, move |metadata, r| {
-        let mut buf = io::BufWriter::new(&mut w);
+        let mut buf = io::BufWriter::new(&mut out);
         let n = copy_checked(metadata, r, &mut buf)?;
         buf.flush()?;
+        drop(buf);
         if n != expect {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("holds {n} bytes, its key says {expect}"),
             ));
         }
-        Ok(())
+        Ok(out)
     })
     .await;
-    let metadata = match fetched {
-        Ok((m, ())) => m,
+    let (metadata, out) = match fetched {
+        Ok(x) => x,
         // Listed a moment ago: gone now means it was deleted under us (its segment was just
         // archived complete); the caller fetches the complete segment instead.
         Err(TransferError::Storage(StorageError::NotFound { key })) => {
@@ -208,7 +223,7 @@ async fn fetch_part(
         }
         Err(e) => return Err(failed(part, e).into()),
     };
-    Ok(check_range(&metadata, id, part)?)
+    Ok((check_range(&metadata, id, part)?, out))
 }
 
 /// Writes at its own position in a shared file (parts are fetched concurrently; a cloned

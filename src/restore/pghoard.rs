@@ -173,6 +173,8 @@ fn pghoard_backup(
             .unwrap_or_default(),
         encryption_key_id: m.encryption_key_id.clone(),
         tablespace_map: String::new(),
+        backup_type: Default::default(),
+        incremental_parent: None,
     })
 }
 

@@ -275,6 +275,30 @@ pub(super) fn extract_object(
     Ok(())
 }
 
+/// `--delta`: keeps the data directory's file `rel` without fetching its object when it
+/// already is `size` bytes whose BLAKE2s-256 is `hexdigest` (the object's name, which the
+/// restore would check the object against). False when it is not, or outside a delta restore.
+pub(super) fn keep_local(
+    data: &Extractor,
+    rel: &str,
+    hexdigest: &str,
+    size: u64,
+) -> io::Result<bool> {
+    data.keep_if_same(rel, size, FILE_MODE, |r| {
+        let mut hash = Blake2s::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hash.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(hash.finish_hex() == hexdigest)
+    })
+}
+
 /// Writes the files embedded in the manifest and creates its empty directories.
 pub(super) fn write_embedded(files: &DeltaFiles, data: &Extractor) -> io::Result<()> {
     for d in &files.empty_dirs {
@@ -292,12 +316,15 @@ pub(super) fn write_embedded(files: &DeltaFiles, data: &Extractor) -> io::Result
     Ok(())
 }
 
+/// The mode of a file restored from a delta object or the manifest (no mode is recorded).
+const FILE_MODE: u32 = 0o600;
+
 /// A regular file member named `rel` (mode 0600, as PostgreSQL creates its files).
 fn file_entry(rel: &str, size: u64) -> Entry {
     Entry {
         path: rel.to_string(),
         kind: EntryKind::File,
-        mode: 0o600,
+        mode: FILE_MODE,
         size,
     }
 }

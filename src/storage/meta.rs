@@ -47,6 +47,10 @@ pub const TOTAL_SIZE_ENC: &str = "total-size-enc";
 pub const BASEBACKUP_MODE: &str = "basebackup-mode";
 /// The site's active_backup_mode when the backup was taken.
 pub const ACTIVE_BACKUP_MODE: &str = "active-backup-mode";
+/// walhoard's: a basebackup's `full` or `incremental` (absent: full).
+pub const BACKUP_TYPE: &str = "backup-type";
+/// walhoard's: the backup an incremental basebackup was taken against.
+pub const INCREMENTAL_PARENT: &str = "incremental-parent";
 /// walhoard's: on every WAL segment, `.partial` and timeline history object walhoard stores,
 /// the version of walhoard that wrote it. Retention deletes only WAL that carries it, so
 /// pghoard's WAL (and anything else's) under the same prefix is never deleted. pghoard reads
@@ -155,6 +159,10 @@ pub struct ObjectMeta {
     pub active_backup_mode: Option<String>,
     /// [`WALHOARD_WRITER`]: walhoard's mark on the WAL it stores (what retention may delete).
     pub walhoard_writer: Option<String>,
+    /// [`BACKUP_TYPE`]: walhoard's: a basebackup's type; absent means full.
+    pub backup_type: Option<walhoard_basebackup::control::BackupType>,
+    /// [`INCREMENTAL_PARENT`]: walhoard's: the parent of an incremental basebackup.
+    pub incremental_parent: Option<String>,
     /// [`SYSTEM_IDENTIFIER`].
     pub system_identifier: Option<u64>,
     /// Every other key, as stored.
@@ -201,6 +209,8 @@ impl ObjectMeta {
                 BASEBACKUP_MODE => out.basebackup_mode = text(),
                 ACTIVE_BACKUP_MODE => out.active_backup_mode = text(),
                 WALHOARD_WRITER => out.walhoard_writer = text(),
+                BACKUP_TYPE => out.backup_type = Some(value.parse().map_err(typed)?),
+                INCREMENTAL_PARENT => out.incremental_parent = text(),
                 SYSTEM_IDENTIFIER => out.system_identifier = Some(number(value).map_err(typed)?),
                 _ => {
                     out.extra.insert(name.clone(), value.clone());
@@ -257,6 +267,8 @@ impl ObjectMeta {
         put(BASEBACKUP_MODE, self.basebackup_mode.clone());
         put(ACTIVE_BACKUP_MODE, self.active_backup_mode.clone());
         put(WALHOARD_WRITER, self.walhoard_writer.clone());
+        put(BACKUP_TYPE, self.backup_type.map(|t| t.as_str().into()));
+        put(INCREMENTAL_PARENT, self.incremental_parent.clone());
         put(
             SYSTEM_IDENTIFIER,
             self.system_identifier.map(|n| n.to_string()),

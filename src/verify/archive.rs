@@ -115,6 +115,16 @@ impl WalIndex {
         SegmentId::from_segno(tli, segno, self.seg_size).to_string()
     }
 
+    /// Whether the archive holds segment `id` complete, or as its timeline's `.partial`.
+    pub fn holds_complete(&self, id: &SegmentId) -> bool {
+        let whole = id.segno(self.seg_size).is_ok_and(|n| {
+            self.segments
+                .get(&id.tli)
+                .is_some_and(|m| m.contains_key(&n))
+        });
+        whole || self.partials.iter().any(|(p, _)| p == id)
+    }
+
     /// Per timeline: first and last segment, how many, and the runs missing between them.
     pub fn ranges(&self) -> Vec<TimelineRange> {
         let mut out = Vec::new();

@@ -5,6 +5,8 @@
 //! - [`archive`]: the WAL the archive holds and the chain of segments a restore from each
 //!   backup reads, timeline history files followed.
 //! - [`wal`]: every segment of those chains fetched and walked record by record (`--wal`).
+//! - [`partials`]: the partial objects of segments not yet complete (issue 16): they tile
+//!   each segment from offset 0, each reads back; a restore reaches the end of their run.
 //!
 //! Every problem is reported with the object key it concerns; each backup gets the LSN it is
 //! restorable to (the end of the good WAL that follows it without a gap or error), or none
@@ -12,6 +14,8 @@
 
 pub mod archive;
 pub mod backups;
+pub mod chain;
+pub mod partials;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -21,11 +25,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
-use walhoard_protocol::{Lsn, SegmentSize, TimelineId};
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 
 use crate::restore::chunks::spawn_progress;
 use crate::restore::RestoreSite;
 use archive::WalIndex;
+use partials::{PartialIndex, PartialReport};
 use wal::{StepOutcome, WalkTotals};
 
 /// One thing found wrong, with the object it is about.
@@ -104,6 +109,8 @@ pub struct Report {
     pub ok: bool,
     pub backups: Vec<BackupReport>,
     pub wal: WalReport,
+    /// The partial objects (`xlog_partial/`).
+    pub partial: PartialReport,
 }
 
 /// Verifies `site` as `selection` and `depth` say, `parallel` fetches at a time, with
@@ -123,6 +130,7 @@ pub async fn run(
             &crate::restore::Target::Latest,
         )?],
     };
+    let chosen = chain::with_parents(&listed, chosen);
     let mut reports = Vec::new();
     let mut described = Vec::new();
     for b in chosen {
@@ -154,6 +162,13 @@ pub async fn run(
     let index = WalIndex::load(&stores).await?;
     let mut wal_problems = Vec::new();
     let histories = wal::load_histories(&sources, &index, &mut wal_problems).await;
+    let (own_store, own_keys) = sources[0];
+    let parts = PartialIndex::load(own_store, &index).await?;
+    eprintln!(
+        "verify: {} segment(s) with partial WAL objects",
+        parts.segments.len()
+    );
+    let (partial, part_ends) = partials::verify(own_store, own_keys, &parts, index.seg_size).await;
     // One chain per target timeline, from the oldest start of the backups that follow it.
     let mut plans: BTreeMap<TimelineId, (Lsn, TimelineId)> = BTreeMap::new();
     let mut places = Vec::new();
@@ -184,11 +199,28 @@ pub async fn run(
             d.meta.wal_included,
         ));
     }
+    // Each chain, and the segments whose parts may continue it (read by restore when the
+    // archive lacks the segment complete). A chain that is only its first segment, held by
+    // parts alone, is no gap: those parts are all it has.
+    let mut tails: BTreeMap<TimelineId, Vec<SegmentId>> = BTreeMap::new();
     let chains: Vec<_> = plans
         .iter()
         .map(|(target, (start, _))| {
             let h = histories.get(target);
-            (*target, index.chain(*start, h, *target))
+            let mut steps = index.chain(*start, h, *target);
+            let tail = match steps.as_slice() {
+                [only] if only.object.is_none() && part_ends.contains_key(&only.id) => {
+                    let id = only.id;
+                    steps.clear();
+                    vec![id]
+                }
+                _ => steps
+                    .last()
+                    .map(|s| next_segments(s.id, *target, index.seg_size))
+                    .unwrap_or_default(),
+            };
+            tails.insert(*target, tail);
+            (*target, steps)
         })
         .collect();
 
@@ -238,6 +270,8 @@ pub async fn run(
         let r = &mut reports[i];
         let steps = outcomes.get(&target).map(Vec::as_slice).unwrap_or(&[]);
         let reach = restorable_to(steps, start, index.seg_size);
+        let tail = tails.get(&target).map(Vec::as_slice).unwrap_or(&[]);
+        let reach = with_parts(reach, steps, start, index.seg_size, tail, &part_ends);
         match reach {
             Some(to) if to >= end => r.restorable_to = Some(to.to_string()),
             // A standalone backup carries the WAL to its own end (standalone_hot_backup).
@@ -253,9 +287,15 @@ pub async fn run(
             }
         }
     }
+    for (i, p) in chain::problems(&listed, &reports) {
+        reports[i].restorable_to = None;
+        reports[i].problems.push(p);
+    }
     wal_problems.sort_by(|a, b| a.key.cmp(&b.key));
     wal_problems.dedup();
-    let ok = wal_problems.is_empty() && reports.iter().all(|r| r.problems.is_empty());
+    let ok = wal_problems.is_empty()
+        && partial.problems.is_empty()
+        && reports.iter().all(|r| r.problems.is_empty());
     Ok(Report {
         site: site.name.clone(),
         ok,
@@ -266,7 +306,44 @@ pub async fn run(
             records: totals.records,
             problems: wal_problems,
         },
+        partial,
     })
+}
+
+/// The segment after `id` on the target timeline, then on `id`'s own.
+fn next_segments(id: SegmentId, target: TimelineId, seg: SegmentSize) -> Vec<SegmentId> {
+    let Ok(n) = id.segno(seg) else {
+        return Vec::new();
+    };
+    let mut v = vec![SegmentId::from_segno(target, n + 1, seg)];
+    if id.tli != target {
+        v.push(SegmentId::from_segno(id.tli, n + 1, seg));
+    }
+    v
+}
+
+/// `reach` continued by partial objects: when the chain is good to its end (or empty), the
+/// checked run of parts of the segment after it (`tail`, the first that has one) ends the
+/// WAL a restore replays.
+fn with_parts(
+    reach: Option<Lsn>,
+    steps: &[StepOutcome],
+    start: Lsn,
+    seg: SegmentSize,
+    tail: &[SegmentId],
+    part_ends: &BTreeMap<SegmentId, Lsn>,
+) -> Option<Lsn> {
+    let chain_end = steps
+        .last()
+        .and_then(|s| s.id.start_lsn(seg).ok())
+        .map(|l| l + seg.bytes());
+    if reach != chain_end {
+        return reach;
+    }
+    match tail.iter().find_map(|id| part_ends.get(id)) {
+        Some(end) if *end > start => Some(*end),
+        _ => reach,
+    }
 }
 
 /// The position and timeline a restore of the backup starts replaying from.
@@ -366,6 +443,32 @@ pub fn render(r: &Report) -> String {
         }
     );
     for p in &r.wal.problems {
+        let _ = writeln!(s, "    PROBLEM {}: {}", p.key, p.problem);
+    }
+    let pr = &r.partial;
+    if !pr.segments.is_empty() || !pr.leftovers.is_empty() || !pr.problems.is_empty() {
+        let _ = writeln!(s, "  partial WAL objects:");
+    }
+    for seg in &pr.segments {
+        let _ = writeln!(
+            s,
+            "    {}: {} part(s), durable to {}",
+            seg.segment,
+            seg.parts,
+            seg.durable_to
+                .as_deref()
+                .unwrap_or("(nothing from offset 0)")
+        );
+    }
+    if !pr.leftovers.is_empty() {
+        let _ = writeln!(
+            s,
+            "    {} leftover part(s) of segments archived complete (deleted at the daemon's next start or by retention): {}",
+            pr.leftovers.len(),
+            pr.leftovers.join(", ")
+        );
+    }
+    for p in &pr.problems {
         let _ = writeln!(s, "    PROBLEM {}: {}", p.key, p.problem);
     }
     s

@@ -109,6 +109,31 @@ EOF
   log "backlog $(n2lsn $START_N) .. $(n2lsn $TARGET_N) = $((BACKLOG / 1048576)) MiB (last segment $LAST_SEG); database $((DB_BYTES / 1048576)) MiB; bulk rows $n"
 }
 
+# pg_plain_up: a fresh primary for pgbench (tools/bench/sync.sh, partial.sh), fsync and
+# synchronous_commit at their defaults (on), no backlog. Sets PGDATA SOCK PGPORT.
+pg_plain_up() {
+  PGDATA=$ROOT/pg/data SOCK=$ROOT/pg/sock PGPORT=$(free_port)
+  mkdir -p "$PGDATA" "$SOCK"
+  chown -R postgres: "$ROOT/pg"
+  chmod 700 "$PGDATA"
+  as_pg "$PGBIN/initdb" -D "$PGDATA" -A trust -U postgres -N >"$ROOT/pg/initdb.log"
+  cat >>"$PGDATA/postgresql.conf" <<EOF
+# tools/bench
+listen_addresses = ''
+unix_socket_directories = '$SOCK'
+port = $PGPORT
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+max_wal_size = 4GB
+shared_buffers = 256MB
+log_min_messages = warning
+EOF
+  printf 'local all all trust\nlocal replication all trust\n' >"$PGDATA/pg_hba.conf"
+  as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$ROOT/pg/server.log" -w -s start
+  log "primary up: PostgreSQL $(psql_ 'show server_version'), socket $SOCK port $PGPORT"
+}
+
 # warm_backlog: reads the backlog's segments from pg_wal, so that every drain run starts with
 # them in the page cache. This VM runs DAMON page-out (kdamond: regions with at most one access
 # per 5 s for 60 s are reclaimed), and WAL read once per round of runs looks cold to it: without
@@ -209,4 +234,56 @@ machine_info() {
   echo "nproc: $(nproc)"
   echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
   echo "memory: $(free -g | awk '/^Mem:/ { print $2 " GiB total, " $7 " GiB available" }')"
+}
+
+# --- pgBackRest (tools/bench/run.sh, tools/bench/incremental.sh) ---------------------------------------------------------------------------
+PGBR=
+pgbr() { as_pg pgbackrest --config="$PGBR/pgbackrest.conf" --stanza=bench "$@"; }
+# pgbr_setup [s3]: a repository in $ROOT/pgbr (or, with s3, in s3s-fs behind the TLS proxy,
+# which must be running: s3_start <dir> tls), and the stanza (again, on an emptied repository)
+pgbr_setup() {
+  PGBR=$ROOT/pgbr
+  rm -rf "$PGBR"
+  mkdir -p "$PGBR"/{repo,spool,lock,log}
+  local repo="repo1-path=$PGBR/repo"
+  if [ "${1:-}" = s3 ]; then
+    repo="repo1-type=s3
+repo1-path=/pgbr
+repo1-s3-bucket=archive
+repo1-s3-endpoint=localhost
+repo1-storage-port=$TLS_PORT
+repo1-s3-region=us-east-1
+repo1-s3-key=bench-ak
+repo1-s3-key-secret=bench-secret-key
+repo1-s3-uri-style=path
+repo1-storage-ca-file=$ROOT/tls/ca.pem"
+  fi
+  cat >"$PGBR/pgbackrest.conf" <<EOF
+[global]
+$repo
+repo1-retention-full=1
+spool-path=$PGBR/spool
+lock-path=$PGBR/lock
+log-path=$PGBR/log
+log-level-console=warn
+log-level-file=info
+archive-async=y
+process-max=2
+compress-type=zst
+compress-level=1
+start-fast=y
+
+[bench]
+pg1-path=$PGDATA
+pg1-socket-path=$SOCK
+pg1-port=$PGPORT
+pg1-user=postgres
+EOF
+  chown -R postgres: "$PGBR"
+  pgbr stanza-create >/dev/null
+  # The archive_command that pushes into this repository.
+  PGBR_ARCHIVE="pgbackrest --config=$PGBR/pgbackrest.conf --stanza=bench archive-push %p"
+}
+set_archive_command() {
+  psql_ "alter system set archive_command = '$1'" && psql_ "select pg_reload_conf()" >/dev/null
 }

@@ -202,56 +202,7 @@ tls_ca() {
   ) >/dev/null 2>&1
 }
 
-# --- pgBackRest ---------------------------------------------------------------------------
-PGBR=
-pgbr() { as_pg pgbackrest --config="$PGBR/pgbackrest.conf" --stanza=bench "$@"; }
-# pgbr_setup [s3]: a repository in $ROOT/pgbr (or, with s3, in s3s-fs behind the TLS proxy,
-# which must be running: s3_start <dir> tls), and the stanza (again, on an emptied repository)
-pgbr_setup() {
-  PGBR=$ROOT/pgbr
-  rm -rf "$PGBR"
-  mkdir -p "$PGBR"/{repo,spool,lock,log}
-  local repo="repo1-path=$PGBR/repo"
-  if [ "${1:-}" = s3 ]; then
-    repo="repo1-type=s3
-repo1-path=/pgbr
-repo1-s3-bucket=archive
-repo1-s3-endpoint=localhost
-repo1-storage-port=$TLS_PORT
-repo1-s3-region=us-east-1
-repo1-s3-key=bench-ak
-repo1-s3-key-secret=bench-secret-key
-repo1-s3-uri-style=path
-repo1-storage-ca-file=$ROOT/tls/ca.pem"
-  fi
-  cat >"$PGBR/pgbackrest.conf" <<EOF
-[global]
-$repo
-repo1-retention-full=1
-spool-path=$PGBR/spool
-lock-path=$PGBR/lock
-log-path=$PGBR/log
-log-level-console=warn
-log-level-file=info
-archive-async=y
-process-max=2
-compress-type=zst
-compress-level=1
-start-fast=y
-
-[bench]
-pg1-path=$PGDATA
-pg1-socket-path=$SOCK
-pg1-port=$PGPORT
-pg1-user=postgres
-EOF
-  chown -R postgres: "$PGBR"
-  pgbr stanza-create >/dev/null
-}
-set_archive_command() {
-  psql_ "alter system set archive_command = '$1'" && psql_ "select pg_reload_conf()" >/dev/null
-}
-PGBR_ARCHIVE="pgbackrest --config=$ROOT/pgbr/pgbackrest.conf --stanza=bench archive-push %p"
+# pgBackRest: pgbr, pgbr_setup, set_archive_command, PGBR_ARCHIVE are in lib.sh.
 
 # --- phase: WAL drain ---------------------------------------------------------------------
 drain_receivewal() {
