@@ -367,8 +367,26 @@ impl PartialArchiver {
 
     /// The archive's end moved to `archived`: the durable end follows, and the partial
     /// objects of segments now complete in the archive are deleted.
+    ///
+    /// The deletions run without the state lock: a segment takes one part per commit in the
+    /// synchronous mode (a thousand and more), and while they were deleted under the lock the
+    /// next segment's batches, which every commit waits for, waited too (issue 16: commits
+    /// stalled 1-2 s after each segment). Without the lock nothing else touches these
+    /// segments: their entries are gone from the state before it is released, and [`upload`]
+    /// reads the archive's end (already moved) under the lock and stores no part of a segment
+    /// the archive holds complete.
+    ///
+    /// [`upload`]: PartialArchiver::upload
     pub async fn archived_moved(&self, archived: Lsn) {
         self.publish(archived);
+        for id in self.take_archived(archived).await {
+            self.delete_if_complete(&id).await;
+        }
+    }
+
+    /// Takes out of the state the segments written to whose end `archived` reached (and the
+    /// leftovers of earlier runs, once the segment size is known): whose parts are to go.
+    async fn take_archived(&self, archived: Lsn) -> Vec<SegmentId> {
         let mut st = self.state.lock().await;
         if let Some(seg) = self.seg.get().copied() {
             for id in std::mem::take(&mut st.leftover) {
@@ -383,13 +401,15 @@ impl PartialArchiver {
             .take_while(|(end, _)| *end <= archived)
             .copied()
             .collect();
+        let mut ids = Vec::with_capacity(done.len());
         for (end, id) in done {
             st.written.remove(&(end, id));
             if st.current.as_ref().is_some_and(|(c, _)| *c == id) {
                 st.current = None;
             }
-            self.delete_if_complete(&id).await;
+            ids.push(id);
         }
+        ids
     }
 
     /// Deletes segment `id`'s partial objects when the archive holds it complete; whether
@@ -514,5 +534,92 @@ mod tests {
         assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![done]);
         assert!(store.stat(&foreign).await.unwrap().is_some());
         assert!(store.stat(&unmarked).await.unwrap().is_some());
+    }
+
+    /// Issue 16: the parts of a segment the archive now holds complete are deleted without
+    /// the state lock, so the next segment's batch (which every synchronous commit waits for)
+    /// is stored while they go, not after a thousand deletions. Fails when the deletions hold
+    /// the lock: the batch is stored only once every part is gone.
+    #[tokio::test]
+    async fn parts_of_an_archived_segment_go_while_the_next_segment_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let ours = ctx.wal_metadata().to_map();
+        let seg = SegmentSize::DEFAULT;
+        let (done, next) = (
+            seg_id("000000010000000000000001"),
+            seg_id("000000010000000000000002"),
+        );
+        const PARTS: u64 = 1500;
+        for i in 0..PARTS {
+            store
+                .put_bytes(&partial_key(&done, i * 16, (i + 1) * 16), b"x", &ours)
+                .await
+                .unwrap();
+        }
+        let (archived_tx, archived) = watch::channel(Lsn::INVALID);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let alerts = Alerts {
+            dir: dir.path().join("alerts"),
+        };
+        let p = PartialArchiver::new(
+            Arc::new(ctx),
+            Arc::new(SiteStatus::default()),
+            alerts,
+            archived,
+            durable,
+        );
+        // Not complete yet: its parts stay, remembered as a leftover.
+        p.clean_leftovers().await;
+        assert_eq!(
+            list_parts(&store, Some(&done)).await.unwrap()[&done].len(),
+            PARTS as usize
+        );
+        p.connected(seg);
+        store
+            .put_bytes("xlog/000000010000000000000001", b"s", &ours)
+            .await
+            .unwrap();
+        let next_start = next.start_lsn(seg).unwrap();
+        archived_tx.send(next_start).unwrap();
+        let deleting = tokio::spawn({
+            let p = p.clone();
+            async move { p.archived_moved(next_start).await }
+        });
+        // Wait until the deletions are under way.
+        loop {
+            let left = list_parts(&store, Some(&done)).await.unwrap();
+            if left.get(&done).map_or(0, |v| v.len()) < PARTS as usize {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let cancel = CancellationToken::new();
+        p.upload(
+            next,
+            next_start,
+            seg,
+            0,
+            Bytes::from_static(&[7u8; 256]),
+            &cancel,
+        )
+        .await;
+        assert_eq!(*durable_rx.borrow(), next_start + 256);
+        let left = list_parts(&store, Some(&done)).await.unwrap();
+        assert!(
+            left.get(&done).is_some_and(|v| !v.is_empty()),
+            "the next segment's batch waited for every deletion"
+        );
+        deleting.await.unwrap();
+        assert!(list_parts(&store, Some(&done))
+            .await
+            .unwrap()
+            .get(&done)
+            .is_none_or(|v| v.is_empty()));
+        assert_eq!(
+            list_parts(&store, Some(&next)).await.unwrap()[&next].len(),
+            1
+        );
     }
 }
