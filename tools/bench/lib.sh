@@ -230,6 +230,21 @@ wh_config_sites() {
 }
 
 # machine_info: the lines every results directory's machine.txt starts with.
+# pick_walhoard: sets WALHOARD to WALHOARD_BENCH_BIN as is, else to a release build in
+# CARGO_TARGET_DIR (default target/; a separate one avoids waiting on another build's lock).
+# Needs $repo.
+pick_walhoard() {
+  if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
+    WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
+  else
+    (cd "$repo" && cargo build --release --locked --bin walhoard)
+    local target_dir=${CARGO_TARGET_DIR:-target}
+    case $target_dir in /*) ;; *) target_dir=$repo/$target_dir ;; esac
+    WALHOARD=$target_dir/release/walhoard
+  fi
+  [ -x "$WALHOARD" ] || { echo "no walhoard binary at $WALHOARD" >&2; exit 1; }
+}
+
 machine_info() {
   echo "nproc: $(nproc)"
   echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"

@@ -38,15 +38,7 @@ for p in $PHASES; do
 done
 command -v jq >/dev/null || { echo "needs jq" >&2; exit 1; }
 id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
-if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
-  WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
-else
-  (cd "$repo" && cargo build --release --locked --bin walhoard)
-  target_dir=${CARGO_TARGET_DIR:-target}
-  case $target_dir in /*) ;; *) target_dir=$repo/$target_dir ;; esac
-  WALHOARD=$target_dir/release/walhoard
-fi
-[ -x "$WALHOARD" ] || { echo "no walhoard binary at $WALHOARD" >&2; exit 1; }
+pick_walhoard
 
 mkdir -p "$OUT"
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-partial.XXXXXX")

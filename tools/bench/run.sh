@@ -74,15 +74,7 @@ if [ ! -x "$S3S_FS" ]; then
 fi
 # The binary: WALHOARD_BENCH_BIN as is, else a release build in CARGO_TARGET_DIR (default
 # target/), so that a separate target directory avoids waiting on another build's lock.
-if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
-  WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
-else
-  (cd "$repo" && cargo build --release --locked --bin walhoard)
-  target_dir=${CARGO_TARGET_DIR:-target}
-  case $target_dir in /*) ;; *) target_dir=$repo/$target_dir ;; esac
-  WALHOARD=$target_dir/release/walhoard
-fi
-[ -x "$WALHOARD" ] || { echo "no walhoard binary at $WALHOARD" >&2; exit 1; }
+pick_walhoard
 
 mkdir -p "$OUT"
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-bench.XXXXXX")

@@ -29,12 +29,7 @@ SCALE_LABEL=sites
 [ "$(id -u)" = 0 ] || { echo "tools/bench/sites.sh needs root (PostgreSQL runs as 'postgres')" >&2; exit 1; }
 for c in jq python3; do command -v "$c" >/dev/null || { echo "needs $c" >&2; exit 1; }; done
 id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
-if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
-  WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
-else
-  (cd "$repo" && cargo build --release --locked --bin walhoard)
-  WALHOARD=${CARGO_TARGET_DIR:-$repo/target}/release/walhoard
-fi
+pick_walhoard
 
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-sites.XXXXXX")
 chmod 755 "$ROOT"

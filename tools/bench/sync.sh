@@ -49,15 +49,7 @@ if [[ " $CASES " == *" walhoard-s3 "* ]] && [ ! -x "$S3S_FS" ]; then
   cargo install s3s-fs@0.14.1 --features binary --locked --root "$cache/s3s-fs"
 fi
 if [[ " $CASES " == *" walhoard-"* ]]; then
-  if [ -n "${WALHOARD_BENCH_BIN:-}" ]; then
-    WALHOARD=$(cd "$(dirname "$WALHOARD_BENCH_BIN")" && pwd)/$(basename "$WALHOARD_BENCH_BIN")
-  else
-    (cd "$repo" && cargo build --release --locked --bin walhoard)
-    target_dir=${CARGO_TARGET_DIR:-target}
-    case $target_dir in /*) ;; *) target_dir=$repo/$target_dir ;; esac
-    WALHOARD=$target_dir/release/walhoard
-  fi
-  [ -x "$WALHOARD" ] || { echo "no walhoard binary at $WALHOARD" >&2; exit 1; }
+  pick_walhoard
 fi
 
 mkdir -p "$OUT"
