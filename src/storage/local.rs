@@ -219,7 +219,11 @@ mod sidecar_tests {
         assert!(matches!(err, StorageError::NotFound { .. }), "{err}");
         let big = t.path().join("archive/s0/xlog/big.metadata");
         std::fs::write(&big, vec![b' '; (super::SIDECAR_MAX + 1) as usize]).unwrap();
-        let err = stores[0].metadata("xlog/big").await.unwrap_err().to_string();
+        let err = stores[0]
+            .metadata("xlog/big")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("xlog/big"), "{err}");
     }
 }
