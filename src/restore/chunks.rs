@@ -20,6 +20,7 @@ use super::extract::Extractor;
 use super::pghoard::FORMAT_PGHOARD_BASIC;
 use super::pghoard_delta;
 use super::RestoreSite;
+use crate::pipeline::handoff;
 use crate::pipeline::transfer::download_with;
 
 /// Counts, hashes (SHA-1) and reports the plain bytes of a chunk as they are read, and passes
@@ -212,17 +213,22 @@ pub(crate) async fn restore_chunk(
     let limit = chunk.input_size;
     let key2 = key.clone();
     let (_, (size, sha1)) = download_with(&site.store, key, &site.keys, move |_, r| {
-        let mut v = Verifying {
-            inner: r,
-            hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
-            size: 0,
-            limit,
-            key: key2,
-            progress,
-            stop,
-        };
-        route.consume(&mut v)?;
-        Ok((v.size, hex::encode(v.hash.finish())))
+        // Decryption and decompression stay on this thread; the SHA-1, the tar parsing and
+        // the writes (or, with --delta, the comparison with the files there) go to another
+        // (docs/benchmarks.md, issue 18: one thread did all of it).
+        handoff::pipelined(r, move |r| {
+            let mut v = Verifying {
+                inner: r,
+                hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
+                size: 0,
+                limit,
+                key: key2,
+                progress,
+                stop,
+            };
+            route.consume(&mut v)?;
+            Ok((v.size, hex::encode(v.hash.finish())))
+        })
     })
     .await
     .with_context(|| format!("restore chunk {key}"))?;

@@ -302,7 +302,12 @@ impl Extractor {
                         .filter(|m| m.is_file())
                         .map(|m| m.len());
                     if let (Some(len), false) = (existing, held) {
-                        let n = delta::rewrite_in_place(&path, body, Self::file_mode(entry.mode))?;
+                        let n = delta::rewrite_in_place(
+                            &path,
+                            body,
+                            entry.size,
+                            Self::file_mode(entry.mode),
+                        )?;
                         seen.written
                             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         if n == 0 && len == entry.size {
