@@ -103,6 +103,68 @@ pub struct Seen {
     /// own, whose local copy already had the size and digest the manifest records
     /// ([`super::extract::Extractor::keep_if_same`]).
     pub unfetched: AtomicU64,
+    /// Files rewritten in place, waiting to be synced.
+    pub syncs: SyncQueue,
+}
+
+/// Files synced on a thread of their own, so that the comparison of the next files goes on
+/// while the disk writes the blocks that differed. [`SyncQueue::wait`] returns once every
+/// file pushed is synced (or with the first error); the restore waits before anything makes
+/// the directory a data directory again. At most [`SYNC_QUEUE`] files wait (open).
+#[derive(Debug, Default)]
+pub struct SyncQueue {
+    inner: Mutex<Option<Syncing>>,
+}
+
+type Syncing = (
+    std::sync::mpsc::SyncSender<(PathBuf, File)>,
+    std::thread::JoinHandle<io::Result<()>>,
+);
+
+/// Files (open descriptors) waiting for the sync thread.
+const SYNC_QUEUE: usize = 64;
+
+impl SyncQueue {
+    /// Syncs `f` (the file at `path`) soon, on the sync thread.
+    pub fn push(&self, path: PathBuf, f: File) -> io::Result<()> {
+        let tx = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if inner.is_none() {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<(PathBuf, File)>(SYNC_QUEUE);
+                let h = std::thread::Builder::new()
+                    .name("restore-sync".into())
+                    .spawn(move || {
+                        for (path, f) in rx {
+                            f.sync_all().map_err(|e| {
+                                io::Error::new(e.kind(), format!("sync {}: {e}", path.display()))
+                            })?;
+                        }
+                        Ok(())
+                    })?;
+                *inner = Some((tx, h));
+            }
+            inner.as_ref().map(|(tx, _)| tx.clone())
+        };
+        match tx.map(|tx| tx.send((path, f))) {
+            Some(Ok(())) => Ok(()),
+            // The thread stopped at an error: that one is the cause.
+            _ => match self.wait() {
+                Err(e) => Err(e),
+                Ok(()) => Err(io::Error::other("the sync thread stopped")),
+            },
+        }
+    }
+
+    /// Waits until every file pushed so far is synced.
+    pub fn wait(&self) -> io::Result<()> {
+        let taken = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((tx, h)) = taken else {
+            return Ok(());
+        };
+        drop(tx);
+        h.join()
+            .unwrap_or_else(|_| Err(io::Error::other("the sync thread panicked")))
+    }
 }
 
 impl Seen {
@@ -157,9 +219,14 @@ const RUN: usize = 1 << 20;
 /// Makes the regular file at `path` hold `body` (`size` bytes, which sizes the buffers; the
 /// body decides the length), writing only the blocks that differ, runs of adjacent differing
 /// blocks in one write. Opened with `O_NOFOLLOW` (the caller checked it is a regular file,
-/// not a link). Synced only if something was written or its length changed. Returns the
-/// bytes written.
-pub fn rewrite_in_place(path: &Path, body: &mut dyn Read, size: u64, mode: u32) -> io::Result<u64> {
+/// not a link). Returns the bytes written and, if something was written or the length
+/// changed, the file, which the caller must sync (nothing else is written to it).
+pub fn rewrite_in_place(
+    path: &Path,
+    body: &mut dyn Read,
+    size: u64,
+    mode: u32,
+) -> io::Result<(u64, Option<File>)> {
     use std::os::unix::fs::PermissionsExt;
     let f = fs::OpenOptions::new()
         .read(true)
@@ -204,10 +271,8 @@ pub fn rewrite_in_place(path: &Path, body: &mut dyn Read, size: u64, mode: u32) 
     if meta.permissions().mode() & 0o7777 != mode {
         f.set_permissions(fs::Permissions::from_mode(mode))?;
     }
-    if written > 0 || old_len != at {
-        f.sync_all()?;
-    }
-    Ok(written)
+    let unsynced = (written > 0 || old_len != at).then_some(f);
+    Ok((written, unsynced))
 }
 
 /// The byte ranges of `new` to write over `old` (which may be shorter: what the file had at
@@ -257,22 +322,19 @@ mod tests {
         let mut want = vec![1u8; BLOCK * 3 + 100];
         fs::write(&p, &want).unwrap();
         let size = want.len() as u64;
-        assert_eq!(
-            rewrite_in_place(&p, &mut &want[..], size, 0o600).unwrap(),
-            0
-        );
+        // Nothing written: nothing to sync.
+        let (n, unsynced) = rewrite_in_place(&p, &mut &want[..], size, 0o600).unwrap();
+        assert_eq!((n, unsynced.is_none()), (0, true));
         want[BLOCK + 5] = 9;
-        assert_eq!(
-            rewrite_in_place(&p, &mut &want[..], size, 0o600).unwrap(),
-            BLOCK as u64
-        );
+        let (n, unsynced) = rewrite_in_place(&p, &mut &want[..], size, 0o600).unwrap();
+        assert_eq!((n, unsynced.is_some()), (BLOCK as u64, true));
         assert_eq!(fs::read(&p).unwrap(), want);
         // Shorter: cut; longer: the new tail written.
         let short = &want[..BLOCK];
         rewrite_in_place(&p, &mut &short[..], BLOCK as u64, 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), short);
         assert_eq!(
-            rewrite_in_place(&p, &mut &want[..], size, 0o600).unwrap(),
+            rewrite_in_place(&p, &mut &want[..], size, 0o600).unwrap().0,
             (want.len() - BLOCK) as u64
         );
         assert_eq!(fs::read(&p).unwrap(), want);
@@ -317,19 +379,46 @@ mod tests {
         for at in [0, RUN - 1, RUN, 2 * RUN + BLOCK, len - 1] {
             want[at] ^= 0xff;
         }
-        let n = rewrite_in_place(&p, &mut Odd(&want, 0), len as u64, 0o600).unwrap();
+        let n = rewrite_in_place(&p, &mut Odd(&want, 0), len as u64, 0o600)
+            .unwrap()
+            .0;
         assert_eq!(fs::read(&p).unwrap(), want);
         // Blocks 0, the two around the first edge, the one after 2 MiB, the last (short) one.
         assert_eq!(n, (BLOCK * 4 + 77) as u64);
         // A longer body over it: the tail past the old end is written whole.
         want.extend((0..RUN / 2).map(|i| (i % 13) as u8));
-        let n = rewrite_in_place(&p, &mut Odd(&want, 0), want.len() as u64, 0o640).unwrap();
+        let n = rewrite_in_place(&p, &mut Odd(&want, 0), want.len() as u64, 0o640)
+            .unwrap()
+            .0;
         assert_eq!(fs::read(&p).unwrap(), want);
         assert_eq!(n, (want.len() - (len - 77)) as u64);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o640
+        );
+    }
+
+    /// Pushed files are synced by the time `wait` returns; a failed sync is reported by
+    /// `wait` (or the next push), naming the file.
+    #[test]
+    fn the_sync_queue_syncs_and_reports_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SyncQueue::default();
+        assert!(q.wait().is_ok());
+        for i in 0..(SYNC_QUEUE * 2) {
+            let p = dir.path().join(format!("f{i}"));
+            fs::write(&p, b"x").unwrap();
+            q.push(p.clone(), File::open(&p).unwrap()).unwrap();
+        }
+        q.wait().unwrap();
+        // fsync of a character device fails with EINVAL.
+        let bad = File::open("/dev/null").unwrap();
+        let first = q.push(PathBuf::from("/dev/null"), bad);
+        let err = first.and_then(|()| q.wait()).unwrap_err();
+        assert!(
+            err.to_string().contains("sync ") && err.to_string().contains("/dev/null"),
+            "{err}"
         );
     }
 }
