@@ -11,8 +11,12 @@
 //! but no size or hash, so nothing tells that a chunk's files are already right.
 //!
 //! Writes: each file that is fetched is compared with the file already there block by block
-//! ([`rewrite_in_place`]) as its bytes arrive, and only blocks that differ are written; a
-//! file of another length is cut or extended. Everything below the target (and each
+//! ([`rewrite_in_place`]) as its bytes arrive, up to 1 MiB per read of each side, and only
+//! blocks that differ are written (adjacent ones at once); a file of another length is cut
+//! or extended. A file that was written to is synced on a thread of its own
+//! ([`SyncQueue`]), waited for before the report and before `global/pg_control` is back.
+//! The chunk's decryption and decompression, its SHA-1 and this comparison each run on a
+//! thread of their own ([`crate::pipeline::handoff`]). Everything below the target (and each
 //! tablespace directory) that the backup does not have is then removed
 //! ([`Seen::remove_unseen`]): the result is the tree a restore into an empty directory gives.
 //!
