@@ -25,11 +25,16 @@
 #   tools/bench/sites_pghoard.sh                  # as root: 10 sites, 256 MiB of WAL, 2 runs each
 #
 # Environment: WALHOARD_BENCH_SITES (site count, default 10), WALHOARD_BENCH_WAL_MIB (backlog,
-# default 256), WALHOARD_BENCH_RUNS (runs per tool, default 2), WALHOARD_BENCH_TOOLS (default
-# "pghoard walhoard"), WALHOARD_BENCH_IDLE_SECONDS (default 30), WALHOARD_BENCH_BIN (a walhoard
-# binary; else `cargo build --release`), WALHOARD_BENCH_PGHOARD_VENV (a venv holding pghoard;
-# default: pghoard 2.1.0 from PyPI, tools/install-pghoard.sh; a newer one from a checkout:
-# tools/pghoard-venv.sh), WALHOARD_BENCH_OUT (default target/bench-results/sites-pghoard-<time>).
+# default 256), WALHOARD_BENCH_RUNS (runs per tool, default 2), WALHOARD_BENCH_TOOLS (in the
+# order each run alternates them, default "pghoard walhoard"; `pghoard` is the venv
+# WALHOARD_BENCH_PGHOARD_VENV, default pghoard 2.1.0 from PyPI by tools/install-pghoard.sh;
+# `pghoard=<venv>` another, e.g. a newer pghoard from a checkout by tools/pghoard-venv.sh;
+# results are labelled pghoard-<version>), WALHOARD_BENCH_IDLE_SECONDS (default 30),
+# WALHOARD_BENCH_BIN (a walhoard binary; else `cargo build --release`), WALHOARD_BENCH_OUT
+# (default target/bench-results/sites-pghoard-<time>).
+#
+#   WALHOARD_BENCH_TOOLS="pghoard walhoard pghoard=/var/cache/walhoard/pghoard270-venv" \
+#     WALHOARD_BENCH_BIN=target/release/walhoard tools/bench/sites_pghoard.sh
 #
 # pghoard before 2.2 knows no WAL page magic newer than PostgreSQL 11's and refuses every
 # PostgreSQL 15 segment (pghoard.wal.verify_wal); for such a venv the daemon is started through
@@ -53,16 +58,23 @@ for c in jq python3; do command -v "$c" >/dev/null || { echo "needs $c" >&2; exi
 [ "$N" -ge 2 ] || { echo "WALHOARD_BENCH_SITES must be at least 2" >&2; exit 1; }
 id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 pick_walhoard
-PGHOARD_VENV=${WALHOARD_BENCH_PGHOARD_VENV:-$("$repo/tools/install-pghoard.sh")}
-[ -x "$PGHOARD_VENV/bin/pghoard" ] || { echo "no pghoard in $PGHOARD_VENV" >&2; exit 1; }
-PGHOARD_VERSION=$("$PGHOARD_VENV/bin/pghoard" --version)
-# The PostgreSQL 15 WAL magic for a pghoard that does not know it (see the top of this file).
-PGHOARD_CMD=("$PGHOARD_VENV/bin/pghoard")
-if ! "$PGHOARD_VENV/bin/python" -c 'import sys, pghoard.wal as w; sys.exit(0xD110 not in w.WAL_MAGIC)'; then
-  PGHOARD_CMD=("$PGHOARD_VENV/bin/python" -c 'import sys, pghoard.wal as w; w.WAL_MAGIC[0xD110] = 150000; w.WAL_MAGIC_BY_VERSION[150000] = 0xD110
-from pghoard.pghoard import main; sys.exit(main())')
-  PGHOARD_VERSION="$PGHOARD_VERSION (+ PostgreSQL 15 WAL magic)"
-fi
+# Per tool (index in TOOLS): KIND walhoard or pghoard, LABEL (pghoard-<version>), VENV, SHIM
+# (1: started through the PostgreSQL 15 WAL magic wrapper, see the top of this file).
+KIND=() LABEL=() VENV=() SHIM=()
+for t in $TOOLS; do
+  case $t in
+    walhoard) KIND+=(walhoard) LABEL+=(walhoard) VENV+=(-) SHIM+=(0) ;;
+    pghoard | pghoard=*)
+      v=${t#pghoard}
+      v=${v#=}
+      [ -n "$v" ] || v=${WALHOARD_BENCH_PGHOARD_VENV:-$("$repo/tools/install-pghoard.sh")}
+      [ -x "$v/bin/pghoard" ] || { echo "no pghoard in $v" >&2; exit 1; }
+      KIND+=(pghoard) LABEL+=("pghoard-$("$v/bin/pghoard" --version)") VENV+=("$v")
+      if "$v/bin/python" -c 'import sys, pghoard.wal as w; sys.exit(0xD110 not in w.WAL_MAGIC)'; then SHIM+=(0); else SHIM+=(1); fi
+      ;;
+    *) echo "WALHOARD_BENCH_TOOLS: unknown tool '$t' (walhoard, pghoard or pghoard=<venv>)" >&2; exit 1 ;;
+  esac
+done
 
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/walhoard-sites-pghoard.XXXXXX")
 chmod 755 "$ROOT"
@@ -71,7 +83,10 @@ mkdir -p "$OUT"
 {
   echo "commit: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- src protocol walreceiver || echo ' (modified)')"
   echo "walhoard: $WALHOARD ($(stat -c %y "$WALHOARD"))"
-  echo "pghoard: $PGHOARD_VERSION in $PGHOARD_VENV; $($PGBIN/pg_receivewal --version)"
+  for ti in "${!KIND[@]}"; do
+    [ "${KIND[$ti]}" = pghoard ] && echo "${LABEL[$ti]}: ${VENV[$ti]}$([ "${SHIM[$ti]}" = 1 ] && echo ' (+ PostgreSQL 15 WAL magic)')"
+  done
+  echo "pg_receivewal: $("$PGBIN/pg_receivewal" --version)"
   machine_info
   echo "settings: sites=$N wal_mib=$WAL_MIB runs=$RUNS tools='$TOOLS' idle_seconds=$IDLE_SECONDS"
   echo "load at start: $(loads)"
@@ -84,10 +99,10 @@ KEYS=$("$WALHOARD" create-keys --key-id k1 --bits 3072)
 PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
 
 # One slot per site of every drain run, created back to back before the load: all hold the
-# backlog. Slot names: <tool letter><run>_<site>.
+# backlog. Slot names: t<tool index>_<run>_<site>.
 slots=()
 for r in $(seq "$RUNS"); do
-  for t in $TOOLS; do for i in $(seq "$N"); do slots+=("${t:0:1}${r}_$i"); done; done
+  for ti in "${!KIND[@]}"; do for i in $(seq "$N"); do slots+=("t${ti}_${r}_$i"); done; done
 done
 PG_MAX_WAL_SENDERS=$((N + 5)) PG_MAX_SLOTS=$((${#slots[@]} + N + 6)) pg_up 1 "$WAL_MIB" "${slots[*]}"
 # The backlog's segments, newest first (a missing last segment ends the check soonest).
@@ -192,13 +207,22 @@ wh_config() {
   done
   wh_config_sites "$d" "$sites"
 }
-# start_daemon <tool> <dir> <log>: DAEMON = the pid of <tool>'s daemon on <dir>'s configuration.
+# configure <tool index> <dir> <count> <slot prefix>: that tool's configuration in <dir>.
+configure() {
+  if [ "${KIND[$1]}" = pghoard ]; then pgh_config "$2" "$3" "$4"; else wh_config "$2" "$3" "$4"; fi
+}
+# start_daemon <tool index> <dir> <log>: DAEMON = the pid of that tool's daemon on <dir>'s
+# configuration.
 start_daemon() {
-  case $1 in
-    pghoard) "${PGHOARD_CMD[@]}" --short-log --config "$2/pghoard.json" >>"$3" 2>&1 & ;;
-    walhoard) WALHOARD_LOG=info "$WALHOARD" daemon --config "$2/walhoard.json" >>"$3" 2>&1 & ;;
-    *) echo "unknown tool $1" >&2; exit 1 ;;
-  esac
+  local v=${VENV[$1]}
+  if [ "${KIND[$1]}" = walhoard ]; then
+    WALHOARD_LOG=info "$WALHOARD" daemon --config "$2/walhoard.json" >>"$3" 2>&1 &
+  elif [ "${SHIM[$1]}" = 1 ]; then
+    "$v/bin/python" -c 'import sys, pghoard.wal as w; w.WAL_MAGIC[0xD110] = 150000; w.WAL_MAGIC_BY_VERSION[150000] = 0xD110
+from pghoard.pghoard import main; sys.exit(main())' --short-log --config "$2/pghoard.json" >>"$3" 2>&1 &
+  else
+    "$v/bin/pghoard" --short-log --config "$2/pghoard.json" >>"$3" 2>&1 &
+  fi
   DAEMON=$!
   PIDS+=("$DAEMON")
 }
@@ -223,13 +247,14 @@ drop_slots() {
 
 # --- drains, alternating the tools ---
 for r in $(seq "$RUNS"); do
-  for t in $TOOLS; do
+  for ti in "${!KIND[@]}"; do
+    t=${LABEL[$ti]}
     d=$ROOT/$t-$r
-    prefix=${t:0:1}$r
-    if [ "$t" = pghoard ]; then pgh_config "$d" "$N" "$prefix"; else wh_config "$d" "$N" "$prefix"; fi
+    prefix=t${ti}_$r
+    configure "$ti" "$d" "$N" "$prefix"
     warm_backlog
     t0=$(now)
-    start_daemon "$t" "$d" "$d/daemon.log"
+    start_daemon "$ti" "$d" "$d/daemon.log"
     pid=$DAEMON
     deadline=$((EPOCHSECONDS + 3600))
     peak=0
@@ -274,12 +299,13 @@ done
 
 # --- idle from the start: new slots at the end of WAL, empty archives ---
 for n in 1 "$N"; do
-  for t in $TOOLS; do
+  for ti in "${!KIND[@]}"; do
+    t=${LABEL[$ti]}
     d=$ROOT/fresh-$t-$n
-    prefix=f${t:0:1}$n
+    prefix=f${ti}_$n
     for i in $(seq "$n"); do psql_ "select pg_create_physical_replication_slot('${prefix}_$i', true)" >/dev/null; done
-    if [ "$t" = pghoard ]; then pgh_config "$d" "$n" "$prefix"; else wh_config "$d" "$n" "$prefix"; fi
-    start_daemon "$t" "$d" "$d/daemon.log"
+    configure "$ti" "$d" "$n" "$prefix"
+    start_daemon "$ti" "$d" "$d/daemon.log"
     pid=$DAEMON
     nap 5
     tree_pids "$pid"
@@ -291,7 +317,7 @@ for n in 1 "$N"; do
     rss=$SUM
     tree_sum smaps_rollup Pss
     pss=$SUM
-    active=$(psql_ "select count(*) from pg_replication_slots where active and slot_name like '${prefix}\_%'")
+    active=$(psql_ "select count(*) from pg_replication_slots where active and slot_name ~ '^${prefix}_[0-9]+$'")
     stop_tree "$pid"
     [ "$active" = "$n" ] || { log "$t idle: $active of $n slots active; see $d/daemon.log"; exit 1; }
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$n" "$(mib "$rss")" "$(mib "$pss")" "${#TREE[@]}" \
