@@ -30,7 +30,8 @@
 # WALHOARD_BENCH_PGHOARD_VENV, default pghoard 2.1.0 from PyPI by tools/install-pghoard.sh;
 # `pghoard=<venv>` another, e.g. a newer pghoard from a checkout by tools/pghoard-venv.sh;
 # results are labelled pghoard-<version>), WALHOARD_BENCH_IDLE_SECONDS (default 30),
-# WALHOARD_BENCH_BIN (a walhoard binary; else `cargo build --release`), WALHOARD_BENCH_OUT
+# WALHOARD_BENCH_TIMEOUT (seconds a drain may take, default 900), WALHOARD_BENCH_BIN (a walhoard
+# binary; else `cargo build --release`), WALHOARD_BENCH_OUT
 # (default target/bench-results/sites-pghoard-<time>).
 #
 #   WALHOARD_BENCH_TOOLS="pghoard walhoard pghoard=/var/cache/walhoard/pghoard270-venv" \
@@ -165,7 +166,14 @@ stop_tree() {
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 # --- configurations ---
-# pgh_config <dir> <count> <slot prefix>: <dir>/pghoard.json, sites s1..s<count> on slots
+# site_name <i>: s<i>, zero-padded to the width of N (s01 .. s10). pghoard 2.1.0 finds a WAL
+# file's site by the first site whose spool path is a string prefix of the file's path
+# (Compressor.find_site_for_file): with sites s1 and s10, s10's segments are uploaded under
+# s1's prefix (over s1's own). Seen in the first run of this script; fixed-width names avoid it.
+site_name() { printf 's%0*d' "${#N}" "$1"; }
+SITE_NAMES=()
+for i in $(seq "$N"); do SITE_NAMES+=("$(site_name "$i")"); done
+# pgh_config <dir> <count> <slot prefix>: <dir>/pghoard.json, sites 1..<count> on slots
 # <prefix>_<i>, one local archive, zstd 1, encrypted, no basebackups; thread counts at
 # pghoard's defaults (2 cores: 3 compression, 5 transfer threads, as walhoard's).
 pgh_config() {
@@ -184,7 +192,7 @@ pgh_config() {
         encryption_keys: {k1: {public: $pub}},
         basebackup_interval_hours: null
       }')
-    sites=$(jq --arg k "s$i" --argjson v "$site" '. + {($k): $v}' <<<"$sites")
+    sites=$(jq --arg k "$(site_name "$i")" --argjson v "$site" '. + {($k): $v}' <<<"$sites")
   done
   jq -n --arg d "$d" --argjson sites "$sites" --argjson http "$(free_port)" '{
       backup_location: ($d + "/spool"),
@@ -203,7 +211,7 @@ wh_config() {
   local d=$1 n=$2 prefix=$3 sites='{}' i storage
   storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
   for i in $(seq "$n"); do
-    sites=$(jq --arg k "s$i" --argjson v "$(wh_site "${prefix}_$i" "$storage")" '. + {($k): $v}' <<<"$sites")
+    sites=$(jq --arg k "$(site_name "$i")" --argjson v "$(wh_site "${prefix}_$i" "$storage")" '. + {($k): $v}' <<<"$sites")
   done
   wh_config_sites "$d" "$sites"
 }
@@ -229,9 +237,9 @@ from pghoard.pghoard import main; sys.exit(main())' --short-log --config "$2/pgh
 # all_archived <dir> <count>: whether every site's archive holds every backlog segment and its sidecar.
 all_archived() {
   local i s
-  for i in $(seq "$2"); do
+  for i in "${SITE_NAMES[@]:0:$2}"; do
     for s in "${SEGS[@]}"; do
-      [ -e "$1/archive/s$i/xlog/$s.metadata" ] && [ -e "$1/archive/s$i/xlog/$s" ] || return 1
+      [ -e "$1/archive/$i/xlog/$s.metadata" ] && [ -e "$1/archive/$i/xlog/$s" ] || return 1
     done
   done
 }
@@ -256,7 +264,7 @@ for r in $(seq "$RUNS"); do
     t0=$(now)
     start_daemon "$ti" "$d" "$d/daemon.log"
     pid=$DAEMON
-    deadline=$((EPOCHSECONDS + 3600))
+    deadline=$((EPOCHSECONDS + ${WALHOARD_BENCH_TIMEOUT:-900}))
     peak=0
     until all_archived "$d" "$N"; do
       kill -0 "$pid" 2>/dev/null || { log "$t exited; see $d/daemon.log"; exit 1; }
