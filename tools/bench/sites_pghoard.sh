@@ -37,7 +37,7 @@
 #   WALHOARD_BENCH_TOOLS="pghoard walhoard pghoard=/var/cache/walhoard/pghoard270-venv" \
 #     WALHOARD_BENCH_BIN=target/release/walhoard tools/bench/sites_pghoard.sh
 #
-# pghoard before 2.2 knows no WAL page magic newer than PostgreSQL 11's and refuses every
+# pghoard 2.1.0 (PyPI's newest) knows no WAL page magic newer than PostgreSQL 11's and refuses every
 # PostgreSQL 15 segment (pghoard.wal.verify_wal); for such a venv the daemon is started through
 # a two-line wrapper that adds 15's magic (0xD110, from PostgreSQL's xlog_internal.h) to
 # pghoard.wal.WAL_MAGIC before calling pghoard's own main(). Nothing else of pghoard is changed.
