@@ -29,7 +29,8 @@
 # order each run alternates them, default "pghoard walhoard"; `pghoard` is the venv
 # WALHOARD_BENCH_PGHOARD_VENV, default pghoard 2.1.0 from PyPI by tools/install-pghoard.sh;
 # `pghoard=<venv>` another, e.g. a newer pghoard from a checkout by tools/pghoard-venv.sh;
-# results are labelled pghoard-<version>), WALHOARD_BENCH_IDLE_SECONDS (default 30),
+# results are labelled pghoard-<version>; `walhoard=<MiB>`: walhoard with that
+# wal_buffer_memory_mib, labelled walhoard-<MiB>mib), WALHOARD_BENCH_IDLE_SECONDS (default 30),
 # WALHOARD_BENCH_TIMEOUT (seconds a drain may take, default 900), WALHOARD_BENCH_BIN (a walhoard
 # binary; else `cargo build --release`), WALHOARD_BENCH_OUT
 # (default target/bench-results/sites-pghoard-<time>).
@@ -59,12 +60,14 @@ for c in jq python3; do command -v "$c" >/dev/null || { echo "needs $c" >&2; exi
 [ "$N" -ge 2 ] || { echo "WALHOARD_BENCH_SITES must be at least 2" >&2; exit 1; }
 id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
 pick_walhoard
-# Per tool (index in TOOLS): KIND walhoard or pghoard, LABEL (pghoard-<version>), VENV, SHIM
+# Per tool (index in TOOLS): KIND walhoard or pghoard, LABEL (pghoard-<version>,
+# walhoard-<budget>mib), VENV (pghoard's venv; walhoard's wal_buffer_memory_mib or -), SHIM
 # (1: started through the PostgreSQL 15 WAL magic wrapper, see the top of this file).
 KIND=() LABEL=() VENV=() SHIM=()
 for t in $TOOLS; do
   case $t in
     walhoard) KIND+=(walhoard) LABEL+=(walhoard) VENV+=(-) SHIM+=(0) ;;
+    walhoard=[1-9]*) KIND+=(walhoard) LABEL+=("walhoard-${t#walhoard=}mib") VENV+=("${t#walhoard=}") SHIM+=(0) ;;
     pghoard | pghoard=*)
       v=${t#pghoard}
       v=${v#=}
@@ -73,7 +76,7 @@ for t in $TOOLS; do
       KIND+=(pghoard) LABEL+=("pghoard-$("$v/bin/pghoard" --version)") VENV+=("$v")
       if "$v/bin/python" -c 'import sys, pghoard.wal as w; sys.exit(0xD110 not in w.WAL_MAGIC)'; then SHIM+=(0); else SHIM+=(1); fi
       ;;
-    *) echo "WALHOARD_BENCH_TOOLS: unknown tool '$t' (walhoard, pghoard or pghoard=<venv>)" >&2; exit 1 ;;
+    *) echo "WALHOARD_BENCH_TOOLS: unknown tool '$t' (walhoard, walhoard=<MiB>, pghoard or pghoard=<venv>)" >&2; exit 1 ;;
   esac
 done
 
@@ -206,18 +209,20 @@ pgh_config() {
       backup_sites: $sites
     }' >"$d/pghoard.json"
 }
-# wh_config <dir> <count> <slot prefix>: <dir>/walhoard.json, the same sites for walhoard.
+# wh_config <dir> <count> <slot prefix> <wal_buffer_memory_mib or ->: <dir>/walhoard.json,
+# the same sites for walhoard.
 wh_config() {
-  local d=$1 n=$2 prefix=$3 sites='{}' i storage
+  local d=$1 n=$2 prefix=$3 budget='{}' sites='{}' i storage
   storage=$(jq -n --arg dir "$d/archive" '{storage_type: "local", directory: $dir}')
   for i in $(seq "$n"); do
     sites=$(jq --arg k "$(site_name "$i")" --argjson v "$(wh_site "${prefix}_$i" "$storage")" '. + {($k): $v}' <<<"$sites")
   done
-  wh_config_sites "$d" "$sites"
+  [ "$4" = - ] || budget=$(jq -n --argjson m "$4" '{wal_buffer_memory_mib: $m}')
+  wh_config_sites "$d" "$sites" "$budget"
 }
 # configure <tool index> <dir> <count> <slot prefix>: that tool's configuration in <dir>.
 configure() {
-  if [ "${KIND[$1]}" = pghoard ]; then pgh_config "$2" "$3" "$4"; else wh_config "$2" "$3" "$4"; fi
+  if [ "${KIND[$1]}" = pghoard ]; then pgh_config "$2" "$3" "$4"; else wh_config "$2" "$3" "$4" "${VENV[$1]}"; fi
 }
 # start_daemon <tool index> <dir> <log>: DAEMON = the pid of that tool's daemon on <dir>'s
 # configuration.
