@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::pool::{ONE_SHOT_INPUT, ONE_SHOT_OUTPUT};
+use super::pool::{ONE_SHOT_INPUT, ONE_SHOT_OUTPUT, ONE_SHOT_ZSTD};
 use super::{io_at, ChannelWriter, TransferError, UploadEncryption, PIPE_CHUNK, QUEUE_CHUNKS};
 use crate::pipeline::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor};
 use crate::pipeline::encryption::{Encryptor, DEFAULT_CHUNK_SIZE};
@@ -471,9 +471,12 @@ pub fn one_shot_object(
     let capacity =
         zstd::zstd_safe::compress_bound(plain.len()) + plain.len() / DEFAULT_CHUNK_SIZE * 16 + 8192;
     let mut compressed = ONE_SHOT_OUTPUT.take(capacity);
-    let mut c = zstd::bulk::Compressor::new(compression.level)?;
-    c.include_checksum(zstd_checksum(encryption.is_some()))?;
-    c.compress_to_buffer(plain, &mut *compressed)?;
+    let mut c = ONE_SHOT_ZSTD.take(compression.level, zstd_checksum(encryption.is_some()))?;
+    if let Err(e) = c.compress_to_buffer(plain, &mut *compressed) {
+        c.discard();
+        return Err(e);
+    }
+    drop(c);
     let object = match encryption {
         None => compressed,
         Some(e) => {
