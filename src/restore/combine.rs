@@ -43,7 +43,9 @@ use anyhow::{bail, Context, Result};
 use aws_lc_rs::digest;
 
 use super::beneath::Beneath;
+use super::chain_delta::Plan;
 use super::delta::Seen;
+use std::sync::Arc;
 use crate::pipeline::encryption::read_full;
 
 /// Name prefix of PostgreSQL's incremental files (`INCREMENTAL_PREFIX` in basebackup.c).
@@ -71,6 +73,9 @@ pub struct Combine {
     /// Incremental files applied and the block bytes they wrote.
     pub applied: AtomicU64,
     pub block_bytes: AtomicU64,
+    /// `--delta`: this pass's place in the chain and what each file needs
+    /// ([`super::chain_delta`]); `None` restores every member of the backup.
+    pub delta: Option<(usize, Arc<Plan>)>,
 }
 
 impl Combine {
@@ -79,6 +84,16 @@ impl Combine {
             backup: backup.to_string(),
             incremental,
             ..Default::default()
+        }
+    }
+
+    /// Whether this pass writes the member for the file `path` (absolute; an incremental
+    /// file's target): always, unless a delta plan says the file is settled
+    /// ([`Plan::wants`]).
+    pub fn wants(&self, path: &Path, incremental: bool, mode: u32) -> io::Result<bool> {
+        match &self.delta {
+            None => Ok(true),
+            Some((member, plan)) => plan.wants(*member, path, incremental, mode, &self.backup),
         }
     }
 
@@ -100,6 +115,9 @@ impl Combine {
         }
         let what = format!("basebackup/{}: member {entry_path:?}", self.backup);
         let n = apply(root, rel, &what, size, mode, body)?;
+        if let Some((_, plan)) = &self.delta {
+            plan.applied(&root.join(rel), n);
+        }
         self.applied.fetch_add(1, Ordering::Relaxed);
         self.block_bytes.fetch_add(n, Ordering::Relaxed);
         Ok(n)
@@ -262,7 +280,15 @@ pub fn apply(
 /// Makes the newest backup's `backup_label` and `backup_manifest` in `target` describe the
 /// combined directory (see the module documentation). `tablespaces` maps an oid to where
 /// that tablespace was restored, for the manifest's `pg_tblspc/<oid>/…` entries.
-pub fn finish(target: &Path, backup: &str, tablespaces: &BTreeMap<u32, PathBuf>) -> Result<()> {
+///
+/// `known` gives the size and SHA-256 of a reconstructed file (absolute path) when they are
+/// known without reading it ([`super::chain_delta::Plan::known_final`]).
+pub fn finish(
+    target: &Path,
+    backup: &str,
+    tablespaces: &BTreeMap<u32, PathBuf>,
+    known: &dyn Fn(&Path) -> Option<(u64, String)>,
+) -> Result<()> {
     let root = Beneath::open(target).with_context(|| format!("open {}", target.display()))?;
     let label = root
         .read(Path::new("backup_label"))?
@@ -287,6 +313,9 @@ pub fn finish(target: &Path, backup: &str, tablespaces: &BTreeMap<u32, PathBuf>)
             return Ok(Edit::Keep);
         };
         let (dir, rel) = restored_at(target, &real, tablespaces)?;
+        if let Some(s) = known(&dir.join(&rel)) {
+            return Ok(Edit::Replace(real.to_string_lossy().into_owned(), s));
+        }
         let mut f = Beneath::open(&dir)?.open_read(&rel)?;
         let s = summary(&mut f)?;
         Ok(Edit::Replace(real.to_string_lossy().into_owned(), s))
@@ -317,7 +346,7 @@ fn strip_incremental_lines(label: &[u8]) -> Result<Vec<u8>> {
 
 /// Where the manifest path `rel` (of the data directory) was restored: the target, or for
 /// `pg_tblspc/<oid>/…` the tablespace's directory, so that nothing is read through a link.
-fn restored_at(
+pub(super) fn restored_at(
     target: &Path,
     rel: &Path,
     tablespaces: &BTreeMap<u32, PathBuf>,
