@@ -22,7 +22,7 @@ use crate::restore::{
 };
 
 /// Every table the test changes, as one checksum each ("-" for a table that does not exist).
-fn state(pg: &PgCluster) -> String {
+pub(crate) fn state(pg: &PgCluster) -> String {
     let mut out = Vec::new();
     for t in ["r", "gone", "trunc", "ts_t", "fresh1", "fresh2"] {
         let exists = query(pg, &format!("select to_regclass('{t}') is not null"));

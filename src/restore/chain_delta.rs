@@ -56,13 +56,42 @@ use crate::pipeline::transfer::download_with;
 /// A file's size and SHA-256 (hex).
 pub type Sum = (u64, String);
 
+/// A manifest's checksum of a file, in the algorithms walhoard's backups use: CRC-32C
+/// (PostgreSQL's default, which walhoard asks for) and SHA-256 (what a chain restore writes
+/// for the files it reconstructed). Hex as PostgreSQL writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Crc32c(String),
+    Sha256(String),
+}
+
+/// A version of a file: its size and checksum.
+pub type Version = (u64, Check);
+
+/// What a local file is: size, SHA-256 and CRC-32C, hex as in a manifest.
+struct Digests {
+    size: u64,
+    sha256: String,
+    crc32c: String,
+}
+
+impl Digests {
+    fn matches(&self, (size, check): &Version) -> bool {
+        *size == self.size
+            && match check {
+                Check::Sha256(s) => *s == self.sha256,
+                Check::Crc32c(c) => *c == self.crc32c,
+            }
+    }
+}
+
 /// The parts of a `backup_manifest` a delta restore compares.
 #[derive(Debug)]
 pub struct Manifest {
     system_identifier: Option<Value>,
     wal_ranges: Option<Value>,
-    /// Path → size and SHA-256; `None` for an entry with another checksum algorithm.
-    files: HashMap<String, Option<Sum>>,
+    /// Path → size and checksum; `None` for an entry with another checksum algorithm.
+    files: HashMap<String, Option<Version>>,
 }
 
 impl Manifest {
@@ -90,7 +119,10 @@ impl Manifest {
                 f.get("Checksum").and_then(Value::as_str),
             ) {
                 (Some(a), Some(c)) if a.eq_ignore_ascii_case("SHA256") => {
-                    Some((size, c.to_ascii_lowercase()))
+                    Some((size, Check::Sha256(c.to_ascii_lowercase())))
+                }
+                (Some(a), Some(c)) if a.eq_ignore_ascii_case("CRC32C") => {
+                    Some((size, Check::Crc32c(c.to_ascii_lowercase())))
                 }
                 _ => None,
             };
@@ -127,6 +159,9 @@ pub struct Plan {
     pub kept: AtomicU64,
     pub patched: AtomicU64,
     pub rebuilt: AtomicU64,
+    /// Of those, the ones rebuilt from an older member than the newest (whose chunks are
+    /// downloaded for them).
+    pub rebuilt_older: AtomicU64,
     /// Bytes of local files hashed to compare them.
     pub hashed: AtomicU64,
 }
@@ -198,9 +233,9 @@ impl Plan {
     pub fn applied(&self, path: &Path, block_bytes: u64) {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let unchanged = block_bytes == 0
-            && known
-                .get(path)
-                .is_some_and(|(size, _)| fs::symlink_metadata(path).is_ok_and(|m| m.len() == *size));
+            && known.get(path).is_some_and(|(size, _)| {
+                fs::symlink_metadata(path).is_ok_and(|m| m.len() == *size)
+            });
         if !unchanged {
             known.remove(path);
         }
@@ -228,7 +263,10 @@ fn keep_mode(path: &Path, mode: u32) -> io::Result<()> {
 /// manifest a restore of chain member `j` wrote (the member's WAL range and system
 /// identifier, each of its entries there unchanged or, for an incremental file, as the
 /// reconstructed file with a SHA-256), `j` and each path's size and SHA-256 after member `j`.
-pub fn local_versions(local: &Manifest, chain: &[Manifest]) -> Option<(usize, HashMap<String, Sum>)> {
+pub fn local_versions(
+    local: &Manifest,
+    chain: &[Manifest],
+) -> Option<(usize, HashMap<String, Version>)> {
     let j = chain.iter().rposition(|m| {
         m.wal_ranges.is_some()
             && m.wal_ranges == local.wal_ranges
@@ -240,14 +278,14 @@ pub fn local_versions(local: &Manifest, chain: &[Manifest]) -> Option<(usize, Ha
             continue;
         }
         let ok = match incremental_target(Path::new(path)) {
-            Some(real) => matches!(
-                local.files.get(real.to_str()?),
-                Some(Some(_))
-            ),
+            Some(real) => matches!(local.files.get(real.to_str()?), Some(Some(_))),
             None => local.files.get(path) == Some(sum),
         };
         if !ok {
-            tracing::debug!(path, "delta restore: the local backup_manifest is not the restore of member {j}");
+            tracing::debug!(
+                path,
+                "delta restore: the local backup_manifest is not the restore of member {j}"
+            );
             return None;
         }
     }
@@ -266,8 +304,8 @@ struct Candidate {
     oid: Option<u32>,
     /// The newest member that holds it whole.
     whole_at: usize,
-    /// Known versions, newest first: (member, size and SHA-256 after it).
-    versions: Vec<(usize, Sum)>,
+    /// Known versions, newest first: (member, the version after it).
+    versions: Vec<(usize, Version)>,
 }
 
 /// Plans the delta restore of the chain whose manifests are `chain` (oldest first; `names`
@@ -333,7 +371,10 @@ pub fn plan(
             .ok()
             .and_then(|r| r.iter().next()?.to_str()?.parse::<u32>().ok());
         let mut versions = Vec::new();
-        let held_back = oid.is_none() && HELD_BACK.iter().any(|h| Path::new(h) == rel);
+        // Always written from the newest member: the files held back, and backup_label
+        // (rewritten by every chain restore, so a local copy is never the member's).
+        let held_back = oid.is_none()
+            && (HELD_BACK.iter().any(|h| Path::new(h) == rel) || rel == Path::new("backup_label"));
         if !held_back {
             if let Some((j, local)) = &local {
                 if *j >= whole_at {
@@ -368,10 +409,14 @@ pub fn plan(
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(c) = candidates.get(i) else { break };
                 match matching_version(c, &out.hashed) {
-                    Ok(v) => sources.lock().unwrap_or_else(|p| p.into_inner()).push((i, v)),
+                    Ok(v) => sources
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, v)),
                     Err(e) => {
-                        *failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(anyhow::Error::from(e).context(format!("compare {}", c.path.display())));
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                            anyhow::Error::from(e).context(format!("compare {}", c.path.display())),
+                        );
                         next.store(usize::MAX / 2, Ordering::Relaxed);
                     }
                 }
@@ -386,17 +431,23 @@ pub fn plan(
     for (i, matched) in sources.into_inner().unwrap_or_else(|p| p.into_inner()) {
         let c = &candidates[i];
         let src = match matched {
-            Some((j, sum)) => {
-                known.insert(c.path.clone(), sum);
+            Some((j, sha)) => {
+                known.insert(c.path.clone(), sha);
                 if j == newest {
                     out.kept.fetch_add(1, Ordering::Relaxed);
                 } else {
                     out.patched.fetch_add(1, Ordering::Relaxed);
                 }
-                Source { member: j, local: true }
+                Source {
+                    member: j,
+                    local: true,
+                }
             }
             None => {
                 out.rebuilt.fetch_add(1, Ordering::Relaxed);
+                if c.whole_at < newest {
+                    out.rebuilt_older.fetch_add(1, Ordering::Relaxed);
+                }
                 out.needed.insert((c.whole_at, c.oid));
                 Source {
                     member: c.whole_at,
@@ -419,7 +470,7 @@ fn incremental_path(real: &str) -> String {
     }
 }
 
-/// The newest known version the local file is (member and its size and SHA-256), if any.
+/// The newest known version the local file is: the member, and the file's size and SHA-256.
 /// A file that matches is synced: its contents may be only in the page cache of whatever
 /// wrote them.
 fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usize, Sum)>> {
@@ -442,28 +493,41 @@ fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usi
         // Replaced by a link (ELOOP): rebuilt, which replaces the link.
         Err(_) => return Ok(None),
     };
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = read_full(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-        size += n as u64;
-    }
-    hashed.fetch_add(size, Ordering::Relaxed);
-    let sha = hex::encode(ctx.finish());
+    let d = digests(&mut f)?;
+    hashed.fetch_add(d.size, Ordering::Relaxed);
     let found = c
         .versions
         .iter()
-        .find(|(_, (s, sum))| *s == size && *sum == sha)
-        .cloned();
+        .find(|(_, v)| d.matches(v))
+        .map(|(j, _)| (*j, (d.size, d.sha256.clone())));
     if found.is_some() {
         f.sync_all()?;
     }
     Ok(found)
+}
+
+/// Size, SHA-256 and CRC-32C of what `r` holds, in one read. CRC-32C as PostgreSQL writes
+/// it in a manifest (`pg_checksum_final`: the final value's bytes in memory order, on the
+/// little-endian machines PostgreSQL runs on here).
+fn digests(r: &mut dyn Read) -> io::Result<Digests> {
+    let mut sha = digest::Context::new(&digest::SHA256);
+    let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = read_full(&mut &mut *r, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        crc.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Digests {
+        size,
+        sha256: hex::encode(sha.finish()),
+        crc32c: hex::encode((crc.finalize() as u32).to_le_bytes()),
+    })
 }
 
 /// Reads a manifest chunk's bytes (at most `limit`).
@@ -573,7 +637,11 @@ mod tests {
         fs::write(root.join("base/5/4"), b"newest").unwrap();
         let full = manifest(
             "0/1",
-            &[("PG_VERSION", b"17\n"), ("base/5/1", b"parent"), ("base/5/2", b"parent")],
+            &[
+                ("PG_VERSION", b"17\n"),
+                ("base/5/1", b"parent"),
+                ("base/5/2", b"parent"),
+            ],
         );
         let inc = manifest(
             "0/2",
@@ -588,20 +656,60 @@ mod tests {
         let names = vec!["f".to_string(), "i".to_string()];
         let p = plan(&[full, inc], &names, None, root, &BTreeMap::new(), 2).unwrap();
         let src = |f: &str| p.files[&root.join(f)];
-        assert_eq!(src("base/5/1"), Source { member: 0, local: true });
-        assert_eq!(src("base/5/2"), Source { member: 0, local: false });
-        assert_eq!(src("base/5/3"), Source { member: 1, local: false });
-        assert_eq!(src("base/5/4"), Source { member: 1, local: true });
+        assert_eq!(
+            src("base/5/1"),
+            Source {
+                member: 0,
+                local: true
+            }
+        );
+        assert_eq!(
+            src("base/5/2"),
+            Source {
+                member: 0,
+                local: false
+            }
+        );
+        assert_eq!(
+            src("base/5/3"),
+            Source {
+                member: 1,
+                local: false
+            }
+        );
+        assert_eq!(
+            src("base/5/4"),
+            Source {
+                member: 1,
+                local: true
+            }
+        );
         // PG_VERSION is held back: always written.
-        assert_eq!(src("PG_VERSION"), Source { member: 1, local: false });
+        assert_eq!(
+            src("PG_VERSION"),
+            Source {
+                member: 1,
+                local: false
+            }
+        );
         assert!(p.needs(0, None) && p.needs(1, None) && !p.needs(0, Some(16400)));
         // Member 0 writes base/5/2 and skips base/5/1; member 1 applies both.
-        assert!(p.wants(0, &root.join("base/5/2"), false, 0o600, "f").unwrap());
-        assert!(!p.wants(0, &root.join("base/5/1"), false, 0o600, "f").unwrap());
-        assert!(p.wants(1, &root.join("base/5/1"), true, 0o600, "i").unwrap());
-        assert!(!p.wants(1, &root.join("base/5/4"), false, 0o600, "i").unwrap());
+        assert!(p
+            .wants(0, &root.join("base/5/2"), false, 0o600, "f")
+            .unwrap());
+        assert!(!p
+            .wants(0, &root.join("base/5/1"), false, 0o600, "f")
+            .unwrap());
+        assert!(p
+            .wants(1, &root.join("base/5/1"), true, 0o600, "i")
+            .unwrap());
+        assert!(!p
+            .wants(1, &root.join("base/5/4"), false, 0o600, "i")
+            .unwrap());
         // A member that disagrees with its manifest is refused.
-        assert!(p.wants(1, &root.join("base/5/1"), false, 0o600, "i").is_err());
+        assert!(p
+            .wants(1, &root.join("base/5/1"), false, 0o600, "i")
+            .is_err());
         assert_eq!(p.known_final(&root.join("base/5/4")).unwrap().0, 6);
 
         // Only the parent's version matches, and the file is not at the newest: nothing of
@@ -609,11 +717,19 @@ mod tests {
         fs::write(root.join("base/5/2"), b"parent").unwrap();
         let full = manifest(
             "0/1",
-            &[("PG_VERSION", b"17\n"), ("base/5/1", b"parent"), ("base/5/2", b"parent")],
+            &[
+                ("PG_VERSION", b"17\n"),
+                ("base/5/1", b"parent"),
+                ("base/5/2", b"parent"),
+            ],
         );
         let inc = manifest(
             "0/2",
-            &[("PG_VERSION", b"17\n"), ("base/5/INCREMENTAL.1", b"i"), ("base/5/INCREMENTAL.2", b"i")],
+            &[
+                ("PG_VERSION", b"17\n"),
+                ("base/5/INCREMENTAL.1", b"i"),
+                ("base/5/INCREMENTAL.2", b"i"),
+            ],
         );
         let p = plan(&[full, inc], &names, None, root, &BTreeMap::new(), 1).unwrap();
         assert!(!p.needs_member(0));
@@ -621,10 +737,29 @@ mod tests {
 
     /// The directory's own manifest counts only when it is a restore of a member of the
     /// chain: that member's entries there, unchanged or reconstructed.
+    /// CRC-32C as PostgreSQL writes it in a manifest (values from a PostgreSQL 17
+    /// backup_manifest: PG_VERSION "17\n", and an empty file).
+    #[test]
+    fn crc32c_is_written_as_postgresql_does() {
+        assert_eq!(digests(&mut &b"17\n"[..]).unwrap().crc32c, "64440205");
+        assert_eq!(digests(&mut &b""[..]).unwrap().crc32c, "00000000");
+        let v = serde_json::json!({"Files": [{"Path": "PG_VERSION", "Size": 3,
+            "Checksum-Algorithm": "CRC32C", "Checksum": "64440205"}]});
+        let m = Manifest::parse(v.to_string().as_bytes(), "test").unwrap();
+        let d = digests(&mut &b"17\n"[..]).unwrap();
+        assert!(d.matches(m.files["PG_VERSION"].as_ref().unwrap()));
+        assert!(!digests(&mut &b"18\n"[..])
+            .unwrap()
+            .matches(m.files["PG_VERSION"].as_ref().unwrap()));
+    }
+
     #[test]
     fn the_local_manifest_must_be_a_restore_of_a_member() {
         let full = manifest("0/1", &[("PG_VERSION", b"17\n"), ("base/5/1", b"a")]);
-        let inc = manifest("0/2", &[("PG_VERSION", b"17\n"), ("base/5/INCREMENTAL.1", b"i")]);
+        let inc = manifest(
+            "0/2",
+            &[("PG_VERSION", b"17\n"), ("base/5/INCREMENTAL.1", b"i")],
+        );
         let restored = manifest("0/2", &[("PG_VERSION", b"17\n"), ("base/5/1", b"ab")]);
         let chain = [full, inc];
         let (j, v) = local_versions(&restored, &chain).unwrap();

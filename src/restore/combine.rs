@@ -45,8 +45,8 @@ use aws_lc_rs::digest;
 use super::beneath::Beneath;
 use super::chain_delta::Plan;
 use super::delta::Seen;
-use std::sync::Arc;
 use crate::pipeline::encryption::read_full;
+use std::sync::Arc;
 
 /// Name prefix of PostgreSQL's incremental files (`INCREMENTAL_PREFIX` in basebackup.c).
 pub const INCREMENTAL_PREFIX: &str = "INCREMENTAL.";

@@ -352,10 +352,11 @@ async fn restore_chain(
     let plan = if opts.existing == Existing::Delta {
         let plan = chain_delta::prepare(site, chain, &opts.target_dir, &oids).await?;
         eprintln!(
-            "restore: delta: {} files already as in the backup, {} to patch with the newer incremental files, {} to rebuild ({} bytes compared)",
+            "restore: delta: {} files already as in the backup, {} to patch with the newer incremental files, {} to rebuild ({} from an older backup of the chain; {} bytes compared)",
             plan.kept.load(Ordering::Relaxed),
             plan.patched.load(Ordering::Relaxed),
             plan.rebuilt.load(Ordering::Relaxed),
+            plan.rebuilt_older.load(Ordering::Relaxed),
             plan.hashed.load(Ordering::Relaxed)
         );
         Some(Arc::new(plan))
