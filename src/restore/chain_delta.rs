@@ -48,7 +48,7 @@ use super::beneath::Beneath;
 use super::chain::Member;
 use super::chunks::chunk_key;
 use super::combine::{incremental_target, restored_at, INCREMENTAL_PREFIX};
-use super::extract::HELD_BACK;
+use super::extract::{safe_relative, HELD_BACK};
 use super::RestoreSite;
 use crate::pipeline::encryption::read_full;
 use crate::pipeline::transfer::download_with;
@@ -299,6 +299,9 @@ pub fn local_versions(
 
 /// One file of the newest backup, being planned.
 struct Candidate {
+    /// The restore root (target or tablespace directory) it is below, and its path there.
+    root: PathBuf,
+    rel: PathBuf,
     path: PathBuf,
     /// Where its chunks are: `None` the data directory, or a tablespace oid.
     oid: Option<u32>,
@@ -364,6 +367,9 @@ pub fn plan(
                 }
             }
         }
+        // A forged manifest naming a path outside is refused, as such a tar member is.
+        safe_relative(&real_str)
+            .with_context(|| format!("basebackup/{}: manifest entry {path:?}", names[newest]))?;
         let (dir, rel) = restored_at(target, Path::new(&real_str), tablespaces)
             .with_context(|| format!("basebackup/{}: manifest entry {path:?}", names[newest]))?;
         let oid = Path::new(&real_str)
@@ -390,7 +396,9 @@ pub fn plan(
             }
         }
         candidates.push(Candidate {
-            path: dir.join(rel),
+            path: dir.join(&rel),
+            root: dir,
+            rel,
             oid,
             whole_at,
             versions,
@@ -474,25 +482,18 @@ fn incremental_path(real: &str) -> String {
 /// A file that matches is synced: its contents may be only in the page cache of whatever
 /// wrote them.
 fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usize, Sum)>> {
-    let len = match fs::symlink_metadata(&c.path) {
-        Ok(m) if m.is_file() => m.len(),
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if !c.versions.iter().any(|(_, (size, _))| *size == len) {
+    if c.versions.is_empty() {
         return Ok(None);
     }
-    let mut f = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&c.path)
-    {
-        Ok(f) => f,
-        // Replaced by a link (ELOOP): rebuilt, which replaces the link.
-        Err(_) => return Ok(None),
+    // Never through a symlink, the file's or a directory's on the way (Beneath): missing,
+    // a link, not a directory where one is needed — rebuilt, and extracting deals with it.
+    let Ok(mut f) = Beneath::open(&c.root).and_then(|b| b.open_read(&c.rel)) else {
+        return Ok(None);
     };
+    let m = f.metadata()?;
+    if !m.is_file() || !c.versions.iter().any(|(_, (size, _))| *size == m.len()) {
+        return Ok(None);
+    }
     let d = digests(&mut f)?;
     hashed.fetch_add(d.size, Ordering::Relaxed);
     let found = c
@@ -751,6 +752,31 @@ mod tests {
         assert!(!digests(&mut &b"18\n"[..])
             .unwrap()
             .matches(m.files["PG_VERSION"].as_ref().unwrap()));
+    }
+
+    /// A manifest path outside the target is refused; a local file reached through a
+    /// symlinked directory is never taken as matching.
+    #[test]
+    fn paths_outside_and_links_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        fs::create_dir_all(&root).unwrap();
+        let names = vec!["f".to_string()];
+        let evil = manifest("0/1", &[("../outside", b"x")]);
+        let err = plan(&[evil], &names, None, &root, &BTreeMap::new(), 1).unwrap_err();
+        assert!(format!("{err:#}").contains("../outside"), "{err:#}");
+        fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+        fs::write(dir.path().join("elsewhere/1"), b"a").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), root.join("base")).unwrap();
+        let m = manifest("0/1", &[("base/1", b"a")]);
+        let p = plan(&[m], &names, None, &root, &BTreeMap::new(), 1).unwrap();
+        assert_eq!(
+            p.files[&root.join("base/1")],
+            Source {
+                member: 0,
+                local: false
+            }
+        );
     }
 
     #[test]
