@@ -68,10 +68,10 @@ pub enum Check {
 /// A version of a file: its size and checksum.
 pub type Version = (u64, Check);
 
-/// What a local file is: size, SHA-256 and CRC-32C, hex as in a manifest.
+/// What a local file is: size, SHA-256 (when asked for) and CRC-32C, hex as in a manifest.
 struct Digests {
     size: u64,
-    sha256: String,
+    sha256: Option<String>,
     crc32c: String,
 }
 
@@ -79,7 +79,7 @@ impl Digests {
     fn matches(&self, (size, check): &Version) -> bool {
         *size == self.size
             && match check {
-                Check::Sha256(s) => *s == self.sha256,
+                Check::Sha256(s) => self.sha256.as_ref() == Some(s),
                 Check::Crc32c(c) => *c == self.crc32c,
             }
     }
@@ -309,6 +309,10 @@ struct Candidate {
     whole_at: usize,
     /// Known versions, newest first: (member, the version after it).
     versions: Vec<(usize, Version)>,
+    /// Whether its SHA-256 is worth computing: a version is known by one, or the file may
+    /// come out unchanged (the newest backup's incremental file has no blocks), when the
+    /// rewritten manifest can use it without reading the file again.
+    want_sha: bool,
 }
 
 /// Plans the delta restore of the chain whose manifests are `chain` (oldest first; `names`
@@ -395,7 +399,14 @@ pub fn plan(
                 }
             }
         }
+        // 12 bytes: an incremental file's header without blocks (magic, count, truncation).
+        let unchanged = real.is_some() && sum.as_ref().is_none_or(|(size, _)| *size <= 12);
+        let want_sha = unchanged
+            || versions
+                .iter()
+                .any(|(_, (_, c))| matches!(c, Check::Sha256(_)));
         candidates.push(Candidate {
+            want_sha,
             path: dir.join(&rel),
             root: dir,
             rel,
@@ -440,7 +451,9 @@ pub fn plan(
         let c = &candidates[i];
         let src = match matched {
             Some((j, sha)) => {
-                known.insert(c.path.clone(), sha);
+                if let Some(sha) = sha {
+                    known.insert(c.path.clone(), sha);
+                }
                 if j == newest {
                     out.kept.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -481,7 +494,7 @@ fn incremental_path(real: &str) -> String {
 /// The newest known version the local file is: the member, and the file's size and SHA-256.
 /// A file that matches is synced: its contents may be only in the page cache of whatever
 /// wrote them.
-fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usize, Sum)>> {
+fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usize, Option<Sum>)>> {
     if c.versions.is_empty() {
         return Ok(None);
     }
@@ -494,13 +507,13 @@ fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usi
     if !m.is_file() || !c.versions.iter().any(|(_, (size, _))| *size == m.len()) {
         return Ok(None);
     }
-    let d = digests(&mut f)?;
+    let d = digests(&mut f, c.want_sha)?;
     hashed.fetch_add(d.size, Ordering::Relaxed);
     let found = c
         .versions
         .iter()
         .find(|(_, v)| d.matches(v))
-        .map(|(j, _)| (*j, (d.size, d.sha256.clone())));
+        .map(|(j, _)| (*j, d.sha256.clone().map(|s| (d.size, s))));
     if found.is_some() {
         f.sync_all()?;
     }
@@ -510,8 +523,8 @@ fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usi
 /// Size, SHA-256 and CRC-32C of what `r` holds, in one read. CRC-32C as PostgreSQL writes
 /// it in a manifest (`pg_checksum_final`: the final value's bytes in memory order, on the
 /// little-endian machines PostgreSQL runs on here).
-fn digests(r: &mut dyn Read) -> io::Result<Digests> {
-    let mut sha = digest::Context::new(&digest::SHA256);
+fn digests(r: &mut dyn Read, with_sha: bool) -> io::Result<Digests> {
+    let mut sha = with_sha.then(|| digest::Context::new(&digest::SHA256));
     let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
@@ -520,13 +533,15 @@ fn digests(r: &mut dyn Read) -> io::Result<Digests> {
         if n == 0 {
             break;
         }
-        sha.update(&buf[..n]);
+        if let Some(sha) = &mut sha {
+            sha.update(&buf[..n]);
+        }
         crc.update(&buf[..n]);
         size += n as u64;
     }
     Ok(Digests {
         size,
-        sha256: hex::encode(sha.finish()),
+        sha256: sha.map(|s| hex::encode(s.finish())),
         crc32c: hex::encode((crc.finalize() as u32).to_le_bytes()),
     })
 }
@@ -742,14 +757,14 @@ mod tests {
     /// backup_manifest: PG_VERSION "17\n", and an empty file).
     #[test]
     fn crc32c_is_written_as_postgresql_does() {
-        assert_eq!(digests(&mut &b"17\n"[..]).unwrap().crc32c, "64440205");
-        assert_eq!(digests(&mut &b""[..]).unwrap().crc32c, "00000000");
+        assert_eq!(digests(&mut &b"17\n"[..], true).unwrap().crc32c, "64440205");
+        assert_eq!(digests(&mut &b""[..], false).unwrap().crc32c, "00000000");
         let v = serde_json::json!({"Files": [{"Path": "PG_VERSION", "Size": 3,
             "Checksum-Algorithm": "CRC32C", "Checksum": "64440205"}]});
         let m = Manifest::parse(v.to_string().as_bytes(), "test").unwrap();
-        let d = digests(&mut &b"17\n"[..]).unwrap();
+        let d = digests(&mut &b"17\n"[..], true).unwrap();
         assert!(d.matches(m.files["PG_VERSION"].as_ref().unwrap()));
-        assert!(!digests(&mut &b"18\n"[..])
+        assert!(!digests(&mut &b"18\n"[..], false)
             .unwrap()
             .matches(m.files["PG_VERSION"].as_ref().unwrap()));
     }

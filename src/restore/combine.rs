@@ -31,13 +31,14 @@
 //! file's block list (at most `RELSEG_SIZE` numbers, 512 KiB) per file being applied; the
 //! manifest while it is rewritten.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::digest;
@@ -300,6 +301,8 @@ pub fn finish(
     let manifest = root
         .read(Path::new("backup_manifest"))?
         .with_context(|| format!("basebackup/{backup} holds no backup_manifest"))?;
+    let sums = reconstructed_sums(&manifest, target, tablespaces, known)
+        .with_context(|| format!("basebackup/{backup}: backup_manifest"))?;
     let rewritten = rewrite_manifest(&manifest, |path| {
         if path == "backup_label" {
             let s = summary(&mut &label[..])?;
@@ -312,18 +315,80 @@ pub fn finish(
         let Some(real) = incremental_target(Path::new(path)) else {
             return Ok(Edit::Keep);
         };
-        let (dir, rel) = restored_at(target, &real, tablespaces)?;
-        if let Some(s) = known(&dir.join(&rel)) {
-            return Ok(Edit::Replace(real.to_string_lossy().into_owned(), s));
-        }
-        let mut f = Beneath::open(&dir)?.open_read(&rel)?;
-        let s = summary(&mut f)?;
+        let s = sums.get(path).cloned().ok_or_else(|| {
+            invalid(format!(
+                "no summary of the reconstructed {}",
+                real.display()
+            ))
+        })?;
         Ok(Edit::Replace(real.to_string_lossy().into_owned(), s))
     })
     .with_context(|| format!("basebackup/{backup}: backup_manifest"))?;
     root.replace(Path::new("backup_manifest"), &rewritten, 0o600)
         .with_context(|| format!("write {}", target.join("backup_manifest").display()))?;
     Ok(())
+}
+
+/// Size and SHA-256 of each file the manifest's `INCREMENTAL.*` entries were reconstructed
+/// into (keyed by the entry's path), read back on every core, unless `known` has them.
+fn reconstructed_sums(
+    manifest: &[u8],
+    target: &Path,
+    tablespaces: &BTreeMap<u32, PathBuf>,
+    known: &dyn Fn(&Path) -> Option<(u64, String)>,
+) -> Result<HashMap<String, (u64, String)>> {
+    let v: serde_json::Value = serde_json::from_slice(manifest).context("not JSON")?;
+    let mut sums = HashMap::new();
+    let mut todo = Vec::new();
+    for f in v
+        .get("Files")
+        .and_then(|f| f.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let Some(path) = f.get("Path").and_then(|p| p.as_str()) else {
+            continue;
+        };
+        let Some(real) = incremental_target(Path::new(path)) else {
+            continue;
+        };
+        let (dir, rel) =
+            restored_at(target, &real, tablespaces).with_context(|| format!("entry {path:?}"))?;
+        match known(&dir.join(&rel)) {
+            Some(s) => {
+                sums.insert(path.to_string(), s);
+            }
+            None => todo.push((path.to_string(), dir, rel)),
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::with_capacity(todo.len()));
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((path, dir, rel)) = todo.get(i) else {
+                    break;
+                };
+                let r = Beneath::open(dir)
+                    .and_then(|b| b.open_read(rel))
+                    .and_then(|mut f| summary(&mut f))
+                    .map_err(|e| anyhow::Error::from(e).context(format!("entry {path:?}")));
+                let failed = r.is_err();
+                done.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((path.clone(), r));
+                if failed {
+                    next.store(usize::MAX / 2, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    for (path, r) in done.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        sums.insert(path, r?);
+    }
+    Ok(sums)
 }
 
 /// `backup_label` without the `INCREMENTAL FROM LSN/TLI` lines; an error when it has none

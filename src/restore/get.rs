@@ -350,14 +350,16 @@ async fn restore_chain(
     let oids: BTreeMap<u32, PathBuf> = ts_dirs.values().cloned().collect();
     // `--delta`: what each file needs, from the manifests and the files already there.
     let plan = if opts.existing == Existing::Delta {
+        let started = std::time::Instant::now();
         let plan = chain_delta::prepare(site, chain, &opts.target_dir, &oids).await?;
         eprintln!(
-            "restore: delta: {} files already as in the backup, {} to patch with the newer incremental files, {} to rebuild ({} from an older backup of the chain; {} bytes compared)",
+            "restore: delta: {} files already as in the backup, {} to patch with the newer incremental files, {} to rebuild ({} from an older backup of the chain; {} bytes compared in {:.1}s)",
             plan.kept.load(Ordering::Relaxed),
             plan.patched.load(Ordering::Relaxed),
             plan.rebuilt.load(Ordering::Relaxed),
             plan.rebuilt_older.load(Ordering::Relaxed),
-            plan.hashed.load(Ordering::Relaxed)
+            plan.hashed.load(Ordering::Relaxed),
+            started.elapsed().as_secs_f64()
         );
         Some(Arc::new(plan))
     } else {
@@ -417,9 +419,14 @@ async fn restore_chain(
             pass.block_bytes.load(Ordering::Relaxed)
         );
     }
+    let started = std::time::Instant::now();
     combine::finish(&opts.target_dir, &newest.listing.name, &oids, &|p| {
         plan.as_ref().and_then(|plan| plan.known_final(p))
     })?;
+    eprintln!(
+        "restore: backup_label and backup_manifest rewritten for the combined files in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     let data = Extractor::new(opts.target_dir.clone(), true);
     settle(
         site,
