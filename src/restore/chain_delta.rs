@@ -2,8 +2,8 @@
 //! file of the newest backup needs, decided from the chain's `backup_manifest`s and the files
 //! already there, before anything is downloaded ([`Plan`]).
 //!
-//! Every member's manifest lists each file it holds with its size and SHA-256 (walhoard asks
-//! for `MANIFEST_CHECKSUMS 'SHA256'`): a relation file either whole, or as
+//! Every member's manifest lists each file it holds with its size and checksum (CRC-32C,
+//! PostgreSQL's default; SHA-256 is understood too): a relation file either whole, or as
 //! `INCREMENTAL.<file>`, the blocks changed since the member before it. For a file of the
 //! newest backup, the newest member `k` that holds it whole is found; the members after `k`
 //! hold it as incremental files. Its *known versions* are the one after member `k` (the whole
@@ -53,12 +53,13 @@ use super::RestoreSite;
 use crate::pipeline::encryption::read_full;
 use crate::pipeline::transfer::download_with;
 
-/// A file's size and SHA-256 (hex).
+/// A file's size and CRC-32C (hex, as in a manifest).
 pub type Sum = (u64, String);
 
-/// A manifest's checksum of a file, in the algorithms walhoard's backups use: CRC-32C
-/// (PostgreSQL's default, which walhoard asks for) and SHA-256 (what a chain restore writes
-/// for the files it reconstructed). Hex as PostgreSQL writes it.
+/// A manifest's checksum of a file, in the algorithms walhoard's backups and restores use:
+/// CRC-32C (PostgreSQL's default, which walhoard asks for, and what a chain restore writes
+/// for the files it reconstructed) and SHA-256 (what earlier chain restores wrote). Hex as
+/// PostgreSQL writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     Crc32c(String),
@@ -153,7 +154,7 @@ pub struct Plan {
     files: HashMap<PathBuf, Source>,
     /// (member, tablespace oid or `None` for the data directory) whose chunk is needed.
     needed: BTreeSet<(usize, Option<u32>)>,
-    /// Files whose contents are known (size and SHA-256) without reading them: those whose
+    /// Files whose contents are known (size and CRC-32C) without reading them: those whose
     /// local version matched and that no incremental file has changed since.
     known: Mutex<HashMap<PathBuf, Sum>>,
     pub kept: AtomicU64,
@@ -241,7 +242,7 @@ impl Plan {
         }
     }
 
-    /// Size and SHA-256 of the file at `path` (absolute) after the restore, when known
+    /// Size and CRC-32C of the file at `path` (absolute) after the restore, when known
     /// without reading it.
     pub fn known_final(&self, path: &Path) -> Option<Sum> {
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -262,7 +263,8 @@ fn keep_mode(path: &Path, mode: u32) -> io::Result<()> {
 /// The versions the directory's own `backup_manifest` (`local`) describes: when it is the
 /// manifest a restore of chain member `j` wrote (the member's WAL range and system
 /// identifier, each of its entries there unchanged or, for an incremental file, as the
-/// reconstructed file with a SHA-256), `j` and each path's size and SHA-256 after member `j`.
+/// reconstructed file with a checksum), `j` and each path's size and checksum after member
+/// `j`.
 pub fn local_versions(
     local: &Manifest,
     chain: &[Manifest],
@@ -309,9 +311,7 @@ struct Candidate {
     whole_at: usize,
     /// Known versions, newest first: (member, the version after it).
     versions: Vec<(usize, Version)>,
-    /// Whether its SHA-256 is worth computing: a version is known by one, or the file may
-    /// come out unchanged (the newest backup's incremental file has no blocks), when the
-    /// rewritten manifest can use it without reading the file again.
+    /// Whether its SHA-256 is needed: a version is known by one.
     want_sha: bool,
 }
 
@@ -399,12 +399,9 @@ pub fn plan(
                 }
             }
         }
-        // 12 bytes: an incremental file's header without blocks (magic, count, truncation).
-        let unchanged = real.is_some() && sum.as_ref().is_none_or(|(size, _)| *size <= 12);
-        let want_sha = unchanged
-            || versions
-                .iter()
-                .any(|(_, (_, c))| matches!(c, Check::Sha256(_)));
+        let want_sha = versions
+            .iter()
+            .any(|(_, (_, c))| matches!(c, Check::Sha256(_)));
         candidates.push(Candidate {
             want_sha,
             path: dir.join(&rel),
@@ -450,10 +447,8 @@ pub fn plan(
     for (i, matched) in sources.into_inner().unwrap_or_else(|p| p.into_inner()) {
         let c = &candidates[i];
         let src = match matched {
-            Some((j, sha)) => {
-                if let Some(sha) = sha {
-                    known.insert(c.path.clone(), sha);
-                }
+            Some((j, sum)) => {
+                known.insert(c.path.clone(), sum);
                 if j == newest {
                     out.kept.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -491,10 +486,10 @@ fn incremental_path(real: &str) -> String {
     }
 }
 
-/// The newest known version the local file is: the member, and the file's size and SHA-256.
+/// The newest known version the local file is: the member, and the file's size and CRC-32C.
 /// A file that matches is synced: its contents may be only in the page cache of whatever
 /// wrote them.
-fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usize, Option<Sum>)>> {
+fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usize, Sum)>> {
     if c.versions.is_empty() {
         return Ok(None);
     }
@@ -513,7 +508,7 @@ fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usi
         .versions
         .iter()
         .find(|(_, v)| d.matches(v))
-        .map(|(j, _)| (*j, d.sha256.clone().map(|s| (d.size, s))));
+        .map(|(j, _)| (*j, (d.size, d.crc32c.clone())));
     if found.is_some() {
         f.sync_all()?;
     }
