@@ -24,6 +24,8 @@ struct Site {
     config: Config,
     store: ObjectStore,
     ring: KeyRing,
+    /// The site's public key (PEM), to store an object as the site would.
+    public: String,
 }
 
 fn site(pg: &PgCluster, basebackup_mode: &str, active_backup_mode: &str) -> Site {
@@ -61,6 +63,7 @@ fn site(pg: &PgCluster, basebackup_mode: &str, active_backup_mode: &str) -> Site
         config,
         store,
         ring,
+        public,
     }
 }
 
@@ -433,4 +436,83 @@ async fn basebackup_local_tar_standalone_carries_its_wal() {
     // No restore_command: only the WAL inside the backup.
     let restored = PgCluster::builder().start_on(&data).unwrap();
     assert_eq!(restored.psql(CHECKSUM).unwrap(), want);
+}
+
+/// A chunk replaced by one that decrypts, decompresses and parses as well and has the same
+/// size, but whose plain bytes differ from what the control object records (one byte of
+/// `PG_VERSION`): only the chunk's SHA-1 tells, and the restore must refuse it, naming the
+/// chunk, and leave nothing. (The SHA-1 is computed on a thread of its own, beside the
+/// extraction: this fails if that hash stopped covering the bytes that were extracted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restore_refuses_a_chunk_whose_sha1_differs_from_the_control_object() {
+    use walhoard::pipeline::compression::{Algorithm, CompressionSettings};
+    use walhoard::pipeline::encryption::PublicKey;
+    use walhoard::pipeline::hash::HashAlgorithm;
+    use walhoard::pipeline::transfer::{
+        upload, Hashing, ObjectKind, Source, Upload, UploadEncryption,
+    };
+
+    let pg = cluster_with_rows(1000);
+    let site = site(&pg, "basic", "standalone_hot_backup");
+    let info = take_the_only_backup(&site).await;
+    let work = tempfile::tempdir().unwrap();
+    let (meta, _control, chunks) = fetch(&site, &info.name, &work.path().join("dl")).await;
+    let i = meta
+        .chunks
+        .iter()
+        .position(|c| c.kind == ChunkKind::Data)
+        .unwrap();
+    let key = format!("basebackup_chunk/{}", meta.chunks[i].chunk_filename);
+    let mut tar = std::fs::read(&chunks[i]).unwrap();
+    // The header block of the member PG_VERSION; its body ("15\n", ...) follows it.
+    let header = (0..tar.len())
+        .step_by(512)
+        .find(|&at| tar[at..].starts_with(b"PG_VERSION\0"))
+        .expect("PG_VERSION in base.tar");
+    tar[header + 512] = b'9';
+    let stored = site.store.metadata(&key).await.unwrap();
+    let original = walhoard::storage::meta::ObjectMeta::parse(&key, &stored).unwrap();
+    let up = upload(
+        &site.store,
+        Upload {
+            kind: ObjectKind::BasebackupChunk,
+            hashing: Hashing::Sha1Returned,
+            metadata: original,
+            ..Upload::wal(
+                &key,
+                Source::bytes(tar),
+                CompressionSettings::new(Algorithm::Zstd),
+                Some(UploadEncryption {
+                    key_id: "k1".into(),
+                    public: PublicKey::from_pem(&site.public).unwrap(),
+                }),
+                HashAlgorithm::Sha1,
+            )
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(up.plain_size, meta.chunks[i].input_size);
+    assert_ne!(up.hash, meta.chunks[i].hash);
+
+    let target = work.path().join("restored");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walhoard"));
+    cmd.args(["restore", "get-basebackup", "--site", "s1", "--basebackup"])
+        .arg(&info.name)
+        .arg("--target-dir")
+        .arg(&target)
+        .arg("--config")
+        .arg(&site.config_path);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "restored: {err}");
+    assert!(
+        err.contains(&key) && err.contains(&format!("SHA-1 {}", up.hash)),
+        "{err}"
+    );
+    assert!(
+        !target.exists(),
+        "the failed restore left {}",
+        target.display()
+    );
 }

@@ -75,22 +75,25 @@ pub async fn plan(store: &ObjectStore, inv: &Inventory, deleted: &[String]) -> R
     let Some(before) = first else {
         return Ok(WalPlan::KeepAll(KeepAllReason::NoBackup));
     };
-    let mut ours = Vec::new();
-    let mut foreign = Vec::new();
-    for o in store.list("xlog").await.context("list xlog/")? {
-        let Some(id) = segment_of_key(&o.key) else {
-            continue;
-        };
-        // Compare segment positions (log, seg), whatever the timeline.
-        if (id.log, id.seg) >= (before.log, before.seg) {
-            continue;
-        }
-        match store.metadata(&o.key).await {
-            Ok(m) if m.contains_key(meta::WALHOARD_WRITER) => ours.push(o.key),
-            Ok(_) => foreign.push(o.key),
+    let old: Vec<String> = store
+        .list("xlog")
+        .await
+        .context("list xlog/")?
+        .into_iter()
+        .filter(|o| {
+            // Compare segment positions (log, seg), whatever the timeline.
+            segment_of_key(&o.key).is_some_and(|id| (id.log, id.seg) < (before.log, before.seg))
+        })
+        .map(|o| o.key)
+        .collect();
+    let (mut ours, mut foreign) = (Vec::new(), Vec::new());
+    for (key, written_by_us) in writers(store, old).await {
+        match written_by_us {
+            Ok(true) => ours.push(key),
+            Ok(false) => foreign.push(key),
             Err(e) => {
-                tracing::warn!(object = %o.key, error = %e, "WAL object's metadata unreadable; left alone");
-                foreign.push(o.key);
+                tracing::warn!(object = %key, error = %e, "WAL object's metadata unreadable; left alone");
+                foreign.push(key);
             }
         }
     }
@@ -99,6 +102,39 @@ pub async fn plan(store: &ObjectStore, inv: &Inventory, deleted: &[String]) -> R
         ours,
         foreign,
     })
+}
+
+/// Metadata reads in flight at once: an archive pghoard filled before the switch can hold
+/// tens of thousands of segments older than every kept backup, each read on every pass.
+const PARALLEL_METADATA: usize = 16;
+
+/// Whether each object in `keys` carries walhoard's writer mark, in `keys`' order,
+/// [`PARALLEL_METADATA`] reads at a time.
+async fn writers(
+    store: &ObjectStore,
+    keys: Vec<String>,
+) -> Vec<(String, Result<bool, crate::storage::StorageError>)> {
+    let mut out: Vec<Option<Result<bool, _>>> = (0..keys.len()).map(|_| None).collect();
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < keys.len() || !set.is_empty() {
+        while next < keys.len() && set.len() < PARALLEL_METADATA {
+            let (store, key, i) = (store.clone(), keys[next].clone(), next);
+            set.spawn(async move {
+                let m = store.metadata(&key).await;
+                (i, m.map(|m| m.contains_key(meta::WALHOARD_WRITER)))
+            });
+            next += 1;
+        }
+        if let Some(done) = set.join_next().await {
+            let (i, r) = done.expect("a metadata read panicked");
+            out[i] = Some(r);
+        }
+    }
+    keys.into_iter()
+        .zip(out)
+        .map(|(k, r)| (k, r.expect("every read was joined")))
+        .collect()
 }
 
 /// One line about WAL retention leaves although it is older than every backup that stays:

@@ -4,6 +4,7 @@ pub mod blake2s;
 pub mod compression;
 pub mod cpu;
 pub mod encryption;
+pub mod handoff;
 pub mod hash;
 pub mod pghoa1;
 pub mod transfer;

@@ -1,5 +1,5 @@
 //! The chunks of a basebackup being restored: each fetched, decrypted and decompressed as a
-//! stream, its plain bytes counted and hashed against the control object ([`Verifying`]) and
+//! stream, its plain bytes counted ([`Verifying`]) and hashed against the control object and
 //! its members routed to the data directory or a tablespace ([`Route`]), `parallel` at a time
 //! ([`fetch_all`]).
 
@@ -20,13 +20,13 @@ use super::extract::Extractor;
 use super::pghoard::FORMAT_PGHOARD_BASIC;
 use super::pghoard_delta;
 use super::RestoreSite;
+use crate::pipeline::handoff;
 use crate::pipeline::transfer::download_with;
 
-/// Counts, hashes (SHA-1) and reports the plain bytes of a chunk as they are read, and passes
+/// Counts and reports the plain bytes of a chunk as they are read, and passes
 /// on no more than the size the control object declares.
 struct Verifying<'a> {
     inner: &'a mut dyn Read,
-    hash: digest::Context,
     size: u64,
     /// The chunk's declared plain size (`input_size`): a chunk that decompresses to more is
     /// refused at this size, before anything beyond it reaches the extractor (a tiny object
@@ -70,7 +70,6 @@ impl Read for Verifying<'_> {
         let room = usize::try_from(self.limit - self.size).unwrap_or(usize::MAX);
         let want = buf.len().min(room);
         let n = self.inner.read(&mut buf[..want])?;
-        self.hash.update(&buf[..n]);
         self.size += n as u64;
         self.progress.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -211,18 +210,31 @@ pub(crate) async fn restore_chunk(
     let route = job.route.clone();
     let limit = chunk.input_size;
     let key2 = key.clone();
+    let check_sha1 = job.check_sha1;
     let (_, (size, sha1)) = download_with(&site.store, key, &site.keys, move |_, r| {
-        let mut v = Verifying {
-            inner: r,
-            hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
-            size: 0,
-            limit,
-            key: key2,
-            progress,
-            stop,
+        // Decryption and decompression stay on this thread; the tar parsing and the writes
+        // (or, with --delta, the comparison with the files there) go to another, the SHA-1
+        // to a third (docs/benchmarks.md, issue 18: one thread did all of it).
+        let consume = move |r: &mut dyn Read| {
+            let mut v = Verifying {
+                inner: r,
+                size: 0,
+                limit,
+                key: key2,
+                progress,
+                stop,
+            };
+            route.consume(&mut v)?;
+            Ok(v.size)
         };
-        route.consume(&mut v)?;
-        Ok((v.size, hex::encode(v.hash.finish())))
+        if !check_sha1 {
+            return Ok((handoff::pipelined(r, consume)?, None));
+        }
+        // Every plain byte of the chunk: when the restore succeeds, the consumer read them
+        // all, no more than `limit`.
+        let mut hash = digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY);
+        let (size, _) = handoff::pipelined_tapped(r, |b: &[u8]| hash.update(b), consume)?;
+        Ok((size, Some(hex::encode(hash.finish()))))
     })
     .await
     .with_context(|| format!("restore chunk {key}"))?;
@@ -234,7 +246,7 @@ pub(crate) async fn restore_chunk(
     }
     // pghoard records no hash of a chunk's plain bytes (see super::pghoard for what is
     // checked instead).
-    if job.check_sha1 && sha1 != chunk.hash {
+    if let Some(sha1) = sha1.filter(|s| *s != chunk.hash) {
         bail!(
             "chunk {key}: SHA-1 {sha1} does not match the control object's {}",
             chunk.hash
@@ -366,7 +378,6 @@ mod tests {
     fn verifying<'a>(r: &'a mut dyn Read, limit: u64) -> Verifying<'a> {
         Verifying {
             inner: r,
-            hash: digest::Context::new(&digest::SHA1_FOR_LEGACY_USE_ONLY),
             size: 0,
             limit,
             key: "basebackup_chunk/b/base.tar".into(),

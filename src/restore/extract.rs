@@ -309,7 +309,16 @@ impl Extractor {
                         .filter(|m| m.is_file())
                         .map(|m| m.len());
                     if let (Some(len), false) = (existing, held) {
-                        let n = delta::rewrite_in_place(&path, body, Self::file_mode(entry.mode))?;
+                        let (n, unsynced) = delta::rewrite_in_place(
+                            &path,
+                            body,
+                            entry.size,
+                            Self::file_mode(entry.mode),
+                        )?;
+                        if let Some(f) = unsynced {
+                            // Synced before `finish` (and before the delta report).
+                            seen.syncs.push(path.clone(), f)?;
+                        }
                         seen.written
                             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                         if n == 0 && len == entry.size {
@@ -359,6 +368,9 @@ impl Extractor {
     /// and the renames after, so what a crash leaves is either complete or not a data
     /// directory.
     pub fn finish(&self) -> io::Result<()> {
+        if let Some(seen) = &self.delta {
+            seen.syncs.wait()?;
+        }
         sync_dirs(&self.root)?;
         if !self.hold_back {
             return Ok(());

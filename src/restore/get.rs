@@ -652,6 +652,10 @@ fn report_delta(
     target: &Path,
     ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
 ) -> Result<()> {
+    // The files rewritten in place, synced meanwhile on a thread of their own.
+    seen.syncs
+        .wait()
+        .context("sync the files the delta restore rewrote")?;
     let mut removed = 0;
     for dir in std::iter::once(target).chain(ts_dirs.values().map(|(_, d)| d.as_path())) {
         removed += seen.remove_unseen(dir).with_context(|| {

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::durable::{create_dir_all_durable, sync_parent};
 
@@ -39,14 +40,7 @@ pub(super) fn write_object_synced(
         let f = write_file(&tmp, data, true)?;
         // At once, on two threads: the file system commits both in one journal transaction
         // where one after the other took two (measured: docs/benchmarks.md).
-        std::thread::scope(|scope| {
-            let side_synced = scope.spawn(|| fs.sync_all());
-            let synced = f.sync_all();
-            side_synced
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("sidecar sync thread panicked")))
-                .and(synced)
-        })?;
+        sync_both(fs, &f)?;
         // Advice only: a failure changes nothing that was written.
         let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
         std::fs::rename(&tmp_side, side)?;
@@ -61,6 +55,91 @@ pub(super) fn write_object_synced(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Syncs `side` on another thread while this one syncs `f`. The other thread is one of the
+/// runtime's pooled blocking threads when there is a runtime (a thread made and ended per
+/// object cost every synchronous commit its creation: issue 16, docs/benchmarks.md), else a
+/// new one. A helper that has not started by the time `f` is synced is not waited for: this
+/// thread syncs `side` itself, so that a blocking pool with every thread busy cannot hold the
+/// write up.
+fn sync_both(side: File, f: &File) -> io::Result<()> {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return std::thread::scope(|scope| {
+            let side_synced = scope.spawn(|| side.sync_all());
+            let synced = f.sync_all();
+            side_synced
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("sidecar sync thread panicked")))
+                .and(synced)
+        });
+    };
+    let job = Arc::new(SideSync {
+        file: side,
+        state: Mutex::new(SyncState::Waiting),
+        done: Condvar::new(),
+    });
+    let helper = job.clone();
+    rt.spawn_blocking(move || helper.run_if_waiting());
+    let synced = f.sync_all();
+    job.result_or_run().and(synced)
+}
+
+/// A sidecar sync handed to a helper thread ([`sync_both`]).
+struct SideSync {
+    file: File,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+enum SyncState {
+    Waiting,
+    Running,
+    Done(io::Result<()>),
+    /// The caller synced it itself.
+    Taken,
+}
+
+impl SideSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The helper's side: syncs unless the caller took the job.
+    fn run_if_waiting(&self) {
+        {
+            let mut st = self.lock();
+            if !matches!(*st, SyncState::Waiting) {
+                return;
+            }
+            *st = SyncState::Running;
+        }
+        let r = self.file.sync_all();
+        *self.lock() = SyncState::Done(r);
+        self.done.notify_all();
+    }
+
+    /// The caller's side: the helper's result, waiting for it while it runs, or the sync
+    /// done here when the helper has not started.
+    fn result_or_run(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        loop {
+            match std::mem::replace(&mut *st, SyncState::Taken) {
+                SyncState::Waiting => {
+                    drop(st);
+                    return self.file.sync_all();
+                }
+                SyncState::Running => {
+                    *st = SyncState::Running;
+                    st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                SyncState::Done(r) => return r,
+                SyncState::Taken => {
+                    return Err(io::Error::other("sidecar sync result taken twice"))
+                }
+            }
+        }
+    }
 }
 
 /// Creates `tmp` holding `data`, not yet synced: an archive object in an aligned buffer with
@@ -104,6 +183,42 @@ fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use crate::durable::tests::synced_under;
+
+    /// Issue 16: the sidecar's sync runs on a pooled helper thread, and the write never waits
+    /// for a helper that has not started (a blocking pool with every thread busy): the caller
+    /// syncs the file itself, and the late helper then does nothing.
+    #[test]
+    fn a_sidecar_sync_not_started_is_done_by_the_caller() {
+        use std::sync::{Condvar, Mutex};
+        let t = tempfile::tempdir().unwrap();
+        let job = |name: &str| super::SideSync {
+            file: std::fs::File::create(t.path().join(name)).unwrap(),
+            state: Mutex::new(super::SyncState::Waiting),
+            done: Condvar::new(),
+        };
+        // No helper ran: the caller syncs; a helper coming later leaves it alone.
+        let j = job("a");
+        j.result_or_run().unwrap();
+        j.run_if_waiting();
+        assert!(matches!(*j.lock(), super::SyncState::Taken));
+        // The helper ran first: its result is the caller's.
+        let j = job("b");
+        j.run_if_waiting();
+        assert!(matches!(*j.lock(), super::SyncState::Done(Ok(()))));
+        j.result_or_run().unwrap();
+        // Without a runtime (no pooled threads) and within one: both files synced.
+        let (side, f) = (job("c").file, job("d").file);
+        super::sync_both(side, &f).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (side, f) = (job("e").file, job("f").file);
+        rt.block_on(async {
+            tokio::task::spawn_blocking(move || super::sync_both(side, &f)).await
+        })
+        .unwrap()
+        .unwrap();
+    }
 
     /// Issue 14 item 17: an object (and its sidecar) renamed into place on local storage was
     /// not durable until its directory was synced, through either write path.

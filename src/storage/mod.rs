@@ -105,6 +105,34 @@ pub struct ObjectStore {
     local_root: Option<std::path::PathBuf>,
 }
 
+/// A write of one object to local storage, prepared by [`ObjectStore::local_write`] and done
+/// on a blocking thread by [`LocalWrite::write`].
+#[derive(Debug)]
+pub struct LocalWrite {
+    key: String,
+    tmp_dir: std::path::PathBuf,
+    side: std::path::PathBuf,
+    target: std::path::PathBuf,
+}
+
+impl LocalWrite {
+    /// Writes `data` with `metadata` as its sidecar, both synced and renamed into place
+    /// ([`local::write_object_synced`]); blocks. Returns the bytes stored.
+    pub fn write(&self, data: &[u8], metadata: &Metadata) -> Result<u64, StorageError> {
+        let json = serde_json::to_vec(metadata).map_err(|e| StorageError::BadMetadata {
+            key: self.key.clone(),
+            message: e.to_string(),
+        })?;
+        local::write_object_synced(&self.tmp_dir, (&self.side, &json), (&self.target, data))
+            .map_err(|source| StorageError::Io {
+                action: "write",
+                key: self.key.clone(),
+                source,
+            })?;
+        Ok(data.len() as u64)
+    }
+}
+
 /// Which service a store is (pghoard's `storage_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorageKind {
@@ -417,33 +445,34 @@ impl ObjectStore {
         data: Bytes,
         metadata: &Metadata,
     ) -> Result<u64, StorageError> {
-        let Some(root) = &self.local_root else {
+        let Some(local) = self.local_write(key)? else {
             return self.put_chunks(key, Some(data), metadata).await;
         };
-        let path = self.path(key)?;
-        let side = self.path(&Self::sidecar_key(key))?;
-        let json = serde_json::to_vec(metadata).map_err(|e| StorageError::BadMetadata {
+        let metadata = metadata.clone();
+        tokio::task::spawn_blocking(move || local.write(&data, &metadata))
+            .await
+            .map_err(|e| StorageError::Io {
+                action: "write",
+                key: key.into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    /// On local storage, a write of `key` as [`ObjectStore::put_whole`] does it, for a caller
+    /// already on a blocking thread: the one-shot upload makes the object and writes it on
+    /// one thread, where a hand-off back to the async side and out to another blocking thread
+    /// between the two cost every synchronous commit two thread wake-ups (issue 16).
+    /// `None` for other stores.
+    pub fn local_write(&self, key: &str) -> Result<Option<LocalWrite>, StorageError> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        Ok(Some(LocalWrite {
             key: key.into(),
-            message: e.to_string(),
-        })?;
-        let (root, len) = (root.clone(), data.len() as u64);
-        let written = tokio::task::spawn_blocking(move || {
-            let tmp_dir = root.join(TEMP_DIR);
-            local::write_object_synced(
-                &tmp_dir,
-                (&root.join(side), &json),
-                (&root.join(path), &data),
-            )
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|r| r);
-        written.map_err(|source| StorageError::Io {
-            action: "write",
-            key: key.into(),
-            source,
-        })?;
-        Ok(len)
+            tmp_dir: root.join(TEMP_DIR),
+            side: root.join(self.path(&Self::sidecar_key(key))?),
+            target: root.join(self.path(key)?),
+        }))
     }
 
     /// Stores a small object from memory.

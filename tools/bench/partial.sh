@@ -12,7 +12,10 @@
 # complete segment). Alongside, the floor a hard interval bound allows at that rate (a byte
 # must go up in a partial object when its segment completes more than the deadline after it
 # arrived): 1 + max(0, 1 - deadline * rate / segment size), the deadline being 3/4 of the
-# interval. Not part of tools/test.sh or CI.
+# interval. And what the store received: the bytes of every WAL object stored (partial objects
+# and complete segments, compressed and encrypted: the daemon's pghoard_total_upload_size
+# for type xlog on GET /metrics), from the workload's start until the segment it ended in is
+# switched and archived, per byte of WAL. Not part of tools/test.sh or CI.
 #
 #   tools/bench/partial.sh                 # all four workloads, 60 s each
 #   tools/bench/partial.sh quiet busy      # only these
@@ -55,7 +58,7 @@ trap 'exit 130' INT TERM
   echo "load at start: $(loads)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
-printf 'workload\tseconds\twal_bytes\twal_bytes_per_s\tpartial_bytes\tpartial_objects\tsegments_archived\tpartial_per_wal\tuploaded_per_wal\tfloor_per_wal\tload_1_5_15\n' >"$OUT/partial.tsv"
+printf 'workload\tseconds\twal_bytes\twal_bytes_per_s\tpartial_bytes\tpartial_objects\tsegments_archived\tpartial_per_wal\tuploaded_per_wal\tfloor_per_wal\tstored_bytes\tstored_per_wal\tload_1_5_15\n' >"$OUT/partial.tsv"
 
 pg_plain_up
 "$PGBIN/pgbench" -i -q -s 10 -h "$SOCK" -p "$PGPORT" -U postgres postgres 2>"$ROOT/pg/pgbench-init.log"
@@ -67,12 +70,17 @@ PUBLIC=$(jq -r '.encryption_keys.k1.public' <<<"$KEYS")
 D=$ROOT/wh
 site=$(wh_site wh_amp "$(jq -n --arg dir "$D/archive" '{storage_type: "local", directory: $dir}')" |
   jq --argjson i "$INTERVAL" '. + {partial_wal_upload_interval: $i}')
-wh_config_sites "$D" "$(jq -n --argjson s "$site" '{main: $s}')"
+wh_config_sites "$D" "$(jq -n --argjson s "$site" '{main: $s}')" '{"prometheus": {}}'
 psql_ "select pg_create_physical_replication_slot('wh_amp', true)" >/dev/null
 WALHOARD_LOG=info "$WALHOARD" daemon --config "$D/walhoard.json" >"$D/daemon.log" 2>&1 &
 WH_PID=$!
 PIDS+=("$WH_PID")
 
+# stored_wal_bytes: the bytes of WAL objects (partial and complete) the store received.
+stored_wal_bytes() {
+  curl -fsS "http://127.0.0.1:$(jq -r .http_port "$D/walhoard.json")/metrics" |
+    awk '/^pghoard_total_upload_size\{/ && /type="xlog"/ { s += $NF } END { printf "%d", s }'
+}
 walreceiver() { jq -r ".backup_sites.main.walreceiver.$1 // 0" "$D/state.json" 2>/dev/null || echo 0; }
 
 # caught_up: a segment switch, then until the archive holds everything up to it.
@@ -116,6 +124,7 @@ for p in $PHASES; do
   caught_up
   # The switch's own segment is archived; nothing of the next one is pending.
   sleep "$((INTERVAL * 2))"
+  s0=$(stored_wal_bytes)
   b0=$(walreceiver partial_bytes_uploaded) o0=$(walreceiver partial_objects_uploaded) f0=$(walreceiver files_archived)
   l0=$(lsn2n "$(psql_ 'select pg_current_wal_lsn()')")
   log "== $p for $SECONDS_PER_PHASE s"
@@ -128,10 +137,14 @@ for p in $PHASES; do
   sleep "$((INTERVAL * 2 + 2))"
   b1=$(walreceiver partial_bytes_uploaded) o1=$(walreceiver partial_objects_uploaded) f1=$(walreceiver files_archived)
   wal=$((l1 - l0)) part=$((b1 - b0))
-  awk -v w="$wal" -v pb="$part" -v po="$((o1 - o0))" -v f="$((f1 - f0))" -v s="$(elapsed "$t0" "$t1")" \
+  # Everything of this workload in the store: its last segment switched and archived too.
+  caught_up
+  sleep 2
+  stored=$(($(stored_wal_bytes) - s0))
+  awk -v w="$wal" -v pb="$part" -v st="$stored" -v po="$((o1 - o0))" -v f="$((f1 - f0))" -v s="$(elapsed "$t0" "$t1")" \
     -v i="$INTERVAL" -v seg="$SEG" -v p="$p" -v load="$(loads | tr ' ' ,)" 'BEGIN {
       rate = w / s; fl = 1 - 0.75 * i * rate / seg; if (fl < 0) fl = 0
-      printf "%s\t%.1f\t%d\t%.0f\t%d\t%d\t%d\t%.3f\t%.3f\t%.3f\t%s\n", p, s, w, rate, pb, po, f, pb / w, 1 + pb / w, 1 + fl, load
+      printf "%s\t%.1f\t%d\t%.0f\t%d\t%d\t%d\t%.3f\t%.3f\t%.3f\t%d\t%.3f\t%s\n", p, s, w, rate, pb, po, f, pb / w, 1 + pb / w, 1 + fl, st, st / w, load
     }' | tee -a "$OUT/partial.tsv" >&2
 done
 grep -c "reconnect\|connection lost" "$D/daemon.log" | sed 's/^/daemon log lines about reconnects: /' >&2 || true

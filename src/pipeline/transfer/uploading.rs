@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::pool::{ONE_SHOT_INPUT, ONE_SHOT_OUTPUT};
+use super::pool::{ONE_SHOT_INPUT, ONE_SHOT_OUTPUT, ONE_SHOT_ZSTD};
 use super::{io_at, ChannelWriter, TransferError, UploadEncryption, PIPE_CHUNK, QUEUE_CHUNKS};
 use crate::pipeline::compression::{zstd_checksum, Algorithm, CompressionSettings, Compressor};
 use crate::pipeline::encryption::{Encryptor, DEFAULT_CHUNK_SIZE};
@@ -251,14 +251,12 @@ async fn upload_file(
         // one read into a pooled buffer, then the one-shot path, instead of a hashing pass
         // and a streaming pass over the file (issue 19: at 50 sites most segments came this
         // way and cost 25-45 % more CPU per GB than those from memory).
-        let worker = crate::pipeline::cpu::worker().await;
         let (p, compression, enc) = (
             path.to_path_buf(),
             target.compression,
             target.encryption.clone(),
         );
-        let (size, hash, object) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let _worker = worker;
+        let made = make_and_store(target, metadata, hash_algorithm, move || {
             let mut plain = ONE_SHOT_INPUT.take(len as usize);
             std::fs::File::open(&p)?
                 .take(ONE_SHOT_FILE_MAX + 1)
@@ -267,10 +265,8 @@ async fn upload_file(
                 one_shot_object(plain.as_ref(), compression, enc.as_ref(), hash_algorithm)?;
             Ok((plain.as_ref().len() as u64, hash, object))
         })
-        .await
-        .map_err(|e| target.failed(format!("compression thread failed: {e}")))?
-        .map_err(io_at("read", path))?;
-        return store_one_shot(target, metadata, size, hash, hash_algorithm, object).await;
+        .await;
+        return made.map_err(|e| e.into_transfer(|e| io_at("read", path)(e)));
     }
     // Size and hash travel as metadata, which S3-likes take only at the start of an upload:
     // a first pass over the (local, usually cached) file computes them.
@@ -335,16 +331,14 @@ async fn upload_bytes(
         // one hand-off to a blocking thread instead of three. Those hand-offs and the page
         // faults of fresh chunk buffers cost a tenth of the WAL drain's CPU on a saturated
         // two-core machine (docs/benchmarks.md).
-        let worker = crate::pipeline::cpu::worker().await;
         let enc = target.encryption.clone();
-        let (hash, object) = tokio::task::spawn_blocking(move || {
-            let _worker = worker;
-            one_shot_object((*data).as_ref(), compression, enc.as_ref(), hash_algorithm)
+        let made = make_and_store(target, metadata, hash_algorithm, move || {
+            let (hash, object) =
+                one_shot_object((*data).as_ref(), compression, enc.as_ref(), hash_algorithm)?;
+            Ok((size, hash, object))
         })
-        .await
-        .map_err(|e| target.failed(format!("compression thread failed: {e}")))?
-        .map_err(|e| target.failed(e.to_string()))?;
-        return store_one_shot(target, metadata, size, hash, hash_algorithm, object).await;
+        .await;
+        return made.map_err(|e| e.into_transfer(|e| target.failed(e.to_string())));
     }
     let input = data.clone();
     let worker = crate::pipeline::cpu::worker().await;
@@ -376,33 +370,91 @@ fn one_shot(compression: CompressionSettings) -> bool {
     compression.algorithm == Algorithm::Zstd && compression.threads == 0
 }
 
-/// Stores an object [`one_shot_object`] made of `size` plain bytes hashing to `hash`.
-async fn store_one_shot(
+/// Why [`make_and_store`] failed: making the object (the caller names what it read) or
+/// storing it.
+enum OneShotError {
+    Make(io::Error),
+    Store(TransferError),
+}
+
+impl OneShotError {
+    fn into_transfer(self, make: impl FnOnce(io::Error) -> TransferError) -> TransferError {
+        match self {
+            OneShotError::Make(e) => make(e),
+            OneShotError::Store(e) => e,
+        }
+    }
+}
+
+/// Makes an object with `make` (on a blocking thread, holding a compression worker: it gives
+/// the plain size, the plain bytes' hash and the sealed object, [`one_shot_object`]) and
+/// stores it under the target's key with pghoard's metadata. On local storage the same
+/// blocking thread writes it ([`ObjectStore::local_write`]), the compression worker given
+/// back first (a worker never waits for a disk): one hand-off to a blocking thread per
+/// object instead of two and two back, which every synchronous commit waited for (issue 16,
+/// docs/benchmarks.md). Other stores get the object from the async side.
+async fn make_and_store<O>(
     target: &Target<'_>,
     mut metadata: ObjectMeta,
-    size: u64,
-    hash: String,
     hash_algorithm: HashAlgorithm,
-    object: impl AsRef<[u8]> + Send + Sync + 'static,
-) -> Result<Uploaded, TransferError> {
-    record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+    make: impl FnOnce() -> io::Result<(u64, String, O)> + Send + 'static,
+) -> Result<Uploaded, OneShotError>
+where
+    O: AsRef<[u8]> + Send + Sync + 'static,
+{
     record_codec(
         &mut metadata,
         target.compression,
         target.encryption.as_ref(),
     );
-    let object = Bytes::from_owner(object);
-    let stored_size = object.len() as u64;
-    target
+    let local = target
         .store
-        .put_whole(target.key, object, &metadata.to_map())
-        .await?;
-    Ok(Uploaded {
-        plain_size: size,
-        stored_size,
-        hash,
-        metadata,
+        .local_write(target.key)
+        .map_err(|e| OneShotError::Store(e.into()))?;
+    let worker = crate::pipeline::cpu::worker().await;
+    let joined = |e: tokio::task::JoinError| {
+        OneShotError::Store(target.failed(format!("compression thread failed: {e}")))
+    };
+    let Some(local) = local else {
+        let (size, hash, object) = tokio::task::spawn_blocking(move || {
+            let _worker = worker;
+            make()
+        })
+        .await
+        .map_err(joined)?
+        .map_err(OneShotError::Make)?;
+        record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+        let object = Bytes::from_owner(object);
+        let stored_size = object.len() as u64;
+        target
+            .store
+            .put_whole(target.key, object, &metadata.to_map())
+            .await
+            .map_err(|e| OneShotError::Store(e.into()))?;
+        return Ok(Uploaded {
+            plain_size: size,
+            stored_size,
+            hash,
+            metadata,
+        });
+    };
+    tokio::task::spawn_blocking(move || {
+        let made = make();
+        drop(worker);
+        let (size, hash, object) = made.map_err(OneShotError::Make)?;
+        record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
+        let stored_size = local
+            .write(object.as_ref(), &metadata.to_map())
+            .map_err(|e| OneShotError::Store(e.into()))?;
+        Ok(Uploaded {
+            plain_size: size,
+            stored_size,
+            hash,
+            metadata,
+        })
     })
+    .await
+    .map_err(joined)?
 }
 
 pub fn one_shot_object(
@@ -419,9 +471,12 @@ pub fn one_shot_object(
     let capacity =
         zstd::zstd_safe::compress_bound(plain.len()) + plain.len() / DEFAULT_CHUNK_SIZE * 16 + 8192;
     let mut compressed = ONE_SHOT_OUTPUT.take(capacity);
-    let mut c = zstd::bulk::Compressor::new(compression.level)?;
-    c.include_checksum(zstd_checksum(encryption.is_some()))?;
-    c.compress_to_buffer(plain, &mut *compressed)?;
+    let mut c = ONE_SHOT_ZSTD.take(compression.level, zstd_checksum(encryption.is_some()))?;
+    if let Err(e) = c.compress_to_buffer(plain, &mut *compressed) {
+        c.discard();
+        return Err(e);
+    }
+    drop(c);
     let object = match encryption {
         None => compressed,
         Some(e) => {
