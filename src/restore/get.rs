@@ -577,9 +577,15 @@ async fn restore_into(
             }
         }
     }
-    // A chain's delta restore removes what the newest backup lacks once, in restore_chain.
-    if let (Some(seen), None) = (&seen, &chain_pass) {
-        report_delta(seen, &opts.target_dir, ts_dirs)?;
+    // A chain's delta restore removes what the newest backup lacks once, in restore_chain;
+    // each pass's files rewritten in place are synced before the next pass reads them.
+    match (&seen, &chain_pass) {
+        (Some(seen), None) => report_delta(seen, &opts.target_dir, ts_dirs)?,
+        (Some(seen), Some(_)) => seen
+            .syncs
+            .wait()
+            .context("sync the files the delta restore rewrote")?,
+        (None, _) => {}
     }
     if chain_pass.is_some() {
         // The chain's last pass is followed by restore_chain's own completion.
