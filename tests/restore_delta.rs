@@ -24,13 +24,13 @@ use crate::retention::PGHOARD_SITE;
 /// What a tree holds: each path below the root → kind, mode and contents (a link's target,
 /// with `links` mapping one tablespace directory onto the other tree's).
 #[derive(Debug, PartialEq, Eq)]
-enum Node {
+pub(crate) enum Node {
     Dir(u32),
     File(u32, Vec<u8>),
     Link(PathBuf),
 }
 
-fn tree(root: &Path, links: &BTreeMap<PathBuf, PathBuf>) -> BTreeMap<PathBuf, Node> {
+pub(crate) fn tree(root: &Path, links: &BTreeMap<PathBuf, PathBuf>) -> BTreeMap<PathBuf, Node> {
     fn walk(
         root: &Path,
         dir: &Path,
@@ -60,7 +60,11 @@ fn tree(root: &Path, links: &BTreeMap<PathBuf, PathBuf>) -> BTreeMap<PathBuf, No
 }
 
 /// Asserts two trees are the same, naming the first paths that differ.
-fn assert_same_tree(a: &BTreeMap<PathBuf, Node>, b: &BTreeMap<PathBuf, Node>, what: &str) {
+pub(crate) fn assert_same_tree(
+    a: &BTreeMap<PathBuf, Node>,
+    b: &BTreeMap<PathBuf, Node>,
+    what: &str,
+) {
     let differ: Vec<_> = a
         .keys()
         .chain(b.keys())
@@ -94,7 +98,7 @@ fn number_before(text: &str, label: &str) -> u64 {
 }
 
 /// Flips a few bytes in the middle of `path`.
-fn scribble(path: &Path) {
+pub(crate) fn scribble(path: &Path) {
     let mut b = std::fs::read(path).unwrap();
     let mid = b.len() / 2;
     for x in &mut b[mid..mid + 16] {

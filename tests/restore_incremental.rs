@@ -22,7 +22,7 @@ use crate::restore::{
 };
 
 /// Every table the test changes, as one checksum each ("-" for a table that does not exist).
-fn state(pg: &PgCluster) -> String {
+pub(crate) fn state(pg: &PgCluster) -> String {
     let mut out = Vec::new();
     for t in ["r", "gone", "trunc", "ts_t", "fresh1", "fresh2"] {
         let exists = query(pg, &format!("select to_regclass('{t}') is not null"));
@@ -56,7 +56,7 @@ async fn backup_type(store: &walhoard::storage::ObjectStore, d: &DaemonDir, name
 }
 
 /// What pg_verifybackup checks of a manifest, for servers whose package has none: its own
-/// checksum, and every file it lists there with its size (and SHA-256 where it has one); no
+/// checksum, and every file it lists there with its size and checksum (SHA-256 or CRC-32C); no
 /// incremental file left anywhere.
 fn check_manifest(data: &Path, ts: &BTreeMap<String, std::path::PathBuf>) {
     let bytes = std::fs::read(data.join("backup_manifest")).unwrap();
@@ -88,6 +88,12 @@ fn check_manifest(data: &Path, ts: &BTreeMap<String, std::path::PathBuf>) {
         assert_eq!(content.len() as u64, f["Size"].as_u64().unwrap(), "{path}");
         if f["Checksum-Algorithm"] == "SHA256" {
             let got = hex::encode(digest::digest(&digest::SHA256, &content));
+            assert_eq!(got, f["Checksum"].as_str().unwrap(), "{path}");
+        }
+        if f["Checksum-Algorithm"] == "CRC32C" {
+            // PostgreSQL's spelling: the final value's bytes in memory (little-endian) order.
+            let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &content) as u32;
+            let got = hex::encode(crc.to_le_bytes());
             assert_eq!(got, f["Checksum"].as_str().unwrap(), "{path}");
         }
     }

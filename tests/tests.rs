@@ -36,6 +36,7 @@ mod restore_command;
 mod restore_delta;
 mod restore_forged;
 mod restore_incremental;
+mod restore_incremental_delta;
 mod retention;
 mod retention_wal;
 mod storage;

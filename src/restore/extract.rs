@@ -245,12 +245,19 @@ impl Extractor {
             seen.record(&self.root, &target);
         }
         if let Some(c) = &self.combine {
+            let mode = Self::file_mode(entry.mode);
             if let (EntryKind::File, Some(real)) = (&entry.kind, incremental_target(&rel)) {
-                c.seen.record(&self.root, &self.root.join(&real));
-                let mode = Self::file_mode(entry.mode);
+                let path = self.root.join(&real);
+                c.seen.record(&self.root, &path);
+                if !c.wants(&path, true, mode)? {
+                    return Ok(0);
+                }
                 return c.apply(&self.root, &real, &entry.path, entry.size, mode, body);
             }
             c.seen.record(&self.root, &target);
+            if entry.kind == EntryKind::File && !c.wants(&target, false, mode)? {
+                return Ok(0);
+            }
         }
         match &entry.kind {
             EntryKind::Dir => {

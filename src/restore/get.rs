@@ -26,6 +26,7 @@ use walhoard_basebackup::untar::{Entry, TarReader};
 
 use super::beneath::Beneath;
 use super::chain::{self, Member};
+use super::chain_delta;
 use super::chunks::{chunk_key, fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
 use super::combine::{self, Combine};
 use super::delta::{self, Seen};
@@ -207,12 +208,6 @@ pub async fn get_basebackup(site: &RestoreSite, opts: &GetOptions) -> Result<Res
                 meta.format
             );
         }
-        if opts.existing == Existing::Delta {
-            bail!(
-                "basebackup/{} is incremental: --delta restores only full backups (use --overwrite)",
-                chosen.name
-            );
-        }
         let chain = chain::resolve(site, &list, &chosen, &meta).await?;
         eprintln!(
             "restore: basebackup {} is incremental; its chain: {}",
@@ -352,10 +347,38 @@ async fn restore_chain(
     ts_dirs: &BTreeMap<String, (u32, PathBuf)>,
 ) -> Result<()> {
     let newest = chain.last().context("an empty chain")?;
+    let oids: BTreeMap<u32, PathBuf> = ts_dirs.values().cloned().collect();
+    // `--delta`: what each file needs, from the manifests and the files already there.
+    let plan = if opts.existing == Existing::Delta {
+        let started = std::time::Instant::now();
+        let plan = chain_delta::prepare(site, chain, &opts.target_dir, &oids).await?;
+        eprintln!(
+            "restore: delta: {} files already as in the backup, {} to patch with the newer incremental files, {} to rebuild ({} from an older backup of the chain; {} bytes compared in {:.1}s)",
+            plan.kept.load(Ordering::Relaxed),
+            plan.patched.load(Ordering::Relaxed),
+            plan.rebuilt.load(Ordering::Relaxed),
+            plan.rebuilt_older.load(Ordering::Relaxed),
+            plan.hashed.load(Ordering::Relaxed),
+            started.elapsed().as_secs_f64()
+        );
+        Some(Arc::new(plan))
+    } else {
+        None
+    };
     for (i, m) in chain.iter().enumerate() {
         let name = &m.listing.name;
+        if plan.as_ref().is_some_and(|p| !p.needs_member(i)) {
+            eprintln!(
+                "restore: chain {}/{}: basebackup {name}: nothing needed from it, not downloaded",
+                i + 1,
+                chain.len()
+            );
+            continue;
+        }
         let source = site.for_backup(&m.listing)?;
-        let pass = Arc::new(Combine::new(name, i > 0));
+        let mut pass = Combine::new(name, i > 0);
+        pass.delta = plan.clone().map(|p| (i, p));
+        let pass = Arc::new(pass);
         eprintln!(
             "restore: chain {}/{}: basebackup {name} ({})",
             i + 1,
@@ -374,7 +397,9 @@ async fn restore_chain(
         )
         .await?;
         let mut removed = 0;
-        if i > 0 {
+        // A delta restore removes only what the newest backup does not have: an older pass
+        // wrote only what some file still needs.
+        if i > 0 && (plan.is_none() || i + 1 == chain.len()) {
             let dirs = std::iter::once(opts.target_dir.as_path())
                 .chain(ts_dirs.values().map(|(_, d)| d.as_path()));
             for dir in dirs {
@@ -394,8 +419,14 @@ async fn restore_chain(
             pass.block_bytes.load(Ordering::Relaxed)
         );
     }
-    let oids = ts_dirs.values().cloned().collect();
-    combine::finish(&opts.target_dir, &newest.listing.name, &oids)?;
+    let started = std::time::Instant::now();
+    combine::finish(&opts.target_dir, &newest.listing.name, &oids, &|p| {
+        plan.as_ref().and_then(|plan| plan.known_final(p))
+    })?;
+    eprintln!(
+        "restore: backup_label and backup_manifest rewritten for the combined files in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     let data = Extractor::new(opts.target_dir.clone(), true);
     settle(
         site,
@@ -433,7 +464,19 @@ async fn restore_into(
             .collect(),
     };
     let mut jobs = Vec::new();
+    let plan = chain_pass.as_ref().and_then(|p| p.delta.clone());
     for c in &meta.chunks {
+        // A delta restore of a chain: only the chunks that hold something still needed.
+        if let Some((member, plan)) = &plan {
+            let needed = match c.kind {
+                ChunkKind::Data => plan.needs(*member, None),
+                ChunkKind::Manifest => plan.is_newest(*member),
+                ChunkKind::Tablespace => plan.needs(*member, c.tablespace_oid),
+            };
+            if !needed {
+                continue;
+            }
+        }
         // pghoard's delta bundle chunks hold members relative to the data directory (no
         // `pgdata/`): they go the way of a base.tar's.
         let route = if meta.format == FORMAT_LOCAL_TAR {
@@ -534,8 +577,15 @@ async fn restore_into(
             }
         }
     }
-    if let Some(seen) = &seen {
-        report_delta(seen, &opts.target_dir, ts_dirs)?;
+    // A chain's delta restore removes what the newest backup lacks once, in restore_chain;
+    // each pass's files rewritten in place are synced before the next pass reads them.
+    match (&seen, &chain_pass) {
+        (Some(seen), None) => report_delta(seen, &opts.target_dir, ts_dirs)?,
+        (Some(seen), Some(_)) => seen
+            .syncs
+            .wait()
+            .context("sync the files the delta restore rewrote")?,
+        (None, _) => {}
     }
     if chain_pass.is_some() {
         // The chain's last pass is followed by restore_chain's own completion.

@@ -14,6 +14,7 @@
 
 pub mod beneath;
 pub mod chain;
+pub mod chain_delta;
 pub(crate) mod chunks;
 pub mod combine;
 pub mod delta;

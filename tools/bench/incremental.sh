@@ -13,7 +13,9 @@
 # store. Then, for each tool, a data directory restored from its first backup (the standby
 # that fell behind) is brought to the second backup: walhoard `get-basebackup --delta`,
 # pgBackRest `restore --delta`; and for reference a restore of the second backup into an
-# empty directory. Only the restore commands are timed (no recovery).
+# empty directory. Only the restore commands are timed (no recovery). For `incremental` the
+# second backup is a chain (the first, full, <- the second): `--delta` over the restore of the
+# full backup downloads only the incremental one and applies its blocks in place.
 #
 # Tools (WALHOARD_BENCH_INCR_TOOLS, default "basic delta incremental pgbackrest"):
 #   basic        walhoard basebackup_mode basic (the second backup is full again)
