@@ -600,3 +600,89 @@ async fn walreceiver_idle_segment_leaves_memory() {
     }
     r.stop().await;
 }
+
+/// Issue 19: a receiver catching up (its server already holds the segments it has yet to
+/// receive) whose only segment buffer is taken (the segment handed on, its upload still
+/// running) waits for that buffer instead of receiving the next segments into spool files:
+/// the spool is only a cache here (`spool_fsync` auto, a slot that keeps all WAL), and each
+/// spooled byte cost a write and two reads. While it waits its status updates go on. Every
+/// segment received from its first byte comes in memory, equal to pg_wal. (Before, every
+/// segment received while the buffer was held went through the spool file: the consumer
+/// here holds each buffer for 200 ms, so nearly all of them did.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walreceiver_catching_up_waits_for_a_buffer_instead_of_spooling() {
+    let pg = PgCluster::start().unwrap();
+    let seg = SegmentSize::DEFAULT;
+    // The receiver creates the slot and stops: the WAL written next is a backlog it holds.
+    let mut r = start_sync(&pg, 1, SpoolSync::Auto);
+    assert!(matches!(
+        next_event(&mut r).await,
+        ReceiverEvent::Connected { .. }
+    ));
+    r.stop().await;
+    let first = slot_restart(&pg).segment_number(seg);
+    let target = write_wal(&pg, 250_000);
+    assert!(target.segment_number(seg) >= first + 6, "{target}");
+    let mut r = start_sync(&pg, 1, SpoolSync::Auto);
+    let mut seen: Vec<(u64, bool)> = Vec::new();
+    let mut held_long = false;
+    loop {
+        match next_event(&mut r).await {
+            ReceiverEvent::Segment {
+                name,
+                path,
+                start,
+                data,
+            } => {
+                let theirs = std::fs::read(pg.wal_dir().join(name.to_string())).unwrap();
+                match &data {
+                    Some(d) => {
+                        assert!(d[..] == theirs[..], "{name} differs from pg_wal");
+                        assert!(!path.exists(), "{name} in memory and in the spool");
+                    }
+                    None => assert!(
+                        std::fs::read(&path).unwrap() == theirs,
+                        "{name}: spool file differs"
+                    ),
+                }
+                seen.push((start.segment_number(seg), data.is_some()));
+                if data.is_some() && !held_long {
+                    // A long upload: the receiver waits at the next segment's first byte
+                    // and keeps reporting.
+                    held_long = true;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let received = r.positions.borrow().received_lsn;
+                    let before = reply_time(&pg);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    assert_eq!(
+                        r.positions.borrow().received_lsn,
+                        received,
+                        "received on while its buffer was held"
+                    );
+                    assert_eq!(received.segment_offset(seg), 0, "waiting at {received}");
+                    assert!(
+                        before > 0.0 && reply_time(&pg) > before,
+                        "no status update while waiting for a buffer"
+                    );
+                } else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                drop(data);
+                r.archived.send_replace(start + seg.bytes());
+                if start + seg.bytes() >= target.segment_start(seg) {
+                    break;
+                }
+            }
+            ReceiverEvent::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The first segment may have begun before the slot's position (received from its
+    // middle: never in memory); every later one must have come in memory.
+    assert!(held_long && seen.len() >= 5, "{seen:?}");
+    assert!(
+        seen.iter().skip(1).all(|(_, in_memory)| *in_memory),
+        "segments received into the spool while catching up: {seen:?}"
+    );
+    r.stop().await;
+}

@@ -368,6 +368,10 @@ pub async fn run(
             && !maintenance
             && due(site, newest, now_secs())
             && retry_at.is_none_or(|t| now_secs() >= t);
+        // A site without a schedule has nothing to look at until a request comes (an idle
+        // daemon of many sites should not wake each of them every few seconds); only a
+        // listing that failed is tried again.
+        let recheck = !listed || site.basebackup_interval_hours.is_some();
         let reply = if scheduled {
             None
         } else {
@@ -377,7 +381,7 @@ pub async fn run(
                     Some(r) => Some(r),
                     None => return,
                 },
-                _ = tokio::time::sleep(check_every) => continue,
+                _ = tokio::time::sleep(check_every), if recheck => continue,
             }
         };
         let result = tokio::select! {

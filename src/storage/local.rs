@@ -1,8 +1,8 @@
 //! Direct writes to local storage, for [`super::ObjectStore::put_whole`]; every rename and new
-//! directory made durable with [`crate::durable`].
+//! directory made durable with [`crate::durable`]. Direct reads of metadata sidecars.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -180,6 +180,28 @@ fn write_direct(tmp: &Path, data: &[u8], direct: usize) -> io::Result<File> {
     Ok(f)
 }
 
+/// The most a metadata sidecar may hold (pghoard's and ours are a few hundred bytes).
+pub(super) const SIDECAR_MAX: u64 = 1 << 20;
+
+/// A metadata sidecar's bytes, read here rather than through OpenDAL: its local reader
+/// zero-fills a 2 MiB buffer for a read of any size and keeps it pooled in the store (up to
+/// 16 of them), so one metadata read per site at start left about 2 MiB of RSS with every
+/// site for good (docs/benchmarks.md, "Many sites"). `InvalidData` when it is larger than
+/// [`SIDECAR_MAX`].
+pub(super) fn read_sidecar(path: &Path) -> io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    File::open(path)?
+        .take(SIDECAR_MAX + 1)
+        .read_to_end(&mut raw)?;
+    if raw.len() as u64 > SIDECAR_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {SIDECAR_MAX} bytes: not a metadata sidecar"),
+        ));
+    }
+    Ok(raw)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::durable::tests::synced_under;
@@ -262,5 +284,61 @@ mod tests {
         assert!(synced.last() == Some(&dir), "{synced:?}");
         assert!(synced.contains(&root.join("site/xlog")), "{synced:?}");
         assert_eq!(store.get_bytes("xlog/b/obj").await.unwrap().0, b"two");
+    }
+}
+
+#[cfg(test)]
+mod sidecar_tests {
+    use super::super::{Metadata, ObjectStore, StorageError};
+
+    fn rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
+    /// Issue 19: one metadata read per site (the daemon's start does one) must not leave
+    /// memory with each store. Through OpenDAL's local reader each read zero-filled a 2 MiB
+    /// buffer that the store kept pooled: 100 stores grew the RSS by about 200 MiB. A
+    /// missing sidecar is "not found", an oversized one bad metadata naming the key.
+    #[tokio::test]
+    async fn local_sidecar_reads_keep_no_memory_per_store() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = crate::config::ObjectStorageConfig::Local {
+            directory: t.path().join("archive"),
+            prefix: None,
+        };
+        let mut meta = Metadata::new();
+        meta.insert("compression-algorithm".into(), "zstd".into());
+        let mut stores = Vec::new();
+        for i in 0..100 {
+            let s = ObjectStore::open(&cfg, &format!("s{i}")).unwrap();
+            s.put_bytes("xlog/obj", b"x", &meta).await.unwrap();
+            stores.push(s);
+        }
+        let before = rss_bytes();
+        for s in &stores {
+            assert_eq!(s.metadata("xlog/obj").await.unwrap(), meta);
+        }
+        let grown = rss_bytes().saturating_sub(before);
+        assert!(
+            grown < 48 << 20,
+            "100 metadata reads grew the RSS by {} MiB",
+            grown >> 20
+        );
+        let err = stores[0].metadata("xlog/none").await.unwrap_err();
+        assert!(matches!(err, StorageError::NotFound { .. }), "{err}");
+        let big = t.path().join("archive/s0/xlog/big.metadata");
+        std::fs::write(&big, vec![b' '; (super::SIDECAR_MAX + 1) as usize]).unwrap();
+        let err = stores[0]
+            .metadata("xlog/big")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xlog/big"), "{err}");
     }
 }

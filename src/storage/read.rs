@@ -5,6 +5,27 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{backend, meta, user_metadata, ChannelSink, Metadata, ObjectStore, StorageError};
 
+/// A local sidecar ([`super::local::read_sidecar`]) on a blocking thread; errors as OpenDAL's
+/// read would give them (`NotFound` for a missing file).
+async fn read_local_sidecar(path: std::path::PathBuf, key: &str) -> Result<Vec<u8>, StorageError> {
+    let read = tokio::task::spawn_blocking(move || super::local::read_sidecar(&path))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+    read.map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => StorageError::NotFound { key: key.into() },
+        std::io::ErrorKind::InvalidData => StorageError::BadMetadata {
+            key: key.into(),
+            message: source.to_string(),
+        },
+        _ => StorageError::Io {
+            action: "read metadata of",
+            key: key.into(),
+            source,
+        },
+    })
+}
+
 impl ObjectStore {
     /// The object's metadata.
     pub async fn metadata(&self, key: &str) -> Result<Metadata, StorageError> {
@@ -33,12 +54,15 @@ impl ObjectStore {
     ) -> Result<(Metadata, Option<u64>), StorageError> {
         if self.sidecar {
             let side = self.path(&Self::sidecar_key(key))?;
-            let raw = self
-                .op
-                .read(&side)
-                .await
-                .map_err(backend("read metadata of", key))?
-                .to_vec();
+            let raw = match &self.local_root {
+                Some(root) => read_local_sidecar(root.join(side), key).await?,
+                None => self
+                    .op
+                    .read(&side)
+                    .await
+                    .map_err(backend("read metadata of", key))?
+                    .to_vec(),
+            };
             let metadata = serde_json::from_slice(&raw).map_err(|e| StorageError::BadMetadata {
                 key: key.into(),
                 message: e.to_string(),

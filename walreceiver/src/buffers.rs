@@ -26,10 +26,15 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
+
 /// The daemon-wide budget. Cloning shares it.
 #[derive(Clone, Default)]
 pub struct BufferBudget {
     inner: Arc<Mutex<Pool>>,
+    /// Woken (one waiter at a time, the longest waiting first) when a buffer comes back.
+    returned: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -65,6 +70,7 @@ impl BufferBudget {
                 max_bytes,
                 ..Pool::default()
             })),
+            returned: Arc::default(),
         }
     }
 
@@ -148,6 +154,21 @@ impl SegmentBuffers {
     /// Buffers this site holds now.
     pub fn held(&self) -> usize {
         self.budget.lock().held.get(self.site).copied().unwrap_or(0)
+    }
+
+    /// Whether a buffer of `size` bytes can ever be had here (the budget holds one, the site
+    /// may hold one): when not, waiting for one would wait forever.
+    pub fn may_ever_take(&self, size: usize) -> bool {
+        self.max_count > 0 && self.budget.lock().max_bytes >= size
+    }
+
+    /// Resolves when a buffer came back to the budget (from any site): the longest waiting
+    /// site is woken first, one per buffer (`enable` it before trying, so that a buffer
+    /// returned in between wakes it). A wake-up is a hint,
+    /// not a reservation: [`SegmentBuffers::try_take`] may still find none (another site took
+    /// it, or this site holds its share).
+    pub fn returned(&self) -> Notified<'_> {
+        self.budget.returned.notified()
     }
 
     /// An empty buffer with room for `size` bytes, if the budget and this site's share allow.
@@ -253,6 +274,8 @@ impl Drop for SegmentBuffer {
             }
         }
         p.free.push((buf, Instant::now()));
+        drop(p);
+        self.budget.returned.notify_one();
     }
 }
 

@@ -52,6 +52,7 @@ pub(crate) struct Incoming {
 }
 
 impl Incoming {
+    #[cfg(test)]
     pub(crate) fn open(
         dir: &Path,
         tli: TimelineId,
@@ -60,12 +61,25 @@ impl Incoming {
         durable: bool,
         buffers: &SegmentBuffers,
     ) -> std::io::Result<Self> {
+        Self::open_with(dir, tli, at, seg, durable, buffers, None)
+    }
+
+    /// As [`Incoming::open`], into `taken` when the caller already holds a buffer for it.
+    pub(crate) fn open_with(
+        dir: &Path,
+        tli: TimelineId,
+        at: Lsn,
+        seg: SegmentSize,
+        durable: bool,
+        buffers: &SegmentBuffers,
+        taken: Option<SegmentBuffer>,
+    ) -> std::io::Result<Self> {
         let start = at.segment_start(seg);
         // Only a segment received from its first byte is whole in memory.
-        let buf = if at == start {
-            buffers.try_take(seg.bytes() as usize)
-        } else {
-            None
+        let buf = match taken {
+            Some(b) if at == start => Some(b),
+            _ if at == start => buffers.try_take(seg.bytes() as usize),
+            _ => None,
         };
         let file = if durable || buf.is_none() {
             Some(SegmentFile::open(dir, tli, at, seg, durable)?)

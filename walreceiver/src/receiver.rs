@@ -10,6 +10,7 @@ use walhoard_protocol::{
     ReplicationStream, SegmentSize, StandbyStatus, TimelineId, WalSegmentName,
 };
 
+use crate::buffers::SegmentBuffer;
 use crate::incoming::{sync_spool, Incoming};
 use crate::partial::{Arrivals, Partials};
 use crate::position::{flush_position, SpoolDurable};
@@ -182,6 +183,55 @@ impl Session {
                     permit.map_err(|_| ReceiverError::EventsClosed)?.send(ev);
                     return Ok(());
                 }
+                _ = ticker.tick() => {
+                    stream.send_status(&self.report(received, spool, tli)).await?;
+                }
+            }
+        }
+    }
+
+    /// Whether a segment starting at `at` should wait for a buffer rather than be received
+    /// into its spool file alone when none is free: only while catching up (the server
+    /// already holds the whole segment: `server_end` is at least a segment past `at`), only
+    /// when the spool is a cache in front of a slot that keeps the WAL (not durable), never
+    /// for a synchronous site (its WAL goes out as it arrives), and only when this site can
+    /// get a buffer at all. Receiving ahead of the uploads into the spool costs a write and
+    /// two reads of every byte (verification, upload) and gains nothing the slot does not
+    /// hold already; a site that keeps up with its server never waits, so its WAL and
+    /// partial uploads are not delayed by other sites' backlogs (docs/benchmarks.md, "Many
+    /// sites").
+    fn waits_for_buffer(&self, at: Lsn, server_end: Lsn, seg: SegmentSize) -> bool {
+        !self.durable
+            && !self.cfg.partial.on_arrival()
+            && at == at.segment_start(seg)
+            && server_end.0 >= at.0.saturating_add(seg.bytes())
+            && self.cfg.buffers.may_ever_take(seg.bytes() as usize)
+    }
+
+    /// Waits for a segment buffer (see [`Session::waits_for_buffer`]); the server gets a
+    /// status update every `status_interval` meanwhile, as in [`Session::hand_on_segment`].
+    /// `None` when cancelled first. Buffers come back as this or another site's uploads
+    /// finish (the longest waiting site is woken first); the status ticks retry too, so a
+    /// missed wake-up costs one interval.
+    async fn wait_for_buffer(
+        &self,
+        stream: &mut ReplicationStream<'_>,
+        ticker: &mut tokio::time::Interval,
+        spool: &SpoolDurable,
+        received: Lsn,
+        tli: TimelineId,
+    ) -> Result<Option<SegmentBuffer>, ReceiverError> {
+        let size = self.seg.bytes() as usize;
+        loop {
+            let returned = self.cfg.buffers.returned();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(b) = self.cfg.buffers.try_take(size) {
+                return Ok(Some(b));
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Ok(None),
+                _ = &mut returned => {}
                 _ = ticker.tick() => {
                     stream.send_status(&self.report(received, spool, tli)).await?;
                 }
@@ -390,7 +440,7 @@ impl Session {
                     }
                 }
                 ev = stream.next() => match ev? {
-                    ReplicationEvent::XLogData { wal_start, data, rest: mut direct, .. } => {
+                    ReplicationEvent::XLogData { wal_start, wal_end, data, rest: mut direct, .. } => {
                         if wal_start != received {
                             return Err(PgError::protocol(format!("WAL at {wal_start} does not continue at {received}")).into());
                         }
@@ -401,13 +451,21 @@ impl Session {
                             let cur = match current.as_mut() {
                                 Some(c) => c,
                                 None => {
+                                    let taken = if self.waits_for_buffer(received, wal_end, seg) {
+                                        match self.wait_for_buffer(&mut stream, &mut ticker, &spool, received, tli).await? {
+                                            Some(b) => Some(b),
+                                            None => return self.leave(&mut stream, &mut current, &mut spool, received, tli, StreamEnd::Cancelled).await,
+                                        }
+                                    } else {
+                                        None
+                                    };
                                     // A new segment: its bytes get their own arrival mark.
                                     let mut a = self.arrivals();
                                     a.cut();
                                     a.arrived(received);
                                     drop(a);
                                     partials.arrived(true);
-                                    current.insert(Incoming::open(&dir, tli, received, seg, durable, &self.cfg.buffers)?)
+                                    current.insert(Incoming::open_with(&dir, tli, received, seg, durable, &self.cfg.buffers, taken)?)
                                 }
                             };
                             let n = if !rest.is_empty() {
