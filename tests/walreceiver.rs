@@ -602,8 +602,8 @@ async fn walreceiver_idle_segment_leaves_memory() {
 }
 
 /// Issue 19: a receiver catching up (its server already holds the segments it has yet to
-/// receive) whose only segment buffer is taken (the segment handed on, its upload still
-/// running) waits for that buffer instead of receiving the next segments into spool files:
+/// receive) whose share of a spent shared budget is taken (the segment handed on, its upload
+/// still running) waits for that buffer instead of receiving the next segments into spool files:
 /// the spool is only a cache here (`spool_fsync` auto, a slot that keeps all WAL), and each
 /// spooled byte cost a write and two reads. While it waits its status updates go on. Every
 /// segment received from its first byte comes in memory, equal to pg_wal. (Before, every
@@ -623,7 +623,11 @@ async fn walreceiver_catching_up_waits_for_a_buffer_instead_of_spooling() {
     let first = slot_restart(&pg).segment_number(seg);
     let target = write_wal(&pg, 250_000);
     assert!(target.segment_number(seg) >= first + 6, "{target}");
-    let mut r = start_sync(&pg, 1, SpoolSync::Auto);
+    // The shared budget is what it lacks: one segment's worth, which this site may hold
+    // three of on its own (alone under a roomy budget it would receive ahead into its spool).
+    let mut r = start_tuned(&pg, 1, SpoolSync::Auto, |c| {
+        c.buffers = SegmentBuffers::with_limit(3, seg.bytes() as usize)
+    });
     let mut seen: Vec<(u64, bool)> = Vec::new();
     let mut held_long = false;
     loop {

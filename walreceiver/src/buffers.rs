@@ -162,6 +162,19 @@ impl SegmentBuffers {
         self.max_count > 0 && self.budget.lock().max_bytes >= size
     }
 
+    /// Whether what keeps this site from a buffer of `size` bytes is the shared budget, not its
+    /// own cap: the budget's equal part for the sites holding buffers (this one included) is
+    /// below `max_count`. A site alone under a roomy budget is held back by its own uploads
+    /// only, and receives ahead into its spool as before; one of many sharing a budget that
+    /// is spent waits instead (docs/benchmarks.md, "Many sites").
+    pub fn budget_bound(&self, size: usize) -> bool {
+        let p = self.budget.lock();
+        let held = p.held.get(self.site).copied().unwrap_or(0);
+        let busy = p.busy + usize::from(held == 0);
+        let share = (p.max_bytes / size.max(1) / busy.max(1)).max(1);
+        share < self.max_count
+    }
+
     /// Resolves when a buffer came back to the budget (from any site): the longest waiting
     /// site is woken first, one per buffer (`enable` it before trying, so that a buffer
     /// returned in between wakes it). A wake-up is a hint,
