@@ -450,9 +450,12 @@ async fn restore_into(
     chain_pass: Option<Arc<Combine>>,
 ) -> Result<()> {
     let seen = (opts.existing == Existing::Delta).then(|| Arc::new(Seen::default()));
-    // A full restore syncs each new file on a thread of its own (at most 64 open), waited
-    // for below before anything counts as restored.
-    let syncs = (seen.is_none() && chain_pass.is_none()).then(|| Arc::new(SyncQueue::default()));
+    // A full restore of a stream-format backup (one writing thread per base.tar) syncs each
+    // new file on a thread of its own (at most 64 open), waited for below before anything
+    // counts as restored. local-tar chunks are written by `restore_process_count` threads,
+    // each syncing its own files, which lets their syncs overlap as before.
+    let syncs = (seen.is_none() && chain_pass.is_none() && !local_tar_layout(&meta.format))
+        .then(|| Arc::new(SyncQueue::default()));
     let extractor = |dir: &Path, hold_back: bool| {
         Extractor::new(dir.to_path_buf(), hold_back)
             .with_delta(seen.clone())
