@@ -20,7 +20,7 @@ use walhoard_walreceiver::spool::fsync_dir;
 
 use super::beneath::Beneath;
 use super::combine::{incremental_target, Combine};
-use super::delta::{self, Seen};
+use super::delta::{self, Seen, SyncQueue};
 use std::sync::Arc;
 
 /// Suffix of files held back until the restore completed (see [`Extractor::finish`]).
@@ -43,6 +43,9 @@ pub struct Extractor {
     /// One pass of an incremental chain's restore: `INCREMENTAL.*` members are applied to
     /// what the older backups left, and every path is recorded ([`super::combine`]).
     combine: Option<Arc<Combine>>,
+    /// New files are synced on the queue's thread instead of on the writing thread (a full
+    /// restore); whoever set it waits for the queue before anything is renamed into place.
+    syncs: Option<Arc<SyncQueue>>,
 }
 
 fn refuse(msg: String) -> io::Error {
@@ -79,7 +82,16 @@ impl Extractor {
             hold_back,
             delta: None,
             combine: None,
+            syncs: None,
         }
+    }
+
+    /// This extractor syncing the files it creates on `syncs`'s thread: the caller must
+    /// [`SyncQueue::wait`] before the restore's files count as durable (before
+    /// [`Extractor::finish`] and before the directories are synced).
+    pub fn with_syncs(mut self, syncs: Option<Arc<SyncQueue>>) -> Self {
+        self.syncs = syncs;
+        self
     }
 
     /// This extractor in a pass of an incremental chain's restore.
@@ -351,8 +363,12 @@ impl Extractor {
                 // create mode is filtered by the umask: set it exactly.
                 f.set_permissions(fs::Permissions::from_mode(Self::file_mode(entry.mode)))?;
                 // Durable before the directory can look like a data directory: the held-back
-                // files are renamed in only after every file and directory is synced.
-                f.sync_all()?;
+                // files are renamed in only after every file and directory is synced. With a
+                // sync queue the disk writes this file back while the next one is written.
+                match &self.syncs {
+                    Some(q) => q.push(path, f)?,
+                    None => f.sync_all()?,
+                }
                 Ok(n)
             }
             EntryKind::Other { typeflag } => Err(refuse(format!(
@@ -364,12 +380,15 @@ impl Extractor {
     }
 
     /// Moves the held-back files to their names: the directory becomes a data directory.
-    /// Every directory below the root is synced first (files are synced as they are written),
-    /// and the renames after, so what a crash leaves is either complete or not a data
-    /// directory.
+    /// Every directory below the root is synced first (files are synced as they are written,
+    /// or on the sync queue, waited for here), and the renames after, so what a crash leaves
+    /// is either complete or not a data directory.
     pub fn finish(&self) -> io::Result<()> {
         if let Some(seen) = &self.delta {
             seen.syncs.wait()?;
+        }
+        if let Some(q) = &self.syncs {
+            q.wait()?;
         }
         sync_dirs(&self.root)?;
         if !self.hold_back {
@@ -645,6 +664,45 @@ mod tests {
             fs::read_dir(root.path().join("r0/base/1")).unwrap().count(),
             8
         );
+    }
+
+    /// A full restore's files are synced on a queue's thread: `finish` waits for it, and a
+    /// failed sync stops the restore before the held-back files make it a data directory.
+    #[test]
+    fn finish_waits_for_the_sync_queue_and_stops_at_a_failed_sync() {
+        let tar = tar_with(|w| {
+            w.append_bytes("PG_VERSION", 0o600, 0, b"15\n").unwrap();
+            w.append_bytes("global/pg_control", 0o600, 0, b"c").unwrap();
+            w.append_bytes("base/1/1259", 0o600, 0, &[7u8; 70_000])
+                .unwrap();
+        });
+        let root = tempfile::tempdir().unwrap();
+        let q = Arc::new(SyncQueue::default());
+        let x = Extractor::new(root.path().to_path_buf(), true).with_syncs(Some(q.clone()));
+        extract_all(&tar, &x).unwrap();
+        x.finish().unwrap();
+        assert_eq!(fs::read(root.path().join("PG_VERSION")).unwrap(), b"15\n");
+        assert_eq!(
+            fs::read(root.path().join("global/pg_control")).unwrap(),
+            b"c"
+        );
+        assert_eq!(
+            fs::read(root.path().join("base/1/1259")).unwrap().len(),
+            70_000
+        );
+
+        let root = tempfile::tempdir().unwrap();
+        let x = Extractor::new(root.path().to_path_buf(), true).with_syncs(Some(q.clone()));
+        extract_all(&tar, &x).unwrap();
+        // A file whose sync fails (fsync of a character device: EINVAL), as a disk error would.
+        let _ = q.push(
+            PathBuf::from("/dev/null"),
+            fs::File::open("/dev/null").unwrap(),
+        );
+        let err = x.finish().unwrap_err();
+        assert!(err.to_string().contains("/dev/null"), "{err}");
+        assert!(!root.path().join("PG_VERSION").exists());
+        assert!(!root.path().join("global/pg_control").exists());
     }
 
     #[test]

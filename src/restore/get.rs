@@ -29,7 +29,7 @@ use super::chain::{self, Member};
 use super::chain_delta;
 use super::chunks::{chunk_key, fetch_all, spawn_progress, Job, LocalTarRoutes, Route};
 use super::combine::{self, Combine};
-use super::delta::{self, Seen};
+use super::delta::{self, Seen, SyncQueue};
 pub use super::dest::Existing;
 use super::dest::{backup_named_dir, check_disjoint, Dest, NamedBy};
 use super::extract::{sync_dirs, Extractor, HELD_BACK_SUFFIX};
@@ -450,10 +450,17 @@ async fn restore_into(
     chain_pass: Option<Arc<Combine>>,
 ) -> Result<()> {
     let seen = (opts.existing == Existing::Delta).then(|| Arc::new(Seen::default()));
+    // A full restore of a stream-format backup (one writing thread per base.tar) syncs each
+    // new file on a thread of its own (at most 64 open), waited for below before anything
+    // counts as restored. local-tar chunks are written by `restore_process_count` threads,
+    // each syncing its own files, which lets their syncs overlap as before.
+    let syncs = (seen.is_none() && chain_pass.is_none() && !local_tar_layout(&meta.format))
+        .then(|| Arc::new(SyncQueue::default()));
     let extractor = |dir: &Path, hold_back: bool| {
         Extractor::new(dir.to_path_buf(), hold_back)
             .with_delta(seen.clone())
             .with_combine(chain_pass.clone())
+            .with_syncs(syncs.clone())
     };
     let data = extractor(&opts.target_dir, true);
     let local_tar = LocalTarRoutes {
@@ -576,6 +583,9 @@ async fn restore_into(
                     .with_context(|| format!("basebackup/{name}: member {}", e.path))?;
             }
         }
+    }
+    if let Some(q) = &syncs {
+        q.wait().context("sync the restored files")?;
     }
     // A chain's delta restore removes what the newest backup lacks once, in restore_chain;
     // each pass's files rewritten in place are synced before the next pass reads them.
