@@ -127,8 +127,20 @@ fn check_manifest(data: &Path, ts: &BTreeMap<String, std::path::PathBuf>) {
     assert!(!label.contains("INCREMENTAL"), "{label}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
+/// What both chain tests start from: a PostgreSQL 17+ primary with `summarize_wal` on, the
+/// tablespace `ts1` and the tables [`state`] checks, a daemon on a local store in
+/// `incremental` mode, and its first (full) backup.
+pub(crate) struct IncrementalPrimary {
+    pub pg: PgCluster,
+    pub d: DaemonDir,
+    pub daemon: Daemon,
+    pub store: walhoard::storage::ObjectStore,
+    pub storage: Value,
+    pub full: String,
+}
+
+/// [`IncrementalPrimary`], or `None` (the test is skipped, saying so) below PostgreSQL 17.
+pub(crate) fn incremental_primary() -> Option<IncrementalPrimary> {
     let mut pg = PgCluster::builder()
         .setting("wal_keep_size", "'1GB'")
         .start()
@@ -138,7 +150,7 @@ async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
             "skipped: block-incremental backups need PostgreSQL 17 (this is {}; WALHOARD_PG_VERSION=17)",
             pg.major
         );
-        return;
+        return None;
     }
     pg.restart_with(Some(("summarize_wal", "on"))).unwrap();
     create_tablespace(&pg, "ts1");
@@ -163,6 +175,29 @@ async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
     let store = d.store(&storage);
     wait_slot(&pg, &daemon);
     let full = take_basebackup(&d);
+    Some(IncrementalPrimary {
+        pg,
+        d,
+        daemon,
+        store,
+        storage,
+        full,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_incremental_chain_with_pitr_and_broken_chains_refused() {
+    let Some(IncrementalPrimary {
+        pg,
+        d,
+        daemon,
+        store,
+        storage,
+        full,
+    }) = incremental_primary()
+    else {
+        return;
+    };
 
     // Inserts, updates, a dropped table, a truncated one, a new one, the tablespace's table.
     insert(&pg, "i1", 5_000);

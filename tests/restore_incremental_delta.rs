@@ -11,17 +11,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::json;
-use walhoard_testkit::{give_to_server_user, PgCluster};
+use walhoard_testkit::give_to_server_user;
 
-use crate::common::{create_tablespace, query};
+use crate::common::query;
 use crate::daemon_support::*;
 use crate::restore::{
-    get_basebackup, insert, readable_by_server, start_promoted, stderr, take_basebackup,
-    PROMOTED_PRIMARY,
+    get_basebackup, insert, start_promoted, stderr, take_basebackup, PROMOTED_PRIMARY,
 };
 use crate::restore_delta::{assert_same_tree, scribble, tree};
-use crate::restore_incremental::state;
+use crate::restore_incremental::{incremental_primary, state, IncrementalPrimary};
 
 /// The number before `label` on the line holding it ("… 3 to rebuild" → 3).
 fn count_before(text: &str, label: &str) -> u64 {
@@ -95,40 +93,17 @@ impl Chain {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_incremental_delta_over_parent_modified_and_started_directories() {
-    let mut pg = PgCluster::builder()
-        .setting("wal_keep_size", "'1GB'")
-        .start()
-        .unwrap();
-    if pg.major < 17 {
-        eprintln!(
-            "skipped: block-incremental backups need PostgreSQL 17 (this is {}; WALHOARD_PG_VERSION=17)",
-            pg.major
-        );
+    let Some(IncrementalPrimary {
+        pg,
+        d,
+        daemon,
+        store,
+        full,
+        ..
+    }) = incremental_primary()
+    else {
         return;
-    }
-    pg.restart_with(Some(("summarize_wal", "on"))).unwrap();
-    create_tablespace(&pg, "ts1");
-    pg.psql("create table r (id bigserial primary key, batch text, v text)")
-        .unwrap();
-    insert(&pg, "base", 20_000);
-    pg.psql("create table gone as select g as id, md5(g::text) v from generate_series(1, 1000) g")
-        .unwrap();
-    pg.psql("create table trunc as select g as id, md5(g::text) v from generate_series(1, 5000) g")
-        .unwrap();
-    pg.psql("create table ts_t (id int, v text) tablespace ts1; insert into ts_t select g, md5(g::text) from generate_series(1, 5000) g")
-        .unwrap();
-    let d = DaemonDir::new();
-    let storage = d.local_storage();
-    d.write_config(
-        &pg,
-        storage.clone(),
-        json!({"basebackup_mode": "incremental", "basebackup_count": 10}),
-    );
-    readable_by_server(&d);
-    let daemon = Daemon::start(&d);
-    let store = d.store(&storage);
-    wait_slot(&pg, &daemon);
-    let full = take_basebackup(&d);
+    };
     insert(&pg, "i1", 5_000);
     pg.psql("update r set v = 'u1' where id % 7 = 0").unwrap();
     pg.psql("create table fresh1 as select g as id from generate_series(1, 3000) g")
