@@ -70,10 +70,11 @@ pub enum Check {
 pub type Version = (u64, Check);
 
 /// What a local file is: size, SHA-256 (when asked for) and CRC-32C, hex as in a manifest.
-struct Digests {
-    size: u64,
+pub(super) struct Digests {
+    pub(super) size: u64,
     sha256: Option<String>,
-    crc32c: String,
+    /// Hex, as a manifest holds it.
+    pub(super) crc32c: String,
 }
 
 impl Digests {
@@ -518,7 +519,7 @@ fn matching_version(c: &Candidate, hashed: &AtomicU64) -> io::Result<Option<(usi
 /// Size, SHA-256 and CRC-32C of what `r` holds, in one read. CRC-32C as PostgreSQL writes
 /// it in a manifest (`pg_checksum_final`: the final value's bytes in memory order, on the
 /// little-endian machines PostgreSQL runs on here).
-fn digests(r: &mut dyn Read, with_sha: bool) -> io::Result<Digests> {
+pub(super) fn digests(r: &mut dyn Read, with_sha: bool) -> io::Result<Digests> {
     let mut sha = with_sha.then(|| digest::Context::new(&digest::SHA256));
     let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
     let mut buf = vec![0u8; 1 << 20];

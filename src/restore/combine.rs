@@ -437,18 +437,8 @@ pub(super) fn restored_at(
 /// Size and CRC-32C of what `r` holds, the checksum hex as PostgreSQL writes it in a
 /// manifest (`pg_checksum_final`: the final value's bytes in memory order, little-endian).
 pub(super) fn summary(r: &mut dyn Read) -> io::Result<(u64, String)> {
-    let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = read_full(&mut &mut *r, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        crc.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex::encode((crc.finalize() as u32).to_le_bytes())))
+    let d = super::chain_delta::digests(r, false)?;
+    Ok((d.size, d.crc32c))
 }
 
 /// What becomes of a manifest entry.
