@@ -468,6 +468,25 @@ mod tests {
         }
     }
 
+    /// A partial archiver on `ctx` with a fresh status and its alerts under `dir`.
+    fn archiver(
+        ctx: UploadContext,
+        dir: &std::path::Path,
+        archived: watch::Receiver<Lsn>,
+        durable: watch::Sender<Lsn>,
+    ) -> PartialArchiver {
+        let alerts = Alerts {
+            dir: dir.join("alerts"),
+        };
+        PartialArchiver::new(
+            Arc::new(ctx),
+            Arc::new(SiteStatus::default()),
+            alerts,
+            archived,
+            durable,
+        )
+    }
+
     /// Leftovers: at start the parts of segments archived complete (or as a timeline's
     /// `.partial`) go, those of a segment not archived stay (they are its only copy);
     /// retention deletes parts before the oldest backup. Keys outside the layout, and parts
@@ -508,16 +527,7 @@ mod tests {
             .unwrap();
         let (_atx, archived) = watch::channel(Lsn::INVALID);
         let (durable, _drx) = watch::channel(Lsn::INVALID);
-        let alerts = Alerts {
-            dir: dir.path().join("alerts"),
-        };
-        let p = PartialArchiver::new(
-            Arc::new(ctx),
-            Arc::new(SiteStatus::default()),
-            alerts,
-            archived,
-            durable,
-        );
+        let p = archiver(ctx, dir.path(), archived, durable);
         p.clean_leftovers().await;
         let left = list_parts(&store, None).await.unwrap();
         assert_eq!(left.keys().copied().collect::<Vec<_>>(), vec![done, open]);
@@ -560,16 +570,7 @@ mod tests {
         }
         let (archived_tx, archived) = watch::channel(Lsn::INVALID);
         let (durable, durable_rx) = watch::channel(Lsn::INVALID);
-        let alerts = Alerts {
-            dir: dir.path().join("alerts"),
-        };
-        let p = PartialArchiver::new(
-            Arc::new(ctx),
-            Arc::new(SiteStatus::default()),
-            alerts,
-            archived,
-            durable,
-        );
+        let p = archiver(ctx, dir.path(), archived, durable);
         // Not complete yet: its parts stay, remembered as a leftover.
         p.clean_leftovers().await;
         assert_eq!(
