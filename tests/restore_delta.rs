@@ -83,8 +83,9 @@ fn file_bytes(t: &BTreeMap<PathBuf, Node>) -> usize {
         .sum()
 }
 
-/// The number after `label` in `text` ("… 123 bytes written" → 123 for label " bytes written").
-fn number_before(text: &str, label: &str) -> u64 {
+/// The number just before `label` on the line of `text` holding it ("… 123 bytes written" →
+/// 123 for label " bytes written").
+pub(crate) fn number_before(text: &str, label: &str) -> u64 {
     let line = text
         .lines()
         .find(|l| l.contains(label))

@@ -18,22 +18,8 @@ use crate::daemon_support::*;
 use crate::restore::{
     get_basebackup, insert, start_promoted, stderr, take_basebackup, PROMOTED_PRIMARY,
 };
-use crate::restore_delta::{assert_same_tree, scribble, tree};
+use crate::restore_delta::{assert_same_tree, number_before, scribble, tree};
 use crate::restore_incremental::{incremental_primary, state, IncrementalPrimary};
-
-/// The number before `label` on the line holding it ("… 3 to rebuild" → 3).
-fn count_before(text: &str, label: &str) -> u64 {
-    let line = text
-        .lines()
-        .find(|l| l.contains(label))
-        .unwrap_or_else(|| panic!("no {label:?} in {text}"));
-    let head = &line[..line.find(label).unwrap()];
-    head.rsplit(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 struct Chain {
     d: DaemonDir,
@@ -169,15 +155,15 @@ async fn restore_incremental_delta_over_parent_modified_and_started_directories(
         )),
         "{err}"
     );
-    assert_eq!(count_before(&err, " from an older backup"), 0, "{err}");
-    assert!(count_before(&err, " to patch with") > 100, "{err}");
+    assert_eq!(number_before(&err, " from an older backup"), 0, "{err}");
+    assert!(number_before(&err, " to patch with") > 100, "{err}");
     // Run again over its own result: everything is already as in the backup.
     let err = chain.delta_matches(&a, &a_ts, &reference, "(a) again");
     assert!(
         chain.not_downloaded(&err, &chain.full) && chain.not_downloaded(&err, &chain.inc1),
         "{err}"
     );
-    assert_eq!(count_before(&err, " to patch with"), 0, "{err}");
+    assert_eq!(number_before(&err, " to patch with"), 0, "{err}");
 
     // (b) Modified, missing and extra files: those are rebuilt from the chain (so the older
     // members are read again), the rest kept or patched.
@@ -193,7 +179,7 @@ async fn restore_incremental_delta_over_parent_modified_and_started_directories(
     std::fs::write(b_ts.join("stray"), b"x").unwrap();
     let err = chain.delta_matches(&b, &b_ts, &reference, "(b) modified, missing, extra");
     // r's and fresh1's files (the tablespace's table may be whole in the newest backup).
-    assert!(count_before(&err, " from an older backup") >= 2, "{err}");
+    assert!(number_before(&err, " from an older backup") >= 2, "{err}");
     assert!(
         !chain.not_downloaded(&err, &chain.full) || !chain.not_downloaded(&err, &chain.inc1),
         "{err}"
