@@ -674,34 +674,53 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
         switch_segment(&pg);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // Retention runs after each stored backup (the "stored:" line comes first, so wait for
-    // it): at most the two newest are listed, the oldest's chunks are gone.
-    let taken = backups_taken(&daemon);
-    let listed = loop {
-        let listed = walhoard::daemon::basebackups::list_backups(&store)
-            .await
-            .unwrap();
-        if listed.len() <= 2 {
-            break listed;
-        }
+    // maintenance_mode_file: no new scheduled backups. One may be running when the file
+    // appears; it finishes, and after it none starts (two intervals and more, checked last).
+    std::fs::write(d.path("maintenance_mode_file"), b"").unwrap();
+    while backups_started(&daemon) > backups_taken(&daemon).len() + backups_failed(&daemon) {
         assert!(
             std::time::Instant::now() < deadline,
-            "retention kept {} backups of basebackup_count 2; log:\n{}",
-            listed.len(),
+            "a basebackup never finished; log:\n{}",
             daemon.log_text()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let listed_names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
-    assert!(
-        !listed_names.contains(&taken[0].as_str()),
-        "{listed_names:?} {taken:?}"
-    );
-    assert!(store
-        .list(&format!("basebackup_chunk/{}", taken[0]))
+    }
+    let before = backups_started(&daemon);
+    assert!(before >= 3, "no \"starting basebackup\" lines to count");
+    // Retention runs after each stored backup: it unlists a backup, deletes its chunks, then
+    // the WAL before the oldest kept start, and logs "retention applied" when all of it is
+    // done. Every backup stored beyond the second deletes one, so the archive is settled once
+    // there is a line for each (the listing shrinks before the chunks and WAL are gone).
+    let taken = backups_taken(&daemon);
+    while log_lines_with(&daemon, "retention applied") < taken.len() - 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} backups stored but fewer retention passes; log:\n{}",
+            taken.len(),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = walhoard::daemon::basebackups::list_backups(&store)
         .await
-        .unwrap()
-        .is_empty());
+        .unwrap();
+    let listed_names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(
+        listed_names,
+        taken[taken.len() - 2..],
+        "basebackup_count 2 keeps the two newest; log:\n{}",
+        daemon.log_text()
+    );
+    for gone in &taken[..taken.len() - 2] {
+        assert!(
+            store
+                .list(&format!("basebackup_chunk/{gone}"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "chunks of deleted backup {gone} remain"
+        );
+    }
     // WAL before the oldest kept backup's start is deleted; from there on nothing is missing.
     let oldest = &listed[0];
     let start = oldest.start_wal_segment.clone().unwrap();
@@ -725,21 +744,7 @@ async fn daemon_schedules_basebackups_and_applies_retention() {
         state["backup_sites"]["main"]["basebackup"]["last_name"].is_string(),
         "{state}"
     );
-
-    // maintenance_mode_file: no new scheduled backups. One may be running when the file
-    // appears; it finishes, and after it none starts (two intervals and more).
-    std::fs::write(d.path("maintenance_mode_file"), b"").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while backups_started(&daemon) > backups_taken(&daemon).len() + backups_failed(&daemon) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a basebackup never finished; log:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let before = backups_started(&daemon);
-    assert!(before >= 3, "no \"starting basebackup\" lines to count");
+    // Still no new backup in maintenance mode, more than two intervals after the file.
     tokio::time::sleep(Duration::from_secs(16)).await;
     assert_eq!(
         backups_started(&daemon),
