@@ -322,7 +322,7 @@ mod tests {
             .put_whole("xlog/b/obj2", bytes::Bytes::from_static(b"2"), &meta)
             .await
             .unwrap();
-        assert_eq!(synced_under(&root)[before..], [dir.clone()]);
+        assert_eq!(synced_under(&root)[before..], [dir]);
         std::fs::remove_dir_all(root.join("site/xlog")).unwrap();
         let before = synced_under(&root).len();
         store
