@@ -28,12 +28,13 @@ use walhoard_walreceiver::{InFlight, PartialUploads};
 
 use super::archiver::{wal_overwrite_alert, UploadContext};
 use super::status::{Alerts, SiteStatus};
-use crate::pipeline::transfer::{upload, Source, Upload};
-use crate::storage::meta::ObjectMeta;
+use crate::pipeline::transfer::{upload, upload_made_into, Source, StoreMade, Upload};
+use crate::storage::meta::{ObjectMeta, WALHOARD_WRITER_VALUE};
 use crate::storage::retry::with_retries;
 use crate::storage::StorageError;
 
 mod layout;
+pub mod log;
 
 pub use layout::*;
 
@@ -90,6 +91,9 @@ pub struct PartialArchiver {
     state: Arc<Mutex<State>>,
     /// The server's segment size, once connected.
     seg: Arc<std::sync::OnceLock<SegmentSize>>,
+    /// A synchronous site on local storage: its parts go into the segment's part log
+    /// ([`log`]), whose open writer (the current segment's) this holds.
+    log: Option<Arc<std::sync::Mutex<Option<log::LogWriter>>>>,
 }
 
 impl PartialArchiver {
@@ -110,7 +114,24 @@ impl PartialArchiver {
             durable: Arc::new(durable),
             state: Arc::new(Mutex::new(State::default())),
             seg: Arc::default(),
+            log: None,
         }
+    }
+
+    /// Stores parts as records of each segment's part log ([`log`]) on local storage
+    /// (objects on any other store). For the synchronous mode: one `pwrite` and
+    /// `fdatasync` per commit batch instead of two new files, their renames and a directory
+    /// sync.
+    pub fn with_part_log(mut self) -> Self {
+        if self.ctx.store.kind() == crate::storage::StorageKind::Local {
+            self.log = Some(Arc::default());
+        }
+        self
+    }
+
+    /// The writer slot of a part log, or `None` when parts are objects.
+    fn log_slot(&self) -> Option<&Arc<std::sync::Mutex<Option<log::LogWriter>>>> {
+        self.log.as_ref()
     }
 
     /// For a site with partial uploads at `cadence`: the receiver's half (the durable end it
@@ -127,10 +148,12 @@ impl PartialArchiver {
             Cadence::Every(interval) => PartialUploads::Every { interval, durable },
             Cadence::OnArrival => PartialUploads::OnArrival { durable },
         };
-        (
-            receiver,
-            PartialArchiver::new(ctx, status, alerts, archived, durable_tx),
-        )
+        let archiver = PartialArchiver::new(ctx, status, alerts, archived, durable_tx);
+        let archiver = match cadence {
+            Cadence::OnArrival => archiver.with_part_log(),
+            Cadence::Every(_) => archiver,
+        };
+        (receiver, archiver)
     }
 
     /// On `tracker` until `abort`: leftovers of earlier runs first, then, each time the
@@ -226,6 +249,19 @@ impl PartialArchiver {
                     return;
                 }
             };
+            if let Some(bad) = parts.iter().find_map(|p| {
+                p.record
+                    .as_ref()
+                    .and_then(|r| r.damage.as_ref())
+                    .map(|why| (p.label(), why))
+            }) {
+                let detail = format!("site {site}: partial WAL of segment {id} is damaged ({}: {}); no more parts of it are stored, it is archived when complete", bad.0, bad.1);
+                tracing::error!(%site, segment = %id, "{detail}");
+                self.status.set_error(detail.clone());
+                self.alerts.raise(&wal_overwrite_alert(site), &detail);
+                st.refused.insert(id);
+                return;
+            }
             let known = parts
                 .into_iter()
                 .map(|part| Known {
@@ -258,10 +294,10 @@ impl PartialArchiver {
                 continue;
             }
             let ours = data.slice((r.from - offset) as usize..(r.to - offset) as usize);
-            match self.compare(&k.part.key, ours).await {
+            match self.compare(&k.part, ours).await {
                 Ok(None) => k.checked = true,
                 Ok(Some(why)) => {
-                    let detail = format!("site {site}: partial WAL object {} is already stored with other content ({why}); refusing to replace it: no more partial objects of segment {id}, which is archived when complete", k.part.key);
+                    let detail = format!("site {site}: partial WAL object {} is already stored with other content ({why}); refusing to replace it: no more partial objects of segment {id}, which is archived when complete", k.part.label());
                     tracing::error!(%site, object = %k.part.key, "{detail}");
                     self.status.set_error(detail.clone());
                     self.alerts.raise(&wal_overwrite_alert(site), &detail);
@@ -284,19 +320,43 @@ impl PartialArchiver {
                 ..self.ctx.wal_metadata()
             };
             let new = data.slice((chain_end - offset) as usize..);
-            if !self.put_until_stored(&key, new, metadata, cancel).await {
+            let range = PartRange {
+                from: chain_end,
+                to: end,
+            };
+            // Into the part log when there is one and its records end where these bytes
+            // start (a segment begun as objects, before the site turned synchronous, goes
+            // on as objects).
+            let log_end = known
+                .iter()
+                .filter(|k| k.part.record.is_some())
+                .map(|k| k.part.range.to)
+                .max();
+            let into_log = (self.log_slot().is_some() && log_end.is_none_or(|e| e == chain_end))
+                .then_some((id, seg, range));
+            let key = match into_log {
+                Some(_) => log::log_key(&id),
+                None => key,
+            };
+            if !self
+                .put_until_stored(&key, new, metadata, into_log, cancel)
+                .await
+            {
                 return;
             }
             tracing::debug!(%site, object = %key, "partial WAL stored");
             self.status.partial_uploaded(end - chain_end);
+            let record = into_log.and_then(|_| {
+                let slot = self.log_slot()?.lock().unwrap_or_else(|p| p.into_inner());
+                let (at, len) = slot.as_ref()?.last_record()?;
+                Some(InLog {
+                    at,
+                    len,
+                    damage: None,
+                })
+            });
             known.push(Known {
-                part: Part {
-                    range: PartRange {
-                        from: chain_end,
-                        to: end,
-                    },
-                    key,
-                },
+                part: Part { range, key, record },
                 checked: true,
             });
             st.written.insert((seg_end, id));
@@ -306,9 +366,15 @@ impl PartialArchiver {
         self.publish(start + durable_to);
     }
 
-    /// `None` when the object at `key` records the hash of `ours`; else why not.
-    async fn compare(&self, key: &str, ours: Bytes) -> Result<Option<String>, StorageError> {
-        let stored = self.ctx.store.object_meta(key).await?;
+    /// `None` when the stored part records the hash of `ours`; else why not.
+    async fn compare(&self, part: &Part, ours: Bytes) -> Result<Option<String>, StorageError> {
+        let stored = match &part.record {
+            None => self.ctx.store.object_meta(&part.key).await?,
+            Some(_) => {
+                let rec = read_log_record(&self.ctx.store, part).await?;
+                record_meta(part, &rec)?
+            }
+        };
         let Some(hash) = stored.hash.as_deref() else {
             return Ok(Some("it records no hash to compare with".into()));
         };
@@ -321,12 +387,14 @@ impl PartialArchiver {
     }
 
     /// Uploads one part until it is stored (the daemon's one retry loop,
-    /// [`UploadContext::retry_until_stored`]); false when cancelled first.
+    /// [`UploadContext::retry_until_stored`]): as an object at `key`, or with `into_log` as a
+    /// record of the segment's part log; false when cancelled first.
     async fn put_until_stored(
         &self,
         key: &str,
         data: Bytes,
         metadata: ObjectMeta,
+        into_log: Option<(SegmentId, SegmentSize, PartRange)>,
         cancel: &CancellationToken,
     ) -> bool {
         let ctx = &self.ctx;
@@ -348,8 +416,12 @@ impl PartialArchiver {
                     metadata: metadata.clone(),
                     ..wal
                 };
+                let sink = into_log.and_then(|(id, seg, range)| self.log_sink(id, seg, range));
                 async move {
-                    let result = upload(&ctx.store, upload_one).await;
+                    let result = match sink {
+                        Some(sink) => upload_made_into(&ctx.store, upload_one, sink).await,
+                        None => upload(&ctx.store, upload_one).await,
+                    };
                     // Counted as WAL uploads (pghoard.upload_size, type xlog): what the store gets.
                     let ty = crate::metrics::FileType::of_key(key);
                     crate::metrics::upload(
@@ -363,6 +435,53 @@ impl PartialArchiver {
             },
         )
         .await
+    }
+
+    /// Appends a made part to segment `id`'s part log, on the blocking thread that made it:
+    /// the log opened (its end found) or created when the writer holds another segment's
+    /// or none; after a failed append the writer is dropped, so the next attempt finds the
+    /// log's end anew.
+    fn log_sink(&self, id: SegmentId, seg: SegmentSize, range: PartRange) -> Option<StoreMade> {
+        let slot = self.log_slot()?.clone();
+        let key = log::log_key(&id);
+        let (path, tmp) = self.ctx.store.local_file(&key).ok()??;
+        Some(Box::new(move |object: &[u8], meta: &ObjectMeta| {
+            let io = |action: &'static str, key: &str| {
+                let key = key.to_string();
+                move |source| StorageError::Io {
+                    action,
+                    key,
+                    source,
+                }
+            };
+            let json =
+                serde_json::to_vec(&meta.to_map()).map_err(|e| StorageError::BadMetadata {
+                    key: key.clone(),
+                    message: e.to_string(),
+                })?;
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_none_or(|w| w.segment() != id) {
+                *g = None;
+                let w = log::LogWriter::open(&path, &tmp, id, seg, WALHOARD_WRITER_VALUE)
+                    .map_err(io("open the part log", &key))?;
+                *g = Some(w);
+            }
+            let w = g.as_mut().expect("opened above");
+            w.append(range, &json, object).map_err(|e| {
+                *g = None;
+                io("append to", &key)(e)
+            })
+        }))
+    }
+
+    /// Closes the part log of segment `id` when it is the one open.
+    fn close_log(&self, id: &SegmentId) {
+        if let Some(slot) = self.log_slot() {
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_some_and(|w| w.segment() == *id) {
+                *g = None;
+            }
+        }
     }
 
     /// The archive's end moved to `archived`: the durable end follows, and the partial
@@ -407,6 +526,7 @@ impl PartialArchiver {
             if st.current.as_ref().is_some_and(|(c, _)| *c == id) {
                 st.current = None;
             }
+            self.close_log(&id);
             ids.push(id);
         }
         ids
@@ -441,7 +561,7 @@ impl PartialArchiver {
     /// At start: deletes the partial objects of every segment the archive holds complete
     /// (left by a run that stopped between storing a segment and deleting its parts).
     pub async fn clean_leftovers(&self) {
-        let listed = match list_parts(&self.ctx.store, None).await {
+        let listed = match segments_with_parts(&self.ctx.store).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(site = %self.ctx.site, error = %e, "cannot list partial WAL objects; leftovers stay until retention");
@@ -449,7 +569,7 @@ impl PartialArchiver {
             }
         };
         let mut st = self.state.lock().await;
-        for id in listed.keys() {
+        for id in &listed {
             if !self.delete_if_complete(id).await {
                 st.leftover.insert(*id);
             }
