@@ -80,6 +80,15 @@ struct State {
     leftover: BTreeSet<SegmentId>,
 }
 
+/// Where the part log records among `known` end (`None` when there are none).
+fn log_records_end(known: &[Known]) -> Option<u64> {
+    known
+        .iter()
+        .filter(|k| k.part.record.is_some())
+        .map(|k| k.part.range.to)
+        .max()
+}
+
 /// A site's partial uploads. Cloning shares it.
 #[derive(Clone)]
 pub struct PartialArchiver {
@@ -238,38 +247,28 @@ impl PartialArchiver {
             return;
         }
         if st.current.as_ref().is_none_or(|(c, _)| *c != id) {
-            let listed = tokio::select! {
-                _ = cancel.cancelled() => return,
-                l = with_retries(&self.ctx.retry, PARTIAL_DIR, || list_parts(&self.ctx.store, Some(&id))) => l,
+            let Some(known) = self.list_known(id, &mut st, cancel).await else {
+                return;
             };
-            let parts = match listed {
-                Ok(mut l) => l.remove(&id).unwrap_or_default(),
+            st.current = Some((id, known));
+        }
+        // The log's own end, its writer opened (after any append still running for a batch
+        // whose connection was cancelled): records the listing does not know are listed.
+        if let Some(log_end) = self.log_end(id, seg).await {
+            let known_end = st.current.as_ref().and_then(|(_, k)| log_records_end(k));
+            match log_end {
+                Ok(e) if e == known_end => {}
+                Ok(_) => {
+                    let Some(known) = self.list_known(id, &mut st, cancel).await else {
+                        return;
+                    };
+                    st.current = Some((id, known));
+                }
                 Err(e) => {
-                    tracing::warn!(%site, segment = %id, error = %e, "cannot list the segment's partial objects; trying with the next batch");
+                    tracing::warn!(%site, segment = %id, error = %e, "cannot open the segment's part log; trying with the next batch");
                     return;
                 }
-            };
-            if let Some(bad) = parts.iter().find_map(|p| {
-                p.record
-                    .as_ref()
-                    .and_then(|r| r.damage.as_ref())
-                    .map(|why| (p.label(), why))
-            }) {
-                let detail = format!("site {site}: partial WAL of segment {id} is damaged ({}: {}); no more parts of it are stored, it is archived when complete", bad.0, bad.1);
-                tracing::error!(%site, segment = %id, "{detail}");
-                self.status.set_error(detail.clone());
-                self.alerts.raise(&wal_overwrite_alert(site), &detail);
-                st.refused.insert(id);
-                return;
             }
-            let known = parts
-                .into_iter()
-                .map(|part| Known {
-                    part,
-                    checked: false,
-                })
-                .collect();
-            st.current = Some((id, known));
         }
         let _ = self.seg.set(seg);
         let end = offset + data.len() as u64;
@@ -327,11 +326,7 @@ impl PartialArchiver {
             // Into the part log when there is one and its records end where these bytes
             // start (a segment begun as objects, before the site turned synchronous, goes
             // on as objects).
-            let log_end = known
-                .iter()
-                .filter(|k| k.part.record.is_some())
-                .map(|k| k.part.range.to)
-                .max();
+            let log_end = log_records_end(known);
             let into_log = (self.log_slot().is_some() && log_end.is_none_or(|e| e == chain_end))
                 .then_some((id, seg, range));
             let key = match into_log {
@@ -364,6 +359,97 @@ impl PartialArchiver {
         }
         drop(st);
         self.publish(start + durable_to);
+    }
+
+    /// Lists segment `id`'s stored parts, none of them compared yet; `None` (after a
+    /// warning) when that failed or was cancelled, or when a part log of it is damaged (the
+    /// segment is then refused: archived when complete, no more parts).
+    async fn list_known(
+        &self,
+        id: SegmentId,
+        st: &mut State,
+        cancel: &CancellationToken,
+    ) -> Option<Vec<Known>> {
+        let site = &self.ctx.site;
+        let listed = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            l = with_retries(&self.ctx.retry, PARTIAL_DIR, || list_parts(&self.ctx.store, Some(&id))) => l,
+        };
+        let parts = match listed {
+            Ok(mut l) => l.remove(&id).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(%site, segment = %id, error = %e, "cannot list the segment's partial objects; trying with the next batch");
+                return None;
+            }
+        };
+        if let Some(bad) = parts.iter().find_map(|p| {
+            p.record
+                .as_ref()
+                .and_then(|r| r.damage.as_ref())
+                .map(|why| (p.label(), why))
+        }) {
+            let detail = format!("site {site}: partial WAL of segment {id} is damaged ({}: {}); no more parts of it are stored, it is archived when complete", bad.0, bad.1);
+            tracing::error!(%site, segment = %id, "{detail}");
+            self.status.set_error(detail.clone());
+            self.alerts.raise(&wal_overwrite_alert(site), &detail);
+            st.refused.insert(id);
+            return None;
+        }
+        Some(
+            parts
+                .into_iter()
+                .map(|part| Known {
+                    part,
+                    checked: false,
+                })
+                .collect(),
+        )
+    }
+
+    /// With a part log: the end of segment `id`'s log records (`None` when it holds none),
+    /// its writer opened (finding the end) or the log created first when needed, under the
+    /// writer's lock. `None` when parts are objects.
+    async fn log_end(
+        &self,
+        id: SegmentId,
+        seg: SegmentSize,
+    ) -> Option<Result<Option<u64>, StorageError>> {
+        let slot = self.log_slot()?.clone();
+        // The writer open and idle (every batch but a segment's first): no hand-off to a
+        // blocking thread, which every synchronous commit would wait for.
+        if let Ok(g) = slot.try_lock() {
+            if let Some(w) = g.as_ref().filter(|w| w.segment() == id) {
+                return Some(Ok(w.last_to()));
+            }
+        }
+        let key = log::log_key(&id);
+        let (path, tmp) = match self.ctx.store.local_file(&key) {
+            Ok(Some(x)) => x,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_none_or(|w| w.segment() != id) {
+                *g = None;
+                *g = Some(log::LogWriter::open(
+                    &path,
+                    &tmp,
+                    id,
+                    seg,
+                    WALHOARD_WRITER_VALUE,
+                )?);
+            }
+            Ok(g.as_ref().and_then(|w| w.last_to()))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        Some(opened.map_err(|source| StorageError::Io {
+            action: "open the part log",
+            key,
+            source,
+        }))
     }
 
     /// `None` when the stored part records the hash of `ours`; else why not.
@@ -742,5 +828,80 @@ mod tests {
             list_parts(&store, Some(&next)).await.unwrap()[&next].len(),
             1
         );
+    }
+
+    /// A synchronous site on local storage: parts are records of the segment's part log, no
+    /// objects. A record the state does not know (a batch whose connection was cancelled
+    /// while its append ran on, finished after) is found when the next batch comes, compared
+    /// by its recorded hash and not written again; the batch's new bytes follow it. Fails
+    /// (times out) when the state's stale end is appended at: the log refuses a record that
+    /// does not continue it, for ever.
+    #[tokio::test]
+    async fn a_part_log_record_the_state_missed_is_compared_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let (hash_algorithm, mark) = (ctx.hash_algorithm, ctx.wal_metadata());
+        let seg = SegmentSize::DEFAULT;
+        let id = seg_id("000000010000000000000002");
+        let start = id.start_lsn(seg).unwrap();
+        let (_archived_tx, archived) = watch::channel(start);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let p = archiver(ctx, dir.path(), archived, durable).with_part_log();
+        let data = Bytes::from((0..768u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let cancel = CancellationToken::new();
+        p.upload(id, start, seg, 0, data.slice(..256), &cancel)
+            .await;
+        assert_eq!(*durable_rx.borrow(), start + 256);
+        {
+            let mut h = hash_algorithm.hasher();
+            h.update(&data[256..512]);
+            let meta = ObjectMeta {
+                hash: Some(h.finish_hex()),
+                hash_algorithm: Some(hash_algorithm),
+                ..mark
+            };
+            let json = serde_json::to_vec(&meta.to_map()).unwrap();
+            let mut slot = p.log_slot().unwrap().lock().unwrap();
+            let range = PartRange { from: 256, to: 512 };
+            slot.as_mut()
+                .unwrap()
+                .append(range, &json, b"made")
+                .unwrap();
+        }
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            p.upload(id, start, seg, 0, data.clone(), &cancel),
+        )
+        .await
+        .expect("the batch after a record the state missed was never stored");
+        assert_eq!(*durable_rx.borrow(), start + 768);
+        let parts = list_parts(&store, Some(&id))
+            .await
+            .unwrap()
+            .remove(&id)
+            .unwrap();
+        let ranges: Vec<(u64, u64)> = parts.iter().map(|p| (p.range.from, p.range.to)).collect();
+        assert_eq!(ranges, [(0, 256), (256, 512), (512, 768)]);
+        assert!(parts.iter().all(|p| p.record.is_some()), "{parts:?}");
+        let keys: Vec<String> = store
+            .list(&partial_dir(&id))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys, [log::log_key(&id)]);
+        // Complete in the archive: the log goes with the parts.
+        store
+            .put_bytes(
+                "xlog/000000010000000000000002",
+                b"s",
+                &ObjectMeta::default().to_map(),
+            )
+            .await
+            .unwrap();
+        assert!(p.delete_if_complete(&id).await);
+        assert!(store.list(&partial_dir(&id)).await.unwrap().is_empty());
     }
 }
