@@ -457,8 +457,8 @@ impl PartialArchiver {
         let stored = match &part.record {
             None => self.ctx.store.object_meta(&part.key).await?,
             Some(_) => {
-                let rec = read_log_record(&self.ctx.store, part).await?;
-                record_meta(part, &rec)?
+                let rec = open_log_record(&self.ctx.store, part).await?;
+                record_meta(part, &rec.meta)?
             }
         };
         let Some(hash) = stored.hash.as_deref() else {

@@ -18,10 +18,10 @@ use walhoard_protocol::{SegmentId, SegmentSize, WalSegmentName};
 
 use super::wal::{temp_path, verify, TempFile, WalFetchError};
 use crate::daemon::partial::{
-    chain_from_zero, list_parts, partial_dir, read_log_record, record_meta, Part,
+    chain_from_zero, list_parts, open_log_record, partial_dir, record_meta, Part,
 };
 use crate::pipeline::encryption::KeyRing;
-use crate::pipeline::transfer::{copy_checked, decode_in_memory, download_with, TransferError};
+use crate::pipeline::transfer::{copy_checked, decode_stream, download_with, TransferError};
 use crate::storage::meta::{self, ObjectMeta};
 use crate::storage::{ObjectStore, StorageError};
 
@@ -241,16 +241,16 @@ async fn read_log_part<W: Write + Send + 'static>(
     part: &Part,
     mut out: W,
 ) -> Result<(SegmentSize, W), PartsError> {
-    let rec = match read_log_record(store, part).await {
+    let mut rec = match open_log_record(store, part).await {
         Ok(r) => r,
         Err(StorageError::NotFound { key }) => return Err(PartsError::Gone(key)),
         Err(e) => return Err(failed(part, e).into()),
     };
-    let metadata = record_meta(part, &rec).map_err(|e| failed(part, e))?;
+    let metadata = record_meta(part, &rec.meta).map_err(|e| failed(part, e))?;
     let (label, keys, m) = (part.label(), keys.clone(), metadata.clone());
     let expect = part.range.bytes();
     let decoded = tokio::task::spawn_blocking(move || {
-        decode_in_memory(&label, &m, &rec.stored, &keys, |metadata, r| {
+        decode_stream(&label, &m, &mut rec.stored, &keys, |metadata, r| {
             let mut buf = io::BufWriter::new(&mut out);
             let n = copy_checked(metadata, r, &mut buf)?;
             buf.flush()?;
@@ -262,8 +262,14 @@ async fn read_log_part<W: Write + Send + 'static>(
                 ));
             }
             Ok(())
-        })
-        .map(|()| out)
+        })?;
+        // To the record's end, where its CRC is checked (a decoder may stop at its frame's).
+        io::copy(&mut rec.stored, &mut io::sink())
+            .map_err(|e| TransferError::Object {
+                key: label,
+                message: e.to_string(),
+            })
+            .map(|_| out)
     })
     .await
     .map_err(|e| failed(part, format!("decode thread failed: {e}")))?;

@@ -132,13 +132,14 @@ pub(super) async fn list_stored(
     Ok(out)
 }
 
-/// Reads the record of the part log that `part` names, its bounds and CRC checked again and
-/// its offsets the ones the scan found. A log gone meanwhile (its segment was archived
-/// complete and its parts deleted) is "not found".
-pub async fn read_log_record(
+/// Opens the record of the part log that `part` names: its head bounded and its length and
+/// offsets the ones the scan found, its metadata read, its stored bytes a stream whose end
+/// checks the record's CRC. A log gone meanwhile (its segment was archived complete and its
+/// parts deleted) is "not found".
+pub async fn open_log_record(
     store: &ObjectStore,
     part: &Part,
-) -> Result<super::log::Record, StorageError> {
+) -> Result<super::log::OpenRecord, StorageError> {
     let key = part.key.clone();
     let Some(rec) = &part.record else {
         return Err(StorageError::Config(format!(
@@ -157,7 +158,7 @@ pub async fn read_log_record(
         )));
     };
     let (at, len) = (rec.at, rec.len);
-    let read = tokio::task::spawn_blocking(move || super::log::read_record(&path, at, len))
+    let read = tokio::task::spawn_blocking(move || super::log::open_record(&path, at, len))
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))
         .and_then(|r| r);
@@ -184,9 +185,9 @@ pub async fn read_log_record(
 }
 
 /// The parsed metadata a part log record holds.
-pub fn record_meta(part: &Part, rec: &super::log::Record) -> Result<ObjectMeta, StorageError> {
+pub fn record_meta(part: &Part, meta: &[u8]) -> Result<ObjectMeta, StorageError> {
     let map: crate::storage::Metadata =
-        serde_json::from_slice(&rec.meta).map_err(|e| StorageError::BadMetadata {
+        serde_json::from_slice(meta).map_err(|e| StorageError::BadMetadata {
             key: part.label(),
             message: format!("metadata is not a JSON object of strings: {e}"),
         })?;

@@ -453,6 +453,98 @@ fn find_valid_after(
     Ok(None)
 }
 
+/// A record opened for reading: its offsets and metadata in memory, its stored bytes read
+/// from the file as a stream (a record may be as large as a segment; restore reads eight at
+/// once).
+#[derive(Debug)]
+pub struct OpenRecord {
+    pub range: PartRange,
+    pub meta: Vec<u8>,
+    pub stored: StoredReader,
+}
+
+/// The stored bytes of a record, read from its log; at their end the record's CRC is
+/// checked (a mismatch is an `InvalidData` error instead of the end).
+#[derive(Debug)]
+pub struct StoredReader {
+    file: File,
+    pos: u64,
+    end: u64,
+    crc: crc_fast::Digest,
+    checked: bool,
+}
+
+impl io::Read for StoredReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.end {
+            if !self.checked {
+                let mut crc = [0u8; 4];
+                if read_at_most(&self.file, &mut crc, self.end)? < 4 {
+                    return Err(invalid("the file ends inside the record"));
+                }
+                if self.crc.clone().finalize() as u32 != u32::from_le_bytes(crc) {
+                    return Err(invalid("record CRC-32C does not match"));
+                }
+                self.checked = true;
+            }
+            return Ok(0);
+        }
+        let want = ((self.end - self.pos) as usize).min(buf.len());
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(invalid("the file ends inside the record"));
+        }
+        self.crc.update(&buf[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Opens the record at `at` (`len` bytes, as a scan found it) of the log at `path`: its head
+/// and metadata read and bounded, its stored bytes to be read as a stream whose end checks
+/// the CRC.
+pub fn open_record(path: &Path, at: u64, len: u64) -> io::Result<OpenRecord> {
+    let file = File::open(path)?;
+    let Some((header, _)) = read_header(&file)? else {
+        return Err(invalid("not a part log (no magic)"));
+    };
+    let mut head = [0u8; REC_HEAD];
+    if read_at_most(&file, &mut head, at)? < REC_HEAD {
+        return Err(invalid(format!(
+            "the file ends inside the record at byte {at}"
+        )));
+    }
+    let h = parse_head(&head, header.seg.bytes())
+        .map_err(|e| invalid(format!("record at byte {at}: {e}")))?;
+    if h.len != len {
+        return Err(invalid(format!(
+            "record at byte {at}: {} bytes, listed as {len}",
+            h.len
+        )));
+    }
+    let mut meta = vec![0u8; h.meta_len as usize];
+    let meta_at = at + REC_HEAD as u64;
+    if read_at_most(&file, &mut meta, meta_at)? < meta.len() {
+        return Err(invalid(format!(
+            "the file ends inside the record at byte {at}"
+        )));
+    }
+    let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+    crc.update(&head);
+    crc.update(&meta);
+    Ok(OpenRecord {
+        range: h.range,
+        meta,
+        stored: StoredReader {
+            file,
+            pos: meta_at + h.meta_len,
+            end: at + h.len - 4,
+            crc,
+            checked: false,
+        },
+    })
+}
+
 /// Reads the record at `at` (`len` bytes, as a scan found it) of the log at `path`, every
 /// bound and its CRC checked again.
 pub fn read_record(path: &Path, at: u64, len: u64) -> io::Result<Record> {
@@ -790,6 +882,15 @@ mod tests {
         let end = s.end;
         let r = read_record(&path, s.records[1].at, s.records[1].len).unwrap();
         assert_eq!(r.stored, vec![2u8; 70]);
+        let mut o = open_record(&path, s.records[1].at, s.records[1].len).unwrap();
+        assert_eq!(
+            (o.range, o.meta.as_slice()),
+            (range(0x100, 0x180), &b"{}"[..])
+        );
+        let mut streamed = Vec::new();
+        io::Read::read_to_end(&mut o.stored, &mut streamed).unwrap();
+        assert_eq!(streamed, vec![2u8; 70]);
+        assert!(open_record(&path, s.records[1].at, s.records[1].len + 1).is_err());
 
         // A torn tail: half a record after the last valid one.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -812,6 +913,10 @@ mod tests {
         let s2 = scan(&File::open(&path).unwrap()).unwrap().unwrap();
         let d = s2.damage.clone().unwrap();
         assert_eq!(d.at, s.records[1].at);
+        // Streamed, the flipped record fails at its end (its CRC).
+        let mut o = open_record(&path, s.records[1].at, s.records[1].len).unwrap();
+        let err = io::Read::read_to_end(&mut o.stored, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert_eq!(d.next.at, s.records[2].at);
         assert_eq!(s2.records.len(), 1);
         assert!(LogWriter::open(

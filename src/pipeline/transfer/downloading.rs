@@ -133,14 +133,15 @@ fn decoding(
     Ok((algorithm, encrypted))
 }
 
-/// [`download_with`] of an object already in memory with its metadata (a record of a
-/// synchronous site's part log, `daemon::partial::log`): decrypted (walhoard's `walhenc1`
-/// only: a part log never holds pghoard's objects) and decompressed into `consume`, with the
-/// same refusals. `name` names it in errors.
-pub fn decode_in_memory<T>(
+/// [`download_with`] of stored bytes read from `stored` with their metadata already known
+/// (a record of a synchronous site's part log, `daemon::partial::log`), on the caller's
+/// (blocking) thread: decrypted (walhoard's `walhenc1` only: a part log never holds
+/// pghoard's objects) and decompressed into `consume`, with the same refusals. `name` names
+/// it in errors.
+pub fn decode_stream<T>(
     name: &str,
     metadata: &ObjectMeta,
-    stored: &[u8],
+    stored: impl Read,
     keys: &KeyRing,
     consume: impl FnOnce(&ObjectMeta, &mut dyn Read) -> io::Result<T>,
 ) -> Result<T, TransferError> {

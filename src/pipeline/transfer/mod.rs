@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::encryption::PublicKey;
 
-pub use downloading::{copy_checked, decode_in_memory, download_file, download_with};
+pub use downloading::{copy_checked, decode_stream, download_file, download_with};
 pub use pool::trim_idle_output;
 pub use uploading::{
     one_shot_object, upload, upload_made_into, Hashing, Input, ObjectKind, Produce, Source,
