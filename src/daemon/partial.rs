@@ -904,4 +904,60 @@ mod tests {
         assert!(p.delete_if_complete(&id).await);
         assert!(store.list(&partial_dir(&id)).await.unwrap().is_empty());
     }
+
+    /// A segment begun as part objects (asynchronous mode) goes on in a part log once the
+    /// site is synchronous: the stored object is compared, the new bytes become the log's
+    /// first record (at a non-zero offset), and readers merge both into one run from 0. The
+    /// log's record is made by the streaming compressor (snappy: no one-shot path) and reads
+    /// back through restore's checks.
+    #[tokio::test]
+    async fn a_segment_begun_as_objects_goes_on_in_a_part_log_and_reads_back_whole() {
+        use crate::pipeline::compression::{Algorithm, CompressionSettings};
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("archive");
+        let seg = SegmentSize::DEFAULT;
+        let id = seg_id("000000010000000000000002");
+        let start = id.start_lsn(seg).unwrap();
+        let data = Bytes::from((0..4096u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+        let cancel = CancellationToken::new();
+        let (_archived_tx, archived) = watch::channel(start);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let ctx = crate::daemon::archiver::tests::local_context(&archive);
+        let store = ctx.store.clone();
+        let objects = archiver(ctx, dir.path(), archived.clone(), durable);
+        objects
+            .upload(id, start, seg, 0, data.slice(..1000), &cancel)
+            .await;
+        assert_eq!(*durable_rx.borrow(), start + 1000);
+        let mut ctx = crate::daemon::archiver::tests::local_context(&archive);
+        ctx.compression = CompressionSettings::new(Algorithm::Snappy);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let logged = archiver(ctx, dir.path(), archived, durable).with_part_log();
+        logged
+            .upload(id, start, seg, 0, data.clone(), &cancel)
+            .await;
+        assert_eq!(*durable_rx.borrow(), start + 4096);
+        let parts = list_parts(&store, Some(&id))
+            .await
+            .unwrap()
+            .remove(&id)
+            .unwrap();
+        let kinds: Vec<(u64, u64, bool)> = parts
+            .iter()
+            .map(|p| (p.range.from, p.range.to, p.record.is_some()))
+            .collect();
+        assert_eq!(kinds, [(0, 1000, false), (1000, 4096, true)]);
+        let (chain, end) = chain_from_zero(&parts);
+        assert_eq!((chain.len(), end), (2, 4096));
+        let keys = crate::pipeline::encryption::KeyRing::default();
+        let mut whole = Vec::new();
+        for p in &parts {
+            let (s, out) = crate::restore::partial::read_part(&store, &keys, &id, p, Vec::new())
+                .await
+                .unwrap();
+            assert_eq!(s, seg);
+            whole.extend(out);
+        }
+        assert_eq!(whole, data.to_vec());
+    }
 }
