@@ -960,4 +960,47 @@ mod tests {
         }
         assert_eq!(whole, data.to_vec());
     }
+
+    /// Part logs are deleted as part objects are (at start once their segment is archived
+    /// complete, by retention before the oldest backup), and only those whose header
+    /// carries walhoard's mark: a log with another writer's stays.
+    #[tokio::test]
+    async fn leftover_part_logs_go_only_when_walhoards() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let seg = SegmentSize::DEFAULT;
+        let (done, foreign, open) = (
+            seg_id("000000010000000000000001"),
+            seg_id("000000010000000000000002"),
+            seg_id("000000010000000000000005"),
+        );
+        for (id, mark) in [
+            (done, WALHOARD_WRITER_VALUE),
+            (foreign, "someone else"),
+            (open, WALHOARD_WRITER_VALUE),
+        ] {
+            let (path, tmp) = store.local_file(&log::log_key(&id)).unwrap().unwrap();
+            let mut w = log::LogWriter::open(&path, &tmp, id, seg, mark).unwrap();
+            w.append(PartRange { from: 0, to: 16 }, b"{}", b"x")
+                .unwrap();
+        }
+        let m = ObjectMeta::default().to_map();
+        for name in ["000000010000000000000001", "000000010000000000000002"] {
+            store
+                .put_bytes(&format!("xlog/{name}"), b"s", &m)
+                .await
+                .unwrap();
+        }
+        let (_atx, archived) = watch::channel(Lsn::INVALID);
+        let (durable, _drx) = watch::channel(Lsn::INVALID);
+        let p = archiver(ctx, dir.path(), archived, durable);
+        p.clean_leftovers().await;
+        let left = segments_with_parts(&store).await.unwrap();
+        assert_eq!(left.into_iter().collect::<Vec<_>>(), vec![foreign, open]);
+        let next = seg_id("000000010000000000000006");
+        assert_eq!(delete_parts_before(&store, &next).await.unwrap(), 1);
+        let left = segments_with_parts(&store).await.unwrap();
+        assert_eq!(left.into_iter().collect::<Vec<_>>(), vec![foreign]);
+    }
 }
