@@ -626,9 +626,11 @@ impl LogWriter {
         let file_len = file.metadata()?.len();
         if let End::Torn(why) = &scan.how {
             tracing::info!(log = %path.display(), at = scan.end, %why, "part log ends in a torn record (never acknowledged); overwriting it");
-            write_zeros(&file, scan.end, file_len)?;
-            file.sync_all()?;
         }
+        // Whatever lies past the end (a torn record, even one whose head alone was lost) is
+        // zeroed, so that no rest of it can follow a shorter record written there later.
+        write_zeros(&file, scan.end, file_len)?;
+        file.sync_all()?;
         Ok(LogWriter {
             file,
             segment,
@@ -734,7 +736,17 @@ impl LogWriter {
         }
         self.file.write_all_at(&rec, self.pos)?;
         // Within the region written with zeros: no size or block allocation to commit.
-        self.file.sync_data()?;
+        if let Err(e) = self.file.sync_data() {
+            // After a failed sync the page cache may hold the record while the disk does
+            // not: its head is zeroed (and synced, if that works) so that a scan of this
+            // log, the next open's included, never takes an unacknowledged record for a
+            // durable one.
+            let _ = self
+                .file
+                .write_all_at(&[0u8; REC_HEAD], self.pos)
+                .and_then(|()| self.file.sync_data());
+            return Err(e);
+        }
         self.last_record = Some((self.pos, len));
         self.pos = need;
         self.last_to = Some(range.to);
@@ -941,5 +953,37 @@ mod tests {
             MARK
         )
         .is_err());
+    }
+
+    /// A torn record whose head alone was lost (zeros, then the rest of its bytes) ends the
+    /// log like a clean end; reopening zeroes everything past the end, so a shorter record
+    /// written there later is not followed by the rest of the torn one.
+    #[test]
+    fn reopening_zeroes_past_the_end() {
+        let t = tempfile::tempdir().unwrap();
+        let (path, mut w) = writer(t.path());
+        w.append(range(0, 0x100), b"{}", &[1u8; 50]).unwrap();
+        drop(w);
+        let end = scan_path(&path).end;
+        let torn = encode_record(range(0x100, 0x200), b"{}", &[7u8; 400]);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&torn[REC_HEAD..], end + REC_HEAD as u64)
+            .unwrap();
+        assert_eq!(scan_path(&path).how, End::Clean);
+        let (_, mut w) = writer(t.path());
+        w.append(range(0x100, 0x110), b"{}", b"short").unwrap();
+        drop(w);
+        let s = scan_path(&path);
+        assert_eq!((s.how, s.records.len()), (End::Clean, 2));
+        let mut rest = vec![0u8; 1000];
+        let n = read_at_most(&File::open(&path).unwrap(), &mut rest, s.end).unwrap();
+        assert!(
+            rest[..n].iter().all(|b| *b == 0),
+            "the torn record's rest is still there"
+        );
+    }
+
+    fn scan_path(path: &Path) -> Scan {
+        scan(&File::open(path).unwrap()).unwrap().unwrap()
     }
 }
