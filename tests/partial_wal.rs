@@ -96,7 +96,7 @@ pub(crate) fn range(key: &str) -> (u64, u64) {
     )
 }
 
-fn restore_command(p: &Primary, xlog: &str, output: &Path) -> Output {
+pub(crate) fn restore_command(p: &Primary, xlog: &str, output: &Path) -> Output {
     restore_command_via(p, xlog, output, Via::Store)
 }
 

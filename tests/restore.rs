@@ -23,7 +23,7 @@ pub(crate) const CHECKSUM: &str = "select (select count(*) || ':' || coalesce(md
      || '':'' || (select count(*) || '':'' || coalesce(sum(delta), 0) from pgbench_history) as c', false, true, '')))[1]::text, 'MISSING') end";
 
 /// A pgbench run (TPC-B-like transactions) against `pg`, finished before it returns.
-pub(crate) fn pgbench(pg: &PgCluster, args: &[&str]) {
+pub(crate) fn pgbench(pg: &PgCluster, args: &[&str]) -> String {
     let mut all: Vec<std::ffi::OsString> = vec!["-h".into(), pg.socket_dir().into()];
     all.extend([
         "-p".into(),
@@ -34,7 +34,7 @@ pub(crate) fn pgbench(pg: &PgCluster, args: &[&str]) {
     all.extend(args.iter().map(std::ffi::OsString::from));
     all.push("postgres".into());
     let all: Vec<&std::ffi::OsStr> = all.iter().map(|a| a.as_os_str()).collect();
-    pg.run_tool("pgbench", &all).unwrap();
+    pg.run_tool("pgbench", &all).unwrap()
 }
 
 fn cluster() -> PgCluster {

@@ -21,7 +21,7 @@ fn s3_storage(s3: &S3Server) -> serde_json::Value {
 
 /// `synchronous_standby_names` set to `names`, and waits until the daemon's connection is
 /// the synchronous standby (pg_stat_replication under its application_name).
-fn make_synchronous(pg: &PgCluster, names: &str) {
+pub(crate) fn make_synchronous(pg: &PgCluster, names: &str) {
     pg.psql(&format!(
         "alter system set synchronous_standby_names = '{}'",
         names.replace('\'', "''")
@@ -62,17 +62,56 @@ fn committer(pg: &PgCluster, acked: Arc<Mutex<Vec<u32>>>) -> tokio::task::JoinHa
     })
 }
 
+/// What the zero-loss test's archive is and what happens while the commits run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Run {
+    /// Local storage: the parts go into part logs (asserted before the loss).
+    LocalLog,
+    /// Local storage, with pgbench's load alongside the numbered commits and the daemon
+    /// killed (`kill -9`) and restarted this many times meanwhile.
+    LocalLogDaemonKilled(u32),
+    /// An S3 store: part objects.
+    S3,
+}
+
 /// The zero-loss test: a client commits numbered rows one at a time while the primary is
 /// lost (kill -9, data directory deleted); the restore brings back every acknowledged row.
-async fn every_acknowledged_commit_survives(mut p: Primary) {
+pub(crate) async fn every_acknowledged_commit_survives(mut p: Primary, run: Run) {
     p.archive_all().await;
     p.pg.psql("create table n (id int primary key)").unwrap();
+    if let Run::LocalLogDaemonKilled(_) = run {
+        crate::restore::pgbench(&p.pg, &["-i", "-s", "1", "-q"]);
+    }
     make_synchronous(&p.pg, "walhoard_main");
     let acked = Arc::new(Mutex::new(Vec::new()));
     let task = committer(&p.pg, acked.clone());
     // Long enough to cross a segment boundary at least once on a fast machine is not needed:
     // the rows are what matters; a few seconds of commits, lost mid-stream.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut bench_done = None;
+    match run {
+        Run::LocalLogDaemonKilled(kills) => {
+            let (pg, d, daemon) = (&p.pg, &p.d, &mut p.daemon);
+            std::thread::scope(|s| {
+                let bench = s.spawn(|| {
+                    crate::restore::pgbench(
+                        pg,
+                        &["-n", "-c", "4", "-T", &(2 * kills + 2).to_string()],
+                    )
+                });
+                for _ in 0..kills {
+                    std::thread::sleep(Duration::from_secs(2));
+                    daemon.kill9();
+                    *daemon = crate::daemon_support::Daemon::start(d);
+                }
+                bench_done = Some(bench.join().unwrap());
+            });
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Run::LocalLog | Run::S3 => tokio::time::sleep(Duration::from_secs(6)).await,
+    }
+    if run != Run::S3 {
+        assert_parts_in_logs(&p).await;
+    }
     let work = tempfile::tempdir().unwrap();
     let restored = lose_primary_and_restore(&mut p, work.path());
     let _ = task.await;
@@ -101,19 +140,63 @@ async fn every_acknowledged_commit_survives(mut p: Primary) {
         "acknowledged up to {last}, restored up to {max}; restored log:\n{}",
         restored.log()
     );
+    if let Some(out) = bench_done {
+        // pgbench finished before the loss: every transaction it counted is restored.
+        let processed: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no transaction count in pgbench's output:\n{out}"));
+        let history: u64 = restored
+            .psql("select count(*) from pgbench_history")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        eprintln!("pgbench: {processed} transactions acknowledged, {history} restored");
+        assert!(processed > 0);
+        assert_eq!(
+            history, processed,
+            "pgbench's acknowledged transactions restored"
+        );
+    }
+}
+
+/// A synchronous site on local storage stores no part objects: every part is a record of
+/// its segment's part log, and the segment being written has one.
+async fn assert_parts_in_logs(p: &Primary) {
+    let (seg, _) = current(&p.pg);
+    let keys: Vec<String> = p
+        .store
+        .list("xlog_partial")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(
+        keys.iter().all(|k| k.ends_with("/log")),
+        "part objects on a synchronous local site: {keys:?}"
+    );
+    let log = format!("xlog_partial/{seg}/log");
+    assert!(
+        keys.contains(&log),
+        "no part log of the segment being written ({log}): {keys:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_archive_every_acknowledged_commit_survives_loss_of_the_primary() {
     let p = primary(json!({ "synchronous_archive": true })).await;
-    every_acknowledged_commit_survives(p).await;
+    every_acknowledged_commit_survives(p, Run::LocalLog).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_archive_every_acknowledged_commit_survives_loss_of_the_primary_s3() {
     let s3 = S3Server::start("wal").unwrap();
     let p = primary_on(|_| s3_storage(&s3), json!({ "synchronous_archive": true })).await;
-    every_acknowledged_commit_survives(p).await;
+    every_acknowledged_commit_survives(p, Run::S3).await;
 }
 
 /// With the store down a commit does not return (the flush position waits for the store, not

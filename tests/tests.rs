@@ -18,6 +18,7 @@ mod foreign_archive;
 mod http_api;
 mod http_auth;
 mod metrics;
+mod part_log;
 mod partial_verify;
 mod partial_wal;
 mod pghoa1;

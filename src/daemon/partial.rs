@@ -28,12 +28,13 @@ use walhoard_walreceiver::{Batch, BatchSink, InFlight, PartialUploads};
 
 use super::archiver::{wal_overwrite_alert, UploadContext};
 use super::status::{Alerts, SiteStatus};
-use crate::pipeline::transfer::{upload, Source, Upload};
-use crate::storage::meta::ObjectMeta;
+use crate::pipeline::transfer::{upload, upload_made_into, Source, StoreMade, Upload};
+use crate::storage::meta::{ObjectMeta, WALHOARD_WRITER_VALUE};
 use crate::storage::retry::with_retries;
 use crate::storage::StorageError;
 
 mod layout;
+pub mod log;
 
 pub use layout::*;
 
@@ -95,6 +96,15 @@ fn chain_end<'a>(parts: impl IntoIterator<Item = &'a Part>) -> u64 {
     end
 }
 
+/// Where the part log records among `known` end (`None` when there are none).
+fn log_records_end(known: &[Known]) -> Option<u64> {
+    known
+        .iter()
+        .filter(|k| k.part.record.is_some())
+        .map(|k| k.part.range.to)
+        .max()
+}
+
 /// A site's partial uploads. Cloning shares it.
 #[derive(Clone)]
 pub struct PartialArchiver {
@@ -111,6 +121,9 @@ pub struct PartialArchiver {
     /// ([`PartialArchiver::sink`]) wait for their session's check, as those going through
     /// the site loop come after it.
     vetted: Arc<watch::Sender<u64>>,
+    /// A synchronous site on local storage: its parts go into the segment's part log
+    /// ([`log`]), whose open writer (the current segment's) this holds.
+    log: Option<Arc<std::sync::Mutex<Option<log::LogWriter>>>>,
 }
 
 /// [`PartialArchiver::vetted`]: no more batches.
@@ -135,7 +148,24 @@ impl PartialArchiver {
             state: Arc::new(Mutex::new(State::default())),
             seg: Arc::default(),
             vetted: Arc::new(watch::channel(0).0),
+            log: None,
         }
+    }
+
+    /// Stores parts as records of each segment's part log ([`log`]) on local storage
+    /// (objects on any other store). For the synchronous mode: one `pwrite` and
+    /// `fdatasync` per commit batch instead of two new files, their renames and a directory
+    /// sync.
+    pub fn with_part_log(mut self) -> Self {
+        if self.ctx.store.kind() == crate::storage::StorageKind::Local {
+            self.log = Some(Arc::default());
+        }
+        self
+    }
+
+    /// The writer slot of a part log, or `None` when parts are objects.
+    fn log_slot(&self) -> Option<&Arc<std::sync::Mutex<Option<log::LogWriter>>>> {
+        self.log.as_ref()
     }
 
     /// For a site with partial uploads at `cadence`: the receiver's half (the durable end it
@@ -155,10 +185,12 @@ impl PartialArchiver {
                 sink: None,
             },
         };
-        (
-            receiver,
-            PartialArchiver::new(ctx, status, alerts, archived, durable_tx),
-        )
+        let archiver = PartialArchiver::new(ctx, status, alerts, archived, durable_tx);
+        let archiver = match cadence {
+            Cadence::OnArrival => archiver.with_part_log(),
+            Cadence::Every(_) => archiver,
+        };
+        (receiver, archiver)
     }
 
     /// On `tracker` until `abort`: leftovers of earlier runs first, then, each time the
@@ -299,25 +331,28 @@ impl PartialArchiver {
             return;
         }
         if st.current.as_ref().is_none_or(|(c, _)| *c != id) {
-            let listed = tokio::select! {
-                _ = cancel.cancelled() => return,
-                l = with_retries(&self.ctx.retry, PARTIAL_DIR, || list_parts(&self.ctx.store, Some(&id))) => l,
+            let Some(known) = self.list_known(id, &mut st, cancel).await else {
+                return;
             };
-            let parts = match listed {
-                Ok(mut l) => l.remove(&id).unwrap_or_default(),
+            st.current = Some((id, known));
+        }
+        // The log's own end, its writer opened (after any append still running for a batch
+        // whose connection was cancelled): records the listing does not know are listed.
+        if let Some(log_end) = self.log_end(id, seg).await {
+            let known_end = st.current.as_ref().and_then(|(_, k)| log_records_end(k));
+            match log_end {
+                Ok(e) if e == known_end => {}
+                Ok(_) => {
+                    let Some(known) = self.list_known(id, &mut st, cancel).await else {
+                        return;
+                    };
+                    st.current = Some((id, known));
+                }
                 Err(e) => {
-                    tracing::warn!(%site, segment = %id, error = %e, "cannot list the segment's partial objects; trying with the next batch");
+                    tracing::warn!(%site, segment = %id, error = %e, "cannot open the segment's part log; trying with the next batch");
                     return;
                 }
-            };
-            let known = parts
-                .into_iter()
-                .map(|part| Known {
-                    part,
-                    checked: false,
-                })
-                .collect();
-            st.current = Some((id, known));
+            }
         }
         let _ = self.seg.set(seg);
         let end = offset + data.len() as u64;
@@ -341,10 +376,10 @@ impl PartialArchiver {
                 continue;
             }
             let ours = data.slice((r.from - offset) as usize..(r.to - offset) as usize);
-            match self.compare(&k.part.key, ours).await {
+            match self.compare(&k.part, ours).await {
                 Ok(None) => k.checked = true,
                 Ok(Some(why)) => {
-                    let detail = format!("site {site}: partial WAL object {} is already stored with other content ({why}); refusing to replace it: no more partial objects of segment {id}, which is archived when complete", k.part.key);
+                    let detail = format!("site {site}: partial WAL object {} is already stored with other content ({why}); refusing to replace it: no more partial objects of segment {id}, which is archived when complete", k.part.label());
                     tracing::error!(%site, object = %k.part.key, "{detail}");
                     self.status.set_error(detail.clone());
                     self.alerts.raise(&wal_overwrite_alert(site), &detail);
@@ -367,19 +402,39 @@ impl PartialArchiver {
                 ..self.ctx.wal_metadata()
             };
             let new = data.slice((chain_end - offset) as usize..);
-            if !self.put_until_stored(&key, new, metadata, cancel).await {
+            let range = PartRange {
+                from: chain_end,
+                to: end,
+            };
+            // Into the part log when there is one and its records end where these bytes
+            // start (a segment begun as objects, before the site turned synchronous, goes
+            // on as objects).
+            let log_end = log_records_end(known);
+            let into_log = (self.log_slot().is_some() && log_end.is_none_or(|e| e == chain_end))
+                .then_some((id, seg, range));
+            let key = match into_log {
+                Some(_) => log::log_key(&id),
+                None => key,
+            };
+            if !self
+                .put_until_stored(&key, new, metadata, into_log, cancel)
+                .await
+            {
                 return;
             }
             tracing::debug!(%site, object = %key, "partial WAL stored");
             self.status.partial_uploaded(end - chain_end);
+            let record = into_log.and_then(|_| {
+                let slot = self.log_slot()?.lock().unwrap_or_else(|p| p.into_inner());
+                let (at, len) = slot.as_ref()?.last_record()?;
+                Some(InLog {
+                    at,
+                    len,
+                    damage: None,
+                })
+            });
             known.push(Known {
-                part: Part {
-                    range: PartRange {
-                        from: chain_end,
-                        to: end,
-                    },
-                    key,
-                },
+                part: Part { range, key, record },
                 checked: true,
             });
             st.written.insert((seg_end, id));
@@ -389,9 +444,106 @@ impl PartialArchiver {
         self.publish(start + durable_to);
     }
 
-    /// `None` when the object at `key` records the hash of `ours`; else why not.
-    async fn compare(&self, key: &str, ours: Bytes) -> Result<Option<String>, StorageError> {
-        let stored = self.ctx.store.object_meta(key).await?;
+    /// Lists segment `id`'s stored parts, none of them compared yet; `None` (after a
+    /// warning) when that failed or was cancelled, or when a part log of it is damaged (the
+    /// segment is then refused: archived when complete, no more parts).
+    async fn list_known(
+        &self,
+        id: SegmentId,
+        st: &mut State,
+        cancel: &CancellationToken,
+    ) -> Option<Vec<Known>> {
+        let site = &self.ctx.site;
+        let listed = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            l = with_retries(&self.ctx.retry, PARTIAL_DIR, || list_parts(&self.ctx.store, Some(&id))) => l,
+        };
+        let parts = match listed {
+            Ok(mut l) => l.remove(&id).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(%site, segment = %id, error = %e, "cannot list the segment's partial objects; trying with the next batch");
+                return None;
+            }
+        };
+        if let Some(bad) = parts.iter().find_map(|p| {
+            p.record
+                .as_ref()
+                .and_then(|r| r.damage.as_ref())
+                .map(|why| (p.label(), why))
+        }) {
+            let detail = format!("site {site}: partial WAL of segment {id} is damaged ({}: {}); no more parts of it are stored, it is archived when complete", bad.0, bad.1);
+            tracing::error!(%site, segment = %id, "{detail}");
+            self.status.set_error(detail.clone());
+            self.alerts.raise(&wal_overwrite_alert(site), &detail);
+            st.refused.insert(id);
+            return None;
+        }
+        Some(
+            parts
+                .into_iter()
+                .map(|part| Known {
+                    part,
+                    checked: false,
+                })
+                .collect(),
+        )
+    }
+
+    /// With a part log: the end of segment `id`'s log records (`None` when it holds none),
+    /// its writer opened (finding the end) or the log created first when needed, under the
+    /// writer's lock. `None` when parts are objects.
+    async fn log_end(
+        &self,
+        id: SegmentId,
+        seg: SegmentSize,
+    ) -> Option<Result<Option<u64>, StorageError>> {
+        let slot = self.log_slot()?.clone();
+        // The writer open and idle (every batch but a segment's first): no hand-off to a
+        // blocking thread, which every synchronous commit would wait for.
+        if let Ok(g) = slot.try_lock() {
+            if let Some(w) = g.as_ref().filter(|w| w.segment() == id) {
+                return Some(Ok(w.last_to()));
+            }
+        }
+        let key = log::log_key(&id);
+        let (path, tmp) = match self.ctx.store.local_file(&key) {
+            Ok(Some(x)) => x,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_none_or(|w| w.segment() != id) {
+                *g = None;
+                *g = Some(log::LogWriter::open(
+                    &path,
+                    &tmp,
+                    id,
+                    seg,
+                    WALHOARD_WRITER_VALUE,
+                )?);
+            }
+            Ok(g.as_ref().and_then(|w| w.last_to()))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        Some(opened.map_err(|source| StorageError::Io {
+            action: "open the part log",
+            key,
+            source,
+        }))
+    }
+
+    /// `None` when the stored part records the hash of `ours`; else why not.
+    async fn compare(&self, part: &Part, ours: Bytes) -> Result<Option<String>, StorageError> {
+        let stored = match &part.record {
+            None => self.ctx.store.object_meta(&part.key).await?,
+            Some(_) => {
+                let rec = open_log_record(&self.ctx.store, part).await?;
+                record_meta(part, &rec.meta)?
+            }
+        };
         let Some(hash) = stored.hash.as_deref() else {
             return Ok(Some("it records no hash to compare with".into()));
         };
@@ -404,12 +556,14 @@ impl PartialArchiver {
     }
 
     /// Uploads one part until it is stored (the daemon's one retry loop,
-    /// [`UploadContext::retry_until_stored`]); false when cancelled first.
+    /// [`UploadContext::retry_until_stored`]): as an object at `key`, or with `into_log` as a
+    /// record of the segment's part log; false when cancelled first.
     async fn put_until_stored(
         &self,
         key: &str,
         data: Bytes,
         metadata: ObjectMeta,
+        into_log: Option<(SegmentId, SegmentSize, PartRange)>,
         cancel: &CancellationToken,
     ) -> bool {
         let ctx = &self.ctx;
@@ -431,8 +585,12 @@ impl PartialArchiver {
                     metadata: metadata.clone(),
                     ..wal
                 };
+                let sink = into_log.and_then(|(id, seg, range)| self.log_sink(id, seg, range));
                 async move {
-                    let result = upload(&ctx.store, upload_one).await;
+                    let result = match sink {
+                        Some(sink) => upload_made_into(&ctx.store, upload_one, sink).await,
+                        None => upload(&ctx.store, upload_one).await,
+                    };
                     // Counted as WAL uploads (pghoard.upload_size, type xlog): what the store gets.
                     let ty = crate::metrics::FileType::of_key(key);
                     crate::metrics::upload(
@@ -446,6 +604,53 @@ impl PartialArchiver {
             },
         )
         .await
+    }
+
+    /// Appends a made part to segment `id`'s part log, on the blocking thread that made it:
+    /// the log opened (its end found) or created when the writer holds another segment's
+    /// or none; after a failed append the writer is dropped, so the next attempt finds the
+    /// log's end anew.
+    fn log_sink(&self, id: SegmentId, seg: SegmentSize, range: PartRange) -> Option<StoreMade> {
+        let slot = self.log_slot()?.clone();
+        let key = log::log_key(&id);
+        let (path, tmp) = self.ctx.store.local_file(&key).ok()??;
+        Some(Box::new(move |object: &[u8], meta: &ObjectMeta| {
+            let io = |action: &'static str, key: &str| {
+                let key = key.to_string();
+                move |source| StorageError::Io {
+                    action,
+                    key,
+                    source,
+                }
+            };
+            let json =
+                serde_json::to_vec(&meta.to_map()).map_err(|e| StorageError::BadMetadata {
+                    key: key.clone(),
+                    message: e.to_string(),
+                })?;
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_none_or(|w| w.segment() != id) {
+                *g = None;
+                let w = log::LogWriter::open(&path, &tmp, id, seg, WALHOARD_WRITER_VALUE)
+                    .map_err(io("open the part log", &key))?;
+                *g = Some(w);
+            }
+            let w = g.as_mut().expect("opened above");
+            w.append(range, &json, object).map_err(|e| {
+                *g = None;
+                io("append to", &key)(e)
+            })
+        }))
+    }
+
+    /// Closes the part log of segment `id` when it is the one open.
+    fn close_log(&self, id: &SegmentId) {
+        if let Some(slot) = self.log_slot() {
+            let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if g.as_ref().is_some_and(|w| w.segment() == *id) {
+                *g = None;
+            }
+        }
     }
 
     /// The archive's end moved to `archived`: the durable end follows, and the partial
@@ -490,6 +695,7 @@ impl PartialArchiver {
             if st.current.as_ref().is_some_and(|(c, _)| *c == id) {
                 st.current = None;
             }
+            self.close_log(&id);
             ids.push(id);
         }
         ids
@@ -524,7 +730,7 @@ impl PartialArchiver {
     /// At start: deletes the partial objects of every segment the archive holds complete
     /// (left by a run that stopped between storing a segment and deleting its parts).
     pub async fn clean_leftovers(&self) {
-        let listed = match list_parts(&self.ctx.store, None).await {
+        let listed = match segments_with_parts(&self.ctx.store).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(site = %self.ctx.site, error = %e, "cannot list partial WAL objects; leftovers stay until retention");
@@ -532,7 +738,7 @@ impl PartialArchiver {
             }
         };
         let mut st = self.state.lock().await;
-        for id in listed.keys() {
+        for id in &listed {
             if !self.delete_if_complete(id).await {
                 st.leftover.insert(*id);
             }
@@ -636,6 +842,7 @@ mod tests {
         let part = |from, to| Part {
             range: PartRange { from, to },
             key: partial_key(&seg_id("000000010000000000000001"), from, to),
+            record: None,
         };
         for parts in [
             vec![],
@@ -789,5 +996,179 @@ mod tests {
             list_parts(&store, Some(&next)).await.unwrap()[&next].len(),
             1
         );
+    }
+
+    /// A synchronous site on local storage: parts are records of the segment's part log, no
+    /// objects. A record the state does not know (a batch whose connection was cancelled
+    /// while its append ran on, finished after) is found when the next batch comes, compared
+    /// by its recorded hash and not written again; the batch's new bytes follow it. Fails
+    /// (times out) when the state's stale end is appended at: the log refuses a record that
+    /// does not continue it, for ever.
+    #[tokio::test]
+    async fn a_part_log_record_the_state_missed_is_compared_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let (hash_algorithm, mark) = (ctx.hash_algorithm, ctx.wal_metadata());
+        let seg = SegmentSize::DEFAULT;
+        let id = seg_id("000000010000000000000002");
+        let start = id.start_lsn(seg).unwrap();
+        let (_archived_tx, archived) = watch::channel(start);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let p = archiver(ctx, dir.path(), archived, durable).with_part_log();
+        let data = Bytes::from((0..768u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let cancel = CancellationToken::new();
+        p.upload(id, start, seg, 0, data.slice(..256), &cancel)
+            .await;
+        assert_eq!(*durable_rx.borrow(), start + 256);
+        {
+            let mut h = hash_algorithm.hasher();
+            h.update(&data[256..512]);
+            let meta = ObjectMeta {
+                hash: Some(h.finish_hex()),
+                hash_algorithm: Some(hash_algorithm),
+                ..mark
+            };
+            let json = serde_json::to_vec(&meta.to_map()).unwrap();
+            let mut slot = p.log_slot().unwrap().lock().unwrap();
+            let range = PartRange { from: 256, to: 512 };
+            slot.as_mut()
+                .unwrap()
+                .append(range, &json, b"made")
+                .unwrap();
+        }
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            p.upload(id, start, seg, 0, data.clone(), &cancel),
+        )
+        .await
+        .expect("the batch after a record the state missed was never stored");
+        assert_eq!(*durable_rx.borrow(), start + 768);
+        let parts = list_parts(&store, Some(&id))
+            .await
+            .unwrap()
+            .remove(&id)
+            .unwrap();
+        let ranges: Vec<(u64, u64)> = parts.iter().map(|p| (p.range.from, p.range.to)).collect();
+        assert_eq!(ranges, [(0, 256), (256, 512), (512, 768)]);
+        assert!(parts.iter().all(|p| p.record.is_some()), "{parts:?}");
+        let keys: Vec<String> = store
+            .list(&partial_dir(&id))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys, [log::log_key(&id)]);
+        // Complete in the archive: the log goes with the parts.
+        store
+            .put_bytes(
+                "xlog/000000010000000000000002",
+                b"s",
+                &ObjectMeta::default().to_map(),
+            )
+            .await
+            .unwrap();
+        assert!(p.delete_if_complete(&id).await);
+        assert!(store.list(&partial_dir(&id)).await.unwrap().is_empty());
+    }
+
+    /// A segment begun as part objects (asynchronous mode) goes on in a part log once the
+    /// site is synchronous: the stored object is compared, the new bytes become the log's
+    /// first record (at a non-zero offset), and readers merge both into one run from 0. The
+    /// log's record is made by the streaming compressor (snappy: no one-shot path) and reads
+    /// back through restore's checks.
+    #[tokio::test]
+    async fn a_segment_begun_as_objects_goes_on_in_a_part_log_and_reads_back_whole() {
+        use crate::pipeline::compression::{Algorithm, CompressionSettings};
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("archive");
+        let seg = SegmentSize::DEFAULT;
+        let id = seg_id("000000010000000000000002");
+        let start = id.start_lsn(seg).unwrap();
+        let data = Bytes::from((0..4096u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+        let cancel = CancellationToken::new();
+        let (_archived_tx, archived) = watch::channel(start);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let ctx = crate::daemon::archiver::tests::local_context(&archive);
+        let store = ctx.store.clone();
+        let objects = archiver(ctx, dir.path(), archived.clone(), durable);
+        objects
+            .upload(id, start, seg, 0, data.slice(..1000), &cancel)
+            .await;
+        assert_eq!(*durable_rx.borrow(), start + 1000);
+        let mut ctx = crate::daemon::archiver::tests::local_context(&archive);
+        ctx.compression = CompressionSettings::new(Algorithm::Snappy);
+        let (durable, durable_rx) = watch::channel(Lsn::INVALID);
+        let logged = archiver(ctx, dir.path(), archived, durable).with_part_log();
+        logged
+            .upload(id, start, seg, 0, data.clone(), &cancel)
+            .await;
+        assert_eq!(*durable_rx.borrow(), start + 4096);
+        let parts = list_parts(&store, Some(&id))
+            .await
+            .unwrap()
+            .remove(&id)
+            .unwrap();
+        let kinds: Vec<(u64, u64, bool)> = parts
+            .iter()
+            .map(|p| (p.range.from, p.range.to, p.record.is_some()))
+            .collect();
+        assert_eq!(kinds, [(0, 1000, false), (1000, 4096, true)]);
+        let (chain, end) = chain_from_zero(&parts);
+        assert_eq!((chain.len(), end), (2, 4096));
+        let keys = crate::pipeline::encryption::KeyRing::default();
+        let mut whole = Vec::new();
+        for p in &parts {
+            let (s, out) = crate::restore::partial::read_part(&store, &keys, &id, p, Vec::new())
+                .await
+                .unwrap();
+            assert_eq!(s, seg);
+            whole.extend(out);
+        }
+        assert_eq!(whole, data.to_vec());
+    }
+
+    /// Part logs are deleted as part objects are (at start once their segment is archived
+    /// complete, by retention before the oldest backup), and only those whose header
+    /// carries walhoard's mark: a log with another writer's stays.
+    #[tokio::test]
+    async fn leftover_part_logs_go_only_when_walhoards() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let seg = SegmentSize::DEFAULT;
+        let (done, foreign, open) = (
+            seg_id("000000010000000000000001"),
+            seg_id("000000010000000000000002"),
+            seg_id("000000010000000000000005"),
+        );
+        for (id, mark) in [
+            (done, WALHOARD_WRITER_VALUE),
+            (foreign, "someone else"),
+            (open, WALHOARD_WRITER_VALUE),
+        ] {
+            let (path, tmp) = store.local_file(&log::log_key(&id)).unwrap().unwrap();
+            let mut w = log::LogWriter::open(&path, &tmp, id, seg, mark).unwrap();
+            w.append(PartRange { from: 0, to: 16 }, b"{}", b"x")
+                .unwrap();
+        }
+        let m = ObjectMeta::default().to_map();
+        for name in ["000000010000000000000001", "000000010000000000000002"] {
+            store
+                .put_bytes(&format!("xlog/{name}"), b"s", &m)
+                .await
+                .unwrap();
+        }
+        let (_atx, archived) = watch::channel(Lsn::INVALID);
+        let (durable, _drx) = watch::channel(Lsn::INVALID);
+        let p = archiver(ctx, dir.path(), archived, durable);
+        p.clean_leftovers().await;
+        let left = segments_with_parts(&store).await.unwrap();
+        assert_eq!(left.into_iter().collect::<Vec<_>>(), vec![foreign, open]);
+        let next = seg_id("000000010000000000000006");
+        assert_eq!(delete_parts_before(&store, &next).await.unwrap(), 1);
+        let left = segments_with_parts(&store).await.unwrap();
+        assert_eq!(left.into_iter().collect::<Vec<_>>(), vec![foreign]);
     }
 }

@@ -17,9 +17,11 @@ use std::path::Path;
 use walhoard_protocol::{SegmentId, SegmentSize, WalSegmentName};
 
 use super::wal::{temp_path, verify, TempFile, WalFetchError};
-use crate::daemon::partial::{chain_from_zero, list_parts, partial_dir, Part};
+use crate::daemon::partial::{
+    chain_from_zero, list_parts, open_log_record, partial_dir, record_meta, Part,
+};
 use crate::pipeline::encryption::KeyRing;
-use crate::pipeline::transfer::{copy_checked, download_with, TransferError};
+use crate::pipeline::transfer::{copy_checked, decode_stream, download_with, TransferError};
 use crate::storage::meta::{self, ObjectMeta};
 use crate::storage::{ObjectStore, StorageError};
 
@@ -169,7 +171,7 @@ async fn fetch_parts(
 }
 
 fn failed(part: &Part, why: impl std::fmt::Display) -> WalFetchError {
-    WalFetchError::Failed(anyhow::anyhow!("{}: {why}", part.key))
+    WalFetchError::Failed(anyhow::anyhow!("{}: {why}", part.label()))
 }
 
 /// Writes `part`'s checked plaintext into `out` at the part's offset; returns the segment
@@ -200,6 +202,9 @@ pub async fn read_part<W: Write + Send + 'static>(
     mut out: W,
 ) -> Result<(SegmentSize, W), PartsError> {
     let expect = part.range.bytes();
+    if part.record.is_some() {
+        return read_log_part(store, keys, id, part, out).await;
+    }
     let fetched = download_with(store, &part.key, keys, move |metadata, r| {
         let mut buf = io::BufWriter::new(&mut out);
         let n = copy_checked(metadata, r, &mut buf)?;
@@ -223,6 +228,52 @@ pub async fn read_part<W: Write + Send + 'static>(
         }
         Err(e) => return Err(failed(part, e).into()),
     };
+    Ok((check_range(&metadata, id, part)?, out))
+}
+
+/// [`read_part`] of a record of a part log (`daemon::partial::log`): the record read again
+/// (bounds, CRC), its metadata parsed, its stored bytes decrypted and decompressed and
+/// checked exactly as an object's.
+async fn read_log_part<W: Write + Send + 'static>(
+    store: &ObjectStore,
+    keys: &KeyRing,
+    id: &SegmentId,
+    part: &Part,
+    mut out: W,
+) -> Result<(SegmentSize, W), PartsError> {
+    let mut rec = match open_log_record(store, part).await {
+        Ok(r) => r,
+        Err(StorageError::NotFound { key }) => return Err(PartsError::Gone(key)),
+        Err(e) => return Err(failed(part, e).into()),
+    };
+    let metadata = record_meta(part, &rec.meta).map_err(|e| failed(part, e))?;
+    let (label, keys, m) = (part.label(), keys.clone(), metadata.clone());
+    let expect = part.range.bytes();
+    let decoded = tokio::task::spawn_blocking(move || {
+        decode_stream(&label, &m, &mut rec.stored, &keys, |metadata, r| {
+            let mut buf = io::BufWriter::new(&mut out);
+            let n = copy_checked(metadata, r, &mut buf)?;
+            buf.flush()?;
+            drop(buf);
+            if n != expect {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("holds {n} bytes, its offsets say {expect}"),
+                ));
+            }
+            Ok(())
+        })?;
+        // To the record's end, where its CRC is checked (a decoder may stop at its frame's).
+        io::copy(&mut rec.stored, &mut io::sink())
+            .map_err(|e| TransferError::Object {
+                key: label,
+                message: e.to_string(),
+            })
+            .map(|_| out)
+    })
+    .await
+    .map_err(|e| failed(part, format!("decode thread failed: {e}")))?;
+    let out = decoded.map_err(|e| failed(part, e))?;
     Ok((check_range(&metadata, id, part)?, out))
 }
 

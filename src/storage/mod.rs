@@ -475,6 +475,19 @@ impl ObjectStore {
         }))
     }
 
+    /// On local storage, the file of `key` and the directory temporary files go to (on the
+    /// same file system): for a file walhoard writes in place, a synchronous site's part log
+    /// (`daemon::partial::log`). `None` for other stores.
+    pub fn local_file(
+        &self,
+        key: &str,
+    ) -> Result<Option<(std::path::PathBuf, std::path::PathBuf)>, StorageError> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        Ok(Some((root.join(self.path(key)?), root.join(TEMP_DIR))))
+    }
+
     /// Stores a small object from memory.
     pub async fn put_bytes(
         &self,

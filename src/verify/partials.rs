@@ -74,8 +74,12 @@ impl PartialIndex {
             let parts = parts
                 .into_iter()
                 .map(|part| {
-                    let (stored_bytes, last_modified) =
+                    let (mut stored_bytes, last_modified) =
                         infos.get(&part.key).copied().unwrap_or_default();
+                    if let Some(r) = &part.record {
+                        // A part log's record: its own length, the log's time.
+                        stored_bytes = r.len;
+                    }
                     Listed {
                         part,
                         stored_bytes,
@@ -111,7 +115,7 @@ pub fn tiling_problems(idx: &PartialIndex, seg: SegmentSize) -> Vec<Problem> {
             let r = l.part.range;
             if r.to > seg.bytes() {
                 out.push(Problem::new(
-                    &l.part.key,
+                    &l.part.label(),
                     format!(
                         "ends at offset {:#X}, past the segment size {:#X}",
                         r.to,
@@ -122,7 +126,7 @@ pub fn tiling_problems(idx: &PartialIndex, seg: SegmentSize) -> Vec<Problem> {
             }
             if r.from < end {
                 out.push(Problem::new(
-                    &l.part.key,
+                    &l.part.label(),
                     format!(
                         "overlaps the parts before it (they end at offset {end:#X}): not one run without overlap"
                     ),
@@ -131,7 +135,7 @@ pub fn tiling_problems(idx: &PartialIndex, seg: SegmentSize) -> Vec<Problem> {
             }
             if r.from > end {
                 out.push(Problem::new(
-                    &l.part.key,
+                    &l.part.label(),
                     format!(
                         "starts at offset {:#X}, but the parts of {id} from offset 0 end at {end:#X}: a gap (restore reads the bytes before it only)",
                         r.from
@@ -164,7 +168,7 @@ pub async fn check_parts(
             let ok = match result {
                 Ok((size, _)) if size != seg => {
                     problems.push(Problem::new(
-                        &part.key,
+                        &part.label(),
                         format!(
                             "its wal-segment-size is {}, the archive's segments are {} bytes",
                             size.bytes(),
@@ -186,7 +190,7 @@ pub async fn check_parts(
                     false
                 }
                 Err(PartsError::Failed(e)) => {
-                    problems.push(Problem::new(&part.key, format!("{e}")));
+                    problems.push(Problem::new(&part.label(), format!("{e}")));
                     false
                 }
                 Err(PartsError::NoChain) => false,
@@ -267,7 +271,7 @@ pub async fn verify(
         .collect();
     let leftovers = idx
         .leftovers()
-        .flat_map(|(_, s)| s.parts.iter().map(|l| l.part.key.clone()))
+        .flat_map(|(_, s)| s.parts.iter().map(|l| l.part.label()))
         .collect();
     (
         PartialReport {
@@ -327,9 +331,9 @@ pub fn info(idx: &PartialIndex, seg: SegmentSize, now: i64) -> PartialInfo {
         }
     }
     let newest = all()
-        .max_by_key(|l| (l.last_modified, l.part.key.clone()))
+        .max_by_key(|l| (l.last_modified, l.part.range.to, l.part.key.clone()))
         .map(|l| NewestPart {
-            key: l.part.key.clone(),
+            key: l.part.label(),
             written_at: l
                 .last_modified
                 .and_then(|t| jiff::Timestamp::from_second(t).ok())
@@ -361,10 +365,7 @@ mod tests {
 
     fn listed(id: &SegmentId, from: u64, to: u64) -> Listed {
         Listed {
-            part: Part {
-                range: PartRange { from, to },
-                key: partial_key(id, from, to),
-            },
+            part: Part::object(PartRange { from, to }, partial_key(id, from, to)),
             stored_bytes: 10,
             last_modified: Some(from as i64),
         }

@@ -38,20 +38,7 @@ where
         key: key.to_string(),
         message: m,
     };
-    let algorithm: Algorithm = metadata
-        .compression_algorithm
-        .ok_or_else(|| bad("no compression-algorithm metadata".into()))?;
-    let encrypted = metadata.encryption_key_id.is_some();
-    if !encrypted && keys.requires_encrypted() {
-        // A downgrade: whoever can write the bucket can store plaintext with a sidecar that
-        // simply omits the key id, and it would be restored as if it were ours.
-        return Err(bad(
-            "stored without encryption (its metadata names no encryption-key-id), but the site \
-             encrypts its backups: refused; set the site's allow_unencrypted_objects to true \
-             to restore objects written before encryption was turned on"
-                .into(),
-        ));
-    }
+    let (algorithm, encrypted) = decoding(key, &metadata, keys)?;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE_CHUNKS);
     // A pghoard `pghoa1` object is read twice (its MAC is checked before it is decrypted):
     // the reading side asks for the second read by sending a new channel.
@@ -116,6 +103,72 @@ where
         (Err(f), _) => Err(f.into()),
         (Ok(_), Err(d)) => Err(bad(format!("cannot decode: {d}"))),
     }
+}
+
+/// How an object with `metadata` is decoded: its compression and whether it is encrypted.
+/// Refuses an unencrypted object when the site encrypts.
+fn decoding(
+    key: &str,
+    metadata: &ObjectMeta,
+    keys: &KeyRing,
+) -> Result<(Algorithm, bool), TransferError> {
+    let bad = |m: String| TransferError::Object {
+        key: key.to_string(),
+        message: m,
+    };
+    let algorithm: Algorithm = metadata
+        .compression_algorithm
+        .ok_or_else(|| bad("no compression-algorithm metadata".into()))?;
+    let encrypted = metadata.encryption_key_id.is_some();
+    if !encrypted && keys.requires_encrypted() {
+        // A downgrade: whoever can write the bucket can store plaintext with a sidecar that
+        // simply omits the key id, and it would be restored as if it were ours.
+        return Err(bad(
+            "stored without encryption (its metadata names no encryption-key-id), but the site \
+             encrypts its backups: refused; set the site's allow_unencrypted_objects to true \
+             to restore objects written before encryption was turned on"
+                .into(),
+        ));
+    }
+    Ok((algorithm, encrypted))
+}
+
+/// [`download_with`] of stored bytes read from `stored` with their metadata already known
+/// (a record of a synchronous site's part log, `daemon::partial::log`), on the caller's
+/// (blocking) thread: decrypted (walhoard's `walhenc1` only: a part log never holds
+/// pghoard's objects) and decompressed into `consume`, with the same refusals. `name` names
+/// it in errors.
+pub fn decode_stream<T>(
+    name: &str,
+    metadata: &ObjectMeta,
+    stored: impl Read,
+    keys: &KeyRing,
+    consume: impl FnOnce(&ObjectMeta, &mut dyn Read) -> io::Result<T>,
+) -> Result<T, TransferError> {
+    let (algorithm, encrypted) = decoding(name, metadata, keys)?;
+    let bad = |m: String| TransferError::Object {
+        key: name.to_string(),
+        message: m,
+    };
+    let run = || -> io::Result<T> {
+        let plain: Box<dyn Read + '_> = if encrypted {
+            if metadata.encryption_format != Some(EncryptionFormat::Walhenc1) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "encrypted, but not labelled encryption-format walhenc1",
+                ));
+            }
+            Box::new(Decryptor::new(stored, keys)?)
+        } else {
+            match &metadata.stored_sha256 {
+                Some(expected) => Box::new(StoredSha256::new(stored, expected)),
+                None => Box::new(stored),
+            }
+        };
+        let mut d = Decompressor::new(plain, algorithm)?;
+        consume(metadata, &mut d)
+    };
+    run().map_err(|e| bad(format!("cannot decode: {e}")))
 }
 
 /// The plaintext of an encrypted object: walhoard's `walhenc1` ([`Decryptor`]) or pghoard's

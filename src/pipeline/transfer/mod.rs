@@ -19,10 +19,11 @@ use tokio::sync::mpsc;
 
 use super::encryption::PublicKey;
 
-pub use downloading::{copy_checked, download_file, download_with};
+pub use downloading::{copy_checked, decode_stream, download_file, download_with};
 pub use pool::trim_idle_output;
 pub use uploading::{
-    one_shot_object, upload, Hashing, Input, ObjectKind, Produce, Source, Upload, Uploaded,
+    one_shot_object, upload, upload_made_into, Hashing, Input, ObjectKind, Produce, Source,
+    StoreMade, Upload, Uploaded,
 };
 
 const QUEUE_CHUNKS: usize = 4;

@@ -14,7 +14,7 @@ use crate::pipeline::compression::{zstd_checksum, Algorithm, CompressionSettings
 use crate::pipeline::encryption::{Encryptor, DEFAULT_CHUNK_SIZE};
 use crate::pipeline::hash::{HashAlgorithm, Hasher};
 use crate::storage::meta::{EncryptionFormat, ObjectMeta};
-use crate::storage::ObjectStore;
+use crate::storage::{ObjectStore, StorageError};
 
 /// How the stored bytes were made: `compression-algorithm`, and the encryption key and format.
 fn record_codec(
@@ -256,15 +256,21 @@ async fn upload_file(
             target.compression,
             target.encryption.clone(),
         );
-        let made = make_and_store(target, metadata, hash_algorithm, move || {
-            let mut plain = ONE_SHOT_INPUT.take(len as usize);
-            std::fs::File::open(&p)?
-                .take(ONE_SHOT_FILE_MAX + 1)
-                .read_to_end(&mut plain)?;
-            let (hash, object) =
-                one_shot_object(plain.as_ref(), compression, enc.as_ref(), hash_algorithm)?;
-            Ok((plain.as_ref().len() as u64, hash, object))
-        })
+        let made = make_and_store(
+            target,
+            metadata,
+            hash_algorithm,
+            move || {
+                let mut plain = ONE_SHOT_INPUT.take(len as usize);
+                std::fs::File::open(&p)?
+                    .take(ONE_SHOT_FILE_MAX + 1)
+                    .read_to_end(&mut plain)?;
+                let (hash, object) =
+                    one_shot_object(plain.as_ref(), compression, enc.as_ref(), hash_algorithm)?;
+                Ok((plain.as_ref().len() as u64, hash, object))
+            },
+            None,
+        )
         .await;
         return made.map_err(|e| e.into_transfer(|e| io_at("read", path)(e)));
     }
@@ -332,11 +338,17 @@ async fn upload_bytes(
         // faults of fresh chunk buffers cost a tenth of the WAL drain's CPU on a saturated
         // two-core machine (docs/benchmarks.md).
         let enc = target.encryption.clone();
-        let made = make_and_store(target, metadata, hash_algorithm, move || {
-            let (hash, object) =
-                one_shot_object((*data).as_ref(), compression, enc.as_ref(), hash_algorithm)?;
-            Ok((size, hash, object))
-        })
+        let made = make_and_store(
+            target,
+            metadata,
+            hash_algorithm,
+            move || {
+                let (hash, object) =
+                    one_shot_object((*data).as_ref(), compression, enc.as_ref(), hash_algorithm)?;
+                Ok((size, hash, object))
+            },
+            None,
+        )
         .await;
         return made.map_err(|e| e.into_transfer(|e| target.failed(e.to_string())));
     }
@@ -398,6 +410,7 @@ async fn make_and_store<O>(
     mut metadata: ObjectMeta,
     hash_algorithm: HashAlgorithm,
     make: impl FnOnce() -> io::Result<(u64, String, O)> + Send + 'static,
+    store_made: Option<StoreMade>,
 ) -> Result<Uploaded, OneShotError>
 where
     O: AsRef<[u8]> + Send + Sync + 'static,
@@ -407,10 +420,14 @@ where
         target.compression,
         target.encryption.as_ref(),
     );
-    let local = target
-        .store
-        .local_write(target.key)
-        .map_err(|e| OneShotError::Store(e.into()))?;
+    let local: Option<StoreMade> = match store_made {
+        Some(f) => Some(f),
+        None => target
+            .store
+            .local_write(target.key)
+            .map_err(|e| OneShotError::Store(e.into()))?
+            .map(|l| -> StoreMade { Box::new(move |object, m| l.write(object, &m.to_map())) }),
+    };
     let worker = crate::pipeline::cpu::worker().await;
     let joined = |e: tokio::task::JoinError| {
         OneShotError::Store(target.failed(format!("compression thread failed: {e}")))
@@ -444,9 +461,8 @@ where
         drop(worker);
         let (size, hash, object) = made.map_err(OneShotError::Make)?;
         record_plain(&mut metadata, size, hash.clone(), hash_algorithm);
-        let stored_size = local
-            .write(object.as_ref(), &metadata.to_map())
-            .map_err(|e| OneShotError::Store(e.into()))?;
+        let stored_size =
+            local(object.as_ref(), &metadata).map_err(|e| OneShotError::Store(e.into()))?;
         Ok(Uploaded {
             plain_size: size,
             stored_size,
@@ -456,6 +472,111 @@ where
     })
     .await
     .map_err(joined)?
+}
+
+/// Stores an object made on a blocking thread, on that thread, with its complete metadata;
+/// returns the bytes stored. [`upload_made_into`] gives it in place of the store's own write.
+pub type StoreMade = Box<dyn FnOnce(&[u8], &ObjectMeta) -> Result<u64, StorageError> + Send>;
+
+/// [`upload`] of plain bytes in memory with their hash recorded (a partial WAL batch), made
+/// exactly as [`upload`] makes them (one-shot zstd when the compression allows it, else the
+/// streaming compressor and encryptor into memory), but stored by `store_made` on the
+/// blocking thread that made the object: a synchronous site's record in its part log
+/// (`daemon::partial::log`) instead of an object of its own.
+pub async fn upload_made_into(
+    store: &ObjectStore,
+    upload: Upload,
+    store_made: StoreMade,
+) -> Result<Uploaded, TransferError> {
+    let Upload {
+        key,
+        source,
+        input,
+        hashing,
+        compression,
+        encryption,
+        metadata,
+        ..
+    } = upload;
+    let target = Target {
+        store,
+        key: &key,
+        input,
+        compression,
+        encryption,
+    };
+    let (Source::Bytes(data), Hashing::Recorded(hash_algorithm), Input::Plain) =
+        (source, hashing, input)
+    else {
+        return Err(target.failed(
+            "only plain bytes in memory with a recorded hash can be made into a caller's store"
+                .into(),
+        ));
+    };
+    let enc = target.encryption.clone();
+    let made = make_and_store(
+        &target,
+        metadata,
+        hash_algorithm,
+        move || {
+            let plain = (*data).as_ref();
+            let size = plain.len() as u64;
+            if one_shot(compression) {
+                let (hash, object) =
+                    one_shot_object(plain, compression, enc.as_ref(), hash_algorithm)?;
+                return Ok((size, hash, MadeObject::Pooled(Box::new(object))));
+            }
+            let (hash, object) =
+                object_in_memory(plain, compression, enc.as_ref(), hash_algorithm)?;
+            Ok((size, hash, MadeObject::Vec(object)))
+        },
+        Some(store_made),
+    )
+    .await;
+    made.map_err(|e| e.into_transfer(|e| target.failed(e.to_string())))
+}
+
+/// An object made in memory by one of the two makers.
+enum MadeObject {
+    Pooled(Box<dyn AsRef<[u8]> + Send + Sync>),
+    Vec(Vec<u8>),
+}
+
+impl AsRef<[u8]> for MadeObject {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            MadeObject::Pooled(b) => (**b).as_ref(),
+            MadeObject::Vec(v) => v,
+        }
+    }
+}
+
+/// The object the streaming compressor (and encryptor) makes of `plain`, in memory, with the
+/// hash of `plain`: what [`upload`] streams to the store for a compression without the
+/// one-shot path.
+fn object_in_memory(
+    plain: &[u8],
+    compression: CompressionSettings,
+    encryption: Option<&UploadEncryption>,
+    hash_algorithm: HashAlgorithm,
+) -> io::Result<(String, Vec<u8>)> {
+    let mut hash = hash_algorithm.hasher();
+    hash.update(plain);
+    let out = Vec::with_capacity(plain.len() / 2 + 1024);
+    let object = match encryption {
+        Some(e) => {
+            let sealed = Encryptor::new(out, &e.public, &e.key_id, DEFAULT_CHUNK_SIZE)?;
+            let mut c = Compressor::new(sealed, &compression, zstd_checksum(true))?;
+            c.write_all(plain)?;
+            c.finish()?.finish()?
+        }
+        None => {
+            let mut c = Compressor::new(out, &compression, zstd_checksum(false))?;
+            c.write_all(plain)?;
+            c.finish()?
+        }
+    };
+    Ok((hash.finish_hex(), object))
 }
 
 pub fn one_shot_object(
