@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A temporary file name no other write uses: process id, time and a counter, so that a file
 /// left by a crashed process whose id is reused does not collide.
@@ -20,7 +20,16 @@ pub fn temp_name() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{nanos}-{seq}", std::process::id())
+    format!("{}-{nanos}-{seq}", pid())
+}
+
+/// This process' id, asked of the kernel once: `getpid` is a system call each time (glibc
+/// caches nothing), and every object stored on local storage takes two temporary names
+/// (issue 16: two per synchronous commit). walhoard never forks without exec, so the id
+/// cannot change under it.
+fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 /// Replaces `path` with `content`: a uniquely named temporary file in the same directory
@@ -83,6 +92,43 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
         sync_parent(d)?;
     }
     Ok(())
+}
+
+/// How many directories [`ensure_dir_durable`] remembers (the most recent ones): a store's
+/// current segment directory, its temporary directory and a few more; memory does not grow
+/// with the archive.
+const KNOWN_DIRS: usize = 32;
+
+fn known_dirs() -> std::sync::MutexGuard<'static, std::collections::VecDeque<PathBuf>> {
+    static KNOWN: std::sync::Mutex<std::collections::VecDeque<PathBuf>> =
+        std::sync::Mutex::new(std::collections::VecDeque::new());
+    KNOWN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// [`create_dir_all_durable`] for a directory written to again and again (local storage:
+/// every object of a segment goes into the same one): a directory this process made durable,
+/// or found, recently is not looked at again. The stats of every directory and a `mkdir` per
+/// object were system calls of every synchronous commit (issue 16). A directory removed
+/// behind the process' back is found by the write into it failing: [`forget_dir`], then this
+/// again.
+pub fn ensure_dir_durable(dir: &Path) -> io::Result<()> {
+    if known_dirs().iter().any(|d| d == dir) {
+        return Ok(());
+    }
+    create_dir_all_durable(dir)?;
+    let mut known = known_dirs();
+    if !known.iter().any(|d| d == dir) {
+        if known.len() >= KNOWN_DIRS {
+            known.pop_front();
+        }
+        known.push_back(dir.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Forgets that `dir` exists ([`ensure_dir_durable`]): the next call looks again.
+pub fn forget_dir(dir: &Path) {
+    known_dirs().retain(|d| d != dir);
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {

@@ -14,6 +14,7 @@ pub mod delta_retention;
 pub mod identity;
 mod lag;
 mod memory;
+mod own_thread;
 pub mod partial;
 mod resume;
 pub mod site;

@@ -24,7 +24,7 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize};
-use walhoard_walreceiver::{InFlight, PartialUploads};
+use walhoard_walreceiver::{Batch, BatchSink, InFlight, PartialUploads};
 
 use super::archiver::{wal_overwrite_alert, UploadContext};
 use super::status::{Alerts, SiteStatus};
@@ -80,6 +80,22 @@ struct State {
     leftover: BTreeSet<SegmentId>,
 }
 
+/// Where the contiguous run from offset 0 of `parts` (sorted) ends: [`chain_from_zero`]'s
+/// end without collecting the run. Every batch asks, and a synchronous site's segment has a
+/// part per commit: copying them all to ask cost every commit an allocation per part so far
+/// (issue 16).
+fn chain_end<'a>(parts: impl IntoIterator<Item = &'a Part>) -> u64 {
+    let mut end = 0;
+    for p in parts {
+        if p.range.from == end {
+            end = p.range.to;
+        } else if p.range.from > end || p.range.to > end {
+            break;
+        }
+    }
+    end
+}
+
 /// Where the part log records among `known` end (`None` when there are none).
 fn log_records_end(known: &[Known]) -> Option<u64> {
     known
@@ -100,10 +116,18 @@ pub struct PartialArchiver {
     state: Arc<Mutex<State>>,
     /// The server's segment size, once connected.
     seg: Arc<std::sync::OnceLock<SegmentSize>>,
+    /// The last of the receiver's sessions (`Connected` events) the site loop checked, or
+    /// [`CLOSED`] once it stopped: batches handed straight to the archiver
+    /// ([`PartialArchiver::sink`]) wait for their session's check, as those going through
+    /// the site loop come after it.
+    vetted: Arc<watch::Sender<u64>>,
     /// A synchronous site on local storage: its parts go into the segment's part log
     /// ([`log`]), whose open writer (the current segment's) this holds.
     log: Option<Arc<std::sync::Mutex<Option<log::LogWriter>>>>,
 }
+
+/// [`PartialArchiver::vetted`]: no more batches.
+const CLOSED: u64 = u64::MAX;
 
 impl PartialArchiver {
     /// `archived` is the archive's end (complete segments); `durable` is told the end
@@ -123,6 +147,7 @@ impl PartialArchiver {
             durable: Arc::new(durable),
             state: Arc::new(Mutex::new(State::default())),
             seg: Arc::default(),
+            vetted: Arc::new(watch::channel(0).0),
             log: None,
         }
     }
@@ -155,7 +180,10 @@ impl PartialArchiver {
         let (durable_tx, durable) = watch::channel(Lsn::INVALID);
         let receiver = match cadence {
             Cadence::Every(interval) => PartialUploads::Every { interval, durable },
-            Cadence::OnArrival => PartialUploads::OnArrival { durable },
+            Cadence::OnArrival => PartialUploads::OnArrival {
+                durable,
+                sink: None,
+            },
         };
         let archiver = PartialArchiver::new(ctx, status, alerts, archived, durable_tx);
         let archiver = match cadence {
@@ -209,9 +237,65 @@ impl PartialArchiver {
         });
     }
 
-    /// The server's segment size (a connection reported it).
-    pub fn connected(&self, seg: SegmentSize) {
+    /// The server's segment size (a connection reported it); `session` is the receiver's
+    /// `Connected` event the site loop checked: its batches may be stored.
+    pub fn connected(&self, seg: SegmentSize, session: u64) {
         let _ = self.seg.set(seg);
+        self.vetted.send_if_modified(|v| {
+            let later = *v != CLOSED && session > *v;
+            if later {
+                *v = session;
+            }
+            later
+        });
+    }
+
+    /// The site loop stopped: batches waiting for their session's check are dropped.
+    pub fn close(&self) {
+        self.vetted.send_replace(CLOSED);
+    }
+
+    /// Where a synchronous receiver on a thread of its own ([`super::own_thread`]) hands its
+    /// batches: each is spawned there (on `tracker` and `batches`), waits for its session to
+    /// be checked ([`PartialArchiver::connected`]), and is stored with its write in place
+    /// ([`crate::pipeline::blocking`]); the token is dropped only then. Nothing of a
+    /// connection is stored before the site loop checked whose cluster it reached.
+    pub fn sink(
+        &self,
+        tracker: &TaskTracker,
+        batches: &TaskTracker,
+        abort: &CancellationToken,
+    ) -> BatchSink {
+        let (this, tracker, batches, abort) = (
+            self.clone(),
+            tracker.clone(),
+            batches.clone(),
+            abort.clone(),
+        );
+        BatchSink(Arc::new(move |batch: Batch| {
+            let (this, abort) = (this.clone(), abort.clone());
+            let Batch {
+                session,
+                seg,
+                id,
+                start,
+                offset,
+                data,
+                in_flight,
+            } = batch;
+            tracker.spawn(batches.track_future(async move {
+                let mut vetted = this.vetted.subscribe();
+                let checked = tokio::select! {
+                    _ = abort.cancelled() => false,
+                    v = vetted.wait_for(|v| *v >= session) => v.is_ok_and(|v| *v != CLOSED),
+                };
+                if checked {
+                    let upload = this.upload(id, start, seg, offset, data, &abort);
+                    crate::pipeline::blocking::may_block(upload).await;
+                }
+                drop(in_flight);
+            }));
+        }))
     }
 
     fn publish(&self, durable: Lsn) {
@@ -280,8 +364,7 @@ impl PartialArchiver {
         let Some((_, known)) = st.current.as_mut() else {
             return;
         };
-        let parts: Vec<Part> = known.iter().map(|k| k.part.clone()).collect();
-        let (_, chain_end) = chain_from_zero(&parts);
+        let chain_end = chain_end(known.iter().map(|k| &k.part));
         if offset > chain_end {
             tracing::warn!(%site, segment = %id, offset, chain_end, "these bytes do not continue the segment's partial objects; waiting for the complete segment");
             return;
@@ -752,6 +835,91 @@ mod tests {
         assert!(store.stat(&unmarked).await.unwrap().is_some());
     }
 
+    /// `chain_end` agrees with `chain_from_zero` (which restore uses) on runs with gaps,
+    /// overlaps and parts inside the run.
+    #[test]
+    fn chain_end_is_chain_from_zeros_end() {
+        let part = |from, to| Part {
+            range: PartRange { from, to },
+            key: partial_key(&seg_id("000000010000000000000001"), from, to),
+            record: None,
+        };
+        for parts in [
+            vec![],
+            vec![part(0, 10), part(10, 30), part(30, 31)],
+            vec![part(0, 10), part(20, 30)],
+            vec![part(5, 10)],
+            vec![part(0, 10), part(0, 5), part(10, 12)],
+            vec![part(0, 10), part(5, 15), part(15, 20)],
+        ] {
+            assert_eq!(chain_end(&parts), chain_from_zero(&parts).1, "{parts:?}");
+        }
+    }
+
+    /// Issue 16: batches handed straight to the archiver by a synchronous receiver on its own
+    /// thread are stored only once the site loop checked their session (whose cluster the
+    /// connection reached), as those going through the site loop come after that check; the
+    /// token goes only once the batch is stored; batches still waiting when the site loop
+    /// stops are dropped, stored nowhere. Fails when the sink stores before the check.
+    #[tokio::test]
+    async fn sink_batches_wait_for_their_sessions_check() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::daemon::archiver::tests::local_context(&dir.path().join("archive"));
+        let store = ctx.store.clone();
+        let seg = SegmentSize::DEFAULT;
+        let id = seg_id("000000010000000000000003");
+        let start = id.start_lsn(seg).unwrap();
+        let (_atx, archived) = watch::channel(start);
+        let (durable, mut durable_rx) = watch::channel(Lsn::INVALID);
+        let p = archiver(ctx, dir.path(), archived, durable);
+        let (tracker, batches, abort) = (
+            TaskTracker::new(),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let sink = p.sink(&tracker, &batches, &abort);
+        let done = Arc::new(tokio::sync::Notify::new());
+        let batch = |session, offset: u64, len: usize| Batch {
+            session,
+            seg,
+            id,
+            start,
+            offset,
+            data: Bytes::from(vec![9u8; len]),
+            in_flight: InFlight::standalone(done.clone()),
+        };
+        let stored = || async { list_parts(&store, Some(&id)).await.unwrap() };
+        (sink.0)(batch(1, 0, 512));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            stored().await.is_empty(),
+            "stored before its session was checked"
+        );
+        assert_eq!(*durable_rx.borrow(), Lsn::INVALID);
+        let landed = done.notified();
+        p.connected(seg, 1);
+        tokio::time::timeout(Duration::from_secs(10), landed)
+            .await
+            .expect("the token goes once the batch is stored");
+        assert_eq!(stored().await[&id].len(), 1);
+        durable_rx
+            .wait_for(|d| *d == start + 512)
+            .await
+            .expect("durable end published");
+        // A later session, never checked: the site loop stops, the batch goes nowhere.
+        let dropped = done.notified();
+        (sink.0)(batch(2, 512, 256));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        p.close();
+        tokio::time::timeout(Duration::from_secs(10), dropped)
+            .await
+            .expect("the token goes when the site loop stops");
+        assert_eq!(stored().await[&id].len(), 1);
+        batches.close();
+        batches.wait().await;
+    }
+
     /// Issue 16: the parts of a segment the archive now holds complete are deleted without
     /// the state lock, so the next segment's batch (which every synchronous commit waits for)
     /// is stored while they go, not after a thousand deletions. Fails when the deletions hold
@@ -783,7 +951,7 @@ mod tests {
             list_parts(&store, Some(&done)).await.unwrap()[&done].len(),
             PARTS as usize
         );
-        p.connected(seg);
+        p.connected(seg, 1);
         store
             .put_bytes("xlog/000000010000000000000001", b"s", &ours)
             .await

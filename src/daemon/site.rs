@@ -1,7 +1,9 @@
 //! One backup site's WAL streaming: the receiver (slot → spool), the archiver (spool →
 //! archive), the resume point on start, the disk guard and the alert files.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use walhoard_protocol::{Lsn, SegmentId, SegmentSize, TimelineId};
 use walhoard_walreceiver::{
-    DisconnectReason, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook, SegmentBuffers,
-    SpoolSync, StartPosition,
+    DisconnectReason, PartialUploads, ReceiverConfig, ReceiverEvent, ReceiverPositions, ResumeHook,
+    SegmentBuffers, SpoolSync, StartPosition,
 };
 
 use super::archiver::{Archiver, KeyState, UploadContext};
 use super::basebackups::BackupRequest;
 use super::identity::ArchiveGuard;
+use super::own_thread;
 use super::partial::{Cadence, PartialArchiver};
 use super::resume::resume_point;
 use super::status::{
@@ -177,22 +180,44 @@ impl SiteWal {
                 }
             });
         }
-        let receiver = tokio::spawn(walhoard_walreceiver::run(
+        // A synchronous site's receiver, its batches and their writes on a thread of their
+        // own (`own_thread`); any other receiver on the shared runtime.
+        let batches = TaskTracker::new();
+        let synchronous = matches!(self.receiver.partial, PartialUploads::OnArrival { .. });
+        if let Some(partial) = self.partial.as_ref().filter(|_| synchronous) {
+            let sink = partial.sink(&tracker, &batches, &abort);
+            self.receiver.partial = std::mem::take(&mut self.receiver.partial).with_sink(sink);
+        }
+        let status = self.status.clone();
+        let forward_positions = async move {
+            while positions.changed().await.is_ok() {
+                let p = *positions.borrow();
+                status.set_positions(p.received_lsn, p.reported_flush_lsn, p.timeline);
+                status.set_undurable_since(p.undurable_since);
+            }
+        };
+        let receiving = walhoard_walreceiver::run(
             self.receiver.clone(),
             None,
             events_tx,
             self.archived_rx.clone(),
             positions_tx,
             stop.clone(),
-        ));
-        let status = self.status.clone();
-        tokio::spawn(async move {
-            while positions.changed().await.is_ok() {
-                let p = *positions.borrow();
-                status.set_positions(p.received_lsn, p.reported_flush_lsn, p.timeline);
-                status.set_undurable_since(p.undurable_since);
-            }
-        });
+        );
+        // The positions of every status update go to the site's status next to the
+        // receiver: on its own thread, a wake-up of the shared runtime per commit fewer.
+        let receiving = async move {
+            let forwarding = tokio::spawn(forward_positions);
+            let received = receiving.await;
+            let _ = forwarding.await;
+            received
+        };
+        let receiver: Pin<Box<dyn Future<Output = Result<_, String>> + Send>> = if synchronous {
+            Box::pin(own_thread::spawn(&self.name, receiving, batches))
+        } else {
+            let task = tokio::spawn(receiving);
+            Box::pin(async move { task.await.map_err(|e| e.to_string()) })
+        };
         if let Some(partial) = &self.partial {
             partial.follow_archive(&tracker, &abort);
         }
@@ -210,6 +235,7 @@ impl SiteWal {
                     server_tli,
                     start,
                     start_tli,
+                    session,
                 } => {
                     // A reconnect may reach another cluster (a node replaced behind the same
                     // address): nothing it sends is archived. Segments come after this event.
@@ -218,7 +244,7 @@ impl SiteWal {
                     }
                     seg_size = Some(s);
                     if let Some(p) = &self.partial {
-                        p.connected(s);
+                        p.connected(s, session);
                     }
                     self.status.set_connected(true, Some(server_tli));
                     for a in [
@@ -290,7 +316,11 @@ impl SiteWal {
             }
         }
         // A receiver blocked handing on a segment (uploads stuck) sees the closed channel
-        // and stops; its segment stays in the spool for the next start.
+        // and stops; its segment stays in the spool for the next start. Batches waiting for
+        // a session's check are dropped.
+        if let Some(p) = &self.partial {
+            p.close();
+        }
         drop(events);
         match receiver.await {
             Ok(Ok(())) => Ok(()),
@@ -385,16 +415,20 @@ impl SiteWal {
     ///
     /// Before any of that, the archive must be the primary's cluster's ([`ArchiveGuard`]):
     /// otherwise nothing is archived, skipped or streamed.
+    ///
+    /// The scan runs (and spawns its uploads) on the runtime this is called on, also for a
+    /// receiver on a thread of its own (`own_thread`).
     fn resume_hook(&self, tracker: TaskTracker, abort: CancellationToken) -> ResumeHook {
         let archiver = self.archiver.clone();
         let guard = self.guard.clone();
+        let runtime = tokio::runtime::Handle::current();
         Arc::new(
             move |from: StartPosition, seg: SegmentSize, system_id: u64| {
                 let archiver = archiver.clone();
                 let tracker = tracker.clone();
                 let abort = abort.clone();
                 let guard = guard.clone();
-                Box::pin(async move {
+                let scan = runtime.spawn(async move {
                     guard.check(&archiver, system_id).await?;
                     Ok(
                         match resume_point(&archiver, from, seg, &tracker, &abort).await {
@@ -405,6 +439,10 @@ impl SiteWal {
                             }
                         },
                     )
+                });
+                Box::pin(async move {
+                    scan.await
+                        .map_err(|e| format!("the resume scan failed: {e}"))?
                 })
             },
         )

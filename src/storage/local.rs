@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::durable::{create_dir_all_durable, sync_parent};
+use crate::durable::{ensure_dir_durable, forget_dir, sync_parent};
 
 /// What `O_DIRECT` asks of a buffer's address, a write's length and its file offset: a page,
 /// which covers every logical block size up to 4 KiB. A buffer aligned to it (the one-shot
@@ -23,16 +23,45 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// one, never part of it. The object is an archive object, read again only by a restore: it
 /// does not go through the page cache when it can be written with `O_DIRECT` (its address is
 /// aligned and the file system takes it; the last partial page is written through the cache),
-/// and what did go through the cache is dropped from it once it is on disk.
+/// and what did go through the cache is dropped from it once it is on disk (objects of at
+/// least [`DROP_CACHE_MIN`]).
+///
+/// The directories are made (durably) once and then remembered ([`ensure_dir_durable`]); one
+/// removed behind the process' back makes the write fail with "not found", and the write is
+/// made once more after looking at them again.
 pub(super) fn write_object_synced(
+    tmp_dir: &Path,
+    side: (&Path, &[u8]),
+    target: (&Path, &[u8]),
+) -> io::Result<()> {
+    let dirs = [side.0.parent(), target.0.parent(), Some(tmp_dir)];
+    match write_object_once(tmp_dir, side, target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            for dir in dirs.into_iter().flatten() {
+                forget_dir(dir);
+            }
+            write_object_once(tmp_dir, side, target)
+        }
+        done => done,
+    }
+}
+
+/// Objects smaller than this are not dropped from the page cache after their write: the
+/// advice is a system call per object (a synchronous site's partial objects are one per
+/// commit, a few kB each), for a few pages the kernel reclaims like any others.
+const DROP_CACHE_MIN: usize = 64 << 10;
+
+fn write_object_once(
     tmp_dir: &Path,
     (side, side_data): (&Path, &[u8]),
     (target, data): (&Path, &[u8]),
 ) -> io::Result<()> {
-    for dir in [side.parent(), target.parent()].into_iter().flatten() {
-        create_dir_all_durable(dir)?;
+    for dir in [side.parent(), target.parent(), Some(tmp_dir)]
+        .into_iter()
+        .flatten()
+    {
+        ensure_dir_durable(dir)?;
     }
-    std::fs::create_dir_all(tmp_dir)?;
     let tmp_side = tmp_dir.join(crate::durable::temp_name());
     let tmp = tmp_dir.join(crate::durable::temp_name());
     let result = (|| {
@@ -42,7 +71,9 @@ pub(super) fn write_object_synced(
         // where one after the other took two (measured: docs/benchmarks.md).
         sync_both(fs, &f)?;
         // Advice only: a failure changes nothing that was written.
-        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+        if data.len() >= DROP_CACHE_MIN {
+            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+        }
         std::fs::rename(&tmp_side, side)?;
         std::fs::rename(&tmp, target)?;
         if side.parent() != target.parent() {
@@ -284,6 +315,23 @@ mod tests {
         assert!(synced.last() == Some(&dir), "{synced:?}");
         assert!(synced.contains(&root.join("site/xlog")), "{synced:?}");
         assert_eq!(store.get_bytes("xlog/b/obj").await.unwrap().0, b"two");
+        // Issue 16: the directory is not looked at again for the next object, but one removed
+        // behind the process' back is made (durably) again, and the write succeeds.
+        let before = synced_under(&root).len();
+        store
+            .put_whole("xlog/b/obj2", bytes::Bytes::from_static(b"2"), &meta)
+            .await
+            .unwrap();
+        assert_eq!(synced_under(&root)[before..], [dir]);
+        std::fs::remove_dir_all(root.join("site/xlog")).unwrap();
+        let before = synced_under(&root).len();
+        store
+            .put_whole("xlog/b/obj3", bytes::Bytes::from_static(b"3"), &meta)
+            .await
+            .unwrap();
+        let synced = synced_under(&root)[before..].to_vec();
+        assert!(synced.contains(&root.join("site/xlog")), "{synced:?}");
+        assert_eq!(store.get_bytes("xlog/b/obj3").await.unwrap().0, b"3");
     }
 }
 

@@ -21,6 +21,9 @@ pub enum ReceiverEvent {
         server_tli: TimelineId,
         start: Lsn,
         start_tli: TimelineId,
+        /// How many `Connected` this receiver sent, this one included: the batches a
+        /// [`crate::BatchSink`] gets name the one they follow ([`crate::Batch::session`]).
+        session: u64,
     },
     /// A complete segment, verified. `data` holds its bytes when a segment buffer was free;
     /// `path` is its spool file (durable unless the spool is only a cache,

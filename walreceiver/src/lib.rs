@@ -38,7 +38,7 @@ pub mod spool;
 pub use buffers::{BufferBudget, SegmentBuffer, SegmentBuffers};
 pub use config::{ReceiverConfig, ResumeHook, SpoolSync, StartPosition};
 pub use events::{DisconnectReason, ReceiverEvent, ReceiverPositions};
-pub use partial::{InFlight, PartialUploads};
+pub use partial::{Batch, BatchSink, InFlight, PartialUploads};
 pub use receiver::run;
 
 /// Why receiving stopped or a session failed.

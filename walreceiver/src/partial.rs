@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify};
-use walhoard_protocol::{Lsn, SegmentId};
+use walhoard_protocol::{Lsn, SegmentId, SegmentSize};
 
 #[cfg(doc)]
 use crate::ReceiverEvent;
@@ -41,7 +41,39 @@ pub enum PartialUploads {
     OnArrival {
         /// As for [`PartialUploads::Every`].
         durable: watch::Receiver<Lsn>,
+        /// Where batches go instead of the event channel, called on the receiver's task:
+        /// whoever archives them can then store them on the receiver's own thread, without a
+        /// hop through the event channel's consumer (a synchronous commit waits for every
+        /// hop). `None`: as [`ReceiverEvent::Received`].
+        sink: Option<BatchSink>,
     },
+}
+
+/// A batch of the segment being received, as [`ReceiverEvent::Received`] carries it.
+#[derive(Debug)]
+pub struct Batch {
+    /// The [`ReceiverEvent::Connected`] it follows (its `session`): whoever checks what a
+    /// connection reached before archiving anything of it lets the batch through only once
+    /// that event is checked.
+    pub session: u64,
+    pub seg: SegmentSize,
+    pub id: SegmentId,
+    pub start: Lsn,
+    pub offset: u64,
+    pub data: bytes::Bytes,
+    pub in_flight: InFlight,
+}
+
+/// Takes the batches of a synchronous receiver ([`PartialUploads::OnArrival`]); it must not
+/// wait (it is called between messages of the stream): it starts the batch's storing and
+/// returns.
+#[derive(Clone)]
+pub struct BatchSink(pub Arc<dyn Fn(Batch) + Send + Sync>);
+
+impl std::fmt::Debug for BatchSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BatchSink")
+    }
 }
 
 /// How long a synchronous receiver waits before handing on again bytes whose batch was not
@@ -96,9 +128,28 @@ impl PartialUploads {
     pub(crate) fn durable(&self) -> Option<watch::Receiver<Lsn>> {
         match self {
             PartialUploads::Off => None,
-            PartialUploads::Every { durable, .. } | PartialUploads::OnArrival { durable } => {
+            PartialUploads::Every { durable, .. } | PartialUploads::OnArrival { durable, .. } => {
                 Some(durable.clone())
             }
+        }
+    }
+
+    /// Where batches go when not on the event channel.
+    pub(crate) fn sink(&self) -> Option<&BatchSink> {
+        match self {
+            PartialUploads::OnArrival { sink, .. } => sink.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The synchronous mode with its batches handed to `sink`; other modes unchanged.
+    pub fn with_sink(self, sink: BatchSink) -> Self {
+        match self {
+            PartialUploads::OnArrival { durable, .. } => PartialUploads::OnArrival {
+                durable,
+                sink: Some(sink),
+            },
+            other => other,
         }
     }
 }
@@ -111,6 +162,17 @@ impl PartialUploads {
 pub struct InFlight {
     token: Option<Arc<()>>,
     done: Arc<Notify>,
+}
+
+impl InFlight {
+    /// A token of no receiver's: `done` is notified when it is dropped (for whoever hands on
+    /// batches by hand, as tests do).
+    pub fn standalone(done: Arc<Notify>) -> Self {
+        InFlight {
+            token: Some(Arc::new(())),
+            done,
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -298,7 +360,10 @@ mod tests {
     #[tokio::test]
     async fn on_arrival_hands_on_at_once_and_pauses_after_a_failed_batch() {
         let (_tx, durable) = watch::channel(Lsn::INVALID);
-        let mode = PartialUploads::OnArrival { durable };
+        let mode = PartialUploads::OnArrival {
+            durable,
+            sink: None,
+        };
         assert!(!mode.flush_counts_spool() && mode.on_arrival());
         assert_eq!(mode.deadline(), Duration::ZERO);
         let mut p = Partials::new();

@@ -15,7 +15,7 @@ use crate::incoming::{sync_spool, Incoming};
 use crate::partial::{Arrivals, Partials};
 use crate::position::{flush_position, SpoolDurable};
 use crate::{
-    DisconnectReason, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverPositions,
+    Batch, DisconnectReason, ReceiverConfig, ReceiverError, ReceiverEvent, ReceiverPositions,
     StartPosition,
 };
 
@@ -50,6 +50,7 @@ pub async fn run(
         durable: true,
         seg: SegmentSize::DEFAULT,
         arrivals: std::sync::Mutex::new(Arrivals::default()),
+        sessions: 0,
     };
     let mut backoff = Backoff::new(state.cfg.reconnect_min, state.cfg.reconnect_max);
     let mut wait = backoff.next_wait();
@@ -144,6 +145,8 @@ pub(crate) struct Session {
     pub(crate) seg: SegmentSize,
     /// When the received bytes not yet durable arrived (for the data-loss window).
     pub(crate) arrivals: std::sync::Mutex<Arrivals>,
+    /// How many [`ReceiverEvent::Connected`] were sent.
+    pub(crate) sessions: u64,
 }
 
 /// How one START_REPLICATION ended.
@@ -321,21 +324,35 @@ impl Session {
         if !partials.due(deadline) || cur.written <= from {
             return Ok(());
         }
-        // A place in the channel first: with it full nothing is copied out (a synchronous
-        // receiver calls this after every message).
-        let permit = match self.events.try_reserve() {
-            Ok(p) => p,
-            Err(mpsc::error::TrySendError::Full(())) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(ReceiverError::EventsClosed),
-        };
         let to = cur.written;
-        permit.send(ReceiverEvent::Received {
-            id: cur.id,
-            start: cur.start,
-            offset: from,
-            data: cur.bytes_from(from)?.into(),
-            in_flight: partials.token(),
-        });
+        if let Some(sink) = self.cfg.partial.sink() {
+            (sink.0)(Batch {
+                session: self.sessions,
+                seg: self.seg,
+                id: cur.id,
+                start: cur.start,
+                offset: from,
+                data: cur.bytes_from(from)?.into(),
+                in_flight: partials.token(),
+            });
+        } else {
+            // A place in the channel first: with it full nothing is copied out (a synchronous
+            // receiver calls this after every message).
+            let permit = match self.events.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Full(())) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    return Err(ReceiverError::EventsClosed)
+                }
+            };
+            permit.send(ReceiverEvent::Received {
+                id: cur.id,
+                start: cur.start,
+                offset: from,
+                data: cur.bytes_from(from)?.into(),
+                in_flight: partials.token(),
+            });
+        }
         partials.handed(cur.id, to);
         self.arrivals().cut();
         Ok(())

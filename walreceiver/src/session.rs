@@ -166,12 +166,14 @@ impl Session {
                 system_id: Some(id.system_id),
                 max_tli: Some(tli),
             };
+            self.sessions += 1;
             self.send(ReceiverEvent::Connected {
                 system_id: id.system_id,
                 seg_size: seg,
                 server_tli: id.timeline,
                 start: pos,
                 start_tli: tli,
+                session: self.sessions,
             })
             .await?;
             tracing::info!(%slot, start = %pos, timeline = %tli, "streaming");

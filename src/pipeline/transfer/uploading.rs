@@ -455,7 +455,8 @@ where
             metadata,
         });
     };
-    tokio::task::spawn_blocking(move || {
+    // In place on a synchronous site's own thread (`pipeline::blocking`).
+    crate::pipeline::blocking::blocking(move || {
         let made = make();
         drop(worker);
         let (size, hash, object) = made.map_err(OneShotError::Make)?;
