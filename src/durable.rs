@@ -32,6 +32,21 @@ fn pid() -> u32 {
     *PID.get_or_init(std::process::id)
 }
 
+/// Reads `buf.len()` bytes of `f` at `at`, fewer only at the end of the file; how many.
+pub fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Replaces `path` with `content`: a uniquely named temporary file in the same directory
 /// (created with it), written and synced, renamed over `path`, the directory synced. A reader
 /// sees the old file or the new one, never half of one, and after a crash the new one is there

@@ -26,6 +26,7 @@
 //! restore that fails or is killed leaves a directory PostgreSQL refuses to start on
 //! ("could not open file global/pg_control"); running it again finishes the job.
 
+use crate::durable::read_full_at;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -300,19 +301,6 @@ fn differing_runs<'a>(new: &'a [u8], old: &'a [u8]) -> impl Iterator<Item = (usi
         }
         Some((from, i.min(new.len())))
     })
-}
-
-fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], at + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use std::path::Path;
 use walhoard_protocol::{SegmentId, SegmentSize, WalSegmentName};
 
 use super::layout::{partial_dir, PartRange};
-use crate::durable::{create_dir_all_durable, sync_parent, temp_name};
+use crate::durable::{create_dir_all_durable, read_full_at, sync_parent, temp_name};
 
 /// The last part of a part log's key.
 pub const LOG_NAME: &str = "log";
@@ -165,21 +165,8 @@ impl LogHeader {
 /// Reads the header of the log `f`; `Ok(None)` when it is not a part log.
 pub fn read_header(f: &File) -> io::Result<Option<(LogHeader, u64)>> {
     let mut b = vec![0u8; HEADER_FIXED + WRITER_MAX + 4];
-    let n = read_at_most(f, &mut b, 0)?;
+    let n = read_full_at(f, &mut b, 0)?;
     LogHeader::decode(&b[..n])
-}
-
-fn read_at_most(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], at + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// A record as stored: `range`, the metadata JSON, the stored bytes.
@@ -317,7 +304,7 @@ pub fn scan(f: &File) -> io::Result<Option<Scan>> {
     let mut buf = vec![0u8; 64 << 10];
     let how = loop {
         let mut head = [0u8; REC_HEAD];
-        let n = read_at_most(f, &mut head, pos)?;
+        let n = read_full_at(f, &mut head, pos)?;
         if n == 0 || head[..n].iter().all(|b| *b == 0) {
             break End::Clean;
         }
@@ -380,7 +367,7 @@ pub fn scan(f: &File) -> io::Result<Option<Scan>> {
 /// Checks the record at `at` as a stream: its head's bounds and its CRC.
 fn check_at(f: &File, at: u64, seg: u64, buf: &mut [u8]) -> io::Result<Result<Head, String>> {
     let mut head = [0u8; REC_HEAD];
-    if read_at_most(f, &mut head, at)? < REC_HEAD {
+    if read_full_at(f, &mut head, at)? < REC_HEAD {
         return Ok(Err("the file ends inside a record head".into()));
     }
     let h = match parse_head(&head, seg) {
@@ -393,7 +380,7 @@ fn check_at(f: &File, at: u64, seg: u64, buf: &mut [u8]) -> io::Result<Result<He
     let mut p = at + REC_HEAD as u64;
     while p < body_end {
         let want = ((body_end - p) as usize).min(buf.len());
-        let n = read_at_most(f, &mut buf[..want], p)?;
+        let n = read_full_at(f, &mut buf[..want], p)?;
         if n < want {
             return Ok(Err("the file ends inside the record".into()));
         }
@@ -401,7 +388,7 @@ fn check_at(f: &File, at: u64, seg: u64, buf: &mut [u8]) -> io::Result<Result<He
         p += n as u64;
     }
     let mut crc = [0u8; 4];
-    if read_at_most(f, &mut crc, body_end)? < 4 {
+    if read_full_at(f, &mut crc, body_end)? < 4 {
         return Ok(Err("the file ends inside the record".into()));
     }
     if d.finalize() as u32 != u32::from_le_bytes(crc) {
@@ -424,7 +411,7 @@ fn find_valid_after(
     let mut pos = from;
     let mut candidates = 0;
     while pos < file_len {
-        let n = read_at_most(f, &mut chunk, pos)?;
+        let n = read_full_at(f, &mut chunk, pos)?;
         if n < REC_MAGIC.len() {
             break;
         }
@@ -479,7 +466,7 @@ impl io::Read for StoredReader {
         if self.pos == self.end {
             if !self.checked {
                 let mut crc = [0u8; 4];
-                if read_at_most(&self.file, &mut crc, self.end)? < 4 {
+                if read_full_at(&self.file, &mut crc, self.end)? < 4 {
                     return Err(invalid("the file ends inside the record"));
                 }
                 if self.crc.clone().finalize() as u32 != u32::from_le_bytes(crc) {
@@ -509,7 +496,7 @@ pub fn open_record(path: &Path, at: u64, len: u64) -> io::Result<OpenRecord> {
         return Err(invalid("not a part log (no magic)"));
     };
     let mut head = [0u8; REC_HEAD];
-    if read_at_most(&file, &mut head, at)? < REC_HEAD {
+    if read_full_at(&file, &mut head, at)? < REC_HEAD {
         return Err(invalid(format!(
             "the file ends inside the record at byte {at}"
         )));
@@ -524,7 +511,7 @@ pub fn open_record(path: &Path, at: u64, len: u64) -> io::Result<OpenRecord> {
     }
     let mut meta = vec![0u8; h.meta_len as usize];
     let meta_at = at + REC_HEAD as u64;
-    if read_at_most(&file, &mut meta, meta_at)? < meta.len() {
+    if read_full_at(&file, &mut meta, meta_at)? < meta.len() {
         return Err(invalid(format!(
             "the file ends inside the record at byte {at}"
         )));
@@ -557,7 +544,7 @@ pub fn read_record(path: &Path, at: u64, len: u64) -> io::Result<Record> {
         return Err(invalid(format!("a record of {len} bytes is out of bounds")));
     }
     let mut b = vec![0u8; len as usize];
-    if read_at_most(&f, &mut b, at)? < b.len() {
+    if read_full_at(&f, &mut b, at)? < b.len() {
         return Err(invalid(format!(
             "the file ends inside the record at byte {at}"
         )));
@@ -976,7 +963,7 @@ mod tests {
         let s = scan_path(&path);
         assert_eq!((s.how, s.records.len()), (End::Clean, 2));
         let mut rest = vec![0u8; 1000];
-        let n = read_at_most(&File::open(&path).unwrap(), &mut rest, s.end).unwrap();
+        let n = read_full_at(&File::open(&path).unwrap(), &mut rest, s.end).unwrap();
         assert!(
             rest[..n].iter().all(|b| *b == 0),
             "the torn record's rest is still there"
